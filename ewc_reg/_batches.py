@@ -1,0 +1,114 @@
+"""Turning the user's data into uniform batches.
+
+Accepted batch forms (anything else is a ``TypeError``):
+
+* a tuple or list ``(inputs, targets, *rest)``: the model is called as ``model(inputs)``;
+  ``rest`` (task ids, indices, ...) is ignored;
+* a dict whose ``"labels"`` entry holds the targets: the model is called as
+  ``model(**others)`` with every other entry.
+
+The batch size ``B`` is the length of the targets' first dimension. Tensors whose first
+dimension is ``B`` are per-sample and are sliced, moved to the model's device, and (by the
+functorch engine) vmapped over; everything else is passed through unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils import _pytree as pytree
+
+ACCEPTED_FORMS = (
+    "a tuple/list (inputs, targets, *rest) or a dict with a 'labels' entry "
+    "(other entries are passed as model(**batch))"
+)
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One batch: the model is called as ``model(*args, **kwargs)``."""
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    targets: Tensor
+    size: int
+
+    def map_per_sample(self, fn: Callable[[Tensor], Tensor]) -> Batch:
+        """Apply ``fn`` to every per-sample tensor (first dimension ``size``)."""
+
+        def apply(leaf: Any) -> Any:
+            return fn(leaf) if _is_per_sample(leaf, self.size) else leaf
+
+        args, kwargs, targets = pytree.tree_map(apply, (self.args, self.kwargs, self.targets))
+        return Batch(args, kwargs, targets, int(targets.shape[0]))
+
+    def narrow(self, length: int) -> Batch:
+        """The first ``length`` samples of the batch."""
+        return self.map_per_sample(lambda t: t[:length])
+
+    def to(self, device: torch.device) -> Batch:
+        """Move every tensor (per-sample or not) to ``device``."""
+        args, kwargs, targets = pytree.tree_map(
+            lambda leaf: leaf.to(device) if isinstance(leaf, Tensor) else leaf,
+            (self.args, self.kwargs, self.targets),
+        )
+        return Batch(args, kwargs, targets, self.size)
+
+    def call(self, model: Callable[..., Any]) -> Any:
+        return model(*self.args, **self.kwargs)
+
+
+def _is_per_sample(leaf: Any, size: int) -> bool:
+    return isinstance(leaf, Tensor) and leaf.dim() > 0 and leaf.shape[0] == size
+
+
+def as_batch(raw: Any) -> Batch:
+    """Parse one element of the user's data into a :class:`Batch`."""
+    if isinstance(raw, dict):
+        if "labels" not in raw:
+            raise TypeError(
+                f"a dict batch needs a 'labels' entry (got keys {sorted(raw)}); "
+                f"accepted batch forms: {ACCEPTED_FORMS}"
+            )
+        kwargs = {k: v for k, v in raw.items() if k != "labels"}
+        args: tuple[Any, ...] = ()
+        targets = raw["labels"]
+    elif isinstance(raw, (tuple, list)) and len(raw) >= 2:
+        args, targets, kwargs = (raw[0],), raw[1], {}
+    else:
+        raise TypeError(
+            f"cannot read a batch of type {type(raw).__name__}"
+            f"{' of length ' + str(len(raw)) if isinstance(raw, (tuple, list)) else ''}; "
+            f"accepted batch forms: {ACCEPTED_FORMS}"
+        )
+    if not isinstance(targets, Tensor) or targets.dim() == 0:
+        raise TypeError(
+            f"batch targets must be a tensor with a batch dimension, got {type(targets).__name__}"
+            f"{'' if not isinstance(targets, Tensor) else ' of shape ()'}; "
+            f"accepted batch forms: {ACCEPTED_FORMS}"
+        )
+    return Batch(args, kwargs, targets, int(targets.shape[0]))
+
+
+def iter_batches(data: Iterable[Any], n_samples: int | None = None) -> Iterator[Batch]:
+    """Yield parsed batches, stopping after ``n_samples`` samples (the last batch is cut)."""
+    if isinstance(data, (Tensor, dict)) or not isinstance(data, Iterable):
+        raise TypeError(
+            f"data must be an iterable of batches (e.g. a DataLoader), got {type(data).__name__}; "
+            f"accepted batch forms: {ACCEPTED_FORMS}"
+        )
+    seen = 0
+    for raw in data:
+        batch = as_batch(raw)
+        if n_samples is not None and seen + batch.size > n_samples:
+            batch = batch.narrow(n_samples - seen)
+        if batch.size == 0:
+            continue
+        seen += batch.size
+        yield batch
+        if n_samples is not None and seen >= n_samples:
+            return

@@ -1,0 +1,89 @@
+r"""The general engine: per-sample vector-Jacobian products with :mod:`torch.func`.
+
+For each sample ``n`` (vmapped, in chunks) it builds the pull-back
+:math:`v \mapsto J_n^\top v` of :math:`\theta \mapsto f(x_n; \theta)` with ``torch.func.vjp``
+and applies it to the sample's ``K`` vectors (vmapped again), then squares and sums. Peak memory
+is about ``chunk * K * P`` numbers for ``P`` parameters, so ``chunk_size=None`` picks the chunk
+from :data:`MEMORY_BUDGET_BYTES`. Works for any module that torch.func can trace in eval mode.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, vjp, vmap
+from torch.utils import _pytree as pytree
+
+from .._batches import Batch
+from .base import OutputFn, VectorFn, accumulation_dtype
+
+#: Memory the per-sample pull-backs of one chunk may take when ``chunk_size=None``.
+MEMORY_BUDGET_BYTES = 512 * 2**20
+
+
+def auto_chunk_size(num_vectors: int, params: dict[str, Tensor], budget: int) -> int:
+    """Largest chunk whose ``(chunk, K, P)`` per-sample pull-backs fit in ``budget`` bytes."""
+    per_sample = sum(p.numel() * p.element_size() for p in params.values()) * max(num_vectors, 1)
+    return max(1, budget // max(3 * per_sample, 1))
+
+
+class FunctorchEngine:
+    """Whole-model ``torch.func`` engine (see the module docstring)."""
+
+    name = "functorch"
+
+    def __init__(self, memory_budget: int = MEMORY_BUDGET_BYTES) -> None:
+        self.memory_budget = memory_budget
+
+    def __call__(
+        self,
+        model: nn.Module,
+        params: dict[str, Tensor],
+        batch: Batch,
+        output_fn: OutputFn,
+        make_vectors: VectorFn,
+        chunk_size: int | None,
+    ) -> dict[str, Tensor]:
+        with torch.no_grad():
+            vectors = make_vectors(output_fn(batch.call(model)))  # (K, B, C)
+        frozen = {
+            name: t.detach()
+            for name, t in [*model.named_parameters(), *model.named_buffers()]
+            if name not in params
+        }
+        trainable = {name: p.detach() for name, p in params.items()}
+        leaves, spec = pytree.tree_flatten((batch.args, batch.kwargs))
+        per_sample = [
+            i for i, leaf in enumerate(leaves)
+            if isinstance(leaf, Tensor) and leaf.dim() > 0 and leaf.shape[0] == batch.size
+        ]
+
+        def output_of_one(theta: dict[str, Tensor], sample_leaves: list[Tensor]) -> Tensor:
+            filled: list[Any] = list(leaves)
+            for i, leaf in zip(per_sample, sample_leaves):
+                filled[i] = leaf.unsqueeze(0)
+            args, kwargs = pytree.tree_unflatten(filled, spec)
+            out = functional_call(model, {**frozen, **theta}, args, kwargs, strict=False)
+            return output_fn(out).squeeze(0)
+
+        def squared_pullbacks(sample_leaves: list[Tensor], sample_vectors: Tensor) -> dict:
+            _, pull_back = vjp(lambda theta: output_of_one(theta, sample_leaves), trainable)
+            (grads,) = vmap(pull_back)(sample_vectors)  # each (K, *shape)
+            return {name: g.pow(2).sum(0) for name, g in grads.items()}
+
+        if chunk_size is None:
+            chunk_size = auto_chunk_size(vectors.shape[0], trainable, self.memory_budget)
+        sums = {
+            name: torch.zeros_like(p, dtype=accumulation_dtype(p.dtype))
+            for name, p in trainable.items()
+        }
+        per_sample_vectors = vectors.transpose(0, 1)  # (B, K, C)
+        for start in range(0, batch.size, chunk_size):
+            stop = min(start + chunk_size, batch.size)
+            chunk_leaves = [leaves[i][start:stop] for i in per_sample]
+            squares = vmap(squared_pullbacks)(chunk_leaves, per_sample_vectors[start:stop])
+            for name, sq in squares.items():
+                sums[name] += sq.sum(0, dtype=sums[name].dtype)
+        return sums

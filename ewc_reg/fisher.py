@@ -1,0 +1,189 @@
+r"""The five diagonal Fisher estimators of van de Ven (2025), for any ``nn.Module``.
+
+With outputs :math:`f_n = \mathrm{output\_fn}(\mathrm{model}(x_n))`, per-sample log-likelihood
+gradients :math:`g_y(x_n) = \partial \log p(y|f_n) / \partial\theta` and ``N`` samples:
+
+============  ==============================================================================
+method        diagonal Fisher
+============  ==============================================================================
+exact         :math:`\frac1N \sum_n \sum_y p(y|f_n)\, g_y(x_n)^2` (expectation under the model)
+sample        :math:`\frac1N \sum_n \frac1m \sum_{j=1}^m g_{\hat y_j}(x_n)^2`,
+              :math:`\hat y_j \sim p(\cdot|f_n)` drawn with ``generator``
+empirical     :math:`\frac1N \sum_n g_{y_n}(x_n)^2` with the data's labels
+batched       :math:`\frac1{|\mathcal B|}\sum_{B\in\mathcal B}
+              \big(\frac1{|B|}\sum_{n\in B} g_{y_n}(x_n)\big)^2`: squared mini-batch gradients
+============  ==============================================================================
+
+``n_samples=n`` restricts any of them to the first ``n`` samples the data yields ("EXACT(n)").
+The first three are sums of squared pull-backs of output-space vectors (see
+:mod:`ewc_reg.likelihoods`) computed by an engine (:mod:`ewc_reg.engines`); ``batched`` takes one
+ordinary backward pass per mini-batch.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ._batches import Batch, iter_batches
+from ._model_state import evaluating
+from ._validation import check_choice, check_count
+from .engines import BACKENDS, accumulation_dtype, get_engine
+from .likelihoods import LIKELIHOODS, Likelihood, get_likelihood
+
+__all__ = ["METHODS", "fisher_diagonal"]
+
+#: The estimators ``fisher_diagonal`` accepts as ``method``.
+METHODS = ("exact", "sample", "empirical", "batched")
+
+
+def _identity(output: Any) -> Any:
+    return output
+
+
+def fisher_diagonal(
+    model: nn.Module,
+    data: Iterable[Any],
+    method: str = "exact",
+    *,
+    n_samples: int | None = None,
+    mc_samples: int = 1,
+    likelihood: str = "categorical",
+    output_fn: Callable[[Any], Tensor] | None = None,
+    generator: torch.Generator | None = None,
+    chunk_size: int | None = None,
+    progress: bool = False,
+    backend: str = "auto",
+) -> dict[str, Tensor]:
+    """Diagonal Fisher information of ``model`` on ``data``.
+
+    Args:
+        model: any module; it is put in eval mode during the computation and restored after.
+        data: an iterable of batches, ``(inputs, targets, *rest)`` or dicts with ``"labels"``.
+        method: one of :data:`METHODS` (see the module docstring for the formulas).
+        n_samples: use only the first ``n_samples`` samples the data yields.
+        mc_samples: labels drawn per sample for ``method="sample"``.
+        likelihood: ``"categorical"``, ``"gaussian"`` or ``"bernoulli"``.
+        output_fn: maps the model's output to ``(B, C)`` logits, e.g.
+            ``lambda out: out[:, task_classes]``.
+        generator: random generator for ``method="sample"`` (reproducible draws).
+        chunk_size: samples pulled back at once; ``None`` chooses from a memory budget.
+        progress: show a progress bar over the data (tqdm when installed).
+        backend: Fisher engine, one of ``"auto"`` and the names in
+            :data:`ewc_reg.engines.ENGINES`.
+
+    Returns:
+        One tensor per parameter with ``requires_grad``, keyed as in ``named_parameters()``,
+        shaped like the parameter, in the parameter's dtype promoted to at least float32.
+
+    Raises:
+        ValueError: bad arguments, empty data, labels outside the output's classes, or an
+            output of the wrong shape.
+        TypeError: data that is not an iterable of accepted batches.
+        FloatingPointError: the Fisher contains NaN or Inf.
+    """
+    check_choice("method", method, METHODS)
+    check_count("n_samples", n_samples, allow_none=True)
+    check_count("mc_samples", mc_samples)
+    check_count("chunk_size", chunk_size, allow_none=True)
+    check_choice("likelihood", likelihood, tuple(LIKELIHOODS))
+    check_choice("backend", backend, BACKENDS)
+    if output_fn is not None and not callable(output_fn):
+        raise TypeError(f"output_fn must be callable or None, got {type(output_fn).__name__}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator)}")
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    if not params:
+        raise ValueError("the model has no parameters with requires_grad=True")
+    lik = get_likelihood(likelihood)
+    output_fn = output_fn or _identity
+    device = next(iter(params.values())).device
+    batches = (b.to(device) for b in iter_batches(data, n_samples))
+    batches = _with_progress(batches, data, progress)
+
+    sums = {n: torch.zeros_like(p, dtype=accumulation_dtype(p.dtype)) for n, p in params.items()}
+    with evaluating(model):
+        if method == "batched":
+            count = _accumulate_batched(model, params, batches, lik, output_fn, sums)
+        else:
+            engine = get_engine(backend, model)
+
+            def make_vectors_for(batch: Batch) -> Callable[[Tensor], Tensor]:
+                def make_vectors(output: Tensor) -> Tensor:
+                    output = lik.check_output(output, batch.size).detach()
+                    if method == "exact":
+                        return lik.exact_vectors(output)
+                    if method == "empirical":
+                        return lik.empirical_vectors(output, batch.targets)
+                    return lik.sample_vectors(output, mc_samples, generator)
+
+                return make_vectors
+
+            count = 0
+            for batch in batches:
+                batch_sums = engine(
+                    model, params, batch, output_fn, make_vectors_for(batch), chunk_size
+                )
+                for name, s in batch_sums.items():
+                    sums[name] += s
+                count += batch.size
+    if count == 0:
+        raise ValueError("data yielded no samples; pass at least one non-empty batch")
+    fisher = {name: s / count for name, s in sums.items()}
+    for name, f in fisher.items():
+        if not bool(torch.isfinite(f).all()):
+            raise FloatingPointError(
+                f"the Fisher of parameter {name!r} contains NaN or Inf; check the model's outputs "
+                "and inputs for non-finite values (the Fisher must be finite)"
+            )
+    return fisher
+
+
+def _accumulate_batched(
+    model: nn.Module,
+    params: dict[str, Tensor],
+    batches: Iterable[Batch],
+    lik: Likelihood,
+    output_fn: Callable[[Any], Tensor],
+    sums: dict[str, Tensor],
+) -> int:
+    """Add the squared gradient of each batch-mean log-likelihood into ``sums``; return the
+    number of batches."""
+    names = list(params)
+    count = 0
+    for batch in batches:
+        with torch.enable_grad():
+            output = lik.check_output(output_fn(batch.call(model)), batch.size)
+            targets = lik.check_targets(output, batch.targets)
+            mean_ll = lik.log_likelihood(output, targets).mean()
+            grads = torch.autograd.grad(mean_ll, [params[n] for n in names], allow_unused=True)
+        for name, g in zip(names, grads):
+            if g is not None:
+                sums[name] += g.to(sums[name].dtype).pow(2)
+        count += 1
+    return count
+
+
+def _with_progress(batches: Iterator[Batch], data: Any, enabled: bool) -> Iterator[Batch]:
+    if not enabled:
+        return batches
+    total = len(data) if hasattr(data, "__len__") else None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return _plain_progress(batches, total)
+    return iter(tqdm(batches, total=total, desc="Fisher", unit="batch", leave=False))
+
+
+def _plain_progress(batches: Iterator[Batch], total: int | None) -> Iterator[Batch]:
+    step = 1 if total is None else max(1, math.ceil(total / 20))
+    for i, batch in enumerate(batches, 1):
+        if i % step == 0 or i == total:
+            print(f"\rFisher: {i}/{total or '?'} batches", end="", file=sys.stderr, flush=True)
+        yield batch
+    print(file=sys.stderr)

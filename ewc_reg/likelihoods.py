@@ -1,0 +1,241 @@
+r"""Likelihoods: what turns model outputs ``f`` (shape ``(B, C)``) into Fisher vectors.
+
+Every estimator of the diagonal Fisher is a sum of squared pull-backs
+
+.. math::
+
+    \hat F = \frac{1}{N} \sum_{n=1}^{N} \sum_{k=1}^{K} \big(J_n^\top v_{nk}\big)^{\odot 2},
+    \qquad J_n = \partial f(x_n) / \partial \theta \in \mathbb{R}^{C \times P},
+
+for a few output-space vectors :math:`v_{nk} \in \mathbb{R}^C` per sample, which only the
+likelihood knows:
+
+* ``exact``: columns of a factor :math:`S_n` with :math:`S_n S_n^\top = F_f(x_n) =
+  \mathbb{E}_{y \sim p(\cdot|f_n)}[s(y) s(y)^\top]`, the Fisher in output space;
+* ``sample``: :math:`v_{nj} = s(\hat y_j)/\sqrt{m}` with :math:`\hat y_j \sim p(\cdot|f_n)`;
+* ``empirical``: :math:`v_{n} = s(y_n)` with the data's label,
+
+where :math:`s(y) = \partial \log p(y|f) / \partial f` is the score in output space.
+Vectors are returned as ``(K, B, C)`` tensors (``K`` leading, as batched backward passes want).
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["Likelihood", "Categorical", "Gaussian", "Bernoulli", "LIKELIHOODS", "get_likelihood"]
+
+
+class Likelihood(ABC):
+    """A conditional distribution :math:`p(y|f)` over targets given model outputs ``f: (B, C)``."""
+
+    name: str
+
+    def check_output(self, output: object, batch_size: int) -> Tensor:
+        """Validate the (``output_fn``-mapped) model output and return it."""
+        if not isinstance(output, Tensor):
+            raise ValueError(
+                f"the model output (after output_fn) must be a tensor of shape (B, C), got "
+                f"{type(output).__name__}; pass output_fn to map the model's output to (B, C) "
+                "logits"
+            )
+        if output.dim() != 2 or output.shape[0] != batch_size or output.shape[1] < 1:
+            raise ValueError(
+                f"the model output (after output_fn) must have shape (B, C) = ({batch_size}, C) "
+                f"with C >= 1 for a batch of {batch_size} samples, got {tuple(output.shape)}; "
+                "pass output_fn to select or reshape the logits"
+            )
+        if not output.is_floating_point():
+            raise ValueError(f"the model output must be floating point, got {output.dtype}")
+        return output
+
+    @abstractmethod
+    def check_targets(self, output: Tensor, targets: Tensor) -> Tensor:
+        """Validate data targets against ``output`` and return them in canonical form."""
+
+    @abstractmethod
+    def log_likelihood(self, output: Tensor, targets: Tensor) -> Tensor:
+        """Per-sample :math:`\\log p(y_n|f_n)`, shape ``(B,)``, differentiable in ``output``."""
+
+    @abstractmethod
+    def score(self, output: Tensor, targets: Tensor) -> Tensor:
+        """:math:`s(y) = \\partial \\log p(y|f)/\\partial f`, same shape as ``output``.
+
+        ``output`` is ``(..., B, C)`` and ``targets`` broadcast against it (leading sample dims).
+        """
+
+    @abstractmethod
+    def exact_vectors(self, output: Tensor) -> Tensor:
+        """A factor of the output-space Fisher: ``(K, B, C)`` with ``Σ_k v_k v_kᵀ = F_f``."""
+
+    @abstractmethod
+    def sample(self, output: Tensor, m: int, generator: torch.Generator | None) -> Tensor:
+        """Draw ``m`` targets per sample from :math:`p(\\cdot|f)`, shape ``(m, B, ...)``.
+
+        Draws consume the generator sample by sample (row-major over ``(B, m)``), so the result
+        does not depend on how the data is split into batches.
+        """
+
+    def empirical_vectors(self, output: Tensor, targets: Tensor) -> Tensor:
+        return self.score(output, self.check_targets(output, targets)).unsqueeze(0)
+
+    def sample_vectors(self, output: Tensor, m: int, generator: torch.Generator | None) -> Tensor:
+        return self.score(output, self.sample(output, m, generator)) / math.sqrt(m)
+
+
+def _uniform(shape: tuple[int, ...], like: Tensor, generator: torch.Generator | None) -> Tensor:
+    device = generator.device if generator is not None else like.device
+    u = torch.rand(shape, generator=generator, device=device, dtype=torch.float64)
+    return u.to(like.device)
+
+
+def _normal(shape: tuple[int, ...], like: Tensor, generator: torch.Generator | None) -> Tensor:
+    device = generator.device if generator is not None else like.device
+    z = torch.randn(shape, generator=generator, device=device, dtype=like.dtype)
+    return z.to(like.device)
+
+
+class Categorical(Likelihood):
+    r"""Softmax over ``C`` classes: :math:`p = \mathrm{softmax}(f)`, targets are class indices.
+
+    Score :math:`s(y) = e_y - p`; output-space Fisher :math:`\mathrm{diag}(p) - pp^\top =
+    \sum_c v_c v_c^\top` with :math:`v_c = \sqrt{p_c}\,(e_c - p)` (``K = C``).
+    """
+
+    name = "categorical"
+
+    def check_targets(self, output: Tensor, targets: Tensor) -> Tensor:
+        num_classes = output.shape[-1]
+        if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
+            raise ValueError(
+                f"categorical targets must be integer class indices in [0, {num_classes}), got "
+                f"dtype {targets.dtype}"
+            )
+        if targets.shape != output.shape[:-1]:
+            raise ValueError(
+                f"categorical targets must have shape {tuple(output.shape[:-1])} (one class "
+                f"index per sample), got {tuple(targets.shape)}"
+            )
+        bad = (targets < 0) | (targets >= num_classes)
+        if bool(bad.any()):
+            label = int(targets[bad][0])
+            raise ValueError(
+                f"target label {label} is outside the C={num_classes} classes of the model "
+                f"output; labels must lie in [0, {num_classes}) (remap them, or use output_fn "
+                "to select the matching output units)"
+            )
+        return targets.long()
+
+    def log_likelihood(self, output: Tensor, targets: Tensor) -> Tensor:
+        return -F.cross_entropy(output, targets, reduction="none")
+
+    def score(self, output: Tensor, targets: Tensor) -> Tensor:
+        probs = torch.softmax(output, dim=-1)
+        return F.one_hot(targets, output.shape[-1]).to(output.dtype) - probs
+
+    def exact_vectors(self, output: Tensor) -> Tensor:
+        probs = torch.softmax(output, dim=-1)  # (B, C)
+        num_classes = output.shape[-1]
+        eye = torch.eye(num_classes, dtype=output.dtype, device=output.device)
+        # (C, B, C): v[c, b] = sqrt(p[b, c]) * (e_c - p[b])
+        return probs.sqrt().T.unsqueeze(-1) * (eye.unsqueeze(1) - probs.unsqueeze(0))
+
+    def sample(self, output: Tensor, m: int, generator: torch.Generator | None) -> Tensor:
+        # Inverse-CDF sampling from uniforms drawn row-major over (B, m).
+        cdf = torch.softmax(output.double(), dim=-1).cumsum(dim=-1)
+        u = _uniform((output.shape[0], m), output, generator) * cdf[:, -1:]
+        draws = torch.searchsorted(cdf, u, right=True).clamp_(max=output.shape[-1] - 1)
+        return draws.T  # (m, B)
+
+
+class Gaussian(Likelihood):
+    r"""Unit-variance Gaussian regression: :math:`y \sim \mathcal N(f, I)`, float targets ``(B, C)``.
+
+    Score :math:`s(y) = y - f`; output-space Fisher :math:`I = \sum_k e_k e_k^\top` (``K = C``).
+    Targets of shape ``(B,)`` are accepted when ``C = 1``.
+    """
+
+    name = "gaussian"
+
+    def check_targets(self, output: Tensor, targets: Tensor) -> Tensor:
+        if targets.dim() == 1 and output.shape[-1] == 1:
+            targets = targets.unsqueeze(-1)
+        if targets.shape != output.shape:
+            raise ValueError(
+                f"gaussian targets must have the output's shape {tuple(output.shape)}, got "
+                f"{tuple(targets.shape)}"
+            )
+        return targets.to(output.dtype)
+
+    def log_likelihood(self, output: Tensor, targets: Tensor) -> Tensor:
+        c = output.shape[-1]
+        return -0.5 * (targets - output).pow(2).sum(-1) - 0.5 * c * math.log(2 * math.pi)
+
+    def score(self, output: Tensor, targets: Tensor) -> Tensor:
+        return targets - output
+
+    def exact_vectors(self, output: Tensor) -> Tensor:
+        batch, c = output.shape
+        eye = torch.eye(c, dtype=output.dtype, device=output.device)
+        return eye.unsqueeze(1).expand(c, batch, c)
+
+    def sample(self, output: Tensor, m: int, generator: torch.Generator | None) -> Tensor:
+        noise = _normal((output.shape[0], m, output.shape[1]), output, generator)
+        return output.unsqueeze(0) + noise.transpose(0, 1)
+
+
+class Bernoulli(Likelihood):
+    r"""Independent sigmoids (multi-label): :math:`y_k \sim \mathrm{Bernoulli}(\sigma(f_k))`.
+
+    Targets have the output's shape with values in [0, 1]. Score :math:`s(y) = y - \sigma(f)`;
+    output-space Fisher :math:`\mathrm{diag}(\sigma(1-\sigma))`, factor
+    :math:`v_k = \sqrt{\sigma_k(1-\sigma_k)}\, e_k` (``K = C``).
+    """
+
+    name = "bernoulli"
+
+    def check_targets(self, output: Tensor, targets: Tensor) -> Tensor:
+        if targets.dim() == 1 and output.shape[-1] == 1:
+            targets = targets.unsqueeze(-1)
+        if targets.shape != output.shape:
+            raise ValueError(
+                f"bernoulli targets must have the output's shape {tuple(output.shape)}, got "
+                f"{tuple(targets.shape)}"
+            )
+        targets = targets.to(output.dtype)
+        if bool(((targets < 0) | (targets > 1)).any()):
+            raise ValueError("bernoulli targets must lie in [0, 1]")
+        return targets
+
+    def log_likelihood(self, output: Tensor, targets: Tensor) -> Tensor:
+        return -F.binary_cross_entropy_with_logits(output, targets, reduction="none").sum(-1)
+
+    def score(self, output: Tensor, targets: Tensor) -> Tensor:
+        return targets - torch.sigmoid(output)
+
+    def exact_vectors(self, output: Tensor) -> Tensor:
+        sig = torch.sigmoid(output)
+        scale = (sig * (1 - sig)).sqrt()  # (B, C)
+        eye = torch.eye(output.shape[1], dtype=output.dtype, device=output.device)
+        return eye.unsqueeze(1) * scale.T.unsqueeze(-1)
+
+    def sample(self, output: Tensor, m: int, generator: torch.Generator | None) -> Tensor:
+        u = _uniform((output.shape[0], m, output.shape[1]), output, generator)
+        return (u.transpose(0, 1) < torch.sigmoid(output.double())).to(output.dtype)
+
+
+LIKELIHOODS: dict[str, type[Likelihood]] = {
+    cls.name: cls for cls in (Categorical, Gaussian, Bernoulli)
+}
+
+
+def get_likelihood(name: str) -> Likelihood:
+    """The likelihood called ``name`` (one of :data:`LIKELIHOODS`)."""
+    if name not in LIKELIHOODS:
+        raise ValueError(f"unknown likelihood {name!r}; choose one of {sorted(LIKELIHOODS)}")
+    return LIKELIHOODS[name]()

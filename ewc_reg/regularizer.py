@@ -1,0 +1,236 @@
+r"""``EWCRegularizer``: a thin stateful object over :func:`ewc_reg.fisher_diagonal`.
+
+Both modes keep the penalty in one compact form, with per-parameter precision ``A``, centre
+``μ`` and a scalar offset ``c``:
+
+.. math::
+
+    \mathrm{penalty}(\theta) = \frac{\lambda}{2}\Big(\sum_i A_i(\theta_i - \mu_i)^2 + c\Big).
+
+* ``mode="online"``: at task ``t``, :math:`A \leftarrow \gamma A + F_t`, :math:`\mu \leftarrow
+  \theta_t` (the current parameters), :math:`c = 0`.
+* ``mode="separate"``: one quadratic per task,
+  :math:`\sum_t \gamma^{T-t} F_t(\theta - \theta_t)^2 = A(\theta - \mu)^2 + c` with
+  :math:`A = \sum_t \gamma^{T-t}F_t` and :math:`\mu = A^{-1}\sum_t \gamma^{T-t}F_t\theta_t`;
+  the offset is updated without cancellation as
+  :math:`c' = \gamma c + \sum_i \big[\gamma A_i(\mu_i - \mu'_i)^2 + F_i(\theta_i - \mu'_i)^2\big]`.
+  Memory does not grow with the number of tasks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ._validation import check_choice, check_count, check_real
+from .fisher import METHODS, fisher_diagonal
+from .likelihoods import LIKELIHOODS
+
+__all__ = ["EWCRegularizer", "MODES"]
+
+#: How Fishers of successive tasks are combined.
+MODES = ("online", "separate")
+
+_SETTINGS = ("strength", "method", "mode", "gamma", "n_samples", "mc_samples", "likelihood")
+
+
+class EWCRegularizer:
+    r"""Elastic Weight Consolidation penalty :math:`\frac{\lambda}{2}\sum_i F_i(\theta_i -
+    \theta^*_i)^2` for any ``nn.Module``.
+
+    Example::
+
+        reg = EWCRegularizer(model, strength=1e5, method="exact")
+        for task_loader in tasks:
+            for x, y in task_loader:
+                loss = criterion(model(x), y) + reg.penalty()
+                ...
+            reg.consolidate(task_loader)   # Fisher + anchor for this task
+
+    Args:
+        model: the module whose parameters (those with ``requires_grad``) are protected.
+        strength: :math:`\lambda >= 0`. Its useful scale depends on ``method`` by orders of
+            magnitude (see ``docs/fisher.md``).
+        method: Fisher estimator, one of :data:`ewc_reg.fisher.METHODS`.
+        mode: ``"online"`` (one running Fisher and the latest anchor) or ``"separate"`` (one
+            quadratic per task, stored compactly); see the module docstring.
+        gamma: decay in [0, 1] applied to the earlier tasks' Fisher at each consolidation.
+        n_samples: estimate the Fisher on the first ``n_samples`` samples of each task.
+        mc_samples: labels drawn per sample for ``method="sample"``.
+        likelihood: ``"categorical"``, ``"gaussian"`` or ``"bernoulli"``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        strength: float = 1e5,
+        method: str = "exact",
+        mode: str = "online",
+        gamma: float = 1.0,
+        n_samples: int | None = None,
+        mc_samples: int = 1,
+        likelihood: str = "categorical",
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        self.model = model
+        self.strength = check_real("strength", strength, 0.0)
+        self.method = check_choice("method", method, METHODS)
+        self.mode = check_choice("mode", mode, MODES)
+        self.gamma = check_real("gamma", gamma, 0.0, 1.0)
+        self.n_samples = check_count("n_samples", n_samples, allow_none=True)
+        self.mc_samples = check_count("mc_samples", mc_samples)
+        self.likelihood = check_choice("likelihood", likelihood, tuple(LIKELIHOODS))
+        self.num_tasks = 0
+        self._precision: dict[str, Tensor] = {}  # A
+        self._center: dict[str, Tensor] = {}  # μ
+        self._offset: Tensor | None = None  # c
+
+    @property
+    def fisher(self) -> dict[str, Tensor]:
+        """The accumulated diagonal Fisher ``A`` (empty before the first ``consolidate``)."""
+        return dict(self._precision)
+
+    @property
+    def anchor(self) -> dict[str, Tensor]:
+        """The centre ``μ`` of the penalty (online mode: the parameters at the last task)."""
+        return dict(self._center)
+
+    def consolidate(
+        self,
+        data: Iterable[Any],
+        output_fn: Callable[[Any], Tensor] | None = None,
+        generator: torch.Generator | None = None,
+        progress: bool = False,
+        **fisher_kwargs: Any,
+    ) -> dict[str, Tensor]:
+        """Compute this task's Fisher on ``data`` and fold it, with the current parameters as
+        anchor, into the penalty. Returns this task's Fisher.
+
+        Extra keyword arguments (``chunk_size``, ``backend``) go to
+        :func:`ewc_reg.fisher_diagonal`. If anything fails the regularizer is unchanged.
+        """
+        fisher = fisher_diagonal(
+            self.model,
+            data,
+            self.method,
+            n_samples=self.n_samples,
+            mc_samples=self.mc_samples,
+            likelihood=self.likelihood,
+            output_fn=output_fn,
+            generator=generator,
+            progress=progress,
+            **fisher_kwargs,
+        )
+        params = dict(self.model.named_parameters())
+        theta = {name: params[name].detach().to(f.dtype) for name, f in fisher.items()}
+        if self._precision and set(self._precision) != set(fisher):
+            raise ValueError(
+                "the model's trainable parameters changed since the last consolidate: "
+                f"had {sorted(self._precision)}, now {sorted(fisher)}"
+            )
+        if self.mode == "separate" and self._precision:
+            precision, center, offset = self._merge_separate(fisher, theta)
+        else:  # online, or the first task of either mode
+            precision = {
+                n: self.gamma * self._precision[n] + f if self._precision else f
+                for n, f in fisher.items()
+            }
+            center = {n: t.clone() for n, t in theta.items()}
+            first = next(iter(fisher.values()))
+            offset = torch.zeros((), dtype=first.dtype, device=first.device)
+        self._precision, self._center, self._offset = precision, center, offset
+        self.num_tasks += 1
+        return fisher
+
+    def _merge_separate(
+        self, fisher: dict[str, Tensor], theta: dict[str, Tensor]
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor]:
+        assert self._offset is not None
+        precision, center = {}, {}
+        offset = self.gamma * self._offset
+        for name, f in fisher.items():
+            old_a = self.gamma * self._precision[name]
+            old_mu = self._center[name]
+            a = old_a + f
+            mu = torch.where(a > 0, (old_a * old_mu + f * theta[name]) / a, theta[name])
+            offset = offset + (old_a * (old_mu - mu).pow(2) + f * (theta[name] - mu).pow(2)).sum()
+            precision[name], center[name] = a, mu
+        return precision, center, offset
+
+    def penalty(self) -> Tensor:
+        r""":math:`\frac{\lambda}{2}\big(\sum_i A_i(\theta_i-\mu_i)^2 + c\big)`, differentiable
+        in the model's current parameters; a zero tensor before the first ``consolidate``."""
+        if not self._precision:
+            first = next(self.model.parameters(), None)
+            if first is None:
+                return torch.zeros(())
+            return torch.zeros((), dtype=first.dtype, device=first.device)
+        params = dict(self.model.named_parameters())
+        names = list(self._precision)
+        current = [params[n] for n in names]
+        diffs = torch._foreach_sub(current, [self._center[n] for n in names])
+        weighted = torch._foreach_mul(diffs, diffs)
+        torch._foreach_mul_(weighted, [self._precision[n] for n in names])
+        total = torch.stack([w.sum() for w in weighted]).sum() + self._offset
+        return 0.5 * self.strength * total
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume: settings, task count, Fisher, anchors and offset."""
+        return {
+            "settings": {key: getattr(self, key) for key in _SETTINGS},
+            "num_tasks": self.num_tasks,
+            "fisher": {n: t.clone() for n, t in self._precision.items()},
+            "anchor": {n: t.clone() for n, t in self._center.items()},
+            "offset": None if self._offset is None else self._offset.clone(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict`. Tensors move to the model's parameters' devices.
+
+        Raises ``ValueError`` (leaving the regularizer unchanged) when the state is malformed
+        or names parameters the model lacks or shapes that differ.
+        """
+        missing = {"settings", "num_tasks", "fisher", "anchor", "offset"} - set(state)
+        if missing:
+            raise ValueError(f"state_dict is missing entries {sorted(missing)}")
+        settings = dict(state["settings"])
+        checked = EWCRegularizer(self.model, **settings)  # validates every setting
+        params = dict(self.model.named_parameters())
+        fisher, anchor = state["fisher"], state["anchor"]
+        if set(fisher) != set(anchor):
+            raise ValueError("state_dict 'fisher' and 'anchor' name different parameters")
+        unknown = sorted(set(fisher) - set(params))
+        if unknown:
+            raise ValueError(
+                f"state_dict has Fisher entries for parameters the model lacks: {unknown}; "
+                f"the model's parameters are {sorted(params)}"
+            )
+        for name in fisher:
+            for what, t in (("fisher", fisher[name]), ("anchor", anchor[name])):
+                if tuple(t.shape) != tuple(params[name].shape):
+                    raise ValueError(
+                        f"state_dict {what} for {name!r} has shape {tuple(t.shape)}, but the "
+                        f"parameter has shape {tuple(params[name].shape)}"
+                    )
+        for key in _SETTINGS:
+            setattr(self, key, getattr(checked, key))
+        self.num_tasks = int(state["num_tasks"])
+        device = {n: params[n].device for n in fisher}
+        self._precision = {n: t.detach().to(device[n]).clone() for n, t in fisher.items()}
+        self._center = {n: t.detach().to(device[n]).clone() for n, t in anchor.items()}
+        offset = state["offset"]
+        if offset is None:
+            self._offset = None
+        else:
+            first = next(iter(self._precision.values()), None)
+            self._offset = torch.as_tensor(offset).detach().clone().to(
+                device=first.device if first is not None else None
+            )
+
+    def __repr__(self) -> str:
+        settings = ", ".join(f"{key}={getattr(self, key)!r}" for key in _SETTINGS)
+        return f"EWCRegularizer({settings}, num_tasks={self.num_tasks})"

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Install everything (scripts/setup.sh), then run the linter and the test suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+.venv/bin/ruff check ewc_reg tests benchmarks examples
+.venv/bin/python -m pytest "$@"
