@@ -1,0 +1,67 @@
+"""The networks of the paper's benchmarks (van de Ven, 2025, and its reference code).
+
+* Split MNIST: an MLP 784-400-400-10 with ReLU.
+* Split CIFAR-10: a reduced ResNet-18 without pre-training: a 3x3 conv (3->20) + BN + ReLU, four
+  stages of two BasicBlocks (widths 20, 40, 80, 160; strides 1, 2, 2, 2), global average pooling
+  and one linear layer 160->10 (about 1.09M parameters).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+def split_mnist_mlp(num_classes: int = 10) -> nn.Sequential:
+    """MLP 784-400-400-``num_classes``; accepts ``(B, 1, 28, 28)`` or ``(B, 784)`` inputs."""
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(784, 400),
+        nn.ReLU(),
+        nn.Linear(400, 400),
+        nn.ReLU(),
+        nn.Linear(400, num_classes),
+    )
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 conv+BN layers with an identity (or 1x1 conv+BN) shortcut."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False), nn.BatchNorm2d(planes)
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return torch.relu(out + self.shortcut(x))
+
+
+class ReducedResNet18(nn.Module):
+    """Reduced ResNet-18 for 32x32 RGB inputs (see the module docstring)."""
+
+    def __init__(self, num_classes: int = 10, widths: tuple[int, ...] = (20, 40, 80, 160)) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, widths[0], 3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        blocks: list[nn.Module] = []
+        in_planes = widths[0]
+        for width, stride in zip(widths, (1, 2, 2, 2)):
+            blocks += [BasicBlock(in_planes, width, stride), BasicBlock(width, width, 1)]
+            in_planes = width
+        self.layers = nn.Sequential(*blocks)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.linear = nn.Linear(in_planes, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.pool(self.layers(out)).flatten(1)
+        return self.linear(out)
