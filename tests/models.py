@@ -1,0 +1,43 @@
+"""Small random models for the tests (float64)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def mlp(d_in: int = 6, hidden: int = 8, classes: int = 5) -> nn.Module:
+    model = nn.Sequential(
+        nn.Linear(d_in, hidden),
+        nn.BatchNorm1d(hidden),
+        nn.Tanh(),
+        nn.Dropout(0.5),
+        nn.Linear(hidden, classes),
+    ).double()
+    randomize_bn(model)
+    return model
+
+
+def cnn(classes: int = 4) -> nn.Module:
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1),
+        nn.BatchNorm2d(3),
+        nn.ReLU(),
+        nn.Dropout(0.3),
+        nn.Conv2d(3, 4, 3, stride=2),
+        nn.Flatten(),
+        nn.Linear(4 * 2 * 2, classes),
+    ).double()
+    randomize_bn(model)
+    return model
+
+
+def randomize_bn(model: nn.Module) -> None:
+    """Non-trivial running statistics and affine parameters, so eval mode matters."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_()

@@ -1,0 +1,283 @@
+"""Every estimator against independent references (float64)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from ewc_reg import fisher_diagonal
+from ewc_reg.likelihoods import Categorical
+
+from .models import cnn, mlp
+from .reference import (
+    assert_close_dicts,
+    brute_force_batched,
+    brute_force_fisher,
+    jacrev_ggn_diagonal,
+    rel_err,
+)
+
+N = 11
+
+
+def batches_of(x, y, size):
+    return [(x[i : i + size], y[i : i + size]) for i in range(0, len(x), size)]
+
+
+def problem(kind: str, classes: int, seed: int = 0):
+    torch.manual_seed(seed)
+    if kind == "mlp":
+        model, x = mlp(classes=classes), torch.randn(N, 6, dtype=torch.float64)
+    else:
+        model, x = cnn(classes=classes), torch.randn(N, 2, 6, 6, dtype=torch.float64)
+    return model, x
+
+
+SLICES = {
+    "all": None,
+    "head": lambda out: out[:, 1:3],
+    "gather": lambda out: out[:, [4, 0, 2]],
+}
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+@pytest.mark.parametrize("slice_name", list(SLICES))
+@pytest.mark.parametrize("method", ["exact", "empirical"])
+def test_matches_brute_force(kind, slice_name, method):
+    output_fn = SLICES[slice_name]
+    model, x = problem(kind, classes=5)
+    c = 5 if output_fn is None else output_fn(torch.zeros(1, 5)).shape[1]
+    y = torch.randint(0, c, (N,))
+    model.train()
+    got = fisher_diagonal(model, batches_of(x, y, 4), method, output_fn=output_fn)
+    assert model.training
+    want = brute_force_fisher(model, x, y, method, output_fn or (lambda o: o))
+    assert_close_dicts(got, want, 1e-10)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_exact_is_ggn_diagonal_from_jacrev(kind):
+    model, x = problem(kind, classes=4)
+    output_fn = SLICES["head"]
+    y = torch.zeros(N, dtype=torch.long)
+    got = fisher_diagonal(model, batches_of(x, y, 5), "exact", output_fn=output_fn)
+    assert_close_dicts(got, jacrev_ggn_diagonal(model, x, output_fn), 1e-10)
+
+
+@pytest.mark.parametrize("m", [1, 3])
+def test_sample_matches_brute_force_on_the_same_draws(m):
+    model, x = problem("mlp", classes=5)
+    y = torch.zeros(N, dtype=torch.long)
+    got = fisher_diagonal(
+        model, batches_of(x, y, 4), "sample", mc_samples=m,
+        generator=torch.Generator().manual_seed(7),
+    )
+    model.eval()
+    with torch.no_grad():
+        draws = Categorical().sample(model(x), m, torch.Generator().manual_seed(7))  # (m, N)
+    assert_close_dicts(got, brute_force_fisher(model, x, None, "sample", sampled=draws), 1e-10)
+
+
+def test_categorical_sampler_follows_the_softmax():
+    logits = torch.tensor([[2.0, 0.0, -1.0, 0.5], [0.0, 0.0, 0.0, -30.0]], dtype=torch.float64)
+    draws = Categorical().sample(logits, 40_000, torch.Generator().manual_seed(0))
+    freq = torch.stack([torch.bincount(draws[:, i], minlength=4) for i in range(2)]) / 40_000
+    assert (freq - torch.softmax(logits, -1)).abs().max() < 0.01
+    assert int(draws.max()) < 4
+
+
+def test_sample_converges_to_exact():
+    model, x = problem("mlp", classes=3)
+    data = batches_of(x, torch.zeros(N, dtype=torch.long), 6)
+    exact = fisher_diagonal(model, data, "exact")
+    errors = []
+    for m in (4, 64, 1024):
+        approx = fisher_diagonal(
+            model, data, "sample", mc_samples=m, generator=torch.Generator().manual_seed(1)
+        )
+        errors.append(max(rel_err(approx[n], exact[n]) for n in exact))
+    assert errors[2] < 0.1
+    assert errors[2] < errors[0] / 4  # Monte-Carlo error shrinks like 1/sqrt(m)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_batched_with_batch_size_one_equals_empirical(kind):
+    model, x = problem(kind, classes=4)
+    y = torch.randint(0, 4, (N,))
+    batched = fisher_diagonal(model, batches_of(x, y, 1), "batched")
+    empirical = fisher_diagonal(model, batches_of(x, y, 5), "empirical")
+    assert_close_dicts(batched, empirical, 1e-10)
+
+
+def test_batched_matches_brute_force_with_ragged_last_batch():
+    model, x = problem("mlp", classes=5)
+    y = torch.randint(0, 2, (N,))
+    data = batches_of(x, y, 4)  # 4, 4, 3
+    output_fn = SLICES["head"]
+    got = fisher_diagonal(model, data, "batched", output_fn=output_fn)
+    assert_close_dicts(got, brute_force_batched(model, data, output_fn), 1e-10)
+
+
+@given(
+    batch=st.integers(1, N),
+    chunk=st.integers(1, N),
+    method=st.sampled_from(["exact", "empirical", "sample"]),
+)
+@settings(max_examples=15, deadline=None)
+def test_invariant_to_loader_batch_size_and_chunk_size(batch, chunk, method):
+    model, x = problem("mlp", classes=4)
+    y = torch.randint(0, 4, (N,), generator=torch.Generator().manual_seed(3))
+
+    def run(b, c):
+        return fisher_diagonal(
+            model, batches_of(x, y, b), method, chunk_size=c, mc_samples=2,
+            generator=torch.Generator().manual_seed(5),
+        )
+
+    assert_close_dicts(run(batch, chunk), run(N, None), 1e-10)
+
+
+def test_n_samples_uses_the_first_n_samples():
+    model, x = problem("cnn", classes=3)
+    y = torch.randint(0, 3, (N,))
+    for method in ("exact", "empirical"):
+        got = fisher_diagonal(model, batches_of(x, y, 3), method, n_samples=7)
+        assert_close_dicts(got, brute_force_fisher(model, x[:7], y[:7], method), 1e-10)
+    # more than available: all of them
+    assert_close_dicts(
+        fisher_diagonal(model, batches_of(x, y, 3), "exact", n_samples=1000),
+        fisher_diagonal(model, batches_of(x, y, 3), "exact"),
+        1e-12,
+    )
+
+
+def test_softmax_regression_closed_form():
+    """W_ci: mean_n x_ni² p_nc (1 − p_nc); b_c: mean_n p_nc (1 − p_nc)."""
+    torch.manual_seed(0)
+    model = nn.Linear(7, 4).double()
+    x = torch.randn(40, 7, dtype=torch.float64)
+    fisher = fisher_diagonal(model, batches_of(x, torch.zeros(40, dtype=torch.long), 16))
+    p = torch.softmax(model(x), -1).detach()
+    var = p * (1 - p)
+    torch.testing.assert_close(fisher["weight"], (var.T @ x.pow(2)) / 40, rtol=1e-12, atol=0)
+    torch.testing.assert_close(fisher["bias"], var.mean(0), rtol=1e-12, atol=0)
+
+
+def test_score_identity_expected_gradient_is_zero():
+    """Σ_y p(y|x) g_y = 0 for every sample: exact vectors' mean-weighted sum vanishes."""
+    torch.manual_seed(0)
+    model, x = problem("mlp", classes=5)
+    model.eval()
+    params = [p for p in model.parameters()]
+    for i in range(3):
+        log_probs = torch.log_softmax(model(x[i : i + 1])[0], -1)
+        expected = [torch.zeros_like(p) for p in params]
+        for c in range(5):
+            grads = torch.autograd.grad(log_probs[c], params, retain_graph=True)
+            for e, g in zip(expected, grads):
+                e += log_probs[c].exp().detach() * g
+        for e in expected:
+            assert e.abs().max() < 1e-12
+
+
+def test_gaussian_exact_is_mean_sum_of_squared_output_gradients():
+    """Unit-variance Gaussian: F = mean_n Σ_k (∂f_k/∂θ)²."""
+    model, x = problem("mlp", classes=3)
+    y = torch.randn(N, 3, dtype=torch.float64)
+    got = fisher_diagonal(model, batches_of(x, y, 4), "exact", likelihood="gaussian")
+    want = jacrev_ggn_diagonal(model, x, output_hessian=lambda f: torch.eye(3, dtype=f.dtype))
+    assert_close_dicts(got, want, 1e-10)
+
+
+def test_bernoulli_exact_is_ggn_with_sigmoid_variance():
+    model, x = problem("mlp", classes=3)
+    y = torch.randint(0, 2, (N, 3)).double()
+    got = fisher_diagonal(model, batches_of(x, y, 4), "exact", likelihood="bernoulli")
+
+    def hessian(f):
+        s = torch.sigmoid(f)
+        return torch.diag(s * (1 - s))
+
+    assert_close_dicts(got, jacrev_ggn_diagonal(model, x, output_hessian=hessian), 1e-10)
+
+
+@pytest.mark.parametrize("likelihood", ["gaussian", "bernoulli"])
+def test_other_likelihoods_empirical_and_sample(likelihood):
+    """Empirical = mean_n (∂ log p(y_n|f_n)/∂θ)², checked with batch-size-1 'batched';
+    sample converges to exact."""
+    model, x = problem("mlp", classes=2)
+    y = torch.randint(0, 2, (N, 2)).double()
+    emp = fisher_diagonal(model, batches_of(x, y, 4), "empirical", likelihood=likelihood)
+    one = fisher_diagonal(model, batches_of(x, y, 1), "batched", likelihood=likelihood)
+    assert_close_dicts(emp, one, 1e-10)
+    exact = fisher_diagonal(model, batches_of(x, y, 4), "exact", likelihood=likelihood)
+    approx = fisher_diagonal(
+        model, batches_of(x, y, 4), "sample", likelihood=likelihood, mc_samples=3000,
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert max(rel_err(approx[n], exact[n]) for n in exact) < 0.1
+
+
+def test_dict_batches_call_model_with_keywords():
+    class Keyword(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 4).double()
+
+        def forward(self, features, scale):
+            return self.lin(features) * scale
+
+    model = Keyword()
+    x, y = torch.randn(6, 3, dtype=torch.float64), torch.randint(0, 4, (6,))
+    data = [{"features": x, "scale": 2.0, "labels": y}]
+    got = fisher_diagonal(model, data, "empirical")
+    want = brute_force_fisher(nn.Sequential(model.lin), x, y, "empirical", lambda o: o * 2.0)
+    assert_close_dicts({k.removeprefix("lin."): v for k, v in got.items()},
+                       {k.removeprefix("0."): v for k, v in want.items()}, 1e-10)
+
+
+def test_extra_tuple_entries_are_ignored_and_frozen_parameters_skipped():
+    model, x = problem("mlp", classes=3)
+    model[0].weight.requires_grad_(False)
+    y = torch.randint(0, 3, (N,))
+    got = fisher_diagonal(model, [(x, y, torch.arange(N), "task-0")], "exact")
+    assert "0.weight" not in got
+    assert not model[0].weight.requires_grad
+    assert_close_dicts(got, brute_force_fisher(model, x, y, "exact"), 1e-10)
+
+
+def test_float32_model_gives_float32_fisher_close_to_float64():
+    model, x = problem("cnn", classes=3)
+    y = torch.randint(0, 3, (N,))
+    f64 = fisher_diagonal(model, batches_of(x, y, 4), "exact")
+    f32 = fisher_diagonal(model.float(), batches_of(x.float(), y, 4), "exact")
+    assert all(t.dtype == torch.float32 for t in f32.values())
+    for n in f64:
+        assert rel_err(f32[n].double(), f64[n]) < 1e-4
+
+
+def test_model_state_restored_and_untouched():
+    model, x = problem("cnn", classes=3)
+    y = torch.randint(0, 3, (N,))
+    model.train()
+    model[1].eval()  # a submodule deliberately in eval mode stays so
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 3.0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for method in ("exact", "sample", "empirical", "batched"):
+        fisher_diagonal(model, batches_of(x, y, 4), method)
+    assert model.training and not model[1].training
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(torch.equal(p.grad, torch.full_like(p, 3.0)) for p in model.parameters())
+
+
+def test_progress_bar_runs(capsys):
+    model, x = problem("mlp", classes=3)
+    y = torch.randint(0, 3, (N,))
+    plain = fisher_diagonal(model, batches_of(x, y, 4), "exact")
+    shown = fisher_diagonal(model, batches_of(x, y, 4), "exact", progress=True)
+    assert_close_dicts(shown, plain, 0.0)
