@@ -1,0 +1,153 @@
+"""Bad input: a clear error that says what was wrong and what is accepted; nothing lost."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from ewc_reg import EWCRegularizer, fisher_diagonal
+
+from .models import mlp
+
+X = torch.randn(4, 6, dtype=torch.float64)
+Y = torch.tensor([0, 1, 2, 3])
+DATA = [(X, Y)]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"method": "fisher"}, r"unknown method 'fisher'; choose one of \['exact', 'sample'"),
+        (
+            {"likelihood": "poisson"},
+            r"unknown likelihood 'poisson'; choose one of \['categorical', 'gaussian'",
+        ),
+        ({"backend": "jax"}, r"unknown backend 'jax'; choose one of \['auto'"),
+        ({"n_samples": 0}, r"n_samples must be an integer >= 1 or None, got 0"),
+        ({"mc_samples": 0}, r"mc_samples must be an integer >= 1, got 0"),
+        ({"mc_samples": 1.5}, r"mc_samples must be an integer >= 1, got 1.5"),
+        ({"chunk_size": -2}, r"chunk_size must be an integer >= 1 or None"),
+    ],
+)
+def test_fisher_diagonal_rejects_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        fisher_diagonal(mlp(), DATA, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"strength": -1.0}, r"strength must be a number >= 0.0, got -1.0"),
+        ({"strength": float("nan")}, r"strength must be a number"),
+        ({"gamma": 1.5}, r"gamma must be a number in \[0.0, 1.0\], got 1.5"),
+        ({"gamma": -0.1}, r"gamma must be a number in \[0.0, 1.0\]"),
+        ({"mode": "offline"}, r"unknown mode 'offline'; choose one of \['online', 'separate'\]"),
+        ({"method": "diag"}, r"unknown method 'diag'; choose one of"),
+        ({"likelihood": "softmax"}, r"unknown likelihood 'softmax'"),
+        ({"n_samples": 0}, r"n_samples must be an integer >= 1 or None"),
+        ({"mc_samples": -3}, r"mc_samples must be an integer >= 1"),
+    ],
+)
+def test_regularizer_rejects_bad_settings(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        EWCRegularizer(mlp(), **kwargs)
+
+
+def test_regularizer_needs_a_module():
+    with pytest.raises(TypeError, match=r"nn\.Module"):
+        EWCRegularizer([torch.zeros(2)])
+
+
+def test_empty_data():
+    with pytest.raises(ValueError, match="no samples"):
+        fisher_diagonal(mlp(), [])
+    with pytest.raises(ValueError, match="no samples"):
+        fisher_diagonal(mlp(), [(X[:0], Y[:0])], "batched")
+
+
+@pytest.mark.parametrize(
+    "data",
+    [X, {"inputs": X, "labels": Y}, 3, [X], [(X,)], [{"inputs": X}], [(X, 5)], ["abc"]],
+)
+def test_data_of_unaccepted_form_is_a_type_error(data):
+    with pytest.raises(TypeError, match="accepted batch forms"):
+        fisher_diagonal(mlp(), data)
+
+
+@pytest.mark.parametrize("method", ["empirical", "batched"])
+def test_label_outside_classes_names_label_and_c(method):
+    with pytest.raises(ValueError, match=r"target label 7 is outside the C=3 classes"):
+        fisher_diagonal(mlp(), [(X, torch.tensor([0, 7, 1, 2]))], method,
+                        output_fn=lambda o: o[:, :3])
+    with pytest.raises(ValueError, match=r"target label -1 is outside the C=5 classes"):
+        fisher_diagonal(mlp(), [(X, torch.tensor([0, -1, 1, 2]))], method)
+
+
+def test_float_labels_for_categorical():
+    with pytest.raises(ValueError, match="integer class indices"):
+        fisher_diagonal(mlp(), [(X, Y.double())], "empirical")
+
+
+@pytest.mark.parametrize(
+    "output_fn",
+    [lambda o: o[0], lambda o: o[:2], lambda o: o.unsqueeze(1), lambda o: o[:, :0]],
+)
+@pytest.mark.parametrize("method", ["exact", "batched"])
+def test_output_fn_of_wrong_shape(output_fn, method):
+    with pytest.raises(ValueError, match=r"must have shape \(B, C\) = \(4, C\)"):
+        fisher_diagonal(mlp(), DATA, method, output_fn=output_fn)
+
+
+def test_output_that_is_not_a_tensor():
+    with pytest.raises(ValueError, match="must be a tensor of shape"):
+        fisher_diagonal(mlp(), DATA, output_fn=lambda o: (o,))
+    with pytest.raises(TypeError, match="output_fn must be callable"):
+        fisher_diagonal(mlp(), DATA, output_fn="logits")
+
+
+def test_bad_generator():
+    with pytest.raises(TypeError, match=r"torch\.Generator"):
+        fisher_diagonal(mlp(), DATA, "sample", generator=0)
+
+
+@pytest.mark.parametrize("method", ["exact", "sample", "empirical", "batched"])
+def test_non_finite_fisher_is_floating_point_error(method):
+    x = X.clone()
+    x[1, 2] = float("inf")
+    with pytest.raises(FloatingPointError, match="NaN or Inf"):
+        fisher_diagonal(mlp(), [(x, Y)], method)
+
+
+def test_model_without_trainable_parameters():
+    model = mlp().requires_grad_(False)
+    with pytest.raises(ValueError, match="no parameters with requires_grad"):
+        fisher_diagonal(model, DATA)
+
+
+def test_gaussian_and_bernoulli_target_checks():
+    with pytest.raises(ValueError, match="gaussian targets must have the output's shape"):
+        fisher_diagonal(mlp(), [(X, torch.zeros(4, 2))], "empirical", likelihood="gaussian")
+    with pytest.raises(ValueError, match=r"bernoulli targets must lie in \[0, 1\]"):
+        fisher_diagonal(mlp(), [(X, torch.full((4, 5), 2.0))], "empirical",
+                        likelihood="bernoulli")
+
+
+def test_errors_restore_the_model():
+    model = mlp()
+    model.train()
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    with pytest.raises(ValueError):
+        fisher_diagonal(model, [(X, torch.tensor([0, 9, 1, 2]))], "batched")
+    assert model.training
+    assert all(torch.equal(p.grad, torch.ones_like(p)) for p in model.parameters())
+
+    class Boom(nn.Module):
+        def forward(self, x):
+            raise RuntimeError("boom")
+
+    broken = nn.Sequential(nn.Linear(6, 3).double(), Boom()).train()
+    with pytest.raises(RuntimeError, match="boom"):
+        fisher_diagonal(broken, DATA)
+    assert broken.training and broken[0].training
