@@ -11,4 +11,4 @@ from .regularizer import MODES, EWCRegularizer
 
 __version__ = "0.1.0"
 
-__all__ = ["EWCRegularizer", "LIKELIHOODS", "METHODS", "MODES", "__version__", "fisher_diagonal"]
+__all__ = ["LIKELIHOODS", "METHODS", "MODES", "EWCRegularizer", "__version__", "fisher_diagonal"]

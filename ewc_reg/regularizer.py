@@ -29,7 +29,7 @@ from ._validation import check_choice, check_count, check_real
 from .fisher import METHODS, fisher_diagonal
 from .likelihoods import LIKELIHOODS
 
-__all__ = ["EWCRegularizer", "MODES"]
+__all__ = ["MODES", "EWCRegularizer"]
 
 #: How Fishers of successive tasks are combined.
 MODES = ("online", "separate")
