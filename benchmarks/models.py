@@ -65,3 +65,36 @@ class ReducedResNet18(nn.Module):
         out = torch.relu(self.bn1(self.conv1(x)))
         out = self.pool(self.layers(out)).flatten(1)
         return self.linear(out)
+
+
+class TextTransformer(nn.Module):
+    """Small Transformer-encoder text classifier: token embedding + learned positions, a stack
+    of ``nn.TransformerEncoderLayer`` (post-norm, ReLU, no dropout), mean pooling
+    over the sequence and one linear layer. Inputs are ``(B, seq_len)`` token ids."""
+
+    def __init__(
+        self,
+        num_classes: int = 10,
+        vocab_size: int = 1000,
+        seq_len: int = 32,
+        d_model: int = 64,
+        num_heads: int = 4,
+        num_layers: int = 2,
+        d_feedforward: int = 128,
+    ) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(vocab_size, d_model)
+        self.position = nn.Parameter(torch.randn(seq_len, d_model) * 0.02)
+        self.encoder = nn.Sequential(
+            *[
+                nn.TransformerEncoderLayer(
+                    d_model, num_heads, d_feedforward, dropout=0.0, batch_first=True
+                )
+                for _ in range(num_layers)
+            ]
+        )
+        self.linear = nn.Linear(d_model, num_classes)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        hidden = self.embedding(tokens) + self.position[: tokens.shape[1]]
+        return self.linear(self.encoder(hidden).mean(dim=1))
