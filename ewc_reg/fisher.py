@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, TypeAlias
 
 import torch
 from torch import Tensor, nn
@@ -36,10 +36,14 @@ from ._validation import check_choice, check_count
 from .engines import BACKENDS, accumulation_dtype, get_engine
 from .likelihoods import LIKELIHOODS, Likelihood, get_likelihood
 
-__all__ = ["METHODS", "fisher_diagonal"]
+__all__ = ["METHODS", "ParamSelection", "fisher_diagonal", "select_parameters"]
 
 #: The estimators ``fisher_diagonal`` accepts as ``method``.
 METHODS = ("exact", "sample", "empirical", "batched")
+
+#: Which parameters a Fisher covers: ``None`` (all with ``requires_grad``), a list of names as in
+#: ``named_parameters()``, or a predicate ``(name, parameter) -> bool``.
+ParamSelection: TypeAlias = "Iterable[str] | Callable[[str, nn.Parameter], bool] | None"
 
 
 def _identity(output: Any) -> Any:
@@ -59,6 +63,7 @@ def fisher_diagonal(
     chunk_size: int | None = None,
     progress: bool = False,
     backend: str = "auto",
+    params: ParamSelection = None,
 ) -> dict[str, Tensor]:
     """Diagonal Fisher information of ``model`` on ``data``.
 
@@ -76,10 +81,13 @@ def fisher_diagonal(
         progress: show a progress bar over the data (tqdm when installed).
         backend: Fisher engine, one of ``"auto"`` and the names in
             :data:`ewc_reg.engines.ENGINES`.
+        params: the parameters to compute the Fisher of (see :func:`select_parameters`);
+            ``None`` means all with ``requires_grad``. Gradients are taken with respect to these
+            only, so a head-only Fisher costs about as much as the head's backward pass.
 
     Returns:
-        One tensor per parameter with ``requires_grad``, keyed as in ``named_parameters()``,
-        shaped like the parameter, in the parameter's dtype promoted to at least float32.
+        One tensor per selected parameter, keyed as in ``named_parameters()``, shaped like the
+        parameter, in the parameter's dtype promoted to at least float32.
 
     Raises:
         ValueError: bad arguments, empty data, labels outside the output's classes, or an
@@ -97,9 +105,7 @@ def fisher_diagonal(
         raise TypeError(f"output_fn must be callable or None, got {type(output_fn).__name__}")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator)}")
-    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    if not params:
-        raise ValueError("the model has no parameters with requires_grad=True")
+    params = select_parameters(model, params)
     lik = get_likelihood(likelihood)
     output_fn = output_fn or _identity
     device = next(iter(params.values())).device
@@ -142,6 +148,61 @@ def fisher_diagonal(
                 "and inputs for non-finite values (the Fisher must be finite)"
             )
     return fisher
+
+
+def select_parameters(model: nn.Module, params: ParamSelection = None) -> dict[str, Tensor]:
+    """The parameters of ``model`` that ``params`` selects, in ``named_parameters()`` order.
+
+    * ``None``: every parameter with ``requires_grad=True``;
+    * a predicate ``(name, parameter) -> bool``: the parameters with ``requires_grad=True`` for
+      which it returns true (frozen parameters are skipped without asking it);
+    * names (a list, or one string): exactly those parameters. Naming a frozen parameter
+      (``requires_grad=False``) is an error rather than a silent skip, since the caller
+      evidently expects it to be protected.
+
+    Raises:
+        ValueError: unknown or frozen names, or an empty selection.
+        TypeError: ``params`` of another type.
+    """
+    named = dict(model.named_parameters())
+    if params is None:
+        selected = {n: p for n, p in named.items() if p.requires_grad}
+        if not selected:
+            raise ValueError("the model has no parameters with requires_grad=True")
+        return selected
+    if isinstance(params, (Tensor, nn.Module)) or not (
+        callable(params) or isinstance(params, Iterable)
+    ):
+        raise TypeError(
+            "params must be None, a list of parameter names or a predicate "
+            f"(name, parameter) -> bool, got {type(params).__name__}"
+        )
+    if callable(params):
+        selected = {n: p for n, p in named.items() if p.requires_grad and params(n, p)}
+    else:
+        wanted = {params} if isinstance(params, str) else set(params)
+        not_str = [w for w in wanted if not isinstance(w, str)]
+        if not_str:
+            raise TypeError(f"params names must be strings, got {not_str[0]!r}")
+        unknown = sorted(wanted - set(named))
+        if unknown:
+            raise ValueError(
+                f"params names {unknown} are not parameters of the model; valid names (from "
+                f"named_parameters()) are {list(named)}"
+            )
+        frozen = [n for n in named if n in wanted and not named[n].requires_grad]
+        if frozen:
+            raise ValueError(
+                f"params names {frozen} have requires_grad=False; set requires_grad=True to "
+                "protect them, or leave them out"
+            )
+        selected = {n: p for n, p in named.items() if n in wanted}
+    if not selected:
+        raise ValueError(
+            "params selected no parameters with requires_grad=True; the trainable parameters "
+            f"are {[n for n, p in named.items() if p.requires_grad]}"
+        )
+    return selected
 
 
 def _accumulate_batched(

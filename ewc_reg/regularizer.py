@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from ._validation import check_choice, check_count, check_real
-from .fisher import METHODS, fisher_diagonal
+from .fisher import METHODS, ParamSelection, fisher_diagonal, select_parameters
 from .likelihoods import LIKELIHOODS
 
 __all__ = ["MODES", "EWCRegularizer"]
@@ -61,6 +61,10 @@ class EWCRegularizer:
         n_samples: estimate the Fisher on the first ``n_samples`` samples of each task.
         mc_samples: labels drawn per sample for ``method="sample"``.
         likelihood: ``"categorical"``, ``"gaussian"`` or ``"bernoulli"``.
+        params: which parameters to protect: ``None`` (all with ``requires_grad``), a list of
+            names as in ``named_parameters()``, or a predicate ``(name, parameter) -> bool``
+            (see :func:`ewc_reg.fisher.select_parameters`). Checked here; re-applied at each
+            ``consolidate``. The others are left free and cost nothing.
     """
 
     def __init__(
@@ -73,6 +77,8 @@ class EWCRegularizer:
         n_samples: int | None = None,
         mc_samples: int = 1,
         likelihood: str = "categorical",
+        *,
+        params: ParamSelection = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -84,6 +90,11 @@ class EWCRegularizer:
         self.n_samples = check_count("n_samples", n_samples, allow_none=True)
         self.mc_samples = check_count("mc_samples", mc_samples)
         self.likelihood = check_choice("likelihood", likelihood, tuple(LIKELIHOODS))
+        if isinstance(params, Iterable) and not isinstance(params, (str, Tensor, nn.Module)):
+            params = tuple(params)  # an iterator would be used up by the first consolidate
+        if params is not None:
+            select_parameters(model, params)  # fail early on unknown or frozen names
+        self.params = params
         self.num_tasks = 0
         self._precision: dict[str, Tensor] = {}  # A
         self._center: dict[str, Tensor] = {}  # μ
@@ -123,6 +134,7 @@ class EWCRegularizer:
             output_fn=output_fn,
             generator=generator,
             progress=progress,
+            params=self.params,
             **fisher_kwargs,
         )
         params = dict(self.model.named_parameters())

@@ -1,0 +1,152 @@
+"""``params=``: Fisher and penalty on a subset of the parameters (issue #5, part 1)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from ewc_reg import EWCRegularizer, fisher_diagonal
+from ewc_reg.fisher import select_parameters
+
+METHODS = ("exact", "sample", "empirical", "batched")
+
+
+class Tripwire(torch.autograd.Function):
+    """Identity whose backward fails: proves that no gradient flows through it."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("tripwire: a gradient was computed through the backbone")
+
+
+class Net(nn.Module):
+    def __init__(self, tripwire: bool = False) -> None:
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Linear(4, 6), nn.Tanh())
+        self.head = nn.Linear(6, 3)
+        self.tripwire = tripwire
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.backbone(x)
+        return self.head(Tripwire.apply(h) if self.tripwire else h)
+
+
+def make_data(n_batches: int = 3, batch: int = 5) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [
+        (torch.randn(batch, 4, dtype=torch.float64), torch.randint(0, 3, (batch,)))
+        for _ in range(n_batches)
+    ]
+
+
+def fisher(model: nn.Module, data, method: str, **kwargs) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(3)
+    return fisher_diagonal(model, data, method, generator=gen, mc_samples=2, **kwargs)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_names_select_the_same_entries_as_the_full_fisher(method: str) -> None:
+    model, data = Net().double(), make_data()
+    full = fisher(model, data, method)
+    names = ["head.weight", "backbone.0.bias"]
+    part = fisher(model, data, method, params=names)
+    assert list(part) == ["backbone.0.bias", "head.weight"]  # named_parameters() order
+    for name in names:
+        torch.testing.assert_close(part[name], full[name], rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_predicate_selects_and_skips_frozen(method: str) -> None:
+    model, data = Net().double(), make_data()
+    full = fisher(model, data, method)
+    model.head.bias.requires_grad_(False)
+    part = fisher(model, data, method, params=lambda name, p: name.startswith("head."))
+    assert list(part) == ["head.weight"]
+    torch.testing.assert_close(part["head.weight"], full["head.weight"], rtol=1e-12, atol=0)
+    assert model.head.bias.requires_grad is False
+
+
+def test_frozen_parameters_are_skipped_by_default() -> None:
+    model, data = Net().double(), make_data()
+    for p in model.backbone.parameters():
+        p.requires_grad_(False)
+    assert list(fisher(model, data, "exact")) == ["head.weight", "head.bias"]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_unselected_parameters_cost_no_backward(method: str) -> None:
+    model, data = Net(tripwire=True).double(), make_data()
+    head = fisher(model, data, method, params=["head.weight", "head.bias"])
+    assert set(head) == {"head.weight", "head.bias"}
+    with pytest.raises(RuntimeError, match="tripwire"):
+        fisher(model, data, method, params=["backbone.0.weight"])
+    for p in model.backbone.parameters():
+        p.requires_grad_(False)
+    assert set(fisher(model, data, method)) == {"head.weight", "head.bias"}
+
+
+def test_unknown_names_list_the_valid_ones() -> None:
+    model = Net()
+    with pytest.raises(ValueError, match=r"\['head\.wieght'\].*backbone\.0\.weight"):
+        fisher_diagonal(model, make_data(), params=["head.wieght", "head.bias"])
+    with pytest.raises(ValueError, match=r"head\.wieght"):
+        EWCRegularizer(model, params=["head.wieght"])
+
+
+def test_naming_a_frozen_parameter_is_an_error() -> None:
+    model = Net()
+    model.head.bias.requires_grad_(False)
+    with pytest.raises(ValueError, match=r"head\.bias.*requires_grad=False"):
+        select_parameters(model, ["head.weight", "head.bias"])
+    with pytest.raises(ValueError, match="requires_grad=False"):
+        EWCRegularizer(model, params=["head.bias"])
+
+
+def test_empty_or_malformed_selections() -> None:
+    model = Net()
+    with pytest.raises(ValueError, match="selected no parameters"):
+        select_parameters(model, lambda name, p: False)
+    with pytest.raises(ValueError, match="selected no parameters"):
+        select_parameters(model, [])
+    with pytest.raises(TypeError, match="params must be"):
+        select_parameters(model, 3)
+    with pytest.raises(TypeError, match="strings"):
+        select_parameters(model, [model.head.weight])
+    assert list(select_parameters(model, "head.bias")) == ["head.bias"]
+
+
+def test_regularizer_protects_only_the_selection() -> None:
+    model, data = Net().double(), make_data()
+    names = (n for n in ["head.weight", "head.bias"])  # an iterator: must survive two tasks
+    reg = EWCRegularizer(model, strength=10.0, params=names)
+    reg.consolidate(data)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1)
+    reg.consolidate(data)
+    assert set(reg.fisher) == {"head.weight", "head.bias"}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1)
+    penalty = reg.penalty()
+    grads = torch.autograd.grad(penalty, list(model.parameters()), allow_unused=True)
+    named = dict(zip([n for n, _ in model.named_parameters()], grads))
+    assert named["backbone.0.weight"] is None and named["head.weight"] is not None
+    expected = sum(
+        (reg.fisher[n] * (p - reg.anchor[n]).pow(2)).sum()
+        for n, p in model.named_parameters() if n.startswith("head.")
+    )
+    torch.testing.assert_close(penalty, 5.0 * expected)
+    restored = EWCRegularizer(model, params=["head.weight", "head.bias"])
+    restored.load_state_dict(reg.state_dict())
+    torch.testing.assert_close(restored.penalty(), penalty)
