@@ -34,6 +34,7 @@ from ._batches import Batch, iter_batches
 from ._model_state import evaluating
 from ._validation import check_choice, check_count
 from .engines import BACKENDS, accumulation_dtype, get_engine
+from .engines.base import DEFAULT_MEMORY_BUDGET
 from .likelihoods import LIKELIHOODS, Likelihood, get_likelihood
 
 __all__ = ["METHODS", "ParamSelection", "fisher_diagonal", "select_parameters"]
@@ -64,6 +65,7 @@ def fisher_diagonal(
     progress: bool = False,
     backend: str = "auto",
     params: ParamSelection = None,
+    memory_budget: int | None = None,
 ) -> dict[str, Tensor]:
     """Diagonal Fisher information of ``model`` on ``data``.
 
@@ -77,13 +79,16 @@ def fisher_diagonal(
         output_fn: maps the model's output to ``(B, C)`` logits, e.g.
             ``lambda out: out[:, task_classes]``.
         generator: random generator for ``method="sample"`` (reproducible draws).
-        chunk_size: samples pulled back at once; ``None`` chooses from a memory budget.
+        chunk_size: samples pulled back at once; ``None`` chooses from ``memory_budget``.
         progress: show a progress bar over the data (tqdm when installed).
         backend: Fisher engine, one of ``"auto"`` and the names in
             :data:`ewc_reg.engines.ENGINES`.
         params: the parameters to compute the Fisher of (see :func:`select_parameters`);
             ``None`` means all with ``requires_grad``. Gradients are taken with respect to these
             only, so a head-only Fisher costs about as much as the head's backward pass.
+        memory_budget: bytes the engine's per-chunk working memory may take when
+            ``chunk_size=None`` (default :data:`ewc_reg.engines.base.DEFAULT_MEMORY_BUDGET`,
+            512 MiB); the chunk is the largest that fits, and at least one sample.
 
     Returns:
         One tensor per selected parameter, keyed as in ``named_parameters()``, shaped like the
@@ -99,6 +104,7 @@ def fisher_diagonal(
     check_count("n_samples", n_samples, allow_none=True)
     check_count("mc_samples", mc_samples)
     check_count("chunk_size", chunk_size, allow_none=True)
+    check_count("memory_budget", memory_budget, allow_none=True)
     check_choice("likelihood", likelihood, tuple(LIKELIHOODS))
     check_choice("backend", backend, BACKENDS)
     if output_fn is not None and not callable(output_fn):
@@ -133,7 +139,8 @@ def fisher_diagonal(
             count = 0
             for batch in batches:
                 batch_sums = engine(
-                    model, params, batch, output_fn, make_vectors_for(batch), chunk_size
+                    model, params, batch, output_fn, make_vectors_for(batch), chunk_size,
+                    memory_budget or DEFAULT_MEMORY_BUDGET,
                 )
                 for name, s in batch_sums.items():
                     sums[name] += s

@@ -11,6 +11,13 @@ where :math:`J_n = \partial f(x_n)/\partial\theta` is the per-sample Jacobian of
 (``output_fn``-mapped) model output and ``V = make_vectors(f(X).detach())`` has shape
 ``(K, B, C)``. The estimators (:mod:`ewc_reg.fisher`) choose the vectors; engines only pull them
 back. Sums are returned in the accumulation dtype (float32 or wider).
+
+Memory: an engine processes the batch in chunks of samples. With ``chunk_size=None`` it must pick
+the chunk with :func:`resolve_chunk_size` from ``memory_budget`` (bytes) and its own estimate of
+the working memory one sample adds (for the functorch engine, the ``K`` per-sample pull-backs of
+all parameters), so that the chunk's working set stays within the budget as the batch grows.
+The budget covers the per-chunk work; the one no-grad forward pass of the whole batch that
+forms ``V`` is bounded by the batch the data yields.
 """
 
 from __future__ import annotations
@@ -26,6 +33,9 @@ from .._batches import Batch
 OutputFn = Callable[[object], Tensor]
 VectorFn = Callable[[Tensor], Tensor]
 
+#: Memory per chunk when the caller sets no ``memory_budget``: 512 MiB.
+DEFAULT_MEMORY_BUDGET = 512 * 2**20
+
 
 class Engine(Protocol):
     """Computes per-batch sums of squared pull-backs (see the module docstring)."""
@@ -40,7 +50,16 @@ class Engine(Protocol):
         output_fn: OutputFn,
         make_vectors: VectorFn,
         chunk_size: int | None,
+        memory_budget: int,
     ) -> dict[str, Tensor]: ...
+
+
+def resolve_chunk_size(chunk_size: int | None, memory_budget: int, bytes_per_sample: int) -> int:
+    """``chunk_size`` when given, else the most samples whose working memory
+    (``bytes_per_sample`` each) fits in ``memory_budget`` bytes, and at least one."""
+    if chunk_size is not None:
+        return chunk_size
+    return max(1, memory_budget // max(bytes_per_sample, 1))
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -2,9 +2,11 @@ r"""The general engine: per-sample vector-Jacobian products with :mod:`torch.fun
 
 For each sample ``n`` (vmapped, in chunks) it builds the pull-back
 :math:`v \mapsto J_n^\top v` of :math:`\theta \mapsto f(x_n; \theta)` with ``torch.func.vjp``
-and applies it to the sample's ``K`` vectors (vmapped again), then squares and sums. Peak memory
-is about ``chunk * K * P`` numbers for ``P`` parameters, so ``chunk_size=None`` picks the chunk
-from :data:`MEMORY_BUDGET_BYTES`. Works for any module that torch.func can trace in eval mode.
+and applies it to the sample's ``K`` vectors (vmapped again), then squares and sums. A chunk
+holds ``chunk * K * P`` pull-back numbers for ``P`` parameters, and their squares, so one sample
+is budgeted at ``3 K P`` numbers (:func:`bytes_per_sample`) and ``chunk_size=None`` takes
+``memory_budget // bytes_per_sample`` samples at a time. Works for any module that torch.func
+can trace in eval mode.
 """
 
 from __future__ import annotations
@@ -17,25 +19,18 @@ from torch.func import functional_call, vjp, vmap
 from torch.utils import _pytree as pytree
 
 from .._batches import Batch
-from .base import OutputFn, VectorFn, accumulation_dtype
-
-#: Memory the per-sample pull-backs of one chunk may take when ``chunk_size=None``.
-MEMORY_BUDGET_BYTES = 512 * 2**20
+from .base import OutputFn, VectorFn, accumulation_dtype, resolve_chunk_size
 
 
-def auto_chunk_size(num_vectors: int, params: dict[str, Tensor], budget: int) -> int:
-    """Largest chunk whose ``(chunk, K, P)`` per-sample pull-backs fit in ``budget`` bytes."""
-    per_sample = sum(p.numel() * p.element_size() for p in params.values()) * max(num_vectors, 1)
-    return max(1, budget // max(3 * per_sample, 1))
+def bytes_per_sample(num_vectors: int, params: dict[str, Tensor]) -> int:
+    """Working memory of one sample: its ``(K, P)`` pull-backs, their squares and slack."""
+    return 3 * max(num_vectors, 1) * sum(p.numel() * p.element_size() for p in params.values())
 
 
 class FunctorchEngine:
     """Whole-model ``torch.func`` engine (see the module docstring)."""
 
     name = "functorch"
-
-    def __init__(self, memory_budget: int = MEMORY_BUDGET_BYTES) -> None:
-        self.memory_budget = memory_budget
 
     def __call__(
         self,
@@ -45,6 +40,7 @@ class FunctorchEngine:
         output_fn: OutputFn,
         make_vectors: VectorFn,
         chunk_size: int | None,
+        memory_budget: int,
     ) -> dict[str, Tensor]:
         with torch.no_grad():
             vectors = make_vectors(output_fn(batch.call(model)))  # (K, B, C)
@@ -73,8 +69,9 @@ class FunctorchEngine:
             (grads,) = vmap(pull_back)(sample_vectors)  # each (K, *shape)
             return {name: g.pow(2).sum(0) for name, g in grads.items()}
 
-        if chunk_size is None:
-            chunk_size = auto_chunk_size(vectors.shape[0], trainable, self.memory_budget)
+        chunk_size = resolve_chunk_size(
+            chunk_size, memory_budget, bytes_per_sample(vectors.shape[0], trainable)
+        )
         sums = {
             name: torch.zeros_like(p, dtype=accumulation_dtype(p.dtype))
             for name, p in trainable.items()

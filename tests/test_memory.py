@@ -1,0 +1,110 @@
+"""``memory_budget``: with ``chunk_size=None`` the engine's working set stays within the budget
+however many samples a batch holds (issue #5, part 3).
+
+Memory is measured without timing or RSS: a dispatch mode sees every tensor the computation
+creates (under ``vmap`` it sees the physical, chunk-batched tensors) and records the largest.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import ewc_reg.engines.functorch as functorch_engine
+from ewc_reg import EWCRegularizer, fisher_diagonal
+from ewc_reg.engines.base import DEFAULT_MEMORY_BUDGET, resolve_chunk_size
+
+D_IN, HIDDEN, CLASSES = 16, 64, 4
+PARAM_BYTES = 8 * (D_IN * HIDDEN + HIDDEN + HIDDEN * CLASSES + CLASSES)  # float64
+SAMPLE_BYTES = 3 * CLASSES * PARAM_BYTES  # exact: K = C pull-backs per sample
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the size in bytes of the largest tensor any operation returns."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for leaf in pytree.tree_leaves(out):
+            if isinstance(leaf, torch.Tensor):
+                self.largest = max(self.largest, leaf.nbytes)
+        return out
+
+
+@pytest.fixture
+def chunk_sizes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The chunk sizes the functorch engine resolves, one per batch."""
+    used: list[int] = []
+
+    def spy(chunk_size: int | None, memory_budget: int, bytes_per_sample: int) -> int:
+        used.append(resolve_chunk_size(chunk_size, memory_budget, bytes_per_sample))
+        return used[-1]
+
+    monkeypatch.setattr(functorch_engine, "resolve_chunk_size", spy)
+    return used
+
+
+def make_model() -> nn.Module:
+    return nn.Sequential(
+        nn.Linear(D_IN, HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, CLASSES)
+    ).double()
+
+
+def one_batch(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(torch.randn(n, D_IN, dtype=torch.float64), torch.randint(0, CLASSES, (n,)))]
+
+
+def test_resolve_chunk_size() -> None:
+    assert resolve_chunk_size(7, 10, 1000) == 7
+    assert resolve_chunk_size(None, 10_000, 1000) == 10
+    assert resolve_chunk_size(None, 999, 1000) == 1  # at least one sample
+    assert DEFAULT_MEMORY_BUDGET == 512 * 2**20
+
+
+def test_engine_chunks_by_the_budget(chunk_sizes: list[int]) -> None:
+    model, data = make_model(), one_batch(50)
+    reference = fisher_diagonal(model, data, chunk_size=50)
+    chunked = fisher_diagonal(model, data, memory_budget=7 * SAMPLE_BYTES + 1)
+    assert chunk_sizes == [50, 7]
+    for name in reference:
+        torch.testing.assert_close(chunked[name], reference[name], rtol=1e-12, atol=1e-15)
+    fisher_diagonal(model, data)  # default budget: the whole batch at once
+    assert chunk_sizes[-1] == DEFAULT_MEMORY_BUDGET // SAMPLE_BYTES
+    fisher_diagonal(model, data, method="sample", mc_samples=3, memory_budget=3 * SAMPLE_BYTES)
+    assert chunk_sizes[-1] == 4  # K = 3 vectors per sample instead of 4
+    fisher_diagonal(model, data, chunk_size=5, memory_budget=1)
+    assert chunk_sizes[-1] == 5  # an explicit chunk_size wins
+
+
+def test_largest_tensor_stays_within_the_budget_as_the_batch_grows() -> None:
+    model = make_model()
+    budget = 2**20
+    largest = {}
+    for n in (16, 128, 512):
+        data = one_batch(n)
+        with LargestTensor() as probe:
+            fisher_diagonal(model, data, memory_budget=budget)
+        largest[n] = probe.largest
+    assert max(largest.values()) <= budget
+    assert largest[512] == largest[128]  # independent of the batch once it exceeds a chunk
+    with LargestTensor() as unbounded:
+        fisher_diagonal(model, one_batch(512))
+    assert unbounded.largest > 4 * budget  # without a tight budget, the whole batch at once
+
+
+def test_budget_reaches_the_engine_through_consolidate(chunk_sizes: list[int]) -> None:
+    reg = EWCRegularizer(make_model())
+    reg.consolidate(one_batch(20), memory_budget=3 * SAMPLE_BYTES)
+    assert chunk_sizes == [3]
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True])
+def test_bad_budget(bad: object) -> None:
+    with pytest.raises(ValueError, match="memory_budget"):
+        fisher_diagonal(make_model(), one_batch(4), memory_budget=bad)
