@@ -1,0 +1,40 @@
+"""Smoke test of the speed benchmark (``python -m benchmarks.fisher_speed --quick``).
+
+Runs in-process on tiny sizes; checks the report is produced and every Fisher agrees with the
+torch.func engine's. No timing assertions.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from benchmarks import fisher_speed
+from ewc_reg.engines import BACKENDS
+
+
+def test_quick_benchmark_produces_report_and_agrees(tmp_path: Path) -> None:
+    output = tmp_path / "fisher_speed.md"
+    report = fisher_speed.run(fisher_speed.parse_args(["--quick", "--output", str(output)]))
+
+    assert output.read_text() == report.markdown
+    assert "| model | C | N | contender |" in report.markdown
+    assert "## Targets of issue #3" in report.markdown
+    names = {row.name for row in report.rows}
+    assert "plain fwd+bwd" in names and "naive loop (paper)" in names
+    for backend in BACKENDS[1:]:
+        assert f"ewc_reg [{backend}]" in names
+    for row in report.rows:
+        if row.name.startswith("ewc_reg") or row.name.startswith("plain"):
+            assert not row.status, row.status
+            assert row.seconds is not None and row.seconds > 0
+    checked = [row for row in report.rows if row.agreement is not None]
+    assert any(row.name == "naive loop (paper)" for row in checked)
+    assert report.agreement_ok, [
+        (row.workload.title, row.name, row.method, row.agreement) for row in checked
+    ]
+
+
+def test_quick_mode_writes_no_results_file_by_default() -> None:
+    args = fisher_speed.parse_args(["--quick", "--models", "mlp"])
+    assert args.output is None and args.repeats == 1
+    assert fisher_speed.parse_args([]).output == fisher_speed.RESULTS_PATH
