@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["Likelihood", "Categorical", "Gaussian", "Bernoulli", "LIKELIHOODS", "get_likelihood"]
+__all__ = ["LIKELIHOODS", "Bernoulli", "Categorical", "Gaussian", "Likelihood", "get_likelihood"]
 
 
 class Likelihood(ABC):
@@ -95,9 +95,12 @@ def _uniform(shape: tuple[int, ...], like: Tensor, generator: torch.Generator | 
 
 
 def _normal(shape: tuple[int, ...], like: Tensor, generator: torch.Generator | None) -> Tensor:
-    device = generator.device if generator is not None else like.device
-    z = torch.randn(shape, generator=generator, device=device, dtype=like.dtype)
-    return z.to(like.device)
+    """Standard normals by Box-Muller from :func:`_uniform`, which draws serially: unlike
+    ``torch.randn`` (vectorised on CPU for large tensors) the stream does not depend on how
+    the data is split into batches."""
+    u = _uniform((*shape, 2), like, generator)
+    z = (-2 * torch.log1p(-u[..., 0])).sqrt() * torch.cos(2 * math.pi * u[..., 1])
+    return z.to(like.dtype)
 
 
 class Categorical(Likelihood):
@@ -154,7 +157,8 @@ class Categorical(Likelihood):
 
 
 class Gaussian(Likelihood):
-    r"""Unit-variance Gaussian regression: :math:`y \sim \mathcal N(f, I)`, float targets ``(B, C)``.
+    r"""Unit-variance Gaussian regression: :math:`y \sim \mathcal N(f, I)`, float targets
+    ``(B, C)``.
 
     Score :math:`s(y) = y - f`; output-space Fisher :math:`I = \sum_k e_k e_k^\top` (``K = C``).
     Targets of shape ``(B,)`` are accepted when ``C = 1``.

@@ -1,0 +1,94 @@
+"""Property tests of the output-space identities every estimator relies on."""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ewc_reg.likelihoods import Bernoulli, Categorical, Gaussian
+
+logits = st.integers(1, 3).flatmap(
+    lambda b: st.integers(1, 5).flatmap(
+        lambda c: st.lists(
+            st.floats(-8, 8, allow_nan=False), min_size=b * c, max_size=b * c
+        ).map(lambda v: torch.tensor(v, dtype=torch.float64).reshape(b, c))
+    )
+)
+
+
+def outer_sum(vectors: torch.Tensor) -> torch.Tensor:
+    """Σ_k v_k v_kᵀ per sample: (K, B, C) -> (B, C, C)."""
+    return torch.einsum("kbi,kbj->bij", vectors, vectors)
+
+
+@given(logits)
+@settings(max_examples=40, deadline=None)
+def test_categorical_exact_factor_is_expected_score_outer_product(f):
+    lik = Categorical()
+    p = torch.softmax(f, -1)
+    b, c = f.shape
+    expected = torch.zeros(b, c, c, dtype=f.dtype)
+    mean_score = torch.zeros(b, c, dtype=f.dtype)
+    for y in range(c):
+        s = lik.score(f, torch.full((b,), y))
+        expected += p[:, y, None, None] * torch.einsum("bi,bj->bij", s, s)
+        mean_score += p[:, y, None] * s
+    torch.testing.assert_close(outer_sum(lik.exact_vectors(f)), expected, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(expected, torch.diag_embed(p) - torch.einsum("bi,bj->bij", p, p))
+    assert mean_score.abs().max() < 1e-12  # score identity E_y[s(y)] = 0
+
+
+@given(logits)
+@settings(max_examples=25, deadline=None)
+def test_bernoulli_exact_factor_enumerates_all_label_vectors(f):
+    lik = Bernoulli()
+    b, c = f.shape
+    sig = torch.sigmoid(f)
+    expected = torch.zeros(b, c, c, dtype=f.dtype)
+    mean_score = torch.zeros(b, c, dtype=f.dtype)
+    for bits in itertools.product([0.0, 1.0], repeat=c):
+        y = torch.tensor(bits, dtype=f.dtype).expand(b, c)
+        prob = (sig**y * (1 - sig) ** (1 - y)).prod(-1)
+        s = lik.score(f, y)
+        expected += prob[:, None, None] * torch.einsum("bi,bj->bij", s, s)
+        mean_score += prob[:, None] * s
+    torch.testing.assert_close(outer_sum(lik.exact_vectors(f)), expected, rtol=1e-10, atol=1e-12)
+    assert mean_score.abs().max() < 1e-12
+
+
+@given(logits)
+@settings(max_examples=10, deadline=None)
+def test_gaussian_exact_factor_is_identity_and_samples_have_unit_covariance(f):
+    lik = Gaussian()
+    b, c = f.shape
+    eye = torch.eye(c, dtype=f.dtype).expand(b, c, c)
+    torch.testing.assert_close(outer_sum(lik.exact_vectors(f)), eye)
+    scores = lik.score(f, lik.sample(f, 20_000, torch.Generator().manual_seed(0)))  # (m, B, C)
+    cov = torch.einsum("mbi,mbj->bij", scores, scores) / scores.shape[0]
+    assert (cov - eye).abs().max() < 0.06
+
+
+@given(logits, st.integers(1, 4))
+@settings(max_examples=20, deadline=None)
+def test_sampled_vectors_average_to_the_exact_fisher(f, m):
+    """E[Σ_j v_j v_jᵀ] with v_j = s(ŷ_j)/√m equals the exact output-space Fisher."""
+    lik = Categorical()
+    draws = 4000
+    total = torch.zeros(f.shape[0], f.shape[1], f.shape[1], dtype=f.dtype)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(draws // m):
+        total += outer_sum(lik.sample_vectors(f, m, gen))
+    approx = total / (draws // m)
+    assert (approx - outer_sum(lik.exact_vectors(f))).abs().max() < 0.05
+
+
+def test_sampling_does_not_depend_on_batch_split():
+    f = torch.randn(7, 4, dtype=torch.float64)
+    for lik in (Categorical(), Bernoulli(), Gaussian()):
+        whole = lik.sample(f, 3, torch.Generator().manual_seed(2))
+        gen = torch.Generator().manual_seed(2)
+        parts = torch.cat([lik.sample(f[:3], 3, gen), lik.sample(f[3:], 3, gen)], dim=1)
+        torch.testing.assert_close(parts, whole, rtol=0, atol=0)
