@@ -1,0 +1,434 @@
+"""The shared protocol of the Split MNIST / Split CIFAR-10 benchmarks of van de Ven (2025).
+
+Task-incremental learning with five tasks of two classes each:
+
+* the class-to-task assignment is a random permutation of the ten classes per seed;
+* one 10-unit output layer; a task uses only its two units (in training, in the Fisher
+  computation through ``output_fn`` and at test time), with labels remapped to 0/1;
+* Adam (0.9, 0.999), lr 0.001, never reset; ``iters`` iterations of random mini-batches per
+  task; loss = mean cross-entropy + ``EWCRegularizer.penalty()`` over all parameters;
+* online EWC with γ = 1: after every task but the last, ``consolidate`` on that task's training
+  set (model in eval mode, done by the library);
+* score: after the last task, the mean over tasks of the test accuracy with each task's units.
+
+This module also holds the command line shared by ``benchmarks.split_mnist`` and
+``benchmarks.split_cifar10`` (parallel runs, resumable ``runs.jsonl``, progress with ETA).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+import ewc_reg
+from ewc_reg import EWCRegularizer
+
+from .data import ArrayData, default_root
+
+NUM_CLASSES = 10
+NUM_TASKS = 5
+
+#: Benchmark variants: the paper's five Fisher estimators, plus ``none`` (no regularizer).
+VARIANTS = ("exact", "exact_n500", "sample", "empirical", "batched", "none")
+
+
+@dataclass(frozen=True)
+class FisherSetting:
+    """How a variant computes the Fisher: library ``method``, samples used, batch size."""
+
+    method: str
+    n_samples: int | None
+    batch_size: int
+
+
+FISHER_SETTINGS = {
+    "exact": FisherSetting("exact", None, 256),
+    "exact_n500": FisherSetting("exact", 500, 256),
+    "sample": FisherSetting("sample", None, 256),
+    "empirical": FisherSetting("empirical", None, 256),
+    "batched": FisherSetting("batched", None, 128),  # mini-batches of 128, as in the paper
+}
+
+#: The paper's λ grid: 1, 10, ..., 1e13.
+LAMBDA_GRID = tuple(10.0**k for k in range(14))
+
+#: Centre (log10) of the best-λ range read off the paper's figures; sweeps run the λ values
+#: nearest to it first so that partial results are already informative.
+TYPICAL_LOG10_LAMBDA = {
+    "exact": 5.5,
+    "exact_n500": 5.5,
+    "sample": 8.5,
+    "empirical": 8.5,
+    "batched": 11.5,
+}
+
+#: ``--quick`` preset: one seed, fewer iterations, one λ per variant (nearest the typical one).
+QUICK_SEEDS = (0,)
+QUICK_ITERS = 500
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """One benchmark: its network, data and default batch size."""
+
+    name: str
+    make_model: Callable[[], nn.Module]
+    load_data: Callable[[str], ArrayData]
+    synthetic_data: Callable[[], ArrayData]
+    batch_size: int
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One training run; its fields identify it in ``runs.jsonl``."""
+
+    benchmark: str
+    data: str  # "real" or "synthetic"
+    method: str
+    strength: float | None  # None for method "none"
+    seed: int
+    iters: int
+    batch_size: int
+
+    def key(self) -> tuple[Any, ...]:
+        """Identity of the run (used to skip runs already recorded)."""
+        return tuple(asdict(self).values())
+
+    def describe(self) -> str:
+        """Short human-readable label."""
+        strength = "" if self.strength is None else f" λ={self.strength:.0e}"
+        return f"{self.method}{strength} seed {self.seed}"
+
+
+def record_key(record: dict[str, Any]) -> tuple[Any, ...]:
+    """The :meth:`RunSpec.key` of a ``runs.jsonl`` record."""
+    strength = record["strength"]
+    return RunSpec(
+        record["benchmark"], record["data"], record["method"],
+        None if strength is None else float(strength), int(record["seed"]),
+        int(record["iters"]), int(record["batch_size"]),
+    ).key()
+
+
+# ----------------------------------------------------------------------------- task split
+
+
+def task_split(seed: int, num_classes: int = NUM_CLASSES, num_tasks: int = NUM_TASKS
+               ) -> list[list[int]]:
+    """Classes of each task: a seeded random permutation of the classes cut into equal parts."""
+    perm = torch.randperm(num_classes, generator=torch.Generator().manual_seed(seed)).tolist()
+    per_task = num_classes // num_tasks
+    return [perm[t * per_task:(t + 1) * per_task] for t in range(num_tasks)]
+
+
+def task_subset(x: Tensor, y: Tensor, classes: list[int]) -> tuple[Tensor, Tensor]:
+    """The samples of ``classes``, with labels remapped to their position in ``classes``."""
+    classes_t = torch.tensor(classes, device=y.device)
+    match = y.unsqueeze(1) == classes_t.unsqueeze(0)  # (N, len(classes))
+    keep = match.any(1)
+    return x[keep], match[keep].long().argmax(1)
+
+
+def head(classes: list[int], device: torch.device | str) -> Callable[[Tensor], Tensor]:
+    """``output_fn`` that keeps the output units of ``classes`` (the task's head)."""
+    index = torch.tensor(classes, device=device)
+
+    def output_fn(out: Tensor) -> Tensor:
+        return out.index_select(-1, index)
+
+    return output_fn
+
+
+# ----------------------------------------------------------------------- train / Fisher / test
+
+
+def batch_indices(n: int, batch_size: int, iters: int, generator: torch.Generator
+                  ) -> Iterator[Tensor]:
+    """``iters`` index batches drawn epoch by epoch from fresh random permutations of ``n``
+    (the last batch of an epoch may be smaller, as with a shuffling ``DataLoader``)."""
+    perm, pos = torch.randperm(n, generator=generator), 0
+    for _ in range(iters):
+        if pos >= n:
+            perm, pos = torch.randperm(n, generator=generator), 0
+        yield perm[pos:pos + batch_size]
+        pos += batch_size
+
+
+def train_task(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    reg: EWCRegularizer | None,
+    x: Tensor,
+    y: Tensor,
+    output_fn: Callable[[Tensor], Tensor],
+    iters: int,
+    batch_size: int,
+    generator: torch.Generator,
+) -> None:
+    """``iters`` Adam steps on mean cross-entropy (+ the EWC penalty) over random batches."""
+    model.train()
+    for idx in batch_indices(len(y), batch_size, iters, generator):
+        idx = idx.to(y.device)
+        loss = F.cross_entropy(output_fn(model(x[idx])), y[idx])
+        if reg is not None:
+            loss = loss + reg.penalty()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+
+def fisher_batches(x: Tensor, y: Tensor, batch_size: int, generator: torch.Generator
+                   ) -> list[tuple[Tensor, Tensor]]:
+    """The task's training set, shuffled, as a list of ``(inputs, targets)`` batches."""
+    perm = torch.randperm(len(y), generator=generator).to(y.device)
+    return [(x[i], y[i]) for i in perm.split(batch_size)]
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: Tensor, y: Tensor, output_fn: Callable[[Tensor], Tensor],
+             batch_size: int = 1000) -> float:
+    """Test accuracy (percent) of the task's head, model in eval mode."""
+    model.eval()
+    correct = sum(
+        int((output_fn(model(xb)).argmax(1) == yb).sum())
+        for xb, yb in zip(x.split(batch_size), y.split(batch_size))
+    )
+    return 100.0 * correct / len(y)
+
+
+def run(spec: RunSpec, bench: Benchmark, data: ArrayData, device: torch.device | str,
+        fisher_chunk: int | None = None) -> dict[str, Any]:
+    """Train one run of the protocol; return its ``runs.jsonl`` record."""
+    tasks = task_split(spec.seed)
+    torch.manual_seed(spec.seed)
+    model = bench.make_model().to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, betas=(0.9, 0.999), fused=True)
+    reg = None
+    if spec.method != "none":
+        setting = FISHER_SETTINGS[spec.method]
+        reg = EWCRegularizer(model, strength=spec.strength, method=setting.method,
+                             mode="online", gamma=1.0, n_samples=setting.n_samples, mc_samples=1)
+    train_gen = torch.Generator().manual_seed(spec.seed)
+    shuffle_gen = torch.Generator().manual_seed(spec.seed + 10_000)
+    sample_gen = torch.Generator(device=device).manual_seed(spec.seed + 20_000)
+    fisher_kwargs = {} if fisher_chunk is None else {"chunk_size": fisher_chunk}
+    train_seconds = fisher_seconds = 0.0
+    for t, classes in enumerate(tasks):
+        x, y = task_subset(data.train_x, data.train_y, classes)
+        output_fn = head(classes, device)
+        start = time.perf_counter()
+        train_task(model, optimizer, reg, x, y, output_fn, spec.iters, spec.batch_size,
+                   train_gen)
+        train_seconds += time.perf_counter() - start
+        if reg is not None and t < len(tasks) - 1:
+            start = time.perf_counter()
+            batches = fisher_batches(x, y, FISHER_SETTINGS[spec.method].batch_size, shuffle_gen)
+            reg.consolidate(batches, output_fn=output_fn, generator=sample_gen, **fisher_kwargs)
+            fisher_seconds += time.perf_counter() - start
+    per_task = [
+        evaluate(model, *task_subset(data.test_x, data.test_y, classes), head(classes, device))
+        for classes in tasks
+    ]
+    return {
+        **asdict(spec),
+        "accuracy": sum(per_task) / len(per_task),
+        "per_task": per_task,
+        "tasks": tasks,
+        "seconds": train_seconds + fisher_seconds,
+        "train_seconds": train_seconds,
+        "fisher_seconds": fisher_seconds,
+        "fisher_chunk": fisher_chunk,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "version": ewc_reg.__version__,
+        "torch": torch.__version__,
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+# ----------------------------------------------------------------------------- runs.jsonl
+
+
+def read_runs(path: Path) -> list[dict[str, Any]]:
+    """Records of ``runs.jsonl`` (none when it does not exist; a torn last line is ignored)."""
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def append_run(path: Path, record: dict[str, Any]) -> None:
+    """Append one record as a JSON line."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+# ----------------------------------------------------------------------------- planning
+
+
+def plan_runs(benchmark: str, data: str, methods: Iterable[str], seeds: Iterable[int],
+              lambdas: dict[str, tuple[float, ...]], iters: int, batch_size: int
+              ) -> list[RunSpec]:
+    """Every run, most informative first: by distance of log10 λ from the variant's typical
+    best (``none`` first), then seed, then variant."""
+    specs = []
+    for seed in seeds:
+        for method in methods:
+            strengths: tuple[float | None, ...] = (None,) if method == "none" else lambdas[method]
+            specs += [RunSpec(benchmark, data, method, s, seed, iters, batch_size)
+                      for s in strengths]
+
+    def priority(spec: RunSpec) -> tuple[float, int, int]:
+        distance = 0.0 if spec.strength is None else abs(
+            math.log10(spec.strength) - TYPICAL_LOG10_LAMBDA[spec.method])
+        return distance, spec.seed, VARIANTS.index(spec.method)
+
+    return sorted(dict.fromkeys(specs), key=priority)
+
+
+def nearest_typical_lambda(method: str) -> float:
+    """The grid value nearest the variant's typical best λ (the lower one on a tie)."""
+    return min(LAMBDA_GRID, key=lambda s: abs(math.log10(s) - TYPICAL_LOG10_LAMBDA[method]))
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def parse_args(bench: Benchmark, argv: list[str] | None) -> argparse.Namespace:
+    """The shared command line."""
+    p = argparse.ArgumentParser(
+        prog=f"python -m benchmarks.{bench.name}",
+        description=f"{bench.name}: EWC with each Fisher estimator (van de Ven, 2025). Each "
+                    "finished run is appended to <out>/runs.jsonl; runs already there are "
+                    "skipped, so an interrupted sweep resumes.",
+    )
+    p.add_argument("--methods", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    p.add_argument("--lambdas", nargs="+", type=float,
+                   help="λ values for every variant (default: the paper's grid 1..1e13)")
+    p.add_argument("--seeds", nargs="+", type=int, help="default: 0 1 2")
+    p.add_argument("--iters", type=int, help="iterations per task (default: 2000)")
+    p.add_argument("--batch-size", type=int, default=bench.batch_size)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--data-root", default=default_root(),
+                   help="torchvision data directory (default: $EWC_REG_DATA or ./data); "
+                        "downloaded when missing")
+    p.add_argument("--synthetic", action="store_true",
+                   help="smoke run on small synthetic data of the benchmark's shape "
+                        "(accuracies say nothing about the paper)")
+    p.add_argument("--workers", type=int, default=1, help="runs in parallel (processes)")
+    p.add_argument("--threads", type=int,
+                   help="torch threads per worker (default: torch's own choice)")
+    p.add_argument("--fisher-chunk", type=int,
+                   help="chunk_size passed to consolidate (default: the library's choice)")
+    p.add_argument("--out", type=Path, help="results directory (default: "
+                   f"benchmarks/results/{bench.name}[_quick][_synthetic])")
+    p.add_argument("--quick", action="store_true",
+                   help=f"preset: seed {QUICK_SEEDS[0]}, {QUICK_ITERS} iterations per task, "
+                        "one λ per variant (the paper's typical best)")
+    args = p.parse_args(argv)
+    args.seeds = args.seeds or list(QUICK_SEEDS if args.quick else (0, 1, 2))
+    args.iters = args.iters or (QUICK_ITERS if args.quick else 2000)
+    if args.out is None:
+        suffix = "_quick" * args.quick + "_synthetic" * args.synthetic
+        args.out = Path("benchmarks/results") / f"{bench.name}{suffix}"
+    return args
+
+
+def lambdas_per_method(args: argparse.Namespace) -> dict[str, tuple[float, ...]]:
+    """λ values of each variant: ``--lambdas``, else one typical value (quick) or the grid."""
+    if args.lambdas:
+        return dict.fromkeys(TYPICAL_LOG10_LAMBDA, tuple(args.lambdas))
+    if args.quick:
+        return {m: (nearest_typical_lambda(m),) for m in TYPICAL_LOG10_LAMBDA}
+    return dict.fromkeys(TYPICAL_LOG10_LAMBDA, LAMBDA_GRID)
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _load(bench: Benchmark, synthetic: bool, root: str, device: str) -> ArrayData:
+    return (bench.synthetic_data() if synthetic else bench.load_data(root)).to(device)
+
+
+def _init_worker(bench: Benchmark, synthetic: bool, root: str, device: str,
+                 threads: int | None, fisher_chunk: int | None) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+    _WORKER.update(bench=bench, data=_load(bench, synthetic, root, device), device=device,
+                   fisher_chunk=fisher_chunk)
+
+
+def _run_in_worker(spec: RunSpec) -> dict[str, Any]:
+    return run(spec, _WORKER["bench"], _WORKER["data"], _WORKER["device"],
+               _WORKER["fisher_chunk"])
+
+
+def _format_duration(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}"
+
+
+def main(bench: Benchmark, argv: list[str] | None = None) -> list[dict[str, Any]]:
+    """Run the sweep the command line asks for; return the records of the runs it finished."""
+    args = parse_args(bench, argv)
+    data_kind = "synthetic" if args.synthetic else "real"
+    runs_path = args.out / "runs.jsonl"
+    specs = plan_runs(bench.name, data_kind, args.methods, args.seeds,
+                      lambdas_per_method(args), args.iters, args.batch_size)
+    done = {record_key(r) for r in read_runs(runs_path)}
+    todo = [s for s in specs if s.key() not in done]
+    print(f"{bench.name} ({data_kind} data, {args.iters} it/task, batch {args.batch_size}, "
+          f"{args.device}): {len(specs)} runs, {len(specs) - len(todo)} already in {runs_path}, "
+          f"{len(todo)} to do with {args.workers} worker(s)", flush=True)
+    if not todo:
+        return []
+    init = (bench, args.synthetic, args.data_root, args.device, args.threads, args.fisher_chunk)
+    finished: list[dict[str, Any]] = []
+    start = time.perf_counter()
+
+    def report(record: dict[str, Any]) -> None:
+        append_run(runs_path, record)
+        finished.append(record)
+        elapsed = time.perf_counter() - start
+        eta = elapsed / len(finished) * (len(todo) - len(finished))
+        spec = RunSpec(*(record[k] for k in RunSpec.__dataclass_fields__))
+        print(f"[{len(finished)}/{len(todo)}] {spec.describe()}: {record['accuracy']:.2f}% "
+              f"(tasks {' '.join(f'{a:.1f}' for a in record['per_task'])}) in "
+              f"{record['seconds']:.0f}s (Fisher {record['fisher_seconds']:.0f}s) | "
+              f"ETA {_format_duration(eta)}", flush=True)
+
+    if args.workers <= 1:
+        _init_worker(*init)
+        for spec in todo:
+            report(_run_in_worker(spec))
+    else:
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(args.workers, mp_context=ctx, initializer=_init_worker,
+                                 initargs=init) as pool:
+            futures = [pool.submit(_run_in_worker, spec) for spec in todo]
+            for future in as_completed(futures):
+                report(future.result())
+    print(f"done in {_format_duration(time.perf_counter() - start)}; results in {runs_path}; "
+          f"table and figure: python -m benchmarks.report {args.out}", file=sys.stderr,
+          flush=True)
+    return finished

@@ -1,0 +1,221 @@
+"""Paper-style table and accuracy-vs-λ figure from ``runs.jsonl``.
+
+Usage::
+
+    python -m benchmarks.report [RESULTS_DIR ...]
+
+Each directory's ``runs.jsonl`` is grouped by configuration (benchmark, data, iterations, batch
+size). For each configuration the best λ of every variant is the one with the highest mean
+accuracy over seeds; ``results.md`` gets a table of mean ± standard error at that λ beside the
+paper's numbers, plus the whole λ grid, and ``accuracy_vs_lambda_<config>.png`` one line per
+variant (``none`` as a horizontal band). Without arguments, every directory under
+``benchmarks/results`` that holds a ``runs.jsonl`` is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .protocol import VARIANTS, read_runs
+
+#: van de Ven (2025), Table 1: mean ± SE over 30 seeds at the best λ.
+PAPER_ACCURACY = {
+    "split_mnist": {
+        "exact": (99.12, 0.16), "exact_n500": (98.93, 0.15), "sample": (99.12, 0.12),
+        "empirical": (99.12, 0.12), "batched": (99.11, 0.16), "none": (85.41, 0.88),
+    },
+    "split_cifar10": {
+        "exact": (84.91, 0.65), "exact_n500": (84.57, 0.72), "sample": (83.77, 0.72),
+        "empirical": (83.28, 0.77), "batched": (83.38, 0.66), "none": (69.53, 1.34),
+    },
+}
+
+#: Best λ ranges read off the paper's figures (approximate).
+PAPER_BEST_LAMBDA = {
+    "exact": "1e5–1e6", "exact_n500": "1e5–1e6", "sample": "1e8–1e9",
+    "empirical": "1e8–1e9", "batched": "1e11–1e12", "none": "–",
+}
+
+LABELS = {
+    "exact": "EXACT", "exact_n500": "EXACT (n=500)", "sample": "SAMPLE",
+    "empirical": "EMPIRICAL", "batched": "BATCHED", "none": "None",
+}
+
+Config = tuple[str, str, int, int]  # benchmark, data, iters, batch_size
+
+
+@dataclass(frozen=True)
+class Stats:
+    """Accuracy over seeds at one (variant, λ), with mean run times."""
+
+    mean: float
+    se: float  # NaN with a single seed
+    n: int
+    seconds: float
+    fisher_seconds: float
+
+    @classmethod
+    def of(cls, records: list[dict[str, Any]]) -> Stats:
+        """Statistics of the records of one (variant, λ), one per seed."""
+        acc = [r["accuracy"] for r in records]
+        n = len(acc)
+        mean = sum(acc) / n
+        se = math.sqrt(sum((a - mean) ** 2 for a in acc) / (n - 1) / n) if n > 1 else math.nan
+        return cls(mean, se, n, sum(r["seconds"] for r in records) / n,
+                   sum(r["fisher_seconds"] for r in records) / n)
+
+    def text(self) -> str:
+        """``mean ± se``."""
+        se = "–" if math.isnan(self.se) else f"{self.se:.2f}"
+        return f"{self.mean:.2f} ± {se}"
+
+
+Summary = dict[str, dict[float | None, Stats]]  # variant -> λ -> stats
+
+
+def group(records: Iterable[dict[str, Any]]) -> dict[Config, Summary]:
+    """Statistics per configuration, variant and λ (the last record of a run wins)."""
+    runs: dict[Config, dict[tuple[str, float | None], dict[int, dict[str, Any]]]] = (
+        defaultdict(lambda: defaultdict(dict)))
+    for r in records:
+        config = (r["benchmark"], r["data"], int(r["iters"]), int(r["batch_size"]))
+        runs[config][(r["method"], r["strength"])][int(r["seed"])] = r
+    summaries: dict[Config, Summary] = {}
+    for config, cells in runs.items():
+        summary: Summary = defaultdict(dict)
+        for (method, strength), by_seed in cells.items():
+            summary[method][strength] = Stats.of(list(by_seed.values()))
+        summaries[config] = {m: dict(sorted(summary[m].items(), key=lambda kv: kv[0] or 0))
+                             for m in VARIANTS if m in summary}
+    return summaries
+
+
+def best(per_lambda: dict[float | None, Stats]) -> tuple[float | None, Stats]:
+    """The λ with the highest mean accuracy, and its statistics."""
+    return max(per_lambda.items(), key=lambda kv: kv[1].mean)
+
+
+def _lambda_text(strength: float | None) -> str:
+    return "–" if strength is None else f"1e{round(math.log10(strength))}"
+
+
+def slug(config: Config) -> str:
+    """File-name tag of a configuration."""
+    benchmark, data, iters, batch_size = config
+    return f"{benchmark}_{data}_{iters}it_b{batch_size}"
+
+
+def markdown(config: Config, summary: Summary, figure: str) -> str:
+    """The results section of one configuration."""
+    benchmark, data, iters, batch_size = config
+    paper = PAPER_ACCURACY.get(benchmark, {})
+    lines = [
+        f"## {benchmark} — {data} data, {iters} iterations/task, batch {batch_size}",
+        "",
+    ]
+    if data != "real":
+        lines += ["**Synthetic smoke data: these accuracies say nothing about the paper.**", ""]
+    lines += [
+        "| Variant | best λ | accuracy (mean ± SE) | seeds | s/run (Fisher) "
+        "| paper best λ | paper (30 seeds) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for method, per_lambda in summary.items():
+        strength, stats = best(per_lambda)
+        ref = paper.get(method)
+        ref_text = "–" if ref is None else f"{ref[0]:.2f} ± {ref[1]:.2f}"
+        lines.append(
+            f"| {LABELS[method]} | {_lambda_text(strength)} | {stats.text()} | {stats.n} "
+            f"| {stats.seconds:.0f} ({stats.fisher_seconds:.0f}) "
+            f"| {PAPER_BEST_LAMBDA[method]} | {ref_text} |"
+        )
+    strengths = sorted({s for m in summary.values() for s in m if s is not None})
+    methods = [m for m in summary if m != "none"]
+    if strengths and methods:
+        lines += [
+            "",
+            "Mean accuracy (number of seeds) at every λ run so far:",
+            "",
+            "| λ | " + " | ".join(LABELS[m] for m in methods) + " |",
+            "|---|" + "---|" * len(methods),
+        ]
+        for s in strengths:
+            cells = [f"{summary[m][s].mean:.2f} ({summary[m][s].n})" if s in summary[m] else ""
+                     for m in methods]
+            lines.append(f"| {_lambda_text(s)} | " + " | ".join(cells) + " |")
+    lines += ["", f"![accuracy vs λ]({figure})", ""]
+    return "\n".join(lines)
+
+
+def plot(config: Config, summary: Summary, path: Path) -> None:
+    """Accuracy (mean ± SE) against λ, one line per variant, ``none`` as a band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method, per_lambda in summary.items():
+        if method == "none":
+            stats = per_lambda[None]
+            se = 0.0 if math.isnan(stats.se) else stats.se
+            ax.axhspan(stats.mean - se, stats.mean + se, color="grey", alpha=0.3)
+            ax.axhline(stats.mean, color="grey", ls="--", label=f"{LABELS[method]} (no EWC)")
+            continue
+        xs = list(per_lambda)
+        means = [per_lambda[s].mean for s in xs]
+        ses = [0.0 if math.isnan(per_lambda[s].se) else per_lambda[s].se for s in xs]
+        ax.errorbar(xs, means, yerr=ses, marker="o", ms=4, capsize=2, label=LABELS[method])
+    ax.set_xscale("log")
+    ax.set_xlabel("λ (EWC strength)")
+    ax.set_ylabel("mean test accuracy over tasks (%)")
+    benchmark, data, iters, batch_size = config
+    ax.set_title(f"{benchmark} ({data} data, {iters} it/task, batch {batch_size})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def report(results_dir: Path) -> Path:
+    """Write ``results.md`` and the figures of ``results_dir/runs.jsonl``; return the table."""
+    records = read_runs(results_dir / "runs.jsonl")
+    if not records:
+        raise FileNotFoundError(f"no runs in {results_dir / 'runs.jsonl'}")
+    sections = [
+        f"# Results from `{results_dir.name}/runs.jsonl` ({len(records)} runs)",
+        "",
+        "Best λ per variant = highest mean accuracy over the seeds run at it; SE = standard "
+        "error over seeds; s/run = training + Fisher seconds (Fisher alone in brackets). "
+        "Paper: van de Ven (2025), 30 seeds; its best λ are read off its figures.",
+        "",
+    ]
+    for config, summary in sorted(group(records).items()):
+        figure = f"accuracy_vs_lambda_{slug(config)}.png"
+        plot(config, summary, results_dir / figure)
+        sections.append(markdown(config, summary, figure))
+    table = results_dir / "results.md"
+    table.write_text("\n".join(sections))
+    return table
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line: report each results directory."""
+    p = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("dirs", nargs="*", type=Path, help="results directories with runs.jsonl")
+    args = p.parse_args(argv)
+    dirs = args.dirs or sorted(p.parent for p in Path("benchmarks/results").glob("*/runs.jsonl"))
+    for d in dirs:
+        print(f"wrote {report(d)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""Tests of the benchmark scripts: protocol pieces on tiny data, short end-to-end runs of both
+benchmarks, ``runs.jsonl`` resume and the report. No downloads."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from benchmarks import report
+from benchmarks.protocol import (
+    LAMBDA_GRID,
+    VARIANTS,
+    RunSpec,
+    batch_indices,
+    evaluate,
+    head,
+    main,
+    plan_runs,
+    read_runs,
+    record_key,
+    task_split,
+    task_subset,
+)
+from benchmarks.split_cifar10 import BENCHMARK as CIFAR
+from benchmarks.split_mnist import BENCHMARK as MNIST
+
+SHARED_MNIST = Path("/work/shared/data")
+
+
+def test_task_split_is_a_seeded_partition_into_pairs():
+    for seed in range(5):
+        tasks = task_split(seed)
+        assert [len(t) for t in tasks] == [2] * 5
+        assert sorted(c for t in tasks for c in t) == list(range(10))
+        assert task_split(seed) == tasks
+    assert len({tuple(map(tuple, task_split(s))) for s in range(5)}) == 5
+
+
+def test_task_subset_keeps_the_classes_and_remaps_labels():
+    x = torch.arange(6.0).unsqueeze(1)
+    y = torch.tensor([3, 7, 3, 1, 7, 0])
+    xs, ys = task_subset(x, y, [7, 3])
+    assert xs.squeeze(1).tolist() == [0.0, 1.0, 2.0, 4.0]
+    assert ys.tolist() == [1, 0, 1, 0]
+
+
+def test_head_picks_the_task_units_in_order():
+    out = torch.arange(10.0).repeat(3, 1)
+    assert head([7, 2], "cpu")(out).tolist() == [[7.0, 2.0]] * 3
+
+
+class FixedLogits(nn.Module):
+    """Returns logits stored per input value (inputs are sample indices)."""
+
+    def __init__(self, logits: torch.Tensor) -> None:
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.logits[x.long().squeeze(1)]
+
+
+def test_evaluate_scores_with_the_task_head_only():
+    logits = torch.zeros(4, 10)
+    logits[:, 9] = 100.0  # an outside unit that would win without masking
+    logits[0, 2], logits[1, 5], logits[2, 2], logits[3, 2] = 1.0, 1.0, 1.0, 1.0
+    x = torch.arange(4.0).unsqueeze(1)
+    y = torch.tensor([0, 1, 1, 0])  # local labels of classes [2, 5]
+    acc = evaluate(FixedLogits(logits), x, y, head([2, 5], "cpu"), batch_size=3)
+    assert acc == pytest.approx(75.0)
+
+
+def test_batch_indices_cover_each_epoch_once():
+    idx = list(batch_indices(10, 4, 6, torch.Generator().manual_seed(0)))
+    assert [len(i) for i in idx] == [4, 4, 2, 4, 4, 2]
+    assert sorted(torch.cat(idx[:3]).tolist()) == list(range(10))
+
+
+def test_plan_runs_orders_typical_lambdas_first_without_duplicates():
+    grid = dict.fromkeys(VARIANTS[:-1], LAMBDA_GRID)
+    specs = plan_runs("b", "real", VARIANTS, [0, 1], grid, 10, 8)
+    assert len(specs) == len(set(specs)) == 2 * (5 * 14 + 1)
+    first = specs[:12]
+    assert {s.method for s in first if s.strength is None} == {"none"}
+    assert {(s.method, s.strength) for s in first if s.strength is not None} >= {
+        ("exact", 1e5), ("exact", 1e6), ("sample", 1e8), ("batched", 1e11)}
+
+
+def test_record_key_matches_spec_after_a_json_round_trip():
+    spec = RunSpec("split_mnist", "real", "exact", 1e13, 2, 2000, 128)
+    record = json.loads(json.dumps({**spec.__dict__, "accuracy": 50.0}))
+    assert record_key(record) == spec.key()
+
+
+def _mnist_data_args() -> list[str]:
+    if (SHARED_MNIST / "MNIST").is_dir():
+        # real data: only variants whose Fisher is cheap on a whole task
+        return ["--data-root", str(SHARED_MNIST), "--methods", "exact_n500", "batched", "none"]
+    return ["--synthetic", "--methods", *VARIANTS]
+
+
+def test_split_mnist_end_to_end_and_resume(tmp_path, capsys):
+    args = [*_mnist_data_args(), "--iters", "5", "--seeds", "0", "--lambdas", "1e3",
+            "--threads", "1", "--out", str(tmp_path)]
+    finished = main(MNIST, args)
+    records = read_runs(tmp_path / "runs.jsonl")
+    methods = args[args.index("--methods") + 1:args.index("--iters")]
+    assert len(finished) == len(records) == len(methods)
+    for r in records:
+        assert r["benchmark"] == "split_mnist" and r["iters"] == 5 and r["batch_size"] == 128
+        assert len(r["per_task"]) == 5 and r["accuracy"] == pytest.approx(sum(r["per_task"]) / 5)
+        assert r["seconds"] >= r["fisher_seconds"] >= 0 and "version" in r
+        assert (r["strength"] is None) == (r["method"] == "none")
+    assert main(MNIST, args) == []  # everything already recorded: skipped
+    assert "0 to do" in capsys.readouterr().out
+    assert len(read_runs(tmp_path / "runs.jsonl")) == len(records)
+
+
+def test_split_cifar10_synthetic_smoke(tmp_path):
+    finished = main(CIFAR, ["--synthetic", "--iters", "2", "--batch-size", "16", "--seeds", "1",
+                            "--methods", "exact_n500", "none", "--lambdas", "1e5",
+                            "--threads", "1", "--out", str(tmp_path)])
+    assert [r["method"] for r in finished] == ["none", "exact_n500"]
+    assert all(r["data"] == "synthetic" and r["benchmark"] == "split_cifar10" for r in finished)
+
+
+def test_report_writes_table_and_figure(tmp_path):
+    rows = []
+    for seed, offset in enumerate((0.0, 1.0, 2.0)):
+        for method, strength, acc in [("exact", 1e5, 98.0), ("exact", 1e6, 96.0),
+                                      ("batched", 1e11, 97.0), ("none", None, 85.0)]:
+            rows.append({"benchmark": "split_mnist", "data": "real", "method": method,
+                         "strength": strength, "seed": seed, "iters": 2000, "batch_size": 128,
+                         "accuracy": acc + offset, "per_task": [acc + offset] * 5,
+                         "seconds": 10.0, "fisher_seconds": 4.0})
+    (tmp_path / "runs.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n{torn")
+    table = report.report(tmp_path).read_text()
+    assert "| EXACT | 1e5 | 99.00 ± 0.58 | 3 | 10 (4) | 1e5–1e6 | 99.12 ± 0.16 |" in table
+    assert "| None | – | 86.00 ± 0.58 | 3 |" in table
+    assert "| 1e6 | 97.00 (3) |" in table
+    figure = tmp_path / "accuracy_vs_lambda_split_mnist_real_2000it_b128.png"
+    assert figure.stat().st_size > 1000
