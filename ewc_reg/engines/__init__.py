@@ -1,7 +1,14 @@
 """Fisher engines: interchangeable ways to compute sums of squared pull-backs.
 
-``get_engine(backend, model)`` resolves a backend name to an engine; ``"auto"`` picks the
-fastest engine that supports the model.
+``get_engine(backend, model)`` resolves a backend name to an engine:
+
+* ``"hooks"`` (:class:`~.hooks.HookEngine`): one forward pass with hooks, one backward pass
+  batched over the vectors and per-layer rules; fast, for models whose parameters each belong
+  to one module called once (a ``ValueError`` says why a model is not covered);
+* ``"functorch"`` (:class:`~.functorch.FunctorchEngine`): per-sample ``torch.func`` pull-backs
+  of the whole model; general;
+* ``"auto"``: the hook engine, which hands the model to the functorch engine (and logs why at
+  info level to the ``"ewc_reg"`` logger) as soon as it finds the model is not covered.
 """
 
 from __future__ import annotations
@@ -10,18 +17,23 @@ from torch import nn
 
 from .base import Engine, accumulation_dtype
 from .functorch import FunctorchEngine
+from .hooks import HookEngine
 
-ENGINES: dict[str, type] = {"functorch": FunctorchEngine}
+ENGINES: dict[str, type] = {"hooks": HookEngine, "functorch": FunctorchEngine}
 BACKENDS = ("auto", *ENGINES)
 
 
 def get_engine(backend: str, model: nn.Module) -> Engine:
-    """The engine for ``backend`` (one of :data:`BACKENDS`)."""
+    """The engine for ``backend`` (one of :data:`BACKENDS`) and ``model``.
+
+    Raises:
+        ValueError: an unknown backend, or ``"hooks"`` for a model it does not cover.
+    """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {list(BACKENDS)}")
-    if backend == "auto":
-        backend = "functorch"
-    return ENGINES[backend]()
+    if backend == "functorch":
+        return FunctorchEngine()
+    return HookEngine.for_model(model, FunctorchEngine() if backend == "auto" else None)
 
 
 __all__ = ["BACKENDS", "ENGINES", "Engine", "accumulation_dtype", "get_engine"]

@@ -1,0 +1,386 @@
+r"""The fast engine: one forward pass with hooks, one backward pass batched over the vectors, and
+per-layer rules.
+
+Layer-wise decomposition. If a parameter :math:`\theta` enters the network only through one call
+:math:`y = \phi(x; \theta)` of its module, and sample ``n``'s output :math:`y_n` depends only on
+:math:`x_n`, then
+
+.. math::
+
+    J_n^\top v = \big(\partial y_n/\partial\theta\big)^\top G_n, \qquad
+    G_n = \big(\partial f(x_n)/\partial y_n\big)^\top v .
+
+So one forward pass records every parametrised module's input ``x`` and (the autograd edge of)
+its output ``y``; ``V = make_vectors(f)`` of shape ``(K, B, *out)`` is pulled back to all the
+outputs in one backward pass batched over ``K`` (``autograd.grad(..., is_grads_batched=True)``),
+giving ``G`` of shape ``(K, B, *y.shape[1:])`` per module; and the rules of :mod:`.rules` turn
+``(x, G)`` into :math:`\sum_n \sum_k ((\partial y_n/\partial\theta)^\top G_{nk})^{\odot 2}`
+(for ``Linear`` without per-sample gradients at all). A parametrised module without a rule is
+handled by :class:`~.functorch.FunctorchEngine` applied to that module alone, with its recorded
+input and ``G`` as the vectors.
+
+The decomposition is valid only if (checked; otherwise :class:`Unsupported` is raised):
+
+* every trainable parameter is registered on exactly one module, once (no tied weights or
+  modules registered twice), and no module owning trainable parameters contains another one
+  (e.g. a parameter on the root module next to parametrised children);
+* each such module is called at most once per forward pass, and its parameters are used only
+  while it runs (not, say, with ``F.linear(h, self.embed.weight)`` in a parent's ``forward``);
+  uses are seen by a :class:`~torch.overrides.TorchFunctionMode` during the forward pass;
+* module outputs have the batch as leading dimension, recorded inputs are not modified in place
+  afterwards, and no batch norm uses batch statistics (it would mix the samples).
+
+Memory: the forward pass over the whole batch gives the checks and the vectors; when the batch's
+working set (:func:`bytes_per_sample`, mostly ``K`` times the recorded outputs) fits in
+``memory_budget`` it also gives the sums, else the batch is redone in chunks of
+``resolve_chunk_size(chunk_size, memory_budget, bytes_per_sample)`` samples, each with its own
+forward pass. Rules materialise per-sample gradients for chunks of samples within the budget.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.autograd.graph import GradientEdge, get_gradient_edge
+from torch.overrides import TorchFunctionMode
+from torch.utils import _pytree as pytree
+
+from .._batches import Batch
+from .base import Engine, OutputFn, VectorFn, accumulation_dtype, resolve_chunk_size
+from .functorch import FunctorchEngine
+from .rules import Rule, rule_for
+
+logger = logging.getLogger("ewc_reg")
+
+class Unsupported(Exception):
+    """The model breaks an assumption of the layer-wise decomposition (see the module
+    docstring); the message says which."""
+
+
+@dataclass(eq=False)
+class _Unit:
+    """A module owning trainable parameters: ``names`` maps its own parameter names to the
+    names in ``params``."""
+
+    module: nn.Module
+    path: str
+    names: dict[str, str]
+    rule: Rule | None
+
+
+@dataclass(eq=False)
+class _Record:
+    """What one call of a unit's module left behind."""
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    versions: list[tuple[Tensor, int]]
+    edges: list[GradientEdge] = field(default_factory=list)
+    leaves: list[int] = field(default_factory=list)  # output leaves the edges belong to
+    shapes: list[torch.Size] = field(default_factory=list)
+    nbytes: int = 0
+
+
+def _describe(path: str) -> str:
+    return "the root module" if not path else f"module {path!r}"
+
+
+def plan(model: nn.Module, params: dict[str, Tensor]) -> list[_Unit]:
+    """The modules owning the trainable ``params``; raises :class:`Unsupported` for the static
+    problems of the module docstring."""
+    wanted = {id(p): name for name, p in params.items()}
+    owner: dict[int, str] = {}
+    units: dict[nn.Module, _Unit] = {}
+    for path, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and (
+            module.training or module.running_mean is None
+        ):
+            raise Unsupported(f"{_describe(path)} normalises with batch statistics")
+        for local, p in module.named_parameters(recurse=False, remove_duplicate=False):
+            if id(p) not in wanted:
+                continue
+            if id(p) in owner:
+                raise Unsupported(
+                    f"parameter {wanted[id(p)]!r} is shared ({_describe(owner[id(p)])} and "
+                    f"{_describe(path)}; tied weights or a module registered twice)"
+                )
+            owner[id(p)] = path
+            unit = units.setdefault(module, _Unit(module, path, {}, rule_for(module)))
+            unit.names[local] = wanted[id(p)]
+    missing = [name for key, name in wanted.items() if key not in owner]
+    if missing:
+        raise Unsupported(f"parameters {missing} are not registered on the model's modules")
+    for unit in units.values():
+        inner = [
+            units[m].path for m in unit.module.modules() if m is not unit.module and m in units
+        ]
+        if inner:
+            raise Unsupported(
+                f"{_describe(unit.path)} owns parameters and contains modules that own "
+                f"parameters ({', '.join(map(repr, inner[:3]))})"
+            )
+    return list(units.values())
+
+
+def unsupported_reason(model: nn.Module) -> str | None:
+    """Why :class:`HookEngine` cannot handle ``model``'s trainable parameters, as far as the
+    module tree tells (the rest is checked during the forward pass), or ``None``."""
+    try:
+        plan(model, {n: p for n, p in model.named_parameters() if p.requires_grad})
+    except Unsupported as problem:
+        return str(problem)
+    return None
+
+
+def _tensors(tree: Any) -> list[Tensor]:
+    return [leaf for leaf in pytree.tree_leaves(tree) if isinstance(leaf, Tensor)]
+
+
+class _Recorder(TorchFunctionMode):
+    """Hooks on the units' modules and a torch-function mode, for one forward pass."""
+
+    def __init__(self, units: list[_Unit], batch_size: int) -> None:
+        super().__init__()
+        self.units = units
+        self.batch_size = batch_size
+        self.records: dict[_Unit, _Record] = {}
+        self.running: set[_Unit] = set()
+        self.owner = {id(p): u for u in units for p in u.module.parameters(recurse=False)}
+        self.problem: str | None = None
+        self.handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def __enter__(self) -> _Recorder:
+        for unit in self.units:
+            self.handles += [
+                unit.module.register_forward_pre_hook(
+                    lambda module, args, kwargs, unit=unit: self._before(unit, args, kwargs),
+                    prepend=True,
+                    with_kwargs=True,
+                ),
+                unit.module.register_forward_hook(
+                    lambda module, args, output, unit=unit: self._after(unit, output)
+                ),
+            ]
+        return super().__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self.handles:
+            handle.remove()
+        super().__exit__(*exc)
+
+    def _flag(self, problem: str) -> None:
+        self.problem = self.problem or problem
+
+    def _before(self, unit: _Unit, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if unit in self.records:
+            self._flag(f"{_describe(unit.path)} is called more than once per forward pass")
+        versions = [(t, t._version) for t in _tensors((args, kwargs))]
+        self.records[unit] = _Record(args, kwargs, versions)
+        self.running.add(unit)
+
+    def _after(self, unit: _Unit, output: Any) -> None:
+        self.running.discard(unit)
+        record = self.records[unit]
+        for i, leaf in enumerate(pytree.tree_leaves(output)):
+            if not isinstance(leaf, Tensor):
+                continue
+            if leaf.dim() == 0 or leaf.shape[0] != self.batch_size:
+                self._flag(
+                    f"an output of {_describe(unit.path)} has shape {tuple(leaf.shape)}, without "
+                    f"the batch ({self.batch_size}) as leading dimension"
+                )
+            if leaf.requires_grad:
+                record.edges.append(get_gradient_edge(leaf))
+                record.leaves.append(i)
+                record.shapes.append(leaf.shape)
+                record.nbytes += leaf.numel() * leaf.element_size()
+
+    def __torch_function__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        if self.problem is None and getattr(func, "__name__", None) != "__get__":
+            for leaf in _tensors((args, kwargs)):  # (reading .shape and such is no use)
+                unit = self.owner.get(id(leaf))
+                if unit is not None and unit not in self.running:
+                    name = next(n for n, p in unit.module.named_parameters() if p is leaf)
+                    self._flag(
+                        f"parameter {name!r} of {_describe(unit.path)} is used outside that "
+                        "module's call"
+                    )
+        return func(*args, **kwargs)
+
+    def check(self) -> None:
+        """Raise :class:`Unsupported` for what the forward pass revealed."""
+        for unit, record in self.records.items():
+            if any(t._version != version for t, version in record.versions):
+                self._flag(f"the input of {_describe(unit.path)} is modified in place after it")
+        if self.problem is not None:
+            raise Unsupported(self.problem)
+
+
+def bytes_per_sample(num_vectors: int, recorded_bytes: int) -> int:
+    """Working memory of one sample whose recorded module outputs take ``recorded_bytes``: the
+    ``K`` output gradients and about as much for the batched backward pass's temporaries, plus
+    the forward pass's saved activations (about twice the recorded outputs)."""
+    return 2 * (max(num_vectors, 1) + 1) * recorded_bytes
+
+
+class HookEngine:
+    """Hook-based engine (see the module docstring).
+
+    Args:
+        fallback: engine used for models the decomposition does not cover (the reason is logged
+            at info level to the ``"ewc_reg"`` logger); ``None`` raises ``ValueError`` instead.
+    """
+
+    name = "hooks"
+
+    def __init__(self, fallback: Engine | None = None) -> None:
+        self.fallback = fallback
+        self._given_up: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+
+    @classmethod
+    def for_model(cls, model: nn.Module, fallback: Engine | None) -> Engine:
+        """The engine for ``model``: a hook engine, or ``fallback`` (logged) if the module tree
+        already rules it out (``ValueError`` without a fallback)."""
+        engine = cls(fallback)
+        reason = unsupported_reason(model)
+        return engine if reason is None else engine._give_up(model, reason)
+
+    def _give_up(self, model: nn.Module, reason: str) -> Engine:
+        if self.fallback is None:
+            raise ValueError(
+                f"the hooks engine cannot compute this model's Fisher: {reason}; use "
+                'backend="functorch" (or "auto")'
+            )
+        logger.info("hooks engine: %s; using the %s engine", reason, self.fallback.name)
+        self._given_up.add(model)
+        return self.fallback
+
+    def __call__(
+        self,
+        model: nn.Module,
+        params: dict[str, Tensor],
+        batch: Batch,
+        output_fn: OutputFn,
+        make_vectors: VectorFn,
+        chunk_size: int | None,
+        memory_budget: int,
+    ) -> dict[str, Tensor]:
+        args = (model, params, batch, output_fn, make_vectors, chunk_size, memory_budget)
+        if model in self._given_up:
+            return self.fallback(*args)
+        try:
+            return self._sums(*args)
+        except Unsupported as problem:
+            return self._give_up(model, str(problem))(*args)
+
+    def _sums(
+        self,
+        model: nn.Module,
+        params: dict[str, Tensor],
+        batch: Batch,
+        output_fn: OutputFn,
+        make_vectors: VectorFn,
+        chunk_size: int | None,
+        memory_budget: int,
+    ) -> dict[str, Tensor]:
+        """One forward pass over the batch (checks, vectors, and the sums when the batch fits
+        the budget), else one more per chunk of samples."""
+        units = plan(model, params)
+        output, records = self._forward(model, units, batch, output_fn)
+        vectors = make_vectors(pytree.tree_map_only(Tensor, Tensor.detach, output))
+        sums = {
+            name: torch.zeros_like(p, dtype=accumulation_dtype(p.dtype))
+            for name, p in params.items()
+        }
+        recorded = sum(record.nbytes for record in records.values()) // batch.size
+        step = resolve_chunk_size(
+            chunk_size, memory_budget, bytes_per_sample(vectors.shape[0], recorded)
+        )
+        if step >= batch.size:
+            self._accumulate(units, records, output, vectors, sums, memory_budget)
+            return sums
+        del output, records
+        for start in range(0, batch.size, step):
+            chunk = batch.map_per_sample(operator.itemgetter(slice(start, start + step)))
+            output, records = self._forward(model, units, chunk, output_fn)
+            chunk_vectors = vectors[:, start : start + step]
+            self._accumulate(units, records, output, chunk_vectors, sums, memory_budget)
+        return sums
+
+    @staticmethod
+    def _forward(
+        model: nn.Module, units: list[_Unit], batch: Batch, output_fn: OutputFn
+    ) -> tuple[Any, dict[_Unit, _Record]]:
+        with torch.enable_grad(), _Recorder(units, batch.size) as recorder:
+            output = output_fn(batch.call(model))
+        recorder.check()
+        return output, recorder.records
+
+    @staticmethod
+    def _accumulate(
+        units: list[_Unit],
+        records: dict[_Unit, _Record],
+        output: Tensor,
+        vectors: Tensor,
+        sums: dict[str, Tensor],
+        memory_budget: int,
+    ) -> None:
+        """Pull ``vectors`` back to the recorded outputs and add each unit's sums."""
+        live = [(u, records[u]) for u in units if u in records and records[u].edges]
+        if not live:
+            return
+        edges = [edge for _, record in live for edge in record.edges]
+        grads = torch.autograd.grad(
+            output, edges, vectors, is_grads_batched=True, allow_unused=True
+        )
+        position = 0
+        for unit, record in live:
+            unit_grads = grads[position : position + len(record.edges)]
+            position += len(record.edges)
+            if all(g is None for g in unit_grads):
+                continue
+            with torch.no_grad():
+                unit_sums = _unit_sums(unit, record, unit_grads, memory_budget)
+            for local, s in unit_sums.items():
+                if local in unit.names:
+                    sums[unit.names[local]] += s
+
+
+def _unit_sums(
+    unit: _Unit, record: _Record, grads: tuple[Tensor | None, ...], memory_budget: int
+) -> dict[str, Tensor]:
+    """One unit's sums: its rule when it has one and was called as ``module(x)``, else the
+    functorch engine on the module alone, with the output leaves flattened and concatenated
+    (and ``G`` alike) into one ``(B, C')`` output."""
+    (x, *others) = record.args or (None,)
+    if unit.rule is not None and isinstance(x, Tensor) and not others and not record.kwargs:
+        return unit.rule(unit.module, x, grads[0], memory_budget)
+    known = next(g for g in grads if g is not None)
+    vectors = torch.cat(
+        [
+            (g if g is not None else known.new_zeros(known.shape[0], *shape)).flatten(2)
+            for g, shape in zip(grads, record.shapes)
+        ],
+        dim=2,
+    )
+    batch_size = vectors.shape[1]
+
+    def flat_output(out: Any) -> Tensor:
+        leaves = pytree.tree_leaves(out)
+        return torch.cat([leaves[i].flatten(1) for i in record.leaves], dim=1)
+
+    own = dict(unit.module.named_parameters(recurse=False))
+    local_params = {local: own[local] for local in unit.names}
+    batch = Batch(record.args, record.kwargs, vectors.new_empty(batch_size), batch_size)
+    return FunctorchEngine()(
+        unit.module, local_params, batch, flat_output, lambda _: vectors, None, memory_budget
+    )

@@ -1,0 +1,264 @@
+r"""Per-layer rules for the hook engine: diagonal sums from a layer's input and output gradients.
+
+A rule sees one call :math:`y = \phi(x; \theta)` of a layer on a batch, its input ``x`` (leading
+dimension ``B``) and the gradients of the pulled-back vectors with respect to its output,
+``G`` of shape ``(K, B, *y.shape[1:])`` (:math:`G_{nk} = (\partial f(x_n)/\partial y_n)^\top
+v_{nk}`). It returns, for each of the layer's trainable parameters,
+
+.. math::
+
+    \sum_{n=1}^{B} \sum_{k=1}^{K} \Big(\big(\partial y_n / \partial\theta\big)^\top
+    G_{nk}\Big)^{\odot 2},
+
+in the accumulation dtype, keyed by the layer's own parameter names. Where the per-sample
+gradients :math:`(\partial y_n/\partial\theta)^\top G_{nk}` must be materialised they are built
+for a chunk of samples at a time, so that the chunk's temporaries stay within ``budget`` bytes.
+
+Rules are looked up by the module's exact class (a subclass may override ``forward``) in
+:data:`RULES`; :func:`rule_for` also requires that the module's parameters are only ``weight``
+and ``bias`` and that nobody hooks the module (hooks may change what it computes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .base import accumulation_dtype
+
+#: ``rule(module, x, G, budget) -> {parameter name: sum}`` (see the module docstring).
+Rule = Callable[[nn.Module, Tensor, Tensor, int], dict[str, Tensor]]
+
+#: Rules by module class, each with a predicate on the module's settings it can handle.
+RULES: dict[type[nn.Module], tuple[Rule, Callable[[nn.Module], bool]]] = {}
+
+
+def register(
+    *types: type[nn.Module], accepts: Callable[[nn.Module], bool] = lambda module: True
+) -> Callable[[Rule], Rule]:
+    """Decorator adding a rule to :data:`RULES` for the module classes ``types``."""
+
+    def add(rule: Rule) -> Rule:
+        for cls in types:
+            RULES[cls] = (rule, accepts)
+        return rule
+
+    return add
+
+
+def rule_for(module: nn.Module) -> Rule | None:
+    """The rule computing ``module``'s sums, or ``None`` when it has none (see the module
+    docstring)."""
+    entry = RULES.get(type(module))
+    if entry is None or module._forward_hooks or module._forward_pre_hooks:
+        return None
+    rule, accepts = entry
+    own = {name for name, _ in module.named_parameters(recurse=False)}
+    return rule if own <= {"weight", "bias"} and accepts(module) else None
+
+
+def _trained(module: nn.Module, name: str) -> bool:
+    param = getattr(module, name, None)
+    return param is not None and param.requires_grad
+
+
+def _acc(module: nn.Module) -> torch.dtype:
+    return accumulation_dtype(module.weight.dtype)
+
+
+def _square_sum(per_sample: Tensor) -> Tensor:
+    """``(K, B, *shape) -> (*shape)``: the sum of squares over vectors and samples."""
+    return per_sample.square().sum((0, 1))
+
+
+def _sample_chunks(batch: int, bytes_per_sample: int, budget: int) -> Iterator[slice]:
+    step = max(1, budget // max(bytes_per_sample, 1))
+    for start in range(0, batch, step):
+        yield slice(start, start + step)
+
+
+@register(nn.Linear)
+def linear(module: nn.Module, x: Tensor, grads: Tensor, budget: int) -> dict[str, Tensor]:
+    r""":math:`y = x W^\top + b` with ``x: (B, *S, in)`` and ``G: (K, B, *S, out)``.
+
+    Per-sample gradients :math:`\partial_W = \sum_s G_{nks} x_{ns}^\top` and
+    :math:`\partial_b = \sum_s G_{nks}`. Without extra dimensions ``S`` the weight sum needs no
+    per-sample gradients: :math:`\sum_{n,k} (G_{nk} x_n^\top)^{\odot 2} =
+    (\sum_k G_k^{\odot 2})^\top x^{\odot 2}`, one ``(out, B) @ (B, in)`` matmul. With ``S`` the
+    per-sample gradients are contracted over ``S`` for a chunk of samples at a time.
+    """
+    acc = _acc(module)
+    x, grads = x.to(acc), grads.to(acc)
+    sums = {}
+    if x.dim() == 2:
+        squares = grads.square().sum(0)  # (B, out)
+        if _trained(module, "weight"):
+            sums["weight"] = squares.T @ x.square()
+        if _trained(module, "bias"):
+            sums["bias"] = squares.sum(0)
+        return sums
+    x, grads = x.flatten(1, -2), grads.flatten(2, -2)  # (B, S, in), (K, B, S, out)
+    num_vectors, batch, steps, out_features = grads.shape
+    if _trained(module, "weight"):
+        weight = x.new_zeros(module.weight.shape)
+        per_sample = num_vectors * out_features * (2 * x.shape[-1] + steps) * x.element_size()
+        for chunk in _sample_chunks(batch, per_sample, budget):
+            weight += _square_sum(torch.einsum("kbso,bsi->kboi", grads[:, chunk], x[chunk]))
+        sums["weight"] = weight
+    if _trained(module, "bias"):
+        sums["bias"] = _square_sum(grads.sum(2))
+    return sums
+
+
+def _conv_padding(module: nn.Module) -> list[int]:
+    """Explicit ``F.pad`` amounts (last dimension first) reproducing the module's padding,
+    including ``padding="same"`` (the odd extra on the right, as PyTorch does)."""
+    pads: list[int] = []
+    for dim in reversed(range(len(module.kernel_size))):
+        if module.padding == "same":
+            total = module.dilation[dim] * (module.kernel_size[dim] - 1)
+            pads += [total // 2, total - total // 2]
+        elif module.padding == "valid":
+            pads += [0, 0]
+        else:
+            pads += [module.padding[dim]] * 2
+    return pads
+
+
+@register(nn.Conv1d, nn.Conv2d)
+def conv(module: nn.Module, x: Tensor, grads: Tensor, budget: int) -> dict[str, Tensor]:
+    r"""Convolutions ``(B, C_in, *spatial) -> (B, C_out, *spatial')`` with any stride, padding
+    (and padding mode), dilation and groups.
+
+    With the padded input unfolded into patches :math:`U_n` of shape ``(g, P, L)``
+    (``g`` groups, ``P = C_in/g * prod(kernel)``, ``L`` output positions) and ``G`` reshaped to
+    ``(K, B, g, C_out/g, L)``, the per-sample weight gradient of group ``j`` is
+    :math:`G_{nkj} U_{nj}^\top` (``(C_out/g, P)``), built for a chunk of samples at a time and
+    squared; the bias gradient is :math:`\sum_l G_{nkl}`.
+    """
+    acc = _acc(module)
+    pads = _conv_padding(module)
+    x = x.to(acc)
+    if any(pads):
+        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+        x = F.pad(x, pads, mode=mode)
+    kernel, stride, dilation = module.kernel_size, module.stride, module.dilation
+    if x.dim() == 3:  # Conv1d as a convolution over a (1, L) image
+        x = x.unsqueeze(2)
+        kernel, stride, dilation = (1, *kernel), (1, *stride), (1, *dilation)
+    groups = module.groups
+    num_vectors, batch = grads.shape[:2]
+    grads = grads.to(acc).reshape(num_vectors, batch, groups, module.out_channels // groups, -1)
+    sums = {}
+    if _trained(module, "weight"):
+        patch = module.weight[0].numel()  # P
+        positions = grads.shape[-1]  # L
+        per_sample = (
+            groups * patch * positions
+            + num_vectors * module.out_channels * (positions + 2 * patch)
+        ) * x.element_size()
+        weight = x.new_zeros(groups, module.out_channels // groups, patch)
+        for chunk in _sample_chunks(batch, per_sample, budget):
+            patches = F.unfold(x[chunk], kernel, dilation=dilation, stride=stride)
+            patches = patches.view(patches.shape[0], groups, patch, positions)
+            weight += _square_sum(torch.einsum("kbgol,bgpl->kbgop", grads[:, chunk], patches))
+        sums["weight"] = weight.reshape(module.weight.shape)
+    if _trained(module, "bias"):
+        sums["bias"] = _square_sum(grads.sum(-1)).reshape(-1)
+    return sums
+
+
+def _affine(
+    module: nn.Module, xhat: Tensor, grads: Tensor, per_sample: Callable[[Tensor], Tensor]
+) -> dict[str, Tensor]:
+    r"""Normalisation layers :math:`y = \hat x \odot w + b`: the per-sample gradients are
+    ``per_sample`` (a sum over the dimensions the affine parameters are broadcast over) of
+    :math:`G \odot \hat x` for ``w`` and of :math:`G` for ``b``."""
+    sums = {}
+    if _trained(module, "weight"):
+        sums["weight"] = _square_sum(per_sample(grads * xhat))
+    if _trained(module, "bias"):
+        sums["bias"] = _square_sum(per_sample(grads))
+    return sums
+
+
+def _per_channel(t: Tensor) -> Tensor:
+    """``(K, B, C, *spatial) -> (K, B, C)``."""
+    return t.reshape(*t.shape[:3], -1).sum(-1)
+
+
+@register(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+def batch_norm(module: nn.Module, x: Tensor, grads: Tensor, budget: int) -> dict[str, Tensor]:
+    r"""Batch norm in eval mode (running statistics; the engine rejects batch statistics):
+    :math:`\hat x = (x - \mu)/\sqrt{\sigma^2 + \epsilon}` per channel (dimension 1), then
+    :math:`\partial_w = \sum_{\text{spatial}} G \odot \hat x`, :math:`\partial_b =
+    \sum_{\text{spatial}} G`."""
+    acc = _acc(module)
+    xhat = F.batch_norm(
+        x.to(acc), module.running_mean.to(acc), module.running_var.to(acc), eps=module.eps
+    )
+    return _affine(module, xhat, grads.to(acc), _per_channel)
+
+
+@register(nn.GroupNorm)
+def group_norm(module: nn.Module, x: Tensor, grads: Tensor, budget: int) -> dict[str, Tensor]:
+    r"""Group norm: :math:`\hat x` normalised per sample and group, affine per channel
+    (dimension 1), as for batch norm."""
+    acc = _acc(module)
+    xhat = F.group_norm(x.to(acc), module.num_groups, eps=module.eps)
+    return _affine(module, xhat, grads.to(acc), _per_channel)
+
+
+def _per_trailing(dims: int) -> Callable[[Tensor], Tensor]:
+    """``(K, B, *S, *D) -> (K, B, *D)`` for ``len(D) = dims``."""
+
+    def reduce(t: Tensor) -> Tensor:
+        return t.reshape(*t.shape[:2], -1, *t.shape[t.dim() - dims :]).sum(2)
+
+    return reduce
+
+
+@register(nn.LayerNorm)
+def layer_norm(module: nn.Module, x: Tensor, grads: Tensor, budget: int) -> dict[str, Tensor]:
+    r"""Layer norm over the trailing ``normalized_shape`` dimensions ``D`` of ``(B, *S, *D)``:
+    :math:`\partial_w = \sum_S G \odot \hat x`, :math:`\partial_b = \sum_S G`."""
+    acc = _acc(module)
+    xhat = F.layer_norm(x.to(acc), module.normalized_shape, eps=module.eps)
+    return _affine(module, xhat, grads.to(acc), _per_trailing(len(module.normalized_shape)))
+
+
+def rms_norm(module: nn.Module, x: Tensor, grads: Tensor, budget: int) -> dict[str, Tensor]:
+    r"""RMS norm :math:`\hat x = x / \sqrt{\mathrm{mean}_D(x^2) + \epsilon}` over the trailing
+    dimensions ``D``: :math:`\partial_w = \sum_S G \odot \hat x`."""
+    acc = _acc(module)
+    xhat = F.rms_norm(x.to(acc), module.normalized_shape, eps=module.eps)
+    return _affine(module, xhat, grads.to(acc), _per_trailing(len(module.normalized_shape)))
+
+
+if hasattr(nn, "RMSNorm"):  # torch >= 2.4
+    register(nn.RMSNorm)(rms_norm)
+
+
+@register(nn.Embedding, accepts=lambda module: not module.scale_grad_by_freq)
+def embedding(module: nn.Module, x: Tensor, grads: Tensor, budget: int) -> dict[str, Tensor]:
+    r"""Embedding lookup :math:`y_{ns} = W_{i_{ns}}` with indices ``(B, *S)``.
+
+    The per-sample gradient of row ``r`` is :math:`\sum_{s: i_{ns} = r} G_{nks}`: the pairs
+    (sample, row) are made unique, ``G`` is summed per pair, squared, summed over vectors and
+    scattered onto the rows (the ``padding_idx`` row gets no gradient). Memory is that of ``G``.
+    """
+    acc = _acc(module)
+    rows, dim = module.weight.shape
+    batch = x.shape[0]
+    grads = grads.to(acc).reshape(grads.shape[0], -1, dim)  # (K, B*S, D)
+    sample = torch.arange(batch, device=x.device).unsqueeze(1)
+    keys = (sample * rows + x.reshape(batch, -1)).reshape(-1)  # (B*S,) one per (sample, row)
+    pairs, which = torch.unique(keys, return_inverse=True)
+    per_pair = grads.new_zeros(grads.shape[0], pairs.numel(), dim).index_add_(1, which, grads)
+    weight = grads.new_zeros(rows, dim).index_add_(0, pairs % rows, per_pair.square().sum(0))
+    if module.padding_idx is not None:
+        weight[module.padding_idx] = 0
+    return {"weight": weight} if _trained(module, "weight") else {}
