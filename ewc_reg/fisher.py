@@ -28,11 +28,13 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeAlias
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from ._batches import Batch, iter_batches
 from ._model_state import evaluating
 from ._validation import check_choice, check_count
+from .distributed import process_group_for, reduce_shards, shard_generator, unwrap_model
 from .engines import BACKENDS, accumulation_dtype, get_engine
 from .engines.base import DEFAULT_MEMORY_BUDGET
 from .likelihoods import LIKELIHOODS, Likelihood, get_likelihood
@@ -66,19 +68,27 @@ def fisher_diagonal(
     backend: str = "auto",
     params: ParamSelection = None,
     memory_budget: int | None = None,
+    process_group: dist.ProcessGroup | None = None,
+    distributed: bool = True,
 ) -> dict[str, Tensor]:
     """Diagonal Fisher information of ``model`` on ``data``.
 
     Args:
         model: any module; it is put in eval mode during the computation and restored after.
+            A ``DistributedDataParallel``/``DataParallel`` wrapper is looked through: the
+            Fisher is keyed by the wrapped module's parameter names (no ``module.`` prefix).
         data: an iterable of batches, ``(inputs, targets, *rest)`` or dicts with ``"labels"``.
+            In a distributed run, this rank's shard of the data (see ``process_group``).
         method: one of :data:`METHODS` (see the module docstring for the formulas).
-        n_samples: use only the first ``n_samples`` samples the data yields.
+        n_samples: use only the first ``n_samples`` samples the data yields (per rank, in a
+            distributed run).
         mc_samples: labels drawn per sample for ``method="sample"``.
         likelihood: ``"categorical"``, ``"gaussian"`` or ``"bernoulli"``.
         output_fn: maps the model's output to ``(B, C)`` logits, e.g.
             ``lambda out: out[:, task_classes]``.
-        generator: random generator for ``method="sample"`` (reproducible draws).
+        generator: random generator for ``method="sample"`` (reproducible draws). In a
+            distributed run each rank draws from a stream derived from it and its rank
+            (:func:`ewc_reg.distributed.shard_generator`), so seed it alike on every rank.
         chunk_size: samples pulled back at once; ``None`` chooses from ``memory_budget``.
         progress: show a progress bar over the data (tqdm when installed).
         backend: Fisher engine, one of ``"auto"`` and the names in
@@ -89,6 +99,13 @@ def fisher_diagonal(
         memory_budget: bytes the engine's per-chunk working memory may take when
             ``chunk_size=None`` (default :data:`ewc_reg.engines.base.DEFAULT_MEMORY_BUDGET`,
             512 MiB); the chunk is the largest that fits, and at least one sample.
+        process_group: with ``torch.distributed`` initialised, each rank's ``data`` is a shard:
+            the per-parameter sums and the sample count (``batched``: the squared batch
+            gradients and the batch count) are all-reduced over this group, ``None`` meaning
+            the default group, and every rank returns the Fisher of the union of the shards.
+            Without an initialised process group, ``None`` computes on ``data`` alone.
+        distributed: ``False`` turns the reduction off: this rank's data only, no collectives
+            (then ``process_group`` must be ``None``).
 
     Returns:
         One tensor per selected parameter, keyed as in ``named_parameters()``, shaped like the
@@ -99,6 +116,7 @@ def fisher_diagonal(
             output of the wrong shape.
         TypeError: data that is not an iterable of accepted batches.
         FloatingPointError: the Fisher contains NaN or Inf.
+        RuntimeError: in a distributed run, another rank of the group failed.
     """
     check_choice("method", method, METHODS)
     check_count("n_samples", n_samples, allow_none=True)
@@ -111,40 +129,55 @@ def fisher_diagonal(
         raise TypeError(f"output_fn must be callable or None, got {type(output_fn).__name__}")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator)}")
+    model = unwrap_model(model)
+    group = process_group_for(process_group, distributed)
     params = select_parameters(model, params)
     lik = get_likelihood(likelihood)
     output_fn = output_fn or _identity
     device = next(iter(params.values())).device
+    if group is not None and method == "sample" and generator is not None:
+        generator = shard_generator(generator, dist.get_rank(group))
     batches = (b.to(device) for b in iter_batches(data, n_samples))
     batches = _with_progress(batches, data, progress)
 
-    sums = {n: torch.zeros_like(p, dtype=accumulation_dtype(p.dtype)) for n, p in params.items()}
-    with evaluating(model):
+    def accumulate(sums: dict[str, Tensor]) -> int:
+        """Add this rank's sums into ``sums``; return its sample (or batch) count."""
         if method == "batched":
-            count = _accumulate_batched(model, params, batches, lik, output_fn, sums)
-        else:
-            engine = get_engine(backend, model)
+            return _accumulate_batched(model, params, batches, lik, output_fn, sums)
+        engine = get_engine(backend, model)
 
-            def make_vectors_for(batch: Batch) -> Callable[[Tensor], Tensor]:
-                def make_vectors(output: Tensor) -> Tensor:
-                    output = lik.check_output(output, batch.size).detach()
-                    if method == "exact":
-                        return lik.exact_vectors(output)
-                    if method == "empirical":
-                        return lik.empirical_vectors(output, batch.targets)
-                    return lik.sample_vectors(output, mc_samples, generator)
+        def make_vectors_for(batch: Batch) -> Callable[[Tensor], Tensor]:
+            def make_vectors(output: Tensor) -> Tensor:
+                output = lik.check_output(output, batch.size).detach()
+                if method == "exact":
+                    return lik.exact_vectors(output)
+                if method == "empirical":
+                    return lik.empirical_vectors(output, batch.targets)
+                return lik.sample_vectors(output, mc_samples, generator)
 
-                return make_vectors
+            return make_vectors
 
-            count = 0
-            for batch in batches:
-                batch_sums = engine(
-                    model, params, batch, output_fn, make_vectors_for(batch), chunk_size,
-                    memory_budget or DEFAULT_MEMORY_BUDGET,
-                )
-                for name, s in batch_sums.items():
-                    sums[name] += s
-                count += batch.size
+        count = 0
+        for batch in batches:
+            batch_sums = engine(
+                model, params, batch, output_fn, make_vectors_for(batch), chunk_size,
+                memory_budget or DEFAULT_MEMORY_BUDGET,
+            )
+            for name, s in batch_sums.items():
+                sums[name] += s
+            count += batch.size
+        return count
+
+    sums = {n: torch.zeros_like(p, dtype=accumulation_dtype(p.dtype)) for n, p in params.items()}
+    try:
+        with evaluating(model):
+            count = accumulate(sums)
+    except Exception as error:
+        if group is None:
+            raise
+        reduce_shards(sums, 0, group, device, error)  # re-raises here, lets the others raise
+    if group is not None:
+        count = reduce_shards(sums, count, group, device)
     if count == 0:
         raise ValueError("data yielded no samples; pass at least one non-empty batch")
     fisher = {name: s / count for name, s in sums.items()}

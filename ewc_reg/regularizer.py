@@ -23,9 +23,11 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from ._validation import check_choice, check_count, check_real
+from .distributed import process_group_for, unwrap_model
 from .fisher import METHODS, ParamSelection, fisher_diagonal, select_parameters
 from .likelihoods import LIKELIHOODS
 
@@ -51,7 +53,10 @@ class EWCRegularizer:
             reg.consolidate(task_loader)   # Fisher + anchor for this task
 
     Args:
-        model: the module whose parameters (those with ``requires_grad``) are protected.
+        model: the module whose parameters (those with ``requires_grad``) are protected. A
+            ``DistributedDataParallel``/``DataParallel`` wrapper is looked through: ``model``
+            becomes the wrapped module, so names carry no ``module.`` prefix and a
+            ``state_dict`` fits the unwrapped model too.
         strength: :math:`\lambda >= 0`. Its useful scale depends on ``method`` by orders of
             magnitude (see ``docs/fisher.md``).
         method: Fisher estimator, one of :data:`ewc_reg.fisher.METHODS`.
@@ -65,6 +70,11 @@ class EWCRegularizer:
             names as in ``named_parameters()``, or a predicate ``(name, parameter) -> bool``
             (see :func:`ewc_reg.fisher.select_parameters`). Checked here; re-applied at each
             ``consolidate``. The others are left free and cost nothing.
+        process_group: in a distributed run, ``consolidate`` treats each rank's data as a shard
+            and every rank gets the Fisher of the union over this group (``None``: the default
+            group when ``torch.distributed`` is initialised); see :mod:`ewc_reg.distributed`.
+            With a replicated model (as DDP keeps it) the anchors are identical too.
+        distributed: ``False`` makes ``consolidate`` use this rank's data only.
     """
 
     def __init__(
@@ -79,10 +89,12 @@ class EWCRegularizer:
         likelihood: str = "categorical",
         *,
         params: ParamSelection = None,
+        process_group: dist.ProcessGroup | None = None,
+        distributed: bool = True,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        self.model = model
+        self.model = unwrap_model(model)
         self.strength = check_real("strength", strength, 0.0)
         self.method = check_choice("method", method, METHODS)
         self.mode = check_choice("mode", mode, MODES)
@@ -93,8 +105,11 @@ class EWCRegularizer:
         if isinstance(params, Iterable) and not isinstance(params, (str, Tensor, nn.Module)):
             params = tuple(params)  # an iterator would be used up by the first consolidate
         if params is not None:
-            select_parameters(model, params)  # fail early on unknown or frozen names
+            select_parameters(self.model, params)  # fail early on unknown or frozen names
+        process_group_for(process_group, distributed)  # fail early on a contradiction
         self.params = params
+        self.process_group = process_group
+        self.distributed = distributed
         self.num_tasks = 0
         self._precision: dict[str, Tensor] = {}  # A
         self._center: dict[str, Tensor] = {}  # μ
@@ -135,6 +150,8 @@ class EWCRegularizer:
             generator=generator,
             progress=progress,
             params=self.params,
+            process_group=self.process_group,
+            distributed=self.distributed,
             **fisher_kwargs,
         )
         params = dict(self.model.named_parameters())
