@@ -68,7 +68,7 @@ class ReducedResNet18(nn.Module):
 
 
 class TextTransformer(nn.Module):
-    """Small Transformer-encoder text classifier: token embedding + learned positions, a stack
+    """Small Transformer-encoder text classifier: token + learned position embeddings, a stack
     of ``nn.TransformerEncoderLayer`` (post-norm, ReLU, no dropout), mean pooling
     over the sequence and one linear layer. Inputs are ``(B, seq_len)`` token ids."""
 
@@ -84,7 +84,7 @@ class TextTransformer(nn.Module):
     ) -> None:
         super().__init__()
         self.embedding = nn.Embedding(vocab_size, d_model)
-        self.position = nn.Parameter(torch.randn(seq_len, d_model) * 0.02)
+        self.position = nn.Embedding(seq_len, d_model)
         self.encoder = nn.Sequential(
             *[
                 nn.TransformerEncoderLayer(
@@ -96,5 +96,6 @@ class TextTransformer(nn.Module):
         self.linear = nn.Linear(d_model, num_classes)
 
     def forward(self, tokens: Tensor) -> Tensor:
-        hidden = self.embedding(tokens) + self.position[: tokens.shape[1]]
+        positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+        hidden = self.embedding(tokens) + self.position(positions)
         return self.linear(self.encoder(hidden).mean(dim=1))
