@@ -1,0 +1,493 @@
+"""The hook engine: every rule, the per-module fallback and the validity checks, against the
+functorch engine and a brute-force autograd loop (one sample and one vector at a time)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import Tensor, nn
+
+from ewc_reg import fisher_diagonal
+from ewc_reg._batches import Batch
+from ewc_reg.engines import get_engine
+from ewc_reg.engines.base import DEFAULT_MEMORY_BUDGET
+from ewc_reg.engines.functorch import FunctorchEngine
+from ewc_reg.engines.hooks import HookEngine, plan
+
+from .models import cnn, mlp, randomize_bn
+from .reference import assert_close_dicts
+
+K = 3  # vectors per sample in the direct engine tests
+
+
+def trainable(model: nn.Module) -> dict[str, Tensor]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def random_vectors(model: nn.Module, x: Tensor, output_fn=lambda out: out) -> Tensor:
+    with torch.no_grad():
+        out = output_fn(model(x))
+    return torch.randn(K, *out.shape, dtype=out.dtype, device=out.device)
+
+
+def engine_sums(
+    engine, model, x, vectors, output_fn=lambda out: out, chunk_size=None,
+    memory_budget=DEFAULT_MEMORY_BUDGET,
+) -> dict[str, Tensor]:
+    batch = Batch((x,), {}, torch.zeros(x.shape[0]), x.shape[0])
+    return engine(
+        model, trainable(model), batch, output_fn, lambda out: vectors, chunk_size, memory_budget
+    )
+
+
+def brute_force(model, x, vectors, output_fn=lambda out: out) -> dict[str, Tensor]:
+    """Σ_n Σ_k (J_nᵀ v_nk)², one sample and one vector at a time."""
+    params = trainable(model)
+    sums = {n: torch.zeros_like(p) for n, p in params.items()}
+    for i in range(x.shape[0]):
+        out = output_fn(model(x[i : i + 1]))[0]
+        for k in range(vectors.shape[0]):
+            grads = torch.autograd.grad(
+                out, list(params.values()), vectors[k, i], retain_graph=True, allow_unused=True
+            )
+            for n, g in zip(params, grads):
+                if g is not None:
+                    sums[n] += g.square()
+    return sums
+
+
+def check_against_references(model, x, output_fn=lambda out: out, *, via_rules=True, **kwargs):
+    """The hook engine equals the functorch engine and the brute-force loop (float64)."""
+    model.eval()
+    if via_rules:  # every parametrised module is computed by a rule, not the fallback
+        assert all(unit.rule is not None for unit in plan(model, trainable(model)))
+    vectors = random_vectors(model, x, output_fn)
+    got = engine_sums(HookEngine(), model, x, vectors, output_fn, **kwargs)
+    assert_close_dicts(got, engine_sums(FunctorchEngine(), model, x, vectors, output_fn), 1e-10)
+    assert_close_dicts(got, brute_force(model, x, vectors, output_fn), 1e-10)
+
+
+class Head(nn.Module):
+    """Flattens whatever comes and maps it to 3 outputs (gives every layer a (B, C) output)."""
+
+    def __init__(self, features: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(features, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.linear(torch.tanh(x).flatten(1))
+
+
+def with_head(layer: nn.Module, x: Tensor) -> nn.Module:
+    with torch.no_grad():
+        features = layer.eval()(x)[0].numel()
+    model = nn.Sequential(layer, Head(features)).double()
+    randomize_bn(model)
+    return model
+
+
+LAYERS = {
+    "linear": (lambda: nn.Linear(5, 4), (6, 5)),
+    "linear_no_bias": (lambda: nn.Linear(5, 4, bias=False), (6, 5)),
+    "linear_sequence": (lambda: nn.Linear(5, 4), (6, 7, 5)),
+    "linear_4d": (lambda: nn.Linear(5, 4), (6, 2, 3, 5)),
+    "conv1d": (lambda: nn.Conv1d(4, 6, 3, stride=2, padding=1, dilation=2, groups=2), (5, 4, 11)),
+    "conv1d_same_circular": (
+        lambda: nn.Conv1d(3, 2, 4, padding="same", padding_mode="circular"), (5, 3, 9)
+    ),
+    "conv2d": (lambda: nn.Conv2d(2, 4, 3, stride=(2, 1), padding=(1, 2)), (5, 2, 7, 6)),
+    "conv2d_groups_dilation": (
+        lambda: nn.Conv2d(6, 3, (2, 3), dilation=(2, 1), groups=3, bias=False), (5, 6, 7, 6)
+    ),
+    "conv2d_same_reflect": (
+        lambda: nn.Conv2d(2, 3, (2, 3), padding="same", padding_mode="reflect"), (5, 2, 6, 5)
+    ),
+    "batchnorm1d": (lambda: nn.BatchNorm1d(4), (6, 4)),
+    "batchnorm1d_sequence": (lambda: nn.BatchNorm1d(4), (6, 4, 5)),
+    "batchnorm2d": (lambda: nn.BatchNorm2d(3), (6, 3, 4, 5)),
+    "layernorm": (lambda: nn.LayerNorm(5), (6, 4, 5)),
+    "layernorm_2d_no_bias": (lambda: nn.LayerNorm((4, 5), bias=False), (6, 3, 4, 5)),
+    "groupnorm": (lambda: nn.GroupNorm(2, 4), (6, 4, 3, 3)),
+    "rmsnorm": (lambda: nn.RMSNorm(5), (6, 4, 5)),
+}
+
+
+def randomize_affine(model: nn.Module) -> None:
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)):
+                m.weight.uniform_(0.5, 1.5)
+                if getattr(m, "bias", None) is not None:
+                    m.bias.normal_()
+
+
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_rule_matches_references(name: str) -> None:
+    make, shape = LAYERS[name]
+    x = torch.randn(*shape, dtype=torch.float64)
+    model = with_head(make().double(), x)
+    randomize_affine(model)
+    check_against_references(model, x)
+
+
+@pytest.mark.parametrize("padding_idx", [None, 2])
+def test_embedding_with_repeated_indices(padding_idx: int | None) -> None:
+    layer = nn.Embedding(7, 4, padding_idx=padding_idx).double()
+    x = torch.tensor([[1, 2, 1, 1], [2, 3, 4, 2], [0, 0, 0, 6], [5, 6, 5, 2]])
+    check_against_references(with_head(layer, x), x)
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    groups=st.sampled_from([1, 2]),
+    channels=st.integers(1, 2),
+    kernel=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+    stride=st.tuples(st.integers(1, 2), st.integers(1, 2)),
+    padding=st.integers(0, 2),
+    dilation=st.integers(1, 2),
+    bias=st.booleans(),
+    batch=st.integers(1, 4),
+)
+def test_conv2d_random_shapes(groups, channels, kernel, stride, padding, dilation, bias, batch):
+    torch.manual_seed(0)
+    layer = nn.Conv2d(
+        2 * channels, 2 * groups, kernel, stride, padding, dilation, groups, bias
+    ).double()
+    x = torch.randn(batch, 2 * channels, 7, 6, dtype=torch.float64)
+    check_against_references(with_head(layer, x), x)
+
+
+@settings(max_examples=8, deadline=None)
+@given(
+    batch=st.integers(1, 5),
+    extra=st.lists(st.integers(1, 3), max_size=2),
+    features=st.tuples(st.integers(1, 4), st.integers(1, 4)),
+    budget=st.sampled_from([1, DEFAULT_MEMORY_BUDGET]),
+)
+def test_linear_random_shapes(batch, extra, features, budget):
+    torch.manual_seed(0)
+    x = torch.randn(batch, *extra, features[0], dtype=torch.float64)
+    model = with_head(nn.Linear(*features).double(), x)
+    check_against_references(model, x, memory_budget=budget)
+
+
+class Scale(nn.Module):
+    """A parametrised module without a rule: y = x * s + t² (per-feature)."""
+
+    def __init__(self, features: int) -> None:
+        super().__init__()
+        self.s = nn.Parameter(torch.rand(features) + 0.5)
+        self.t = nn.Parameter(torch.randn(features))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.s + self.t.square()
+
+
+class Pair(nn.Module):
+    """A module without a rule returning a tuple, one part of it unused downstream."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 4))
+
+    def forward(self, x: Tensor, *, shift: float) -> tuple[Tensor, Tensor]:
+        return torch.tanh(x @ self.w) + shift, x @ self.w.T
+
+
+class Mixed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(5, 4)
+        self.scale = Scale(4)
+        self.pair = Pair()
+        self.bilinear = nn.Bilinear(4, 4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.scale(torch.relu(self.fc(x)))
+        a, _ = self.pair(h, shift=0.5)
+        return self.bilinear(a, h)
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")
+def test_modules_without_rules_use_the_per_module_fallback() -> None:
+    model = Mixed().double()
+    kinds = {unit.path: unit.rule is not None for unit in plan(model, trainable(model))}
+    assert kinds == {"fc": True, "scale": False, "pair": False, "bilinear": False}
+    check_against_references(model, torch.randn(6, 5, dtype=torch.float64), via_rules=False)
+
+
+def test_user_hooks_are_respected_and_kept() -> None:
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    calls = []
+    model[0].register_forward_pre_hook(lambda m, args: (args[0] * 2,))
+    model[2].register_forward_hook(lambda m, args, out: calls.append(1) or out * 3)
+    assert [unit.rule is None for unit in plan(model, trainable(model))] == [True, True]
+    check_against_references(model, torch.randn(6, 5, dtype=torch.float64), via_rules=False)
+    assert len(model[0]._forward_pre_hooks) == 1 and len(model[2]._forward_hooks) == 1
+    assert calls
+
+
+def test_sequence_outputs() -> None:
+    """Vectors of any output shape (K, B, T, V), e.g. per-token logits."""
+    model = nn.Sequential(nn.Embedding(9, 4), nn.LayerNorm(4), nn.Linear(4, 6)).double()
+    randomize_affine(model)
+    x = torch.randint(0, 9, (5, 7))
+    check_against_references(model, x)
+
+
+def test_inplace_changes_to_outputs_are_fine() -> None:
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(2, 2, 3, padding=1)
+            self.bn = nn.BatchNorm2d(2)
+            self.relu = nn.ReLU(inplace=True)
+
+        def forward(self, x: Tensor) -> Tensor:
+            out = self.bn(self.conv(x))
+            out += x  # in place on the recorded output of bn
+            return self.relu(out).flatten(1)
+
+    model = nn.Sequential(Block(), nn.Linear(2 * 4 * 4, 3)).double()
+    randomize_bn(model)
+    check_against_references(model, torch.randn(5, 2, 4, 4, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+@pytest.mark.parametrize("method", ["exact", "empirical", "sample"])
+def test_estimators_match_functorch(kind: str, method: str) -> None:
+    model = mlp() if kind == "mlp" else cnn(classes=5)
+    x = torch.randn(10, *((6,) if kind == "mlp" else (2, 6, 6)), dtype=torch.float64)
+    data = [(x[:4], torch.randint(0, 5, (4,))), (x[4:], torch.randint(0, 5, (6,)))]
+    model.train()
+    results = {}
+    for backend in ("hooks", "functorch"):
+        generator = torch.Generator().manual_seed(7)
+        results[backend] = fisher_diagonal(
+            model, data, method, backend=backend, generator=generator, mc_samples=2
+        )
+        assert model.training and all(m.training for m in model.modules())
+    assert_close_dicts(results["hooks"], results["functorch"], 1e-10)
+
+
+def test_chunks_give_the_same_sums() -> None:
+    model = cnn(classes=3)
+    x = torch.randn(7, 2, 6, 6, dtype=torch.float64)
+    vectors = random_vectors(model.eval(), x)
+    whole = engine_sums(HookEngine(), model, x, vectors)
+    for chunks in ({"chunk_size": 3}, {"memory_budget": 1}):
+        assert_close_dicts(engine_sums(HookEngine(), model, x, vectors, **chunks), whole, 1e-12)
+
+
+def hook_state(model: nn.Module) -> list:
+    return [
+        (dict(m._forward_hooks), dict(m._forward_pre_hooks), dict(m._backward_hooks))
+        for m in model.modules()
+    ]
+
+
+def test_hooks_removed_after_success_and_error() -> None:
+    model = cnn(classes=3).eval()
+    model[0].register_forward_hook(lambda m, args, out: None)
+    before = hook_state(model)
+    x = torch.randn(4, 2, 6, 6, dtype=torch.float64)
+    engine_sums(HookEngine(), model, x, random_vectors(model, x))
+    assert hook_state(model) == before
+    assert torch._C._len_torch_function_stack() == 0
+
+    def broken(out: Tensor) -> Tensor:
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        engine_sums(HookEngine(), model, x, None, output_fn=broken)
+    assert hook_state(model) == before
+    assert torch._C._len_torch_function_stack() == 0
+
+
+# --- models the layer-wise decomposition does not cover ------------------------------------
+
+
+class Tied(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(6, 4)
+        self.out = nn.Linear(4, 6, bias=False)
+        self.out.weight = self.embed.weight
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(torch.tanh(self.embed(x)).mean(1))
+
+
+class RootParameter(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.w = nn.Parameter(torch.randn(3, 4))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(torch.tanh(self.fc(x)), self.w)
+
+
+class UsedOutside(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.fc(x))
+        return self.head(h) + F.linear(h, self.head.weight)
+
+
+class CalledTwice(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.tanh(self.fc(torch.tanh(self.fc(x)))))
+
+
+class Gate(nn.Module):
+    """y = a where x > 0 else b: autograd saves the mask, not x."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Parameter(torch.randn(4))
+        self.b = nn.Parameter(torch.randn(4))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.where(x > 0, self.a, self.b)
+
+
+class InputChanged(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = Gate()
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = x * 1.0
+        out = self.gate(h)
+        h.mul_(-1)  # the gate's recorded input changes
+        return self.head(out + h)
+
+
+class NoBatchDim(nn.Module):
+    """A submodule returning a weight (no batch dimension) that the parent uses."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bank = Scale(4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(x * self.bank(torch.ones(4, dtype=x.dtype)))
+
+
+STATIC = {  # ruled out by the module tree: get_engine decides
+    "tied": (Tied, lambda: torch.randint(0, 6, (5, 3)), "shared"),
+    "root_parameter": (RootParameter, None, "contains modules that own parameters"),
+    "batch_statistics": (
+        lambda: nn.Sequential(
+            nn.BatchNorm1d(4, track_running_stats=False), nn.Flatten(), nn.Linear(12, 3)
+        ),
+        lambda: torch.randn(5, 4, 3, dtype=torch.float64),
+        "batch statistics",
+    ),
+}
+DYNAMIC = {  # found during the forward pass: the engine decides on the first batch
+    "used_outside": (UsedOutside, "used outside"),
+    "called_twice": (CalledTwice, "called more than once"),
+    "input_changed": (InputChanged, "modified in place"),
+    "no_batch_dim": (NoBatchDim, "leading dimension"),
+}
+
+
+def data_for(make_x) -> list[tuple[Tensor, Tensor]]:
+    x = make_x() if make_x else torch.randn(5, 4, dtype=torch.float64)
+    return [(x, torch.randint(0, 3, (5,))), (x[:2], torch.randint(0, 3, (2,)))]
+
+
+def log_and_compare(model, data, caplog, reason: str) -> None:
+    with caplog.at_level(logging.INFO, logger="ewc_reg"):
+        got = fisher_diagonal(model, data)  # backend="auto"
+    messages = [r.getMessage() for r in caplog.records if r.name == "ewc_reg"]
+    assert len(messages) == 1 and reason in messages[0] and "functorch" in messages[0]
+    assert_close_dicts(got, fisher_diagonal(model, data, backend="functorch"), 1e-12)
+
+
+@pytest.mark.parametrize("name", list(STATIC))
+def test_static_problems(name: str, caplog) -> None:
+    make, make_x, reason = STATIC[name]
+    model = make().double()
+    with caplog.at_level(logging.INFO, logger="ewc_reg"):
+        assert get_engine("auto", model).name == "functorch"
+    caplog.clear()
+    with pytest.raises(ValueError, match=rf'{reason}.*backend="functorch"'):
+        get_engine("hooks", model)
+    with pytest.raises(ValueError, match=reason):
+        fisher_diagonal(model, data_for(make_x), backend="hooks")
+    log_and_compare(model, data_for(make_x), caplog, reason)
+
+
+@pytest.mark.parametrize("name", list(DYNAMIC))
+def test_dynamic_problems(name: str, caplog) -> None:
+    make, reason = DYNAMIC[name]
+    model = make().double()
+    assert get_engine("auto", model).name == "hooks"
+    with pytest.raises(ValueError, match=rf'{reason}.*backend="functorch"'):
+        fisher_diagonal(model, data_for(None), backend="hooks")
+    log_and_compare(model, data_for(None), caplog, reason)
+
+
+def test_sample_draws_are_not_consumed_by_a_failed_attempt() -> None:
+    model = CalledTwice().double()
+    data = data_for(None)
+    got = fisher_diagonal(model, data, "sample", generator=torch.Generator().manual_seed(3))
+    want = fisher_diagonal(
+        model, data, "sample", generator=torch.Generator().manual_seed(3), backend="functorch"
+    )
+    assert_close_dicts(got, want, 1e-12)
+
+
+# --- float32 and other dtypes, devices -----------------------------------------------------
+
+
+def test_float32_benchmark_models_agree_with_functorch() -> None:
+    from benchmarks.models import ReducedResNet18, split_mnist_mlp
+
+    for model, x in [
+        (split_mnist_mlp(), torch.randn(16, 784)),
+        (ReducedResNet18(widths=(4, 8, 8, 8)), torch.randn(6, 3, 32, 32)),
+    ]:
+        randomize_bn(model)
+        model.eval()
+        vectors = random_vectors(model, x)
+        got = engine_sums(HookEngine(), model, x, vectors)
+        assert_close_dicts(got, engine_sums(FunctorchEngine(), model, x, vectors), 1e-5)
+
+
+def test_bfloat16_accumulates_in_float32() -> None:
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Flatten(), nn.Linear(12, 3)).bfloat16().eval()
+    x = torch.randn(4, 2, 4, 4, dtype=torch.bfloat16)
+    vectors = random_vectors(model, x)
+    got = engine_sums(HookEngine(), model, x, vectors)
+    assert all(s.dtype == torch.float32 for s in got.values())
+    assert_close_dicts(got, engine_sums(FunctorchEngine(), model, x, vectors), 5e-2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda() -> None:
+    model = cnn(classes=3).cuda().eval()
+    x = torch.randn(5, 2, 6, 6, dtype=torch.float64, device="cuda")
+    vectors = random_vectors(model, x)
+    got = engine_sums(HookEngine(), model, x, vectors)
+    assert all(s.is_cuda for s in got.values())
+    assert_close_dicts(got, engine_sums(FunctorchEngine(), model, x, vectors), 1e-10)
