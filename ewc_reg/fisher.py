@@ -49,8 +49,15 @@ METHODS = ("exact", "sample", "empirical", "batched")
 ParamSelection: TypeAlias = "Iterable[str] | Callable[[str, nn.Parameter], bool] | None"
 
 
-def _identity(output: Any) -> Any:
-    return output
+#: Largest ``K = |S| C`` that ``method="exact"`` accepts for outputs with positions by default.
+MAX_EXACT_VECTORS = 1024
+
+
+def _model_logits(output: Any) -> Any:
+    """The default ``output_fn``: the model's output, or its ``.logits`` tensor when it has one
+    (as Hugging Face models' outputs do)."""
+    logits = getattr(output, "logits", None)
+    return logits if not isinstance(output, Tensor) and isinstance(logits, Tensor) else output
 
 
 def fisher_diagonal(
@@ -68,6 +75,7 @@ def fisher_diagonal(
     backend: str = "auto",
     params: ParamSelection = None,
     memory_budget: int | None = None,
+    max_exact_vectors: int = MAX_EXACT_VECTORS,
     process_group: dist.ProcessGroup | None = None,
     distributed: bool = True,
 ) -> dict[str, Tensor]:
@@ -85,7 +93,9 @@ def fisher_diagonal(
         mc_samples: labels drawn per sample for ``method="sample"``.
         likelihood: ``"categorical"``, ``"gaussian"`` or ``"bernoulli"``.
         output_fn: maps the model's output to ``(B, C)`` logits, e.g.
-            ``lambda out: out[:, task_classes]``.
+            ``lambda out: out[:, task_classes]``, or to ``(B, *S, C)`` per-position logits
+            (sequences: ``(B, T, V)``; see ``docs/sequences.md``). By default the output
+            itself, or its ``.logits`` when it has one (Hugging Face models).
         generator: random generator for ``method="sample"`` (reproducible draws). In a
             distributed run each rank draws from a stream derived from it and its rank
             (:func:`ewc_reg.distributed.shard_generator`), so seed it alike on every rank.
@@ -99,6 +109,10 @@ def fisher_diagonal(
         memory_budget: bytes the engine's per-chunk working memory may take when
             ``chunk_size=None`` (default :data:`ewc_reg.engines.base.DEFAULT_MEMORY_BUDGET`,
             512 MiB); the chunk is the largest that fits, and at least one sample.
+        max_exact_vectors: ``method="exact"`` on outputs with positions ``(B, *S, C)`` pulls
+            back ``K = |S| C`` vectors per sample (the per-token expansion); it is allowed up to
+            this ``K``, else a ``ValueError`` points to ``"sample"`` and ``"empirical"``.
+            ``(B, C)`` outputs are not limited.
         process_group: with ``torch.distributed`` initialised, each rank's ``data`` is a shard:
             the per-parameter sums and the sample count (``batched``: the squared batch
             gradients and the batch count) are all-reduced over this group, ``None`` meaning
@@ -123,6 +137,7 @@ def fisher_diagonal(
     check_count("mc_samples", mc_samples)
     check_count("chunk_size", chunk_size, allow_none=True)
     check_count("memory_budget", memory_budget, allow_none=True)
+    check_count("max_exact_vectors", max_exact_vectors)
     check_choice("likelihood", likelihood, tuple(LIKELIHOODS))
     check_choice("backend", backend, BACKENDS)
     if output_fn is not None and not callable(output_fn):
@@ -133,7 +148,7 @@ def fisher_diagonal(
     group = process_group_for(process_group, distributed)
     params = select_parameters(model, params)
     lik = get_likelihood(likelihood)
-    output_fn = output_fn or _identity
+    output_fn = output_fn or _model_logits
     device = next(iter(params.values())).device
     if group is not None and method == "sample" and generator is not None:
         generator = shard_generator(generator, dist.get_rank(group))
@@ -149,11 +164,15 @@ def fisher_diagonal(
         def make_vectors_for(batch: Batch) -> Callable[[Tensor], Tensor]:
             def make_vectors(output: Tensor) -> Tensor:
                 output = lik.check_output(output, batch.size).detach()
+                mask, targets = _positions(lik, output, batch)
                 if method == "exact":
-                    return lik.exact_vectors(output)
-                if method == "empirical":
-                    return lik.empirical_vectors(output, batch.targets)
-                return lik.sample_vectors(output, mc_samples, generator)
+                    _check_exact_size(output, max_exact_vectors)
+                    vectors = lik.exact_vectors(output)
+                elif method == "empirical":
+                    vectors = lik.empirical_vectors(output, targets)
+                else:
+                    vectors = lik.sample_vectors(output, mc_samples, generator)
+                return vectors if mask is None else vectors * mask.unsqueeze(-1).to(vectors.dtype)
 
             return make_vectors
 
@@ -260,14 +279,56 @@ def _accumulate_batched(
     for batch in batches:
         with torch.enable_grad():
             output = lik.check_output(output_fn(batch.call(model)), batch.size)
-            targets = lik.check_targets(output, batch.targets)
-            mean_ll = lik.log_likelihood(output, targets).mean()
+            mask, targets = _positions(lik, output, batch)
+            targets = lik.check_targets(output, targets)
+            mean_ll = lik.log_likelihood(output, targets, mask).mean()
             grads = torch.autograd.grad(mean_ll, [params[n] for n in names], allow_unused=True)
         for name, g in zip(names, grads):
             if g is not None:
                 sums[name] += g.to(sums[name].dtype).pow(2)
         count += 1
     return count
+
+
+def _positions(lik: Likelihood, output: Tensor, batch: Batch) -> tuple[Tensor | None, Tensor]:
+    """The positions that count and the targets, for an output ``(B, *S, C)`` with positions.
+
+    The mask ``(B, *S)`` is the dict batch's ``attention_mask`` entry (if any) and-ed with
+    ``targets != lik.ignore_index`` (``-100`` for ``categorical``, when the targets have one
+    entry per position); ignored targets are replaced by class 0 so that they validate, and
+    contribute nothing. ``(B, C)`` outputs: no mask (``None``) and the targets unchanged.
+    """
+    targets = batch.targets
+    if output.dim() == 2:
+        return None, targets
+    mask = None
+    attention = batch.kwargs.get("attention_mask")
+    if attention is not None:
+        if tuple(attention.shape) != tuple(output.shape[:-1]):
+            raise ValueError(
+                f"the batch's attention_mask has shape {tuple(attention.shape)}, but the output "
+                f"(after output_fn) has positions {tuple(output.shape[:-1])}; pass a mask aligned "
+                "with the output's positions (e.g. shifted like the labels)"
+            )
+        mask = attention.bool()
+    positional = targets.shape == output.shape[:-1] and not targets.is_floating_point()
+    if lik.ignore_index is not None and positional:
+        kept = targets != lik.ignore_index
+        targets = targets.masked_fill(~kept, 0)
+        mask = kept if mask is None else mask & kept
+    return mask, targets
+
+
+def _check_exact_size(output: Tensor, max_exact_vectors: int) -> None:
+    num_vectors = output[0].numel()  # |S| C
+    if output.dim() > 2 and num_vectors > max_exact_vectors:
+        raise ValueError(
+            f"method='exact' on an output with positions, shape {tuple(output.shape)} = "
+            f"(B, *S, C), pulls back K = |S|*C = {num_vectors} vectors per sample, more than "
+            f"max_exact_vectors={max_exact_vectors}; use method='sample' with mc_samples=m "
+            "(m pull-backs per sample, unbiased), or method='empirical' (one, with the data's "
+            "labels), or raise max_exact_vectors"
+        )
 
 
 def _with_progress(batches: Iterator[Batch], data: Any, enabled: bool) -> Iterator[Batch]:

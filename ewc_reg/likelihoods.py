@@ -1,4 +1,5 @@
-r"""Likelihoods: what turns model outputs ``f`` (shape ``(B, C)``) into Fisher vectors.
+r"""Likelihoods: what turns model outputs ``f`` (shape ``(B, C)``, or ``(B, *S, C)``) into Fisher
+vectors.
 
 Every estimator of the diagonal Fisher is a sum of squared pull-backs
 
@@ -17,6 +18,14 @@ likelihood knows:
 
 where :math:`s(y) = \partial \log p(y|f) / \partial f` is the score in output space.
 Vectors are returned as ``(K, B, C)`` tensors (``K`` leading, as batched backward passes want).
+
+Sequence (or any structured) outputs ``(B, *S, C)``, the class dimension last, are ``|S|``
+independent positions given ``f``: :math:`\log p(y|f) = \sum_{s \in S} \log p(y_s|f_s)`. The
+score is the per-position scores side by side, and, since each position's score has mean zero,
+the output-space Fisher is block-diagonal over positions: the exact factor holds, for each
+position, that position's ``C`` vectors and zeros elsewhere, ``K = |S| C`` in all (the
+per-sample output's size). Samples draw every position independently; vectors are
+``(K, B, *S, C)``.
 """
 
 from __future__ import annotations
@@ -32,9 +41,12 @@ __all__ = ["LIKELIHOODS", "Bernoulli", "Categorical", "Gaussian", "Likelihood", 
 
 
 class Likelihood(ABC):
-    """A conditional distribution :math:`p(y|f)` over targets given model outputs ``f: (B, C)``."""
+    """A conditional distribution :math:`p(y|f)` over targets given model outputs ``f: (B, C)``
+    or ``(B, *S, C)`` (positions ``S`` independent given ``f``)."""
 
     name: str
+    #: Target value that marks a position to leave out (Hugging Face's ``-100``), or ``None``.
+    ignore_index: int | None = None
 
     def check_output(self, output: object, batch_size: int) -> Tensor:
         """Validate the (``output_fn``-mapped) model output and return it."""
@@ -44,7 +56,7 @@ class Likelihood(ABC):
                 f"{type(output).__name__}; pass output_fn to map the model's output to (B, C) "
                 "logits"
             )
-        if output.dim() != 2 or output.shape[0] != batch_size or output.shape[1] < 1:
+        if output.dim() < 2 or output.shape[0] != batch_size or output.shape[-1] < 1:
             raise ValueError(
                 f"the model output (after output_fn) must have shape (B, C) = ({batch_size}, C) "
                 f"with C >= 1 for a batch of {batch_size} samples, got {tuple(output.shape)}; "
@@ -59,8 +71,19 @@ class Likelihood(ABC):
         """Validate data targets against ``output`` and return them in canonical form."""
 
     @abstractmethod
-    def log_likelihood(self, output: Tensor, targets: Tensor) -> Tensor:
-        """Per-sample :math:`\\log p(y_n|f_n)`, shape ``(B,)``, differentiable in ``output``."""
+    def position_log_likelihood(self, output: Tensor, targets: Tensor) -> Tensor:
+        """:math:`\\log p(y_{ns}|f_{ns})` per sample and position, shape ``(B, *S)``."""
+
+    def log_likelihood(
+        self, output: Tensor, targets: Tensor, mask: Tensor | None = None
+    ) -> Tensor:
+        """Per-sample :math:`\\log p(y_n|f_n) = \\sum_s \\log p(y_{ns}|f_{ns})` over the positions
+        where ``mask`` (``(B, *S)``, default all) is true; shape ``(B,)``, differentiable in
+        ``output``."""
+        ll = self.position_log_likelihood(output, targets)
+        if mask is not None:
+            ll = torch.where(mask, ll, torch.zeros((), dtype=ll.dtype, device=ll.device))
+        return ll.reshape(ll.shape[0], -1).sum(1)
 
     @abstractmethod
     def score(self, output: Tensor, targets: Tensor) -> Tensor:
@@ -70,15 +93,29 @@ class Likelihood(ABC):
         """
 
     @abstractmethod
+    def position_factor(self, output: Tensor) -> Tensor:
+        """Per position, a factor of that position's output-space Fisher: ``(C, B, *S, C)``."""
+
     def exact_vectors(self, output: Tensor) -> Tensor:
-        """A factor of the output-space Fisher: ``(K, B, C)`` with ``Σ_k v_k v_kᵀ = F_f``."""
+        """A factor of the output-space Fisher: ``(K, B, *S, C)`` with ``Σ_k v_k v_kᵀ = F_f``,
+        ``K = |S| C`` (``(C, B, C)`` for plain ``(B, C)`` outputs)."""
+        factor = self.position_factor(output)
+        if output.dim() == 2:
+            return factor
+        # v[(s, k), b, s', :] = factor[k, b, s, :] if s' == s else 0
+        c, batch, *positions, _ = factor.shape
+        flat = factor.reshape(c, batch, -1, output.shape[-1]).movedim(2, 0)  # (L, C, B, C)
+        length = flat.shape[0]
+        eye = torch.eye(length, dtype=output.dtype, device=output.device)
+        spread = flat.unsqueeze(3) * eye.view(length, 1, 1, length, 1)  # (L, C, B, L, C)
+        return spread.reshape(length * c, batch, *positions, output.shape[-1])
 
     @abstractmethod
     def sample(self, output: Tensor, m: int, generator: torch.Generator | None) -> Tensor:
         """Draw ``m`` targets per sample from :math:`p(\\cdot|f)`, shape ``(m, B, ...)``.
 
-        Draws consume the generator sample by sample (row-major over ``(B, m)``), so the result
-        does not depend on how the data is split into batches.
+        Draws consume the generator sample by sample (row-major over ``(B, m, *S)``), so the
+        result does not depend on how the data is split into batches.
         """
 
     def empirical_vectors(self, output: Tensor, targets: Tensor) -> Tensor:
@@ -101,6 +138,13 @@ def _normal(shape: tuple[int, ...], like: Tensor, generator: torch.Generator | N
     u = _uniform((*shape, 2), like, generator)
     z = (-2 * torch.log1p(-u[..., 0])).sqrt() * torch.cos(2 * math.pi * u[..., 1])
     return z.to(like.dtype)
+
+
+def _class_eye(output: Tensor) -> Tensor:
+    """The ``C x C`` identity shaped ``(C, 1, ..., 1, C)``, to broadcast over ``(C, B, *S, C)``."""
+    c = output.shape[-1]
+    eye = torch.eye(c, dtype=output.dtype, device=output.device)
+    return eye.view(c, *[1] * (output.dim() - 1), c)
 
 
 class Categorical(Likelihood):
@@ -134,26 +178,30 @@ class Categorical(Likelihood):
             )
         return targets.long()
 
-    def log_likelihood(self, output: Tensor, targets: Tensor) -> Tensor:
-        return -F.cross_entropy(output, targets, reduction="none")
+    ignore_index = -100
+
+    def position_log_likelihood(self, output: Tensor, targets: Tensor) -> Tensor:
+        return -F.cross_entropy(output.movedim(-1, 1), targets, reduction="none")
 
     def score(self, output: Tensor, targets: Tensor) -> Tensor:
         probs = torch.softmax(output, dim=-1)
         return F.one_hot(targets, output.shape[-1]).to(output.dtype) - probs
 
-    def exact_vectors(self, output: Tensor) -> Tensor:
-        probs = torch.softmax(output, dim=-1)  # (B, C)
-        num_classes = output.shape[-1]
-        eye = torch.eye(num_classes, dtype=output.dtype, device=output.device)
-        # (C, B, C): v[c, b] = sqrt(p[b, c]) * (e_c - p[b])
-        return probs.sqrt().T.unsqueeze(-1) * (eye.unsqueeze(1) - probs.unsqueeze(0))
+    def position_factor(self, output: Tensor) -> Tensor:
+        probs = torch.softmax(output, dim=-1)  # (B, *S, C)
+        # (C, B, *S, C): v[c, b, s] = sqrt(p[b, s, c]) * (e_c - p[b, s])
+        return probs.sqrt().movedim(-1, 0).unsqueeze(-1) * (
+            _class_eye(output) - probs.unsqueeze(0)
+        )
 
     def sample(self, output: Tensor, m: int, generator: torch.Generator | None) -> Tensor:
-        # Inverse-CDF sampling from uniforms drawn row-major over (B, m).
-        cdf = torch.softmax(output.double(), dim=-1).cumsum(dim=-1)
-        u = _uniform((output.shape[0], m), output, generator) * cdf[:, -1:]
-        draws = torch.searchsorted(cdf, u, right=True).clamp_(max=output.shape[-1] - 1)
-        return draws.T  # (m, B)
+        # Inverse-CDF sampling from uniforms drawn row-major over (B, m, *S).
+        cdf = torch.softmax(output.double(), dim=-1).cumsum(dim=-1).unsqueeze(1)
+        u = _uniform((output.shape[0], m, *output.shape[1:-1]), output, generator)
+        u = (u * cdf[..., -1]).unsqueeze(-1)
+        draws = torch.searchsorted(cdf.expand(*u.shape[:-1], cdf.shape[-1]).contiguous(), u,
+                                   right=True)
+        return draws.squeeze(-1).clamp_(max=output.shape[-1] - 1).movedim(1, 0)  # (m, B, *S)
 
 
 class Gaussian(Likelihood):
@@ -176,21 +224,19 @@ class Gaussian(Likelihood):
             )
         return targets.to(output.dtype)
 
-    def log_likelihood(self, output: Tensor, targets: Tensor) -> Tensor:
+    def position_log_likelihood(self, output: Tensor, targets: Tensor) -> Tensor:
         c = output.shape[-1]
         return -0.5 * (targets - output).pow(2).sum(-1) - 0.5 * c * math.log(2 * math.pi)
 
     def score(self, output: Tensor, targets: Tensor) -> Tensor:
         return targets - output
 
-    def exact_vectors(self, output: Tensor) -> Tensor:
-        batch, c = output.shape
-        eye = torch.eye(c, dtype=output.dtype, device=output.device)
-        return eye.unsqueeze(1).expand(c, batch, c)
+    def position_factor(self, output: Tensor) -> Tensor:
+        return _class_eye(output).expand(output.shape[-1], *output.shape)
 
     def sample(self, output: Tensor, m: int, generator: torch.Generator | None) -> Tensor:
-        noise = _normal((output.shape[0], m, output.shape[1]), output, generator)
-        return output.unsqueeze(0) + noise.transpose(0, 1)
+        noise = _normal((output.shape[0], m, *output.shape[1:]), output, generator)
+        return output.unsqueeze(0) + noise.movedim(1, 0)
 
 
 class Bernoulli(Likelihood):
@@ -216,21 +262,20 @@ class Bernoulli(Likelihood):
             raise ValueError("bernoulli targets must lie in [0, 1]")
         return targets
 
-    def log_likelihood(self, output: Tensor, targets: Tensor) -> Tensor:
+    def position_log_likelihood(self, output: Tensor, targets: Tensor) -> Tensor:
         return -F.binary_cross_entropy_with_logits(output, targets, reduction="none").sum(-1)
 
     def score(self, output: Tensor, targets: Tensor) -> Tensor:
         return targets - torch.sigmoid(output)
 
-    def exact_vectors(self, output: Tensor) -> Tensor:
+    def position_factor(self, output: Tensor) -> Tensor:
         sig = torch.sigmoid(output)
-        scale = (sig * (1 - sig)).sqrt()  # (B, C)
-        eye = torch.eye(output.shape[1], dtype=output.dtype, device=output.device)
-        return eye.unsqueeze(1) * scale.T.unsqueeze(-1)
+        scale = (sig * (1 - sig)).sqrt()  # (B, *S, C)
+        return _class_eye(output) * scale.movedim(-1, 0).unsqueeze(-1)
 
     def sample(self, output: Tensor, m: int, generator: torch.Generator | None) -> Tensor:
-        u = _uniform((output.shape[0], m, output.shape[1]), output, generator)
-        return (u.transpose(0, 1) < torch.sigmoid(output.double())).to(output.dtype)
+        u = _uniform((output.shape[0], m, *output.shape[1:]), output, generator)
+        return (u.movedim(1, 0) < torch.sigmoid(output.double())).to(output.dtype)
 
 
 LIKELIHOODS: dict[str, type[Likelihood]] = {

@@ -15,6 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import ewc_reg.engines.functorch as functorch_engine
 from ewc_reg import EWCRegularizer, fisher_diagonal
+from ewc_reg.engines import ENGINES
 from ewc_reg.engines.base import DEFAULT_MEMORY_BUDGET, resolve_chunk_size
 
 D_IN, HIDDEN, CLASSES = 16, 64, 4
@@ -67,40 +68,46 @@ def test_resolve_chunk_size() -> None:
     assert DEFAULT_MEMORY_BUDGET == 512 * 2**20
 
 
-def test_engine_chunks_by_the_budget(chunk_sizes: list[int]) -> None:
+def functorch_fisher(*args, **kwargs) -> dict[str, torch.Tensor]:
+    return fisher_diagonal(*args, backend="functorch", **kwargs)
+
+
+def test_functorch_engine_chunks_by_the_budget(chunk_sizes: list[int]) -> None:
     model, data = make_model(), one_batch(50)
-    reference = fisher_diagonal(model, data, chunk_size=50)
-    chunked = fisher_diagonal(model, data, memory_budget=7 * SAMPLE_BYTES + 1)
+    reference = functorch_fisher(model, data, chunk_size=50)
+    chunked = functorch_fisher(model, data, memory_budget=7 * SAMPLE_BYTES + 1)
     assert chunk_sizes == [50, 7]
     for name in reference:
         torch.testing.assert_close(chunked[name], reference[name], rtol=1e-12, atol=1e-15)
-    fisher_diagonal(model, data)  # default budget: the whole batch at once
+    functorch_fisher(model, data)  # default budget: the whole batch at once
     assert chunk_sizes[-1] == DEFAULT_MEMORY_BUDGET // SAMPLE_BYTES
-    fisher_diagonal(model, data, method="sample", mc_samples=3, memory_budget=3 * SAMPLE_BYTES)
+    functorch_fisher(model, data, method="sample", mc_samples=3, memory_budget=3 * SAMPLE_BYTES)
     assert chunk_sizes[-1] == 4  # K = 3 vectors per sample instead of 4
-    fisher_diagonal(model, data, chunk_size=5, memory_budget=1)
+    functorch_fisher(model, data, chunk_size=5, memory_budget=1)
     assert chunk_sizes[-1] == 5  # an explicit chunk_size wins
 
 
-def test_largest_tensor_stays_within_the_budget_as_the_batch_grows() -> None:
+@pytest.mark.parametrize("backend", list(ENGINES))
+def test_largest_tensor_stays_within_the_budget_as_the_batch_grows(backend: str) -> None:
     model = make_model()
     budget = 2**20
     largest = {}
     for n in (16, 128, 512):
         data = one_batch(n)
         with LargestTensor() as probe:
-            fisher_diagonal(model, data, memory_budget=budget)
+            fisher_diagonal(model, data, memory_budget=budget, backend=backend)
         largest[n] = probe.largest
     assert max(largest.values()) <= budget
-    assert largest[512] == largest[128]  # independent of the batch once it exceeds a chunk
-    with LargestTensor() as unbounded:
-        fisher_diagonal(model, one_batch(512))
-    assert unbounded.largest > 4 * budget  # without a tight budget, the whole batch at once
+    if backend == "functorch":
+        assert largest[512] == largest[128]  # independent of the batch beyond one chunk
+        with LargestTensor() as unbounded:
+            fisher_diagonal(model, one_batch(512), backend=backend)
+        assert unbounded.largest > 4 * budget  # the default budget takes the batch at once
 
 
 def test_budget_reaches_the_engine_through_consolidate(chunk_sizes: list[int]) -> None:
     reg = EWCRegularizer(make_model())
-    reg.consolidate(one_batch(20), memory_budget=3 * SAMPLE_BYTES)
+    reg.consolidate(one_batch(20), memory_budget=3 * SAMPLE_BYTES, backend="functorch")
     assert chunk_sizes == [3]
 
 

@@ -1,0 +1,281 @@
+"""Sequence outputs ``(B, T, V)`` (issue #5, part 4): each estimator against a brute-force
+autograd loop over sequences, tokens and labels, on a tiny causal Transformer in float64."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from ewc_reg import EWCRegularizer, fisher_diagonal
+from ewc_reg.likelihoods import Categorical
+
+VOCAB, LENGTH, DIM = 4, 5, 8
+
+
+@dataclass
+class LMOutput:
+    """Like a Hugging Face model output: the logits under ``.logits``."""
+
+    logits: Tensor
+
+
+class TinyCausalLM(nn.Module):
+    """One pre-norm causal self-attention block, an MLP and a vocabulary head."""
+
+    def __init__(self, as_object: bool = False) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(VOCAB, DIM)
+        self.pos = nn.Parameter(0.3 * torch.randn(LENGTH, DIM))
+        self.ln1, self.ln2 = nn.LayerNorm(DIM), nn.LayerNorm(DIM)
+        self.qkv, self.proj = nn.Linear(DIM, 3 * DIM), nn.Linear(DIM, DIM)
+        self.mlp = nn.Sequential(nn.Linear(DIM, 2 * DIM), nn.Tanh(), nn.Linear(2 * DIM, DIM))
+        self.head = nn.Linear(DIM, VOCAB)
+        self.as_object = as_object
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None):
+        length = input_ids.shape[-1]
+        h = self.tok(input_ids) + self.pos[:length]
+        q, k, v = self.qkv(self.ln1(h)).chunk(3, dim=-1)
+        scores = q @ k.transpose(-1, -2) / math.sqrt(DIM)
+        causal = torch.ones(length, length, dtype=torch.bool, device=h.device).tril()
+        h = h + self.proj(scores.masked_fill(~causal, float("-inf")).softmax(-1) @ v)
+        logits = self.head(h + self.mlp(self.ln2(h)))
+        return LMOutput(logits) if self.as_object else logits
+
+
+def make_model(as_object: bool = False) -> nn.Module:
+    torch.manual_seed(0)
+    return TinyCausalLM(as_object).double()
+
+
+def padded_batches(sizes=(3, 2), length: int = LENGTH) -> list[dict[str, Tensor]]:
+    """Dict batches with end padding: attention_mask 0 and labels -100 past each length; one
+    further label is -100 inside a sequence (a prompt token, say)."""
+    g = torch.Generator().manual_seed(5)
+    batches = []
+    for size in sizes:
+        ids = torch.randint(0, VOCAB, (size, length), generator=g)
+        labels = torch.randint(0, VOCAB, (size, length), generator=g)
+        lengths = torch.randint(2, length + 1, (size,), generator=g)
+        attention = (torch.arange(length) < lengths[:, None]).long()
+        labels = labels.masked_fill(attention == 0, -100)
+        labels[0, 0] = -100
+        batches.append({"input_ids": ids, "attention_mask": attention, "labels": labels})
+    return batches
+
+
+def zeros_like_params(model: nn.Module) -> dict[str, Tensor]:
+    return {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+
+
+def grad_of(scalar: Tensor, model: nn.Module) -> dict[str, Tensor]:
+    names, params = zip(*model.named_parameters())
+    grads = torch.autograd.grad(scalar, params, retain_graph=True, allow_unused=True)
+    return {n: torch.zeros_like(p) if g is None else g for n, p, g in zip(names, params, grads)}
+
+
+def sequences(batches):
+    """(input_ids (1, T), positions that count, labels (T,)) one sequence at a time."""
+    for batch in batches:
+        for i in range(batch["labels"].shape[0]):
+            labels = batch["labels"][i]
+            keep = batch["attention_mask"][i].bool() & (labels != -100)
+            yield batch["input_ids"][i : i + 1], keep, labels
+
+
+def log_probs(model: nn.Module, ids: Tensor) -> Tensor:
+    out = model(ids)
+    return torch.log_softmax(getattr(out, "logits", out)[0], dim=-1)  # (T, V)
+
+
+def brute_force(model: nn.Module, batches, method: str, draws=None) -> dict[str, Tensor]:
+    """exact: Σ_t Σ_c p_tc (∇ log p_t(c))² over kept tokens; empirical: (∇ Σ_t log p_t(y_t))²;
+    sample: mean over the given label sequences of (∇ Σ_t log p_t(ŷ_t))²."""
+    model.eval()
+    total, count = zeros_like_params(model), 0
+    for n, (ids, keep, labels) in enumerate(sequences(batches)):
+        lp = log_probs(model, ids)
+        if method == "exact":
+            terms = [
+                (lp[t, c].exp().item(), lp[t, c])
+                for t in range(lp.shape[0]) if keep[t] for c in range(VOCAB)
+            ]
+        elif method == "empirical":
+            terms = [(1.0, sum(lp[t, labels[t]] for t in range(lp.shape[0]) if keep[t]))]
+        else:
+            terms = [
+                (1.0 / len(draws[n]), sum(lp[t, y[t]] for t in range(lp.shape[0]) if keep[t]))
+                for y in draws[n]
+            ]
+        for weight, ll in terms:
+            if isinstance(ll, Tensor):
+                for name, g in grad_of(ll, model).items():
+                    total[name] += weight * g.pow(2)
+        count += 1
+    return {n: t / count for n, t in total.items()}
+
+
+def assert_fisher_close(actual: dict, expected: dict) -> None:
+    assert list(actual) == list(expected)
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=1e-9, atol=1e-13)
+
+
+@pytest.mark.parametrize("method", ["exact", "empirical"])
+def test_matches_brute_force(method: str) -> None:
+    model, batches = make_model(), padded_batches()
+    expected = brute_force(model, batches, method)
+    assert_fisher_close(fisher_diagonal(model, batches, method), expected)
+
+
+def test_per_token_expansion_is_the_fisher_of_the_sequence() -> None:
+    """Σ_y p(y) (∇ log p(y))² over all V^T label sequences equals the per-token exact Fisher."""
+    model, length = make_model(), 3
+    ids = torch.randint(0, VOCAB, (2, length))
+    total = zeros_like_params(model)
+    for i in range(ids.shape[0]):
+        lp = log_probs(model.eval(), ids[i : i + 1])
+        for y in itertools.product(range(VOCAB), repeat=length):
+            ll = sum(lp[t, y[t]] for t in range(length))
+            for name, g in grad_of(ll, model).items():
+                total[name] += ll.exp().item() * g.pow(2)
+    expected = {n: t / ids.shape[0] for n, t in total.items()}
+    data = [(ids, torch.zeros_like(ids))]
+    assert_fisher_close(fisher_diagonal(model, data, "exact"), expected)
+
+
+def test_sample_matches_brute_force_and_is_split_invariant() -> None:
+    model, batches, m = make_model(), padded_batches(), 3
+    # Inverse-CDF draws from uniforms taken row-major over (sequence, draw, position).
+    uniforms = torch.rand((5, m, LENGTH), generator=torch.Generator().manual_seed(9),
+                          dtype=torch.float64)
+    draws = []
+    for n, (ids, _, _) in enumerate(sequences(batches)):
+        with torch.no_grad():
+            cdf = log_probs(model.eval(), ids).exp().cumsum(-1)  # (T, V)
+        draws.append([
+            [min(int((cdf[t] <= uniforms[n, j, t] * cdf[t, -1]).sum()), VOCAB - 1)
+             for t in range(LENGTH)]
+            for j in range(m)
+        ])
+    expected = brute_force(model, batches, "sample", draws)
+    gen = torch.Generator().manual_seed(9)
+    assert_fisher_close(fisher_diagonal(model, batches, "sample", mc_samples=m, generator=gen),
+                        expected)
+    singles = [
+        {k: v[i : i + 1] for k, v in b.items()} for b in batches for i in range(len(b["labels"]))
+    ]
+    gen = torch.Generator().manual_seed(9)
+    assert_fisher_close(fisher_diagonal(model, singles, "sample", mc_samples=m, generator=gen),
+                        expected)
+
+
+def test_batched_matches_brute_force() -> None:
+    model, batches = make_model(), padded_batches()
+    expected, count = zeros_like_params(model.eval()), 0
+    for batch in batches:
+        lls = [
+            sum(lp[t, labels[t]] for t in range(LENGTH) if keep[t])
+            for lp, (_, keep, labels) in (
+                (log_probs(model, ids), (ids, keep, labels))
+                for ids, keep, labels in sequences([batch])
+            )
+        ]
+        for name, g in grad_of(torch.stack(lls).mean(), model).items():
+            expected[name] += g.pow(2)
+        count += 1
+    expected = {n: t / count for n, t in expected.items()}
+    assert_fisher_close(fisher_diagonal(model, batches, "batched"), expected)
+
+
+@pytest.mark.parametrize("method", ["exact", "empirical", "batched"])
+def test_padding_contributes_nothing(method: str) -> None:
+    """A padded batch gives the Fisher of its unpadded sequences (the model is causal)."""
+    model = make_model()
+    ids = torch.randint(0, VOCAB, (2, LENGTH))
+    labels = torch.randint(0, VOCAB, (2, LENGTH))
+    short = 3
+    padded = labels.clone()
+    padded[1, short:] = -100
+    attention = torch.ones_like(ids)
+    attention[1, short:] = 0
+    batch = {"input_ids": ids, "attention_mask": attention, "labels": padded}
+    plain = [(ids[:1], labels[:1]), (ids[1:, :short], labels[1:, :short])]
+    data = [batch]
+    if method == "batched":  # one sequence per batch, as in ``plain``, so that the means agree
+        data = [{k: v[i : i + 1] for k, v in batch.items()} for i in range(2)]
+    assert_fisher_close(fisher_diagonal(model, data, method), fisher_diagonal(model, plain, method))
+
+
+def test_ignore_index_alone_masks_tuple_batches() -> None:
+    model = make_model()
+    batches = padded_batches()
+    as_tuples = [(b["input_ids"], b["labels"]) for b in batches]
+    no_attention = [{"input_ids": b["input_ids"], "labels": b["labels"]} for b in batches]
+    expected = fisher_diagonal(model, batches, "empirical")
+    assert_fisher_close(fisher_diagonal(model, as_tuples, "empirical"), expected)
+    assert_fisher_close(fisher_diagonal(model, no_attention, "empirical"), expected)
+
+
+def test_logits_attribute_is_used_by_default() -> None:
+    batches = padded_batches()
+    for method in ("exact", "empirical", "batched"):
+        assert_fisher_close(
+            fisher_diagonal(make_model(as_object=True), batches, method),
+            fisher_diagonal(make_model(), batches, method),
+        )
+
+
+def test_exact_is_limited_to_small_outputs() -> None:
+    model, batches = make_model(), padded_batches()
+    with pytest.raises(ValueError, match=r"K = \|S\|\*C = 20 .*'sample'.*'empirical'"):
+        fisher_diagonal(model, batches, "exact", max_exact_vectors=19)
+    fisher_diagonal(model, batches, "exact", max_exact_vectors=20)
+    flat = [(torch.randn(2, 3, dtype=torch.float64), torch.tensor([0, 1]))]
+    fisher_diagonal(nn.Linear(3, 30).double(), flat, "exact", max_exact_vectors=1)  # (B, C)
+
+
+def test_misaligned_attention_mask() -> None:
+    model, batch = make_model(), padded_batches()[0]
+    with pytest.raises(ValueError, match="attention_mask has shape"):
+        fisher_diagonal(model, [batch], output_fn=lambda out: out[:, :-1])
+
+
+@pytest.mark.parametrize("likelihood", ["gaussian", "bernoulli"])
+@pytest.mark.parametrize("method", ["exact", "empirical", "sample", "batched"])
+def test_elementwise_likelihoods_sum_over_positions(likelihood: str, method: str) -> None:
+    """Gaussian/Bernoulli outputs (B, T, C) are (B, T*C) independent outputs."""
+    model = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 2)).double()
+    x = torch.randn(4, LENGTH, 3, dtype=torch.float64)
+    y = torch.rand(4, LENGTH, 2, dtype=torch.float64).round()
+    kw = {"likelihood": likelihood, "method": method, "mc_samples": 2}
+    structured = fisher_diagonal(model, [(x, y)], generator=torch.Generator().manual_seed(1), **kw)
+    flat = fisher_diagonal(
+        model, [(x, y.flatten(1))], output_fn=lambda out: out.flatten(1),
+        generator=torch.Generator().manual_seed(1), **kw,
+    )
+    assert_fisher_close(structured, flat)
+
+
+def test_likelihood_shapes_and_unchanged_2d_errors() -> None:
+    lik = Categorical()
+    f = torch.randn(2, 3, 4, dtype=torch.float64)
+    assert lik.exact_vectors(f).shape == (12, 2, 3, 4)
+    assert lik.sample(f, 5, None).shape == (5, 2, 3)
+    with pytest.raises(ValueError, match=r"must have shape \(B, C\) = \(2, C\)"):
+        lik.check_output(torch.randn(2), 2)
+    with pytest.raises(ValueError, match="outside the C=4 classes"):
+        lik.check_targets(torch.randn(2, 4), torch.tensor([0, -100]))
+
+
+def test_consolidate_on_sequences() -> None:
+    model, batches = make_model(), padded_batches()
+    reg = EWCRegularizer(model, strength=1.0, method="sample", mc_samples=2)
+    fisher = reg.consolidate(batches, generator=torch.Generator().manual_seed(0))
+    assert set(fisher) == {n for n, _ in model.named_parameters()}
+    assert reg.penalty().item() == 0.0
