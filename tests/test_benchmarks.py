@@ -105,7 +105,7 @@ def _mnist_data_args() -> list[str]:
 
 def test_split_mnist_end_to_end_and_resume(tmp_path, capsys):
     args = [*_mnist_data_args(), "--iters", "5", "--seeds", "0", "--lambdas", "1e3",
-            "--threads", "1", "--fisher-chunk", "8", "--out", str(tmp_path)]
+            "--threads", "1", "--out", str(tmp_path)]
     finished = main(MNIST, args)
     records = read_runs(tmp_path / "runs.jsonl")
     methods = args[args.index("--methods") + 1:args.index("--iters")]
@@ -123,7 +123,7 @@ def test_split_mnist_end_to_end_and_resume(tmp_path, capsys):
 def test_split_cifar10_synthetic_smoke(tmp_path):
     finished = main(CIFAR, ["--synthetic", "--iters", "2", "--batch-size", "16", "--seeds", "1",
                             "--methods", "exact_n500", "none", "--lambdas", "1e5",
-                            "--threads", "1", "--fisher-chunk", "8", "--out", str(tmp_path)])
+                            "--threads", "1", "--out", str(tmp_path)])
     assert [r["method"] for r in finished] == ["none", "exact_n500"]
     assert all(r["data"] == "synthetic" and r["benchmark"] == "split_cifar10" for r in finished)
 
