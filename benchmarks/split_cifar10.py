@@ -20,7 +20,7 @@ BENCHMARK = Benchmark(
     name="split_cifar10",
     make_model=ReducedResNet18,
     load_data=load_cifar10,
-    synthetic_data=partial(synthetic, CIFAR10_SHAPE, 40, 20),
+    synthetic_data=partial(synthetic, CIFAR10_SHAPE, 10, 10),
     batch_size=256,
 )
 
