@@ -151,10 +151,12 @@ class Categorical(Likelihood):
     r"""Softmax over ``C`` classes: :math:`p = \mathrm{softmax}(f)`, targets are class indices.
 
     Score :math:`s(y) = e_y - p`; output-space Fisher :math:`\mathrm{diag}(p) - pp^\top =
-    \sum_c v_c v_c^\top` with :math:`v_c = \sqrt{p_c}\,(e_c - p)` (``K = C``).
+    \sum_c v_c v_c^\top` with :math:`v_c = \sqrt{p_c}\,(e_c - p)` (``K = C``). With positions,
+    targets ``(B, *S)`` hold one class per position; ``-100`` leaves a position out.
     """
 
     name = "categorical"
+    ignore_index = -100
 
     def check_targets(self, output: Tensor, targets: Tensor) -> Tensor:
         num_classes = output.shape[-1]
@@ -166,7 +168,8 @@ class Categorical(Likelihood):
         if targets.shape != output.shape[:-1]:
             raise ValueError(
                 f"categorical targets must have shape {tuple(output.shape[:-1])} (one class "
-                f"index per sample), got {tuple(targets.shape)}"
+                f"index per {'sample' if output.dim() == 2 else 'sample and position'}), got "
+                f"{tuple(targets.shape)}"
             )
         bad = (targets < 0) | (targets >= num_classes)
         if bool(bad.any()):
@@ -177,8 +180,6 @@ class Categorical(Likelihood):
                 "to select the matching output units)"
             )
         return targets.long()
-
-    ignore_index = -100
 
     def position_log_likelihood(self, output: Tensor, targets: Tensor) -> Tensor:
         return -F.cross_entropy(output.movedim(-1, 1), targets, reduction="none")
@@ -198,10 +199,10 @@ class Categorical(Likelihood):
         # Inverse-CDF sampling from uniforms drawn row-major over (B, m, *S).
         cdf = torch.softmax(output.double(), dim=-1).cumsum(dim=-1).unsqueeze(1)
         u = _uniform((output.shape[0], m, *output.shape[1:-1]), output, generator)
-        u = (u * cdf[..., -1]).unsqueeze(-1)
-        draws = torch.searchsorted(cdf.expand(*u.shape[:-1], cdf.shape[-1]).contiguous(), u,
-                                   right=True)
-        return draws.squeeze(-1).clamp_(max=output.shape[-1] - 1).movedim(1, 0)  # (m, B, *S)
+        u = (u * cdf[..., -1]).unsqueeze(-1)  # (B, m, *S, 1)
+        cdf = cdf.expand(*u.shape[:-1], cdf.shape[-1]).contiguous()  # (B, m, *S, C)
+        draws = torch.searchsorted(cdf, u, right=True).squeeze(-1)
+        return draws.clamp_(max=output.shape[-1] - 1).movedim(1, 0)  # (m, B, *S)
 
 
 class Gaussian(Likelihood):
