@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from ewc_reg import EWCRegularizer, fisher_diagonal
+from ewc_reg.engines import BACKENDS
 from ewc_reg.fisher import select_parameters
 
 METHODS = ("exact", "sample", "empirical", "batched")
@@ -83,16 +84,17 @@ def test_frozen_parameters_are_skipped_by_default() -> None:
     assert list(fisher(model, data, "exact")) == ["head.weight", "head.bias"]
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("method", METHODS)
-def test_unselected_parameters_cost_no_backward(method: str) -> None:
+def test_unselected_parameters_cost_no_backward(method: str, backend: str) -> None:
     model, data = Net(tripwire=True).double(), make_data()
-    head = fisher(model, data, method, params=["head.weight", "head.bias"])
+    head = fisher(model, data, method, params=["head.weight", "head.bias"], backend=backend)
     assert set(head) == {"head.weight", "head.bias"}
     with pytest.raises(RuntimeError, match="tripwire"):
-        fisher(model, data, method, params=["backbone.0.weight"])
+        fisher(model, data, method, params=["backbone.0.weight"], backend=backend)
     for p in model.backbone.parameters():
         p.requires_grad_(False)
-    assert set(fisher(model, data, method)) == {"head.weight", "head.bias"}
+    assert set(fisher(model, data, method, backend=backend)) == {"head.weight", "head.bias"}
 
 
 def test_unknown_names_list_the_valid_ones() -> None:

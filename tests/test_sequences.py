@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from ewc_reg import EWCRegularizer, fisher_diagonal
+from ewc_reg.engines import ENGINES
 from ewc_reg.likelihoods import Categorical
 
 VOCAB, LENGTH, DIM = 4, 5, 8
@@ -131,6 +132,29 @@ def test_matches_brute_force(method: str) -> None:
     model, batches = make_model(), padded_batches()
     expected = brute_force(model, batches, method)
     assert_fisher_close(fisher_diagonal(model, batches, method), expected)
+
+
+class PerTokenLM(nn.Module):
+    """Embedding, per-token MLP and head: every parameter in a module called once, per sample
+    (so that every engine, the hook engine included, covers it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Embedding(VOCAB, DIM), nn.Linear(DIM, DIM), nn.Tanh(), nn.LayerNorm(DIM),
+            nn.Linear(DIM, VOCAB),
+        )
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        return self.net(input_ids)
+
+
+@pytest.mark.parametrize("backend", list(ENGINES))
+@pytest.mark.parametrize("method", ["exact", "empirical"])
+def test_every_engine_matches_brute_force(backend: str, method: str) -> None:
+    model, batches = PerTokenLM().double(), padded_batches()
+    expected = brute_force(model, batches, method)
+    assert_fisher_close(fisher_diagonal(model, batches, method, backend=backend), expected)
 
 
 def test_per_token_expansion_is_the_fisher_of_the_sequence() -> None:
