@@ -18,6 +18,16 @@ batched       :math:`\frac1{|\mathcal B|}\sum_{B\in\mathcal B}
 The first three are sums of squared pull-backs of output-space vectors (see
 :mod:`ewc_reg.likelihoods`) computed by an engine (:mod:`ewc_reg.engines`); ``batched`` takes one
 ordinary backward pass per mini-batch.
+
+Beyond one classifier on one machine:
+
+* ``params=`` restricts :math:`\theta` to some parameters (a head, adapters); gradients are
+  taken with respect to those only.
+* Outputs with positions, ``(B, *S, C)`` (per-token logits ``(B, T, V)``), are sequences of
+  independent positions: :math:`\log p(y|f_n) = \sum_s \log p(y_s|f_{ns})`, with positions left
+  out by an ``attention_mask`` or ``-100`` labels (``docs/sequences.md``).
+* With ``torch.distributed`` initialised, each rank's data is a shard and every rank gets the
+  Fisher of the union (:mod:`ewc_reg.distributed`, ``docs/distributed.md``).
 """
 
 from __future__ import annotations
@@ -172,7 +182,9 @@ def fisher_diagonal(
                     vectors = lik.empirical_vectors(output, targets)
                 else:
                     vectors = lik.sample_vectors(output, mc_samples, generator)
-                return vectors if mask is None else vectors * mask.unsqueeze(-1).to(vectors.dtype)
+                if mask is None:
+                    return vectors
+                return torch.where(mask.unsqueeze(-1), vectors, vectors.new_zeros(()))
 
             return make_vectors
 

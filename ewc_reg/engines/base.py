@@ -9,8 +9,10 @@ An engine computes, for one batch of ``B`` samples,
 
 where :math:`J_n = \partial f(x_n)/\partial\theta` is the per-sample Jacobian of the
 (``output_fn``-mapped) model output and ``V = make_vectors(f(X).detach())`` has shape
-``(K, B, C)``. The estimators (:mod:`ewc_reg.fisher`) choose the vectors; engines only pull them
-back. Sums are returned in the accumulation dtype (float32 or wider).
+``(K, B, C)``, or ``(K, B, *S, C)`` for outputs with positions (sequences), i.e. ``(K, *f.shape)``.
+The estimators (:mod:`ewc_reg.fisher`) choose the vectors; engines only pull them back, and only
+into the parameters in ``params`` (the others are constants: no gradient is computed for them).
+Sums are returned in the accumulation dtype (float32 or wider).
 
 Memory: an engine processes the batch in chunks of samples. With ``chunk_size=None`` it must pick
 the chunk with :func:`resolve_chunk_size` from ``memory_budget`` (bytes) and its own estimate of
