@@ -96,6 +96,7 @@ LAYERS = {
     "linear_no_bias": (lambda: nn.Linear(5, 4, bias=False), (6, 5)),
     "linear_sequence": (lambda: nn.Linear(5, 4), (6, 7, 5)),
     "linear_4d": (lambda: nn.Linear(5, 4), (6, 2, 3, 5)),
+    "linear_short_sequence": (lambda: nn.Linear(16, 16), (6, 2, 16)),  # Gram with L = 2
     "conv1d": (lambda: nn.Conv1d(4, 6, 3, stride=2, padding=1, dilation=2, groups=2), (5, 4, 11)),
     "conv1d_same_circular": (
         lambda: nn.Conv1d(3, 2, 4, padding="same", padding_mode="circular"), (5, 3, 9)
@@ -106,6 +107,9 @@ LAYERS = {
     ),
     "conv2d_same_reflect": (
         lambda: nn.Conv2d(2, 3, (2, 3), padding="same", padding_mode="reflect"), (5, 2, 6, 5)
+    ),
+    "conv2d_few_positions": (  # Gram with L = 4
+        lambda: nn.Conv2d(8, 8, 3, groups=2), (5, 8, 4, 4)
     ),
     "batchnorm1d": (lambda: nn.BatchNorm1d(4), (6, 4)),
     "batchnorm1d_sequence": (lambda: nn.BatchNorm1d(4), (6, 4, 5)),

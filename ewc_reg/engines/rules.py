@@ -80,6 +80,11 @@ def _sample_chunks(batch: int, bytes_per_sample: int, budget: int) -> Iterator[s
         yield slice(start, start + step)
 
 
+#: Memory passes over one number that cost about as much time as one multiply-add in a matmul
+#: (used to choose between the two ways of :func:`_squared_products`).
+MATMUL_SPEEDUP = 100
+
+
 def _squared_products(
     grads: Tensor, patches_of: Callable[[slice], Tensor], patch: int, budget: int
 ) -> Tensor:
@@ -88,21 +93,23 @@ def _squared_products(
     ``grads`` is ``(K, B, g, O, L)`` and ``patches_of(chunk)`` gives the chunk's inputs
     ``(b, g, P, L)`` (``P = patch``); the per-sample, per-vector gradient of group ``j`` is
     :math:`D_{nkj} = G_{nkj} U_{nj}^\top` (``(O, P)``) and the result, ``(g, O, P)``, is
-    :math:`\sum_{n,k} D_{nkj}^{\odot 2}`. Two ways, whichever touches fewer numbers per sample:
+    :math:`\sum_{n,k} D_{nkj}^{\odot 2}`. Two ways, whichever is estimated faster (memory
+    passes, plus matmul multiply-adds divided by :data:`MATMUL_SPEEDUP`):
 
-    * direct, ``K O P``: :math:`D` for a chunk of samples in one batched matmul, squared, summed;
-    * Gram, ``(O + P) T`` with ``T = L(L+1)/2``: expanding the square,
-      :math:`\sum_{n,k} D_{nk}[o,p]^2 = \sum_n \sum_{l \le m} c_{lm} A_n[o,(l,m)]\,
-      U_n[p,l] U_n[p,m]` with :math:`A_n[o,(l,m)] = \sum_k G_{nk}[o,l] G_{nk}[o,m]` and
-      :math:`c_{lm} = 2 - [l = m]`: one matmul contracting over samples and position pairs.
-      For ``L = 1`` (a ``Linear`` on ``(B, in)``) this is
-      :math:`(\sum_k G_k^{\odot 2})^\top x^{\odot 2}`, without any per-sample gradient.
+    * direct: :math:`D` for a chunk of samples in one batched matmul (``K O P L``
+      multiply-adds), squared and summed (about four passes over ``K O P`` numbers);
+    * Gram: expanding the square, :math:`\sum_{n,k} D_{nk}[o,p]^2 = \sum_n \sum_{l,m}
+      A_n[o,l,m]\, U_n[p,l] U_n[p,m]` with :math:`A_n[o,l,m] = \sum_k G_{nk}[o,l]
+      G_{nk}[o,m]`: one matmul contracting over samples and position pairs (``O P L^2``
+      multiply-adds; ``(O + P) L^2`` numbers per sample, written and read). For ``L = 1`` (a
+      ``Linear`` on ``(B, in)``) this is :math:`(\sum_k G_k^{\odot 2})^\top x^{\odot 2}`.
     """
     num_vectors, batch, groups, out, positions = grads.shape
-    pairs = positions * (positions + 1) // 2
     size = grads.element_size()
     result = grads.new_zeros(groups, out, patch)
-    if num_vectors * out * patch <= (out + patch) * pairs:
+    direct_cost = num_vectors * out * (4 * patch + patch * positions / MATMUL_SPEEDUP)
+    gram_cost = positions**2 * (2 * (out + patch) + out * patch / MATMUL_SPEEDUP)
+    if direct_cost <= gram_cost:
         per_sample = groups * (num_vectors * out * (patch + positions) + patch * positions)
         for chunk in _sample_chunks(batch, per_sample * size, budget):
             g = grads[:, chunk].permute(1, 2, 0, 3, 4)  # (b, g, K, O, L)
@@ -110,25 +117,19 @@ def _squared_products(
             b = u.shape[0]
             products = torch.matmul(
                 g.reshape(b * groups, num_vectors * out, positions),
-                u.reshape(b * groups, patch, positions).transpose(1, 2),
+                u.reshape(b * groups, patch, positions).mT,
             )  # (b g, K O, P)
             result += products.view(b, groups, num_vectors, out, patch).square_().sum((0, 2))
         return result
-    first, second = torch.triu_indices(positions, positions, device=grads.device)
-    twice = torch.where(first == second, 1.0, 2.0).to(grads.dtype)
-    per_sample = groups * (out * positions * (positions + num_vectors) + 3 * patch * pairs)
+    per_sample = groups * (positions * (num_vectors * out + (out + patch) * positions) + patch)
     for chunk in _sample_chunks(batch, per_sample * size, budget):
         g = grads[:, chunk].permute(2, 3, 1, 4, 0)  # (g, O, b, L, K)
         b = g.shape[2]
-        if positions == 1:
-            gram = g.square().sum(-1)  # (g, O, b, 1)
-        else:
-            g = g.reshape(-1, positions, num_vectors)
-            gram = torch.bmm(g, g.transpose(1, 2))[:, first, second] * twice
-        u = patches_of(chunk).permute(1, 2, 0, 3)  # (g, P, b, L)
-        outer = u[..., first] * u[..., second]  # (g, P, b, T)
+        gram = g.square().sum(-1) if positions == 1 else g @ g.mT  # (g, O, b, L, L)
+        u = patches_of(chunk).permute(1, 2, 0, 3).contiguous()  # (g, P, b, L)
+        outer = u.unsqueeze(-1) * u.unsqueeze(-2)  # (g, P, b, L, L)
         result += torch.bmm(
-            gram.reshape(groups, out, b * pairs), outer.reshape(groups, patch, b * pairs).mT
+            gram.reshape(groups, out, -1), outer.reshape(groups, patch, -1).mT
         )
     return result
 
