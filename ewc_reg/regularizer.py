@@ -136,8 +136,9 @@ class EWCRegularizer:
         """Compute this task's Fisher on ``data`` and fold it, with the current parameters as
         anchor, into the penalty. Returns this task's Fisher.
 
-        Extra keyword arguments (``chunk_size``, ``backend``) go to
-        :func:`ewc_reg.fisher_diagonal`. If anything fails the regularizer is unchanged.
+        Extra keyword arguments (``chunk_size``, ``backend``, ``memory_budget``,
+        ``max_exact_vectors``) go to :func:`ewc_reg.fisher_diagonal`. If anything fails the
+        regularizer is unchanged (in a distributed run: on every rank).
         """
         fisher = fisher_diagonal(
             self.model,
