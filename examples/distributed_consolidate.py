@@ -6,12 +6,14 @@ Run on CPU (gloo) or GPUs (nccl, one per process)::
     torchrun --nproc_per_node=2 examples/distributed_consolidate.py
 
 Rank 0 finally recomputes the last task's Fisher alone on all of the task's data
-(``distributed=False``) and prints how far the distributed result is from it.
+(``distributed=False``) and prints how far the distributed result is from it, then saves the
+regularizer's state, which every rank loads into a regularizer of a plain (unwrapped) model.
 """
 
 from __future__ import annotations
 
 import os
+import tempfile
 
 import torch
 import torch.distributed as dist
@@ -65,8 +67,24 @@ def main() -> None:
         gap = max(((fisher[n] - alone[n]).abs().max() / alone[n].abs().max()).item()
                   for n in alone)
         print(f"rank 0: largest relative gap to the single-process Fisher: {gap:.2e}")
-        torch.save(reg.state_dict(), "ewc_state.pt")  # loads on any rank or single process
+    path = os.path.join(tempfile.gettempdir(), f"ewc_state_{os.environ.get('MASTER_PORT')}.pt")
+    if rank == 0:
+        torch.save(reg.state_dict(), path)
     dist.barrier()
+    plain = nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 5)).to(device)
+    plain.load_state_dict(model.state_dict())
+    restored = EWCRegularizer(plain)
+    restored.load_state_dict(torch.load(path, map_location=device))
+    same = all(
+        torch.equal(restored.fisher[n], reg.fisher[n])
+        and torch.equal(restored.anchor[n], reg.anchor[n])
+        for n in reg.fisher
+    )
+    print(f"rank {rank}: rank 0's saved state restores this rank's Fisher and anchors: {same}",
+          flush=True)
+    dist.barrier()
+    if rank == 0:
+        os.remove(path)
     dist.destroy_process_group()
 
 
