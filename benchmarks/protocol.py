@@ -23,8 +23,10 @@ import math
 import multiprocessing
 import sys
 import time
+from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -209,6 +211,28 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, output_fn: Callable[[Tensor
     return 100.0 * correct / len(y)
 
 
+class Stopwatch:
+    """Wall-clock and process CPU seconds accumulated per phase; waits for CUDA work at the
+    phase boundaries so that GPU time is attributed to the right phase."""
+
+    def __init__(self, device: torch.device | str) -> None:
+        self.cuda = torch.device(device).type == "cuda"
+        self.wall: dict[str, float] = defaultdict(float)
+        self.cpu: dict[str, float] = defaultdict(float)
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Time the body as part of phase ``name``."""
+        if self.cuda:
+            torch.cuda.synchronize()
+        wall, cpu = time.perf_counter(), time.process_time()
+        yield
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.wall[name] += time.perf_counter() - wall
+        self.cpu[name] += time.process_time() - cpu
+
+
 def run(spec: RunSpec, bench: Benchmark, data: ArrayData, device: torch.device | str,
         fisher_chunk: int | None = None) -> dict[str, Any]:
     """Train one run of the protocol; return its ``runs.jsonl`` record."""
@@ -225,19 +249,19 @@ def run(spec: RunSpec, bench: Benchmark, data: ArrayData, device: torch.device |
     shuffle_gen = torch.Generator().manual_seed(spec.seed + 10_000)
     sample_gen = torch.Generator(device=device).manual_seed(spec.seed + 20_000)
     fisher_kwargs = {} if fisher_chunk is None else {"chunk_size": fisher_chunk}
-    train_seconds = fisher_seconds = 0.0
+    clock = Stopwatch(device)
     for t, classes in enumerate(tasks):
         x, y = task_subset(data.train_x, data.train_y, classes)
         output_fn = head(classes, device)
-        start = time.perf_counter()
-        train_task(model, optimizer, reg, x, y, output_fn, spec.iters, spec.batch_size,
-                   train_gen)
-        train_seconds += time.perf_counter() - start
+        with clock.phase("train"):
+            train_task(model, optimizer, reg, x, y, output_fn, spec.iters, spec.batch_size,
+                       train_gen)
         if reg is not None and t < len(tasks) - 1:
-            start = time.perf_counter()
-            batches = fisher_batches(x, y, FISHER_SETTINGS[spec.method].batch_size, shuffle_gen)
-            reg.consolidate(batches, output_fn=output_fn, generator=sample_gen, **fisher_kwargs)
-            fisher_seconds += time.perf_counter() - start
+            with clock.phase("fisher"):
+                batches = fisher_batches(x, y, FISHER_SETTINGS[spec.method].batch_size,
+                                         shuffle_gen)
+                reg.consolidate(batches, output_fn=output_fn, generator=sample_gen,
+                                **fisher_kwargs)
     per_task = [
         evaluate(model, *task_subset(data.test_x, data.test_y, classes), head(classes, device))
         for classes in tasks
@@ -247,9 +271,11 @@ def run(spec: RunSpec, bench: Benchmark, data: ArrayData, device: torch.device |
         "accuracy": sum(per_task) / len(per_task),
         "per_task": per_task,
         "tasks": tasks,
-        "seconds": train_seconds + fisher_seconds,
-        "train_seconds": train_seconds,
-        "fisher_seconds": fisher_seconds,
+        "seconds": clock.wall["train"] + clock.wall["fisher"],
+        "train_seconds": clock.wall["train"],
+        "fisher_seconds": clock.wall["fisher"],
+        "cpu_seconds": clock.cpu["train"] + clock.cpu["fisher"],
+        "fisher_cpu_seconds": clock.cpu["fisher"],
         "fisher_chunk": fisher_chunk,
         "device": str(device),
         "threads": torch.get_num_threads(),
@@ -414,7 +440,8 @@ def main(bench: Benchmark, argv: list[str] | None = None) -> list[dict[str, Any]
         spec = RunSpec(*(record[k] for k in RunSpec.__dataclass_fields__))
         print(f"[{len(finished)}/{len(todo)}] {spec.describe()}: {record['accuracy']:.2f}% "
               f"(tasks {' '.join(f'{a:.1f}' for a in record['per_task'])}) in "
-              f"{record['seconds']:.0f}s (Fisher {record['fisher_seconds']:.0f}s) | "
+              f"{record['seconds']:.0f}s wall, {record['cpu_seconds']:.0f}s CPU (Fisher "
+              f"{record['fisher_seconds']:.0f}s wall, {record['fisher_cpu_seconds']:.0f}s CPU) | "
               f"ETA {_format_duration(eta)}", flush=True)
 
     if args.workers <= 1:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .protocol import VARIANTS, read_runs
+from .protocol import LAMBDA_GRID, VARIANTS, read_runs
 
 #: van de Ven (2025), Table 1: mean ± SE over 30 seeds at the best λ.
 PAPER_ACCURACY = {
@@ -57,8 +57,10 @@ class Stats:
     mean: float
     se: float  # NaN with a single seed
     n: int
-    seconds: float
+    seconds: float  # wall clock, training + Fisher
     fisher_seconds: float
+    cpu_seconds: float  # process CPU time (NaN for records without it)
+    fisher_cpu_seconds: float
 
     @classmethod
     def of(cls, records: list[dict[str, Any]]) -> Stats:
@@ -67,8 +69,13 @@ class Stats:
         n = len(acc)
         mean = sum(acc) / n
         se = math.sqrt(sum((a - mean) ** 2 for a in acc) / (n - 1) / n) if n > 1 else math.nan
-        return cls(mean, se, n, sum(r["seconds"] for r in records) / n,
-                   sum(r["fisher_seconds"] for r in records) / n)
+
+        def average(field: str) -> float:
+            values = [r[field] for r in records if field in r]
+            return sum(values) / len(values) if values else math.nan
+
+        return cls(mean, se, n, average("seconds"), average("fisher_seconds"),
+                   average("cpu_seconds"), average("fisher_cpu_seconds"))
 
     def text(self) -> str:
         """``mean ± se``."""
@@ -122,9 +129,9 @@ def markdown(config: Config, summary: Summary, figure: str) -> str:
     if data != "real":
         lines += ["**Synthetic smoke data: these accuracies say nothing about the paper.**", ""]
     lines += [
-        "| Variant | best λ | accuracy (mean ± SE) | seeds | s/run (Fisher) "
-        "| paper best λ | paper (30 seeds) |",
-        "|---|---|---|---|---|---|---|",
+        "| Variant | best λ | accuracy (mean ± SE) | seeds | wall s/run (Fisher) "
+        "| CPU s/run (Fisher) | paper best λ | paper (30 seeds) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for method, per_lambda in summary.items():
         strength, stats = best(per_lambda)
@@ -133,6 +140,7 @@ def markdown(config: Config, summary: Summary, figure: str) -> str:
         lines.append(
             f"| {LABELS[method]} | {_lambda_text(strength)} | {stats.text()} | {stats.n} "
             f"| {stats.seconds:.0f} ({stats.fisher_seconds:.0f}) "
+            f"| {stats.cpu_seconds:.0f} ({stats.fisher_cpu_seconds:.0f}) "
             f"| {PAPER_BEST_LAMBDA[method]} | {ref_text} |"
         )
     strengths = sorted({s for m in summary.values() for s in m if s is not None})
@@ -173,6 +181,7 @@ def plot(config: Config, summary: Summary, path: Path) -> None:
         ses = [0.0 if math.isnan(per_lambda[s].se) else per_lambda[s].se for s in xs]
         ax.errorbar(xs, means, yerr=ses, marker="o", ms=4, capsize=2, label=LABELS[method])
     ax.set_xscale("log")
+    ax.set_xlim(LAMBDA_GRID[0] / 3, LAMBDA_GRID[-1] * 3)
     ax.set_xlabel("λ (EWC strength)")
     ax.set_ylabel("mean test accuracy over tasks (%)")
     benchmark, data, iters, batch_size = config
@@ -193,7 +202,9 @@ def report(results_dir: Path) -> Path:
         f"# Results from `{results_dir.name}/runs.jsonl` ({len(records)} runs)",
         "",
         "Best λ per variant = highest mean accuracy over the seeds run at it; SE = standard "
-        "error over seeds; s/run = training + Fisher seconds (Fisher alone in brackets). "
+        "error over seeds; s/run = training + Fisher seconds per run at the best λ, wall clock and "
+        "process CPU time (Fisher alone in brackets; CPU time is less affected by other load "
+        "on the machine). "
         "Paper: van de Ven (2025), 30 seeds; its best λ are read off its figures.",
         "",
     ]

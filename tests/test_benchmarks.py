@@ -114,6 +114,7 @@ def test_split_mnist_end_to_end_and_resume(tmp_path, capsys):
         assert r["benchmark"] == "split_mnist" and r["iters"] == 5 and r["batch_size"] == 128
         assert len(r["per_task"]) == 5 and r["accuracy"] == pytest.approx(sum(r["per_task"]) / 5)
         assert r["seconds"] >= r["fisher_seconds"] >= 0 and "version" in r
+        assert r["cpu_seconds"] >= r["fisher_cpu_seconds"] >= 0
         assert (r["strength"] is None) == (r["method"] == "none")
     assert main(MNIST, args) == []  # everything already recorded: skipped
     assert "0 to do" in capsys.readouterr().out
@@ -136,10 +137,11 @@ def test_report_writes_table_and_figure(tmp_path):
             rows.append({"benchmark": "split_mnist", "data": "real", "method": method,
                          "strength": strength, "seed": seed, "iters": 2000, "batch_size": 128,
                          "accuracy": acc + offset, "per_task": [acc + offset] * 5,
-                         "seconds": 10.0, "fisher_seconds": 4.0})
+                         "seconds": 10.0, "fisher_seconds": 4.0, "cpu_seconds": 9.0,
+                         "fisher_cpu_seconds": 3.0})
     (tmp_path / "runs.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n{torn")
     table = report.report(tmp_path).read_text()
-    assert "| EXACT | 1e5 | 99.00 ± 0.58 | 3 | 10 (4) | 1e5–1e6 | 99.12 ± 0.16 |" in table
+    assert "| EXACT | 1e5 | 99.00 ± 0.58 | 3 | 10 (4) | 9 (3) | 1e5–1e6 | 99.12 ± 0.16 |" in table
     assert "| None | – | 86.00 ± 0.58 | 3 |" in table
     assert "| 1e6 | 97.00 (3) |" in table
     figure = tmp_path / "accuracy_vs_lambda_split_mnist_real_2000it_b128.png"
