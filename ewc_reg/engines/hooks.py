@@ -228,9 +228,9 @@ class _Recorder(TorchFunctionMode):
 
 def bytes_per_sample(num_vectors: int, recorded_bytes: int) -> int:
     """Working memory of one sample whose recorded module outputs take ``recorded_bytes``: the
-    ``K`` output gradients and about as much for the batched backward pass's temporaries, plus
-    the forward pass's saved activations (about twice the recorded outputs)."""
-    return 2 * (max(num_vectors, 1) + 1) * recorded_bytes
+    ``K`` output gradients, the temporaries of a backward pass and the forward pass's saved
+    activations (about three times the recorded outputs; measured on a reduced ResNet-18)."""
+    return (max(num_vectors, 1) + 3) * recorded_bytes
 
 
 #: Modules whose backward has no ``vmap`` batching rule (``vmap`` runs it once per vector and
@@ -248,12 +248,16 @@ def _pull_back(
         return list(
             torch.autograd.grad(output, edges, vectors, is_grads_batched=True, allow_unused=True)
         )
-    last = len(vectors) - 1
-    per_vector = [
-        torch.autograd.grad(output, edges, v, retain_graph=k < last, allow_unused=True)
-        for k, v in enumerate(vectors)
-    ]
-    return [None if g[0] is None else torch.stack(g) for g in zip(*per_vector)]
+    grads: list[Tensor | None] = [None] * len(edges)
+    for k, v in enumerate(vectors):
+        retain = k < len(vectors) - 1
+        pulled = torch.autograd.grad(output, edges, v, retain_graph=retain, allow_unused=True)
+        for i, g in enumerate(pulled):
+            if g is not None:
+                if grads[i] is None:
+                    grads[i] = g.new_zeros(len(vectors), *g.shape)
+                grads[i][k] = g
+    return grads
 
 
 class HookEngine:
