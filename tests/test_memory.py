@@ -40,7 +40,8 @@ class LargestTensor(TorchDispatchMode):
 
 @pytest.fixture
 def chunk_sizes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """The chunk sizes the functorch engine resolves, one per batch."""
+    """The chunk sizes the functorch engine resolves: per batch, of samples, preceded by one of
+    vectors when a single sample exceeds the budget."""
     used: list[int] = []
 
     def spy(chunk_size: int | None, memory_budget: int, bytes_per_sample: int) -> int:
@@ -103,6 +104,22 @@ def test_largest_tensor_stays_within_the_budget_as_the_batch_grows(backend: str)
         with LargestTensor() as unbounded:
             fisher_diagonal(model, one_batch(512), backend=backend)
         assert unbounded.largest > 4 * budget  # the default budget takes the batch at once
+
+
+def test_functorch_engine_splits_a_sample_that_exceeds_the_budget(
+    chunk_sizes: list[int],
+) -> None:
+    """K = 4 pull-backs of one sample need SAMPLE_BYTES; half of it pulls back 2 at a time."""
+    model, data = make_model(), one_batch(6)
+    reference = functorch_fisher(model, data)
+    with LargestTensor() as whole:
+        functorch_fisher(model, data, memory_budget=SAMPLE_BYTES)
+    with LargestTensor() as split:
+        halves = functorch_fisher(model, data, memory_budget=SAMPLE_BYTES // 2)
+    assert chunk_sizes[-2:] == [2, 1]  # 2 vectors at a time, 1 sample at a time
+    assert split.largest * 2 == whole.largest <= SAMPLE_BYTES
+    for name in reference:
+        torch.testing.assert_close(halves[name], reference[name], rtol=1e-12, atol=1e-15)
 
 
 def test_budget_reaches_the_engine_through_consolidate(chunk_sizes: list[int]) -> None:

@@ -157,6 +157,14 @@ def test_every_engine_matches_brute_force(backend: str, method: str) -> None:
     assert_fisher_close(fisher_diagonal(model, batches, method, backend=backend), expected)
 
 
+def test_exact_within_a_tiny_budget_matches_brute_force() -> None:
+    """One sequence's T*V pull-backs exceed the budget: they are taken one at a time."""
+    model, batches = make_model(), padded_batches()
+    expected = brute_force(model, batches, "exact")
+    actual = fisher_diagonal(model, batches, "exact", memory_budget=1, backend="functorch")
+    assert_fisher_close(actual, expected)
+
+
 def test_per_token_expansion_is_the_fisher_of_the_sequence() -> None:
     """Σ_y p(y) (∇ log p(y))² over all V^T label sequences equals the per-token exact Fisher."""
     model, length = make_model(), 3

@@ -5,8 +5,10 @@ For each sample ``n`` (vmapped, in chunks) it builds the pull-back
 and applies it to the sample's ``K`` vectors (vmapped again), then squares and sums. A chunk
 holds ``chunk * K * P`` pull-back numbers for ``P`` parameters, and their squares, so one sample
 is budgeted at ``3 K P`` numbers (:func:`bytes_per_sample`) and ``chunk_size=None`` takes
-``memory_budget // bytes_per_sample`` samples at a time. Works for any module that torch.func
-can trace in eval mode.
+``memory_budget // bytes_per_sample`` samples at a time. When one sample's ``K`` pull-backs alone
+exceed the budget (``exact`` on long sequences, ``K = T V``), samples go one at a time and each
+pulls back its vectors a few at a time, reusing one forward pass. Works for any module that
+torch.func can trace in eval mode.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ class FunctorchEngine:
         memory_budget: int,
     ) -> dict[str, Tensor]:
         with torch.no_grad():
-            vectors = make_vectors(output_fn(batch.call(model)))  # (K, B, C)
+            vectors = make_vectors(output_fn(batch.call(model)))  # (K, B, *S, C)
         frozen = {
             name: t.detach()
             for name, t in [*model.named_parameters(), *model.named_buffers()]
@@ -64,19 +66,29 @@ class FunctorchEngine:
             out = functional_call(model, {**frozen, **theta}, args, kwargs, strict=False)
             return output_fn(out).squeeze(0)
 
+        num_vectors = vectors.shape[0]
+        vector_chunk = num_vectors
+        if chunk_size is None and bytes_per_sample(num_vectors, trainable) > memory_budget:
+            vector_chunk = resolve_chunk_size(None, memory_budget, bytes_per_sample(1, trainable))
+        chunk_size = resolve_chunk_size(
+            chunk_size, memory_budget, bytes_per_sample(num_vectors, trainable)
+        )
+
         def squared_pullbacks(sample_leaves: list[Tensor], sample_vectors: Tensor) -> dict:
             _, pull_back = vjp(lambda theta: output_of_one(theta, sample_leaves), trainable)
-            (grads,) = vmap(pull_back)(sample_vectors)  # each (K, *shape)
-            return {name: g.pow(2).sum(0) for name, g in grads.items()}
+            squares: dict[str, Tensor] = {}
+            for start in range(0, num_vectors, vector_chunk):
+                (grads,) = vmap(pull_back)(sample_vectors[start : start + vector_chunk])
+                for name, g in grads.items():  # each (vector_chunk, *shape)
+                    sq = g.pow(2).sum(0)
+                    squares[name] = squares[name] + sq if name in squares else sq
+            return squares
 
-        chunk_size = resolve_chunk_size(
-            chunk_size, memory_budget, bytes_per_sample(vectors.shape[0], trainable)
-        )
         sums = {
             name: torch.zeros_like(p, dtype=accumulation_dtype(p.dtype))
             for name, p in trainable.items()
         }
-        per_sample_vectors = vectors.transpose(0, 1)  # (B, K, C)
+        per_sample_vectors = vectors.transpose(0, 1)  # (B, K, *S, C)
         for start in range(0, batch.size, chunk_size):
             stop = min(start + chunk_size, batch.size)
             chunk_leaves = [leaves[i][start:stop] for i in per_sample]
