@@ -41,7 +41,7 @@ class Batch:
         """Apply ``fn`` to every per-sample tensor (first dimension ``size``)."""
 
         def apply(leaf: Any) -> Any:
-            return fn(leaf) if _is_per_sample(leaf, self.size) else leaf
+            return fn(leaf) if is_per_sample(leaf, self.size) else leaf
 
         args, kwargs, targets = pytree.tree_map(apply, (self.args, self.kwargs, self.targets))
         return Batch(args, kwargs, targets, int(targets.shape[0]))
@@ -62,7 +62,8 @@ class Batch:
         return model(*self.args, **self.kwargs)
 
 
-def _is_per_sample(leaf: Any, size: int) -> bool:
+def is_per_sample(leaf: Any, size: int) -> bool:
+    """Whether ``leaf`` is a per-sample tensor of a batch of ``size`` (first dimension ``size``)."""
     return isinstance(leaf, Tensor) and leaf.dim() > 0 and leaf.shape[0] == size
 
 

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vjp, vmap
 from torch.utils import _pytree as pytree
 
-from .._batches import Batch
+from .._batches import Batch, is_per_sample
 from .base import OutputFn, VectorFn, accumulation_dtype, resolve_chunk_size
 
 
@@ -53,10 +53,7 @@ class FunctorchEngine:
         }
         trainable = {name: p.detach() for name, p in params.items()}
         leaves, spec = pytree.tree_flatten((batch.args, batch.kwargs))
-        per_sample = [
-            i for i, leaf in enumerate(leaves)
-            if isinstance(leaf, Tensor) and leaf.dim() > 0 and leaf.shape[0] == batch.size
-        ]
+        per_sample = [i for i, leaf in enumerate(leaves) if is_per_sample(leaf, batch.size)]
 
         def output_of_one(theta: dict[str, Tensor], sample_leaves: list[Tensor]) -> Tensor:
             filled: list[Any] = list(leaves)
