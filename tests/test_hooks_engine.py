@@ -279,6 +279,16 @@ def test_estimators_match_functorch(kind: str, method: str) -> None:
     assert_close_dicts(results["hooks"], results["functorch"], 1e-10)
 
 
+def test_parameter_subset() -> None:
+    model = cnn(classes=3)
+    x = torch.randn(6, 2, 6, 6, dtype=torch.float64)
+    data = [(x, torch.randint(0, 3, (6,)))]
+    names = ["0.weight", "1.bias", "6.bias"]
+    got = fisher_diagonal(model, data, params=names, backend="hooks")
+    assert list(got) == names
+    assert_close_dicts(got, fisher_diagonal(model, data, params=names, backend="functorch"), 1e-10)
+
+
 def test_chunks_give_the_same_sums() -> None:
     model = cnn(classes=3)
     x = torch.randn(7, 2, 6, 6, dtype=torch.float64)

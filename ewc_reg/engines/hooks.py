@@ -381,8 +381,7 @@ class HookEngine:
             with torch.no_grad():
                 unit_sums = _unit_sums(unit, record, unit_grads, memory_budget)
             for local, s in unit_sums.items():
-                if local in unit.names:
-                    sums[unit.names[local]] += s
+                sums[unit.names[local]] += s
 
 
 def _unit_sums(
@@ -393,7 +392,7 @@ def _unit_sums(
     (and ``G`` alike) into one ``(B, C')`` output."""
     (x, *others) = record.args or (None,)
     if unit.rule is not None and isinstance(x, Tensor) and not others and not record.kwargs:
-        return unit.rule(unit.module, x, grads[0], memory_budget)
+        return unit.rule(unit.module, x, grads[0], unit.names.keys(), memory_budget)
     known = next(g for g in grads if g is not None)
     vectors = torch.cat(
         [

@@ -3,7 +3,7 @@ r"""Per-layer rules for the hook engine: diagonal sums from a layer's input and 
 A rule sees one call :math:`y = \phi(x; \theta)` of a layer on a batch, its input ``x`` (leading
 dimension ``B``) and the gradients of the pulled-back vectors with respect to its output,
 ``G`` of shape ``(K, B, *y.shape[1:])`` (:math:`G_{nk} = (\partial f(x_n)/\partial y_n)^\top
-v_{nk}`). It returns, for each of the layer's trainable parameters,
+v_{nk}`). It returns, for each of the layer's parameters named in ``names``,
 
 .. math::
 
@@ -21,7 +21,7 @@ and ``bias`` and that nobody hooks the module (hooks may change what it computes
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -29,8 +29,9 @@ from torch import Tensor, nn
 
 from .base import accumulation_dtype
 
-#: ``rule(module, x, G, budget) -> {parameter name: sum}`` (see the module docstring).
-Rule = Callable[[nn.Module, Tensor, Tensor, int], dict[str, Tensor]]
+#: ``rule(module, x, G, names, budget) -> {name: sum}`` for the module's parameters ``names``
+#: (see the module docstring).
+Rule = Callable[[nn.Module, Tensor, Tensor, Collection[str], int], dict[str, Tensor]]
 
 #: Rules by module class, each with a predicate on the module's settings it can handle.
 RULES: dict[type[nn.Module], tuple[Rule, Callable[[nn.Module], bool]]] = {}
@@ -58,11 +59,6 @@ def rule_for(module: nn.Module) -> Rule | None:
     rule, accepts = entry
     own = {name for name, _ in module.named_parameters(recurse=False)}
     return rule if own <= {"weight", "bias"} and accepts(module) else None
-
-
-def _trained(module: nn.Module, name: str) -> bool:
-    param = getattr(module, name, None)
-    return param is not None and param.requires_grad
 
 
 def _acc(module: nn.Module) -> torch.dtype:
@@ -135,7 +131,9 @@ def _squared_products(
 
 
 @register(nn.Linear)
-def linear(module: nn.Module, x: Tensor, grads: Tensor, budget: int) -> dict[str, Tensor]:
+def linear(
+    module: nn.Module, x: Tensor, grads: Tensor, names: Collection[str], budget: int
+) -> dict[str, Tensor]:
     r""":math:`y = x W^\top + b` with ``x: (B, *S, in)`` and ``G: (K, B, *S, out)``.
 
     Per-sample gradients :math:`\partial_W = \sum_s G_{nks} x_{ns}^\top` (summed over the
@@ -146,7 +144,7 @@ def linear(module: nn.Module, x: Tensor, grads: Tensor, budget: int) -> dict[str
     x = x.to(acc).reshape(x.shape[0], -1, x.shape[-1])  # (B, S, in)
     grads = grads.to(acc).reshape(*grads.shape[:2], -1, grads.shape[-1])  # (K, B, S, out)
     sums = {}
-    if _trained(module, "weight"):
+    if "weight" in names:
         weight = _squared_products(
             grads.mT.unsqueeze(2),  # (K, B, 1, out, S)
             lambda chunk: x[chunk].mT.unsqueeze(1),  # (b, 1, in, S)
@@ -154,7 +152,7 @@ def linear(module: nn.Module, x: Tensor, grads: Tensor, budget: int) -> dict[str
             budget,
         )
         sums["weight"] = weight[0]
-    if _trained(module, "bias"):
+    if "bias" in names:
         sums["bias"] = _square_sum(grads.sum(2))
     return sums
 
@@ -175,7 +173,9 @@ def _conv_padding(module: nn.Module) -> list[int]:
 
 
 @register(nn.Conv1d, nn.Conv2d)
-def conv(module: nn.Module, x: Tensor, grads: Tensor, budget: int) -> dict[str, Tensor]:
+def conv(
+    module: nn.Module, x: Tensor, grads: Tensor, names: Collection[str], budget: int
+) -> dict[str, Tensor]:
     r"""Convolutions ``(B, C_in, *spatial) -> (B, C_out, *spatial')`` with any stride, padding
     (and padding mode), dilation and groups.
 
@@ -205,24 +205,24 @@ def conv(module: nn.Module, x: Tensor, grads: Tensor, budget: int) -> dict[str, 
         return patches.view(patches.shape[0], groups, patch, -1)  # (b, g, P, L)
 
     sums = {}
-    if _trained(module, "weight"):
+    if "weight" in names:
         weight = _squared_products(grads, patches_of, patch, budget)
         sums["weight"] = weight.reshape(module.weight.shape)
-    if _trained(module, "bias"):
+    if "bias" in names:
         sums["bias"] = _square_sum(grads.sum(-1)).reshape(-1)
     return sums
 
 
 def _affine(
-    module: nn.Module, xhat: Tensor, grads: Tensor, per_sample: Callable[[Tensor], Tensor]
+    xhat: Tensor, grads: Tensor, names: Collection[str], per_sample: Callable[[Tensor], Tensor]
 ) -> dict[str, Tensor]:
     r"""Normalisation layers :math:`y = \hat x \odot w + b`: the per-sample gradients are
     ``per_sample`` (a sum over the dimensions the affine parameters are broadcast over) of
     :math:`G \odot \hat x` for ``w`` and of :math:`G` for ``b``."""
     sums = {}
-    if _trained(module, "weight"):
+    if "weight" in names:
         sums["weight"] = _square_sum(per_sample(grads * xhat))
-    if _trained(module, "bias"):
+    if "bias" in names:
         sums["bias"] = _square_sum(per_sample(grads))
     return sums
 
@@ -233,7 +233,9 @@ def _per_channel(t: Tensor) -> Tensor:
 
 
 @register(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-def batch_norm(module: nn.Module, x: Tensor, grads: Tensor, budget: int) -> dict[str, Tensor]:
+def batch_norm(
+    module: nn.Module, x: Tensor, grads: Tensor, names: Collection[str], budget: int
+) -> dict[str, Tensor]:
     r"""Batch norm in eval mode (running statistics; the engine rejects batch statistics):
     :math:`\hat x = (x - \mu)/\sqrt{\sigma^2 + \epsilon}` per channel (dimension 1), then
     :math:`\partial_w = \sum_{\text{spatial}} G \odot \hat x`, :math:`\partial_b =
@@ -242,16 +244,18 @@ def batch_norm(module: nn.Module, x: Tensor, grads: Tensor, budget: int) -> dict
     xhat = F.batch_norm(
         x.to(acc), module.running_mean.to(acc), module.running_var.to(acc), eps=module.eps
     )
-    return _affine(module, xhat, grads.to(acc), _per_channel)
+    return _affine(xhat, grads.to(acc), names, _per_channel)
 
 
 @register(nn.GroupNorm)
-def group_norm(module: nn.Module, x: Tensor, grads: Tensor, budget: int) -> dict[str, Tensor]:
+def group_norm(
+    module: nn.Module, x: Tensor, grads: Tensor, names: Collection[str], budget: int
+) -> dict[str, Tensor]:
     r"""Group norm: :math:`\hat x` normalised per sample and group, affine per channel
     (dimension 1), as for batch norm."""
     acc = _acc(module)
     xhat = F.group_norm(x.to(acc), module.num_groups, eps=module.eps)
-    return _affine(module, xhat, grads.to(acc), _per_channel)
+    return _affine(xhat, grads.to(acc), names, _per_channel)
 
 
 def _per_trailing(dims: int) -> Callable[[Tensor], Tensor]:
@@ -264,20 +268,24 @@ def _per_trailing(dims: int) -> Callable[[Tensor], Tensor]:
 
 
 @register(nn.LayerNorm)
-def layer_norm(module: nn.Module, x: Tensor, grads: Tensor, budget: int) -> dict[str, Tensor]:
+def layer_norm(
+    module: nn.Module, x: Tensor, grads: Tensor, names: Collection[str], budget: int
+) -> dict[str, Tensor]:
     r"""Layer norm over the trailing ``normalized_shape`` dimensions ``D`` of ``(B, *S, *D)``:
     :math:`\partial_w = \sum_S G \odot \hat x`, :math:`\partial_b = \sum_S G`."""
     acc = _acc(module)
     xhat = F.layer_norm(x.to(acc), module.normalized_shape, eps=module.eps)
-    return _affine(module, xhat, grads.to(acc), _per_trailing(len(module.normalized_shape)))
+    return _affine(xhat, grads.to(acc), names, _per_trailing(len(module.normalized_shape)))
 
 
-def rms_norm(module: nn.Module, x: Tensor, grads: Tensor, budget: int) -> dict[str, Tensor]:
+def rms_norm(
+    module: nn.Module, x: Tensor, grads: Tensor, names: Collection[str], budget: int
+) -> dict[str, Tensor]:
     r"""RMS norm :math:`\hat x = x / \sqrt{\mathrm{mean}_D(x^2) + \epsilon}` over the trailing
     dimensions ``D``: :math:`\partial_w = \sum_S G \odot \hat x`."""
     acc = _acc(module)
     xhat = F.rms_norm(x.to(acc), module.normalized_shape, eps=module.eps)
-    return _affine(module, xhat, grads.to(acc), _per_trailing(len(module.normalized_shape)))
+    return _affine(xhat, grads.to(acc), names, _per_trailing(len(module.normalized_shape)))
 
 
 if hasattr(nn, "RMSNorm"):  # torch >= 2.4
@@ -285,7 +293,9 @@ if hasattr(nn, "RMSNorm"):  # torch >= 2.4
 
 
 @register(nn.Embedding, accepts=lambda module: not module.scale_grad_by_freq)
-def embedding(module: nn.Module, x: Tensor, grads: Tensor, budget: int) -> dict[str, Tensor]:
+def embedding(
+    module: nn.Module, x: Tensor, grads: Tensor, names: Collection[str], budget: int
+) -> dict[str, Tensor]:
     r"""Embedding lookup :math:`y_{ns} = W_{i_{ns}}` with indices ``(B, *S)``.
 
     The per-sample gradient of row ``r`` is :math:`\sum_{s: i_{ns} = r} G_{nks}`: the pairs
@@ -303,4 +313,4 @@ def embedding(module: nn.Module, x: Tensor, grads: Tensor, budget: int) -> dict[
     weight = grads.new_zeros(rows, dim).index_add_(0, pairs % rows, per_pair.square().sum(0))
     if module.padding_idx is not None:
         weight[module.padding_idx] = 0
-    return {"weight": weight} if _trained(module, "weight") else {}
+    return {"weight": weight}
