@@ -4,6 +4,7 @@ union of the shards."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 from pathlib import Path
@@ -75,6 +76,15 @@ def scenarios(rank: int, workdir: Path) -> dict[str, Any]:
     reg = EWCRegularizer(ddp, strength=100.0, method="exact", mode="separate")
     reg.consolidate(data)
     out["ddp_fisher_1"] = reg.fisher
+    before = reg.state_dict()
+    wrong_width = [(torch.randn(2, 7, dtype=torch.float64), torch.zeros(2, dtype=torch.long))]
+    with contextlib.suppress(RuntimeError):  # the forward fails on rank 1, so both raise
+        reg.consolidate(data if rank == 0 else wrong_width)
+        out["ddp_bad_consolidate_returned"] = True
+    after = reg.state_dict()
+    out["ddp_unchanged_after_failure"] = after["num_tasks"] == before["num_tasks"] and all(
+        torch.equal(after["fisher"][n], before["fisher"][n]) for n in before["fisher"]
+    )
     optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1)
     x, y = data[0]
     loss = F.cross_entropy(ddp(x), y) + reg.penalty()
@@ -167,6 +177,8 @@ def test_ddp_wrapped_model(ranks: list) -> None:
     for out in ranks:
         assert out["ddp_keys"] == [n for n, _ in sorted(model.named_parameters())]
         assert_fisher_equal(out["ddp_fisher_1"], expected_1)
+        assert "ddp_bad_consolidate_returned" not in out
+        assert out["ddp_unchanged_after_failure"]
         assert out["ddp_training"] is True
     for name in ranks[0]["ddp_trained"]:  # replicas stayed identical, hence so did the anchors
         assert torch.equal(ranks[0]["ddp_trained"][name], ranks[1]["ddp_trained"][name])
