@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from ewc_reg import EWCRegularizer, fisher_diagonal
 from ewc_reg.engines import ENGINES
-from ewc_reg.likelihoods import Categorical
+from ewc_reg.likelihoods import LIKELIHOODS, Categorical
 
 VOCAB, LENGTH, DIM = 4, 5, 8
 
@@ -292,6 +292,25 @@ def test_elementwise_likelihoods_sum_over_positions(likelihood: str, method: str
         generator=torch.Generator().manual_seed(1), **kw,
     )
     assert_fisher_close(structured, flat)
+
+
+@pytest.mark.parametrize("name", ["categorical", "gaussian", "bernoulli"])
+@pytest.mark.parametrize("shape", [(2, 3, 4), (2, 2, 3, 2), (3, 1, 5)])
+def test_exact_factor_is_block_diagonal_over_positions(name: str, shape: tuple) -> None:
+    """Σ_k v_k v_kᵀ over the flattened per-sample output is, block by block, each position's own
+    output-space Fisher (that of the (B', C) output made of that position alone)."""
+    lik = LIKELIHOODS[name]()
+    f = torch.randn(shape, dtype=torch.float64)
+    batch, classes = shape[0], shape[-1]
+    flat = lik.exact_vectors(f).reshape(-1, batch, f[0].numel())  # (K, B, |S| C)
+    fisher = torch.einsum("kbi,kbj->bij", flat, flat)
+    positions = f.reshape(batch, -1, classes)
+    expected = torch.zeros_like(fisher)
+    for s in range(positions.shape[1]):
+        v = lik.exact_vectors(positions[:, s])  # (C, B, C)
+        block = slice(s * classes, (s + 1) * classes)
+        expected[:, block, block] = torch.einsum("kbi,kbj->bij", v, v)
+    torch.testing.assert_close(fisher, expected, rtol=1e-12, atol=1e-14)
 
 
 def test_likelihood_shapes_and_unchanged_2d_errors() -> None:
