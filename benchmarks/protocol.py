@@ -350,6 +350,9 @@ def parse_args(bench: Benchmark, argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--methods", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     p.add_argument("--lambdas", nargs="+", type=float,
                    help="λ values for every variant (default: the paper's grid 1..1e13)")
+    p.add_argument("--at-best-lambda", action="store_true",
+                   help="run each variant only at its best λ so far in <out>/runs.jsonl "
+                        "(same data, iterations and batch size), e.g. to add seeds")
     p.add_argument("--seeds", nargs="+", type=int, help="default: 0 1 2")
     p.add_argument("--iters", type=int, help="iterations per task (default: 2000)")
     p.add_argument("--batch-size", type=int, default=bench.batch_size)
@@ -379,10 +382,23 @@ def parse_args(bench: Benchmark, argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def lambdas_per_method(args: argparse.Namespace) -> dict[str, tuple[float, ...]]:
-    """λ values of each variant: ``--lambdas``, else one typical value (quick) or the grid."""
+def lambdas_per_method(args: argparse.Namespace, benchmark: str, data: str
+                       ) -> dict[str, tuple[float, ...]]:
+    """λ values of each variant: ``--lambdas``; else with ``--at-best-lambda`` the best so far
+    in ``runs.jsonl``; else one typical value (``--quick``) or the whole grid."""
     if args.lambdas:
         return dict.fromkeys(TYPICAL_LOG10_LAMBDA, tuple(args.lambdas))
+    if args.at_best_lambda:
+        from .report import best, group
+
+        config = (benchmark, data, args.iters, args.batch_size)
+        summary = group(read_runs(args.out / "runs.jsonl")).get(config, {})
+        lambdas = {m: (best(per_lambda)[0],) for m, per_lambda in summary.items() if m != "none"}
+        missing = [m for m in args.methods if m != "none" and m not in lambdas]
+        if missing:
+            raise SystemExit(f"--at-best-lambda: no runs of {missing} with this configuration "
+                             f"in {args.out / 'runs.jsonl'}")
+        return lambdas
     if args.quick:
         return {m: (nearest_typical_lambda(m),) for m in TYPICAL_LOG10_LAMBDA}
     return dict.fromkeys(TYPICAL_LOG10_LAMBDA, LAMBDA_GRID)
@@ -420,7 +436,7 @@ def main(bench: Benchmark, argv: list[str] | None = None) -> list[dict[str, Any]
     data_kind = "synthetic" if args.synthetic else "real"
     runs_path = args.out / "runs.jsonl"
     specs = plan_runs(bench.name, data_kind, args.methods, args.seeds,
-                      lambdas_per_method(args), args.iters, args.batch_size)
+                      lambdas_per_method(args, bench.name, data_kind), args.iters, args.batch_size)
     done = {record_key(r) for r in read_runs(runs_path)}
     todo = [s for s in specs if s.key() not in done]
     print(f"{bench.name} ({data_kind} data, {args.iters} it/task, batch {args.batch_size}, "

@@ -112,6 +112,10 @@ def _lambda_text(strength: float | None) -> str:
     return "–" if strength is None else f"1e{round(math.log10(strength))}"
 
 
+def _seconds_text(total: float, fisher: float) -> str:
+    return "–" if math.isnan(total) else f"{total:.0f} ({fisher:.0f})"
+
+
 def slug(config: Config) -> str:
     """File-name tag of a configuration."""
     benchmark, data, iters, batch_size = config
@@ -121,7 +125,7 @@ def slug(config: Config) -> str:
 def markdown(config: Config, summary: Summary, figure: str) -> str:
     """The results section of one configuration."""
     benchmark, data, iters, batch_size = config
-    paper = PAPER_ACCURACY.get(benchmark, {})
+    paper = PAPER_ACCURACY.get(benchmark, {}) if data == "real" else {}
     lines = [
         f"## {benchmark} — {data} data, {iters} iterations/task, batch {batch_size}",
         "",
@@ -139,9 +143,9 @@ def markdown(config: Config, summary: Summary, figure: str) -> str:
         ref_text = "–" if ref is None else f"{ref[0]:.2f} ± {ref[1]:.2f}"
         lines.append(
             f"| {LABELS[method]} | {_lambda_text(strength)} | {stats.text()} | {stats.n} "
-            f"| {stats.seconds:.0f} ({stats.fisher_seconds:.0f}) "
-            f"| {stats.cpu_seconds:.0f} ({stats.fisher_cpu_seconds:.0f}) "
-            f"| {PAPER_BEST_LAMBDA[method]} | {ref_text} |"
+            f"| {_seconds_text(stats.seconds, stats.fisher_seconds)} "
+            f"| {_seconds_text(stats.cpu_seconds, stats.fisher_cpu_seconds)} "
+            f"| {PAPER_BEST_LAMBDA[method] if paper else '–'} | {ref_text} |"
         )
     strengths = sorted({s for m in summary.values() for s in m if s is not None})
     methods = [m for m in summary if m != "none"]

@@ -121,6 +121,18 @@ def test_split_mnist_end_to_end_and_resume(tmp_path, capsys):
     assert len(read_runs(tmp_path / "runs.jsonl")) == len(records)
 
 
+def test_at_best_lambda_takes_each_variants_best_so_far(tmp_path, capsys):
+    rows = [{"benchmark": "split_mnist", "data": "synthetic", "method": "batched",
+             "strength": s, "seed": 0, "iters": 1, "batch_size": 128, "accuracy": acc}
+            for s, acc in [(1e3, 60.0), (1e4, 70.0), (1e5, 65.0)]]
+    (tmp_path / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = ["--synthetic", "--iters", "1", "--threads", "1", "--out", str(tmp_path)]
+    finished = main(MNIST, [*common, "--methods", "batched", "--at-best-lambda", "--seeds", "3"])
+    assert [(r["strength"], r["seed"]) for r in finished] == [(1e4, 3)]
+    with pytest.raises(SystemExit, match="exact"):
+        main(MNIST, [*common, "--methods", "exact", "--at-best-lambda"])
+
+
 def test_split_cifar10_synthetic_smoke(tmp_path):
     finished = main(CIFAR, ["--synthetic", "--iters", "2", "--batch-size", "16", "--seeds", "1",
                             "--methods", "exact_n500", "none", "--lambdas", "1e5",
