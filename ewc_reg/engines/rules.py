@@ -70,6 +70,11 @@ def _square_sum(per_sample: Tensor) -> Tensor:
     return per_sample.square().sum((0, 1))
 
 
+def _sum(t: Tensor, dim: int) -> Tensor:
+    """``t.sum(dim)``; a dimension of size 1 is squeezed instead (reducing it is slow)."""
+    return t.squeeze(dim) if t.shape[dim] == 1 else t.sum(dim)
+
+
 def _sample_chunks(batch: int, bytes_per_sample: int, budget: int) -> Iterator[slice]:
     step = max(1, budget // max(bytes_per_sample, 1))
     for start in range(0, batch, step):
@@ -119,9 +124,11 @@ def _squared_products(
         return result
     per_sample = groups * (positions * (num_vectors * out + (out + patch) * positions) + patch)
     for chunk in _sample_chunks(batch, per_sample * size, budget):
-        g = grads[:, chunk].permute(2, 3, 1, 4, 0)  # (g, O, b, L, K)
-        b = g.shape[2]
-        gram = g.square().sum(-1) if positions == 1 else g @ g.mT  # (g, O, b, L, L)
+        if positions == 1:
+            gram = grads[:, chunk, ..., 0].square().sum(0).permute(1, 2, 0)  # (g, O, b)
+        else:
+            g = grads[:, chunk].permute(2, 3, 1, 4, 0)  # (g, O, b, L, K)
+            gram = g @ g.mT  # (g, O, b, L, L)
         u = patches_of(chunk).permute(1, 2, 0, 3).contiguous()  # (g, P, b, L)
         outer = u.unsqueeze(-1) * u.unsqueeze(-2)  # (g, P, b, L, L)
         result += torch.bmm(
@@ -153,7 +160,7 @@ def linear(
         )
         sums["weight"] = weight[0]
     if "bias" in names:
-        sums["bias"] = _square_sum(grads.sum(2))
+        sums["bias"] = _square_sum(_sum(grads, 2))
     return sums
 
 
@@ -209,7 +216,7 @@ def conv(
         weight = _squared_products(grads, patches_of, patch, budget)
         sums["weight"] = weight.reshape(module.weight.shape)
     if "bias" in names:
-        sums["bias"] = _square_sum(grads.sum(-1)).reshape(-1)
+        sums["bias"] = _square_sum(_sum(grads, -1)).reshape(-1)
     return sums
 
 
@@ -229,7 +236,7 @@ def _affine(
 
 def _per_channel(t: Tensor) -> Tensor:
     """``(K, B, C, *spatial) -> (K, B, C)``."""
-    return t.reshape(*t.shape[:3], -1).sum(-1)
+    return _sum(t.reshape(*t.shape[:3], -1), -1)
 
 
 @register(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -262,7 +269,7 @@ def _per_trailing(dims: int) -> Callable[[Tensor], Tensor]:
     """``(K, B, *S, *D) -> (K, B, *D)`` for ``len(D) = dims``."""
 
     def reduce(t: Tensor) -> Tensor:
-        return t.reshape(*t.shape[:2], -1, *t.shape[t.dim() - dims :]).sum(2)
+        return _sum(t.reshape(*t.shape[:2], -1, *t.shape[t.dim() - dims :]), 2)
 
     return reduce
 
