@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from ._penalty import quadratic_penalty
 from ._validation import check_choice, check_count, check_real
 from .distributed import process_group_for, unwrap_model
 from .fisher import METHODS, ParamSelection, fisher_diagonal, select_parameters
@@ -202,10 +203,9 @@ class EWCRegularizer:
         params = dict(self.model.named_parameters())
         names = list(self._precision)
         current = [params[n] for n in names]
-        diffs = torch._foreach_sub(current, [self._center[n] for n in names])
-        weighted = torch._foreach_mul(diffs, diffs)
-        torch._foreach_mul_(weighted, [self._precision[n] for n in names])
-        total = torch.stack([w.sum() for w in weighted]).sum() + self._offset
+        total = quadratic_penalty(
+            current, [self._precision[n] for n in names], [self._center[n] for n in names]
+        ) + self._offset
         return 0.5 * self.strength * total
 
     def state_dict(self) -> dict[str, Any]:
