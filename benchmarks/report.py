@@ -109,7 +109,11 @@ def best(per_lambda: dict[float | None, Stats]) -> tuple[float | None, Stats]:
 
 
 def _lambda_text(strength: float | None) -> str:
-    return "–" if strength is None else f"1e{round(math.log10(strength))}"
+    if strength is None:
+        return "–"
+    if strength > 0 and math.log10(strength).is_integer():
+        return f"1e{int(math.log10(strength))}"
+    return f"{strength:g}"
 
 
 def _seconds_text(total: float, fisher: float) -> str:
