@@ -597,8 +597,9 @@ def render(
     rows: list[Row],
     targets: list[tuple[str, str, bool | None]],
     auto: dict[str, str],
+    status: str = "",
 ) -> str:
-    """The full markdown report."""
+    """The markdown report (``status``: say it is partial)."""
     machine = (
         f"{_cpu_name()}, {os.cpu_count()} logical CPUs, {platform.platform()}; load average "
         f"(1 min) at the end {os.getloadavg()[0]:.2f} (other jobs share the machine)"
@@ -607,7 +608,7 @@ def render(
         machine += f"; GPU {torch.cuda.get_device_name(device)}"
     picks = ", ".join(f"{key}: {backend}" for key, backend in auto.items())
     header = [
-        "# Fisher speed benchmark (issue #3)",
+        "# Fisher speed benchmark (issue #3)" + (f" ({status})" if status else ""),
         "",
         f"- command: `{command}`",
         f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}",
@@ -721,18 +722,20 @@ def _run(args: argparse.Namespace, command: str) -> Report:
 
     rows: list[Row] = []
     auto: dict[str, str] = {}
+    workloads = make_workloads(args.models, args.quick, args.samples, device)
     with warnings.catch_warnings():  # peers' and torch.func's performance warnings
         warnings.simplefilter("ignore", UserWarning)
-        for w in make_workloads(args.models, args.quick, args.samples, device):
+        for done, w in enumerate(workloads, 1):
             log(f"{w.title}, C={w.num_classes}, N={w.size}")
             workload_rows = benchmark_workload(w, args.repeats, args.max_seconds, device, log)
             auto[w.model_key] = auto_backend(w, workload_rows)
             rows += workload_rows
-    targets = evaluate_targets(rows, auto)
-    markdown = render(args, command, device, rows, targets, auto)
-    if args.output is not None:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(markdown)
+            targets = evaluate_targets(rows, auto)
+            status = "" if done == len(workloads) else f"partial, {done}/{len(workloads)} workloads"
+            markdown = render(args, command, device, rows, targets, auto, status)
+            if args.output is not None:  # after each workload, so a long run shows progress
+                args.output.parent.mkdir(parents=True, exist_ok=True)
+                args.output.write_text(markdown)
     return Report(rows, targets, markdown, auto)
 
 
