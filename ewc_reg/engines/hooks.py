@@ -59,6 +59,7 @@ from .rules import Rule, rule_for
 
 logger = logging.getLogger("ewc_reg")
 
+
 class Unsupported(Exception):
     """The model breaks an assumption of the layer-wise decomposition (see the module
     docstring); the message says which."""
