@@ -30,6 +30,7 @@ import datetime
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -580,6 +581,23 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def _library_revision() -> str:
+    """The repository's commit, and whether ``ewc_reg/`` has uncommitted changes."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "ewc_reg"], cwd=root, capture_output=True,
+            text=True, check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+    return f"commit {commit}" + (" + uncommitted changes in ewc_reg/" if dirty else "")
+
+
 def _peer_versions() -> str:
     found = []
     for label, distribution in PEERS.items():
@@ -615,7 +633,8 @@ def render(
         f"- machine: {machine}",
         f"- torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, "
         f"float32, Python {platform.python_version()}",
-        f"- ewc_reg backends: {', '.join(BACKENDS)} (`auto` picks {picks})",
+        f"- ewc_reg {_library_revision()}; backends: {', '.join(BACKENDS)} "
+        f"(`auto` picks {picks})",
         f"- peers: {_peer_versions()}",
         "",
         "## Method",
