@@ -34,7 +34,7 @@ import subprocess
 import sys
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
@@ -78,10 +78,12 @@ class Workload:
 
     @property
     def size(self) -> int:
+        """``N``, the number of samples."""
         return int(self.targets.shape[0])
 
     @property
     def sliced(self) -> bool:
+        """Whether ``C`` is less than the model's outputs (``output_fn`` then selects them)."""
         return self.num_classes < self.model.get_submodule(self.head).out_features
 
     def output_fn(self, output: Tensor) -> Tensor:
@@ -127,7 +129,8 @@ class Report:
     rows: list[Row]
     targets: list[tuple[str, str, bool | None]]
     markdown: str
-    auto_backend: dict[str, str] = field(default_factory=dict)
+    #: The engine ``backend="auto"`` used, per model.
+    auto_backend: dict[str, str]
 
     @property
     def agreement_ok(self) -> bool:
