@@ -158,23 +158,31 @@ class _Recorder(TorchFunctionMode):
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
 
     def __enter__(self) -> _Recorder:
-        for unit in self.units:
-            self.handles += [
-                unit.module.register_forward_pre_hook(
-                    lambda module, args, kwargs, unit=unit: self._before(unit, args, kwargs),
-                    prepend=True,
-                    with_kwargs=True,
-                ),
-                unit.module.register_forward_hook(
-                    lambda module, args, output, unit=unit: self._after(unit, output)
-                ),
-            ]
+        try:
+            for unit in self.units:
+                self.handles += [
+                    unit.module.register_forward_pre_hook(
+                        lambda module, args, kwargs, unit=unit: self._before(unit, args, kwargs),
+                        prepend=True,
+                        with_kwargs=True,
+                    ),
+                    unit.module.register_forward_hook(
+                        lambda module, args, output, unit=unit: self._after(unit, output)
+                    ),
+                ]
+        except BaseException:
+            self._remove_hooks()
+            raise
         return super().__enter__()
 
     def __exit__(self, *exc: object) -> None:
+        self._remove_hooks()
+        super().__exit__(*exc)
+
+    def _remove_hooks(self) -> None:
         for handle in self.handles:
             handle.remove()
-        super().__exit__(*exc)
+        self.handles.clear()
 
     def _flag(self, problem: str) -> None:
         self.problem = self.problem or problem
