@@ -483,6 +483,7 @@ def test_float32_benchmark_models_agree_with_functorch() -> None:
     ]:
         randomize_bn(model)
         model.eval()
+        assert get_engine("auto", model).name == "hooks"
         vectors = random_vectors(model, x)
         got = engine_sums(HookEngine(), model, x, vectors)
         assert_close_dicts(got, engine_sums(FunctorchEngine(), model, x, vectors), 1e-5)
