@@ -105,6 +105,9 @@ LAYERS = {
     "conv2d_groups_dilation": (
         lambda: nn.Conv2d(6, 3, (2, 3), dilation=(2, 1), groups=3, bias=False), (5, 6, 7, 6)
     ),
+    "conv2d_same_even_kernel": (
+        lambda: nn.Conv2d(2, 3, (2, 4), padding="same", dilation=(1, 2)), (5, 2, 6, 7)
+    ),
     "conv2d_same_reflect": (
         lambda: nn.Conv2d(2, 3, (2, 3), padding="same", padding_mode="reflect"), (5, 2, 6, 5)
     ),
