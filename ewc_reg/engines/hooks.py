@@ -35,7 +35,9 @@ Memory: the forward pass over the whole batch gives the checks and the vectors; 
 working set (:func:`bytes_per_sample`, mostly ``K`` times the recorded outputs) fits in
 ``memory_budget`` it also gives the sums, else the batch is redone in chunks of
 ``resolve_chunk_size(chunk_size, memory_budget, bytes_per_sample)`` samples, each with its own
-forward pass. Rules materialise per-sample gradients for chunks of samples within the budget.
+forward pass (the first pass then runs without gradients when ``chunk_size`` or the previous
+batch already told that the batch will be split). Rules materialise per-sample gradients for
+chunks of samples within the budget too, so the peak is up to about twice the budget.
 """
 
 from __future__ import annotations
@@ -205,11 +207,12 @@ class _Recorder(TorchFunctionMode):
                     f"an output of {_describe(unit.path)} has shape {tuple(leaf.shape)}, without "
                     f"the batch ({self.batch_size}) as leading dimension"
                 )
+            if leaf.is_floating_point():
+                record.nbytes += leaf.numel() * leaf.element_size()
             if leaf.requires_grad:
                 record.edges.append(get_gradient_edge(leaf))
                 record.leaves.append(i)
                 record.shapes.append(leaf.shape)
-                record.nbytes += leaf.numel() * leaf.element_size()
 
     def __torch_function__(
         self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
@@ -283,6 +286,7 @@ class HookEngine:
     def __init__(self, fallback: Engine | None = None) -> None:
         self.fallback = fallback
         self._given_up: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+        self._steps: weakref.WeakKeyDictionary[nn.Module, int] = weakref.WeakKeyDictionary()
 
     @classmethod
     def for_model(cls, model: nn.Module, fallback: Engine | None) -> Engine:
@@ -331,10 +335,13 @@ class HookEngine:
         memory_budget: int,
     ) -> dict[str, Tensor]:
         """One forward pass over the batch (checks, vectors, and the sums when the batch fits
-        the budget), else one more per chunk of samples."""
+        the budget), else one more per chunk of samples. The first pass keeps the graph unless
+        ``chunk_size``, or the previous batch's recorded outputs, say the batch will not fit."""
         units = plan(model, params)
         looped = any(isinstance(m, _UNBATCHED_BACKWARD) for m in model.modules())
-        output, records = self._forward(model, units, batch, output_fn)
+        known = chunk_size if chunk_size is not None else self._steps.get(model)
+        whole = known is None or known >= batch.size
+        output, records = self._forward(model, units, batch, output_fn, whole)
         vectors = make_vectors(pytree.tree_map_only(Tensor, Tensor.detach, output))
         sums = {
             name: torch.zeros_like(p, dtype=accumulation_dtype(p.dtype))
@@ -344,13 +351,14 @@ class HookEngine:
         step = resolve_chunk_size(
             chunk_size, memory_budget, bytes_per_sample(vectors.shape[0], recorded)
         )
-        if step >= batch.size:
+        self._steps[model] = step
+        if whole and step >= batch.size:
             self._accumulate(units, records, output, vectors, sums, memory_budget, looped)
             return sums
         del output, records
         for start in range(0, batch.size, step):
             chunk = batch.map_per_sample(operator.itemgetter(slice(start, start + step)))
-            output, records = self._forward(model, units, chunk, output_fn)
+            output, records = self._forward(model, units, chunk, output_fn, True)
             chunk_vectors = vectors[:, start : start + step]
             self._accumulate(
                 units, records, output, chunk_vectors, sums, memory_budget, looped
@@ -359,9 +367,9 @@ class HookEngine:
 
     @staticmethod
     def _forward(
-        model: nn.Module, units: list[_Unit], batch: Batch, output_fn: OutputFn
+        model: nn.Module, units: list[_Unit], batch: Batch, output_fn: OutputFn, grad: bool
     ) -> tuple[Any, dict[_Unit, _Record]]:
-        with torch.enable_grad(), _Recorder(units, batch.size) as recorder:
+        with torch.set_grad_enabled(grad), _Recorder(units, batch.size) as recorder:
             output = output_fn(batch.call(model))
         recorder.check()
         return output, recorder.records
