@@ -31,13 +31,15 @@ The decomposition is valid only if (checked; otherwise :class:`Unsupported` is r
 * module outputs have the batch as leading dimension, recorded inputs are not modified in place
   afterwards, and no batch norm uses batch statistics (it would mix the samples).
 
-Memory: the forward pass over the whole batch gives the checks and the vectors; when the batch's
-working set (:func:`bytes_per_sample`, mostly ``K`` times the recorded outputs) fits in
-``memory_budget`` it also gives the sums, else the batch is redone in chunks of
-``resolve_chunk_size(chunk_size, memory_budget, bytes_per_sample)`` samples, each with its own
-forward pass (the first pass then runs without gradients when ``chunk_size`` or the previous
-batch already told that the batch will be split). Rules materialise per-sample gradients for
-chunks of samples within the budget too, so the peak is up to about twice the budget.
+Memory: the forward pass over the whole batch gives the checks and the vectors (like the
+functorch engine's no-grad pass, it is bounded by the batch the data yields); when the pull-back
+of the whole batch (:func:`bytes_per_sample` without the forward pass, mostly ``K`` times the
+recorded outputs) fits in ``memory_budget`` it also gives the sums, else the batch is redone in
+chunks of ``resolve_chunk_size(chunk_size, memory_budget, bytes_per_sample)`` samples (forward
+pass included), each with its own forward pass; the first pass then runs without gradients when
+``chunk_size`` or the previous batch already told that the batch will be split. Rules
+materialise per-sample gradients for chunks of samples within the budget too, so the peak is
+up to about twice the budget.
 """
 
 from __future__ import annotations
@@ -238,11 +240,12 @@ class _Recorder(TorchFunctionMode):
             raise Unsupported(self.problem)
 
 
-def bytes_per_sample(num_vectors: int, recorded_bytes: int) -> int:
+def bytes_per_sample(num_vectors: int, recorded_bytes: int, forward: bool) -> int:
     """Working memory of one sample whose recorded module outputs take ``recorded_bytes``: the
-    ``K`` output gradients, the temporaries of a backward pass and the forward pass's saved
-    activations (about three times the recorded outputs; measured on a reduced ResNet-18)."""
-    return (max(num_vectors, 1) + 3) * recorded_bytes
+    ``K`` output gradients and a backward pass's temporaries (``K + 1`` times the recorded
+    outputs), plus, with ``forward``, the forward pass's saved activations (about twice the
+    recorded outputs). Measured on a reduced ResNet-18."""
+    return (max(num_vectors, 1) + (3 if forward else 1)) * recorded_bytes
 
 
 #: Modules whose backward has no batching rule in ``is_grads_batched`` (it runs them once per
@@ -334,9 +337,8 @@ class HookEngine:
         chunk_size: int | None,
         memory_budget: int,
     ) -> dict[str, Tensor]:
-        """One forward pass over the batch (checks, vectors, and the sums when the batch fits
-        the budget), else one more per chunk of samples. The first pass keeps the graph unless
-        ``chunk_size``, or the previous batch's recorded outputs, say the batch will not fit."""
+        """One forward pass over the batch (checks, vectors, and the sums when its pull-back
+        fits the budget), else one more per chunk of samples (see the module docstring)."""
         units = plan(model, params)
         looped = any(isinstance(m, _UNBATCHED_BACKWARD) for m in model.modules())
         known = chunk_size if chunk_size is not None else self._steps.get(model)
@@ -348,13 +350,16 @@ class HookEngine:
             for name, p in params.items()
         }
         recorded = sum(record.nbytes for record in records.values()) // batch.size
-        step = resolve_chunk_size(
-            chunk_size, memory_budget, bytes_per_sample(vectors.shape[0], recorded)
+        num_vectors = vectors.shape[0]
+        self._steps[model] = resolve_chunk_size(
+            chunk_size, memory_budget, bytes_per_sample(num_vectors, recorded, forward=False)
         )
-        self._steps[model] = step
-        if whole and step >= batch.size:
+        if whole and self._steps[model] >= batch.size:  # the first pass's graph serves
             self._accumulate(units, records, output, vectors, sums, memory_budget, looped)
             return sums
+        step = resolve_chunk_size(
+            chunk_size, memory_budget, bytes_per_sample(num_vectors, recorded, forward=True)
+        )
         del output, records
         for start in range(0, batch.size, step):
             chunk = batch.map_per_sample(operator.itemgetter(slice(start, start + step)))
