@@ -169,7 +169,7 @@ def fisher_diagonal(
         """Add this rank's sums into ``sums``; return its sample (or batch) count."""
         if method == "batched":
             return _accumulate_batched(model, params, batches, lik, output_fn, sums)
-        engine = get_engine(backend, model)
+        engine = get_engine(backend, model, params)
 
         def make_vectors_for(batch: Batch) -> Callable[[Tensor], Tensor]:
             def make_vectors(output: Tensor) -> Tensor:

@@ -511,3 +511,33 @@ def test_cuda() -> None:
     got = engine_sums(HookEngine(), model, x, vectors)
     assert all(s.is_cuda for s in got.values())
     assert_close_dicts(got, engine_sums(FunctorchEngine(), model, x, vectors), 1e-10)
+
+
+class TiedBelowHead(nn.Module):
+    """Tied weights below a head: the head alone is a layer-wise decomposable selection."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = Tied()
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.tanh(self.body(x)))
+
+
+def test_only_the_selected_parameters_are_checked(caplog) -> None:
+    model = TiedBelowHead().double()
+    names = ["head.weight", "head.bias"]
+    head = {n: p for n, p in model.named_parameters() if n in names}
+    assert get_engine("hooks", model, head).name == "hooks"
+    with pytest.raises(ValueError, match="shared"):
+        get_engine("hooks", model)
+    x = torch.randint(0, 6, (5, 3))
+    data = [(x, torch.randint(0, 3, (5,))), (x[:2], torch.randint(0, 3, (2,)))]
+    for method in ("exact", "empirical"):
+        with caplog.at_level(logging.INFO, logger="ewc_reg"):
+            got = fisher_diagonal(model, data, method, params=names)  # backend="auto"
+        assert not [r for r in caplog.records if r.name == "ewc_reg"]
+        assert list(got) == names
+        want = fisher_diagonal(model, data, method, params=names, backend="functorch")
+        assert_close_dicts(got, want, 1e-10)

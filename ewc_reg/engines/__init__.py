@@ -1,10 +1,11 @@
 """Fisher engines: interchangeable ways to compute sums of squared pull-backs.
 
-``get_engine(backend, model)`` resolves a backend name to an engine:
+``get_engine(backend, model, params)`` resolves a backend name to an engine for the Fisher of
+``params`` (by default, all of ``model``'s parameters with ``requires_grad``):
 
 * ``"hooks"`` (:class:`~.hooks.HookEngine`): one forward pass with hooks, one backward pass
-  batched over the vectors and per-layer rules; fast, for models whose parameters each belong
-  to one module called once (a ``ValueError`` says why a model is not covered);
+  batched over the vectors and per-layer rules; fast, for models whose selected parameters each
+  belong to one module called once (a ``ValueError`` says why a model is not covered);
 * ``"functorch"`` (:class:`~.functorch.FunctorchEngine`): per-sample ``torch.func`` pull-backs
   of the whole model; general;
 * ``"auto"``: the hook engine, which hands the model to the functorch engine (and logs why at
@@ -13,7 +14,7 @@
 
 from __future__ import annotations
 
-from torch import nn
+from torch import Tensor, nn
 
 from .base import Engine, accumulation_dtype
 from .functorch import FunctorchEngine
@@ -23,17 +24,24 @@ ENGINES: dict[str, type] = {"hooks": HookEngine, "functorch": FunctorchEngine}
 BACKENDS = ("auto", *ENGINES)
 
 
-def get_engine(backend: str, model: nn.Module) -> Engine:
-    """The engine for ``backend`` (one of :data:`BACKENDS`) and ``model``.
+def get_engine(
+    backend: str, model: nn.Module, params: dict[str, Tensor] | None = None
+) -> Engine:
+    """The engine for ``backend`` (one of :data:`BACKENDS`), ``model`` and the parameters
+    ``params`` (names as in ``named_parameters()``; ``None``: all with ``requires_grad``).
+
+    Only the selected parameters are checked: tied weights elsewhere in the model, say, do not
+    keep the hook engine from a head-only Fisher.
 
     Raises:
-        ValueError: an unknown backend, or ``"hooks"`` for a model it does not cover.
+        ValueError: an unknown backend, or ``"hooks"`` for a model and parameters it does not
+            cover.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {list(BACKENDS)}")
     if backend == "functorch":
         return FunctorchEngine()
-    return HookEngine.for_model(model, FunctorchEngine() if backend == "auto" else None)
+    return HookEngine.for_model(model, params, FunctorchEngine() if backend == "auto" else None)
 
 
 __all__ = ["BACKENDS", "ENGINES", "Engine", "accumulation_dtype", "get_engine"]

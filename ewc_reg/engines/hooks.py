@@ -22,8 +22,9 @@ input and ``G`` as the vectors.
 
 The decomposition is valid only if (checked; otherwise :class:`Unsupported` is raised):
 
-* every trainable parameter is registered on exactly one module, once (no tied weights or
-  modules registered twice), and no module owning trainable parameters contains another one
+* every parameter in ``params`` (the selected ones: the others are constants, wherever they
+  are and however they are used) is registered on exactly one module, once (no tied weights or
+  modules registered twice), and no module owning selected parameters contains another one
   (e.g. a parameter on the root module next to parametrised children);
 * each such module is called at most once per forward pass, and its parameters are used only
   while it runs (not, say, with ``F.linear(h, self.embed.weight)`` in a parent's ``forward``);
@@ -134,11 +135,14 @@ def plan(model: nn.Module, params: dict[str, Tensor]) -> list[_Unit]:
     return list(units.values())
 
 
-def unsupported_reason(model: nn.Module) -> str | None:
-    """Why :class:`HookEngine` cannot handle ``model``'s trainable parameters, as far as the
-    module tree tells (the rest is checked during the forward pass), or ``None``."""
+def unsupported_reason(model: nn.Module, params: dict[str, Tensor] | None = None) -> str | None:
+    """Why :class:`HookEngine` cannot handle ``params`` (default: ``model``'s parameters with
+    ``requires_grad``), as far as the module tree tells (the rest is checked during the forward
+    pass), or ``None``."""
+    if params is None:
+        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     try:
-        plan(model, {n: p for n, p in model.named_parameters() if p.requires_grad})
+        plan(model, params)
     except Unsupported as problem:
         return str(problem)
     return None
@@ -292,11 +296,14 @@ class HookEngine:
         self._steps: weakref.WeakKeyDictionary[nn.Module, int] = weakref.WeakKeyDictionary()
 
     @classmethod
-    def for_model(cls, model: nn.Module, fallback: Engine | None) -> Engine:
-        """The engine for ``model``: a hook engine, or ``fallback`` (logged) if the module tree
-        already rules it out (``ValueError`` without a fallback)."""
+    def for_model(
+        cls, model: nn.Module, params: dict[str, Tensor] | None, fallback: Engine | None
+    ) -> Engine:
+        """The engine for ``params`` of ``model`` (``None``: those with ``requires_grad``): a
+        hook engine, or ``fallback`` (logged) if the module tree already rules it out
+        (``ValueError`` without a fallback)."""
         engine = cls(fallback)
-        reason = unsupported_reason(model)
+        reason = unsupported_reason(model, params)
         return engine if reason is None else engine._give_up(model, reason)
 
     def _give_up(self, model: nn.Module, reason: str) -> Engine:
