@@ -18,9 +18,10 @@ from ewc_reg.engines import get_engine
 from ewc_reg.engines.base import DEFAULT_MEMORY_BUDGET
 from ewc_reg.engines.functorch import FunctorchEngine
 from ewc_reg.engines.hooks import HookEngine, plan
+from ewc_reg.likelihoods import Categorical
 
 from .models import cnn, mlp, randomize_bn
-from .reference import assert_close_dicts
+from .reference import assert_close_dicts, brute_force_fisher
 
 K = 3  # vectors per sample in the direct engine tests
 
@@ -541,3 +542,119 @@ def test_only_the_selected_parameters_are_checked(caplog) -> None:
         assert list(got) == names
         want = fisher_diagonal(model, data, method, params=names, backend="functorch")
         assert_close_dicts(got, want, 1e-10)
+
+
+# --- modules owning parameters next to parametrised submodules: one unit -------------------
+
+
+class Attention(nn.Module):
+    """Embedding, ``nn.MultiheadAttention`` (in_proj_weight next to out_proj, whose weight it
+    uses without calling it; keyword arguments, a mask, both outputs), a small Transformer
+    encoder (MHA called with ``need_weights=False``), mean pooling and a linear head."""
+
+    def __init__(self, vocab: int = 11, dim: int = 8, classes: int = 3) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.attn = nn.MultiheadAttention(dim, 2, dropout=0.1, batch_first=True)
+        layer = nn.TransformerEncoderLayer(dim, 2, 16, dropout=0.1, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.embed(x)
+        causal = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool, device=x.device).triu(1)
+        a, weights = self.attn(h, h, value=h, need_weights=True, attn_mask=causal)
+        return self.head(self.encoder(h + a + weights @ h).mean(1))
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")
+def test_nested_modules_are_one_unit() -> None:
+    torch.manual_seed(0)
+    model = Attention().double()
+    units = {unit.path: unit for unit in plan(model, trainable(model))}
+    attn = units["attn"]
+    assert attn.rule is None and "attn.out_proj" not in units
+    assert attn.names == {
+        "in_proj_weight": "attn.in_proj_weight",
+        "in_proj_bias": "attn.in_proj_bias",
+        "out_proj.weight": "attn.out_proj.weight",
+        "out_proj.bias": "attn.out_proj.bias",
+    }
+    assert units["encoder.layers.1.self_attn"].rule is None
+    x = torch.randint(0, 11, (5, 4))
+    check_against_references(model, x, via_rules=False)
+    check_against_references(model, x, via_rules=False, chunk_size=2)
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")
+@pytest.mark.parametrize("method", ["exact", "empirical", "sample"])
+def test_attention_estimators_match_references(method: str, caplog) -> None:
+    torch.manual_seed(0)
+    model = Attention().double().eval()
+    x, y = torch.randint(0, 11, (5, 4)), torch.randint(0, 3, (5,))
+    results = {}
+    for backend in ("auto", "functorch"):
+        with caplog.at_level(logging.INFO, logger="ewc_reg"):
+            results[backend] = fisher_diagonal(
+                model, [(x, y)], method, backend=backend, mc_samples=2,
+                generator=torch.Generator().manual_seed(7),
+            )
+    assert not [r for r in caplog.records if r.name == "ewc_reg"]  # no fallback
+    with torch.no_grad():
+        draws = Categorical().sample(model(x), 2, torch.Generator().manual_seed(7))
+    want = brute_force_fisher(model, x, y, method, sampled=draws)
+    assert_close_dicts(results["auto"], results["functorch"], 1e-10)
+    assert_close_dicts(results["auto"], want, 1e-10)
+
+
+class AttentionWeightOutside(Attention):
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.embed(x)
+        a, _ = self.attn(h, h, h, need_weights=False)
+        return self.head(F.linear(h + a, self.attn.out_proj.weight).mean(1))
+
+
+class RootParameterWithAttention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
+        self.w = nn.Parameter(torch.randn(3, 4))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(self.attn(x, x, x)[0].mean(1), self.w)
+
+
+class SequenceFirst(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.TransformerEncoderLayer(4, 2, 8, dropout=0.0)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.layer(x.transpose(0, 1)).mean(0))
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")
+def test_nested_unit_problems(caplog) -> None:
+    """A nested unit's inner parameter used outside its call, a root owning parameters next to
+    parametrised children and sequence-first attention (as long as the batch) still go to the
+    functorch engine."""
+    model = AttentionWeightOutside().double()
+    x = torch.randint(0, 11, (5, 4))
+    data = [(x, torch.randint(0, 3, (5,))), (x[:2], torch.randint(0, 3, (2,)))]
+    assert get_engine("auto", model).name == "hooks"
+    log_and_compare(model, data, caplog, "parameter 'out_proj.weight' of module 'attn' is used")
+    caplog.clear()
+    model = RootParameterWithAttention().double()
+    reason = "the root module owns parameters and contains modules that own parameters"
+    with pytest.raises(ValueError, match=reason):
+        get_engine("hooks", model)
+    x = torch.randn(5, 3, 4, dtype=torch.float64)
+    log_and_compare(model, data_for(lambda: x), caplog, reason)
+    caplog.clear()
+    model = SequenceFirst().double()
+    reason = "batch_first=False"
+    with pytest.raises(ValueError, match=reason):
+        get_engine("hooks", model)
+    x = torch.randn(5, 5, 4, dtype=torch.float64)  # as many positions as samples
+    log_and_compare(model, data_for(lambda: x), caplog, reason)

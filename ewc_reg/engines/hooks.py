@@ -10,27 +10,36 @@ Layer-wise decomposition. If a parameter :math:`\theta` enters the network only 
     J_n^\top v = \big(\partial y_n/\partial\theta\big)^\top G_n, \qquad
     G_n = \big(\partial f(x_n)/\partial y_n\big)^\top v .
 
-So one forward pass records every parametrised module's input ``x`` and (the autograd edge of)
-its output ``y``; ``V = make_vectors(f)`` of shape ``(K, B, *out)`` is pulled back to all the
-outputs in one backward pass batched over ``K`` (``autograd.grad(..., is_grads_batched=True)``),
-giving ``G`` of shape ``(K, B, *y.shape[1:])`` per module (or one pass per vector where ``vmap``
-would loop anyway: convolutions and batch norms); and the rules of :mod:`.rules` turn
-``(x, G)`` into :math:`\sum_n \sum_k ((\partial y_n/\partial\theta)^\top G_{nk})^{\odot 2}`
+So one forward pass records every unit's (parametrised module's) input ``x`` and (the autograd
+edge of) its output ``y``; ``V = make_vectors(f)`` of shape ``(K, B, *out)`` is pulled back to
+all the outputs in one backward pass batched over ``K``
+(``autograd.grad(..., is_grads_batched=True)``), giving ``G`` of shape ``(K, B, *y.shape[1:])``
+per module (or one pass per vector where ``vmap`` would loop anyway: convolutions and batch
+norms); and the rules of :mod:`.rules` turn ``(x, G)`` into
+:math:`\sum_n \sum_k ((\partial y_n/\partial\theta)^\top G_{nk})^{\odot 2}`
 (for ``Linear`` without per-sample gradients at all). A parametrised module without a rule is
 handled by :class:`~.functorch.FunctorchEngine` applied to that module alone, with its recorded
-input and ``G`` as the vectors.
+input and ``G`` as the vectors. A module owning selected parameters that contains modules owning
+selected parameters (``nn.MultiheadAttention``: ``in_proj_weight`` next to ``out_proj``, whose
+weight it uses without calling ``out_proj``) is one such unit for all of them, the outermost one
+when they nest deeper; the modules inside it are not hooked.
 
 The decomposition is valid only if (checked; otherwise :class:`Unsupported` is raised):
 
 * every parameter in ``params`` (the selected ones: the others are constants, wherever they
   are and however they are used) is registered on exactly one module, once (no tied weights or
-  modules registered twice), and no module owning selected parameters contains another one
-  (e.g. a parameter on the root module next to parametrised children);
-* each such module is called at most once per forward pass, and its parameters are used only
-  while it runs (not, say, with ``F.linear(h, self.embed.weight)`` in a parent's ``forward``);
-  uses are seen by a :class:`~torch.overrides.TorchFunctionMode` during the forward pass;
-* module outputs have the batch as leading dimension, recorded inputs are not modified in place
-  afterwards, and no batch norm uses batch statistics (it would mix the samples).
+  modules registered twice), and the root module does not own selected parameters next to
+  children owning some (the unit would be the whole model);
+* each unit's module is called at most once per forward pass, and its selected parameters
+  (those of the modules inside it included) are used only while it runs (not, say, with
+  ``F.linear(h, self.embed.weight)`` in a parent's ``forward``); uses are seen by a
+  :class:`~torch.overrides.TorchFunctionMode` during the forward pass;
+* module outputs have the batch as leading dimension (and so ``nn.MultiheadAttention`` units
+  have ``batch_first=True``: with the sequence first, a sequence as long as the batch would
+  pass), recorded inputs are not modified in place afterwards, and no batch norm uses batch
+  statistics (it would mix the samples). Inputs of a unit without a rule are per-sample (the
+  batch leading) or shared by all samples: a 3-d ``attn_mask`` of shape ``(B * heads, L, S)``
+  is neither (not checked; the per-module fallback fails on its shape).
 
 Memory: the forward pass over the whole batch gives the checks and the vectors (like the
 functorch engine's no-grad pass, it is bounded by the batch the data yields); when the pull-back
@@ -54,6 +63,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
@@ -72,8 +82,10 @@ class Unsupported(Exception):
 
 @dataclass(eq=False)
 class _Unit:
-    """A module owning trainable parameters: ``names`` maps its own parameter names to the
-    names in ``params``."""
+    """A module owning selected parameters, with those of the modules inside it when some of
+    them own selected parameters too (then without a rule): ``names`` maps the parameter names
+    relative to the module (``"in_proj_weight"``, ``"out_proj.weight"``) to the names in
+    ``params``."""
 
     module: nn.Module
     path: str
@@ -98,12 +110,18 @@ def _describe(path: str) -> str:
     return "the root module" if not path else f"module {path!r}"
 
 
+def _inside(path: str, outer: str) -> bool:
+    """Whether the module at ``path`` lies strictly inside the one at ``outer``."""
+    return path != outer and (not outer or path.startswith(outer + "."))
+
+
 def plan(model: nn.Module, params: dict[str, Tensor]) -> list[_Unit]:
-    """The modules owning the trainable ``params``; raises :class:`Unsupported` for the static
-    problems of the module docstring."""
+    """The units computing the sums of ``params``: each module owning some of them, except that
+    the outermost module owning some and containing modules that own some is one unit for all
+    of them; raises :class:`Unsupported` for the static problems of the module docstring."""
     wanted = {id(p): name for name, p in params.items()}
     owner: dict[int, str] = {}
-    units: dict[nn.Module, _Unit] = {}
+    owners: dict[str, tuple[nn.Module, dict[str, str]]] = {}  # by path, in pre-order
     for path, module in model.named_modules(remove_duplicate=False):
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and (
             module.training or module.running_mean is None
@@ -118,21 +136,31 @@ def plan(model: nn.Module, params: dict[str, Tensor]) -> list[_Unit]:
                     f"{_describe(path)}; tied weights or a module registered twice)"
                 )
             owner[id(p)] = path
-            unit = units.setdefault(module, _Unit(module, path, {}, rule_for(module)))
-            unit.names[local] = wanted[id(p)]
+            owners.setdefault(path, (module, {}))[1][local] = wanted[id(p)]
     missing = [name for key, name in wanted.items() if key not in owner]
     if missing:
         raise Unsupported(f"parameters {missing} are not registered on the model's modules")
-    for unit in units.values():
-        inner = [
-            units[m].path for m in unit.module.modules() if m is not unit.module and m in units
-        ]
-        if inner:
+    paths = list(owners)
+    units: list[_Unit] = []
+    for i, (path, (module, names)) in enumerate(owners.items()):
+        if units and _inside(path, units[-1].path):  # pre-order: the enclosing unit is the last
+            prefix = path[len(units[-1].path) + 1 :] + "."
+            units[-1].names.update({prefix + local: name for local, name in names.items()})
+            continue
+        if isinstance(module, nn.MultiheadAttention) and not module.batch_first:
             raise Unsupported(
-                f"{_describe(unit.path)} owns parameters and contains modules that own "
-                f"parameters ({', '.join(map(repr, inner[:3]))})"
+                f"{_describe(path)} is an nn.MultiheadAttention with batch_first=False (the "
+                "sequence, not the batch, is the leading dimension)"
             )
-    return list(units.values())
+        nested = i + 1 < len(paths) and _inside(paths[i + 1], path)
+        if nested and not path:
+            inner = paths[1:4]
+            raise Unsupported(
+                "the root module owns parameters and contains modules that own parameters "
+                f"({', '.join(map(repr, inner))})"
+            )
+        units.append(_Unit(module, path, dict(names), None if nested else rule_for(module)))
+    return units
 
 
 def unsupported_reason(model: nn.Module, params: dict[str, Tensor] | None = None) -> str | None:
@@ -161,7 +189,11 @@ class _Recorder(TorchFunctionMode):
         self.batch_size = batch_size
         self.records: dict[_Unit, _Record] = {}
         self.running: set[_Unit] = set()
-        self.owner = {id(p): u for u in units for p in u.module.parameters(recurse=False)}
+        self.owner = {
+            id(unit.module.get_parameter(local)): (unit, local)
+            for unit in units
+            for local in unit.names
+        }
         self.problem: str | None = None
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
 
@@ -226,11 +258,10 @@ class _Recorder(TorchFunctionMode):
         kwargs = kwargs or {}
         if self.problem is None and getattr(func, "__name__", None) != "__get__":
             for leaf in _tensors((args, kwargs)):  # (reading .shape and such is no use)
-                unit = self.owner.get(id(leaf))
+                unit, local = self.owner.get(id(leaf), (None, ""))
                 if unit is not None and unit not in self.running:
-                    name = next(n for n, p in unit.module.named_parameters() if p is leaf)
                     self._flag(
-                        f"parameter {name!r} of {_describe(unit.path)} is used outside that "
+                        f"parameter {local!r} of {_describe(unit.path)} is used outside that "
                         "module's call"
                     )
         return func(*args, **kwargs)
@@ -419,7 +450,10 @@ def _unit_sums(
 ) -> dict[str, Tensor]:
     """One unit's sums: its rule when it has one and was called as ``module(x)``, else the
     functorch engine on the module alone, with the output leaves flattened and concatenated
-    (and ``G`` alike) into one ``(B, C')`` output."""
+    (and ``G`` alike) into one ``(B, C')`` output. Attention in there uses the math kernel of
+    ``scaled_dot_product_attention``: ``vmap`` has no batching rule for the fused ones and
+    calls them once per sample and vector (about 15% slower for the attention of
+    ``benchmarks.models.TextTransformer`` on CPU)."""
     (x, *others) = record.args or (None,)
     if unit.rule is not None and isinstance(x, Tensor) and not others and not record.kwargs:
         return unit.rule(unit.module, x, grads[0], unit.names.keys(), memory_budget)
@@ -437,9 +471,9 @@ def _unit_sums(
         leaves = pytree.tree_leaves(out)
         return torch.cat([leaves[i].flatten(1) for i in record.leaves], dim=1)
 
-    own = dict(unit.module.named_parameters(recurse=False))
-    local_params = {local: own[local] for local in unit.names}
+    local_params = {local: unit.module.get_parameter(local) for local in unit.names}
     batch = Batch(record.args, record.kwargs, vectors.new_empty(batch_size), batch_size)
-    return FunctorchEngine()(
-        unit.module, local_params, batch, flat_output, lambda _: vectors, None, memory_budget
-    )
+    with sdpa_kernel([SDPBackend.MATH]):  # (vmap loops over the fused attention kernels)
+        return FunctorchEngine()(
+            unit.module, local_params, batch, flat_output, lambda _: vectors, None, memory_budget
+        )
