@@ -658,3 +658,24 @@ def test_nested_unit_problems(caplog) -> None:
         get_engine("hooks", model)
     x = torch.randn(5, 5, 4, dtype=torch.float64)  # as many positions as samples
     log_and_compare(model, data_for(lambda: x), caplog, reason)
+
+
+class PerHeadMask(nn.Module):
+    """A 3-d ``(B * heads, L, S)`` attention mask built per sample inside ``forward``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        keep = (x[..., 0] > -0.5).unsqueeze(1)  # (B, 1, S): per-sample key mask
+        mask = ~keep.expand(-1, x.shape[1], -1).repeat_interleave(2, dim=0)  # (B*heads, L, S)
+        mask = mask & ~torch.eye(x.shape[1], dtype=torch.bool)  # never mask everything
+        return self.head(self.attn(x, x, x, attn_mask=mask, need_weights=False)[0].mean(1))
+
+
+def test_input_folding_samples_into_the_batch_dimension_goes_to_functorch(caplog) -> None:
+    model = PerHeadMask().double()
+    x = torch.randn(5, 3, 4, dtype=torch.float64)
+    log_and_compare(model, data_for(lambda: x), caplog, "a multiple of the batch")

@@ -37,9 +37,11 @@ The decomposition is valid only if (checked; otherwise :class:`Unsupported` is r
 * module outputs have the batch as leading dimension (and so ``nn.MultiheadAttention`` units
   have ``batch_first=True``: with the sequence first, a sequence as long as the batch would
   pass), recorded inputs are not modified in place afterwards, and no batch norm uses batch
-  statistics (it would mix the samples). Inputs of a unit without a rule are per-sample (the
-  batch leading) or shared by all samples: a 3-d ``attn_mask`` of shape ``(B * heads, L, S)``
-  is neither (not checked; the per-module fallback fails on its shape).
+  statistics (it would mix the samples). Unit inputs are per-sample (the batch leading) or
+  shared by all samples; an input of three or more dimensions whose leading dimension is a
+  multiple of the batch larger than it (a 3-d ``attn_mask`` of shape ``(B * heads, L, S)``) is
+  taken for per-sample data folded into the batch dimension, which the decomposition cannot
+  split.
 
 Memory: the forward pass over the whole batch gives the checks and the vectors (like the
 functorch engine's no-grad pass, it is bounded by the batch the data yields); when the pull-back
@@ -230,7 +232,16 @@ class _Recorder(TorchFunctionMode):
     def _before(self, unit: _Unit, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if unit in self.records:
             self._flag(f"{_describe(unit.path)} is called more than once per forward pass")
-        versions = [(t, t._version) for t in _tensors((args, kwargs))]
+        tensors = _tensors((args, kwargs))
+        for t in tensors:
+            lead = t.shape[0] if t.dim() >= 3 else 0  # 2-d masks (L, S) are shared
+            if lead > self.batch_size and lead % self.batch_size == 0:
+                self._flag(
+                    f"an input of {_describe(unit.path)} has shape {tuple(t.shape)}: its leading "
+                    f"dimension is a multiple of the batch ({self.batch_size}), per-sample data "
+                    "folded into the batch dimension (e.g. a (B * heads, L, S) attention mask)"
+                )
+        versions = [(t, t._version) for t in tensors]
         self.records[unit] = _Record(args, kwargs, versions)
         self.running.add(unit)
 
