@@ -624,6 +624,7 @@ def render(
     rows: list[Row],
     targets: list[tuple[str, str, bool | None]],
     auto: dict[str, str],
+    revision: str,
     status: str = "",
 ) -> str:
     """The markdown report (``status``: say it is partial)."""
@@ -642,7 +643,7 @@ def render(
         f"- machine: {machine}",
         f"- torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, "
         f"float32, Python {platform.python_version()}",
-        f"- ewc_reg {_library_revision()}; backends: {', '.join(BACKENDS)} "
+        f"- ewc_reg {revision} (at the start); backends: {', '.join(BACKENDS)} "
         f"(`auto` picks {picks})",
         f"- peers: {_peer_versions()}",
         "",
@@ -745,6 +746,7 @@ def run(args: argparse.Namespace, command: str | None = None) -> Report:
 
 def _run(args: argparse.Namespace, command: str) -> Report:
     device = torch.device(args.device)
+    revision = _library_revision()  # the code this process imported, not the code at the end
 
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
@@ -761,7 +763,7 @@ def _run(args: argparse.Namespace, command: str) -> Report:
             rows += workload_rows
             targets = evaluate_targets(rows, auto)
             status = "" if done == len(workloads) else f"partial, {done}/{len(workloads)} workloads"
-            markdown = render(args, command, device, rows, targets, auto, status)
+            markdown = render(args, command, device, rows, targets, auto, revision, status)
             if args.output is not None:  # after each workload, so a long run shows progress
                 args.output.parent.mkdir(parents=True, exist_ok=True)
                 args.output.write_text(markdown)
