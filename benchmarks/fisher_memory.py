@@ -1,0 +1,83 @@
+"""Peak memory of the exact Fisher of a full ResNet-18 (11M parameters, 10 classes) as N grows.
+
+For each engine and each N, ``fisher_diagonal(model, batches, "exact", backend=...)`` runs on N
+random 3x32x32 images in batches of 32, and the growth of the process's peak resident memory
+over the memory live before the call is reported (see :mod:`benchmarks._timing`). With the
+default memory budget the peak should not grow with N.
+
+Run: ``python -m benchmarks.fisher_memory [--sizes 32 128] [--backends auto functorch]``;
+writes ``benchmarks/results/fisher_memory.md``. Needs torchvision (the ``bench`` extra).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import platform
+from datetime import date
+from pathlib import Path
+
+import torch
+
+import ewc_reg
+from ewc_reg import fisher_diagonal
+from ewc_reg.engines.base import DEFAULT_MEMORY_BUDGET
+
+from ._timing import measure, memory_method
+
+RESULTS = Path(__file__).parent / "results" / "fisher_memory.md"
+
+
+def run(sizes: list[int], backends: list[str], threads: int) -> list[tuple[str, int, float, int]]:
+    """(backend, N, seconds, peak bytes) for every backend and N."""
+    import torchvision
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10)
+    rows = []
+    for backend in backends:
+        for n in sizes:
+            x, y = torch.randn(n, 3, 32, 32), torch.randint(0, 10, (n,))
+            batches = [(x[i : i + 32], y[i : i + 32]) for i in range(0, n, 32)]
+            call = functools.partial(fisher_diagonal, model, batches, "exact", backend=backend)
+            m = measure(call, torch.device("cpu"))
+            rows.append((backend, n, m.seconds, m.peak_bytes))
+            print(f"{backend} N={n}: {m.seconds:.1f} s, +{(m.peak_bytes or 0) / 2**20:.0f} MiB")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[32, 128])
+    parser.add_argument("--backends", nargs="+", default=["auto", "functorch"])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    rows = run(args.sizes, args.backends, args.threads)
+    lines = [
+        "# Exact Fisher of ResNet-18 (11.2M parameters, C=10): peak memory as N grows",
+        "",
+        f"`python -m benchmarks.fisher_memory --sizes {' '.join(map(str, args.sizes))} "
+        f"--backends {' '.join(args.backends)} --threads {args.threads}` · ewc_reg "
+        f"{ewc_reg.__version__} · torch {torch.__version__} · {platform.machine()} CPU · "
+        f"{date.today()} · default memory budget {DEFAULT_MEMORY_BUDGET // 2**20} MiB · "
+        "batches of 32 images 3x32x32",
+        "",
+        f"{memory_method(torch.device('cpu'))}.",
+        "",
+        "| backend | N | seconds | peak memory growth (MiB) |",
+        "|---|---:|---:|---:|",
+    ]
+    for backend, n, seconds, peak in rows:
+        shown = "–" if peak is None else f"{peak / 2**20:.0f}"
+        lines.append(f"| {backend} | {n} | {seconds:.1f} | {shown} |")
+    table = "\n".join(lines) + "\n"
+    print(table)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(table)
+    return table
+
+
+if __name__ == "__main__":
+    main()
