@@ -89,7 +89,7 @@ class Benchmark:
     name: str
     make_model: Callable[[], nn.Module]
     load_data: Callable[[str], ArrayData]
-    synthetic_data: Callable[[], ArrayData]
+    synthetic_data: Callable[..., ArrayData]  # keyword train_per_class overrides its size
     batch_size: int
 
 
@@ -360,9 +360,10 @@ def parse_args(bench: Benchmark, argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--data-root", default=default_root(),
                    help="torchvision data directory (default: $EWC_REG_DATA or ./data); "
                         "downloaded when missing")
-    p.add_argument("--synthetic", action="store_true",
+    p.add_argument("--synthetic", nargs="?", type=int, const=0, metavar="TRAIN_PER_CLASS",
                    help="smoke run on small synthetic data of the benchmark's shape "
-                        "(accuracies say nothing about the paper)")
+                        "(accuracies say nothing about the paper); with a number, that many "
+                        "training images per class, e.g. 5000 to time the full protocol")
     p.add_argument("--workers", type=int, default=1, help="runs in parallel (processes)")
     p.add_argument("--threads", type=int,
                    help="torch threads per worker (default: torch's own choice)")
@@ -377,7 +378,7 @@ def parse_args(bench: Benchmark, argv: list[str] | None) -> argparse.Namespace:
     args.seeds = args.seeds or list(QUICK_SEEDS if args.quick else (0, 1, 2))
     args.iters = args.iters or (QUICK_ITERS if args.quick else 2000)
     if args.out is None:
-        suffix = "_quick" * args.quick + "_synthetic" * args.synthetic
+        suffix = "_quick" * args.quick + "_synthetic" * (args.synthetic is not None)
         args.out = Path("benchmarks/results") / f"{bench.name}{suffix}"
     return args
 
@@ -407,11 +408,22 @@ def lambdas_per_method(args: argparse.Namespace, benchmark: str, data: str
 _WORKER: dict[str, Any] = {}
 
 
-def _load(bench: Benchmark, synthetic: bool, root: str, device: str) -> ArrayData:
-    return (bench.synthetic_data() if synthetic else bench.load_data(root)).to(device)
+def _data_kind(synthetic: int | None) -> str:
+    """``runs.jsonl``'s ``data`` field: ``real``, ``synthetic`` or ``synthetic-<per class>``."""
+    if synthetic is None:
+        return "real"
+    return f"synthetic-{synthetic}" if synthetic else "synthetic"
 
 
-def _init_worker(bench: Benchmark, synthetic: bool, root: str, device: str,
+def _load(bench: Benchmark, synthetic: int | None, root: str, device: str) -> ArrayData:
+    if synthetic is None:
+        data = bench.load_data(root)
+    else:
+        data = bench.synthetic_data(**({"train_per_class": synthetic} if synthetic else {}))
+    return data.to(device)
+
+
+def _init_worker(bench: Benchmark, synthetic: int | None, root: str, device: str,
                  threads: int | None, fisher_chunk: int | None) -> None:
     if threads:
         torch.set_num_threads(threads)
@@ -433,7 +445,7 @@ def _format_duration(seconds: float) -> str:
 def main(bench: Benchmark, argv: list[str] | None = None) -> list[dict[str, Any]]:
     """Run the sweep the command line asks for; return the records of the runs it finished."""
     args = parse_args(bench, argv)
-    data_kind = "synthetic" if args.synthetic else "real"
+    data_kind = _data_kind(args.synthetic)
     runs_path = args.out / "runs.jsonl"
     specs = plan_runs(bench.name, data_kind, args.methods, args.seeds,
                       lambdas_per_method(args, bench.name, data_kind), args.iters, args.batch_size)

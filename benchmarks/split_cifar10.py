@@ -20,7 +20,7 @@ BENCHMARK = Benchmark(
     name="split_cifar10",
     make_model=ReducedResNet18,
     load_data=load_cifar10,
-    synthetic_data=partial(synthetic, CIFAR10_SHAPE, 10, 10),
+    synthetic_data=partial(synthetic, CIFAR10_SHAPE, train_per_class=10, test_per_class=10),
     batch_size=256,
 )
 

@@ -19,7 +19,7 @@ BENCHMARK = Benchmark(
     name="split_mnist",
     make_model=split_mnist_mlp,
     load_data=load_mnist,
-    synthetic_data=partial(synthetic, MNIST_SHAPE, 200, 50),
+    synthetic_data=partial(synthetic, MNIST_SHAPE, train_per_class=200, test_per_class=50),
     batch_size=128,
 )
 

@@ -141,6 +141,18 @@ def test_split_cifar10_synthetic_smoke(tmp_path):
     assert all(r["data"] == "synthetic" and r["benchmark"] == "split_cifar10" for r in finished)
 
 
+def test_synthetic_size_is_an_option_and_part_of_the_runs_identity(tmp_path):
+    from benchmarks.protocol import _load
+
+    assert len(_load(CIFAR, 3, "unused", "cpu").train_y) == 30
+    assert len(_load(CIFAR, 0, "unused", "cpu").train_y) == 100  # the smoke default
+    common = ["--iters", "1", "--batch-size", "8", "--seeds", "0", "--methods", "none",
+              "--threads", "1", "--out", str(tmp_path)]
+    first = main(CIFAR, ["--synthetic", "3", *common])
+    assert [r["data"] for r in first] == ["synthetic-3"]
+    assert len(main(CIFAR, ["--synthetic", *common])) == 1  # another dataset: not skipped
+
+
 def test_report_writes_table_and_figure(tmp_path):
     rows = []
     for seed, offset in enumerate((0.0, 1.0, 2.0)):

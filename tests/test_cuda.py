@@ -1,0 +1,136 @@
+"""The library on CUDA: every estimator and backend against the same computation on CPU.
+
+Skipped without a GPU. On a GPU the CPU float64 result is the reference: the CUDA result must
+match it to 1e-10 (float64), so any device-dependent code path (index tensors, generators,
+accumulation buffers, the fused penalty) is checked against code already tested on CPU.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from ewc_reg import EWCRegularizer, fisher_diagonal
+
+from .models import cnn, mlp
+from .reference import assert_close_dicts
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+N = 13
+
+
+def problem(kind: str):
+    torch.manual_seed(0)
+    if kind == "mlp":
+        model, x = mlp(classes=5), torch.randn(N, 6, dtype=torch.float64)
+    else:
+        model, x = cnn(classes=5), torch.randn(N, 2, 6, 6, dtype=torch.float64)
+    y = torch.randint(0, 5, (N,))
+    return model, [(x[:6], y[:6]), (x[6:], y[6:])]
+
+
+def to_cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    assert all(t.is_cuda for t in tensors.values())
+    return {n: t.cpu() for n, t in tensors.items()}
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+@pytest.mark.parametrize("backend", ["hooks", "functorch"])
+@pytest.mark.parametrize("method", ["exact", "empirical", "batched"])
+def test_estimators_match_cpu(kind, backend, method):
+    model, data = problem(kind)
+    want = fisher_diagonal(model, data, method, backend=backend)
+    gpu = copy.deepcopy(model).cuda()
+    got = fisher_diagonal(gpu, data, method, backend=backend)  # CPU batches are moved
+    assert_close_dicts(to_cpu(got), want, 1e-10)
+
+
+@pytest.mark.parametrize("generator_device", ["cpu", "cuda"])
+def test_sample_is_reproducible_with_either_generator(generator_device):
+    model, data = problem("cnn")
+    gpu = model.cuda()
+
+    def draw():
+        gen = torch.Generator(device=generator_device).manual_seed(3)
+        return fisher_diagonal(gpu, data, "sample", mc_samples=2, generator=gen)
+
+    first, second = draw(), draw()
+    assert_close_dicts(to_cpu(first), to_cpu(second), 0.0)
+
+
+def test_sample_with_a_cpu_generator_matches_cpu():
+    # Draws come from the generator's device, so a CPU generator gives the CPU labels.
+    model, data = problem("mlp")
+    want = fisher_diagonal(model, data, "sample", generator=torch.Generator().manual_seed(5))
+    got = fisher_diagonal(copy.deepcopy(model).cuda(), data, "sample",
+                          generator=torch.Generator().manual_seed(5))
+    assert_close_dicts(to_cpu(got), want, 1e-10)
+
+
+def test_sequence_model_matches_cpu():
+    from .test_sequences import make_model, padded_batches
+
+    model = make_model()
+    batches = padded_batches()
+    want = fisher_diagonal(model, batches, "exact")
+    got = fisher_diagonal(copy.deepcopy(model).cuda(), batches, "exact")
+    assert_close_dicts(to_cpu(got), want, 1e-10)
+
+
+def test_half_precision_model_accumulates_in_float32():
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Flatten(), nn.Linear(12, 3)).cuda().bfloat16()
+    x = torch.randn(8, 2, 4, 4, device="cuda", dtype=torch.bfloat16)
+    y = torch.randint(0, 3, (8,), device="cuda")
+    fisher = fisher_diagonal(model, [(x, y)], "exact")
+    assert all(f.dtype == torch.float32 and f.is_cuda for f in fisher.values())
+    reference = fisher_diagonal(copy.deepcopy(model).float(), [(x.float(), y)], "exact")
+    for name, value in fisher.items():
+        err = (value - reference[name]).norm() / reference[name].norm()
+        assert err < 5e-2, name
+
+
+@pytest.mark.parametrize("mode", ["online", "separate"])
+def test_regularizer_matches_cpu(mode):
+    model, data = problem("cnn")
+    gpu = copy.deepcopy(model).cuda()
+    regs = [EWCRegularizer(m, strength=3.0, mode=mode, gamma=0.7) for m in (model, gpu)]
+    for step in range(2):
+        for m, reg in zip((model, gpu), regs):
+            torch.manual_seed(step)
+            with torch.no_grad():
+                for p in m.parameters():
+                    p.add_(0.2 * torch.randn(p.shape, dtype=p.dtype).to(p.device))
+            reg.consolidate(data)
+    values = []
+    for m, reg in zip((model, gpu), regs):
+        with torch.no_grad():
+            for p in m.parameters():
+                p.mul_(1.1)
+        m.zero_grad()
+        pen = reg.penalty()
+        pen.backward()
+        values.append((pen.item(), {n: p.grad.cpu() for n, p in m.named_parameters()}))
+    assert values[1][0] == pytest.approx(values[0][0], rel=1e-10)
+    assert_close_dicts(values[1][1], values[0][1], 1e-10)
+
+
+def test_state_dict_moves_between_devices():
+    model, data = problem("mlp")
+    gpu = copy.deepcopy(model).cuda()
+    reg = EWCRegularizer(gpu, strength=2.0)
+    reg.consolidate(data)
+    with torch.no_grad():
+        for p in gpu.parameters():
+            p.add_(0.1)
+    state = reg.state_dict()
+    restored = EWCRegularizer(model, strength=2.0)
+    restored.load_state_dict(state)
+    assert all(not t.is_cuda for t in restored.fisher.values())
+    with torch.no_grad():
+        for p, q in zip(model.parameters(), gpu.parameters()):
+            p.copy_(q.cpu())
+    assert restored.penalty().item() == pytest.approx(reg.penalty().item(), rel=1e-12)
