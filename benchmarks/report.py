@@ -61,6 +61,7 @@ class Stats:
     fisher_seconds: float
     cpu_seconds: float  # process CPU time (NaN for records without it)
     fisher_cpu_seconds: float
+    by_seed: dict[int, float]  # accuracy of each seed
 
     @classmethod
     def of(cls, records: list[dict[str, Any]]) -> Stats:
@@ -75,7 +76,8 @@ class Stats:
             return sum(values) / len(values) if values else math.nan
 
         return cls(mean, se, n, average("seconds"), average("fisher_seconds"),
-                   average("cpu_seconds"), average("fisher_cpu_seconds"))
+                   average("cpu_seconds"), average("fisher_cpu_seconds"),
+                   {int(r["seed"]): r["accuracy"] for r in records})
 
     def text(self) -> str:
         """``mean ± se``."""
@@ -104,8 +106,20 @@ def group(records: Iterable[dict[str, Any]]) -> dict[Config, Summary]:
 
 
 def best(per_lambda: dict[float | None, Stats]) -> tuple[float | None, Stats]:
-    """The λ with the highest mean accuracy, and its statistics."""
-    return max(per_lambda.items(), key=lambda kv: kv[1].mean)
+    """The λ with the highest mean accuracy over the seeds run at every λ, and its statistics
+    over all its seeds.
+
+    Selecting on the common seeds keeps the choice fair when some λ have extra seeds (added by
+    ``--at-best-lambda``), and stable: adding seeds at the chosen λ cannot move it.
+    """
+    common = set.intersection(*(set(stats.by_seed) for stats in per_lambda.values()))
+
+    def score(stats: Stats) -> float:
+        if not common:
+            return stats.mean
+        return sum(stats.by_seed[seed] for seed in common) / len(common)
+
+    return max(per_lambda.items(), key=lambda kv: score(kv[1]))
 
 
 def _lambda_text(strength: float | None) -> str:

@@ -133,6 +133,20 @@ def test_at_best_lambda_takes_each_variants_best_so_far(tmp_path, capsys):
         main(MNIST, [*common, "--methods", "exact", "--at-best-lambda"])
 
 
+def test_best_lambda_is_chosen_on_the_seeds_common_to_every_lambda():
+    from benchmarks.report import best, group
+
+    rows = [{"benchmark": "split_mnist", "data": "real", "method": "exact", "strength": s,
+             "seed": seed, "iters": 1, "batch_size": 1, "accuracy": acc}
+            for s, seed, acc in [(1e3, 0, 70.0), (1e3, 1, 70.0),
+                                 (1e4, 0, 65.0), (1e4, 1, 65.0), (1e4, 2, 100.0)]]
+    per_lambda = group(rows)[("split_mnist", "real", 1, 1)]["exact"]
+    strength, stats = best(per_lambda)
+    assert strength == 1e3 and stats.n == 2 and stats.mean == 70.0
+    per_lambda[1e4] = type(per_lambda[1e4]).of([r for r in rows if r["seed"] == 2])
+    assert best(per_lambda)[0] == 1e4  # no seed in common: the plain means decide
+
+
 def test_split_cifar10_synthetic_smoke(tmp_path):
     finished = main(CIFAR, ["--synthetic", "--iters", "2", "--batch-size", "16", "--seeds", "1",
                             "--methods", "exact_n500", "none", "--lambdas", "1e5",
