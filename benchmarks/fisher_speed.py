@@ -642,7 +642,8 @@ def render(
         f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}",
         f"- machine: {machine}",
         f"- torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, "
-        f"float32, Python {platform.python_version()}",
+        f"float32{' (TF32 off)' if device.type == 'cuda' else ''}, "
+        f"Python {platform.python_version()}",
         f"- ewc_reg {revision} (at the start); backends: {', '.join(BACKENDS)} "
         f"(`auto` picks {picks})",
         f"- peers: {_peer_versions()}",
@@ -735,13 +736,19 @@ def run(args: argparse.Namespace, command: str | None = None) -> Report:
     """Run the benchmark described by ``args``; write the report if ``args.output`` is set.
 
     torch's thread count is set to ``args.threads`` for the run and restored after it.
+    On CUDA, TF32 is turned off for the run (and restored after it), so every contender computes
+    in true float32 and the agreement check means something: with TF32 convolutions the engines
+    differ from each other by about 1e-2.
     """
     threads = torch.get_num_threads()
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.set_num_threads(args.threads)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:
         return _run(args, command or "python -m benchmarks.fisher_speed")
     finally:
         torch.set_num_threads(threads)
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
 
 
 def _run(args: argparse.Namespace, command: str) -> Report:
