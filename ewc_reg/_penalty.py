@@ -1,13 +1,20 @@
-r"""The EWC quadratic as one fused autograd node.
+r"""The EWC penalty as one fused autograd node.
 
 .. math::
 
-    Q(\theta) = \sum_i A_i (\theta_i - \mu_i)^2, \qquad
-    \partial Q / \partial \theta_i = 2 A_i (\theta_i - \mu_i),
+    P(\theta) = \frac{\lambda}{2}\Big(\sum_i A_i (\theta_i - \mu_i)^2 + c\Big), \qquad
+    \partial P / \partial \theta_i = \lambda A_i (\theta_i - \mu_i),
 
 over lists of parameter tensors, with a handful of ``torch._foreach_*`` kernels instead of a
-Python loop of small ops per parameter (the penalty runs at every training step). Under
-``create_graph=True`` the backward uses plain differentiable ops, so double backward works.
+Python loop of small ops per parameter (the penalty runs at every training step).
+
+The penalty is memory-bound, so the node makes as few passes over the parameters as it can:
+the forward computes :math:`d = \theta - \mu` and :math:`w = A d` (kept for the backward) and
+the dot products :math:`w \cdot d`; the first backward scales :math:`w` in place by
+:math:`\lambda \cdot \text{grad\_output}` and hands those buffers over as the gradients (autograd
+can then adopt them as ``.grad`` without a copy). A second backward through a retained graph
+recomputes :math:`w`; under ``create_graph=True`` the backward uses plain differentiable ops,
+so double backward works.
 """
 
 from __future__ import annotations
@@ -19,36 +26,55 @@ import torch
 from torch import Tensor
 
 
-class _Quadratic(torch.autograd.Function):
+class _Penalty(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, precision: list[Tensor], center: list[Tensor], *params: Tensor) -> Tensor:
+    def forward(
+        ctx: Any,
+        strength: float,
+        offset: Tensor,
+        precision: list[Tensor],
+        center: list[Tensor],
+        *params: Tensor,
+    ) -> Tensor:
         theta = [p.to(a.dtype) for p, a in zip(params, precision)]
         diffs = torch._foreach_sub(theta, center)
-        weighted = torch._foreach_mul(diffs, precision)  # A(θ−μ): half the gradient
-        ctx.precision, ctx.center = precision, center
-        ctx.save_for_backward(*params)
+        weighted = torch._foreach_mul(diffs, precision)  # A(θ−μ), the gradient up to λ
+        dots = torch.stack([torch.dot(w.view(-1), d.view(-1)) for w, d in zip(weighted, diffs)])
+        ctx.strength, ctx.precision, ctx.center = strength, precision, center
         ctx.weighted = weighted
-        dots = [torch.dot(w.reshape(-1), d.reshape(-1)) for w, d in zip(weighted, diffs)]
-        return torch.stack(dots).sum()
+        ctx.save_for_backward(*params)
+        return 0.5 * strength * (dots.sum() + offset)
 
     @staticmethod
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
         params = ctx.saved_tensors
-        scale = 2 * grad_output
+        scale = ctx.strength * grad_output
         if torch.is_grad_enabled():  # create_graph=True: plain ops, so autograd can record them
             theta = [p.to(a.dtype) for p, a in zip(params, ctx.precision)]
             grads = [(t - c) * a * scale for t, c, a in zip(theta, ctx.center, ctx.precision)]
         else:
-            grads = torch._foreach_mul(ctx.weighted, scale)
-        return (None, None, *(g.to(p.dtype) for g, p in zip(grads, params)))
+            grads, ctx.weighted = ctx.weighted, None  # hand the buffers over (first backward)
+            if grads is None:  # a later backward through a retained graph
+                theta = [p.to(a.dtype) for p, a in zip(params, ctx.precision)]
+                grads = torch._foreach_mul(torch._foreach_sub(theta, ctx.center), ctx.precision)
+            torch._foreach_mul_(grads, scale)
+        return (None, None, None, None, *(g.to(p.dtype) for g, p in zip(grads, params)))
 
 
-def quadratic_penalty(
-    params: Sequence[Tensor], precision: Sequence[Tensor], center: Sequence[Tensor]
+def ewc_penalty(
+    params: Sequence[Tensor],
+    precision: Sequence[Tensor],
+    center: Sequence[Tensor],
+    strength: float = 1.0,
+    offset: Tensor | float = 0.0,
 ) -> Tensor:
-    r""":math:`\sum_i A_i(\theta_i-\mu_i)^2` summed over all tensors, differentiable in ``params``.
+    r""":math:`\frac{\lambda}{2}\big(\sum_i A_i(\theta_i-\mu_i)^2 + c\big)` over all tensors,
+    differentiable in ``params``.
 
-    ``precision`` (``A >= 0``) and ``center`` (``μ``) are constants shaped like ``params``; the
-    result is in their dtype (``params`` are promoted to it).
+    ``precision`` (``A >= 0``) and ``center`` (``μ``) are constants shaped like ``params``;
+    ``strength`` is :math:`\lambda` and ``offset`` the constant :math:`c`. The result is in the
+    dtype of ``precision`` (``params`` are promoted to it; their gradients are cast back).
     """
-    return _Quadratic.apply(list(precision), list(center), *params)
+    precision = list(precision)
+    offset = torch.as_tensor(offset, dtype=precision[0].dtype, device=precision[0].device)
+    return _Penalty.apply(float(strength), offset, precision, list(center), *params)

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ._penalty import quadratic_penalty
+from ._penalty import ewc_penalty
 from ._validation import check_choice, check_count, check_real
 from .distributed import process_group_for, unwrap_model
 from .fisher import METHODS, ParamSelection, fisher_diagonal, select_parameters
@@ -203,10 +203,13 @@ class EWCRegularizer:
         params = dict(self.model.named_parameters())
         names = list(self._precision)
         current = [params[n] for n in names]
-        total = quadratic_penalty(
-            current, [self._precision[n] for n in names], [self._center[n] for n in names]
-        ) + self._offset
-        return 0.5 * self.strength * total
+        return ewc_penalty(
+            current,
+            [self._precision[n] for n in names],
+            [self._center[n] for n in names],
+            self.strength,
+            self._offset,
+        )
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume: settings, task count, Fisher, anchors and offset."""
