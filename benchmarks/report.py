@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import statistics
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -215,6 +216,21 @@ def plot(config: Config, summary: Summary, path: Path) -> None:
     plt.close(fig)
 
 
+def devices_line(records: list[dict[str, Any]]) -> str:
+    """Where the runs ran, with the median seconds per run on each device (runs mixing devices
+    differ only in random streams, not in the protocol)."""
+    by_device: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in records:
+        by_device[f"{r.get('device', '?')} (torch {r.get('torch', '?')})"].append(r)
+    parts = []
+    for device, runs in sorted(by_device.items()):
+        wall = statistics.median(r["seconds"] for r in runs)
+        cpu = [r["cpu_seconds"] for r in runs if "cpu_seconds" in r]
+        cpu_text = f", {statistics.median(cpu):.0f} s CPU" if cpu else ""
+        parts.append(f"{device}: {len(runs)} runs, median {wall:.0f} s wall{cpu_text} per run")
+    return "Devices: " + "; ".join(parts) + "."
+
+
 def report(results_dir: Path) -> Path:
     """Write ``results.md`` and the figures of ``results_dir/runs.jsonl``; return the table."""
     records = read_runs(results_dir / "runs.jsonl")
@@ -223,11 +239,14 @@ def report(results_dir: Path) -> Path:
     sections = [
         f"# Results from `{results_dir.name}/runs.jsonl` ({len(records)} runs)",
         "",
-        "Best λ per variant = highest mean accuracy over the seeds run at it; SE = standard "
+        "Best λ per variant = highest mean accuracy over the seeds run at every λ of the "
+        "variant (its other seeds then count in the accuracy); SE = standard "
         "error over seeds; s/run = training + Fisher seconds per run at the best λ, wall clock and "
         "process CPU time (Fisher alone in brackets; CPU time is less affected by other load "
         "on the machine). "
         "Paper: van de Ven (2025), 30 seeds; its best λ are read off its figures.",
+        "",
+        devices_line(records),
         "",
     ]
     for config, summary in sorted(group(records).items()):
