@@ -6,7 +6,8 @@ and medians are reported:
 
 * ``step``: forward, mean cross-entropy on the task's 2 units, backward, Adam step;
 * ``step + penalty``: the same with ``reg.penalty()`` added to the loss;
-* ``penalty``: ``reg.penalty().backward()`` alone.
+* ``penalty``: ``reg.penalty().backward()`` alone, after ``zero_grad()`` as in a training step
+  (so the gradient lands in ``.grad`` as it does there, not added to an old one).
 
 Run: ``python -m benchmarks.penalty_speed [--repeats 300] [--threads 1 2] [--device cpu]``;
 writes ``benchmarks/results/penalty_speed.md``.
@@ -65,6 +66,7 @@ def measure(repeats: int, batch_size: int, device: torch.device) -> dict[str, fl
         optimizer.step()
 
     def penalty_only() -> None:
+        optimizer.zero_grad()
         reg.penalty().backward()
 
     contenders = {
