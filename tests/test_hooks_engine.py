@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from ewc_reg import fisher_diagonal
 from ewc_reg._batches import Batch
-from ewc_reg.engines import get_engine
+from ewc_reg.engines import get_engine, rules
 from ewc_reg.engines.base import DEFAULT_MEMORY_BUDGET
 from ewc_reg.engines.functorch import FunctorchEngine
 from ewc_reg.engines.hooks import HookEngine, plan
@@ -115,6 +115,11 @@ LAYERS = {
     "conv2d_few_positions": (  # Gram with L = 4
         lambda: nn.Conv2d(8, 8, 3, groups=2), (5, 8, 4, 4)
     ),
+    "conv2d_pointwise_strided": (  # 1x1 kernels: the patches are the strided input
+        lambda: nn.Conv2d(4, 6, 1, stride=(2, 3)), (5, 4, 7, 6)
+    ),
+    "conv1d_pointwise_groups": (lambda: nn.Conv1d(4, 6, 1, stride=3, groups=2), (5, 4, 10)),
+    "conv2d_pointwise_padded": (lambda: nn.Conv2d(2, 3, 1, padding=1), (5, 2, 4, 3)),
     "batchnorm1d": (lambda: nn.BatchNorm1d(4), (6, 4)),
     "batchnorm1d_sequence": (lambda: nn.BatchNorm1d(4), (6, 4, 5)),
     "batchnorm2d": (lambda: nn.BatchNorm2d(3), (6, 3, 4, 5)),
@@ -141,6 +146,38 @@ def test_rule_matches_references(name: str) -> None:
     model = with_head(make().double(), x)
     randomize_affine(model)
     check_against_references(model, x)
+
+
+CONVS = [name for name in LAYERS if name.startswith("conv")]
+
+
+@pytest.mark.parametrize("name", CONVS)
+@pytest.mark.parametrize("layout", ["vectors_first", "samples_first"])
+@pytest.mark.parametrize("budget", [1, DEFAULT_MEMORY_BUDGET])
+def test_conv_rule_any_layout_and_chunks(name: str, layout: str, budget: int) -> None:
+    """The convolution rule on ``G`` stored ``(K, B, ...)`` (batched pull-back) or
+    ``(B, K, ...)`` (looped pull-back), one sample per chunk or all, equals brute force."""
+    make, shape = LAYERS[name]
+    torch.manual_seed(0)
+    layer = make().double()
+    x = torch.randn(*shape, dtype=torch.float64)
+    y = layer(x)
+    grads = torch.randn(K, *y.shape, dtype=torch.float64)
+    if layout == "samples_first":
+        grads = grads.transpose(0, 1).contiguous().transpose(0, 1)
+    names = [n for n, _ in layer.named_parameters()]
+    with torch.no_grad():
+        got = rules.conv(layer, x, grads, names, budget)
+    expected = {n: torch.zeros_like(p) for n, p in layer.named_parameters()}
+    for i in range(x.shape[0]):
+        out = layer(x[i : i + 1])
+        for k in range(K):
+            pulled = torch.autograd.grad(
+                out, list(layer.parameters()), grads[k, i : i + 1], retain_graph=True
+            )
+            for n, g in zip(names, pulled):
+                expected[n] += g.square()
+    assert_close_dicts(got, expected, 1e-10)
 
 
 @pytest.mark.parametrize("padding_idx", [None, 2])

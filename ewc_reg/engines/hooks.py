@@ -302,24 +302,53 @@ _UNBATCHED_BACKWARD = (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm)
 
 
 def _pull_back(
-    output: Tensor, edges: list[GradientEdge], vectors: Tensor, looped: bool
+    output: Tensor,
+    edges: list[GradientEdge],
+    vectors: Tensor,
+    looped: bool,
+    storage: dict[int, Tensor] | None = None,
 ) -> list[Tensor | None]:
     """``(K, *shape)`` gradients of ``<output, v_k>`` with respect to each edge's tensor, from
-    one backward pass batched over the ``K`` vectors, or (``looped``) one pass per vector."""
+    one backward pass batched over the ``K`` vectors, or (``looped``) one pass per vector.
+
+    The looped gradients are views of ``(B, K, *shape[1:])`` storage (each sample's ``K``
+    gradients contiguous, as the convolution rule wants them) taken from ``storage`` (by edge
+    position) when it holds a large enough tensor, and left there for the next chunk of
+    samples: reusing memory spares the page faults of fresh allocations (on CPU, writing a
+    fresh buffer costs about five times as much as writing a used one)."""
     if not looped:
         return list(
             torch.autograd.grad(output, edges, vectors, is_grads_batched=True, allow_unused=True)
         )
+    storage = {} if storage is None else storage
     grads: list[Tensor | None] = [None] * len(edges)
+    num_vectors = len(vectors)
     for k, v in enumerate(vectors):
-        retain = k < len(vectors) - 1
+        retain = k < num_vectors - 1
         pulled = torch.autograd.grad(output, edges, v, retain_graph=retain, allow_unused=True)
         for i, g in enumerate(pulled):
-            if g is not None:
-                if grads[i] is None:
-                    grads[i] = g.new_zeros(len(vectors), *g.shape)
-                grads[i][k] = g
+            if g is None:
+                continue
+            if grads[i] is None:  # (every pass reaches the same edges)
+                grads[i] = _buffer(storage, i, g, num_vectors).transpose(0, 1)
+            grads[i][k] = g
     return grads
+
+
+def _buffer(storage: dict[int, Tensor], key: int, like: Tensor, num_vectors: int) -> Tensor:
+    """A ``(B, K, *like.shape[1:])`` tensor for ``K`` gradients shaped as ``like``, a slice of
+    ``storage[key]`` when that fits (else a new one, kept there)."""
+    batch, rest = like.shape[0], like.shape[1:]
+    held = storage.get(key)
+    if (
+        held is None
+        or held.shape[0] < batch
+        or held.shape[1:] != (num_vectors, *rest)
+        or held.dtype != like.dtype
+        or held.device != like.device
+    ):
+        held = storage[key] = like.new_empty(batch, num_vectors, *rest)
+    return held[:batch]
 
 
 class HookEngine:
@@ -404,18 +433,19 @@ class HookEngine:
             chunk_size, memory_budget, bytes_per_sample(num_vectors, recorded, forward=False)
         )
         if whole and self._steps[model] >= batch.size:  # the first pass's graph serves
-            self._accumulate(units, records, output, vectors, sums, memory_budget, looped)
+            self._accumulate(units, records, output, vectors, sums, memory_budget, looped, {})
             return sums
         step = resolve_chunk_size(
             chunk_size, memory_budget, bytes_per_sample(num_vectors, recorded, forward=True)
         )
         del output, records
+        storage: dict[int, Tensor] = {}  # gradient buffers, reused by the chunks
         for start in range(0, batch.size, step):
             chunk = batch.map_per_sample(operator.itemgetter(slice(start, start + step)))
             output, records = self._forward(model, units, chunk, output_fn, True)
             chunk_vectors = vectors[:, start : start + step]
             self._accumulate(
-                units, records, output, chunk_vectors, sums, memory_budget, looped
+                units, records, output, chunk_vectors, sums, memory_budget, looped, storage
             )
         return sums
 
@@ -437,13 +467,15 @@ class HookEngine:
         sums: dict[str, Tensor],
         memory_budget: int,
         looped: bool,
+        storage: dict[int, Tensor],
     ) -> None:
-        """Pull ``vectors`` back to the recorded outputs and add each unit's sums."""
+        """Pull ``vectors`` back to the recorded outputs and add each unit's sums
+        (``storage``: see :func:`_pull_back`)."""
         live = [(u, records[u]) for u in units if u in records and records[u].edges]
         if not live:
             return
         edges = [edge for _, record in live for edge in record.edges]
-        grads = _pull_back(output, edges, vectors, looped)
+        grads = _pull_back(output, edges, vectors, looped, storage)
         position = 0
         for unit, record in live:
             unit_grads = grads[position : position + len(record.edges)]

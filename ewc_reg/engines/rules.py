@@ -85,14 +85,49 @@ def _sample_chunks(batch: int, bytes_per_sample: int, budget: int) -> Iterator[s
 #: (used to choose between the two ways of :func:`_squared_products`).
 MATMUL_SPEEDUP = 100
 
+#: Temporaries of one chunk of :func:`_squared_products` are kept within this many bytes (or the
+#: memory budget, if smaller): larger chunks are no faster, as the products then leave the cache.
+CHUNK_BYTES = 32 * 2**20
+
+
+def _pairs(t: Tensor, weight: float = 1.0) -> Tensor:
+    """``(..., L, L) -> (..., T)``: the entries ``(l, m)`` with ``l <= m``, row after row, those
+    off the diagonal times ``weight``; ``T = L (L+1)/2``. (A slice per row: faster than
+    gathering with advanced indices.)"""
+    positions = t.shape[-1]
+    out = t.new_empty(*t.shape[:-2], positions * (positions + 1) // 2)
+    start = 0
+    for row in range(positions):
+        stop = start + positions - row
+        out[..., start] = t[..., row, row]
+        if weight == 1.0:
+            out[..., start + 1 : stop] = t[..., row, row + 1 :]
+        else:
+            torch.mul(t[..., row, row + 1 :], weight, out=out[..., start + 1 : stop])
+        start = stop
+    return out
+
+
+def _outer_pairs(u: Tensor) -> Tensor:
+    """``(..., L) -> (..., T)``: the products ``u_l u_m`` for ``l <= m``, as :func:`_pairs`."""
+    positions = u.shape[-1]
+    out = u.new_empty(*u.shape[:-1], positions * (positions + 1) // 2)
+    start = 0
+    for row in range(positions):
+        stop = start + positions - row
+        torch.mul(u[..., row : row + 1], u[..., row:], out=out[..., start:stop])
+        start = stop
+    return out
+
 
 def _squared_products(
     grads: Tensor, patches_of: Callable[[slice], Tensor], patch: int, budget: int
 ) -> Tensor:
     r"""Weight sums of a layer whose per-sample gradient is a product over ``L`` positions.
 
-    ``grads`` is ``(K, B, g, O, L)`` and ``patches_of(chunk)`` gives the chunk's inputs
-    ``(b, g, P, L)`` (``P = patch``); the per-sample, per-vector gradient of group ``j`` is
+    ``grads`` is ``(K, B, g, O, L)`` (any strides; ``(B, K, ...)`` storage is read without a
+    copy for ``g = 1``) and ``patches_of(chunk)`` gives the chunk's inputs ``(b, g, P, L)``
+    (``P = patch``); the per-sample, per-vector gradient of group ``j`` is
     :math:`D_{nkj} = G_{nkj} U_{nj}^\top` (``(O, P)``) and the result, ``(g, O, P)``, is
     :math:`\sum_{n,k} D_{nkj}^{\odot 2}`. Two ways, whichever is estimated faster (memory
     passes, plus matmul multiply-adds divided by :data:`MATMUL_SPEEDUP`):
@@ -101,38 +136,44 @@ def _squared_products(
       multiply-adds), squared and summed (about four passes over ``K O P`` numbers);
     * Gram: expanding the square, :math:`\sum_{n,k} D_{nk}[o,p]^2 = \sum_n \sum_{l,m}
       A_n[o,l,m]\, U_n[p,l] U_n[p,m]` with :math:`A_n[o,l,m] = \sum_k G_{nk}[o,l]
-      G_{nk}[o,m]`: one matmul contracting over samples and position pairs (``O P L^2``
-      multiply-adds; ``(O + P) L^2`` numbers per sample, written and read). For ``L = 1`` (a
-      ``Linear`` on ``(B, in)``) this is :math:`(\sum_k G_k^{\odot 2})^\top x^{\odot 2}`.
+      G_{nk}[o,m]`; both factors are symmetric in ``(l, m)``, so only the ``T = L (L+1)/2``
+      pairs ``l <= m`` are kept, the others counted twice in :math:`A`: one matmul
+      contracting over samples and pairs (``O P T`` multiply-adds; ``(O + P) T`` numbers per
+      sample, written and read). For ``L = 1`` (a ``Linear`` on ``(B, in)``) this is
+      :math:`(\sum_k G_k^{\odot 2})^\top x^{\odot 2}`.
     """
     num_vectors, batch, groups, out, positions = grads.shape
     size = grads.element_size()
     result = grads.new_zeros(groups, out, patch)
+    pairs = positions * (positions + 1) // 2
     direct_cost = num_vectors * out * (4 * patch + patch * positions / MATMUL_SPEEDUP)
-    gram_cost = positions**2 * (2 * (out + patch) + out * patch / MATMUL_SPEEDUP)
+    gram_cost = pairs * (3 * (out + patch) + out * patch / MATMUL_SPEEDUP)
+    budget = min(budget, CHUNK_BYTES)
     if direct_cost <= gram_cost:
         per_sample = groups * (num_vectors * out * (patch + positions) + patch * positions)
         for chunk in _sample_chunks(batch, per_sample * size, budget):
-            g = grads[:, chunk].permute(1, 2, 0, 3, 4)  # (b, g, K, O, L)
-            u = patches_of(chunk)
-            b = u.shape[0]
-            products = torch.matmul(
-                g.reshape(b * groups, num_vectors * out, positions),
-                u.reshape(b * groups, patch, positions).mT,
-            )  # (b g, K O, P)
-            result += products.view(b, groups, num_vectors, out, patch).square_().sum((0, 2))
+            g = grads[:, chunk].transpose(0, 1)  # (b, K, g, O, L)
+            b = g.shape[0]
+            if groups > 1:
+                g = g.transpose(1, 2)  # (b, g, K, O, L)
+            u = patches_of(chunk).reshape(b * groups, patch, positions)
+            products = torch.bmm(g.reshape(b * groups, num_vectors * out, positions), u.mT)
+            products = products.view(b, groups, num_vectors, out, patch).square_()
+            result += products.sum((0, 2)) if groups > 1 else products.sum((0, 1, 2))[None]
         return result
-    per_sample = groups * (positions * (num_vectors * out + (out + patch) * positions) + patch)
+    per_sample = groups * (positions * num_vectors * out + 2 * (out + patch) * pairs + patch)
     for chunk in _sample_chunks(batch, per_sample * size, budget):
+        u = patches_of(chunk).permute(1, 2, 0, 3)  # (g, P, b, L)
+        b = u.shape[2]
         if positions == 1:
             gram = grads[:, chunk, ..., 0].square().sum(0).permute(1, 2, 0)  # (g, O, b)
+            outer = u[..., 0].square()  # (g, P, b)
         else:
             g = grads[:, chunk].permute(2, 3, 1, 4, 0)  # (g, O, b, L, K)
-            gram = g @ g.mT  # (g, O, b, L, L)
-        u = patches_of(chunk).permute(1, 2, 0, 3).contiguous()  # (g, P, b, L)
-        outer = u.unsqueeze(-1) * u.unsqueeze(-2)  # (g, P, b, L, L)
+            gram = _pairs(g @ g.mT, weight=2.0)  # (g, O, b, T); the pairs l < m count twice
+            outer = _outer_pairs(u)  # (g, P, b, T)
         result += torch.bmm(
-            gram.reshape(groups, out, -1), outer.reshape(groups, patch, -1).mT
+            gram.reshape(groups, out, b * pairs), outer.reshape(groups, patch, b * pairs).mT
         )
     return result
 
@@ -195,21 +236,29 @@ def conv(
     acc = _acc(module)
     pads = _conv_padding(module)
     x = x.to(acc)
-    if any(pads):
+    kernel, stride, dilation = module.kernel_size, module.stride, module.dilation
+    # zero padding the same on both sides goes to F.unfold (no padded copy of x)
+    symmetric = module.padding_mode == "zeros" and pads[::2] == pads[1::2]
+    padding = tuple(reversed(pads[::2])) if symmetric else (0,) * len(kernel)
+    if any(pads) and not symmetric:
         mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
         x = F.pad(x, pads, mode=mode)
-    kernel, stride, dilation = module.kernel_size, module.stride, module.dilation
     if x.dim() == 3:  # Conv1d as a convolution over a (1, L) image
         x = x.unsqueeze(2)
-        kernel, stride, dilation = (1, *kernel), (1, *stride), (1, *dilation)
+        kernel, stride = (1, *kernel), (1, *stride)
+        dilation, padding = (1, *dilation), (0, *padding)
     groups = module.groups
     num_vectors, batch = grads.shape[:2]
     grads = grads.to(acc).reshape(num_vectors, batch, groups, module.out_channels // groups, -1)
     patch = module.weight[0].numel()  # P = C_in/g * prod(kernel)
+    pointwise = all(k == 1 for k in kernel) and not any(padding)
 
     def patches_of(chunk: slice) -> Tensor:
-        patches = F.unfold(x[chunk], kernel, dilation=dilation, stride=stride)
-        return patches.view(patches.shape[0], groups, patch, -1)  # (b, g, P, L)
+        if pointwise:  # 1x1 kernels: the patches are the (strided) input itself
+            patches = x[chunk][..., :: stride[0], :: stride[1]]
+        else:
+            patches = F.unfold(x[chunk], kernel, dilation, padding, stride)
+        return patches.reshape(patches.shape[0], groups, patch, -1)  # (b, g, P, L)
 
     sums = {}
     if "weight" in names:
