@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from ewc_reg import fisher_diagonal
 from ewc_reg._batches import Batch
 from ewc_reg.engines import get_engine, rules
-from ewc_reg.engines.base import DEFAULT_MEMORY_BUDGET
+from ewc_reg.engines.base import DEFAULT_MEMORY_BUDGET, MAX_VECTORS_TO_REDUCE, fewer_vectors
 from ewc_reg.engines.functorch import FunctorchEngine
 from ewc_reg.engines.hooks import HookEngine, plan
 from ewc_reg.likelihoods import Categorical
@@ -716,3 +716,46 @@ def test_input_folding_samples_into_the_batch_dimension_goes_to_functorch(caplog
     model = PerHeadMask().double()
     x = torch.randn(5, 3, 4, dtype=torch.float64)
     log_and_compare(model, data_for(lambda: x), caplog, "a multiple of the batch")
+
+
+def _gram(vectors: Tensor) -> Tensor:
+    """``M_n = V_nᵀ V_n`` per sample, ``(B, D, D)``."""
+    flat = vectors.reshape(*vectors.shape[:2], -1).double()
+    return torch.einsum("kbd,kbe->bde", flat, flat)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_fewer_vectors_for_the_softmax_fisher(dtype: torch.dtype) -> None:
+    """The exact Fisher's C softmax vectors have rank C - 1: one vector less, same Gram."""
+    logits = torch.randn(6, 5, dtype=dtype) * 3
+    vectors = Categorical().position_factor(logits)  # (C, B, C)
+    fewer = fewer_vectors(vectors)
+    assert fewer.shape == (4, 6, 5) and fewer.dtype == dtype
+    tol = 1e-12 if dtype == torch.float64 else 1e-6
+    assert torch.allclose(_gram(fewer), _gram(vectors), rtol=0, atol=tol)
+
+
+def test_fewer_vectors_keeps_full_rank_and_low_precision() -> None:
+    full = torch.randn(3, 4, 2, 5, dtype=torch.float64)  # (K, B, S, C), rank 3 per sample
+    assert fewer_vectors(full) is full
+    single = full[:1]
+    assert fewer_vectors(single) is single
+    dependent = torch.cat([full, full[:1] - 2 * full[1:2]])  # rank 3 of 4
+    fewer = fewer_vectors(dependent)
+    assert fewer.shape == (3, 4, 2, 5)
+    assert torch.allclose(_gram(fewer), _gram(dependent), rtol=0, atol=1e-12)
+    half = dependent.bfloat16()  # (rounding to bfloat16 hides the dependence)
+    assert fewer_vectors(half) is half
+    many = torch.randn(MAX_VECTORS_TO_REDUCE + 1, 2, 3).repeat(1, 1, 20)
+    assert fewer_vectors(many) is many
+
+
+def test_fewer_vectors_in_the_engine_give_the_exact_fisher() -> None:
+    """The hook engine reduces the exact Fisher's vectors; the sums stay those of all C."""
+    model = cnn(classes=4).eval()
+    x = torch.randn(5, 2, 6, 6, dtype=torch.float64)
+    with torch.no_grad():
+        vectors = Categorical().position_factor(model(x))
+    assert fewer_vectors(vectors).shape[0] == 3
+    got = engine_sums(HookEngine(), model, x, vectors)
+    assert_close_dicts(got, brute_force(model, x, vectors), 1e-10)

@@ -67,3 +67,42 @@ def resolve_chunk_size(chunk_size: int | None, memory_budget: int, bytes_per_sam
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """Sums are kept in at least float32 (bf16/fp16 models accumulate in float32)."""
     return torch.promote_types(dtype, torch.float32)
+
+
+#: :func:`fewer_vectors` leaves more vectors than this as they are.
+MAX_VECTORS_TO_REDUCE = 32
+
+
+def fewer_vectors(vectors: Tensor) -> Tensor:
+    r"""Vectors ``(K', B, ...)`` with ``K' <= K`` giving the same sums as ``vectors``.
+
+    The sums depend on sample ``n``'s vectors only through :math:`M_n = \sum_k v_{nk}
+    v_{nk}^\top = V_n^\top V_n` (:math:`\sum_k (J^\top v_k)^{\odot 2} = \mathrm{diag}(J^\top
+    M_n J)`), whose rank can be less than ``K``: the exact Fisher of a softmax has
+    :math:`\sum_c \sqrt{p_c}\, v_c = 0`, rank ``C - 1``. With the eigendecomposition
+    :math:`V_n V_n^\top = Q_n \Lambda_n Q_n^\top` (``K x K``, in float64), the ``r`` rows
+    :math:`W_n = Q_{n,r}^\top V_n` on the ``r`` largest eigenvalues have :math:`W_n^\top W_n =
+    M_n` up to the dropped eigenvalues, where ``r`` is the most eigenvalues above
+    :math:`\max(10 K \epsilon_{64}, K^2 \epsilon^2)\, \lambda_{\max}` in any sample
+    (:math:`\epsilon` that of ``vectors``: rounding ``V`` to it leaves an exactly dependent
+    combination about :math:`K \epsilon |V|` away from zero). Vectors of lower precision than
+    float32 (rounding hides dependence there), a single vector or more than
+    :data:`MAX_VECTORS_TO_REDUCE` (one vector less saves little), or no rank to spare are
+    returned as they are; so are vectors whose float64 eigendecomposition fails.
+    """
+    num_vectors, batch = vectors.shape[:2]
+    eps = torch.finfo(vectors.dtype).eps
+    if not 2 <= num_vectors <= MAX_VECTORS_TO_REDUCE or eps > torch.finfo(torch.float32).eps:
+        return vectors
+    flat = vectors.reshape(num_vectors, batch, -1).to(torch.float64)  # (K, B, D)
+    gram = torch.einsum("kbd,jbd->bkj", flat, flat)
+    try:
+        values, bases = torch.linalg.eigh(gram)  # ascending
+    except RuntimeError:  # (did not converge)
+        return vectors
+    tol = max(10 * num_vectors * torch.finfo(torch.float64).eps, (num_vectors * eps) ** 2)
+    rank = int((values > tol * values[:, -1:]).sum(1).max().clamp(min=1))
+    if rank == num_vectors:
+        return vectors
+    kept = torch.einsum("bkr,kbd->rbd", bases[..., num_vectors - rank :], flat)
+    return kept.to(vectors.dtype).reshape(rank, *vectors.shape[1:])

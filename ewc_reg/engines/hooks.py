@@ -70,7 +70,14 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 from .._batches import Batch
-from .base import Engine, OutputFn, VectorFn, accumulation_dtype, resolve_chunk_size
+from .base import (
+    Engine,
+    OutputFn,
+    VectorFn,
+    accumulation_dtype,
+    fewer_vectors,
+    resolve_chunk_size,
+)
 from .functorch import FunctorchEngine
 from .rules import Rule, rule_for
 
@@ -422,7 +429,7 @@ class HookEngine:
         known = chunk_size if chunk_size is not None else self._steps.get(model)
         whole = known is None or known >= batch.size
         output, records = self._forward(model, units, batch, output_fn, whole)
-        vectors = make_vectors(pytree.tree_map_only(Tensor, Tensor.detach, output))
+        vectors = fewer_vectors(make_vectors(pytree.tree_map_only(Tensor, Tensor.detach, output)))
         sums = {
             name: torch.zeros_like(p, dtype=accumulation_dtype(p.dtype))
             for name, p in params.items()
