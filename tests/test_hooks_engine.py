@@ -759,3 +759,32 @@ def test_fewer_vectors_in_the_engine_give_the_exact_fisher() -> None:
     assert fewer_vectors(vectors).shape[0] == 3
     got = engine_sums(HookEngine(), model, x, vectors)
     assert_close_dicts(got, brute_force(model, x, vectors), 1e-10)
+
+
+def test_normalisations_reduced_one_vector_at_a_time() -> None:
+    """With a convolution the pull-back runs once per vector and the normalisation layers'
+    gradients are reduced as they come (:data:`rules.REDUCTIONS`); a chunk boundary and a
+    parameter subset (only some weights and biases) included."""
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1),
+        nn.GroupNorm(2, 4),
+        nn.Tanh(),  # (else the next normalisation would cancel the biases)
+        nn.LayerNorm((5, 5)),
+        nn.Tanh(),
+        nn.BatchNorm2d(4),
+        nn.Tanh(),
+        nn.RMSNorm(5),
+        nn.Flatten(),
+        nn.Linear(100, 3),
+    ).double()
+    randomize_bn(model)
+    randomize_affine(model)
+    model.eval()
+    units = plan(model, trainable(model))
+    assert [rules.REDUCTIONS.get(u.rule) is not None for u in units] == [0, 1, 1, 1, 1, 0]
+    x = torch.randn(5, 2, 5, 5, dtype=torch.float64)
+    check_against_references(model, x)
+    check_against_references(model, x, chunk_size=2)
+    model[1].weight.requires_grad_(False)
+    model[5].bias.requires_grad_(False)
+    check_against_references(model, x)

@@ -79,7 +79,7 @@ from .base import (
     resolve_chunk_size,
 )
 from .functorch import FunctorchEngine
-from .rules import Rule, rule_for
+from .rules import REDUCTIONS, Reducer, Reduction, Rule, rule_for
 
 logger = logging.getLogger("ewc_reg")
 
@@ -293,12 +293,13 @@ class _Recorder(TorchFunctionMode):
             raise Unsupported(self.problem)
 
 
-def bytes_per_sample(num_vectors: int, recorded_bytes: int, forward: bool) -> int:
-    """Working memory of one sample whose recorded module outputs take ``recorded_bytes``: the
-    ``K`` output gradients and a backward pass's temporaries (``K + 1`` times the recorded
-    outputs), plus, with ``forward``, the forward pass's saved activations (about twice the
-    recorded outputs). Measured on a reduced ResNet-18."""
-    return (max(num_vectors, 1) + (3 if forward else 1)) * recorded_bytes
+def bytes_per_sample(num_vectors: int, kept_bytes: int, recorded_bytes: int, forward: bool) -> int:
+    """Working memory of one sample whose recorded module outputs take ``recorded_bytes``, of
+    which ``kept_bytes`` have their output gradients kept whole (the others are reduced as
+    they come, see :data:`.rules.REDUCTIONS`): the ``K`` kept output gradients and a backward
+    pass's temporaries (the recorded outputs once), plus, with ``forward``, the forward pass's
+    saved activations (about twice the recorded outputs). Measured on a reduced ResNet-18."""
+    return max(num_vectors, 1) * kept_bytes + (3 if forward else 1) * recorded_bytes
 
 
 #: Modules whose backward has no batching rule in ``is_grads_batched`` (it runs them once per
@@ -314,19 +315,28 @@ def _pull_back(
     vectors: Tensor,
     looped: bool,
     storage: dict[int, Tensor] | None = None,
+    reducers: dict[int, Reducer] | None = None,
 ) -> list[Tensor | None]:
     """``(K, *shape)`` gradients of ``<output, v_k>`` with respect to each edge's tensor, from
-    one backward pass batched over the ``K`` vectors, or (``looped``) one pass per vector.
+    one backward pass batched over the ``K`` vectors, or (``looped``) one pass per vector;
+    those of the edges in ``reducers`` (by position) are reduced by it as they come (one
+    vector at a time when looped), and only the reduced gradients are kept.
 
     The looped gradients are views of ``(B, K, *shape[1:])`` storage (each sample's ``K``
     gradients contiguous, as the convolution rule wants them) taken from ``storage`` (by edge
     position) when it holds a large enough tensor, and left there for the next chunk of
     samples: reusing memory spares the page faults of fresh allocations (on CPU, writing a
     fresh buffer costs about five times as much as writing a used one)."""
+    reducers = reducers or {}
     if not looped:
-        return list(
+        grads = list(
             torch.autograd.grad(output, edges, vectors, is_grads_batched=True, allow_unused=True)
         )
+        with torch.no_grad():
+            return [
+                reducers[i](g) if g is not None and i in reducers else g
+                for i, g in enumerate(grads)
+            ]
     storage = {} if storage is None else storage
     grads: list[Tensor | None] = [None] * len(edges)
     num_vectors = len(vectors)
@@ -336,9 +346,13 @@ def _pull_back(
         for i, g in enumerate(pulled):
             if g is None:
                 continue
+            if i in reducers:
+                with torch.no_grad():
+                    g = reducers[i](g)
             if grads[i] is None:  # (every pass reaches the same edges)
                 grads[i] = _buffer(storage, i, g, num_vectors).transpose(0, 1)
             grads[i][k] = g
+        pulled = g = None  # (free this pass's gradients before the next)
     return grads
 
 
@@ -435,15 +449,18 @@ class HookEngine:
             for name, p in params.items()
         }
         recorded = sum(record.nbytes for record in records.values()) // batch.size
+        kept = sum(
+            record.nbytes for unit, record in records.items() if _reduction(unit, record) is None
+        ) // batch.size
         num_vectors = vectors.shape[0]
         self._steps[model] = resolve_chunk_size(
-            chunk_size, memory_budget, bytes_per_sample(num_vectors, recorded, forward=False)
+            chunk_size, memory_budget, bytes_per_sample(num_vectors, kept, recorded, forward=False)
         )
         if whole and self._steps[model] >= batch.size:  # the first pass's graph serves
             self._accumulate(units, records, output, vectors, sums, memory_budget, looped, {})
             return sums
         step = resolve_chunk_size(
-            chunk_size, memory_budget, bytes_per_sample(num_vectors, recorded, forward=True)
+            chunk_size, memory_budget, bytes_per_sample(num_vectors, kept, recorded, forward=True)
         )
         del output, records
         storage: dict[int, Tensor] = {}  # gradient buffers, reused by the chunks
@@ -482,7 +499,16 @@ class HookEngine:
         if not live:
             return
         edges = [edge for _, record in live for edge in record.edges]
-        grads = _pull_back(output, edges, vectors, looped, storage)
+        reducers: dict[int, Reducer] = {}
+        position = 0
+        for unit, record in live:
+            reduction = _reduction(unit, record)
+            if reduction is not None:
+                with torch.no_grad():
+                    reducers[position] = reduction(unit.module, record.args[0], unit.names.keys())
+            position += len(record.edges)
+        grads = _pull_back(output, edges, vectors, looped, storage, reducers)
+        del reducers
         position = 0
         for unit, record in live:
             unit_grads = grads[position : position + len(record.edges)]
@@ -495,6 +521,21 @@ class HookEngine:
                 sums[unit.names[local]] += s
 
 
+def _by_rule(unit: _Unit, record: _Record) -> bool:
+    """Whether the unit's sums come from its rule: it has one and was called as
+    ``module(x)``."""
+    (x, *others) = record.args or (None,)
+    return unit.rule is not None and isinstance(x, Tensor) and not others and not record.kwargs
+
+
+def _reduction(unit: _Unit, record: _Record) -> Reduction | None:
+    """The reduction of the unit's output gradients its rule takes (see
+    :data:`.rules.REDUCTIONS`), or ``None``."""
+    if unit.rule is None or not _by_rule(unit, record):
+        return None
+    return REDUCTIONS.get(unit.rule)
+
+
 def _unit_sums(
     unit: _Unit, record: _Record, grads: tuple[Tensor | None, ...], memory_budget: int
 ) -> dict[str, Tensor]:
@@ -504,9 +545,8 @@ def _unit_sums(
     ``scaled_dot_product_attention``: ``vmap`` has no batching rule for the fused ones and
     calls them once per sample and vector (about 15% slower for the attention of
     ``benchmarks.models.TextTransformer`` on CPU)."""
-    (x, *others) = record.args or (None,)
-    if unit.rule is not None and isinstance(x, Tensor) and not others and not record.kwargs:
-        return unit.rule(unit.module, x, grads[0], unit.names.keys(), memory_budget)
+    if _by_rule(unit, record):
+        return unit.rule(unit.module, record.args[0], grads[0], unit.names.keys(), memory_budget)
     known = next(g for g in grads if g is not None)
     vectors = torch.cat(
         [

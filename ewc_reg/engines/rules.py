@@ -33,18 +33,35 @@ from .base import accumulation_dtype
 #: (see the module docstring).
 Rule = Callable[[nn.Module, Tensor, Tensor, Collection[str], int], dict[str, Tensor]]
 
+#: Maps one vector's (or several: any leading dimensions) output gradients
+#: ``(..., B, *y.shape[1:])`` to the smaller ``(..., B, *r)`` a rule needs.
+Reducer = Callable[[Tensor], Tensor]
+
+#: ``reduction(module, x, names) -> reducer``: prepared once per call (say, :math:`\hat x`).
+Reduction = Callable[[nn.Module, Tensor, Collection[str]], Reducer]
+
 #: Rules by module class, each with a predicate on the module's settings it can handle.
 RULES: dict[type[nn.Module], tuple[Rule, Callable[[nn.Module], bool]]] = {}
 
+#: Rules whose ``G`` is reduced as the pull-back produces it, one vector at a time (then ``G``
+#: is ``(K, B, *r)``): the engine keeps the small reduced gradients instead of the layer's
+#: whole output gradients.
+REDUCTIONS: dict[Rule, Reduction] = {}
+
 
 def register(
-    *types: type[nn.Module], accepts: Callable[[nn.Module], bool] = lambda module: True
+    *types: type[nn.Module],
+    accepts: Callable[[nn.Module], bool] = lambda module: True,
+    reduce: Reduction | None = None,
 ) -> Callable[[Rule], Rule]:
-    """Decorator adding a rule to :data:`RULES` for the module classes ``types``."""
+    """Decorator adding a rule to :data:`RULES` for the module classes ``types`` (and its
+    reduction, if any, to :data:`REDUCTIONS`)."""
 
     def add(rule: Rule) -> Rule:
         for cls in types:
             RULES[cls] = (rule, accepts)
+        if reduce is not None:
+            REDUCTIONS[rule] = reduce
         return rule
 
     return add
@@ -269,69 +286,105 @@ def conv(
     return sums
 
 
+def _affine_parts(
+    xhat: Tensor, names: Collection[str], per_sample: Callable[[Tensor], Tensor]
+) -> Reducer:
+    r"""Reducer of the normalisation layers :math:`y = \hat x \odot w + b`: their per-sample
+    gradients are ``per_sample`` (a sum over the dimensions the affine parameters are broadcast
+    over) of :math:`G \odot \hat x` for ``w`` and of :math:`G` for ``b``; it maps
+    ``(..., B, *y.shape[1:])`` to those of the parameters in ``names`` (``weight`` first),
+    stacked: ``(..., B, n, *D)``."""
+
+    def reduce(grads: Tensor) -> Tensor:
+        grads = grads.to(xhat.dtype)
+        parts = [per_sample(grads * xhat)] if "weight" in names else []
+        if "bias" in names:
+            parts.append(per_sample(grads))
+        return torch.stack(parts, dim=grads.dim() - xhat.dim() + 1)
+
+    return reduce
+
+
 def _affine(
-    xhat: Tensor, grads: Tensor, names: Collection[str], per_sample: Callable[[Tensor], Tensor]
+    parts: Tensor, x: Tensor, names: Collection[str], trailing: int
 ) -> dict[str, Tensor]:
-    r"""Normalisation layers :math:`y = \hat x \odot w + b`: the per-sample gradients are
-    ``per_sample`` (a sum over the dimensions the affine parameters are broadcast over) of
-    :math:`G \odot \hat x` for ``w`` and of :math:`G` for ``b``."""
-    sums = {}
-    if "weight" in names:
-        sums["weight"] = _square_sum(per_sample(grads * xhat))
-    if "bias" in names:
-        sums["bias"] = _square_sum(per_sample(grads))
-    return sums
+    """The sums from :func:`_affine_parts`' ``(K, B, n, *D)`` (``len(D) = trailing``)."""
+    stacked = [name for name in ("weight", "bias") if name in names]
+    dim = parts.dim() - trailing - 1
+    return {name: _square_sum(part) for name, part in zip(stacked, parts.unbind(dim))}
 
 
-def _per_channel(t: Tensor) -> Tensor:
-    """``(K, B, C, *spatial) -> (K, B, C)``."""
-    return _sum(t.reshape(*t.shape[:3], -1), -1)
+def _per_channel(x_dims: int) -> Callable[[Tensor], Tensor]:
+    """``(..., B, C, *spatial) -> (..., B, C)`` for inputs of ``x_dims`` dimensions."""
+
+    def reduce(t: Tensor) -> Tensor:
+        lead = t.dim() - x_dims
+        return _sum(t.reshape(*t.shape[: lead + 2], -1), -1)
+
+    return reduce
 
 
-@register(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+def _per_trailing(x_dims: int, dims: int) -> Callable[[Tensor], Tensor]:
+    """``(..., B, *S, *D) -> (..., B, *D)`` for ``len(D) = dims`` and inputs of ``x_dims``
+    dimensions."""
+
+    def reduce(t: Tensor) -> Tensor:
+        lead = t.dim() - x_dims
+        return _sum(t.reshape(*t.shape[: lead + 1], -1, *t.shape[t.dim() - dims :]), lead + 1)
+
+    return reduce
+
+
+def _batch_norm_parts(module: nn.Module, x: Tensor, names: Collection[str]) -> Reducer:
+    acc = _acc(module)
+    xhat = F.batch_norm(
+        x.to(acc), module.running_mean.to(acc), module.running_var.to(acc), eps=module.eps
+    )
+    return _affine_parts(xhat, names, _per_channel(x.dim()))
+
+
+@register(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, reduce=_batch_norm_parts)
 def batch_norm(
     module: nn.Module, x: Tensor, grads: Tensor, names: Collection[str], budget: int
 ) -> dict[str, Tensor]:
     r"""Batch norm in eval mode (running statistics; the engine rejects batch statistics):
     :math:`\hat x = (x - \mu)/\sqrt{\sigma^2 + \epsilon}` per channel (dimension 1), then
     :math:`\partial_w = \sum_{\text{spatial}} G \odot \hat x`, :math:`\partial_b =
-    \sum_{\text{spatial}} G`."""
-    acc = _acc(module)
-    xhat = F.batch_norm(
-        x.to(acc), module.running_mean.to(acc), module.running_var.to(acc), eps=module.eps
-    )
-    return _affine(xhat, grads.to(acc), names, _per_channel)
+    \sum_{\text{spatial}} G` (``grads``: those, reduced by :func:`_affine_parts`)."""
+    return _affine(grads, x, names, 1)
 
 
-@register(nn.GroupNorm)
+def _group_norm_parts(module: nn.Module, x: Tensor, names: Collection[str]) -> Reducer:
+    xhat = F.group_norm(x.to(_acc(module)), module.num_groups, eps=module.eps)
+    return _affine_parts(xhat, names, _per_channel(x.dim()))
+
+
+@register(nn.GroupNorm, reduce=_group_norm_parts)
 def group_norm(
     module: nn.Module, x: Tensor, grads: Tensor, names: Collection[str], budget: int
 ) -> dict[str, Tensor]:
     r"""Group norm: :math:`\hat x` normalised per sample and group, affine per channel
     (dimension 1), as for batch norm."""
-    acc = _acc(module)
-    xhat = F.group_norm(x.to(acc), module.num_groups, eps=module.eps)
-    return _affine(xhat, grads.to(acc), names, _per_channel)
+    return _affine(grads, x, names, 1)
 
 
-def _per_trailing(dims: int) -> Callable[[Tensor], Tensor]:
-    """``(K, B, *S, *D) -> (K, B, *D)`` for ``len(D) = dims``."""
-
-    def reduce(t: Tensor) -> Tensor:
-        return _sum(t.reshape(*t.shape[:2], -1, *t.shape[t.dim() - dims :]), 2)
-
-    return reduce
+def _layer_norm_parts(module: nn.Module, x: Tensor, names: Collection[str]) -> Reducer:
+    xhat = F.layer_norm(x.to(_acc(module)), module.normalized_shape, eps=module.eps)
+    return _affine_parts(xhat, names, _per_trailing(x.dim(), len(module.normalized_shape)))
 
 
-@register(nn.LayerNorm)
+@register(nn.LayerNorm, reduce=_layer_norm_parts)
 def layer_norm(
     module: nn.Module, x: Tensor, grads: Tensor, names: Collection[str], budget: int
 ) -> dict[str, Tensor]:
     r"""Layer norm over the trailing ``normalized_shape`` dimensions ``D`` of ``(B, *S, *D)``:
     :math:`\partial_w = \sum_S G \odot \hat x`, :math:`\partial_b = \sum_S G`."""
-    acc = _acc(module)
-    xhat = F.layer_norm(x.to(acc), module.normalized_shape, eps=module.eps)
-    return _affine(xhat, grads.to(acc), names, _per_trailing(len(module.normalized_shape)))
+    return _affine(grads, x, names, len(module.normalized_shape))
+
+
+def _rms_norm_parts(module: nn.Module, x: Tensor, names: Collection[str]) -> Reducer:
+    xhat = F.rms_norm(x.to(_acc(module)), module.normalized_shape, eps=module.eps)
+    return _affine_parts(xhat, names, _per_trailing(x.dim(), len(module.normalized_shape)))
 
 
 def rms_norm(
@@ -339,13 +392,11 @@ def rms_norm(
 ) -> dict[str, Tensor]:
     r"""RMS norm :math:`\hat x = x / \sqrt{\mathrm{mean}_D(x^2) + \epsilon}` over the trailing
     dimensions ``D``: :math:`\partial_w = \sum_S G \odot \hat x`."""
-    acc = _acc(module)
-    xhat = F.rms_norm(x.to(acc), module.normalized_shape, eps=module.eps)
-    return _affine(xhat, grads.to(acc), names, _per_trailing(len(module.normalized_shape)))
+    return _affine(grads, x, names, len(module.normalized_shape))
 
 
 if hasattr(nn, "RMSNorm"):  # torch >= 2.4
-    register(nn.RMSNorm)(rms_norm)
+    register(nn.RMSNorm, reduce=_rms_norm_parts)(rms_norm)
 
 
 @register(nn.Embedding, accepts=lambda module: not module.scale_grad_by_freq)
