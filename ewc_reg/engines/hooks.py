@@ -11,11 +11,14 @@ Layer-wise decomposition. If a parameter :math:`\theta` enters the network only 
     G_n = \big(\partial f(x_n)/\partial y_n\big)^\top v .
 
 So one forward pass records every unit's (parametrised module's) input ``x`` and (the autograd
-edge of) its output ``y``; ``V = make_vectors(f)`` of shape ``(K, B, *out)`` is pulled back to
-all the outputs in one backward pass batched over ``K``
+edge of) its output ``y``; ``V = make_vectors(f)`` of shape ``(K, B, *out)``, first cut to the
+rank of each sample's vectors (:func:`~.base.fewer_vectors`: ``C - 1`` vectors for the exact
+Fisher of a softmax), is pulled back to all the outputs in one backward pass batched over ``K``
 (``autograd.grad(..., is_grads_batched=True)``), giving ``G`` of shape ``(K, B, *y.shape[1:])``
 per module (or one pass per vector where ``vmap`` would loop anyway: convolutions and batch
-norms); and the rules of :mod:`.rules` turn ``(x, G)`` into
+norms; ``G`` then lies in reused ``(B, K, ...)`` buffers, and layers with a reduction in
+:data:`.rules.REDUCTIONS`, the normalisations, keep only their per-sample reduced gradients);
+and the rules of :mod:`.rules` turn ``(x, G)`` into
 :math:`\sum_n \sum_k ((\partial y_n/\partial\theta)^\top G_{nk})^{\odot 2}`
 (for ``Linear`` without per-sample gradients at all). A parametrised module without a rule is
 handled by :class:`~.functorch.FunctorchEngine` applied to that module alone, with its recorded
@@ -43,15 +46,15 @@ The decomposition is valid only if (checked; otherwise :class:`Unsupported` is r
   taken for per-sample data folded into the batch dimension, which the decomposition cannot
   split.
 
-Memory: the forward pass over the whole batch gives the checks and the vectors (like the
-functorch engine's no-grad pass, it is bounded by the batch the data yields); when the pull-back
-of the whole batch (:func:`bytes_per_sample` without the forward pass, mostly ``K`` times the
-recorded outputs) fits in ``memory_budget`` it also gives the sums, else the batch is redone in
-chunks of ``resolve_chunk_size(chunk_size, memory_budget, bytes_per_sample)`` samples (forward
-pass included), each with its own forward pass; the first pass then runs without gradients when
-``chunk_size`` or the previous batch already told that the batch will be split. Rules
-materialise per-sample gradients for chunks of samples within the budget too, so the peak is
-up to about twice the budget.
+Memory: the forward pass over the whole batch gives the checks and the vectors (like the functorch
+engine's no-grad pass, it is bounded by the batch the data yields); when the pull-back of the whole
+batch (:func:`bytes_per_sample` without the forward pass, mostly ``K`` times the recorded outputs
+whose gradients are kept whole) fits in ``memory_budget`` it also gives the sums, else the batch is
+redone in chunks of ``resolve_chunk_size(chunk_size, memory_budget, bytes_per_sample)`` samples
+(forward pass included), each with its own forward pass; the first pass then runs without gradients
+when ``chunk_size`` or the previous batch already told that the batch will be split. Rules
+materialise per-sample gradients for chunks of samples within the budget too (and within
+:data:`.rules.CHUNK_BYTES`), so the peak is up to about the budget plus that.
 """
 
 from __future__ import annotations
