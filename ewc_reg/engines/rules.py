@@ -106,10 +106,11 @@ def _sample_chunks(batch: int, bytes_per_sample: int, budget: int) -> Iterator[s
 MATMUL_SPEEDUP = 100
 
 #: Temporaries of one chunk of :func:`_squared_products` are kept within this many bytes (or the
-#: memory budget, if smaller): larger chunks are hardly faster (the convolutions of a reduced
-#: ResNet-18 on 64 samples, 2 CPU threads: chunks of 8, 16, 32, 64 and 128 MiB took 1.60, 1.35,
-#: 1.10, 1.01 and 1 times as long as the last).
-CHUNK_BYTES = 64 * 2**20
+#: memory budget, if smaller). Smaller chunks are slower (the convolutions of a reduced ResNet-18
+#: on 64 samples, 2 CPU threads: chunks of 8, 16, 32, 64 and 128 MiB took 1.60, 1.35, 1.10, 1.01
+#: and 1 times as long as the last), larger ones gained nothing measurable over the whole Fisher
+#: and cost memory.
+CHUNK_BYTES = 32 * 2**20
 
 
 def _pairs(t: Tensor, weight: float = 1.0) -> Tensor:
