@@ -118,7 +118,7 @@ def fisher_diagonal(
             only, so a head-only Fisher costs about as much as the head's backward pass.
         memory_budget: bytes the engine's per-chunk working memory may take when
             ``chunk_size=None`` (default :data:`ewc_reg.engines.base.DEFAULT_MEMORY_BUDGET`,
-            512 MiB); the chunk is the largest that fits, and at least one sample.
+            256 MiB); the chunk is the largest that fits, and at least one sample.
         max_exact_vectors: ``method="exact"`` on outputs with positions ``(B, *S, C)`` pulls
             back ``K = |S| C`` vectors per sample (the per-token expansion); it is allowed up to
             this ``K``, else a ``ValueError`` points to ``"sample"`` and ``"empirical"``.

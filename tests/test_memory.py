@@ -66,7 +66,6 @@ def test_resolve_chunk_size() -> None:
     assert resolve_chunk_size(7, 10, 1000) == 7
     assert resolve_chunk_size(None, 10_000, 1000) == 10
     assert resolve_chunk_size(None, 999, 1000) == 1  # at least one sample
-    assert DEFAULT_MEMORY_BUDGET == 512 * 2**20
 
 
 def functorch_fisher(*args, **kwargs) -> dict[str, torch.Tensor]:
