@@ -610,17 +610,17 @@ def test_nested_modules_are_one_unit() -> None:
     model = Attention().double()
     units = {unit.path: unit for unit in plan(model, trainable(model))}
     attn = units["attn"]
-    assert attn.rule is None and "attn.out_proj" not in units
+    assert attn.rule is rules.multihead_attention and "attn.out_proj" not in units
     assert attn.names == {
         "in_proj_weight": "attn.in_proj_weight",
         "in_proj_bias": "attn.in_proj_bias",
         "out_proj.weight": "attn.out_proj.weight",
         "out_proj.bias": "attn.out_proj.bias",
     }
-    assert units["encoder.layers.1.self_attn"].rule is None
+    assert units["encoder.layers.1.self_attn"].rule is rules.multihead_attention
     x = torch.randint(0, 11, (5, 4))
-    check_against_references(model, x, via_rules=False)
-    check_against_references(model, x, via_rules=False, chunk_size=2)
+    check_against_references(model, x)
+    check_against_references(model, x, chunk_size=2)
 
 
 @pytest.mark.filterwarnings("ignore:There is a performance drop")

@@ -20,12 +20,15 @@ norms; ``G`` then lies in reused ``(B, K, ...)`` buffers, and layers with a redu
 :data:`.rules.REDUCTIONS`, the normalisations, keep only their per-sample reduced gradients);
 and the rules of :mod:`.rules` turn ``(x, G)`` into
 :math:`\sum_n \sum_k ((\partial y_n/\partial\theta)^\top G_{nk})^{\odot 2}`
-(for ``Linear`` without per-sample gradients at all). A parametrised module without a rule is
-handled by :class:`~.functorch.FunctorchEngine` applied to that module alone, with its recorded
-input and ``G`` as the vectors. A module owning selected parameters that contains modules owning
-selected parameters (``nn.MultiheadAttention``: ``in_proj_weight`` next to ``out_proj``, whose
-weight it uses without calling ``out_proj``) is one such unit for all of them, the outermost one
-when they nest deeper; the modules inside it are not hooked.
+(for ``Linear`` without per-sample gradients at all). A parametrised module without a rule (or
+whose rule declines the call) is handled by :class:`~.functorch.FunctorchEngine` applied to that
+module alone, with its recorded input and ``G`` as the vectors. A module owning selected
+parameters that contains modules owning selected parameters is one such unit for all of them,
+the outermost one when they nest deeper; the modules inside it are not hooked. An
+``nn.MultiheadAttention`` is always one unit for its parameters and those of ``out_proj``
+(whose weight it uses without calling it), and has a rule
+(:func:`.rules.multihead_attention`, which sees the whole recorded call: query, key, value,
+masks) unless it has ``add_bias_kv`` or ``add_zero_attn``.
 
 The decomposition is valid only if (checked; otherwise :class:`Unsupported` is raised):
 
@@ -82,7 +85,7 @@ from .base import (
     resolve_chunk_size,
 )
 from .functorch import FunctorchEngine
-from .rules import REDUCTIONS, Reducer, Reduction, Rule, rule_for
+from .rules import CALL_RULES, REDUCTIONS, CallRule, Reducer, Reduction, Rule, rule_for
 
 logger = logging.getLogger("ewc_reg")
 
@@ -102,7 +105,7 @@ class _Unit:
     module: nn.Module
     path: str
     names: dict[str, str]
-    rule: Rule | None
+    rule: Rule | CallRule | None
 
 
 @dataclass(eq=False)
@@ -130,15 +133,24 @@ def _inside(path: str, outer: str) -> bool:
 def plan(model: nn.Module, params: dict[str, Tensor]) -> list[_Unit]:
     """The units computing the sums of ``params``: each module owning some of them, except that
     the outermost module owning some and containing modules that own some is one unit for all
-    of them; raises :class:`Unsupported` for the static problems of the module docstring."""
+    of them, and an ``nn.MultiheadAttention`` is one unit with the parameters of the modules
+    inside it (``out_proj``) even when it owns none of ``params`` itself; raises
+    :class:`Unsupported` for the static problems of the module docstring."""
     wanted = {id(p): name for name, p in params.items()}
     owner: dict[int, str] = {}
     owners: dict[str, tuple[nn.Module, dict[str, str]]] = {}  # by path, in pre-order
+    attention: tuple[str, nn.Module] | None = None  # the last nn.MultiheadAttention seen
     for path, module in model.named_modules(remove_duplicate=False):
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and (
             module.training or module.running_mean is None
         ):
             raise Unsupported(f"{_describe(path)} normalises with batch statistics")
+        if isinstance(module, nn.MultiheadAttention):
+            attention = (path, module)
+        # the parameters of the modules inside an attention module are its own (out_proj)
+        unit_path, unit_module, prefix = path, module, ""
+        if attention is not None and _inside(path, attention[0]):
+            (unit_path, unit_module), prefix = attention, path[len(attention[0]) + 1 :] + "."
         for local, p in module.named_parameters(recurse=False, remove_duplicate=False):
             if id(p) not in wanted:
                 continue
@@ -148,7 +160,7 @@ def plan(model: nn.Module, params: dict[str, Tensor]) -> list[_Unit]:
                     f"{_describe(path)}; tied weights or a module registered twice)"
                 )
             owner[id(p)] = path
-            owners.setdefault(path, (module, {}))[1][local] = wanted[id(p)]
+            owners.setdefault(unit_path, (unit_module, {}))[1][prefix + local] = wanted[id(p)]
     missing = [name for key, name in wanted.items() if key not in owner]
     if missing:
         raise Unsupported(f"parameters {missing} are not registered on the model's modules")
@@ -526,7 +538,9 @@ class HookEngine:
 
 def _by_rule(unit: _Unit, record: _Record) -> bool:
     """Whether the unit's sums come from its rule: it has one and was called as
-    ``module(x)``."""
+    ``module(x)``, or its rule takes the whole call (:data:`.rules.CALL_RULES`)."""
+    if unit.rule in CALL_RULES:
+        return True
     (x, *others) = record.args or (None,)
     return unit.rule is not None and isinstance(x, Tensor) and not others and not record.kwargs
 
@@ -542,13 +556,21 @@ def _reduction(unit: _Unit, record: _Record) -> Reduction | None:
 def _unit_sums(
     unit: _Unit, record: _Record, grads: tuple[Tensor | None, ...], memory_budget: int
 ) -> dict[str, Tensor]:
-    """One unit's sums: its rule when it has one and was called as ``module(x)``, else the
+    """One unit's sums: its rule when it has one and was called as ``module(x)`` (a rule of
+    :data:`.rules.CALL_RULES`: called any way, unless it declines the call), else the
     functorch engine on the module alone, with the output leaves flattened and concatenated
     (and ``G`` alike) into one ``(B, C')`` output. Attention in there uses the math kernel of
     ``scaled_dot_product_attention``: ``vmap`` has no batching rule for the fused ones and
     calls them once per sample and vector (about 15% slower for the attention of
     ``benchmarks.models.TextTransformer`` on CPU)."""
-    if _by_rule(unit, record):
+    if unit.rule in CALL_RULES:
+        given = {leaf: g for leaf, g in zip(record.leaves, grads) if g is not None}
+        sums = unit.rule(
+            unit.module, record.args, record.kwargs, given, unit.names.keys(), memory_budget
+        )
+        if sums is not None:
+            return sums
+    elif _by_rule(unit, record):
         return unit.rule(unit.module, record.args[0], grads[0], unit.names.keys(), memory_budget)
     known = next(g for g in grads if g is not None)
     vectors = torch.cat(

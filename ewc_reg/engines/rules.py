@@ -17,14 +17,23 @@ gets ``G`` reduced by it instead, which the engine applies to each vector's grad
 :math:`(\partial y_n/\partial\theta)^\top G_{nk}` must be materialised they are built for a chunk of
 samples at a time, so that the chunk's temporaries stay within ``budget`` bytes.
 
+A rule in :data:`CALL_RULES` (``nn.MultiheadAttention``: several inputs, masks, two outputs)
+sees the whole recorded call instead, ``(args, kwargs)``, and ``G`` of each output leaf that got
+gradients, by its position among the output's pytree leaves; it may decline a call (``None``),
+and the engine then uses its per-module fallback.
+
 Rules are looked up by the module's exact class (a subclass may override ``forward``) in
-:data:`RULES`; :func:`rule_for` also requires that the module's parameters are only ``weight``
-and ``bias`` and that nobody hooks the module (hooks may change what it computes).
+:data:`RULES`; :func:`rule_for` also requires that the module's parameters (those of the modules
+inside it included) are among those the rule knows (``weight`` and ``bias`` for most) and that
+nobody hooks the module (hooks may change what it computes).
 """
 
 from __future__ import annotations
 
+import inspect
+import math
 from collections.abc import Callable, Collection, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -43,8 +52,22 @@ Reducer = Callable[[Tensor], Tensor]
 #: ``reduction(module, x, names) -> reducer``: prepared once per call (say, :math:`\hat x`).
 Reduction = Callable[[nn.Module, Tensor, Collection[str]], Reducer]
 
-#: Rules by module class, each with a predicate on the module's settings it can handle.
-RULES: dict[type[nn.Module], tuple[Rule, Callable[[nn.Module], bool]]] = {}
+#: ``rule(module, args, kwargs, G, names, budget) -> {name: sum} | None`` for the rules of
+#: :data:`CALL_RULES`: ``G`` maps the positions of the output's pytree leaves that got gradients
+#: to theirs; ``None`` declines the call.
+CallRule = Callable[
+    [nn.Module, tuple[Any, ...], dict[str, Any], dict[int, Tensor], Collection[str], int],
+    "dict[str, Tensor] | None",
+]
+
+#: Rules by module class, each with a predicate on the module's settings it can handle and the
+#: names of the parameters it knows (recursively: ``"out_proj.weight"``).
+RULES: dict[
+    type[nn.Module], tuple[Rule | CallRule, Callable[[nn.Module], bool], frozenset[str]]
+] = {}
+
+#: The rules that take the whole recorded call (see the module docstring).
+CALL_RULES: set[CallRule] = set()
 
 #: Rules whose ``G`` is reduced as the pull-back produces it, one vector at a time (then ``G``
 #: is ``(K, B, *r)``): the engine keeps the small reduced gradients instead of the layer's
@@ -56,29 +79,34 @@ def register(
     *types: type[nn.Module],
     accepts: Callable[[nn.Module], bool] = lambda module: True,
     reduce: Reduction | None = None,
-) -> Callable[[Rule], Rule]:
-    """Decorator adding a rule to :data:`RULES` for the module classes ``types`` (and its
-    reduction, if any, to :data:`REDUCTIONS`)."""
+    params: Collection[str] = ("weight", "bias"),
+    whole_call: bool = False,
+) -> Callable[[Any], Any]:
+    """Decorator adding a rule to :data:`RULES` for the module classes ``types``, knowing the
+    parameters ``params`` (its reduction, if any, to :data:`REDUCTIONS`; with ``whole_call``,
+    the rule to :data:`CALL_RULES`)."""
 
-    def add(rule: Rule) -> Rule:
+    def add(rule: Any) -> Any:
         for cls in types:
-            RULES[cls] = (rule, accepts)
+            RULES[cls] = (rule, accepts, frozenset(params))
         if reduce is not None:
             REDUCTIONS[rule] = reduce
+        if whole_call:
+            CALL_RULES.add(rule)
         return rule
 
     return add
 
 
-def rule_for(module: nn.Module) -> Rule | None:
+def rule_for(module: nn.Module) -> Rule | CallRule | None:
     """The rule computing ``module``'s sums, or ``None`` when it has none (see the module
     docstring)."""
     entry = RULES.get(type(module))
     if entry is None or module._forward_hooks or module._forward_pre_hooks:
         return None
-    rule, accepts = entry
-    own = {name for name, _ in module.named_parameters(recurse=False)}
-    return rule if own <= {"weight", "bias"} and accepts(module) else None
+    rule, accepts, known = entry
+    names = {name for name, _ in module.named_parameters()}
+    return rule if names <= known and accepts(module) else None
 
 
 def _acc(module: nn.Module) -> torch.dtype:
@@ -218,16 +246,58 @@ def linear(
     grads = grads.to(acc).reshape(*grads.shape[:2], -1, grads.shape[-1])  # (K, B, S, out)
     sums = {}
     if "weight" in names:
-        weight = _squared_products(
-            grads.mT.unsqueeze(2),  # (K, B, 1, out, S)
-            lambda chunk: x[chunk].mT.unsqueeze(1),  # (b, 1, in, S)
-            x.shape[-1],
-            budget,
-        )
-        sums["weight"] = weight[0]
+        sums["weight"] = _linear_weight(grads, x, budget)
     if "bias" in names:
         sums["bias"] = _square_sum(_sum(grads, 2))
     return sums
+
+
+#: Temporaries of one chunk of :func:`_linear_weight`'s direct products are kept within this
+#: many bytes on CPU (smaller than :data:`CHUNK_BYTES`: for the in-projection of the attention of
+#: ``benchmarks.models.TextTransformer`` (K=9, S=32, 192x64) chunks of 16, 32 and 64 samples
+#: (7, 14 and 28 MiB of products) took 16, 15 and 28 ms).
+LINEAR_CHUNK_BYTES = 16 * 2**20
+
+#: Time of :func:`_squared_products`' Gram way per ``T (O + P)`` number over that of
+#: :func:`_linear_weight`'s direct products per ``K O P`` number (CPU, 2 threads, B=128: about
+#: 1.5 ms per thousand of the first and 0.13 ms per thousand of the second for S from 2 to 32).
+LINEAR_GRAM_COST = 11
+
+
+def _linear_weight(grads: Tensor, x: Tensor, budget: int) -> Tensor:
+    r"""``(K, B, S, out), (B, S, in) -> (out, in)``: :math:`\sum_{n,k} (\sum_s G_{nks}
+    x_{ns}^\top)^{\odot 2}`.
+
+    Either :func:`_squared_products` with ``L = S`` (for ``S = 1``, or where its Gram way is
+    estimated faster: ``K O P > LINEAR_GRAM_COST * T (O + P)``, ``T = S (S+1)/2``), or the
+    products :math:`G_{nk}^\top x_n` (``(out, in)``) for a chunk of samples in one ``bmm`` over
+    the ``(k, n)`` pairs, squared and summed over them (``x`` repeated ``K`` times). On CPU the
+    latter took 16 ms where :func:`_squared_products` took 100 ms (K=9, B=128, S=32, 192x64: it
+    picked its Gram way), 4.3 vs 7.8 ms for S=8 (64x64), 1.8 vs 3.9 ms the other way for S=4."""
+    num_vectors, batch, positions, out = grads.shape
+    patch = x.shape[-1]
+    pairs = positions * (positions + 1) // 2
+    if positions == 1 or num_vectors * out * patch > LINEAR_GRAM_COST * pairs * (out + patch):
+        return _squared_products(
+            grads.mT.unsqueeze(2),  # (K, B, 1, out, S)
+            lambda chunk: x[chunk].mT.unsqueeze(1),  # (b, 1, in, S)
+            patch,
+            budget,
+        )[0]
+    if grads.device.type == "cpu":
+        budget = min(budget, LINEAR_CHUNK_BYTES)
+    per_sample = num_vectors * (out * patch + positions * patch) * grads.element_size()
+    result = grads.new_zeros(out, patch)
+    for chunk in _sample_chunks(batch, per_sample, budget):
+        g = grads[:, chunk]  # (K, b, S, out)
+        b = g.shape[1]
+        u = x[chunk].expand(num_vectors, b, positions, patch)
+        products = torch.bmm(
+            g.reshape(num_vectors * b, positions, out).mT,
+            u.reshape(num_vectors * b, positions, patch),
+        )
+        result += products.square_().sum(0)
+    return result
 
 
 def _conv_padding(module: nn.Module) -> list[int]:
@@ -429,3 +499,176 @@ def embedding(
     if module.padding_idx is not None:
         weight[module.padding_idx] = 0
     return {"weight": weight}
+
+
+_ATTENTION_SIGNATURE = inspect.signature(nn.MultiheadAttention.forward)
+
+#: The parameters the attention rule knows (``bias_k``/``bias_v`` are left to the fallback).
+_ATTENTION_PARAMS = (
+    "in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight", "in_proj_bias",
+    "out_proj.weight", "out_proj.bias",
+)
+
+
+def _additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """A mask as added to the attention scores: boolean ``True`` is :math:`-\\infty`."""
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(
+            mask, float("-inf")
+        )
+    return mask.to(dtype)
+
+
+def _attention_mask(
+    call: dict[str, Any], batch: int, heads: int, queries: int, keys: int, dtype: torch.dtype
+) -> Tensor | None:
+    """The additive mask of ``F.multi_head_attention_forward``, ``(B or 1, H or 1, L, S)``:
+    ``attn_mask`` (``(L, S)`` or ``(B H, L, S)``; a causal one for ``is_causal`` where PyTorch
+    ignores the mask given) plus ``key_padding_mask`` (``(B, S)``), or ``None``."""
+    attn_mask, padding = call["attn_mask"], call["key_padding_mask"]
+    device = call["query"].device
+    if call["is_causal"] and padding is None and not call["need_weights"]:  # (SDPA's is_causal)
+        attn_mask = torch.ones(queries, keys, dtype=torch.bool, device=device).triu(1)
+    mask = None
+    if attn_mask is not None:
+        mask = _additive(attn_mask, dtype)
+        mask = mask.view(1, 1, queries, keys) if mask.dim() == 2 else mask.view(
+            batch, heads, queries, keys
+        )
+    if padding is not None:
+        padding = _additive(padding, dtype).view(batch, 1, 1, keys)
+        mask = padding if mask is None else mask + padding
+    return mask
+
+
+def _plain_attention(module: nn.Module) -> bool:
+    return module.batch_first and not module.add_zero_attn and module.bias_k is None
+
+
+@register(
+    nn.MultiheadAttention, accepts=_plain_attention, params=_ATTENTION_PARAMS, whole_call=True
+)
+def multihead_attention(
+    module: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    grads: dict[int, Tensor],
+    names: Collection[str],
+    budget: int,
+) -> dict[str, Tensor] | None:
+    r"""``nn.MultiheadAttention`` with ``batch_first=True``, called on batched ``query``
+    ``(B, L, E)``, ``key`` ``(B, S, E_k)`` and ``value`` ``(B, S, E_v)`` (any masks, with or
+    without weights; declined: ``add_bias_kv``, ``add_zero_attn`` (by :func:`rule_for`),
+    unbatched inputs and dropout in training mode). Its forward pass is redone in pieces, a chunk
+    of samples at a time, with ``H`` heads of ``d = E/H`` dimensions:
+
+    .. math::
+
+        q = x_q W_q^\top + b_q,\quad k = x_k W_k^\top + b_k,\quad v = x_v W_v^\top + b_v
+        \quad (\text{split into heads: } (B, H, L \text{ or } S, d)),
+
+        P = \mathrm{softmax}\big(q k^\top/\sqrt d + M\big)\ (B, H, L, S),\qquad
+        o = P v \ (\text{heads merged: } (B, L, E)),\qquad y = o W_o^\top + b_o,
+
+    with ``M`` the additive mask (:func:`_attention_mask`); the weights output is ``P`` (or its
+    mean over heads). The ``K`` vectors' gradients ``G`` of ``y`` ``(K, B, L, E)`` and ``G_P``
+    of the weights (if they got any) are pulled back by hand, batched over ``K``:
+
+    .. math::
+
+        \partial o = G W_o,\quad \partial v = P^\top \partial o,\quad
+        \partial P = \partial o\, v^\top + G_P\ (\text{or } G_P/H \text{ per head}),
+
+        \partial A = P \odot \big(\partial P - \textstyle\sum_s (\partial P \odot P)_{\cdot s}\big)
+        /\sqrt d,\quad \partial q = \partial A\, k,\quad \partial k = \partial A^\top q,
+
+    and each projection's sums are the ``Linear`` rule's for sequence inputs
+    (:func:`_linear_weight`): ``out_proj`` from ``(G, o)``, the in-projection from ``(∂q, x_q)``,
+    ``(∂k, x_k)`` and ``(∂v, x_v)``, one product with ``(∂q | ∂k | ∂v, x)`` (``3E`` outputs) for
+    self-attention (``query is key is value``); bias sums are
+    :math:`\sum_{n,k} (\sum_l \partial_{nkl})^{\odot 2}`.
+    """
+    call = _ATTENTION_SIGNATURE.bind(module, *args, **kwargs)
+    call.apply_defaults()
+    a = call.arguments
+    query, key, value = a["query"], a["key"], a["value"]
+    if query.dim() != 3 or (module.training and module.dropout > 0):
+        return None
+    acc = accumulation_dtype(module.out_proj.weight.dtype)
+    batch, queries, embed = query.shape
+    keys, heads, head_dim = key.shape[1], module.num_heads, module.head_dim
+    if module._qkv_same_embed_dim:
+        w_q, w_k, w_v = module.in_proj_weight.to(acc).chunk(3)
+    else:
+        w_q, w_k, w_v = (
+            getattr(module, f"{n}_proj_weight").to(acc) for n in ("q", "k", "v")
+        )
+    b_q, b_k, b_v = (None,) * 3 if module.in_proj_bias is None else (
+        module.in_proj_bias.to(acc).chunk(3)
+    )
+    w_o = module.out_proj.weight.to(acc)
+    mask = _attention_mask(a, batch, heads, queries, keys, acc)
+    g_out = grads.get(0)
+    g_weights = grads.get(1) if a["need_weights"] else None
+    average = a["average_attn_weights"]
+    num_vectors = next(iter(grads.values())).shape[0]
+    shared = query is key and key is value
+    in_names = [n for n in _ATTENTION_PARAMS[:5] if n in names]
+    sums = {name: w_o.new_zeros(module.get_parameter(name).shape) for name in names}
+
+    def split(t: Tensor) -> Tensor:  # (..., n, E) -> (..., H, n, d)
+        return t.unflatten(-1, (heads, head_dim)).transpose(-3, -2)
+
+    def merge(t: Tensor) -> Tensor:  # (..., H, n, d) -> (..., n, E)
+        return t.transpose(-3, -2).flatten(-2)
+
+    size = torch.finfo(acc).bits // 8
+    scores = heads * queries * keys
+    per_sample = (num_vectors * (3 * scores + 8 * (queries + keys) * embed) + 2 * scores) * size
+    if query.device.type == "cpu":
+        budget = min(budget, CHUNK_BYTES)
+    for chunk in _sample_chunks(batch, per_sample, budget):
+        x_q = query[chunk].to(acc)
+        x_k = x_q if shared else key[chunk].to(acc)
+        x_v = x_q if shared else value[chunk].to(acc)
+        q, k, v = split(F.linear(x_q, w_q, b_q)), split(F.linear(x_k, w_k, b_k)), split(
+            F.linear(x_v, w_v, b_v)
+        )
+        logits = q @ k.mT / math.sqrt(head_dim)
+        if mask is not None:
+            logits = logits + (mask[chunk] if mask.shape[0] > 1 else mask)
+        p = logits.softmax(-1)  # (b, H, L, S)
+        o = merge(p @ v)  # (b, L, E)
+        g = None if g_out is None else g_out[:, chunk].to(acc)  # (K, b, L, E)
+        if g is not None:
+            if "out_proj.weight" in names:
+                sums["out_proj.weight"] += _linear_weight(g, o, budget)
+            if "out_proj.bias" in names:
+                sums["out_proj.bias"] += _square_sum(g.sum(2))
+        if not in_names:
+            continue
+        d_p = d_v = None
+        if g is not None:
+            d_o = split(g @ w_o)  # (K, b, H, L, d)
+            d_v = p.mT @ d_o  # (K, b, H, S, d)
+            d_p = d_o @ v.mT  # (K, b, H, L, S)
+        if g_weights is not None:
+            g_p = g_weights[:, chunk].to(acc)
+            g_p = g_p.unsqueeze(2) / heads if average else g_p
+            d_p = g_p.expand(*g_p.shape[:2], heads, queries, keys) if d_p is None else d_p + g_p
+        d_a = p * (d_p - (d_p * p).sum(-1, keepdim=True)) / math.sqrt(head_dim)
+        d_q, d_k = merge(d_a @ k), merge(d_a.mT @ q)  # (K, b, L or S, E)
+        d_v = torch.zeros_like(d_k) if d_v is None else merge(d_v)
+        parts = (d_q, d_k, d_v)
+        if "in_proj_weight" in names and shared:
+            sums["in_proj_weight"] += _linear_weight(torch.cat(parts, -1), x_q, budget)
+        elif "in_proj_weight" in names:
+            sums["in_proj_weight"] += torch.cat(
+                [_linear_weight(d, x, budget) for d, x in zip(parts, (x_q, x_k, x_v))]
+            )
+        for d, x, n in zip(parts, (x_q, x_k, x_v), "qkv"):
+            if f"{n}_proj_weight" in names:
+                sums[f"{n}_proj_weight"] += _linear_weight(d, x, budget)
+        if "in_proj_bias" in names:
+            sums["in_proj_bias"] += torch.cat([_square_sum(d.sum(2)) for d in parts])
+    return sums

@@ -1,0 +1,214 @@
+"""The hook engine's ``nn.MultiheadAttention`` rule, against the functorch engine and a
+brute-force autograd loop (float64, 1e-10 relative): self-attention and distinct inputs, masks,
+attention weights, bias on/off, separate projection weights, parameter subsets, chunks; and the
+modules the rule declines, which go through the per-module fallback."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from ewc_reg import fisher_diagonal
+from ewc_reg.engines import rules
+from ewc_reg.engines.functorch import FunctorchEngine
+from ewc_reg.engines.hooks import HookEngine, plan
+
+from .reference import assert_close_dicts
+from .test_hooks_engine import (
+    brute_force,
+    check_against_references,
+    engine_sums,
+    random_vectors,
+    trainable,
+)
+
+E, L, S = 8, 4, 5  # embedding, query and key positions
+
+
+class Attend(nn.Module):
+    """``x: (B, S, E)`` to 3 outputs through one ``nn.MultiheadAttention`` called as ``mode``
+    says; masks are built from ``x`` inside ``forward`` (per sample, never a fully masked row)."""
+
+    def __init__(self, mode: str, heads: int = 2, **options) -> None:
+        super().__init__()
+        self.mode = mode
+        self.attn = nn.MultiheadAttention(E, heads, batch_first=True, **options)
+        self.mix = nn.Linear(E, self.attn.kdim)  # gives distinct key and value inputs
+        self.head = nn.Linear(E, 3)
+
+    def padding(self, x: Tensor, as_float: bool = False) -> Tensor:
+        masked = x[..., 0] > 0.3
+        masked[:, 0] = False  # (B, S)
+        return torch.where(masked, -1e9, 0.0).to(x.dtype) if as_float else masked
+
+    def forward(self, x: Tensor) -> Tensor:
+        mode, kw = self.mode, {}
+        q = k = v = x
+        if mode == "distinct":  # query, key and value all different, L != S
+            # (the scaling keeps the key bias from cancelling in the softmax)
+            q, k, v = x[:, :L], self.mix(x) * x[..., :1], torch.tanh(x[..., : self.attn.vdim])
+        elif mode == "cross":  # key is value, query different
+            q, k, v = x[:, :L] * 2, x, x
+        elif mode in ("padding", "padding_weights"):
+            kw = {"key_padding_mask": self.padding(x)}
+        elif mode == "padding_float":
+            kw = {"key_padding_mask": self.padding(x, as_float=True)}
+        elif mode in ("causal", "causal_weights", "causal_padding"):
+            kw = {"attn_mask": torch.ones(S, S, dtype=torch.bool).triu(1), "is_causal": True}
+            if mode == "causal_padding":
+                kw["key_padding_mask"] = self.padding(x)
+        elif mode == "float_mask":
+            kw = {"attn_mask": torch.linspace(-1.0, 1.0, S * S, dtype=x.dtype).view(S, S)}
+        elif mode == "per_sample_mask":  # 3-d (B * heads, L, S) with one head: per sample
+            keys = self.padding(x)[:, None, :].expand(-1, S, -1)
+            kw = {"attn_mask": keys & ~torch.eye(S, dtype=torch.bool)}
+        weights = mode.endswith("weights") or mode.startswith("weights")
+        out, w = self.attn(
+            q, k, v, need_weights=weights, average_attn_weights=mode != "weights_per_head", **kw
+        )
+        h = out.mean(1)
+        if w is not None:  # the weights get gradients too
+            w = w.mean(1) if w.dim() == 4 else w
+            h = h + (w[..., : v.shape[1]] @ v).mean(1)  # (add_bias_kv: one key more)
+        return self.head(h)
+
+
+CASES = {
+    "self": ("self", {}),
+    "self_no_bias": ("self", {"bias": False}),
+    "distinct": ("distinct", {}),
+    "cross": ("cross", {}),
+    "kdim_vdim": ("distinct", {"kdim": 6, "vdim": 3}),
+    "weights": ("weights", {}),
+    "weights_per_head": ("weights_per_head", {}),
+    "padding": ("padding", {}),
+    "padding_float": ("padding_float", {}),
+    "padding_weights": ("padding_weights", {}),
+    "causal": ("causal", {}),
+    "causal_weights": ("causal_weights", {}),
+    "causal_padding": ("causal_padding", {}),
+    "float_mask": ("float_mask", {}),
+    "per_sample_mask": ("per_sample_mask", {"heads": 1}),
+    "one_head": ("self", {"heads": 1}),
+}
+
+
+def attend(name: str) -> Attend:
+    mode, options = CASES[name]
+    return Attend(mode, **options).double().eval()
+
+
+def data(batch: int = 5) -> Tensor:
+    return torch.randn(batch, S, E, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_rule_matches_references(name: str) -> None:
+    model = attend(name)
+    assert plan(model, trainable(model))[0].rule is rules.multihead_attention
+    check_against_references(model, data())
+
+
+@pytest.mark.parametrize("name", ["self", "distinct", "padding_weights", "causal_padding"])
+@pytest.mark.parametrize("chunks", [{"chunk_size": 2}, {"memory_budget": 1}])
+def test_chunks(name: str, chunks: dict) -> None:
+    """Engine chunks (``chunk_size``) and rule chunks of one sample (``memory_budget=1``)."""
+    check_against_references(attend(name), data(7), **chunks)
+
+
+@pytest.mark.parametrize(
+    "selected",
+    [
+        ["attn.in_proj_weight"],
+        ["attn.out_proj.weight"],
+        ["attn.in_proj_bias", "attn.out_proj.bias", "head.weight"],
+        ["attn.k_proj_weight", "attn.v_proj_weight"],
+    ],
+)
+def test_parameter_subsets(selected: list[str]) -> None:
+    model = attend("kdim_vdim" if "attn.k_proj_weight" in selected else "padding_weights")
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in selected)
+    units = plan(model, trainable(model))
+    attn = next(unit for unit in units if unit.path == "attn")
+    assert attn.rule is rules.multihead_attention
+    assert sorted(attn.names.values()) == sorted(n for n in selected if n.startswith("attn."))
+    check_against_references(model, data())
+    x = data()
+    names = sorted(selected)
+    got = fisher_diagonal(model, [(x, torch.randint(0, 3, (5,)))], params=names, backend="hooks")
+    want = fisher_diagonal(
+        model, [(x, torch.randint(0, 3, (5,)))], params=names, backend="functorch"
+    )
+    assert list(got) == names
+    assert_close_dicts(got, want, 1e-10)
+
+
+class Encoder(nn.Module):
+    """Embedding and two ``nn.TransformerEncoderLayer`` (post-norm and pre-norm) with a
+    per-sample padding mask and a causal mask, mean pooling, a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(11, E)
+        self.layers = nn.ModuleList(
+            [
+                nn.TransformerEncoderLayer(E, 2, 16, dropout=0.1, batch_first=True),
+                nn.TransformerEncoderLayer(E, 4, 16, dropout=0.1, batch_first=True,
+                                           norm_first=True),
+            ]
+        )
+        self.head = nn.Linear(E, 3)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        padding = tokens == 0
+        padding[:, 0] = False
+        h = self.embed(tokens)
+        h = self.layers[0](h, src_key_padding_mask=padding)
+        causal = nn.Transformer.generate_square_subsequent_mask(tokens.shape[1], dtype=h.dtype)
+        h = self.layers[1](h, src_mask=causal, is_causal=True)
+        return self.head(h.mean(1))
+
+
+@pytest.mark.filterwarnings("ignore:.*mask")
+@pytest.mark.parametrize("chunks", [{}, {"chunk_size": 3}, {"memory_budget": 1}])
+def test_inside_transformer_encoder_layers(chunks: dict) -> None:
+    model = Encoder().double().eval()
+    tokens = torch.randint(0, 11, (6, 7))
+    tokens[:, 3] = 0  # some padding in every sample
+    check_against_references(model, tokens, **chunks)
+
+
+@pytest.mark.parametrize("options", [{"add_bias_kv": True}, {"add_zero_attn": True}])
+def test_declined_modules_use_the_fallback(options: dict) -> None:
+    model = Attend("padding_weights", **options).double().eval()
+    assert plan(model, trainable(model))[0].rule is None
+    check_against_references(model, data(), via_rules=False)
+
+
+def test_rule_declines_training_mode_with_dropout_and_unbatched_inputs() -> None:
+    mha = nn.MultiheadAttention(E, 2, dropout=0.5, batch_first=True).double()
+    x = data(2)
+    grads = {0: torch.randn(3, 2, S, E, dtype=torch.float64)}
+    names = ["in_proj_weight"]
+    assert rules.multihead_attention(mha, (x, x, x), {}, grads, names, 2**20) is None
+    mha.eval()
+    assert rules.multihead_attention(mha, (x, x, x), {}, grads, names, 2**20) is not None
+    assert rules.multihead_attention(mha, (x[0], x[0], x[0]), {}, grads, names, 2**20) is None
+
+
+def test_only_the_weights_output_used() -> None:
+    """``G`` only for the attention weights (the main output unused)."""
+
+    class WeightsOnly(Attend):
+        def forward(self, x: Tensor) -> Tensor:
+            _, w = self.attn(x, x, x, key_padding_mask=self.padding(x))
+            return self.head(w @ x).mean(1)
+
+    model = WeightsOnly("self").double().eval()
+    x = data()
+    vectors = random_vectors(model, x)
+    got = engine_sums(HookEngine(), model, x, vectors)
+    assert_close_dicts(got, engine_sums(FunctorchEngine(), model, x, vectors), 1e-10)
+    assert_close_dicts(got, brute_force(model, x, vectors), 1e-10)
