@@ -288,10 +288,14 @@ def _linear_weight(grads: Tensor, x: Tensor, budget: int) -> Tensor:
         budget = min(budget, LINEAR_CHUNK_BYTES)
     per_sample = num_vectors * (out * patch + positions * patch) * grads.element_size()
     result = grads.new_zeros(out, patch)
+    samples_first = grads.stride(1) > grads.stride(0)  # (B, K, ...) storage: read as it lies
     for chunk in _sample_chunks(batch, per_sample, budget):
         g = grads[:, chunk]  # (K, b, S, out)
         b = g.shape[1]
-        u = x[chunk].expand(num_vectors, b, positions, patch)
+        if samples_first:
+            g, u = g.transpose(0, 1), x[chunk].unsqueeze(1).expand(b, num_vectors, -1, -1)
+        else:
+            u = x[chunk].expand(num_vectors, b, positions, patch)
         products = torch.bmm(
             g.reshape(num_vectors * b, positions, out).mT,
             u.reshape(num_vectors * b, positions, patch),
@@ -656,8 +660,11 @@ def multihead_attention(
             g_p = g_weights[:, chunk].to(acc)
             g_p = g_p.unsqueeze(2) / heads if average else g_p
             d_p = g_p.expand(*g_p.shape[:2], heads, queries, keys) if d_p is None else d_p + g_p
-        d_a = p * (d_p - (d_p * p).sum(-1, keepdim=True)) / math.sqrt(head_dim)
-        d_q, d_k = merge(d_a @ k), merge(d_a.mT @ q)  # (K, b, L or S, E)
+        # ∂A √d = P ⊙ ∂P - P (Σ_s P ⊙ ∂P), in place (∂P is fresh unless only G_P came)
+        d_a = d_p.mul_(p) if g is not None else d_p * p
+        d_a.addcmul_(p, d_a.sum(-1, keepdim=True), value=-1.0)
+        scale = 1 / math.sqrt(head_dim)
+        d_q, d_k = merge(d_a @ (k * scale)), merge(d_a.mT @ (q * scale))  # (K, b, L or S, E)
         d_v = torch.zeros_like(d_k) if d_v is None else merge(d_v)
         parts = (d_q, d_k, d_v)
         if "in_proj_weight" in names and shared:
