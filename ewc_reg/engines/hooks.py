@@ -62,8 +62,6 @@ materialise per-sample gradients for chunks of samples within the budget too (an
 
 from __future__ import annotations
 
-import contextlib
-import itertools
 import logging
 import operator
 import weakref
@@ -500,13 +498,7 @@ class HookEngine:
     def _forward(
         model: nn.Module, units: list[_Unit], batch: Batch, output_fn: OutputFn, grad: bool
     ) -> tuple[Any, dict[_Unit, _Record]]:
-        """The recorded forward pass. On CPU with gradients, attention uses the math kernel of
-        ``scaled_dot_product_attention``: its backward (matmuls and a softmax) was faster in the
-        pull-back than the fused kernel's (``benchmarks.models.TextTransformer``, N=128, K=9, 2
-        threads: exact Fisher 0.275 vs 0.334 s, medians of 15 interleaved runs)."""
-        on_cpu = all(p.device.type == "cpu" for p in itertools.islice(model.parameters(), 1))
-        kernels = sdpa_kernel([SDPBackend.MATH]) if grad and on_cpu else contextlib.nullcontext()
-        with torch.set_grad_enabled(grad), kernels, _Recorder(units, batch.size) as recorder:
+        with torch.set_grad_enabled(grad), _Recorder(units, batch.size) as recorder:
             output = output_fn(batch.call(model))
         recorder.check()
         return output, recorder.records
