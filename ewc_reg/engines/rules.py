@@ -238,7 +238,7 @@ def linear(
     r""":math:`y = x W^\top + b` with ``x: (B, *S, in)`` and ``G: (K, B, *S, out)``.
 
     Per-sample gradients :math:`\partial_W = \sum_s G_{nks} x_{ns}^\top` (summed over the
-    extra dimensions ``S`` before squaring, by :func:`_squared_products` with ``L = |S|``; for
+    extra dimensions ``S`` before squaring, by :func:`_linear_weight`; for
     ``x: (B, in)`` one matmul) and :math:`\partial_b = \sum_s G_{nks}`.
     """
     acc = _acc(module)
@@ -590,7 +590,11 @@ def multihead_attention(
     (:func:`_linear_weight`): ``out_proj`` from ``(G, o)``, the in-projection from ``(∂q, x_q)``,
     ``(∂k, x_k)`` and ``(∂v, x_v)``, one product with ``(∂q | ∂k | ∂v, x)`` (``3E`` outputs) for
     self-attention (``query is key is value``); bias sums are
-    :math:`\sum_{n,k} (\sum_l \partial_{nkl})^{\odot 2}`.
+    :math:`\sum_{n,k} (\sum_l \partial_{nkl})^{\odot 2}`. (By hand, with ``P`` broadcast over
+    ``K``: on CPU the attention core of one layer of ``benchmarks.models.TextTransformer``,
+    N=128, K=9, took 17.6 ms, against 23.1 ms with ``autograd.grad(..., is_grads_batched=True)``
+    through the decomposed attention, 34.0 ms through the fused ``scaled_dot_product_attention``
+    and 39.1 ms folding ``K`` into the batch.)
     """
     call = _ATTENTION_SIGNATURE.bind(module, *args, **kwargs)
     call.apply_defaults()
