@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from ewc_reg import fisher_diagonal
-from ewc_reg.engines import rules
+from ewc_reg.engines import attention
 from ewc_reg.engines.functorch import FunctorchEngine
 from ewc_reg.engines.hooks import HookEngine, plan
 
@@ -106,7 +106,7 @@ def data(batch: int = 5) -> Tensor:
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_rule_matches_references(name: str) -> None:
     model = attend(name)
-    assert plan(model, trainable(model))[0].rule is rules.multihead_attention
+    assert plan(model, trainable(model))[0].rule is attention.multihead_attention
     check_against_references(model, data())
 
 
@@ -132,7 +132,7 @@ def test_parameter_subsets(selected: list[str]) -> None:
         p.requires_grad_(name in selected)
     units = plan(model, trainable(model))
     attn = next(unit for unit in units if unit.path == "attn")
-    assert attn.rule is rules.multihead_attention
+    assert attn.rule is attention.multihead_attention
     assert sorted(attn.names.values()) == sorted(n for n in selected if n.startswith("attn."))
     check_against_references(model, data())
     x = data()
@@ -192,10 +192,10 @@ def test_rule_declines_training_mode_with_dropout_and_unbatched_inputs() -> None
     x = data(2)
     grads = {0: torch.randn(3, 2, S, E, dtype=torch.float64)}
     names = ["in_proj_weight"]
-    assert rules.multihead_attention(mha, (x, x, x), {}, grads, names, 2**20) is None
+    assert attention.multihead_attention(mha, (x, x, x), {}, grads, names, 2**20) is None
     mha.eval()
-    assert rules.multihead_attention(mha, (x, x, x), {}, grads, names, 2**20) is not None
-    assert rules.multihead_attention(mha, (x[0], x[0], x[0]), {}, grads, names, 2**20) is None
+    assert attention.multihead_attention(mha, (x, x, x), {}, grads, names, 2**20) is not None
+    assert attention.multihead_attention(mha, (x[0], x[0], x[0]), {}, grads, names, 2**20) is None
 
 
 def test_only_the_weights_output_used() -> None:

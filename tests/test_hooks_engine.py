@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from ewc_reg import fisher_diagonal
 from ewc_reg._batches import Batch
-from ewc_reg.engines import get_engine, rules
+from ewc_reg.engines import attention, get_engine, rules
 from ewc_reg.engines.base import DEFAULT_MEMORY_BUDGET, MAX_VECTORS_TO_REDUCE, fewer_vectors
 from ewc_reg.engines.functorch import FunctorchEngine
 from ewc_reg.engines.hooks import HookEngine, plan
@@ -610,14 +610,14 @@ def test_nested_modules_are_one_unit() -> None:
     model = Attention().double()
     units = {unit.path: unit for unit in plan(model, trainable(model))}
     attn = units["attn"]
-    assert attn.rule is rules.multihead_attention and "attn.out_proj" not in units
+    assert attn.rule is attention.multihead_attention and "attn.out_proj" not in units
     assert attn.names == {
         "in_proj_weight": "attn.in_proj_weight",
         "in_proj_bias": "attn.in_proj_bias",
         "out_proj.weight": "attn.out_proj.weight",
         "out_proj.bias": "attn.out_proj.bias",
     }
-    assert units["encoder.layers.1.self_attn"].rule is rules.multihead_attention
+    assert units["encoder.layers.1.self_attn"].rule is attention.multihead_attention
     x = torch.randint(0, 11, (5, 4))
     check_against_references(model, x)
     check_against_references(model, x, chunk_size=2)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from . import attention  # noqa: F401  (registers the nn.MultiheadAttention rule)
 from .base import Engine, accumulation_dtype
 from .functorch import FunctorchEngine
 from .hooks import HookEngine

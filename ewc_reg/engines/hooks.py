@@ -27,7 +27,7 @@ parameters that contains modules owning selected parameters is one such unit for
 the outermost one when they nest deeper; the modules inside it are not hooked. An
 ``nn.MultiheadAttention`` is always one unit for its parameters and those of ``out_proj``
 (whose weight it uses without calling it), and has a rule
-(:func:`.rules.multihead_attention`, which sees the whole recorded call: query, key, value,
+(:func:`.attention.multihead_attention`, which sees the whole recorded call: query, key, value,
 masks) unless it has ``add_bias_kv`` or ``add_zero_attn``.
 
 The decomposition is valid only if (checked; otherwise :class:`Unsupported` is raised):
