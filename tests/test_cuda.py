@@ -134,3 +134,14 @@ def test_state_dict_moves_between_devices():
         for p, q in zip(model.parameters(), gpu.parameters()):
             p.copy_(q.cpu())
     assert restored.penalty().item() == pytest.approx(reg.penalty().item(), rel=1e-12)
+
+
+def test_attention_rule_matches_cpu():
+    from benchmarks.models import TextTransformer
+
+    torch.manual_seed(0)
+    model = TextTransformer(10).double().eval()  # nn.TransformerEncoderLayer, batch_first MHA
+    x, y = torch.randint(0, 1000, (16, 32)), torch.randint(0, 10, (16,))
+    want = fisher_diagonal(model, [(x, y)], "exact")
+    got = fisher_diagonal(copy.deepcopy(model).cuda(), [(x, y)], "exact", backend="hooks")
+    assert_close_dicts(to_cpu(got), want, 1e-10)
