@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import accumulation_dtype
-from .rules import CHUNK_BYTES, _linear_weight, _sample_chunks, _square_sum, register
+from .rules import _linear_weight, _sample_chunks, _square_sum, chunk_budget, register
 
 _ATTENTION_SIGNATURE = inspect.signature(nn.MultiheadAttention.forward)
 
@@ -147,8 +147,7 @@ def multihead_attention(
     size = torch.finfo(acc).bits // 8
     scores = heads * queries * keys
     per_sample = (num_vectors * (3 * scores + 8 * (queries + keys) * embed) + 2 * scores) * size
-    if query.device.type == "cpu":
-        budget = min(budget, CHUNK_BYTES)
+    budget = chunk_budget(budget, query.device)
     for chunk in _sample_chunks(batch, per_sample, budget):
         x_q = query[chunk].to(acc)
         x_k = x_q if shared else key[chunk].to(acc)

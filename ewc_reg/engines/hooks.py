@@ -57,7 +57,7 @@ redone in chunks of ``resolve_chunk_size(chunk_size, memory_budget, bytes_per_sa
 (forward pass included), each with its own forward pass; the first pass then runs without gradients
 when ``chunk_size`` or the previous batch already told that the batch will be split. Rules
 materialise per-sample gradients for chunks of samples within the budget too (and within
-:data:`.rules.CHUNK_BYTES`), so the peak is up to about the budget plus that.
+:data:`.rules.CHUNK_BYTES` on CPU), so the peak is up to about the budget plus that.
 """
 
 from __future__ import annotations

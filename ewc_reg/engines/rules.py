@@ -141,6 +141,12 @@ MATMUL_SPEEDUP = 100
 CHUNK_BYTES = 32 * 2**20
 
 
+def chunk_budget(budget: int, device: torch.device, cap: int = CHUNK_BYTES) -> int:
+    """The bytes a rule's chunk of temporaries may take: ``budget``, and on CPU at most ``cap``
+    (see :data:`CHUNK_BYTES`)."""
+    return min(budget, cap) if device.type == "cpu" else budget
+
+
 def _pairs(t: Tensor, weight: float = 1.0) -> Tensor:
     """``(..., L, L) -> (..., T)``: the entries ``(l, m)`` with ``l <= m``, row after row, those
     off the diagonal times ``weight``; ``T = L (L+1)/2``. (A slice per row: faster than
@@ -199,8 +205,7 @@ def _squared_products(
     pairs = positions * (positions + 1) // 2
     direct_cost = num_vectors * out * (4 * patch + patch * positions / MATMUL_SPEEDUP)
     gram_cost = pairs * (3 * (out + patch) + out * patch / MATMUL_SPEEDUP)
-    if grads.device.type == "cpu":
-        budget = min(budget, CHUNK_BYTES)
+    budget = chunk_budget(budget, grads.device)
     if direct_cost <= gram_cost:
         per_sample = groups * (num_vectors * out * (patch + positions) + patch * positions)
         for chunk in _sample_chunks(batch, per_sample * size, budget):
@@ -283,8 +288,7 @@ def _linear_weight(grads: Tensor, x: Tensor, budget: int) -> Tensor:
             patch,
             budget,
         )[0]
-    if grads.device.type == "cpu":
-        budget = min(budget, LINEAR_CHUNK_BYTES)
+    budget = chunk_budget(budget, grads.device, LINEAR_CHUNK_BYTES)
     per_sample = num_vectors * (out * patch + positions * patch) * grads.element_size()
     result = grads.new_zeros(out, patch)
     samples_first = grads.stride(1) > grads.stride(0)  # (B, K, ...) storage: read as it lies
