@@ -26,6 +26,15 @@ import torch
 from torch import Tensor
 
 
+def _weighted_diffs(
+    params: Sequence[Tensor], precision: list[Tensor], center: list[Tensor]
+) -> tuple[list[Tensor], list[Tensor]]:
+    r""":math:`d = \theta - \mu` (``params`` promoted to the dtype of ``precision``) and
+    :math:`A d`."""
+    diffs = torch._foreach_sub([p.to(a.dtype) for p, a in zip(params, precision)], center)
+    return diffs, torch._foreach_mul(diffs, precision)
+
+
 class _Penalty(torch.autograd.Function):
     @staticmethod
     def forward(
@@ -36,9 +45,7 @@ class _Penalty(torch.autograd.Function):
         center: list[Tensor],
         *params: Tensor,
     ) -> Tensor:
-        theta = [p.to(a.dtype) for p, a in zip(params, precision)]
-        diffs = torch._foreach_sub(theta, center)
-        weighted = torch._foreach_mul(diffs, precision)  # A(θ−μ), the gradient up to λ
+        diffs, weighted = _weighted_diffs(params, precision, center)  # A(θ−μ): ∂P/∂θ up to λ
         dots = torch.stack([torch.dot(w.view(-1), d.view(-1)) for w, d in zip(weighted, diffs)])
         ctx.strength, ctx.precision, ctx.center = strength, precision, center
         ctx.weighted = weighted
@@ -55,8 +62,7 @@ class _Penalty(torch.autograd.Function):
         else:
             grads, ctx.weighted = ctx.weighted, None  # hand the buffers over (first backward)
             if grads is None:  # a later backward through a retained graph
-                theta = [p.to(a.dtype) for p, a in zip(params, ctx.precision)]
-                grads = torch._foreach_mul(torch._foreach_sub(theta, ctx.center), ctx.precision)
+                grads = _weighted_diffs(params, ctx.precision, ctx.center)[1]
             torch._foreach_mul_(grads, scale)
         return (None, None, None, None, *(g.to(p.dtype) for g, p in zip(grads, params)))
 
