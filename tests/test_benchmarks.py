@@ -176,11 +176,14 @@ def test_report_writes_table_and_figure(tmp_path):
                          "strength": strength, "seed": seed, "iters": 2000, "batch_size": 128,
                          "accuracy": acc + offset, "per_task": [acc + offset] * 5,
                          "seconds": 10.0, "fisher_seconds": 4.0, "cpu_seconds": 9.0,
-                         "fisher_cpu_seconds": 3.0})
+                         "fisher_cpu_seconds": 3.0,
+                         "device": "cuda" if method == "batched" else "cpu", "torch": "2.x"})
     (tmp_path / "runs.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n{torn")
     table = report.report(tmp_path).read_text()
     assert "| EXACT | 1e5 | 99.00 ± 0.58 | 3 | 10 (4) | 9 (3) | 1e5–1e6 | 99.12 ± 0.16 |" in table
     assert "| None | – | 86.00 ± 0.58 | 3 |" in table
     assert "| 1e6 | 97.00 (3) |" in table
+    assert ("Devices: cpu (torch 2.x): 9 runs, median 10 s wall, 9 s CPU per run; "
+            "cuda (torch 2.x): 3 runs, median 10 s wall, 9 s CPU per run.") in table
     figure = tmp_path / "accuracy_vs_lambda_split_mnist_real_2000it_b128.png"
     assert figure.stat().st_size > 1000

@@ -39,3 +39,23 @@ def test_quick_mode_writes_no_results_file_by_default() -> None:
     args = fisher_speed.parse_args(["--quick", "--models", "mlp"])
     assert args.output is None and args.repeats == 0
     assert fisher_speed.parse_args([]).output == fisher_speed.RESULTS_PATH
+
+
+def test_tf32_is_off_during_the_run_and_restored_after(monkeypatch) -> None:
+    import torch
+
+    seen = []
+    monkeypatch.setattr(
+        fisher_speed, "_run",
+        lambda args, command: seen.append(
+            (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+        ),
+    )
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        fisher_speed.run(fisher_speed.parse_args(["--quick", "--models", "mlp"]))
+        assert seen == [(False, False)]
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
