@@ -718,6 +718,116 @@ def test_input_folding_samples_into_the_batch_dimension_goes_to_functorch(caplog
     log_and_compare(model, data_for(lambda: x), caplog, "a multiple of the batch")
 
 
+# --- where the batch dimension is: sequence-first layouts as long as the batch --------------
+
+
+class SequenceFirstLayers(nn.Module):
+    """Per-position layers on a sequence-first ``(T, B, D)`` view of a batch-first input: with
+    ``T == B`` every unit output has the batch size as leading dimension."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+        self.norm = nn.LayerNorm(4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.norm(torch.tanh(self.proj(x.transpose(0, 1)))).mean(0))
+
+
+class BatchFirstLayers(SequenceFirstLayers):
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.norm(torch.tanh(self.proj(x))).mean(1))
+
+
+class TableScale(nn.Module):
+    """No rule: ``h * w * table`` with a table shared by the samples."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4))
+
+    def forward(self, h: Tensor, table: Tensor) -> Tensor:
+        return h * self.w * table
+
+
+class SharedTable(nn.Module):
+    """A ``(T, D)`` table shared by the samples, passed to a unit without a rule: with
+    ``T == B`` it looks per-sample."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = TableScale()
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        table = torch.linspace(-1, 1, x.shape[1] * 4, dtype=x.dtype).view(x.shape[1], 4)
+        return self.head(self.scale(x, table).mean(1))
+
+
+class CountingCalls(nn.Module):
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.sizes: list[int] = []
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.sizes.append(x.shape[0])
+        return self.inner(x)
+
+
+def square_batch() -> list[tuple[Tensor, Tensor]]:
+    """One batch of 5 sequences of 5 positions (the layout cannot be told by the shapes)."""
+    return [(torch.randn(5, 5, 4, dtype=torch.float64), torch.randint(0, 3, (5,)))]
+
+
+@pytest.mark.parametrize(
+    "make, reason",
+    [
+        (SequenceFirstLayers, "batch is not the leading dimension of an input of module 'proj'"),
+        (SharedTable, "shared by the samples"),
+    ],
+)
+def test_batch_elsewhere_than_leading_goes_to_functorch(make, reason: str, caplog) -> None:
+    """Without the check these Fisher diagonals were silently wrong (the sequence-first one by
+    43-88% relative)."""
+    model = make().double()
+    data = square_batch()
+    with pytest.raises(ValueError, match=reason):
+        fisher_diagonal(model, data, backend="hooks")
+    log_and_compare(model, data, caplog, reason)
+    x, y = data[0]
+    assert_close_dicts(
+        fisher_diagonal(model, [(x, y)]), brute_force_fisher(model, x, y, "exact"), 1e-10
+    )
+
+
+def test_batch_first_layers_with_as_many_positions_as_samples_stay_on_hooks(caplog) -> None:
+    """The extra check passes for a batch-first model, and runs only when the shapes leave the
+    layout open."""
+    model = CountingCalls(BatchFirstLayers()).double()
+    randomize_affine(model)
+    data = square_batch()
+    with caplog.at_level(logging.INFO, logger="ewc_reg"):
+        got = fisher_diagonal(model, data, backend="auto")
+    assert not [r for r in caplog.records if r.name == "ewc_reg"]
+    assert model.sizes == [5, 2]  # the batch, then the check on 2 samples
+    assert_close_dicts(got, fisher_diagonal(model, data, backend="functorch"), 1e-12)
+    model.sizes.clear()
+    x = torch.randn(5, 3, 4, dtype=torch.float64)
+    fisher_diagonal(model, [(x, torch.randint(0, 3, (5,)))], backend="hooks")
+    assert model.sizes == [5]
+
+
+def test_a_model_that_fails_on_fewer_samples_is_reported() -> None:
+    class FixedBatch(BatchFirstLayers):
+        def forward(self, x: Tensor) -> Tensor:
+            return super().forward(x.view(5, 5, 4))
+
+    with pytest.raises(ValueError, match="could not be checked: the model failed on 2 samples"):
+        fisher_diagonal(FixedBatch().double(), square_batch(), backend="hooks")
+
+
 def _gram(vectors: Tensor) -> Tensor:
     """``M_n = V_nᵀ V_n`` per sample, ``(B, D, D)``."""
     flat = vectors.reshape(*vectors.shape[:2], -1).double()

@@ -40,14 +40,15 @@ The decomposition is valid only if (checked; otherwise :class:`Unsupported` is r
   (those of the modules inside it included) are used only while it runs (not, say, with
   ``F.linear(h, self.embed.weight)`` in a parent's ``forward``); uses are seen by a
   :class:`~torch.overrides.TorchFunctionMode` during the forward pass;
-* module outputs have the batch as leading dimension (and so ``nn.MultiheadAttention`` units
-  have ``batch_first=True``: with the sequence first, a sequence as long as the batch would
-  pass), recorded inputs are not modified in place afterwards, and no batch norm uses batch
-  statistics (it would mix the samples). Unit inputs are per-sample (the batch leading) or
-  shared by all samples; an input of three or more dimensions whose leading dimension is a
-  multiple of the batch larger than it (a 3-d ``attn_mask`` of shape ``(B * heads, L, S)``) is
-  taken for per-sample data folded into the batch dimension, which the decomposition cannot
-  split.
+* module outputs have the batch as leading dimension (``nn.MultiheadAttention`` units need
+  ``batch_first=True``), recorded inputs are not modified in place afterwards, and no batch
+  norm uses batch statistics (it would mix the samples). Unit inputs are per-sample (the batch
+  leading) or shared by all samples; an input of three or more dimensions whose leading
+  dimension is a multiple of the batch larger than it (a 3-d ``attn_mask`` of shape
+  ``(B * heads, L, S)``) is taken for per-sample data folded into the batch dimension, which
+  the decomposition cannot split. Where a recorded shape has the batch size in a later
+  dimension too (a sequence-first ``(T, B, ...)`` layout with ``T == B`` would pass the checks
+  above), :func:`check_batch_layout` records the units again on fewer samples to tell.
 
 Memory: the forward pass over the whole batch gives the checks and the vectors (like the functorch
 engine's no-grad pass, it is bounded by the batch the data yields); when the pull-back of the whole
@@ -119,6 +120,8 @@ class _Record:
     leaves: list[int] = field(default_factory=list)  # output leaves the edges belong to
     shapes: list[torch.Size] = field(default_factory=list)
     nbytes: int = 0
+    inputs: list[torch.Size] = field(default_factory=list)  # every tensor argument's shape
+    outputs: list[torch.Size] = field(default_factory=list)  # every output tensor's shape
 
 
 def _describe(path: str) -> str:
@@ -264,7 +267,7 @@ class _Recorder(TorchFunctionMode):
                     "folded into the batch dimension (e.g. a (B * heads, L, S) attention mask)"
                 )
         versions = [(t, t._version) for t in tensors]
-        self.records[unit] = _Record(args, kwargs, versions)
+        self.records[unit] = _Record(args, kwargs, versions, inputs=[t.shape for t in tensors])
         self.running.add(unit)
 
     def _after(self, unit: _Unit, output: Any) -> None:
@@ -273,6 +276,7 @@ class _Recorder(TorchFunctionMode):
         for i, leaf in enumerate(pytree.tree_leaves(output)):
             if not isinstance(leaf, Tensor):
                 continue
+            record.outputs.append(leaf.shape)
             if leaf.dim() == 0 or leaf.shape[0] != self.batch_size:
                 self._flag(
                     f"an output of {_describe(unit.path)} has shape {tuple(leaf.shape)}, without "
@@ -306,6 +310,64 @@ class _Recorder(TorchFunctionMode):
                 self._flag(f"the input of {_describe(unit.path)} is modified in place after it")
         if self.problem is not None:
             raise Unsupported(self.problem)
+
+
+def check_batch_layout(
+    model: nn.Module,
+    units: list[_Unit],
+    batch: Batch,
+    output_fn: OutputFn,
+    records: dict[_Unit, _Record],
+) -> None:
+    """Raise :class:`Unsupported` if the batch is not the leading dimension of the units'
+    tensors, where their shapes leave it open.
+
+    The forward pass only checks that each unit output's leading dimension equals the batch
+    size ``B``. A sequence-first layout ``(T, B, ...)`` with ``T == B`` passes that check (and
+    the rules would then take positions for samples). So when some recorded tensor has ``B``
+    in a later dimension too, the units are recorded again on the first ``B' < B`` samples
+    (without gradients) and every shape must change as the batch dimension does: inputs from
+    ``(B, *rest)`` to ``(B', *rest)`` or not at all (shared by the samples), outputs from
+    ``(B, *rest)`` to ``(B', *rest)``."""
+    size = batch.size
+    shapes = [s for r in records.values() for s in (*r.inputs, *r.outputs)]
+    if size < 2 or not any(size in s[1:] for s in shapes):
+        return
+    fewer = 2 if size > 2 else 1
+    try:
+        with torch.no_grad(), _Recorder(units, fewer) as recorder:
+            output_fn(batch.narrow(fewer).call(model))
+    except Exception as error:  # (the model may not take another batch size)
+        raise Unsupported(
+            f"the batch dimension could not be checked: the model failed on {fewer} samples "
+            f"({type(error).__name__}: {error})"
+        ) from error
+    for unit, record in records.items():
+        again = recorder.records.get(unit)
+        if again is None or (len(again.inputs), len(again.outputs)) != (
+            len(record.inputs),
+            len(record.outputs),
+        ):
+            raise Unsupported(f"{_describe(unit.path)} is called differently on fewer samples")
+        pairs = [(s, t, True) for s, t in zip(record.inputs, again.inputs)]
+        pairs += [(s, t, False) for s, t in zip(record.outputs, again.outputs)]
+        for full, part, may_be_shared in pairs:
+            kind = "an input" if may_be_shared else "an output"
+            if part == (fewer, *full[1:]):
+                continue
+            if may_be_shared and part == full:
+                if full[0] == size and not _by_rule(unit, record):
+                    raise Unsupported(
+                        f"{kind} of {_describe(unit.path)} is shared by the samples (shape "
+                        f"{tuple(full)} with {size} samples and with {fewer}) but has the batch "
+                        "size as leading dimension, so the per-module fallback would split it"
+                    )
+                continue
+            raise Unsupported(
+                f"the batch is not the leading dimension of {kind} of {_describe(unit.path)}: "
+                f"it has shape {tuple(full)} with {size} samples and {tuple(part)} with "
+                f"{fewer} (a sequence-first (T, B, ...) layout?)"
+            )
 
 
 def bytes_per_sample(num_vectors: int, kept_bytes: int, recorded_bytes: int, forward: bool) -> int:
@@ -464,6 +526,7 @@ class HookEngine:
         known = chunk_size if chunk_size is not None else self._steps.get(model)
         whole = known is None or known >= batch.size
         output, records = self._forward(model, units, batch, output_fn, whole)
+        check_batch_layout(model, units, batch, output_fn, records)
         vectors = fewer_vectors(make_vectors(pytree.tree_map_only(Tensor, Tensor.detach, output)))
         sums = {
             name: torch.zeros_like(p, dtype=accumulation_dtype(p.dtype))
