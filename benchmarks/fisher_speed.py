@@ -12,7 +12,8 @@ the contenders for several rounds (medians reported):
 
 * a plain forward+backward of the mean cross-entropy at the same batch size (the unit);
 * every estimator of :func:`ewc_reg.fisher_diagonal` on every backend in
-  :data:`ewc_reg.engines.BACKENDS` (whatever is there at run time);
+  :data:`ewc_reg.engines.BACKENDS` (whatever is there at run time) but ``"auto"`` and ``"loop"``
+  (the loop engine is the naive loop below, which runs on a subset);
 * a naive per-sample loop as in the paper's reference code (batch size 1, one backward per class,
   squared gradients weighted by the predicted probability), timed on a subset and scaled;
 * BackPACK (``DiagGGNExact``, ``SumGradSquared``) and nngeometry (``FIM`` with ``PMatDiag``)
@@ -54,6 +55,7 @@ RESULTS_PATH = Path(__file__).resolve().parent / "results" / "fisher_speed.md"
 AGREEMENT_TOL = 1e-5
 #: The engine every Fisher is compared with.
 REFERENCE_BACKEND = "functorch"
+TIMED_BACKENDS = tuple(b for b in BACKENDS if b not in ("auto", "loop"))
 #: Estimators computed by an engine (``batched`` takes plain backward passes).
 ENGINE_METHODS = ("exact", "empirical", "sample")
 MODEL_KEYS = ("mlp", "resnet", "transformer")
@@ -231,7 +233,7 @@ def ewc_reg_contenders(w: Workload, references: dict[str, Fisher]) -> list[Conte
     """Every estimator on every backend; the reference backend first so it fills ``references``."""
     data = [(w.inputs, w.targets)]
     output_fn = w.output_fn if w.sliced else None
-    backends = sorted((b for b in BACKENDS if b != "auto"), key=lambda b: b != REFERENCE_BACKEND)
+    backends = sorted(TIMED_BACKENDS, key=lambda b: b != REFERENCE_BACKEND)
     contenders = []
     for backend in backends:
         for method in ENGINE_METHODS:
@@ -524,7 +526,7 @@ def evaluate_targets(rows: list[Row], auto: dict[str, str]) -> list[tuple[str, s
                 f"{_mib(unit.peak_bytes)} MiB)",
                 exact.memory_ratio <= 2.0,
             ))
-    others = {f"ewc_reg [{b}]" for b in BACKENDS if b not in ("auto", REFERENCE_BACKEND)}
+    others = {f"ewc_reg [{b}]" for b in TIMED_BACKENDS if b != REFERENCE_BACKEND}
     engine_rows = [r for r in rows if r.name in others]
     checked = [r.agreement for r in engine_rows if r.agreement is not None]
     not_run = sum(1 for r in engine_rows if r.status)

@@ -7,7 +7,10 @@
   batched over the vectors and per-layer rules; fast, for models whose selected parameters each
   belong to one module called once (a ``ValueError`` says why a model is not covered);
 * ``"functorch"`` (:class:`~.functorch.FunctorchEngine`): per-sample ``torch.func`` pull-backs
-  of the whole model; general;
+  of the whole model; general, except for modules ``vmap`` cannot run (``nn.LSTM``), which it
+  hands to the loop engine;
+* ``"loop"`` (:class:`~.loop.LoopEngine`): one sample and one vector at a time with plain
+  autograd; slow, and as general as autograd;
 * ``"auto"``: the hook engine, which hands the model to the functorch engine (and logs why at
   info level to the ``"ewc_reg"`` logger) as soon as it finds the model is not covered.
 """
@@ -20,8 +23,9 @@ from . import attention  # noqa: F401  (registers the nn.MultiheadAttention rule
 from .base import Engine, accumulation_dtype
 from .functorch import FunctorchEngine
 from .hooks import HookEngine
+from .loop import LoopEngine
 
-ENGINES: dict[str, type] = {"hooks": HookEngine, "functorch": FunctorchEngine}
+ENGINES: dict[str, type] = {"hooks": HookEngine, "functorch": FunctorchEngine, "loop": LoopEngine}
 BACKENDS = ("auto", *ENGINES)
 
 
@@ -40,8 +44,8 @@ def get_engine(
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {list(BACKENDS)}")
-    if backend == "functorch":
-        return FunctorchEngine()
+    if backend in ("functorch", "loop"):
+        return ENGINES[backend]()
     return HookEngine.for_model(model, params, FunctorchEngine() if backend == "auto" else None)
 
 

@@ -8,12 +8,16 @@ is budgeted at ``3 K P`` numbers (:func:`bytes_per_sample`) and ``chunk_size=Non
 ``memory_budget // bytes_per_sample`` samples at a time. When one sample's ``K`` pull-backs alone
 exceed the budget (``exact`` on long sequences, ``K = T V``), samples go one at a time and each
 pulls back its vectors a few at a time, reusing one forward pass. Works for any module that
-torch.func can trace in eval mode.
+torch.func can trace in eval mode; a model on which ``vmap`` fails (``nn.LSTM``, say) goes to
+the :class:`~.loop.LoopEngine`, one sample at a time (logged at info level to the
+``"ewc_reg"`` logger, and remembered for the module).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import logging
+import weakref
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -22,6 +26,9 @@ from torch.utils import _pytree as pytree
 
 from .._batches import Batch, is_per_sample
 from .base import OutputFn, VectorFn, accumulation_dtype, resolve_chunk_size
+from .loop import LoopEngine
+
+logger = logging.getLogger("ewc_reg")
 
 
 def bytes_per_sample(num_vectors: int, params: dict[str, Tensor]) -> int:
@@ -33,8 +40,36 @@ class FunctorchEngine:
     """Whole-model ``torch.func`` engine (see the module docstring)."""
 
     name = "functorch"
+    #: Modules on which ``vmap`` failed: they go straight to the loop engine.
+    unvmappable: ClassVar[weakref.WeakSet[nn.Module]] = weakref.WeakSet()
 
     def __call__(
+        self,
+        model: nn.Module,
+        params: dict[str, Tensor],
+        batch: Batch,
+        output_fn: OutputFn,
+        make_vectors: VectorFn,
+        chunk_size: int | None,
+        memory_budget: int,
+    ) -> dict[str, Tensor]:
+        args = (model, params, batch, output_fn, make_vectors, chunk_size, memory_budget)
+        if model not in self.unvmappable:
+            try:
+                return self._sums(*args)
+            except (RuntimeError, NotImplementedError) as error:
+                if isinstance(error, torch.OutOfMemoryError):
+                    raise
+                logger.info(
+                    "functorch engine: vmap failed on this model (%s: %s); using the loop "
+                    "engine, one sample at a time",
+                    type(error).__name__,
+                    error,
+                )
+                self.unvmappable.add(model)
+        return LoopEngine()(*args)
+
+    def _sums(
         self,
         model: nn.Module,
         params: dict[str, Tensor],

@@ -1,0 +1,69 @@
+r"""The last-resort engine: one sample at a time, one backward pass per vector, plain autograd.
+
+Some modules cannot be ``vmap``-ed by :mod:`torch.func`: ``nn.LSTM``, ``nn.GRU`` and ``nn.RNN``
+build their initial state as an ordinary tensor and their kernels write per-sample results into
+it. For them sample ``n`` goes through the model alone, as a batch of one, and each of its
+``K`` vectors is pulled back by ``torch.autograd.grad``:
+
+.. math::
+
+    S_\theta = \sum_n \sum_k \big(J_n^\top v_{nk}\big)^{\odot 2},
+    \qquad J_n = \partial f(x_n; \theta) / \partial \theta .
+
+That is ``B`` forward and ``B K`` backward passes (as slow as the paper's reference code, which
+loops the same way), as general as autograd, and in the memory of one sample. The vectors are
+made from the whole batch's output first, as in the other engines, so all of them draw the same
+labels for ``sample``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .._batches import Batch
+from .base import OutputFn, VectorFn, accumulation_dtype
+
+
+class LoopEngine:
+    """Per-sample, per-vector autograd loop (see the module docstring)."""
+
+    name = "loop"
+
+    def __call__(
+        self,
+        model: nn.Module,
+        params: dict[str, Tensor],
+        batch: Batch,
+        output_fn: OutputFn,
+        make_vectors: VectorFn,
+        chunk_size: int | None,
+        memory_budget: int,
+    ) -> dict[str, Tensor]:
+        """Sums of squared pull-backs; ``chunk_size`` and ``memory_budget`` are not needed (one
+        sample at a time)."""
+        with torch.no_grad():
+            vectors = make_vectors(output_fn(batch.call(model)))  # (K, B, *S, C)
+        names = list(params)
+        tensors = [params[name] for name in names]
+        sums = {
+            name: torch.zeros_like(p, dtype=accumulation_dtype(p.dtype))
+            for name, p in params.items()
+        }
+        num_vectors = vectors.shape[0]
+        for n in range(batch.size):
+            sample = batch.map_per_sample(lambda t, n=n: t[n : n + 1].detach())
+            with torch.enable_grad():
+                output = output_fn(sample.call(model))
+            for k in range(num_vectors):
+                grads = torch.autograd.grad(
+                    output,
+                    tensors,
+                    vectors[k, n : n + 1],
+                    retain_graph=k < num_vectors - 1,
+                    allow_unused=True,
+                )
+                for name, g in zip(names, grads):
+                    if g is not None:
+                        sums[name] += g.to(sums[name].dtype).square()
+        return sums

@@ -1,0 +1,131 @@
+"""The loop engine (one sample, one vector at a time), and the functorch engine handing it the
+models ``vmap`` cannot run (recurrent layers)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from ewc_reg import fisher_diagonal
+from ewc_reg.engines import get_engine
+from ewc_reg.engines.functorch import FunctorchEngine
+
+from .models import cnn, mlp
+from .reference import assert_close_dicts, brute_force_fisher
+
+
+@pytest.mark.parametrize("make, shape", [(mlp, (7, 6)), (cnn, (5, 2, 5, 5))])
+@pytest.mark.parametrize("method", ["exact", "empirical", "sample"])
+def test_loop_engine_matches_functorch(make, shape, method: str) -> None:
+    """Same sums as the vmapped engine, the same labels drawn for ``sample``."""
+    model = make()
+    x = torch.randn(*shape, dtype=torch.float64)
+    data = [(x, torch.randint(0, 4, (shape[0],)))]
+
+    def fisher(backend: str) -> dict[str, Tensor]:
+        generator = torch.Generator().manual_seed(5)
+        return fisher_diagonal(model, data, method, generator=generator, backend=backend)
+
+    assert get_engine("loop", model).name == "loop"
+    assert_close_dicts(fisher("loop"), fisher("functorch"), 1e-12)
+
+
+class Recurrent(nn.Module):
+    """An RNN classifier over ``(B, T, D)`` inputs, running the RNN batch-first or not."""
+
+    def __init__(self, cell: type[nn.RNNBase], batch_first: bool) -> None:
+        super().__init__()
+        self.batch_first = batch_first
+        self.rnn = cell(4, 5, batch_first=batch_first)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.batch_first:
+            return self.head(self.rnn(x)[0].mean(1))
+        return self.head(self.rnn(x.transpose(0, 1))[0].mean(0))
+
+
+class ScaledEncoder(nn.Module):
+    """Owns a parameter next to its LSTM, so the hooks engine takes it as one unit without a
+    rule (per-module fallback) while the head keeps its rule."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.LSTM(4, 5, batch_first=True)
+        self.scale = nn.Parameter(torch.rand(5) + 0.5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.rnn(x)[0] * self.scale
+
+
+class EncoderAndHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = ScaledEncoder()
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.encoder(x).mean(1))
+
+
+def messages(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "ewc_reg"]
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: Recurrent(nn.LSTM, batch_first=True),
+        lambda: Recurrent(nn.LSTM, batch_first=False),
+        lambda: Recurrent(nn.GRU, batch_first=True),
+        EncoderAndHead,
+    ],
+    ids=["lstm", "lstm-sequence-first", "gru", "lstm-unit-in-hooks"],
+)
+@pytest.mark.parametrize("backend", ["auto", "functorch"])
+def test_recurrent_models_go_to_the_loop_engine(make, backend: str, caplog) -> None:
+    """``vmap`` fails on recurrent layers (they write into a state they create); those models
+    (or, inside the hooks engine, those units) get the loop engine, and the right Fisher."""
+    model = make().double()
+    FunctorchEngine.unvmappable.discard(model)
+    x = torch.randn(5, 6, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (5,))
+    with caplog.at_level(logging.INFO, logger="ewc_reg"):
+        got = fisher_diagonal(model, [(x, y), (x[:3], y[:3])], backend=backend)
+    assert any("vmap failed" in m and "loop engine" in m for m in messages(caplog))
+    first = brute_force_fisher(model, x, y, "exact")
+    second = brute_force_fisher(model, x[:3], y[:3], "exact")
+    want = {name: (5 * first[name] + 3 * second[name]) / 8 for name in first}
+    assert_close_dicts(got, want, 1e-10)
+
+
+def test_unvmappable_models_are_remembered(caplog) -> None:
+    """The failed ``vmap`` is tried (and logged) once per model, not once per batch."""
+    model = Recurrent(nn.LSTM, batch_first=True).double()
+    x = torch.randn(4, 3, 4, dtype=torch.float64)
+    data = [(x, torch.randint(0, 3, (4,)))] * 3
+    with caplog.at_level(logging.INFO, logger="ewc_reg"):
+        fisher_diagonal(model, data, backend="functorch")
+    assert len(messages(caplog)) == 1
+
+
+def test_errors_of_the_model_itself_still_surface() -> None:
+    """A model that fails everywhere fails in the loop engine too, with its own error."""
+
+    class Broken(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x: Tensor) -> Tensor:
+            if x.shape[0] == 1:
+                raise RuntimeError("broken on single samples")
+            return self.fc(x)
+
+    model = Broken().double()
+    data = [(torch.randn(3, 4, dtype=torch.float64), torch.randint(0, 3, (3,)))]
+    with pytest.raises(RuntimeError, match="broken on single samples"):
+        fisher_diagonal(model, data, backend="functorch")
