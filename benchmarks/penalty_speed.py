@@ -7,7 +7,18 @@ and medians are reported:
 * ``step``: forward, mean cross-entropy on the task's 2 units, backward, Adam step;
 * ``step + penalty``: the same with ``reg.penalty()`` added to the loss;
 * ``penalty``: ``reg.penalty().backward()`` alone, after ``zero_grad()`` as in a training step
-  (so the gradient lands in ``.grad`` as it does there, not added to an old one).
+  (so the gradient lands in ``.grad`` as it does there, not added to an old one);
+* ``read θ, μ, A once``: one norm per tensor of the parameters, the anchor and the Fisher, the
+  least memory traffic any penalty needs (it must read all three), as a floor: after a training
+  step they come from main memory rather than cache.
+
+Each contender's median count of minor page faults is reported too. On Linux with glibc's
+``malloc`` defaults, freed buffers of a few MB go back to the system and the next allocation
+faults its pages in again: Adam's temporaries and the fresh gradient buffers of every step pay
+that, and it moves the timings by as much as the penalty costs. The allocator settings in the
+environment (``MALLOC_*``, ``GLIBC_TUNABLES``, ``LD_PRELOAD``) are printed with the results, so a
+run with, say, ``MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=17179869184`` (no
+faults after the first steps) shows the cost of the work alone.
 
 Run: ``python -m benchmarks.penalty_speed [--repeats 300] [--threads 1 2] [--device cpu]``;
 writes ``benchmarks/results/penalty_speed.md``.
@@ -16,6 +27,7 @@ writes ``benchmarks/results/penalty_speed.md``.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import time
@@ -31,7 +43,24 @@ from ewc_reg import EWCRegularizer
 
 from .models import split_mnist_mlp
 
+try:
+    import resource
+except ImportError:  # (not on Windows)
+    resource = None
+
 RESULTS = Path(__file__).parent / "results" / "penalty_speed.md"
+ALLOCATOR_VARIABLES = ("MALLOC_", "GLIBC_TUNABLES", "LD_PRELOAD")
+
+
+def page_faults() -> int:
+    """Minor page faults of this process so far (0 where ``resource`` is missing)."""
+    return 0 if resource is None else resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def allocator_settings() -> str:
+    """The environment variables that change the C allocator, or the glibc defaults."""
+    found = sorted(f"{k}={v}" for k, v in os.environ.items() if k.startswith(ALLOCATOR_VARIABLES))
+    return " ".join(f"`{item}`" for item in found) or "none set (the C library's defaults)"
 
 
 def _timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
@@ -47,8 +76,11 @@ def _timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
     return time_once
 
 
-def measure(repeats: int, batch_size: int, device: torch.device) -> dict[str, float]:
-    """Median seconds of each contender (see the module docstring)."""
+def measure(
+    repeats: int, batch_size: int, device: torch.device
+) -> dict[str, tuple[float, float]]:
+    """Median seconds and median minor page faults of each contender (see the module
+    docstring)."""
     torch.manual_seed(0)
     model = split_mnist_mlp().to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -69,23 +101,36 @@ def measure(repeats: int, batch_size: int, device: torch.device) -> dict[str, fl
         optimizer.zero_grad()
         reg.penalty().backward()
 
+    operands = [*model.parameters(), *reg.fisher.values(), *reg.anchor.values()]
+
+    def read_once() -> None:
+        with torch.no_grad():
+            torch._foreach_norm(operands)
+
     contenders = {
         "step": lambda: step(False),
         "step + penalty": lambda: step(True),
         "penalty": penalty_only,
+        "read θ, μ, A once": read_once,
     }
     time_once = _timer(device)
     times: dict[str, list[float]] = {name: [] for name in contenders}
+    faults: dict[str, list[int]] = {name: [] for name in contenders}
     warmup = max(repeats // 10, 3)
     for i in range(repeats + warmup):
         for name, fn in contenders.items():
+            before = page_faults()
             t = time_once(fn)
             if i >= warmup:
                 times[name].append(t)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+                faults[name].append(page_faults() - before)
+    return {
+        name: (statistics.median(times[name]), statistics.median(faults[name]))
+        for name in contenders
+    }
 
 
-def report(results: dict[int, dict[str, float]], args: argparse.Namespace) -> str:
+def report(results: dict[int, dict[str, tuple[float, float]]], args: argparse.Namespace) -> str:
     """Markdown: one table per thread count, with the overhead and the verdict."""
     lines = [
         "# Penalty cost in an Adam step (Split MNIST MLP)",
@@ -94,25 +139,29 @@ def report(results: dict[int, dict[str, float]], args: argparse.Namespace) -> st
         f"{' '.join(map(str, args.threads))} --batch-size {args.batch_size} --device "
         f"{args.device}` · ewc_reg {ewc_reg.__version__} · torch {torch.__version__} · "
         f"{platform.machine()} · {date.today()} · medians of {args.repeats} interleaved repeats",
+        "",
+        f"Allocator settings: {allocator_settings()}.",
     ]
     for threads, medians in results.items():
-        step = medians["step"]
-        overhead = medians["step + penalty"] / step - 1
-        alone = medians["penalty"] / step
+        step = medians["step"][0]
+        overhead = medians["step + penalty"][0] / step - 1
+        alone = medians["penalty"][0] / step
+        floor = medians["read θ, μ, A once"][0] / step
         verdict = "pass" if max(overhead, alone) <= 0.10 else "FAIL"
         lines += [
             "",
             f"## {threads} thread{'s' if threads > 1 else ''}",
             "",
-            "| contender | median ms | ratio to step |",
-            "|---|---:|---:|",
+            "| contender | median ms | ratio to step | page faults |",
+            "|---|---:|---:|---:|",
         ]
-        for name, seconds in medians.items():
-            lines.append(f"| {name} | {seconds * 1e3:.3f} | {seconds / step:.3f} |")
+        for name, (seconds, faults) in medians.items():
+            lines.append(f"| {name} | {seconds * 1e3:.3f} | {seconds / step:.3f} | {faults:g} |")
         lines += [
             "",
             f"Added by the penalty: {overhead:.1%} of a step (step + penalty vs step); penalty "
-            f"and its backward alone: {alone:.1%}. Target ≤ 10%: {verdict}.",
+            f"and its backward alone: {alone:.1%}. Target ≤ 10%: {verdict}. Reading θ, μ and A "
+            f"once takes {floor:.1%}.",
         ]
     return "\n".join(lines) + "\n"
 

@@ -9,5 +9,16 @@ def test_penalty_speed_writes_table(tmp_path):
     out = tmp_path / "penalty.md"
     table = penalty_speed.main(["--repeats", "2", "--threads", "1", "--out", str(out)])
     assert out.read_text() == table
-    for row in ("| step |", "| step + penalty |", "| penalty |", "Target ≤ 10%"):
+    rows = ("| step |", "| step + penalty |", "| penalty |", "| read θ, μ, A once |")
+    for row in (*rows, "Target ≤ 10%", "page faults"):
         assert row in table
+
+
+def test_allocator_settings_are_reported(monkeypatch):
+    for key in [k for k in penalty_speed.os.environ if k.startswith("MALLOC_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    assert penalty_speed.allocator_settings().startswith("none set")
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "17179869184")
+    assert penalty_speed.allocator_settings() == "`MALLOC_TRIM_THRESHOLD_=17179869184`"
