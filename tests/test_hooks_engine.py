@@ -804,14 +804,14 @@ def test_batch_elsewhere_than_leading_goes_to_functorch(make, reason: str, caplo
 
 def test_batch_first_layers_with_as_many_positions_as_samples_stay_on_hooks(caplog) -> None:
     """The extra check passes for a batch-first model, and runs only when the shapes leave the
-    layout open."""
+    layout open, once per shapes."""
     model = CountingCalls(BatchFirstLayers()).double()
     randomize_affine(model)
-    data = square_batch()
+    data = square_batch() * 2
     with caplog.at_level(logging.INFO, logger="ewc_reg"):
         got = fisher_diagonal(model, data, backend="auto")
     assert not [r for r in caplog.records if r.name == "ewc_reg"]
-    assert model.sizes == [5, 2]  # the batch, then the check on 2 samples
+    assert model.sizes == [5, 2, 5]  # the batch, the check on 2 samples, the next batch
     assert_close_dicts(got, fisher_diagonal(model, data, backend="functorch"), 1e-12)
     model.sizes.clear()
     x = torch.randn(5, 3, 4, dtype=torch.float64)

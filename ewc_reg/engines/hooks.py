@@ -469,6 +469,10 @@ class HookEngine:
         self.fallback = fallback
         self._given_up: weakref.WeakSet[nn.Module] = weakref.WeakSet()
         self._steps: weakref.WeakKeyDictionary[nn.Module, int] = weakref.WeakKeyDictionary()
+        # the recorded shapes whose batch layout check_batch_layout has passed, per model
+        self._layouts: weakref.WeakKeyDictionary[nn.Module, set[tuple[torch.Size, ...]]] = (
+            weakref.WeakKeyDictionary()
+        )
 
     @classmethod
     def for_model(
@@ -526,7 +530,11 @@ class HookEngine:
         known = chunk_size if chunk_size is not None else self._steps.get(model)
         whole = known is None or known >= batch.size
         output, records = self._forward(model, units, batch, output_fn, whole)
-        check_batch_layout(model, units, batch, output_fn, records)
+        shapes = tuple(s for record in records.values() for s in (*record.inputs, *record.outputs))
+        checked = self._layouts.setdefault(model, set())
+        if shapes not in checked:  # (once per model and shapes: not again for every batch)
+            check_batch_layout(model, units, batch, output_fn, records)
+            checked.add(shapes)
         vectors = fewer_vectors(make_vectors(pytree.tree_map_only(Tensor, Tensor.detach, output)))
         sums = {
             name: torch.zeros_like(p, dtype=accumulation_dtype(p.dtype))
