@@ -187,15 +187,29 @@ def test_declined_modules_use_the_fallback(options: dict) -> None:
     check_against_references(model, data(), via_rules=False)
 
 
-def test_rule_declines_training_mode_with_dropout_and_unbatched_inputs() -> None:
+def test_training_mode_with_dropout_and_unbatched_inputs_are_not_redone() -> None:
+    """The recorded forward leaves these calls to the module (and keeps nothing), and the rule
+    then declines them; in eval mode it computes the module's output and keeps its pieces."""
     mha = nn.MultiheadAttention(E, 2, dropout=0.5, batch_first=True).double()
     x = data(2)
+    kept: dict[str, Tensor] = {}
+
+    def keep(name: str, piece: Tensor, pull_back: bool) -> Tensor:
+        kept[name] = piece
+        return piece
+
+    assert attention.attention_in_pieces(mha, (x, x, x), {}, keep) is NotImplemented
+    mha.eval()
+    assert attention.attention_in_pieces(mha, (x[0], x[0], x[0]), {}, keep) is NotImplemented
+    assert not kept
     grads = {0: torch.randn(3, 2, S, E, dtype=torch.float64)}
     names = ["in_proj_weight"]
-    assert attention.multihead_attention(mha, (x, x, x), {}, grads, names, 2**20) is None
-    mha.eval()
-    assert attention.multihead_attention(mha, (x, x, x), {}, grads, names, 2**20) is not None
-    assert attention.multihead_attention(mha, (x[0], x[0], x[0]), {}, grads, names, 2**20) is None
+    assert attention.multihead_attention(mha, (x, x, x), {}, grads, kept, names, 2**20) is None
+    y, weights = attention.attention_in_pieces(mha, (x, x, x), {}, keep)
+    want_y, want_weights = mha(x, x, x)
+    assert torch.allclose(y, want_y, atol=1e-12) and torch.allclose(weights, want_weights)
+    assert set(kept) == {"qkv", "o"}
+    assert attention.multihead_attention(mha, (x, x, x), {}, grads, kept, names, 2**20) is not None
 
 
 def test_only_the_weights_output_used() -> None:
@@ -212,3 +226,22 @@ def test_only_the_weights_output_used() -> None:
     got = engine_sums(HookEngine(), model, x, vectors)
     assert_close_dicts(got, engine_sums(FunctorchEngine(), model, x, vectors), 1e-10)
     assert_close_dicts(got, brute_force(model, x, vectors), 1e-10)
+
+
+def test_the_forward_in_pieces_is_undone_after_success_and_error() -> None:
+    """The module's own ``forward`` is back after the engine ran, and a module with a forward
+    set on the instance gets no rule (it may compute something else)."""
+    model = Attend("padding").double().eval()
+    x = data()
+    engine_sums(HookEngine(), model, x, random_vectors(model, x))
+    assert "forward" not in vars(model.attn)
+
+    def broken(out: Tensor) -> Tensor:
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        engine_sums(HookEngine(), model, x, None, output_fn=broken)
+    assert "forward" not in vars(model.attn)
+    model.attn.forward = model.attn.forward  # (the bound method, now an instance attribute)
+    assert plan(model, trainable(model))[0].rule is None
+    check_against_references(model, x, via_rules=False)

@@ -28,7 +28,9 @@ the outermost one when they nest deeper; the modules inside it are not hooked. A
 ``nn.MultiheadAttention`` is always one unit for its parameters and those of ``out_proj``
 (whose weight it uses without calling it), and has a rule
 (:func:`.attention.multihead_attention`, which sees the whole recorded call: query, key, value,
-masks) unless it has ``add_bias_kv`` or ``add_zero_attn``.
+masks) unless it has ``add_bias_kv`` or ``add_zero_attn``; while recording, its call is redone
+in pieces (:func:`.attention.attention_in_pieces`), and the vectors are pulled back to the
+in-projection's outputs as well.
 
 The decomposition is valid only if (checked; otherwise :class:`Unsupported` is raised):
 
@@ -86,7 +88,16 @@ from .base import (
     resolve_chunk_size,
 )
 from .functorch import FunctorchEngine
-from .rules import CALL_RULES, REDUCTIONS, CallRule, Reducer, Reduction, Rule, rule_for
+from .rules import (
+    CALL_RULES,
+    RECORDED_FORWARDS,
+    REDUCTIONS,
+    CallRule,
+    Reducer,
+    Reduction,
+    Rule,
+    rule_for,
+)
 
 logger = logging.getLogger("ewc_reg")
 
@@ -117,11 +128,13 @@ class _Record:
     kwargs: dict[str, Any]
     versions: list[tuple[Tensor, int]]
     edges: list[GradientEdge] = field(default_factory=list)
-    leaves: list[int] = field(default_factory=list)  # output leaves the edges belong to
+    # the output leaves (positions) or kept pieces (names) the edges belong to
+    leaves: list[int | str] = field(default_factory=list)
     shapes: list[torch.Size] = field(default_factory=list)
     nbytes: int = 0
     inputs: list[torch.Size] = field(default_factory=list)  # every tensor argument's shape
     outputs: list[torch.Size] = field(default_factory=list)  # every output tensor's shape
+    kept: dict[str, Tensor] = field(default_factory=dict)  # by the rule's recorded forward
 
 
 def _describe(path: str) -> str:
@@ -223,10 +236,13 @@ class _Recorder(TorchFunctionMode):
         }
         self.problem: str | None = None
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
+        self.forwards: list[nn.Module] = []  # modules whose forward runs in pieces
 
     def __enter__(self) -> _Recorder:
         try:
             for unit in self.units:
+                if unit.rule in RECORDED_FORWARDS:
+                    self._record_in_pieces(unit)
                 self.handles += [
                     unit.module.register_forward_pre_hook(
                         lambda module, args, kwargs, unit=unit: self._before(unit, args, kwargs),
@@ -250,6 +266,33 @@ class _Recorder(TorchFunctionMode):
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
+        for module in self.forwards:
+            del module.forward
+        self.forwards.clear()
+
+    def _record_in_pieces(self, unit: _Unit) -> None:
+        """Run the unit's rule's recorded forward in place of its module's ``forward`` (an
+        instance attribute, removed again by :meth:`_remove_hooks`; :func:`.rules.rule_for`
+        gives no rule to a module with a ``forward`` of its own)."""
+        module, forward = unit.module, RECORDED_FORWARDS[unit.rule]
+        original = module.forward
+        self.forwards.append(module)
+
+        def keep(name: str, piece: Tensor, pull_back: bool) -> Tensor:
+            record = self.records[unit]
+            record.kept[name] = piece
+            if pull_back and piece.requires_grad:
+                record.edges.append(get_gradient_edge(piece))
+                record.leaves.append(name)
+                record.shapes.append(piece.shape)
+                record.nbytes += piece.numel() * piece.element_size()
+            return piece
+
+        def in_pieces(*args: Any, **kwargs: Any) -> Any:
+            output = forward(module, args, kwargs, keep)
+            return original(*args, **kwargs) if output is NotImplemented else output
+
+        module.forward = in_pieces
 
     def _flag(self, problem: str) -> None:
         self.problem = self.problem or problem
@@ -643,7 +686,13 @@ def _unit_sums(
     if unit.rule in CALL_RULES:
         given = {leaf: g for leaf, g in zip(record.leaves, grads) if g is not None}
         sums = unit.rule(
-            unit.module, record.args, record.kwargs, given, unit.names.keys(), memory_budget
+            unit.module,
+            record.args,
+            record.kwargs,
+            given,
+            record.kept,
+            unit.names.keys(),
+            memory_budget,
         )
         if sums is not None:
             return sums

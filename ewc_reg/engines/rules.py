@@ -18,15 +18,17 @@ gets ``G`` reduced by it instead, which the engine applies to each vector's grad
 samples at a time, so that the chunk's temporaries stay within ``budget`` bytes.
 
 A rule in :data:`CALL_RULES` (``nn.MultiheadAttention``, in :mod:`.attention`: several inputs,
-masks, two outputs)
-sees the whole recorded call instead, ``(args, kwargs)``, and ``G`` of each output leaf that got
-gradients, by its position among the output's pytree leaves; it may decline a call (``None``),
-and the engine then uses its per-module fallback.
+masks, two outputs) sees the whole recorded call instead, ``(args, kwargs)``, and ``G`` of each
+output leaf that got gradients, by its position among the output's pytree leaves; it may decline
+a call (``None``), and the engine then uses its per-module fallback. Such a rule may come with a
+recorded forward (:data:`RECORDED_FORWARDS`), which the engine runs in place of the module's
+``forward`` while it records: it computes the same output in pieces and keeps some of them by
+name, the rule then getting their values and ``G`` of those it pulled back to.
 
 Rules are looked up by the module's exact class (a subclass may override ``forward``) in
 :data:`RULES`; :func:`rule_for` also requires that the module's parameters (those of the modules
 inside it included) are among those the rule knows (``weight`` and ``bias`` for most) and that
-nobody hooks the module (hooks may change what it computes).
+nobody hooks the module or sets its ``forward`` (either may change what it computes).
 """
 
 from __future__ import annotations
@@ -51,12 +53,27 @@ Reducer = Callable[[Tensor], Tensor]
 #: ``reduction(module, x, names) -> reducer``: prepared once per call (say, :math:`\hat x`).
 Reduction = Callable[[nn.Module, Tensor, Collection[str]], Reducer]
 
-#: ``rule(module, args, kwargs, G, names, budget) -> {name: sum} | None`` for the rules of
+#: ``rule(module, args, kwargs, G, kept, names, budget) -> {name: sum} | None`` for the rules of
 #: :data:`CALL_RULES`: ``G`` maps the positions of the output's pytree leaves that got gradients
-#: to theirs; ``None`` declines the call.
+#: (and the names of kept tensors pulled back to) to theirs, ``kept`` the names of the tensors
+#: its recorded forward kept to them; ``None`` declines the call.
 CallRule = Callable[
-    [nn.Module, tuple[Any, ...], dict[str, Any], dict[int, Tensor], Collection[str], int],
+    [
+        nn.Module,
+        tuple[Any, ...],
+        dict[str, Any],
+        dict[int | str, Tensor],
+        dict[str, Tensor],
+        Collection[str],
+        int,
+    ],
     "dict[str, Tensor] | None",
+]
+
+#: ``forward(module, args, kwargs, keep) -> output``, or ``NotImplemented`` to let the module
+#: run as usual: ``keep(name, tensor, pull_back)`` records a piece (and returns it).
+RecordedForward = Callable[
+    [nn.Module, tuple[Any, ...], dict[str, Any], Callable[[str, Tensor, bool], Tensor]], Any
 ]
 
 #: Rules by module class, each with a predicate on the module's settings it can handle and the
@@ -67,6 +84,9 @@ RULES: dict[
 
 #: The rules that take the whole recorded call (see the module docstring).
 CALL_RULES: set[CallRule] = set()
+
+#: The recorded forwards of rules of :data:`CALL_RULES` (see the module docstring).
+RECORDED_FORWARDS: dict[CallRule, RecordedForward] = {}
 
 #: Rules whose ``G`` is reduced as the pull-back produces it, one vector at a time (then ``G``
 #: is ``(K, B, *r)``): the engine keeps the small reduced gradients instead of the layer's
@@ -80,10 +100,12 @@ def register(
     reduce: Reduction | None = None,
     params: Collection[str] = ("weight", "bias"),
     whole_call: bool = False,
+    forward: RecordedForward | None = None,
 ) -> Callable[[Any], Any]:
     """Decorator adding a rule to :data:`RULES` for the module classes ``types``, knowing the
     parameters ``params`` (its reduction, if any, to :data:`REDUCTIONS`; with ``whole_call``,
-    the rule to :data:`CALL_RULES`)."""
+    the rule to :data:`CALL_RULES`, and its recorded ``forward``, if any, to
+    :data:`RECORDED_FORWARDS`)."""
 
     def add(rule: Any) -> Any:
         for cls in types:
@@ -92,6 +114,8 @@ def register(
             REDUCTIONS[rule] = reduce
         if whole_call:
             CALL_RULES.add(rule)
+        if forward is not None:
+            RECORDED_FORWARDS[rule] = forward
         return rule
 
     return add
@@ -102,6 +126,8 @@ def rule_for(module: nn.Module) -> Rule | CallRule | None:
     docstring)."""
     entry = RULES.get(type(module))
     if entry is None or module._forward_hooks or module._forward_pre_hooks:
+        return None
+    if "forward" in vars(module):  # (its own forward, set on the instance)
         return None
     rule, accepts, known = entry
     names = {name for name, _ in module.named_parameters()}
