@@ -451,8 +451,9 @@ def _pull_back(
     The looped gradients are views of ``(B, K, *shape[1:])`` storage (each sample's ``K``
     gradients contiguous, as the convolution rule wants them) taken from ``storage`` (by edge
     position) when it holds a large enough tensor, and left there for the next chunk of
-    samples: reusing memory spares the page faults of fresh allocations (on CPU, writing a
-    fresh buffer costs about five times as much as writing a used one)."""
+    samples or batch (:class:`HookEngine` keeps it per model for as long as it lives: one
+    ``fisher_diagonal`` call): reusing memory spares the page faults of fresh allocations (on
+    CPU, writing a fresh buffer costs about five times as much as writing a used one)."""
     reducers = reducers or {}
     if not looped:
         grads = list(
@@ -512,6 +513,10 @@ class HookEngine:
         self.fallback = fallback
         self._given_up: weakref.WeakSet[nn.Module] = weakref.WeakSet()
         self._steps: weakref.WeakKeyDictionary[nn.Module, int] = weakref.WeakKeyDictionary()
+        # the looped pull-back's gradient buffers, reused by the chunks and the next batches
+        self._storage: weakref.WeakKeyDictionary[nn.Module, dict[int, Tensor]] = (
+            weakref.WeakKeyDictionary()
+        )
         # the recorded shapes whose batch layout check_batch_layout has passed, per model
         self._layouts: weakref.WeakKeyDictionary[nn.Module, set[tuple[torch.Size, ...]]] = (
             weakref.WeakKeyDictionary()
@@ -591,14 +596,14 @@ class HookEngine:
         self._steps[model] = resolve_chunk_size(
             chunk_size, memory_budget, bytes_per_sample(num_vectors, kept, recorded, forward=False)
         )
+        storage = self._storage.setdefault(model, {})
         if whole and self._steps[model] >= batch.size:  # the first pass's graph serves
-            self._accumulate(units, records, output, vectors, sums, memory_budget, looped, {})
+            self._accumulate(units, records, output, vectors, sums, memory_budget, looped, storage)
             return sums
         step = resolve_chunk_size(
             chunk_size, memory_budget, bytes_per_sample(num_vectors, kept, recorded, forward=True)
         )
         del output, records
-        storage: dict[int, Tensor] = {}  # gradient buffers, reused by the chunks
         for start in range(0, batch.size, step):
             chunk = batch.map_per_sample(operator.itemgetter(slice(start, start + step)))
             output, records = self._forward(model, units, chunk, output_fn, True)
