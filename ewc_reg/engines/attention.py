@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import accumulation_dtype
-from .rules import _linear_weight, _square_sum, register
+from .rules import LinearSums, register
 
 _ATTENTION_SIGNATURE = inspect.signature(nn.MultiheadAttention.forward)
 
@@ -124,12 +124,77 @@ def attention_in_pieces(
     return F.linear(o, module.out_proj.weight, module.out_proj.bias), weights
 
 
+class _AttentionSums:
+    """The :class:`~.rules.Accumulator` of :func:`multihead_attention`: one
+    :class:`~.rules.LinearSums` per projection, fed by output leaf or kept piece."""
+
+    def __init__(
+        self,
+        module: nn.Module,
+        call: dict[str, Any],
+        kept: dict[str, Tensor],
+        names: Collection[str],
+        budget: int,
+    ) -> None:
+        acc = accumulation_dtype(module.out_proj.weight.dtype)
+        embed = module.embed_dim
+        self.module, self.names = module, names
+        out_names = [n.removeprefix("out_proj.") for n in names if n.startswith("out_proj.")]
+        in_names = ["bias"] if "in_proj_bias" in names else []
+        if any(n.endswith("_weight") for n in names):
+            in_names.append("weight")
+        self.parts: dict[int | str, LinearSums] = {
+            0: LinearSums(kept["o"], embed, out_names, acc, budget)
+        }
+        if "qkv" in kept:
+            self.parts["qkv"] = LinearSums(call["query"], 3 * embed, in_names, acc, budget)
+        else:
+            for n, x in zip("qkv", (call["query"], call["key"], call["value"])):
+                self.parts[n] = LinearSums(x, embed, in_names, acc, budget)
+
+    def add(self, key: int | str, grads: Tensor) -> None:
+        # (the weights output, leaf 1, feeds nothing here: its gradients reach the
+        # in-projection's outputs through the recorded pieces)
+        if key in self.parts:
+            self.parts[key].add(key, grads)
+
+    def sums(self) -> dict[str, Tensor]:
+        found = {f"out_proj.{n}": t for n, t in self.parts[0].sums().items()}
+        if "qkv" in self.parts:
+            found.update({f"in_proj_{n}": t for n, t in self.parts["qkv"].sums().items()})
+        else:
+            parts = [self.parts[n].sums() for n in "qkv"]
+            if "weight" in parts[0] and self.module._qkv_same_embed_dim:
+                found["in_proj_weight"] = torch.cat([part["weight"] for part in parts])
+            elif "weight" in parts[0]:
+                found.update({f"{n}_proj_weight": p["weight"] for n, p in zip("qkv", parts)})
+            if "bias" in parts[0]:
+                found["in_proj_bias"] = torch.cat([part["bias"] for part in parts])
+        return {name: found[name] for name in self.names}
+
+
+def _attention_sums(
+    module: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    kept: dict[str, Tensor],
+    names: Collection[str],
+    budget: int,
+) -> _AttentionSums | None:
+    if "o" not in kept:  # (the call was not redone in pieces)
+        return None
+    call = _ATTENTION_SIGNATURE.bind(module, *args, **kwargs)
+    call.apply_defaults()
+    return _AttentionSums(module, call.arguments, kept, names, budget)
+
+
 @register(
     nn.MultiheadAttention,
     accepts=_plain_attention,
     params=_ATTENTION_PARAMS,
     whole_call=True,
     forward=attention_in_pieces,
+    accumulate=_attention_sums,
 )
 def multihead_attention(
     module: nn.Module,
@@ -144,43 +209,17 @@ def multihead_attention(
     (``None``, declining, for a call it did not redo). With the gradients ``G`` of the output
     ``y`` ``(K, B, L, E)`` and ``G_q``, ``G_k``, ``G_v`` of the in-projection's outputs (or
     ``G_{qkv}`` for self-attention: ``(K, B, L, 3E)``), each projection is a ``Linear`` on a
-    sequence (:func:`~.rules._linear_weight`): ``out_proj`` from ``(G, o)``, the in-projection
+    sequence (:class:`~.rules.LinearSums`): ``out_proj`` from ``(G, o)``, the in-projection
     from ``(G_q, x_q)``, ``(G_k, x_k)``, ``(G_v, x_v)`` (one product with ``(G_{qkv}, x)`` for
-    self-attention); bias sums are :math:`\sum_{n,k} (\sum_l G_{nkl})^{\odot 2}`. (Before, the
-    rule redid the attention and pulled ``G`` back through it by hand, batched over ``K``, while
-    the engine's pull-back went through PyTorch's attention as well: the exact Fisher of
+    self-attention); bias sums are :math:`\sum_{n,k} (\sum_l G_{nkl})^{\odot 2}`. The engine
+    feeds the same sums a vector at a time (:data:`~.rules.ACCUMULATIONS`). (Before, the rule
+    redid the attention and pulled ``G`` back through it by hand, batched over ``K``, while the
+    engine's pull-back went through PyTorch's attention as well: the exact Fisher of
     ``benchmarks.models.TextTransformer`` (N=128, 2 CPU threads) took 10.5x a forward and
-    backward pass that way and takes 8.3x this way; the empirical one 1.83x and 1.29x.)"""
-    if "o" not in kept:
+    backward pass that way and 8.3x this way; the empirical one 1.83x and 1.29x.)"""
+    sums = _attention_sums(module, args, kwargs, kept, names, budget)
+    if sums is None:
         return None
-    call = _ATTENTION_SIGNATURE.bind(module, *args, **kwargs)
-    call.apply_defaults()
-    a = call.arguments
-    acc = accumulation_dtype(module.out_proj.weight.dtype)
-    sums: dict[str, Tensor] = {}
-
-    def linear_sums(g: Tensor | None, x: Tensor, out: int) -> tuple[Tensor, Tensor]:
-        """Weight and bias sums of one projection to ``out`` features from input ``x``."""
-        if g is None:  # (no gradient reached it)
-            return x.new_zeros(out, x.shape[-1], dtype=acc), x.new_zeros(out, dtype=acc)
-        g = g.to(acc)
-        return _linear_weight(g, x.to(acc), budget), _square_sum(g.sum(2))
-
-    embed = module.embed_dim
-    if "out_proj.weight" in names or "out_proj.bias" in names:
-        sums["out_proj.weight"], sums["out_proj.bias"] = linear_sums(
-            grads.get(0), kept["o"], embed
-        )
-    if "qkv" in kept:
-        weight, bias = linear_sums(grads.get("qkv"), a["query"], 3 * embed)
-        sums["in_proj_weight"], sums["in_proj_bias"] = weight, bias
-    else:
-        inputs = (a["query"], a["key"], a["value"])
-        parts = [linear_sums(grads.get(n), x, embed) for n, x in zip("qkv", inputs)]
-        if module._qkv_same_embed_dim:
-            sums["in_proj_weight"] = torch.cat([w for w, _ in parts])
-        else:
-            for n, (w, _) in zip("qkv", parts):
-                sums[f"{n}_proj_weight"] = w
-        sums["in_proj_bias"] = torch.cat([b for _, b in parts])
-    return {name: sums[name] for name in names}
+    for key, g in grads.items():
+        sums.add(key, g)
+    return sums.sums()

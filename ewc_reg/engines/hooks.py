@@ -65,6 +65,7 @@ materialise per-sample gradients for chunks of samples within the budget too (an
 
 from __future__ import annotations
 
+import functools
 import logging
 import operator
 import weakref
@@ -89,9 +90,11 @@ from .base import (
 )
 from .functorch import FunctorchEngine
 from .rules import (
+    ACCUMULATIONS,
     CALL_RULES,
     RECORDED_FORWARDS,
     REDUCTIONS,
+    Accumulator,
     CallRule,
     Reducer,
     Reduction,
@@ -463,7 +466,7 @@ def _pull_back(
             return [
                 reducers[i](g) if g is not None and i in reducers else g
                 for i, g in enumerate(grads)
-            ]
+            ]  # (None where a reducer fed an accumulator)
     storage = {} if storage is None else storage
     grads: list[Tensor | None] = [None] * len(edges)
     num_vectors = len(vectors)
@@ -476,6 +479,8 @@ def _pull_back(
             if i in reducers:
                 with torch.no_grad():
                     g = reducers[i](g)
+                if g is None:  # (fed to an accumulator: nothing to keep)
+                    continue
             if grads[i] is None:  # (every pass reaches the same edges)
                 grads[i] = _buffer(storage, i, g, num_vectors).transpose(0, 1)
             grads[i][k] = g
@@ -590,7 +595,10 @@ class HookEngine:
         }
         recorded = sum(record.nbytes for record in records.values()) // batch.size
         kept = sum(
-            record.nbytes for unit, record in records.items() if _reduction(unit, record) is None
+            record.nbytes
+            for unit, record in records.items()
+            if _reduction(unit, record) is None
+            and (unit.rule not in ACCUMULATIONS or not _by_rule(unit, record))
         ) // batch.size
         num_vectors = vectors.shape[0]
         self._steps[model] = resolve_chunk_size(
@@ -640,11 +648,17 @@ class HookEngine:
             return
         edges = [edge for _, record in live for edge in record.edges]
         reducers: dict[int, Reducer] = {}
+        accumulators: dict[_Unit, Accumulator] = {}
         position = 0
         for unit, record in live:
-            reduction = _reduction(unit, record)
-            if reduction is not None:
-                with torch.no_grad():
+            with torch.no_grad():
+                accumulator = _accumulator(unit, record, memory_budget)
+                reduction = _reduction(unit, record)
+                if accumulator is not None:
+                    accumulators[unit] = accumulator
+                    for offset, leaf in enumerate(record.leaves):
+                        reducers[position + offset] = functools.partial(_feed, accumulator, leaf)
+                elif reduction is not None:
                     reducers[position] = reduction(unit.module, record.args[0], unit.names.keys())
             position += len(record.edges)
         grads = _pull_back(output, edges, vectors, looped, storage, reducers)
@@ -653,12 +667,30 @@ class HookEngine:
         for unit, record in live:
             unit_grads = grads[position : position + len(record.edges)]
             position += len(record.edges)
-            if all(g is None for g in unit_grads):
-                continue
             with torch.no_grad():
-                unit_sums = _unit_sums(unit, record, unit_grads, memory_budget)
+                if unit in accumulators:
+                    unit_sums = accumulators[unit].sums()
+                elif all(g is None for g in unit_grads):
+                    continue
+                else:
+                    unit_sums = _unit_sums(unit, record, unit_grads, memory_budget)
             for local, s in unit_sums.items():
                 sums[unit.names[local]] += s
+
+
+def _feed(accumulator: Accumulator, key: int | str, grads: Tensor) -> None:
+    """Feed one edge's gradients to a unit's accumulator (a reducer that keeps nothing)."""
+    accumulator.add(key, grads)
+
+
+def _accumulator(unit: _Unit, record: _Record, memory_budget: int) -> Accumulator | None:
+    """The accumulator of the unit's rule for this call (see :data:`.rules.ACCUMULATIONS`),
+    or ``None`` (no such rule, or it declined)."""
+    start = ACCUMULATIONS.get(unit.rule) if unit.rule is not None else None
+    if start is None or not _by_rule(unit, record):
+        return None
+    args = record.args if unit.rule in CALL_RULES else record.args[:1]
+    return start(unit.module, args, record.kwargs, record.kept, unit.names.keys(), memory_budget)
 
 
 def _by_rule(unit: _Unit, record: _Record) -> bool:

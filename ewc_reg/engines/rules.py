@@ -34,7 +34,7 @@ nobody hooks the module or sets its ``forward`` (either may change what it compu
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterator
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -47,8 +47,9 @@ from .base import accumulation_dtype
 Rule = Callable[[nn.Module, Tensor, Tensor, Collection[str], int], dict[str, Tensor]]
 
 #: Maps one vector's (or several: any leading dimensions) output gradients
-#: ``(..., B, *y.shape[1:])`` to the smaller ``(..., B, *r)`` a rule needs.
-Reducer = Callable[[Tensor], Tensor]
+#: ``(..., B, *y.shape[1:])`` to the smaller ``(..., B, *r)`` a rule needs (the engine's
+#: reducers feeding an :class:`Accumulator` return ``None``: nothing to keep).
+Reducer = Callable[[Tensor], "Tensor | None"]
 
 #: ``reduction(module, x, names) -> reducer``: prepared once per call (say, :math:`\hat x`).
 Reduction = Callable[[nn.Module, Tensor, Collection[str]], Reducer]
@@ -88,6 +89,30 @@ CALL_RULES: set[CallRule] = set()
 #: The recorded forwards of rules of :data:`CALL_RULES` (see the module docstring).
 RECORDED_FORWARDS: dict[CallRule, RecordedForward] = {}
 
+
+class Accumulator(Protocol):
+    """Running sums of one recorded call, fed the output gradients a few vectors at a time."""
+
+    def add(self, key: int | str, grads: Tensor) -> None:
+        """Add the terms of ``grads`` ``(..., B, *shape)`` (any number of vectors in front) of
+        the output leaf or kept piece ``key``."""
+
+    def sums(self) -> dict[str, Tensor]:
+        """The sums so far, keyed by the module's own parameter names."""
+
+
+#: ``start(module, args, kwargs, kept, names, budget) -> Accumulator`` (or ``None``, declining
+#: the call, as the rule would).
+Accumulation = Callable[
+    [nn.Module, tuple[Any, ...], dict[str, Any], dict[str, Tensor], Collection[str], int],
+    "Accumulator | None",
+]
+
+#: Rules whose sums add up over the vectors, with the accumulator the engine feeds instead of
+#: calling the rule: with the looped pull-back, each vector's gradients as they come, so that
+#: the ``K`` of them are never kept (less memory, no copies into ``(B, K, ...)`` buffers).
+ACCUMULATIONS: dict[Rule | CallRule, Accumulation] = {}
+
 #: Rules whose ``G`` is reduced as the pull-back produces it, one vector at a time (then ``G``
 #: is ``(K, B, *r)``): the engine keeps the small reduced gradients instead of the layer's
 #: whole output gradients.
@@ -101,11 +126,12 @@ def register(
     params: Collection[str] = ("weight", "bias"),
     whole_call: bool = False,
     forward: RecordedForward | None = None,
+    accumulate: Accumulation | None = None,
 ) -> Callable[[Any], Any]:
     """Decorator adding a rule to :data:`RULES` for the module classes ``types``, knowing the
     parameters ``params`` (its reduction, if any, to :data:`REDUCTIONS`; with ``whole_call``,
     the rule to :data:`CALL_RULES`, and its recorded ``forward``, if any, to
-    :data:`RECORDED_FORWARDS`)."""
+    :data:`RECORDED_FORWARDS`; its accumulation, if any, to :data:`ACCUMULATIONS`)."""
 
     def add(rule: Any) -> Any:
         for cls in types:
@@ -116,6 +142,8 @@ def register(
             CALL_RULES.add(rule)
         if forward is not None:
             RECORDED_FORWARDS[rule] = forward
+        if accumulate is not None:
+            ACCUMULATIONS[rule] = accumulate
         return rule
 
     return add
@@ -261,25 +289,66 @@ def _squared_products(
     return result
 
 
-@register(nn.Linear)
+class LinearSums:
+    r"""Running sums of :math:`y = x W^\top + b` with ``x: (B, *S, in)``, fed ``G`` of any
+    number of vectors at a time (an :class:`Accumulator`; ``names``: which of ``"weight"`` and
+    ``"bias"`` to sum).
+
+    Per-sample gradients :math:`\partial_W = \sum_s G_{nks} x_{ns}^\top` (summed over the
+    extra dimensions ``S`` before squaring, by :func:`_linear_weight`; for ``x: (B, in)`` the
+    squares :math:`\sum_k G_{nk}^{\odot 2}` add up and one matmul with :math:`x^{\odot 2}` ends)
+    and :math:`\partial_b = \sum_s G_{nks}`."""
+
+    def __init__(
+        self, x: Tensor, out: int, names: Collection[str], acc: torch.dtype, budget: int
+    ) -> None:
+        self.x = x.to(acc).reshape(x.shape[0], -1, x.shape[-1])  # (B, S, in)
+        self.names, self.acc, self.budget = names, acc, budget
+        batch, positions, features = self.x.shape
+        self.weight = self.x.new_zeros(out, features)
+        self.bias = self.x.new_zeros(out)
+        self.squares = self.x.new_zeros(batch, out) if positions == 1 else None
+
+    def add(self, key: int | str | None, grads: Tensor) -> None:
+        batch, positions, _ = self.x.shape
+        g = grads.to(self.acc).reshape(-1, batch, positions, grads.shape[-1])  # (K, B, S, out)
+        if "bias" in self.names:
+            self.bias += _square_sum(_sum(g, 2))
+        if "weight" not in self.names:
+            return
+        if self.squares is not None:
+            self.squares += g[:, :, 0].square().sum(0)
+        else:
+            self.weight += _linear_weight(g, self.x, self.budget)
+
+    def sums(self) -> dict[str, Tensor]:
+        weight = self.weight
+        if self.squares is not None:
+            weight = weight + self.squares.mT @ self.x[:, 0].square()
+        found = {"weight": weight, "bias": self.bias}
+        return {name: found[name] for name in self.names}
+
+
+def _linear_sums(
+    module: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    kept: dict[str, Tensor],
+    names: Collection[str],
+    budget: int,
+) -> LinearSums:
+    return LinearSums(args[0], module.out_features, names, _acc(module), budget)
+
+
+@register(nn.Linear, accumulate=_linear_sums)
 def linear(
     module: nn.Module, x: Tensor, grads: Tensor, names: Collection[str], budget: int
 ) -> dict[str, Tensor]:
-    r""":math:`y = x W^\top + b` with ``x: (B, *S, in)`` and ``G: (K, B, *S, out)``.
-
-    Per-sample gradients :math:`\partial_W = \sum_s G_{nks} x_{ns}^\top` (summed over the
-    extra dimensions ``S`` before squaring, by :func:`_linear_weight`; for
-    ``x: (B, in)`` one matmul) and :math:`\partial_b = \sum_s G_{nks}`.
-    """
-    acc = _acc(module)
-    x = x.to(acc).reshape(x.shape[0], -1, x.shape[-1])  # (B, S, in)
-    grads = grads.to(acc).reshape(*grads.shape[:2], -1, grads.shape[-1])  # (K, B, S, out)
-    sums = {}
-    if "weight" in names:
-        sums["weight"] = _linear_weight(grads, x, budget)
-    if "bias" in names:
-        sums["bias"] = _square_sum(_sum(grads, 2))
-    return sums
+    r""":math:`y = x W^\top + b` with ``x: (B, *S, in)`` and ``G: (K, B, *S, out)``: the
+    :class:`LinearSums` of all ``K`` vectors at once."""
+    sums = _linear_sums(module, (x,), {}, {}, names, budget)
+    sums.add(0, grads)
+    return sums.sums()
 
 
 #: Temporaries of one chunk of :func:`_linear_weight`'s direct products are kept within this
