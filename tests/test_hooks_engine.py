@@ -18,6 +18,7 @@ from ewc_reg.engines import attention, get_engine, rules
 from ewc_reg.engines.base import DEFAULT_MEMORY_BUDGET, MAX_VECTORS_TO_REDUCE, fewer_vectors
 from ewc_reg.engines.functorch import FunctorchEngine
 from ewc_reg.engines.hooks import HookEngine, plan
+from ewc_reg.engines.loose import loose_parameters
 from ewc_reg.likelihoods import Categorical
 
 from .models import cnn, mlp, randomize_bn
@@ -450,7 +451,6 @@ class NoBatchDim(nn.Module):
 
 STATIC = {  # ruled out by the module tree: get_engine decides
     "tied": (Tied, lambda: torch.randint(0, 6, (5, 3)), "shared"),
-    "root_parameter": (RootParameter, None, "contains modules that own parameters"),
     "batch_statistics": (
         lambda: nn.Sequential(
             nn.BatchNorm1d(4, track_running_stats=False), nn.Flatten(), nn.Linear(12, 3)
@@ -464,6 +464,8 @@ DYNAMIC = {  # found during the forward pass: the engine decides on the first ba
     "called_twice": (CalledTwice, "called more than once"),
     "input_changed": (InputChanged, "modified in place"),
     "no_batch_dim": (NoBatchDim, "leading dimension"),
+    # (its weight is no broadcast copy: per_sample_problem, then the root as one unit)
+    "root_parameter": (RootParameter, "contains modules that own parameters"),
 }
 
 
@@ -682,11 +684,11 @@ def test_nested_unit_problems(caplog) -> None:
     assert get_engine("auto", model).name == "hooks"
     log_and_compare(model, data, caplog, "parameter 'out_proj.weight' of module 'attn' is used")
     caplog.clear()
-    model = RootParameterWithAttention().double()
+    model = RootParameterWithAttention().double()  # (w is no broadcast: no per-sample copies)
     reason = "the root module owns parameters and contains modules that own parameters"
-    with pytest.raises(ValueError, match=reason):
-        get_engine("hooks", model)
     x = torch.randn(5, 3, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match=reason):
+        fisher_diagonal(model, data_for(lambda: x), backend="hooks")
     log_and_compare(model, data_for(lambda: x), caplog, reason)
     caplog.clear()
     model = SequenceFirst().double()
@@ -921,3 +923,151 @@ def test_linear_sums_add_up_over_vectors_in_any_grouping(shape) -> None:
     assert_close_dicts(fed([grads]), want, 1e-12)
     assert_close_dicts(fed(list(grads)), want, 1e-12)
     assert_close_dicts(fed([grads[:2], grads[2:]]), want, 1e-12)
+
+
+# --- parameters of a module next to parametrised submodules: per-sample copies --------------
+
+
+class ClassToken(nn.Module):
+    """A ViT in small: patch embedding, a class token on the root (``expand`` + ``cat``), an
+    encoder owning a position embedding (``+``) next to its layers, a head on the token."""
+
+    def __init__(self, patches: int = 3, dim: int = 8) -> None:
+        super().__init__()
+        self.embed = nn.Linear(5, dim)
+        self.token = nn.Parameter(torch.randn(1, 1, dim))
+        self.encoder = PositionEncoder(patches + 1, dim)
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.embed(x)
+        h = torch.cat([self.token.expand(h.shape[0], -1, -1), h], dim=1)
+        return self.head(self.encoder(h)[:, 0])
+
+
+class PositionEncoder(nn.Module):
+    def __init__(self, length: int, dim: int) -> None:
+        super().__init__()
+        self.position = nn.Parameter(torch.randn(1, length, dim) * 0.5)
+        self.layer = nn.TransformerEncoderLayer(dim, 2, 16, dropout=0.0, batch_first=True)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, h: Tensor) -> Tensor:
+        return self.norm(self.layer(h + self.position))
+
+
+class LayerScaleBlock(nn.Module):
+    """A ConvNeXt block in small: ``x + γ * block(x)``, ``γ`` next to the block's layers."""
+
+    def __init__(self, channels: int = 3) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1, groups=channels)
+        self.norm = nn.LayerNorm(channels)
+        self.mix = nn.Linear(channels, channels)
+        self.gamma = nn.Parameter(torch.rand(channels, 1, 1) + 0.5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.mix(torch.tanh(self.norm(self.conv(x).permute(0, 2, 3, 1))))
+        return x + self.gamma * y.permute(0, 3, 1, 2)
+
+
+class RootOffset(nn.Module):
+    """A root parameter added to the output (and squared: any broadcasting use will do)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+        self.offset = nn.Parameter(torch.randn(3))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.body(x) * self.offset.square() + self.offset
+
+
+COPIED = {  # model, input shape, the parameters taken through per-sample copies
+    "root_offset": (RootOffset, (5, 4), ["offset"]),
+    "class_token": (ClassToken, (5, 3, 5), ["token", "encoder.position"]),
+    "layer_scale": (
+        lambda: nn.Sequential(LayerScaleBlock(), LayerScaleBlock(), Head(3 * 4 * 4)),
+        (5, 3, 4, 4),
+        ["0.gamma", "1.gamma"],
+    ),
+}
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")
+@pytest.mark.parametrize("name", list(COPIED))
+@pytest.mark.parametrize("method", ["exact", "empirical", "sample"])
+def test_parameters_next_to_submodules_get_per_sample_copies(name, method, caplog) -> None:
+    """No fallback (every other parameter in a unit with a rule), the same labels drawn as the
+    functorch engine for ``sample``, and the references' Fisher."""
+    make, shape, loose = COPIED[name]
+    torch.manual_seed(0)
+    model = make().double().eval()
+    assert list(loose_parameters(model, trainable(model))) == loose
+    x, y = torch.randn(*shape, dtype=torch.float64), torch.randint(0, 3, (shape[0],))
+    results = {}
+    for backend in ("auto", "functorch"):
+        with caplog.at_level(logging.DEBUG, logger="ewc_reg"):
+            results[backend] = fisher_diagonal(
+                model, [(x, y), (x[:2], y[:2])], method, backend=backend, mc_samples=2,
+                generator=torch.Generator().manual_seed(7),
+            )
+    assert not [r for r in caplog.records if r.name == "ewc_reg"]
+    assert_close_dicts(results["auto"], results["functorch"], 1e-10)
+    with torch.no_grad():
+        draws = Categorical().sample(model(x), 2, torch.Generator().manual_seed(7))
+    first = brute_force_fisher(model, x, y, method, sampled=draws)
+    rest = {n: p for n, p in trainable(model).items() if n not in loose}
+    assert all(unit.rule is not None for unit in plan(model, rest))
+    if method != "sample":  # (the second batch's draws come after the first's)
+        second = brute_force_fisher(model, x[:2], y[:2], method)
+        want = {n: (5 * first[n] + 2 * second[n]) / 7 for n in first}
+        assert_close_dicts(results["auto"], want, 1e-10)
+
+
+class ChildWeightInParent(nn.Module):
+    """Owns ``gamma`` (broadcast) and passes its submodule's weight to ``F.linear`` itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.gamma = nn.Parameter(torch.rand(4) + 0.5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.lin.weight, self.lin.bias) * self.gamma
+
+
+class IndexedTable(nn.Module):
+    """Owns a table it indexes (as Swin's relative position bias): no per-sample copies."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.table = nn.Parameter(torch.randn(7, 4))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.lin(x) + self.table[torch.tensor([1, 3, 5])].sum(0)
+
+
+@pytest.mark.parametrize(
+    "inner, reason",
+    [
+        (ChildWeightInParent, "'weight' of module '1.lin' is used outside"),
+        (IndexedTable, "per-sample copies"),
+    ],
+)
+def test_parents_whose_parameters_cannot_be_copied_become_units(inner, reason, caplog) -> None:
+    """The engine then takes the parent as one unit (the per-module fallback), still without
+    leaving the hooks engine, and draws the labels once."""
+    model = nn.Sequential(nn.Linear(4, 4), inner(), nn.Linear(4, 3)).double()
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
+    results = {}
+    for backend in ("auto", "functorch"):
+        with caplog.at_level(logging.DEBUG, logger="ewc_reg"):
+            results[backend] = fisher_diagonal(
+                model, [(x, y), (x[:2], y[:2])], "sample", backend=backend,
+                generator=torch.Generator().manual_seed(3),
+            )
+    messages = [r.getMessage() for r in caplog.records if r.name == "ewc_reg"]
+    assert len(messages) == 1 and "become units" in messages[0] and reason in messages[0]
+    assert_close_dicts(results["auto"], results["functorch"], 1e-10)

@@ -22,9 +22,13 @@ and the rules of :mod:`.rules` turn ``(x, G)`` into
 :math:`\sum_n \sum_k ((\partial y_n/\partial\theta)^\top G_{nk})^{\odot 2}`
 (for ``Linear`` without per-sample gradients at all). A parametrised module without a rule (or
 whose rule declines the call) is handled by :class:`~.functorch.FunctorchEngine` applied to that
-module alone, with its recorded input and ``G`` as the vectors. A module owning selected
-parameters that contains modules owning selected parameters is one such unit for all of them,
-the outermost one when they nest deeper; the modules inside it are not hooked. An
+module alone, with its recorded input and ``G`` as the vectors. The parameters of a module
+that contains modules owning selected parameters (a ViT's class token, a ConvNeXt block's
+layer scale: :mod:`.loose`) are replaced by per-sample copies during the forward pass, when
+:func:`.loose.per_sample_problem` finds that this keeps the per-sample gradients, and the
+vectors are pulled back to the copies too; otherwise such a module is one unit without a rule
+for all of them, the outermost one when they nest deeper (the modules inside it are not
+hooked). An
 ``nn.MultiheadAttention`` is always one unit for its parameters and those of ``out_proj``
 (whose weight it uses without calling it), and has a rule
 (:func:`.attention.multihead_attention`, which sees the whole recorded call: query, key, value,
@@ -36,8 +40,9 @@ The decomposition is valid only if (checked; otherwise :class:`Unsupported` is r
 
 * every parameter in ``params`` (the selected ones: the others are constants, wherever they
   are and however they are used) is registered on exactly one module, once (no tied weights or
-  modules registered twice), and the root module does not own selected parameters next to
-  children owning some (the unit would be the whole model);
+  modules registered twice), and, where a module's parameters get no per-sample copies, the
+  root module does not own selected parameters next to children owning some (the unit would
+  be the whole model);
 * each unit's module is called at most once per forward pass, and its selected parameters
   (those of the modules inside it included) are used only while it runs (not, say, with
   ``F.linear(h, self.embed.weight)`` in a parent's ``forward``); uses are seen by a
@@ -89,6 +94,14 @@ from .base import (
     resolve_chunk_size,
 )
 from .functorch import FunctorchEngine
+from .loose import (
+    LooseParameter,
+    call_with,
+    loose_parameter,
+    loose_parameters,
+    per_sample_copies,
+    per_sample_problem,
+)
 from .rules import (
     ACCUMULATIONS,
     CALL_RULES,
@@ -209,11 +222,13 @@ def plan(model: nn.Module, params: dict[str, Tensor]) -> list[_Unit]:
 def unsupported_reason(model: nn.Module, params: dict[str, Tensor] | None = None) -> str | None:
     """Why :class:`HookEngine` cannot handle ``params`` (default: ``model``'s parameters with
     ``requires_grad``), as far as the module tree tells (the rest is checked during the forward
-    pass), or ``None``."""
+    pass), or ``None``. The :func:`.loose.loose_parameters` are not in the way (they get
+    per-sample copies, or, failing that, their modules become units)."""
     if params is None:
         params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    loose = loose_parameters(model, params)
     try:
-        plan(model, params)
+        plan(model, {n: p for n, p in params.items() if n not in loose})
     except Unsupported as problem:
         return str(problem)
     return None
@@ -388,8 +403,10 @@ def check_batch_layout(
             f"the batch dimension could not be checked: the model failed on {fewer} samples "
             f"({type(error).__name__}: {error})"
         ) from error
-    for unit, record in records.items():
-        again = recorder.records.get(unit)
+    for unit in units:
+        record, again = records.get(unit), recorder.records.get(unit)
+        if record is None:
+            continue
         if again is None or (len(again.inputs), len(again.outputs)) != (
             len(record.inputs),
             len(record.outputs),
@@ -517,6 +534,9 @@ class HookEngine:
     def __init__(self, fallback: Engine | None = None) -> None:
         self.fallback = fallback
         self._given_up: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+        # models whose loose parameters passed per_sample_problem / failed it (see __call__)
+        self._copies_checked: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+        self._nested: weakref.WeakSet[nn.Module] = weakref.WeakSet()
         self._steps: weakref.WeakKeyDictionary[nn.Module, int] = weakref.WeakKeyDictionary()
         # the looped pull-back's gradient buffers, reused by the chunks and the next batches
         self._storage: weakref.WeakKeyDictionary[nn.Module, dict[int, Tensor]] = (
@@ -561,10 +581,24 @@ class HookEngine:
         args = (model, params, batch, output_fn, make_vectors, chunk_size, memory_budget)
         if model in self._given_up:
             return self.fallback(*args)
+        loose = {} if model in self._nested else loose_parameters(model, params)
         try:
-            return self._sums(*args)
+            if loose and model not in self._copies_checked:
+                problem = per_sample_problem(model, loose, batch, output_fn)
+                if problem is not None:
+                    raise Unsupported(problem)
+                self._copies_checked.add(model)
+            return self._sums(*args, loose)
         except Unsupported as problem:
-            return self._give_up(model, str(problem))(*args)
+            if not loose:
+                return self._give_up(model, str(problem))(*args)
+            # The loose parameters' modules become units (plan): the whole model for the root.
+            logger.debug("hooks engine: %s; the modules of %s become units", problem, list(loose))
+            self._nested.add(model)
+            try:
+                return self._sums(*args, {})
+            except Unsupported as again:
+                return self._give_up(model, str(again))(*args)
 
     def _sums(
         self,
@@ -575,14 +609,20 @@ class HookEngine:
         make_vectors: VectorFn,
         chunk_size: int | None,
         memory_budget: int,
+        loose: dict[str, Tensor],
     ) -> dict[str, Tensor]:
         """One forward pass over the batch (checks, vectors, and the sums when its pull-back
-        fits the budget), else one more per chunk of samples (see the module docstring)."""
-        units = plan(model, params)
+        fits the budget), else one more per chunk of samples (see the module docstring); the
+        ``loose`` parameters (:mod:`.loose`) are taken through per-sample copies."""
+        units = plan(model, {n: p for n, p in params.items() if n not in loose})
+        copied = [
+            _Unit(LooseParameter(p, name), name, {name: name}, loose_parameter)
+            for name, p in loose.items()
+        ]
         looped = any(isinstance(m, _UNBATCHED_BACKWARD) for m in model.modules())
         known = chunk_size if chunk_size is not None else self._steps.get(model)
         whole = known is None or known >= batch.size
-        output, records = self._forward(model, units, batch, output_fn, whole)
+        output, records = self._forward(model, units, copied, batch, output_fn, whole)
         shapes = tuple(s for record in records.values() for s in (*record.inputs, *record.outputs))
         checked = self._layouts.setdefault(model, set())
         if shapes not in checked:  # (once per model and shapes: not again for every batch)
@@ -606,7 +646,9 @@ class HookEngine:
         )
         storage = self._storage.setdefault(model, {})
         if whole and self._steps[model] >= batch.size:  # the first pass's graph serves
-            self._accumulate(units, records, output, vectors, sums, memory_budget, looped, storage)
+            self._accumulate(
+                units + copied, records, output, vectors, sums, memory_budget, looped, storage
+            )
             return sums
         step = resolve_chunk_size(
             chunk_size, memory_budget, bytes_per_sample(num_vectors, kept, recorded, forward=True)
@@ -614,21 +656,47 @@ class HookEngine:
         del output, records
         for start in range(0, batch.size, step):
             chunk = batch.map_per_sample(operator.itemgetter(slice(start, start + step)))
-            output, records = self._forward(model, units, chunk, output_fn, True)
+            output, records = self._forward(model, units, copied, chunk, output_fn, True)
             chunk_vectors = vectors[:, start : start + step]
             self._accumulate(
-                units, records, output, chunk_vectors, sums, memory_budget, looped, storage
+                units + copied, records, output, chunk_vectors, sums, memory_budget, looped, storage
             )
         return sums
 
     @staticmethod
     def _forward(
-        model: nn.Module, units: list[_Unit], batch: Batch, output_fn: OutputFn, grad: bool
+        model: nn.Module,
+        units: list[_Unit],
+        copied: list[_Unit],
+        batch: Batch,
+        output_fn: OutputFn,
+        grad: bool,
     ) -> tuple[Any, dict[_Unit, _Record]]:
+        """The recorded forward pass; the parameters of the ``copied`` units (the loose ones)
+        are replaced by their per-sample copies, each recorded as the unit's one output."""
         with torch.set_grad_enabled(grad), _Recorder(units, batch.size) as recorder:
-            output = output_fn(batch.call(model))
+            if copied:
+                copies = per_sample_copies({u.path: u.module.parameter for u in copied}, batch.size)
+                try:
+                    output = output_fn(call_with(model, copies, batch))
+                except Exception as error:  # (a shape this batch brings; the model's own
+                    # errors come again without the copies)
+                    raise Unsupported(
+                        f"per-sample copies of parameters {list(copies)} failed in the model "
+                        f"({type(error).__name__}: {error})"
+                    ) from error
+            else:
+                output = output_fn(batch.call(model))
         recorder.check()
-        return output, recorder.records
+        records = recorder.records
+        for unit in copied:
+            copy = records[unit] = _Record((), {}, [])
+            if copies[unit.path].requires_grad:
+                copy.edges.append(get_gradient_edge(copies[unit.path]))
+                copy.leaves.append(0)
+                copy.shapes.append(copies[unit.path].shape)
+                copy.nbytes = copies[unit.path].numel() * copies[unit.path].element_size()
+        return output, records
 
     @staticmethod
     def _accumulate(

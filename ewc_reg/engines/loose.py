@@ -1,0 +1,177 @@
+r"""Parameters the hook engine cannot give a unit: those of a module that contains other modules
+with parameters (a ViT's class token and position embedding, a ConvNeXt block's layer scale).
+
+Such a parameter :math:`p` is used by its module's own ``forward`` (``expand``, ``+``, ``*``),
+with no module call to record. But these uses broadcast :math:`p` over the batch, so the
+forward pass can take per-sample copies instead: :math:`p` expanded to
+:math:`P = (p, \dots, p)` with the batch in front (``(B, *p.shape[1:])`` where ``p.shape[0] ==
+1``, else ``(B, *p.shape)``). The output is unchanged, and the gradient with respect to
+:math:`P_n` is sample ``n``'s gradient with respect to :math:`p`:
+
+.. math::
+
+    \sum_n \sum_k \big(J_n^\top v_{nk}\big)_p^{\odot 2}
+    = \sum_n \sum_k \Big(\frac{\partial \langle f(x_n), v_{nk}\rangle}{\partial P_n}\Big)^{\odot 2}.
+
+Whether a model's uses do broadcast this way is checked on two samples
+(:func:`per_sample_problem`) before the copies are trusted; a parameter used otherwise (indexed,
+say, as a Swin window's relative position table) makes its module one unit instead
+(:func:`.hooks.plan`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from .._batches import Batch
+from .base import OutputFn, accumulation_dtype
+from .rules import ACCUMULATIONS, CALL_RULES
+
+
+def loose_parameters(model: nn.Module, params: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The parameters of ``params`` registered directly on a module (the root included) that
+    contains other modules owning some of ``params``, by name. ``nn.MultiheadAttention`` (a
+    unit with its ``out_proj``) is not such a module."""
+    name_of = {id(p): name for name, p in params.items()}
+    owned: dict[str, list[str]] = {}  # module path -> names of its own selected parameters
+    attention: list[str] = []
+    for path, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, nn.MultiheadAttention):
+            attention.append(path)
+        for _, p in module.named_parameters(recurse=False, remove_duplicate=False):
+            if id(p) in name_of:
+                owned.setdefault(path, []).append(name_of[id(p)])
+
+    def contains(outer: str, inner: str) -> bool:
+        return inner != outer and (not outer or inner.startswith(outer + "."))
+
+    return {
+        name: params[name]
+        for path, names in owned.items()
+        if path not in attention and any(contains(path, other) for other in owned)
+        for name in names
+    }
+
+
+def per_sample_copies(loose: dict[str, Tensor], batch_size: int) -> dict[str, Tensor]:
+    """Each parameter expanded to its per-sample copies (a view: no memory), by name."""
+    return {
+        name: (p if p.dim() and p.shape[0] == 1 else p.unsqueeze(0)).expand(
+            batch_size, *p.shape[1:] if p.dim() and p.shape[0] == 1 else p.shape
+        )
+        for name, p in loose.items()
+    }
+
+
+def call_with(model: nn.Module, copies: dict[str, Tensor], batch: Batch) -> Any:
+    """``model`` called on ``batch`` with the parameters in ``copies`` replaced."""
+    return functional_call(model, copies, batch.args, batch.kwargs, strict=False)
+
+
+def per_sample_problem(
+    model: nn.Module, loose: dict[str, Tensor], batch: Batch, output_fn: OutputFn
+) -> str | None:
+    """Why the per-sample copies of ``loose`` do not give per-sample gradients, or ``None``.
+
+    On the first two samples (one when the batch has one) and a fixed random weighting ``w`` of
+    the outputs, the gradients of :math:`\\langle f, w\\rangle` with respect to the copies must
+    equal those of each sample alone with respect to the parameters (to 1e-3 relative: the
+    batched and single computations round differently)."""
+    size = min(batch.size, 2)
+    few = batch.narrow(size)
+    names = list(loose)
+    try:
+        with torch.enable_grad():
+            copies = per_sample_copies(loose, size)
+            output = output_fn(call_with(model, copies, few))
+            weights = torch.randn(
+                output.shape, generator=torch.Generator().manual_seed(0), dtype=output.dtype
+            ).to(output.device)
+            batched = torch.autograd.grad(
+                (output * weights).sum(), [copies[n] for n in names], allow_unused=True
+            )
+            for n in range(size):
+                one = few.map_per_sample(lambda t, n=n: t[n : n + 1])
+                alone = output_fn(one.call(model))
+                single = torch.autograd.grad(
+                    (alone * weights[n : n + 1]).sum(), [loose[m] for m in names], allow_unused=True
+                )
+                for name, got, want in zip(names, batched, single):
+                    got = torch.zeros_like(loose[name]) if got is None else got[n].reshape(
+                        loose[name].shape
+                    )
+                    want = torch.zeros_like(got) if want is None else want
+                    scale = want.abs().max().clamp_min(torch.finfo(want.dtype).tiny)
+                    if not torch.allclose(got, want, rtol=1e-3, atol=1e-5 * scale.item()):
+                        return (
+                            f"parameter {name!r} is not used as one value broadcast over the "
+                            "samples (per-sample copies of it change its per-sample gradients)"
+                        )
+    except Exception as error:  # (copies the model cannot take: a shape or index error)
+        return (
+            f"per-sample copies of parameters {names} failed in the model "
+            f"({type(error).__name__}: {error})"
+        )
+    return None
+
+
+class LooseParameter:
+    """Stands in the hook engine's plan for a loose parameter, as its unit's module: the rule
+    :func:`loose_parameter` sums the squares of the gradients of its per-sample copies."""
+
+    def __init__(self, parameter: Tensor, name: str) -> None:
+        self.parameter, self.name = parameter, name
+
+
+class LooseSums:
+    """The accumulator of a loose parameter, fed the gradients of its per-sample copies
+    ``(..., B, *copy.shape[1:])``; its sums are keyed by the parameter's full name."""
+
+    def __init__(self, loose: LooseParameter) -> None:
+        self.name, self.shape = loose.name, loose.parameter.shape
+        self.total = loose.parameter.new_zeros(
+            loose.parameter.numel(), dtype=accumulation_dtype(loose.parameter.dtype)
+        )
+
+    def add(self, key: int | str, grads: Tensor) -> None:
+        self.total += grads.to(self.total.dtype).reshape(-1, self.total.numel()).square().sum(0)
+
+    def sums(self) -> dict[str, Tensor]:
+        return {self.name: self.total.view(self.shape)}
+
+
+def _loose_sums(
+    loose: Any,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    kept: dict[str, Tensor],
+    names: Collection[str],
+    budget: int,
+) -> LooseSums:
+    return LooseSums(loose)
+
+
+def loose_parameter(
+    loose: Any,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    grads: dict[int | str, Tensor],
+    kept: dict[str, Tensor],
+    names: Collection[str],
+    budget: int,
+) -> dict[str, Tensor]:
+    """The sums of a :class:`LooseParameter` from the gradients ``grads[0]`` of its per-sample
+    copies (a whole-call rule of no module class: the engine adds its units itself)."""
+    sums = LooseSums(loose)
+    for key, g in grads.items():
+        sums.add(key, g)
+    return sums.sums()
+
+
+CALL_RULES.add(loose_parameter)
+ACCUMULATIONS[loose_parameter] = _loose_sums
