@@ -1071,3 +1071,18 @@ def test_parents_whose_parameters_cannot_be_copied_become_units(inner, reason, c
     messages = [r.getMessage() for r in caplog.records if r.name == "ewc_reg"]
     assert len(messages) == 1 and "become units" in messages[0] and reason in messages[0]
     assert_close_dicts(results["auto"], results["functorch"], 1e-10)
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")
+def test_per_sample_copies_in_bfloat16(caplog) -> None:
+    """The two-sample check allows for bfloat16 rounding (the copies are kept), and the sums
+    accumulate in float32."""
+    torch.manual_seed(0)
+    model = ClassToken().eval()
+    x, y = torch.randn(5, 3, 5), torch.randint(0, 3, (5,))
+    want = fisher_diagonal(model, [(x, y)], backend="functorch")
+    with caplog.at_level(logging.DEBUG, logger="ewc_reg"):
+        got = fisher_diagonal(model.bfloat16(), [(x.bfloat16(), y)])
+    assert not [r for r in caplog.records if r.name == "ewc_reg"]
+    assert got["token"].dtype == torch.float32
+    assert_close_dicts(got, want, 1e-1)
