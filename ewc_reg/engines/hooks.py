@@ -534,7 +534,8 @@ class HookEngine:
     def __init__(self, fallback: Engine | None = None) -> None:
         self.fallback = fallback
         self._given_up: weakref.WeakSet[nn.Module] = weakref.WeakSet()
-        # models whose loose parameters passed per_sample_problem / failed it (see __call__)
+        # models whose per-sample copies passed per_sample_problem, and models whose loose
+        # parameters' modules are units instead (see __call__)
         self._copies_checked: weakref.WeakSet[nn.Module] = weakref.WeakSet()
         self._nested: weakref.WeakSet[nn.Module] = weakref.WeakSet()
         self._steps: weakref.WeakKeyDictionary[nn.Module, int] = weakref.WeakKeyDictionary()
@@ -587,7 +588,8 @@ class HookEngine:
                 problem = per_sample_problem(model, loose, batch, output_fn)
                 if problem is not None:
                     raise Unsupported(problem)
-                self._copies_checked.add(model)
+                if batch.size > 1:  # (one sample cannot show the batch mixed up)
+                    self._copies_checked.add(model)
             return self._sums(*args, loose)
         except Unsupported as problem:
             if not loose:

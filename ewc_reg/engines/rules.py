@@ -23,7 +23,10 @@ output leaf that got gradients, by its position among the output's pytree leaves
 a call (``None``), and the engine then uses its per-module fallback. Such a rule may come with a
 recorded forward (:data:`RECORDED_FORWARDS`), which the engine runs in place of the module's
 ``forward`` while it records: it computes the same output in pieces and keeps some of them by
-name, the rule then getting their values and ``G`` of those it pulled back to.
+name, the rule then getting their values and ``G`` of those it pulled back to. A rule with an
+accumulation (:data:`ACCUMULATIONS`: ``Linear``, the attention) has its sums built by an
+:class:`Accumulator` fed any number of vectors at a time, which the engine feeds each vector's
+gradients as the looped pull-back makes them.
 
 Rules are looked up by the module's exact class (a subclass may override ``forward``) in
 :data:`RULES`; :func:`rule_for` also requires that the module's parameters (those of the modules
@@ -55,9 +58,9 @@ Reducer = Callable[[Tensor], "Tensor | None"]
 Reduction = Callable[[nn.Module, Tensor, Collection[str]], Reducer]
 
 #: ``rule(module, args, kwargs, G, kept, names, budget) -> {name: sum} | None`` for the rules of
-#: :data:`CALL_RULES`: ``G`` maps the positions of the output's pytree leaves that got gradients
-#: (and the names of kept tensors pulled back to) to theirs, ``kept`` the names of the tensors
-#: its recorded forward kept to them; ``None`` declines the call.
+#: :data:`CALL_RULES`: ``G`` maps the positions of the output's pytree leaves that got gradients,
+#: and the names of the kept pieces pulled back to, to those gradients; ``kept`` maps the names
+#: of the pieces its recorded forward kept to the pieces; ``None`` declines the call.
 CallRule = Callable[
     [
         nn.Module,
