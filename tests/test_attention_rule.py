@@ -5,6 +5,8 @@ modules the rule declines, which go through the per-module fallback."""
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from torch import Tensor, nn
@@ -245,3 +247,20 @@ def test_the_forward_in_pieces_is_undone_after_success_and_error() -> None:
     model.attn.forward = model.attn.forward  # (the bound method, now an instance attribute)
     assert plan(model, trainable(model))[0].rule is None
     check_against_references(model, x, via_rules=False)
+
+
+def test_forward_called_directly_goes_to_functorch(caplog) -> None:
+    """``attn.forward(...)`` bypasses the hooks: its parameters are used outside a recorded call,
+    and the model goes to the functorch engine (the pieces are not kept)."""
+
+    class Direct(Attend):
+        def forward(self, x: Tensor) -> Tensor:
+            return self.head(self.attn.forward(x, x, x, need_weights=False)[0].mean(1))
+
+    model = Direct("self").double().eval()
+    x = data()
+    data_ = [(x, torch.randint(0, 3, (x.shape[0],)))]
+    with caplog.at_level(logging.INFO, logger="ewc_reg"):
+        got = fisher_diagonal(model, data_)
+    assert any("used outside" in r.getMessage() for r in caplog.records if r.name == "ewc_reg")
+    assert_close_dicts(got, fisher_diagonal(model, data_, backend="functorch"), 1e-12)

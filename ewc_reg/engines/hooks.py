@@ -297,7 +297,9 @@ class _Recorder(TorchFunctionMode):
         self.forwards.append(module)
 
         def keep(name: str, piece: Tensor, pull_back: bool) -> Tensor:
-            record = self.records[unit]
+            record = self.records.get(unit) if unit in self.running else None
+            if record is None:  # (forward called directly, without the hooks: flagged anyway)
+                return piece
             record.kept[name] = piece
             if pull_back and piece.requires_grad:
                 record.edges.append(get_gradient_edge(piece))
