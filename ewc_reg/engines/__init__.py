@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from . import attention  # noqa: F401  (registers the nn.MultiheadAttention rule)
+from . import attention, recurrent  # noqa: F401  (register the nn.MultiheadAttention, nn.LSTM rules)
 from .base import Engine, accumulation_dtype
 from .functorch import FunctorchEngine
 from .hooks import HookEngine

@@ -25,7 +25,7 @@ whose rule declines the call) is handled by :class:`~.functorch.FunctorchEngine`
 module alone, with its recorded input and ``G`` as the vectors. The parameters of a module
 that contains modules owning selected parameters (a ViT's class token, a ConvNeXt block's
 layer scale: :mod:`.loose`) are replaced by per-sample copies during the forward pass, when
-:func:`.loose.per_sample_problem` finds that this keeps the per-sample gradients, and the
+:func:`.loose.copies_layout` finds a way of doing so that keeps the per-sample gradients, and the
 vectors are pulled back to the copies too; otherwise such a module is one unit without a rule
 for all of them, the outermost one when they nest deeper (the modules inside it are not
 hooked). An
@@ -97,13 +97,14 @@ from .functorch import FunctorchEngine
 from .loose import (
     LooseParameter,
     call_with,
+    copies_layout,
     loose_parameter,
     loose_parameters,
     per_sample_copies,
-    per_sample_problem,
 )
 from .rules import (
     ACCUMULATIONS,
+    BATCH_DIMS,
     CALL_RULES,
     RECORDED_FORWARDS,
     REDUCTIONS,
@@ -339,11 +340,13 @@ class _Recorder(TorchFunctionMode):
         for i, leaf in enumerate(pytree.tree_leaves(output)):
             if not isinstance(leaf, Tensor):
                 continue
+            dim = _batch_dim(unit, record, i)
             record.outputs.append(leaf.shape)
-            if leaf.dim() == 0 or leaf.shape[0] != self.batch_size:
+            if leaf.dim() <= dim or leaf.shape[dim] != self.batch_size:
+                where = "leading dimension" if dim == 0 else f"dimension {dim}"
                 self._flag(
                     f"an output of {_describe(unit.path)} has shape {tuple(leaf.shape)}, without "
-                    f"the batch ({self.batch_size}) as leading dimension"
+                    f"the batch ({self.batch_size}) as {where}"
                 )
             if leaf.is_floating_point():
                 record.nbytes += leaf.numel() * leaf.element_size()
@@ -414,11 +417,14 @@ def check_batch_layout(
             len(record.outputs),
         ):
             raise Unsupported(f"{_describe(unit.path)} is called differently on fewer samples")
-        pairs = [(s, t, True) for s, t in zip(record.inputs, again.inputs)]
-        pairs += [(s, t, False) for s, t in zip(record.outputs, again.outputs)]
-        for full, part, may_be_shared in pairs:
+        pairs = [(s, t, True, 0) for s, t in zip(record.inputs, again.inputs)]
+        pairs += [
+            (s, t, False, _batch_dim(unit, record, i))
+            for i, (s, t) in enumerate(zip(record.outputs, again.outputs))
+        ]
+        for full, part, may_be_shared, dim in pairs:
             kind = "an input" if may_be_shared else "an output"
-            if part == (fewer, *full[1:]):
+            if part == (*full[:dim], fewer, *full[dim + 1 :]):
                 continue
             if may_be_shared and part == full:
                 if full[0] == size and not _by_rule(unit, record):
@@ -536,9 +542,9 @@ class HookEngine:
     def __init__(self, fallback: Engine | None = None) -> None:
         self.fallback = fallback
         self._given_up: weakref.WeakSet[nn.Module] = weakref.WeakSet()
-        # models whose per-sample copies passed per_sample_problem, and models whose loose
-        # parameters' modules are units instead (see __call__)
-        self._copies_checked: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+        # the layout of the per-sample copies that passed the check, per model, and the models
+        # whose loose parameters' modules are units instead (see __call__)
+        self._copies: weakref.WeakKeyDictionary[nn.Module, int] = weakref.WeakKeyDictionary()
         self._nested: weakref.WeakSet[nn.Module] = weakref.WeakSet()
         self._steps: weakref.WeakKeyDictionary[nn.Module, int] = weakref.WeakKeyDictionary()
         # the looped pull-back's gradient buffers, reused by the chunks and the next batches
@@ -586,13 +592,14 @@ class HookEngine:
             return self.fallback(*args)
         loose = {} if model in self._nested else loose_parameters(model, params)
         try:
-            if loose and model not in self._copies_checked:
-                problem = per_sample_problem(model, loose, batch, output_fn)
-                if problem is not None:
+            layout = self._copies.get(model)
+            if loose and layout is None:
+                layout, problem = copies_layout(model, loose, batch, output_fn)
+                if layout is None:
                     raise Unsupported(problem)
                 if batch.size > 1:  # (one sample cannot show the batch mixed up)
-                    self._copies_checked.add(model)
-            return self._sums(*args, loose)
+                    self._copies[model] = layout
+            return self._sums(*args, loose, layout or 0)
         except Unsupported as problem:
             if not loose:
                 return self._give_up(model, str(problem))(*args)
@@ -600,7 +607,7 @@ class HookEngine:
             logger.debug("hooks engine: %s; the modules of %s become units", problem, list(loose))
             self._nested.add(model)
             try:
-                return self._sums(*args, {})
+                return self._sums(*args, {}, 0)
             except Unsupported as again:
                 return self._give_up(model, str(again))(*args)
 
@@ -614,10 +621,12 @@ class HookEngine:
         chunk_size: int | None,
         memory_budget: int,
         loose: dict[str, Tensor],
+        layout: int,
     ) -> dict[str, Tensor]:
         """One forward pass over the batch (checks, vectors, and the sums when its pull-back
         fits the budget), else one more per chunk of samples (see the module docstring); the
-        ``loose`` parameters (:mod:`.loose`) are taken through per-sample copies."""
+        ``loose`` parameters (:mod:`.loose`) are taken through per-sample copies in
+        ``layout``."""
         units = plan(model, {n: p for n, p in params.items() if n not in loose})
         copied = [
             _Unit(LooseParameter(p, name), name, {name: name}, loose_parameter)
@@ -626,7 +635,7 @@ class HookEngine:
         looped = any(isinstance(m, _UNBATCHED_BACKWARD) for m in model.modules())
         known = chunk_size if chunk_size is not None else self._steps.get(model)
         whole = known is None or known >= batch.size
-        output, records = self._forward(model, units, copied, batch, output_fn, whole)
+        output, records = self._forward(model, units, copied, layout, batch, output_fn, whole)
         shapes = tuple(s for record in records.values() for s in (*record.inputs, *record.outputs))
         checked = self._layouts.setdefault(model, set())
         if shapes not in checked:  # (once per model and shapes: not again for every batch)
@@ -660,7 +669,7 @@ class HookEngine:
         del output, records
         for start in range(0, batch.size, step):
             chunk = batch.map_per_sample(operator.itemgetter(slice(start, start + step)))
-            output, records = self._forward(model, units, copied, chunk, output_fn, True)
+            output, records = self._forward(model, units, copied, layout, chunk, output_fn, True)
             chunk_vectors = vectors[:, start : start + step]
             self._accumulate(
                 units + copied, records, output, chunk_vectors, sums, memory_budget, looped, storage
@@ -672,15 +681,18 @@ class HookEngine:
         model: nn.Module,
         units: list[_Unit],
         copied: list[_Unit],
+        layout: int,
         batch: Batch,
         output_fn: OutputFn,
         grad: bool,
     ) -> tuple[Any, dict[_Unit, _Record]]:
         """The recorded forward pass; the parameters of the ``copied`` units (the loose ones)
-        are replaced by their per-sample copies, each recorded as the unit's one output."""
+        are replaced by their per-sample copies in ``layout``, each recorded as the unit's one
+        output."""
         with torch.set_grad_enabled(grad), _Recorder(units, batch.size) as recorder:
             if copied:
-                copies = per_sample_copies({u.path: u.module.parameter for u in copied}, batch.size)
+                parameters = {u.path: u.module.parameter for u in copied}
+                copies = per_sample_copies(parameters, batch.size, layout)
                 try:
                     output = output_fn(call_with(model, copies, batch))
                 except Exception as error:  # (a shape this batch brings; the model's own
@@ -763,6 +775,15 @@ def _accumulator(unit: _Unit, record: _Record, memory_budget: int) -> Accumulato
         return None
     args = record.args if unit.rule in CALL_RULES else record.args[:1]
     return start(unit.module, args, record.kwargs, record.kept, unit.names.keys(), memory_budget)
+
+
+def _batch_dim(unit: _Unit, record: _Record, leaf: int) -> int:
+    """The batch dimension of the unit's output leaf at position ``leaf``: as
+    :data:`.rules.BATCH_DIMS` says when the rule's recorded forward ran (it kept pieces), else
+    the leading one (a call the rule declines goes to the per-module fallback, which needs
+    it)."""
+    dims = BATCH_DIMS.get(unit.rule, ()) if unit.rule is not None and record.kept else ()
+    return dims[leaf] if leaf < len(dims) else 0
 
 
 def _by_rule(unit: _Unit, record: _Record) -> bool:

@@ -58,14 +58,27 @@ def loose_parameters(model: nn.Module, params: dict[str, Tensor]) -> dict[str, T
     }
 
 
-def per_sample_copies(loose: dict[str, Tensor], batch_size: int) -> dict[str, Tensor]:
-    """Each parameter expanded to its per-sample copies (a view: no memory), by name."""
-    return {
-        name: (p if p.dim() and p.shape[0] == 1 else p.unsqueeze(0)).expand(
-            batch_size, *p.shape[1:] if p.dim() and p.shape[0] == 1 else p.shape
-        )
-        for name, p in loose.items()
-    }
+#: The layouts tried for the per-sample copies, in this order: ``-1`` replaces a leading
+#: dimension of size 1 by the batch (a ViT's ``(1, T, D)`` position embedding; a parameter
+#: without one gets the batch in front), ``r >= 0`` puts the batch in front with ``r``
+#: dimensions of size 1 after it, so that it lines up with the batch of an operand of higher
+#: rank (``(D,)`` scaling a ``(B, T, D)`` sequence: ``r = 1``).
+LAYOUTS = (-1, 0, 1, 2, 3)
+
+
+def per_sample_copies(
+    loose: dict[str, Tensor], batch_size: int, layout: int
+) -> dict[str, Tensor]:
+    """Each parameter expanded to its per-sample copies in ``layout`` (see :data:`LAYOUTS`; a
+    view: no memory), by name."""
+    copies = {}
+    for name, p in loose.items():
+        if layout < 0 and p.dim() and p.shape[0] == 1:
+            copies[name] = p.expand(batch_size, *p.shape[1:])
+        else:
+            ones = (1,) * max(layout, 0)
+            copies[name] = p.reshape(1, *ones, *p.shape).expand(batch_size, *ones, *p.shape)
+    return copies
 
 
 def call_with(model: nn.Module, copies: dict[str, Tensor], batch: Batch) -> Any:
@@ -73,10 +86,25 @@ def call_with(model: nn.Module, copies: dict[str, Tensor], batch: Batch) -> Any:
     return functional_call(model, copies, batch.args, batch.kwargs, strict=False)
 
 
-def per_sample_problem(
+def copies_layout(
     model: nn.Module, loose: dict[str, Tensor], batch: Batch, output_fn: OutputFn
+) -> tuple[int | None, str]:
+    """The first of :data:`LAYOUTS` whose per-sample copies of ``loose`` give their per-sample
+    gradients (:func:`per_sample_problem`), or ``None`` and why the first one does not."""
+    first = ""
+    for layout in LAYOUTS:
+        problem = per_sample_problem(model, loose, batch, output_fn, layout)
+        if problem is None:
+            return layout, ""
+        first = first or problem
+    return None, first
+
+
+def per_sample_problem(
+    model: nn.Module, loose: dict[str, Tensor], batch: Batch, output_fn: OutputFn, layout: int
 ) -> str | None:
-    """Why the per-sample copies of ``loose`` do not give per-sample gradients, or ``None``.
+    """Why the per-sample copies of ``loose`` in ``layout`` do not give per-sample gradients,
+    or ``None``.
 
     On the first two samples (one when the batch has one) and a fixed random weighting ``w`` of
     the outputs, the gradients of :math:`\\langle f, w\\rangle` with respect to the copies must
@@ -87,7 +115,7 @@ def per_sample_problem(
     names = list(loose)
     try:
         with torch.enable_grad():
-            copies = per_sample_copies(loose, size)
+            copies = per_sample_copies(loose, size, layout)
             output = output_fn(call_with(model, copies, few))
             weights = torch.randn(
                 output.shape, generator=torch.Generator().manual_seed(0), dtype=output.dtype

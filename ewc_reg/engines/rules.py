@@ -81,10 +81,20 @@ RecordedForward = Callable[
 ]
 
 #: Rules by module class, each with a predicate on the module's settings it can handle and the
-#: names of the parameters it knows (recursively: ``"out_proj.weight"``).
+#: names of the parameters it knows (recursively: ``"out_proj.weight"``), or a function of the
+#: module giving them.
 RULES: dict[
-    type[nn.Module], tuple[Rule | CallRule, Callable[[nn.Module], bool], frozenset[str]]
+    type[nn.Module],
+    tuple[
+        Rule | CallRule,
+        Callable[[nn.Module], bool],
+        frozenset[str] | Callable[[nn.Module], Collection[str]],
+    ],
 ] = {}
+
+#: The batch dimension of each output leaf (by position) of the rules of :data:`CALL_RULES`
+#: whose outputs do not all lead with it (``nn.LSTM``'s final states: 1); others lead with it.
+BATCH_DIMS: dict[CallRule, tuple[int, ...]] = {}
 
 #: The rules that take the whole recorded call (see the module docstring).
 CALL_RULES: set[CallRule] = set()
@@ -126,19 +136,21 @@ def register(
     *types: type[nn.Module],
     accepts: Callable[[nn.Module], bool] = lambda module: True,
     reduce: Reduction | None = None,
-    params: Collection[str] = ("weight", "bias"),
+    params: Collection[str] | Callable[[nn.Module], Collection[str]] = ("weight", "bias"),
     whole_call: bool = False,
     forward: RecordedForward | None = None,
     accumulate: Accumulation | None = None,
+    batch_dims: tuple[int, ...] | None = None,
 ) -> Callable[[Any], Any]:
     """Decorator adding a rule to :data:`RULES` for the module classes ``types``, knowing the
     parameters ``params`` (its reduction, if any, to :data:`REDUCTIONS`; with ``whole_call``,
-    the rule to :data:`CALL_RULES`, and its recorded ``forward``, if any, to
-    :data:`RECORDED_FORWARDS`; its accumulation, if any, to :data:`ACCUMULATIONS`)."""
+    the rule to :data:`CALL_RULES`, its recorded ``forward``, if any, to
+    :data:`RECORDED_FORWARDS` and its outputs' ``batch_dims`` to :data:`BATCH_DIMS`; its
+    accumulation, if any, to :data:`ACCUMULATIONS`)."""
 
     def add(rule: Any) -> Any:
         for cls in types:
-            RULES[cls] = (rule, accepts, frozenset(params))
+            RULES[cls] = (rule, accepts, params if callable(params) else frozenset(params))
         if reduce is not None:
             REDUCTIONS[rule] = reduce
         if whole_call:
@@ -147,6 +159,8 @@ def register(
             RECORDED_FORWARDS[rule] = forward
         if accumulate is not None:
             ACCUMULATIONS[rule] = accumulate
+        if batch_dims is not None:
+            BATCH_DIMS[rule] = batch_dims
         return rule
 
     return add
@@ -161,8 +175,10 @@ def rule_for(module: nn.Module) -> Rule | CallRule | None:
     if "forward" in vars(module):  # (its own forward, set on the instance)
         return None
     rule, accepts, known = entry
+    if not accepts(module):
+        return None
     names = {name for name, _ in module.named_parameters()}
-    return rule if names <= known and accepts(module) else None
+    return rule if names <= set(known(module) if callable(known) else known) else None
 
 
 def _acc(module: nn.Module) -> torch.dtype:

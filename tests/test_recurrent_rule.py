@@ -1,0 +1,122 @@
+"""The nn.LSTM rule of the hook engine (float64, against the brute-force loop; torch.func
+cannot run nn.LSTM)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from ewc_reg import fisher_diagonal
+from ewc_reg.engines import recurrent
+from ewc_reg.engines.hooks import plan
+from ewc_reg.likelihoods import Categorical
+
+from .reference import assert_close_dicts, brute_force_fisher
+from .test_hooks_engine import trainable
+
+
+class Tagger(nn.Module):
+    """An LSTM classifier over ``(B, T, 4)`` inputs reading the output sequence and, for one
+    direction, the final hidden and cell states too."""
+
+    def __init__(self, **options) -> None:
+        super().__init__()
+        self.rnn = nn.LSTM(4, 5, batch_first=True, **options)
+        self.head = nn.Linear(5 * (2 if self.rnn.bidirectional else 1), 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out, (h, c) = self.rnn(x)
+        logits = self.head(out.mean(1))
+        if not self.rnn.bidirectional:
+            logits = logits + h[-1, :, :3] * c[0, :, :3].tanh()
+        return logits
+
+
+OPTIONS = {
+    "one_layer": {},
+    "two_layers": {"num_layers": 2},
+    "bidirectional": {"bidirectional": True},
+    "no_bias": {"bias": False},
+    "two_layers_bidirectional": {"num_layers": 2, "bidirectional": True},
+}
+
+
+@pytest.mark.parametrize("name", list(OPTIONS))
+@pytest.mark.parametrize("method", ["exact", "empirical", "sample"])
+def test_lstm_rule_matches_brute_force(name: str, method: str, caplog) -> None:
+    torch.manual_seed(0)
+    model = Tagger(**OPTIONS[name]).double().eval()
+    assert next(u for u in plan(model, trainable(model)) if u.path == "rnn").rule is recurrent.lstm
+    x, y = torch.randn(5, 6, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
+    with caplog.at_level(logging.INFO, logger="ewc_reg"):
+        got = fisher_diagonal(
+            model, [(x, y)], method, mc_samples=2, generator=torch.Generator().manual_seed(7)
+        )
+    assert not [r for r in caplog.records if r.name == "ewc_reg"]  # no fallback
+    with torch.no_grad():
+        draws = Categorical().sample(model(x), 2, torch.Generator().manual_seed(7))
+    assert_close_dicts(got, brute_force_fisher(model, x, y, method, sampled=draws), 1e-10)
+
+
+def test_the_pieces_are_the_lstm() -> None:
+    """The recorded forward computes what ``nn.LSTM`` does, and keeps its pieces."""
+    torch.manual_seed(0)
+    lstm = nn.LSTM(4, 5, num_layers=2, bidirectional=True, batch_first=True).double()
+    x = torch.randn(3, 6, 4, dtype=torch.float64)
+    kept: dict[str, Tensor] = {}
+
+    def keep(name: str, piece: Tensor, pull_back: bool) -> Tensor:
+        kept[name] = piece
+        return piece
+
+    out, (h, c) = recurrent.lstm_in_pieces(lstm, (x,), {}, keep)
+    want_out, (want_h, want_c) = lstm(x)
+    for got, want in ((out, want_out), (h, want_h), (c, want_c)):
+        assert torch.allclose(got, want, atol=1e-12)
+    suffixes = ("_l0", "_l0_reverse", "_l1", "_l1_reverse")
+    assert set(kept) == {f"{p}{s}" for p in "axh" for s in suffixes}
+    assert kept["a_l1"].shape == (3, 6, 20) and kept["x_l1"].shape == (3, 6, 10)
+
+
+class WithState(Tagger):
+    """Gives the LSTM an initial state (the recorded forward leaves such calls alone)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        h0 = torch.full((1, x.shape[0], 5), 0.1, dtype=x.dtype)
+        return self.head(self.rnn(x, (h0, h0))[0].mean(1))
+
+
+class SequenceFirst(nn.Module):
+    def __init__(self, **options) -> None:
+        super().__init__()
+        self.rnn = nn.LSTM(4, 5, **options)
+        self.head = nn.Linear(self.rnn.proj_size or 5, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        batch_first = self.rnn.batch_first
+        out = self.rnn(x if batch_first else x.transpose(0, 1))[0]
+        return self.head(out[:, -1] if batch_first else out[-1])
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize(
+    "make",
+    [WithState, lambda: SequenceFirst(), lambda: SequenceFirst(batch_first=True, proj_size=2)],
+    ids=["initial_state", "sequence_first", "projections"],
+)
+def test_calls_the_rule_does_not_take_go_elsewhere(make) -> None:
+    """No rule for the module or the call; the model still gets the brute-force Fisher
+    (through the loop engine)."""
+    model = make().double().eval()
+    x, y = torch.randn(5, 6, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
+    if isinstance(model, WithState):
+        h0 = torch.zeros(1, 5, 5, dtype=torch.float64)
+        pieces = recurrent.lstm_in_pieces(model.rnn, (x, (h0, h0)), {}, lambda *a: a[1])
+        assert pieces is NotImplemented
+    else:
+        assert plan(model, trainable(model))[0].rule is None
+    want = brute_force_fisher(model, x, y, "exact")
+    assert_close_dicts(fisher_diagonal(model, [(x, y)]), want, 1e-10)
