@@ -47,7 +47,7 @@ from ewc_reg import fisher_diagonal
 from ewc_reg.engines import BACKENDS, get_engine
 
 from ._timing import Measurement, measure, memory_method
-from .models import ReducedResNet18, TextTransformer, split_mnist_mlp
+from .models import LSTMClassifier, ReducedResNet18, TextTransformer, small_vit, split_mnist_mlp
 
 #: Where a full (non-quick) run writes its report.
 RESULTS_PATH = Path(__file__).resolve().parent / "results" / "fisher_speed.md"
@@ -59,6 +59,9 @@ TIMED_BACKENDS = tuple(b for b in BACKENDS if b not in ("auto", "loop"))
 #: Estimators computed by an engine (``batched`` takes plain backward passes).
 ENGINE_METHODS = ("exact", "empirical", "sample")
 MODEL_KEYS = ("mlp", "resnet", "transformer")
+#: Models run only when named in ``--models`` (the targets are those of :data:`MODEL_KEYS`): a
+#: torchvision ViT (class token and position embedding on the model) and an LSTM classifier.
+EXTRA_MODEL_KEYS = ("vit", "lstm")
 PEERS = {"BackPACK": "backpack-for-pytorch", "nngeometry": "nngeometry"}
 
 Fisher = dict[str, Tensor]
@@ -151,7 +154,7 @@ def make_workloads(
     """The benchmark's workloads (tiny ones with ``quick``), seeded, in eval mode on ``device``."""
     workloads = []
     for key in models:
-        for num_classes in (2, 10) if key != "transformer" else (10,):
+        for num_classes in (2, 10) if key in ("mlp", "resnet") else (10,):
             torch.manual_seed(0)
             if key == "mlp":
                 model: nn.Module = split_mnist_mlp(10)
@@ -161,6 +164,15 @@ def make_workloads(
                 model = ReducedResNet18(10, widths=(4, 4, 4, 4) if quick else (20, 40, 80, 160))
                 n, subset, head, title = 128, 8, "linear", "reduced ResNet-18"
                 inputs = torch.randn(samples or (4 if quick else n), 3, 32, 32)
+            elif key == "vit":
+                model = small_vit(10, quick)
+                n, subset, head, title = 128, 8, "heads.head", "ViT (torchvision)"
+                inputs = torch.randn(samples or (4 if quick else n), 3, 32, 32)
+            elif key == "lstm":
+                model = LSTMClassifier(10, **({"vocab_size": 50, "dim": 8} if quick else {}))
+                n, subset, head, title = 128, 16, "linear", "LSTM text classifier"
+                vocab, seq = (50, 8) if quick else (1000, 32)
+                inputs = torch.randint(0, vocab, (samples or (8 if quick else n), seq))
             else:
                 sizes = dict(vocab_size=50, seq_len=8, d_model=16, d_feedforward=32)
                 model = TextTransformer(10, **(sizes if quick else {}))
@@ -498,6 +510,8 @@ def evaluate_targets(rows: list[Row], auto: dict[str, str]) -> list[tuple[str, s
     workloads = list(dict.fromkeys(r.workload for r in rows))
     targets: list[tuple[str, str, bool | None]] = []
     for w in workloads:
+        if w.model_key not in MODEL_KEYS:
+            continue
         tag = f"{w.title} C={w.num_classes}"
         ours = f"ewc_reg [{auto[w.model_key]}]"
         exact, empirical = find(w, ours, "exact"), find(w, ours, "empirical")
@@ -704,7 +718,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--models", default=",".join(MODEL_KEYS),
-        help=f"comma-separated subset of {','.join(MODEL_KEYS)} (default all)",
+        help=f"comma-separated subset of {','.join(MODEL_KEYS + EXTRA_MODEL_KEYS)} (default "
+        f"{','.join(MODEL_KEYS)})",
     )
     parser.add_argument(
         "--samples", type=int, default=None,
@@ -722,9 +737,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
-    unknown = set(args.models) - set(MODEL_KEYS)
+    unknown = set(args.models) - set(MODEL_KEYS + EXTRA_MODEL_KEYS)
     if unknown or not args.models:
-        parser.error(f"--models takes a comma-separated subset of {','.join(MODEL_KEYS)}")
+        parser.error(
+            "--models takes a comma-separated subset of "
+            f"{','.join(MODEL_KEYS + EXTRA_MODEL_KEYS)}"
+        )
     if args.repeats < 0 or args.threads < 1:
         parser.error("--repeats must be at least 0 and --threads at least 1")
     if args.quick:

@@ -99,3 +99,35 @@ class TextTransformer(nn.Module):
         positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
         hidden = self.embedding(tokens) + self.position(positions)
         return self.linear(self.encoder(hidden).mean(dim=1))
+
+
+class LSTMClassifier(nn.Module):
+    """Token embedding, a batch-first ``nn.LSTM`` and one linear layer on the last state.
+    Inputs are ``(B, seq_len)`` token ids."""
+
+    def __init__(
+        self, num_classes: int = 10, vocab_size: int = 1000, dim: int = 64, num_layers: int = 1
+    ) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(vocab_size, dim)
+        self.lstm = nn.LSTM(dim, dim, num_layers=num_layers, batch_first=True)
+        self.linear = nn.Linear(dim, num_classes)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.linear(self.lstm(self.embedding(tokens))[0][:, -1])
+
+
+def small_vit(num_classes: int = 10, quick: bool = False) -> nn.Module:
+    """torchvision's ``VisionTransformer`` for 32x32 images: 4x4 patches, 4 layers of 4 heads,
+    width 64 (16 for ``quick``), with a class token and a position embedding on the model; the
+    head, zero at initialisation there, is drawn at random (else the rest of its Fisher is 0).
+    Needs torchvision (the ``bench`` extra)."""
+    from torchvision.models import VisionTransformer
+
+    width = 16 if quick else 64
+    model = VisionTransformer(
+        image_size=32, patch_size=4, num_layers=2 if quick else 4, num_heads=4,
+        hidden_dim=width, mlp_dim=2 * width, num_classes=num_classes,
+    )
+    nn.init.normal_(model.heads.head.weight, std=width**-0.5)
+    return model

@@ -58,3 +58,17 @@ def test_tf32_is_off_during_the_run_and_restored_after(monkeypatch) -> None:
         assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+def test_extra_models_run_on_request_and_have_no_targets(tmp_path: Path) -> None:
+    """ViT and LSTM run only when named; the issue's targets are not computed for them."""
+    assert fisher_speed.parse_args([]).models == list(fisher_speed.MODEL_KEYS)
+    output = tmp_path / "more.md"
+    args = fisher_speed.parse_args(
+        ["--quick", "--models", "lstm", "--threads", "1", "--output", str(output)]
+    )
+    report = fisher_speed.run(args)
+    assert {row.workload.model_key for row in report.rows} == {"lstm"}
+    assert "LSTM text classifier" in report.markdown
+    assert "exact ≤ 6× fwd+bwd (LSTM" not in report.markdown
+    assert report.agreement_ok
