@@ -1,5 +1,5 @@
-"""The nn.LSTM rule of the hook engine (float64, against the brute-force loop; torch.func
-cannot run nn.LSTM)."""
+"""The recurrent-layer rule of the hook engine: nn.LSTM, nn.GRU, nn.RNN (float64, against the
+brute-force loop; torch.func cannot run them)."""
 
 from __future__ import annotations
 
@@ -19,18 +19,19 @@ from .test_hooks_engine import trainable
 
 
 class Tagger(nn.Module):
-    """An LSTM classifier over ``(B, T, 4)`` inputs reading the output sequence and, for one
-    direction, the final hidden and cell states too."""
+    """A recurrent classifier over ``(B, T, 4)`` inputs reading the output sequence and, for
+    one direction, the final states too."""
 
-    def __init__(self, **options) -> None:
+    def __init__(self, cell: type[nn.RNNBase] = nn.LSTM, **options) -> None:
         super().__init__()
-        self.rnn = nn.LSTM(4, 5, batch_first=True, **options)
+        self.rnn = cell(4, 5, batch_first=True, **options)
         self.head = nn.Linear(5 * (2 if self.rnn.bidirectional else 1), 3)
 
     def forward(self, x: Tensor) -> Tensor:
-        out, (h, c) = self.rnn(x)
+        out, state = self.rnn(x)
         logits = self.head(out.mean(1))
         if not self.rnn.bidirectional:
+            h, c = state if isinstance(self.rnn, nn.LSTM) else (state, state)
             logits = logits + h[-1, :, :3] * c[0, :, :3].tanh()
         return logits
 
@@ -41,15 +42,20 @@ OPTIONS = {
     "bidirectional": {"bidirectional": True},
     "no_bias": {"bias": False},
     "two_layers_bidirectional": {"num_layers": 2, "bidirectional": True},
+    "gru": {"cell": nn.GRU},
+    "gru_two_layers_bidirectional": {"cell": nn.GRU, "num_layers": 2, "bidirectional": True},
+    "rnn_tanh": {"cell": nn.RNN},
+    "rnn_relu_two_layers": {"cell": nn.RNN, "nonlinearity": "relu", "num_layers": 2},
 }
 
 
 @pytest.mark.parametrize("name", list(OPTIONS))
 @pytest.mark.parametrize("method", ["exact", "empirical", "sample"])
-def test_lstm_rule_matches_brute_force(name: str, method: str, caplog) -> None:
+def test_recurrent_rule_matches_brute_force(name: str, method: str, caplog) -> None:
     torch.manual_seed(0)
     model = Tagger(**OPTIONS[name]).double().eval()
-    assert next(u for u in plan(model, trainable(model)) if u.path == "rnn").rule is recurrent.lstm
+    unit = next(u for u in plan(model, trainable(model)) if u.path == "rnn")
+    assert unit.rule is recurrent.recurrent_layer
     x, y = torch.randn(5, 6, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
     with caplog.at_level(logging.INFO, logger="ewc_reg"):
         got = fisher_diagonal(
@@ -61,10 +67,11 @@ def test_lstm_rule_matches_brute_force(name: str, method: str, caplog) -> None:
     assert_close_dicts(got, brute_force_fisher(model, x, y, method, sampled=draws), 1e-10)
 
 
-def test_the_pieces_are_the_lstm() -> None:
-    """The recorded forward computes what ``nn.LSTM`` does, and keeps its pieces."""
+@pytest.mark.parametrize("cell", [nn.LSTM, nn.GRU, nn.RNN])
+def test_the_pieces_are_the_module(cell: type[nn.RNNBase]) -> None:
+    """The recorded forward computes what the module does, and keeps its pieces."""
     torch.manual_seed(0)
-    lstm = nn.LSTM(4, 5, num_layers=2, bidirectional=True, batch_first=True).double()
+    module = cell(4, 5, num_layers=2, bidirectional=True, batch_first=True).double()
     x = torch.randn(3, 6, 4, dtype=torch.float64)
     kept: dict[str, Tensor] = {}
 
@@ -72,13 +79,15 @@ def test_the_pieces_are_the_lstm() -> None:
         kept[name] = piece
         return piece
 
-    out, (h, c) = recurrent.lstm_in_pieces(lstm, (x,), {}, keep)
-    want_out, (want_h, want_c) = lstm(x)
-    for got, want in ((out, want_out), (h, want_h), (c, want_c)):
-        assert torch.allclose(got, want, atol=1e-12)
+    got = recurrent.recurrence_in_pieces(module, (x,), {}, keep)
+    want = module(x)
+    for g, w in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(want)):
+        assert torch.allclose(g, w, atol=1e-12)
     suffixes = ("_l0", "_l0_reverse", "_l1", "_l1_reverse")
-    assert set(kept) == {f"{p}{s}" for p in "axh" for s in suffixes}
-    assert kept["a_l1"].shape == (3, 6, 20) and kept["x_l1"].shape == (3, 6, 10)
+    pieces = "axhr" if cell is nn.GRU else "axh"
+    assert set(kept) == {f"{p}{s}" for p in pieces for s in suffixes}
+    gates = {nn.LSTM: 4, nn.GRU: 3, nn.RNN: 1}[cell]
+    assert kept["a_l1"].shape == (3, 6, 5 * gates) and kept["x_l1"].shape == (3, 6, 10)
 
 
 class WithState(Tagger):
@@ -114,7 +123,7 @@ def test_calls_the_rule_does_not_take_go_elsewhere(make) -> None:
     x, y = torch.randn(5, 6, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
     if isinstance(model, WithState):
         h0 = torch.zeros(1, 5, 5, dtype=torch.float64)
-        pieces = recurrent.lstm_in_pieces(model.rnn, (x, (h0, h0)), {}, lambda *a: a[1])
+        pieces = recurrent.recurrence_in_pieces(model.rnn, (x, (h0, h0)), {}, lambda *a: a[1])
         assert pieces is NotImplemented
     else:
         assert plan(model, trainable(model))[0].rule is None

@@ -456,14 +456,14 @@ def bytes_per_sample(num_vectors: int, kept_bytes: int, recorded_bytes: int, for
 #: about as fast either way and keeps the single batched pass). ``nn.MultiheadAttention``: the
 #: fused attention kernels' backward has no batching rule either (the exact Fisher of
 #: ``benchmarks.models.TextTransformer``, N=128, K=9, 2 threads: 0.30 s looped vs 0.37 s batched).
-#: ``nn.LSTM``: batching the backward of its recurrence (redone in small steps while recording)
-#: costs more than it saves (``benchmarks.models.LSTMClassifier``, N=128, T=32, K=9, 2 threads:
-#: 0.14 s looped vs 0.81 s batched).
+#: Recurrent layers: batching the backward of their recurrence (redone in small steps while
+#: recording) costs more than it saves (``benchmarks.models.LSTMClassifier``, N=128, T=32, K=9,
+#: 2 threads: 0.14 s looped vs 0.81 s batched).
 _UNBATCHED_BACKWARD = (
     nn.modules.conv._ConvNd,
     nn.modules.batchnorm._BatchNorm,
     nn.MultiheadAttention,
-    nn.LSTM,
+    nn.RNNBase,
 )
 
 

@@ -1,10 +1,11 @@
-r"""The hook engine's rule for ``nn.LSTM`` (``batch_first=True``, without ``proj_size``): a
-whole-call rule with a recorded forward (:func:`lstm_in_pieces`) that runs the recurrence step
-by step, so that the pull-back reaches the input projections of the gates, and an accumulator
-that makes each layer's (and direction's) weights two ``Linear`` sums.
+r"""The hook engine's rule for ``nn.LSTM``, ``nn.GRU`` and ``nn.RNN`` (``batch_first=True``; an
+LSTM without ``proj_size``): a whole-call rule with a recorded forward
+(:func:`recurrence_in_pieces`) that runs the recurrence step by step, so that the pull-back
+reaches the input projections of the gates, and an accumulator that makes each layer's (and
+direction's) weights two ``Linear`` sums.
 
 Registered in :data:`.rules.RULES` when this module is imported, which :mod:`ewc_reg.engines`
-does. (``torch.func.vmap`` cannot run ``nn.LSTM``: without this rule such models go to the
+does. (``torch.func.vmap`` cannot run these modules: without this rule such models go to the
 loop engine, one sample and one vector at a time.)
 """
 
@@ -23,12 +24,15 @@ from .rules import LinearSums, register
 
 _NAME = re.compile(r"(weight|bias)_(ih|hh)_l\d+(_reverse)?")
 
+#: Gates per layer: the rows of ``weight_ih`` are ``gates * hidden_size``.
+_GATES = {nn.LSTM: 4, nn.GRU: 3, nn.RNN: 1}
 
-def _plain_lstm(module: nn.Module) -> bool:
-    return module.batch_first and not module.proj_size
+
+def _plain(module: nn.Module) -> bool:
+    return module.batch_first and not getattr(module, "proj_size", 0)
 
 
-def _lstm_parameters(module: nn.Module) -> set[str]:
+def _recurrent_parameters(module: nn.Module) -> set[str]:
     return {name for name, _ in module.named_parameters() if _NAME.fullmatch(name)}
 
 
@@ -38,28 +42,47 @@ def _suffixes(module: nn.Module) -> list[str]:
     return [f"_l{layer}{d}" for layer in range(module.num_layers) for d in directions]
 
 
-def lstm_in_pieces(
+def _step(
+    module: nn.Module, a: Tensor, h: Tensor, c: Tensor | None, w_hh: Tensor, b_hh: Tensor | None
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    r"""One step from ``a`` (the input part of the gates at this step) and the state: the new
+    ``h``, the LSTM's new ``c`` and the GRU's reset gate ``r`` (PyTorch's gate orders
+    ``i, f, g, o`` and ``r, z, n``)."""
+    recurrent = F.linear(h, w_hh, b_hh)
+    if isinstance(module, nn.LSTM):
+        i, f, g, o = (a + recurrent).chunk(4, dim=1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        return torch.sigmoid(o) * torch.tanh(c), c, None
+    if isinstance(module, nn.GRU):
+        a_r, a_z, a_n = a.chunk(3, dim=1)
+        h_r, h_z, h_n = recurrent.chunk(3, dim=1)
+        r, z = torch.sigmoid(a_r + h_r), torch.sigmoid(a_z + h_z)
+        return (1 - z) * torch.tanh(a_n + r * h_n) + z * h, None, r
+    act = torch.tanh if module.nonlinearity == "tanh" else torch.relu
+    return act(a + recurrent), None, None
+
+
+def recurrence_in_pieces(
     module: nn.Module,
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     keep: Callable[[str, Tensor, bool], Tensor],
 ) -> Any:
-    r"""``module(x)`` for an ``nn.LSTM`` with ``batch_first=True`` on ``x: (B, T, in)`` (no
-    initial state given), step by step; ``NotImplemented`` otherwise (an initial state, packed
-    or unbatched input, dropout in training mode). For each layer and direction, with the
-    gates in PyTorch's order ``i, f, g, o``:
+    r"""``module(x)`` for an ``nn.LSTM``, ``nn.GRU`` or ``nn.RNN`` with ``batch_first=True`` on
+    ``x: (B, T, in)`` (no initial state given), step by step; ``NotImplemented`` otherwise (an
+    initial state, packed or unbatched input, dropout in training mode). For each layer and
+    direction, from zero states (the reverse direction runs from ``t = T-1`` down):
 
     .. math::
 
-        a = x W_{ih}^\top + b_{ih}\ (B, T, 4H),\qquad
-        z_t = a_t + h_{t-1} W_{hh}^\top + b_{hh},
+        a = x W_{ih}^\top + b_{ih}\ (B, T, G H),\qquad
+        \text{gates}_t = a_t + (h_{t-1} W_{hh}^\top + b_{hh})
+        \ \ (\text{GRU: its } n \text{ part } a_{n,t} + r_t \odot (\dots)),
 
-        c_t = \sigma(z_f) \odot c_{t-1} + \sigma(z_i) \odot \tanh(z_g),\qquad
-        h_t = \sigma(z_o) \odot \tanh(c_t),
-
-    from zero states (the reverse direction runs from ``t = T-1`` down). ``keep`` records ``a``
-    (``"a_l0"``, ...; the pull-back's gradient there is :math:`\partial z_t` at every step), the
-    layer input ``x`` (``"x_l0"``) and the states :math:`h_{t-1}` each step saw (``"h_l0"``)."""
+    then the module's own cell (LSTM, GRU, tanh or ReLU RNN). ``keep`` records ``a``
+    (``"a_l0"``, ...; the pull-back's gradient there is that of the gates at every step), the
+    layer input ``x`` (``"x_l0"``), the states :math:`h_{t-1}` each step saw (``"h_l0"``) and,
+    for a GRU, the reset gates (``"r_l0"``)."""
     x = args[0] if args else kwargs.get("input")
     hx = args[1] if len(args) > 1 else kwargs.get("hx")
     if (
@@ -70,7 +93,7 @@ def lstm_in_pieces(
     ):
         return NotImplemented
     batch, steps, _ = x.shape
-    hidden = module.hidden_size
+    zeros = x.new_zeros(batch, module.hidden_size)
     finals_h, finals_c = [], []
     layer_input = x
     suffixes = iter(_suffixes(module))
@@ -87,34 +110,38 @@ def lstm_in_pieces(
                 F.linear(layer_input, getattr(module, f"weight_ih{suffix}"), b_ih),
                 True,
             )
-            h = c = layer_input.new_zeros(batch, hidden)
-            seen: list[Tensor] = [h] * steps
-            states: list[Tensor] = [h] * steps
+            h, c = zeros, zeros
+            seen, states, resets = [zeros] * steps, [zeros] * steps, [zeros] * steps
             for t in reversed(range(steps)) if reverse else range(steps):
                 seen[t] = h
-                i, f, g, o = (a[:, t] + F.linear(h, w_hh, b_hh)).chunk(4, dim=1)
-                c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-                h = torch.sigmoid(o) * torch.tanh(c)
+                h, c, r = _step(module, a[:, t], h, c, w_hh, b_hh)
                 states[t] = h
+                if r is not None:
+                    resets[t] = r
             keep(f"h{suffix}", torch.stack(seen, 1), False)
+            if isinstance(module, nn.GRU):
+                keep(f"r{suffix}", torch.stack(resets, 1), False)
             outputs.append(torch.stack(states, 1))
             finals_h.append(h)
             finals_c.append(c)
         layer_input = torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]
-    return layer_input, (torch.stack(finals_h), torch.stack(finals_c))
+    if isinstance(module, nn.LSTM):
+        return layer_input, (torch.stack(finals_h), torch.stack(finals_c))
+    return layer_input, torch.stack(finals_h)
 
 
-class _LSTMSums:
-    """The accumulator of :func:`lstm`: per layer and direction, the input weights' sums from
-    ``(G_a, x)`` and the recurrent weights' from ``(G_a, h_{t-1})``, both with ``4H``
-    outputs; both biases get :math:`\\sum_{n,k} (\\sum_t G_{a,nkt})^{\\odot 2}`."""
+class _RecurrentSums:
+    """The accumulator of :func:`recurrent_layer`: per layer and direction, the input weights'
+    sums from ``(G_a, x)`` and the recurrent weights' from ``(G_h, h_{t-1})``, with ``G H``
+    outputs, where ``G_h = G_a`` but for a GRU's ``n`` part, ``G_{a,n} ⊙ r``; bias sums are
+    :math:`\\sum_{n,k} (\\sum_t G_{nkt})^{\\odot 2}` of the same."""
 
     def __init__(
         self, module: nn.Module, kept: dict[str, Tensor], names: Collection[str], budget: int
     ) -> None:
         acc = accumulation_dtype(module.weight_ih_l0.dtype)
-        gates = 4 * module.hidden_size
-        self.names = names
+        rows = _GATES[type(module)] * module.hidden_size
+        self.names, self.kept = names, kept
         self.parts: dict[str, tuple[LinearSums, LinearSums]] = {}
         for suffix in _suffixes(module):
             wanted = {kind: [] for kind in ("ih", "hh")}
@@ -123,15 +150,22 @@ class _LSTMSums:
                     if f"{what}_{kind}{suffix}" in names:
                         wanted[kind].append(what)
             self.parts[suffix] = (
-                LinearSums(kept[f"x{suffix}"], gates, wanted["ih"], acc, budget),
-                LinearSums(kept[f"h{suffix}"], gates, wanted["hh"], acc, budget),
+                LinearSums(kept[f"x{suffix}"], rows, wanted["ih"], acc, budget),
+                LinearSums(kept[f"h{suffix}"], rows, wanted["hh"], acc, budget),
             )
 
     def add(self, key: int | str, grads: Tensor) -> None:
         # (the outputs feed nothing here: their gradients reach a through the pieces)
-        if isinstance(key, str) and key.startswith("a"):
-            for sums in self.parts[key[1:]]:
-                sums.add(key, grads)
+        if not (isinstance(key, str) and key.startswith("a")):
+            return
+        suffix = key[1:]
+        inputs, recurrent = self.parts[suffix]
+        inputs.add(key, grads)
+        reset = self.kept.get(f"r{suffix}")
+        if reset is not None:  # (GRU: the reset gate scales the recurrent part of n)
+            g_r, g_z, g_n = grads.chunk(3, dim=-1)
+            grads = torch.cat([g_r, g_z, g_n * reset.to(grads.dtype)], dim=-1)
+        recurrent.add(key, grads)
 
     def sums(self) -> dict[str, Tensor]:
         found = {}
@@ -141,27 +175,29 @@ class _LSTMSums:
         return {name: found[name] for name in self.names}
 
 
-def _lstm_sums(
+def _recurrent_sums(
     module: nn.Module,
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     kept: dict[str, Tensor],
     names: Collection[str],
     budget: int,
-) -> _LSTMSums | None:
-    return _LSTMSums(module, kept, names, budget) if "x_l0" in kept else None
+) -> _RecurrentSums | None:
+    return _RecurrentSums(module, kept, names, budget) if "x_l0" in kept else None
 
 
 @register(
     nn.LSTM,
-    accepts=_plain_lstm,
-    params=_lstm_parameters,
+    nn.GRU,
+    nn.RNN,
+    accepts=_plain,
+    params=_recurrent_parameters,
     whole_call=True,
-    forward=lstm_in_pieces,
-    accumulate=_lstm_sums,
-    batch_dims=(0, 1, 1),
+    forward=recurrence_in_pieces,
+    accumulate=_recurrent_sums,
+    batch_dims=(0, 1, 1),  # output, then h_n (and the LSTM's c_n): (layers, B, H)
 )
-def lstm(
+def recurrent_layer(
     module: nn.Module,
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
@@ -170,9 +206,10 @@ def lstm(
     names: Collection[str],
     budget: int,
 ) -> dict[str, Tensor] | None:
-    """The sums of an ``nn.LSTM`` call recorded by :func:`lstm_in_pieces` (``None``, declining,
-    for a call it did not redo): the :class:`_LSTMSums` of all the vectors at once."""
-    sums = _lstm_sums(module, args, kwargs, kept, names, budget)
+    """The sums of a recurrent layer's call recorded by :func:`recurrence_in_pieces` (``None``,
+    declining, for a call it did not redo): the :class:`_RecurrentSums` of all the vectors at
+    once."""
+    sums = _recurrent_sums(module, args, kwargs, kept, names, budget)
     if sums is None:
         return None
     for key, g in grads.items():
