@@ -81,16 +81,14 @@ RECURRENT = {
     "gru": lambda: Recurrent(nn.GRU, batch_first=True),
     "lstm-unit-in-hooks": EncoderAndHead,
 }
-#: With backend="auto" the hooks engine's rule takes batch-first recurrent layers; the rest
-#: comes here.
-LOOPED_BY_AUTO = {"lstm-sequence-first"}
 
 
 @pytest.mark.parametrize("name", list(RECURRENT))
 @pytest.mark.parametrize("backend", ["auto", "functorch"])
 def test_recurrent_models_go_to_the_loop_engine(name: str, backend: str, caplog) -> None:
-    """``vmap`` fails on recurrent layers (they write into a state they create); those models
-    (or, inside the hooks engine, those units) get the loop engine, and the right Fisher."""
+    """``vmap`` fails on recurrent layers (they write into a state they create): the functorch
+    engine hands those models to the loop engine (``"auto"`` has the hooks engine's rule for
+    them), and the Fisher is right either way."""
     model = RECURRENT[name]().double()
     FunctorchEngine.unvmappable.discard(model)
     x = torch.randn(5, 6, 4, dtype=torch.float64)
@@ -98,7 +96,7 @@ def test_recurrent_models_go_to_the_loop_engine(name: str, backend: str, caplog)
     with caplog.at_level(logging.INFO, logger="ewc_reg"):
         got = fisher_diagonal(model, [(x, y), (x[:3], y[:3])], backend=backend)
     looped = any("vmap failed" in m and "loop engine" in m for m in messages(caplog))
-    assert looped == (backend == "functorch" or name in LOOPED_BY_AUTO)
+    assert looped == (backend == "functorch")
     first = brute_force_fisher(model, x, y, "exact")
     second = brute_force_fisher(model, x[:3], y[:3], "exact")
     want = {name: (5 * first[name] + 3 * second[name]) / 8 for name in first}

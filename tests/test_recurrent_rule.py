@@ -99,10 +99,12 @@ class WithState(Tagger):
 
 
 class SequenceFirst(nn.Module):
-    def __init__(self, **options) -> None:
+    """Runs its recurrent layer on ``(T, B, D)`` (unless ``batch_first``)."""
+
+    def __init__(self, cell: type[nn.RNNBase] = nn.LSTM, **options) -> None:
         super().__init__()
-        self.rnn = nn.LSTM(4, 5, **options)
-        self.head = nn.Linear(self.rnn.proj_size or 5, 3)
+        self.rnn = cell(4, 5, **options)
+        self.head = nn.Linear(getattr(self.rnn, "proj_size", 0) or 5, 3)
 
     def forward(self, x: Tensor) -> Tensor:
         batch_first = self.rnn.batch_first
@@ -110,11 +112,26 @@ class SequenceFirst(nn.Module):
         return self.head(out[:, -1] if batch_first else out[-1])
 
 
+@pytest.mark.parametrize("cell", [nn.LSTM, nn.GRU, nn.RNN])
+def test_sequence_first_layers(cell: type[nn.RNNBase], caplog) -> None:
+    """``(T, B, D)`` in and out, ``batch_first=False`` (PyTorch's default): the rule takes the
+    batch from the second dimension, even when the sequence is as long as the batch."""
+    torch.manual_seed(0)
+    model = SequenceFirst(cell=cell, num_layers=2).double().eval()
+    assert plan(model, trainable(model))[0].rule is recurrent.recurrent_layer
+    for steps in (6, 5):  # (5: as many steps as samples)
+        x, y = torch.randn(5, steps, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
+        with caplog.at_level(logging.INFO, logger="ewc_reg"):
+            got = fisher_diagonal(model, [(x, y)])
+        assert not [r for r in caplog.records if r.name == "ewc_reg"]  # no fallback
+        assert_close_dicts(got, brute_force_fisher(model, x, y, "exact"), 1e-10)
+
+
 @pytest.mark.filterwarnings("ignore")
 @pytest.mark.parametrize(
     "make",
-    [WithState, lambda: SequenceFirst(), lambda: SequenceFirst(batch_first=True, proj_size=2)],
-    ids=["initial_state", "sequence_first", "projections"],
+    [WithState, lambda: SequenceFirst(batch_first=True, proj_size=2)],
+    ids=["initial_state", "projections"],
 )
 def test_calls_the_rule_does_not_take_go_elsewhere(make) -> None:
     """No rule for the module or the call; the model still gets the brute-force Fisher

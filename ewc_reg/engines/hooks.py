@@ -322,14 +322,6 @@ class _Recorder(TorchFunctionMode):
         if unit in self.records:
             self._flag(f"{_describe(unit.path)} is called more than once per forward pass")
         tensors = _tensors((args, kwargs))
-        for t in tensors:
-            lead = t.shape[0] if t.dim() >= 3 else 0  # 2-d masks (L, S) are shared
-            if lead > self.batch_size and lead % self.batch_size == 0:
-                self._flag(
-                    f"an input of {_describe(unit.path)} has shape {tuple(t.shape)}: its leading "
-                    f"dimension is a multiple of the batch ({self.batch_size}), per-sample data "
-                    "folded into the batch dimension (e.g. a (B * heads, L, S) attention mask)"
-                )
         versions = [(t, t._version) for t in tensors]
         self.records[unit] = _Record(args, kwargs, versions, inputs=[t.shape for t in tensors])
         self.running.add(unit)
@@ -337,10 +329,20 @@ class _Recorder(TorchFunctionMode):
     def _after(self, unit: _Unit, output: Any) -> None:
         self.running.discard(unit)
         record = self.records[unit]
+        inputs, _ = _batch_dims(unit, record)
+        for i, shape in enumerate(record.inputs):
+            dim = inputs[i] if i < len(inputs) else 0
+            lead = shape[dim] if len(shape) >= 3 else 0  # 2-d masks (L, S) are shared
+            if lead > self.batch_size and lead % self.batch_size == 0:
+                self._flag(
+                    f"an input of {_describe(unit.path)} has shape {tuple(shape)}: its batch "
+                    f"dimension is a multiple of the batch ({self.batch_size}), per-sample data "
+                    "folded into the batch dimension (e.g. a (B * heads, L, S) attention mask)"
+                )
         for i, leaf in enumerate(pytree.tree_leaves(output)):
             if not isinstance(leaf, Tensor):
                 continue
-            dim = _batch_dim(unit, record, i)
+            dim = _output_dim(unit, record, i)
             record.outputs.append(leaf.shape)
             if leaf.dim() <= dim or leaf.shape[dim] != self.batch_size:
                 where = "leading dimension" if dim == 0 else f"dimension {dim}"
@@ -417,9 +419,13 @@ def check_batch_layout(
             len(record.outputs),
         ):
             raise Unsupported(f"{_describe(unit.path)} is called differently on fewer samples")
-        pairs = [(s, t, True, 0) for s, t in zip(record.inputs, again.inputs)]
+        inputs, outputs = _batch_dims(unit, record)
+        pairs = [
+            (s, t, True, inputs[i] if i < len(inputs) else 0)
+            for i, (s, t) in enumerate(zip(record.inputs, again.inputs))
+        ]
         pairs += [
-            (s, t, False, _batch_dim(unit, record, i))
+            (s, t, False, outputs[i] if i < len(outputs) else 0)
             for i, (s, t) in enumerate(zip(record.outputs, again.outputs))
         ]
         for full, part, may_be_shared, dim in pairs:
@@ -781,13 +787,18 @@ def _accumulator(unit: _Unit, record: _Record, memory_budget: int) -> Accumulato
     return start(unit.module, args, record.kwargs, record.kept, unit.names.keys(), memory_budget)
 
 
-def _batch_dim(unit: _Unit, record: _Record, leaf: int) -> int:
-    """The batch dimension of the unit's output leaf at position ``leaf``: as
-    :data:`.rules.BATCH_DIMS` says when the rule's recorded forward ran (it kept pieces), else
-    the leading one (a call the rule declines goes to the per-module fallback, which needs
-    it)."""
-    dims = BATCH_DIMS.get(unit.rule, ()) if unit.rule is not None and record.kept else ()
-    return dims[leaf] if leaf < len(dims) else 0
+def _batch_dims(unit: _Unit, record: _Record) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The batch dimensions of the unit's tensor inputs and output leaves (by position; those
+    past the end: 0): as :data:`.rules.BATCH_DIMS` says when the rule's recorded forward ran
+    (it kept pieces), else all leading (a call the rule declines goes to the per-module
+    fallback, which needs that)."""
+    dims = BATCH_DIMS.get(unit.rule) if unit.rule is not None and record.kept else None
+    return ((), ()) if dims is None else dims(unit.module)
+
+
+def _output_dim(unit: _Unit, record: _Record, leaf: int) -> int:
+    outputs = _batch_dims(unit, record)[1]
+    return outputs[leaf] if leaf < len(outputs) else 0
 
 
 def _by_rule(unit: _Unit, record: _Record) -> bool:

@@ -1,4 +1,4 @@
-r"""The hook engine's rule for ``nn.LSTM``, ``nn.GRU`` and ``nn.RNN`` (``batch_first=True``; an
+r"""The hook engine's rule for ``nn.LSTM``, ``nn.GRU`` and ``nn.RNN`` (batch first or not; an
 LSTM without ``proj_size``): a whole-call rule with a recorded forward
 (:func:`recurrence_in_pieces`) that runs the recurrence step by step, so that the pull-back
 reaches the input projections of the gates, and an accumulator that makes each layer's (and
@@ -29,7 +29,13 @@ _GATES = {nn.LSTM: 4, nn.GRU: 3, nn.RNN: 1}
 
 
 def _plain(module: nn.Module) -> bool:
-    return module.batch_first and not getattr(module, "proj_size", 0)
+    return not getattr(module, "proj_size", 0)
+
+
+def _batch_dims(module: nn.Module) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Input ``x``, then the output and the final states ``(layers, B, H)``."""
+    first = 0 if module.batch_first else 1
+    return (first,), (first, 1, 1)
 
 
 def _recurrent_parameters(module: nn.Module) -> set[str]:
@@ -68,10 +74,11 @@ def recurrence_in_pieces(
     kwargs: dict[str, Any],
     keep: Callable[[str, Tensor, bool], Tensor],
 ) -> Any:
-    r"""``module(x)`` for an ``nn.LSTM``, ``nn.GRU`` or ``nn.RNN`` with ``batch_first=True`` on
-    ``x: (B, T, in)`` (no initial state given), step by step; ``NotImplemented`` otherwise (an
-    initial state, packed or unbatched input, dropout in training mode). For each layer and
-    direction, from zero states (the reverse direction runs from ``t = T-1`` down):
+    r"""``module(x)`` for an ``nn.LSTM``, ``nn.GRU`` or ``nn.RNN`` on ``x: (B, T, in)`` (or
+    ``(T, B, in)`` without ``batch_first``; no initial state given), step by step;
+    ``NotImplemented`` otherwise (an initial state, packed or unbatched input, dropout in
+    training mode). For each layer and direction, from zero states (the reverse direction runs
+    from ``t = T-1`` down):
 
     .. math::
 
@@ -92,6 +99,8 @@ def recurrence_in_pieces(
         or (module.training and module.dropout > 0)
     ):
         return NotImplemented
+    if not module.batch_first:
+        x = x.transpose(0, 1)  # (B, T, in): the pieces are kept batch-first
     batch, steps, _ = x.shape
     zeros = x.new_zeros(batch, module.hidden_size)
     finals_h, finals_c = [], []
@@ -125,9 +134,10 @@ def recurrence_in_pieces(
             finals_h.append(h)
             finals_c.append(c)
         layer_input = torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]
+    output = layer_input if module.batch_first else layer_input.transpose(0, 1)
     if isinstance(module, nn.LSTM):
-        return layer_input, (torch.stack(finals_h), torch.stack(finals_c))
-    return layer_input, torch.stack(finals_h)
+        return output, (torch.stack(finals_h), torch.stack(finals_c))
+    return output, torch.stack(finals_h)
 
 
 class _RecurrentSums:
@@ -195,7 +205,7 @@ def _recurrent_sums(
     whole_call=True,
     forward=recurrence_in_pieces,
     accumulate=_recurrent_sums,
-    batch_dims=(0, 1, 1),  # output, then h_n (and the LSTM's c_n): (layers, B, H)
+    batch_dims=_batch_dims,
 )
 def recurrent_layer(
     module: nn.Module,

@@ -92,9 +92,11 @@ RULES: dict[
     ],
 ] = {}
 
-#: The batch dimension of each output leaf (by position) of the rules of :data:`CALL_RULES`
-#: whose outputs do not all lead with it (``nn.LSTM``'s final states: 1); others lead with it.
-BATCH_DIMS: dict[CallRule, tuple[int, ...]] = {}
+#: For the rules of :data:`CALL_RULES` whose tensors do not all lead with the batch: a function
+#: of the module giving the batch dimension of each tensor input and each output leaf (by
+#: position; those past the end lead with it), as when its recorded forward runs (a recurrent
+#: layer's final states ``(layers, B, H)``: 1; its input and output when sequence-first: 1).
+BATCH_DIMS: dict[CallRule, Callable[[nn.Module], tuple[tuple[int, ...], tuple[int, ...]]]] = {}
 
 #: The rules that take the whole recorded call (see the module docstring).
 CALL_RULES: set[CallRule] = set()
@@ -140,12 +142,12 @@ def register(
     whole_call: bool = False,
     forward: RecordedForward | None = None,
     accumulate: Accumulation | None = None,
-    batch_dims: tuple[int, ...] | None = None,
+    batch_dims: Callable[[nn.Module], tuple[tuple[int, ...], tuple[int, ...]]] | None = None,
 ) -> Callable[[Any], Any]:
     """Decorator adding a rule to :data:`RULES` for the module classes ``types``, knowing the
     parameters ``params`` (its reduction, if any, to :data:`REDUCTIONS`; with ``whole_call``,
     the rule to :data:`CALL_RULES`, its recorded ``forward``, if any, to
-    :data:`RECORDED_FORWARDS` and its outputs' ``batch_dims`` to :data:`BATCH_DIMS`; its
+    :data:`RECORDED_FORWARDS` and its ``batch_dims`` to :data:`BATCH_DIMS`; its
     accumulation, if any, to :data:`ACCUMULATIONS`)."""
 
     def add(rule: Any) -> Any:
