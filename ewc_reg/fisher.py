@@ -45,7 +45,7 @@ from ._batches import Batch, iter_batches
 from ._model_state import evaluating
 from ._validation import check_choice, check_count
 from .distributed import process_group_for, reduce_shards, shard_generator, unwrap_model
-from .engines import BACKENDS, accumulation_dtype, get_engine
+from .engines import BACKENDS, get_engine, zero_sums
 from .engines.base import DEFAULT_MEMORY_BUDGET
 from .likelihoods import LIKELIHOODS, Likelihood, get_likelihood
 
@@ -199,7 +199,7 @@ def fisher_diagonal(
             count += batch.size
         return count
 
-    sums = {n: torch.zeros_like(p, dtype=accumulation_dtype(p.dtype)) for n, p in params.items()}
+    sums = zero_sums(params)
     try:
         with evaluating(model):
             count = accumulate(sums)

@@ -20,7 +20,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from . import attention, recurrent  # noqa: F401  (register the nn.MultiheadAttention, nn.LSTM rules)
-from .base import Engine, accumulation_dtype
+from .base import Engine, accumulation_dtype, zero_sums
 from .functorch import FunctorchEngine
 from .hooks import HookEngine
 from .loop import LoopEngine
@@ -49,4 +49,4 @@ def get_engine(
     return HookEngine.for_model(model, params, FunctorchEngine() if backend == "auto" else None)
 
 
-__all__ = ["BACKENDS", "ENGINES", "Engine", "accumulation_dtype", "get_engine"]
+__all__ = ["BACKENDS", "ENGINES", "Engine", "accumulation_dtype", "get_engine", "zero_sums"]

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import accumulation_dtype
-from .rules import LinearSums, register
+from .rules import LinearSums, feed_all, register
 
 _ATTENTION_SIGNATURE = inspect.signature(nn.MultiheadAttention.forward)
 
@@ -217,9 +217,4 @@ def multihead_attention(
     engine's pull-back went through PyTorch's attention as well: the exact Fisher of
     ``benchmarks.models.TextTransformer`` (N=128, 2 CPU threads) took 10.5x a forward and
     backward pass that way and 8.3x this way; the empirical one 1.83x and 1.29x.)"""
-    sums = _attention_sums(module, args, kwargs, kept, names, budget)
-    if sums is None:
-        return None
-    for key, g in grads.items():
-        sums.add(key, g)
-    return sums.sums()
+    return feed_all(_attention_sums(module, args, kwargs, kept, names, budget), grads)

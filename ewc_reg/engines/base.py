@@ -73,6 +73,14 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+
+def zero_sums(params: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Zeros shaped like each parameter, in its :func:`accumulation_dtype`, by name."""
+    return {
+        name: torch.zeros_like(p, dtype=accumulation_dtype(p.dtype)) for name, p in params.items()
+    }
+
+
 #: :func:`fewer_vectors` leaves more vectors than this as they are.
 MAX_VECTORS_TO_REDUCE = 32
 

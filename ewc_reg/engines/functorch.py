@@ -25,7 +25,7 @@ from torch.func import functional_call, vjp, vmap
 from torch.utils import _pytree as pytree
 
 from .._batches import Batch, is_per_sample
-from .base import OutputFn, VectorFn, accumulation_dtype, resolve_chunk_size
+from .base import OutputFn, VectorFn, resolve_chunk_size, zero_sums
 from .loop import LoopEngine
 
 logger = logging.getLogger("ewc_reg")
@@ -116,10 +116,7 @@ class FunctorchEngine:
                     squares[name] = squares[name] + sq if name in squares else sq
             return squares
 
-        sums = {
-            name: torch.zeros_like(p, dtype=accumulation_dtype(p.dtype))
-            for name, p in trainable.items()
-        }
+        sums = zero_sums(trainable)
         per_sample_vectors = vectors.transpose(0, 1)  # (B, K, *S, C)
         for start in range(0, batch.size, chunk_size):
             stop = min(start + chunk_size, batch.size)

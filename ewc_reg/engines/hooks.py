@@ -89,9 +89,9 @@ from .base import (
     Engine,
     OutputFn,
     VectorFn,
-    accumulation_dtype,
     fewer_vectors,
     resolve_chunk_size,
+    zero_sums,
 )
 from .functorch import FunctorchEngine
 from .loose import (
@@ -652,10 +652,7 @@ class HookEngine:
             check_batch_layout(model, units, batch, output_fn, records)
             checked.add(shapes)
         vectors = fewer_vectors(make_vectors(pytree.tree_map_only(Tensor, Tensor.detach, output)))
-        sums = {
-            name: torch.zeros_like(p, dtype=accumulation_dtype(p.dtype))
-            for name, p in params.items()
-        }
+        sums = zero_sums(params)
         recorded = sum(record.nbytes for record in records.values()) // batch.size
         kept = sum(
             record.nbytes

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from .._batches import Batch
-from .base import OutputFn, VectorFn, accumulation_dtype
+from .base import OutputFn, VectorFn, zero_sums
 
 
 class LoopEngine:
@@ -46,10 +46,7 @@ class LoopEngine:
             vectors = make_vectors(output_fn(batch.call(model)))  # (K, B, *S, C)
         names = list(params)
         tensors = [params[name] for name in names]
-        sums = {
-            name: torch.zeros_like(p, dtype=accumulation_dtype(p.dtype))
-            for name, p in params.items()
-        }
+        sums = zero_sums(params)
         num_vectors = vectors.shape[0]
         for n in range(batch.size):
             sample = batch.map_per_sample(lambda t, n=n: t[n : n + 1].detach())

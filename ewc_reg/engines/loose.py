@@ -30,7 +30,7 @@ from torch.func import functional_call
 
 from .._batches import Batch
 from .base import OutputFn, accumulation_dtype
-from .rules import ACCUMULATIONS, CALL_RULES
+from .rules import ACCUMULATIONS, CALL_RULES, feed_all
 
 
 def loose_parameters(model: nn.Module, params: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -196,10 +196,7 @@ def loose_parameter(
 ) -> dict[str, Tensor]:
     """The sums of a :class:`LooseParameter` from the gradients ``grads[0]`` of its per-sample
     copies (a whole-call rule of no module class: the engine adds its units itself)."""
-    sums = LooseSums(loose)
-    for key, g in grads.items():
-        sums.add(key, g)
-    return sums.sums()
+    return feed_all(LooseSums(loose), grads)
 
 
 CALL_RULES.add(loose_parameter)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import accumulation_dtype
-from .rules import LinearSums, register
+from .rules import LinearSums, feed_all, register
 
 _NAME = re.compile(r"(weight|bias)_(ih|hh)_l\d+(_reverse)?")
 
@@ -219,9 +219,4 @@ def recurrent_layer(
     """The sums of a recurrent layer's call recorded by :func:`recurrence_in_pieces` (``None``,
     declining, for a call it did not redo): the :class:`_RecurrentSums` of all the vectors at
     once."""
-    sums = _recurrent_sums(module, args, kwargs, kept, names, budget)
-    if sums is None:
-        return None
-    for key, g in grads.items():
-        sums.add(key, g)
-    return sums.sums()
+    return feed_all(_recurrent_sums(module, args, kwargs, kept, names, budget), grads)

@@ -123,6 +123,18 @@ Accumulation = Callable[
     "Accumulator | None",
 ]
 
+def feed_all(
+    accumulator: Accumulator | None, grads: dict[int | str, Tensor]
+) -> dict[str, Tensor] | None:
+    """A whole-call rule's sums from its accumulator fed all the gradients at once (``None``
+    where the accumulation declined the call)."""
+    if accumulator is None:
+        return None
+    for key, g in grads.items():
+        accumulator.add(key, g)
+    return accumulator.sums()
+
+
 #: Rules whose sums add up over the vectors, with the accumulator the engine feeds instead of
 #: calling the rule: with the looped pull-back, each vector's gradients as they come, so that
 #: the ``K`` of them are never kept (less memory, no copies into ``(B, K, ...)`` buffers).
