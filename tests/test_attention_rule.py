@@ -264,3 +264,33 @@ def test_forward_called_directly_goes_to_functorch(caplog) -> None:
         got = fisher_diagonal(model, data_)
     assert any("used outside" in r.getMessage() for r in caplog.records if r.name == "ewc_reg")
     assert_close_dicts(got, fisher_diagonal(model, data_, backend="functorch"), 1e-12)
+
+
+class EncoderDecoder(nn.Module):
+    """``nn.Transformer`` (batch first): self-attention, causal self-attention and
+    cross-attention (the decoder's keys and values are the encoder's output)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.source, self.target = nn.Embedding(20, 8), nn.Embedding(20, 8)
+        self.transformer = nn.Transformer(8, 2, 1, 1, 16, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, source: Tensor, target: Tensor) -> Tensor:
+        causal = self.transformer.generate_square_subsequent_mask(target.shape[1])
+        hidden = self.transformer(self.source(source), self.target(target), tgt_mask=causal)
+        return self.head(hidden).mean(1)
+
+
+def test_encoder_decoder_transformer(caplog) -> None:
+    torch.manual_seed(0)
+    model = EncoderDecoder().double().eval()
+    batch = {
+        "source": torch.randint(0, 20, (4, 6)),
+        "target": torch.randint(0, 20, (4, 3)),
+        "labels": torch.randint(0, 3, (4,)),
+    }
+    with caplog.at_level(logging.INFO, logger="ewc_reg"):
+        got = fisher_diagonal(model, [batch])
+    assert not [r for r in caplog.records if r.name == "ewc_reg"]  # no fallback
+    assert_close_dicts(got, fisher_diagonal(model, [batch], backend="functorch"), 1e-10)
