@@ -23,8 +23,8 @@ Sequence (or any structured) outputs ``(B, *S, C)``, the class dimension last, a
 independent positions given ``f``: :math:`\log p(y|f) = \sum_{s \in S} \log p(y_s|f_s)`. The
 score is the per-position scores side by side, and, since each position's score has mean zero,
 the output-space Fisher is block-diagonal over positions: the exact factor holds, for each
-position, that position's ``C`` vectors and zeros elsewhere, ``K = |S| C`` in all (the
-per-sample output's size). Samples draw every position independently; vectors are
+position, that position's ``K_f`` vectors (``C``, or ``C - 1`` for the softmax) and zeros
+elsewhere, ``K = |S| K_f`` in all. Samples draw every position independently; vectors are
 ``(K, B, *S, C)``.
 """
 
@@ -94,11 +94,13 @@ class Likelihood(ABC):
 
     @abstractmethod
     def position_factor(self, output: Tensor) -> Tensor:
-        """Per position, a factor of that position's output-space Fisher: ``(C, B, *S, C)``."""
+        """Per position, a factor of that position's output-space Fisher: ``(K_f, B, *S, C)``
+        (``K_f = C``, or fewer where the Fisher has a lower rank)."""
 
     def exact_vectors(self, output: Tensor) -> Tensor:
         """A factor of the output-space Fisher: ``(K, B, *S, C)`` with ``Σ_k v_k v_kᵀ = F_f``,
-        ``K = |S| C`` (``(C, B, C)`` for plain ``(B, C)`` outputs)."""
+        ``K = |S| K_f`` for a position factor of ``K_f`` columns (``(K_f, B, C)`` for plain
+        ``(B, C)`` outputs)."""
         factor = self.position_factor(output)
         if output.dim() == 2:
             return factor
@@ -151,8 +153,15 @@ class Categorical(Likelihood):
     r"""Softmax over ``C`` classes: :math:`p = \mathrm{softmax}(f)`, targets are class indices.
 
     Score :math:`s(y) = e_y - p`; output-space Fisher :math:`\mathrm{diag}(p) - pp^\top =
-    \sum_c v_c v_c^\top` with :math:`v_c = \sqrt{p_c}\,(e_c - p)` (``K = C``). With positions,
-    targets ``(B, *S)`` hold one class per position; ``-100`` leaves a position out.
+    \sum_c v_c v_c^\top` with :math:`v_c = \sqrt{p_c}\,(e_c - p)`. That factor has rank
+    ``C - 1`` (:math:`\sum_c \sqrt{p_c}\, v_c = 0`), so :meth:`position_factor` gives one of
+    ``C - 1`` columns instead (``K = C - 1``): with :math:`u = \sqrt p` and the Householder
+    reflection :math:`H = I - 2hh^\top/h^\top h`, :math:`h = u + e_C` (so :math:`Hu = -e_C`;
+    :math:`h^\top h = 2 + 2u_C \ge 2`, never small), :math:`\mathrm{diag}(p) - pp^\top =
+    D^{1/2}(I - uu^\top)D^{1/2} = D^{1/2} H (I - e_C e_C^\top) H D^{1/2}`, whose first
+    ``C - 1`` columns :math:`v_j = \sqrt p \odot \big(e_j - h\, u_j/(1 + u_C)\big)` suffice.
+    With positions, targets ``(B, *S)`` hold one class per position; ``-100`` leaves a
+    position out.
     """
 
     name = "categorical"
@@ -190,10 +199,14 @@ class Categorical(Likelihood):
 
     def position_factor(self, output: Tensor) -> Tensor:
         probs = torch.softmax(output, dim=-1)  # (B, *S, C)
-        # (C, B, *S, C): v[c, b, s] = sqrt(p[b, s, c]) * (e_c - p[b, s])
-        return probs.sqrt().movedim(-1, 0).unsqueeze(-1) * (
-            _class_eye(output) - probs.unsqueeze(0)
-        )
+        classes = output.shape[-1]
+        if classes == 1:  # (a Fisher of zero: one zero vector)
+            return torch.zeros_like(output).unsqueeze(0)
+        root = probs.sqrt()
+        h = torch.cat([root[..., :-1], root[..., -1:] + 1], dim=-1)  # u + e_C
+        weights = (root[..., :-1] / (1 + root[..., -1:])).movedim(-1, 0).unsqueeze(-1)
+        # (C-1, B, *S, C): v[j, b, s] = sqrt(p[b, s]) * (e_j - h[b, s] u_j / (1 + u_C))
+        return root.unsqueeze(0) * (_class_eye(output)[: classes - 1] - weights * h.unsqueeze(0))
 
     def sample(self, output: Tensor, m: int, generator: torch.Generator | None) -> Tensor:
         # Inverse-CDF sampling from uniforms drawn row-major over (B, m, *S).

@@ -316,7 +316,7 @@ def test_exact_factor_is_block_diagonal_over_positions(name: str, shape: tuple) 
 def test_likelihood_shapes_and_unchanged_2d_errors() -> None:
     lik = Categorical()
     f = torch.randn(2, 3, 4, dtype=torch.float64)
-    assert lik.exact_vectors(f).shape == (12, 2, 3, 4)
+    assert lik.exact_vectors(f).shape == (9, 2, 3, 4)  # 3 positions x (C - 1) classes
     assert lik.sample(f, 5, None).shape == (5, 2, 3)
     with pytest.raises(ValueError, match=r"must have shape \(B, C\) = \(2, C\)"):
         lik.check_output(torch.randn(2), 2)

@@ -11,9 +11,11 @@ Layer-wise decomposition. If a parameter :math:`\theta` enters the network only 
     G_n = \big(\partial f(x_n)/\partial y_n\big)^\top v .
 
 So one forward pass records every unit's (parametrised module's) input ``x`` and (the autograd
-edge of) its output ``y``; ``V = make_vectors(f)`` of shape ``(K, B, *out)``, first cut to the
-rank of each sample's vectors (:func:`~.base.fewer_vectors`: ``C - 1`` vectors for the exact
-Fisher of a softmax), is pulled back to all the outputs in one backward pass batched over ``K``
+edge of) its output ``y``; ``V = make_vectors(f)`` of shape ``(K, B, *out)`` (the exact Fisher
+of a softmax gives ``C - 1`` vectors: see :class:`~ewc_reg.likelihoods.Categorical`; where each
+vector costs a backward pass of its own, ``V`` is first cut to the rank of each sample's
+vectors by :func:`~.base.fewer_vectors`) is pulled back to all the outputs in one backward pass
+batched over ``K``
 (``autograd.grad(..., is_grads_batched=True)``), giving ``G`` of shape ``(K, B, *y.shape[1:])``
 per module (or one pass per vector where ``vmap`` would loop anyway: convolutions and batch
 norms; ``G`` then lies in reused ``(B, K, ...)`` buffers, and layers with a reduction in
@@ -651,7 +653,9 @@ class HookEngine:
         if shapes not in checked:  # (once per model and shapes: not again for every batch)
             check_batch_layout(model, units, batch, output_fn, records)
             checked.add(shapes)
-        vectors = fewer_vectors(make_vectors(pytree.tree_map_only(Tensor, Tensor.detach, output)))
+        vectors = make_vectors(pytree.tree_map_only(Tensor, Tensor.detach, output))
+        if looped:  # (a vector less saves a backward pass; batched, less than the test costs)
+            vectors = fewer_vectors(vectors)
         sums = zero_sums(params)
         recorded = sum(record.nbytes for record in records.values()) // batch.size
         kept = sum(
