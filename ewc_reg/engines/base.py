@@ -90,8 +90,9 @@ def fewer_vectors(vectors: Tensor) -> Tensor:
 
     The sums depend on sample ``n``'s vectors only through :math:`M_n = \sum_k v_{nk}
     v_{nk}^\top = V_n^\top V_n` (:math:`\sum_k (J^\top v_k)^{\odot 2} = \mathrm{diag}(J^\top
-    M_n J)`), whose rank can be less than ``K``: the exact Fisher of a softmax has
-    :math:`\sum_c \sqrt{p_c}\, v_c = 0`, rank ``C - 1``. With the eigendecomposition
+    M_n J)`), whose rank can be less than ``K`` (a factor with more columns than its rank, as
+    the ``C`` columns :math:`\sqrt{p_c}(e_c - p)` of a softmax's Fisher, rank ``C - 1``, or
+    the zero vectors of positions left out). With the eigendecomposition
     :math:`V_n V_n^\top = Q_n \Lambda_n Q_n^\top` (``K x K``, in float64), the ``r`` rows
     :math:`W_n = Q_{n,r}^\top V_n` on the ``r`` largest eigenvalues have :math:`W_n^\top W_n =
     M_n` up to the dropped eigenvalues, where ``r`` is the most eigenvalues above
