@@ -4,17 +4,18 @@ with parameters (a ViT's class token and position embedding, a ConvNeXt block's 
 Such a parameter :math:`p` is used by its module's own ``forward`` (``expand``, ``+``, ``*``),
 with no module call to record. But these uses broadcast :math:`p` over the batch, so the
 forward pass can take per-sample copies instead: :math:`p` expanded to
-:math:`P = (p, \dots, p)` with the batch in front (``(B, *p.shape[1:])`` where ``p.shape[0] ==
-1``, else ``(B, *p.shape)``). The output is unchanged, and the gradient with respect to
-:math:`P_n` is sample ``n``'s gradient with respect to :math:`p`:
+:math:`P = (p, \dots, p)` with the batch in one of the :data:`LAYOUTS` (``(B, *p.shape[1:])``
+where ``p.shape[0] == 1``, ``(B, *p.shape)``, or with dimensions of size 1 after ``B``). The
+output is unchanged, and the gradient with respect to :math:`P_n` is sample ``n``'s gradient
+with respect to :math:`p`:
 
 .. math::
 
     \sum_n \sum_k \big(J_n^\top v_{nk}\big)_p^{\odot 2}
     = \sum_n \sum_k \Big(\frac{\partial \langle f(x_n), v_{nk}\rangle}{\partial P_n}\Big)^{\odot 2}.
 
-Whether a model's uses do broadcast this way is checked on two samples
-(:func:`per_sample_problem`) before the copies are trusted; a parameter used otherwise (indexed,
+Whether a model's uses do broadcast this way is checked on two samples, layout after layout
+(:func:`copies_layout`), before the copies are trusted; a parameter used otherwise (indexed,
 say, as a Swin window's relative position table) makes its module one unit instead
 (:func:`.hooks.plan`).
 """
