@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from ewc_reg import fisher_diagonal
 from ewc_reg._batches import Batch
-from ewc_reg.engines import attention, get_engine, rules
+from ewc_reg.engines import attention, get_engine, hooks, rules
 from ewc_reg.engines.base import DEFAULT_MEMORY_BUDGET, MAX_VECTORS_TO_REDUCE, fewer_vectors
 from ewc_reg.engines.functorch import FunctorchEngine
 from ewc_reg.engines.hooks import HookEngine, plan
@@ -1086,3 +1086,22 @@ def test_per_sample_copies_in_bfloat16(caplog) -> None:
     assert not [r for r in caplog.records if r.name == "ewc_reg"]
     assert got["token"].dtype == torch.float32
     assert_close_dicts(got, want, 1e-1)
+
+
+def test_a_late_failure_does_not_draw_the_labels_again(monkeypatch) -> None:
+    """An attempt that fails after making the vectors (here: made to) hands the retry and the
+    fallback the same vectors, so ``sample`` equals the functorch engine's with the seed."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    data = data_for(None)
+    real = HookEngine._sums
+
+    def late_failure(self, *args):
+        real(self, *args[:7], {}, 0)  # (makes the vectors, then fails)
+        raise hooks.Unsupported("failed after the vectors")
+
+    monkeypatch.setattr(HookEngine, "_sums", late_failure)
+    got = fisher_diagonal(model, data, "sample", generator=torch.Generator().manual_seed(3))
+    want = fisher_diagonal(
+        model, data, "sample", generator=torch.Generator().manual_seed(3), backend="functorch"
+    )
+    assert_close_dicts(got, want, 1e-12)

@@ -599,7 +599,16 @@ class HookEngine:
         chunk_size: int | None,
         memory_budget: int,
     ) -> dict[str, Tensor]:
-        args = (model, params, batch, output_fn, make_vectors, chunk_size, memory_budget)
+        """The batch's sums; a retry (the loose parameters' modules as units) or the fallback
+        after a failed attempt reuses the vectors it made (``sample`` draws once)."""
+        made: list[Tensor] = []
+
+        def make_once(output: Any) -> Tensor:
+            if not made:
+                made.append(make_vectors(output))
+            return made[0]
+
+        args = (model, params, batch, output_fn, make_once, chunk_size, memory_budget)
         if model in self._given_up:
             return self.fallback(*args)
         loose = {} if model in self._nested else loose_parameters(model, params)
