@@ -145,3 +145,21 @@ def test_attention_rule_matches_cpu():
     want = fisher_diagonal(model, [(x, y)], "exact")
     got = fisher_diagonal(copy.deepcopy(model).cuda(), [(x, y)], "exact", backend="hooks")
     assert_close_dicts(to_cpu(got), want, 1e-10)
+
+
+@pytest.mark.parametrize("kind", ["vit", "lstm"])
+def test_per_sample_copies_and_recurrent_rule_match_cpu(kind):
+    """A torchvision ViT (class token and position embedding: per-sample copies) and an LSTM
+    classifier (the recurrent rule) on the hooks engine."""
+    from benchmarks.models import LSTMClassifier, small_vit
+
+    torch.manual_seed(0)
+    if kind == "vit":
+        model, x = small_vit(10, quick=True), torch.randn(8, 3, 32, 32, dtype=torch.float64)
+    else:
+        model, x = LSTMClassifier(10, vocab_size=50, dim=8), torch.randint(0, 50, (8, 6))
+    model = model.double().eval()
+    y = torch.randint(0, 10, (8,))
+    want = fisher_diagonal(model, [(x, y)], "exact")
+    got = fisher_diagonal(copy.deepcopy(model).cuda(), [(x, y)], "exact", backend="hooks")
+    assert_close_dicts(to_cpu(got), want, 1e-10)
