@@ -130,3 +130,17 @@ def test_errors_of_the_model_itself_still_surface() -> None:
     data = [(torch.randn(3, 4, dtype=torch.float64), torch.randint(0, 3, (3,)))]
     with pytest.raises(RuntimeError, match="broken on single samples"):
         fisher_diagonal(model, data, backend="functorch")
+
+
+def test_sample_draws_once_when_vmap_fails() -> None:
+    """The functorch engine's failed attempt made the vectors already; the loop engine gets
+    those, so ``sample`` equals the loop engine's own with the same seed."""
+    model = Recurrent(nn.GRU, batch_first=True).double()
+    FunctorchEngine.unvmappable.discard(model)
+    x, y = torch.randn(5, 6, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
+
+    def fisher(backend: str) -> dict[str, Tensor]:
+        generator = torch.Generator().manual_seed(2)
+        return fisher_diagonal(model, [(x, y)], "sample", generator=generator, backend=backend)
+
+    assert_close_dicts(fisher("functorch"), fisher("loop"), 1e-12)

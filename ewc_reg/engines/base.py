@@ -74,6 +74,19 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 
+def made_once(make_vectors: VectorFn) -> VectorFn:
+    """``make_vectors`` that makes the vectors on its first call and returns those on every
+    later one (a retry or a fallback engine after a failed attempt: ``sample`` draws once)."""
+    made: list[Tensor] = []
+
+    def once(output: Tensor) -> Tensor:
+        if not made:
+            made.append(make_vectors(output))
+        return made[0]
+
+    return once
+
+
 def zero_sums(params: dict[str, Tensor]) -> dict[str, Tensor]:
     """Zeros shaped like each parameter, in its :func:`accumulation_dtype`, by name."""
     return {

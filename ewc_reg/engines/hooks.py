@@ -92,6 +92,7 @@ from .base import (
     OutputFn,
     VectorFn,
     fewer_vectors,
+    made_once,
     resolve_chunk_size,
     zero_sums,
 )
@@ -601,14 +602,7 @@ class HookEngine:
     ) -> dict[str, Tensor]:
         """The batch's sums; a retry (the loose parameters' modules as units) or the fallback
         after a failed attempt reuses the vectors it made (``sample`` draws once)."""
-        made: list[Tensor] = []
-
-        def make_once(output: Any) -> Tensor:
-            if not made:
-                made.append(make_vectors(output))
-            return made[0]
-
-        args = (model, params, batch, output_fn, make_once, chunk_size, memory_budget)
+        args = (model, params, batch, output_fn, made_once(make_vectors), chunk_size, memory_budget)
         if model in self._given_up:
             return self.fallback(*args)
         loose = {} if model in self._nested else loose_parameters(model, params)
