@@ -90,12 +90,32 @@ def test_the_pieces_are_the_module(cell: type[nn.RNNBase]) -> None:
     assert kept["a_l1"].shape == (3, 6, 5 * gates) and kept["x_l1"].shape == (3, 6, 10)
 
 
-class WithState(Tagger):
-    """Gives the LSTM an initial state (the recorded forward leaves such calls alone)."""
+class EncoderDecoder(nn.Module):
+    """A decoder started from an encoder's final states (``module(x, hx)``), both two layers;
+    the encoder sequence-first, the decoder batch-first."""
+
+    def __init__(self, cell: type[nn.RNNBase]) -> None:
+        super().__init__()
+        self.encoder = cell(4, 5, num_layers=2)
+        self.decoder = cell(4, 5, num_layers=2, batch_first=True)
+        self.head = nn.Linear(5, 3)
 
     def forward(self, x: Tensor) -> Tensor:
-        h0 = torch.full((1, x.shape[0], 5), 0.1, dtype=x.dtype)
-        return self.head(self.rnn(x, (h0, h0))[0].mean(1))
+        _, state = self.encoder(x[:, :3].transpose(0, 1))
+        out, _ = self.decoder(x[:, 3:], state)
+        return self.head(out.mean(1))
+
+
+@pytest.mark.parametrize("cell", [nn.LSTM, nn.GRU, nn.RNN])
+def test_initial_states_given(cell: type[nn.RNNBase], caplog) -> None:
+    """States passed in ``(layers, B, H)`` (from another layer here, so they get gradients)."""
+    torch.manual_seed(0)
+    model = EncoderDecoder(cell).double().eval()
+    x, y = torch.randn(5, 7, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
+    with caplog.at_level(logging.INFO, logger="ewc_reg"):
+        got = fisher_diagonal(model, [(x, y)])
+    assert not [r for r in caplog.records if r.name == "ewc_reg"]  # no fallback
+    assert_close_dicts(got, brute_force_fisher(model, x, y, "exact"), 1e-10)
 
 
 class SequenceFirst(nn.Module):
@@ -128,21 +148,16 @@ def test_sequence_first_layers(cell: type[nn.RNNBase], caplog) -> None:
 
 
 @pytest.mark.filterwarnings("ignore")
-@pytest.mark.parametrize(
-    "make",
-    [WithState, lambda: SequenceFirst(batch_first=True, proj_size=2)],
-    ids=["initial_state", "projections"],
-)
-def test_calls_the_rule_does_not_take_go_elsewhere(make) -> None:
-    """No rule for the module or the call; the model still gets the brute-force Fisher
+def test_projections_go_elsewhere() -> None:
+    """No rule for an LSTM with ``proj_size``; the model still gets the brute-force Fisher
     (through the loop engine)."""
-    model = make().double().eval()
+    model = SequenceFirst(batch_first=True, proj_size=2).double().eval()
+    assert plan(model, trainable(model))[0].rule is None
     x, y = torch.randn(5, 6, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
-    if isinstance(model, WithState):
-        h0 = torch.zeros(1, 5, 5, dtype=torch.float64)
-        pieces = recurrent.recurrence_in_pieces(model.rnn, (x, (h0, h0)), {}, lambda *a: a[1])
-        assert pieces is NotImplemented
-    else:
-        assert plan(model, trainable(model))[0].rule is None
     want = brute_force_fisher(model, x, y, "exact")
     assert_close_dicts(fisher_diagonal(model, [(x, y)]), want, 1e-10)
+
+
+def test_unbatched_input_is_left_to_the_module() -> None:
+    lstm = nn.LSTM(4, 5).double()
+    assert recurrent.recurrence_in_pieces(lstm, (torch.randn(6, 4),), {}, None) is NotImplemented

@@ -33,9 +33,10 @@ def _plain(module: nn.Module) -> bool:
 
 
 def _batch_dims(module: nn.Module) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Input ``x``, then the output and the final states ``(layers, B, H)``."""
+    """Input ``x`` and any initial states ``(layers, B, H)``, then the output and the final
+    states."""
     first = 0 if module.batch_first else 1
-    return (first,), (first, 1, 1)
+    return (first, 1, 1), (first, 1, 1)
 
 
 def _recurrent_parameters(module: nn.Module) -> set[str]:
@@ -74,11 +75,11 @@ def recurrence_in_pieces(
     kwargs: dict[str, Any],
     keep: Callable[[str, Tensor, bool], Tensor],
 ) -> Any:
-    r"""``module(x)`` for an ``nn.LSTM``, ``nn.GRU`` or ``nn.RNN`` on ``x: (B, T, in)`` (or
-    ``(T, B, in)`` without ``batch_first``; no initial state given), step by step;
-    ``NotImplemented`` otherwise (an initial state, packed or unbatched input, dropout in
-    training mode). For each layer and direction, from zero states (the reverse direction runs
-    from ``t = T-1`` down):
+    r"""``module(x)`` or ``module(x, hx)`` for an ``nn.LSTM``, ``nn.GRU`` or ``nn.RNN`` on
+    ``x: (B, T, in)`` (or ``(T, B, in)`` without ``batch_first``), step by step;
+    ``NotImplemented`` otherwise (packed or unbatched input, dropout in training mode). For each
+    layer and direction, from the initial states given (zeros by default; the reverse direction
+    runs from ``t = T-1`` down):
 
     .. math::
 
@@ -92,23 +93,26 @@ def recurrence_in_pieces(
     for a GRU, the reset gates (``"r_l0"``)."""
     x = args[0] if args else kwargs.get("input")
     hx = args[1] if len(args) > 1 else kwargs.get("hx")
-    if (
-        not isinstance(x, Tensor)
-        or x.dim() != 3
-        or hx is not None
-        or (module.training and module.dropout > 0)
-    ):
+    if not isinstance(x, Tensor) or x.dim() != 3 or (module.training and module.dropout > 0):
         return NotImplemented
     if not module.batch_first:
         x = x.transpose(0, 1)  # (B, T, in): the pieces are kept batch-first
     batch, steps, _ = x.shape
     zeros = x.new_zeros(batch, module.hidden_size)
+    layers = len(_suffixes(module))
+    if hx is None:
+        hx = (zeros.expand(layers, -1, -1),) * (2 if isinstance(module, nn.LSTM) else 1)
+    elif isinstance(hx, Tensor):
+        hx = (hx,)
+    if any(t.shape != (layers, batch, module.hidden_size) for t in hx):
+        return NotImplemented  # (unbatched states)
     finals_h, finals_c = [], []
     layer_input = x
     suffixes = iter(_suffixes(module))
     for _ in range(module.num_layers):
         outputs = []
         for reverse in (False, True) if module.bidirectional else (False,):
+            index = len(finals_h)
             suffix = next(suffixes)
             w_hh = getattr(module, f"weight_hh{suffix}")
             b_ih = getattr(module, f"bias_ih{suffix}") if module.bias else None
@@ -119,7 +123,7 @@ def recurrence_in_pieces(
                 F.linear(layer_input, getattr(module, f"weight_ih{suffix}"), b_ih),
                 True,
             )
-            h, c = zeros, zeros
+            h, c = hx[0][index], hx[-1][index]
             seen, states, resets = [zeros] * steps, [zeros] * steps, [zeros] * steps
             for t in reversed(range(steps)) if reverse else range(steps):
                 seen[t] = h
