@@ -125,9 +125,10 @@ def recurrence_in_pieces(
             )
             h, c = hx[0][index], hx[-1][index]
             seen, states, resets = [zeros] * steps, [zeros] * steps, [zeros] * steps
+            inputs = a.unbind(1)  # (one backward node: slicing a[:, t] zero-fills a per step)
             for t in reversed(range(steps)) if reverse else range(steps):
                 seen[t] = h
-                h, c, r = _step(module, a[:, t], h, c, w_hh, b_hh)
+                h, c, r = _step(module, inputs[t], h, c, w_hh, b_hh)
                 states[t] = h
                 if r is not None:
                     resets[t] = r
