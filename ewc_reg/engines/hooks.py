@@ -396,13 +396,20 @@ def check_batch_layout(
     The forward pass only checks that each unit output's leading dimension equals the batch
     size ``B``. A sequence-first layout ``(T, B, ...)`` with ``T == B`` passes that check (and
     the rules would then take positions for samples). So when some recorded tensor has ``B``
-    in a later dimension too, the units are recorded again on the first ``B' < B`` samples
+    in another dimension too (than its batch dimension: the leading one, or as the rule's
+    :data:`.rules.BATCH_DIMS` say), the units are recorded again on the first ``B' < B`` samples
     (without gradients) and every shape must change as the batch dimension does: inputs from
     ``(B, *rest)`` to ``(B', *rest)`` or not at all (shared by the samples), outputs from
     ``(B, *rest)`` to ``(B', *rest)``."""
     size = batch.size
-    shapes = [s for r in records.values() for s in (*r.inputs, *r.outputs)]
-    if size < 2 or not any(size in s[1:] for s in shapes):
+    others = []  # every recorded shape without its batch dimension
+    for unit, record in records.items():
+        inputs, outputs = _batch_dims(unit, record)
+        for shapes, dims in ((record.inputs, inputs), (record.outputs, outputs)):
+            for i, shape in enumerate(shapes):
+                dim = dims[i] if i < len(dims) else 0
+                others.append((*shape[:dim], *shape[dim + 1 :]))
+    if size < 2 or not any(size in shape for shape in others):
         return
     fewer = 2 if size > 2 else 1
     try:
