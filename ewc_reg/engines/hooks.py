@@ -111,6 +111,7 @@ from .rules import (
     CALL_RULES,
     RECORDED_FORWARDS,
     REDUCTIONS,
+    Accumulation,
     Accumulator,
     CallRule,
     Reducer,
@@ -671,8 +672,7 @@ class HookEngine:
         kept = sum(
             record.nbytes
             for unit, record in records.items()
-            if _reduction(unit, record) is None
-            and (unit.rule not in ACCUMULATIONS or not _by_rule(unit, record))
+            if _reduction(unit, record) is None and _accumulation(unit, record) is None
         ) // batch.size
         num_vectors = vectors.shape[0]
         self._steps[model] = resolve_chunk_size(
@@ -788,11 +788,19 @@ def _feed(accumulator: Accumulator, key: int | str, grads: Tensor) -> None:
     accumulator.add(key, grads)
 
 
+def _accumulation(unit: _Unit, record: _Record) -> Accumulation | None:
+    """The accumulation the unit's rule takes for this call (see
+    :data:`.rules.ACCUMULATIONS`), or ``None``."""
+    if unit.rule is None or not _by_rule(unit, record):
+        return None
+    return ACCUMULATIONS.get(unit.rule)
+
+
 def _accumulator(unit: _Unit, record: _Record, memory_budget: int) -> Accumulator | None:
-    """The accumulator of the unit's rule for this call (see :data:`.rules.ACCUMULATIONS`),
-    or ``None`` (no such rule, or it declined)."""
-    start = ACCUMULATIONS.get(unit.rule) if unit.rule is not None else None
-    if start is None or not _by_rule(unit, record):
+    """The accumulator of the unit's rule for this call, or ``None`` (no accumulation, or it
+    declined the call)."""
+    start = _accumulation(unit, record)
+    if start is None:
         return None
     args = record.args if unit.rule in CALL_RULES else record.args[:1]
     return start(unit.module, args, record.kwargs, record.kept, unit.names.keys(), memory_budget)
