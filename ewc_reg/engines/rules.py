@@ -338,9 +338,10 @@ class LinearSums:
         self.x = x.to(acc).reshape(x.shape[0], -1, x.shape[-1])  # (B, S, in)
         self.names, self.acc, self.budget = names, acc, budget
         batch, positions, features = self.x.shape
-        self.weight = self.x.new_zeros(out, features)
         self.bias = self.x.new_zeros(out)
+        # S = 1: the squares Σ_k G² (B, out), one matmul at the end; else the weight sums
         self.squares = self.x.new_zeros(batch, out) if positions == 1 else None
+        self.weight = self.x.new_zeros(out, features) if positions > 1 else None
 
     def add(self, key: int | str | None, grads: Tensor) -> None:
         batch, positions, _ = self.x.shape
@@ -357,7 +358,7 @@ class LinearSums:
     def sums(self) -> dict[str, Tensor]:
         weight = self.weight
         if self.squares is not None:
-            weight = weight + self.squares.mT @ self.x[:, 0].square()
+            weight = self.squares.mT @ self.x[:, 0].square()
         found = {"weight": weight, "bias": self.bias}
         return {name: found[name] for name in self.names}
 
@@ -379,9 +380,7 @@ def linear(
 ) -> dict[str, Tensor]:
     r""":math:`y = x W^\top + b` with ``x: (B, *S, in)`` and ``G: (K, B, *S, out)``: the
     :class:`LinearSums` of all ``K`` vectors at once."""
-    sums = _linear_sums(module, (x,), {}, {}, names, budget)
-    sums.add(0, grads)
-    return sums.sums()
+    return feed_all(_linear_sums(module, (x,), {}, {}, names, budget), {0: grads})
 
 
 #: Temporaries of one chunk of :func:`_linear_weight`'s direct products are kept within this
