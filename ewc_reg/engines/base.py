@@ -73,7 +73,6 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-
 def made_once(make_vectors: VectorFn) -> VectorFn:
     """``make_vectors`` that makes the vectors on its first call and returns those on every
     later one (a retry or a fallback engine after a failed attempt: ``sample`` draws once)."""
