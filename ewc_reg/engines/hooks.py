@@ -333,9 +333,9 @@ class _Recorder(TorchFunctionMode):
     def _after(self, unit: _Unit, output: Any) -> None:
         self.running.discard(unit)
         record = self.records[unit]
-        inputs, _ = _batch_dims(unit, record)
+        inputs, outputs = _batch_dims(unit, record)
         for i, shape in enumerate(record.inputs):
-            dim = inputs[i] if i < len(inputs) else 0
+            dim = _nth(inputs, i)
             lead = shape[dim] if len(shape) >= 3 else 0  # 2-d masks (L, S) are shared
             if lead > self.batch_size and lead % self.batch_size == 0:
                 self._flag(
@@ -346,7 +346,7 @@ class _Recorder(TorchFunctionMode):
         for i, leaf in enumerate(pytree.tree_leaves(output)):
             if not isinstance(leaf, Tensor):
                 continue
-            dim = _output_dim(unit, record, i)
+            dim = _nth(outputs, i)
             record.outputs.append(leaf.shape)
             if leaf.dim() <= dim or leaf.shape[dim] != self.batch_size:
                 where = "leading dimension" if dim == 0 else f"dimension {dim}"
@@ -408,7 +408,7 @@ def check_batch_layout(
         inputs, outputs = _batch_dims(unit, record)
         for shapes, dims in ((record.inputs, inputs), (record.outputs, outputs)):
             for i, shape in enumerate(shapes):
-                dim = dims[i] if i < len(dims) else 0
+                dim = _nth(dims, i)
                 others.append((*shape[:dim], *shape[dim + 1 :]))
     if size < 2 or not any(size in shape for shape in others):
         return
@@ -432,11 +432,11 @@ def check_batch_layout(
             raise Unsupported(f"{_describe(unit.path)} is called differently on fewer samples")
         inputs, outputs = _batch_dims(unit, record)
         pairs = [
-            (s, t, True, inputs[i] if i < len(inputs) else 0)
+            (s, t, True, _nth(inputs, i))
             for i, (s, t) in enumerate(zip(record.inputs, again.inputs))
         ]
         pairs += [
-            (s, t, False, outputs[i] if i < len(outputs) else 0)
+            (s, t, False, _nth(outputs, i))
             for i, (s, t) in enumerate(zip(record.outputs, again.outputs))
         ]
         for full, part, may_be_shared, dim in pairs:
@@ -815,9 +815,9 @@ def _batch_dims(unit: _Unit, record: _Record) -> tuple[tuple[int, ...], tuple[in
     return ((), ()) if dims is None else dims(unit.module)
 
 
-def _output_dim(unit: _Unit, record: _Record, leaf: int) -> int:
-    outputs = _batch_dims(unit, record)[1]
-    return outputs[leaf] if leaf < len(outputs) else 0
+def _nth(dims: tuple[int, ...], position: int) -> int:
+    """The batch dimension at ``position`` of :func:`_batch_dims`' ``dims`` (past the end: 0)."""
+    return dims[position] if position < len(dims) else 0
 
 
 def _by_rule(unit: _Unit, record: _Record) -> bool:
