@@ -73,6 +73,12 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def inside(path: str, outer: str) -> bool:
+    """Whether the module at ``path`` lies strictly inside the one at ``outer`` (paths as in
+    ``named_modules()``; ``""`` is the root)."""
+    return path != outer and (not outer or path.startswith(outer + "."))
+
+
 def made_once(make_vectors: VectorFn) -> VectorFn:
     """``make_vectors`` that makes the vectors on its first call and returns those on every
     later one (a retry or a fallback engine after a failed attempt: ``sample`` draws once)."""

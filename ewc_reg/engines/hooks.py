@@ -92,6 +92,7 @@ from .base import (
     OutputFn,
     VectorFn,
     fewer_vectors,
+    inside,
     made_once,
     resolve_chunk_size,
     zero_sums,
@@ -162,11 +163,6 @@ def _describe(path: str) -> str:
     return "the root module" if not path else f"module {path!r}"
 
 
-def _inside(path: str, outer: str) -> bool:
-    """Whether the module at ``path`` lies strictly inside the one at ``outer``."""
-    return path != outer and (not outer or path.startswith(outer + "."))
-
-
 def plan(model: nn.Module, params: dict[str, Tensor]) -> list[_Unit]:
     """The units computing the sums of ``params``: each module owning some of them, except that
     the outermost module owning some and containing modules that own some is one unit for all
@@ -186,7 +182,7 @@ def plan(model: nn.Module, params: dict[str, Tensor]) -> list[_Unit]:
             attention = (path, module)
         # the parameters of the modules inside an attention module are its own (out_proj)
         unit_path, unit_module, prefix = path, module, ""
-        if attention is not None and _inside(path, attention[0]):
+        if attention is not None and inside(path, attention[0]):
             (unit_path, unit_module), prefix = attention, path[len(attention[0]) + 1 :] + "."
         for local, p in module.named_parameters(recurse=False, remove_duplicate=False):
             if id(p) not in wanted:
@@ -204,7 +200,7 @@ def plan(model: nn.Module, params: dict[str, Tensor]) -> list[_Unit]:
     paths = list(owners)
     units: list[_Unit] = []
     for i, (path, (module, names)) in enumerate(owners.items()):
-        if units and _inside(path, units[-1].path):  # pre-order: the enclosing unit is the last
+        if units and inside(path, units[-1].path):  # pre-order: the enclosing unit is the last
             prefix = path[len(units[-1].path) + 1 :] + "."
             units[-1].names.update({prefix + local: name for local, name in names.items()})
             continue
@@ -213,7 +209,7 @@ def plan(model: nn.Module, params: dict[str, Tensor]) -> list[_Unit]:
                 f"{_describe(path)} is an nn.MultiheadAttention with batch_first=False (the "
                 "sequence, not the batch, is the leading dimension)"
             )
-        nested = i + 1 < len(paths) and _inside(paths[i + 1], path)
+        nested = i + 1 < len(paths) and inside(paths[i + 1], path)
         if nested and not path:
             inner = paths[1:4]
             raise Unsupported(

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from .._batches import Batch
-from .base import OutputFn, accumulation_dtype
+from .base import OutputFn, accumulation_dtype, inside
 from .rules import ACCUMULATIONS, CALL_RULES, feed_all
 
 
@@ -47,14 +47,10 @@ def loose_parameters(model: nn.Module, params: dict[str, Tensor]) -> dict[str, T
         for _, p in module.named_parameters(recurse=False, remove_duplicate=False):
             if id(p) in name_of:
                 owned.setdefault(path, []).append(name_of[id(p)])
-
-    def contains(outer: str, inner: str) -> bool:
-        return inner != outer and (not outer or inner.startswith(outer + "."))
-
     return {
         name: params[name]
         for path, names in owned.items()
-        if path not in attention and any(contains(path, other) for other in owned)
+        if path not in attention and any(inside(other, path) for other in owned)
         for name in names
     }
 
