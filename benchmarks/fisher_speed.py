@@ -62,6 +62,7 @@ MODEL_KEYS = ("mlp", "resnet", "transformer")
 #: Models run only when named in ``--models`` (the targets are those of :data:`MODEL_KEYS`): a
 #: torchvision ViT (class token and position embedding on the model) and an LSTM classifier.
 EXTRA_MODEL_KEYS = ("vit", "lstm")
+ALL_MODEL_KEYS = MODEL_KEYS + EXTRA_MODEL_KEYS
 PEERS = {"BackPACK": "backpack-for-pytorch", "nngeometry": "nngeometry"}
 
 Fisher = dict[str, Tensor]
@@ -718,7 +719,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--models", default=",".join(MODEL_KEYS),
-        help=f"comma-separated subset of {','.join(MODEL_KEYS + EXTRA_MODEL_KEYS)} (default "
+        help=f"comma-separated subset of {','.join(ALL_MODEL_KEYS)} (default "
         f"{','.join(MODEL_KEYS)})",
     )
     parser.add_argument(
@@ -737,12 +738,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
-    unknown = set(args.models) - set(MODEL_KEYS + EXTRA_MODEL_KEYS)
+    unknown = set(args.models) - set(ALL_MODEL_KEYS)
     if unknown or not args.models:
-        parser.error(
-            "--models takes a comma-separated subset of "
-            f"{','.join(MODEL_KEYS + EXTRA_MODEL_KEYS)}"
-        )
+        parser.error(f"--models takes a comma-separated subset of {','.join(ALL_MODEL_KEYS)}")
     if args.repeats < 0 or args.threads < 1:
         parser.error("--repeats must be at least 0 and --threads at least 1")
     if args.quick:
