@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from . import attention, recurrent  # noqa: F401  (register the nn.MultiheadAttention, nn.LSTM rules)
+from . import attention, recurrent  # noqa: F401  (register the attention and recurrent rules)
 from .base import Engine, accumulation_dtype, zero_sums
 from .functorch import FunctorchEngine
 from .hooks import HookEngine
