@@ -1,8 +1,9 @@
 """Cost of ``EWCRegularizer.penalty()`` and its backward inside an Adam training step.
 
 Target (issue #3): the penalty adds at most 10% to an Adam step of the Split MNIST MLP at batch
-128. Three contenders are timed round-robin in one process (so machine noise hits all alike),
-and medians are reported:
+128. Four contenders are timed round-robin in one process (so machine noise hits all alike), in
+forward order on even rounds and reverse order on odd ones (so none always runs after the same
+neighbour, whose freed buffers and cache lines it would inherit), and medians are reported:
 
 * ``step``: forward, mean cross-entropy on the task's 2 units, backward, Adam step;
 * ``step + penalty``: the same with ``reg.penalty()`` added to the loss;
@@ -117,8 +118,10 @@ def measure(
     times: dict[str, list[float]] = {name: [] for name in contenders}
     faults: dict[str, list[int]] = {name: [] for name in contenders}
     warmup = max(repeats // 10, 3)
+    names = list(contenders)
     for i in range(repeats + warmup):
-        for name, fn in contenders.items():
+        for name in names if i % 2 == 0 else names[::-1]:
+            fn = contenders[name]
             before = page_faults()
             t = time_once(fn)
             if i >= warmup:

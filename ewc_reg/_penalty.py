@@ -9,12 +9,14 @@ over lists of parameter tensors, with a handful of ``torch._foreach_*`` kernels 
 Python loop of small ops per parameter (the penalty runs at every training step).
 
 The penalty is memory-bound, so the node makes as few passes over the parameters as it can:
-the forward computes :math:`d = \theta - \mu` and :math:`w = A d` (kept for the backward) and
-the dot products :math:`w \cdot d`; the first backward scales :math:`w` in place by
-:math:`\lambda \cdot \text{grad\_output}` and hands those buffers over as the gradients (autograd
-can then adopt them as ``.grad`` without a copy). A second backward through a retained graph
-recomputes :math:`w`; under ``create_graph=True`` the backward uses plain differentiable ops,
-so double backward works.
+the forward computes :math:`d = \theta - \mu` and :math:`w = \lambda A d` (scaled by
+:math:`\lambda` right away, while :math:`w` is still in cache, and kept for the backward) and
+the dot products :math:`w \cdot d`. The first backward hands those buffers over as the
+gradients (autograd can then adopt them as ``.grad`` without a copy), scaling them by
+``grad_output`` only when it is not 1 (``loss.backward()`` on a loss that adds the penalty
+gives 1; reading it costs no device sync on the CPU, so other devices always scale). A second
+backward through a retained graph recomputes :math:`w`; under ``create_graph=True`` the
+backward uses plain differentiable ops, so double backward works.
 """
 
 from __future__ import annotations
@@ -27,12 +29,14 @@ from torch import Tensor
 
 
 def _weighted_diffs(
-    params: Sequence[Tensor], precision: list[Tensor], center: list[Tensor]
+    params: Sequence[Tensor], precision: list[Tensor], center: list[Tensor], strength: float
 ) -> tuple[list[Tensor], list[Tensor]]:
     r""":math:`d = \theta - \mu` (``params`` promoted to the dtype of ``precision``) and
-    :math:`A d`."""
+    :math:`\lambda A d = \partial P / \partial \theta`."""
     diffs = torch._foreach_sub([p.to(a.dtype) for p, a in zip(params, precision)], center)
-    return diffs, torch._foreach_mul(diffs, precision)
+    weighted = torch._foreach_mul(diffs, precision)
+    torch._foreach_mul_(weighted, strength)
+    return diffs, weighted
 
 
 class _Penalty(torch.autograd.Function):
@@ -45,25 +49,26 @@ class _Penalty(torch.autograd.Function):
         center: list[Tensor],
         *params: Tensor,
     ) -> Tensor:
-        diffs, weighted = _weighted_diffs(params, precision, center)  # A(θ−μ): ∂P/∂θ up to λ
+        diffs, weighted = _weighted_diffs(params, precision, center, strength)
         dots = torch.stack([torch.dot(w.view(-1), d.view(-1)) for w, d in zip(weighted, diffs)])
         ctx.strength, ctx.precision, ctx.center = strength, precision, center
         ctx.weighted = weighted
         ctx.save_for_backward(*params)
-        return 0.5 * strength * (dots.sum() + offset)
+        return 0.5 * (dots.sum() + strength * offset)
 
     @staticmethod
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
         params = ctx.saved_tensors
-        scale = ctx.strength * grad_output
         if torch.is_grad_enabled():  # create_graph=True: plain ops, so autograd can record them
+            scale = ctx.strength * grad_output
             theta = [p.to(a.dtype) for p, a in zip(params, ctx.precision)]
             grads = [(t - c) * a * scale for t, c, a in zip(theta, ctx.center, ctx.precision)]
         else:
             grads, ctx.weighted = ctx.weighted, None  # hand the buffers over (first backward)
             if grads is None:  # a later backward through a retained graph
-                grads = _weighted_diffs(params, ctx.precision, ctx.center)[1]
-            torch._foreach_mul_(grads, scale)
+                grads = _weighted_diffs(params, ctx.precision, ctx.center, ctx.strength)[1]
+            if grad_output.device.type != "cpu" or grad_output.item() != 1.0:
+                torch._foreach_mul_(grads, grad_output)
         return (None, None, None, None, *(g.to(p.dtype) for g, p in zip(grads, params)))
 
 
