@@ -8,7 +8,7 @@ Run from the repository root::
 
 For every workload (Split MNIST MLP and reduced ResNet-18 with C=2 and C=10 output units, a
 small Transformer-encoder text classifier with C=10) it times, in one process, round-robin over
-the contenders for several rounds (medians reported):
+the contenders for several rounds, reversing their order every other round (medians reported):
 
 * a plain forward+backward of the mean cross-entropy at the same batch size (the unit);
 * every estimator of :func:`ewc_reg.fisher_diagonal` on every backend in
@@ -461,7 +461,7 @@ def benchmark_workload(
 
     timed: dict[int, list[Measurement]] = {id(c): [] for c, _ in active}
     for round_ in range(repeats):
-        for c, _ in active:
+        for c, _ in active if round_ % 2 == 0 else active[::-1]:
             if round_ > 0 and sum(m.seconds for m in timed[id(c)]) >= max_seconds:
                 continue
             timed[id(c)].append(measure(c.run, device))
@@ -668,7 +668,8 @@ def render(
         "## Method",
         "",
         f"- One process. Each contender runs once untimed (warm-up; its Fisher is checked), "
-        f"then {args.repeats} rounds round-robin over the contenders; a contender whose timed "
+        f"then {args.repeats} rounds round-robin over the contenders, in reverse order every other "
+        f"round (so none always follows the same neighbour); a contender whose timed "
         f"runs already took ≥ {args.max_seconds:g} s sits out later rounds (`runs` column: "
         "timed runs; 0: the warm-up run is reported). "
         "Times are medians (the minimum is shown too: other jobs share the CPUs, and the "
