@@ -46,9 +46,9 @@ class Batch:
         args, kwargs, targets = pytree.tree_map(apply, (self.args, self.kwargs, self.targets))
         return Batch(args, kwargs, targets, int(targets.shape[0]))
 
-    def narrow(self, length: int) -> Batch:
-        """The first ``length`` samples of the batch."""
-        return self.map_per_sample(lambda t: t[:length])
+    def samples(self, start: int, stop: int) -> Batch:
+        """Samples ``start`` to ``stop - 1`` as a batch of their own."""
+        return self.map_per_sample(lambda t: t[start:stop])
 
     def to(self, device: torch.device) -> Batch:
         """Move every tensor (per-sample or not) to ``device``."""
@@ -106,7 +106,7 @@ def iter_batches(data: Iterable[Any], n_samples: int | None = None) -> Iterator[
     for raw in data:
         batch = as_batch(raw)
         if n_samples is not None and seen + batch.size > n_samples:
-            batch = batch.narrow(n_samples - seen)
+            batch = batch.samples(0, n_samples - seen)
         if batch.size == 0:
             continue
         seen += batch.size

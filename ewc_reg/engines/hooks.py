@@ -74,7 +74,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import operator
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
@@ -411,7 +410,7 @@ def check_batch_layout(
     fewer = 2 if size > 2 else 1
     try:
         with torch.no_grad(), _Recorder(units, fewer) as recorder:
-            output_fn(batch.narrow(fewer).call(model))
+            output_fn(batch.samples(0, fewer).call(model))
     except Exception as error:  # (the model may not take another batch size)
         raise Unsupported(
             f"the batch dimension could not be checked: the model failed on {fewer} samples "
@@ -685,7 +684,7 @@ class HookEngine:
         )
         del output, records
         for start in range(0, batch.size, step):
-            chunk = batch.map_per_sample(operator.itemgetter(slice(start, start + step)))
+            chunk = batch.samples(start, start + step)
             output, records = self._forward(model, units, copied, layout, chunk, output_fn, True)
             chunk_vectors = vectors[:, start : start + step]
             self._accumulate(

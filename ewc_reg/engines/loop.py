@@ -49,7 +49,7 @@ class LoopEngine:
         sums = zero_sums(params)
         num_vectors = vectors.shape[0]
         for n in range(batch.size):
-            sample = batch.map_per_sample(lambda t, n=n: t[n : n + 1].detach())
+            sample = batch.samples(n, n + 1)
             with torch.enable_grad():
                 output = output_fn(sample.call(model))
             for k in range(num_vectors):

@@ -108,7 +108,7 @@ def per_sample_problem(
     equal those of each sample alone with respect to the parameters (to 1e-3 relative, or 16
     rounding units in low precision: the batched and single computations round differently)."""
     size = min(batch.size, 2)
-    few = batch.narrow(size)
+    few = batch.samples(0, size)
     names = list(loose)
     try:
         with torch.enable_grad():
@@ -121,7 +121,7 @@ def per_sample_problem(
                 (output * weights).sum(), [copies[n] for n in names], allow_unused=True
             )
             for n in range(size):
-                one = few.map_per_sample(lambda t, n=n: t[n : n + 1])
+                one = few.samples(n, n + 1)
                 alone = output_fn(one.call(model))
                 single = torch.autograd.grad(
                     (alone * weights[n : n + 1]).sum(), [loose[m] for m in names], allow_unused=True
