@@ -46,7 +46,7 @@ from ._model_state import evaluating
 from ._validation import check_choice, check_count
 from .distributed import process_group_for, reduce_shards, shard_generator, unwrap_model
 from .engines import BACKENDS, get_engine, zero_sums
-from .engines.base import DEFAULT_MEMORY_BUDGET
+from .engines.base import DEFAULT_MEMORY_BUDGET, RowWiseVectors, VectorFn
 from .likelihoods import LIKELIHOODS, Likelihood, get_likelihood
 
 __all__ = ["METHODS", "ParamSelection", "fisher_diagonal", "select_parameters"]
@@ -171,10 +171,16 @@ def fisher_diagonal(
             return _accumulate_batched(model, params, batches, lik, output_fn, sums)
         engine = get_engine(backend, model, params)
 
-        def make_vectors_for(batch: Batch) -> Callable[[Tensor], Tensor]:
-            def make_vectors(output: Tensor) -> Tensor:
-                output = lik.check_output(output, batch.size).detach()
-                mask, targets = _positions(lik, output, batch)
+        def make_vectors_for(batch: Batch) -> VectorFn:
+            def make_vectors(output: Tensor, start: int = 0, stop: int | None = None) -> Tensor:
+                """The vectors of samples ``start`` to ``stop - 1`` (the batch's end) from their
+                output."""
+                if start or stop is not None:
+                    batch_rows = batch.samples(start, batch.size if stop is None else stop)
+                else:
+                    batch_rows = batch
+                output = lik.check_output(output, batch_rows.size).detach()
+                mask, targets = _positions(lik, output, batch_rows)
                 if method == "exact":
                     _check_exact_size(output, max_exact_vectors)
                     vectors = lik.exact_vectors(output)
@@ -186,7 +192,7 @@ def fisher_diagonal(
                     return vectors
                 return torch.where(mask.unsqueeze(-1), vectors, vectors.new_zeros(()))
 
-            return make_vectors
+            return make_vectors if method == "sample" else RowWiseVectors(make_vectors)
 
         count = 0
         for batch in batches:

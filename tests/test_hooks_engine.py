@@ -342,6 +342,36 @@ def test_chunks_give_the_same_sums() -> None:
             assert_close_dicts(engine_sums(engine, model, x, vectors, **chunks), whole, 1e-12)
 
 
+@pytest.mark.parametrize(
+    "method, passes",
+    [
+        ("exact", [(3, True), (3, True), (2, True)]),
+        ("empirical", [(3, True), (3, True), (2, True)]),
+        ("sample", [(8, False), (3, True), (3, True), (2, True)]),
+    ],
+)
+def test_chunks_make_their_own_vectors_unless_labels_are_drawn(method: str, passes) -> None:
+    """8 samples in chunks of 3: exact and empirical make each chunk's vectors from its own
+    forward pass; sample draws the labels of the whole batch, from one more pass (no
+    gradients). The same Fisher either way."""
+    model = cnn(classes=3)
+    x = torch.randn(8, 2, 6, 6, dtype=torch.float64)
+    data = [(x, torch.randint(0, 3, (8,)))]
+    expected = fisher_diagonal(
+        model, data, method, backend="functorch", generator=torch.Generator().manual_seed(0)
+    )
+    calls = []
+    model.register_forward_pre_hook(
+        lambda module, args: calls.append((args[0].shape[0], torch.is_grad_enabled()))
+    )
+    got = fisher_diagonal(
+        model, data, method, backend="hooks", chunk_size=3,
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert_close_dicts(got, expected, 1e-10)
+    assert [c for c in calls if c != (2, False)] == passes  # (2, False): the layout check
+
+
 def hook_state(model: nn.Module) -> list:
     return [
         (dict(m._forward_hooks), dict(m._forward_pre_hooks), dict(m._backward_hooks))

@@ -157,6 +157,16 @@ def test_every_engine_matches_brute_force(backend: str, method: str) -> None:
     assert_fisher_close(fisher_diagonal(model, batches, method, backend=backend), expected)
 
 
+@pytest.mark.parametrize("method", ["exact", "empirical"])
+def test_hooks_engine_chunks_match_brute_force(method: str) -> None:
+    """Chunks of 2 of the batch of 3 make their own vectors: their labels, padding and
+    attention masks are the chunk's rows."""
+    model, batches = PerTokenLM().double(), padded_batches()
+    expected = brute_force(model, batches, method)
+    actual = fisher_diagonal(model, batches, method, backend="hooks", chunk_size=2)
+    assert_fisher_close(actual, expected)
+
+
 def test_exact_within_a_tiny_budget_matches_brute_force() -> None:
     """One sequence's T*V pull-backs exceed the budget: they are taken one at a time."""
     model, batches = make_model(), padded_batches()

@@ -19,7 +19,9 @@ the chunk with :func:`resolve_chunk_size` from ``memory_budget`` (bytes) and its
 the working memory one sample adds (for the functorch engine, the ``K`` per-sample pull-backs of
 all parameters), so that the chunk's working set stays within the budget as the batch grows.
 The budget covers the per-chunk work; the one no-grad forward pass of the whole batch that
-forms ``V`` is bounded by the batch the data yields.
+forms ``V`` is bounded by the batch the data yields. Where the vectors are
+:class:`RowWiseVectors` (``exact``, ``empirical``: each sample's vectors need only its own
+output), an engine may form them from each chunk's own forward pass instead, and save that pass.
 """
 
 from __future__ import annotations
@@ -34,6 +36,19 @@ from .._batches import Batch
 
 OutputFn = Callable[[object], Tensor]
 VectorFn = Callable[[Tensor], Tensor]
+
+
+class RowWiseVectors:
+    """A :data:`VectorFn` whose vectors of a run of samples need only those samples' outputs:
+    ``vectors(output, start, stop)`` makes the vectors of samples ``start`` to ``stop - 1``
+    of the batch from their output (``output`` of the whole batch and ``start=0, stop=None`` by
+    default). ``sample``, which draws labels for the whole batch at once, is not one."""
+
+    def __init__(self, make: Callable[[Tensor, int, int | None], Tensor]) -> None:
+        self._make = make
+
+    def __call__(self, output: Tensor, start: int = 0, stop: int | None = None) -> Tensor:
+        return self._make(output, start, stop)
 
 #: Memory per chunk when the caller sets no ``memory_budget``: 256 MiB. (Reduced ResNet-18, exact
 #: Fisher, C=10, N=128, 2 CPU threads: budgets of 512, 256, 128 and 64 MiB took 3.45, 3.72, 4.31
@@ -81,7 +96,10 @@ def inside(path: str, outer: str) -> bool:
 
 def made_once(make_vectors: VectorFn) -> VectorFn:
     """``make_vectors`` that makes the vectors on its first call and returns those on every
-    later one (a retry or a fallback engine after a failed attempt: ``sample`` draws once)."""
+    later one (a retry or a fallback engine after a failed attempt: ``sample`` draws once).
+    :class:`RowWiseVectors` draw nothing and are returned as they are."""
+    if isinstance(make_vectors, RowWiseVectors):
+        return make_vectors
     made: list[Tensor] = []
 
     def once(output: Tensor) -> Tensor:

@@ -89,6 +89,7 @@ from .._batches import Batch
 from .base import (
     Engine,
     OutputFn,
+    RowWiseVectors,
     VectorFn,
     fewer_vectors,
     inside,
@@ -562,7 +563,11 @@ class HookEngine:
         # whose loose parameters' modules are units instead (see __call__)
         self._copies: weakref.WeakKeyDictionary[nn.Module, int] = weakref.WeakKeyDictionary()
         self._nested: weakref.WeakSet[nn.Module] = weakref.WeakSet()
-        self._steps: weakref.WeakKeyDictionary[nn.Module, int] = weakref.WeakKeyDictionary()
+        # the chunk sizes of the model's last batch: the pull-back of a recorded forward pass,
+        # and a forward pass with its pull-back
+        self._steps: weakref.WeakKeyDictionary[nn.Module, tuple[int, int]] = (
+            weakref.WeakKeyDictionary()
+        )
         # the looped pull-back's gradient buffers, reused by the chunks and the next batches
         self._storage: weakref.WeakKeyDictionary[nn.Module, dict[int, Tensor]] = (
             weakref.WeakKeyDictionary()
@@ -642,7 +647,9 @@ class HookEngine:
         layout: int,
     ) -> dict[str, Tensor]:
         """One forward pass over the batch (checks, vectors, and the sums when its pull-back
-        fits the budget), else one more per chunk of samples (see the module docstring); the
+        fits the budget), else one more per chunk of samples (see the module docstring). When
+        the last batch went in chunks and the vectors are :class:`~.base.RowWiseVectors`, the
+        first pass is the first chunk's instead, and each chunk makes its own vectors. The
         ``loose`` parameters (:mod:`.loose`) are taken through per-sample copies in
         ``layout``."""
         units = plan(model, {n: p for n, p in params.items() if n not in loose})
@@ -651,42 +658,61 @@ class HookEngine:
             for name, p in loose.items()
         ]
         looped = any(isinstance(m, _UNBATCHED_BACKWARD) for m in model.modules())
-        known = chunk_size if chunk_size is not None else self._steps.get(model)
-        whole = known is None or known >= batch.size
-        output, records = self._forward(model, units, copied, layout, batch, output_fn, whole)
+        known = (chunk_size,) * 2 if chunk_size is not None else self._steps.get(model)
+        whole = known is None or known[0] >= batch.size
+        # The first pass: the whole batch, with gradients if they may fit, else without (it
+        # only makes the vectors); or, when the batch goes in chunks and each chunk can make
+        # its own vectors, the first chunk, with gradients.
+        row_wise = not whole and isinstance(make_vectors, RowWiseVectors) and known[1] > 1
+        first = batch.samples(0, known[1]) if row_wise else batch
+        grad = whole or row_wise
+        output, records = self._forward(model, units, copied, layout, first, output_fn, grad)
         shapes = tuple(s for record in records.values() for s in (*record.inputs, *record.outputs))
         checked = self._layouts.setdefault(model, set())
         if shapes not in checked:  # (once per model and shapes: not again for every batch)
-            check_batch_layout(model, units, batch, output_fn, records)
+            check_batch_layout(model, units, first, output_fn, records)
             checked.add(shapes)
-        vectors = make_vectors(pytree.tree_map_only(Tensor, Tensor.detach, output))
-        if looped:  # (a vector less saves a backward pass; batched, less than the test costs)
-            vectors = fewer_vectors(vectors)
+
+        def vectors_of(output: Any, start: int, stop: int) -> Tensor:
+            """The vectors of samples ``start`` to ``stop - 1``, from ``output``: theirs when
+            ``row_wise``, else the whole batch's."""
+            output = pytree.tree_map_only(Tensor, Tensor.detach, output)
+            vectors = make_vectors(output, start, stop) if row_wise else make_vectors(output)
+            # (a vector less saves a backward pass; batched, less than the test costs)
+            return fewer_vectors(vectors) if looped else vectors
+
+        vectors = vectors_of(output, 0, first.size)
         sums = zero_sums(params)
-        recorded = sum(record.nbytes for record in records.values()) // batch.size
+        recorded = sum(record.nbytes for record in records.values()) // first.size
         kept = sum(
             record.nbytes
             for unit, record in records.items()
             if _reduction(unit, record) is None and _accumulation(unit, record) is None
-        ) // batch.size
+        ) // first.size
         num_vectors = vectors.shape[0]
-        self._steps[model] = resolve_chunk_size(
-            chunk_size, memory_budget, bytes_per_sample(num_vectors, kept, recorded, forward=False)
+        steps = tuple(
+            resolve_chunk_size(
+                chunk_size, memory_budget, bytes_per_sample(num_vectors, kept, recorded, forward)
+            )
+            for forward in (False, True)
         )
+        self._steps[model] = steps
         storage = self._storage.setdefault(model, {})
-        if whole and self._steps[model] >= batch.size:  # the first pass's graph serves
+        done = 0
+        if grad and steps[0] >= first.size:  # the first pass's graph serves
             self._accumulate(
                 units + copied, records, output, vectors, sums, memory_budget, looped, storage
             )
-            return sums
-        step = resolve_chunk_size(
-            chunk_size, memory_budget, bytes_per_sample(num_vectors, kept, recorded, forward=True)
-        )
+            done = first.size
         del output, records
-        for start in range(0, batch.size, step):
+        step = steps[1]
+        for start in range(done, batch.size, step):
             chunk = batch.samples(start, start + step)
             output, records = self._forward(model, units, copied, layout, chunk, output_fn, True)
-            chunk_vectors = vectors[:, start : start + step]
+            if row_wise:
+                chunk_vectors = vectors_of(output, start, start + chunk.size)
+            else:  # (the whole batch's, from the first pass)
+                chunk_vectors = vectors[:, start : start + step]
             self._accumulate(
                 units + copied, records, output, chunk_vectors, sums, memory_budget, looped, storage
             )
