@@ -372,6 +372,27 @@ def test_chunks_make_their_own_vectors_unless_labels_are_drawn(method: str, pass
     assert [c for c in calls if c != (2, False)] == passes  # (2, False): the layout check
 
 
+def test_a_later_call_starts_with_the_chunks_of_the_last() -> None:
+    """The first call on a model learns that 8 samples go in chunks (a first pass over all
+    8, with gradients); the next call, at the same budget, starts with the first chunk."""
+    model = cnn(classes=3)
+    data = [(torch.randn(8, 2, 6, 6, dtype=torch.float64), torch.randint(0, 3, (8,)))]
+    expected = fisher_diagonal(model, data, "empirical", backend="functorch")
+    budget = 20_000  # (chunks of 3 samples)
+    calls = []
+    model.register_forward_pre_hook(
+        lambda module, args: calls.append((args[0].shape[0], torch.is_grad_enabled()))
+    )
+    passes = []
+    for _ in range(2):
+        calls.clear()
+        got = fisher_diagonal(model, data, "empirical", backend="hooks", memory_budget=budget)
+        assert_close_dicts(got, expected, 1e-10)
+        passes.append([n for n, grad in calls if grad])  # (no gradients: the layout check)
+    assert passes[0][0] == 8 and 1 < max(passes[0][1:]) < 8 and sum(passes[0][1:]) == 8
+    assert passes[1] == passes[0][1:]
+
+
 def hook_state(model: nn.Module) -> list:
     return [
         (dict(m._forward_hooks), dict(m._forward_pre_hooks), dict(m._backward_hooks))

@@ -76,7 +76,7 @@ import functools
 import logging
 import weakref
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -555,6 +555,13 @@ class HookEngine:
     """
 
     name = "hooks"
+    #: The chunk sizes of each model's last batch, by memory budget and selected parameters:
+    #: for the pull-back of a recorded forward pass, and for a forward pass with its pull-back.
+    #: Kept across calls (the next task's ``consolidate``): they only choose the first pass,
+    #: and a first pass they make too large is taken again in smaller chunks.
+    steps: ClassVar[
+        weakref.WeakKeyDictionary[nn.Module, dict[tuple[int, tuple[str, ...]], tuple[int, int]]]
+    ] = weakref.WeakKeyDictionary()
 
     def __init__(self, fallback: Engine | None = None) -> None:
         self.fallback = fallback
@@ -563,11 +570,6 @@ class HookEngine:
         # whose loose parameters' modules are units instead (see __call__)
         self._copies: weakref.WeakKeyDictionary[nn.Module, int] = weakref.WeakKeyDictionary()
         self._nested: weakref.WeakSet[nn.Module] = weakref.WeakSet()
-        # the chunk sizes of the model's last batch: the pull-back of a recorded forward pass,
-        # and a forward pass with its pull-back
-        self._steps: weakref.WeakKeyDictionary[nn.Module, tuple[int, int]] = (
-            weakref.WeakKeyDictionary()
-        )
         # the looped pull-back's gradient buffers, reused by the chunks and the next batches
         self._storage: weakref.WeakKeyDictionary[nn.Module, dict[int, Tensor]] = (
             weakref.WeakKeyDictionary()
@@ -648,8 +650,9 @@ class HookEngine:
     ) -> dict[str, Tensor]:
         """One forward pass over the batch (checks, vectors, and the sums when its pull-back
         fits the budget), else one more per chunk of samples (see the module docstring). When
-        the last batch went in chunks and the vectors are :class:`~.base.RowWiseVectors`, the
-        first pass is the first chunk's instead, and each chunk makes its own vectors. The
+        the model's last batch at this budget (in this call or an earlier one: :attr:`steps`)
+        went in chunks and the vectors are :class:`~.base.RowWiseVectors`, the first pass is
+        the first chunk's instead, and each chunk makes its own vectors. The
         ``loose`` parameters (:mod:`.loose`) are taken through per-sample copies in
         ``layout``."""
         units = plan(model, {n: p for n, p in params.items() if n not in loose})
@@ -658,7 +661,9 @@ class HookEngine:
             for name, p in loose.items()
         ]
         looped = any(isinstance(m, _UNBATCHED_BACKWARD) for m in model.modules())
-        known = (chunk_size,) * 2 if chunk_size is not None else self._steps.get(model)
+        cached = self.steps.setdefault(model, {})
+        key = (memory_budget, tuple(params))
+        known = (chunk_size,) * 2 if chunk_size is not None else cached.get(key)
         whole = known is None or known[0] >= batch.size
         # The first pass: the whole batch, with gradients if they may fit, else without (it
         # only makes the vectors); or, when the batch goes in chunks and each chunk can make
@@ -690,13 +695,16 @@ class HookEngine:
             if _reduction(unit, record) is None and _accumulation(unit, record) is None
         ) // first.size
         num_vectors = vectors.shape[0]
-        steps = tuple(
+        steps = (
             resolve_chunk_size(
-                chunk_size, memory_budget, bytes_per_sample(num_vectors, kept, recorded, forward)
-            )
-            for forward in (False, True)
+                chunk_size, memory_budget, bytes_per_sample(num_vectors, kept, recorded, False)
+            ),
+            resolve_chunk_size(
+                chunk_size, memory_budget, bytes_per_sample(num_vectors, kept, recorded, True)
+            ),
         )
-        self._steps[model] = steps
+        if chunk_size is None:
+            cached[key] = steps
         storage = self._storage.setdefault(model, {})
         done = 0
         if grad and steps[0] >= first.size:  # the first pass's graph serves
