@@ -50,6 +50,7 @@ class RowWiseVectors:
     def __call__(self, output: Tensor, start: int = 0, stop: int | None = None) -> Tensor:
         return self._make(output, start, stop)
 
+
 #: Memory per chunk when the caller sets no ``memory_budget``: 256 MiB. (Reduced ResNet-18, exact
 #: Fisher, C=10, N=128, 2 CPU threads: budgets of 512, 256, 128 and 64 MiB took 3.45, 3.72, 4.31
 #: and 5.26 s with peaks of 571, 340, 269 and 267 MiB; the Transformer of the speed benchmark
