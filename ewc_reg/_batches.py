@@ -50,6 +50,12 @@ class Batch:
         """Samples ``start`` to ``stop - 1`` as a batch of their own."""
         return self.map_per_sample(lambda t: t[start:stop])
 
+    def sample_shapes(self) -> tuple[tuple[int, ...], ...]:
+        """The shapes of one sample's tensors (each per-sample tensor's without its first
+        dimension), in the order of the batch's inputs."""
+        leaves = pytree.tree_leaves((self.args, self.kwargs))
+        return tuple(tuple(t.shape[1:]) for t in leaves if is_per_sample(t, self.size))
+
     def to(self, device: torch.device) -> Batch:
         """Move every tensor (per-sample or not) to ``device``."""
         args, kwargs, targets = pytree.tree_map(

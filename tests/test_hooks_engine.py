@@ -1169,3 +1169,21 @@ def test_a_late_failure_does_not_draw_the_labels_again(monkeypatch) -> None:
         model, data, "sample", generator=torch.Generator().manual_seed(3), backend="functorch"
     )
     assert_close_dicts(got, want, 1e-12)
+
+
+def test_chunk_sizes_are_kept_per_sample_shape() -> None:
+    """Longer sequences than the last batch's do not start from its (larger) chunks."""
+    model = nn.Sequential(nn.Embedding(20, 16), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 5))
+    model.double()
+
+    def batch(length: int):
+        return [(torch.randint(0, 20, (8, length)), torch.randint(0, 5, (8, length)))]
+
+    budget = 5_000  # (chunks of 2 short sequences, of 1 long one)
+    calls = []
+    model.register_forward_pre_hook(lambda module, args: calls.append(tuple(args[0].shape)))
+    fisher_diagonal(model, batch(2), "empirical", backend="hooks", memory_budget=budget)
+    short = [shape for shape in calls if shape[0] < 8]
+    calls.clear()
+    fisher_diagonal(model, batch(16), "empirical", backend="hooks", memory_budget=budget)
+    assert short and calls[0] == (8, 16)  # (a first pass over the batch: nothing known)

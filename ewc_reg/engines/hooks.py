@@ -555,12 +555,13 @@ class HookEngine:
     """
 
     name = "hooks"
-    #: The chunk sizes of each model's last batch, by memory budget and selected parameters:
-    #: for the pull-back of a recorded forward pass, and for a forward pass with its pull-back.
-    #: Kept across calls (the next task's ``consolidate``): they only choose the first pass,
-    #: and a first pass they make too large is taken again in smaller chunks.
+    #: The chunk sizes of each model's last batch, by memory budget, selected parameters and
+    #: the shapes of one sample's inputs: for the pull-back of a recorded forward pass, and for
+    #: a forward pass with its pull-back. Kept across calls (the next task's ``consolidate``):
+    #: they only choose the first pass, and a first pass they make too large for the vectors
+    #: (more of them than the last call's) is taken again in smaller chunks.
     steps: ClassVar[
-        weakref.WeakKeyDictionary[nn.Module, dict[tuple[int, tuple[str, ...]], tuple[int, int]]]
+        weakref.WeakKeyDictionary[nn.Module, dict[tuple[Any, ...], tuple[int, int]]]
     ] = weakref.WeakKeyDictionary()
 
     def __init__(self, fallback: Engine | None = None) -> None:
@@ -662,7 +663,7 @@ class HookEngine:
         ]
         looped = any(isinstance(m, _UNBATCHED_BACKWARD) for m in model.modules())
         cached = self.steps.setdefault(model, {})
-        key = (memory_budget, tuple(params))
+        key = (memory_budget, tuple(params), batch.sample_shapes())
         known = (chunk_size,) * 2 if chunk_size is not None else cached.get(key)
         whole = known is None or known[0] >= batch.size
         # The first pass: the whole batch, with gradients if they may fit, else without (it
