@@ -1172,7 +1172,8 @@ def test_a_late_failure_does_not_draw_the_labels_again(monkeypatch) -> None:
 
 
 def test_chunk_sizes_are_kept_per_sample_shape() -> None:
-    """Longer sequences than the last batch's do not start from its (larger) chunks."""
+    """Longer sequences than the last batch's do not start from its chunks: their first pass
+    goes over the whole batch, without gradients (the shorter ones went in chunks)."""
     model = nn.Sequential(nn.Embedding(20, 16), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 5))
     model.double()
 
@@ -1181,9 +1182,14 @@ def test_chunk_sizes_are_kept_per_sample_shape() -> None:
 
     budget = 5_000  # (chunks of 2 short sequences, of 1 long one)
     calls = []
-    model.register_forward_pre_hook(lambda module, args: calls.append(tuple(args[0].shape)))
+    model.register_forward_pre_hook(
+        lambda module, args: calls.append((tuple(args[0].shape), torch.is_grad_enabled()))
+    )
     fisher_diagonal(model, batch(2), "empirical", backend="hooks", memory_budget=budget)
-    short = [shape for shape in calls if shape[0] < 8]
+    assert calls[1] == ((2, 2), True)
+    long = batch(16)
+    expected = fisher_diagonal(model, long, "empirical", backend="functorch")
     calls.clear()
-    fisher_diagonal(model, batch(16), "empirical", backend="hooks", memory_budget=budget)
-    assert short and calls[0] == (8, 16)  # (a first pass over the batch: nothing known)
+    got = fisher_diagonal(model, long, "empirical", backend="hooks", memory_budget=budget)
+    assert calls[0] == ((8, 16), False) and calls[1] == ((1, 16), True)
+    assert_close_dicts(got, expected, 1e-10)

@@ -555,11 +555,13 @@ class HookEngine:
     """
 
     name = "hooks"
-    #: The chunk sizes of each model's last batch, by memory budget, selected parameters and
-    #: the shapes of one sample's inputs: for the pull-back of a recorded forward pass, and for
-    #: a forward pass with its pull-back. Kept across calls (the next task's ``consolidate``):
-    #: they only choose the first pass, and a first pass they make too large for the vectors
-    #: (more of them than the last call's) is taken again in smaller chunks.
+    #: The chunk sizes of each model's last batch, by memory budget and selected parameters,
+    #: and also by the shapes of one sample's inputs: for the pull-back of a recorded forward
+    #: pass, and for a forward pass with its pull-back. Kept across calls (the next task's
+    #: ``consolidate``): they only choose the first pass. Those of the same shapes let it be
+    #: the first chunk's (a first chunk too large for more vectors than the last call's is
+    #: taken again in smaller chunks); those of other shapes only whether the pass over the
+    #: whole batch takes gradients.
     steps: ClassVar[
         weakref.WeakKeyDictionary[nn.Module, dict[tuple[Any, ...], tuple[int, int]]]
     ] = weakref.WeakKeyDictionary()
@@ -663,13 +665,20 @@ class HookEngine:
         ]
         looped = any(isinstance(m, _UNBATCHED_BACKWARD) for m in model.modules())
         cached = self.steps.setdefault(model, {})
-        key = (memory_budget, tuple(params), batch.sample_shapes())
+        like = (memory_budget, tuple(params))  # (the last batch's steps, of any shapes)
+        key = (*like, batch.sample_shapes())
         known = (chunk_size,) * 2 if chunk_size is not None else cached.get(key)
-        whole = known is None or known[0] >= batch.size
+        hint = known or cached.get(like)
+        whole = hint is None or hint[0] >= batch.size
         # The first pass: the whole batch, with gradients if they may fit, else without (it
-        # only makes the vectors); or, when the batch goes in chunks and each chunk can make
-        # its own vectors, the first chunk, with gradients.
-        row_wise = not whole and isinstance(make_vectors, RowWiseVectors) and known[1] > 1
+        # only makes the vectors); or, when batches of these shapes go in chunks and each
+        # chunk can make its own vectors, the first chunk, with gradients.
+        row_wise = (
+            known is not None
+            and not whole
+            and isinstance(make_vectors, RowWiseVectors)
+            and known[1] > 1
+        )
         first = batch.samples(0, known[1]) if row_wise else batch
         grad = whole or row_wise
         output, records = self._forward(model, units, copied, layout, first, output_fn, grad)
@@ -705,7 +714,7 @@ class HookEngine:
             ),
         )
         if chunk_size is None:
-            cached[key] = steps
+            cached[key] = cached[like] = steps
         storage = self._storage.setdefault(model, {})
         done = 0
         if grad and steps[0] >= first.size:  # the first pass's graph serves
