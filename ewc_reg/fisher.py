@@ -172,6 +172,8 @@ def fisher_diagonal(
         engine = get_engine(backend, model, params)
 
         def make_vectors_for(batch: Batch) -> VectorFn:
+            draws = _DrawsInOrder(lik, mc_samples, generator)
+
             def make_vectors(output: Tensor, start: int = 0, stop: int | None = None) -> Tensor:
                 """The vectors of samples ``start`` to ``stop - 1`` (the batch's end) from their
                 output."""
@@ -187,12 +189,12 @@ def fisher_diagonal(
                 elif method == "empirical":
                     vectors = lik.empirical_vectors(output, targets)
                 else:
-                    vectors = lik.sample_vectors(output, mc_samples, generator)
+                    vectors = lik.sample_vectors(output, draws.rows(output, start, batch_rows.size))
                 if mask is None:
                     return vectors
                 return torch.where(mask.unsqueeze(-1), vectors, vectors.new_zeros(()))
 
-            return make_vectors if method == "sample" else RowWiseVectors(make_vectors)
+            return RowWiseVectors(make_vectors)
 
         count = 0
         for batch in batches:
@@ -306,6 +308,26 @@ def _accumulate_batched(
                 sums[name] += g.to(sums[name].dtype).pow(2)
         count += 1
     return count
+
+
+class _DrawsInOrder:
+    """The uniforms behind ``sample``'s labels for one batch, drawn from ``generator`` in sample
+    order the first time a sample is asked for, and kept: each sample's labels are drawn once
+    and are the same whatever the chunks, retries and fallbacks that ask for them."""
+
+    def __init__(self, lik: Likelihood, m: int, generator: torch.Generator | None) -> None:
+        self.lik, self.m, self.generator = lik, m, generator
+        self.kept: Tensor | None = None
+
+    def rows(self, output: Tensor, start: int, count: int) -> Tensor:
+        """The uniforms of samples ``start`` to ``start + count - 1``, whose output is
+        ``output``."""
+        have = 0 if self.kept is None else self.kept.shape[0]
+        if start + count > have:
+            more = self.lik.uniforms(output, self.m, self.generator, count=start + count - have)
+            self.kept = more if self.kept is None else torch.cat([self.kept, more])
+        assert self.kept is not None
+        return self.kept[start : start + count]
 
 
 def _positions(lik: Likelihood, output: Tensor, batch: Batch) -> tuple[Tensor | None, Tensor]:

@@ -113,18 +113,41 @@ class Likelihood(ABC):
         return spread.reshape(length * c, batch, *positions, output.shape[-1])
 
     @abstractmethod
-    def sample(self, output: Tensor, m: int, generator: torch.Generator | None) -> Tensor:
-        """Draw ``m`` targets per sample from :math:`p(\\cdot|f)`, shape ``(m, B, ...)``.
+    def draw_shape(self, output: Tensor, m: int) -> tuple[int, ...]:
+        """The shape of the uniforms that ``m`` draws for one sample of ``output`` take."""
 
-        Draws consume the generator sample by sample (row-major over ``(B, m, *S)``), so the
-        result does not depend on how the data is split into batches.
+    @abstractmethod
+    def sample_from(self, output: Tensor, uniforms: Tensor) -> Tensor:
+        """Targets ``(m, B, ...)`` from :meth:`uniforms` ``(B, *draw_shape(output, m))``."""
+
+    def uniforms(
+        self,
+        output: Tensor,
+        m: int,
+        generator: torch.Generator | None,
+        count: int | None = None,
+    ) -> Tensor:
+        """The uniforms of ``m`` draws for each of ``count`` samples (default: the batch of
+        ``output``), ``(count, *draw_shape(output, m))`` in float64.
+
+        They consume the generator sample by sample (row-major), so the draws do not depend on
+        how the data is split into batches or chunks.
         """
+        rows = output.shape[0] if count is None else count
+        return _uniform((rows, *self.draw_shape(output, m)), output, generator)
+
+    def sample(self, output: Tensor, m: int, generator: torch.Generator | None) -> Tensor:
+        """Draw ``m`` targets per sample from :math:`p(\\cdot|f)`, shape ``(m, B, ...)``."""
+        return self.sample_from(output, self.uniforms(output, m, generator))
 
     def empirical_vectors(self, output: Tensor, targets: Tensor) -> Tensor:
         return self.score(output, self.check_targets(output, targets)).unsqueeze(0)
 
-    def sample_vectors(self, output: Tensor, m: int, generator: torch.Generator | None) -> Tensor:
-        return self.score(output, self.sample(output, m, generator)) / math.sqrt(m)
+    def sample_vectors(self, output: Tensor, uniforms: Tensor) -> Tensor:
+        """The ``m`` scores of the targets drawn from ``uniforms`` (:meth:`uniforms`), over
+        :math:`\\sqrt m`: ``(m, B, *S, C)``."""
+        m = uniforms.shape[1]
+        return self.score(output, self.sample_from(output, uniforms)) / math.sqrt(m)
 
 
 def _uniform(shape: tuple[int, ...], like: Tensor, generator: torch.Generator | None) -> Tensor:
@@ -133,13 +156,12 @@ def _uniform(shape: tuple[int, ...], like: Tensor, generator: torch.Generator | 
     return u.to(like.device)
 
 
-def _normal(shape: tuple[int, ...], like: Tensor, generator: torch.Generator | None) -> Tensor:
-    """Standard normals by Box-Muller from :func:`_uniform`, which draws serially: unlike
-    ``torch.randn`` (vectorised on CPU for large tensors) the stream does not depend on how
-    the data is split into batches."""
-    u = _uniform((*shape, 2), like, generator)
+def _normal(u: Tensor, dtype: torch.dtype) -> Tensor:
+    """Standard normals by Box-Muller from uniforms ``(..., 2)`` of :func:`_uniform`, which
+    draws serially: unlike ``torch.randn`` (vectorised on CPU for large tensors) the stream
+    does not depend on how the data is split into batches."""
     z = (-2 * torch.log1p(-u[..., 0])).sqrt() * torch.cos(2 * math.pi * u[..., 1])
-    return z.to(like.dtype)
+    return z.to(dtype)
 
 
 def _class_eye(output: Tensor) -> Tensor:
@@ -208,11 +230,13 @@ class Categorical(Likelihood):
         # (C-1, B, *S, C): v[j, b, s] = sqrt(p[b, s]) * (e_j - h[b, s] u_j / (1 + u_C))
         return root.unsqueeze(0) * (_class_eye(output)[: classes - 1] - weights * h.unsqueeze(0))
 
-    def sample(self, output: Tensor, m: int, generator: torch.Generator | None) -> Tensor:
-        # Inverse-CDF sampling from uniforms drawn row-major over (B, m, *S).
+    def draw_shape(self, output: Tensor, m: int) -> tuple[int, ...]:
+        return (m, *output.shape[1:-1])
+
+    def sample_from(self, output: Tensor, uniforms: Tensor) -> Tensor:
+        # Inverse-CDF sampling from uniforms (B, m, *S).
         cdf = torch.softmax(output.double(), dim=-1).cumsum(dim=-1).unsqueeze(1)
-        u = _uniform((output.shape[0], m, *output.shape[1:-1]), output, generator)
-        u = (u * cdf[..., -1]).unsqueeze(-1)  # (B, m, *S, 1)
+        u = (uniforms * cdf[..., -1]).unsqueeze(-1)  # (B, m, *S, 1)
         cdf = cdf.expand(*u.shape[:-1], cdf.shape[-1]).contiguous()  # (B, m, *S, C)
         draws = torch.searchsorted(cdf, u, right=True).squeeze(-1)
         return draws.clamp_(max=output.shape[-1] - 1).movedim(1, 0)  # (m, B, *S)
@@ -248,9 +272,11 @@ class Gaussian(Likelihood):
     def position_factor(self, output: Tensor) -> Tensor:
         return _class_eye(output).expand(output.shape[-1], *output.shape)
 
-    def sample(self, output: Tensor, m: int, generator: torch.Generator | None) -> Tensor:
-        noise = _normal((output.shape[0], m, *output.shape[1:]), output, generator)
-        return output.unsqueeze(0) + noise.movedim(1, 0)
+    def draw_shape(self, output: Tensor, m: int) -> tuple[int, ...]:
+        return (m, *output.shape[1:], 2)  # (two uniforms per normal)
+
+    def sample_from(self, output: Tensor, uniforms: Tensor) -> Tensor:
+        return output.unsqueeze(0) + _normal(uniforms, output.dtype).movedim(1, 0)
 
 
 class Bernoulli(Likelihood):
@@ -287,9 +313,11 @@ class Bernoulli(Likelihood):
         scale = (sig * (1 - sig)).sqrt()  # (B, *S, C)
         return _class_eye(output) * scale.movedim(-1, 0).unsqueeze(-1)
 
-    def sample(self, output: Tensor, m: int, generator: torch.Generator | None) -> Tensor:
-        u = _uniform((output.shape[0], m, *output.shape[1:]), output, generator)
-        return (u.movedim(1, 0) < torch.sigmoid(output.double())).to(output.dtype)
+    def draw_shape(self, output: Tensor, m: int) -> tuple[int, ...]:
+        return (m, *output.shape[1:])
+
+    def sample_from(self, output: Tensor, uniforms: Tensor) -> Tensor:
+        return (uniforms.movedim(1, 0) < torch.sigmoid(output.double())).to(output.dtype)
 
 
 LIKELIHOODS: dict[str, type[Likelihood]] = {

@@ -20,8 +20,9 @@ the working memory one sample adds (for the functorch engine, the ``K`` per-samp
 all parameters), so that the chunk's working set stays within the budget as the batch grows.
 The budget covers the per-chunk work; the one no-grad forward pass of the whole batch that
 forms ``V`` is bounded by the batch the data yields. Where the vectors are
-:class:`RowWiseVectors` (``exact``, ``empirical``: each sample's vectors need only its own
-output), an engine may form them from each chunk's own forward pass instead, and save that pass.
+:class:`RowWiseVectors` (every estimator's: each sample's vectors need only its own output, and
+its own draws for ``sample``), an engine may form them from each chunk's own forward pass
+instead, and save that pass.
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ class RowWiseVectors:
     """A :data:`VectorFn` whose vectors of a run of samples need only those samples' outputs:
     ``vectors(output, start, stop)`` makes the vectors of samples ``start`` to ``stop - 1``
     of the batch from their output (``output`` of the whole batch and ``start=0, stop=None`` by
-    default). ``sample``, which draws labels for the whole batch at once, is not one."""
+    default). Random vectors must be the same whatever the runs of samples asked for (as
+    ``sample``'s are: its labels are drawn once per sample, in sample order)."""
 
     def __init__(self, make: Callable[[Tensor, int, int | None], Tensor]) -> None:
         self._make = make
