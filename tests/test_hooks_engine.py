@@ -390,13 +390,19 @@ def test_a_later_call_starts_with_the_chunks_of_the_last() -> None:
 @pytest.mark.parametrize("budget", [12_000, 22_000, 30_000])
 def test_chunk_sizes_of_another_estimator_do_not_change_the_fisher(budget: int) -> None:
     """The chunk sizes kept from the last call may be too small or too large for the next
-    (exact pulls back 4 vectors here, empirical 1): every call still gives the Fisher."""
+    (exact pulls back 4 vectors here, empirical 1, sample 2): every call still gives the
+    Fisher, and sample the labels the functorch engine draws with the same seed."""
     model = cnn(classes=5)
     data = [(torch.randn(8, 2, 6, 6, dtype=torch.float64), torch.randint(0, 5, (8,)))]
-    methods = ("empirical", "exact")
-    expected = {m: fisher_diagonal(model, data, m, backend="functorch") for m in methods}
+    methods = ("empirical", "exact", "sample")
+
+    def fisher(method: str, **kwargs) -> dict[str, Tensor]:
+        generator = torch.Generator().manual_seed(0)
+        return fisher_diagonal(model, data, method, generator=generator, mc_samples=2, **kwargs)
+
+    expected = {m: fisher(m, backend="functorch") for m in methods}
     for method in (*methods, *methods[::-1]):
-        got = fisher_diagonal(model, data, method, backend="hooks", memory_budget=budget)
+        got = fisher(method, backend="hooks", memory_budget=budget)
         assert_close_dicts(got, expected[method], 1e-10)
 
 
