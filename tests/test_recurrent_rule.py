@@ -25,7 +25,8 @@ class Tagger(nn.Module):
     def __init__(self, cell: type[nn.RNNBase] = nn.LSTM, **options) -> None:
         super().__init__()
         self.rnn = cell(4, 5, batch_first=True, **options)
-        self.head = nn.Linear(5 * (2 if self.rnn.bidirectional else 1), 3)
+        size = getattr(self.rnn, "proj_size", 0) or 5
+        self.head = nn.Linear(size * (2 if self.rnn.bidirectional else 1), 3)
 
     def forward(self, x: Tensor) -> Tensor:
         out, state = self.rnn(x)
@@ -46,6 +47,9 @@ OPTIONS = {
     "gru_two_layers_bidirectional": {"cell": nn.GRU, "num_layers": 2, "bidirectional": True},
     "rnn_tanh": {"cell": nn.RNN},
     "rnn_relu_two_layers": {"cell": nn.RNN, "nonlinearity": "relu", "num_layers": 2},
+    "projection": {"proj_size": 3},
+    "projection_two_layers": {"proj_size": 3, "num_layers": 2},
+    "projection_two_layers_bidirectional": {"proj_size": 3, "num_layers": 2, "bidirectional": True},
 }
 
 
@@ -67,11 +71,14 @@ def test_recurrent_rule_matches_brute_force(name: str, method: str, caplog) -> N
     assert_close_dicts(got, brute_force_fisher(model, x, y, method, sampled=draws), 1e-10)
 
 
-@pytest.mark.parametrize("cell", [nn.LSTM, nn.GRU, nn.RNN])
-def test_the_pieces_are_the_module(cell: type[nn.RNNBase]) -> None:
+@pytest.mark.parametrize("cell", [nn.LSTM, nn.GRU, nn.RNN, "projected"])
+def test_the_pieces_are_the_module(cell: type[nn.RNNBase] | str) -> None:
     """The recorded forward computes what the module does, and keeps its pieces."""
     torch.manual_seed(0)
-    module = cell(4, 5, num_layers=2, bidirectional=True, batch_first=True).double()
+    options = {"num_layers": 2, "bidirectional": True, "batch_first": True}
+    if cell == "projected":
+        cell, options = nn.LSTM, {**options, "proj_size": 3}
+    module = cell(4, 5, **options).double()
     x = torch.randn(3, 6, 4, dtype=torch.float64)
     kept: dict[str, Tensor] = {}
 
@@ -84,21 +91,23 @@ def test_the_pieces_are_the_module(cell: type[nn.RNNBase]) -> None:
     for g, w in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(want)):
         assert torch.allclose(g, w, atol=1e-12)
     suffixes = ("_l0", "_l0_reverse", "_l1", "_l1_reverse")
-    pieces = "axhr" if cell is nn.GRU else "axh"
+    projected = "proj_size" in options
+    pieces = "axhr" if cell is nn.GRU else "axhmo" if projected else "axh"
     assert set(kept) == {f"{p}{s}" for p in pieces for s in suffixes}
     gates = {nn.LSTM: 4, nn.GRU: 3, nn.RNN: 1}[cell]
-    assert kept["a_l1"].shape == (3, 6, 5 * gates) and kept["x_l1"].shape == (3, 6, 10)
+    layer_output = 6 if projected else 10
+    assert kept["a_l1"].shape == (3, 6, 5 * gates) and kept["x_l1"].shape == (3, 6, layer_output)
 
 
 class EncoderDecoder(nn.Module):
     """A decoder started from an encoder's final states (``module(x, hx)``), both two layers;
     the encoder sequence-first, the decoder batch-first."""
 
-    def __init__(self, cell: type[nn.RNNBase]) -> None:
+    def __init__(self, cell: type[nn.RNNBase], **options) -> None:
         super().__init__()
-        self.encoder = cell(4, 5, num_layers=2)
-        self.decoder = cell(4, 5, num_layers=2, batch_first=True)
-        self.head = nn.Linear(5, 3)
+        self.encoder = cell(4, 5, num_layers=2, **options)
+        self.decoder = cell(4, 5, num_layers=2, batch_first=True, **options)
+        self.head = nn.Linear(options.get("proj_size", 5), 3)
 
     def forward(self, x: Tensor) -> Tensor:
         _, state = self.encoder(x[:, :3].transpose(0, 1))
@@ -147,15 +156,23 @@ def test_sequence_first_layers(cell: type[nn.RNNBase], caplog) -> None:
         assert_close_dicts(got, brute_force_fisher(model, x, y, "exact"), 1e-10)
 
 
-@pytest.mark.filterwarnings("ignore")
-def test_projections_go_elsewhere() -> None:
-    """No rule for an LSTM with ``proj_size``; the model still gets the brute-force Fisher
-    (through the loop engine)."""
-    model = SequenceFirst(batch_first=True, proj_size=2).double().eval()
-    assert plan(model, trainable(model))[0].rule is None
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_projections_sequence_first_and_given_states(batch_first: bool, caplog) -> None:
+    """An LSTM with ``proj_size`` keeps the rule, sequence-first too, and with initial states
+    of the projected size passed in."""
+    torch.manual_seed(0)
+    model = SequenceFirst(batch_first=batch_first, proj_size=2, num_layers=2).double().eval()
+    assert plan(model, trainable(model))[0].rule is recurrent.recurrent_layer
     x, y = torch.randn(5, 6, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
-    want = brute_force_fisher(model, x, y, "exact")
-    assert_close_dicts(fisher_diagonal(model, [(x, y)]), want, 1e-10)
+    with caplog.at_level(logging.INFO, logger="ewc_reg"):
+        got = fisher_diagonal(model, [(x, y)])
+    assert not [r for r in caplog.records if r.name == "ewc_reg"]  # no fallback
+    assert_close_dicts(got, brute_force_fisher(model, x, y, "exact"), 1e-10)
+    decoder = EncoderDecoder(nn.LSTM, proj_size=2).double().eval()
+    with caplog.at_level(logging.INFO, logger="ewc_reg"):
+        got = fisher_diagonal(decoder, [(x, y)])
+    assert not [r for r in caplog.records if r.name == "ewc_reg"]
+    assert_close_dicts(got, brute_force_fisher(decoder, x, y, "exact"), 1e-10)
 
 
 def test_unbatched_input_is_left_to_the_module() -> None:

@@ -1,8 +1,8 @@
-r"""The hook engine's rule for ``nn.LSTM``, ``nn.GRU`` and ``nn.RNN`` (batch first or not; an
-LSTM without ``proj_size``): a whole-call rule with a recorded forward
+r"""The hook engine's rule for ``nn.LSTM`` (with ``proj_size`` or not), ``nn.GRU`` and
+``nn.RNN``, batch first or not: a whole-call rule with a recorded forward
 (:func:`recurrence_in_pieces`) that runs the recurrence step by step, so that the pull-back
 reaches the input projections of the gates, and an accumulator that makes each layer's (and
-direction's) weights two ``Linear`` sums.
+direction's) weights two ``Linear`` sums (three with an LSTM's projection).
 
 Registered in :data:`.rules.RULES` when this module is imported, which :mod:`ewc_reg.engines`
 does. (``torch.func.vmap`` cannot run these modules: without this rule such models go to the
@@ -22,14 +22,10 @@ from torch import Tensor, nn
 from .base import accumulation_dtype
 from .rules import LinearSums, feed_all, register
 
-_NAME = re.compile(r"(weight|bias)_(ih|hh)_l\d+(_reverse)?")
+_NAME = re.compile(r"((weight|bias)_(ih|hh)|weight_hr)_l\d+(_reverse)?")
 
 #: Gates per layer: the rows of ``weight_ih`` are ``gates * hidden_size``.
 _GATES = {nn.LSTM: 4, nn.GRU: 3, nn.RNN: 1}
-
-
-def _plain(module: nn.Module) -> bool:
-    return not getattr(module, "proj_size", 0)
 
 
 def _batch_dims(module: nn.Module) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -50,16 +46,24 @@ def _suffixes(module: nn.Module) -> list[str]:
 
 
 def _step(
-    module: nn.Module, a: Tensor, h: Tensor, c: Tensor | None, w_hh: Tensor, b_hh: Tensor | None
+    module: nn.Module,
+    a: Tensor,
+    h: Tensor,
+    c: Tensor | None,
+    w_hh: Tensor,
+    b_hh: Tensor | None,
+    w_hr: Tensor | None,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     r"""One step from ``a`` (the input part of the gates at this step) and the state: the new
-    ``h``, the LSTM's new ``c`` and the GRU's reset gate ``r`` (PyTorch's gate orders
-    ``i, f, g, o`` and ``r, z, n``)."""
+    ``h``, the LSTM's new ``c``, and the GRU's reset gate ``r`` or, for an LSTM with a
+    projection ``w_hr``, the projected :math:`m = \sigma(o) \odot \tanh c` (``h = m
+    W_{hr}^\top``); PyTorch's gate orders ``i, f, g, o`` and ``r, z, n``."""
     recurrent = F.linear(h, w_hh, b_hh)
     if isinstance(module, nn.LSTM):
         i, f, g, o = (a + recurrent).chunk(4, dim=1)
         c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-        return torch.sigmoid(o) * torch.tanh(c), c, None
+        m = torch.sigmoid(o) * torch.tanh(c)
+        return (m, c, None) if w_hr is None else (F.linear(m, w_hr), c, m)
     if isinstance(module, nn.GRU):
         a_r, a_z, a_n = a.chunk(3, dim=1)
         h_r, h_z, h_n = recurrent.chunk(3, dim=1)
@@ -89,8 +93,11 @@ def recurrence_in_pieces(
 
     then the module's own cell (LSTM, GRU, tanh or ReLU RNN). ``keep`` records ``a``
     (``"a_l0"``, ...; the pull-back's gradient there is that of the gates at every step), the
-    layer input ``x`` (``"x_l0"``), the states :math:`h_{t-1}` each step saw (``"h_l0"``) and,
-    for a GRU, the reset gates (``"r_l0"``)."""
+    layer input ``x`` (``"x_l0"``), the states :math:`h_{t-1}` each step saw (``"h_l0"``),
+    for a GRU the reset gates (``"r_l0"``), and for an LSTM with ``proj_size`` the projected
+    :math:`m_t` (``"m_l0"``) and the states :math:`h_t` it gave, stacked as the layer's output
+    (``"o_l0"``, pulled back to: its gradient is what the layers above and the loss send each
+    :math:`h_t`)."""
     x = args[0] if args else kwargs.get("input")
     hx = args[1] if len(args) > 1 else kwargs.get("hx")
     if not isinstance(x, Tensor) or x.dim() != 3 or (module.training and module.dropout > 0):
@@ -98,13 +105,15 @@ def recurrence_in_pieces(
     if not module.batch_first:
         x = x.transpose(0, 1)  # (B, T, in): the pieces are kept batch-first
     batch, steps, _ = x.shape
-    zeros = x.new_zeros(batch, module.hidden_size)
+    lstm, projected = isinstance(module, nn.LSTM), bool(getattr(module, "proj_size", 0))
+    sizes = (module.proj_size if projected else module.hidden_size, module.hidden_size)
+    zeros = x.new_zeros(batch, sizes[0])
     layers = len(_suffixes(module))
     if hx is None:
-        hx = (zeros.expand(layers, -1, -1),) * (2 if isinstance(module, nn.LSTM) else 1)
+        hx = tuple(x.new_zeros(layers, batch, size) for size in sizes[: 2 if lstm else 1])
     elif isinstance(hx, Tensor):
         hx = (hx,)
-    if any(t.shape != (layers, batch, module.hidden_size) for t in hx):
+    if any(t.shape != (layers, batch, size) for t, size in zip(hx, sizes)):
         return NotImplemented  # (unbatched states)
     finals_h, finals_c = [], []
     layer_input = x
@@ -117,6 +126,7 @@ def recurrence_in_pieces(
             w_hh = getattr(module, f"weight_hh{suffix}")
             b_ih = getattr(module, f"bias_ih{suffix}") if module.bias else None
             b_hh = getattr(module, f"bias_hh{suffix}") if module.bias else None
+            w_hr = getattr(module, f"weight_hr{suffix}") if projected else None
             keep(f"x{suffix}", layer_input, False)
             a = keep(
                 f"a{suffix}",
@@ -124,23 +134,27 @@ def recurrence_in_pieces(
                 True,
             )
             h, c = hx[0][index], hx[-1][index]
-            seen, states, resets = [zeros] * steps, [zeros] * steps, [zeros] * steps
+            seen, states, extras = [zeros] * steps, [zeros] * steps, [zeros] * steps
             inputs = a.unbind(1)  # (one backward node: slicing a[:, t] zero-fills a per step)
             for t in reversed(range(steps)) if reverse else range(steps):
                 seen[t] = h
-                h, c, r = _step(module, inputs[t], h, c, w_hh, b_hh)
+                h, c, extra = _step(module, inputs[t], h, c, w_hh, b_hh, w_hr)
                 states[t] = h
-                if r is not None:
-                    resets[t] = r
+                if extra is not None:
+                    extras[t] = extra
             keep(f"h{suffix}", torch.stack(seen, 1), False)
             if isinstance(module, nn.GRU):
-                keep(f"r{suffix}", torch.stack(resets, 1), False)
-            outputs.append(torch.stack(states, 1))
+                keep(f"r{suffix}", torch.stack(extras, 1), False)
+            stacked = torch.stack(states, 1)
+            if projected:
+                keep(f"m{suffix}", torch.stack(extras, 1), False)
+                stacked = keep(f"o{suffix}", stacked, True)
+            outputs.append(stacked)
             finals_h.append(h)
             finals_c.append(c)
         layer_input = torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]
     output = layer_input if module.batch_first else layer_input.transpose(0, 1)
-    if isinstance(module, nn.LSTM):
+    if lstm:
         return output, (torch.stack(finals_h), torch.stack(finals_c))
     return output, torch.stack(finals_h)
 
@@ -149,16 +163,27 @@ class _RecurrentSums:
     """The accumulator of :func:`recurrent_layer`: per layer and direction, the input weights'
     sums from ``(G_a, x)`` and the recurrent weights' from ``(G_h, h_{t-1})``, with ``G H``
     outputs, where ``G_h = G_a`` but for a GRU's ``n`` part, ``G_{a,n} ⊙ r``; bias sums are
-    :math:`\\sum_{n,k} (\\sum_t G_{nkt})^{\\odot 2}` of the same."""
+    :math:`\\sum_{n,k} (\\sum_t G_{nkt})^{\\odot 2}` of the same.
+
+    An LSTM's projection :math:`h_t = m_t W_{hr}^\\top` gets the sums from ``(G_{h_t}, m_t)``,
+    where the gradient reaching :math:`h_t` is what the layer's output sends it (``"o"``), plus
+    what the next step's gates send it, :math:`G_{a,t \\pm 1} W_{hh}`, plus, at the last
+    step, what the final state ``h_n`` sends (output leaf 1). These arrive as separate
+    gradients, one vector (or all, batched) at a time: they are kept until the last one (``h_n``
+    gets none when nothing uses it: then until the next vector's first, or the end)."""
 
     def __init__(
         self, module: nn.Module, kept: dict[str, Tensor], names: Collection[str], budget: int
     ) -> None:
         acc = accumulation_dtype(module.weight_ih_l0.dtype)
         rows = _GATES[type(module)] * module.hidden_size
-        self.names, self.kept = names, kept
+        self.names, self.kept, self.acc = names, kept, acc
         self.parts: dict[str, tuple[LinearSums, LinearSums]] = {}
-        for suffix in _suffixes(module):
+        # per projected layer and direction: its index among the final states, whether it runs
+        # in reverse, W_hh, and the sums of W_hr
+        self.projections: dict[str, tuple[int, bool, Tensor, LinearSums]] = {}
+        self.pending: dict[str, Tensor] = {}  # this vector's "a" and "o" gradients
+        for index, suffix in enumerate(_suffixes(module)):
             wanted = {kind: [] for kind in ("ih", "hh")}
             for kind in wanted:
                 for what in ("weight", "bias"):
@@ -168,9 +193,22 @@ class _RecurrentSums:
                 LinearSums(kept[f"x{suffix}"], rows, wanted["ih"], acc, budget),
                 LinearSums(kept[f"h{suffix}"], rows, wanted["hh"], acc, budget),
             )
+            if f"weight_hr{suffix}" in names:
+                w_hh = getattr(module, f"weight_hh{suffix}").detach().to(acc)
+                sums = LinearSums(kept[f"m{suffix}"], module.proj_size, ["weight"], acc, budget)
+                self.projections[suffix] = (index, suffix.endswith("reverse"), w_hh, sums)
 
     def add(self, key: int | str, grads: Tensor) -> None:
-        # (the outputs feed nothing here: their gradients reach a through the pieces)
+        if self.projections:
+            if key == 1:  # (h_n: the last of a vector's gradients)
+                self._project(grads)
+                return
+            if isinstance(key, str) and key[0] in "ao":
+                if key in self.pending:  # (the next vector's: h_n got none)
+                    self._project(None)
+                if key[1:] in self.projections:
+                    self.pending[key] = grads.to(self.acc)
+        # (the other outputs feed nothing here: their gradients reach a through the pieces)
         if not (isinstance(key, str) and key.startswith("a")):
             return
         suffix = key[1:]
@@ -182,11 +220,33 @@ class _RecurrentSums:
             grads = torch.cat([g_r, g_z, g_n * reset.to(grads.dtype)], dim=-1)
         recurrent.add(key, grads)
 
+    def _project(self, final: Tensor | None) -> None:
+        """Feed the projections' sums the gradients reaching each :math:`h_t` (see the class
+        docstring), from the pending ones and ``final``, ``h_n``'s (``(..., L, B, P)``)."""
+        for suffix, (index, reverse, w_hh, sums) in self.projections.items():
+            g_a, g_o = self.pending.get(f"a{suffix}"), self.pending.get(f"o{suffix}")
+            shape = (*(g_a if g_a is not None else g_o).shape[:-1], w_hh.shape[1])
+            g = g_o.clone() if g_o is not None else g_a.new_zeros(shape)  # (..., B, T, P)
+            if g_a is not None:  # (the next step's gates read the state: t + 1, or t - 1)
+                recurrent = g_a @ w_hh
+                if reverse:
+                    g[..., 1:, :] += recurrent[..., :-1, :]
+                else:
+                    g[..., :-1, :] += recurrent[..., 1:, :]
+            if final is not None:
+                g[..., 0 if reverse else -1, :] += final.to(self.acc).select(-3, index)
+            sums.add(None, g)
+        self.pending.clear()
+
     def sums(self) -> dict[str, Tensor]:
+        if self.pending:
+            self._project(None)
         found = {}
         for suffix, (ih, hh) in self.parts.items():
             found.update({f"{what}_ih{suffix}": t for what, t in ih.sums().items()})
             found.update({f"{what}_hh{suffix}": t for what, t in hh.sums().items()})
+        for suffix, (*_, hr) in self.projections.items():
+            found[f"weight_hr{suffix}"] = hr.sums()["weight"]
         return {name: found[name] for name in self.names}
 
 
@@ -205,7 +265,6 @@ def _recurrent_sums(
     nn.LSTM,
     nn.GRU,
     nn.RNN,
-    accepts=_plain,
     params=_recurrent_parameters,
     whole_call=True,
     forward=recurrence_in_pieces,
