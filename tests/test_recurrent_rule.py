@@ -178,3 +178,24 @@ def test_projections_sequence_first_and_given_states(batch_first: bool, caplog) 
 def test_unbatched_input_is_left_to_the_module() -> None:
     lstm = nn.LSTM(4, 5).double()
     assert recurrent.recurrence_in_pieces(lstm, (torch.randn(6, 4),), {}, None) is NotImplemented
+
+
+class FirstLayerState(nn.Module):
+    """Reads only the first layer's final state of a two-layer projected LSTM: only zeros reach
+    the second layer (through the stacked final states)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.LSTM(4, 5, num_layers=2, batch_first=True, proj_size=3)
+        self.head = nn.Linear(3, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.rnn(x)[1][0][0])
+
+
+def test_projection_layers_nothing_reaches() -> None:
+    torch.manual_seed(0)
+    model = FirstLayerState().double().eval()
+    x, y = torch.randn(5, 6, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
+    got = fisher_diagonal(model, [(x, y)], backend="hooks")
+    assert_close_dicts(got, brute_force_fisher(model, x, y, "exact"), 1e-10)

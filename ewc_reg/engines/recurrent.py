@@ -225,8 +225,14 @@ class _RecurrentSums:
         docstring), from the pending ones and ``final``, ``h_n``'s (``(..., L, B, P)``)."""
         for suffix, (index, reverse, w_hh, sums) in self.projections.items():
             g_a, g_o = self.pending.get(f"a{suffix}"), self.pending.get(f"o{suffix}")
-            shape = (*(g_a if g_a is not None else g_o).shape[:-1], w_hh.shape[1])
-            g = g_o.clone() if g_o is not None else g_a.new_zeros(shape)  # (..., B, T, P)
+            given = [t for t in (g_a, g_o, final) if t is not None]
+            if not given:  # (nothing reached this layer and direction)
+                continue
+            batch, steps = self.kept[f"m{suffix}"].shape[:2]
+            lead = given[0].shape[:-3]  # (the vectors' dimension, batched)
+            g = given[0].new_zeros(*lead, batch, steps, w_hh.shape[1])  # (..., B, T, P)
+            if g_o is not None:
+                g += g_o
             if g_a is not None:  # (the next step's gates read the state: t + 1, or t - 1)
                 recurrent = g_a @ w_hh
                 if reverse:
