@@ -1193,3 +1193,20 @@ def test_chunk_sizes_are_kept_per_sample_shape() -> None:
     got = fisher_diagonal(model, long, "empirical", backend="hooks", memory_budget=budget)
     assert calls[0] == ((8, 16), False) and calls[1] == ((1, 16), True)
     assert_close_dicts(got, expected, 1e-10)
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")
+@pytest.mark.parametrize("name", list(COPIED))
+@pytest.mark.parametrize("chunks", [{"memory_budget": 1}, {"chunk_size": 2}])
+def test_per_sample_copies_in_chunks_over_batches(name, chunks) -> None:
+    """Later batches of a model known to go in chunks: a pass over the whole batch without
+    gradients (chunks of one sample) or the first chunk's (chunks of two), copies included."""
+    make, shape, _ = COPIED[name]
+    torch.manual_seed(0)
+    model = make().double().eval()
+    x, y = torch.randn(*shape, dtype=torch.float64), torch.randint(0, 3, (shape[0],))
+    data = [(x, y), (x.flip(0), y.flip(0))]
+    want = fisher_diagonal(model, data, "exact", backend="functorch")
+    for _ in range(2):  # (the second call knows the chunks from its first batch on)
+        got = fisher_diagonal(model, data, "exact", backend="hooks", **chunks)
+        assert_close_dicts(got, want, 1e-10)

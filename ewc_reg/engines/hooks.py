@@ -767,11 +767,12 @@ class HookEngine:
         records = recorder.records
         for unit in copied:
             copy = records[unit] = _Record((), {}, [])
-            if copies[unit.path].requires_grad:
-                copy.edges.append(get_gradient_edge(copies[unit.path]))
+            piece = copies[unit.path]
+            copy.nbytes = piece.numel() * piece.element_size()
+            if grad and piece.requires_grad:  # (a view made without gradients claims it too)
+                copy.edges.append(get_gradient_edge(piece))
                 copy.leaves.append(0)
-                copy.shapes.append(copies[unit.path].shape)
-                copy.nbytes = copies[unit.path].numel() * copies[unit.path].element_size()
+                copy.shapes.append(piece.shape)
         return output, records
 
     @staticmethod
