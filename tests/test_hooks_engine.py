@@ -1210,3 +1210,33 @@ def test_per_sample_copies_in_chunks_over_batches(name, chunks) -> None:
     for _ in range(2):  # (the second call knows the chunks from its first batch on)
         got = fisher_diagonal(model, data, "exact", backend="hooks", **chunks)
         assert_close_dicts(got, want, 1e-10)
+
+
+CHUNKINGS = [{}, {"memory_budget": 1}, {"chunk_size": 2}, {"memory_budget": 20_000}]
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")
+@pytest.mark.parametrize("kind", ["mlp", "cnn", "class_token"])
+@pytest.mark.parametrize("method", ["exact", "empirical", "sample"])
+def test_chunkings_and_repeated_calls_agree_with_functorch(kind: str, method: str) -> None:
+    """Two batches under every chunking (none, one sample, two, a few), each twice in a row
+    (the second call starts from the chunk sizes the first left): the functorch engine's
+    Fisher, and for sample its labels."""
+    torch.manual_seed(0)
+    if kind == "class_token":
+        model, shape = ClassToken(), (3, 5)
+    else:
+        model, shape = (mlp(), (6,)) if kind == "mlp" else (cnn(classes=5), (2, 6, 6))
+    model = model.double().eval()
+    data = [
+        (torch.randn(n, *shape, dtype=torch.float64), torch.randint(0, 3, (n,))) for n in (5, 3)
+    ]
+
+    def fisher(**kwargs) -> dict[str, Tensor]:
+        generator = torch.Generator().manual_seed(3)
+        return fisher_diagonal(model, data, method, mc_samples=2, generator=generator, **kwargs)
+
+    want = fisher(backend="functorch")
+    for chunking in CHUNKINGS:
+        for _ in range(2):
+            assert_close_dicts(fisher(backend="hooks", **chunking), want, 1e-10)
