@@ -12,6 +12,9 @@ where :math:`J_n = \partial f(x_n)/\partial\theta` is the per-sample Jacobian of
 ``(K, B, C)``, or ``(K, B, *S, C)`` for outputs with positions (sequences), i.e. ``(K, *f.shape)``.
 The estimators (:mod:`ewc_reg.fisher`) choose the vectors; engines only pull them back, and only
 into the parameters in ``params`` (the others are constants: no gradient is computed for them).
+``make_vectors`` gives the same vectors for the same samples however often it is called (a
+retry or a fallback engine after a failed attempt calls it again): ``sample``'s draws are kept
+for the batch.
 Sums are returned in the accumulation dtype (float32 or wider).
 
 Memory: an engine processes the batch in chunks of samples. With ``chunk_size=None`` it must pick
@@ -95,22 +98,6 @@ def inside(path: str, outer: str) -> bool:
     """Whether the module at ``path`` lies strictly inside the one at ``outer`` (paths as in
     ``named_modules()``; ``""`` is the root)."""
     return path != outer and (not outer or path.startswith(outer + "."))
-
-
-def made_once(make_vectors: VectorFn) -> VectorFn:
-    """``make_vectors`` that makes the vectors on its first call and returns those on every
-    later one (a retry or a fallback engine after a failed attempt: ``sample`` draws once).
-    :class:`RowWiseVectors` draw nothing and are returned as they are."""
-    if isinstance(make_vectors, RowWiseVectors):
-        return make_vectors
-    made: list[Tensor] = []
-
-    def once(output: Tensor) -> Tensor:
-        if not made:
-            made.append(make_vectors(output))
-        return made[0]
-
-    return once
 
 
 def zero_sums(params: dict[str, Tensor]) -> dict[str, Tensor]:

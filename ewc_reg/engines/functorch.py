@@ -25,7 +25,7 @@ from torch.func import functional_call, vjp, vmap
 from torch.utils import _pytree as pytree
 
 from .._batches import Batch, is_per_sample
-from .base import OutputFn, VectorFn, made_once, resolve_chunk_size, zero_sums
+from .base import OutputFn, VectorFn, resolve_chunk_size, zero_sums
 from .loop import LoopEngine
 
 logger = logging.getLogger("ewc_reg")
@@ -53,7 +53,7 @@ class FunctorchEngine:
         chunk_size: int | None,
         memory_budget: int,
     ) -> dict[str, Tensor]:
-        args = (model, params, batch, output_fn, made_once(make_vectors), chunk_size, memory_budget)
+        args = (model, params, batch, output_fn, make_vectors, chunk_size, memory_budget)
         if model not in self.unvmappable:
             try:
                 return self._sums(*args)

@@ -93,7 +93,6 @@ from .base import (
     VectorFn,
     fewer_vectors,
     inside,
-    made_once,
     resolve_chunk_size,
     zero_sums,
 )
@@ -613,9 +612,9 @@ class HookEngine:
         chunk_size: int | None,
         memory_budget: int,
     ) -> dict[str, Tensor]:
-        """The batch's sums; a retry (the loose parameters' modules as units) or the fallback
-        after a failed attempt reuses the vectors it made (``sample`` draws once)."""
-        args = (model, params, batch, output_fn, made_once(make_vectors), chunk_size, memory_budget)
+        """The batch's sums; after a failed attempt, a retry (the loose parameters' modules as
+        units) or the fallback."""
+        args = (model, params, batch, output_fn, make_vectors, chunk_size, memory_budget)
         if model in self._given_up:
             return self.fallback(*args)
         loose = {} if model in self._nested else loose_parameters(model, params)
