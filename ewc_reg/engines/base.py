@@ -57,10 +57,10 @@ class RowWiseVectors:
 
 
 #: Memory per chunk when the caller sets no ``memory_budget``: 256 MiB. (Reduced ResNet-18, exact
-#: Fisher, C=10, N=128, 2 CPU threads, two runs in opposite orders: budgets of 128, 256, 512 and
-#: 1024 MiB took 6.6-7.6, 6.3-6.5, 6.3-6.7 and 6.2-6.7 times a plain forward+backward, with
-#: peaks of 0.8-0.9, 1.3, 2.0 and 3.5 times its peak. Larger budgets buy nothing measurable
-#: here and 256 MiB keeps the peak well under 2x.)
+#: Fisher, C=10, N=128, 2 CPU threads, three runs, the last ``python -m benchmarks.memory_budget``:
+#: budgets of 128, 256, 512 and 1024 MiB took 6.6-7.6, 6.3-7.0, 6.3-6.7 and 6.2-6.7 times a
+#: plain forward+backward, with peaks of 0.8-0.9, 1.3, 2.0 and 3.5 times its peak. Larger
+#: budgets buy nothing measurable here and 256 MiB keeps the peak well under 2x.)
 DEFAULT_MEMORY_BUDGET = 256 * 2**20
 
 

@@ -1,0 +1,121 @@
+"""Time and peak memory of the exact Fisher of the reduced ResNet-18 against ``memory_budget``.
+
+For each budget, ``fisher_diagonal(model, [(x, y)], "exact", backend="hooks",
+memory_budget=...)`` runs on one batch of N random 3x32x32 images with C=10 classes, timed
+round-robin with a plain forward+backward of the same batch (order reversed every other round,
+medians; the first call of each budget is an untimed warm-up, so the timed calls start from the
+chunk sizes the engine keeps). Both are reported as multiples of the plain forward+backward; the
+peak is the growth of the process's peak memory (see :mod:`benchmarks._timing`). These figures
+chose ``DEFAULT_MEMORY_BUDGET``.
+
+Run: ``python -m benchmarks.memory_budget [--budgets-mib 128 256 512 1024] [--repeats 3]``;
+writes ``benchmarks/results/memory_budget.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+from collections.abc import Callable
+from datetime import date
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import ewc_reg
+from ewc_reg import fisher_diagonal
+
+from ._timing import Measurement, measure, memory_method
+from .models import ReducedResNet18
+
+RESULTS = Path(__file__).parent / "results" / "memory_budget.md"
+
+
+def run(
+    budgets_mib: list[float], samples: int, repeats: int, threads: int
+) -> dict[str, list[Measurement]]:
+    """The timed measurements of the plain forward+backward and of each budget."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    device = torch.device("cpu")
+    model = ReducedResNet18(10).eval()
+    x, y = torch.randn(samples, 3, 32, 32), torch.randint(0, 10, (samples,))
+    params = list(model.parameters())
+
+    def plain() -> object:
+        return torch.autograd.grad(F.cross_entropy(model(x), y), params)
+
+    contenders: dict[str, Callable[[], object]] = {"plain": plain}
+    for mib in budgets_mib:
+        budget = int(mib * 2**20)
+        contenders[f"{mib:g}"] = lambda budget=budget: fisher_diagonal(
+            model, [(x, y)], "exact", backend="hooks", memory_budget=budget
+        )
+    for fn in contenders.values():  # (warm-up)
+        measure(fn, device)
+    names = list(contenders)
+    timed: dict[str, list[Measurement]] = {name: [] for name in names}
+    for round_ in range(repeats):
+        for name in names if round_ % 2 == 0 else names[::-1]:
+            timed[name].append(measure(contenders[name], device))
+    return timed
+
+
+def report(timed: dict[str, list[Measurement]], args: argparse.Namespace) -> str:
+    """Markdown: one row per budget, as multiples of the plain forward+backward."""
+
+    def median(name: str, field: str) -> float:
+        values = [v for m in timed[name] if (v := getattr(m, field)) is not None]
+        return statistics.median(values) if values else float("nan")  # (no peak off Linux)
+
+    plain_time, plain_peak = median("plain", "seconds"), median("plain", "peak_bytes")
+    lines = [
+        "# Exact Fisher of the reduced ResNet-18 (C=10) against the memory budget",
+        "",
+        f"`python -m benchmarks.memory_budget --budgets-mib "
+        f"{' '.join(f'{b:g}' for b in args.budgets_mib)} --samples {args.samples} --repeats "
+        f"{args.repeats} --threads {args.threads}` · ewc_reg {ewc_reg.__version__} · torch "
+        f"{torch.__version__} · {platform.machine()} CPU · {date.today()} · medians of "
+        f"{args.repeats} rounds, order reversed every other round",
+        "",
+        f"peak memory: {memory_method(torch.device('cpu'))}.",
+        "",
+        f"Plain forward+backward: {plain_time:.3f} s, peak {plain_peak / 2**20:.0f} MiB.",
+        "",
+        "| budget (MiB) | time × fwd+bwd | peak × fwd+bwd |",
+        "|---:|---:|---:|",
+    ]
+    for name in timed:
+        if name != "plain":
+            lines.append(
+                f"| {name} | {median(name, 'seconds') / plain_time:.2f} | "
+                f"{median(name, 'peak_bytes') / plain_peak:.2f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--budgets-mib", type=float, nargs="+", default=[128, 256, 512, 1024])
+    parser.add_argument("--samples", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=RESULTS, help="markdown file to write")
+    args = parser.parse_args(argv)
+    if args.repeats < 1 or args.samples < 1 or any(b <= 0 for b in args.budgets_mib):
+        parser.error("--repeats, --samples and every budget must be positive")
+    previous = torch.get_num_threads()
+    try:
+        table = report(run(args.budgets_mib, args.samples, args.repeats, args.threads), args)
+    finally:
+        torch.set_num_threads(previous)
+    print(table)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(table)
+    return table
+
+
+if __name__ == "__main__":
+    main()
