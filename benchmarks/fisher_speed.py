@@ -60,8 +60,9 @@ TIMED_BACKENDS = tuple(b for b in BACKENDS if b not in ("auto", "loop"))
 ENGINE_METHODS = ("exact", "empirical", "sample")
 MODEL_KEYS = ("mlp", "resnet", "transformer")
 #: Models run only when named in ``--models`` (the targets are those of :data:`MODEL_KEYS`): a
-#: torchvision ViT (class token and position embedding on the model) and an LSTM classifier.
-EXTRA_MODEL_KEYS = ("vit", "lstm")
+#: torchvision ViT (class token and position embedding on the model) and an LSTM classifier,
+#: without and with ``proj_size``.
+EXTRA_MODEL_KEYS = ("vit", "lstm", "lstm_proj")
 ALL_MODEL_KEYS = MODEL_KEYS + EXTRA_MODEL_KEYS
 PEERS = {"BackPACK": "backpack-for-pytorch", "nngeometry": "nngeometry"}
 
@@ -169,9 +170,12 @@ def make_workloads(
                 model = small_vit(10, quick)
                 n, subset, head, title = 128, 8, "heads.head", "ViT (torchvision)"
                 inputs = torch.randn(samples or (4 if quick else n), 3, 32, 32)
-            elif key == "lstm":
-                model = LSTMClassifier(10, **({"vocab_size": 50, "dim": 8} if quick else {}))
-                n, subset, head, title = 128, 16, "linear", "LSTM text classifier"
+            elif key in ("lstm", "lstm_proj"):
+                sizes = {"vocab_size": 50, "dim": 8} if quick else {}
+                projected = key == "lstm_proj"
+                model = LSTMClassifier(10, **sizes, proj_size=(4 if quick else 32) * projected)
+                n, subset, head = 128, 16, "linear"
+                title = "LSTM (proj_size) text classifier" if projected else "LSTM text classifier"
                 vocab, seq = (50, 8) if quick else (1000, 32)
                 inputs = torch.randint(0, vocab, (samples or (8 if quick else n), seq))
             else:

@@ -102,16 +102,21 @@ class TextTransformer(nn.Module):
 
 
 class LSTMClassifier(nn.Module):
-    """Token embedding, a batch-first ``nn.LSTM`` and one linear layer on the last state.
-    Inputs are ``(B, seq_len)`` token ids."""
+    """Token embedding, a batch-first ``nn.LSTM`` (projected to ``proj_size`` if given) and one
+    linear layer on the last state. Inputs are ``(B, seq_len)`` token ids."""
 
     def __init__(
-        self, num_classes: int = 10, vocab_size: int = 1000, dim: int = 64, num_layers: int = 1
+        self,
+        num_classes: int = 10,
+        vocab_size: int = 1000,
+        dim: int = 64,
+        num_layers: int = 1,
+        proj_size: int = 0,
     ) -> None:
         super().__init__()
         self.embedding = nn.Embedding(vocab_size, dim)
-        self.lstm = nn.LSTM(dim, dim, num_layers=num_layers, batch_first=True)
-        self.linear = nn.Linear(dim, num_classes)
+        self.lstm = nn.LSTM(dim, dim, num_layers=num_layers, batch_first=True, proj_size=proj_size)
+        self.linear = nn.Linear(proj_size or dim, num_classes)
 
     def forward(self, tokens: Tensor) -> Tensor:
         return self.linear(self.lstm(self.embedding(tokens))[0][:, -1])

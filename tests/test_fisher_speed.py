@@ -65,10 +65,11 @@ def test_extra_models_run_on_request_and_have_no_targets(tmp_path: Path) -> None
     assert fisher_speed.parse_args([]).models == list(fisher_speed.MODEL_KEYS)
     output = tmp_path / "more.md"
     args = fisher_speed.parse_args(
-        ["--quick", "--models", "lstm", "--threads", "1", "--output", str(output)]
+        ["--quick", "--models", "lstm,lstm_proj", "--threads", "1", "--output", str(output)]
     )
     report = fisher_speed.run(args)
-    assert {row.workload.model_key for row in report.rows} == {"lstm"}
+    assert {row.workload.model_key for row in report.rows} == {"lstm", "lstm_proj"}
     assert "LSTM text classifier" in report.markdown
+    assert "LSTM (proj_size) text classifier" in report.markdown
     assert "exact ≤ 6× fwd+bwd (LSTM" not in report.markdown
     assert report.agreement_ok
