@@ -1,10 +1,12 @@
-"""Putting a model in evaluation mode for Fisher computation and restoring it exactly."""
+"""Putting a model in the state the Fisher is computed in (evaluation mode, compiled code run
+eagerly) and restoring it exactly."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
+import torch
 from torch import nn
 
 
@@ -24,3 +26,14 @@ def evaluating(model: nn.Module) -> Iterator[None]:
         for p, grad, requires_grad in saved:
             p.grad = grad
             p.requires_grad_(requires_grad)
+
+
+def running_eagerly() -> AbstractContextManager[object]:
+    """Inside the block, ``torch.compile``d modules and functions (a compiled model, one
+    compiled with ``model.compile()``, compiled submodules) run their eager code: the engines
+    hook modules, ``vmap`` them and pull back through them one layer at a time, which compiled
+    graphs do not allow. Nothing is recompiled, and the compiled code is used again after the
+    block. (``torch.compiler.set_stance``; torch < 2.6 lacks it, and compiled code then runs as
+    it is.)"""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    return nullcontext() if set_stance is None else set_stance("force_eager")

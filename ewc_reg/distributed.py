@@ -21,6 +21,7 @@ rank's data alone even when a group is initialised.
 from __future__ import annotations
 
 import hashlib
+import sys
 
 import torch
 import torch.distributed as dist
@@ -32,11 +33,23 @@ _WRAPPERS: tuple[type[nn.Module], ...] = (nn.DataParallel, nn.parallel.Distribut
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The module inside a ``DistributedDataParallel``/``DataParallel`` wrapper (else ``model``),
-    so that parameter names carry no ``module.`` prefix and match the unwrapped model."""
-    while isinstance(model, _WRAPPERS):
-        model = model.module
-    return model
+    """The module inside ``DistributedDataParallel``/``DataParallel`` and ``torch.compile``
+    wrappers, in any nesting (else ``model``), so that parameter names carry no ``module.`` or
+    ``_orig_mod.`` prefix and match the unwrapped model."""
+    while True:
+        if isinstance(model, _WRAPPERS):
+            model = model.module
+        elif isinstance(model, _compiled_module_type()):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _compiled_module_type() -> type | tuple[()]:
+    """The class of ``torch.compile(module)``'s wrappers, or ``()`` when none can exist yet
+    (``torch._dynamo`` not imported: importing it here would cost every user a second)."""
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    return getattr(eval_frame, "OptimizedModule", ())
 
 
 def process_group_for(

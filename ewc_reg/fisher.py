@@ -42,7 +42,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ._batches import Batch, iter_batches
-from ._model_state import evaluating
+from ._model_state import evaluating, running_eagerly
 from ._validation import check_choice, check_count
 from .distributed import process_group_for, reduce_shards, shard_generator, unwrap_model
 from .engines import BACKENDS, get_engine, zero_sums
@@ -93,8 +93,10 @@ def fisher_diagonal(
 
     Args:
         model: any module; it is put in eval mode during the computation and restored after.
-            A ``DistributedDataParallel``/``DataParallel`` wrapper is looked through: the
-            Fisher is keyed by the wrapped module's parameter names (no ``module.`` prefix).
+            A ``DistributedDataParallel``/``DataParallel`` wrapper, or that of
+            ``torch.compile(model)``, is looked through: the Fisher is keyed by the wrapped
+            module's parameter names (no ``module.`` or ``_orig_mod.`` prefix). Compiled
+            code (a compiled model or submodule, ``model.compile()``) runs eagerly here.
         data: an iterable of batches, ``(inputs, targets, *rest)`` or dicts with ``"labels"``.
             In a distributed run, this rank's shard of the data (see ``process_group``).
         method: one of :data:`METHODS` (see the module docstring for the formulas).
@@ -209,7 +211,7 @@ def fisher_diagonal(
 
     sums = zero_sums(params)
     try:
-        with evaluating(model):
+        with evaluating(model), running_eagerly():
             count = accumulate(sums)
     except Exception as error:
         if group is None:

@@ -55,9 +55,10 @@ class EWCRegularizer:
 
     Args:
         model: the module whose parameters (those with ``requires_grad``) are protected. A
-            ``DistributedDataParallel``/``DataParallel`` wrapper is looked through: ``model``
-            becomes the wrapped module, so names carry no ``module.`` prefix and a
-            ``state_dict`` fits the unwrapped model too.
+            ``DistributedDataParallel``/``DataParallel`` wrapper, or that of
+            ``torch.compile(model)``, is looked through: ``model`` becomes the wrapped module,
+            so names carry no ``module.`` or ``_orig_mod.`` prefix and a ``state_dict`` fits
+            the unwrapped model too. Training may go on through the wrapper.
         strength: :math:`\lambda >= 0`. Its useful scale depends on ``method`` by orders of
             magnitude (see ``docs/fisher.md``).
         method: Fisher estimator, one of :data:`ewc_reg.fisher.METHODS`.
