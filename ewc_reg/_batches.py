@@ -57,11 +57,17 @@ class Batch:
         return tuple(tuple(t.shape[1:]) for t in leaves if is_per_sample(t, self.size))
 
     def to(self, device: torch.device) -> Batch:
-        """Move every tensor (per-sample or not) to ``device``."""
-        args, kwargs, targets = pytree.tree_map(
-            lambda leaf: leaf.to(device) if isinstance(leaf, Tensor) else leaf,
-            (self.args, self.kwargs, self.targets),
-        )
+        """Move every tensor (per-sample or not) to ``device``; tensors made in
+        ``torch.inference_mode`` (which autograd cannot save) become ordinary copies, when
+        called outside it."""
+
+        def move(leaf: Any) -> Any:
+            if not isinstance(leaf, Tensor):
+                return leaf
+            moved = leaf.to(device)
+            return moved.clone() if moved.is_inference() else moved
+
+        args, kwargs, targets = pytree.tree_map(move, (self.args, self.kwargs, self.targets))
         return Batch(args, kwargs, targets, self.size)
 
     def call(self, model: Callable[..., Any]) -> Any:

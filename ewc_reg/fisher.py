@@ -70,6 +70,7 @@ def _model_logits(output: Any) -> Any:
     return logits if not isinstance(output, Tensor) and isinstance(logits, Tensor) else output
 
 
+@torch.inference_mode(False)  # called in an evaluation loop: autograd and ordinary tensors still
 def fisher_diagonal(
     model: nn.Module,
     data: Iterable[Any],
@@ -90,6 +91,10 @@ def fisher_diagonal(
     distributed: bool = True,
 ) -> dict[str, Tensor]:
     """Diagonal Fisher information of ``model`` on ``data``.
+
+    It may be called under ``torch.no_grad()`` or ``torch.inference_mode()`` (from an
+    evaluation loop, on data made there): autograd is on inside, and the result is made of
+    ordinary tensors.
 
     Args:
         model: any module; it is put in eval mode during the computation and restored after.

@@ -127,6 +127,7 @@ class EWCRegularizer:
         """The centre ``μ`` of the penalty (online mode: the parameters at the last task)."""
         return dict(self._center)
 
+    @torch.inference_mode(False)  # as fisher_diagonal: the state is made of ordinary tensors
     def consolidate(
         self,
         data: Iterable[Any],

@@ -281,3 +281,24 @@ def test_progress_bar_runs(capsys):
     plain = fisher_diagonal(model, batches_of(x, y, 4), "exact")
     shown = fisher_diagonal(model, batches_of(x, y, 4), "exact", progress=True)
     assert_close_dicts(shown, plain, 0.0)
+
+
+GRAD_MODES = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode}
+
+
+@pytest.mark.parametrize("mode", list(GRAD_MODES))
+@pytest.mark.parametrize("backend", ["auto", "functorch", "loop"])
+@pytest.mark.parametrize("method", ["exact", "batched"])
+def test_called_under_no_grad_or_inference_mode(mode, backend, method):
+    """From an evaluation loop, on data made there: the same Fisher, as ordinary tensors."""
+    model, x = problem("cnn", classes=4)
+    y = torch.randint(0, 4, (N,))
+    kwargs = {} if method == "batched" else {"backend": backend}
+    want = fisher_diagonal(model, batches_of(x, y, 4), method, **kwargs)
+    with GRAD_MODES[mode]():
+        data = batches_of(x.clone(), y.clone(), 4)  # inference tensors under inference_mode
+        got = fisher_diagonal(model, data, method, **kwargs)
+    assert not any(f.is_inference() for f in got.values())
+    assert_close_dicts(got, want, 1e-12)
+    if method == "exact":
+        assert_close_dicts(got, brute_force_fisher(model, x, y, method), 1e-10)

@@ -203,3 +203,28 @@ def test_penalty_follows_the_model_device_dtype_and_is_a_tensor():
     perturb(model, 0)
     pen = reg.penalty()
     assert pen.dtype == torch.float32 and pen.requires_grad and pen.item() > 0
+
+
+def test_consolidate_under_inference_mode_keeps_an_ordinary_trainable_state():
+    """Consolidating from an evaluation loop: the state is made of ordinary tensors, so the
+    penalty trains afterwards as usual, in both modes."""
+    for mode in ("online", "separate"):
+        model = mlp()
+        reg = EWCRegularizer(model, strength=2.0, mode=mode)
+        twin = EWCRegularizer(model, strength=2.0, mode=mode)
+        for task in range(2):
+            perturb(model, task)
+            twin.consolidate(task_data(task))
+            with torch.inference_mode():
+                reg.consolidate(task_data(task))
+                assert reg.penalty().item() == pytest.approx(twin.penalty().item(), rel=1e-12)
+        state = reg.state_dict()
+        assert not any(t.is_inference() for t in [*state["fisher"].values(), state["offset"]])
+        assert not any(t.is_inference() for t in state["anchor"].values())
+        perturb(model, 5)
+        reg.penalty().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        model.zero_grad()
+        twin.penalty().backward()
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(grads[n], p.grad, rtol=1e-12, atol=0)
