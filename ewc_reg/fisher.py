@@ -209,8 +209,7 @@ def fisher_diagonal(
                 model, params, batch, output_fn, make_vectors_for(batch), chunk_size,
                 memory_budget or DEFAULT_MEMORY_BUDGET,
             )
-            for name, s in batch_sums.items():
-                sums[name] += s
+            torch._foreach_add_(list(sums.values()), [batch_sums[name] for name in sums])
             count += batch.size
         return count
 
@@ -226,14 +225,26 @@ def fisher_diagonal(
         count = reduce_shards(sums, count, group, device)
     if count == 0:
         raise ValueError("data yielded no samples; pass at least one non-empty batch")
-    fisher = {name: s / count for name, s in sums.items()}
+    torch._foreach_div_(list(sums.values()), count)
+    _check_finite(sums, device)
+    return sums
+
+
+def _check_finite(fisher: dict[str, Tensor], device: torch.device) -> None:
+    """Raise ``FloatingPointError`` naming a parameter whose Fisher has a NaN or an Inf.
+
+    One reduction over all parameters and one device sync: the sum of a tensor's absolute
+    values is NaN or Inf when one of them is (or when it overflows: only then is each
+    parameter checked on its own)."""
+    totals = torch._foreach_norm(list(fisher.values()), 1)
+    if bool(torch.stack([t.to(device) for t in totals]).isfinite().all()):
+        return
     for name, f in fisher.items():
         if not bool(torch.isfinite(f).all()):
             raise FloatingPointError(
                 f"the Fisher of parameter {name!r} contains NaN or Inf; check the model's outputs "
                 "and inputs for non-finite values (the Fisher must be finite)"
             )
-    return fisher
 
 
 def select_parameters(model: nn.Module, params: ParamSelection = None) -> dict[str, Tensor]:

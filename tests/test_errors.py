@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from ewc_reg import EWCRegularizer, fisher_diagonal
+from ewc_reg.fisher import _check_finite
 
 from .models import mlp
 
@@ -117,6 +118,18 @@ def test_non_finite_fisher_is_floating_point_error(method):
     x[1, 2] = float("inf")
     with pytest.raises(FloatingPointError, match="NaN or Inf"):
         fisher_diagonal(mlp(), [(x, Y)], method)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_finite_check_names_the_parameter_and_allows_sums_that_overflow(bad):
+    """One reduction checks all parameters; a sum that overflows float32 is not an error (each
+    value is finite), and the error names the parameter at fault."""
+    huge = torch.full((4,), 3e38)  # finite, its sum is inf in float32
+    _check_finite({"a": huge, "b": torch.ones(3, dtype=torch.float64)}, torch.device("cpu"))
+    b = torch.ones(3, dtype=torch.float64)
+    b[1] = bad
+    with pytest.raises(FloatingPointError, match="parameter 'b' contains NaN or Inf"):
+        _check_finite({"a": huge, "b": b}, torch.device("cpu"))
 
 
 def test_model_without_trainable_parameters():
