@@ -175,6 +175,7 @@ def fisher_diagonal(
     def accumulate(sums: dict[str, Tensor]) -> int:
         """Add this rank's sums into ``sums``; return its sample (or batch) count."""
         if method == "batched":
+            sums.update(zero_sums(params))
             return _accumulate_batched(model, params, batches, lik, output_fn, sums)
         engine = get_engine(backend, model, params)
 
@@ -209,11 +210,14 @@ def fisher_diagonal(
                 model, params, batch, output_fn, make_vectors_for(batch), chunk_size,
                 memory_budget or DEFAULT_MEMORY_BUDGET,
             )
-            torch._foreach_add_(list(sums.values()), [batch_sums[name] for name in sums])
+            if sums:
+                torch._foreach_add_(list(sums.values()), [batch_sums[name] for name in sums])
+            else:  # the first batch's sums: the engine's own new tensors
+                sums.update((name, batch_sums[name]) for name in params)
             count += batch.size
         return count
 
-    sums = zero_sums(params)
+    sums: dict[str, Tensor] = {}  # by parameter, in the order of `params`, once a batch is in
     try:
         with evaluating(model), running_eagerly():
             count = accumulate(sums)
@@ -222,6 +226,8 @@ def fisher_diagonal(
             raise
         reduce_shards(sums, 0, group, device, error)  # re-raises here, lets the others raise
     if group is not None:
+        if not sums:  # no data on this rank: it still takes part in the reduction
+            sums.update(zero_sums(params))
         count = reduce_shards(sums, count, group, device)
     if count == 0:
         raise ValueError("data yielded no samples; pass at least one non-empty batch")

@@ -30,6 +30,7 @@ instead, and save that pass.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Protocol
 
@@ -89,6 +90,7 @@ def resolve_chunk_size(chunk_size: int | None, memory_budget: int, bytes_per_sam
     return max(1, memory_budget // max(bytes_per_sample, 1))
 
 
+@functools.cache  # (called per layer and vector: a lookup instead of a dispatched op)
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """Sums are kept in at least float32 (bf16/fp16 models accumulate in float32)."""
     return torch.promote_types(dtype, torch.float32)

@@ -808,6 +808,7 @@ class HookEngine:
         grads = _pull_back(output, edges, vectors, looped, storage, reducers)
         del reducers
         position = 0
+        totals, terms = [], []
         for unit, record in live:
             unit_grads = grads[position : position + len(record.edges)]
             position += len(record.edges)
@@ -819,7 +820,10 @@ class HookEngine:
                 else:
                     unit_sums = _unit_sums(unit, record, unit_grads, memory_budget)
             for local, s in unit_sums.items():
-                sums[unit.names[local]] += s
+                totals.append(sums[unit.names[local]])
+                terms.append(s)
+        if totals:
+            torch._foreach_add_(totals, terms)
 
 
 def _feed(accumulator: Accumulator, key: int | str, grads: Tensor) -> None:
