@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import platform
 from datetime import date
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import ewc_reg
 from ewc_reg import fisher_diagonal
 from ewc_reg.engines.base import DEFAULT_MEMORY_BUDGET
 
-from ._timing import measure, memory_method
+from ._timing import cpu_name, measure, memory_method
 
 RESULTS = Path(__file__).parent / "results" / "fisher_memory.md"
 
@@ -60,7 +59,7 @@ def main(argv: list[str] | None = None) -> str:
         "",
         f"`python -m benchmarks.fisher_memory --sizes {' '.join(map(str, args.sizes))} "
         f"--backends {' '.join(args.backends)} --threads {args.threads}` · ewc_reg "
-        f"{ewc_reg.__version__} · torch {torch.__version__} · {platform.machine()} CPU · "
+        f"{ewc_reg.__version__} · torch {torch.__version__} · {cpu_name()} · "
         f"{date.today()} · default memory budget {DEFAULT_MEMORY_BUDGET // 2**20} MiB · "
         "batches of 32 images 3x32x32",
         "",

@@ -46,7 +46,7 @@ from torch import Tensor, fx, nn
 from ewc_reg import fisher_diagonal
 from ewc_reg.engines import BACKENDS, get_engine
 
-from ._timing import Measurement, measure, memory_method
+from ._timing import Measurement, cpu_name, measure, memory_method
 from .models import LSTMClassifier, ReducedResNet18, TextTransformer, small_vit, split_mnist_mlp
 
 #: Where a full (non-quick) run writes its report.
@@ -601,16 +601,6 @@ def targets_table(targets: list[tuple[str, str, bool | None]]) -> str:
     return "\n".join(lines)
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _library_revision() -> str:
     """The repository's commit, and whether ``ewc_reg/`` has uncommitted changes."""
     root = Path(__file__).resolve().parent.parent
@@ -650,7 +640,7 @@ def render(
 ) -> str:
     """The markdown report (``status``: say it is partial)."""
     machine = (
-        f"{_cpu_name()}, {os.cpu_count()} logical CPUs, {platform.platform()}; load average "
+        f"{cpu_name()}, {os.cpu_count()} logical CPUs, {platform.platform()}; load average "
         f"(1 min) at the end {os.getloadavg()[0]:.2f} (other jobs share the machine)"
     )
     if device.type == "cuda":

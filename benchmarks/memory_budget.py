@@ -15,7 +15,6 @@ writes ``benchmarks/results/memory_budget.md``.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 from collections.abc import Callable
 from datetime import date
@@ -27,7 +26,7 @@ import torch.nn.functional as F
 import ewc_reg
 from ewc_reg import fisher_diagonal
 
-from ._timing import Measurement, measure, memory_method
+from ._timing import Measurement, cpu_name, measure, memory_method
 from .models import ReducedResNet18
 
 RESULTS = Path(__file__).parent / "results" / "memory_budget.md"
@@ -77,7 +76,7 @@ def report(timed: dict[str, list[Measurement]], args: argparse.Namespace) -> str
         f"`python -m benchmarks.memory_budget --budgets-mib "
         f"{' '.join(f'{b:g}' for b in args.budgets_mib)} --samples {args.samples} --repeats "
         f"{args.repeats} --threads {args.threads}` · ewc_reg {ewc_reg.__version__} · torch "
-        f"{torch.__version__} · {platform.machine()} CPU · {date.today()} · medians of "
+        f"{torch.__version__} · {cpu_name()} · {date.today()} · medians of "
         f"{args.repeats} rounds, order reversed every other round",
         "",
         f"peak memory: {memory_method(torch.device('cpu'))}.",

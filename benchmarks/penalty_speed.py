@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -42,6 +41,7 @@ import torch.nn.functional as F
 import ewc_reg
 from ewc_reg import EWCRegularizer
 
+from ._timing import cpu_name
 from .models import split_mnist_mlp
 
 try:
@@ -141,7 +141,8 @@ def report(results: dict[int, dict[str, tuple[float, float]]], args: argparse.Na
         f"`python -m benchmarks.penalty_speed --repeats {args.repeats} --threads "
         f"{' '.join(map(str, args.threads))} --batch-size {args.batch_size} --device "
         f"{args.device}` · ewc_reg {ewc_reg.__version__} · torch {torch.__version__} · "
-        f"{platform.machine()} · {date.today()} · medians of {args.repeats} interleaved repeats",
+        f"{cpu_name()} ({os.cpu_count()} logical CPUs) · {date.today()} · medians of "
+        f"{args.repeats} interleaved repeats",
         "",
         f"Allocator settings: {allocator_settings()}.",
     ]
