@@ -187,3 +187,28 @@ def test_report_writes_table_and_figure(tmp_path):
             "cuda (torch 2.x): 3 runs, median 10 s wall, 9 s CPU per run.") in table
     figure = tmp_path / "accuracy_vs_lambda_split_mnist_real_2000it_b128.png"
     assert figure.stat().st_size > 1000
+
+
+def test_host_overhead_counts_operators(tmp_path):
+    from benchmarks import host_overhead
+
+    out = tmp_path / "host.md"
+    table = host_overhead.main(
+        ["--models", "mlp", "--samples", "2", "--repeats", "1", "--out", str(out)]
+    )
+    assert out.read_text() == table
+    rows = [line.split(" | ") for line in table.splitlines() if "Split MNIST MLP |" in line]
+    assert [row[1] for row in rows] == ["plain fwd+bwd", "Fisher, exact", "Fisher, empirical"]
+    plain_operators = int(rows[0][2])
+    assert 20 <= plain_operators <= 200  # 3 Linear layers, forward and backward
+    assert all(int(row[2]) > plain_operators for row in rows[1:])
+
+
+def test_operator_count_tells_views_apart():
+    from benchmarks.host_overhead import OperatorCount
+
+    x = torch.randn(4, 3)
+    with OperatorCount() as counter:
+        (x * 2).view(12).mul(3).view(3, 4).t()
+    assert counter.total == 5 and counter.views == 3  # mul, mul; view, view, t
+    assert counter.calls == {"mul": 2, "view": 2, "t": 1}

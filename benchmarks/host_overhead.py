@@ -1,0 +1,209 @@
+"""Host work of one Fisher call: the operators it dispatches, against a plain forward+backward.
+
+On a GPU, models of the size of the paper's are launch-bound: every operator costs the host a
+few microseconds, whatever its size, and the device waits (issue #3 measured ``empirical`` at
+3.5-7x a forward+backward on an H100 where the CPU gives 1.3-1.9x). The operator count is
+what decides that cost, and it can be measured without a GPU: this benchmark counts the ATen
+operators one ``fisher_diagonal`` call dispatches (a ``TorchDispatchMode``) on each model and
+estimator, with the default engine, as does a plain forward+backward of the same batch
+(gradient of the mean cross-entropy). It reports all operators and those that compute (not
+views, which launch nothing), and the median CPU time of both at a small batch, where the CPU
+time is mostly host work too. With ``--device cuda`` the times are those of the GPU (synchronised
+after each call), where the ratios show the launch-bound cost itself.
+
+Run: ``python -m benchmarks.host_overhead [--models mlp,resnet,transformer] [--samples 8]
+[--device cpu]``; writes ``benchmarks/results/host_overhead.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import ewc_reg
+from ewc_reg import fisher_diagonal
+
+from ._timing import cpu_name
+from .models import ReducedResNet18, TextTransformer, split_mnist_mlp
+
+RESULTS = Path(__file__).parent / "results" / "host_overhead.md"
+METHODS = ("exact", "empirical")
+
+
+def _mlp(samples: int) -> tuple[nn.Module, Tensor]:
+    return split_mnist_mlp(), torch.rand(samples, 1, 28, 28)
+
+
+def _resnet(samples: int) -> tuple[nn.Module, Tensor]:
+    return ReducedResNet18(), torch.randn(samples, 3, 32, 32)
+
+
+def _transformer(samples: int) -> tuple[nn.Module, Tensor]:
+    return TextTransformer(), torch.randint(0, 1000, (samples, 32))
+
+
+MODELS: dict[str, tuple[str, Callable[[int], tuple[nn.Module, Tensor]]]] = {
+    "mlp": ("Split MNIST MLP", _mlp),
+    "resnet": ("reduced ResNet-18", _resnet),
+    "transformer": ("Transformer text classifier", _transformer),
+}
+
+
+class OperatorCount(TorchDispatchMode):
+    """Counts the ATen operators dispatched inside the block, views (which compute nothing)
+    apart."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: Counter[str] = Counter()
+        self.views = 0
+
+    def __torch_dispatch__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
+    ) -> Any:
+        self.calls[str(func.overloadpacket.__name__)] += 1
+        self.views += bool(getattr(func, "is_view", False))
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def total(self) -> int:
+        return sum(self.calls.values())
+
+
+@dataclass
+class Row:
+    model: str
+    contender: str
+    operators: int
+    computing: int
+    seconds: float
+    top: str
+
+
+def _count(fn: Callable[[], object]) -> OperatorCount:
+    with OperatorCount() as counter:
+        fn()
+    return counter
+
+
+def measure(key: str, samples: int, repeats: int, device: torch.device) -> list[Row]:
+    """The plain forward+backward and each estimator's Fisher of model ``key``: operators of
+    one call (after a warm-up call) and the median seconds of ``repeats``, interleaved."""
+    label, make = MODELS[key]
+    torch.manual_seed(0)
+    model, x = make(samples)
+    model, x = model.to(device).eval(), x.to(device)
+    y = torch.randint(0, 10, (samples,), device=device)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def plain() -> None:
+        torch.autograd.grad(F.cross_entropy(model(x), y), params)
+
+    contenders: dict[str, Callable[[], object]] = {"plain fwd+bwd": plain}
+    for method in METHODS:
+        contenders[f"Fisher, {method}"] = lambda m=method: fisher_diagonal(model, [(x, y)], m)
+    counts = {}
+    for name, fn in contenders.items():
+        fn()  # warm-up (the engine's kept chunk sizes, lazy initialisation)
+        counts[name] = _count(fn)
+    times: dict[str, list[float]] = {name: [] for name in contenders}
+    names = list(contenders)
+    for i in range(repeats):
+        for name in names if i % 2 == 0 else names[::-1]:
+            start = time.perf_counter()
+            contenders[name]()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times[name].append(time.perf_counter() - start)
+    rows = []
+    for name, counter in counts.items():
+        top = ", ".join(f"{op} {n}" for op, n in counter.calls.most_common(4))
+        rows.append(
+            Row(label, name, counter.total, counter.total - counter.views,
+                statistics.median(times[name]), top)
+        )
+    return rows
+
+
+def _machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (host: {cpu_name()})"
+    return cpu_name()
+
+
+def report(rows: list[Row], args: argparse.Namespace) -> str:
+    """Markdown: one row per model and contender, ratios to the model's plain pass."""
+    lines = [
+        "# Host work of a Fisher call (operators dispatched)",
+        "",
+        f"`python -m benchmarks.host_overhead --models {','.join(args.models)} --samples "
+        f"{args.samples} --repeats {args.repeats} --threads {args.threads} --device "
+        f"{args.device}` · ewc_reg {ewc_reg.__version__} · torch {torch.__version__} · "
+        f"{_machine(torch.device(args.device))} · {date.today()}",
+        "",
+        "Operators: ATen operators one call dispatches (computing: all but views). Time: median "
+        f"seconds over {args.repeats} interleaved calls at N={args.samples}. Ratios are to "
+        "the model's plain forward+backward.",
+        "",
+        "| model | contender | operators | × plain | computing | × plain | median ms | × plain "
+        "| most frequent |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    plain: dict[str, Row] = {}
+    for row in rows:
+        base = plain.setdefault(row.model, row)
+        lines.append(
+            f"| {row.model} | {row.contender} | {row.operators} | "
+            f"{row.operators / base.operators:.1f}× | {row.computing} | "
+            f"{row.computing / base.computing:.1f}× | {row.seconds * 1e3:.2f} | "
+            f"{row.seconds / base.seconds:.1f}× | {row.top} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--models", type=lambda s: s.split(","), default=list(MODELS),
+        help=f"comma-separated, from {','.join(MODELS)}",
+    )
+    parser.add_argument("--samples", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="markdown file to write")
+    args = parser.parse_args(argv)
+    unknown = sorted(set(args.models) - set(MODELS))
+    if unknown:
+        parser.error(f"unknown models {unknown}; choose from {list(MODELS)}")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        rows = [
+            row
+            for key in args.models
+            for row in measure(key, args.samples, args.repeats, torch.device(args.device))
+        ]
+    finally:
+        torch.set_num_threads(previous)
+    table = report(rows, args)
+    print(table)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(table)
+    return table
+
+
+if __name__ == "__main__":
+    main()
