@@ -10,8 +10,7 @@ Peak memory of a call is measured as growth over the memory live just before it:
   ``/proc/self/clear_refs``. Every allocation torch touches (it allocates from the C heap or
   ``mmap``) therefore counts, and nothing from earlier calls does.
 
-Where neither is available (not Linux) the peak is reported as ``None``. :func:`cpu_name` names
-the processor for the reports' headers.
+Where neither is available (not Linux) the peak is reported as ``None``.
 """
 
 from __future__ import annotations
@@ -20,7 +19,6 @@ import ctypes
 import ctypes.util
 import functools
 import gc
-import platform
 import re
 import time
 from collections.abc import Callable
@@ -31,7 +29,6 @@ from typing import Any
 import torch
 
 _STATUS = Path("/proc/self/status")
-_CPUINFO = Path("/proc/cpuinfo")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 
 
@@ -113,14 +110,3 @@ def measure(fn: Callable[[], Any], device: torch.device) -> Measurement:
     seconds = time.perf_counter() - start
     peak = (_status_kib("VmHWM") - before) * 1024 if cpu_peak else None
     return Measurement(seconds, peak, result)
-
-
-def cpu_name() -> str:
-    """The processor's model name (Linux), else what ``platform`` knows."""
-    try:
-        for line in _CPUINFO.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()

@@ -22,7 +22,8 @@ import ewc_reg
 from ewc_reg import fisher_diagonal
 from ewc_reg.engines.base import DEFAULT_MEMORY_BUDGET
 
-from ._timing import cpu_name, measure, memory_method
+from ._reports import cpu_name, keeping_threads, write_report
+from ._timing import measure, memory_method
 
 RESULTS = Path(__file__).parent / "results" / "fisher_memory.md"
 
@@ -53,7 +54,8 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-    rows = run(args.sizes, args.backends, args.threads)
+    with keeping_threads():
+        rows = run(args.sizes, args.backends, args.threads)
     lines = [
         "# Exact Fisher of ResNet-18 (11.2M parameters, C=10): peak memory as N grows",
         "",
@@ -71,11 +73,7 @@ def main(argv: list[str] | None = None) -> str:
     for backend, n, seconds, peak in rows:
         shown = "–" if peak is None else f"{peak / 2**20:.0f}"
         lines.append(f"| {backend} | {n} | {seconds:.1f} | {shown} |")
-    table = "\n".join(lines) + "\n"
-    print(table)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(table)
-    return table
+    return write_report("\n".join(lines) + "\n", args.out)
 
 
 if __name__ == "__main__":

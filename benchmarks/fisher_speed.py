@@ -46,7 +46,8 @@ from torch import Tensor, fx, nn
 from ewc_reg import fisher_diagonal
 from ewc_reg.engines import BACKENDS, get_engine
 
-from ._timing import Measurement, cpu_name, measure, memory_method
+from ._reports import cpu_name, keeping_threads
+from ._timing import Measurement, measure, memory_method
 from .models import LSTMClassifier, ReducedResNet18, TextTransformer, small_vit, split_mnist_mlp
 
 #: Where a full (non-quick) run writes its report.
@@ -753,15 +754,14 @@ def run(args: argparse.Namespace, command: str | None = None) -> Report:
     in true float32 and the agreement check means something: with TF32 convolutions the engines
     differ from each other by about 1e-2.
     """
-    threads = torch.get_num_threads()
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.set_num_threads(args.threads)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        return _run(args, command or "python -m benchmarks.fisher_speed")
-    finally:
-        torch.set_num_threads(threads)
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+    with keeping_threads():
+        torch.set_num_threads(args.threads)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        try:
+            return _run(args, command or "python -m benchmarks.fisher_speed")
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
 
 
 def _run(args: argparse.Namespace, command: str) -> Report:

@@ -35,7 +35,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import ewc_reg
 from ewc_reg import fisher_diagonal
 
-from ._timing import cpu_name
+from ._reports import cpu_name, keeping_threads, write_report
 from .models import ReducedResNet18, TextTransformer, split_mnist_mlp
 
 RESULTS = Path(__file__).parent / "results" / "host_overhead.md"
@@ -188,21 +188,14 @@ def main(argv: list[str] | None = None) -> str:
     unknown = sorted(set(args.models) - set(MODELS))
     if unknown:
         parser.error(f"unknown models {unknown}; choose from {list(MODELS)}")
-    previous = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
+    with keeping_threads():
+        torch.set_num_threads(args.threads)
         rows = [
             row
             for key in args.models
             for row in measure(key, args.samples, args.repeats, torch.device(args.device))
         ]
-    finally:
-        torch.set_num_threads(previous)
-    table = report(rows, args)
-    print(table)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(table)
-    return table
+    return write_report(report(rows, args), args.out)
 
 
 if __name__ == "__main__":

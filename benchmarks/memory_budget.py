@@ -26,7 +26,8 @@ import torch.nn.functional as F
 import ewc_reg
 from ewc_reg import fisher_diagonal
 
-from ._timing import Measurement, cpu_name, measure, memory_method
+from ._reports import cpu_name, keeping_threads, write_report
+from ._timing import Measurement, measure, memory_method
 from .models import ReducedResNet18
 
 RESULTS = Path(__file__).parent / "results" / "memory_budget.md"
@@ -105,15 +106,9 @@ def main(argv: list[str] | None = None) -> str:
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.samples < 1 or any(b <= 0 for b in args.budgets_mib):
         parser.error("--repeats, --samples and every budget must be positive")
-    previous = torch.get_num_threads()
-    try:
+    with keeping_threads():
         table = report(run(args.budgets_mib, args.samples, args.repeats, args.threads), args)
-    finally:
-        torch.set_num_threads(previous)
-    print(table)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(table)
-    return table
+    return write_report(table, args.out)
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 import ewc_reg
 from ewc_reg import EWCRegularizer
 
-from ._timing import cpu_name
+from ._reports import cpu_name, keeping_threads, write_report
 from .models import split_mnist_mlp
 
 try:
@@ -178,19 +178,12 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=RESULTS, help="markdown file to write")
     args = parser.parse_args(argv)
-    previous = torch.get_num_threads()
     results = {}
-    try:
+    with keeping_threads():
         for threads in args.threads:
             torch.set_num_threads(threads)
             results[threads] = measure(args.repeats, args.batch_size, torch.device(args.device))
-    finally:
-        torch.set_num_threads(previous)
-    table = report(results, args)
-    print(table)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(table)
-    return table
+    return write_report(report(results, args), args.out)
 
 
 if __name__ == "__main__":

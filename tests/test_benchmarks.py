@@ -212,3 +212,16 @@ def test_operator_count_tells_views_apart():
         (x * 2).view(12).mul(3).view(3, 4).t()
     assert counter.total == 5 and counter.views == 3  # mul, mul; view, view, t
     assert counter.calls == {"mul": 2, "view": 2, "t": 1}
+
+
+def test_keeping_threads_restores_the_count_on_error_and_reports_are_written(tmp_path):
+    from benchmarks._reports import cpu_name, keeping_threads, write_report
+
+    before = torch.get_num_threads()
+    with pytest.raises(RuntimeError), keeping_threads():
+        torch.set_num_threads(1 if before > 1 else 2)
+        raise RuntimeError("a failed run")
+    assert torch.get_num_threads() == before
+    out = tmp_path / "new" / "report.md"
+    assert write_report("| a |\n", out) == "| a |\n" and out.read_text() == "| a |\n"
+    assert cpu_name()

@@ -1,0 +1,43 @@
+"""What the benchmarks share around their measurements: the processor's name for the reports'
+headers, torch's thread count kept for the caller, and writing a report."""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+_CPUINFO = Path("/proc/cpuinfo")
+
+
+def cpu_name() -> str:
+    """The processor's model name (Linux), else what ``platform`` knows."""
+    try:
+        for line in _CPUINFO.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+@contextmanager
+def keeping_threads() -> Iterator[None]:
+    """Inside the block a benchmark may set torch's thread count; the caller's count is back
+    after it, also on an error."""
+    previous = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def write_report(table: str, out: Path) -> str:
+    """Print the markdown ``table`` and write it to ``out`` (its folder made if missing)."""
+    print(table)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(table)
+    return table
