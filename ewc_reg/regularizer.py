@@ -139,10 +139,16 @@ class EWCRegularizer:
         """Compute this task's Fisher on ``data`` and fold it, with the current parameters as
         anchor, into the penalty. Returns this task's Fisher.
 
+        Parameters new since the last ``consolidate`` (a head added for this task) join with
+        no Fisher from the earlier tasks, which did not depend on them: the same state as if
+        they had been there all along, unused. Those protected before must still be selected,
+        with the same shapes (else ``ValueError``, before any computation).
+
         Extra keyword arguments (``chunk_size``, ``backend``, ``memory_budget``,
         ``max_exact_vectors``) go to :func:`ewc_reg.fisher_diagonal`. If anything fails the
         regularizer is unchanged (in a distributed run: on every rank).
         """
+        self._check_still_protected(select_parameters(self.model, self.params))
         fisher = fisher_diagonal(
             self.model,
             data,
@@ -160,16 +166,11 @@ class EWCRegularizer:
         )
         params = dict(self.model.named_parameters())
         theta = {name: params[name].detach().to(f.dtype) for name, f in fisher.items()}
-        if self._precision and set(self._precision) != set(fisher):
-            raise ValueError(
-                "the model's trainable parameters changed since the last consolidate: "
-                f"had {sorted(self._precision)}, now {sorted(fisher)}"
-            )
         if self.mode == "separate" and self._precision:
             precision, center, offset = self._merge_separate(fisher, theta)
         else:  # online, or the first task of either mode
             precision = {
-                n: self.gamma * self._precision[n] + f if self._precision else f
+                n: self.gamma * self._precision[n] + f if n in self._precision else f
                 for n, f in fisher.items()
             }
             center = {n: t.clone() for n, t in theta.items()}
@@ -179,6 +180,23 @@ class EWCRegularizer:
         self.num_tasks += 1
         return fisher
 
+    def _check_still_protected(self, selected: dict[str, Tensor]) -> None:
+        """``ValueError`` when a parameter protected by the earlier tasks is no longer
+        ``selected`` or has another shape (new parameters are welcome)."""
+        gone = sorted(set(self._precision) - set(selected))
+        if gone:
+            raise ValueError(
+                f"parameters {gone} are protected by the earlier tasks but no longer selected "
+                "(frozen, or removed from the model); keep them trainable, or choose the "
+                "protected parameters with params= from the start"
+            )
+        for name, a in self._precision.items():
+            if a.shape != selected[name].shape:
+                raise ValueError(
+                    f"parameter {name!r} has shape {tuple(selected[name].shape)}, but the "
+                    f"earlier tasks protect it with shape {tuple(a.shape)}"
+                )
+
     def _merge_separate(
         self, fisher: dict[str, Tensor], theta: dict[str, Tensor]
     ) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor]:
@@ -186,6 +204,9 @@ class EWCRegularizer:
         precision, center = {}, {}
         offset = self.gamma * self._offset
         for name, f in fisher.items():
+            if name not in self._precision:  # new: no earlier quadratic, nothing to offset
+                precision[name], center[name] = f, theta[name].clone()
+                continue
             old_a = self.gamma * self._precision[name]
             old_mu = self._center[name]
             a = old_a + f

@@ -228,3 +228,81 @@ def test_consolidate_under_inference_mode_keeps_an_ordinary_trainable_state():
         twin.penalty().backward()
         for n, p in model.named_parameters():
             torch.testing.assert_close(grads[n], p.grad, rtol=1e-12, atol=0)
+
+
+class MultiHead(torch.nn.Module):
+    """A trunk and task heads, their outputs side by side (task t reads units 3t..3t+2)."""
+
+    def __init__(self, heads: int) -> None:
+        super().__init__()
+        self.trunk = torch.nn.Linear(6, 5).double()
+        self.heads = torch.nn.ModuleList(torch.nn.Linear(5, 3).double() for _ in range(heads))
+
+    def forward(self, x):
+        hidden = torch.tanh(self.trunk(x))
+        return torch.cat([head(hidden) for head in self.heads], dim=1)
+
+
+def task_head(task: int):
+    return lambda out: out[:, 3 * task : 3 * task + 3]
+
+
+def perturb_named(model, seed: int, task: int) -> None:
+    """Training on ``task`` as a change to the trunk and heads ``0..task``, the same for the
+    parameters of the same name whatever else the model has (later heads stay as made)."""
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            if name.startswith("heads.") and int(name.split(".")[1]) > task:
+                continue
+            g = torch.Generator().manual_seed(seed + sum(map(ord, name)))
+            p.add_(0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+
+
+@pytest.mark.parametrize("mode", ["online", "separate"])
+def test_a_head_added_for_a_new_task_joins_as_if_there_all_along(mode):
+    """Growing a head per task (as multi-head continual learning does) gives the state of a
+    model that had the head from the start, unused by the earlier tasks (Fisher 0 there)."""
+    upfront = MultiHead(heads=3)
+    grown = MultiHead(heads=1)
+    grown.load_state_dict(upfront.state_dict(), strict=False)  # trunk and head 0
+    made = [{k: v.clone() for k, v in head.state_dict().items()} for head in upfront.heads]
+    regs = {
+        model: EWCRegularizer(model, strength=3.0, mode=mode, gamma=0.5)
+        for model in (upfront, grown)
+    }
+    for task in range(3):
+        for model, reg in regs.items():
+            if model is grown and task > 0:
+                head = torch.nn.Linear(5, 3).double()
+                head.load_state_dict(made[task])
+                grown.heads.append(head)
+            perturb_named(model, 10 * task, task)
+            reg.consolidate(task_data(task, classes=3), output_fn=task_head(task))
+    want, got = regs[upfront], regs[grown]
+    assert list(got.fisher) == list(want.fisher)
+    tight = {"rtol": 1e-12, "atol": 1e-15}
+    torch.testing.assert_close(got.fisher, want.fisher, rtol=0, atol=0)
+    torch.testing.assert_close(got.anchor, want.anchor, **tight)
+    torch.testing.assert_close(got.state_dict()["offset"], want.state_dict()["offset"])
+    for model in regs:
+        perturb_named(model, 99, 2)
+    torch.testing.assert_close(got.penalty(), want.penalty(), **tight)
+    assert want.penalty().item() > 0
+
+
+def test_consolidate_refuses_to_drop_or_reshape_a_protected_parameter_before_computing():
+    model = MultiHead(heads=1)
+    reg = EWCRegularizer(model, strength=1.0)
+    reg.consolidate(task_data(0, classes=3), output_fn=task_head(0))
+    before = reg.state_dict()
+    never_read = object()  # (not data: the check comes first)
+    model.heads[0].bias.requires_grad_(False)
+    with pytest.raises(ValueError, match=r"\['heads.0.bias'\] are protected .* no longer"):
+        reg.consolidate(never_read)
+    model.heads[0].bias.requires_grad_(True)
+    model.heads[0] = torch.nn.Linear(5, 4).double()
+    with pytest.raises(ValueError, match=r"'heads.0.weight' has shape \(4, 5\).* \(3, 5\)"):
+        reg.consolidate(never_read)
+    after = reg.state_dict()
+    assert after["num_tasks"] == 1
+    torch.testing.assert_close(after["fisher"], before["fisher"], rtol=0, atol=0)
