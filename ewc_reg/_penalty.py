@@ -14,9 +14,10 @@ the forward computes :math:`d = \theta - \mu` and :math:`w = \lambda A d` (scale
 the dot products :math:`w \cdot d`. The first backward hands those buffers over as the
 gradients (autograd can then adopt them as ``.grad`` without a copy), scaling them by
 ``grad_output`` only when it is not 1 (``loss.backward()`` on a loss that adds the penalty
-gives 1; reading it costs no device sync on the CPU, so other devices always scale). A second
-backward through a retained graph recomputes :math:`w`; under ``create_graph=True`` the
-backward uses plain differentiable ops, so double backward works.
+gives 1; reading it costs no device sync on the CPU, so other devices, and code compiled with
+``torch.compile``, always scale). A second backward through a retained graph recomputes
+:math:`w`; under ``create_graph=True`` the backward uses plain differentiable ops, so double
+backward works.
 """
 
 from __future__ import annotations
@@ -67,9 +68,17 @@ class _Penalty(torch.autograd.Function):
             grads, ctx.weighted = ctx.weighted, None  # hand the buffers over (first backward)
             if grads is None:  # a later backward through a retained graph
                 grads = _weighted_diffs(params, ctx.precision, ctx.center, ctx.strength)[1]
-            if grad_output.device.type != "cpu" or grad_output.item() != 1.0:
+            if _must_scale(grad_output):
                 torch._foreach_mul_(grads, grad_output)
         return (None, None, None, None, *(g.to(p.dtype) for g, p in zip(grads, params)))
+
+
+def _must_scale(grad_output: Tensor) -> bool:
+    """Whether the backward must scale by ``grad_output``: unless it is 1, read where that is
+    free (a CPU tensor, in eager mode: under ``torch.compile`` reading it breaks the graph)."""
+    if grad_output.device.type != "cpu" or torch.compiler.is_compiling():
+        return True
+    return grad_output.item() != 1.0
 
 
 def ewc_penalty(

@@ -65,3 +65,29 @@ def test_a_handed_over_gradient_is_not_written_by_later_calls():
         params[0].add_(1.0)
     torch.autograd.grad(ewc_penalty(params, precision, center), params)
     assert all(torch.equal(p.grad, k) for p, k in zip(params, kept))
+
+
+def test_compiled_in_one_graph_with_the_same_value_and_gradient():
+    """Inside ``torch.compile`` (AOTAutograd traces the node's forward and backward): no graph
+    break (the eager backward reads ``grad_output`` to skip scaling by 1, which would break
+    it), and the result of plain autograd, also for a loss scaled after the penalty."""
+    torch._dynamo.reset()
+    params, precision, center = tensors(3)
+
+    def loss(scale: float) -> torch.Tensor:
+        return scale * ewc_penalty(params, precision, center, strength=2.5, offset=0.75)
+
+    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
+    try:
+        for scale in (1.0, 3.0):
+            naive = scale * 1.25 * (
+                sum((a * (p - c) ** 2).sum() for p, a, c in zip(params, precision, center)) + 0.75
+            )
+            got = compiled(scale)
+            torch.testing.assert_close(got, naive, rtol=1e-14, atol=0)
+            for g_got, g_naive in zip(
+                torch.autograd.grad(got, params), torch.autograd.grad(naive, params)
+            ):
+                torch.testing.assert_close(g_got, g_naive, rtol=1e-14, atol=0)
+    finally:
+        torch._dynamo.reset()
