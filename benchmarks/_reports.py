@@ -1,5 +1,5 @@
-"""What the benchmarks share around their measurements: the processor's name for the reports'
-headers, torch's thread count kept for the caller, and writing a report."""
+"""What the benchmarks share around their measurements: the processor's (and GPU's) name for
+the reports' headers, torch's thread count kept for the caller, and writing a report."""
 
 from __future__ import annotations
 
@@ -22,6 +22,13 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def machine(device: torch.device) -> str:
+    """The processor, and the GPU where ``device`` is one."""
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (host: {cpu_name()})"
+    return cpu_name()
 
 
 @contextmanager

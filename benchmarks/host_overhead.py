@@ -35,7 +35,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import ewc_reg
 from ewc_reg import fisher_diagonal
 
-from ._reports import cpu_name, keeping_threads, write_report
+from ._reports import keeping_threads, machine, write_report
 from .models import ReducedResNet18, TextTransformer, split_mnist_mlp
 
 RESULTS = Path(__file__).parent / "results" / "host_overhead.md"
@@ -137,12 +137,6 @@ def measure(key: str, samples: int, repeats: int, device: torch.device) -> list[
     return rows
 
 
-def _machine(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)} (host: {cpu_name()})"
-    return cpu_name()
-
-
 def report(rows: list[Row], args: argparse.Namespace) -> str:
     """Markdown: one row per model and contender, ratios to the model's plain pass."""
     lines = [
@@ -151,7 +145,7 @@ def report(rows: list[Row], args: argparse.Namespace) -> str:
         f"`python -m benchmarks.host_overhead --models {','.join(args.models)} --samples "
         f"{args.samples} --repeats {args.repeats} --threads {args.threads} --device "
         f"{args.device}` · ewc_reg {ewc_reg.__version__} · torch {torch.__version__} · "
-        f"{_machine(torch.device(args.device))} · {date.today()}",
+        f"{machine(torch.device(args.device))} · {date.today()}",
         "",
         "Operators: ATen operators one call dispatches (computing: all but views). Time: median "
         f"seconds over {args.repeats} interleaved calls at N={args.samples}. Ratios are to "

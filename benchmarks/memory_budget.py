@@ -8,8 +8,8 @@ chunk sizes the engine keeps). Both are reported as multiples of the plain forwa
 peak is the growth of the process's peak memory (see :mod:`benchmarks._timing`). These figures
 chose ``DEFAULT_MEMORY_BUDGET``.
 
-Run: ``python -m benchmarks.memory_budget [--budgets-mib 128 256 512 1024] [--repeats 3]``;
-writes ``benchmarks/results/memory_budget.md``.
+Run: ``python -m benchmarks.memory_budget [--budgets-mib 128 256 512 1024] [--repeats 3]
+[--device cpu]``; writes ``benchmarks/results/memory_budget.md``.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 import ewc_reg
 from ewc_reg import fisher_diagonal
 
-from ._reports import cpu_name, keeping_threads, write_report
+from ._reports import keeping_threads, machine, write_report
 from ._timing import Measurement, measure, memory_method
 from .models import ReducedResNet18
 
@@ -34,14 +34,18 @@ RESULTS = Path(__file__).parent / "results" / "memory_budget.md"
 
 
 def run(
-    budgets_mib: list[float], samples: int, repeats: int, threads: int
+    budgets_mib: list[float],
+    samples: int,
+    repeats: int,
+    threads: int,
+    device: torch.device,
 ) -> dict[str, list[Measurement]]:
     """The timed measurements of the plain forward+backward and of each budget."""
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    device = torch.device("cpu")
-    model = ReducedResNet18(10).eval()
-    x, y = torch.randn(samples, 3, 32, 32), torch.randint(0, 10, (samples,))
+    model = ReducedResNet18(10).to(device).eval()
+    x = torch.randn(samples, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (samples,), device=device)
     params = list(model.parameters())
 
     def plain() -> object:
@@ -71,16 +75,17 @@ def report(timed: dict[str, list[Measurement]], args: argparse.Namespace) -> str
         return statistics.median(values) if values else float("nan")  # (no peak off Linux)
 
     plain_time, plain_peak = median("plain", "seconds"), median("plain", "peak_bytes")
+    device = torch.device(args.device)
     lines = [
         "# Exact Fisher of the reduced ResNet-18 (C=10) against the memory budget",
         "",
         f"`python -m benchmarks.memory_budget --budgets-mib "
         f"{' '.join(f'{b:g}' for b in args.budgets_mib)} --samples {args.samples} --repeats "
-        f"{args.repeats} --threads {args.threads}` · ewc_reg {ewc_reg.__version__} · torch "
-        f"{torch.__version__} · {cpu_name()} · {date.today()} · medians of "
-        f"{args.repeats} rounds, order reversed every other round",
+        f"{args.repeats} --threads {args.threads} --device {args.device}` · ewc_reg "
+        f"{ewc_reg.__version__} · torch {torch.__version__} · {machine(device)} · "
+        f"{date.today()} · medians of {args.repeats} rounds, order reversed every other round",
         "",
-        f"peak memory: {memory_method(torch.device('cpu'))}.",
+        f"peak memory: {memory_method(device)}.",
         "",
         f"Plain forward+backward: {plain_time:.3f} s, peak {plain_peak / 2**20:.0f} MiB.",
         "",
@@ -102,12 +107,16 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--samples", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="markdown file to write")
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.samples < 1 or any(b <= 0 for b in args.budgets_mib):
         parser.error("--repeats, --samples and every budget must be positive")
     with keeping_threads():
-        table = report(run(args.budgets_mib, args.samples, args.repeats, args.threads), args)
+        timed = run(
+            args.budgets_mib, args.samples, args.repeats, args.threads, torch.device(args.device)
+        )
+        table = report(timed, args)
     return write_report(table, args.out)
 
 

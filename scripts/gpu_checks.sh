@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The checks that need a GPU, as one prepared run for a session lent one (the device tool).
+# Run from the repository root, on a machine whose python3 holds a CUDA PyTorch and pytest
+# (the lent machine's image does; nothing is installed). The reports (*_cuda.md) and one log
+# go to $OUT (the device tool's; it returns at most 8 files), else ./gpu_results; copy the
+# reports under benchmarks/results/ and commit them.
+#   bash scripts/gpu_checks.sh            # everything, most wanted first (about 10 minutes)
+#   bash scripts/gpu_checks.sh quick      # the tests and the short benchmarks only
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-gpu_results}
+mkdir -p "$out"
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+py=${PYTHON:-python3}
+dev=${DEVICE:-cuda}  # (DEVICE=cpu: a dry run of the script itself on a machine without one)
+log="$out/log"
+step() {  # step NAME COMMAND...: run it, its output to the screen and to the log
+    local name=$1
+    shift
+    echo "== $name: $*" | tee -a "$log"
+    "$@" 2>&1 | tee -a "$log"
+    echo "== $name: exit ${PIPESTATUS[0]}" | tee -a "$log"
+}
+: >"$log"
+step gpu nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+step tests "$py" -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_compiled.py
+step host_overhead "$py" -m benchmarks.host_overhead --device "$dev" --repeats 20 \
+    --out "$out/host_overhead_cuda.md"
+step penalty_speed "$py" -m benchmarks.penalty_speed --device "$dev" --threads 1 \
+    --out "$out/penalty_speed_cuda.md"
+step memory_budget "$py" -m benchmarks.memory_budget --device "$dev" \
+    --budgets-mib 256 1024 4096 16384 --out "$out/memory_budget_cuda.md"
+if [ "${1:-}" != quick ]; then
+    step fisher_speed "$py" -m benchmarks.fisher_speed --device "$dev" \
+        --output "$out/fisher_speed_cuda.md"
+fi
