@@ -1,5 +1,5 @@
 """Putting a model in the state the Fisher is computed in (evaluation mode, compiled code run
-eagerly) and restoring it exactly."""
+eagerly, in its own precision) and restoring it exactly."""
 
 from __future__ import annotations
 
@@ -37,3 +37,15 @@ def running_eagerly() -> AbstractContextManager[object]:
     it is.)"""
     set_stance = getattr(torch.compiler, "set_stance", None)
     return nullcontext() if set_stance is None else set_stance("force_eager")
+
+
+def in_own_precision(device: torch.device) -> AbstractContextManager[object]:
+    """Inside the block, ``torch.autocast`` is off on ``device``'s type: a ``consolidate``
+    called from a mixed-precision training loop computes in the model's own dtypes. (The
+    Fisher runs once per task, so exactness is worth more than autocast's speed there; in
+    float16 the squared per-sample gradients can underflow; in bfloat16 the Fisher of small
+    test models on CPU came out 0.5% (an MLP) to 2-5% (a CNN) off.)"""
+    available = getattr(torch.amp, "is_autocast_available", lambda device_type: True)
+    if not available(device.type):
+        return nullcontext()
+    return torch.autocast(device_type=device.type, enabled=False)

@@ -42,7 +42,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ._batches import Batch, iter_batches
-from ._model_state import evaluating, running_eagerly
+from ._model_state import evaluating, in_own_precision, running_eagerly
 from ._validation import check_choice, check_count
 from .distributed import process_group_for, reduce_shards, shard_generator, unwrap_model
 from .engines import BACKENDS, get_engine, zero_sums
@@ -94,7 +94,8 @@ def fisher_diagonal(
 
     It may be called under ``torch.no_grad()`` or ``torch.inference_mode()`` (from an
     evaluation loop, on data made there): autograd is on inside, and the result is made of
-    ordinary tensors.
+    ordinary tensors. Under ``torch.autocast`` (a mixed-precision training loop), autocast is
+    off inside: the Fisher is computed in the model's own dtypes.
 
     Args:
         model: any module; it is put in eval mode during the computation and restored after.
@@ -219,7 +220,7 @@ def fisher_diagonal(
 
     sums: dict[str, Tensor] = {}  # by parameter, in the order of `params`, once a batch is in
     try:
-        with evaluating(model), running_eagerly():
+        with evaluating(model), running_eagerly(), in_own_precision(device):
             count = accumulate(sums)
     except Exception as error:
         if group is None:
