@@ -226,6 +226,8 @@ class EWCRegularizer:
         params = dict(self.model.named_parameters())
         names = list(self._precision)
         current = [params[n] for n in names]
+        if any(p.device != self._precision[n].device for n, p in zip(names, current)):
+            self._move_to(params)  # the model moved since consolidate (once)
         return ewc_penalty(
             current,
             [self._precision[n] for n in names],
@@ -233,6 +235,13 @@ class EWCRegularizer:
             self.strength,
             self._offset,
         )
+
+    def _move_to(self, params: dict[str, Tensor]) -> None:
+        """Put ``A`` and ``μ`` on their parameters' devices, ``c`` on the first one's."""
+        self._precision = {n: a.to(params[n].device) for n, a in self._precision.items()}
+        self._center = {n: m.to(params[n].device) for n, m in self._center.items()}
+        if self._offset is not None and self._precision:
+            self._offset = self._offset.to(next(iter(self._precision.values())).device)
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume: settings, task count, Fisher, anchors and offset."""
@@ -275,17 +284,11 @@ class EWCRegularizer:
         for key in _SETTINGS:
             setattr(self, key, getattr(checked, key))
         self.num_tasks = int(state["num_tasks"])
-        device = {n: params[n].device for n in fisher}
-        self._precision = {n: t.detach().to(device[n]).clone() for n, t in fisher.items()}
-        self._center = {n: t.detach().to(device[n]).clone() for n, t in anchor.items()}
+        self._precision = {n: t.detach().clone() for n, t in fisher.items()}
+        self._center = {n: t.detach().clone() for n, t in anchor.items()}
         offset = state["offset"]
-        if offset is None:
-            self._offset = None
-        else:
-            first = next(iter(self._precision.values()), None)
-            self._offset = torch.as_tensor(offset).detach().clone().to(
-                device=first.device if first is not None else None
-            )
+        self._offset = None if offset is None else torch.as_tensor(offset).detach().clone()
+        self._move_to(params)
 
     def __repr__(self) -> str:
         settings = ", ".join(f"{key}={getattr(self, key)!r}" for key in _SETTINGS)

@@ -163,3 +163,17 @@ def test_per_sample_copies_and_recurrent_rule_match_cpu(kind):
     want = fisher_diagonal(model, [(x, y)], "exact")
     got = fisher_diagonal(copy.deepcopy(model).cuda(), [(x, y)], "exact", backend="hooks")
     assert_close_dicts(to_cpu(got), want, 1e-10)
+
+
+def test_penalty_follows_the_model_moved_after_consolidate():
+    model, data = problem("mlp")
+    reg = EWCRegularizer(model, strength=2.0)
+    reg.consolidate(data)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1)
+    want = reg.penalty().item()
+    model.cuda()
+    got = reg.penalty()
+    assert got.is_cuda and got.item() == pytest.approx(want, rel=1e-12)
+    assert all(t.is_cuda for t in [*reg.fisher.values(), *reg.anchor.values()])

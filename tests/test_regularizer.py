@@ -306,3 +306,22 @@ def test_consolidate_refuses_to_drop_or_reshape_a_protected_parameter_before_com
     after = reg.state_dict()
     assert after["num_tasks"] == 1
     torch.testing.assert_close(after["fisher"], before["fisher"], rtol=0, atol=0)
+
+
+def test_penalty_follows_the_model_to_another_device():
+    """A model moved after consolidate (here to "meta", which needs no GPU; test_cuda.py moves
+    one to CUDA and compares values) takes the penalty's state along, once, instead of failing
+    on mixed devices."""
+    model = mlp()
+    reg = EWCRegularizer(model, strength=2.0, mode="separate")
+    reg.consolidate(task_data(0))
+    perturb(model, 1)
+    reg.consolidate(task_data(1))
+    model.to("meta")
+    penalty = reg.penalty()
+    assert penalty.device.type == "meta" and penalty.shape == ()
+    state = reg.state_dict()
+    tensors = [*state["fisher"].values(), *state["anchor"].values(), state["offset"]]
+    assert {t.device.type for t in tensors} == {"meta"}
+    penalty.backward()
+    assert all(p.grad.device.type == "meta" for p in model.parameters())
