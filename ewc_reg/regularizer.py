@@ -217,7 +217,9 @@ class EWCRegularizer:
 
     def penalty(self) -> Tensor:
         r""":math:`\frac{\lambda}{2}\big(\sum_i A_i(\theta_i-\mu_i)^2 + c\big)`, differentiable
-        in the model's current parameters; a zero tensor before the first ``consolidate``."""
+        in the model's current parameters; a zero tensor before the first ``consolidate``.
+        When the model has moved to another device since, ``A``, ``μ`` and ``c`` follow it
+        (once)."""
         if not self._precision:
             first = next(self.model.parameters(), None)
             if first is None:
