@@ -3,6 +3,7 @@ eagerly, in its own precision) and restoring it exactly."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 
@@ -34,9 +35,12 @@ def running_eagerly() -> AbstractContextManager[object]:
     hook modules, ``vmap`` them and pull back through them one layer at a time, which compiled
     graphs do not allow. Nothing is recompiled, and the compiled code is used again after the
     block. (``torch.compiler.set_stance``; torch < 2.6 lacks it, and compiled code then runs as
-    it is.)"""
+    it is. Where ``torch._dynamo`` was never imported, nothing was compiled, and the block
+    spares the second it takes to import.)"""
     set_stance = getattr(torch.compiler, "set_stance", None)
-    return nullcontext() if set_stance is None else set_stance("force_eager")
+    if set_stance is None or "torch._dynamo" not in sys.modules:
+        return nullcontext()
+    return set_stance("force_eager")
 
 
 def in_own_precision(device: torch.device) -> AbstractContextManager[object]:

@@ -9,6 +9,8 @@ would but needs no C++ compiler; it was dynamo's tracing of the engine's hooks t
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -120,3 +122,19 @@ def test_unwrap_looks_through_compile_and_data_parallel_in_any_nesting():
     backend = CountingBackend()
     assert unwrap_model(torch.compile(nn.DataParallel(model), backend=backend)) is model
     assert unwrap_model(nn.DataParallel(torch.compile(model, backend=backend))) is model
+
+
+def test_a_fisher_without_compiled_code_does_not_import_dynamo():
+    """Setting compiled code aside needs torch._dynamo, whose import takes about a second: it
+    is only done where something could have been compiled (dynamo already imported)."""
+    script = (
+        "import sys, torch\n"
+        "from ewc_reg import fisher_diagonal\n"
+        "model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))\n"
+        "fisher_diagonal(model, [(torch.randn(5, 3), torch.randint(0, 2, (5,)))])\n"
+        "print('torch._dynamo' in sys.modules)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert result.stdout.strip() == "False"
