@@ -466,6 +466,15 @@ class UsedOutside(nn.Module):
         return self.head(h) + F.linear(h, self.head.weight)
 
 
+class UsedOutsideInAList(UsedOutside):
+    """The parameter goes to a torch function inside a list (and a tuple in a list)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.head(torch.tanh(self.fc(x)))
+        bias = self.head.bias
+        return out + torch.stack([bias, bias]).sum(0) + torch.cat([(bias,)][0])
+
+
 class CalledTwice(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -525,6 +534,7 @@ STATIC = {  # ruled out by the module tree: get_engine decides
 }
 DYNAMIC = {  # found during the forward pass: the engine decides on the first batch
     "used_outside": (UsedOutside, "used outside"),
+    "used_outside_in_a_list": (UsedOutsideInAList, "used outside"),
     "called_twice": (CalledTwice, "called more than once"),
     "input_changed": (InputChanged, "modified in place"),
     "no_batch_dim": (NoBatchDim, "leading dimension"),
