@@ -37,7 +37,17 @@ __all__ = ["MODES", "EWCRegularizer"]
 #: How Fishers of successive tasks are combined.
 MODES = ("online", "separate")
 
-_SETTINGS = ("strength", "method", "mode", "gamma", "n_samples", "mc_samples", "likelihood")
+#: The settings a regularizer is made with, each with its check: they are public attributes,
+#: checked on every assignment too (``reg.strength = 1e6`` between tasks).
+_SETTINGS: dict[str, Callable[[Any], Any]] = {
+    "strength": lambda v: check_real("strength", v, 0.0),
+    "method": lambda v: check_choice("method", v, METHODS),
+    "mode": lambda v: check_choice("mode", v, MODES),
+    "gamma": lambda v: check_real("gamma", v, 0.0, 1.0),
+    "n_samples": lambda v: check_count("n_samples", v, allow_none=True),
+    "mc_samples": lambda v: check_count("mc_samples", v),
+    "likelihood": lambda v: check_choice("likelihood", v, tuple(LIKELIHOODS)),
+}
 
 
 class EWCRegularizer:
@@ -97,13 +107,13 @@ class EWCRegularizer:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         self.model = unwrap_model(model)
-        self.strength = check_real("strength", strength, 0.0)
-        self.method = check_choice("method", method, METHODS)
-        self.mode = check_choice("mode", mode, MODES)
-        self.gamma = check_real("gamma", gamma, 0.0, 1.0)
-        self.n_samples = check_count("n_samples", n_samples, allow_none=True)
-        self.mc_samples = check_count("mc_samples", mc_samples)
-        self.likelihood = check_choice("likelihood", likelihood, tuple(LIKELIHOODS))
+        self.strength = strength  # (each checked by __setattr__)
+        self.method = method
+        self.mode = mode
+        self.gamma = gamma
+        self.n_samples = n_samples
+        self.mc_samples = mc_samples
+        self.likelihood = likelihood
         if isinstance(params, Iterable) and not isinstance(params, (str, Tensor, nn.Module)):
             params = tuple(params)  # an iterator would be used up by the first consolidate
         if params is not None:
@@ -116,6 +126,10 @@ class EWCRegularizer:
         self._precision: dict[str, Tensor] = {}  # A
         self._center: dict[str, Tensor] = {}  # μ
         self._offset: Tensor | None = None  # c
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        check = _SETTINGS.get(name)
+        super().__setattr__(name, value if check is None else check(value))
 
     @property
     def fisher(self) -> dict[str, Tensor]:

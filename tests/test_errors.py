@@ -53,6 +53,14 @@ def test_fisher_diagonal_rejects_bad_arguments(kwargs, match):
 def test_regularizer_rejects_bad_settings(kwargs, match):
     with pytest.raises(ValueError, match=match):
         EWCRegularizer(mlp(), **kwargs)
+    reg = EWCRegularizer(mlp(), strength=3.0)
+    (name, value), = kwargs.items()
+    before = getattr(reg, name)
+    with pytest.raises(ValueError, match=match):  # set later, between tasks: checked too
+        setattr(reg, name, value)
+    assert getattr(reg, name) == before
+    reg.strength = 7  # a good one is taken, as a float
+    assert reg.strength == 7.0 and isinstance(reg.strength, float)
 
 
 def test_regularizer_needs_a_module():
