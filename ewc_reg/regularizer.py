@@ -63,6 +63,9 @@ class EWCRegularizer:
                 ...
             reg.consolidate(task_loader)   # Fisher + anchor for this task
 
+    The settings from ``strength`` to ``likelihood`` are attributes that may be changed between
+    tasks (``reg.strength = 1e6``); every assignment is checked as the constructor checks.
+
     Args:
         model: the module whose parameters (those with ``requires_grad``) are protected. A
             ``DistributedDataParallel``/``DataParallel`` wrapper, or that of
