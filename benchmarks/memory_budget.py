@@ -8,15 +8,22 @@ chunk sizes the engine keeps). Both are reported as multiples of the plain forwa
 peak is the growth of the process's peak memory (see :mod:`benchmarks._timing`). These figures
 chose ``DEFAULT_MEMORY_BUDGET``.
 
+``--pull-back batched`` is an experiment for GPUs: the hooks engine then pulls the vectors back
+in one backward batched over them for this model too, where by default its convolutions and
+batch norms take one backward per vector (faster on CPU; never measured on a GPU, where the
+looped passes are launch-bound). It sets the engine's private ``_UNBATCHED_BACKWARD`` for the
+run.
+
 Run: ``python -m benchmarks.memory_budget [--budgets-mib 128 256 512 1024] [--repeats 3]
-[--device cpu]``; writes ``benchmarks/results/memory_budget.md``.
+[--device cpu] [--pull-back auto]``; writes ``benchmarks/results/memory_budget.md``.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import date
 from pathlib import Path
 
@@ -25,6 +32,7 @@ import torch.nn.functional as F
 
 import ewc_reg
 from ewc_reg import fisher_diagonal
+from ewc_reg.engines import hooks
 
 from ._reports import keeping_threads, machine, write_report
 from ._timing import Measurement, measure, memory_method
@@ -67,6 +75,19 @@ def run(
     return timed
 
 
+@contextmanager
+def pull_back(kind: str) -> Iterator[None]:
+    """The hooks engine's pull-back for the block: ``"auto"`` (its own choice) or ``"batched"``
+    (see the module docstring)."""
+    saved = hooks._UNBATCHED_BACKWARD
+    if kind == "batched":
+        hooks._UNBATCHED_BACKWARD = ()
+    try:
+        yield
+    finally:
+        hooks._UNBATCHED_BACKWARD = saved
+
+
 def report(timed: dict[str, list[Measurement]], args: argparse.Namespace) -> str:
     """Markdown: one row per budget, as multiples of the plain forward+backward."""
 
@@ -81,7 +102,8 @@ def report(timed: dict[str, list[Measurement]], args: argparse.Namespace) -> str
         "",
         f"`python -m benchmarks.memory_budget --budgets-mib "
         f"{' '.join(f'{b:g}' for b in args.budgets_mib)} --samples {args.samples} --repeats "
-        f"{args.repeats} --threads {args.threads} --device {args.device}` · ewc_reg "
+        f"{args.repeats} --threads {args.threads} --device {args.device} --pull-back "
+        f"{args.pull_back}` · ewc_reg "
         f"{ewc_reg.__version__} · torch {torch.__version__} · {machine(device)} · "
         f"{date.today()} · medians of {args.repeats} rounds, order reversed every other round",
         "",
@@ -108,11 +130,12 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    parser.add_argument("--pull-back", choices=("auto", "batched"), default="auto")
     parser.add_argument("--out", type=Path, default=RESULTS, help="markdown file to write")
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.samples < 1 or any(b <= 0 for b in args.budgets_mib):
         parser.error("--repeats, --samples and every budget must be positive")
-    with keeping_threads():
+    with keeping_threads(), pull_back(args.pull_back):
         timed = run(
             args.budgets_mib, args.samples, args.repeats, args.threads, torch.device(args.device)
         )

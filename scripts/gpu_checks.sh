@@ -4,7 +4,7 @@
 # (the lent machine's image does; nothing is installed). The reports (*_cuda.md) and one log
 # go to $OUT (the device tool's; it returns at most 8 files), else ./gpu_results; copy the
 # reports under benchmarks/results/ and commit them.
-#   bash scripts/gpu_checks.sh            # everything, most wanted first (about 10 minutes)
+#   bash scripts/gpu_checks.sh            # everything, most wanted first
 #   bash scripts/gpu_checks.sh quick      # the tests and the short benchmarks only
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -30,6 +30,8 @@ step penalty_speed "$py" -m benchmarks.penalty_speed --device "$dev" --threads 1
     --out "$out/penalty_speed_cuda.md"
 step memory_budget "$py" -m benchmarks.memory_budget --device "$dev" \
     --budgets-mib 256 1024 4096 16384 --out "$out/memory_budget_cuda.md"
+step memory_budget_batched "$py" -m benchmarks.memory_budget --device "$dev" --pull-back batched \
+    --budgets-mib 256 1024 4096 16384 --out "$out/memory_budget_batched_cuda.md"
 if [ "${1:-}" != quick ]; then
     step fisher_speed "$py" -m benchmarks.fisher_speed --device "$dev" \
         --output "$out/fisher_speed_cuda.md"

@@ -1250,3 +1250,35 @@ def test_chunkings_and_repeated_calls_agree_with_functorch(kind: str, method: st
     for chunking in CHUNKINGS:
         for _ in range(2):
             assert_close_dicts(fisher(backend="hooks", **chunking), want, 1e-10)
+
+
+@pytest.mark.parametrize("method", ["exact", "empirical", "sample"])
+def test_batched_pull_back_of_convolutions_and_batch_norm(method, monkeypatch):
+    """The default pulls a model with convolutions and batch norm back one vector at a time
+    (faster on CPU); the backward batched over the vectors, which a GPU may prefer
+    (``benchmarks.memory_budget --pull-back batched``), gives the same sums, chunked too."""
+    torch.manual_seed(0)
+    model, x = cnn(), torch.randn(7, 2, 6, 6, dtype=torch.float64)
+    data = [(x[:4], torch.randint(0, 4, (4,))), (x[4:], torch.randint(0, 4, (3,)))]
+
+    def fisher(**kwargs):
+        return fisher_diagonal(
+            model, data, method, backend="hooks", generator=torch.Generator().manual_seed(1),
+            **kwargs,
+        )
+
+    modes = []
+    pull_back = hooks._pull_back
+
+    def spy(output, edges, vectors, looped, *args, **kwargs):
+        modes.append(looped)
+        return pull_back(output, edges, vectors, looped, *args, **kwargs)
+
+    monkeypatch.setattr(hooks, "_pull_back", spy)
+    looped = fisher()
+    assert set(modes) == {True}
+    monkeypatch.setattr(hooks, "_UNBATCHED_BACKWARD", ())
+    modes.clear()
+    assert_close_dicts(fisher(), looped, 1e-12)
+    assert_close_dicts(fisher(chunk_size=2), looped, 1e-12)
+    assert set(modes) == {False}

@@ -13,3 +13,15 @@ def test_memory_budget_writes_table(tmp_path):
     )
     assert out.read_text() == table
     assert "| 0.5 |" in table and "| 64 |" in table
+
+
+def test_batched_pull_back_is_an_experiment_of_one_run(tmp_path):
+    from ewc_reg.engines import hooks
+
+    default = hooks._UNBATCHED_BACKWARD
+    table = memory_budget.main(
+        ["--budgets-mib", "64", "--samples", "2", "--repeats", "1", "--pull-back", "batched",
+         "--out", str(tmp_path / "budget.md")]
+    )
+    assert "--pull-back batched" in table and "| 64 |" in table
+    assert hooks._UNBATCHED_BACKWARD is default  # (restored)
