@@ -73,15 +73,15 @@ class _Penalty(torch.autograd.Function):
         return (None, None, None, None, *(g.to(p.dtype) for g, p in zip(grads, params)))
 
 
+_is_compiling = getattr(torch.compiler, "is_compiling", lambda: False)  # (not in every torch)
+
+
 def _must_scale(grad_output: Tensor) -> bool:
     """Whether the backward must scale by ``grad_output``: unless it is 1, read where that is
     free (a CPU tensor, in eager mode: under ``torch.compile`` reading it breaks the graph)."""
     if grad_output.device.type != "cpu" or _is_compiling():
         return True
     return grad_output.item() != 1.0
-
-
-_is_compiling = getattr(torch.compiler, "is_compiling", lambda: False)  # (not in every torch)
 
 
 def ewc_penalty(
