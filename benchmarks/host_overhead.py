@@ -11,13 +11,18 @@ views, which launch nothing), and the median CPU time of both at a small batch, 
 time is mostly host work too. With ``--device cuda`` the times are those of the GPU (synchronised
 after each call), where the ratios show the launch-bound cost itself.
 
-Run: ``python -m benchmarks.host_overhead [--models mlp,resnet,transformer] [--samples 8]
-[--device cpu]``; writes ``benchmarks/results/host_overhead.md``.
+``--ways launch-bound`` makes the engines take the ways they take on a GPU (one pull-back
+batched over the vectors, gathers: :func:`ewc_reg.engines.base.launch_bound`) on any device, so
+that the CPU counts the operators a GPU would launch (the times stay the CPU's).
+
+Run: ``python -m benchmarks.host_overhead [--models mlp,resnet,transformer,lstm] [--samples 8]
+[--device cpu] [--ways device]``; writes ``benchmarks/results/host_overhead.md``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 from collections import Counter
@@ -35,8 +40,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import ewc_reg
 from ewc_reg import fisher_diagonal
 
+from ._paths import launch_bound_ways
 from ._reports import keeping_threads, machine, write_report
-from .models import ReducedResNet18, TextTransformer, split_mnist_mlp
+from .models import LSTMClassifier, ReducedResNet18, TextTransformer, split_mnist_mlp
 
 RESULTS = Path(__file__).parent / "results" / "host_overhead.md"
 METHODS = ("exact", "empirical")
@@ -54,10 +60,15 @@ def _transformer(samples: int) -> tuple[nn.Module, Tensor]:
     return TextTransformer(), torch.randint(0, 1000, (samples, 32))
 
 
+def _lstm(samples: int) -> tuple[nn.Module, Tensor]:
+    return LSTMClassifier(), torch.randint(0, 1000, (samples, 32))
+
+
 MODELS: dict[str, tuple[str, Callable[[int], tuple[nn.Module, Tensor]]]] = {
     "mlp": ("Split MNIST MLP", _mlp),
     "resnet": ("reduced ResNet-18", _resnet),
     "transformer": ("Transformer text classifier", _transformer),
+    "lstm": ("LSTM classifier", _lstm),
 }
 
 
@@ -144,8 +155,8 @@ def report(rows: list[Row], args: argparse.Namespace) -> str:
         "",
         f"`python -m benchmarks.host_overhead --models {','.join(args.models)} --samples "
         f"{args.samples} --repeats {args.repeats} --threads {args.threads} --device "
-        f"{args.device}` · ewc_reg {ewc_reg.__version__} · torch {torch.__version__} · "
-        f"{machine(torch.device(args.device))} · {date.today()}",
+        f"{args.device} --ways {args.ways}` · ewc_reg {ewc_reg.__version__} · torch "
+        f"{torch.__version__} · {machine(torch.device(args.device))} · {date.today()}",
         "",
         "Operators: ATen operators one call dispatches (computing: all but views). Time: median "
         f"seconds over {args.repeats} interleaved calls at N={args.samples}. Ratios are to "
@@ -177,12 +188,17 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--ways", choices=("device", "launch-bound"), default="device",
+        help="the engines' ways for the device, or a GPU's on any device",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS, help="markdown file to write")
     args = parser.parse_args(argv)
     unknown = sorted(set(args.models) - set(MODELS))
     if unknown:
         parser.error(f"unknown models {unknown}; choose from {list(MODELS)}")
-    with keeping_threads():
+    ways = launch_bound_ways() if args.ways == "launch-bound" else contextlib.nullcontext()
+    with keeping_threads(), ways:
         torch.set_num_threads(args.threads)
         rows = [
             row

@@ -8,11 +8,9 @@ chunk sizes the engine keeps). Both are reported as multiples of the plain forwa
 peak is the growth of the process's peak memory (see :mod:`benchmarks._timing`). These figures
 chose ``DEFAULT_MEMORY_BUDGET``.
 
-``--pull-back batched`` is an experiment for GPUs: the hooks engine then pulls the vectors back
-in one backward batched over them for this model too, where by default its convolutions and
-batch norms take one backward per vector (faster on CPU; never measured on a GPU, where the
-looped passes are launch-bound). It sets the engine's private ``_UNBATCHED_BACKWARD`` for the
-run.
+``--pull-back looped`` or ``batched`` forces the hooks engine's pull-back (one backward pass per
+vector, or one batched over the vectors) where by default it takes its own choice: looped for
+this model on CPU, batched on a GPU (:func:`ewc_reg.engines.hooks.loops_pull_back`).
 
 Run: ``python -m benchmarks.memory_budget [--budgets-mib 128 256 512 1024] [--repeats 3]
 [--device cpu] [--pull-back auto]``; writes ``benchmarks/results/memory_budget.md``.
@@ -22,8 +20,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from datetime import date
 from pathlib import Path
 
@@ -32,8 +29,8 @@ import torch.nn.functional as F
 
 import ewc_reg
 from ewc_reg import fisher_diagonal
-from ewc_reg.engines import hooks
 
+from ._paths import PULL_BACKS, pull_back
 from ._reports import keeping_threads, machine, write_report
 from ._timing import Measurement, measure, memory_method
 from .models import ReducedResNet18
@@ -73,19 +70,6 @@ def run(
         for name in names if round_ % 2 == 0 else names[::-1]:
             timed[name].append(measure(contenders[name], device))
     return timed
-
-
-@contextmanager
-def pull_back(kind: str) -> Iterator[None]:
-    """The hooks engine's pull-back for the block: ``"auto"`` (its own choice) or ``"batched"``
-    (see the module docstring)."""
-    saved = hooks._UNBATCHED_BACKWARD
-    if kind == "batched":
-        hooks._UNBATCHED_BACKWARD = ()
-    try:
-        yield
-    finally:
-        hooks._UNBATCHED_BACKWARD = saved
 
 
 def report(timed: dict[str, list[Measurement]], args: argparse.Namespace) -> str:
@@ -130,7 +114,7 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    parser.add_argument("--pull-back", choices=("auto", "batched"), default="auto")
+    parser.add_argument("--pull-back", choices=PULL_BACKS, default="auto")
     parser.add_argument("--out", type=Path, default=RESULTS, help="markdown file to write")
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.samples < 1 or any(b <= 0 for b in args.budgets_mib):

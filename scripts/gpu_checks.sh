@@ -30,8 +30,8 @@ step penalty_speed "$py" -m benchmarks.penalty_speed --device "$dev" --threads 1
     --out "$out/penalty_speed_cuda.md"
 step memory_budget "$py" -m benchmarks.memory_budget --device "$dev" \
     --budgets-mib 256 1024 4096 16384 --out "$out/memory_budget_cuda.md"
-step memory_budget_batched "$py" -m benchmarks.memory_budget --device "$dev" --pull-back batched \
-    --budgets-mib 256 1024 4096 16384 --out "$out/memory_budget_batched_cuda.md"
+step memory_budget_looped "$py" -m benchmarks.memory_budget --device "$dev" --pull-back looped \
+    --budgets-mib 256 1024 4096 16384 --out "$out/memory_budget_looped_cuda.md"
 if [ "${1:-}" != quick ]; then
     step fisher_speed "$py" -m benchmarks.fisher_speed --device "$dev" \
         --output "$out/fisher_speed_cuda.md"

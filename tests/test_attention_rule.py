@@ -106,7 +106,7 @@ def data(batch: int = 5) -> Tensor:
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_rule_matches_references(name: str) -> None:
+def test_rule_matches_references(name: str, engine_ways: str) -> None:
     model = attend(name)
     assert plan(model, trainable(model))[0].rule is attention.multihead_attention
     check_against_references(model, data())
@@ -114,7 +114,7 @@ def test_rule_matches_references(name: str) -> None:
 
 @pytest.mark.parametrize("name", ["self", "distinct", "padding_weights", "causal_padding"])
 @pytest.mark.parametrize("chunks", [{"chunk_size": 2}, {"memory_budget": 1}])
-def test_chunks(name: str, chunks: dict) -> None:
+def test_chunks(name: str, chunks: dict, engine_ways: str) -> None:
     """Engine chunks (``chunk_size``) and rule chunks of one sample (``memory_budget=1``)."""
     check_against_references(attend(name), data(7), **chunks)
 

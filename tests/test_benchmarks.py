@@ -225,3 +225,20 @@ def test_keeping_threads_restores_the_count_on_error_and_reports_are_written(tmp
     out = tmp_path / "new" / "report.md"
     assert write_report("| a |\n", out) == "| a |\n" and out.read_text() == "| a |\n"
     assert cpu_name()
+
+
+def test_host_overhead_counts_a_gpus_ways_on_the_cpu(tmp_path):
+    """``--ways launch-bound``: the ResNet's exact Fisher pulls its vectors back in one
+    batched pass, so it dispatches fewer operators than with the CPU's looped pull-back."""
+    from benchmarks import host_overhead
+
+    def exact_operators(ways: str) -> int:
+        table = host_overhead.main(
+            ["--models", "resnet", "--samples", "2", "--repeats", "1", "--ways", ways,
+             "--out", str(tmp_path / f"{ways}.md")]
+        )
+        assert f"--ways {ways}" in table
+        row = next(line for line in table.splitlines() if "| Fisher, exact |" in line)
+        return int(row.split(" | ")[2])
+
+    assert exact_operators("launch-bound") < 0.8 * exact_operators("device")

@@ -11,7 +11,9 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
+from benchmarks.models import LSTMClassifier
 from ewc_reg import fisher_diagonal
 from ewc_reg._batches import Batch
 from ewc_reg.engines import attention, get_engine, hooks, rules
@@ -141,7 +143,7 @@ def randomize_affine(model: nn.Module) -> None:
 
 
 @pytest.mark.parametrize("name", list(LAYERS))
-def test_rule_matches_references(name: str) -> None:
+def test_rule_matches_references(name: str, engine_ways: str) -> None:
     make, shape = LAYERS[name]
     x = torch.randn(*shape, dtype=torch.float64)
     model = with_head(make().double(), x)
@@ -155,7 +157,9 @@ CONVS = [name for name in LAYERS if name.startswith("conv")]
 @pytest.mark.parametrize("name", CONVS)
 @pytest.mark.parametrize("layout", ["vectors_first", "samples_first"])
 @pytest.mark.parametrize("budget", [1, DEFAULT_MEMORY_BUDGET])
-def test_conv_rule_any_layout_and_chunks(name: str, layout: str, budget: int) -> None:
+def test_conv_rule_any_layout_and_chunks(
+    name: str, layout: str, budget: int, engine_ways: str
+) -> None:
     """The convolution rule on ``G`` stored ``(K, B, ...)`` (batched pull-back) or
     ``(B, K, ...)`` (looped pull-back), one sample per chunk or all, equals brute force."""
     make, shape = LAYERS[name]
@@ -306,7 +310,7 @@ def test_inplace_changes_to_outputs_are_fine() -> None:
 
 @pytest.mark.parametrize("kind", ["mlp", "cnn"])
 @pytest.mark.parametrize("method", ["exact", "empirical", "sample"])
-def test_estimators_match_functorch(kind: str, method: str) -> None:
+def test_estimators_match_functorch(kind: str, method: str, engine_ways: str) -> None:
     model = mlp() if kind == "mlp" else cnn(classes=5)
     x = torch.randn(10, *((6,) if kind == "mlp" else (2, 6, 6)), dtype=torch.float64)
     data = [(x[:4], torch.randint(0, 5, (4,))), (x[4:], torch.randint(0, 5, (6,)))]
@@ -701,7 +705,7 @@ def test_nested_modules_are_one_unit() -> None:
 
 @pytest.mark.filterwarnings("ignore:There is a performance drop")
 @pytest.mark.parametrize("method", ["exact", "empirical", "sample"])
-def test_attention_estimators_match_references(method: str, caplog) -> None:
+def test_attention_estimators_match_references(method: str, caplog, engine_ways: str) -> None:
     torch.manual_seed(0)
     model = Attention().double().eval()
     x, y = torch.randint(0, 11, (5, 4)), torch.randint(0, 3, (5,))
@@ -1190,7 +1194,7 @@ def test_chunk_sizes_are_kept_per_sample_shape() -> None:
     def batch(length: int):
         return [(torch.randint(0, 20, (8, length)), torch.randint(0, 5, (8, length)))]
 
-    budget = 5_000  # (chunks of 2 short sequences, of 1 long one)
+    budget = 4_000  # (chunks of 2 short sequences, of 1 long one)
     calls = []
     model.register_forward_pre_hook(
         lambda module, args: calls.append((tuple(args[0].shape), torch.is_grad_enabled()))
@@ -1228,7 +1232,9 @@ CHUNKINGS = [{}, {"memory_budget": 1}, {"chunk_size": 2}, {"memory_budget": 20_0
 @pytest.mark.filterwarnings("ignore:There is a performance drop")
 @pytest.mark.parametrize("kind", ["mlp", "cnn", "class_token"])
 @pytest.mark.parametrize("method", ["exact", "empirical", "sample"])
-def test_chunkings_and_repeated_calls_agree_with_functorch(kind: str, method: str) -> None:
+def test_chunkings_and_repeated_calls_agree_with_functorch(
+    kind: str, method: str, engine_ways: str
+) -> None:
     """Two batches under every chunking (none, one sample, two, a few), each twice in a row
     (the second call starts from the chunk sizes the first left): the functorch engine's
     Fisher, and for sample its labels."""
@@ -1252,14 +1258,30 @@ def test_chunkings_and_repeated_calls_agree_with_functorch(kind: str, method: st
             assert_close_dicts(fisher(backend="hooks", **chunking), want, 1e-10)
 
 
+def _pull_back_models() -> dict[str, tuple[nn.Module, Tensor, bool]]:
+    """Models with the layers the pull-back treats apart, an input batch of 7, and whether the
+    pull-back loops over the vectors on CPU."""
+    return {
+        "conv_bn": (cnn(), torch.randn(7, 2, 6, 6, dtype=torch.float64), True),
+        "attention": (Attention().double(), torch.randint(0, 11, (7, 4)), True),
+        "lstm": (
+            LSTMClassifier(num_classes=4, vocab_size=11, dim=6).double(),
+            torch.randint(0, 11, (7, 5)),
+            False,
+        ),
+    }
+
+
+@pytest.mark.parametrize("name", ["conv_bn", "attention", "lstm"])
 @pytest.mark.parametrize("method", ["exact", "empirical", "sample"])
-def test_batched_pull_back_of_convolutions_and_batch_norm(method, monkeypatch):
-    """The default pulls a model with convolutions and batch norm back one vector at a time
-    (faster on CPU); the backward batched over the vectors, which a GPU may prefer
-    (``benchmarks.memory_budget --pull-back batched``), gives the same sums, chunked too."""
+def test_looped_and_batched_pull_backs_agree(name, method, monkeypatch, engine_ways):
+    """The pull-back loops over the vectors on CPU with convolutions, batch norms or attention,
+    and is batched otherwise and on a launch-bound device (:func:`hooks.loops_pull_back`); the
+    two ways give the same sums, in chunks too."""
     torch.manual_seed(0)
-    model, x = cnn(), torch.randn(7, 2, 6, 6, dtype=torch.float64)
-    data = [(x[:4], torch.randint(0, 4, (4,))), (x[4:], torch.randint(0, 4, (3,)))]
+    model, x, looped_on_cpu = _pull_back_models()[name]
+    model.eval()
+    data = [(x[:4], torch.randint(0, 3, (4,))), (x[4:], torch.randint(0, 3, (3,)))]
 
     def fisher(**kwargs):
         return fisher_diagonal(
@@ -1275,10 +1297,30 @@ def test_batched_pull_back_of_convolutions_and_batch_norm(method, monkeypatch):
         return pull_back(output, edges, vectors, looped, *args, **kwargs)
 
     monkeypatch.setattr(hooks, "_pull_back", spy)
-    looped = fisher()
-    assert set(modes) == {True}
-    monkeypatch.setattr(hooks, "_UNBATCHED_BACKWARD", ())
-    modes.clear()
-    assert_close_dicts(fisher(), looped, 1e-12)
-    assert_close_dicts(fisher(chunk_size=2), looped, 1e-12)
-    assert set(modes) == {False}
+    by_default = fisher()
+    assert set(modes) == {looped_on_cpu and engine_ways == "cpu"}
+    for looped in (True, False):
+        monkeypatch.setattr(hooks, "loops_pull_back", lambda model, device, looped=looped: looped)
+        modes.clear()
+        assert_close_dicts(fisher(), by_default, 1e-12)
+        assert_close_dicts(fisher(chunk_size=2), by_default, 1e-12)
+        assert set(modes) == {looped}
+
+
+def test_the_batched_pull_back_batches_convolutions_and_batch_norms(monkeypatch):
+    """One backward kernel per layer for all the vectors, not one per vector (as
+    ``autograd.grad(..., is_grads_batched=True)`` runs them)."""
+    calls = []
+
+    class Calls(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            calls.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    model, x = cnn(), torch.randn(4, 2, 6, 6, dtype=torch.float64)
+    layers = sum(isinstance(m, (nn.Conv2d, nn.BatchNorm2d)) for m in model.modules())
+    monkeypatch.setattr(hooks, "loops_pull_back", lambda model, device: False)
+    with Calls():
+        fisher_diagonal(model, [(x, torch.randint(0, 4, (4,)))], "exact", backend="hooks")
+    backward = [c for c in calls if c in ("convolution_backward", "native_batch_norm_backward")]
+    assert 0 < len(backward) <= layers  # (looped over the K = 4 vectors: up to 4 times as many)

@@ -3,7 +3,14 @@ the test process shares the machine)."""
 
 from __future__ import annotations
 
+import pytest
+import torch
+from torch import nn
+
 from benchmarks import memory_budget
+from benchmarks._paths import launch_bound_ways, pull_back
+from ewc_reg import fisher_diagonal
+from ewc_reg.engines import base, hooks
 
 
 def test_memory_budget_writes_table(tmp_path):
@@ -15,13 +22,48 @@ def test_memory_budget_writes_table(tmp_path):
     assert "| 0.5 |" in table and "| 64 |" in table
 
 
-def test_batched_pull_back_is_an_experiment_of_one_run(tmp_path):
-    from ewc_reg.engines import hooks
-
-    default = hooks._UNBATCHED_BACKWARD
+@pytest.mark.parametrize("kind", ["looped", "batched"])
+def test_a_forced_pull_back_holds_for_the_run_only(tmp_path, kind):
+    default = hooks.loops_pull_back
     table = memory_budget.main(
-        ["--budgets-mib", "64", "--samples", "2", "--repeats", "1", "--pull-back", "batched",
+        ["--budgets-mib", "64", "--samples", "2", "--repeats", "1", "--pull-back", kind,
          "--out", str(tmp_path / "budget.md")]
     )
-    assert "--pull-back batched" in table and "| 64 |" in table
-    assert hooks._UNBATCHED_BACKWARD is default  # (restored)
+    assert f"--pull-back {kind}" in table and "| 64 |" in table
+    assert hooks.loops_pull_back is default  # (restored)
+
+
+@pytest.mark.parametrize(
+    ("kind", "make_model", "expected"),
+    [
+        ("auto", lambda: nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten()), True),  # (CPU)
+        ("auto", lambda: nn.Sequential(nn.Flatten(), nn.Linear(9, 3)), False),
+        ("looped", lambda: nn.Sequential(nn.Flatten(), nn.Linear(9, 3)), True),
+        ("batched", lambda: nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten()), False),
+    ],
+)
+def test_pull_back_forces_the_engine(monkeypatch, kind, make_model, expected):
+    modes = []
+    pull = hooks._pull_back
+
+    def spy(output, edges, vectors, looped, *args, **kwargs):
+        modes.append(looped)
+        return pull(output, edges, vectors, looped, *args, **kwargs)
+
+    monkeypatch.setattr(hooks, "_pull_back", spy)
+    data = [(torch.randn(4, 1, 3, 3), torch.randint(0, 3, (4,)))]
+    with pull_back(kind):
+        fisher_diagonal(make_model(), data, "exact", backend="hooks")
+    assert modes == [expected]
+    with pytest.raises(ValueError, match="pull-back must be one of"):
+        with pull_back("sometimes"):
+            pass
+
+
+def test_launch_bound_ways_hold_in_the_block_only():
+    cpu = torch.device("cpu")
+    with launch_bound_ways():
+        assert base.launch_bound(cpu)
+        assert not hooks.loops_pull_back(nn.Conv2d(1, 2, 3), cpu)
+    assert not base.launch_bound(cpu)
+    assert hooks.loops_pull_back(nn.Conv2d(1, 2, 3), cpu)

@@ -55,7 +55,9 @@ OPTIONS = {
 
 @pytest.mark.parametrize("name", list(OPTIONS))
 @pytest.mark.parametrize("method", ["exact", "empirical", "sample"])
-def test_recurrent_rule_matches_brute_force(name: str, method: str, caplog) -> None:
+def test_recurrent_rule_matches_brute_force(
+    name: str, method: str, caplog, engine_ways: str
+) -> None:
     torch.manual_seed(0)
     model = Tagger(**OPTIONS[name]).double().eval()
     unit = next(u for u in plan(model, trainable(model)) if u.path == "rnn")

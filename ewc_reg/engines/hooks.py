@@ -15,11 +15,11 @@ edge of) its output ``y``; ``V = make_vectors(f)`` of shape ``(K, B, *out)`` (th
 of a softmax gives ``C - 1`` vectors: see :class:`~ewc_reg.likelihoods.Categorical`; where each
 vector costs a backward pass of its own, ``V`` is first cut to the rank of each sample's
 vectors by :func:`~.base.fewer_vectors`) is pulled back to all the outputs in one backward pass
-batched over ``K``
-(``autograd.grad(..., is_grads_batched=True)``), giving ``G`` of shape ``(K, B, *y.shape[1:])``
-per module (or one pass per vector where ``vmap`` would loop anyway: convolutions and batch
-norms; ``G`` then lies in reused ``(B, K, ...)`` buffers, and layers with a reduction in
-:data:`.rules.REDUCTIONS`, the normalisations, keep only their per-sample reduced gradients);
+batched over ``K`` (``torch.func.vmap`` over ``autograd.grad``: :func:`_batched_grads`), giving
+``G`` of shape ``(K, B, *y.shape[1:])`` per module, or, on CPU with convolutions, batch norms or
+attention (:func:`loops_pull_back`), in one pass per vector (``G`` then lies in reused
+``(B, K, ...)`` buffers, and layers with a reduction in :data:`.rules.REDUCTIONS`, the
+normalisations, keep only their per-sample reduced gradients);
 and the rules of :mod:`.rules` turn ``(x, G)`` into
 :math:`\sum_n \sum_k ((\partial y_n/\partial\theta)^\top G_{nk})^{\odot 2}`
 (for ``Linear`` without per-sample gradients at all). A parametrised module without a rule (or
@@ -61,8 +61,9 @@ The decomposition is valid only if (checked; otherwise :class:`Unsupported` is r
 
 Memory: the forward pass over the whole batch gives the checks and the vectors (like the functorch
 engine's no-grad pass, it is bounded by the batch the data yields); when the pull-back of the whole
-batch (:func:`bytes_per_sample` without the forward pass, mostly ``K`` times the recorded outputs
-whose gradients are kept whole) fits in ``memory_budget`` it also gives the sums, else the batch is
+batch (:func:`bytes_per_sample` without the forward pass: ``K`` times the recorded outputs, or,
+looped, those whose gradients are kept whole) fits in ``memory_budget`` it also gives the sums,
+else the batch is
 redone in chunks of ``resolve_chunk_size(chunk_size, memory_budget, bytes_per_sample)`` samples
 (forward pass included), each with its own forward pass; the first pass then runs without gradients
 when ``chunk_size`` or the previous batch already told that the batch will be split. Rules
@@ -86,6 +87,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 from .._batches import Batch
+from . import base
 from .base import (
     Engine,
     OutputFn,
@@ -453,30 +455,46 @@ def check_batch_layout(
             )
 
 
-def bytes_per_sample(num_vectors: int, kept_bytes: int, recorded_bytes: int, forward: bool) -> int:
+def bytes_per_sample(
+    num_vectors: int, kept_bytes: int, recorded_bytes: int, forward: bool, looped: bool
+) -> int:
     """Working memory of one sample whose recorded module outputs take ``recorded_bytes``, of
     which ``kept_bytes`` have their output gradients kept whole (the others are reduced as
-    they come, see :data:`.rules.REDUCTIONS`): the ``K`` kept output gradients and a backward
-    pass's temporaries (the recorded outputs once), plus, with ``forward``, the forward pass's
-    saved activations (about twice the recorded outputs). Measured on a reduced ResNet-18."""
-    return max(num_vectors, 1) * kept_bytes + (3 if forward else 1) * recorded_bytes
+    they come, see :data:`.rules.REDUCTIONS`), plus, with ``forward``, the forward pass's
+    saved activations (about twice the recorded outputs). A ``looped`` pull-back holds the
+    ``K`` kept output gradients and one pass's temporaries (the recorded outputs once; measured
+    on a reduced ResNet-18); a batched one holds the gradients of all ``K`` vectors at every
+    recorded output until the pass ends (those reduced too: the reducers run after it)."""
+    num_vectors = max(num_vectors, 1)
+    held = num_vectors * kept_bytes + recorded_bytes if looped else num_vectors * recorded_bytes
+    return held + (2 * recorded_bytes if forward else 0)
 
 
-#: Modules whose backward has no batching rule in ``is_grads_batched`` (it runs them once per
-#: vector and concatenates): with any of them, one backward pass per vector is faster than a
-#: batched one (on CPU: 0.66 s vs 0.70-1.0 s for a reduced ResNet-18 at B=32, K=10; an MLP is
-#: about as fast either way and keeps the single batched pass). ``nn.MultiheadAttention``: the
-#: fused attention kernels' backward has no batching rule either (the exact Fisher of
-#: ``benchmarks.models.TextTransformer``, N=128, K=9, 2 threads: 0.30 s looped vs 0.37 s batched).
-#: Recurrent layers: batching the backward of their recurrence (redone in small steps while
-#: recording) costs more than it saves (``benchmarks.models.LSTMClassifier``, N=128, T=32, K=9,
-#: 2 threads: 0.14 s looped vs 0.81 s batched).
-_UNBATCHED_BACKWARD = (
+#: Modules with which, on CPU, one backward pass per vector is faster than one batched over the
+#: vectors (``torch.func.vmap``, whose batching rules fold the vectors into the batch of these
+#: layers' backward kernels): the batched pass streams ``K`` times the activations' gradients
+#: through memory at once, the looped one reuses buffers of one vector's in the cache. Exact
+#: Fisher (C=10, K=9, 2 threads), looped against batched: reduced ResNet-18 7.9x against 9.7x a
+#: forward+backward at N=128 (256 MiB budget; 13.3x at 4 GiB), but 6.3x against 5.9x at N=8;
+#: ``benchmarks.models.TextTransformer`` (attention) 282 against 348 ms at N=128, 61 against
+#: 39 ms at N=8. Recurrent layers are not here: their recurrence, redone in small steps while
+#: recording, launches many small kernels, and batching them cost nothing at N=128 (194 against
+#: 197 ms, ``benchmarks.models.LSTMClassifier``) and halved the time at N=8 (48 against 22 ms).
+#: On a :func:`~.base.launch_bound` device the pass is always batched: the looped one launches
+#: ``K`` times the kernels.
+_LOOPED_ON_CPU = (
     nn.modules.conv._ConvNd,
     nn.modules.batchnorm._BatchNorm,
     nn.MultiheadAttention,
-    nn.RNNBase,
 )
+
+
+def loops_pull_back(model: nn.Module, device: torch.device) -> bool:
+    """Whether the engine pulls the vectors back to ``model`` on ``device`` one at a time (see
+    :data:`_LOOPED_ON_CPU`)."""
+    if base.launch_bound(device):
+        return False
+    return any(isinstance(m, _LOOPED_ON_CPU) for m in model.modules())
 
 
 def _pull_back(
@@ -488,9 +506,9 @@ def _pull_back(
     reducers: dict[int, Reducer] | None = None,
 ) -> list[Tensor | None]:
     """``(K, *shape)`` gradients of ``<output, v_k>`` with respect to each edge's tensor, from
-    one backward pass batched over the ``K`` vectors, or (``looped``) one pass per vector;
-    those of the edges in ``reducers`` (by position) are reduced by it as they come (one
-    vector at a time when looped), and only the reduced gradients are kept.
+    one backward pass batched over the ``K`` vectors (:func:`_batched_grads`), or (``looped``)
+    one pass per vector; those of the edges in ``reducers`` (by position) are reduced by it as
+    they come (one vector at a time when looped), and only the reduced gradients are kept.
 
     The looped gradients are views of ``(B, K, *shape[1:])`` storage (each sample's ``K``
     gradients contiguous, as the convolution rule wants them) taken from ``storage`` (by edge
@@ -500,9 +518,7 @@ def _pull_back(
     CPU, writing a fresh buffer costs about five times as much as writing a used one)."""
     reducers = reducers or {}
     if not looped:
-        grads = list(
-            torch.autograd.grad(output, edges, vectors, is_grads_batched=True, allow_unused=True)
-        )
+        grads = _batched_grads(output, edges, vectors)
         with torch.no_grad():
             return [
                 reducers[i](g) if g is not None and i in reducers else g
@@ -526,6 +542,28 @@ def _pull_back(
                 grads[i] = _buffer(storage, i, g, num_vectors).transpose(0, 1)
             grads[i][k] = g
         pulled = g = None  # (free this pass's gradients before the next)
+    return grads
+
+
+def _batched_grads(
+    output: Tensor, edges: list[GradientEdge], vectors: Tensor
+) -> list[Tensor | None]:
+    """``autograd.grad(output, edges, v)`` for each of the ``K`` vectors, in one backward pass
+    under ``torch.func.vmap`` (``None`` for the edges the pass does not reach). Not
+    ``is_grads_batched=True``: its older vmap has no batching rule for the backward of
+    convolutions, batch norms or the recurrent steps and runs them once per vector (the reduced
+    ResNet-18's exact Fisher at N=8: 171 ``convolution_backward`` calls against 19 here)."""
+    reached: list[int] = []
+
+    def pull(v: Tensor) -> tuple[Tensor, ...]:
+        grads = torch.autograd.grad(output, edges, v, allow_unused=True)  # (called once)
+        reached[:] = [i for i, g in enumerate(grads) if g is not None]
+        return tuple(grads[i] for i in reached)  # (vmap returns tensors only)
+
+    found = torch.func.vmap(pull)(vectors)
+    grads: list[Tensor | None] = [None] * len(edges)
+    for i, g in zip(reached, found):
+        grads[i] = g
     return grads
 
 
@@ -662,7 +700,7 @@ class HookEngine:
             _Unit(LooseParameter(p, name), name, {name: name}, loose_parameter)
             for name, p in loose.items()
         ]
-        looped = any(isinstance(m, _UNBATCHED_BACKWARD) for m in model.modules())
+        looped = loops_pull_back(model, next(iter(params.values())).device)
         cached = self.steps.setdefault(model, {})
         like = (memory_budget, tuple(params))  # (the last batch's steps, of any shapes)
         key = (*like, batch.sample_shapes())
@@ -704,13 +742,13 @@ class HookEngine:
             if _reduction(unit, record) is None and _accumulation(unit, record) is None
         ) // first.size
         num_vectors = vectors.shape[0]
-        steps = (
+        steps = tuple(
             resolve_chunk_size(
-                chunk_size, memory_budget, bytes_per_sample(num_vectors, kept, recorded, False)
-            ),
-            resolve_chunk_size(
-                chunk_size, memory_budget, bytes_per_sample(num_vectors, kept, recorded, True)
-            ),
+                chunk_size,
+                memory_budget,
+                bytes_per_sample(num_vectors, kept, recorded, forward, looped),
+            )
+            for forward in (False, True)
         )
         if chunk_size is None:
             cached[key] = cached[like] = steps

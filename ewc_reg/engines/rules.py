@@ -36,6 +36,7 @@ nobody hooks the module or sets its ``forward`` (either may change what it compu
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Collection, Iterator
 from typing import Any, Protocol
 
@@ -43,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import base
 from .base import accumulation_dtype
 
 #: ``rule(module, x, G, names, budget) -> {name: sum}`` for the module's parameters ``names``
@@ -230,15 +232,20 @@ CHUNK_BYTES = 32 * 2**20
 
 def chunk_budget(budget: int, device: torch.device, cap: int = CHUNK_BYTES) -> int:
     """The bytes a rule's chunk of temporaries may take: ``budget``, and on CPU at most ``cap``
-    (see :data:`CHUNK_BYTES`)."""
-    return min(budget, cap) if device.type == "cpu" else budget
+    (see :data:`CHUNK_BYTES`; not on a :func:`~.base.launch_bound` device)."""
+    return budget if base.launch_bound(device) else min(budget, cap)
 
 
 def _pairs(t: Tensor, weight: float = 1.0) -> Tensor:
     """``(..., L, L) -> (..., T)``: the entries ``(l, m)`` with ``l <= m``, row after row, those
-    off the diagonal times ``weight``; ``T = L (L+1)/2``. (A slice per row: faster than
-    gathering with advanced indices.)"""
+    off the diagonal times ``weight``; ``T = L (L+1)/2``. On CPU a slice per row (one
+    ``index_select`` was 5-17 times slower there); on a :func:`~.base.launch_bound` device one
+    gather (two kernels with the weight, where the slices launch ``3 L``)."""
     positions = t.shape[-1]
+    if base.launch_bound(t.device):
+        rows, columns = _pair_indices(positions, t.device)
+        out = t[..., rows, columns]
+        return out if weight == 1.0 else out.mul_(_pair_weights(positions, t.device, weight))
     out = t.new_empty(*t.shape[:-2], positions * (positions + 1) // 2)
     start = 0
     for row in range(positions):
@@ -253,8 +260,12 @@ def _pairs(t: Tensor, weight: float = 1.0) -> Tensor:
 
 
 def _outer_pairs(u: Tensor) -> Tensor:
-    """``(..., L) -> (..., T)``: the products ``u_l u_m`` for ``l <= m``, as :func:`_pairs`."""
+    """``(..., L) -> (..., T)``: the products ``u_l u_m`` for ``l <= m``, as :func:`_pairs`
+    (on a :func:`~.base.launch_bound` device: two gathers and one product)."""
     positions = u.shape[-1]
+    if base.launch_bound(u.device):
+        rows, columns = _pair_indices(positions, u.device)
+        return u[..., rows] * u[..., columns]
     out = u.new_empty(*u.shape[:-1], positions * (positions + 1) // 2)
     start = 0
     for row in range(positions):
@@ -262,6 +273,20 @@ def _outer_pairs(u: Tensor) -> Tensor:
         torch.mul(u[..., row : row + 1], u[..., row:], out=out[..., start:stop])
         start = stop
     return out
+
+
+@functools.lru_cache(maxsize=64)  # (a few kinds of layers per model)
+def _pair_indices(positions: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """The row and column indices of the pairs ``l <= m``, in :func:`_pairs`' order."""
+    rows, columns = torch.triu_indices(positions, positions, device=device)
+    return rows, columns
+
+
+@functools.lru_cache(maxsize=64)
+def _pair_weights(positions: int, device: torch.device, weight: float) -> Tensor:
+    """1 for the pairs ``l = m``, ``weight`` for the others, in :func:`_pairs`' order."""
+    rows, columns = _pair_indices(positions, device)
+    return torch.where(rows == columns, 1.0, weight)
 
 
 def _squared_products(
