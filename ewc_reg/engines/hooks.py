@@ -553,6 +553,9 @@ def _batched_grads(
     ``is_grads_batched=True``: its older vmap has no batching rule for the backward of
     convolutions, batch norms or the recurrent steps and runs them once per vector (the reduced
     ResNet-18's exact Fisher at N=8: 171 ``convolution_backward`` calls against 19 here)."""
+    if len(vectors) == 1:  # (vmap would only add views)
+        grads = torch.autograd.grad(output, edges, vectors[0], allow_unused=True)
+        return [None if g is None else g.unsqueeze(0) for g in grads]
     reached: list[int] = []
 
     def pull(v: Tensor) -> tuple[Tensor, ...]:
