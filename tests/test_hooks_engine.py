@@ -1324,3 +1324,57 @@ def test_the_batched_pull_back_batches_convolutions_and_batch_norms(monkeypatch)
         fisher_diagonal(model, [(x, torch.randint(0, 4, (4,)))], "exact", backend="hooks")
     backward = [c for c in calls if c in ("convolution_backward", "native_batch_norm_backward")]
     assert 0 < len(backward) <= layers  # (looped over the K = 4 vectors: up to 4 times as many)
+
+
+class _ClippedGradient(torch.autograd.Function):
+    """Identity whose backward branches on the gradient's values (which ``vmap`` cannot)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> Tensor:
+        if g.abs().max() > 1e6:
+            g = g.clamp(-1e6, 1e6)
+        return g
+
+
+class _BrokenGradient(_ClippedGradient):
+    @staticmethod
+    def backward(ctx, g: Tensor) -> Tensor:
+        raise RuntimeError("a bug in the model's backward")
+
+
+class _Through(nn.Module):
+    def __init__(self, function: type[torch.autograd.Function]) -> None:
+        super().__init__()
+        self.function = function
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.tanh(self.function.apply(x))
+
+
+@pytest.mark.parametrize("method", ["exact", "sample"])
+def test_a_backward_vmap_cannot_batch_is_pulled_back_one_vector_at_a_time(method, caplog):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), _Through(_ClippedGradient), nn.Linear(7, 4)).double()
+    data = [(torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 4, (6,)))]
+
+    def fisher(backend: str) -> dict[str, Tensor]:
+        generator = torch.Generator().manual_seed(2)
+        return fisher_diagonal(
+            model, data, method, backend=backend, mc_samples=3, generator=generator
+        )
+
+    with caplog.at_level(logging.INFO, logger="ewc_reg"):
+        got = fisher("hooks")
+    assert "batched over the vectors failed" in caplog.text and "data-dependent" in caplog.text
+    assert_close_dicts(got, fisher("loop"), 1e-12)
+
+
+def test_an_error_in_the_models_backward_is_raised_not_hidden():
+    model = nn.Sequential(nn.Linear(5, 7), _Through(_BrokenGradient), nn.Linear(7, 4))
+    data = [(torch.randn(6, 5), torch.randint(0, 4, (6,)))]
+    with pytest.raises(RuntimeError, match="a bug in the model's backward"):
+        fisher_diagonal(model, data, "exact", backend="hooks")

@@ -130,6 +130,12 @@ class Unsupported(Exception):
     docstring); the message says which."""
 
 
+class _BatchingFailed(Exception):
+    """The pull-back batched over the vectors failed (``vmap`` cannot run some backward: a
+    custom ``autograd.Function`` whose backward branches on a tensor's value, say); the
+    message is the original error's."""
+
+
 @dataclass(eq=False)
 class _Unit:
     """A module owning selected parameters, with those of the modules inside it when some of
@@ -565,7 +571,10 @@ def _batched_grads(
         reached[:] = [i for i, g in enumerate(grads) if g is not None]
         return tuple(grads[i] for i in reached)  # (vmap returns tensors only)
 
-    found = torch.func.vmap(pull)(vectors)
+    try:
+        found = torch.func.vmap(pull)(vectors)
+    except RuntimeError as error:  # (the engine retries with one backward per vector)
+        raise _BatchingFailed(f"{type(error).__name__}: {error}") from error
     grads: list[Tensor | None] = [None] * len(edges)
     for i, g in zip(reached, found):
         grads[i] = g
@@ -615,6 +624,8 @@ class HookEngine:
         # whose loose parameters' modules are units instead (see __call__)
         self._copies: weakref.WeakKeyDictionary[nn.Module, int] = weakref.WeakKeyDictionary()
         self._nested: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+        # the models whose batched pull-back failed: one backward per vector for them
+        self._looped: weakref.WeakSet[nn.Module] = weakref.WeakSet()
         # the looped pull-back's gradient buffers, reused by the chunks and the next batches
         self._storage: weakref.WeakKeyDictionary[nn.Module, dict[int, Tensor]] = (
             weakref.WeakKeyDictionary()
@@ -656,7 +667,30 @@ class HookEngine:
         memory_budget: int,
     ) -> dict[str, Tensor]:
         """The batch's sums; after a failed attempt, a retry (the loose parameters' modules as
-        units) or the fallback."""
+        units, or one backward per vector where the batched one failed) or the fallback."""
+        args = (model, params, batch, output_fn, make_vectors, chunk_size, memory_budget)
+        try:
+            return self._attempt(*args)
+        except _BatchingFailed as failure:
+            logger.info(
+                "hooks engine: the pull-back batched over the vectors failed (%s); one backward "
+                "pass per vector instead",
+                failure,
+            )
+            self._looped.add(model)
+            return self._attempt(*args)
+
+    def _attempt(
+        self,
+        model: nn.Module,
+        params: dict[str, Tensor],
+        batch: Batch,
+        output_fn: OutputFn,
+        make_vectors: VectorFn,
+        chunk_size: int | None,
+        memory_budget: int,
+    ) -> dict[str, Tensor]:
+        """:meth:`__call__` without the retry of a failed batched pull-back."""
         args = (model, params, batch, output_fn, make_vectors, chunk_size, memory_budget)
         if model in self._given_up:
             return self.fallback(*args)
@@ -705,7 +739,7 @@ class HookEngine:
             _Unit(LooseParameter(p, name), name, {name: name}, loose_parameter)
             for name, p in loose.items()
         ]
-        looped = loops_pull_back(model, next(iter(params.values())).device)
+        looped = model in self._looped or loops_pull_back(model, next(iter(params.values())).device)
         cached = self.steps.setdefault(model, {})
         like = (memory_budget, tuple(params))  # (the last batch's steps, of any shapes)
         key = (*like, batch.sample_shapes())
