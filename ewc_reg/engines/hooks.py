@@ -773,7 +773,7 @@ class HookEngine:
             return fewer_vectors(vectors) if looped else vectors
 
         vectors = vectors_of(output, 0, first.size)
-        sums = zero_sums(params)
+        sums: dict[str, Tensor] = {}  # (each parameter's first terms, adopted: no zeros to add)
         recorded = sum(record.nbytes for record in records.values()) // first.size
         kept = sum(
             record.nbytes
@@ -810,7 +810,8 @@ class HookEngine:
             self._accumulate(
                 units + copied, records, output, chunk_vectors, sums, memory_budget, looped, storage
             )
-        return sums
+        zeros = zero_sums({n: p for n, p in params.items() if n not in sums})  # (no gradient)
+        return {name: sums[name] if name in sums else zeros[name] for name in params}
 
     @staticmethod
     def _forward(
@@ -862,8 +863,8 @@ class HookEngine:
         looped: bool,
         storage: dict[int, Tensor],
     ) -> None:
-        """Pull ``vectors`` back to the recorded outputs and add each unit's sums
-        (``storage``: see :func:`_pull_back`)."""
+        """Pull ``vectors`` back to the recorded outputs and add each unit's sums to ``sums``
+        (a parameter's first ones become its entry; ``storage``: see :func:`_pull_back`)."""
         live = [(u, records[u]) for u in units if u in records and records[u].edges]
         if not live:
             return
@@ -897,8 +898,12 @@ class HookEngine:
                 else:
                     unit_sums = _unit_sums(unit, record, unit_grads, memory_budget)
             for local, s in unit_sums.items():
-                totals.append(sums[unit.names[local]])
-                terms.append(s)
+                name = unit.names[local]
+                if name in sums:
+                    totals.append(sums[name])
+                    terms.append(s)
+                else:  # (the rules' sums are new tensors of their own)
+                    sums[name] = s
         if totals:
             torch._foreach_add_(totals, terms)
 
