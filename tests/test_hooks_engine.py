@@ -16,7 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from benchmarks.models import LSTMClassifier
 from ewc_reg import fisher_diagonal
 from ewc_reg._batches import Batch
-from ewc_reg.engines import attention, get_engine, hooks, rules
+from ewc_reg.engines import attention, base, get_engine, hooks, rules
 from ewc_reg.engines.base import DEFAULT_MEMORY_BUDGET, MAX_VECTORS_TO_REDUCE, fewer_vectors
 from ewc_reg.engines.functorch import FunctorchEngine
 from ewc_reg.engines.hooks import HookEngine, plan
@@ -1378,3 +1378,21 @@ def test_an_error_in_the_models_backward_is_raised_not_hidden():
     data = [(torch.randn(6, 5), torch.randint(0, 4, (6,)))]
     with pytest.raises(RuntimeError, match="a bug in the model's backward"):
         fisher_diagonal(model, data, "exact", backend="hooks")
+
+
+@pytest.mark.parametrize("positions", [1, 2, 5, 16])
+@pytest.mark.parametrize("weight", [1.0, 2.0])
+def test_pairs_gathered_on_a_gpu_equal_the_slices(positions, weight, monkeypatch):
+    """The pairs ``l <= m`` of :func:`rules._pairs` and :func:`rules._outer_pairs`: one
+    gather on a launch-bound device, a slice per row on CPU; both against a double loop."""
+    t = torch.randn(3, 2, positions, positions, dtype=torch.float64)
+    u = torch.randn(3, 4, positions, dtype=torch.float64)
+    pairs = [(i, j) for i in range(positions) for j in range(i, positions)]
+    want = torch.stack([t[..., i, j] * (1.0 if i == j else weight) for i, j in pairs], -1)
+    want_outer = torch.stack([u[..., i] * u[..., j] for i, j in pairs], -1)
+    sliced = rules._pairs(t, weight), rules._outer_pairs(u)
+    monkeypatch.setattr(base, "launch_bound", lambda device: True)
+    gathered = rules._pairs(t, weight), rules._outer_pairs(u)
+    for got in (sliced, gathered):
+        torch.testing.assert_close(got[0], want, rtol=0, atol=0)
+        torch.testing.assert_close(got[1], want_outer, rtol=0, atol=0)
