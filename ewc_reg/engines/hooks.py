@@ -480,8 +480,10 @@ def bytes_per_sample(
 #: vectors (``torch.func.vmap``, whose batching rules fold the vectors into the batch of these
 #: layers' backward kernels): the batched pass streams ``K`` times the activations' gradients
 #: through memory at once, the looped one reuses buffers of one vector's in the cache. Exact
-#: Fisher (C=10, K=9, 2 threads), looped against batched: reduced ResNet-18 7.9x against 9.7x a
-#: forward+backward at N=128 (256 MiB budget; 13.3x at 4 GiB), but 6.3x against 5.9x at N=8;
+#: Fisher (C=10, K=9, 2 threads), looped against batched: reduced ResNet-18 7.0x against 8.6x a
+#: forward+backward at N=128 and the default 256 MiB budget, 8.2x against 8.7x at 128 MiB
+#: (``benchmarks/results/memory_budget_xeon_looped.md``, ``..._batched.md``), 6.3x against 5.9x
+#: at N=8 (one run);
 #: ``benchmarks.models.TextTransformer`` (attention) 282 against 348 ms at N=128, 61 against
 #: 39 ms at N=8. Recurrent layers are not here: their recurrence, redone in small steps while
 #: recording, launches many small kernels, and batching them is as fast or faster
