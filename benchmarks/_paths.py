@@ -33,9 +33,19 @@ def pull_back(kind: str) -> Iterator[None]:
         yield
 
 
+WAYS = ("device", "launch-bound", "cpu")
+
+
 @contextmanager
-def launch_bound_ways() -> Iterator[None]:
-    """The engines take the ways of a launch-bound device (a GPU) on any device in the block
-    (:func:`ewc_reg.engines.base.launch_bound`)."""
-    with mock.patch.object(base, "launch_bound", lambda device: True):
+def engine_ways(ways: str) -> Iterator[None]:
+    """The engines' device-dependent ways in the block
+    (:func:`ewc_reg.engines.base.launch_bound`): ``"device"`` (those of the device they run
+    on), ``"launch-bound"`` (a GPU's, on any device) or ``"cpu"`` (the CPU's, on any device:
+    on a GPU, to time the ways against each other)."""
+    if ways not in WAYS:
+        raise ValueError(f"ways must be one of {WAYS}, got {ways!r}")
+    if ways == "device":
+        yield
+        return
+    with mock.patch.object(base, "launch_bound", lambda device: ways == "launch-bound"):
         yield

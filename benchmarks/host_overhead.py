@@ -13,7 +13,8 @@ after each call), where the ratios show the launch-bound cost itself.
 
 ``--ways launch-bound`` makes the engines take the ways they take on a GPU (one pull-back
 batched over the vectors, gathers: :func:`ewc_reg.engines.base.launch_bound`) on any device, so
-that the CPU counts the operators a GPU would launch (the times stay the CPU's).
+that the CPU counts the operators a GPU would launch (the times stay the CPU's); ``--ways cpu``
+makes them take the CPU's, so that a GPU times both.
 
 Run: ``python -m benchmarks.host_overhead [--models mlp,resnet,transformer,lstm] [--samples 8]
 [--device cpu] [--ways device]``; writes ``benchmarks/results/host_overhead.md``.
@@ -22,7 +23,6 @@ Run: ``python -m benchmarks.host_overhead [--models mlp,resnet,transformer,lstm]
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 import time
 from collections import Counter
@@ -40,7 +40,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import ewc_reg
 from ewc_reg import fisher_diagonal
 
-from ._paths import launch_bound_ways
+from ._paths import WAYS, engine_ways
 from ._reports import keeping_threads, machine, write_report
 from .models import LSTMClassifier, ReducedResNet18, TextTransformer, split_mnist_mlp
 
@@ -189,16 +189,15 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
     parser.add_argument(
-        "--ways", choices=("device", "launch-bound"), default="device",
-        help="the engines' ways for the device, or a GPU's on any device",
+        "--ways", choices=WAYS, default="device",
+        help="the engines' ways for the device, a GPU's or the CPU's on any device",
     )
     parser.add_argument("--out", type=Path, default=RESULTS, help="markdown file to write")
     args = parser.parse_args(argv)
     unknown = sorted(set(args.models) - set(MODELS))
     if unknown:
         parser.error(f"unknown models {unknown}; choose from {list(MODELS)}")
-    ways = launch_bound_ways() if args.ways == "launch-bound" else contextlib.nullcontext()
-    with keeping_threads(), ways:
+    with keeping_threads(), engine_ways(args.ways):
         torch.set_num_threads(args.threads)
         rows = [
             row

@@ -26,6 +26,8 @@ step gpu nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 step tests "$py" -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_compiled.py
 step host_overhead "$py" -m benchmarks.host_overhead --device "$dev" --repeats 20 \
     --out "$out/host_overhead_cuda.md"
+step host_overhead_cpu_ways "$py" -m benchmarks.host_overhead --device "$dev" --repeats 20 \
+    --ways cpu --out "$out/host_overhead_cpu_ways_cuda.md"
 step penalty_speed "$py" -m benchmarks.penalty_speed --device "$dev" --threads 1 \
     --out "$out/penalty_speed_cuda.md"
 step memory_budget "$py" -m benchmarks.memory_budget --device "$dev" \

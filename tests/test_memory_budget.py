@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from benchmarks import memory_budget
-from benchmarks._paths import launch_bound_ways, pull_back
+from benchmarks._paths import engine_ways, pull_back
 from ewc_reg import fisher_diagonal
 from ewc_reg.engines import base, hooks
 
@@ -60,10 +60,17 @@ def test_pull_back_forces_the_engine(monkeypatch, kind, make_model, expected):
             pass
 
 
-def test_launch_bound_ways_hold_in_the_block_only():
+def test_engine_ways_hold_in_the_block_only():
     cpu = torch.device("cpu")
-    with launch_bound_ways():
+    with engine_ways("launch-bound"):
         assert base.launch_bound(cpu)
         assert not hooks.loops_pull_back(nn.Conv2d(1, 2, 3), cpu)
+    with engine_ways("cpu"):
+        assert not base.launch_bound(torch.device("cuda"))
+    with engine_ways("device"):
+        assert base.launch_bound(torch.device("cuda")) and not base.launch_bound(cpu)
     assert not base.launch_bound(cpu)
     assert hooks.loops_pull_back(nn.Conv2d(1, 2, 3), cpu)
+    with pytest.raises(ValueError, match="ways must be one of"):
+        with engine_ways("gpu"):
+            pass
