@@ -3,7 +3,9 @@ functorch engine and a brute-force autograd loop (one sample and one vector at a
 
 from __future__ import annotations
 
+import gc
 import logging
+import weakref
 
 import pytest
 import torch
@@ -1396,3 +1398,29 @@ def test_pairs_gathered_on_a_gpu_equal_the_slices(positions, weight, monkeypatch
     for got in (sliced, gathered):
         torch.testing.assert_close(got[0], want, rtol=0, atol=0)
         torch.testing.assert_close(got[1], want_outer, rtol=0, atol=0)
+
+
+def test_the_failed_batched_attempt_is_freed_before_the_retry():
+    """Its graph and recorded activations (here: its model output) are gone while the looped
+    retry runs, so a retry after running out of memory has the memory back."""
+    outputs: list[weakref.ref] = []
+    alive_in_retry: list[list[bool]] = []
+
+    class Probed(_ClippedGradient):
+        @staticmethod
+        def backward(ctx, g: Tensor) -> Tensor:
+            g = _ClippedGradient.backward(ctx, g)  # (fails under vmap: the first attempt)
+            gc.collect()
+            alive_in_retry.append([ref() is not None for ref in outputs])
+            return g
+
+    class Model(nn.Sequential):
+        def forward(self, x: Tensor) -> Tensor:
+            out = super().forward(x)
+            outputs.append(weakref.ref(out))
+            return out
+
+    model = Model(nn.Linear(5, 7), _Through(Probed), nn.Linear(7, 4))
+    data = [(torch.randn(6, 5), torch.randint(0, 4, (6,)))]
+    fisher_diagonal(model, data, "exact", backend="hooks")
+    assert alive_in_retry and alive_in_retry[0][0] is False  # (the first attempt's output)

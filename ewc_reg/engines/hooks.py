@@ -675,13 +675,15 @@ class HookEngine:
         try:
             return self._attempt(*args)
         except _BatchingFailed as failure:
-            logger.info(
-                "hooks engine: the pull-back batched over the vectors failed (%s); one backward "
-                "pass per vector instead",
-                failure,
-            )
-            self._looped.add(model)
-            return self._attempt(*args)
+            reason = str(failure)
+        # (retried outside the handler: the failed attempt's frames, its graph among them, go)
+        logger.info(
+            "hooks engine: the pull-back batched over the vectors failed (%s); one backward "
+            "pass per vector instead",
+            reason,
+        )
+        self._looped.add(model)
+        return self._attempt(*args)
 
     def _attempt(
         self,
