@@ -1424,3 +1424,40 @@ def test_the_failed_batched_attempt_is_freed_before_the_retry():
     data = [(torch.randn(6, 5), torch.randint(0, 4, (6,)))]
     fisher_diagonal(model, data, "exact", backend="hooks")
     assert alive_in_retry and alive_in_retry[0][0] is False  # (the first attempt's output)
+
+
+def test_the_failed_attempt_is_freed_before_the_fallback_runs():
+    """A problem the forward pass reveals (a parameter used outside its module's call) sends
+    the model to the functorch engine; the hooks engine's forward pass, graph and output, is
+    gone by then."""
+    outputs: list[weakref.ref] = []
+    alive: list[list[bool]] = []
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.first, self.head = nn.Linear(5, 7), nn.Linear(7, 4)
+
+        def forward(self, x: Tensor) -> Tensor:
+            gc.collect()
+            alive.append([ref() is not None for ref in outputs])
+            h = torch.tanh(self.first(x))
+            out = self.head(h) + F.linear(h, self.head.weight)  # (outside head's call)
+            outputs.append(weakref.ref(out))
+            return out
+
+    data = [(torch.randn(6, 5), torch.randint(0, 4, (6,)))]
+    fisher_diagonal(Model(), data, "exact", backend="auto")
+    assert len(alive) >= 2 and not alive[1][0]  # (the functorch engine's first call)
+
+
+def test_running_out_of_memory_in_the_batched_pull_back_is_raised(monkeypatch):
+    """Not retried one vector at a time: at the same budget that takes larger chunks."""
+
+    def out_of_memory(*args):
+        raise torch.OutOfMemoryError("out of memory (simulated)")
+
+    monkeypatch.setattr(torch.func, "vmap", lambda fn: out_of_memory)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 4))
+    with pytest.raises(torch.OutOfMemoryError, match="simulated"):
+        fisher_diagonal(model, [(torch.randn(6, 5), torch.randint(0, 4, (6,)))], "exact")

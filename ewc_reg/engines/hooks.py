@@ -577,6 +577,8 @@ def _batched_grads(
     try:
         found = torch.func.vmap(pull)(vectors)
     except RuntimeError as error:  # (the engine retries with one backward per vector)
+        if isinstance(error, torch.OutOfMemoryError):
+            raise  # (at the same budget the looped pull-back takes larger chunks: no cure)
         raise _BatchingFailed(f"{type(error).__name__}: {error}") from error
     grads: list[Tensor | None] = [None] * len(edges)
     for i, g in zip(reached, found):
@@ -695,7 +697,9 @@ class HookEngine:
         chunk_size: int | None,
         memory_budget: int,
     ) -> dict[str, Tensor]:
-        """:meth:`__call__` without the retry of a failed batched pull-back."""
+        """:meth:`__call__` without the retry of a failed batched pull-back. (Every retry and
+        fallback runs outside the exception handler, so that the failed attempt's frames, its
+        forward pass's graph among them, are freed first.)"""
         args = (model, params, batch, output_fn, make_vectors, chunk_size, memory_budget)
         if model in self._given_up:
             return self.fallback(*args)
@@ -710,15 +714,17 @@ class HookEngine:
                     self._copies[model] = layout
             return self._sums(*args, loose, layout or 0)
         except Unsupported as problem:
-            if not loose:
-                return self._give_up(model, str(problem))(*args)
-            # The loose parameters' modules become units (plan): the whole model for the root.
-            logger.debug("hooks engine: %s; the modules of %s become units", problem, list(loose))
-            self._nested.add(model)
-            try:
-                return self._sums(*args, {}, 0)
-            except Unsupported as again:
-                return self._give_up(model, str(again))(*args)
+            reason = str(problem)
+        if not loose:
+            return self._give_up(model, reason)(*args)
+        # The loose parameters' modules become units (plan): the whole model for the root.
+        logger.debug("hooks engine: %s; the modules of %s become units", reason, list(loose))
+        self._nested.add(model)
+        try:
+            return self._sums(*args, {}, 0)
+        except Unsupported as again:
+            reason = str(again)
+        return self._give_up(model, reason)(*args)
 
     def _sums(
         self,
