@@ -899,6 +899,9 @@ def test_batch_first_layers_with_as_many_positions_as_samples_stay_on_hooks(capl
     x = torch.randn(5, 3, 4, dtype=torch.float64)
     fisher_diagonal(model, [(x, torch.randint(0, 3, (5,)))], backend="hooks")
     assert model.sizes == [5]
+    model.sizes.clear()  # a later call on shapes already checked: no check
+    fisher_diagonal(model, square_batch(), backend="hooks")
+    assert model.sizes == [5]
 
 
 def test_a_model_that_fails_on_fewer_samples_is_reported() -> None:

@@ -621,6 +621,12 @@ class HookEngine:
     steps: ClassVar[
         weakref.WeakKeyDictionary[nn.Module, dict[tuple[Any, ...], tuple[int, int]]]
     ] = weakref.WeakKeyDictionary()
+    #: The recorded shapes whose batch layout :func:`check_batch_layout` has passed, per model,
+    #: kept across calls too (a standard ResNet-18 at N=128 has 128 channels: without it, every
+    #: call would pay a forward pass on 2 samples).
+    layouts: ClassVar[weakref.WeakKeyDictionary[nn.Module, set[tuple[torch.Size, ...]]]] = (
+        weakref.WeakKeyDictionary()
+    )
 
     def __init__(self, fallback: Engine | None = None) -> None:
         self.fallback = fallback
@@ -633,10 +639,6 @@ class HookEngine:
         self._looped: weakref.WeakSet[nn.Module] = weakref.WeakSet()
         # the looped pull-back's gradient buffers, reused by the chunks and the next batches
         self._storage: weakref.WeakKeyDictionary[nn.Module, dict[int, Tensor]] = (
-            weakref.WeakKeyDictionary()
-        )
-        # the recorded shapes whose batch layout check_batch_layout has passed, per model
-        self._layouts: weakref.WeakKeyDictionary[nn.Module, set[tuple[torch.Size, ...]]] = (
             weakref.WeakKeyDictionary()
         )
 
@@ -770,7 +772,7 @@ class HookEngine:
         grad = whole or row_wise
         output, records = self._forward(model, units, copied, layout, first, output_fn, grad)
         shapes = tuple(s for record in records.values() for s in (*record.inputs, *record.outputs))
-        checked = self._layouts.setdefault(model, set())
+        checked = self.layouts.setdefault(model, set())
         if shapes not in checked:  # (once per model and shapes: not again for every batch)
             check_batch_layout(model, units, first, output_fn, records)
             checked.add(shapes)
