@@ -1,3 +1,5 @@
+from collections.abc import Iterator
+
 import pytest
 import torch
 
@@ -9,14 +11,30 @@ def _seed():
     torch.manual_seed(0)
 
 
-@pytest.fixture(params=["cpu", "launch_bound"])
-def engine_ways(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+@pytest.fixture(params=["cpu", "launch-bound"])
+def engine_ways(request: pytest.FixtureRequest) -> Iterator[str]:
     """Runs a test twice: with the engines' ways for the CPU, and with those of a launch-bound
     device (a GPU: one pull-back batched over the vectors, gathers, chunks bounded by the
     budget alone; :func:`ewc_reg.engines.base.launch_bound`), here on the CPU, so that the
     GPU's ways are checked against the same references without a GPU."""
-    if request.param == "launch_bound":
-        from ewc_reg.engines import base
+    from benchmarks._paths import engine_ways
 
-        monkeypatch.setattr(base, "launch_bound", lambda device: True)
-    return request.param
+    with engine_ways(request.param):
+        yield request.param
+
+
+@pytest.fixture
+def pull_back_modes(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """Whether each pull-back of the hooks engine in the test looped over the vectors (``True``)
+    or was batched (``False``), in order."""
+    from ewc_reg.engines import hooks
+
+    modes: list[bool] = []
+    pull_back = hooks._pull_back
+
+    def spy(output, edges, vectors, looped, *args, **kwargs):
+        modes.append(looped)
+        return pull_back(output, edges, vectors, looped, *args, **kwargs)
+
+    monkeypatch.setattr(hooks, "_pull_back", spy)
+    return modes

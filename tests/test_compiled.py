@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from benchmarks._paths import engine_ways
 from ewc_reg import EWCRegularizer, fisher_diagonal
 from ewc_reg.distributed import unwrap_model
-from ewc_reg.engines import base
 
 from .models import cnn
 
@@ -94,14 +94,14 @@ def test_fisher_of_a_compiled_model_is_that_of_the_eager_model(compile_, backend
 
 
 @pytest.mark.parametrize("compile_", [whole, first_layer])
-def test_a_gpus_batched_pull_back_through_a_compiled_model(compile_, monkeypatch):
+def test_a_gpus_batched_pull_back_through_a_compiled_model(compile_):
     """With a GPU's ways (the conv/BN model's pull-back batched over the vectors under
     ``torch.func.vmap``), a compiled model's Fisher is still the eager model's."""
     eager = cnn()
     want = fisher_diagonal(eager, data(), "exact", backend="hooks")
     compiled = compile_(copy.deepcopy(eager), CountingBackend())
-    monkeypatch.setattr(base, "launch_bound", lambda device: True)
-    got = fisher_diagonal(compiled, data(), "exact", backend="hooks")
+    with engine_ways("launch-bound"):
+        got = fisher_diagonal(compiled, data(), "exact", backend="hooks")
     for name, f in got.items():
         torch.testing.assert_close(f, want[plain_name(name)], rtol=1e-10, atol=1e-14)
 

@@ -15,10 +15,11 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from benchmarks._paths import engine_ways, pull_back
 from benchmarks.models import LSTMClassifier
 from ewc_reg import fisher_diagonal
 from ewc_reg._batches import Batch
-from ewc_reg.engines import attention, base, get_engine, hooks, rules
+from ewc_reg.engines import attention, get_engine, hooks, rules
 from ewc_reg.engines.base import DEFAULT_MEMORY_BUDGET, MAX_VECTORS_TO_REDUCE, fewer_vectors
 from ewc_reg.engines.functorch import FunctorchEngine
 from ewc_reg.engines.hooks import HookEngine, plan
@@ -1279,7 +1280,7 @@ def _pull_back_models() -> dict[str, tuple[nn.Module, Tensor, bool]]:
 
 @pytest.mark.parametrize("name", ["conv_bn", "attention", "lstm"])
 @pytest.mark.parametrize("method", ["exact", "empirical", "sample"])
-def test_looped_and_batched_pull_backs_agree(name, method, monkeypatch, engine_ways):
+def test_looped_and_batched_pull_backs_agree(name, method, pull_back_modes, engine_ways):
     """The pull-back loops over the vectors on CPU with convolutions, batch norms or attention,
     and is batched otherwise and on a launch-bound device (:func:`hooks.loops_pull_back`); the
     two ways give the same sums, in chunks too."""
@@ -1294,25 +1295,17 @@ def test_looped_and_batched_pull_backs_agree(name, method, monkeypatch, engine_w
             **kwargs,
         )
 
-    modes = []
-    pull_back = hooks._pull_back
-
-    def spy(output, edges, vectors, looped, *args, **kwargs):
-        modes.append(looped)
-        return pull_back(output, edges, vectors, looped, *args, **kwargs)
-
-    monkeypatch.setattr(hooks, "_pull_back", spy)
     by_default = fisher()
-    assert set(modes) == {looped_on_cpu and engine_ways == "cpu"}
-    for looped in (True, False):
-        monkeypatch.setattr(hooks, "loops_pull_back", lambda model, device, looped=looped: looped)
-        modes.clear()
-        assert_close_dicts(fisher(), by_default, 1e-12)
-        assert_close_dicts(fisher(chunk_size=2), by_default, 1e-12)
-        assert set(modes) == {looped}
+    assert set(pull_back_modes) == {looped_on_cpu and engine_ways == "cpu"}
+    for kind in ("looped", "batched"):
+        pull_back_modes.clear()
+        with pull_back(kind):
+            assert_close_dicts(fisher(), by_default, 1e-12)
+            assert_close_dicts(fisher(chunk_size=2), by_default, 1e-12)
+        assert set(pull_back_modes) == {kind == "looped"}
 
 
-def test_the_batched_pull_back_batches_convolutions_and_batch_norms(monkeypatch):
+def test_the_batched_pull_back_batches_convolutions_and_batch_norms():
     """One backward kernel per layer for all the vectors, not one per vector (as
     ``autograd.grad(..., is_grads_batched=True)`` runs them)."""
     calls = []
@@ -1324,8 +1317,7 @@ def test_the_batched_pull_back_batches_convolutions_and_batch_norms(monkeypatch)
 
     model, x = cnn(), torch.randn(4, 2, 6, 6, dtype=torch.float64)
     layers = sum(isinstance(m, (nn.Conv2d, nn.BatchNorm2d)) for m in model.modules())
-    monkeypatch.setattr(hooks, "loops_pull_back", lambda model, device: False)
-    with Calls():
+    with pull_back("batched"), Calls():
         fisher_diagonal(model, [(x, torch.randint(0, 4, (4,)))], "exact", backend="hooks")
     backward = [c for c in calls if c in ("convolution_backward", "native_batch_norm_backward")]
     assert 0 < len(backward) <= layers  # (looped over the K = 4 vectors: up to 4 times as many)
@@ -1387,7 +1379,7 @@ def test_an_error_in_the_models_backward_is_raised_not_hidden():
 
 @pytest.mark.parametrize("positions", [1, 2, 5, 16])
 @pytest.mark.parametrize("weight", [1.0, 2.0])
-def test_pairs_gathered_on_a_gpu_equal_the_slices(positions, weight, monkeypatch):
+def test_pairs_gathered_on_a_gpu_equal_the_slices(positions, weight):
     """The pairs ``l <= m`` of :func:`rules._pairs` and :func:`rules._outer_pairs`: one
     gather on a launch-bound device, a slice per row on CPU; both against a double loop."""
     t = torch.randn(3, 2, positions, positions, dtype=torch.float64)
@@ -1396,8 +1388,8 @@ def test_pairs_gathered_on_a_gpu_equal_the_slices(positions, weight, monkeypatch
     want = torch.stack([t[..., i, j] * (1.0 if i == j else weight) for i, j in pairs], -1)
     want_outer = torch.stack([u[..., i] * u[..., j] for i, j in pairs], -1)
     sliced = rules._pairs(t, weight), rules._outer_pairs(u)
-    monkeypatch.setattr(base, "launch_bound", lambda device: True)
-    gathered = rules._pairs(t, weight), rules._outer_pairs(u)
+    with engine_ways("launch-bound"):
+        gathered = rules._pairs(t, weight), rules._outer_pairs(u)
     for got in (sliced, gathered):
         torch.testing.assert_close(got[0], want, rtol=0, atol=0)
         torch.testing.assert_close(got[1], want_outer, rtol=0, atol=0)

@@ -42,19 +42,11 @@ def test_a_forced_pull_back_holds_for_the_run_only(tmp_path, kind):
         ("batched", lambda: nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten()), False),
     ],
 )
-def test_pull_back_forces_the_engine(monkeypatch, kind, make_model, expected):
-    modes = []
-    pull = hooks._pull_back
-
-    def spy(output, edges, vectors, looped, *args, **kwargs):
-        modes.append(looped)
-        return pull(output, edges, vectors, looped, *args, **kwargs)
-
-    monkeypatch.setattr(hooks, "_pull_back", spy)
+def test_pull_back_forces_the_engine(pull_back_modes, kind, make_model, expected):
     data = [(torch.randn(4, 1, 3, 3), torch.randint(0, 3, (4,)))]
     with pull_back(kind):
         fisher_diagonal(make_model(), data, "exact", backend="hooks")
-    assert modes == [expected]
+    assert pull_back_modes == [expected]
     with pytest.raises(ValueError, match="pull-back must be one of"):
         with pull_back("sometimes"):
             pass
