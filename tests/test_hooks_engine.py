@@ -133,6 +133,9 @@ LAYERS = {
     "layernorm_2d_no_bias": (lambda: nn.LayerNorm((4, 5), bias=False), (6, 3, 4, 5)),
     "groupnorm": (lambda: nn.GroupNorm(2, 4), (6, 4, 3, 3)),
     "rmsnorm": (lambda: nn.RMSNorm(5), (6, 4, 5)),
+    "prelu_per_channel": (lambda: nn.PReLU(3), (6, 3, 4, 5)),
+    "prelu_per_feature": (lambda: nn.PReLU(4), (6, 4)),
+    "prelu_shared": (lambda: nn.PReLU(), (6, 4, 5)),
 }
 
 
@@ -1456,3 +1459,134 @@ def test_running_out_of_memory_in_the_batched_pull_back_is_raised(monkeypatch):
     model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 4))
     with pytest.raises(torch.OutOfMemoryError, match="simulated"):
         fisher_diagonal(model, [(torch.randn(6, 5), torch.randint(0, 4, (6,)))], "exact")
+
+
+# --- idioms of real models: checkpointing, parametrizations, layers without rules ------------
+
+
+class Checkpointed(nn.Module):
+    """A block under activation checkpointing (``torch.utils.checkpoint``): its layers' forward
+    hooks fire again when the backward recomputes the block."""
+
+    def __init__(self, use_reentrant: bool) -> None:
+        super().__init__()
+        self.block = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 6), nn.LayerNorm(6))
+        self.head = nn.Linear(6, 3)
+        self.use_reentrant = use_reentrant
+
+    def forward(self, x: Tensor) -> Tensor:
+        from torch.utils.checkpoint import checkpoint
+
+        h = checkpoint(self.block, x, use_reentrant=self.use_reentrant)
+        return self.head(torch.tanh(h))
+
+
+def weight_normed() -> nn.Module:
+    """``weight_norm`` as a parametrization: ``weight`` is computed from two parameters."""
+    from torch.nn.utils.parametrizations import weight_norm
+
+    return nn.Sequential(weight_norm(nn.Linear(4, 6)), nn.Tanh(), nn.Linear(6, 3))
+
+
+class WithoutRules(nn.Module):
+    """Layers with parameters but no rule (the per-module fallback) between layers with one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.ConvTranspose2d(2, 3, 2, stride=2)
+        self.conv = nn.Conv2d(3, 3, 3)
+        self.prelu = nn.PReLU(3)
+        self.conv3d = nn.Conv3d(1, 2, (2, 3, 3))
+        self.bag = nn.EmbeddingBag(7, 8, mode="mean")
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.prelu(self.conv(self.up(x)))  # (B, 3, 4, 4)
+        h = self.conv3d(h.unsqueeze(1)).flatten(1)  # (B, 2 * 2 * 2 * 2)
+        tokens = torch.arange(4).repeat(h.shape[0], 1)
+        return self.head(torch.tanh(h[:, ::2] + self.bag(tokens)))
+
+
+IDIOMS = {
+    "checkpoint": (lambda: Checkpointed(use_reentrant=False), (7, 4)),
+    "checkpoint_reentrant": (lambda: Checkpointed(use_reentrant=True), (7, 4)),
+    "weight_norm": (weight_normed, (7, 4)),
+    "layers_without_rules": (WithoutRules, (7, 2, 3, 3)),
+}
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("name", list(IDIOMS))
+@pytest.mark.parametrize("method", ["exact", "empirical"])
+@pytest.mark.parametrize("chunks", [{}, {"chunk_size": 3}])
+def test_model_idioms_stay_on_hooks_and_match_brute_force(
+    name, method, chunks, engine_ways, caplog
+) -> None:
+    make, shape = IDIOMS[name]
+    torch.manual_seed(0)
+    model = make().double()
+    randomize_affine(model)
+    x, y = torch.randn(*shape, dtype=torch.float64), torch.randint(0, 3, (shape[0],))
+    assert get_engine("auto", model, trainable(model)).name == "hooks"
+    with caplog.at_level(logging.INFO, logger="ewc_reg"):
+        got = fisher_diagonal(model, [(x, y)], method, **chunks)
+    assert not [r for r in caplog.records if r.name == "ewc_reg"]  # no fallback, no retry
+    assert_close_dicts(got, brute_force_fisher(model, x, y, method), 1e-10)
+
+
+class SquareToo(nn.Module):
+    """Returns ``y`` and a tensor computed from it: ``y``'s gradient recorded at its autograd
+    edge includes the part that flows back through the second output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 4))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        y = torch.tanh(x @ self.w)
+        return y, y.square().sum(1, keepdim=True)
+
+
+class Twice(SquareToo):
+    """Returns the same tensor twice, and a view of it."""
+
+    def forward(self, x: Tensor) -> tuple[Tensor, ...]:
+        y = torch.tanh(x @ self.w)
+        return y, y, y[:, :1]
+
+
+class Feeding(nn.Module):
+    def __init__(self, inner: nn.Module, uses: str) -> None:
+        super().__init__()
+        self.inner, self.uses = inner, uses
+        self.head = nn.LazyLinear(3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        outputs = self.inner(x)
+        used = outputs if self.uses == "all" else outputs[:1]
+        return self.head(torch.tanh(torch.cat(used, dim=1)))
+
+
+FEEDING = {
+    "lstm_cell_h_and_c": lambda: Feeding(nn.LSTMCell(4, 3), "all"),  # h = o * tanh(c)
+    "lstm_cell_h_only": lambda: Feeding(nn.LSTMCell(4, 3), "first"),
+    "output_and_its_square": lambda: Feeding(SquareToo(), "all"),
+    "same_tensor_twice_and_a_view": lambda: Feeding(Twice(), "all"),
+}
+
+
+@pytest.mark.parametrize("name", list(FEEDING))
+@pytest.mark.parametrize("method", ["exact", "empirical"])
+def test_outputs_of_a_module_feeding_one_another(name, method, engine_ways) -> None:
+    """The per-module fallback pulls back only the gradients that reach a module's outputs
+    from outside it (before, the LSTM cell's Fisher of its input and output gates came out 4
+    times too large, even with ``c`` unused)."""
+    torch.manual_seed(0)
+    model = FEEDING[name]()
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    model(x)  # (sizes the lazy head)
+    model.double()
+    x = x.double()
+    assert {unit.path: unit.rule for unit in plan(model, trainable(model))}["inner"] is None
+    got = fisher_diagonal(model, [(x, y)], method, chunk_size=4)
+    assert_close_dicts(got, brute_force_fisher(model, x, y, method), 1e-10)

@@ -166,6 +166,28 @@ class _Record:
     kept: dict[str, Tensor] = field(default_factory=dict)  # by the rule's recorded forward
 
 
+def _separate_leaves(output: Any) -> Any:
+    r"""``output`` with each of its differentiable tensors cloned when there are several.
+
+    The per-module fallback pulls back, for each output tensor :math:`y_j`, the gradient
+    :math:`G_j` that reaches it from outside the module: :math:`\sum_j J_j^\top G_j`. The
+    gradient recorded at a tensor's autograd edge is all that reaches it, though, and an output
+    tensor may also feed another inside the module (``nn.LSTMCell``'s ``h = o * tanh(c)``
+    returns ``(h, c)``; ``return y, y.sum(1)``; the same tensor twice): its recorded gradient
+    would then count the other's twice. A clone's edge is reached from outside only."""
+    leaves, spec = pytree.tree_flatten(output)
+    differentiable = [i for i, leaf in enumerate(leaves) if _differentiable(leaf)]
+    if len(differentiable) < 2:
+        return output
+    for i in differentiable:
+        leaves[i] = leaves[i].clone()
+    return pytree.tree_unflatten(leaves, spec)
+
+
+def _differentiable(leaf: Any) -> bool:
+    return isinstance(leaf, Tensor) and leaf.requires_grad
+
+
 def _describe(path: str) -> str:
     return "the root module" if not path else f"module {path!r}"
 
@@ -277,7 +299,7 @@ class _Recorder(TorchFunctionMode):
                     ),
                     unit.module.register_forward_hook(
                         lambda module, args, output, unit=unit: self._after(unit, output)
-                    ),
+                    ),  # (the output it returns, if any, replaces the module's)
                 ]
         except BaseException:
             self._remove_hooks()
@@ -333,7 +355,12 @@ class _Recorder(TorchFunctionMode):
         self.records[unit] = _Record(args, kwargs, versions, inputs=[t.shape for t in tensors])
         self.running.add(unit)
 
-    def _after(self, unit: _Unit, output: Any) -> None:
+    def _after(self, unit: _Unit, output: Any) -> Any:
+        """Check and record the unit's output; for a unit without a rule and with several
+        differentiable output tensors, return the output with each of them cloned (see
+        :func:`_separate_leaves`), else ``None`` (the output as it is)."""
+        if unit.rule is None:
+            output = _separate_leaves(output)  # (before the unit's call ends: see the mode)
         self.running.discard(unit)
         record = self.records[unit]
         inputs, outputs = _batch_dims(unit, record)
@@ -363,6 +390,7 @@ class _Recorder(TorchFunctionMode):
                 record.edges.append(get_gradient_edge(leaf))
                 record.leaves.append(i)
                 record.shapes.append(leaf.shape)
+        return output if unit.rule is None else None
 
     def __torch_function__(
         self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None

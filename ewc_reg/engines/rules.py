@@ -636,6 +636,32 @@ if hasattr(nn, "RMSNorm"):  # torch >= 2.4
     register(nn.RMSNorm, reduce=_rms_norm_parts)(rms_norm)
 
 
+def _per_sample_total(x_dims: int) -> Callable[[Tensor], Tensor]:
+    """``(..., B, *rest) -> (..., B, 1)`` for inputs of ``x_dims`` dimensions."""
+
+    def reduce(t: Tensor) -> Tensor:
+        lead = t.dim() - x_dims
+        return t.reshape(*t.shape[: lead + 1], -1).sum(-1, keepdim=True)
+
+    return reduce
+
+
+def _prelu_parts(module: nn.Module, x: Tensor, names: Collection[str]) -> Reducer:
+    negative = x.to(_acc(module)).clamp(max=0)
+    shared = module.weight.numel() == 1
+    return _affine_parts(negative, names, (_per_sample_total if shared else _per_channel)(x.dim()))
+
+
+@register(nn.PReLU, reduce=_prelu_parts, params=("weight",))
+def prelu(
+    module: nn.Module, x: Tensor, grads: Tensor, names: Collection[str], budget: int
+) -> dict[str, Tensor]:
+    r"""PReLU :math:`y = \max(x, 0) + w \min(x, 0)`, one slope per channel (dimension 1) or
+    one for all: :math:`\partial_w = \sum G \odot \min(x, 0)` over the dimensions ``w`` is
+    broadcast over (``grads``: those, reduced by :func:`_affine_parts`)."""
+    return _affine(grads, x, names, 1)
+
+
 @register(nn.Embedding, accepts=lambda module: not module.scale_grad_by_freq)
 def embedding(
     module: nn.Module, x: Tensor, grads: Tensor, names: Collection[str], budget: int
