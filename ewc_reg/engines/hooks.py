@@ -24,7 +24,8 @@ and the rules of :mod:`.rules` turn ``(x, G)`` into
 :math:`\sum_n \sum_k ((\partial y_n/\partial\theta)^\top G_{nk})^{\odot 2}`
 (for ``Linear`` without per-sample gradients at all). A parametrised module without a rule (or
 whose rule declines the call) is handled by :class:`~.functorch.FunctorchEngine` applied to that
-module alone, with its recorded input and ``G`` as the vectors. The parameters of a module
+module alone, with its recorded input and ``G`` as the vectors (its output tensors cloned while
+recording when there are several: :func:`_separate_leaves`). The parameters of a module
 that contains modules owning selected parameters (a ViT's class token, a ConvNeXt block's
 layer scale: :mod:`.loose`) are replaced by per-sample copies during the forward pass, when
 :func:`.loose.copies_layout` finds a way of doing so that keeps the per-sample gradients, and the
