@@ -165,7 +165,7 @@ class EWCRegularizer:
         ``max_exact_vectors``) go to :func:`ewc_reg.fisher_diagonal`. If anything fails the
         regularizer is unchanged (in a distributed run: on every rank).
         """
-        self._check_still_protected(select_parameters(self.model, self.params))
+        self._check_still_protected(select_parameters(self.model, self.params), "consolidate")
         fisher = fisher_diagonal(
             self.model,
             data,
@@ -197,21 +197,22 @@ class EWCRegularizer:
         self.num_tasks += 1
         return fisher
 
-    def _check_still_protected(self, selected: dict[str, Tensor]) -> None:
-        """``ValueError`` when a parameter protected by the earlier tasks is no longer
-        ``selected`` or has another shape (new parameters are welcome)."""
+    def _check_still_protected(self, selected: dict[str, Tensor], where: str) -> None:
+        """``ValueError`` (from ``where``) when a parameter protected by the earlier tasks is
+        no longer ``selected`` or has another shape (new parameters are welcome)."""
         gone = sorted(set(self._precision) - set(selected))
         if gone:
+            missing = "selected (frozen, or removed" if where == "consolidate" else "there (removed"
             raise ValueError(
-                f"parameters {gone} are protected by the earlier tasks but no longer selected "
-                "(frozen, or removed from the model); keep them trainable, or choose the "
-                "protected parameters with params= from the start"
+                f"{where}: parameters {gone} are protected by the earlier tasks but no longer "
+                f"{missing} from the model); keep them trainable, or choose the protected "
+                "parameters with params= from the start"
             )
         for name, a in self._precision.items():
             if a.shape != selected[name].shape:
                 raise ValueError(
-                    f"parameter {name!r} has shape {tuple(selected[name].shape)}, but the "
-                    f"earlier tasks protect it with shape {tuple(a.shape)}"
+                    f"{where}: parameter {name!r} has shape {tuple(selected[name].shape)}, but "
+                    f"the earlier tasks protect it with shape {tuple(a.shape)}"
                 )
 
     def _merge_separate(
@@ -236,7 +237,7 @@ class EWCRegularizer:
         r""":math:`\frac{\lambda}{2}\big(\sum_i A_i(\theta_i-\mu_i)^2 + c\big)`, differentiable
         in the model's current parameters; a zero tensor before the first ``consolidate``.
         When the model has moved to another device since, ``A``, ``μ`` and ``c`` follow it
-        (once)."""
+        (once). ``ValueError`` when a protected parameter has been removed or reshaped."""
         if not self._precision:
             first = next(self.model.parameters(), None)
             if first is None:
@@ -244,16 +245,20 @@ class EWCRegularizer:
             return torch.zeros((), dtype=first.dtype, device=first.device)
         params = dict(self.model.named_parameters())
         names = list(self._precision)
-        current = [params[n] for n in names]
-        if any(p.device != self._precision[n].device for n, p in zip(names, current)):
-            self._move_to(params)  # the model moved since consolidate (once)
-        return ewc_penalty(
-            current,
-            [self._precision[n] for n in names],
-            [self._center[n] for n in names],
-            self.strength,
-            self._offset,
-        )
+        try:
+            current = [params[n] for n in names]
+            if any(p.device != self._precision[n].device for n, p in zip(names, current)):
+                self._move_to(params)  # the model moved since consolidate (once)
+            return ewc_penalty(
+                current,
+                [self._precision[n] for n in names],
+                [self._center[n] for n in names],
+                self.strength,
+                self._offset,
+            )
+        except (KeyError, RuntimeError):  # (checked here, not on every call)
+            self._check_still_protected(params, "penalty")
+            raise
 
     def _move_to(self, params: dict[str, Tensor]) -> None:
         """Put ``A`` and ``μ`` on their parameters' devices, ``c`` on the first one's."""

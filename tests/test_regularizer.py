@@ -308,6 +308,22 @@ def test_consolidate_refuses_to_drop_or_reshape_a_protected_parameter_before_com
     torch.testing.assert_close(after["fisher"], before["fisher"], rtol=0, atol=0)
 
 
+def test_penalty_says_which_protected_parameter_changed_shape_or_went():
+    model = MultiHead(heads=1)
+    reg = EWCRegularizer(model, strength=1.0)
+    reg.consolidate(task_data(0, classes=3), output_fn=task_head(0))
+    head = model.heads[0]
+    model.heads[0] = torch.nn.Linear(5, 4).double()
+    reshaped = r"^penalty: .*'heads.0.weight' has shape \(4, 5\).*\(3, 5\)"
+    with pytest.raises(ValueError, match=reshaped):
+        reg.penalty()
+    del model.heads[0]
+    with pytest.raises(ValueError, match=r"^penalty: .*'heads.0.bias'.* no longer there"):
+        reg.penalty()
+    model.heads.append(head)
+    assert reg.penalty().item() == 0.0
+
+
 def test_penalty_follows_the_model_to_another_device():
     """A model moved after consolidate (here to "meta", which needs no GPU; test_cuda.py moves
     one to CUDA and compares values) takes the penalty's state along, once, instead of failing
