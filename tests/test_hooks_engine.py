@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import logging
 import weakref
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -532,6 +533,22 @@ class NoBatchDim(nn.Module):
         return self.head(x * self.bank(torch.ones(4, dtype=x.dtype)))
 
 
+def scripted(compile_: Callable[..., nn.Module]) -> nn.Module:
+    """A model with a TorchScript block (``torch.jit.script`` or ``torch.jit.trace``)."""
+    block = nn.Sequential(nn.Linear(4, 5), nn.Tanh())
+    block = compile_(block, torch.randn(2, 4)) if compile_ is torch.jit.trace else compile_(block)
+    return nn.Sequential(block, nn.Linear(5, 3))
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # (TorchScript is deprecated)
+@pytest.mark.parametrize("compile_", [torch.jit.script, torch.jit.trace])
+def test_torchscript_blocks_match_brute_force(compile_) -> None:
+    model = scripted(compile_).double()
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
+    want = brute_force_fisher(model, x, y, "exact")
+    assert_close_dicts(fisher_diagonal(model, [(x, y)]), want, 1e-10)
+
+
 STATIC = {  # ruled out by the module tree: get_engine decides
     "tied": (Tied, lambda: torch.randint(0, 6, (5, 3)), "shared"),
     "batch_statistics": (
@@ -541,6 +558,9 @@ STATIC = {  # ruled out by the module tree: get_engine decides
         lambda: torch.randn(5, 4, 3, dtype=torch.float64),
         "batch statistics",
     ),
+    # (hooks on the modules inside do not run: before, a traced block's Fisher came out zero)
+    "scripted": (lambda: scripted(torch.jit.script), None, "TorchScript"),
+    "traced": (lambda: scripted(torch.jit.trace), None, "TorchScript"),
 }
 DYNAMIC = {  # found during the forward pass: the engine decides on the first batch
     "used_outside": (UsedOutside, "used outside"),
@@ -566,6 +586,7 @@ def log_and_compare(model, data, caplog, reason: str) -> None:
     assert_close_dicts(got, fisher_diagonal(model, data, backend="functorch"), 1e-12)
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # (TorchScript is deprecated)
 @pytest.mark.parametrize("name", list(STATIC))
 def test_static_problems(name: str, caplog) -> None:
     make, make_x, reason = STATIC[name]

@@ -203,7 +203,11 @@ def plan(model: nn.Module, params: dict[str, Tensor]) -> list[_Unit]:
     owner: dict[int, str] = {}
     owners: dict[str, tuple[nn.Module, dict[str, str]]] = {}  # by path, in pre-order
     attention: tuple[str, nn.Module] | None = None  # the last nn.MultiheadAttention seen
+    script: str | None = None  # the path of the last TorchScript module seen
     for path, module in model.named_modules(remove_duplicate=False):
+        in_script = script is not None and (path == script or inside(path, script))
+        if isinstance(module, torch.jit.ScriptModule) and not in_script:
+            script, in_script = path, True
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and (
             module.training or module.running_mean is None
         ):
@@ -217,6 +221,11 @@ def plan(model: nn.Module, params: dict[str, Tensor]) -> list[_Unit]:
         for local, p in module.named_parameters(recurse=False, remove_duplicate=False):
             if id(p) not in wanted:
                 continue
+            if in_script:
+                raise Unsupported(
+                    f"{_describe(script)} is TorchScript (torch.jit.script or torch.jit.trace): "
+                    "the hooks of the modules inside it do not run"
+                )
             if id(p) in owner:
                 raise Unsupported(
                     f"parameter {wanted[id(p)]!r} is shared ({_describe(owner[id(p)])} and "
