@@ -45,7 +45,8 @@ The decomposition is valid only if (checked; otherwise :class:`Unsupported` is r
   are and however they are used) is registered on exactly one module, once (no tied weights or
   modules registered twice), and, where a module's parameters get no per-sample copies, the
   root module does not own selected parameters next to children owning some (the unit would
-  be the whole model);
+  be the whole model), and none lies inside a TorchScript module (``torch.jit.script`` or
+  ``trace``: the hooks of the modules inside one do not run);
 * each unit's module is called at most once per forward pass, and its selected parameters
   (those of the modules inside it included) are used only while it runs (not, say, with
   ``F.linear(h, self.embed.weight)`` in a parent's ``forward``); uses are seen by a
