@@ -84,6 +84,37 @@ def _must_scale(grad_output: Tensor) -> bool:
     return grad_output.item() != 1.0
 
 
+@torch.no_grad()
+def add_penalty_grad(
+    params: Sequence[Tensor], precision: Sequence[Tensor], center: Sequence[Tensor], strength: float
+) -> None:
+    r"""Accumulate :math:`\partial P / \partial \theta = \lambda A (\theta - \mu)` into each
+    parameter's ``.grad`` (setting it where it is ``None``), as ``ewc_penalty(...).backward()``
+    would, without a graph: :math:`d = \theta - \mu`, then ``grad += λ A d``, two
+    ``torch._foreach_*`` kernels (the rest of a parameter list, a ``.grad`` that is ``None``, of
+    another dtype or sparse, goes one at a time). Parameters without ``requires_grad`` are
+    left alone, as autograd leaves them."""
+    trainable = [i for i, p in enumerate(params) if p.requires_grad]
+    theta = [params[i].to(precision[i].dtype) for i in trainable]
+    diffs = torch._foreach_sub(theta, [center[i] for i in trainable])
+    direct, rest = [], []
+    for j, i in enumerate(trainable):
+        grad = params[i].grad
+        fits = grad is not None and grad.dtype == diffs[j].dtype and not grad.is_sparse
+        (direct if fits else rest).append(j)
+    if direct:
+        torch._foreach_addcmul_(
+            [params[trainable[j]].grad for j in direct],
+            [precision[trainable[j]] for j in direct],
+            [diffs[j] for j in direct],
+            value=strength,
+        )
+    for j in rest:
+        p = params[trainable[j]]
+        g = diffs[j].mul_(precision[trainable[j]]).mul_(strength).to(p.dtype)
+        p.grad = g if p.grad is None else g + p.grad  # (dense + sparse, not sparse + dense)
+
+
 def ewc_penalty(
     params: Sequence[Tensor],
     precision: Sequence[Tensor],

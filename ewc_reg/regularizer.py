@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ._penalty import ewc_penalty
+from ._penalty import add_penalty_grad, ewc_penalty
 from ._validation import check_choice, check_count, check_real
 from .distributed import process_group_for, unwrap_model
 from .fisher import METHODS, ParamSelection, fisher_diagonal, select_parameters
@@ -237,27 +237,64 @@ class EWCRegularizer:
         r""":math:`\frac{\lambda}{2}\big(\sum_i A_i(\theta_i-\mu_i)^2 + c\big)`, differentiable
         in the model's current parameters; a zero tensor before the first ``consolidate``.
         When the model has moved to another device since, ``A``, ``μ`` and ``c`` follow it
-        (once). ``ValueError`` when a protected parameter has been removed or reshaped."""
+        (once). ``ValueError`` when a protected parameter has been removed or reshaped.
+
+        For its gradient alone, :meth:`add_penalty_grad` after ``loss.backward()`` is faster."""
         if not self._precision:
             first = next(self.model.parameters(), None)
             if first is None:
                 return torch.zeros(())
             return torch.zeros((), dtype=first.dtype, device=first.device)
+        return self._with_operands(
+            "penalty",
+            lambda current, precision, center: ewc_penalty(
+                current, precision, center, self.strength, self._offset
+            ),
+        )
+
+    def add_penalty_grad(self) -> None:
+        r"""Add the penalty's gradient :math:`\lambda A(\theta - \mu)` to the protected
+        parameters' ``.grad`` (setting those that are ``None``): the gradient that adding
+        :meth:`penalty` to the loss would give, without its graph and in two ``foreach``
+        kernels instead of about ten (the penalty's value is not computed).
+
+        Call it after ``loss.backward()`` and before ``optimizer.step()`` (with a
+        ``GradScaler``, after ``scaler.unscale_(optimizer)``; with gradient accumulation, once
+        per step)::
+
+            loss = criterion(model(x), y)
+            loss.backward()
+            reg.add_penalty_grad()
+            optimizer.step()
+
+        Nothing happens before the first ``consolidate``. Parameters without ``requires_grad``
+        are left alone; errors as :meth:`penalty`'s."""
+        if self._precision:
+            self._with_operands(
+                "add_penalty_grad",
+                lambda current, precision, center: add_penalty_grad(
+                    current, precision, center, self.strength
+                ),
+            )
+
+    def _with_operands(
+        self, where: str, use: Callable[[list[Tensor], list[Tensor], list[Tensor]], Any]
+    ) -> Any:
+        """``use(θ, A, μ)`` over the protected parameters, with ``A``, ``μ`` and ``c`` moved to
+        the model's devices first if it has moved since (once); a failure caused by a protected
+        parameter removed or reshaped since is reported as such (``ValueError``, from
+        ``where``), checked only then so that the training step pays nothing for it."""
         params = dict(self.model.named_parameters())
         names = list(self._precision)
         try:
             current = [params[n] for n in names]
             if any(p.device != self._precision[n].device for n, p in zip(names, current)):
                 self._move_to(params)  # the model moved since consolidate (once)
-            return ewc_penalty(
-                current,
-                [self._precision[n] for n in names],
-                [self._center[n] for n in names],
-                self.strength,
-                self._offset,
+            return use(
+                current, [self._precision[n] for n in names], [self._center[n] for n in names]
             )
-        except (KeyError, RuntimeError):  # (checked here, not on every call)
-            self._check_still_protected(params, "penalty")
+        except (KeyError, RuntimeError):
+            self._check_still_protected(params, where)
             raise
 
     def _move_to(self, params: dict[str, Tensor]) -> None:

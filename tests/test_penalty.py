@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from ewc_reg._penalty import ewc_penalty
+from ewc_reg._penalty import add_penalty_grad, ewc_penalty
 
 
 def tensors(seed: int, dtype=torch.float64):
@@ -91,3 +93,60 @@ def test_compiled_in_one_graph_with_the_same_value_and_gradient():
                 torch.testing.assert_close(g_got, g_naive, rtol=1e-14, atol=0)
     finally:
         torch._dynamo.reset()
+
+
+# --- add_penalty_grad: the gradient without a graph ------------------------------------------
+
+
+def loss_of(params):
+    """Some loss reaching only the first two parameters (the third gets no gradient)."""
+    return sum((p.float().sin() * (i + 1)).sum() for i, p in enumerate(params[:2]))
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    dtype=st.sampled_from([torch.float64, torch.float32, torch.bfloat16]),
+    strength=st.floats(0.0, 1e6),
+    seed=st.integers(0, 2**16),
+    frozen=st.booleans(),
+    backward_first=st.booleans(),
+)
+def test_add_penalty_grad_equals_the_penalty_in_the_loss(
+    dtype, strength, seed, frozen, backward_first
+):
+    """``.grad`` after ``loss.backward(); add_penalty_grad(...)`` equals ``.grad`` after
+    ``(loss + penalty).backward()``: grads set by the loss, ``None`` (the third parameter), in
+    the parameters' dtype when it is not the precision's, and none for a frozen parameter."""
+    got, precision, center = tensors(seed, dtype)
+    want = [p.detach().clone().requires_grad_() for p in got]
+    if frozen:
+        got[0].requires_grad_(False)
+        want[0].requires_grad_(False)
+    (loss_of(want) + ewc_penalty(want, precision, center, strength)).backward()
+    if backward_first:
+        loss_of(got).backward()
+        add_penalty_grad(got, precision, center, strength)
+    else:  # (grads all None first, then the loss adds to them)
+        add_penalty_grad(got, precision, center, strength)
+        loss_of(got).backward()
+    for g, w, a, c in zip(got, want, precision, center):
+        if w.grad is None:
+            assert g.grad is None
+            continue
+        assert g.grad.dtype == w.grad.dtype == g.dtype
+        # (the same terms, rounded in another order: a few units in the last place of the
+        # larger of the loss's gradient and the penalty's)
+        pull = strength * (a * (g.detach().double() - c)).abs().max()
+        terms = w.grad.double().abs().max() + pull
+        error = (g.grad.double() - w.grad.double()).abs().max()
+        assert error <= 4 * torch.finfo(dtype).eps * terms
+
+
+def test_add_penalty_grad_to_a_sparse_gradient():
+    table = torch.nn.Embedding(6, 3, sparse=True).double()
+    precision, center = [torch.rand(6, 3, dtype=torch.float64)], [torch.zeros(6, 3).double()]
+    table(torch.tensor([1, 4])).sum().backward()
+    add_penalty_grad([table.weight], precision, center, 2.0)
+    expected = 2.0 * precision[0] * table.weight.detach()
+    expected[[1, 4]] += 1.0
+    torch.testing.assert_close(table.weight.grad.to_dense(), expected, rtol=1e-14, atol=0)

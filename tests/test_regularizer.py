@@ -341,3 +341,57 @@ def test_penalty_follows_the_model_to_another_device():
     assert {t.device.type for t in tensors} == {"meta"}
     penalty.backward()
     assert all(p.grad.device.type == "meta" for p in model.parameters())
+
+
+@pytest.mark.parametrize("mode", ["online", "separate"])
+@pytest.mark.parametrize("with_loss", [True, False])
+def test_add_penalty_grad_gives_the_gradient_of_the_penalty_in_the_loss(mode, with_loss):
+    """Across tasks, in both modes, after a loss's backward or alone (every ``.grad`` ``None``
+    before), with a frozen parameter."""
+    model = MultiHead(heads=2)
+    reg = EWCRegularizer(model, strength=3.0, mode=mode)
+    for task in range(2):
+        reg.consolidate(task_data(task, classes=3), output_fn=task_head(task))
+        perturb(model, 10 + task)
+    model.trunk.bias.requires_grad_(False)
+    x, y = task_data(5, classes=3)[0]
+
+    def loss() -> torch.Tensor:
+        if not with_loss:
+            return torch.zeros((), dtype=torch.float64)
+        return torch.nn.functional.cross_entropy(task_head(1)(model(x)), y)
+
+    model.zero_grad()
+    (loss() + reg.penalty()).backward()
+    want = {n: p.grad for n, p in model.named_parameters()}
+    model.zero_grad()
+    if with_loss:
+        loss().backward()
+    reg.add_penalty_grad()
+    for name, p in model.named_parameters():
+        if want[name] is None:
+            assert p.grad is None, name
+        else:
+            torch.testing.assert_close(p.grad, want[name], rtol=1e-13, atol=1e-15)
+    assert want["trunk.bias"] is None and want["trunk.weight"].abs().sum() > 0
+
+
+def test_add_penalty_grad_before_consolidate_and_after_a_change():
+    model = MultiHead(heads=1)
+    reg = EWCRegularizer(model)
+    reg.add_penalty_grad()  # nothing to add yet
+    assert all(p.grad is None for p in model.parameters())
+    reg.consolidate(task_data(0, classes=3), output_fn=task_head(0))
+    model.heads[0] = torch.nn.Linear(5, 4).double()
+    with pytest.raises(ValueError, match=r"^add_penalty_grad: .*'heads.0.weight' has shape"):
+        reg.add_penalty_grad()
+
+
+def test_add_penalty_grad_follows_the_model_to_another_device():
+    model = mlp()
+    reg = EWCRegularizer(model, strength=2.0)
+    reg.consolidate(task_data(0))
+    model.to("meta")
+    reg.add_penalty_grad()
+    assert all(p.grad.device.type == "meta" for p in model.parameters())
+    assert {t.device.type for t in reg.fisher.values()} == {"meta"}
