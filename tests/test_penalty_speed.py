@@ -9,7 +9,8 @@ def test_penalty_speed_writes_table(tmp_path):
     out = tmp_path / "penalty.md"
     table = penalty_speed.main(["--repeats", "2", "--threads", "1", "--out", str(out)])
     assert out.read_text() == table
-    rows = ("| step |", "| step + penalty |", "| penalty |", "| read θ, μ, A once |")
+    rows = ("| step |", "| step + penalty |", "| step + add_penalty_grad |", "| penalty |")
+    rows += ("| read θ, μ, A once |", "by `add_penalty_grad()`")
     for row in (*rows, "Target ≤ 10%", "page faults"):
         assert row in table
 
