@@ -23,6 +23,10 @@ environment (``MALLOC_*``, ``GLIBC_TUNABLES``, ``LD_PRELOAD``) are printed with 
 run with, say, ``MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=17179869184`` (no
 faults after the first steps) shows the cost of the work alone.
 
+The ``operators`` column counts the ATen operators one call dispatches, views apart
+(:class:`benchmarks.host_overhead.OperatorCount`): on a GPU, where a step of this small model is
+launch-bound, that count rather than the memory traffic decides the penalty's share.
+
 Run: ``python -m benchmarks.penalty_speed [--repeats 300] [--threads 1 2] [--device cpu]``;
 writes ``benchmarks/results/penalty_speed.md``.
 """
@@ -44,6 +48,7 @@ import ewc_reg
 from ewc_reg import EWCRegularizer
 
 from ._reports import cpu_name, keeping_threads, write_report
+from .host_overhead import OperatorCount
 from .models import split_mnist_mlp
 
 try:
@@ -81,9 +86,9 @@ def _timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
 
 def measure(
     repeats: int, batch_size: int, device: torch.device
-) -> dict[str, tuple[float, float]]:
-    """Median seconds and median minor page faults of each contender (see the module
-    docstring)."""
+) -> dict[str, tuple[float, float, int]]:
+    """Median seconds, median minor page faults and computing operators (of one call after a
+    warm-up call) of each contender (see the module docstring)."""
     torch.manual_seed(0)
     model = split_mnist_mlp().to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -119,6 +124,12 @@ def measure(
         "penalty": penalty_only,
         "read θ, μ, A once": read_once,
     }
+    operators = {}
+    for name, fn in contenders.items():
+        fn()
+        with OperatorCount() as counter:
+            fn()
+        operators[name] = counter.total - counter.views
     time_once = _timer(device)
     times: dict[str, list[float]] = {name: [] for name in contenders}
     faults: dict[str, list[int]] = {name: [] for name in contenders}
@@ -133,12 +144,14 @@ def measure(
                 times[name].append(t)
                 faults[name].append(page_faults() - before)
     return {
-        name: (statistics.median(times[name]), statistics.median(faults[name]))
+        name: (statistics.median(times[name]), statistics.median(faults[name]), operators[name])
         for name in contenders
     }
 
 
-def report(results: dict[int, dict[str, tuple[float, float]]], args: argparse.Namespace) -> str:
+def report(
+    results: dict[int, dict[str, tuple[float, float, int]]], args: argparse.Namespace
+) -> str:
     """Markdown: one table per thread count, with the overhead and the verdict."""
     lines = [
         "# Penalty cost in an Adam step (Split MNIST MLP)",
@@ -162,11 +175,13 @@ def report(results: dict[int, dict[str, tuple[float, float]]], args: argparse.Na
             "",
             f"## {threads} thread{'s' if threads > 1 else ''}",
             "",
-            "| contender | median ms | ratio to step | page faults |",
-            "|---|---:|---:|---:|",
+            "| contender | median ms | ratio to step | page faults | operators |",
+            "|---|---:|---:|---:|---:|",
         ]
-        for name, (seconds, faults) in medians.items():
-            lines.append(f"| {name} | {seconds * 1e3:.3f} | {seconds / step:.3f} | {faults:g} |")
+        for name, (seconds, faults, ops) in medians.items():
+            lines.append(
+                f"| {name} | {seconds * 1e3:.3f} | {seconds / step:.3f} | {faults:g} | {ops} |"
+            )
         lines += [
             "",
             f"Added by the penalty: {overhead:.1%} of a step (step + penalty vs step); penalty "

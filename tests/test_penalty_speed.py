@@ -11,7 +11,7 @@ def test_penalty_speed_writes_table(tmp_path):
     assert out.read_text() == table
     rows = ("| step |", "| step + penalty |", "| step + add_penalty_grad |", "| penalty |")
     rows += ("| read θ, μ, A once |", "by `add_penalty_grad()`")
-    for row in (*rows, "Target ≤ 10%", "page faults"):
+    for row in (*rows, "Target ≤ 10%", "page faults", "operators"):
         assert row in table
 
 
