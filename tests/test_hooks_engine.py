@@ -6,7 +6,6 @@ from __future__ import annotations
 import gc
 import logging
 import weakref
-from collections.abc import Callable
 
 import pytest
 import torch
@@ -533,17 +532,17 @@ class NoBatchDim(nn.Module):
         return self.head(x * self.bank(torch.ones(4, dtype=x.dtype)))
 
 
-def scripted(compile_: Callable[..., nn.Module]) -> nn.Module:
+def scripted(how: str) -> nn.Module:
     """A model with a TorchScript block (``torch.jit.script`` or ``torch.jit.trace``)."""
     block = nn.Sequential(nn.Linear(4, 5), nn.Tanh())
-    block = compile_(block, torch.randn(2, 4)) if compile_ is torch.jit.trace else compile_(block)
+    block = torch.jit.trace(block, torch.randn(2, 4)) if how == "trace" else torch.jit.script(block)
     return nn.Sequential(block, nn.Linear(5, 3))
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # (TorchScript is deprecated)
-@pytest.mark.parametrize("compile_", [torch.jit.script, torch.jit.trace])
-def test_torchscript_blocks_match_brute_force(compile_) -> None:
-    model = scripted(compile_).double()
+@pytest.mark.parametrize("how", ["script", "trace"])
+def test_torchscript_blocks_match_brute_force(how) -> None:
+    model = scripted(how).double()
     x, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
     want = brute_force_fisher(model, x, y, "exact")
     assert_close_dicts(fisher_diagonal(model, [(x, y)]), want, 1e-10)
@@ -559,8 +558,8 @@ STATIC = {  # ruled out by the module tree: get_engine decides
         "batch statistics",
     ),
     # (hooks on the modules inside do not run: before, a traced block's Fisher came out zero)
-    "scripted": (lambda: scripted(torch.jit.script), None, "TorchScript"),
-    "traced": (lambda: scripted(torch.jit.trace), None, "TorchScript"),
+    "scripted": (lambda: scripted("script"), None, "TorchScript"),
+    "traced": (lambda: scripted("trace"), None, "TorchScript"),
 }
 DYNAMIC = {  # found during the forward pass: the engine decides on the first batch
     "used_outside": (UsedOutside, "used outside"),
