@@ -128,6 +128,7 @@ class Row:
     status: str = ""
     note: str = ""
     ratio: float | None = None
+    best_ratio: float | None = None  # of the minima: the least disturbed runs
     memory_ratio: float | None = None
 
 
@@ -484,6 +485,8 @@ def benchmark_workload(
     for row in rows:
         if row.seconds is not None and unit.seconds:
             row.ratio = row.seconds / unit.seconds
+        if row.best_seconds is not None and unit.best_seconds:
+            row.best_ratio = row.best_seconds / unit.best_seconds
         if row.peak_bytes is not None and unit.peak_bytes:
             row.memory_ratio = row.peak_bytes / unit.peak_bytes
     return rows
@@ -503,6 +506,12 @@ def _brief(error: BaseException, limit: int = 160) -> str:
 
 
 # --------------------------------------------------------------------------------- reporting
+
+
+def _ratios(row: Row) -> str:
+    """The row's ratio of medians (which the verdict uses) and of minima."""
+    text = f"{row.ratio:.2f}×"
+    return text if row.best_ratio is None else f"{text} (of the minima: {row.best_ratio:.2f}×)"
 
 
 def evaluate_targets(rows: list[Row], auto: dict[str, str]) -> list[tuple[str, str, bool | None]]:
@@ -530,13 +539,11 @@ def evaluate_targets(rows: list[Row], auto: dict[str, str]) -> list[tuple[str, s
             ))
         if w.num_classes == 10 and exact and exact.ratio is not None:
             targets.append((
-                f"exact ≤ 6× fwd+bwd ({tag})", f"{exact.ratio:.2f}×", exact.ratio <= 6.0
+                f"exact ≤ 6× fwd+bwd ({tag})", _ratios(exact), exact.ratio <= 6.0
             ))
         if empirical and empirical.ratio is not None:
             targets.append((
-                f"empirical ≤ 2.5× fwd+bwd ({tag})",
-                f"{empirical.ratio:.2f}×",
-                empirical.ratio <= 2.5,
+                f"empirical ≤ 2.5× fwd+bwd ({tag})", _ratios(empirical), empirical.ratio <= 2.5
             ))
         unit = find(w, "plain fwd+bwd", "fwd+bwd")
         if w.model_key == "resnet" and exact and exact.memory_ratio is not None and unit:

@@ -19,6 +19,8 @@ def test_quick_benchmark_produces_report_and_agrees(tmp_path: Path) -> None:
     assert output.read_text() == report.markdown
     assert "| model | C | N | contender |" in report.markdown
     assert "## Targets of issue #3" in report.markdown
+    assert "× fwd+bwd (Split MNIST MLP C=2) | " in report.markdown
+    assert "(of the minima: " in report.markdown  # (beside the ratio of medians)
     names = {row.name for row in report.rows}
     assert "plain fwd+bwd" in names and "naive loop (paper)" in names
     for backend in fisher_speed.TIMED_BACKENDS:
