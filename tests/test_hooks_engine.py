@@ -132,6 +132,11 @@ LAYERS = {
     "layernorm": (lambda: nn.LayerNorm(5), (6, 4, 5)),
     "layernorm_2d_no_bias": (lambda: nn.LayerNorm((4, 5), bias=False), (6, 3, 4, 5)),
     "groupnorm": (lambda: nn.GroupNorm(2, 4), (6, 4, 3, 3)),
+    "instancenorm1d": (lambda: nn.InstanceNorm1d(3, affine=True), (6, 3, 5)),
+    "instancenorm2d_tracked": (
+        lambda: nn.InstanceNorm2d(3, affine=True, track_running_stats=True), (6, 3, 4, 5)
+    ),
+    "instancenorm3d": (lambda: nn.InstanceNorm3d(2, affine=True), (6, 2, 3, 2, 3)),
     "rmsnorm": (lambda: nn.RMSNorm(5), (6, 4, 5)),
     "prelu_per_channel": (lambda: nn.PReLU(3), (6, 3, 4, 5)),
     "prelu_per_feature": (lambda: nn.PReLU(4), (6, 4)),
@@ -140,12 +145,16 @@ LAYERS = {
 
 
 def randomize_affine(model: nn.Module) -> None:
+    norms = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.modules.instancenorm._InstanceNorm)
     with torch.no_grad():
         for m in model.modules():
-            if isinstance(m, (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)):
+            if isinstance(m, norms):
                 m.weight.uniform_(0.5, 1.5)
                 if getattr(m, "bias", None) is not None:
                     m.bias.normal_()
+                if getattr(m, "running_mean", None) is not None:  # (tracked instance norm)
+                    m.running_mean.normal_()
+                    m.running_var.uniform_(0.5, 2.0)
 
 
 @pytest.mark.parametrize("name", list(LAYERS))

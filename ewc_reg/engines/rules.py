@@ -605,6 +605,32 @@ def group_norm(
     return _affine(grads, x, names, 1)
 
 
+def _instance_norm_parts(module: nn.Module, x: Tensor, names: Collection[str]) -> Reducer:
+    acc = _acc(module)
+    running = module.running_mean is not None and not module.training
+    if running:  # (its tracked statistics, as batch norm in eval mode)
+        mean, var = module.running_mean.to(acc), module.running_var.to(acc)
+        xhat = F.instance_norm(x.to(acc), mean, var, use_input_stats=False, eps=module.eps)
+    else:
+        xhat = F.instance_norm(x.to(acc), eps=module.eps)
+    return _affine_parts(xhat, names, _per_channel(x.dim()))
+
+
+@register(
+    nn.InstanceNorm1d,
+    nn.InstanceNorm2d,
+    nn.InstanceNorm3d,
+    accepts=lambda module: module.affine,
+    reduce=_instance_norm_parts,
+)
+def instance_norm(
+    module: nn.Module, x: Tensor, grads: Tensor, names: Collection[str], budget: int
+) -> dict[str, Tensor]:
+    r"""Instance norm, affine: :math:`\hat x` normalised per sample and channel (or by the
+    tracked statistics in eval mode), affine per channel (dimension 1), as for batch norm."""
+    return _affine(grads, x, names, 1)
+
+
 def _layer_norm_parts(module: nn.Module, x: Tensor, names: Collection[str]) -> Reducer:
     xhat = F.layer_norm(x.to(_acc(module)), module.normalized_shape, eps=module.eps)
     return _affine_parts(xhat, names, _per_trailing(x.dim(), len(module.normalized_shape)))
