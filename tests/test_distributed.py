@@ -91,6 +91,18 @@ def scenarios(rank: int, workdir: Path) -> dict[str, Any]:
     loss.backward()
     optimizer.step()
     out["ddp_trained"] = {n: p.detach().clone() for n, p in model.named_parameters()}
+    grads = {}  # add_penalty_grad after a synchronised backward: the penalty in the loss's grads
+    for how in ("in the loss", "added"):
+        optimizer.zero_grad()
+        torch.manual_seed(rank)  # (the same dropout both times)
+        loss = F.cross_entropy(ddp(x), y)
+        (loss + reg.penalty() if how == "in the loss" else loss).backward()
+        if how == "added":
+            reg.add_penalty_grad()
+        grads[how] = [p.grad.clone() for p in model.parameters()]
+    out["ddp_penalty_grad_gap"] = max(
+        ((a - b).abs().max() / b.abs().max()).item() for a, b in zip(*grads.values())
+    )
     out["ddp_fisher_2"] = reg.consolidate(data)  # this task's Fisher
     out["ddp_anchor"] = reg.anchor
     out["ddp_training"] = model.training
@@ -180,6 +192,7 @@ def test_ddp_wrapped_model(ranks: list) -> None:
         assert "ddp_bad_consolidate_returned" not in out
         assert out["ddp_unchanged_after_failure"]
         assert out["ddp_training"] is True
+        assert out["ddp_penalty_grad_gap"] < 1e-12
     for name in ranks[0]["ddp_trained"]:  # replicas stayed identical, hence so did the anchors
         assert torch.equal(ranks[0]["ddp_trained"][name], ranks[1]["ddp_trained"][name])
         assert torch.equal(ranks[0]["ddp_anchor"][name], ranks[1]["ddp_anchor"][name])
