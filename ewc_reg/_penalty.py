@@ -94,24 +94,26 @@ def add_penalty_grad(
     ``torch._foreach_*`` kernels (the rest of a parameter list, a ``.grad`` that is ``None``, of
     another dtype or sparse, goes one at a time). Parameters without ``requires_grad`` are
     left alone, as autograd leaves them."""
-    trainable = [i for i, p in enumerate(params) if p.requires_grad]
-    theta = [params[i].to(precision[i].dtype) for i in trainable]
-    diffs = torch._foreach_sub(theta, [center[i] for i in trainable])
-    direct, rest = [], []
-    for j, i in enumerate(trainable):
-        grad = params[i].grad
-        fits = grad is not None and grad.dtype == diffs[j].dtype and not grad.is_sparse
-        (direct if fits else rest).append(j)
+    kept = [(p, a, c) for p, a, c in zip(params, precision, center) if p.requires_grad]
+    if not kept:
+        return
+    params, precision, center = (list(t) for t in zip(*kept))
+    diffs = torch._foreach_sub([p.to(a.dtype) for p, a in zip(params, precision)], center)
+    direct = [
+        i
+        for i, (p, d) in enumerate(zip(params, diffs))
+        if p.grad is not None and p.grad.dtype == d.dtype and not p.grad.is_sparse
+    ]
     if direct:
         torch._foreach_addcmul_(
-            [params[trainable[j]].grad for j in direct],
-            [precision[trainable[j]] for j in direct],
-            [diffs[j] for j in direct],
+            [params[i].grad for i in direct],
+            [precision[i] for i in direct],
+            [diffs[i] for i in direct],
             value=strength,
         )
-    for j in rest:
-        p = params[trainable[j]]
-        g = diffs[j].mul_(precision[trainable[j]]).mul_(strength).to(p.dtype)
+    for i in sorted(set(range(len(params))) - set(direct)):
+        p = params[i]
+        g = diffs[i].mul_(precision[i]).mul_(strength).to(p.dtype)
         p.grad = g if p.grad is None else g + p.grad  # (dense + sparse, not sparse + dense)
 
 
