@@ -116,6 +116,9 @@ def test_regularizer_matches_cpu(mode):
         values.append((pen.item(), {n: p.grad.cpu() for n, p in m.named_parameters()}))
     assert values[1][0] == pytest.approx(values[0][0], rel=1e-10)
     assert_close_dicts(values[1][1], values[0][1], 1e-10)
+    gpu.zero_grad()
+    regs[1].add_penalty_grad()  # (the same gradient, on the GPU, without a graph)
+    assert_close_dicts({n: p.grad.cpu() for n, p in gpu.named_parameters()}, values[0][1], 1e-10)
 
 
 def test_state_dict_moves_between_devices():
