@@ -63,6 +63,9 @@ class EWCRegularizer:
                 ...
             reg.consolidate(task_loader)   # Fisher + anchor for this task
 
+    Instead of adding ``reg.penalty()`` to the loss, ``reg.add_penalty_grad()`` after
+    ``loss.backward()`` adds the same gradient to ``.grad``, faster (no graph, no value).
+
     The settings from ``strength`` to ``likelihood`` are attributes that may be changed between
     tasks (``reg.strength = 1e6``); every assignment is checked as the constructor checks.
 
