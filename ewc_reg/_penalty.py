@@ -18,6 +18,9 @@ gives 1; reading it costs no device sync on the CPU, so other devices, and code 
 ``torch.compile``, always scale). A second backward through a retained graph recomputes
 :math:`w`; under ``create_graph=True`` the backward uses plain differentiable ops, so double
 backward works.
+
+:func:`add_penalty_grad` gives the same gradient without autograd, added to ``.grad`` in two
+passes (the node's forward makes three and autograd's sum of the two gradients a fourth).
 """
 
 from __future__ import annotations
@@ -91,9 +94,9 @@ def add_penalty_grad(
     r"""Accumulate :math:`\partial P / \partial \theta = \lambda A (\theta - \mu)` into each
     parameter's ``.grad`` (setting it where it is ``None``), as ``ewc_penalty(...).backward()``
     would, without a graph: :math:`d = \theta - \mu`, then ``grad += λ A d``, two
-    ``torch._foreach_*`` kernels (the rest of a parameter list, a ``.grad`` that is ``None``, of
-    another dtype or sparse, goes one at a time). Parameters without ``requires_grad`` are
-    left alone, as autograd leaves them."""
+    ``torch._foreach_*`` kernels (a parameter whose ``.grad`` is ``None``, of another dtype or
+    sparse goes one at a time). Parameters without ``requires_grad`` are left alone, as
+    autograd leaves them."""
     kept = [(p, a, c) for p, a, c in zip(params, precision, center) if p.requires_grad]
     if not kept:
         return
