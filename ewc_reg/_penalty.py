@@ -19,8 +19,9 @@ gives 1; reading it costs no device sync on the CPU, so other devices, and code 
 :math:`w`; under ``create_graph=True`` the backward uses plain differentiable ops, so double
 backward works.
 
-:func:`add_penalty_grad` gives the same gradient without autograd, added to ``.grad`` in two
-passes (the node's forward makes three and autograd's sum of the two gradients a fourth).
+:func:`add_penalty_grad` gives the same gradient without autograd, added to ``.grad`` by two
+kernels (the node's forward takes four, θ − μ, λA(θ − μ) in two and the dots, and autograd
+adds its gradient to the loss's with one more per parameter).
 """
 
 from __future__ import annotations
