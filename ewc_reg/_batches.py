@@ -5,11 +5,16 @@ Accepted batch forms (anything else is a ``TypeError``):
 * a tuple or list ``(inputs, targets, *rest)``: the model is called as ``model(inputs)``;
   ``rest`` (task ids, indices, ...) is ignored;
 * a dict whose ``"labels"`` entry holds the targets: the model is called as
-  ``model(**others)`` with every other entry.
+  ``model(**others)`` with every other entry;
+* without targets (for the estimators that need none, ``exact`` and ``sample``): a tensor of
+  inputs, a one-element tuple or list ``(inputs,)`` (what a ``DataLoader`` over a
+  ``TensorDataset(inputs)`` yields), or a dict without ``"labels"`` (every entry goes to the
+  model).
 
-The batch size ``B`` is the length of the targets' first dimension. Tensors whose first
-dimension is ``B`` are per-sample and are sliced, moved to the model's device, and (by the
-functorch engine) vmapped over; everything else is passed through unchanged.
+The batch size ``B`` is the length of the targets' first dimension (without targets: that of
+the first tensor among the inputs). Tensors whose first dimension is ``B`` are per-sample and
+are sliced, moved to the model's device, and (by the functorch engine) vmapped over;
+everything else is passed through unchanged.
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ from torch.utils import _pytree as pytree
 
 ACCEPTED_FORMS = (
     "a tuple/list (inputs, targets, *rest) or a dict with a 'labels' entry "
-    "(other entries are passed as model(**batch))"
+    "(other entries are passed as model(**batch)); without targets, for 'exact' and 'sample': "
+    "a tensor of inputs, a tuple/list (inputs,) or a dict without 'labels'"
 )
 
 
@@ -34,21 +40,17 @@ class Batch:
 
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
-    targets: Tensor
+    targets: Tensor | None  # (None: inputs only)
     size: int
-
-    def map_per_sample(self, fn: Callable[[Tensor], Tensor]) -> Batch:
-        """Apply ``fn`` to every per-sample tensor (first dimension ``size``)."""
-
-        def apply(leaf: Any) -> Any:
-            return fn(leaf) if is_per_sample(leaf, self.size) else leaf
-
-        args, kwargs, targets = pytree.tree_map(apply, (self.args, self.kwargs, self.targets))
-        return Batch(args, kwargs, targets, int(targets.shape[0]))
 
     def samples(self, start: int, stop: int) -> Batch:
         """Samples ``start`` to ``stop - 1`` as a batch of their own."""
-        return self.map_per_sample(lambda t: t[start:stop])
+
+        def cut(leaf: Any) -> Any:
+            return leaf[start:stop] if is_per_sample(leaf, self.size) else leaf
+
+        args, kwargs, targets = pytree.tree_map(cut, (self.args, self.kwargs, self.targets))
+        return Batch(args, kwargs, targets, len(range(start, min(stop, self.size))))
 
     def sample_shapes(self) -> tuple[tuple[int, ...], ...]:
         """The shapes of one sample's tensors (each per-sample tensor's without its first
@@ -81,30 +83,43 @@ def is_per_sample(leaf: Any, size: int) -> bool:
 
 def as_batch(raw: Any) -> Batch:
     """Parse one element of the user's data into a :class:`Batch`."""
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = {}
+    labelled = True
     if isinstance(raw, dict):
-        if "labels" not in raw:
-            raise TypeError(
-                f"a dict batch needs a 'labels' entry (got keys {sorted(raw)}); "
-                f"accepted batch forms: {ACCEPTED_FORMS}"
-            )
         kwargs = {k: v for k, v in raw.items() if k != "labels"}
-        args: tuple[Any, ...] = ()
-        targets = raw["labels"]
+        labelled, targets = "labels" in raw, raw.get("labels")
     elif isinstance(raw, (tuple, list)) and len(raw) >= 2:
-        args, targets, kwargs = (raw[0],), raw[1], {}
+        args, targets = (raw[0],), raw[1]
+    elif isinstance(raw, Tensor):
+        args, labelled = (raw,), False
+    elif isinstance(raw, (tuple, list)) and len(raw) == 1:
+        args, labelled = (raw[0],), False
     else:
         raise TypeError(
             f"cannot read a batch of type {type(raw).__name__}"
             f"{' of length ' + str(len(raw)) if isinstance(raw, (tuple, list)) else ''}; "
             f"accepted batch forms: {ACCEPTED_FORMS}"
         )
-    if not isinstance(targets, Tensor) or targets.dim() == 0:
+    if not labelled:
+        first = next((t for t in pytree.tree_leaves((args, kwargs)) if _batched(t)), None)
+        if first is None:
+            raise TypeError(
+                "a batch without targets needs a tensor input with a batch dimension; "
+                f"accepted batch forms: {ACCEPTED_FORMS}"
+            )
+        return Batch(args, kwargs, None, int(first.shape[0]))
+    if not _batched(targets):
         raise TypeError(
             f"batch targets must be a tensor with a batch dimension, got {type(targets).__name__}"
             f"{'' if not isinstance(targets, Tensor) else ' of shape ()'}; "
             f"accepted batch forms: {ACCEPTED_FORMS}"
         )
     return Batch(args, kwargs, targets, int(targets.shape[0]))
+
+
+def _batched(leaf: Any) -> bool:
+    return isinstance(leaf, Tensor) and leaf.dim() > 0
 
 
 def iter_batches(data: Iterable[Any], n_samples: int | None = None) -> Iterator[Batch]:

@@ -103,8 +103,10 @@ def fisher_diagonal(
             ``torch.compile(model)``, is looked through: the Fisher is keyed by the wrapped
             module's parameter names (no ``module.`` or ``_orig_mod.`` prefix). Compiled
             code (a compiled model or submodule, ``model.compile()``) runs eagerly here.
-        data: an iterable of batches, ``(inputs, targets, *rest)`` or dicts with ``"labels"``.
-            In a distributed run, this rank's shard of the data (see ``process_group``).
+        data: an iterable of batches, ``(inputs, targets, *rest)`` or dicts with ``"labels"``;
+            for ``exact`` and ``sample``, which need no labels, also inputs alone (a tensor,
+            ``(inputs,)``, or a dict without ``"labels"``). In a distributed run, this rank's
+            shard of the data (see ``process_group``).
         method: one of :data:`METHODS` (see the module docstring for the formulas).
         n_samples: use only the first ``n_samples`` samples the data yields (per rank, in a
             distributed run).
@@ -144,8 +146,8 @@ def fisher_diagonal(
         parameter, in the parameter's dtype promoted to at least float32.
 
     Raises:
-        ValueError: bad arguments, empty data, labels outside the output's classes, or an
-            output of the wrong shape.
+        ValueError: bad arguments, empty data, labels outside the output's classes or
+            missing for ``empirical`` / ``batched``, or an output of the wrong shape.
         TypeError: data that is not an iterable of accepted batches.
         FloatingPointError: the Fisher contains NaN or Inf.
         RuntimeError: in a distributed run, another rank of the group failed.
@@ -196,7 +198,7 @@ def fisher_diagonal(
                     _check_exact_size(output, max_exact_vectors)
                     vectors = lik.exact_vectors(output)
                 elif method == "empirical":
-                    vectors = lik.empirical_vectors(output, targets)
+                    vectors = lik.empirical_vectors(output, _labels(targets, method))
                 else:
                     vectors = lik.sample_vectors(output, draws.rows(output, start, batch_rows.size))
                 if mask is None:
@@ -325,7 +327,7 @@ def _accumulate_batched(
         with torch.enable_grad():
             output = lik.check_output(output_fn(batch.call(model)), batch.size)
             mask, targets = _positions(lik, output, batch)
-            targets = lik.check_targets(output, targets)
+            targets = lik.check_targets(output, _labels(targets, "batched"))
             mean_ll = lik.log_likelihood(output, targets, mask).mean()
             grads = torch.autograd.grad(mean_ll, [params[n] for n in names], allow_unused=True)
         for name, g in zip(names, grads):
@@ -355,7 +357,20 @@ class _DrawsInOrder:
         return self.kept[start : start + count]
 
 
-def _positions(lik: Likelihood, output: Tensor, batch: Batch) -> tuple[Tensor | None, Tensor]:
+def _labels(targets: Tensor | None, method: str) -> Tensor:
+    """``targets``; ``ValueError`` for a batch of inputs only (``None``)."""
+    if targets is None:
+        raise ValueError(
+            f"method={method!r} needs the data's labels, but a batch has inputs only; pass "
+            "(inputs, targets) batches or dicts with 'labels', or use 'exact' or 'sample', "
+            "which need none"
+        )
+    return targets
+
+
+def _positions(
+    lik: Likelihood, output: Tensor, batch: Batch
+) -> tuple[Tensor | None, Tensor | None]:
     """The positions that count and the targets, for an output ``(B, *S, C)`` with positions.
 
     The mask ``(B, *S)`` is the dict batch's ``attention_mask`` entry (if any) and-ed with
@@ -376,6 +391,8 @@ def _positions(lik: Likelihood, output: Tensor, batch: Batch) -> tuple[Tensor | 
                 "with the output's positions (e.g. shifted like the labels)"
             )
         mask = attention.bool()
+    if targets is None:  # (inputs only: the attention mask alone)
+        return mask, None
     positional = targets.shape == output.shape[:-1] and not targets.is_floating_point()
     if lik.ignore_index is not None and positional:
         kept = targets != lik.ignore_index

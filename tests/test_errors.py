@@ -77,11 +77,18 @@ def test_empty_data():
 
 @pytest.mark.parametrize(
     "data",
-    [X, {"inputs": X, "labels": Y}, 3, [X], [(X,)], [{"inputs": X}], [(X, 5)], ["abc"]],
+    [X, {"inputs": X, "labels": Y}, 3, [()], [(5,)], [{"mask": None}], [(X, 5)], ["abc"]],
 )
 def test_data_of_unaccepted_form_is_a_type_error(data):
     with pytest.raises(TypeError, match="accepted batch forms"):
         fisher_diagonal(mlp(), data)
+
+
+@pytest.mark.parametrize("method", ["empirical", "batched"])
+@pytest.mark.parametrize("data", [[X], [(X,)], [(X[:2],), (X[2:], Y[2:])]])
+def test_estimators_needing_labels_say_so_for_batches_of_inputs_only(method, data):
+    with pytest.raises(ValueError, match=rf"method='{method}' needs the data's labels"):
+        fisher_diagonal(mlp(), data, method)
 
 
 @pytest.mark.parametrize("method", ["empirical", "batched"])

@@ -316,3 +316,35 @@ def test_called_under_autocast_computes_in_the_model_dtype(method):
         assert torch.mm(x.flatten(1), x.flatten(1).T).dtype == torch.bfloat16  # (on out here)
         got = fisher_diagonal(model, batches_of(x, y, 4), method)
     assert_close_dicts(got, want, 1e-6)
+
+
+@pytest.mark.parametrize("backend", ["auto", "hooks", "functorch", "loop"])
+@pytest.mark.parametrize("method", ["exact", "sample"])
+def test_batches_of_inputs_only(backend, method):
+    """``exact`` and ``sample`` need no labels: a tensor of inputs, ``(inputs,)`` (as a
+    ``DataLoader`` over a ``TensorDataset(inputs)`` yields) or a dict without ``"labels"`` give
+    the Fisher of the same batches with labels."""
+    model, x = problem("cnn", classes=4)
+    y = torch.randint(0, 4, (N,))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x), batch_size=4)
+    forms = {
+        "labelled": batches_of(x, y, 4),
+        "tensors": [x[i : i + 4] for i in range(0, N, 4)],
+        "data loader": loader,
+        "dicts": [{"input": x[i : i + 4]} for i in range(0, N, 4)],
+    }
+    got = {
+        form: fisher_diagonal(
+            model, data, method, backend=backend, generator=torch.Generator().manual_seed(2)
+        )
+        for form, data in forms.items()
+    }
+    for form in forms:
+        assert_close_dicts(got[form], got["labelled"], 1e-12)
+    assert_close_dicts(
+        fisher_diagonal(model, forms["tensors"], method, n_samples=5, backend=backend,
+                        generator=torch.Generator().manual_seed(2)),
+        fisher_diagonal(model, batches_of(x[:5], y[:5], 4), method, backend=backend,
+                        generator=torch.Generator().manual_seed(2)),
+        1e-12,
+    )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -395,3 +397,19 @@ def test_add_penalty_grad_follows_the_model_to_another_device():
     reg.add_penalty_grad()
     assert all(p.grad.device.type == "meta" for p in model.parameters())
     assert {t.device.type for t in reg.fisher.values()} == {"meta"}
+
+
+def test_consolidate_on_inputs_only():
+    """``exact`` needs no labels: a loader over a ``TensorDataset`` of inputs consolidates as
+    the labelled data does; ``empirical`` says it needs them and leaves the state alone."""
+    x = torch.cat([b[0] for b in task_data(0)])
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x), batch_size=5)
+    model = mlp()
+    regs = [EWCRegularizer(m, strength=2.0) for m in (model, copy.deepcopy(model))]
+    regs[0].consolidate(task_data(0))
+    regs[1].consolidate(loader)
+    torch.testing.assert_close(regs[1].fisher, regs[0].fisher, rtol=1e-12, atol=0)
+    regs[1].method = "empirical"
+    with pytest.raises(ValueError, match="needs the data's labels"):
+        regs[1].consolidate(loader)
+    assert regs[1].num_tasks == 1

@@ -340,3 +340,19 @@ def test_consolidate_on_sequences() -> None:
     fisher = reg.consolidate(batches, generator=torch.Generator().manual_seed(0))
     assert set(fisher) == {n for n, _ in model.named_parameters()}
     assert reg.penalty().item() == 0.0
+
+
+@pytest.mark.parametrize("method", ["exact", "sample"])
+def test_dicts_without_labels_are_masked_by_the_attention_mask(method: str) -> None:
+    """Without labels only ``attention_mask`` leaves positions out: the same Fisher as with
+    labels that are -100 exactly where the mask is 0."""
+    model = make_model()
+    labelled = padded_batches()
+    for batch in labelled:
+        batch["labels"][0, 0] = 1  # (only the padding is -100 now)
+    unlabelled = [{k: v for k, v in batch.items() if k != "labels"} for batch in labelled]
+    got, want = (
+        fisher_diagonal(model, data, method, generator=torch.Generator().manual_seed(4))
+        for data in (unlabelled, labelled)
+    )
+    assert_fisher_close(got, want)
