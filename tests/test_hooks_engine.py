@@ -1619,3 +1619,55 @@ def test_outputs_of_a_module_feeding_one_another(name, method, engine_ways) -> N
     assert {unit.path: unit.rule for unit in plan(model, trainable(model))}["inner"] is None
     got = fisher_diagonal(model, [(x, y)], method, chunk_size=4)
     assert_close_dicts(got, brute_force_fisher(model, x, y, method), 1e-10)
+
+
+# --- units called on inputs the samples share (position_ids of shape (1, T)) ---------------
+
+
+class SharedPositions(nn.Module):
+    """Token and position embeddings as Hugging Face's BERT and GPT-2 look them up: positions
+    ``(1, T)``, broadcast over the batch; plus a Linear on a shared ``(1, 4)`` buffer."""
+
+    def __init__(self, squeeze: bool = False) -> None:
+        super().__init__()
+        self.tok, self.pos = nn.Embedding(9, 4), nn.Embedding(7, 4)
+        self.bias = nn.Linear(4, 4)
+        self.register_buffer("anchor", torch.randn(1, 4))
+        self.norm, self.head = nn.LayerNorm(4), nn.Linear(4, 3)
+        self.squeeze = squeeze
+
+    def forward(self, ids: Tensor) -> Tensor:
+        positions = torch.arange(ids.shape[1], device=ids.device)[None]
+        pos = self.pos(positions)  # (1, T, 4)
+        if self.squeeze:  # (T, 4), and a mean over the positions: (4,)
+            pos = pos.squeeze(0).mean(0)
+        h = self.norm(self.tok(ids) + pos + self.bias(self.anchor)[:, None])
+        return self.head(torch.tanh(h).mean(1))
+
+
+@pytest.mark.parametrize("method", ["exact", "empirical"])
+@pytest.mark.parametrize("chunks", [{}, {"chunk_size": 2}])
+def test_units_on_inputs_the_samples_share_stay_on_hooks(method, chunks, engine_ways, caplog):
+    """Their inputs are expanded over the batch, so their outputs' gradients are per sample."""
+    torch.manual_seed(0)
+    model = SharedPositions().double()
+    randomize_affine(model)
+    ids, y = torch.randint(0, 9, (5, 6)), torch.randint(0, 3, (5,))
+    with caplog.at_level(logging.INFO, logger="ewc_reg"):
+        got = fisher_diagonal(model, [(ids, y)], method, **chunks)
+    assert not [r for r in caplog.records if r.name == "ewc_reg"]  # (hooks, no fallback)
+    assert_close_dicts(got, brute_force_fisher(model, ids, y, method), 1e-10)
+    assert got["pos.weight"][:6].abs().min() > 0 and got["bias.weight"].abs().min() > 0
+
+
+def test_an_expansion_that_changes_the_output_goes_to_functorch(caplog) -> None:
+    """Code after the unit that depends on the shared batch dimension of 1 (``squeeze(0)``,
+    then a mean over dimension 0) would compute something else: checked, logged, functorch."""
+    torch.manual_seed(0)
+    model = SharedPositions(squeeze=True).double()
+    ids, y = torch.randint(0, 9, (5, 6)), torch.randint(0, 3, (5,))
+    with caplog.at_level(logging.INFO, logger="ewc_reg"):
+        got = fisher_diagonal(model, [(ids, y)])
+    messages = [r.getMessage() for r in caplog.records if r.name == "ewc_reg"]
+    assert len(messages) == 1 and "changes the model's output" in messages[0]
+    assert_close_dicts(got, brute_force_fisher(model, ids, y, "exact"), 1e-10)

@@ -52,7 +52,10 @@ The decomposition is valid only if (checked; otherwise :class:`Unsupported` is r
   ``F.linear(h, self.embed.weight)`` in a parent's ``forward``); uses are seen by a
   :class:`~torch.overrides.TorchFunctionMode` during the forward pass;
 * module outputs have the batch as leading dimension (``nn.MultiheadAttention`` units need
-  ``batch_first=True``), recorded inputs are not modified in place afterwards, and no batch
+  ``batch_first=True``; a unit whose inputs all lead with 1, shared by the samples, such as a
+  position embedding on ``position_ids`` of shape ``(1, T)``, is called on them expanded over
+  the batch, once a check on two samples shows that the model's output stays the same:
+  :func:`_expand_shared`), recorded inputs are not modified in place afterwards, and no batch
   norm uses batch statistics (it would mix the samples). Unit inputs are per-sample (the batch
   leading) or shared by all samples; an input of three or more dimensions whose leading
   dimension is a multiple of the batch larger than it (a 3-d ``attn_mask`` of shape
@@ -166,6 +169,7 @@ class _Record:
     inputs: list[torch.Size] = field(default_factory=list)  # every tensor argument's shape
     outputs: list[torch.Size] = field(default_factory=list)  # every output tensor's shape
     kept: dict[str, Tensor] = field(default_factory=dict)  # by the rule's recorded forward
+    expanded: bool = False  # its inputs, all shared, were expanded over the batch
 
 
 def _separate_leaves(output: Any) -> Any:
@@ -188,6 +192,25 @@ def _separate_leaves(output: Any) -> Any:
 
 def _differentiable(leaf: Any) -> bool:
     return isinstance(leaf, Tensor) and leaf.requires_grad
+
+
+def _expand_shared(call: Any, batch_size: int) -> Any:
+    """``call`` (a pytree of the unit's arguments) with each tensor expanded from a leading
+    dimension of 1 to ``batch_size``, when every tensor argument (but 0-d ones) has one and the
+    batch has several samples; else ``None``.
+
+    A unit called on inputs the samples share, such as a position embedding looked up with
+    ``position_ids`` of shape ``(1, T)`` (Hugging Face's default), has an output the samples
+    share too, broadcast later: its gradient is then the batch's sum, and the per-sample
+    decomposition fails. On the expanded inputs the unit's output has the batch in front, and
+    the gradient that reaches it is per sample. The engine checks once per model and shapes
+    that the model's output stays the same (:func:`check_expansion`)."""
+    tensors = [t for t in _tensors(call) if t.dim() > 0]
+    if batch_size < 2 or not tensors or any(t.shape[0] != 1 for t in tensors):
+        return None
+    return pytree.tree_map_only(
+        Tensor, lambda t: t.expand(batch_size, *t.shape[1:]) if t.dim() > 0 else t, call
+    )
 
 
 def _describe(path: str) -> str:
@@ -307,7 +330,7 @@ class _Recorder(TorchFunctionMode):
                         lambda module, args, kwargs, unit=unit: self._before(unit, args, kwargs),
                         prepend=True,
                         with_kwargs=True,
-                    ),
+                    ),  # (the arguments it returns, if any, replace the call's)
                     unit.module.register_forward_hook(
                         lambda module, args, output, unit=unit: self._after(unit, output)
                     ),  # (the output it returns, if any, replaces the module's)
@@ -358,13 +381,23 @@ class _Recorder(TorchFunctionMode):
     def _flag(self, problem: str) -> None:
         self.problem = self.problem or problem
 
-    def _before(self, unit: _Unit, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    def _before(
+        self, unit: _Unit, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+        """Record the unit's call; return its arguments with shared inputs expanded over the
+        batch (see :func:`_expand_shared`), or ``None`` (the arguments as they are)."""
         if unit in self.records:
             self._flag(f"{_describe(unit.path)} is called more than once per forward pass")
+        expanded = _expand_shared((args, kwargs), self.batch_size)
+        if expanded is not None:
+            args, kwargs = expanded
         tensors = _tensors((args, kwargs))
         versions = [(t, t._version) for t in tensors]
-        self.records[unit] = _Record(args, kwargs, versions, inputs=[t.shape for t in tensors])
+        record = _Record(args, kwargs, versions, inputs=[t.shape for t in tensors])
+        record.expanded = expanded is not None
+        self.records[unit] = record
         self.running.add(unit)
+        return expanded
 
     def _after(self, unit: _Unit, output: Any) -> Any:
         """Check and record the unit's output; for a unit without a rule and with several
@@ -498,6 +531,50 @@ def check_batch_layout(
                 f"it has shape {tuple(full)} with {size} samples and {tuple(part)} with "
                 f"{fewer} (a sequence-first (T, B, ...) layout?)"
             )
+
+
+#: How far the model's output may move when shared inputs are expanded over the batch
+#: (:func:`check_expansion`), relative to its largest entry: ``min(1000 eps, 1e-2)`` of its
+#: dtype (the same values, through kernels of other sizes that may round differently).
+EXPANSION_TOLERANCE = (1000, 1e-2)
+
+
+def check_expansion(
+    model: nn.Module, units: list[_Unit], batch: Batch, output_fn: OutputFn, paths: list[str]
+) -> None:
+    """Raise :class:`Unsupported` if expanding the shared inputs of the units at ``paths`` over
+    the batch (:func:`_expand_shared`) changes the model's output: the model on the first two
+    samples, with and without the expansion, without gradients. The values the units compute
+    are the same either way, but the code after them sees a batch dimension of ``B`` where it
+    saw 1 (a ``squeeze(0)`` that no longer squeezes, a mean over dimension 0)."""
+    few = batch.samples(0, 2)
+    try:
+        with torch.no_grad():
+            plain = pytree.tree_leaves(output_fn(few.call(model)))
+            with _Recorder(units, few.size):
+                again = pytree.tree_leaves(output_fn(few.call(model)))
+    except Exception as error:  # (the model may not take the expanded inputs)
+        raise Unsupported(
+            f"the inputs the samples share of {', '.join(map(_describe, paths))} could not be "
+            f"expanded over the batch ({type(error).__name__}: {error})"
+        ) from error
+    same = len(plain) == len(again)
+    for a, b in zip(plain, again):
+        if not same or not isinstance(a, Tensor):
+            continue
+        same = isinstance(b, Tensor) and a.shape == b.shape and a.dtype == b.dtype
+        if same and a.is_floating_point() and a.numel():
+            factor, cap = EXPANSION_TOLERANCE
+            scale = a.abs().max().double().item()
+            gap = (a.double() - b.double()).abs().max().item()
+            same = gap <= min(factor * torch.finfo(a.dtype).eps, cap) * scale
+        elif same:
+            same = torch.equal(a, b)
+    if not same:
+        raise Unsupported(
+            f"expanding the inputs the samples share of {', '.join(map(_describe, paths))} over "
+            "the batch (for per-sample gradients) changes the model's output"
+        )
 
 
 def bytes_per_sample(
@@ -814,6 +891,9 @@ class HookEngine:
         checked = self.layouts.setdefault(model, set())
         if shapes not in checked:  # (once per model and shapes: not again for every batch)
             check_batch_layout(model, units, first, output_fn, records)
+            expanded = [unit.path for unit, record in records.items() if record.expanded]
+            if expanded:
+                check_expansion(model, units, first, output_fn, expanded)
             checked.add(shapes)
 
         def vectors_of(output: Any, start: int, stop: int) -> Tensor:
