@@ -393,9 +393,9 @@ class _Recorder(TorchFunctionMode):
             args, kwargs = expanded
         tensors = _tensors((args, kwargs))
         versions = [(t, t._version) for t in tensors]
-        record = _Record(args, kwargs, versions, inputs=[t.shape for t in tensors])
-        record.expanded = expanded is not None
-        self.records[unit] = record
+        self.records[unit] = _Record(
+            args, kwargs, versions, inputs=[t.shape for t in tensors], expanded=bool(expanded)
+        )
         self.running.add(unit)
         return expanded
 
@@ -558,23 +558,25 @@ def check_expansion(
             f"the inputs the samples share of {', '.join(map(_describe, paths))} could not be "
             f"expanded over the batch ({type(error).__name__}: {error})"
         ) from error
-    same = len(plain) == len(again)
-    for a, b in zip(plain, again):
-        if not same or not isinstance(a, Tensor):
-            continue
-        same = isinstance(b, Tensor) and a.shape == b.shape and a.dtype == b.dtype
-        if same and a.is_floating_point() and a.numel():
-            factor, cap = EXPANSION_TOLERANCE
-            scale = a.abs().max().double().item()
-            gap = (a.double() - b.double()).abs().max().item()
-            same = gap <= min(factor * torch.finfo(a.dtype).eps, cap) * scale
-        elif same:
-            same = torch.equal(a, b)
-    if not same:
+    if len(plain) != len(again) or not all(map(_same_output, plain, again)):
         raise Unsupported(
             f"expanding the inputs the samples share of {', '.join(map(_describe, paths))} over "
             "the batch (for per-sample gradients) changes the model's output"
         )
+
+
+def _same_output(a: Any, b: Any) -> bool:
+    """Whether output leaves ``a`` and ``b`` agree (tensors: to :data:`EXPANSION_TOLERANCE`)."""
+    if not isinstance(a, Tensor):
+        return True
+    if not isinstance(b, Tensor) or a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if not a.is_floating_point() or not a.numel():
+        return torch.equal(a, b)
+    factor, cap = EXPANSION_TOLERANCE
+    scale = a.abs().max().double().item()
+    gap = (a.double() - b.double()).abs().max().item()
+    return gap <= min(factor * torch.finfo(a.dtype).eps, cap) * scale
 
 
 def bytes_per_sample(
