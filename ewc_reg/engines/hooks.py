@@ -194,10 +194,10 @@ def _differentiable(leaf: Any) -> bool:
     return isinstance(leaf, Tensor) and leaf.requires_grad
 
 
-def _expand_shared(call: Any, batch_size: int) -> Any:
-    """``call`` (a pytree of the unit's arguments) with each tensor expanded from a leading
-    dimension of 1 to ``batch_size``, when every tensor argument (but 0-d ones) has one and the
-    batch has several samples; else ``None``.
+def _expand_shared(call: Any, tensors: list[Tensor], batch_size: int) -> Any:
+    """``call`` (a pytree of the unit's arguments, whose tensors are ``tensors``) with each
+    tensor expanded from a leading dimension of 1 to ``batch_size``, when every tensor argument
+    (but 0-d ones) has one and the batch has several samples; else ``None``.
 
     A unit called on inputs the samples share, such as a position embedding looked up with
     ``position_ids`` of shape ``(1, T)`` (Hugging Face's default), has an output the samples
@@ -205,7 +205,7 @@ def _expand_shared(call: Any, batch_size: int) -> Any:
     decomposition fails. On the expanded inputs the unit's output has the batch in front, and
     the gradient that reaches it is per sample. The engine checks once per model and shapes
     that the model's output stays the same (:func:`check_expansion`)."""
-    tensors = [t for t in _tensors(call) if t.dim() > 0]
+    tensors = [t for t in tensors if t.dim() > 0]
     if batch_size < 2 or not tensors or any(t.shape[0] != 1 for t in tensors):
         return None
     return pytree.tree_map_only(
@@ -388,10 +388,11 @@ class _Recorder(TorchFunctionMode):
         batch (see :func:`_expand_shared`), or ``None`` (the arguments as they are)."""
         if unit in self.records:
             self._flag(f"{_describe(unit.path)} is called more than once per forward pass")
-        expanded = _expand_shared((args, kwargs), self.batch_size)
+        tensors = _tensors((args, kwargs))
+        expanded = _expand_shared((args, kwargs), tensors, self.batch_size)
         if expanded is not None:
             args, kwargs = expanded
-        tensors = _tensors((args, kwargs))
+            tensors = _tensors(expanded)
         versions = [(t, t._version) for t in tensors]
         self.records[unit] = _Record(
             args, kwargs, versions, inputs=[t.shape for t in tensors], expanded=bool(expanded)
