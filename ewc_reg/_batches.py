@@ -78,7 +78,7 @@ class Batch:
 
 def is_per_sample(leaf: Any, size: int) -> bool:
     """Whether ``leaf`` is a per-sample tensor of a batch of ``size`` (first dimension ``size``)."""
-    return isinstance(leaf, Tensor) and leaf.dim() > 0 and leaf.shape[0] == size
+    return _batched(leaf) and leaf.shape[0] == size
 
 
 def as_batch(raw: Any) -> Batch:
@@ -119,6 +119,7 @@ def as_batch(raw: Any) -> Batch:
 
 
 def _batched(leaf: Any) -> bool:
+    """Whether ``leaf`` is a tensor with a leading (batch) dimension."""
     return isinstance(leaf, Tensor) and leaf.dim() > 0
 
 
