@@ -494,14 +494,19 @@ class UsedOutsideInAList(UsedOutside):
         return out + torch.stack([bias, bias]).sum(0) + torch.cat([(bias,)][0])
 
 
-class CalledTwice(nn.Module):
+class AttentionCalledTwice(nn.Module):
+    """An attention module (whose rule records its call in pieces) called twice."""
+
     def __init__(self) -> None:
         super().__init__()
-        self.fc = nn.Linear(4, 4)
+        self.attention = nn.MultiheadAttention(4, 2, batch_first=True)
         self.head = nn.Linear(4, 3)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.head(torch.tanh(self.fc(torch.tanh(self.fc(x)))))
+        h = x[:, None]
+        for _ in range(2):
+            h = self.attention(h, h, h, need_weights=False)[0]
+        return self.head(h[:, 0])
 
 
 class Gate(nn.Module):
@@ -573,7 +578,7 @@ STATIC = {  # ruled out by the module tree: get_engine decides
 DYNAMIC = {  # found during the forward pass: the engine decides on the first batch
     "used_outside": (UsedOutside, "used outside"),
     "used_outside_in_a_list": (UsedOutsideInAList, "used outside"),
-    "called_twice": (CalledTwice, "called more than once"),
+    "attention_called_twice": (AttentionCalledTwice, "called more than once"),
     "input_changed": (InputChanged, "modified in place"),
     "no_batch_dim": (NoBatchDim, "leading dimension"),
     # (its weight is no broadcast copy: per_sample_problem, then the root as one unit)
@@ -609,6 +614,7 @@ def test_static_problems(name: str, caplog) -> None:
     log_and_compare(model, data_for(make_x), caplog, reason)
 
 
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # (attention, vmapped)
 @pytest.mark.parametrize("name", list(DYNAMIC))
 def test_dynamic_problems(name: str, caplog) -> None:
     make, reason = DYNAMIC[name]
@@ -620,7 +626,7 @@ def test_dynamic_problems(name: str, caplog) -> None:
 
 
 def test_sample_draws_are_not_consumed_by_a_failed_attempt() -> None:
-    model = CalledTwice().double()
+    model = UsedOutside().double()
     data = data_for(None)
     got = fisher_diagonal(model, data, "sample", generator=torch.Generator().manual_seed(3))
     want = fisher_diagonal(
@@ -1671,3 +1677,144 @@ def test_an_expansion_that_changes_the_output_goes_to_functorch(caplog) -> None:
     messages = [r.getMessage() for r in caplog.records if r.name == "ewc_reg"]
     assert len(messages) == 1 and "changes the model's output" in messages[0]
     assert_close_dicts(got, brute_force_fisher(model, ids, y, "exact"), 1e-10)
+
+
+# --- units called more than once per forward pass -------------------------------------------
+
+
+class CalledTwice(nn.Module):
+    """A Linear (with a rule) applied to its own output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.tanh(self.fc(torch.tanh(self.fc(x)))))
+
+
+class Siamese(nn.Module):
+    """One encoder (a conv with a rule, and a unit without one returning two tensors) applied
+    to both halves of the input, and once more without gradients."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(1, 1, 3, padding=1)
+        self.encoder = Pair()
+        self.head = nn.Linear(16, 3)
+
+    def encode(self, half: Tensor) -> Tensor:
+        return torch.cat(self.encoder(torch.tanh(self.conv(half[:, None])[:, 0]), shift=0.5), 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        halves = x.chunk(2, 1)
+        with torch.no_grad():
+            self.encode(halves[0])
+        return self.head(torch.cat([self.encode(h) for h in halves], 1))
+
+
+class CellLoop(nn.Module):
+    """A recurrent cell stepped through the sequence by hand, from no state (``None``: the
+    cell makes zeros, which ``vmap`` cannot batch) or from a given one."""
+
+    def __init__(self, cell: type[nn.Module], given_state: bool) -> None:
+        super().__init__()
+        self.cell, self.given_state = cell(3, 4), given_state
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, T, 3)
+        state = None
+        if self.given_state:
+            h = torch.zeros(x.shape[0], 4, dtype=x.dtype)
+            state = (h, h) if isinstance(self.cell, nn.LSTMCell) else h
+        for t in range(x.shape[1]):
+            state = self.cell(x[:, t], state)
+        return self.head(state[0] if isinstance(state, tuple) else state)
+
+
+CALLED_TWICE = {
+    "linear_on_its_own_output": (CalledTwice, (4,)),
+    "siamese": (Siamese, (8,)),
+    "lstm_cell_loop": (lambda: CellLoop(nn.LSTMCell, False), (5, 3)),
+    "lstm_cell_loop_from_a_state": (lambda: CellLoop(nn.LSTMCell, True), (5, 3)),
+    "gru_cell_loop": (lambda: CellLoop(nn.GRUCell, True), (5, 3)),
+}
+
+
+@pytest.mark.parametrize("name", list(CALLED_TWICE))
+@pytest.mark.parametrize("method", ["exact", "empirical"])
+def test_units_called_more_than_once(name, method, engine_ways, caplog) -> None:
+    """A unit called several times (weight sharing) gets per-sample gradients summed over its
+    calls before squaring, on the hooks engine (before: the functorch engine, and for the
+    cells, whose zero state vmap cannot batch, the loop engine one sample at a time)."""
+    torch.manual_seed(0)
+    make, shape = CALLED_TWICE[name]
+    model = make().double()
+    x, y = torch.randn(6, *shape, dtype=torch.float64), torch.randint(0, 3, (6,))
+    with caplog.at_level(logging.INFO, logger="ewc_reg"):
+        got = fisher_diagonal(model, [(x, y)], method, chunk_size=4)
+        again = fisher_diagonal(model, [(x, y)], method, chunk_size=4)
+    assert_close_dicts(got, brute_force_fisher(model, x, y, method), 1e-10)
+    assert_close_dicts(again, got, 1e-14)
+    messages = [r.getMessage() for r in caplog.records if r.name == "ewc_reg"]
+    assert not any(m.startswith("hooks engine") for m in messages)
+    # (a module vmap fails on is remembered: the loop engine at once, from the second call)
+    assert len(messages) == (name == "lstm_cell_loop")
+
+
+class CalledByBatchSize(nn.Module):
+    """Calls its layer a number of times that changes with the batch size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.LazyLinear(3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return sum(self.fc(x) for _ in range(min(len(x), 3)))
+
+
+def test_calls_are_checked_on_fewer_samples(caplog) -> None:
+    """With the batch size in a second dimension, the units are recorded again on fewer
+    samples (:func:`hooks.check_batch_layout`): call by call, and as often."""
+    x, y = torch.randn(4, 4, dtype=torch.float64), torch.randint(0, 3, (4,))
+    twice = CalledTwice().double()
+    assert_close_dicts(
+        fisher_diagonal(twice, [(x, y)], backend="hooks"),
+        brute_force_fisher(twice, x, y, "exact"),
+        1e-10,
+    )
+    model = CalledByBatchSize()
+    model(x.float())
+    model.double()
+    with pytest.raises(ValueError, match="called differently on fewer samples"):
+        fisher_diagonal(model, [(x, y)], backend="hooks")
+    log_and_compare(model, [(x, y)], caplog, "called differently")
+
+
+class SquareTooTwice(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = SquareToo()
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y, s = self.inner(x)
+        return self.head(torch.cat(self.inner(torch.tanh(y + s)), 1))
+
+
+def test_a_unit_with_a_rule_and_several_outputs_called_twice_goes_to_functorch(
+    caplog, monkeypatch
+) -> None:
+    """A called-again unit goes to the per-module fallback, which cannot tell the gradient
+    reaching one output from outside the unit from what reaches it through another output,
+    unless the outputs were cloned apart (units without a rule only: the rules' outputs are
+    kept as they are). No rule has several outputs and no recorded forward yet, so one is
+    made up here."""
+    def never(*args: object) -> None:
+        raise AssertionError("the rule of a unit called twice is not used")
+
+    monkeypatch.setitem(rules.RULES, SquareToo, (never, lambda m: True, frozenset({"w"})))
+    model = SquareTooTwice().double()
+    assert plan(model, trainable(model))[0].rule is never
+    log_and_compare(model, data_for(None), caplog, "with several outputs")

@@ -104,6 +104,7 @@ from .base import (
     zero_sums,
 )
 from .functorch import FunctorchEngine
+from .loop import LoopEngine
 from .loose import (
     LooseParameter,
     call_with,
@@ -156,7 +157,8 @@ class _Unit:
 
 @dataclass(eq=False)
 class _Record:
-    """What one call of a unit's module left behind."""
+    """What one call of a unit's module left behind (the first call; the record of each later
+    call in the same forward pass is in ``more``)."""
 
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
@@ -170,6 +172,11 @@ class _Record:
     outputs: list[torch.Size] = field(default_factory=list)  # every output tensor's shape
     kept: dict[str, Tensor] = field(default_factory=dict)  # by the rule's recorded forward
     expanded: bool = False  # its inputs, all shared, were expanded over the batch
+    more: list[_Record] = field(default_factory=list)  # the unit's later calls
+
+    def calls(self) -> list[_Record]:
+        """The records of all the unit's calls, in order."""
+        return [self, *self.more]
 
 
 def _separate_leaves(output: Any) -> Any:
@@ -309,7 +316,8 @@ class _Recorder(TorchFunctionMode):
         super().__init__()
         self.units = units
         self.batch_size = batch_size
-        self.records: dict[_Unit, _Record] = {}
+        self.records: dict[_Unit, _Record] = {}  # (the first call's: its later ones in more)
+        self.calling: dict[_Unit, _Record] = {}  # the record of each unit's latest call
         self.running: set[_Unit] = set()
         self.owner = {
             id(unit.module.get_parameter(local)): (unit, local)
@@ -361,7 +369,7 @@ class _Recorder(TorchFunctionMode):
         self.forwards.append(module)
 
         def keep(name: str, piece: Tensor, pull_back: bool) -> Tensor:
-            record = self.records.get(unit) if unit in self.running else None
+            record = self.calling.get(unit) if unit in self.running else None
             if record is None:  # (forward called directly, without the hooks: flagged anyway)
                 return piece
             record.kept[name] = piece
@@ -384,19 +392,27 @@ class _Recorder(TorchFunctionMode):
     def _before(
         self, unit: _Unit, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
-        """Record the unit's call; return its arguments with shared inputs expanded over the
-        batch (see :func:`_expand_shared`), or ``None`` (the arguments as they are)."""
-        if unit in self.records:
-            self._flag(f"{_describe(unit.path)} is called more than once per forward pass")
+        """Record the unit's call (a later call of the same unit in its first call's ``more``);
+        return its arguments with shared inputs expanded over the batch (see
+        :func:`_expand_shared`), or ``None`` (the arguments as they are)."""
         tensors = _tensors((args, kwargs))
         expanded = _expand_shared((args, kwargs), tensors, self.batch_size)
         if expanded is not None:
             args, kwargs = expanded
             tensors = _tensors(expanded)
         versions = [(t, t._version) for t in tensors]
-        self.records[unit] = _Record(
+        record = _Record(
             args, kwargs, versions, inputs=[t.shape for t in tensors], expanded=bool(expanded)
         )
+        first = self.records.setdefault(unit, record)
+        if first is not record:
+            if unit.rule in RECORDED_FORWARDS:
+                self._flag(
+                    f"{_describe(unit.path)} is called more than once per forward pass (its "
+                    "rule records one call in pieces)"
+                )
+            first.more.append(record)
+        self.calling[unit] = record
         self.running.add(unit)
         return expanded
 
@@ -407,7 +423,7 @@ class _Recorder(TorchFunctionMode):
         if unit.rule is None:
             output = _separate_leaves(output)  # (before the unit's call ends: see the mode)
         self.running.discard(unit)
-        record = self.records[unit]
+        record = self.calling[unit]
         inputs, outputs = _batch_dims(unit, record)
         for i, shape in enumerate(record.inputs):
             dim = _nth(inputs, i)
@@ -454,8 +470,14 @@ class _Recorder(TorchFunctionMode):
     def check(self) -> None:
         """Raise :class:`Unsupported` for what the forward pass revealed."""
         for unit, record in self.records.items():
-            if any(t._version != version for t, version in record.versions):
+            calls = record.calls()
+            if any(t._version != v for call in calls for t, v in call.versions):
                 self._flag(f"the input of {_describe(unit.path)} is modified in place after it")
+            if record.more and unit.rule is not None and any(len(c.edges) > 1 for c in calls):
+                self._flag(
+                    f"{_describe(unit.path)} is called more than once per forward pass, with "
+                    "several outputs"
+                )
         if self.problem is not None:
             raise Unsupported(self.problem)
 
@@ -482,10 +504,11 @@ def check_batch_layout(
     others = []  # every recorded shape without its batch dimension
     for unit, record in records.items():
         inputs, outputs = _batch_dims(unit, record)
-        for shapes, dims in ((record.inputs, inputs), (record.outputs, outputs)):
-            for i, shape in enumerate(shapes):
-                dim = _nth(dims, i)
-                others.append((*shape[:dim], *shape[dim + 1 :]))
+        for call in record.calls():
+            for shapes, dims in ((call.inputs, inputs), (call.outputs, outputs)):
+                for i, shape in enumerate(shapes):
+                    dim = _nth(dims, i)
+                    others.append((*shape[:dim], *shape[dim + 1 :]))
     if size < 2 or not any(size in shape for shape in others):
         return
     fewer = 2 if size > 2 else 1
@@ -501,20 +524,22 @@ def check_batch_layout(
         record, again = records.get(unit), recorder.records.get(unit)
         if record is None:
             continue
-        if again is None or (len(again.inputs), len(again.outputs)) != (
-            len(record.inputs),
-            len(record.outputs),
-        ):
+        calls, calls_again = record.calls(), [] if again is None else again.calls()
+        if [(len(c.inputs), len(c.outputs)) for c in calls] != [
+            (len(c.inputs), len(c.outputs)) for c in calls_again
+        ]:
             raise Unsupported(f"{_describe(unit.path)} is called differently on fewer samples")
         inputs, outputs = _batch_dims(unit, record)
-        pairs = [
-            (s, t, True, _nth(inputs, i))
-            for i, (s, t) in enumerate(zip(record.inputs, again.inputs))
-        ]
-        pairs += [
-            (s, t, False, _nth(outputs, i))
-            for i, (s, t) in enumerate(zip(record.outputs, again.outputs))
-        ]
+        pairs = []
+        for call, call_again in zip(calls, calls_again):
+            pairs += [
+                (s, t, True, _nth(inputs, i))
+                for i, (s, t) in enumerate(zip(call.inputs, call_again.inputs))
+            ]
+            pairs += [
+                (s, t, False, _nth(outputs, i))
+                for i, (s, t) in enumerate(zip(call.outputs, call_again.outputs))
+            ]
         for full, part, may_be_shared, dim in pairs:
             kind = "an input" if may_be_shared else "an output"
             if part == (*full[:dim], fewer, *full[dim + 1 :]):
@@ -890,11 +915,16 @@ class HookEngine:
         first = batch.samples(0, known[1]) if row_wise else batch
         grad = whole or row_wise
         output, records = self._forward(model, units, copied, layout, first, output_fn, grad)
-        shapes = tuple(s for record in records.values() for s in (*record.inputs, *record.outputs))
+        calls = [call for record in records.values() for call in record.calls()]
+        shapes = tuple(s for call in calls for s in (*call.inputs, *call.outputs))
         checked = self.layouts.setdefault(model, set())
         if shapes not in checked:  # (once per model and shapes: not again for every batch)
             check_batch_layout(model, units, first, output_fn, records)
-            expanded = [unit.path for unit, record in records.items() if record.expanded]
+            expanded = [
+                unit.path
+                for unit, record in records.items()
+                if any(call.expanded for call in record.calls())
+            ]
             if expanded:
                 check_expansion(model, units, first, output_fn, expanded)
             checked.add(shapes)
@@ -909,12 +939,14 @@ class HookEngine:
 
         vectors = vectors_of(output, 0, first.size)
         sums: dict[str, Tensor] = {}  # (each parameter's first terms, adopted: no zeros to add)
-        recorded = sum(record.nbytes for record in records.values()) // first.size
+        recorded = sum(call.nbytes for call in calls) // first.size
         kept = sum(
-            record.nbytes
+            call.nbytes
             for unit, record in records.items()
             if _reduction(unit, record) is None and _accumulation(unit, record) is None
+            for call in record.calls()
         ) // first.size
+        del calls
         num_vectors = vectors.shape[0]
         steps = tuple(
             resolve_chunk_size(
@@ -1000,14 +1032,19 @@ class HookEngine:
     ) -> None:
         """Pull ``vectors`` back to the recorded outputs and add each unit's sums to ``sums``
         (a parameter's first ones become its entry; ``storage``: see :func:`_pull_back`)."""
-        live = [(u, records[u]) for u in units if u in records and records[u].edges]
+        live = [
+            (u, records[u], [edge for call in records[u].calls() for edge in call.edges])
+            for u in units
+            if u in records
+        ]
+        live = [(unit, record, edges) for unit, record, edges in live if edges]
         if not live:
             return
-        edges = [edge for _, record in live for edge in record.edges]
+        edges = [edge for _, _, unit_edges in live for edge in unit_edges]
         reducers: dict[int, Reducer] = {}
         accumulators: dict[_Unit, Accumulator] = {}
         position = 0
-        for unit, record in live:
+        for unit, record, unit_edges in live:
             with torch.no_grad():
                 accumulator = _accumulator(unit, record, memory_budget)
                 reduction = _reduction(unit, record)
@@ -1017,14 +1054,14 @@ class HookEngine:
                         reducers[position + offset] = functools.partial(_feed, accumulator, leaf)
                 elif reduction is not None:
                     reducers[position] = reduction(unit.module, record.args[0], unit.names.keys())
-            position += len(record.edges)
+            position += len(unit_edges)
         grads = _pull_back(output, edges, vectors, looped, storage, reducers)
         del reducers
         position = 0
         totals, terms = [], []
-        for unit, record in live:
-            unit_grads = grads[position : position + len(record.edges)]
-            position += len(record.edges)
+        for unit, record, unit_edges in live:
+            unit_grads = grads[position : position + len(unit_edges)]
+            position += len(unit_edges)
             with torch.no_grad():
                 if unit in accumulators:
                     unit_sums = accumulators[unit].sums()
@@ -1081,8 +1118,11 @@ def _nth(dims: tuple[int, ...], position: int) -> int:
 
 
 def _by_rule(unit: _Unit, record: _Record) -> bool:
-    """Whether the unit's sums come from its rule: it has one and was called as
-    ``module(x)``, or its rule takes the whole call (:data:`.rules.CALL_RULES`)."""
+    """Whether the unit's sums come from its rule: it has one and was called once, as
+    ``module(x)`` or in any way for a rule that takes the whole call
+    (:data:`.rules.CALL_RULES`)."""
+    if record.more:
+        return False
     if unit.rule in CALL_RULES:
         return True
     (x, *others) = record.args or (None,)
@@ -1098,16 +1138,13 @@ def _reduction(unit: _Unit, record: _Record) -> Reduction | None:
 
 
 def _unit_sums(
-    unit: _Unit, record: _Record, grads: tuple[Tensor | None, ...], memory_budget: int
+    unit: _Unit, record: _Record, grads: list[Tensor | None], memory_budget: int
 ) -> dict[str, Tensor]:
-    """One unit's sums: its rule when it has one and was called as ``module(x)`` (a rule of
-    :data:`.rules.CALL_RULES`: called any way, unless it declines the call), else the
-    functorch engine on the module alone, with the output leaves flattened and concatenated
-    (and ``G`` alike) into one ``(B, C')`` output. Attention in there uses the math kernel of
-    ``scaled_dot_product_attention``: ``vmap`` has no batching rule for the fused ones and
-    calls them once per sample and vector (about 15% slower for the attention of
-    ``benchmarks.models.TextTransformer`` on CPU)."""
-    if unit.rule in CALL_RULES:
+    r"""One unit's sums: its rule when it has one and was called once as ``module(x)`` (a rule
+    of :data:`.rules.CALL_RULES`: called once in any way, unless it declines the call), else
+    the functorch engine on the module alone (:func:`_fallback_sums`). ``grads`` are those of
+    the edges of all the unit's calls, in order."""
+    if unit.rule in CALL_RULES and _by_rule(unit, record):
         given = {leaf: g for leaf, g in zip(record.leaves, grads) if g is not None}
         sums = unit.rule(
             unit.module,
@@ -1122,23 +1159,68 @@ def _unit_sums(
             return sums
     elif _by_rule(unit, record):
         return unit.rule(unit.module, record.args[0], grads[0], unit.names.keys(), memory_budget)
+    return _fallback_sums(unit, record.calls(), grads, memory_budget)
+
+
+class _Calls(nn.Module):
+    """A module called once per recorded call: ``forward(calls)`` for ``calls`` a list of
+    ``(args, kwargs)``, returning the list of outputs."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, calls: list[tuple[tuple[Any, ...], dict[str, Any]]]) -> list[Any]:
+        return [self.module(*args, **kwargs) for args, kwargs in calls]
+
+
+def _fallback_sums(
+    unit: _Unit, calls: list[_Record], grads: list[Tensor | None], memory_budget: int
+) -> dict[str, Tensor]:
+    r"""The sums of a unit without a rule (or whose rule declines), from the functorch engine
+    on its module alone: the function of its parameters that maps every sample's recorded
+    inputs of all the unit's calls to its output leaves that got gradients, flattened and
+    concatenated into one ``(B, C')`` output, with ``G`` alike as the vectors. A unit called
+    :math:`m` times (a cell in a loop, a layer applied to two inputs) thus gets
+    :math:`\sum_{n,k} \big(\sum_{t=1}^m (\partial y^{(t)}_n / \partial\theta)^\top
+    G^{(t)}_{nk}\big)^{\odot 2}`, its per-sample gradients summed over the calls before
+    squaring: :math:`G^{(t)}` is all the gradient that reaches call :math:`t`'s output, through
+    the later calls too, so the sum is the gradient of the whole network (backpropagation
+    through time). Attention in there uses the math kernel of
+    ``scaled_dot_product_attention``: ``vmap`` has no batching rule for the fused ones and
+    calls them once per sample and vector (about 15% slower for the attention of
+    ``benchmarks.models.TextTransformer`` on CPU). A module on which ``vmap`` failed is
+    remembered and goes to the loop engine next time."""
     known = next(g for g in grads if g is not None)
+    shapes = [shape for call in calls for shape in call.shapes]
     vectors = torch.cat(
         [
             (g if g is not None else known.new_zeros(known.shape[0], *shape)).flatten(2)
-            for g, shape in zip(grads, record.shapes)
+            for g, shape in zip(grads, shapes)
         ],
         dim=2,
     )
     batch_size = vectors.shape[1]
+    live = [call for call in calls if call.edges]
 
-    def flat_output(out: Any) -> Tensor:
-        leaves = pytree.tree_leaves(out)
-        return torch.cat([leaves[i].flatten(1) for i in record.leaves], dim=1)
+    def flat_output(outputs: list[Any]) -> Tensor:
+        flat = []
+        for call, out in zip(live, outputs):
+            leaves = pytree.tree_leaves(out)
+            flat += [leaves[i].flatten(1) for i in call.leaves]
+        return torch.cat(flat, dim=1)
 
-    local_params = {local: unit.module.get_parameter(local) for local in unit.names}
-    batch = Batch(record.args, record.kwargs, vectors.new_empty(batch_size), batch_size)
-    with sdpa_kernel([SDPBackend.MATH]):  # (vmap loops over the fused attention kernels)
-        return FunctorchEngine()(
-            unit.module, local_params, batch, flat_output, lambda _: vectors, None, memory_budget
-        )
+    module = _Calls(unit.module)
+    params = {f"module.{local}": unit.module.get_parameter(local) for local in unit.names}
+    batch = Batch(([(call.args, call.kwargs) for call in live],), {}, None, batch_size)
+    vmappable = unit.module not in FunctorchEngine.unvmappable
+    engine = FunctorchEngine() if vmappable else LoopEngine()
+    try:
+        with sdpa_kernel([SDPBackend.MATH]):  # (vmap loops over the fused attention kernels)
+            sums = engine(
+                module, params, batch, flat_output, lambda _: vectors, None, memory_budget
+            )
+    finally:
+        if module in FunctorchEngine.unvmappable:
+            FunctorchEngine.unvmappable.add(unit.module)
+    return {name.removeprefix("module."): s for name, s in sums.items()}
