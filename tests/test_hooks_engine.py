@@ -1733,8 +1733,33 @@ class CellLoop(nn.Module):
         return self.head(state[0] if isinstance(state, tuple) else state)
 
 
+class SharedBlock(nn.Module):
+    """ALBERT-style weight sharing: one block of position-wise layers (with rules) applied
+    three times, to ``(B, 4)`` and to ``(B, T, 4)``; an embedding looked up twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(7, 4, padding_idx=0)
+        self.fc = nn.Linear(4, 4)
+        self.norm = nn.LayerNorm(4)
+        self.rms = nn.RMSNorm(4)
+        self.head = nn.Linear(4, 3)
+
+    def block(self, h: Tensor) -> Tensor:
+        return self.rms(self.norm(h + torch.tanh(self.fc(h))))
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, T) floats, cut into indices
+        ids = (x.abs() * 3).long().clamp(max=6)
+        h = self.embed(ids) + self.embed(ids.flip(1))  # (B, T, 4)
+        pooled = h.mean(1)
+        for _ in range(3):
+            h, pooled = self.block(h), self.block(pooled)
+        return self.head(pooled + h.mean(1))
+
+
 CALLED_TWICE = {
     "linear_on_its_own_output": (CalledTwice, (4,)),
+    "shared_block": (SharedBlock, (5,)),
     "siamese": (Siamese, (8,)),
     "lstm_cell_loop": (lambda: CellLoop(nn.LSTMCell, False), (5, 3)),
     "lstm_cell_loop_from_a_state": (lambda: CellLoop(nn.LSTMCell, True), (5, 3)),
@@ -1744,10 +1769,21 @@ CALLED_TWICE = {
 
 @pytest.mark.parametrize("name", list(CALLED_TWICE))
 @pytest.mark.parametrize("method", ["exact", "empirical"])
-def test_units_called_more_than_once(name, method, engine_ways, caplog) -> None:
+def test_units_called_more_than_once(name, method, engine_ways, caplog, monkeypatch) -> None:
     """A unit called several times (weight sharing) gets per-sample gradients summed over its
     calls before squaring, on the hooks engine (before: the functorch engine, and for the
-    cells, whose zero state vmap cannot batch, the loop engine one sample at a time)."""
+    cells, whose zero state vmap cannot batch, the loop engine one sample at a time); by its
+    rule on the calls joined where the rule treats positions alike (Linear, the norms over
+    trailing dimensions, Embedding), else by the per-module fallback."""
+    joined, fallbacks = set(), set()
+    for way, seen in (("_joined_sums", joined), ("_fallback_sums", fallbacks)):
+        original = getattr(hooks, way)
+
+        def spy(unit, *args, original=original, seen=seen):
+            seen.add(unit.path)
+            return original(unit, *args)
+
+        monkeypatch.setattr(hooks, way, spy)
     torch.manual_seed(0)
     make, shape = CALLED_TWICE[name]
     model = make().double()
@@ -1757,6 +1793,12 @@ def test_units_called_more_than_once(name, method, engine_ways, caplog) -> None:
         again = fisher_diagonal(model, [(x, y)], method, chunk_size=4)
     assert_close_dicts(got, brute_force_fisher(model, x, y, method), 1e-10)
     assert_close_dicts(again, got, 1e-14)
+    if name == "linear_on_its_own_output":  # (by their rules, the calls joined)
+        assert (joined, fallbacks) == ({"fc"}, set())
+    elif name == "shared_block":
+        assert (joined, fallbacks) == ({"embed", "fc", "norm", "rms"}, set())
+    else:
+        assert joined == set() and fallbacks
     messages = [r.getMessage() for r in caplog.records if r.name == "ewc_reg"]
     assert not any(m.startswith("hooks engine") for m in messages)
     # (a module vmap fails on is remembered: the loop engine at once, from the second call)

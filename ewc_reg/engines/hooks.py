@@ -117,6 +117,7 @@ from .rules import (
     ACCUMULATIONS,
     BATCH_DIMS,
     CALL_RULES,
+    POSITIONWISE,
     RECORDED_FORWARDS,
     REDUCTIONS,
     Accumulation,
@@ -1159,7 +1160,44 @@ def _unit_sums(
             return sums
     elif _by_rule(unit, record):
         return unit.rule(unit.module, record.args[0], grads[0], unit.names.keys(), memory_budget)
+    elif _joinable(unit, record):
+        return _joined_sums(unit, record.calls(), grads, memory_budget)
     return _fallback_sums(unit, record.calls(), grads, memory_budget)
+
+
+def _joinable(unit: _Unit, record: _Record) -> bool:
+    """Whether the calls of a unit called more than once can be joined into one call of its
+    rule (see :data:`.rules.POSITIONWISE`): the rule treats positions alike and every call
+    was ``module(x)``."""
+    return unit.rule in POSITIONWISE and all(
+        len(call.args) == 1 and isinstance(call.args[0], Tensor) and not call.kwargs
+        for call in record.calls()
+    )
+
+
+def _joined_sums(
+    unit: _Unit, calls: list[_Record], grads: list[Tensor | None], memory_budget: int
+) -> dict[str, Tensor]:
+    r"""The sums of a unit whose rule treats positions alike, called :math:`m` times, from
+    one call of the rule on the calls' positions side by side: :math:`x = [x^{(1)}, \dots,
+    x^{(m)}]` of shape ``(B, S_1 + ... + S_m, *F)`` and ``G`` alike, so that the rule sums
+    each sample's gradient over the positions of all the calls before squaring (a call whose
+    output got no gradient adds nothing). Each call has one output (a rule's unit called
+    again with several is rejected while recording)."""
+    features, dims = POSITIONWISE[unit.rule](unit.module)
+    xs, gs = [], []
+    for call, g in zip([call for call in calls if call.edges], grads):
+        if g is None:
+            continue
+        x = call.args[0]
+        xs.append(x.reshape(x.shape[0], -1, *x.shape[x.dim() - features :]))
+        gs.append(g.reshape(*g.shape[:2], -1, *g.shape[g.dim() - dims :]))
+    x, joined = torch.cat(xs, 1), torch.cat(gs, 2)
+    names = unit.names.keys()
+    reduction = REDUCTIONS.get(unit.rule)
+    if reduction is not None:
+        joined = reduction(unit.module, x, names)(joined)
+    return unit.rule(unit.module, x, joined, names, memory_budget)
 
 
 class _Calls(nn.Module):

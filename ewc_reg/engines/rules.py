@@ -147,6 +147,16 @@ ACCUMULATIONS: dict[Rule | CallRule, Accumulation] = {}
 #: whole output gradients.
 REDUCTIONS: dict[Rule, Reduction] = {}
 
+#: Rules of layers that treat every position alike: for ``x: (B, *S, *F)`` and ``y: (B, *S,
+#: *D)``, position ``s`` of ``y`` depends on position ``s`` of ``x`` only, through the same
+#: parameters, and a sample's gradient is the sum over positions (``Linear``: ``F = (in,)``,
+#: ``D = (out,)``; an embedding: ``F = ()``). A function of the module gives ``len(F)`` and
+#: ``len(D)``. Several calls of such a layer are one call on their positions side by side:
+#: the engine joins the calls of a layer called more than once per forward pass
+#: (``(B, S_1 + S_2 + ..., *F)``, ``G`` alike) and the rule sums per-sample gradients over
+#: the calls before squaring.
+POSITIONWISE: dict[Rule, Callable[[nn.Module], tuple[int, int]]] = {}
+
 
 def register(
     *types: type[nn.Module],
@@ -157,12 +167,14 @@ def register(
     forward: RecordedForward | None = None,
     accumulate: Accumulation | None = None,
     batch_dims: Callable[[nn.Module], tuple[tuple[int, ...], tuple[int, ...]]] | None = None,
+    positionwise: Callable[[nn.Module], tuple[int, int]] | None = None,
 ) -> Callable[[Any], Any]:
     """Decorator adding a rule to :data:`RULES` for the module classes ``types``, knowing the
     parameters ``params`` (its reduction, if any, to :data:`REDUCTIONS`; with ``whole_call``,
     the rule to :data:`CALL_RULES`, its recorded ``forward``, if any, to
     :data:`RECORDED_FORWARDS` and its ``batch_dims`` to :data:`BATCH_DIMS`; its
-    accumulation, if any, to :data:`ACCUMULATIONS`)."""
+    accumulation, if any, to :data:`ACCUMULATIONS`; its feature dimensions, if
+    ``positionwise``, to :data:`POSITIONWISE`)."""
 
     def add(rule: Any) -> Any:
         for cls in types:
@@ -177,6 +189,8 @@ def register(
             ACCUMULATIONS[rule] = accumulate
         if batch_dims is not None:
             BATCH_DIMS[rule] = batch_dims
+        if positionwise is not None:
+            POSITIONWISE[rule] = positionwise
         return rule
 
     return add
@@ -399,7 +413,7 @@ def _linear_sums(
     return LinearSums(args[0], module.out_features, names, _acc(module), budget)
 
 
-@register(nn.Linear, accumulate=_linear_sums)
+@register(nn.Linear, accumulate=_linear_sums, positionwise=lambda module: (1, 1))
 def linear(
     module: nn.Module, x: Tensor, grads: Tensor, names: Collection[str], budget: int
 ) -> dict[str, Tensor]:
@@ -636,7 +650,11 @@ def _layer_norm_parts(module: nn.Module, x: Tensor, names: Collection[str]) -> R
     return _affine_parts(xhat, names, _per_trailing(x.dim(), len(module.normalized_shape)))
 
 
-@register(nn.LayerNorm, reduce=_layer_norm_parts)
+def _normalized_dims(module: nn.Module) -> tuple[int, int]:
+    return (len(module.normalized_shape),) * 2
+
+
+@register(nn.LayerNorm, reduce=_layer_norm_parts, positionwise=_normalized_dims)
 def layer_norm(
     module: nn.Module, x: Tensor, grads: Tensor, names: Collection[str], budget: int
 ) -> dict[str, Tensor]:
@@ -659,7 +677,7 @@ def rms_norm(
 
 
 if hasattr(nn, "RMSNorm"):  # torch >= 2.4
-    register(nn.RMSNorm, reduce=_rms_norm_parts)(rms_norm)
+    register(nn.RMSNorm, reduce=_rms_norm_parts, positionwise=_normalized_dims)(rms_norm)
 
 
 def _per_sample_total(x_dims: int) -> Callable[[Tensor], Tensor]:
@@ -688,7 +706,11 @@ def prelu(
     return _affine(grads, x, names, 1)
 
 
-@register(nn.Embedding, accepts=lambda module: not module.scale_grad_by_freq)
+@register(
+    nn.Embedding,
+    accepts=lambda module: not module.scale_grad_by_freq,
+    positionwise=lambda module: (0, 1),
+)
 def embedding(
     module: nn.Module, x: Tensor, grads: Tensor, names: Collection[str], budget: int
 ) -> dict[str, Tensor]:
