@@ -1602,9 +1602,13 @@ class Feeding(nn.Module):
         return self.head(torch.tanh(torch.cat(used, dim=1)))
 
 
+class UnruledLSTMCell(nn.LSTMCell):
+    """An LSTM cell without a rule (rules go by the exact class)."""
+
+
 FEEDING = {
-    "lstm_cell_h_and_c": lambda: Feeding(nn.LSTMCell(4, 3), "all"),  # h = o * tanh(c)
-    "lstm_cell_h_only": lambda: Feeding(nn.LSTMCell(4, 3), "first"),
+    "lstm_cell_h_and_c": lambda: Feeding(UnruledLSTMCell(4, 3), "all"),  # h = o * tanh(c)
+    "lstm_cell_h_only": lambda: Feeding(UnruledLSTMCell(4, 3), "first"),
     "output_and_its_square": lambda: Feeding(SquareToo(), "all"),
     "same_tensor_twice_and_a_view": lambda: Feeding(Twice(), "all"),
 }
@@ -1757,13 +1761,18 @@ class SharedBlock(nn.Module):
         return self.head(pooled + h.mean(1))
 
 
-CALLED_TWICE = {
-    "linear_on_its_own_output": (CalledTwice, (4,)),
-    "shared_block": (SharedBlock, (5,)),
-    "siamese": (Siamese, (8,)),
-    "lstm_cell_loop": (lambda: CellLoop(nn.LSTMCell, False), (5, 3)),
-    "lstm_cell_loop_from_a_state": (lambda: CellLoop(nn.LSTMCell, True), (5, 3)),
-    "gru_cell_loop": (lambda: CellLoop(nn.GRUCell, True), (5, 3)),
+CALLED_TWICE = {  # the model, a sample's shape, the units joined, those to the fallback
+    "linear_on_its_own_output": (CalledTwice, (4,), {"fc"}, set()),
+    "shared_block": (SharedBlock, (5,), {"embed", "fc", "norm", "rms"}, set()),
+    "siamese": (Siamese, (8,), set(), {"conv", "encoder"}),
+    "lstm_cell_loop": (lambda: CellLoop(nn.LSTMCell, False), (5, 3), {"cell"}, set()),
+    "lstm_cell_loop_from_a_state": (lambda: CellLoop(nn.LSTMCell, True), (5, 3), {"cell"}, set()),
+    "gru_cell_loop": (lambda: CellLoop(nn.GRUCell, True), (5, 3), {"cell"}, set()),
+    "rnn_cell_loop": (lambda: CellLoop(nn.RNNCell, False), (5, 3), {"cell"}, set()),
+    # (vmap cannot batch the zero state this cell makes: the loop engine, for the cell alone)
+    "lstm_cell_loop_without_rule": (
+        lambda: CellLoop(UnruledLSTMCell, False), (5, 3), set(), {"cell"}
+    ),
 }
 
 
@@ -1774,7 +1783,7 @@ def test_units_called_more_than_once(name, method, engine_ways, caplog, monkeypa
     calls before squaring, on the hooks engine (before: the functorch engine, and for the
     cells, whose zero state vmap cannot batch, the loop engine one sample at a time); by its
     rule on the calls joined where the rule treats positions alike (Linear, the norms over
-    trailing dimensions, Embedding), else by the per-module fallback."""
+    trailing dimensions, Embedding, the recurrent cells), else by the per-module fallback."""
     joined, fallbacks = set(), set()
     for way, seen in (("_joined_sums", joined), ("_fallback_sums", fallbacks)):
         original = getattr(hooks, way)
@@ -1785,7 +1794,7 @@ def test_units_called_more_than_once(name, method, engine_ways, caplog, monkeypa
 
         monkeypatch.setattr(hooks, way, spy)
     torch.manual_seed(0)
-    make, shape = CALLED_TWICE[name]
+    make, shape, want_joined, want_fallbacks = CALLED_TWICE[name]
     model = make().double()
     x, y = torch.randn(6, *shape, dtype=torch.float64), torch.randint(0, 3, (6,))
     with caplog.at_level(logging.INFO, logger="ewc_reg"):
@@ -1793,16 +1802,11 @@ def test_units_called_more_than_once(name, method, engine_ways, caplog, monkeypa
         again = fisher_diagonal(model, [(x, y)], method, chunk_size=4)
     assert_close_dicts(got, brute_force_fisher(model, x, y, method), 1e-10)
     assert_close_dicts(again, got, 1e-14)
-    if name == "linear_on_its_own_output":  # (by their rules, the calls joined)
-        assert (joined, fallbacks) == ({"fc"}, set())
-    elif name == "shared_block":
-        assert (joined, fallbacks) == ({"embed", "fc", "norm", "rms"}, set())
-    else:
-        assert joined == set() and fallbacks
+    assert (joined, fallbacks) == (want_joined, want_fallbacks)
     messages = [r.getMessage() for r in caplog.records if r.name == "ewc_reg"]
     assert not any(m.startswith("hooks engine") for m in messages)
     # (a module vmap fails on is remembered: the loop engine at once, from the second call)
-    assert len(messages) == (name == "lstm_cell_loop")
+    assert len(messages) == (name == "lstm_cell_loop_without_rule")
 
 
 class CalledByBatchSize(nn.Module):

@@ -201,3 +201,75 @@ def test_projection_layers_nothing_reaches() -> None:
     x, y = torch.randn(5, 6, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
     got = fisher_diagonal(model, [(x, y)], backend="hooks")
     assert_close_dicts(got, brute_force_fisher(model, x, y, "exact"), 1e-10)
+
+
+# --- the cells: nn.LSTMCell, nn.GRUCell, nn.RNNCell -----------------------------------------
+
+
+class OneStep(nn.Module):
+    """One step of a cell, from no state or from a given one (as ``hx=``), reading ``h`` (and
+    an LSTM's ``c``)."""
+
+    def __init__(self, cell: type[nn.Module], given: bool, **options) -> None:
+        super().__init__()
+        self.cell, self.given = cell(4, 5, **options), given
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        hx = None
+        if self.given:  # (a state that depends on the sample)
+            h = torch.tanh(x[:, :1]).expand(-1, 5)
+            hx = (h, h * 0.5) if isinstance(self.cell, nn.LSTMCell) else h
+        state = self.cell(x, hx=hx)
+        if isinstance(state, tuple):
+            return self.head(state[0]) + state[1][:, :3]
+        return self.head(state)
+
+
+CELLS = {
+    "lstm": (nn.LSTMCell, {}),
+    "lstm_no_bias": (nn.LSTMCell, {"bias": False}),
+    "gru": (nn.GRUCell, {}),
+    "gru_no_bias": (nn.GRUCell, {"bias": False}),
+    "rnn_tanh": (nn.RNNCell, {}),
+    "rnn_relu": (nn.RNNCell, {"nonlinearity": "relu"}),
+}
+
+
+@pytest.mark.parametrize("name", list(CELLS))
+@pytest.mark.parametrize("given", [False, True])
+@pytest.mark.parametrize("method", ["exact", "empirical"])
+def test_cell_rule_matches_brute_force(name, given, method, caplog, engine_ways) -> None:
+    torch.manual_seed(0)
+    cell, options = CELLS[name]
+    model = OneStep(cell, given, **options).double()
+    unit = next(u for u in plan(model, trainable(model)) if u.path == "cell")
+    assert unit.rule is recurrent.recurrent_cell
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
+    with caplog.at_level(logging.INFO, logger="ewc_reg"):
+        got = fisher_diagonal(model, [(x, y)], method)
+    assert not [r for r in caplog.records if r.name == "ewc_reg"]  # no fallback
+    assert_close_dicts(got, brute_force_fisher(model, x, y, method), 1e-10)
+
+
+@pytest.mark.parametrize("name", list(CELLS))
+def test_the_cell_pieces_are_the_module(name: str) -> None:
+    cell, options = CELLS[name]
+    module = cell(4, 5, **options).double()
+    x, h = torch.randn(3, 4, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64)
+    hx = (h, h.flip(0)) if cell is nn.LSTMCell else h
+    kept: dict[str, Tensor] = {}
+
+    def keep(name: str, piece: Tensor, pull_back: bool) -> Tensor:
+        kept[name] = piece
+        return piece
+
+    leaves = torch.utils._pytree.tree_leaves
+    for state in (None, hx):
+        got = recurrent.cell_in_pieces(module, (x, state), {}, keep)
+        want = module(x, state)
+        for g, w in zip(leaves(got), leaves(want)):
+            assert torch.allclose(g, w, atol=1e-12)
+    assert set(kept) == set("axhr" if cell is nn.GRUCell else "axh")
+    assert kept["a"].shape == (3, 5 * recurrent._GATES[cell]) and kept["h"] is h
+    assert recurrent.cell_in_pieces(module, (x[0],), {}, keep) is NotImplemented

@@ -407,7 +407,7 @@ class _Recorder(TorchFunctionMode):
         )
         first = self.records.setdefault(unit, record)
         if first is not record:
-            if unit.rule in RECORDED_FORWARDS:
+            if unit.rule in RECORDED_FORWARDS and unit.rule not in POSITIONWISE:
                 self._flag(
                     f"{_describe(unit.path)} is called more than once per forward pass (its "
                     "rule records one call in pieces)"
@@ -418,13 +418,15 @@ class _Recorder(TorchFunctionMode):
         return expanded
 
     def _after(self, unit: _Unit, output: Any) -> Any:
-        """Check and record the unit's output; for a unit without a rule and with several
+        """Check and record the unit's output; for a unit going to the per-module fallback
+        (without a rule, or whose rule's recorded forward declined the call) and with several
         differentiable output tensors, return the output with each of them cloned (see
         :func:`_separate_leaves`), else ``None`` (the output as it is)."""
-        if unit.rule is None:
+        record = self.calling[unit]
+        separate = unit.rule is None or (unit.rule in RECORDED_FORWARDS and not record.kept)
+        if separate:
             output = _separate_leaves(output)  # (before the unit's call ends: see the mode)
         self.running.discard(unit)
-        record = self.calling[unit]
         inputs, outputs = _batch_dims(unit, record)
         for i, shape in enumerate(record.inputs):
             dim = _nth(inputs, i)
@@ -452,7 +454,7 @@ class _Recorder(TorchFunctionMode):
                 record.edges.append(get_gradient_edge(leaf))
                 record.leaves.append(i)
                 record.shapes.append(leaf.shape)
-        return output if unit.rule is None else None
+        return output if separate else None
 
     def __torch_function__(
         self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
@@ -474,7 +476,8 @@ class _Recorder(TorchFunctionMode):
             calls = record.calls()
             if any(t._version != v for call in calls for t, v in call.versions):
                 self._flag(f"the input of {_describe(unit.path)} is modified in place after it")
-            if record.more and unit.rule is not None and any(len(c.edges) > 1 for c in calls):
+            several = any(len(call.edges) > 1 for call in calls)
+            if record.more and unit.rule is not None and several and not _joinable(unit, record):
                 self._flag(
                     f"{_describe(unit.path)} is called more than once per forward pass, with "
                     "several outputs"
@@ -1142,9 +1145,11 @@ def _unit_sums(
     unit: _Unit, record: _Record, grads: list[Tensor | None], memory_budget: int
 ) -> dict[str, Tensor]:
     r"""One unit's sums: its rule when it has one and was called once as ``module(x)`` (a rule
-    of :data:`.rules.CALL_RULES`: called once in any way, unless it declines the call), else
-    the functorch engine on the module alone (:func:`_fallback_sums`). ``grads`` are those of
-    the edges of all the unit's calls, in order."""
+    of :data:`.rules.CALL_RULES`: called once in any way, unless it declines the call), or
+    its rule on its calls joined (:func:`_joined_sums`) when it was called more than once and
+    the rule treats positions alike, else the functorch engine on the module alone
+    (:func:`_fallback_sums`). ``grads`` are those of the edges of all the unit's calls, in
+    order."""
     if unit.rule in CALL_RULES and _by_rule(unit, record):
         given = {leaf: g for leaf, g in zip(record.leaves, grads) if g is not None}
         sums = unit.rule(
@@ -1161,15 +1166,22 @@ def _unit_sums(
     elif _by_rule(unit, record):
         return unit.rule(unit.module, record.args[0], grads[0], unit.names.keys(), memory_budget)
     elif _joinable(unit, record):
-        return _joined_sums(unit, record.calls(), grads, memory_budget)
+        sums = _joined_sums(unit, record.calls(), grads, memory_budget)
+        if sums is not None:
+            return sums
     return _fallback_sums(unit, record.calls(), grads, memory_budget)
 
 
 def _joinable(unit: _Unit, record: _Record) -> bool:
-    """Whether the calls of a unit called more than once can be joined into one call of its
-    rule (see :data:`.rules.POSITIONWISE`): the rule treats positions alike and every call
-    was ``module(x)``."""
-    return unit.rule in POSITIONWISE and all(
+    """Whether the calls of a unit can be joined into one call of its rule (see
+    :data:`.rules.POSITIONWISE`): the rule treats positions alike and every call was
+    ``module(x)`` (for a rule of :data:`.rules.CALL_RULES`: was recorded in pieces by its
+    recorded forward)."""
+    if unit.rule not in POSITIONWISE:
+        return False
+    if unit.rule in CALL_RULES:
+        return all(call.kept for call in record.calls())
+    return all(
         len(call.args) == 1 and isinstance(call.args[0], Tensor) and not call.kwargs
         for call in record.calls()
     )
@@ -1177,27 +1189,50 @@ def _joinable(unit: _Unit, record: _Record) -> bool:
 
 def _joined_sums(
     unit: _Unit, calls: list[_Record], grads: list[Tensor | None], memory_budget: int
-) -> dict[str, Tensor]:
+) -> dict[str, Tensor] | None:
     r"""The sums of a unit whose rule treats positions alike, called :math:`m` times, from
     one call of the rule on the calls' positions side by side: :math:`x = [x^{(1)}, \dots,
     x^{(m)}]` of shape ``(B, S_1 + ... + S_m, *F)`` and ``G`` alike, so that the rule sums
-    each sample's gradient over the positions of all the calls before squaring (a call whose
-    output got no gradient adds nothing). Each call has one output (a rule's unit called
-    again with several is rejected while recording)."""
+    each sample's gradient over the positions of all the calls before squaring. A call whose
+    output got no gradient adds nothing (such a layer has one output). For a rule of
+    :data:`.rules.CALL_RULES`, each
+    piece its recorded forward kept is joined so, and the gradients of the pieces pulled back
+    to (zeros where a call's got none); ``None`` where the rule declines."""
     features, dims = POSITIONWISE[unit.rule](unit.module)
-    xs, gs = [], []
-    for call, g in zip([call for call in calls if call.edges], grads):
-        if g is None:
-            continue
-        x = call.args[0]
-        xs.append(x.reshape(x.shape[0], -1, *x.shape[x.dim() - features :]))
-        gs.append(g.reshape(*g.shape[:2], -1, *g.shape[g.dim() - dims :]))
-    x, joined = torch.cat(xs, 1), torch.cat(gs, 2)
     names = unit.names.keys()
-    reduction = REDUCTIONS.get(unit.rule)
-    if reduction is not None:
-        joined = reduction(unit.module, x, names)(joined)
-    return unit.rule(unit.module, x, joined, names, memory_budget)
+    live = [call for call in calls if call.edges]
+    if unit.rule not in CALL_RULES:
+        pairs = [(call.args[0], g) for call, g in zip(live, grads) if g is not None]
+        x = torch.cat([_positions(x, 0, features) for x, _ in pairs], 1)
+        joined = torch.cat([_positions(g, 1, dims) for _, g in pairs], 2)
+        reduction = REDUCTIONS.get(unit.rule)
+        if reduction is not None:
+            joined = reduction(unit.module, x, names)(joined)
+        return unit.rule(unit.module, x, joined, names, memory_budget)
+    known = next(g for g in grads if g is not None)
+    given: dict[int | str, list[Tensor]] = {}
+    position = 0
+    for call in live:
+        for leaf, shape, g in zip(call.leaves, call.shapes, grads[position:]):
+            if isinstance(leaf, str):  # (a kept piece: the outputs' gradients reach them)
+                g = known.new_zeros(known.shape[0], *shape) if g is None else g
+                given.setdefault(leaf, []).append(_positions(g, 1, dims))
+        position += len(call.edges)
+    kept = {
+        name: torch.cat([_positions(call.kept[name], 0, features) for call in live], 1)
+        for name in live[0].kept
+    }
+    joined_grads: dict[int | str, Tensor] = {leaf: torch.cat(gs, 2) for leaf, gs in given.items()}
+    first = live[0]
+    return unit.rule(
+        unit.module, first.args, first.kwargs, joined_grads, kept, names, memory_budget
+    )
+
+
+def _positions(t: Tensor, lead: int, trailing: int) -> Tensor:
+    """``(*L, B, *S, *F) -> (*L, B, S', *F)`` for ``len(L) = lead``, ``len(F) = trailing``:
+    the positions ``S`` flattened into one dimension (``S' = 1`` without any)."""
+    return t.reshape(*t.shape[: lead + 1], -1, *t.shape[t.dim() - trailing :])
 
 
 class _Calls(nn.Module):

@@ -1,8 +1,13 @@
-r"""The hook engine's rule for ``nn.LSTM`` (with ``proj_size`` or not), ``nn.GRU`` and
+r"""The hook engine's rules for ``nn.LSTM`` (with ``proj_size`` or not), ``nn.GRU`` and
 ``nn.RNN``, batch first or not: a whole-call rule with a recorded forward
 (:func:`recurrence_in_pieces`) that runs the recurrence step by step, so that the pull-back
 reaches the input projections of the gates, and an accumulator that makes each layer's (and
-direction's) weights two ``Linear`` sums (three with an LSTM's projection).
+direction's) weights two ``Linear`` sums (three with an LSTM's projection); and for one step
+of them, ``nn.LSTMCell``, ``nn.GRUCell`` and ``nn.RNNCell``, the same with one layer and one
+step (:func:`cell_in_pieces`). A cell's two ``Linear`` sums treat positions alike
+(:data:`.rules.POSITIONWISE`), so the engine joins the calls of a cell stepped through a
+sequence by hand, :math:`T` calls, into one call on :math:`T` positions: the per-sample
+gradients :math:`\sum_t G_{a,t} x_t^\top` of backpropagation through time.
 
 Registered in :data:`.rules.RULES` when this module is imported, which :mod:`ewc_reg.engines`
 does. (``torch.func.vmap`` cannot run these modules: without this rule such models go to the
@@ -25,7 +30,12 @@ from .rules import LinearSums, feed_all, register
 _NAME = re.compile(r"((weight|bias)_(ih|hh)|weight_hr)_l\d+(_reverse)?")
 
 #: Gates per layer: the rows of ``weight_ih`` are ``gates * hidden_size``.
-_GATES = {nn.LSTM: 4, nn.GRU: 3, nn.RNN: 1}
+_GATES = {nn.LSTM: 4, nn.GRU: 3, nn.RNN: 1, nn.LSTMCell: 4, nn.GRUCell: 3, nn.RNNCell: 1}
+
+#: The layer each cell is one step of (the cells' own kinds too).
+_KIND = {nn.LSTMCell: nn.LSTM, nn.GRUCell: nn.GRU, nn.RNNCell: nn.RNN}
+
+_CELLS = tuple(_KIND)
 
 
 def _batch_dims(module: nn.Module) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -40,7 +50,10 @@ def _recurrent_parameters(module: nn.Module) -> set[str]:
 
 
 def _suffixes(module: nn.Module) -> list[str]:
-    """``"_l0"``, ``"_l0_reverse"``, ... in the order of the layers and directions."""
+    """``"_l0"``, ``"_l0_reverse"``, ... in the order of the layers and directions (a cell's
+    parameters, ``weight_ih`` and such, have none: ``""``)."""
+    if isinstance(module, _CELLS):
+        return [""]
     directions = ("", "_reverse") if module.bidirectional else ("",)
     return [f"_l{layer}{d}" for layer in range(module.num_layers) for d in directions]
 
@@ -59,12 +72,13 @@ def _step(
     projection ``w_hr``, the projected :math:`m = \sigma(o) \odot \tanh c` (``h = m
     W_{hr}^\top``); PyTorch's gate orders ``i, f, g, o`` and ``r, z, n``."""
     recurrent = F.linear(h, w_hh, b_hh)
-    if isinstance(module, nn.LSTM):
+    kind = _KIND.get(type(module), type(module))
+    if kind is nn.LSTM:
         i, f, g, o = (a + recurrent).chunk(4, dim=1)
         c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
         m = torch.sigmoid(o) * torch.tanh(c)
         return (m, c, None) if w_hr is None else (F.linear(m, w_hr), c, m)
-    if isinstance(module, nn.GRU):
+    if kind is nn.GRU:
         a_r, a_z, a_n = a.chunk(3, dim=1)
         h_r, h_z, h_n = recurrent.chunk(3, dim=1)
         r, z = torch.sigmoid(a_r + h_r), torch.sigmoid(a_z + h_z)
@@ -175,7 +189,7 @@ class _RecurrentSums:
     def __init__(
         self, module: nn.Module, kept: dict[str, Tensor], names: Collection[str], budget: int
     ) -> None:
-        acc = accumulation_dtype(module.weight_ih_l0.dtype)
+        acc = accumulation_dtype(getattr(module, f"weight_ih{_suffixes(module)[0]}").dtype)
         rows = _GATES[type(module)] * module.hidden_size
         self.names, self.kept, self.acc = names, kept, acc
         self.parts: dict[str, tuple[LinearSums, LinearSums]] = {}
@@ -264,7 +278,8 @@ def _recurrent_sums(
     names: Collection[str],
     budget: int,
 ) -> _RecurrentSums | None:
-    return _RecurrentSums(module, kept, names, budget) if "x_l0" in kept else None
+    ran = f"x{_suffixes(module)[0]}" in kept
+    return _RecurrentSums(module, kept, names, budget) if ran else None
 
 
 @register(
@@ -289,4 +304,56 @@ def recurrent_layer(
     """The sums of a recurrent layer's call recorded by :func:`recurrence_in_pieces` (``None``,
     declining, for a call it did not redo): the :class:`_RecurrentSums` of all the vectors at
     once."""
+    return feed_all(_recurrent_sums(module, args, kwargs, kept, names, budget), grads)
+
+
+def cell_in_pieces(
+    module: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    keep: Callable[[str, Tensor, bool], Tensor],
+) -> Any:
+    r"""``module(x)`` or ``module(x, hx)`` for an ``nn.LSTMCell``, ``nn.GRUCell`` or
+    ``nn.RNNCell`` on ``x: (B, in)``, as one step of :func:`recurrence_in_pieces`
+    (``NotImplemented`` for an unbatched input): :math:`a = x W_{ih}^\top + b_{ih}`, then the
+    cell from :math:`a` and the state (zeros by default). ``keep`` records ``a`` (pulled back
+    to), ``x``, the state ``h`` and a GRU's reset gate ``r``."""
+    x = args[0] if args else kwargs.get("input")
+    hx = args[1] if len(args) > 1 else kwargs.get("hx")
+    if not isinstance(x, Tensor) or x.dim() != 2:
+        return NotImplemented
+    lstm = isinstance(module, nn.LSTMCell)
+    if hx is None:
+        zeros = x.new_zeros(x.shape[0], module.hidden_size)
+        hx = (zeros, zeros) if lstm else zeros
+    h, c = hx if lstm else (hx, None)
+    keep("x", x, False)
+    keep("h", h, False)
+    a = keep("a", F.linear(x, module.weight_ih, module.bias_ih), True)
+    h, c, reset = _step(module, a, h, c, module.weight_hh, module.bias_hh, None)
+    if reset is not None:
+        keep("r", reset, False)
+    return (h, c) if lstm else h
+
+
+@register(
+    *_CELLS,
+    params=("weight_ih", "weight_hh", "bias_ih", "bias_hh"),
+    whole_call=True,
+    forward=cell_in_pieces,
+    accumulate=_recurrent_sums,
+    positionwise=lambda module: (1, 1),
+)
+def recurrent_cell(
+    module: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    grads: dict[int | str, Tensor],
+    kept: dict[str, Tensor],
+    names: Collection[str],
+    budget: int,
+) -> dict[str, Tensor] | None:
+    """The sums of a cell's call recorded by :func:`cell_in_pieces` (``None``, declining, for
+    a call it did not redo), or of several calls joined (each kept piece and gradient
+    ``(B, T, ...)``): the :class:`_RecurrentSums` of all the vectors at once."""
     return feed_all(_recurrent_sums(module, args, kwargs, kept, names, budget), grads)
