@@ -122,6 +122,43 @@ class LSTMClassifier(nn.Module):
         return self.linear(self.lstm(self.embedding(tokens))[0][:, -1])
 
 
+class LSTMCellClassifier(nn.Module):
+    """:class:`LSTMClassifier` with one ``nn.LSTMCell`` stepped through the sequence by hand
+    (one module called ``seq_len`` times per forward pass) from no state."""
+
+    def __init__(self, num_classes: int = 10, vocab_size: int = 1000, dim: int = 64) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(vocab_size, dim)
+        self.cell = nn.LSTMCell(dim, dim)
+        self.linear = nn.Linear(dim, num_classes)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        state = None
+        for x in self.embedding(tokens).unbind(1):
+            state = self.cell(x, state)
+        return self.linear(state[0])
+
+
+class SharedBlockMLP(nn.Module):
+    """An MLP on flattened ``(B, 1, 28, 28)`` images whose hidden block, ``Linear`` + ReLU +
+    ``LayerNorm`` with a residual connection, is applied ``depth`` times with the same weights
+    (ALBERT-style sharing)."""
+
+    def __init__(self, num_classes: int = 10, width: int = 400, depth: int = 3) -> None:
+        super().__init__()
+        self.input = nn.Linear(784, width)
+        self.hidden = nn.Linear(width, width)
+        self.norm = nn.LayerNorm(width)
+        self.linear = nn.Linear(width, num_classes)
+        self.depth = depth
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.relu(self.input(x.flatten(1)))
+        for _ in range(self.depth):
+            h = self.norm(h + torch.relu(self.hidden(h)))
+        return self.linear(h)
+
+
 def small_vit(num_classes: int = 10, quick: bool = False) -> nn.Module:
     """torchvision's ``VisionTransformer`` for 32x32 images: 4x4 patches, 4 layers of 4 heads,
     width 64 (16 for ``quick``), with a class token and a position embedding on the model; the

@@ -63,15 +63,20 @@ def test_tf32_is_off_during_the_run_and_restored_after(monkeypatch) -> None:
 
 
 def test_extra_models_run_on_request_and_have_no_targets(tmp_path: Path) -> None:
-    """ViT and LSTM run only when named; the issue's targets are not computed for them."""
+    """ViT, LSTM and the weight-sharing models run only when named; the issue's targets are not
+    computed for them."""
     assert fisher_speed.parse_args([]).models == list(fisher_speed.MODEL_KEYS)
     output = tmp_path / "more.md"
+    models = ",".join(fisher_speed.EXTRA_MODEL_KEYS[1:])  # (all but the ViT)
     args = fisher_speed.parse_args(
-        ["--quick", "--models", "lstm,lstm_proj", "--threads", "1", "--output", str(output)]
+        ["--quick", "--models", models, "--threads", "1", "--output", str(output)]
     )
     report = fisher_speed.run(args)
-    assert {row.workload.model_key for row in report.rows} == {"lstm", "lstm_proj"}
+    assert {row.workload.model_key for row in report.rows} == set(
+        fisher_speed.EXTRA_MODEL_KEYS[1:]
+    )
     assert "LSTM text classifier" in report.markdown
     assert "LSTM (proj_size) text classifier" in report.markdown
+    assert "LSTMCell stepped by hand" in report.markdown
     assert "exact ≤ 6× fwd+bwd (LSTM" not in report.markdown
     assert report.agreement_ok

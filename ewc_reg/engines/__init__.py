@@ -5,7 +5,8 @@
 
 * ``"hooks"`` (:class:`~.hooks.HookEngine`): one forward pass with hooks, one backward pass
   batched over the vectors and per-layer rules; fast, for models whose selected parameters each
-  belong to one module called once (a ``ValueError`` says why a model is not covered);
+  belong to one module and are used only while it runs (a ``ValueError`` says why a model is
+  not covered);
 * ``"functorch"`` (:class:`~.functorch.FunctorchEngine`): per-sample ``torch.func`` pull-backs
   of the whole model; general, except for modules ``vmap`` cannot run (``nn.LSTM``), which it
   hands to the loop engine;

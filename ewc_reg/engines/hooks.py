@@ -47,10 +47,19 @@ The decomposition is valid only if (checked; otherwise :class:`Unsupported` is r
   root module does not own selected parameters next to children owning some (the unit would
   be the whole model), and none lies inside a TorchScript module (``torch.jit.script`` or
   ``trace``: the hooks of the modules inside one do not run);
-* each unit's module is called at most once per forward pass, and its selected parameters
-  (those of the modules inside it included) are used only while it runs (not, say, with
-  ``F.linear(h, self.embed.weight)`` in a parent's ``forward``); uses are seen by a
-  :class:`~torch.overrides.TorchFunctionMode` during the forward pass;
+* each unit's selected parameters (those of the modules inside it included) are used only
+  while its module runs (not, say, with ``F.linear(h, self.embed.weight)`` in a parent's
+  ``forward``); uses are seen by a :class:`~torch.overrides.TorchFunctionMode` during the
+  forward pass. A module may run more than once per forward pass (a layer applied to its own
+  output, a siamese encoder, a recurrent cell stepped through a sequence by hand): since the
+  gradient recorded at call :math:`t`'s output is all that reaches it, the later calls'
+  included, :math:`\sum_t (\partial y^{(t)}_n/\partial\theta)^\top G^{(t)}_{nk}` is the
+  per-sample pull-back (backpropagation through time), which the unit's rule computes on its
+  calls joined, positions side by side, where it treats positions alike
+  (:data:`.rules.POSITIONWISE`: ``Linear``, the norms over trailing dimensions, ``Embedding``,
+  the cells), and the per-module fallback otherwise, on all the calls at once; but not a unit
+  whose rule records its call in pieces for one call only (attention, the recurrent layers),
+  nor one with a rule and several outputs;
 * module outputs have the batch as leading dimension (``nn.MultiheadAttention`` units need
   ``batch_first=True``; a unit whose inputs all lead with 1, shared by the samples, such as a
   position embedding on ``position_ids`` of shape ``(1, T)``, is called on them expanded over
@@ -186,7 +195,7 @@ def _separate_leaves(output: Any) -> Any:
     The per-module fallback pulls back, for each output tensor :math:`y_j`, the gradient
     :math:`G_j` that reaches it from outside the module: :math:`\sum_j J_j^\top G_j`. The
     gradient recorded at a tensor's autograd edge is all that reaches it, though, and an output
-    tensor may also feed another inside the module (``nn.LSTMCell``'s ``h = o * tanh(c)``
+    tensor may also feed another inside the module (an LSTM cell's ``h = o * tanh(c)``
     returns ``(h, c)``; ``return y, y.sum(1)``; the same tensor twice): its recorded gradient
     would then count the other's twice. A clone's edge is reached from outside only."""
     leaves, spec = pytree.tree_flatten(output)
