@@ -273,3 +273,62 @@ def test_the_cell_pieces_are_the_module(name: str) -> None:
     assert set(kept) == set("axhr" if cell is nn.GRUCell else "axh")
     assert kept["a"].shape == (3, 5 * recurrent._GATES[cell]) and kept["h"] is h
     assert recurrent.cell_in_pieces(module, (x[0],), {}, keep) is NotImplemented
+
+
+# --- a recurrent layer called more than once per forward pass --------------------------------
+
+
+class RunTwice(nn.Module):
+    """One recurrent layer run on a sequence and on it reversed (``"siamese"``), or on its two
+    halves, the second from the first's final states (``"chained"``)."""
+
+    def __init__(self, how: str, cell: type[nn.RNNBase] = nn.LSTM, **options) -> None:
+        super().__init__()
+        self.how = how
+        self.rnn = cell(4, 5, batch_first=True, **options)
+        size = getattr(self.rnn, "proj_size", 0) or 5
+        self.head = nn.Linear(size * (2 if self.rnn.bidirectional else 1), 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.how == "siamese":
+            first, _ = self.rnn(x)
+            second, _ = self.rnn(x.flip(1))
+        else:
+            first, state = self.rnn(x[:, :2])
+            second, _ = self.rnn(x[:, 2:], state)
+        return self.head(first.mean(1) * second[:, -1])
+
+
+RUN_TWICE = {
+    "lstm_siamese": ("siamese", {}),
+    "lstm_chained": ("chained", {}),
+    "gru_two_layers_bidirectional_chained": (
+        "chained",
+        {"cell": nn.GRU, "num_layers": 2, "bidirectional": True},
+    ),
+    "rnn_siamese": ("siamese", {"cell": nn.RNN}),
+}
+
+
+@pytest.mark.parametrize("name", list(RUN_TWICE))
+@pytest.mark.parametrize("method", ["exact", "empirical"])
+def test_a_layer_called_twice_is_joined(name, method, caplog, engine_ways) -> None:
+    torch.manual_seed(0)
+    how, options = RUN_TWICE[name]
+    model = RunTwice(how, **options).double()
+    x, y = torch.randn(5, 6, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
+    with caplog.at_level(logging.INFO, logger="ewc_reg"):
+        got = fisher_diagonal(model, [(x, y)], method)
+    assert not [r for r in caplog.records if r.name == "ewc_reg"]  # no fallback
+    assert_close_dicts(got, brute_force_fisher(model, x, y, method), 1e-10)
+
+
+def test_a_projected_lstm_called_twice_goes_to_functorch(caplog) -> None:
+    """Its projection's sums pair each step with the next: its calls cannot be joined."""
+    model = RunTwice("chained", proj_size=3).double()
+    x, y = torch.randn(5, 6, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
+    with caplog.at_level(logging.INFO, logger="ewc_reg"):
+        got = fisher_diagonal(model, [(x, y)])
+    messages = [r.getMessage() for r in caplog.records if r.name == "ewc_reg"]
+    assert "called more than once" in messages[0] and "functorch" in messages[0]
+    assert_close_dicts(got, brute_force_fisher(model, x, y, "exact"), 1e-10)

@@ -57,9 +57,9 @@ The decomposition is valid only if (checked; otherwise :class:`Unsupported` is r
   per-sample pull-back (backpropagation through time), which the unit's rule computes on its
   calls joined, positions side by side, where it treats positions alike
   (:data:`.rules.POSITIONWISE`: ``Linear``, the norms over trailing dimensions, ``Embedding``,
-  the cells), and the per-module fallback otherwise, on all the calls at once; but not a unit
-  whose rule records its call in pieces for one call only (attention, the recurrent layers),
-  nor one with a rule and several outputs;
+  the recurrent layers and cells), and the per-module fallback otherwise, on all the calls at
+  once; but not a unit whose rule records its call in pieces for one call only (attention, an
+  LSTM with a projection), nor one with a rule and several outputs;
 * module outputs have the batch as leading dimension (``nn.MultiheadAttention`` units need
   ``batch_first=True``; a unit whose inputs all lead with 1, shared by the samples, such as a
   position embedding on ``position_ids`` of shape ``(1, T)``, is called on them expanded over
@@ -126,7 +126,6 @@ from .rules import (
     ACCUMULATIONS,
     BATCH_DIMS,
     CALL_RULES,
-    POSITIONWISE,
     RECORDED_FORWARDS,
     REDUCTIONS,
     Accumulation,
@@ -135,6 +134,7 @@ from .rules import (
     Reducer,
     Reduction,
     Rule,
+    feature_dims,
     rule_for,
 )
 
@@ -416,7 +416,8 @@ class _Recorder(TorchFunctionMode):
         )
         first = self.records.setdefault(unit, record)
         if first is not record:
-            if unit.rule in RECORDED_FORWARDS and unit.rule not in POSITIONWISE:
+            joinable = feature_dims(unit.rule, unit.module) is not None
+            if unit.rule in RECORDED_FORWARDS and not joinable:
                 self._flag(
                     f"{_describe(unit.path)} is called more than once per forward pass (its "
                     "rule records one call in pieces)"
@@ -486,7 +487,8 @@ class _Recorder(TorchFunctionMode):
             if any(t._version != v for call in calls for t, v in call.versions):
                 self._flag(f"the input of {_describe(unit.path)} is modified in place after it")
             several = any(len(call.edges) > 1 for call in calls)
-            if record.more and unit.rule is not None and several and not _joinable(unit, record):
+            joined = _join_dims(unit, record) is not None
+            if record.more and several and unit.rule is not None and not joined:
                 self._flag(
                     f"{_describe(unit.path)} is called more than once per forward pass, with "
                     "several outputs"
@@ -1174,40 +1176,46 @@ def _unit_sums(
             return sums
     elif _by_rule(unit, record):
         return unit.rule(unit.module, record.args[0], grads[0], unit.names.keys(), memory_budget)
-    elif _joinable(unit, record):
-        sums = _joined_sums(unit, record.calls(), grads, memory_budget)
+    elif (dims := _join_dims(unit, record)) is not None:
+        sums = _joined_sums(unit, record.calls(), grads, dims, memory_budget)
         if sums is not None:
             return sums
     return _fallback_sums(unit, record.calls(), grads, memory_budget)
 
 
-def _joinable(unit: _Unit, record: _Record) -> bool:
-    """Whether the calls of a unit can be joined into one call of its rule (see
-    :data:`.rules.POSITIONWISE`): the rule treats positions alike and every call was
-    ``module(x)`` (for a rule of :data:`.rules.CALL_RULES`: was recorded in pieces by its
-    recorded forward)."""
-    if unit.rule not in POSITIONWISE:
-        return False
+def _join_dims(unit: _Unit, record: _Record) -> tuple[int, int] | None:
+    """The feature dimensions (:func:`.rules.feature_dims`) with which the calls of a unit are
+    joined into one call of its rule, or ``None`` where they cannot be: the rule treats
+    positions alike and every call was ``module(x)`` (for a rule of
+    :data:`.rules.CALL_RULES`: was recorded in pieces by its recorded forward)."""
+    dims = feature_dims(unit.rule, unit.module)
     if unit.rule in CALL_RULES:
-        return all(call.kept for call in record.calls())
-    return all(
-        len(call.args) == 1 and isinstance(call.args[0], Tensor) and not call.kwargs
-        for call in record.calls()
-    )
+        plain = all(call.kept for call in record.calls())
+    else:
+        plain = all(
+            len(call.args) == 1 and isinstance(call.args[0], Tensor) and not call.kwargs
+            for call in record.calls()
+        )
+    return dims if plain else None
 
 
 def _joined_sums(
-    unit: _Unit, calls: list[_Record], grads: list[Tensor | None], memory_budget: int
+    unit: _Unit,
+    calls: list[_Record],
+    grads: list[Tensor | None],
+    sizes: tuple[int, int],
+    memory_budget: int,
 ) -> dict[str, Tensor] | None:
     r"""The sums of a unit whose rule treats positions alike, called :math:`m` times, from
     one call of the rule on the calls' positions side by side: :math:`x = [x^{(1)}, \dots,
-    x^{(m)}]` of shape ``(B, S_1 + ... + S_m, *F)`` and ``G`` alike, so that the rule sums
+    x^{(m)}]` of shape ``(B, S_1 + ... + S_m, *F)`` and ``G`` alike (``sizes``: the numbers
+    of feature dimensions of ``x`` and of ``G``), so that the rule sums
     each sample's gradient over the positions of all the calls before squaring. A call whose
     output got no gradient adds nothing (such a layer has one output). For a rule of
     :data:`.rules.CALL_RULES`, each
     piece its recorded forward kept is joined so, and the gradients of the pieces pulled back
     to (zeros where a call's got none); ``None`` where the rule declines."""
-    features, dims = POSITIONWISE[unit.rule](unit.module)
+    features, dims = sizes  # (of the input, or the kept pieces, and of the output)
     names = unit.names.keys()
     live = [call for call in calls if call.edges]
     if unit.rule not in CALL_RULES:

@@ -4,10 +4,13 @@ r"""The hook engine's rules for ``nn.LSTM`` (with ``proj_size`` or not), ``nn.GR
 reaches the input projections of the gates, and an accumulator that makes each layer's (and
 direction's) weights two ``Linear`` sums (three with an LSTM's projection); and for one step
 of them, ``nn.LSTMCell``, ``nn.GRUCell`` and ``nn.RNNCell``, the same with one layer and one
-step (:func:`cell_in_pieces`). A cell's two ``Linear`` sums treat positions alike
-(:data:`.rules.POSITIONWISE`), so the engine joins the calls of a cell stepped through a
-sequence by hand, :math:`T` calls, into one call on :math:`T` positions: the per-sample
-gradients :math:`\sum_t G_{a,t} x_t^\top` of backpropagation through time.
+step (:func:`cell_in_pieces`). The ``Linear`` sums treat steps alike
+(:data:`.rules.POSITIONWISE`; not an LSTM's projection, whose sums pair each step with the
+next), so the engine joins the calls of a module called more than once per forward pass into
+one call on all their steps: a cell stepped through a sequence by hand, :math:`T` calls, is
+one call on :math:`T` steps, the per-sample gradients :math:`\sum_t G_{a,t} x_t^\top` of
+backpropagation through time; so is a layer run on two sequences, or on the pieces of one,
+each from the last one's final states.
 
 Registered in :data:`.rules.RULES` when this module is imported, which :mod:`ewc_reg.engines`
 does. (``torch.func.vmap`` cannot run these modules: without this rule such models go to the
@@ -25,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import accumulation_dtype
-from .rules import LinearSums, feed_all, register
+from .rules import CallRule, LinearSums, feed_all, register
 
 _NAME = re.compile(r"((weight|bias)_(ih|hh)|weight_hr)_l\d+(_reverse)?")
 
@@ -282,7 +285,34 @@ def _recurrent_sums(
     return _RecurrentSums(module, kept, names, budget) if ran else None
 
 
-@register(
+def _recurrent_rule(forward: str) -> CallRule:
+    """A rule: the sums of a call recorded by ``forward`` (``None``, declining, for a call it
+    did not redo), or of several calls joined (each kept piece and gradient with the calls'
+    steps side by side, ``(B, T_1 + T_2 + ..., ...)``): the :class:`_RecurrentSums` of all
+    the vectors at once."""
+
+    def rule(
+        module: nn.Module,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        grads: dict[int | str, Tensor],
+        kept: dict[str, Tensor],
+        names: Collection[str],
+        budget: int,
+    ) -> dict[str, Tensor] | None:
+        return feed_all(_recurrent_sums(module, args, kwargs, kept, names, budget), grads)
+
+    rule.__doc__ = _recurrent_rule.__doc__.replace("``forward``", f":func:`{forward}`")
+    return rule
+
+
+def _steps_alike(module: nn.Module) -> tuple[int, int] | None:
+    """Every step's pieces are used alike (:data:`.rules.POSITIONWISE`), except an LSTM's
+    with a projection: its sums pair each step with the next."""
+    return None if getattr(module, "proj_size", 0) else (1, 1)
+
+
+recurrent_layer = register(
     nn.LSTM,
     nn.GRU,
     nn.RNN,
@@ -291,20 +321,8 @@ def _recurrent_sums(
     forward=recurrence_in_pieces,
     accumulate=_recurrent_sums,
     batch_dims=_batch_dims,
-)
-def recurrent_layer(
-    module: nn.Module,
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    grads: dict[int | str, Tensor],
-    kept: dict[str, Tensor],
-    names: Collection[str],
-    budget: int,
-) -> dict[str, Tensor] | None:
-    """The sums of a recurrent layer's call recorded by :func:`recurrence_in_pieces` (``None``,
-    declining, for a call it did not redo): the :class:`_RecurrentSums` of all the vectors at
-    once."""
-    return feed_all(_recurrent_sums(module, args, kwargs, kept, names, budget), grads)
+    positionwise=_steps_alike,
+)(_recurrent_rule("recurrence_in_pieces"))
 
 
 def cell_in_pieces(
@@ -336,24 +354,11 @@ def cell_in_pieces(
     return (h, c) if lstm else h
 
 
-@register(
+recurrent_cell = register(
     *_CELLS,
     params=("weight_ih", "weight_hh", "bias_ih", "bias_hh"),
     whole_call=True,
     forward=cell_in_pieces,
     accumulate=_recurrent_sums,
-    positionwise=lambda module: (1, 1),
-)
-def recurrent_cell(
-    module: nn.Module,
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    grads: dict[int | str, Tensor],
-    kept: dict[str, Tensor],
-    names: Collection[str],
-    budget: int,
-) -> dict[str, Tensor] | None:
-    """The sums of a cell's call recorded by :func:`cell_in_pieces` (``None``, declining, for
-    a call it did not redo), or of several calls joined (each kept piece and gradient
-    ``(B, T, ...)``): the :class:`_RecurrentSums` of all the vectors at once."""
-    return feed_all(_recurrent_sums(module, args, kwargs, kept, names, budget), grads)
+    positionwise=_steps_alike,
+)(_recurrent_rule("cell_in_pieces"))

@@ -151,11 +151,12 @@ REDUCTIONS: dict[Rule, Reduction] = {}
 #: *D)``, position ``s`` of ``y`` depends on position ``s`` of ``x`` only, through the same
 #: parameters, and a sample's gradient is the sum over positions (``Linear``: ``F = (in,)``,
 #: ``D = (out,)``; an embedding: ``F = ()``). A function of the module gives ``len(F)`` and
-#: ``len(D)``. Several calls of such a layer are one call on their positions side by side:
-#: the engine joins the calls of a layer called more than once per forward pass
-#: (``(B, S_1 + S_2 + ..., *F)``, ``G`` alike) and the rule sums per-sample gradients over
-#: the calls before squaring.
-POSITIONWISE: dict[Rule, Callable[[nn.Module], tuple[int, int]]] = {}
+#: ``len(D)`` (``None`` for a module the rule handles otherwise). Several calls of such a
+#: layer are one call on their positions side by side: the engine joins the calls of a layer
+#: called more than once per forward pass (``(B, S_1 + S_2 + ..., *F)``, ``G`` alike) and the
+#: rule sums per-sample gradients over the calls before squaring. For a rule of
+#: :data:`CALL_RULES`, the positions are those of the pieces its recorded forward keeps.
+POSITIONWISE: dict[Rule | CallRule, Callable[[nn.Module], tuple[int, int] | None]] = {}
 
 
 def register(
@@ -167,7 +168,7 @@ def register(
     forward: RecordedForward | None = None,
     accumulate: Accumulation | None = None,
     batch_dims: Callable[[nn.Module], tuple[tuple[int, ...], tuple[int, ...]]] | None = None,
-    positionwise: Callable[[nn.Module], tuple[int, int]] | None = None,
+    positionwise: Callable[[nn.Module], tuple[int, int] | None] | None = None,
 ) -> Callable[[Any], Any]:
     """Decorator adding a rule to :data:`RULES` for the module classes ``types``, knowing the
     parameters ``params`` (its reduction, if any, to :data:`REDUCTIONS`; with ``whole_call``,
@@ -194,6 +195,13 @@ def register(
         return rule
 
     return add
+
+
+def feature_dims(rule: Rule | CallRule | None, module: nn.Module) -> tuple[int, int] | None:
+    """The numbers of feature dimensions of the input and output of ``module``, if ``rule``
+    treats positions alike on it (see :data:`POSITIONWISE`), else ``None``."""
+    dims = POSITIONWISE.get(rule) if rule is not None else None
+    return None if dims is None else dims(module)
 
 
 def rule_for(module: nn.Module) -> Rule | CallRule | None:
