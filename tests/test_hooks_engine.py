@@ -563,7 +563,6 @@ def test_torchscript_blocks_match_brute_force(how) -> None:
 
 
 STATIC = {  # ruled out by the module tree: get_engine decides
-    "tied": (Tied, lambda: torch.randint(0, 6, (5, 3)), "shared"),
     "batch_statistics": (
         lambda: nn.Sequential(
             nn.BatchNorm1d(4, track_running_stats=False), nn.Flatten(), nn.Linear(12, 3)
@@ -672,26 +671,16 @@ def test_cuda() -> None:
     assert_close_dicts(got, engine_sums(FunctorchEngine(), model, x, vectors), 1e-10)
 
 
-class TiedBelowHead(nn.Module):
-    """Tied weights below a head: the head alone is a layer-wise decomposable selection."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.body = Tied()
-        self.head = nn.Linear(6, 3)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(torch.tanh(self.body(x)))
-
-
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # (TorchScript is deprecated)
 def test_only_the_selected_parameters_are_checked(caplog) -> None:
-    model = TiedBelowHead().double()
-    names = ["head.weight", "head.bias"]
+    """A traced body below a head: the head alone is a layer-wise decomposable selection."""
+    model = nn.Sequential(scripted("trace"), nn.Linear(3, 3)).double()
+    names = ["1.weight", "1.bias"]
     head = {n: p for n, p in model.named_parameters() if n in names}
     assert get_engine("hooks", model, head).name == "hooks"
-    with pytest.raises(ValueError, match="shared"):
+    with pytest.raises(ValueError, match="TorchScript"):
         get_engine("hooks", model)
-    x = torch.randint(0, 6, (5, 3))
+    x = torch.randn(5, 4, dtype=torch.float64)
     data = [(x, torch.randint(0, 3, (5,))), (x[:2], torch.randint(0, 3, (2,)))]
     for method in ("exact", "empirical"):
         with caplog.at_level(logging.INFO, logger="ewc_reg"):
@@ -1864,3 +1853,102 @@ def test_a_unit_with_a_rule_and_several_outputs_called_twice_goes_to_functorch(
     model = SquareTooTwice().double()
     assert plan(model, trainable(model))[0].rule is never
     log_and_compare(model, data_for(None), caplog, "with several outputs")
+
+
+# --- tied weights: one parameter registered on several modules -------------------------------
+
+
+class TiedBelowHead(nn.Module):
+    """Tied weights below a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = Tied()
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.tanh(self.body(x)))
+
+
+class RegisteredTwice(nn.Module):
+    """One Linear under two names, called once through each."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Linear(3, 3)
+        self.second = self.first
+        self.head = nn.Linear(3, 3)
+
+    def forward(self, x: Tensor) -> Tensor:  # (the indices of Tied's inputs, as floats)
+        h = torch.tanh(self.first(x.double()))
+        return self.head(torch.tanh(self.second(h)))
+
+
+class TiedInside(nn.Module):
+    """A module that registers its child's weight as its own parameter too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Linear(3, 3)
+        self.gain = self.inner.weight
+        self.head = nn.Linear(3, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.tanh(self.inner(x.double())))
+
+
+TIED = {  # the model, the units it has (a tied one joins its modules' paths with "+")
+    "embedding_and_output_layer": (Tied, ["embed+out"]),
+    "tied_below_a_head": (TiedBelowHead, ["body.embed+body.out", "head"]),
+    "module_registered_twice": (RegisteredTwice, ["first", "head"]),
+    "parameter_of_a_module_and_its_child": (
+        lambda: nn.Sequential(TiedInside(), nn.Tanh(), nn.Linear(3, 6)),
+        ["0", "2"],
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(TIED))
+@pytest.mark.parametrize("method", ["exact", "empirical"])
+def test_tied_weights_match_brute_force(name, method, engine_ways, caplog) -> None:
+    """A parameter registered on several modules (tied weights) stays on the hooks engine (before:
+    the functorch engine, logged): the modules sharing it are one unit, whose per-sample
+    gradients the fallback sums over all their calls before squaring."""
+    torch.manual_seed(0)
+    make, want_units = TIED[name]
+    model = make().double()
+    assert [unit.path for unit in plan(model, trainable(model))] == want_units
+    x = torch.randint(0, 3, (6, 3))
+    y = torch.randint(0, 3, (6,))
+    with caplog.at_level(logging.INFO, logger="ewc_reg"):
+        got = fisher_diagonal(model, [(x, y)], method, chunk_size=4)
+    assert not [r for r in caplog.records if r.name == "ewc_reg"]
+    assert_close_dicts(got, brute_force_fisher(model, x, y, method), 1e-10)
+
+
+class TinyLanguageModel(nn.Module):
+    """Token and position embeddings, a LayerNorm and an output layer tied to the token
+    embedding (``tie_word_embeddings``), on ``(B, T)`` tokens: logits ``(B, T, V)``."""
+
+    def __init__(self, vocab: int = 7, dim: int = 4) -> None:
+        super().__init__()
+        self.tokens, self.positions = nn.Embedding(vocab, dim), nn.Embedding(5, dim)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, vocab, bias=False)
+        self.head.weight = self.tokens.weight
+
+    def forward(self, ids: Tensor) -> Tensor:
+        positions = torch.arange(ids.shape[1])[None]
+        return self.head(self.norm(torch.tanh(self.tokens(ids) + self.positions(positions))))
+
+
+@pytest.mark.parametrize("method", ["exact", "empirical"])
+def test_a_language_model_with_a_tied_output_layer(method, caplog) -> None:
+    torch.manual_seed(0)
+    model = TinyLanguageModel().double()
+    ids = torch.randint(0, 7, (4, 5))
+    data = [{"ids": ids, "labels": ids.roll(-1, 1)}]
+    with caplog.at_level(logging.INFO, logger="ewc_reg"):
+        got = fisher_diagonal(model, data, method)
+    assert not [r for r in caplog.records if r.name == "ewc_reg"]
+    assert_close_dicts(got, fisher_diagonal(model, data, method, backend="loop"), 1e-10)

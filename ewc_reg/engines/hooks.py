@@ -182,6 +182,7 @@ class _Record:
     outputs: list[torch.Size] = field(default_factory=list)  # every output tensor's shape
     kept: dict[str, Tensor] = field(default_factory=dict)  # by the rule's recorded forward
     expanded: bool = False  # its inputs, all shared, were expanded over the batch
+    member: int | None = None  # which of a _Tied unit's modules was called
     more: list[_Record] = field(default_factory=list)  # the unit's later calls
 
     def calls(self) -> list[_Record]:
@@ -231,7 +232,56 @@ def _expand_shared(call: Any, tensors: list[Tensor], batch_size: int) -> Any:
 
 
 def _describe(path: str) -> str:
+    if "+" in path:  # (a unit of tied modules: _tie)
+        return "the tied modules " + " and ".join(map(repr, path.split("+")))
     return "the root module" if not path else f"module {path!r}"
+
+
+class _Tied(nn.ModuleList):
+    """Modules sharing a parameter (tied weights), as one unit: ``forward(member, *args,
+    **kwargs)`` calls the ``member``-th (the per-module fallback calls it so)."""
+
+    def forward(self, member: int, *args: Any, **kwargs: Any) -> Any:
+        return self[member](*args, **kwargs)
+
+
+def _tie(units: list[_Unit]) -> list[_Unit]:
+    """``units`` with those sharing a selected parameter made one: a module registered twice
+    (two paths, one module) is one unit; different modules (an embedding tied to an output
+    layer) are the members of a :class:`_Tied` unit without a rule, each of whose calls the
+    per-module fallback sees, so that a sample's gradient of the shared parameter is summed
+    over all of them before squaring."""
+    group_of: dict[str, int] = {}  # parameter name -> index of its group
+    groups: list[list[_Unit]] = []
+    for unit in units:
+        found = sorted({group_of[name] for name in unit.names.values() if name in group_of})
+        index = found[0] if found else len(groups)
+        if not found:
+            groups.append([])
+        for other in found[1:]:
+            groups[index] += groups[other]
+            groups[other] = []
+        groups[index].append(unit)
+        for member in groups[index]:
+            group_of.update(dict.fromkeys(member.names.values(), index))
+    tied = []
+    for group in filter(None, groups):
+        members: dict[int, _Unit] = {}  # one per module (a module registered twice is one)
+        for unit in group:
+            members.setdefault(id(unit.module), unit).names.update(unit.names)
+        if len(members) == 1:
+            tied.append(group[0])
+            continue
+        units_of = list(members.values())  # (none inside another: that one would be nested)
+        paths = [unit.path for unit in units_of]
+        names = {
+            f"{i}.{local}": name
+            for i, unit in enumerate(units_of)
+            for local, name in unit.names.items()
+        }
+        container = _Tied([unit.module for unit in units_of])
+        tied.append(_Unit(container, "+".join(paths), names, None))
+    return tied
 
 
 def plan(model: nn.Module, params: dict[str, Tensor]) -> list[_Unit]:
@@ -267,12 +317,7 @@ def plan(model: nn.Module, params: dict[str, Tensor]) -> list[_Unit]:
                     f"{_describe(script)} is TorchScript (torch.jit.script or torch.jit.trace): "
                     "the hooks of the modules inside it do not run"
                 )
-            if id(p) in owner:
-                raise Unsupported(
-                    f"parameter {wanted[id(p)]!r} is shared ({_describe(owner[id(p)])} and "
-                    f"{_describe(path)}; tied weights or a module registered twice)"
-                )
-            owner[id(p)] = path
+            owner.setdefault(id(p), path)
             owners.setdefault(unit_path, (unit_module, {}))[1][prefix + local] = wanted[id(p)]
     missing = [name for key, name in wanted.items() if key not in owner]
     if missing:
@@ -297,7 +342,7 @@ def plan(model: nn.Module, params: dict[str, Tensor]) -> list[_Unit]:
                 f"({', '.join(map(repr, inner))})"
             )
         units.append(_Unit(module, path, dict(names), None if nested else rule_for(module)))
-    return units
+    return _tie(units)
 
 
 def unsupported_reason(model: nn.Module, params: dict[str, Tensor] | None = None) -> str | None:
@@ -343,16 +388,21 @@ class _Recorder(TorchFunctionMode):
             for unit in self.units:
                 if unit.rule in RECORDED_FORWARDS:
                     self._record_in_pieces(unit)
-                self.handles += [
-                    unit.module.register_forward_pre_hook(
-                        lambda module, args, kwargs, unit=unit: self._before(unit, args, kwargs),
-                        prepend=True,
-                        with_kwargs=True,
-                    ),  # (the arguments it returns, if any, replace the call's)
-                    unit.module.register_forward_hook(
-                        lambda module, args, output, unit=unit: self._after(unit, output)
-                    ),  # (the output it returns, if any, replaces the module's)
-                ]
+                tied = isinstance(unit.module, _Tied)
+                for index, module in enumerate(unit.module if tied else [unit.module]):
+                    member = index if tied else None
+                    self.handles += [
+                        module.register_forward_pre_hook(
+                            lambda module, args, kwargs, unit=unit, member=member: self._before(
+                                unit, args, kwargs, member
+                            ),
+                            prepend=True,
+                            with_kwargs=True,
+                        ),  # (the arguments it returns, if any, replace the call's)
+                        module.register_forward_hook(
+                            lambda module, args, output, unit=unit: self._after(unit, output)
+                        ),  # (the output it returns, if any, replaces the module's)
+                    ]
         except BaseException:
             self._remove_hooks()
             raise
@@ -400,7 +450,7 @@ class _Recorder(TorchFunctionMode):
         self.problem = self.problem or problem
 
     def _before(
-        self, unit: _Unit, args: tuple[Any, ...], kwargs: dict[str, Any]
+        self, unit: _Unit, args: tuple[Any, ...], kwargs: dict[str, Any], member: int | None
     ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
         """Record the unit's call (a later call of the same unit in its first call's ``more``);
         return its arguments with shared inputs expanded over the batch (see
@@ -412,7 +462,12 @@ class _Recorder(TorchFunctionMode):
             tensors = _tensors(expanded)
         versions = [(t, t._version) for t in tensors]
         record = _Record(
-            args, kwargs, versions, inputs=[t.shape for t in tensors], expanded=bool(expanded)
+            args,
+            kwargs,
+            versions,
+            inputs=[t.shape for t in tensors],
+            expanded=bool(expanded),
+            member=member,
         )
         first = self.records.setdefault(unit, record)
         if first is not record:
@@ -1301,9 +1356,19 @@ def _fallback_sums(
         return torch.cat(flat, dim=1)
 
     module = _Calls(unit.module)
-    params = {f"module.{local}": unit.module.get_parameter(local) for local in unit.names}
-    batch = Batch(([(call.args, call.kwargs) for call in live],), {}, None, batch_size)
-    vmappable = unit.module not in FunctorchEngine.unvmappable
+    params: dict[str, Tensor] = {}  # (a tied parameter once, by its first name)
+    for local in unit.names:
+        p = unit.module.get_parameter(local)
+        if all(p is not q for q in params.values()):
+            params[f"module.{local}"] = p
+    calls_of = [
+        ((call.args if call.member is None else (call.member, *call.args)), call.kwargs)
+        for call in live
+    ]
+    batch = Batch((calls_of,), {}, None, batch_size)
+    # (a _Tied unit is made anew for each batch: its first module stands for it)
+    remembered = unit.module[0] if isinstance(unit.module, _Tied) else unit.module
+    vmappable = remembered not in FunctorchEngine.unvmappable
     engine = FunctorchEngine() if vmappable else LoopEngine()
     try:
         with sdpa_kernel([SDPBackend.MATH]):  # (vmap loops over the fused attention kernels)
@@ -1312,5 +1377,5 @@ def _fallback_sums(
             )
     finally:
         if module in FunctorchEngine.unvmappable:
-            FunctorchEngine.unvmappable.add(unit.module)
+            FunctorchEngine.unvmappable.add(remembered)
     return {name.removeprefix("module."): s for name, s in sums.items()}
