@@ -5,8 +5,8 @@
 
 * ``"hooks"`` (:class:`~.hooks.HookEngine`): one forward pass with hooks, one backward pass
   batched over the vectors and per-layer rules; fast, for models whose selected parameters each
-  belong to one module and are used only while it runs (a ``ValueError`` says why a model is
-  not covered);
+  are used only while the modules they are registered on run (a ``ValueError`` says why a
+  model is not covered);
 * ``"functorch"`` (:class:`~.functorch.FunctorchEngine`): per-sample ``torch.func`` pull-backs
   of the whole model; general, except for modules ``vmap`` cannot run (``nn.LSTM``), which it
   hands to the loop engine;

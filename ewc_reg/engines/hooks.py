@@ -42,11 +42,12 @@ in-projection's outputs as well.
 The decomposition is valid only if (checked; otherwise :class:`Unsupported` is raised):
 
 * every parameter in ``params`` (the selected ones: the others are constants, wherever they
-  are and however they are used) is registered on exactly one module, once (no tied weights or
-  modules registered twice), and, where a module's parameters get no per-sample copies, the
-  root module does not own selected parameters next to children owning some (the unit would
-  be the whole model), and none lies inside a TorchScript module (``torch.jit.script`` or
-  ``trace``: the hooks of the modules inside one do not run);
+  are and however they are used) is registered on a module (modules sharing one, tied weights,
+  are one unit without a rule, whose fallback sees all their calls: :func:`_tie`), and, where
+  a module's parameters get no per-sample copies, the root module does not own selected
+  parameters next to children owning some (the unit would be the whole model), and none lies
+  inside a TorchScript module (``torch.jit.script`` or ``trace``: the hooks of the modules
+  inside one do not run);
 * each unit's selected parameters (those of the modules inside it included) are used only
   while its module runs (not, say, with ``F.linear(h, self.embed.weight)`` in a parent's
   ``forward``); uses are seen by a :class:`~torch.overrides.TorchFunctionMode` during the
@@ -288,8 +289,9 @@ def plan(model: nn.Module, params: dict[str, Tensor]) -> list[_Unit]:
     """The units computing the sums of ``params``: each module owning some of them, except that
     the outermost module owning some and containing modules that own some is one unit for all
     of them, and an ``nn.MultiheadAttention`` is one unit with the parameters of the modules
-    inside it (``out_proj``) even when it owns none of ``params`` itself; raises
-    :class:`Unsupported` for the static problems of the module docstring."""
+    inside it (``out_proj``) even when it owns none of ``params`` itself, and the modules
+    sharing a parameter are one unit (:func:`_tie`); raises :class:`Unsupported` for the static
+    problems of the module docstring."""
     wanted = {id(p): name for name, p in params.items()}
     owner: dict[int, str] = {}
     owners: dict[str, tuple[nn.Module, dict[str, str]]] = {}  # by path, in pre-order
