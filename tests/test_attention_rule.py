@@ -204,13 +204,13 @@ def test_training_mode_with_dropout_and_unbatched_inputs_are_not_redone() -> Non
     mha.eval()
     assert attention.attention_in_pieces(mha, (x[0], x[0], x[0]), {}, keep) is NotImplemented
     assert not kept
-    grads = {0: torch.randn(3, 2, S, E, dtype=torch.float64)}
+    grads = {"y": torch.randn(3, 2, S, E, dtype=torch.float64)}
     names = ["in_proj_weight"]
     assert attention.multihead_attention(mha, (x, x, x), {}, grads, kept, names, 2**20) is None
     y, weights = attention.attention_in_pieces(mha, (x, x, x), {}, keep)
     want_y, want_weights = mha(x, x, x)
     assert torch.allclose(y, want_y, atol=1e-12) and torch.allclose(weights, want_weights)
-    assert set(kept) == {"qkv", "o"}
+    assert set(kept) == {"x", "qkv", "o", "y"} and kept["y"] is y
     assert attention.multihead_attention(mha, (x, x, x), {}, grads, kept, names, 2**20) is not None
 
 

@@ -495,18 +495,39 @@ class UsedOutsideInAList(UsedOutside):
 
 
 class AttentionCalledTwice(nn.Module):
-    """An attention module (whose rule records its call in pieces) called twice."""
+    """Self-attention applied to its own output, its weights used too; with ``apart``, then
+    once more with the key apart from the query and value (pieces of another kind)."""
 
-    def __init__(self) -> None:
+    def __init__(self, apart: bool = False) -> None:
         super().__init__()
         self.attention = nn.MultiheadAttention(4, 2, batch_first=True)
         self.head = nn.Linear(4, 3)
+        self.apart = apart
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, 4) as (B, 2, 2) sequences of 2 features
+        h = torch.cat([x.view(-1, 2, 2), x.view(-1, 2, 2).flip(1)], 2)  # (B, 2, 4)
+        weights = h.new_zeros(())
+        for _ in range(2):
+            h, w = self.attention(h, h, h)
+            weights = weights + w[:, 0, 1, None]
+        if self.apart:
+            h = self.attention(h, torch.tanh(h), h)[0]
+        return self.head(h.mean(1)) * weights
+
+
+class SharedEncoderLayer(nn.Module):
+    """One ``nn.TransformerEncoderLayer`` applied three times (a universal transformer)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.TransformerEncoderLayer(4, 2, 6, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(4, 3)
 
     def forward(self, x: Tensor) -> Tensor:
-        h = x[:, None]
-        for _ in range(2):
-            h = self.attention(h, h, h, need_weights=False)[0]
-        return self.head(h[:, 0])
+        h = torch.cat([x.view(-1, 2, 2), x.view(-1, 2, 2).flip(1)], 2)  # (B, 2, 4)
+        for _ in range(3):
+            h = self.layer(h)
+        return self.head(h.mean(1))
 
 
 class Gate(nn.Module):
@@ -577,7 +598,6 @@ STATIC = {  # ruled out by the module tree: get_engine decides
 DYNAMIC = {  # found during the forward pass: the engine decides on the first batch
     "used_outside": (UsedOutside, "used outside"),
     "used_outside_in_a_list": (UsedOutsideInAList, "used outside"),
-    "attention_called_twice": (AttentionCalledTwice, "called more than once"),
     "input_changed": (InputChanged, "modified in place"),
     "no_batch_dim": (NoBatchDim, "leading dimension"),
     # (its weight is no broadcast copy: per_sample_problem, then the root as one unit)
@@ -1754,6 +1774,13 @@ CALLED_TWICE = {  # the model, a sample's shape, the units joined, those to the 
     "linear_on_its_own_output": (CalledTwice, (4,), {"fc"}, set()),
     "shared_block": (SharedBlock, (5,), {"embed", "fc", "norm", "rms"}, set()),
     "siamese": (Siamese, (8,), set(), {"conv", "encoder"}),
+    "attention": (AttentionCalledTwice, (4,), {"attention"}, set()),
+    "shared_encoder_layer": (
+        SharedEncoderLayer,
+        (4,),
+        {"layer.self_attn", "layer.linear1", "layer.linear2", "layer.norm1", "layer.norm2"},
+        set(),
+    ),
     "lstm_cell_loop": (lambda: CellLoop(nn.LSTMCell, False), (5, 3), {"cell"}, set()),
     "lstm_cell_loop_from_a_state": (lambda: CellLoop(nn.LSTMCell, True), (5, 3), {"cell"}, set()),
     "gru_cell_loop": (lambda: CellLoop(nn.GRUCell, True), (5, 3), {"cell"}, set()),
@@ -1807,6 +1834,13 @@ class CalledByBatchSize(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return sum(self.fc(x) for _ in range(min(len(x), 3)))
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # (attention, vmapped)
+def test_calls_recorded_in_pieces_of_other_kinds_go_to_functorch(caplog) -> None:
+    """Self-attention, then cross-attention: the in-projection's pieces differ."""
+    model = AttentionCalledTwice(apart=True).double()
+    log_and_compare(model, data_for(None), caplog, "pieces it cannot join")
 
 
 def test_calls_are_checked_on_fewer_samples(caplog) -> None:

@@ -86,8 +86,11 @@ def attention_in_pieces(
     with ``M`` the additive mask (:func:`_attention_mask`); the attention core is
     ``F.scaled_dot_product_attention``, or, when the weights are asked for, done by hand (as
     PyTorch does). ``keep(name, tensor, pull_back)`` records the in-projection's outputs (one
-    ``(B, L, 3E)`` tensor ``"qkv"`` for self-attention, else ``"q"``, ``"k"``, ``"v"``), to
-    which the engine pulls the vectors back, and ``o`` (``"o"``), whose value the rule needs.
+    ``(B, L, 3E)`` tensor ``"qkv"`` for self-attention, else ``"q"``, ``"k"``, ``"v"``) and
+    the output ``y`` (``"y"``), to which the engine pulls the vectors back, and the values the
+    rule needs: the in-projection's inputs (``"x"``, else ``"xq"``, ``"xk"``, ``"xv"``) and
+    ``o`` (``"o"``). Each piece has the positions (``L`` or ``S``) as its second dimension,
+    so the engine can join the pieces of several calls (:data:`.rules.POSITIONWISE`).
     Numerically this is PyTorch's attention up to rounding."""
     call = _ATTENTION_SIGNATURE.bind(module, *args, **kwargs)
     call.apply_defaults()
@@ -99,6 +102,7 @@ def attention_in_pieces(
     keys, heads, head_dim = key.shape[1], module.num_heads, module.head_dim
     bias = module.in_proj_bias
     if module._qkv_same_embed_dim and query is key and key is value:
+        keep("x", query, False)
         q, k, v = keep("qkv", F.linear(query, module.in_proj_weight, bias), True).chunk(3, -1)
     else:
         if module._qkv_same_embed_dim:
@@ -107,7 +111,7 @@ def attention_in_pieces(
             weights = (module.q_proj_weight, module.k_proj_weight, module.v_proj_weight)
         biases = (None,) * 3 if bias is None else bias.chunk(3)
         q, k, v = (
-            keep(n, F.linear(x, w, b), True)
+            keep(n, F.linear(keep(f"x{n}", x, False), w, b), True)
             for n, x, w, b in zip("qkv", (query, key, value), weights, biases)
         )
     q, k, v = (t.unflatten(-1, (heads, head_dim)).transpose(1, 2) for t in (q, k, v))
@@ -121,20 +125,15 @@ def attention_in_pieces(
     else:
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     o = keep("o", o.transpose(1, 2).flatten(2), False)  # (B, L, E)
-    return F.linear(o, module.out_proj.weight, module.out_proj.bias), weights
+    return keep("y", F.linear(o, module.out_proj.weight, module.out_proj.bias), True), weights
 
 
 class _AttentionSums:
     """The :class:`~.rules.Accumulator` of :func:`multihead_attention`: one
-    :class:`~.rules.LinearSums` per projection, fed by output leaf or kept piece."""
+    :class:`~.rules.LinearSums` per projection, fed by kept piece."""
 
     def __init__(
-        self,
-        module: nn.Module,
-        call: dict[str, Any],
-        kept: dict[str, Tensor],
-        names: Collection[str],
-        budget: int,
+        self, module: nn.Module, kept: dict[str, Tensor], names: Collection[str], budget: int
     ) -> None:
         acc = accumulation_dtype(module.out_proj.weight.dtype)
         embed = module.embed_dim
@@ -144,13 +143,13 @@ class _AttentionSums:
         if any(n.endswith("_weight") for n in names):
             in_names.append("weight")
         self.parts: dict[int | str, LinearSums] = {
-            0: LinearSums(kept["o"], embed, out_names, acc, budget)
+            "y": LinearSums(kept["o"], embed, out_names, acc, budget)
         }
         if "qkv" in kept:
-            self.parts["qkv"] = LinearSums(call["query"], 3 * embed, in_names, acc, budget)
+            self.parts["qkv"] = LinearSums(kept["x"], 3 * embed, in_names, acc, budget)
         else:
-            for n, x in zip("qkv", (call["query"], call["key"], call["value"])):
-                self.parts[n] = LinearSums(x, embed, in_names, acc, budget)
+            for n in "qkv":
+                self.parts[n] = LinearSums(kept[f"x{n}"], embed, in_names, acc, budget)
 
     def add(self, key: int | str, grads: Tensor) -> None:
         # (the weights output, leaf 1, feeds nothing here: its gradients reach the
@@ -159,7 +158,7 @@ class _AttentionSums:
             self.parts[key].add(key, grads)
 
     def sums(self) -> dict[str, Tensor]:
-        found = {f"out_proj.{n}": t for n, t in self.parts[0].sums().items()}
+        found = {f"out_proj.{n}": t for n, t in self.parts["y"].sums().items()}
         if "qkv" in self.parts:
             found.update({f"in_proj_{n}": t for n, t in self.parts["qkv"].sums().items()})
         else:
@@ -183,9 +182,7 @@ def _attention_sums(
 ) -> _AttentionSums | None:
     if "o" not in kept:  # (the call was not redone in pieces)
         return None
-    call = _ATTENTION_SIGNATURE.bind(module, *args, **kwargs)
-    call.apply_defaults()
-    return _AttentionSums(module, call.arguments, kept, names, budget)
+    return _AttentionSums(module, kept, names, budget)
 
 
 @register(
@@ -195,6 +192,7 @@ def _attention_sums(
     whole_call=True,
     forward=attention_in_pieces,
     accumulate=_attention_sums,
+    positionwise=lambda module: (1, 1),
 )
 def multihead_attention(
     module: nn.Module,
@@ -206,7 +204,8 @@ def multihead_attention(
     budget: int,
 ) -> dict[str, Tensor] | None:
     r"""The sums of an ``nn.MultiheadAttention`` call recorded by :func:`attention_in_pieces`
-    (``None``, declining, for a call it did not redo). With the gradients ``G`` of the output
+    (``None``, declining, for a call it did not redo), or of several calls joined (each piece
+    with the calls' positions side by side). With the gradients ``G`` of the output
     ``y`` ``(K, B, L, E)`` and ``G_q``, ``G_k``, ``G_v`` of the in-projection's outputs (or
     ``G_{qkv}`` for self-attention: ``(K, B, L, 3E)``), each projection is a ``Linear`` on a
     sequence (:class:`~.rules.LinearSums`): ``out_proj`` from ``(G, o)``, the in-projection

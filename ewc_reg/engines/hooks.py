@@ -58,9 +58,10 @@ The decomposition is valid only if (checked; otherwise :class:`Unsupported` is r
   per-sample pull-back (backpropagation through time), which the unit's rule computes on its
   calls joined, positions side by side, where it treats positions alike
   (:data:`.rules.POSITIONWISE`: ``Linear``, the norms over trailing dimensions, ``Embedding``,
-  the recurrent layers and cells), and the per-module fallback otherwise, on all the calls at
-  once; but not a unit whose rule records its call in pieces for one call only (attention, an
-  LSTM with a projection), nor one with a rule and several outputs;
+  attention, the recurrent layers and cells), and the per-module fallback otherwise, on all
+  the calls at once; but not a unit whose rule records its calls in pieces it cannot join (an
+  LSTM with a projection; attention that is self-attention in one call and not in another),
+  nor one with a rule and several outputs;
 * module outputs have the batch as leading dimension (``nn.MultiheadAttention`` units need
   ``batch_first=True``; a unit whose inputs all lead with 1, shared by the samples, such as a
   position embedding on ``position_ids`` of shape ``(1, T)``, is called on them expanded over
@@ -473,12 +474,6 @@ class _Recorder(TorchFunctionMode):
         )
         first = self.records.setdefault(unit, record)
         if first is not record:
-            joinable = feature_dims(unit.rule, unit.module) is not None
-            if unit.rule in RECORDED_FORWARDS and not joinable:
-                self._flag(
-                    f"{_describe(unit.path)} is called more than once per forward pass (its "
-                    "rule records one call in pieces)"
-                )
             first.more.append(record)
         self.calling[unit] = record
         self.running.add(unit)
@@ -504,6 +499,8 @@ class _Recorder(TorchFunctionMode):
                     f"dimension is a multiple of the batch ({self.batch_size}), per-sample data "
                     "folded into the batch dimension (e.g. a (B * heads, L, S) attention mask)"
                 )
+        # (an output the recorded forward kept to pull back to already has its edge)
+        pulled = [record.kept[name] for name in record.leaves if isinstance(name, str)]
         for i, leaf in enumerate(pytree.tree_leaves(output)):
             if not isinstance(leaf, Tensor):
                 continue
@@ -517,7 +514,7 @@ class _Recorder(TorchFunctionMode):
                 )
             if leaf.is_floating_point():
                 record.nbytes += leaf.numel() * leaf.element_size()
-            if leaf.requires_grad:
+            if leaf.requires_grad and not any(leaf is piece for piece in pulled):
                 record.edges.append(get_gradient_edge(leaf))
                 record.leaves.append(i)
                 record.shapes.append(leaf.shape)
@@ -543,9 +540,14 @@ class _Recorder(TorchFunctionMode):
             calls = record.calls()
             if any(t._version != v for call in calls for t, v in call.versions):
                 self._flag(f"the input of {_describe(unit.path)} is modified in place after it")
-            several = any(len(call.edges) > 1 for call in calls)
-            joined = _join_dims(unit, record) is not None
-            if record.more and several and unit.rule is not None and not joined:
+            if not record.more or unit.rule is None or _join_dims(unit, record) is not None:
+                continue
+            if unit.rule in RECORDED_FORWARDS:
+                self._flag(
+                    f"{_describe(unit.path)} is called more than once per forward pass, and "
+                    "its rule records each call in pieces it cannot join"
+                )
+            elif any(len(call.edges) > 1 for call in calls):
                 self._flag(
                     f"{_describe(unit.path)} is called more than once per forward pass, with "
                     "several outputs"
@@ -1244,10 +1246,10 @@ def _join_dims(unit: _Unit, record: _Record) -> tuple[int, int] | None:
     """The feature dimensions (:func:`.rules.feature_dims`) with which the calls of a unit are
     joined into one call of its rule, or ``None`` where they cannot be: the rule treats
     positions alike and every call was ``module(x)`` (for a rule of
-    :data:`.rules.CALL_RULES`: was recorded in pieces by its recorded forward)."""
+    :data:`.rules.CALL_RULES`: was recorded in the same pieces by its recorded forward)."""
     dims = feature_dims(unit.rule, unit.module)
-    if unit.rule in CALL_RULES:
-        plain = all(call.kept for call in record.calls())
+    if unit.rule in CALL_RULES:  # (the same pieces in every call: self-attention in each)
+        plain = bool(record.kept) and all(c.kept.keys() == record.kept.keys() for c in record.more)
     else:
         plain = all(
             len(call.args) == 1 and isinstance(call.args[0], Tensor) and not call.kwargs
