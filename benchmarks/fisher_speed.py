@@ -70,9 +70,10 @@ ENGINE_METHODS = ("exact", "empirical", "sample")
 MODEL_KEYS = ("mlp", "resnet", "transformer")
 #: Models run only when named in ``--models`` (the targets are those of :data:`MODEL_KEYS`): a
 #: torchvision ViT (class token and position embedding on the model), an LSTM classifier,
-#: without and with ``proj_size``, and with an ``nn.LSTMCell`` stepped by hand instead, and an
-#: MLP whose hidden block is applied three times (the last two: modules called more than once).
-EXTRA_MODEL_KEYS = ("vit", "lstm", "lstm_proj", "lstm_cell", "shared_mlp")
+#: without and with ``proj_size``, and with an ``nn.LSTMCell`` stepped by hand instead, an MLP
+#: whose hidden block is applied three times, and the Transformer with one encoder layer applied
+#: twice (the last three: modules called more than once).
+EXTRA_MODEL_KEYS = ("vit", "lstm", "lstm_proj", "lstm_cell", "shared_mlp", "transformer_shared")
 ALL_MODEL_KEYS = MODEL_KEYS + EXTRA_MODEL_KEYS
 PEERS = {"BackPACK": "backpack-for-pytorch", "nngeometry": "nngeometry"}
 
@@ -201,8 +202,10 @@ def make_workloads(
                 inputs = torch.randint(0, vocab, (samples or (8 if quick else n), seq))
             else:
                 sizes = dict(vocab_size=50, seq_len=8, d_model=16, d_feedforward=32)
-                model = TextTransformer(10, **(sizes if quick else {}))
-                n, subset, head, title = 128, 16, "linear", "Transformer text classifier"
+                shared = key == "transformer_shared"
+                model = TextTransformer(10, **(sizes if quick else {}), shared=shared)
+                n, subset, head = 128, 16, "linear"
+                title = "Transformer text classifier" + (", one layer applied twice" * shared)
                 vocab, seq = (50, 8) if quick else (1000, 32)
                 inputs = torch.randint(0, vocab, (samples or (8 if quick else n), seq))
             targets = torch.randint(0, num_classes, (inputs.shape[0],))

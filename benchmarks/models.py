@@ -69,8 +69,9 @@ class ReducedResNet18(nn.Module):
 
 class TextTransformer(nn.Module):
     """Small Transformer-encoder text classifier: token + learned position embeddings, a stack
-    of ``nn.TransformerEncoderLayer`` (post-norm, ReLU, no dropout), mean pooling
-    over the sequence and one linear layer. Inputs are ``(B, seq_len)`` token ids."""
+    of ``nn.TransformerEncoderLayer`` (post-norm, ReLU, no dropout; with ``shared``, one layer
+    applied ``num_layers`` times), mean pooling over the sequence and one linear layer. Inputs
+    are ``(B, seq_len)`` token ids."""
 
     def __init__(
         self,
@@ -81,6 +82,7 @@ class TextTransformer(nn.Module):
         num_heads: int = 4,
         num_layers: int = 2,
         d_feedforward: int = 128,
+        shared: bool = False,
     ) -> None:
         super().__init__()
         self.embedding = nn.Embedding(vocab_size, d_model)
@@ -90,15 +92,18 @@ class TextTransformer(nn.Module):
                 nn.TransformerEncoderLayer(
                     d_model, num_heads, d_feedforward, dropout=0.0, batch_first=True
                 )
-                for _ in range(num_layers)
+                for _ in range(1 if shared else num_layers)
             ]
         )
+        self.repeats = num_layers if shared else 1
         self.linear = nn.Linear(d_model, num_classes)
 
     def forward(self, tokens: Tensor) -> Tensor:
         positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
         hidden = self.embedding(tokens) + self.position(positions)
-        return self.linear(self.encoder(hidden).mean(dim=1))
+        for _ in range(self.repeats):
+            hidden = self.encoder(hidden)
+        return self.linear(hidden.mean(dim=1))
 
 
 class LSTMClassifier(nn.Module):
