@@ -1727,6 +1727,31 @@ class Siamese(nn.Module):
         return self.head(torch.cat([self.encode(h) for h in halves], 1))
 
 
+class SiameseCNN(nn.Module):
+    """A small CNN (reflect padding, stride, groups, batch norm in eval mode, group norm,
+    instance norm, PReLU) applied to an image and to a smaller crop of it: each layer called
+    twice, on inputs of two sizes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(  # (no bias right before an instance norm: it would
+            nn.InstanceNorm2d(2, affine=True),  # have no effect, nor a Fisher)
+            nn.Conv2d(2, 4, 3, padding=1, padding_mode="reflect"),
+            nn.BatchNorm2d(4),
+            nn.PReLU(4),
+            nn.Conv2d(4, 4, 3, stride=2, groups=2),
+            nn.GroupNorm(2, 4),
+            nn.Tanh(),
+        )
+        randomize_bn(self)
+        self.eval()
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, 2, 6, 6)
+        pooled = [self.features(image).mean((2, 3)) for image in (x, x[..., 1:, 1:])]
+        return self.head(torch.cat(pooled, 1))
+
+
 class CellLoop(nn.Module):
     """A recurrent cell stepped through the sequence by hand, from no state (``None``: the
     cell makes zeros, which ``vmap`` cannot batch) or from a given one."""
@@ -1770,15 +1795,17 @@ class SharedBlock(nn.Module):
         return self.head(pooled + h.mean(1))
 
 
-CALLED_TWICE = {  # the model, a sample's shape, the units joined, those to the fallback
+CALLED_TWICE = {  # the model, a sample's shape, the units joined, those to the fallback (the
+    # others: by their rules, the norms' per-sample gradients summed, a conv's positions joined)
     "linear_on_its_own_output": (CalledTwice, (4,), {"fc"}, set()),
-    "shared_block": (SharedBlock, (5,), {"embed", "fc", "norm", "rms"}, set()),
-    "siamese": (Siamese, (8,), set(), {"conv", "encoder"}),
+    "shared_block": (SharedBlock, (5,), {"embed", "fc"}, set()),
+    "siamese": (Siamese, (8,), set(), {"encoder"}),
+    "siamese_cnn": (SiameseCNN, (2, 6, 6), set(), set()),
     "attention": (AttentionCalledTwice, (4,), {"attention"}, set()),
     "shared_encoder_layer": (
         SharedEncoderLayer,
         (4,),
-        {"layer.self_attn", "layer.linear1", "layer.linear2", "layer.norm1", "layer.norm2"},
+        {"layer.self_attn", "layer.linear1", "layer.linear2"},
         set(),
     ),
     "lstm_cell_loop": (lambda: CellLoop(nn.LSTMCell, False), (5, 3), {"cell"}, set()),

@@ -55,13 +55,15 @@ The decomposition is valid only if (checked; otherwise :class:`Unsupported` is r
   output, a siamese encoder, a recurrent cell stepped through a sequence by hand): since the
   gradient recorded at call :math:`t`'s output is all that reaches it, the later calls'
   included, :math:`\sum_t (\partial y^{(t)}_n/\partial\theta)^\top G^{(t)}_{nk}` is the
-  per-sample pull-back (backpropagation through time), which the unit's rule computes on its
-  calls joined, positions side by side, where it treats positions alike
-  (:data:`.rules.POSITIONWISE`: ``Linear``, the norms over trailing dimensions, ``Embedding``,
-  attention, the recurrent layers and cells), and the per-module fallback otherwise, on all
-  the calls at once; but not a unit whose rule records its calls in pieces it cannot join (an
-  LSTM with a projection; attention that is self-attention in one call and not in another),
-  nor one with a rule and several outputs;
+  per-sample pull-back (backpropagation through time). The unit's rule takes all the calls:
+  a rule whose reduction gives per-sample gradients (:data:`.rules.REDUCTIONS`: the norms,
+  PReLU) sums those of the calls; a convolution joins its calls' patches
+  (:data:`.rules.SEVERAL_CALLS`); a rule that treats positions alike
+  (:data:`.rules.POSITIONWISE`: ``Linear``, ``Embedding``, attention, the recurrent layers and
+  cells) gets its calls joined, positions side by side. A unit without a rule gets the
+  per-module fallback on all its calls at once. Not covered: a unit whose rule records its
+  calls in pieces it cannot join (an LSTM with a projection; attention that is
+  self-attention in one call and not in another), or with a rule and several outputs;
 * module outputs have the batch as leading dimension (``nn.MultiheadAttention`` units need
   ``batch_first=True``; a unit whose inputs all lead with 1, shared by the samples, such as a
   position embedding on ``position_ids`` of shape ``(1, T)``, is called on them expanded over
@@ -130,6 +132,7 @@ from .rules import (
     CALL_RULES,
     RECORDED_FORWARDS,
     REDUCTIONS,
+    SEVERAL_CALLS,
     Accumulation,
     Accumulator,
     CallRule,
@@ -540,7 +543,7 @@ class _Recorder(TorchFunctionMode):
             calls = record.calls()
             if any(t._version != v for call in calls for t, v in call.versions):
                 self._flag(f"the input of {_describe(unit.path)} is modified in place after it")
-            if not record.more or unit.rule is None or _join_dims(unit, record) is not None:
+            if not record.more or unit.rule is None or _together(unit, record):
                 continue
             if unit.rule in RECORDED_FORWARDS:
                 self._flag(
@@ -1126,8 +1129,13 @@ class HookEngine:
                     accumulators[unit] = accumulator
                     for offset, leaf in enumerate(record.leaves):
                         reducers[position + offset] = functools.partial(_feed, accumulator, leaf)
-                elif reduction is not None:
-                    reducers[position] = reduction(unit.module, record.args[0], unit.names.keys())
+                elif reduction is not None:  # (each call's gradients by its own input)
+                    offset = position
+                    for call in record.calls():
+                        if call.edges:
+                            names = unit.names.keys()
+                            reducers[offset] = reduction(unit.module, call.args[0], names)
+                        offset += len(call.edges)
             position += len(unit_edges)
         grads = _pull_back(output, edges, vectors, looped, storage, reducers)
         del reducers
@@ -1197,16 +1205,30 @@ def _by_rule(unit: _Unit, record: _Record) -> bool:
     (:data:`.rules.CALL_RULES`)."""
     if record.more:
         return False
-    if unit.rule in CALL_RULES:
-        return True
-    (x, *others) = record.args or (None,)
-    return unit.rule is not None and isinstance(x, Tensor) and not others and not record.kwargs
+    return unit.rule in CALL_RULES or (unit.rule is not None and _plain_calls(record))
+
+
+def _plain_calls(record: _Record) -> bool:
+    """Whether every call of the unit was ``module(x)``, one tensor and nothing else."""
+    return all(
+        len(call.args) == 1 and isinstance(call.args[0], Tensor) and not call.kwargs
+        for call in record.calls()
+    )
+
+
+def _together(unit: _Unit, record: _Record) -> bool:
+    """Whether the rule of a unit called more than once takes all its calls: it reduces the
+    output gradients to per-sample gradients, which add up (:data:`.rules.REDUCTIONS`), takes
+    several calls (:data:`.rules.SEVERAL_CALLS`), or treats positions alike
+    (:func:`_join_dims`)."""
+    several = unit.rule in REDUCTIONS or unit.rule in SEVERAL_CALLS
+    return (several and _plain_calls(record)) or _join_dims(unit, record) is not None
 
 
 def _reduction(unit: _Unit, record: _Record) -> Reduction | None:
     """The reduction of the unit's output gradients its rule takes (see
-    :data:`.rules.REDUCTIONS`), or ``None``."""
-    if unit.rule is None or not _by_rule(unit, record):
+    :data:`.rules.REDUCTIONS`) on every call, or ``None``."""
+    if unit.rule is None or unit.rule in CALL_RULES or not _plain_calls(record):
         return None
     return REDUCTIONS.get(unit.rule)
 
@@ -1215,11 +1237,12 @@ def _unit_sums(
     unit: _Unit, record: _Record, grads: list[Tensor | None], memory_budget: int
 ) -> dict[str, Tensor]:
     r"""One unit's sums: its rule when it has one and was called once as ``module(x)`` (a rule
-    of :data:`.rules.CALL_RULES`: called once in any way, unless it declines the call), or
-    its rule on its calls joined (:func:`_joined_sums`) when it was called more than once and
-    the rule treats positions alike, else the functorch engine on the module alone
+    of :data:`.rules.CALL_RULES`: called once in any way, unless it declines the call); for a
+    unit called more than once, its rule on the reduced gradients of all the calls summed
+    (:data:`.rules.REDUCTIONS`), on all the calls (:data:`.rules.SEVERAL_CALLS`), or on the
+    calls joined (:func:`_joined_sums`); else the functorch engine on the module alone
     (:func:`_fallback_sums`). ``grads`` are those of the edges of all the unit's calls, in
-    order."""
+    order (reduced, where the rule has a reduction)."""
     if unit.rule in CALL_RULES and _by_rule(unit, record):
         given = {leaf: g for leaf, g in zip(record.leaves, grads) if g is not None}
         sums = unit.rule(
@@ -1235,6 +1258,15 @@ def _unit_sums(
             return sums
     elif _by_rule(unit, record):
         return unit.rule(unit.module, record.args[0], grads[0], unit.names.keys(), memory_budget)
+    elif (unit.rule in REDUCTIONS or unit.rule in SEVERAL_CALLS) and _plain_calls(record):
+        calls = [call for call in record.calls() if call.edges]  # (one output each)
+        given = [(call.args[0], g) for call, g in zip(calls, grads) if g is not None]
+        xs, gs = [x for x, _ in given], [g for _, g in given]
+        if unit.rule in REDUCTIONS:  # (reduced to per-sample gradients: they add up)
+            summed = functools.reduce(torch.add, gs)
+            return unit.rule(unit.module, xs[0], summed, unit.names.keys(), memory_budget)
+        several = SEVERAL_CALLS[unit.rule]
+        return several(unit.module, xs, gs, unit.names.keys(), memory_budget)
     elif (dims := _join_dims(unit, record)) is not None:
         sums = _joined_sums(unit, record.calls(), grads, dims, memory_budget)
         if sums is not None:
@@ -1251,10 +1283,7 @@ def _join_dims(unit: _Unit, record: _Record) -> tuple[int, int] | None:
     if unit.rule in CALL_RULES:  # (the same pieces in every call: self-attention in each)
         plain = bool(record.kept) and all(c.kept.keys() == record.kept.keys() for c in record.more)
     else:
-        plain = all(
-            len(call.args) == 1 and isinstance(call.args[0], Tensor) and not call.kwargs
-            for call in record.calls()
-        )
+        plain = _plain_calls(record)
     return dims if plain else None
 
 

@@ -144,8 +144,21 @@ ACCUMULATIONS: dict[Rule | CallRule, Accumulation] = {}
 
 #: Rules whose ``G`` is reduced as the pull-back produces it, one vector at a time (then ``G``
 #: is ``(K, B, *r)``): the engine keeps the small reduced gradients instead of the layer's
-#: whole output gradients.
+#: whole output gradients. A reduction gives per-sample gradients (linear in ``G``, not yet
+#: squared), so those of several calls of the layer add up (the engine sums them for a layer
+#: called more than once per forward pass).
 REDUCTIONS: dict[Rule, Reduction] = {}
+
+#: ``several(module, xs, grads, names, budget) -> {name: sum}``: a rule's sums over several calls
+#: of its layer (their inputs ``xs`` and output gradients ``grads``, as the rule takes them).
+SeveralCalls = Callable[
+    [nn.Module, list[Tensor], list[Tensor], Collection[str], int], dict[str, Tensor]
+]
+
+#: Rules that also take several calls of their layer at once (a convolution's per-sample
+#: gradient is a sum over the output positions of all its calls), for a layer called more than
+#: once per forward pass.
+SEVERAL_CALLS: dict[Rule, SeveralCalls] = {}
 
 #: Rules of layers that treat every position alike: for ``x: (B, *S, *F)`` and ``y: (B, *S,
 #: *D)``, position ``s`` of ``y`` depends on position ``s`` of ``x`` only, through the same
@@ -169,13 +182,15 @@ def register(
     accumulate: Accumulation | None = None,
     batch_dims: Callable[[nn.Module], tuple[tuple[int, ...], tuple[int, ...]]] | None = None,
     positionwise: Callable[[nn.Module], tuple[int, int] | None] | None = None,
+    several_calls: SeveralCalls | None = None,
 ) -> Callable[[Any], Any]:
     """Decorator adding a rule to :data:`RULES` for the module classes ``types``, knowing the
     parameters ``params`` (its reduction, if any, to :data:`REDUCTIONS`; with ``whole_call``,
     the rule to :data:`CALL_RULES`, its recorded ``forward``, if any, to
     :data:`RECORDED_FORWARDS` and its ``batch_dims`` to :data:`BATCH_DIMS`; its
     accumulation, if any, to :data:`ACCUMULATIONS`; its feature dimensions, if
-    ``positionwise``, to :data:`POSITIONWISE`)."""
+    ``positionwise``, to :data:`POSITIONWISE`; its ``several_calls``, if any, to
+    :data:`SEVERAL_CALLS`)."""
 
     def add(rule: Any) -> Any:
         for cls in types:
@@ -192,6 +207,8 @@ def register(
             BATCH_DIMS[rule] = batch_dims
         if positionwise is not None:
             POSITIONWISE[rule] = positionwise
+        if several_calls is not None:
+            SEVERAL_CALLS[rule] = several_calls
         return rule
 
     return add
@@ -496,7 +513,54 @@ def _conv_padding(module: nn.Module) -> list[int]:
     return pads
 
 
-@register(nn.Conv1d, nn.Conv2d)
+def conv_calls(
+    module: nn.Module, xs: list[Tensor], grads: list[Tensor], names: Collection[str], budget: int
+) -> dict[str, Tensor]:
+    r""":func:`conv` for several calls of the layer at once (inputs ``xs``, output gradients
+    ``grads``): the per-sample gradient is a sum over the output positions of all the calls,
+    so their patches and gradients are joined along the positions ``L`` (see
+    :data:`SEVERAL_CALLS`)."""
+    acc = _acc(module)
+    pads = _conv_padding(module)
+    kernel, stride, dilation = module.kernel_size, module.stride, module.dilation
+    # zero padding the same on both sides goes to F.unfold (no padded copy of x)
+    symmetric = module.padding_mode == "zeros" and pads[::2] == pads[1::2]
+    padding = tuple(reversed(pads[::2])) if symmetric else (0,) * len(kernel)
+    xs = [x.to(acc) for x in xs]
+    if any(pads) and not symmetric:
+        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+        xs = [F.pad(x, pads, mode=mode) for x in xs]
+    if xs[0].dim() == 3:  # Conv1d as a convolution over a (1, L) image
+        xs = [x.unsqueeze(2) for x in xs]
+        kernel, stride = (1, *kernel), (1, *stride)
+        dilation, padding = (1, *dilation), (0, *padding)
+    groups = module.groups
+    num_vectors, batch = grads[0].shape[:2]
+    out = module.out_channels // groups
+    joined = torch.cat([g.to(acc).reshape(num_vectors, batch, groups, out, -1) for g in grads], -1)
+    patch = module.weight[0].numel()  # P = C_in/g * prod(kernel)
+    pointwise = all(k == 1 for k in kernel) and not any(padding)
+
+    def patches_of(chunk: slice) -> Tensor:
+        pieces = []
+        for x in xs:
+            if pointwise:  # 1x1 kernels: the patches are the (strided) input itself
+                patches = x[chunk][..., :: stride[0], :: stride[1]]
+            else:
+                patches = F.unfold(x[chunk], kernel, dilation, padding, stride)
+            pieces.append(patches.reshape(patches.shape[0], groups, patch, -1))  # (b, g, P, L)
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, -1)
+
+    sums = {}
+    if "weight" in names:
+        weight = _squared_products(joined, patches_of, patch, budget)
+        sums["weight"] = weight.reshape(module.weight.shape)
+    if "bias" in names:
+        sums["bias"] = _square_sum(_sum(joined, -1)).reshape(-1)
+    return sums
+
+
+@register(nn.Conv1d, nn.Conv2d, several_calls=conv_calls)
 def conv(
     module: nn.Module, x: Tensor, grads: Tensor, names: Collection[str], budget: int
 ) -> dict[str, Tensor]:
@@ -509,40 +573,7 @@ def conv(
     gradient of group ``j`` is :math:`G_{nkj} U_{nj}^\top` (``(C_out/g, P)``; summed squares by
     :func:`_squared_products`); the bias gradient is :math:`\sum_l G_{nkl}`.
     """
-    acc = _acc(module)
-    pads = _conv_padding(module)
-    x = x.to(acc)
-    kernel, stride, dilation = module.kernel_size, module.stride, module.dilation
-    # zero padding the same on both sides goes to F.unfold (no padded copy of x)
-    symmetric = module.padding_mode == "zeros" and pads[::2] == pads[1::2]
-    padding = tuple(reversed(pads[::2])) if symmetric else (0,) * len(kernel)
-    if any(pads) and not symmetric:
-        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-        x = F.pad(x, pads, mode=mode)
-    if x.dim() == 3:  # Conv1d as a convolution over a (1, L) image
-        x = x.unsqueeze(2)
-        kernel, stride = (1, *kernel), (1, *stride)
-        dilation, padding = (1, *dilation), (0, *padding)
-    groups = module.groups
-    num_vectors, batch = grads.shape[:2]
-    grads = grads.to(acc).reshape(num_vectors, batch, groups, module.out_channels // groups, -1)
-    patch = module.weight[0].numel()  # P = C_in/g * prod(kernel)
-    pointwise = all(k == 1 for k in kernel) and not any(padding)
-
-    def patches_of(chunk: slice) -> Tensor:
-        if pointwise:  # 1x1 kernels: the patches are the (strided) input itself
-            patches = x[chunk][..., :: stride[0], :: stride[1]]
-        else:
-            patches = F.unfold(x[chunk], kernel, dilation, padding, stride)
-        return patches.reshape(patches.shape[0], groups, patch, -1)  # (b, g, P, L)
-
-    sums = {}
-    if "weight" in names:
-        weight = _squared_products(grads, patches_of, patch, budget)
-        sums["weight"] = weight.reshape(module.weight.shape)
-    if "bias" in names:
-        sums["bias"] = _square_sum(_sum(grads, -1)).reshape(-1)
-    return sums
+    return conv_calls(module, [x], [grads], names, budget)
 
 
 def _affine_parts(
@@ -658,11 +689,7 @@ def _layer_norm_parts(module: nn.Module, x: Tensor, names: Collection[str]) -> R
     return _affine_parts(xhat, names, _per_trailing(x.dim(), len(module.normalized_shape)))
 
 
-def _normalized_dims(module: nn.Module) -> tuple[int, int]:
-    return (len(module.normalized_shape),) * 2
-
-
-@register(nn.LayerNorm, reduce=_layer_norm_parts, positionwise=_normalized_dims)
+@register(nn.LayerNorm, reduce=_layer_norm_parts)
 def layer_norm(
     module: nn.Module, x: Tensor, grads: Tensor, names: Collection[str], budget: int
 ) -> dict[str, Tensor]:
@@ -685,7 +712,7 @@ def rms_norm(
 
 
 if hasattr(nn, "RMSNorm"):  # torch >= 2.4
-    register(nn.RMSNorm, reduce=_rms_norm_parts, positionwise=_normalized_dims)(rms_norm)
+    register(nn.RMSNorm, reduce=_rms_norm_parts)(rms_norm)
 
 
 def _per_sample_total(x_dims: int) -> Callable[[Tensor], Tensor]:
