@@ -537,7 +537,10 @@ def conv_calls(
     groups = module.groups
     num_vectors, batch = grads[0].shape[:2]
     out = module.out_channels // groups
-    joined = torch.cat([g.to(acc).reshape(num_vectors, batch, groups, out, -1) for g in grads], -1)
+    parts = [g.to(acc).reshape(num_vectors, batch, groups, out, -1) for g in grads]
+    joined = parts[0]
+    if len(parts) > 1:  # (in (B, K, ...) storage, as the looped pull-back lays them out)
+        joined = torch.cat([part.transpose(0, 1) for part in parts], -1).transpose(0, 1)
     patch = module.weight[0].numel()  # P = C_in/g * prod(kernel)
     pointwise = all(k == 1 for k in kernel) and not any(padding)
 
