@@ -1795,27 +1795,20 @@ class SharedBlock(nn.Module):
         return self.head(pooled + h.mean(1))
 
 
-CALLED_TWICE = {  # the model, a sample's shape, the units joined, those to the fallback (the
-    # others: by their rules, the norms' per-sample gradients summed, a conv's positions joined)
-    "linear_on_its_own_output": (CalledTwice, (4,), {"fc"}, set()),
-    "shared_block": (SharedBlock, (5,), {"embed", "fc"}, set()),
-    "siamese": (Siamese, (8,), set(), {"encoder"}),
-    "siamese_cnn": (SiameseCNN, (2, 6, 6), set(), set()),
-    "attention": (AttentionCalledTwice, (4,), {"attention"}, set()),
-    "shared_encoder_layer": (
-        SharedEncoderLayer,
-        (4,),
-        {"layer.self_attn", "layer.linear1", "layer.linear2"},
-        set(),
-    ),
-    "lstm_cell_loop": (lambda: CellLoop(nn.LSTMCell, False), (5, 3), {"cell"}, set()),
-    "lstm_cell_loop_from_a_state": (lambda: CellLoop(nn.LSTMCell, True), (5, 3), {"cell"}, set()),
-    "gru_cell_loop": (lambda: CellLoop(nn.GRUCell, True), (5, 3), {"cell"}, set()),
-    "rnn_cell_loop": (lambda: CellLoop(nn.RNNCell, False), (5, 3), {"cell"}, set()),
+CALLED_TWICE = {  # the model, a sample's shape, the units that go to the per-module fallback
+    # (the others take their calls by their rules: see hooks._unit_sums)
+    "linear_on_its_own_output": (CalledTwice, (4,), set()),
+    "shared_block": (SharedBlock, (5,), set()),
+    "siamese": (Siamese, (8,), {"encoder"}),
+    "siamese_cnn": (SiameseCNN, (2, 6, 6), set()),
+    "attention": (AttentionCalledTwice, (4,), set()),
+    "shared_encoder_layer": (SharedEncoderLayer, (4,), set()),
+    "lstm_cell_loop": (lambda: CellLoop(nn.LSTMCell, False), (5, 3), set()),
+    "lstm_cell_loop_from_a_state": (lambda: CellLoop(nn.LSTMCell, True), (5, 3), set()),
+    "gru_cell_loop": (lambda: CellLoop(nn.GRUCell, True), (5, 3), set()),
+    "rnn_cell_loop": (lambda: CellLoop(nn.RNNCell, False), (5, 3), set()),
     # (vmap cannot batch the zero state this cell makes: the loop engine, for the cell alone)
-    "lstm_cell_loop_without_rule": (
-        lambda: CellLoop(UnruledLSTMCell, False), (5, 3), set(), {"cell"}
-    ),
+    "lstm_cell_loop_without_rule": (lambda: CellLoop(UnruledLSTMCell, False), (5, 3), {"cell"}),
 }
 
 
@@ -1827,17 +1820,16 @@ def test_units_called_more_than_once(name, method, engine_ways, caplog, monkeypa
     cells, whose zero state vmap cannot batch, the loop engine one sample at a time); by its
     rule on the calls joined where the rule treats positions alike (Linear, the norms over
     trailing dimensions, Embedding, the recurrent cells), else by the per-module fallback."""
-    joined, fallbacks = set(), set()
-    for way, seen in (("_joined_sums", joined), ("_fallback_sums", fallbacks)):
-        original = getattr(hooks, way)
+    fallbacks = set()
+    original = hooks._fallback_sums
 
-        def spy(unit, *args, original=original, seen=seen):
-            seen.add(unit.path)
-            return original(unit, *args)
+    def spy(unit, *args):
+        fallbacks.add(unit.path)
+        return original(unit, *args)
 
-        monkeypatch.setattr(hooks, way, spy)
+    monkeypatch.setattr(hooks, "_fallback_sums", spy)
     torch.manual_seed(0)
-    make, shape, want_joined, want_fallbacks = CALLED_TWICE[name]
+    make, shape, want_fallbacks = CALLED_TWICE[name]
     model = make().double()
     x, y = torch.randn(6, *shape, dtype=torch.float64), torch.randint(0, 3, (6,))
     with caplog.at_level(logging.INFO, logger="ewc_reg"):
@@ -1845,7 +1837,7 @@ def test_units_called_more_than_once(name, method, engine_ways, caplog, monkeypa
         again = fisher_diagonal(model, [(x, y)], method, chunk_size=4)
     assert_close_dicts(got, brute_force_fisher(model, x, y, method), 1e-10)
     assert_close_dicts(again, got, 1e-14)
-    assert (joined, fallbacks) == (want_joined, want_fallbacks)
+    assert fallbacks == want_fallbacks
     messages = [r.getMessage() for r in caplog.records if r.name == "ewc_reg"]
     assert not any(m.startswith("hooks engine") for m in messages)
     # (a module vmap fails on is remembered: the loop engine at once, from the second call)

@@ -1127,8 +1127,12 @@ class HookEngine:
                 reduction = _reduction(unit, record)
                 if accumulator is not None:
                     accumulators[unit] = accumulator
-                    for offset, leaf in enumerate(record.leaves):
-                        reducers[position + offset] = functools.partial(_feed, accumulator, leaf)
+                    keys: list[Any] = list(record.leaves)  # (joined calls: by call and leaf)
+                    if record.more:
+                        calls = enumerate(call for call in record.calls() if call.edges)
+                        keys = [(i, leaf) for i, call in calls for leaf in call.leaves]
+                    for offset, key in enumerate(keys):
+                        reducers[position + offset] = functools.partial(_feed, accumulator, key)
                 elif reduction is not None:  # (each call's gradients by its own input)
                     offset = position
                     for call in record.calls():
@@ -1162,27 +1166,91 @@ class HookEngine:
             torch._foreach_add_(totals, terms)
 
 
-def _feed(accumulator: Accumulator, key: int | str, grads: Tensor) -> None:
+def _feed(accumulator: Accumulator, key: Any, grads: Tensor) -> None:
     """Feed one edge's gradients to a unit's accumulator (a reducer that keeps nothing)."""
     accumulator.add(key, grads)
 
 
 def _accumulation(unit: _Unit, record: _Record) -> Accumulation | None:
-    """The accumulation the unit's rule takes for this call (see
+    """The accumulation the unit's rule takes for its call, or for its calls joined (see
     :data:`.rules.ACCUMULATIONS`), or ``None``."""
-    if unit.rule is None or not _by_rule(unit, record):
+    if unit.rule is None:
         return None
-    return ACCUMULATIONS.get(unit.rule)
+    if _by_rule(unit, record) or (record.more and _join_dims(unit, record) is not None):
+        return ACCUMULATIONS.get(unit.rule)
+    return None
 
 
 def _accumulator(unit: _Unit, record: _Record, memory_budget: int) -> Accumulator | None:
-    """The accumulator of the unit's rule for this call, or ``None`` (no accumulation, or it
-    declined the call)."""
+    """The accumulator of the unit's rule for its call (fed by output leaf or kept piece), or
+    for its calls joined (a :class:`_JoinedCalls`, fed by ``(call, leaf)``), or ``None`` (no
+    accumulation, or it declined the call)."""
     start = _accumulation(unit, record)
     if start is None:
         return None
-    args = record.args if unit.rule in CALL_RULES else record.args[:1]
-    return start(unit.module, args, record.kwargs, record.kept, unit.names.keys(), memory_budget)
+    names = unit.names.keys()
+    if not record.more:
+        args = record.args if unit.rule in CALL_RULES else record.args[:1]
+        return start(unit.module, args, record.kwargs, record.kept, names, memory_budget)
+    features, dims = _join_dims(unit, record) or (0, 0)  # (not None: _accumulation)
+    live = [call for call in record.calls() if call.edges]
+    if unit.rule in CALL_RULES:
+        args, kwargs = live[0].args, live[0].kwargs
+        kept = {
+            name: torch.cat([_positions(call.kept[name], 0, features) for call in live], 1)
+            for name in live[0].kept
+        }
+    else:
+        x = torch.cat([_positions(call.args[0], 0, features) for call in live], 1)
+        args, kwargs, kept = (x,), {}, {}
+    inner = start(unit.module, args, kwargs, kept, names, memory_budget)
+    assert inner is not None  # (every call was recorded in pieces: none is declined)
+    return _JoinedCalls(inner, live, dims)
+
+
+class _JoinedCalls:
+    """The :class:`~.rules.Accumulator` of a unit called more than once whose rule treats
+    positions alike, over its calls joined (the rule's accumulator ``inner`` was started on
+    their inputs, or kept pieces, side by side): fed each call's gradients of a vector (or of
+    all, batched) by ``(call, leaf)``, it joins those of each leaf the same way, zeros for a
+    call the pull-back did not reach, and feeds them on when the next vector's come (every
+    pass reaches the same edges) or the sums are asked for. A rule of
+    :data:`.rules.CALL_RULES` is fed its kept pieces' gradients only (its output leaves' reach
+    it through them)."""
+
+    def __init__(self, inner: Accumulator, calls: list[_Record], dims: int) -> None:
+        self.inner, self.calls, self.dims = inner, calls, dims
+        self.pending: dict[tuple[int, int | str], Tensor] = {}
+
+    def add(self, key: tuple[int, int | str], grads: Tensor) -> None:
+        if key in self.pending:
+            self._flush()
+        self.pending[key] = grads
+
+    def _flush(self) -> None:
+        some_key, some = next(iter(self.pending.items()))
+        first = self.calls[some_key[0]]
+        lead = some.dim() - len(_leaf_shape(first, some_key[1]))  # (vectors in front)
+        leaves = [leaf for leaf in self.calls[0].leaves if isinstance(leaf, str)] or [0]
+        for leaf in leaves:
+            parts = []
+            for index, call in enumerate(self.calls):
+                g = self.pending.get((index, leaf))
+                if g is None:
+                    g = some.new_zeros(*some.shape[:lead], *_leaf_shape(call, leaf))
+                parts.append(_positions(g, lead, self.dims))
+            self.inner.add(leaf, torch.cat(parts, lead + 1))
+        self.pending.clear()
+
+    def sums(self) -> dict[str, Tensor]:
+        if self.pending:
+            self._flush()
+        return self.inner.sums()
+
+
+def _leaf_shape(call: _Record, leaf: int | str) -> torch.Size:
+    """The shape of a call's output leaf or kept piece ``leaf``."""
+    return call.kept[leaf].shape if isinstance(leaf, str) else call.shapes[call.leaves.index(leaf)]
 
 
 def _batch_dims(unit: _Unit, record: _Record) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -1267,10 +1335,8 @@ def _unit_sums(
             return unit.rule(unit.module, xs[0], summed, unit.names.keys(), memory_budget)
         several = SEVERAL_CALLS[unit.rule]
         return several(unit.module, xs, gs, unit.names.keys(), memory_budget)
-    elif (dims := _join_dims(unit, record)) is not None:
-        sums = _joined_sums(unit, record.calls(), grads, dims, memory_budget)
-        if sums is not None:
-            return sums
+    elif unit.rule not in CALL_RULES and (dims := _join_dims(unit, record)) is not None:
+        return _joined_sums(unit, record.calls(), grads, dims, memory_budget)
     return _fallback_sums(unit, record.calls(), grads, memory_budget)
 
 
@@ -1293,45 +1359,20 @@ def _joined_sums(
     grads: list[Tensor | None],
     sizes: tuple[int, int],
     memory_budget: int,
-) -> dict[str, Tensor] | None:
-    r"""The sums of a unit whose rule treats positions alike, called :math:`m` times, from
-    one call of the rule on the calls' positions side by side: :math:`x = [x^{(1)}, \dots,
-    x^{(m)}]` of shape ``(B, S_1 + ... + S_m, *F)`` and ``G`` alike (``sizes``: the numbers
-    of feature dimensions of ``x`` and of ``G``), so that the rule sums
-    each sample's gradient over the positions of all the calls before squaring. A call whose
-    output got no gradient adds nothing (such a layer has one output). For a rule of
-    :data:`.rules.CALL_RULES`, each
-    piece its recorded forward kept is joined so, and the gradients of the pieces pulled back
-    to (zeros where a call's got none); ``None`` where the rule declines."""
-    features, dims = sizes  # (of the input, or the kept pieces, and of the output)
-    names = unit.names.keys()
+) -> dict[str, Tensor]:
+    r"""The sums of a unit whose rule treats positions alike (and takes no accumulator:
+    :class:`_JoinedCalls`), called :math:`m` times, from one call of the rule on the calls'
+    positions side by side: :math:`x = [x^{(1)}, \dots, x^{(m)}]` of shape
+    ``(B, S_1 + ... + S_m, *F)`` and ``G`` alike (``sizes``: the numbers of feature
+    dimensions of ``x`` and of ``G``), so that the rule sums each sample's gradient over the
+    positions of all the calls before squaring. A call whose output got no gradient adds
+    nothing (such a layer has one output)."""
+    features, dims = sizes
     live = [call for call in calls if call.edges]
-    if unit.rule not in CALL_RULES:
-        pairs = [(call.args[0], g) for call, g in zip(live, grads) if g is not None]
-        x = torch.cat([_positions(x, 0, features) for x, _ in pairs], 1)
-        joined = torch.cat([_positions(g, 1, dims) for _, g in pairs], 2)
-        reduction = REDUCTIONS.get(unit.rule)
-        if reduction is not None:
-            joined = reduction(unit.module, x, names)(joined)
-        return unit.rule(unit.module, x, joined, names, memory_budget)
-    known = next(g for g in grads if g is not None)
-    given: dict[int | str, list[Tensor]] = {}
-    position = 0
-    for call in live:
-        for leaf, shape, g in zip(call.leaves, call.shapes, grads[position:]):
-            if isinstance(leaf, str):  # (a kept piece: the outputs' gradients reach them)
-                g = known.new_zeros(known.shape[0], *shape) if g is None else g
-                given.setdefault(leaf, []).append(_positions(g, 1, dims))
-        position += len(call.edges)
-    kept = {
-        name: torch.cat([_positions(call.kept[name], 0, features) for call in live], 1)
-        for name in live[0].kept
-    }
-    joined_grads: dict[int | str, Tensor] = {leaf: torch.cat(gs, 2) for leaf, gs in given.items()}
-    first = live[0]
-    return unit.rule(
-        unit.module, first.args, first.kwargs, joined_grads, kept, names, memory_budget
-    )
+    pairs = [(call.args[0], g) for call, g in zip(live, grads) if g is not None]
+    x = torch.cat([_positions(x, 0, features) for x, _ in pairs], 1)
+    joined = torch.cat([_positions(g, 1, dims) for _, g in pairs], 2)
+    return unit.rule(unit.module, x, joined, unit.names.keys(), memory_budget)
 
 
 def _positions(t: Tensor, lead: int, trailing: int) -> Tensor:
