@@ -168,6 +168,31 @@ def test_per_sample_copies_and_recurrent_rule_match_cpu(kind):
     assert_close_dicts(to_cpu(got), want, 1e-10)
 
 
+@pytest.mark.parametrize("kind", ["lstm_cell", "shared_mlp", "transformer_shared", "tied_lm"])
+def test_modules_called_more_than_once_and_tied_weights_match_cpu(kind):
+    """Units called more than once (their calls joined by the rules, a cell stepped by hand,
+    a universal transformer) and tied weights (one unit through the fallback)."""
+    from benchmarks.models import LSTMCellClassifier, SharedBlockMLP, TextTransformer
+
+    from .test_hooks_engine import TinyLanguageModel
+
+    torch.manual_seed(0)
+    if kind == "lstm_cell":
+        model, x = LSTMCellClassifier(10, vocab_size=50, dim=8), torch.randint(0, 50, (8, 6))
+    elif kind == "shared_mlp":
+        model, x = SharedBlockMLP(10, width=16), torch.randn(8, 1, 28, 28, dtype=torch.float64)
+    elif kind == "transformer_shared":
+        sizes = dict(vocab_size=50, seq_len=8, d_model=16, d_feedforward=32)
+        model, x = TextTransformer(10, **sizes, shared=True), torch.randint(0, 50, (8, 8))
+    else:
+        model, x = TinyLanguageModel(), torch.randint(0, 7, (8, 5))
+    model = model.double().eval()
+    y = x.roll(-1, 1) if kind == "tied_lm" else torch.randint(0, 10, (8,))
+    want = fisher_diagonal(model, [(x, y)], "exact")
+    got = fisher_diagonal(copy.deepcopy(model).cuda(), [(x, y)], "exact", backend="hooks")
+    assert_close_dicts(to_cpu(got), want, 1e-10)
+
+
 def test_penalty_follows_the_model_moved_after_consolidate():
     model, data = problem("mlp")
     reg = EWCRegularizer(model, strength=2.0)
