@@ -19,7 +19,7 @@ from benchmarks._paths import engine_ways, pull_back
 from benchmarks.models import LSTMClassifier
 from ewc_reg import fisher_diagonal
 from ewc_reg._batches import Batch
-from ewc_reg.engines import attention, get_engine, hooks, rules
+from ewc_reg.engines import attention, get_engine, hooks, rules, unit_sums
 from ewc_reg.engines.base import DEFAULT_MEMORY_BUDGET, MAX_VECTORS_TO_REDUCE, fewer_vectors
 from ewc_reg.engines.functorch import FunctorchEngine
 from ewc_reg.engines.hooks import HookEngine, plan
@@ -1796,7 +1796,7 @@ class SharedBlock(nn.Module):
 
 
 CALLED_TWICE = {  # the model, a sample's shape, the units that go to the per-module fallback
-    # (the others take their calls by their rules: see hooks._unit_sums)
+    # (the others take their calls by their rules: see unit_sums.unit_sums)
     "linear_on_its_own_output": (CalledTwice, (4,), set()),
     "shared_block": (SharedBlock, (5,), set()),
     "siamese": (Siamese, (8,), {"encoder"}),
@@ -1821,13 +1821,13 @@ def test_units_called_more_than_once(name, method, engine_ways, caplog, monkeypa
     rule on the calls joined where the rule treats positions alike (Linear, the norms over
     trailing dimensions, Embedding, the recurrent cells), else by the per-module fallback."""
     fallbacks = set()
-    original = hooks._fallback_sums
+    original = unit_sums._fallback_sums
 
     def spy(unit, *args):
         fallbacks.add(unit.path)
         return original(unit, *args)
 
-    monkeypatch.setattr(hooks, "_fallback_sums", spy)
+    monkeypatch.setattr(unit_sums, "_fallback_sums", spy)
     torch.manual_seed(0)
     make, shape, want_fallbacks = CALLED_TWICE[name]
     model = make().double()

@@ -1,0 +1,346 @@
+r"""A unit's sums for the hook engine (:mod:`.hooks`): from the records of its module's calls
+in one forward pass and the gradients the pull-back brought to their outputs (and to the pieces
+its rule's recorded forward kept).
+
+A unit called once takes its rule (:mod:`.rules`) on that call. A unit called more than once
+(a layer applied to its own output, a shared block, a siamese encoder, a recurrent cell
+stepped by hand; the members of a :class:`Tied` unit) sums each sample's gradient over its
+calls before squaring,
+
+.. math::
+
+    J_n^\top v = \sum_t \big(\partial y^{(t)}_n / \partial\theta\big)^\top G^{(t)}_n ,
+
+where :math:`G^{(t)}` is all the gradient that reaches call :math:`t`'s output, the later
+calls' included (backpropagation through time). Its rule takes the calls together: a
+reduction's per-sample gradients add up (:data:`.rules.REDUCTIONS`), a convolution joins its
+calls' patches (:data:`.rules.SEVERAL_CALLS`), and a rule that treats positions alike gets
+the calls joined, positions side by side (:data:`.rules.POSITIONWISE`; accumulating rules
+through :class:`_JoinedCalls`). A unit without a rule, or whose rule declines, gets the
+functorch engine on its module alone, over all its calls (:func:`_fallback_sums`).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils import _pytree as pytree
+
+from .._batches import Batch
+from .functorch import FunctorchEngine
+from .loop import LoopEngine
+from .rules import (
+    ACCUMULATIONS,
+    BATCH_DIMS,
+    CALL_RULES,
+    REDUCTIONS,
+    SEVERAL_CALLS,
+    Accumulation,
+    Accumulator,
+    Reduction,
+    feature_dims,
+)
+
+if TYPE_CHECKING:
+    from .hooks import _Record, _Unit
+
+
+class Tied(nn.ModuleList):
+    """Modules sharing a parameter (tied weights), as one unit: ``forward(member, *args,
+    **kwargs)`` calls the ``member``-th (the per-module fallback calls it so)."""
+
+    def forward(self, member: int, *args: Any, **kwargs: Any) -> Any:
+        return self[member](*args, **kwargs)
+
+
+def feed(accumulator: Accumulator, key: Any, grads: Tensor) -> None:
+    """Feed one edge's gradients to a unit's accumulator (a reducer that keeps nothing)."""
+    accumulator.add(key, grads)
+
+
+def accumulation_of(unit: _Unit, record: _Record) -> Accumulation | None:
+    """The accumulation the unit's rule takes for its call, or for its calls joined (see
+    :data:`.rules.ACCUMULATIONS`), or ``None``."""
+    if unit.rule is None:
+        return None
+    if by_rule(unit, record) or (record.more and _join_dims(unit, record) is not None):
+        return ACCUMULATIONS.get(unit.rule)
+    return None
+
+
+def accumulator_of(unit: _Unit, record: _Record, memory_budget: int) -> Accumulator | None:
+    """The accumulator of the unit's rule for its call (fed by output leaf or kept piece), or
+    for its calls joined (a :class:`_JoinedCalls`, fed by ``(call, leaf)``), or ``None`` (no
+    accumulation, or it declined the call)."""
+    start = accumulation_of(unit, record)
+    if start is None:
+        return None
+    names = unit.names.keys()
+    if not record.more:
+        args = record.args if unit.rule in CALL_RULES else record.args[:1]
+        return start(unit.module, args, record.kwargs, record.kept, names, memory_budget)
+    features, dims = _join_dims(unit, record) or (0, 0)  # (not None: accumulation_of)
+    live = [call for call in record.calls() if call.edges]
+    if unit.rule in CALL_RULES:
+        args, kwargs = live[0].args, live[0].kwargs
+        kept = {
+            name: torch.cat([_positions(call.kept[name], 0, features) for call in live], 1)
+            for name in live[0].kept
+        }
+    else:
+        x = torch.cat([_positions(call.args[0], 0, features) for call in live], 1)
+        args, kwargs, kept = (x,), {}, {}
+    inner = start(unit.module, args, kwargs, kept, names, memory_budget)
+    assert inner is not None  # (every call was recorded in pieces: none is declined)
+    return _JoinedCalls(inner, live, dims)
+
+
+class _JoinedCalls:
+    """The :class:`~.rules.Accumulator` of a unit called more than once whose rule treats
+    positions alike, over its calls joined (the rule's accumulator ``inner`` was started on
+    their inputs, or kept pieces, side by side): fed each call's gradients of a vector (or of
+    all, batched) by ``(call, leaf)``, it joins those of each leaf the same way, zeros for a
+    call the pull-back did not reach, and feeds them on when the next vector's come (every
+    pass reaches the same edges) or the sums are asked for. A rule of
+    :data:`.rules.CALL_RULES` is fed its kept pieces' gradients only (its output leaves' reach
+    it through them)."""
+
+    def __init__(self, inner: Accumulator, calls: list[_Record], dims: int) -> None:
+        self.inner, self.calls, self.dims = inner, calls, dims
+        self.pending: dict[tuple[int, int | str], Tensor] = {}
+
+    def add(self, key: tuple[int, int | str], grads: Tensor) -> None:
+        if key in self.pending:
+            self._flush()
+        self.pending[key] = grads
+
+    def _flush(self) -> None:
+        some_key, some = next(iter(self.pending.items()))
+        first = self.calls[some_key[0]]
+        lead = some.dim() - len(_leaf_shape(first, some_key[1]))  # (vectors in front)
+        leaves = [leaf for leaf in self.calls[0].leaves if isinstance(leaf, str)] or [0]
+        for leaf in leaves:
+            parts = []
+            for index, call in enumerate(self.calls):
+                g = self.pending.get((index, leaf))
+                if g is None:
+                    g = some.new_zeros(*some.shape[:lead], *_leaf_shape(call, leaf))
+                parts.append(_positions(g, lead, self.dims))
+            self.inner.add(leaf, torch.cat(parts, lead + 1))
+        self.pending.clear()
+
+    def sums(self) -> dict[str, Tensor]:
+        if self.pending:
+            self._flush()
+        return self.inner.sums()
+
+
+def _leaf_shape(call: _Record, leaf: int | str) -> torch.Size:
+    """The shape of a call's output leaf or kept piece ``leaf``."""
+    return call.kept[leaf].shape if isinstance(leaf, str) else call.shapes[call.leaves.index(leaf)]
+
+
+def batch_dims_of(unit: _Unit, record: _Record) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The batch dimensions of the unit's tensor inputs and output leaves (by position; those
+    past the end: 0): as :data:`.rules.BATCH_DIMS` says when the rule's recorded forward ran
+    (it kept pieces), else all leading (a call the rule declines goes to the per-module
+    fallback, which needs that)."""
+    dims = BATCH_DIMS.get(unit.rule) if unit.rule is not None and record.kept else None
+    return ((), ()) if dims is None else dims(unit.module)
+
+
+def nth(dims: tuple[int, ...], position: int) -> int:
+    """The batch dimension at ``position`` of :func:`batch_dims_of`' ``dims`` (past the end: 0)."""
+    return dims[position] if position < len(dims) else 0
+
+
+def by_rule(unit: _Unit, record: _Record) -> bool:
+    """Whether the unit's sums come from its rule: it has one and was called once, as
+    ``module(x)`` or in any way for a rule that takes the whole call
+    (:data:`.rules.CALL_RULES`)."""
+    if record.more:
+        return False
+    return unit.rule in CALL_RULES or (unit.rule is not None and _plain_calls(record))
+
+
+def _plain_calls(record: _Record) -> bool:
+    """Whether every call of the unit was ``module(x)``, one tensor and nothing else."""
+    return all(
+        len(call.args) == 1 and isinstance(call.args[0], Tensor) and not call.kwargs
+        for call in record.calls()
+    )
+
+
+def takes_calls_together(unit: _Unit, record: _Record) -> bool:
+    """Whether the rule of a unit called more than once takes all its calls: it reduces the
+    output gradients to per-sample gradients, which add up (:data:`.rules.REDUCTIONS`), takes
+    several calls (:data:`.rules.SEVERAL_CALLS`), or treats positions alike
+    (:func:`_join_dims`)."""
+    several = unit.rule in REDUCTIONS or unit.rule in SEVERAL_CALLS
+    return (several and _plain_calls(record)) or _join_dims(unit, record) is not None
+
+
+def reduction_of(unit: _Unit, record: _Record) -> Reduction | None:
+    """The reduction of the unit's output gradients its rule takes (see
+    :data:`.rules.REDUCTIONS`) on every call, or ``None``."""
+    if unit.rule is None or unit.rule in CALL_RULES or not _plain_calls(record):
+        return None
+    return REDUCTIONS.get(unit.rule)
+
+
+def unit_sums(
+    unit: _Unit, record: _Record, grads: list[Tensor | None], memory_budget: int
+) -> dict[str, Tensor]:
+    r"""One unit's sums: its rule when it has one and was called once as ``module(x)`` (a rule
+    of :data:`.rules.CALL_RULES`: called once in any way, unless it declines the call); for a
+    unit called more than once, its rule on the reduced gradients of all the calls summed
+    (:data:`.rules.REDUCTIONS`), on all the calls (:data:`.rules.SEVERAL_CALLS`), or on the
+    calls joined (:func:`_joined_sums`); else the functorch engine on the module alone
+    (:func:`_fallback_sums`). ``grads`` are those of the edges of all the unit's calls, in
+    order (reduced, where the rule has a reduction)."""
+    if unit.rule in CALL_RULES and by_rule(unit, record):
+        given = {leaf: g for leaf, g in zip(record.leaves, grads) if g is not None}
+        sums = unit.rule(
+            unit.module,
+            record.args,
+            record.kwargs,
+            given,
+            record.kept,
+            unit.names.keys(),
+            memory_budget,
+        )
+        if sums is not None:
+            return sums
+    elif by_rule(unit, record):
+        return unit.rule(unit.module, record.args[0], grads[0], unit.names.keys(), memory_budget)
+    elif (unit.rule in REDUCTIONS or unit.rule in SEVERAL_CALLS) and _plain_calls(record):
+        calls = [call for call in record.calls() if call.edges]  # (one output each)
+        given = [(call.args[0], g) for call, g in zip(calls, grads) if g is not None]
+        xs, gs = [x for x, _ in given], [g for _, g in given]
+        if unit.rule in REDUCTIONS:  # (reduced to per-sample gradients: they add up)
+            summed = functools.reduce(torch.add, gs)
+            return unit.rule(unit.module, xs[0], summed, unit.names.keys(), memory_budget)
+        several = SEVERAL_CALLS[unit.rule]
+        return several(unit.module, xs, gs, unit.names.keys(), memory_budget)
+    elif unit.rule not in CALL_RULES and (dims := _join_dims(unit, record)) is not None:
+        return _joined_sums(unit, record.calls(), grads, dims, memory_budget)
+    return _fallback_sums(unit, record.calls(), grads, memory_budget)
+
+
+def _join_dims(unit: _Unit, record: _Record) -> tuple[int, int] | None:
+    """The feature dimensions (:func:`.rules.feature_dims`) with which the calls of a unit are
+    joined into one call of its rule, or ``None`` where they cannot be: the rule treats
+    positions alike and every call was ``module(x)`` (for a rule of
+    :data:`.rules.CALL_RULES`: was recorded in the same pieces by its recorded forward)."""
+    dims = feature_dims(unit.rule, unit.module)
+    if unit.rule in CALL_RULES:  # (the same pieces in every call: self-attention in each)
+        plain = bool(record.kept) and all(c.kept.keys() == record.kept.keys() for c in record.more)
+    else:
+        plain = _plain_calls(record)
+    return dims if plain else None
+
+
+def _joined_sums(
+    unit: _Unit,
+    calls: list[_Record],
+    grads: list[Tensor | None],
+    sizes: tuple[int, int],
+    memory_budget: int,
+) -> dict[str, Tensor]:
+    r"""The sums of a unit whose rule treats positions alike (and takes no accumulator:
+    :class:`_JoinedCalls`), called :math:`m` times, from one call of the rule on the calls'
+    positions side by side: :math:`x = [x^{(1)}, \dots, x^{(m)}]` of shape
+    ``(B, S_1 + ... + S_m, *F)`` and ``G`` alike (``sizes``: the numbers of feature
+    dimensions of ``x`` and of ``G``), so that the rule sums each sample's gradient over the
+    positions of all the calls before squaring. A call whose output got no gradient adds
+    nothing (such a layer has one output)."""
+    features, dims = sizes
+    live = [call for call in calls if call.edges]
+    pairs = [(call.args[0], g) for call, g in zip(live, grads) if g is not None]
+    x = torch.cat([_positions(x, 0, features) for x, _ in pairs], 1)
+    joined = torch.cat([_positions(g, 1, dims) for _, g in pairs], 2)
+    return unit.rule(unit.module, x, joined, unit.names.keys(), memory_budget)
+
+
+def _positions(t: Tensor, lead: int, trailing: int) -> Tensor:
+    """``(*L, B, *S, *F) -> (*L, B, S', *F)`` for ``len(L) = lead``, ``len(F) = trailing``:
+    the positions ``S`` flattened into one dimension (``S' = 1`` without any)."""
+    return t.reshape(*t.shape[: lead + 1], -1, *t.shape[t.dim() - trailing :])
+
+
+class _Calls(nn.Module):
+    """A module called once per recorded call: ``forward(calls)`` for ``calls`` a list of
+    ``(args, kwargs)``, returning the list of outputs."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, calls: list[tuple[tuple[Any, ...], dict[str, Any]]]) -> list[Any]:
+        return [self.module(*args, **kwargs) for args, kwargs in calls]
+
+
+def _fallback_sums(
+    unit: _Unit, calls: list[_Record], grads: list[Tensor | None], memory_budget: int
+) -> dict[str, Tensor]:
+    r"""The sums of a unit without a rule (or whose rule declines), from the functorch engine
+    on its module alone: the function of its parameters that maps every sample's recorded
+    inputs of all the unit's calls to its output leaves that got gradients, flattened and
+    concatenated into one ``(B, C')`` output, with ``G`` alike as the vectors. A unit called
+    :math:`m` times (a cell in a loop, a layer applied to two inputs) thus gets
+    :math:`\sum_{n,k} \big(\sum_{t=1}^m (\partial y^{(t)}_n / \partial\theta)^\top
+    G^{(t)}_{nk}\big)^{\odot 2}`, its per-sample gradients summed over the calls before
+    squaring: :math:`G^{(t)}` is all the gradient that reaches call :math:`t`'s output, through
+    the later calls too, so the sum is the gradient of the whole network (backpropagation
+    through time). Attention in there uses the math kernel of
+    ``scaled_dot_product_attention``: ``vmap`` has no batching rule for the fused ones and
+    calls them once per sample and vector (about 15% slower for the attention of
+    ``benchmarks.models.TextTransformer`` on CPU). A module on which ``vmap`` failed is
+    remembered and goes to the loop engine next time."""
+    known = next(g for g in grads if g is not None)
+    shapes = [shape for call in calls for shape in call.shapes]
+    vectors = torch.cat(
+        [
+            (g if g is not None else known.new_zeros(known.shape[0], *shape)).flatten(2)
+            for g, shape in zip(grads, shapes)
+        ],
+        dim=2,
+    )
+    batch_size = vectors.shape[1]
+    live = [call for call in calls if call.edges]
+
+    def flat_output(outputs: list[Any]) -> Tensor:
+        flat = []
+        for call, out in zip(live, outputs):
+            leaves = pytree.tree_leaves(out)
+            flat += [leaves[i].flatten(1) for i in call.leaves]
+        return torch.cat(flat, dim=1)
+
+    module = _Calls(unit.module)
+    params: dict[str, Tensor] = {}  # (a tied parameter once, by its first name)
+    for local in unit.names:
+        p = unit.module.get_parameter(local)
+        if all(p is not q for q in params.values()):
+            params[f"module.{local}"] = p
+    calls_of = [
+        ((call.args if call.member is None else (call.member, *call.args)), call.kwargs)
+        for call in live
+    ]
+    batch = Batch((calls_of,), {}, None, batch_size)
+    # (a Tied unit is made anew for each batch: its first module stands for it)
+    remembered = unit.module[0] if isinstance(unit.module, Tied) else unit.module
+    vmappable = remembered not in FunctorchEngine.unvmappable
+    engine = FunctorchEngine() if vmappable else LoopEngine()
+    try:
+        with sdpa_kernel([SDPBackend.MATH]):  # (vmap loops over the fused attention kernels)
+            sums = engine(
+                module, params, batch, flat_output, lambda _: vectors, None, memory_budget
+            )
+    finally:
+        if module in FunctorchEngine.unvmappable:
+            FunctorchEngine.unvmappable.add(remembered)
+    return {name.removeprefix("module."): s for name, s in sums.items()}
