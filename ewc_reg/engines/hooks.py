@@ -247,9 +247,9 @@ def _describe(path: str) -> str:
 def _tie(units: list[_Unit]) -> list[_Unit]:
     """``units`` with those sharing a selected parameter made one: a module registered twice
     (two paths, one module) is one unit; different modules (an embedding tied to an output
-    layer) are the members of a :class:`Tied` unit without a rule, each of whose calls the
-    per-module fallback sees, so that a sample's gradient of the shared parameter is summed
-    over all of them before squaring."""
+    layer) are the members of a :class:`~.unit_sums.Tied` unit without a rule, each of whose
+    calls the per-module fallback sees, so that a sample's gradient of the shared parameter is
+    summed over all of them before squaring."""
     group_of: dict[str, int] = {}  # parameter name -> index of its group
     groups: list[list[_Unit]] = []
     for unit in units:
