@@ -33,12 +33,19 @@ import torch
 from torch import Tensor
 
 
+def _diffs(
+    params: Sequence[Tensor], precision: Sequence[Tensor], center: Sequence[Tensor]
+) -> list[Tensor]:
+    r""":math:`d = \theta - \mu`, ``params`` promoted to the dtype of ``precision``."""
+    return torch._foreach_sub([p.to(a.dtype) for p, a in zip(params, precision)], center)
+
+
 def _weighted_diffs(
     params: Sequence[Tensor], precision: list[Tensor], center: list[Tensor], strength: float
 ) -> tuple[list[Tensor], list[Tensor]]:
-    r""":math:`d = \theta - \mu` (``params`` promoted to the dtype of ``precision``) and
+    r""":math:`d = \theta - \mu` (:func:`_diffs`) and
     :math:`\lambda A d = \partial P / \partial \theta`."""
-    diffs = torch._foreach_sub([p.to(a.dtype) for p, a in zip(params, precision)], center)
+    diffs = _diffs(params, precision, center)
     weighted = torch._foreach_mul(diffs, precision)
     torch._foreach_mul_(weighted, strength)
     return diffs, weighted
@@ -102,7 +109,7 @@ def add_penalty_grad(
     if not kept:
         return
     params, precision, center = (list(t) for t in zip(*kept))
-    diffs = torch._foreach_sub([p.to(a.dtype) for p, a in zip(params, precision)], center)
+    diffs = _diffs(params, precision, center)
     direct = [
         i
         for i, (p, d) in enumerate(zip(params, diffs))

@@ -291,7 +291,7 @@ def plan(model: nn.Module, params: dict[str, Tensor]) -> list[_Unit]:
     sharing a parameter are one unit (:func:`_tie`); raises :class:`Unsupported` for the static
     problems of the module docstring."""
     wanted = {id(p): name for name, p in params.items()}
-    owner: dict[int, str] = {}
+    owned: set[int] = set()  # (the selected parameters found on a module)
     owners: dict[str, tuple[nn.Module, dict[str, str]]] = {}  # by path, in pre-order
     attention: tuple[str, nn.Module] | None = None  # the last nn.MultiheadAttention seen
     script: str | None = None  # the path of the last TorchScript module seen
@@ -317,9 +317,9 @@ def plan(model: nn.Module, params: dict[str, Tensor]) -> list[_Unit]:
                     f"{_describe(script)} is TorchScript (torch.jit.script or torch.jit.trace): "
                     "the hooks of the modules inside it do not run"
                 )
-            owner.setdefault(id(p), path)
+            owned.add(id(p))
             owners.setdefault(unit_path, (unit_module, {}))[1][prefix + local] = wanted[id(p)]
-    missing = [name for key, name in wanted.items() if key not in owner]
+    missing = [name for key, name in wanted.items() if key not in owned]
     if missing:
         raise Unsupported(f"parameters {missing} are not registered on the model's modules")
     paths = list(owners)

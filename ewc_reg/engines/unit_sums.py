@@ -83,7 +83,9 @@ def accumulator_of(unit: _Unit, record: _Record, memory_budget: int) -> Accumula
     if not record.more:
         args = record.args if unit.rule in CALL_RULES else record.args[:1]
         return start(unit.module, args, record.kwargs, record.kept, names, memory_budget)
-    features, dims = _join_dims(unit, record) or (0, 0)  # (not None: accumulation_of)
+    sizes = _join_dims(unit, record)
+    assert sizes is not None  # (accumulation_of takes several calls only when they join)
+    features, dims = sizes
     live = [call for call in record.calls() if call.edges]
     if unit.rule in CALL_RULES:
         args, kwargs = live[0].args, live[0].kwargs
