@@ -23,11 +23,21 @@ environment (``MALLOC_*``, ``GLIBC_TUNABLES``, ``LD_PRELOAD``) are printed with 
 run with, say, ``MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=17179869184`` (no
 faults after the first steps) shows the cost of the work alone.
 
+With ``--compile BACKEND`` (``inductor`` fuses elementwise kernels; it needs a C++ compiler on
+the CPU), three more contenders show what fusing the penalty's kernels gains:
+
+* ``compiled step``: ``step`` with the loss (forward and cross-entropy, and so their backward)
+  compiled by ``torch.compile``;
+* ``compiled step + penalty``: the same with ``reg.penalty()`` in the compiled loss;
+* ``step + compiled add_penalty_grad``: ``step + add_penalty_grad`` with
+  ``torch.compile(reg.add_penalty_grad)``.
+
 The ``operators`` column counts the ATen operators one call dispatches, views apart
 (:class:`benchmarks.host_overhead.OperatorCount`): on a GPU, where a step of this small model is
 launch-bound, that count rather than the memory traffic decides the penalty's share.
 
-Run: ``python -m benchmarks.penalty_speed [--repeats 300] [--threads 1 2] [--device cpu]``;
+Run: ``python -m benchmarks.penalty_speed [--repeats 300] [--threads 1 2] [--device cpu]
+[--compile inductor]``;
 writes ``benchmarks/results/penalty_speed.md``.
 """
 
@@ -85,10 +95,11 @@ def _timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
 
 
 def measure(
-    repeats: int, batch_size: int, device: torch.device
-) -> dict[str, tuple[float, float, int]]:
+    repeats: int, batch_size: int, device: torch.device, compile_backend: str | None = None
+) -> dict[str, tuple[float, float, int | None]]:
     """Median seconds, median minor page faults and computing operators (of one call after a
-    warm-up call) of each contender (see the module docstring)."""
+    warm-up call; ``None`` for compiled code, which runs its own fused kernels) of each
+    contender (see the module docstring); the compiled ones with ``compile_backend``."""
     torch.manual_seed(0)
     model = split_mnist_mlp().to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -97,14 +108,20 @@ def measure(
     reg = EWCRegularizer(model, strength=1e5, method="exact")
     reg.consolidate([(x, y)], output_fn=lambda out: out[:, :2])
 
-    def step(penalty: str | None = None) -> None:
+    def task_loss(with_penalty: bool) -> torch.Tensor:
         loss = F.cross_entropy(model(x)[:, :2], y)
-        if penalty == "in the loss":
-            loss = loss + reg.penalty()
+        return loss + reg.penalty() if with_penalty else loss
+
+    def step(
+        penalty: str | None = None,
+        loss_fn: Callable[[bool], torch.Tensor] = task_loss,
+        add_grad: Callable[[], None] = reg.add_penalty_grad,
+    ) -> None:
+        loss = loss_fn(penalty == "in the loss")
         optimizer.zero_grad()
         loss.backward()
         if penalty == "gradient":
-            reg.add_penalty_grad()
+            add_grad()
         optimizer.step()
 
     def penalty_only() -> None:
@@ -124,12 +141,25 @@ def measure(
         "penalty": penalty_only,
         "read θ, μ, A once": read_once,
     }
-    operators = {}
+    compiled = {}
+    if compile_backend is not None:
+        loss_fn = torch.compile(task_loss, backend=compile_backend)
+        add_grad = torch.compile(reg.add_penalty_grad, backend=compile_backend)
+        compiled = {
+            "compiled step": lambda: step(loss_fn=loss_fn),
+            "compiled step + penalty": lambda: step("in the loss", loss_fn=loss_fn),
+            "step + compiled add_penalty_grad": lambda: step("gradient", add_grad=add_grad),
+        }
+    operators: dict[str, int | None] = {}
     for name, fn in contenders.items():
         fn()
         with OperatorCount() as counter:
             fn()
         operators[name] = counter.total - counter.views
+    for name, fn in compiled.items():
+        fn()  # compiles
+        operators[name] = None
+    contenders.update(compiled)
     time_once = _timer(device)
     times: dict[str, list[float]] = {name: [] for name in contenders}
     faults: dict[str, list[int]] = {name: [] for name in contenders}
@@ -150,17 +180,18 @@ def measure(
 
 
 def report(
-    results: dict[int, dict[str, tuple[float, float, int]]], args: argparse.Namespace
+    results: dict[int, dict[str, tuple[float, float, int | None]]], args: argparse.Namespace
 ) -> str:
     """Markdown: one table per thread count, with the overhead and the verdict."""
+    compile_flag = f" --compile {args.compile}" if args.compile else ""
     lines = [
         "# Penalty cost in an Adam step (Split MNIST MLP)",
         "",
         f"`python -m benchmarks.penalty_speed --repeats {args.repeats} --threads "
         f"{' '.join(map(str, args.threads))} --batch-size {args.batch_size} --device "
-        f"{args.device}` · ewc_reg {ewc_reg.__version__} · torch {torch.__version__} · "
-        f"{cpu_name()} ({os.cpu_count()} logical CPUs) · {date.today()} · medians of "
-        f"{args.repeats} interleaved repeats",
+        f"{args.device}{compile_flag}` · ewc_reg {ewc_reg.__version__} · torch "
+        f"{torch.__version__} · {cpu_name()} ({os.cpu_count()} logical CPUs) · "
+        f"{date.today()} · medians of {args.repeats} interleaved repeats",
         "",
         f"Allocator settings: {allocator_settings()}.",
     ]
@@ -179,8 +210,9 @@ def report(
             "|---|---:|---:|---:|---:|",
         ]
         for name, (seconds, faults, ops) in medians.items():
+            counted = "—" if ops is None else ops
             lines.append(
-                f"| {name} | {seconds * 1e3:.3f} | {seconds / step:.3f} | {faults:g} | {ops} |"
+                f"| {name} | {seconds * 1e3:.3f} | {seconds / step:.3f} | {faults:g} | {counted} |"
             )
         lines += [
             "",
@@ -189,6 +221,16 @@ def report(
             f"once takes {floor:.1%}. The same gradient by `add_penalty_grad()` (no graph, no "
             f"value) added {gradient:.1%} ({'≤' if gradient <= 0.10 else '>'} 10%).",
         ]
+        if "compiled step" in medians:
+            compiled_step = medians["compiled step"][0]
+            fused = medians["compiled step + penalty"][0] / compiled_step - 1
+            fused_gradient = medians["step + compiled add_penalty_grad"][0] / step - 1
+            lines += [
+                "",
+                f"Compiled with `{args.compile}`: the penalty in the compiled loss added "
+                f"{fused:.1%} to the compiled step; the compiled `add_penalty_grad()` added "
+                f"{fused_gradient:.1%} to the step ({'≤' if fused_gradient <= 0.10 else '>'} 10%).",
+            ]
     return "\n".join(lines) + "\n"
 
 
@@ -198,13 +240,21 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--compile",
+        metavar="BACKEND",
+        help="also time the step and add_penalty_grad compiled by torch.compile with this "
+        "backend (inductor fuses kernels)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS, help="markdown file to write")
     args = parser.parse_args(argv)
     results = {}
     with keeping_threads():
         for threads in args.threads:
             torch.set_num_threads(threads)
-            results[threads] = measure(args.repeats, args.batch_size, torch.device(args.device))
+            results[threads] = measure(
+                args.repeats, args.batch_size, torch.device(args.device), args.compile
+            )
     return write_report(report(results, args), args.out)
 
 

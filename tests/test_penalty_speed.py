@@ -15,6 +15,21 @@ def test_penalty_speed_writes_table(tmp_path):
         assert row in table
 
 
+def test_compiled_contenders_are_timed_with_the_backend_given(tmp_path):
+    """``aot_eager`` traces as ``inductor`` would without needing a C++ compiler."""
+    out = tmp_path / "penalty.md"
+    table = penalty_speed.main(
+        ["--repeats", "2", "--threads", "1", "--compile", "aot_eager", "--out", str(out)]
+    )
+    assert "--compile aot_eager`" in table
+    for row in ("| compiled step |", "| compiled step + penalty |", "Compiled with `aot_eager`"):
+        assert row in table
+    assert "| step + compiled add_penalty_grad |" in table
+    assert "compiled" not in penalty_speed.main(
+        ["--repeats", "2", "--threads", "1", "--out", str(out)]
+    )
+
+
 def test_allocator_settings_are_reported(monkeypatch):
     for key in [k for k in penalty_speed.os.environ if k.startswith("MALLOC_")]:
         monkeypatch.delenv(key)
