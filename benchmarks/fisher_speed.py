@@ -56,6 +56,8 @@ from .models import (
     TextTransformer,
     small_vit,
     split_mnist_mlp,
+    upsampling_cnn,
+    volume_cnn,
 )
 
 #: Where a full (non-quick) run writes its report.
@@ -72,8 +74,18 @@ MODEL_KEYS = ("mlp", "resnet", "transformer")
 #: torchvision ViT (class token and position embedding on the model), an LSTM classifier,
 #: without and with ``proj_size``, and with an ``nn.LSTMCell`` stepped by hand instead, an MLP
 #: whose hidden block is applied three times, and the Transformer with one encoder layer applied
-#: twice (the last three: modules called more than once).
-EXTRA_MODEL_KEYS = ("vit", "lstm", "lstm_proj", "lstm_cell", "shared_mlp", "transformer_shared")
+#: twice (the last three: modules called more than once); a stack of transposed convolutions
+#: (a DCGAN-style generator's) and a 3-d CNN.
+EXTRA_MODEL_KEYS = (
+    "vit",
+    "lstm",
+    "lstm_proj",
+    "lstm_cell",
+    "shared_mlp",
+    "transformer_shared",
+    "upsampling",
+    "conv3d",
+)
 ALL_MODEL_KEYS = MODEL_KEYS + EXTRA_MODEL_KEYS
 PEERS = {"BackPACK": "backpack-for-pytorch", "nngeometry": "nngeometry"}
 
@@ -188,6 +200,14 @@ def make_workloads(
                 model = SharedBlockMLP(10, width=16 if quick else 400)
                 n, subset, head, title = 256, 16, "linear", "MLP, hidden block applied 3 times"
                 inputs = torch.randn(samples or (8 if quick else n), 1, 28, 28)
+            elif key == "upsampling":
+                model = upsampling_cnn(10, width=4 if quick else 32)
+                n, subset, head, title = 128, 8, "7", "transposed convolutions (4x4 to 32x32)"
+                inputs = torch.randn(samples or (4 if quick else n), 16, 4, 4)
+            elif key == "conv3d":
+                model = volume_cnn(10, width=4 if quick else 16)
+                n, subset, head, title = 64, 8, "7", "3-d CNN (16x16x16 volumes)"
+                inputs = torch.randn(samples or (4 if quick else n), 3, 16, 16, 16)
             elif key in ("lstm", "lstm_proj", "lstm_cell"):
                 sizes = {"vocab_size": 50, "dim": 8} if quick else {}
                 projected = key == "lstm_proj"

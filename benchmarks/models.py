@@ -164,6 +164,37 @@ class SharedBlockMLP(nn.Module):
         return self.linear(h)
 
 
+def upsampling_cnn(num_classes: int = 10, width: int = 32) -> nn.Sequential:
+    """A DCGAN-style generator's upsampling stack as a classifier of ``(B, 16, 4, 4)`` inputs:
+    three ``ConvTranspose2d`` (kernel 4, stride 2, padding 1: 4x4 to 32x32; 16, ``width``,
+    ``width``, 16 channels) with ReLU, and a linear head."""
+    return nn.Sequential(
+        nn.ConvTranspose2d(16, width, 4, 2, 1),
+        nn.ReLU(),
+        nn.ConvTranspose2d(width, width, 4, 2, 1),
+        nn.ReLU(),
+        nn.ConvTranspose2d(width, 16, 4, 2, 1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(16 * 32 * 32, num_classes),
+    )
+
+
+def volume_cnn(num_classes: int = 10, width: int = 16) -> nn.Sequential:
+    """A 3-d CNN on ``(B, 3, 16, 16, 16)`` volumes: three 3x3x3 ``Conv3d`` (padding 1; strides
+    1, 2, 2; 3, ``width``, ``width``, ``2 width`` channels) with ReLU, and a linear head."""
+    return nn.Sequential(
+        nn.Conv3d(3, width, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv3d(width, width, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Conv3d(width, 2 * width, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(2 * width * 4**3, num_classes),
+    )
+
+
 def small_vit(num_classes: int = 10, quick: bool = False) -> nn.Module:
     """torchvision's ``VisionTransformer`` for 32x32 images: 4x4 patches, 4 layers of 4 heads,
     width 64 (16 for ``quick``), with a class token and a position embedding on the model; the

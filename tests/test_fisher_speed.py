@@ -79,5 +79,7 @@ def test_extra_models_run_on_request_and_have_no_targets(tmp_path: Path) -> None
     assert "LSTM (proj_size) text classifier" in report.markdown
     assert "LSTMCell stepped by hand" in report.markdown
     assert "one layer applied twice" in report.markdown
+    assert "transposed convolutions" in report.markdown
+    assert "3-d CNN" in report.markdown
     assert "exact ≤ 6× fwd+bwd (LSTM" not in report.markdown
     assert report.agreement_ok

@@ -10,7 +10,7 @@ import weakref
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -126,6 +126,32 @@ LAYERS = {
     ),
     "conv1d_pointwise_groups": (lambda: nn.Conv1d(4, 6, 1, stride=3, groups=2), (5, 4, 10)),
     "conv2d_pointwise_padded": (lambda: nn.Conv2d(2, 3, 1, padding=1), (5, 2, 4, 3)),
+    "conv3d": (
+        lambda: nn.Conv3d(2, 4, (2, 3, 2), (1, 2, 1), (1, 0, 1), (1, 1, 2)), (5, 2, 4, 6, 5)
+    ),
+    "conv3d_same_replicate_groups": (
+        lambda: nn.Conv3d(4, 2, 3, padding="same", groups=2, padding_mode="replicate"),
+        (5, 4, 3, 4, 3),
+    ),
+    "conv3d_pointwise_strided": (lambda: nn.Conv3d(3, 2, 1, stride=2), (5, 3, 3, 4, 5)),
+    "conv_transpose1d": (
+        lambda: nn.ConvTranspose1d(4, 6, 3, 2, 1, output_padding=1, groups=2, dilation=2),
+        (5, 4, 7),
+    ),
+    "conv_transpose2d": (
+        lambda: nn.ConvTranspose2d(3, 4, (3, 2), stride=(2, 1), padding=(1, 0)), (5, 3, 4, 5)
+    ),
+    "conv_transpose2d_output_padding_past_stride": (  # positions past the input's: cut
+        lambda: nn.ConvTranspose2d(2, 3, 2, stride=2, output_padding=(2, 0), dilation=3),
+        (5, 2, 3, 4),
+    ),
+    "conv_transpose2d_few_positions": (  # Gram with L = 4
+        lambda: nn.ConvTranspose2d(8, 8, 3, groups=2), (5, 8, 2, 2)
+    ),
+    "conv_transpose2d_pointwise": (lambda: nn.ConvTranspose2d(3, 2, 1, stride=2), (5, 3, 3, 4)),
+    "conv_transpose3d": (
+        lambda: nn.ConvTranspose3d(2, 2, 2, stride=2, bias=False), (5, 2, 2, 3, 2)
+    ),
     "batchnorm1d": (lambda: nn.BatchNorm1d(4), (6, 4)),
     "batchnorm1d_sequence": (lambda: nn.BatchNorm1d(4), (6, 4, 5)),
     "batchnorm2d": (lambda: nn.BatchNorm2d(3), (6, 3, 4, 5)),
@@ -175,8 +201,8 @@ CONVS = [name for name in LAYERS if name.startswith("conv")]
 def test_conv_rule_any_layout_and_chunks(
     name: str, layout: str, budget: int, engine_ways: str
 ) -> None:
-    """The convolution rule on ``G`` stored ``(K, B, ...)`` (batched pull-back) or
-    ``(B, K, ...)`` (looped pull-back), one sample per chunk or all, equals brute force."""
+    """The (transposed) convolution rule on ``G`` stored ``(K, B, ...)`` (batched pull-back)
+    or ``(B, K, ...)`` (looped pull-back), one sample per chunk or all, equals brute force."""
     make, shape = LAYERS[name]
     torch.manual_seed(0)
     layer = make().double()
@@ -187,7 +213,7 @@ def test_conv_rule_any_layout_and_chunks(
         grads = grads.transpose(0, 1).contiguous().transpose(0, 1)
     names = [n for n, _ in layer.named_parameters()]
     with torch.no_grad():
-        got = rules.conv(layer, x, grads, names, budget)
+        got = rules.rule_for(layer)(layer, x, grads, names, budget)
     expected = {n: torch.zeros_like(p) for n, p in layer.named_parameters()}
     for i in range(x.shape[0]):
         out = layer(x[i : i + 1])
@@ -224,6 +250,36 @@ def test_conv2d_random_shapes(groups, channels, kernel, stride, padding, dilatio
         2 * channels, 2 * groups, kernel, stride, padding, dilation, groups, bias
     ).double()
     x = torch.randn(batch, 2 * channels, 7, 6, dtype=torch.float64)
+    check_against_references(with_head(layer, x), x)
+
+
+@settings(max_examples=16, deadline=None)
+@given(
+    groups=st.sampled_from([1, 2]),
+    kernel=st.tuples(st.integers(1, 4), st.integers(1, 3)),
+    stride=st.tuples(st.integers(1, 3), st.integers(1, 2)),
+    padding=st.tuples(st.integers(0, 2), st.integers(0, 1)),
+    dilation=st.tuples(st.integers(1, 2), st.integers(1, 3)),
+    extra=st.tuples(st.integers(0, 2), st.integers(0, 2)),
+    bias=st.booleans(),
+    batch=st.integers(1, 3),
+)
+def test_conv_transpose2d_random_shapes(
+    groups, kernel, stride, padding, dilation, extra, bias, batch
+):
+    """Any stride, dilation, padding and output padding (below the stride or the dilation,
+    as PyTorch requires): taps of every phase, some with windows past the input."""
+    output_padding = tuple(e % max(s, d) for e, s, d in zip(extra, stride, dilation))
+    x = torch.randn(batch, 2 * groups, 3, 4, dtype=torch.float64)
+    sizes = [
+        (n - 1) * s - 2 * p + d * (k - 1) + o + 1
+        for n, s, p, d, k, o in zip((3, 4), stride, padding, dilation, kernel, output_padding)
+    ]
+    assume(min(sizes) > 0)
+    torch.manual_seed(0)
+    layer = nn.ConvTranspose2d(
+        2 * groups, 2 * groups, kernel, stride, padding, output_padding, groups, bias, dilation
+    ).double()
     check_against_references(with_head(layer, x), x)
 
 
@@ -1533,7 +1589,8 @@ def weight_normed() -> nn.Module:
 
 
 class WithoutRules(nn.Module):
-    """Layers with parameters but no rule (the per-module fallback) between layers with one."""
+    """Layers with parameters but no rule (the per-module fallback: ``EmbeddingBag``,
+    ``Bilinear``) between layers with one."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -1542,13 +1599,14 @@ class WithoutRules(nn.Module):
         self.prelu = nn.PReLU(3)
         self.conv3d = nn.Conv3d(1, 2, (2, 3, 3))
         self.bag = nn.EmbeddingBag(7, 8, mode="mean")
+        self.bilinear = nn.Bilinear(8, 8, 8)
         self.head = nn.Linear(8, 3)
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.prelu(self.conv(self.up(x)))  # (B, 3, 4, 4)
         h = self.conv3d(h.unsqueeze(1)).flatten(1)  # (B, 2 * 2 * 2 * 2)
         tokens = torch.arange(4).repeat(h.shape[0], 1)
-        return self.head(torch.tanh(h[:, ::2] + self.bag(tokens)))
+        return self.head(torch.tanh(self.bilinear(h[:, ::2], self.bag(tokens))))
 
 
 IDIOMS = {
@@ -1752,6 +1810,26 @@ class SiameseCNN(nn.Module):
         return self.head(torch.cat(pooled, 1))
 
 
+class SiameseUpsampling(nn.Module):
+    """Transposed convolutions (stride, output padding, groups, dilation) and a 3-d convolution
+    applied to an image and to a smaller crop of it: each layer called twice, on inputs of two
+    sizes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.ConvTranspose2d(2, 4, 3, stride=2, padding=1, output_padding=1, groups=2)
+        self.widen = nn.ConvTranspose2d(4, 2, 2, dilation=2)
+        self.conv3d = nn.Conv3d(1, 2, (2, 3, 3), padding=(0, 1, 1))
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, 2, 4, 4)
+        pooled = []
+        for image in (x, x[..., 1:, 1:]):
+            h = torch.tanh(self.widen(torch.tanh(self.up(image))))  # (B, 2, H, W)
+            pooled.append(self.conv3d(h.unsqueeze(1)).mean((2, 3, 4)))  # (B, 2)
+        return self.head(torch.cat(pooled, 1))
+
+
 class CellLoop(nn.Module):
     """A recurrent cell stepped through the sequence by hand, from no state (``None``: the
     cell makes zeros, which ``vmap`` cannot batch) or from a given one."""
@@ -1801,6 +1879,7 @@ CALLED_TWICE = {  # the model, a sample's shape, the units that go to the per-mo
     "shared_block": (SharedBlock, (5,), set()),
     "siamese": (Siamese, (8,), {"encoder"}),
     "siamese_cnn": (SiameseCNN, (2, 6, 6), set()),
+    "siamese_upsampling": (SiameseUpsampling, (2, 4, 4), set()),
     "attention": (AttentionCalledTwice, (4,), set()),
     "shared_encoder_layer": (SharedEncoderLayer, (4,), set()),
     "lstm_cell_loop": (lambda: CellLoop(nn.LSTMCell, False), (5, 3), set()),

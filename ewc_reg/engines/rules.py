@@ -37,6 +37,8 @@ nobody hooks the module or sets its ``forward`` (either may change what it compu
 from __future__ import annotations
 
 import functools
+import itertools
+import math
 from collections.abc import Callable, Collection, Iterator
 from typing import Any, Protocol
 
@@ -124,6 +126,7 @@ Accumulation = Callable[
     [nn.Module, tuple[Any, ...], dict[str, Any], dict[str, Tensor], Collection[str], int],
     "Accumulator | None",
 ]
+
 
 def feed_all(
     accumulator: Accumulator | None, grads: dict[int | str, Tensor]
@@ -513,6 +516,37 @@ def _conv_padding(module: nn.Module) -> list[int]:
     return pads
 
 
+def _patches(
+    x: Tensor,
+    kernel: tuple[int, ...],
+    dilation: tuple[int, ...],
+    padding: tuple[int, ...],
+    stride: tuple[int, ...],
+) -> Tensor:
+    r"""``(b, C, *S) -> (b, C * prod(kernel), L)``: the patches a convolution with these
+    settings (zero ``padding`` on both sides of each spatial dimension) multiplies its weight
+    with, ``C`` before the kernel positions and the ``L`` output positions in row-major order
+    (as ``F.unfold`` lays them out, for any number of spatial dimensions): 1x1 kernels without
+    padding take the strided input itself, one or two spatial dimensions go to ``F.unfold``
+    (one as a ``(1, L)`` image) and more are strided windows of the padded input, copied."""
+    batch, channels = x.shape[:2]
+    if all(k == 1 for k in kernel) and not any(padding):
+        return x[(..., *(slice(None, None, s) for s in stride))].reshape(batch, channels, -1)
+    if x.dim() == 3:
+        x = x.unsqueeze(2)
+        kernel, dilation, stride = ((1, *t) for t in (kernel, dilation, stride))
+        padding = (0, *padding)
+    if x.dim() == 4:
+        return F.unfold(x, kernel, dilation, padding, stride)
+    x = F.pad(x, [p for p in reversed(padding) for _ in range(2)])
+    spatial = x.dim() - 2
+    for dim, (k, d, s) in enumerate(zip(kernel, dilation, stride)):
+        x = x.unfold(2 + dim, d * (k - 1) + 1, s)  # (b, C, *L, *window)
+    x = x[(..., *(slice(None, None, d) for d in dilation))]
+    order = (0, 1, *range(2 + spatial, 2 + 2 * spatial), *range(2, 2 + spatial))
+    return x.permute(order).reshape(batch, channels * math.prod(kernel), -1)
+
+
 def conv_calls(
     module: nn.Module, xs: list[Tensor], grads: list[Tensor], names: Collection[str], budget: int
 ) -> dict[str, Tensor]:
@@ -522,37 +556,24 @@ def conv_calls(
     :data:`SEVERAL_CALLS`)."""
     acc = _acc(module)
     pads = _conv_padding(module)
-    kernel, stride, dilation = module.kernel_size, module.stride, module.dilation
-    # zero padding the same on both sides goes to F.unfold (no padded copy of x)
+    # zero padding the same on both sides goes to the patches (no padded copy of x)
     symmetric = module.padding_mode == "zeros" and pads[::2] == pads[1::2]
-    padding = tuple(reversed(pads[::2])) if symmetric else (0,) * len(kernel)
+    padding = tuple(reversed(pads[::2])) if symmetric else (0,) * len(module.kernel_size)
     xs = [x.to(acc) for x in xs]
     if any(pads) and not symmetric:
         mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
         xs = [F.pad(x, pads, mode=mode) for x in xs]
-    if xs[0].dim() == 3:  # Conv1d as a convolution over a (1, L) image
-        xs = [x.unsqueeze(2) for x in xs]
-        kernel, stride = (1, *kernel), (1, *stride)
-        dilation, padding = (1, *dilation), (0, *padding)
     groups = module.groups
     num_vectors, batch = grads[0].shape[:2]
     out = module.out_channels // groups
-    parts = [g.to(acc).reshape(num_vectors, batch, groups, out, -1) for g in grads]
-    joined = parts[0]
-    if len(parts) > 1:  # (in (B, K, ...) storage, as the looped pull-back lays them out)
-        joined = torch.cat([part.transpose(0, 1) for part in parts], -1).transpose(0, 1)
+    joined = _joined(grads, num_vectors, batch, groups, out, acc)
     patch = module.weight[0].numel()  # P = C_in/g * prod(kernel)
-    pointwise = all(k == 1 for k in kernel) and not any(padding)
+    settings = (module.kernel_size, module.dilation, padding, module.stride)
 
     def patches_of(chunk: slice) -> Tensor:
-        pieces = []
-        for x in xs:
-            if pointwise:  # 1x1 kernels: the patches are the (strided) input itself
-                patches = x[chunk][..., :: stride[0], :: stride[1]]
-            else:
-                patches = F.unfold(x[chunk], kernel, dilation, padding, stride)
-            pieces.append(patches.reshape(patches.shape[0], groups, patch, -1))  # (b, g, P, L)
-        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, -1)
+        pieces = [_patches(x[chunk], *settings) for x in xs]
+        patches = pieces[0] if len(pieces) == 1 else torch.cat(pieces, -1)
+        return patches.view(patches.shape[0], groups, patch, -1)  # (b, g, P, L)
 
     sums = {}
     if "weight" in names:
@@ -563,20 +584,167 @@ def conv_calls(
     return sums
 
 
-@register(nn.Conv1d, nn.Conv2d, several_calls=conv_calls)
+def _joined(
+    grads: list[Tensor], num_vectors: int, batch: int, groups: int, out: int, acc: torch.dtype
+) -> Tensor:
+    """The calls' output gradients ``(K, B, C_out, *S_t)`` as ``(K, B, g, C_out/g, L)``, their
+    positions side by side (in ``(B, K, ...)`` storage, as the looped pull-back lays them out,
+    when there are several)."""
+    parts = [g.to(acc).reshape(num_vectors, batch, groups, out, -1) for g in grads]
+    if len(parts) == 1:
+        return parts[0]
+    return torch.cat([part.transpose(0, 1) for part in parts], -1).transpose(0, 1)
+
+
+@register(nn.Conv1d, nn.Conv2d, nn.Conv3d, several_calls=conv_calls)
 def conv(
     module: nn.Module, x: Tensor, grads: Tensor, names: Collection[str], budget: int
 ) -> dict[str, Tensor]:
-    r"""Convolutions ``(B, C_in, *spatial) -> (B, C_out, *spatial')`` with any stride, padding
-    (and padding mode), dilation and groups.
+    r"""Convolutions ``(B, C_in, *spatial) -> (B, C_out, *spatial')`` (1 to 3 spatial
+    dimensions) with any stride, padding (and padding mode), dilation and groups.
 
     With the padded input unfolded into patches :math:`U_n` of shape ``(g, P, L)``
     (``g`` groups, ``P = C_in/g * prod(kernel)``, ``L`` output positions, unfolded a chunk of
-    samples at a time) and ``G`` reshaped to ``(K, B, g, C_out/g, L)``, the per-sample weight
-    gradient of group ``j`` is :math:`G_{nkj} U_{nj}^\top` (``(C_out/g, P)``; summed squares by
-    :func:`_squared_products`); the bias gradient is :math:`\sum_l G_{nkl}`.
+    samples at a time: :func:`_patches`) and ``G`` reshaped to ``(K, B, g, C_out/g, L)``, the
+    per-sample weight gradient of group ``j`` is :math:`G_{nkj} U_{nj}^\top`
+    (``(C_out/g, P)``; summed squares by :func:`_squared_products`); the bias gradient is
+    :math:`\sum_l G_{nkl}`.
     """
     return conv_calls(module, [x], [grads], names, budget)
+
+
+def conv_transpose_calls(
+    module: nn.Module, xs: list[Tensor], grads: list[Tensor], names: Collection[str], budget: int
+) -> dict[str, Tensor]:
+    r""":func:`conv_transpose` for several calls of the layer at once: the calls' phase
+    positions (and the input windows there) side by side."""
+    acc = _acc(module)
+    groups = module.groups
+    num_vectors, batch = grads[0].shape[:2]
+    out = module.out_channels // groups
+    sums = {}
+    if "weight" in names:
+        inputs = module.in_channels // groups
+        weight = grads[0].new_zeros(groups, inputs, out, math.prod(module.kernel_size), dtype=acc)
+        # (B, K, ...) views: the looped pull-back's storage, the order the products read
+        samples_first = [g.transpose(0, 1).to(acc) for g in grads]
+        for phase, taps in _phases(module).items():
+            parts, windows = [], []
+            for x, g in zip(xs, samples_first):
+                part, window = _phase_part(module, x.to(acc), g, phase, taps)
+                parts.append(part.reshape(batch, num_vectors, groups, out, -1))
+                windows.append(window)
+            joined = parts[0] if len(parts) == 1 else torch.cat(parts, -1)
+            patch = inputs * len(taps)
+            sums_of_phase = _squared_products(
+                joined.transpose(0, 1), _stacked_windows(windows, groups, patch), patch, budget
+            )  # (g, C_out/g, C_in/g * taps)
+            sums_of_phase = sums_of_phase.view(groups, out, inputs, len(taps))
+            weight[..., [tap for tap, _ in taps]] = sums_of_phase.transpose(1, 2)
+        sums["weight"] = weight.reshape(module.weight.shape)
+    if "bias" in names:
+        joined = _joined(grads, num_vectors, batch, groups, out, acc)
+        sums["bias"] = _square_sum(_sum(joined, -1)).reshape(-1)
+    return sums
+
+
+def _stacked_windows(
+    windows: list[list[Callable[[slice], Tensor]]], groups: int, patch: int
+) -> Callable[[slice], Tensor]:
+    """``patches_of`` for :func:`_squared_products`: the taps' input windows ``(b, C_in, *J)``
+    of each call (``windows``) stacked after the channels, the calls' positions side by side,
+    as ``(b, g, patch, L)``."""
+
+    def patches_of(chunk: slice) -> Tensor:
+        pieces = [torch.stack([w(chunk) for w in calls], 2).flatten(3) for calls in windows]
+        patches = pieces[0] if len(pieces) == 1 else torch.cat(pieces, -1)
+        return patches.reshape(patches.shape[0], groups, patch, -1)
+
+    return patches_of
+
+
+#: A kernel tap of a transposed convolution: its flat index in the kernel and, per spatial
+#: dimension, the offset ``m`` on the phase's grid (see :func:`conv_transpose`).
+_Tap = tuple[int, tuple[int, ...]]
+
+
+def _phases(module: nn.Module) -> dict[tuple[int, ...], list[_Tap]]:
+    r"""The kernel taps of a transposed convolution by output phase: tap :math:`\kappa` (per
+    dimension) writes output position :math:`t = s l + c` with :math:`c = \kappa d - p`, that
+    is phase :math:`\phi = c \bmod s` at :math:`t = s(l + m) + \phi`, :math:`m = \lfloor c/s
+    \rfloor`."""
+    kernel, stride = module.kernel_size, module.stride
+    phases: dict[tuple[int, ...], list[_Tap]] = {}
+    for flat, tap in enumerate(itertools.product(*(range(k) for k in kernel))):
+        offsets = [t * d - p for t, d, p in zip(tap, module.dilation, module.padding)]
+        phase = tuple(c % s for c, s in zip(offsets, stride))
+        phases.setdefault(phase, []).append((flat, tuple(c // s for c, s in zip(offsets, stride))))
+    return phases
+
+
+def _phase_part(
+    module: nn.Module, x: Tensor, grads: Tensor, phase: tuple[int, ...], taps: list[_Tap]
+) -> tuple[Tensor, list[Callable[[slice], Tensor]]]:
+    r"""One call's output gradients ``(B, K, C_out, *S')`` on the grid of output ``phase``,
+    ``(B, K, C_out, *J)`` with :math:`J = \lceil S'/s \rceil` (zero past ``S'``), and for each
+    of the phase's ``taps`` the input window it meets there: a function of a chunk of
+    samples giving :math:`x[j - m]` for :math:`j < J` (zero outside ``x``), ``(b, C_in, *J)``."""
+    stride = module.stride
+    spatial = len(stride)
+    grid = [-(-n // s) for n, s in zip(grads.shape[-spatial:], stride)]  # J
+    extra = [j * s - n for j, s, n in zip(grid, stride, grads.shape[-spatial:])]
+    if any(extra):
+        grads = F.pad(grads, [n for e in reversed(extra) for n in (0, e)])
+    split = grads.shape[:-spatial] + tuple(n for j, s in zip(grid, stride) for n in (j, s))
+    part = grads.reshape(split)[(..., *(i for p in phase for i in (slice(None), p)))]
+    offsets = [m for _, m in taps]
+    before = [max(0, *(m[a] for m in offsets)) for a in range(spatial)]
+    after = [
+        max(0, j - n - min(m[a] for m in offsets))
+        for a, (j, n) in enumerate(zip(grid, x.shape[-spatial:]))
+    ]
+    padded = F.pad(x, [n for a in reversed(range(spatial)) for n in (before[a], after[a])])
+
+    def window(m: tuple[int, ...]) -> Callable[[slice], Tensor]:
+        where = tuple(slice(b - o, b - o + j) for b, o, j in zip(before, m, grid))
+        return lambda chunk: padded[(chunk, slice(None), *where)]
+
+    return part, [window(m) for m in offsets]
+
+
+@register(
+    nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, several_calls=conv_transpose_calls
+)
+def conv_transpose(
+    module: nn.Module, x: Tensor, grads: Tensor, names: Collection[str], budget: int
+) -> dict[str, Tensor]:
+    r"""Transposed convolutions ``(B, C_in, *spatial) -> (B, C_out, *spatial')`` (1 to 3
+    spatial dimensions) with any stride, padding, output padding, dilation and groups; the
+    weight is ``(C_in, C_out/g, *kernel)``.
+
+    Per spatial dimension (stride ``s``, dilation ``d``, padding ``p``), tap :math:`\kappa` of
+    the kernel carries input position ``l`` to output position :math:`t = s l + \kappa d - p
+    = s (l + m_\kappa) + \phi_\kappa` (:func:`_phases`), so the per-sample weight gradient is
+
+    .. math::
+
+        \frac{\partial \langle G_{nk}, y_n\rangle}{\partial W[i, o, \kappa]}
+        = \sum_l x_n[i, l]\, G_{nk}[o, s (l + m_\kappa) + \phi_\kappa]
+        = \sum_j G^{\phi_\kappa}_{nk}[o, j]\, x_n[i, j - m_\kappa],
+
+    with :math:`G^\phi[o, j] = G[o, s j + \phi]` the output gradient on the grid of phase
+    :math:`\phi` (``J = ceil(S'/s)`` positions, zero past the output) and ``x`` zero outside
+    its positions. For the taps of one phase (``T`` of them), that is a convolution's
+    per-sample product: :math:`G^\phi_{nkj}` ``(C_out/g, J)`` times the input windows
+    :math:`x_n[\cdot, j - m_\kappa]` of its taps ``(C_in/g * T, J)``, which do not depend on
+    the vector (:func:`_squared_products`, one call per phase; ``s^dims`` phases at most). So
+    only the input is cut into patches, as many numbers per sample as a convolution's patches
+    with this kernel, while cutting each vector's output gradient into the patches of the
+    adjoint convolution would take ``prod(kernel) / prod(s)`` times ``G`` per vector (1.8
+    times the time, on ``benchmarks.models.upsampling_cnn``). The bias gradient is
+    :math:`\sum_t G_{nkt}`.
+    """
+    return conv_transpose_calls(module, [x], [grads], names, budget)
 
 
 def _affine_parts(
@@ -598,9 +766,7 @@ def _affine_parts(
     return reduce
 
 
-def _affine(
-    parts: Tensor, x: Tensor, names: Collection[str], trailing: int
-) -> dict[str, Tensor]:
+def _affine(parts: Tensor, x: Tensor, names: Collection[str], trailing: int) -> dict[str, Tensor]:
     """The sums from :func:`_affine_parts`' ``(K, B, n, *D)`` (``len(D) = trailing``)."""
     stacked = [name for name in ("weight", "bias") if name in names]
     dim = parts.dim() - trailing - 1
