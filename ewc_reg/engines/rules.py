@@ -626,14 +626,16 @@ def conv_transpose_calls(
     if "weight" in names:
         inputs = module.in_channels // groups
         weight = grads[0].new_zeros(groups, inputs, out, math.prod(module.kernel_size), dtype=acc)
-        # (B, K, ...) views: the looped pull-back's storage, the order the products read
-        samples_first = [g.transpose(0, 1).to(acc) for g in grads]
-        for phase, taps in _phases(module).items():
-            parts, windows = [], []
-            for x, g in zip(xs, samples_first):
-                part, window = _phase_part(module, x.to(acc), g, phase, taps)
-                parts.append(part.reshape(batch, num_vectors, groups, out, -1))
-                windows.append(window)
+        phases = _phases(module)
+        offsets = [m for taps in phases.values() for _, m in taps]
+        # (G as (B, K, ...): the looped pull-back's storage, the order the products read)
+        calls = [
+            _PhaseGrids(x.to(acc), g.transpose(0, 1).to(acc), module.stride, offsets)
+            for x, g in zip(xs, grads)
+        ]
+        for phase, taps in phases.items():
+            parts = [c.grads(phase).reshape(batch, num_vectors, groups, out, -1) for c in calls]
+            windows = [[c.window(m) for _, m in taps] for c in calls]
             joined = parts[0] if len(parts) == 1 else torch.cat(parts, -1)
             patch = inputs * len(taps)
             sums_of_phase = _squared_products(
@@ -682,34 +684,41 @@ def _phases(module: nn.Module) -> dict[tuple[int, ...], list[_Tap]]:
     return phases
 
 
-def _phase_part(
-    module: nn.Module, x: Tensor, grads: Tensor, phase: tuple[int, ...], taps: list[_Tap]
-) -> tuple[Tensor, list[Callable[[slice], Tensor]]]:
-    r"""One call's output gradients ``(B, K, C_out, *S')`` on the grid of output ``phase``,
-    ``(B, K, C_out, *J)`` with :math:`J = \lceil S'/s \rceil` (zero past ``S'``), and for each
-    of the phase's ``taps`` the input window it meets there: a function of a chunk of
-    samples giving :math:`x[j - m]` for :math:`j < J` (zero outside ``x``), ``(b, C_in, *J)``."""
-    stride = module.stride
-    spatial = len(stride)
-    grid = [-(-n // s) for n, s in zip(grads.shape[-spatial:], stride)]  # J
-    extra = [j * s - n for j, s, n in zip(grid, stride, grads.shape[-spatial:])]
-    if any(extra):
-        grads = F.pad(grads, [n for e in reversed(extra) for n in (0, e)])
-    split = grads.shape[:-spatial] + tuple(n for j, s in zip(grid, stride) for n in (j, s))
-    part = grads.reshape(split)[(..., *(i for p in phase for i in (slice(None), p)))]
-    offsets = [m for _, m in taps]
-    before = [max(0, *(m[a] for m in offsets)) for a in range(spatial)]
-    after = [
-        max(0, j - n - min(m[a] for m in offsets))
-        for a, (j, n) in enumerate(zip(grid, x.shape[-spatial:]))
-    ]
-    padded = F.pad(x, [n for a in reversed(range(spatial)) for n in (before[a], after[a])])
+class _PhaseGrids:
+    r"""One call of a transposed convolution (stride ``s``) on the grids of its output phases:
+    the output gradients ``(B, K, C_out, *S')`` split as ``(B, K, C_out, J_1, s_1, ...)``
+    (:math:`J = \lceil S'/s \rceil` positions, zero past ``S'``), so that :meth:`grads` of
+    phase :math:`\phi` is :math:`G^\phi[j] = G[s j + \phi]`, a view; and the input zero-padded
+    so that the :meth:`window` of every tap offset ``m`` in ``offsets`` is a slice of it."""
 
-    def window(m: tuple[int, ...]) -> Callable[[slice], Tensor]:
-        where = tuple(slice(b - o, b - o + j) for b, o, j in zip(before, m, grid))
-        return lambda chunk: padded[(chunk, slice(None), *where)]
+    def __init__(
+        self, x: Tensor, grads: Tensor, stride: tuple[int, ...], offsets: list[tuple[int, ...]]
+    ) -> None:
+        spatial = len(stride)
+        sizes = grads.shape[-spatial:]
+        self.grid = [-(-n // s) for n, s in zip(sizes, stride)]
+        extra = [j * s - n for j, s, n in zip(self.grid, stride, sizes)]
+        if any(extra):
+            grads = F.pad(grads, [n for e in reversed(extra) for n in (0, e)])
+        split = tuple(n for j, s in zip(self.grid, stride) for n in (j, s))
+        self.split = grads.reshape(grads.shape[:-spatial] + split)
+        self.before = [max(0, *(m[a] for m in offsets)) for a in range(spatial)]
+        after = [
+            max(0, j - n - min(m[a] for m in offsets))
+            for a, (j, n) in enumerate(zip(self.grid, x.shape[-spatial:]))
+        ]
+        pads = [n for a in reversed(range(spatial)) for n in (self.before[a], after[a])]
+        self.padded = F.pad(x, pads)
 
-    return part, [window(m) for m in offsets]
+    def grads(self, phase: tuple[int, ...]) -> Tensor:
+        r""":math:`G^\phi` ``(B, K, C_out, *J)``."""
+        return self.split[(..., *(i for p in phase for i in (slice(None), p)))]
+
+    def window(self, m: tuple[int, ...]) -> Callable[[slice], Tensor]:
+        """A function of a chunk of samples giving :math:`x[j - m]` for :math:`j < J` (zero
+        outside ``x``), ``(b, C_in, *J)``."""
+        where = tuple(slice(b - o, b - o + j) for b, o, j in zip(self.before, m, self.grid))
+        return lambda chunk: self.padded[(chunk, slice(None), *where)]
 
 
 @register(
