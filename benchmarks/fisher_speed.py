@@ -396,9 +396,12 @@ def nngeometry_contenders(w: Workload, references: dict[str, Fisher]) -> list[Co
             for kind in ("weight", "bias"):
                 shape = getattr(layer, kind).size if getattr(layer, kind) else None
                 if shape is not None:
-                    count = int(torch.Size(shape).numel())
-                    fisher[f"{layer_name}.{kind}"] = flat[start : start + count].view(shape)
-                    start += count
+                    # (in the parameter's own layout: for a transposed convolution, the
+                    # layer's stated size is (out, in, ...) where the weight is (in, out, ...))
+                    name = f"{layer_name}.{kind}"
+                    real = w.model.get_parameter(name).shape
+                    fisher[name] = flat[start : start + real.numel()].view(real)
+                    start += real.numel()
         return fisher
 
     return [
