@@ -193,6 +193,28 @@ def test_modules_called_more_than_once_and_tied_weights_match_cpu(kind):
     assert_close_dicts(to_cpu(got), want, 1e-10)
 
 
+@pytest.mark.parametrize("kind", ["upsampling", "conv3d", "siamese_upsampling"])
+def test_transposed_and_3d_convolutions_match_cpu(kind):
+    """The transposed-convolution rule (phase grids, taps' windows) and the 3-d patches, also
+    with each layer called twice."""
+    from benchmarks.models import upsampling_cnn, volume_cnn
+
+    from .test_hooks_engine import SiameseUpsampling
+
+    torch.manual_seed(0)
+    if kind == "upsampling":
+        model, x = upsampling_cnn(10, width=4), torch.randn(8, 16, 4, 4, dtype=torch.float64)
+    elif kind == "conv3d":
+        model, x = volume_cnn(10, width=4), torch.randn(8, 3, 16, 16, 16, dtype=torch.float64)
+    else:
+        model, x = SiameseUpsampling(), torch.randn(8, 2, 4, 4, dtype=torch.float64)
+    model = model.double().eval()
+    y = torch.randint(0, 3 if kind == "siamese_upsampling" else 10, (8,))
+    want = fisher_diagonal(model, [(x, y)], "exact")
+    got = fisher_diagonal(copy.deepcopy(model).cuda(), [(x, y)], "exact", backend="hooks")
+    assert_close_dicts(to_cpu(got), want, 1e-10)
+
+
 def test_penalty_follows_the_model_moved_after_consolidate():
     model, data = problem("mlp")
     reg = EWCRegularizer(model, strength=2.0)
