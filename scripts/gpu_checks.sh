@@ -37,6 +37,7 @@ step memory_budget_looped "$py" -m benchmarks.memory_budget --device "$dev" --pu
 if [ "${1:-}" != quick ]; then
     step fisher_speed "$py" -m benchmarks.fisher_speed --device "$dev" \
         --output "$out/fisher_speed_cuda.md"
-    step fisher_speed_shared "$py" -m benchmarks.fisher_speed --device "$dev" --repeats 3 \
-        --models lstm_cell,shared_mlp,transformer_shared --output "$out/fisher_speed_shared_cuda.md"
+    step fisher_speed_extra "$py" -m benchmarks.fisher_speed --device "$dev" --repeats 3 \
+        --models lstm_cell,shared_mlp,transformer_shared,upsampling,conv3d \
+        --output "$out/fisher_speed_extra_cuda.md"
 fi
