@@ -526,23 +526,20 @@ def _patches(
     r"""``(b, C, *S) -> (b, C * prod(kernel), L)``: the patches a convolution with these
     settings (zero ``padding`` on both sides of each spatial dimension) multiplies its weight
     with, ``C`` before the kernel positions and the ``L`` output positions in row-major order
-    (as ``F.unfold`` lays them out, for any number of spatial dimensions): 1x1 kernels without
-    padding take the strided input itself, one or two spatial dimensions go to ``F.unfold``
-    (one as a ``(1, L)`` image) and more are strided windows of the padded input, copied."""
+    (as ``F.unfold`` lays them out), for any number of spatial dimensions: 1x1 kernels without
+    padding take the strided input itself; other kernels, the strided windows of the padded
+    input (``Tensor.unfold`` views), copied once. On CPU that copy took 0.2-0.5 times as long
+    as ``F.unfold`` for the reduced ResNet-18's layers (2 threads, 32-128 samples)."""
     batch, channels = x.shape[:2]
     if all(k == 1 for k in kernel) and not any(padding):
         return x[(..., *(slice(None, None, s) for s in stride))].reshape(batch, channels, -1)
-    if x.dim() == 3:
-        x = x.unsqueeze(2)
-        kernel, dilation, stride = ((1, *t) for t in (kernel, dilation, stride))
-        padding = (0, *padding)
-    if x.dim() == 4:
-        return F.unfold(x, kernel, dilation, padding, stride)
-    x = F.pad(x, [p for p in reversed(padding) for _ in range(2)])
+    if any(padding):
+        x = F.pad(x, [p for p in reversed(padding) for _ in range(2)])
     spatial = x.dim() - 2
     for dim, (k, d, s) in enumerate(zip(kernel, dilation, stride)):
         x = x.unfold(2 + dim, d * (k - 1) + 1, s)  # (b, C, *L, *window)
-    x = x[(..., *(slice(None, None, d) for d in dilation))]
+    if any(d > 1 for d in dilation):
+        x = x[(..., *(slice(None, None, d) for d in dilation))]
     order = (0, 1, *range(2 + spatial, 2 + 2 * spatial), *range(2, 2 + spatial))
     return x.permute(order).reshape(batch, channels * math.prod(kernel), -1)
 
