@@ -517,24 +517,18 @@ def _conv_padding(module: nn.Module) -> list[int]:
 
 
 def _patches(
-    x: Tensor,
-    kernel: tuple[int, ...],
-    dilation: tuple[int, ...],
-    padding: tuple[int, ...],
-    stride: tuple[int, ...],
+    x: Tensor, kernel: tuple[int, ...], dilation: tuple[int, ...], stride: tuple[int, ...]
 ) -> Tensor:
     r"""``(b, C, *S) -> (b, C * prod(kernel), L)``: the patches a convolution with these
-    settings (zero ``padding`` on both sides of each spatial dimension) multiplies its weight
-    with, ``C`` before the kernel positions and the ``L`` output positions in row-major order
-    (as ``F.unfold`` lays them out), for any number of spatial dimensions: 1x1 kernels without
-    padding take the strided input itself; other kernels, the strided windows of the padded
-    input (``Tensor.unfold`` views), copied once. On CPU that copy took 0.2-0.5 times as long
-    as ``F.unfold`` for the reduced ResNet-18's layers (2 threads, 32-128 samples)."""
+    settings multiplies its weight with, on an input already padded, ``C`` before the kernel
+    positions and the ``L`` output positions in row-major order (as ``F.unfold`` lays them
+    out), for any number of spatial dimensions: for 1x1 kernels the strided input itself; for
+    others the strided windows of the input (``Tensor.unfold`` views), copied once. On CPU that
+    copy took 0.2-0.5 times as long as ``F.unfold`` for the reduced ResNet-18's layers (2
+    threads, 32-128 samples)."""
     batch, channels = x.shape[:2]
-    if all(k == 1 for k in kernel) and not any(padding):
+    if all(k == 1 for k in kernel):
         return x[(..., *(slice(None, None, s) for s in stride))].reshape(batch, channels, -1)
-    if any(padding):
-        x = F.pad(x, [p for p in reversed(padding) for _ in range(2)])
     spatial = x.dim() - 2
     for dim, (k, d, s) in enumerate(zip(kernel, dilation, stride)):
         x = x.unfold(2 + dim, d * (k - 1) + 1, s)  # (b, C, *L, *window)
@@ -553,11 +547,8 @@ def conv_calls(
     :data:`SEVERAL_CALLS`)."""
     acc = _acc(module)
     pads = _conv_padding(module)
-    # zero padding the same on both sides goes to the patches (no padded copy of x)
-    symmetric = module.padding_mode == "zeros" and pads[::2] == pads[1::2]
-    padding = tuple(reversed(pads[::2])) if symmetric else (0,) * len(module.kernel_size)
     xs = [x.to(acc) for x in xs]
-    if any(pads) and not symmetric:
+    if any(pads):
         mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
         xs = [F.pad(x, pads, mode=mode) for x in xs]
     groups = module.groups
@@ -565,7 +556,7 @@ def conv_calls(
     out = module.out_channels // groups
     joined = _joined(grads, num_vectors, batch, groups, out, acc)
     patch = module.weight[0].numel()  # P = C_in/g * prod(kernel)
-    settings = (module.kernel_size, module.dilation, padding, module.stride)
+    settings = (module.kernel_size, module.dilation, module.stride)
 
     def patches_of(chunk: slice) -> Tensor:
         pieces = [_patches(x[chunk], *settings) for x in xs]
