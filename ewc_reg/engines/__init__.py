@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from . import attention, recurrent  # noqa: F401  (register the attention and recurrent rules)
+from . import attention, convolution, recurrent  # noqa: F401  (register their rules)
 from .base import Engine, accumulation_dtype, zero_sums
 from .functorch import FunctorchEngine
 from .hooks import HookEngine

@@ -37,8 +37,6 @@ nobody hooks the module or sets its ``forward`` (either may change what it compu
 from __future__ import annotations
 
 import functools
-import itertools
-import math
 from collections.abc import Callable, Collection, Iterator
 from typing import Any, Protocol
 
@@ -239,31 +237,34 @@ def rule_for(module: nn.Module) -> Rule | CallRule | None:
     return rule if names <= set(known(module) if callable(known) else known) else None
 
 
-def _acc(module: nn.Module) -> torch.dtype:
+def acc_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype a layer's sums accumulate in (float32 for a half-precision weight)."""
     return accumulation_dtype(module.weight.dtype)
 
 
-def _square_sum(per_sample: Tensor) -> Tensor:
+def square_sum(per_sample: Tensor) -> Tensor:
     """``(K, B, *shape) -> (*shape)``: the sum of squares over vectors and samples."""
     return per_sample.square().sum((0, 1))
 
 
-def _sum(t: Tensor, dim: int) -> Tensor:
+def sum_or_squeeze(t: Tensor, dim: int) -> Tensor:
     """``t.sum(dim)``; a dimension of size 1 is squeezed instead (reducing it is slow)."""
     return t.squeeze(dim) if t.shape[dim] == 1 else t.sum(dim)
 
 
 def _sample_chunks(batch: int, bytes_per_sample: int, budget: int) -> Iterator[slice]:
+    """Slices of ``batch`` samples, as many per slice as fit in ``budget`` bytes (one at
+    least)."""
     step = max(1, budget // max(bytes_per_sample, 1))
     for start in range(0, batch, step):
         yield slice(start, start + step)
 
 
 #: Memory passes over one number that cost about as much time as one multiply-add in a matmul
-#: (used to choose between the two ways of :func:`_squared_products`).
+#: (used to choose between the two ways of :func:`squared_products`).
 MATMUL_SPEEDUP = 100
 
-#: Temporaries of one chunk of :func:`_squared_products` are kept within this many bytes (or the
+#: Temporaries of one chunk of :func:`squared_products` are kept within this many bytes (or the
 #: memory budget, if smaller). Smaller chunks are slower (the convolutions of a reduced ResNet-18
 #: on 64 samples, 2 CPU threads: chunks of 8, 16, 32, 64 and 128 MiB took 1.60, 1.35, 1.10, 1.01
 #: and 1 times as long as the last), larger ones gained nothing measurable over the whole Fisher
@@ -331,7 +332,7 @@ def _pair_weights(positions: int, device: torch.device, weight: float) -> Tensor
     return torch.where(rows == columns, 1.0, weight)
 
 
-def _squared_products(
+def squared_products(
     grads: Tensor, patches_of: Callable[[slice], Tensor], patch: int, budget: int
 ) -> Tensor:
     r"""Weight sums of a layer whose per-sample gradient is a product over ``L`` positions.
@@ -414,7 +415,7 @@ class LinearSums:
         batch, positions, _ = self.x.shape
         g = grads.to(self.acc).reshape(-1, batch, positions, grads.shape[-1])  # (K, B, S, out)
         if "bias" in self.names:
-            self.bias += _square_sum(_sum(g, 2))
+            self.bias += square_sum(sum_or_squeeze(g, 2))
         if "weight" not in self.names:
             return
         if self.squares is not None:
@@ -438,7 +439,7 @@ def _linear_sums(
     names: Collection[str],
     budget: int,
 ) -> LinearSums:
-    return LinearSums(args[0], module.out_features, names, _acc(module), budget)
+    return LinearSums(args[0], module.out_features, names, acc_dtype(module), budget)
 
 
 @register(nn.Linear, accumulate=_linear_sums, positionwise=lambda module: (1, 1))
@@ -456,7 +457,7 @@ def linear(
 #: (7, 14 and 28 MiB of products) took 16, 15 and 28 ms).
 LINEAR_CHUNK_BYTES = 16 * 2**20
 
-#: Time of :func:`_squared_products`' Gram way per ``T (O + P)`` number over that of
+#: Time of :func:`squared_products`' Gram way per ``T (O + P)`` number over that of
 #: :func:`_linear_weight`'s direct products per ``K O P`` number (CPU, 2 threads, B=128: about
 #: 1.5 ms per thousand of the first and 0.13 ms per thousand of the second for S from 2 to 32).
 LINEAR_GRAM_COST = 11
@@ -466,17 +467,17 @@ def _linear_weight(grads: Tensor, x: Tensor, budget: int) -> Tensor:
     r"""``(K, B, S, out), (B, S, in) -> (out, in)``: :math:`\sum_{n,k} (\sum_s G_{nks}
     x_{ns}^\top)^{\odot 2}`.
 
-    Either :func:`_squared_products` with ``L = S`` (for ``S = 1``, or where its Gram way is
+    Either :func:`squared_products` with ``L = S`` (for ``S = 1``, or where its Gram way is
     estimated faster: ``K O P > LINEAR_GRAM_COST * T (O + P)``, ``T = S (S+1)/2``), or the
     products :math:`G_{nk}^\top x_n` (``(out, in)``) for a chunk of samples in one ``bmm`` over
     the ``(k, n)`` pairs, squared and summed over them (``x`` repeated ``K`` times). On CPU the
-    latter took 16 ms where :func:`_squared_products` took 100 ms (K=9, B=128, S=32, 192x64: it
+    latter took 16 ms where :func:`squared_products` took 100 ms (K=9, B=128, S=32, 192x64: it
     picked its Gram way), 4.3 vs 7.8 ms for S=8 (64x64), 1.8 vs 3.9 ms the other way for S=4."""
     num_vectors, batch, positions, out = grads.shape
     patch = x.shape[-1]
     pairs = positions * (positions + 1) // 2
     if positions == 1 or num_vectors * out * patch > LINEAR_GRAM_COST * pairs * (out + patch):
-        return _squared_products(
+        return squared_products(
             grads.mT.unsqueeze(2),  # (K, B, 1, out, S)
             lambda chunk: x[chunk].mT.unsqueeze(1),  # (b, 1, in, S)
             patch,
@@ -499,249 +500,6 @@ def _linear_weight(grads: Tensor, x: Tensor, budget: int) -> Tensor:
         )
         result += products.square_().sum(0)
     return result
-
-
-def _conv_padding(module: nn.Module) -> list[int]:
-    """Explicit ``F.pad`` amounts (last dimension first) reproducing the module's padding,
-    including ``padding="same"`` (the odd extra on the right, as PyTorch does)."""
-    pads: list[int] = []
-    for dim in reversed(range(len(module.kernel_size))):
-        if module.padding == "same":
-            total = module.dilation[dim] * (module.kernel_size[dim] - 1)
-            pads += [total // 2, total - total // 2]
-        elif module.padding == "valid":
-            pads += [0, 0]
-        else:
-            pads += [module.padding[dim]] * 2
-    return pads
-
-
-def _patches(
-    x: Tensor, kernel: tuple[int, ...], dilation: tuple[int, ...], stride: tuple[int, ...]
-) -> Tensor:
-    r"""``(b, C, *S) -> (b, C * prod(kernel), L)``: the patches a convolution with these
-    settings multiplies its weight with, on an input already padded, ``C`` before the kernel
-    positions and the ``L`` output positions in row-major order (as ``F.unfold`` lays them
-    out), for any number of spatial dimensions: for 1x1 kernels the strided input itself; for
-    others the strided windows of the input (``Tensor.unfold`` views), copied once. On CPU that
-    copy took 0.2-0.5 times as long as ``F.unfold`` for the reduced ResNet-18's layers (2
-    threads, 32-128 samples)."""
-    batch, channels = x.shape[:2]
-    if all(k == 1 for k in kernel):
-        return x[(..., *(slice(None, None, s) for s in stride))].reshape(batch, channels, -1)
-    spatial = x.dim() - 2
-    for dim, (k, d, s) in enumerate(zip(kernel, dilation, stride)):
-        x = x.unfold(2 + dim, d * (k - 1) + 1, s)  # (b, C, *L, *window)
-    if any(d > 1 for d in dilation):
-        x = x[(..., *(slice(None, None, d) for d in dilation))]
-    order = (0, 1, *range(2 + spatial, 2 + 2 * spatial), *range(2, 2 + spatial))
-    return x.permute(order).reshape(batch, channels * math.prod(kernel), -1)
-
-
-def conv_calls(
-    module: nn.Module, xs: list[Tensor], grads: list[Tensor], names: Collection[str], budget: int
-) -> dict[str, Tensor]:
-    r""":func:`conv` for several calls of the layer at once (inputs ``xs``, output gradients
-    ``grads``): the per-sample gradient is a sum over the output positions of all the calls,
-    so their patches and gradients are joined along the positions ``L`` (see
-    :data:`SEVERAL_CALLS`)."""
-    acc = _acc(module)
-    pads = _conv_padding(module)
-    xs = [x.to(acc) for x in xs]
-    if any(pads):
-        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-        xs = [F.pad(x, pads, mode=mode) for x in xs]
-    groups = module.groups
-    num_vectors, batch = grads[0].shape[:2]
-    out = module.out_channels // groups
-    joined = _joined(grads, num_vectors, batch, groups, out, acc)
-    patch = module.weight[0].numel()  # P = C_in/g * prod(kernel)
-    settings = (module.kernel_size, module.dilation, module.stride)
-
-    def patches_of(chunk: slice) -> Tensor:
-        pieces = [_patches(x[chunk], *settings) for x in xs]
-        patches = pieces[0] if len(pieces) == 1 else torch.cat(pieces, -1)
-        return patches.view(patches.shape[0], groups, patch, -1)  # (b, g, P, L)
-
-    sums = {}
-    if "weight" in names:
-        weight = _squared_products(joined, patches_of, patch, budget)
-        sums["weight"] = weight.reshape(module.weight.shape)
-    if "bias" in names:
-        sums["bias"] = _square_sum(_sum(joined, -1)).reshape(-1)
-    return sums
-
-
-def _joined(
-    grads: list[Tensor], num_vectors: int, batch: int, groups: int, out: int, acc: torch.dtype
-) -> Tensor:
-    """The calls' output gradients ``(K, B, C_out, *S_t)`` as ``(K, B, g, C_out/g, L)``, their
-    positions side by side (in ``(B, K, ...)`` storage, as the looped pull-back lays them out,
-    when there are several)."""
-    parts = [g.to(acc).reshape(num_vectors, batch, groups, out, -1) for g in grads]
-    if len(parts) == 1:
-        return parts[0]
-    return torch.cat([part.transpose(0, 1) for part in parts], -1).transpose(0, 1)
-
-
-@register(nn.Conv1d, nn.Conv2d, nn.Conv3d, several_calls=conv_calls)
-def conv(
-    module: nn.Module, x: Tensor, grads: Tensor, names: Collection[str], budget: int
-) -> dict[str, Tensor]:
-    r"""Convolutions ``(B, C_in, *spatial) -> (B, C_out, *spatial')`` (1 to 3 spatial
-    dimensions) with any stride, padding (and padding mode), dilation and groups.
-
-    With the padded input unfolded into patches :math:`U_n` of shape ``(g, P, L)``
-    (``g`` groups, ``P = C_in/g * prod(kernel)``, ``L`` output positions, unfolded a chunk of
-    samples at a time: :func:`_patches`) and ``G`` reshaped to ``(K, B, g, C_out/g, L)``, the
-    per-sample weight gradient of group ``j`` is :math:`G_{nkj} U_{nj}^\top`
-    (``(C_out/g, P)``; summed squares by :func:`_squared_products`); the bias gradient is
-    :math:`\sum_l G_{nkl}`.
-    """
-    return conv_calls(module, [x], [grads], names, budget)
-
-
-def conv_transpose_calls(
-    module: nn.Module, xs: list[Tensor], grads: list[Tensor], names: Collection[str], budget: int
-) -> dict[str, Tensor]:
-    r""":func:`conv_transpose` for several calls of the layer at once: the calls' phase
-    positions (and the input windows there) side by side."""
-    acc = _acc(module)
-    groups = module.groups
-    num_vectors, batch = grads[0].shape[:2]
-    out = module.out_channels // groups
-    sums = {}
-    if "weight" in names:
-        inputs = module.in_channels // groups
-        weight = grads[0].new_zeros(groups, inputs, out, math.prod(module.kernel_size), dtype=acc)
-        phases = _phases(module)
-        offsets = [m for taps in phases.values() for _, m in taps]
-        # (G as (B, K, ...): the looped pull-back's storage, the order the products read)
-        calls = [
-            _PhaseGrids(x.to(acc), g.transpose(0, 1).to(acc), module.stride, offsets)
-            for x, g in zip(xs, grads)
-        ]
-        for phase, taps in phases.items():
-            parts = [c.grads(phase).reshape(batch, num_vectors, groups, out, -1) for c in calls]
-            windows = [[c.window(m) for _, m in taps] for c in calls]
-            joined = parts[0] if len(parts) == 1 else torch.cat(parts, -1)
-            patch = inputs * len(taps)
-            sums_of_phase = _squared_products(
-                joined.transpose(0, 1), _stacked_windows(windows, groups, patch), patch, budget
-            )  # (g, C_out/g, C_in/g * taps)
-            sums_of_phase = sums_of_phase.view(groups, out, inputs, len(taps))
-            weight[..., [tap for tap, _ in taps]] = sums_of_phase.transpose(1, 2)
-        sums["weight"] = weight.reshape(module.weight.shape)
-    if "bias" in names:
-        joined = _joined(grads, num_vectors, batch, groups, out, acc)
-        sums["bias"] = _square_sum(_sum(joined, -1)).reshape(-1)
-    return sums
-
-
-def _stacked_windows(
-    windows: list[list[Callable[[slice], Tensor]]], groups: int, patch: int
-) -> Callable[[slice], Tensor]:
-    """``patches_of`` for :func:`_squared_products`: the taps' input windows ``(b, C_in, *J)``
-    of each call (``windows``) stacked after the channels, the calls' positions side by side,
-    as ``(b, g, patch, L)``."""
-
-    def patches_of(chunk: slice) -> Tensor:
-        pieces = [torch.stack([w(chunk) for w in calls], 2).flatten(3) for calls in windows]
-        patches = pieces[0] if len(pieces) == 1 else torch.cat(pieces, -1)
-        return patches.reshape(patches.shape[0], groups, patch, -1)
-
-    return patches_of
-
-
-#: A kernel tap of a transposed convolution: its flat index in the kernel and, per spatial
-#: dimension, the offset ``m`` on the phase's grid (see :func:`conv_transpose`).
-_Tap = tuple[int, tuple[int, ...]]
-
-
-def _phases(module: nn.Module) -> dict[tuple[int, ...], list[_Tap]]:
-    r"""The kernel taps of a transposed convolution by output phase: tap :math:`\kappa` (per
-    dimension) writes output position :math:`t = s l + c` with :math:`c = \kappa d - p`, that
-    is phase :math:`\phi = c \bmod s` at :math:`t = s(l + m) + \phi`, :math:`m = \lfloor c/s
-    \rfloor`."""
-    kernel, stride = module.kernel_size, module.stride
-    phases: dict[tuple[int, ...], list[_Tap]] = {}
-    for flat, tap in enumerate(itertools.product(*(range(k) for k in kernel))):
-        offsets = [t * d - p for t, d, p in zip(tap, module.dilation, module.padding)]
-        phase = tuple(c % s for c, s in zip(offsets, stride))
-        phases.setdefault(phase, []).append((flat, tuple(c // s for c, s in zip(offsets, stride))))
-    return phases
-
-
-class _PhaseGrids:
-    r"""One call of a transposed convolution (stride ``s``) on the grids of its output phases:
-    the output gradients ``(B, K, C_out, *S')`` split as ``(B, K, C_out, J_1, s_1, ...)``
-    (:math:`J = \lceil S'/s \rceil` positions, zero past ``S'``), so that :meth:`grads` of
-    phase :math:`\phi` is :math:`G^\phi[j] = G[s j + \phi]`, a view; and the input zero-padded
-    so that the :meth:`window` of every tap offset ``m`` in ``offsets`` is a slice of it."""
-
-    def __init__(
-        self, x: Tensor, grads: Tensor, stride: tuple[int, ...], offsets: list[tuple[int, ...]]
-    ) -> None:
-        spatial = len(stride)
-        sizes = grads.shape[-spatial:]
-        self.grid = [-(-n // s) for n, s in zip(sizes, stride)]
-        extra = [j * s - n for j, s, n in zip(self.grid, stride, sizes)]
-        if any(extra):
-            grads = F.pad(grads, [n for e in reversed(extra) for n in (0, e)])
-        split = tuple(n for j, s in zip(self.grid, stride) for n in (j, s))
-        self.split = grads.reshape(grads.shape[:-spatial] + split)
-        self.before = [max(0, *(m[a] for m in offsets)) for a in range(spatial)]
-        after = [
-            max(0, j - n - min(m[a] for m in offsets))
-            for a, (j, n) in enumerate(zip(self.grid, x.shape[-spatial:]))
-        ]
-        pads = [n for a in reversed(range(spatial)) for n in (self.before[a], after[a])]
-        self.padded = F.pad(x, pads)
-
-    def grads(self, phase: tuple[int, ...]) -> Tensor:
-        r""":math:`G^\phi` ``(B, K, C_out, *J)``."""
-        return self.split[(..., *(i for p in phase for i in (slice(None), p)))]
-
-    def window(self, m: tuple[int, ...]) -> Callable[[slice], Tensor]:
-        """A function of a chunk of samples giving :math:`x[j - m]` for :math:`j < J` (zero
-        outside ``x``), ``(b, C_in, *J)``."""
-        where = tuple(slice(b - o, b - o + j) for b, o, j in zip(self.before, m, self.grid))
-        return lambda chunk: self.padded[(chunk, slice(None), *where)]
-
-
-@register(
-    nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, several_calls=conv_transpose_calls
-)
-def conv_transpose(
-    module: nn.Module, x: Tensor, grads: Tensor, names: Collection[str], budget: int
-) -> dict[str, Tensor]:
-    r"""Transposed convolutions ``(B, C_in, *spatial) -> (B, C_out, *spatial')`` (1 to 3
-    spatial dimensions) with any stride, padding, output padding, dilation and groups; the
-    weight is ``(C_in, C_out/g, *kernel)``.
-
-    Per spatial dimension (stride ``s``, dilation ``d``, padding ``p``), tap :math:`\kappa` of
-    the kernel carries input position ``l`` to output position :math:`t = s l + \kappa d - p
-    = s (l + m_\kappa) + \phi_\kappa` (:func:`_phases`), so the per-sample weight gradient is
-
-    .. math::
-
-        \frac{\partial \langle G_{nk}, y_n\rangle}{\partial W[i, o, \kappa]}
-        = \sum_l x_n[i, l]\, G_{nk}[o, s (l + m_\kappa) + \phi_\kappa]
-        = \sum_j G^{\phi_\kappa}_{nk}[o, j]\, x_n[i, j - m_\kappa],
-
-    with :math:`G^\phi[o, j] = G[o, s j + \phi]` the output gradient on the grid of phase
-    :math:`\phi` (``J = ceil(S'/s)`` positions, zero past the output) and ``x`` zero outside
-    its positions. For the taps of one phase (``T`` of them), that is a convolution's
-    per-sample product: :math:`G^\phi_{nkj}` ``(C_out/g, J)`` times the input windows
-    :math:`x_n[\cdot, j - m_\kappa]` of its taps ``(C_in/g * T, J)``, which do not depend on
-    the vector (:func:`_squared_products`, one call per phase; ``s^dims`` phases at most). So
-    only the input is cut into patches, as many numbers per sample as a convolution's patches
-    with this kernel, while cutting each vector's output gradient into the patches of the
-    adjoint convolution would take ``prod(kernel) / prod(s)`` times ``G`` per vector (1.8
-    times the time, on ``benchmarks.models.upsampling_cnn``). The bias gradient is
-    :math:`\sum_t G_{nkt}`.
-    """
-    return conv_transpose_calls(module, [x], [grads], names, budget)
 
 
 def _affine_parts(
@@ -767,7 +525,7 @@ def _affine(parts: Tensor, x: Tensor, names: Collection[str], trailing: int) -> 
     """The sums from :func:`_affine_parts`' ``(K, B, n, *D)`` (``len(D) = trailing``)."""
     stacked = [name for name in ("weight", "bias") if name in names]
     dim = parts.dim() - trailing - 1
-    return {name: _square_sum(part) for name, part in zip(stacked, parts.unbind(dim))}
+    return {name: square_sum(part) for name, part in zip(stacked, parts.unbind(dim))}
 
 
 def _per_channel(x_dims: int) -> Callable[[Tensor], Tensor]:
@@ -775,7 +533,7 @@ def _per_channel(x_dims: int) -> Callable[[Tensor], Tensor]:
 
     def reduce(t: Tensor) -> Tensor:
         lead = t.dim() - x_dims
-        return _sum(t.reshape(*t.shape[: lead + 2], -1), -1)
+        return sum_or_squeeze(t.reshape(*t.shape[: lead + 2], -1), -1)
 
     return reduce
 
@@ -786,13 +544,15 @@ def _per_trailing(x_dims: int, dims: int) -> Callable[[Tensor], Tensor]:
 
     def reduce(t: Tensor) -> Tensor:
         lead = t.dim() - x_dims
-        return _sum(t.reshape(*t.shape[: lead + 1], -1, *t.shape[t.dim() - dims :]), lead + 1)
+        return sum_or_squeeze(
+            t.reshape(*t.shape[: lead + 1], -1, *t.shape[t.dim() - dims :]), lead + 1
+        )
 
     return reduce
 
 
 def _batch_norm_parts(module: nn.Module, x: Tensor, names: Collection[str]) -> Reducer:
-    acc = _acc(module)
+    acc = acc_dtype(module)
     xhat = F.batch_norm(
         x.to(acc), module.running_mean.to(acc), module.running_var.to(acc), eps=module.eps
     )
@@ -811,7 +571,7 @@ def batch_norm(
 
 
 def _group_norm_parts(module: nn.Module, x: Tensor, names: Collection[str]) -> Reducer:
-    xhat = F.group_norm(x.to(_acc(module)), module.num_groups, eps=module.eps)
+    xhat = F.group_norm(x.to(acc_dtype(module)), module.num_groups, eps=module.eps)
     return _affine_parts(xhat, names, _per_channel(x.dim()))
 
 
@@ -825,7 +585,7 @@ def group_norm(
 
 
 def _instance_norm_parts(module: nn.Module, x: Tensor, names: Collection[str]) -> Reducer:
-    acc = _acc(module)
+    acc = acc_dtype(module)
     running = module.running_mean is not None and not module.training
     if running:  # (its tracked statistics, as batch norm in eval mode)
         mean, var = module.running_mean.to(acc), module.running_var.to(acc)
@@ -851,7 +611,7 @@ def instance_norm(
 
 
 def _layer_norm_parts(module: nn.Module, x: Tensor, names: Collection[str]) -> Reducer:
-    xhat = F.layer_norm(x.to(_acc(module)), module.normalized_shape, eps=module.eps)
+    xhat = F.layer_norm(x.to(acc_dtype(module)), module.normalized_shape, eps=module.eps)
     return _affine_parts(xhat, names, _per_trailing(x.dim(), len(module.normalized_shape)))
 
 
@@ -865,7 +625,7 @@ def layer_norm(
 
 
 def _rms_norm_parts(module: nn.Module, x: Tensor, names: Collection[str]) -> Reducer:
-    xhat = F.rms_norm(x.to(_acc(module)), module.normalized_shape, eps=module.eps)
+    xhat = F.rms_norm(x.to(acc_dtype(module)), module.normalized_shape, eps=module.eps)
     return _affine_parts(xhat, names, _per_trailing(x.dim(), len(module.normalized_shape)))
 
 
@@ -892,7 +652,7 @@ def _per_sample_total(x_dims: int) -> Callable[[Tensor], Tensor]:
 
 
 def _prelu_parts(module: nn.Module, x: Tensor, names: Collection[str]) -> Reducer:
-    negative = x.to(_acc(module)).clamp(max=0)
+    negative = x.to(acc_dtype(module)).clamp(max=0)
     shared = module.weight.numel() == 1
     return _affine_parts(negative, names, (_per_sample_total if shared else _per_channel)(x.dim()))
 
@@ -921,7 +681,7 @@ def embedding(
     (sample, row) are made unique, ``G`` is summed per pair, squared, summed over vectors and
     scattered onto the rows (the ``padding_idx`` row gets no gradient). Memory is that of ``G``.
     """
-    acc = _acc(module)
+    acc = acc_dtype(module)
     rows, dim = module.weight.shape
     batch = x.shape[0]
     grads = grads.to(acc).reshape(grads.shape[0], -1, dim)  # (K, B*S, D)
