@@ -283,6 +283,23 @@ def test_conv_transpose2d_random_shapes(
     check_against_references(with_head(layer, x), x)
 
 
+class SizedUpsampling(nn.Module):
+    """A transposed convolution called with ``output_size``: output paddings of 1 and 2 (below
+    its stride, 3) chosen at call time, not set on the module."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.ConvTranspose2d(2, 3, 3, stride=3, padding=1)
+        self.head = nn.Linear(3 * 11 * 12, 3)
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, 2, 4, 4)
+        return self.head(torch.tanh(self.up(x, output_size=(11, 12))).flatten(1))
+
+
+def test_transposed_convolution_with_an_output_size() -> None:
+    check_against_references(SizedUpsampling().double(), torch.randn(5, 2, 4, 4).double())
+
+
 @settings(max_examples=8, deadline=None)
 @given(
     batch=st.integers(1, 5),
