@@ -98,8 +98,28 @@ def with_head(layer: nn.Module, x: Tensor) -> nn.Module:
     return model
 
 
+class Conv1D(nn.Module):
+    """A stand-in for Hugging Face's ``transformers.pytorch_utils.Conv1D`` (GPT-2's linear
+    layer, weight ``(in, out)``), under that qualified name: its rule is found by the name."""
+
+    def __init__(self, nf: int, nx: int) -> None:
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.5)
+        self.bias = nn.Parameter(torch.randn(nf))
+
+    def forward(self, x: Tensor) -> Tensor:
+        size_out = (*x.size()[:-1], self.nf)
+        return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(size_out)
+
+
+Conv1D.__module__ = "transformers.pytorch_utils"
+
+
 LAYERS = {
     "linear": (lambda: nn.Linear(5, 4), (6, 5)),
+    "gpt_conv1d": (lambda: Conv1D(4, 5), (6, 5)),
+    "gpt_conv1d_sequence": (lambda: Conv1D(4, 5), (6, 7, 5)),
     "linear_no_bias": (lambda: nn.Linear(5, 4, bias=False), (6, 5)),
     "linear_sequence": (lambda: nn.Linear(5, 4), (6, 7, 5)),
     "linear_4d": (lambda: nn.Linear(5, 4), (6, 2, 3, 5)),
@@ -1847,6 +1867,19 @@ class SiameseUpsampling(nn.Module):
         return self.head(torch.cat(pooled, 1))
 
 
+class Conv1DTwice(nn.Module):
+    """GPT-2's linear layer (the stand-in :class:`Conv1D`) applied to its own output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = Conv1D(4, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, T, 4)
+        h = torch.tanh(self.layer(torch.tanh(self.layer(x))))
+        return self.head(h.mean(1))
+
+
 class CellLoop(nn.Module):
     """A recurrent cell stepped through the sequence by hand, from no state (``None``: the
     cell makes zeros, which ``vmap`` cannot batch) or from a given one."""
@@ -1897,6 +1930,7 @@ CALLED_TWICE = {  # the model, a sample's shape, the units that go to the per-mo
     "siamese": (Siamese, (8,), {"encoder"}),
     "siamese_cnn": (SiameseCNN, (2, 6, 6), set()),
     "siamese_upsampling": (SiameseUpsampling, (2, 4, 4), set()),
+    "gpt_conv1d": (Conv1DTwice, (5, 4), set()),
     "attention": (AttentionCalledTwice, (4,), set()),
     "shared_encoder_layer": (SharedEncoderLayer, (4,), set()),
     "lstm_cell_loop": (lambda: CellLoop(nn.LSTMCell, False), (5, 3), set()),

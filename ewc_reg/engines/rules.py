@@ -29,9 +29,11 @@ accumulation (:data:`ACCUMULATIONS`: ``Linear``, the attention) has its sums bui
 gradients as the looped pull-back makes them.
 
 Rules are looked up by the module's exact class (a subclass may override ``forward``) in
-:data:`RULES`; :func:`rule_for` also requires that the module's parameters (those of the modules
-inside it included) are among those the rule knows (``weight`` and ``bias`` for most) and that
-nobody hooks the module or sets its ``forward`` (either may change what it computes).
+:data:`RULES`, or for a class of another library, which is not imported here, by its qualified
+name (``"transformers.pytorch_utils.Conv1D"``); :func:`rule_for` also requires that the
+module's parameters (those of the modules inside it included) are among those the rule knows
+(``weight`` and ``bias`` for most) and that nobody hooks the module or sets its ``forward``
+(either may change what it computes).
 """
 
 from __future__ import annotations
@@ -82,11 +84,11 @@ RecordedForward = Callable[
     [nn.Module, tuple[Any, ...], dict[str, Any], Callable[[str, Tensor, bool], Tensor]], Any
 ]
 
-#: Rules by module class, each with a predicate on the module's settings it can handle and the
-#: names of the parameters it knows (recursively: ``"out_proj.weight"``), or a function of the
-#: module giving them.
+#: Rules by module class (or a class's qualified name, ``module.QualName``), each with a
+#: predicate on the module's settings it can handle and the names of the parameters it knows
+#: (recursively: ``"out_proj.weight"``), or a function of the module giving them.
 RULES: dict[
-    type[nn.Module],
+    type[nn.Module] | str,
     tuple[
         Rule | CallRule,
         Callable[[nn.Module], bool],
@@ -174,7 +176,7 @@ POSITIONWISE: dict[Rule | CallRule, Callable[[nn.Module], tuple[int, int] | None
 
 
 def register(
-    *types: type[nn.Module],
+    *types: type[nn.Module] | str,
     accepts: Callable[[nn.Module], bool] = lambda module: True,
     reduce: Reduction | None = None,
     params: Collection[str] | Callable[[nn.Module], Collection[str]] = ("weight", "bias"),
@@ -225,7 +227,8 @@ def feature_dims(rule: Rule | CallRule | None, module: nn.Module) -> tuple[int, 
 def rule_for(module: nn.Module) -> Rule | CallRule | None:
     """The rule computing ``module``'s sums, or ``None`` when it has none (see the module
     docstring)."""
-    entry = RULES.get(type(module))
+    cls = type(module)
+    entry = RULES.get(cls) or RULES.get(f"{cls.__module__}.{cls.__qualname__}")
     if entry is None or module._forward_hooks or module._forward_pre_hooks:
         return None
     if "forward" in vars(module):  # (its own forward, set on the instance)
@@ -449,6 +452,49 @@ def linear(
     r""":math:`y = x W^\top + b` with ``x: (B, *S, in)`` and ``G: (K, B, *S, out)``: the
     :class:`LinearSums` of all ``K`` vectors at once."""
     return feed_all(_linear_sums(module, (x,), {}, {}, names, budget), {0: grads})
+
+
+class _TransposedWeight:
+    """An :class:`Accumulator` giving the sums of another with the weight's transposed (for a
+    layer that stores its weight ``(in, out)``)."""
+
+    def __init__(self, sums: Accumulator) -> None:
+        self.inner = sums
+
+    def add(self, key: int | str, grads: Tensor) -> None:
+        self.inner.add(key, grads)
+
+    def sums(self) -> dict[str, Tensor]:
+        sums = self.inner.sums()
+        if "weight" in sums:
+            sums["weight"] = sums["weight"].mT
+        return sums
+
+
+def _gpt_conv1d_sums(
+    module: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    kept: dict[str, Tensor],
+    names: Collection[str],
+    budget: int,
+) -> _TransposedWeight:
+    return _TransposedWeight(LinearSums(args[0], module.nf, names, acc_dtype(module), budget))
+
+
+@register(
+    "transformers.pytorch_utils.Conv1D",
+    accumulate=_gpt_conv1d_sums,
+    positionwise=lambda module: (1, 1),
+)
+def gpt_conv1d(
+    module: nn.Module, x: Tensor, grads: Tensor, names: Collection[str], budget: int
+) -> dict[str, Tensor]:
+    r"""Hugging Face's ``Conv1D``, the linear layer of GPT and GPT-2: :math:`y = x W + b` with
+    the weight stored ``(in, out)`` (``nf`` outputs), matched by its class's qualified name
+    (``transformers`` is not imported). The :class:`LinearSums` of ``nn.Linear``, whose weight
+    sum is the transpose of this layer's."""
+    return feed_all(_gpt_conv1d_sums(module, (x,), {}, {}, names, budget), {0: grads})
 
 
 #: Temporaries of one chunk of :func:`_linear_weight`'s direct products are kept within this
