@@ -1646,11 +1646,29 @@ class WithoutRules(nn.Module):
         return self.head(torch.tanh(self.bilinear(h[:, ::2], self.bag(tokens))))
 
 
+class TinyUNet(nn.Module):
+    """A U-Net in small: convolutions with group norm, max pooling down, a transposed
+    convolution up, and the skip connection concatenated."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.ReLU())
+        self.bottom = nn.Sequential(nn.MaxPool2d(2), nn.Conv2d(4, 8, 3, padding=1), nn.Tanh())
+        self.up = nn.ConvTranspose2d(8, 4, 2, stride=2)
+        self.out = nn.Conv2d(8, 3, 1)
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, 2, 4, 4)
+        skip = self.down(x)
+        h = torch.cat([skip, self.up(self.bottom(skip))], 1)
+        return self.out(h).mean((2, 3))
+
+
 IDIOMS = {
     "checkpoint": (lambda: Checkpointed(use_reentrant=False), (7, 4)),
     "checkpoint_reentrant": (lambda: Checkpointed(use_reentrant=True), (7, 4)),
     "weight_norm": (weight_normed, (7, 4)),
     "layers_without_rules": (WithoutRules, (7, 2, 3, 3)),
+    "unet": (TinyUNet, (7, 2, 4, 4)),
 }
 
 
