@@ -253,6 +253,45 @@ def test_embedding_with_repeated_indices(padding_idx: int | None) -> None:
     check_against_references(with_head(layer, x), x)
 
 
+class Bags(nn.Module):
+    """An ``nn.EmbeddingBag`` on ``(B, L)`` indices, read from the first channel of ``(B, L,
+    2)`` inputs (the second: per-sample weights, for ``mode="sum"``)."""
+
+    def __init__(self, mode: str, padding_idx: int | None, weighted: bool) -> None:
+        super().__init__()
+        self.bag = nn.EmbeddingBag(7, 4, mode=mode, padding_idx=padding_idx)
+        self.weighted = weighted
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        weights = x[..., 1] if self.weighted else None
+        return self.head(torch.tanh(self.bag(x[..., 0].long(), per_sample_weights=weights)))
+
+
+@pytest.mark.parametrize(
+    "mode, padding_idx, weighted",
+    [("sum", None, False), ("sum", 2, True), ("mean", None, False), ("mean", 2, False)],
+)
+def test_embedding_bag(mode: str, padding_idx: int | None, weighted: bool, monkeypatch) -> None:
+    """Repeated indices in a bag, a bag of padding only (its mean: zero), weights; by the rule
+    (the call is not declined to the per-module fallback)."""
+    monkeypatch.setattr(unit_sums, "_fallback_sums", None)  # (would fail if called)
+    indices = torch.tensor([[1, 2, 1, 1], [2, 3, 4, 2], [2, 2, 2, 2], [5, 6, 5, 0], [0, 1, 2, 3]])
+    x = torch.stack([indices.double(), torch.rand(5, 4, dtype=torch.float64)], -1)
+    torch.manual_seed(0)
+    check_against_references(Bags(mode, padding_idx, weighted).double(), x)
+
+
+def test_embedding_bag_with_offsets_goes_to_the_fallback() -> None:
+    """A call with ``offsets`` (bags that are not the samples) is declined."""
+    bag = nn.EmbeddingBag(7, 4).double()
+    x = torch.tensor([[1, 2, 1], [3, 4, 5]])
+    grads = {0: torch.randn(2, 2, 4, dtype=torch.float64)}
+    offsets = torch.tensor([0])
+    assert rules.embedding_bag(bag, (x.reshape(-1), offsets), {}, grads, {}, ["weight"], 1) is None
+    assert rules.embedding_bag(bag, (x,), {}, grads, {}, ["weight"], 1) is not None
+
+
 @settings(max_examples=12, deadline=None)
 @given(
     groups=st.sampled_from([1, 2]),
@@ -1626,8 +1665,8 @@ def weight_normed() -> nn.Module:
 
 
 class WithoutRules(nn.Module):
-    """Layers with parameters but no rule (the per-module fallback: ``EmbeddingBag``,
-    ``Bilinear``) between layers with one."""
+    """Layers with parameters but no rule (the per-module fallback: ``EmbeddingBag`` taking
+    maxima, ``Bilinear``) between layers with one."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -1635,7 +1674,7 @@ class WithoutRules(nn.Module):
         self.conv = nn.Conv2d(3, 3, 3)
         self.prelu = nn.PReLU(3)
         self.conv3d = nn.Conv3d(1, 2, (2, 3, 3))
-        self.bag = nn.EmbeddingBag(7, 8, mode="mean")
+        self.bag = nn.EmbeddingBag(7, 8, mode="max")
         self.bilinear = nn.Bilinear(8, 8, 8)
         self.head = nn.Linear(8, 3)
 

@@ -729,13 +729,63 @@ def embedding(
     """
     acc = acc_dtype(module)
     rows, dim = module.weight.shape
-    batch = x.shape[0]
     grads = grads.to(acc).reshape(grads.shape[0], -1, dim)  # (K, B*S, D)
-    sample = torch.arange(batch, device=x.device).unsqueeze(1)
-    keys = (sample * rows + x.reshape(batch, -1)).reshape(-1)  # (B*S,) one per (sample, row)
-    pairs, which = torch.unique(keys, return_inverse=True)
+    pairs, which = _sample_row_pairs(x, rows)
     per_pair = grads.new_zeros(grads.shape[0], pairs.numel(), dim).index_add_(1, which, grads)
     weight = grads.new_zeros(rows, dim).index_add_(0, pairs % rows, per_pair.square().sum(0))
     if module.padding_idx is not None:
         weight[module.padding_idx] = 0
     return {"weight": weight}
+
+
+def _sample_row_pairs(x: Tensor, rows: int) -> tuple[Tensor, Tensor]:
+    """The (sample, row) pairs that indices ``x`` ``(B, *S)`` into a table of ``rows`` rows
+    make, unique: their keys ``sample * rows + row`` ``(P,)`` and each index's pair
+    ``(B * prod(S),)``."""
+    batch = x.shape[0]
+    sample = torch.arange(batch, device=x.device).unsqueeze(1)
+    keys = (sample * rows + x.reshape(batch, -1)).reshape(-1)
+    return torch.unique(keys, return_inverse=True)
+
+
+@register(
+    nn.EmbeddingBag,
+    accepts=lambda module: module.mode in ("sum", "mean") and not module.scale_grad_by_freq,
+    params=("weight",),
+    whole_call=True,
+)
+def embedding_bag(
+    module: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    grads: dict[int | str, Tensor],
+    kept: dict[str, Tensor],
+    names: Collection[str],
+    budget: int,
+) -> dict[str, Tensor] | None:
+    r"""Bags of embeddings :math:`y_n = \sum_l c_{nl} W_{i_{nl}}` with indices ``(B, L)`` (one
+    bag per sample; a call with ``offsets`` is declined), :math:`c_{nl}` the per-sample
+    weights (``mode="sum"``) or :math:`1/L_n` (``"mean"``, :math:`L_n` the bag's indices but
+    ``padding_idx``'s, which get 0).
+
+    The per-sample gradient of row ``r`` is :math:`C_{nr} G_{nk}` with :math:`C_{nr} =
+    \sum_{l: i_{nl} = r} c_{nl}`, so the sum is :math:`\sum_n C_{nr}^2 \sum_k G_{nk}^{\odot 2}`:
+    one number per (sample, row) pair, times the sample's squares ``(B, D)``."""
+    x = args[0]
+    offsets = args[1] if len(args) > 1 else kwargs.get("offsets")
+    weights = args[2] if len(args) > 2 else kwargs.get("per_sample_weights")
+    if offsets is not None or x.dim() != 2 or 0 not in grads:
+        return None
+    acc = acc_dtype(module)
+    rows, dim = module.weight.shape
+    scale = weights.to(acc) if weights is not None else x.new_ones(x.shape, dtype=acc)
+    if module.padding_idx is not None:
+        scale = scale * (x != module.padding_idx)
+    if module.mode == "mean":
+        counts = x.shape[1] if module.padding_idx is None else (x != module.padding_idx).sum(1)
+        scale = scale / torch.as_tensor(counts, device=x.device).clamp(min=1).reshape(-1, 1)
+    squares = grads[0].to(acc).square().sum(0)  # (B, D)
+    pairs, which = _sample_row_pairs(x, rows)
+    per_pair = scale.new_zeros(pairs.numel()).index_add_(0, which, scale.reshape(-1))
+    per_pair = per_pair.square().unsqueeze(1) * squares[pairs // rows]
+    return {"weight": squares.new_zeros(rows, dim).index_add_(0, pairs % rows, per_pair)}
