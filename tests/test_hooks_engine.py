@@ -172,6 +172,12 @@ LAYERS = {
     "conv_transpose3d": (
         lambda: nn.ConvTranspose3d(2, 2, 2, stride=2, bias=False), (5, 2, 2, 3, 2)
     ),
+    "conv_transpose3d_all_settings": (
+        lambda: nn.ConvTranspose3d(
+            2, 4, (2, 3, 2), (2, 1, 2), (0, 1, 1), (1, 0, 1), groups=2, dilation=(1, 2, 1)
+        ),
+        (5, 2, 2, 3, 3),
+    ),
     "batchnorm1d": (lambda: nn.BatchNorm1d(4), (6, 4)),
     "batchnorm1d_sequence": (lambda: nn.BatchNorm1d(4), (6, 4, 5)),
     "batchnorm2d": (lambda: nn.BatchNorm2d(3), (6, 3, 4, 5)),
