@@ -810,9 +810,15 @@ def test_float32_benchmark_models_agree_with_functorch() -> None:
         assert_close_dicts(got, engine_sums(FunctorchEngine(), model, x, vectors), 1e-5)
 
 
-def test_bfloat16_accumulates_in_float32() -> None:
-    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Flatten(), nn.Linear(12, 3)).bfloat16().eval()
-    x = torch.randn(4, 2, 4, 4, dtype=torch.bfloat16)
+@pytest.mark.parametrize("kind", ["conv2d", "conv_transpose2d", "conv3d"])
+def test_bfloat16_accumulates_in_float32(kind: str) -> None:
+    layer, shape = {
+        "conv2d": (nn.Conv2d(2, 3, 3), (2, 4, 4)),
+        "conv_transpose2d": (nn.ConvTranspose2d(2, 3, 2, stride=2), (2, 1, 1)),
+        "conv3d": (nn.Conv3d(2, 3, (1, 3, 3)), (2, 1, 4, 4)),
+    }[kind]
+    model = nn.Sequential(layer, nn.Flatten(), nn.Linear(12, 3)).bfloat16().eval()
+    x = torch.randn(4, *shape, dtype=torch.bfloat16)
     vectors = random_vectors(model, x)
     got = engine_sums(HookEngine(), model, x, vectors)
     assert all(s.dtype == torch.float32 for s in got.values())
