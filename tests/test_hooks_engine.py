@@ -181,6 +181,7 @@ LAYERS = {
     "batchnorm1d": (lambda: nn.BatchNorm1d(4), (6, 4)),
     "batchnorm1d_sequence": (lambda: nn.BatchNorm1d(4), (6, 4, 5)),
     "batchnorm2d": (lambda: nn.BatchNorm2d(3), (6, 3, 4, 5)),
+    "syncbatchnorm": (lambda: nn.SyncBatchNorm(3), (6, 3, 4, 5)),  # (as DDP models convert)
     "layernorm": (lambda: nn.LayerNorm(5), (6, 4, 5)),
     "layernorm_2d_no_bias": (lambda: nn.LayerNorm((4, 5), bias=False), (6, 3, 4, 5)),
     "groupnorm": (lambda: nn.GroupNorm(2, 4), (6, 4, 3, 3)),

@@ -605,7 +605,9 @@ def _batch_norm_parts(module: nn.Module, x: Tensor, names: Collection[str]) -> R
     return _affine_parts(xhat, names, _per_channel(x.dim()))
 
 
-@register(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, reduce=_batch_norm_parts)
+@register(
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, reduce=_batch_norm_parts
+)
 def batch_norm(
     module: nn.Module, x: Tensor, grads: Tensor, names: Collection[str], budget: int
 ) -> dict[str, Tensor]:
