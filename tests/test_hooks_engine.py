@@ -260,6 +260,27 @@ def test_embedding_with_repeated_indices(padding_idx: int | None) -> None:
     check_against_references(with_head(layer, x), x)
 
 
+class TwoInputs(nn.Module):
+    """An ``nn.Bilinear`` of the first 3 and the last 2 features of its input."""
+
+    def __init__(self, bias: bool) -> None:
+        super().__init__()
+        self.bilinear = nn.Bilinear(3, 2, 4, bias=bias)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, *S, 5)
+        h = torch.tanh(self.bilinear(x[..., :3], x[..., 3:]))
+        return self.head(h.reshape(h.shape[0], -1, 4).sum(1))
+
+
+@pytest.mark.parametrize("shape", [(6, 5), (6, 4, 5), (6, 2, 3, 5)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_bilinear(shape: tuple[int, ...], bias: bool, monkeypatch) -> None:
+    monkeypatch.setattr(unit_sums, "_fallback_sums", None)  # (by the rule: would fail if called)
+    torch.manual_seed(0)
+    check_against_references(TwoInputs(bias).double(), torch.randn(*shape, dtype=torch.float64))
+
+
 class Bags(nn.Module):
     """An ``nn.EmbeddingBag`` on ``(B, L)`` indices, read from the first channel of ``(B, L,
     2)`` inputs (the second: per-sample weights, for ``mode="sum"``)."""
@@ -1677,9 +1698,20 @@ def weight_normed() -> nn.Module:
     return nn.Sequential(weight_norm(nn.Linear(4, 6)), nn.Tanh(), nn.Linear(6, 3))
 
 
+class Gated(nn.Module):
+    """A module of its own, with a parameter: no rule."""
+
+    def __init__(self, features: int) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(features, features))
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        return (a @ self.w) * torch.sigmoid(b)
+
+
 class WithoutRules(nn.Module):
     """Layers with parameters but no rule (the per-module fallback: ``EmbeddingBag`` taking
-    maxima, ``Bilinear``) between layers with one."""
+    maxima, a module of its own) between layers with one."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -1688,14 +1720,14 @@ class WithoutRules(nn.Module):
         self.prelu = nn.PReLU(3)
         self.conv3d = nn.Conv3d(1, 2, (2, 3, 3))
         self.bag = nn.EmbeddingBag(7, 8, mode="max")
-        self.bilinear = nn.Bilinear(8, 8, 8)
+        self.gate = Gated(8)
         self.head = nn.Linear(8, 3)
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.prelu(self.conv(self.up(x)))  # (B, 3, 4, 4)
         h = self.conv3d(h.unsqueeze(1)).flatten(1)  # (B, 2 * 2 * 2 * 2)
         tokens = torch.arange(4).repeat(h.shape[0], 1)
-        return self.head(torch.tanh(self.bilinear(h[:, ::2], self.bag(tokens))))
+        return self.head(torch.tanh(self.gate(h[:, ::2], self.bag(tokens))))
 
 
 class TinyUNet(nn.Module):

@@ -454,6 +454,44 @@ def linear(
     return feed_all(_linear_sums(module, (x,), {}, {}, names, budget), {0: grads})
 
 
+@register(nn.Bilinear, whole_call=True)
+def bilinear(
+    module: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    grads: dict[int | str, Tensor],
+    kept: dict[str, Tensor],
+    names: Collection[str],
+    budget: int,
+) -> dict[str, Tensor] | None:
+    r""":math:`y_o = x_1^\top W_o x_2 + b_o` with ``x_1: (B, *S, in1)``, ``x_2: (B, *S,
+    in2)``: the per-sample weight gradient is :math:`\sum_s G_{nks} (x_{1,ns} \otimes
+    x_{2,ns})^\top`, a product over the ``S`` positions with the outer products of the two
+    inputs as patches ``(in1 * in2, S)`` (:func:`squared_products`, a chunk of samples at a
+    time); the bias gradient is :math:`\sum_s G_{nks}`."""
+    if 0 not in grads:
+        return None
+    acc = acc_dtype(module)
+    first, second = (t.to(acc) for t in args[:2])
+    batch, features = first.shape[0], module.in1_features * module.in2_features
+    g = grads[0].to(acc)
+    g = g.reshape(g.shape[0], batch, -1, module.out_features).transpose(2, 3)  # (K, B, out, S)
+    sums = {}
+    if "weight" in names:
+        first = first.reshape(batch, -1, module.in1_features)
+        second = second.reshape(batch, -1, module.in2_features)
+
+        def outer_products(chunk: slice) -> Tensor:  # (b, 1, in1 * in2, S)
+            products = first[chunk].mT.unsqueeze(2) * second[chunk].mT.unsqueeze(1)
+            return products.reshape(products.shape[0], 1, features, -1)
+
+        weight = squared_products(g.unsqueeze(2), outer_products, features, budget)
+        sums["weight"] = weight.reshape(module.weight.shape)
+    if "bias" in names:
+        sums["bias"] = square_sum(sum_or_squeeze(g, -1))
+    return sums
+
+
 class _TransposedWeight:
     """An :class:`Accumulator` giving the sums of another with the weight's transposed (for a
     layer that stores its weight ``(in, out)``)."""
