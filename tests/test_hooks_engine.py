@@ -442,7 +442,7 @@ class Mixed(nn.Module):
 def test_modules_without_rules_use_the_per_module_fallback() -> None:
     model = Mixed().double()
     kinds = {unit.path: unit.rule is not None for unit in plan(model, trainable(model))}
-    assert kinds == {"fc": True, "scale": False, "pair": False, "bilinear": False}
+    assert kinds == {"fc": True, "scale": False, "pair": False, "bilinear": True}
     check_against_references(model, torch.randn(6, 5, dtype=torch.float64), via_rules=False)
 
 
