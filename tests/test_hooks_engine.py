@@ -225,17 +225,19 @@ CONVS = [name for name in LAYERS if name.startswith("conv")]
 @pytest.mark.parametrize("name", CONVS)
 @pytest.mark.parametrize("layout", ["vectors_first", "samples_first"])
 @pytest.mark.parametrize("budget", [1, DEFAULT_MEMORY_BUDGET])
+@pytest.mark.parametrize("num_vectors", [K, 1])
 def test_conv_rule_any_layout_and_chunks(
-    name: str, layout: str, budget: int, engine_ways: str
+    name: str, layout: str, budget: int, num_vectors: int, engine_ways: str
 ) -> None:
     """The (transposed) convolution rule on ``G`` stored ``(K, B, ...)`` (batched pull-back)
-    or ``(B, K, ...)`` (looped pull-back), one sample per chunk or all, equals brute force."""
+    or ``(B, K, ...)`` (looped pull-back), one sample per chunk or all, equals brute force;
+    with one vector too (3-d convolutions: per-sample gradients by a grouped backward)."""
     make, shape = LAYERS[name]
     torch.manual_seed(0)
     layer = make().double()
     x = torch.randn(*shape, dtype=torch.float64)
     y = layer(x)
-    grads = torch.randn(K, *y.shape, dtype=torch.float64)
+    grads = torch.randn(num_vectors, *y.shape, dtype=torch.float64)
     if layout == "samples_first":
         grads = grads.transpose(0, 1).contiguous().transpose(0, 1)
     names = [n for n, _ in layer.named_parameters()]
@@ -244,7 +246,7 @@ def test_conv_rule_any_layout_and_chunks(
     expected = {n: torch.zeros_like(p) for n, p in layer.named_parameters()}
     for i in range(x.shape[0]):
         out = layer(x[i : i + 1])
-        for k in range(K):
+        for k in range(num_vectors):
             pulled = torch.autograd.grad(
                 out, list(layer.parameters()), grads[k, i : i + 1], retain_graph=True
             )

@@ -255,7 +255,7 @@ def sum_or_squeeze(t: Tensor, dim: int) -> Tensor:
     return t.squeeze(dim) if t.shape[dim] == 1 else t.sum(dim)
 
 
-def _sample_chunks(batch: int, bytes_per_sample: int, budget: int) -> Iterator[slice]:
+def sample_chunks(batch: int, bytes_per_sample: int, budget: int) -> Iterator[slice]:
     """Slices of ``batch`` samples, as many per slice as fit in ``budget`` bytes (one at
     least)."""
     step = max(1, budget // max(bytes_per_sample, 1))
@@ -366,7 +366,7 @@ def squared_products(
     budget = chunk_budget(budget, grads.device)
     if direct_cost <= gram_cost:
         per_sample = groups * (num_vectors * out * (patch + positions) + patch * positions)
-        for chunk in _sample_chunks(batch, per_sample * size, budget):
+        for chunk in sample_chunks(batch, per_sample * size, budget):
             g = grads[:, chunk].transpose(0, 1)  # (b, K, g, O, L)
             b = g.shape[0]
             if groups > 1:
@@ -377,7 +377,7 @@ def squared_products(
             result += products.sum((0, 2)) if groups > 1 else products.sum((0, 1, 2))[None]
         return result
     per_sample = groups * (positions * num_vectors * out + 2 * (out + patch) * pairs + patch)
-    for chunk in _sample_chunks(batch, per_sample * size, budget):
+    for chunk in sample_chunks(batch, per_sample * size, budget):
         u = patches_of(chunk).permute(1, 2, 0, 3)  # (g, P, b, L)
         b = u.shape[2]
         if positions == 1:
@@ -571,7 +571,7 @@ def _linear_weight(grads: Tensor, x: Tensor, budget: int) -> Tensor:
     per_sample = num_vectors * (out * patch + positions * patch) * grads.element_size()
     result = grads.new_zeros(out, patch)
     samples_first = grads.stride(1) > grads.stride(0)  # (B, K, ...) storage: read as it lies
-    for chunk in _sample_chunks(batch, per_sample, budget):
+    for chunk in sample_chunks(batch, per_sample, budget):
         g = grads[:, chunk]  # (K, b, S, out)
         b = g.shape[1]
         if samples_first:
