@@ -312,6 +312,28 @@ def test_embedding_bag(mode: str, padding_idx: int | None, weighted: bool, monke
     check_against_references(Bags(mode, padding_idx, weighted).double(), x)
 
 
+class ByKeyword(nn.Module):
+    """Rules that take the whole call, called with their inputs by keyword."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bilinear = nn.Bilinear(3, 2, 4)
+        self.bag = nn.EmbeddingBag(7, 4, mode="sum")
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, 5)
+        h = self.bilinear(input1=x[:, :3], input2=x[:, 3:])
+        indices = (x[:, :4].abs() * 2).long().clamp(max=6)
+        bags = self.bag(input=indices, per_sample_weights=x[:, 1:].abs())
+        return self.head(torch.tanh(torch.cat([h, bags], 1)))
+
+
+def test_whole_call_rules_take_inputs_passed_by_keyword(monkeypatch) -> None:
+    monkeypatch.setattr(unit_sums, "_fallback_sums", None)  # (by the rules: would fail if called)
+    torch.manual_seed(0)
+    check_against_references(ByKeyword().double(), torch.randn(6, 5, dtype=torch.float64))
+
+
 def test_embedding_bag_with_offsets_goes_to_the_fallback() -> None:
     """A call with ``offsets`` (bags that are not the samples) is declined."""
     bag = nn.EmbeddingBag(7, 4).double()

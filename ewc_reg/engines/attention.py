@@ -9,7 +9,6 @@ Registered in :data:`.rules.RULES` when this module is imported, which
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Collection
 from typing import Any
 
@@ -18,9 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import accumulation_dtype
-from .rules import LinearSums, feed_all, register
-
-_ATTENTION_SIGNATURE = inspect.signature(nn.MultiheadAttention.forward)
+from .rules import LinearSums, call_arguments, feed_all, register
 
 #: The parameters the attention rule knows (``bias_k``/``bias_v`` are left to the fallback).
 _ATTENTION_PARAMS = (
@@ -92,9 +89,7 @@ def attention_in_pieces(
     ``o`` (``"o"``). Each piece has the positions (``L`` or ``S``) as its second dimension,
     so the engine can join the pieces of several calls (:data:`.rules.POSITIONWISE`).
     Numerically this is PyTorch's attention up to rounding."""
-    call = _ATTENTION_SIGNATURE.bind(module, *args, **kwargs)
-    call.apply_defaults()
-    a = call.arguments
+    a = call_arguments(module, args, kwargs)
     query, key, value = a["query"], a["key"], a["value"]
     if query.dim() != 3 or (module.training and module.dropout > 0):
         return NotImplemented

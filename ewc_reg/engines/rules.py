@@ -39,6 +39,7 @@ module's parameters (those of the modules inside it included) are among those th
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable, Collection, Iterator
 from typing import Any, Protocol
 
@@ -238,6 +239,19 @@ def rule_for(module: nn.Module) -> Rule | CallRule | None:
         return None
     names = {name for name, _ in module.named_parameters()}
     return rule if names <= set(known(module) if callable(known) else known) else None
+
+
+@functools.lru_cache(maxsize=64)
+def _forward_signature(cls: type[nn.Module]) -> inspect.Signature:
+    return inspect.signature(cls.forward)
+
+
+def call_arguments(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict:
+    """A recorded call's arguments by the names of the module's ``forward``, defaults
+    included (for the rules of :data:`CALL_RULES`: a call may pass its inputs by keyword)."""
+    call = _forward_signature(type(module)).bind(module, *args, **kwargs)
+    call.apply_defaults()
+    return call.arguments
 
 
 def acc_dtype(module: nn.Module) -> torch.dtype:
@@ -472,7 +486,8 @@ def bilinear(
     if 0 not in grads:
         return None
     acc = acc_dtype(module)
-    first, second = (t.to(acc) for t in args[:2])
+    call = call_arguments(module, args, kwargs)
+    first, second = call["input1"].to(acc), call["input2"].to(acc)
     batch, features = first.shape[0], module.in1_features * module.in2_features
     g = grads[0].to(acc)
     g = g.reshape(g.shape[0], batch, -1, module.out_features).transpose(2, 3)  # (K, B, out, S)
@@ -811,9 +826,8 @@ def embedding_bag(
     The per-sample gradient of row ``r`` is :math:`C_{nr} G_{nk}` with :math:`C_{nr} =
     \sum_{l: i_{nl} = r} c_{nl}`, so the sum is :math:`\sum_n C_{nr}^2 \sum_k G_{nk}^{\odot 2}`:
     one number per (sample, row) pair, times the sample's squares ``(B, D)``."""
-    x = args[0]
-    offsets = args[1] if len(args) > 1 else kwargs.get("offsets")
-    weights = args[2] if len(args) > 2 else kwargs.get("per_sample_weights")
+    call = call_arguments(module, args, kwargs)
+    x, offsets, weights = call["input"], call["offsets"], call["per_sample_weights"]
     if offsets is not None or x.dim() != 2 or 0 not in grads:
         return None
     acc = acc_dtype(module)
