@@ -2261,3 +2261,87 @@ def test_a_language_model_with_a_tied_output_layer(method, caplog) -> None:
         got = fisher_diagonal(model, data, method)
     assert not [r for r in caplog.records if r.name == "ewc_reg"]
     assert_close_dicts(got, fisher_diagonal(model, data, method, backend="loop"), 1e-10)
+
+
+class TiedEncoderDecoder(nn.Module):
+    """A token table looked up twice (an encoder's and a decoder's tokens, as T5's ``shared``)
+    and an output layer tied to it (with a bias, optionally), called on two sequences of
+    different lengths; the table may have a ``padding_idx``."""
+
+    def __init__(self, padding_idx: int | None, bias: bool, vocab: int = 7, dim: int = 4) -> None:
+        super().__init__()
+        self.tokens = nn.Embedding(vocab, dim, padding_idx=padding_idx)
+        self.mix = nn.Linear(dim, dim)
+        self.head = nn.Linear(dim, vocab, bias=bias)
+        self.head.weight = self.tokens.weight
+
+    def forward(self, ids: Tensor) -> Tensor:  # (B, 5) -> (B, 5, V)
+        encoded = torch.tanh(self.mix(self.tokens(ids))).mean(1, keepdim=True)
+        decoded = torch.tanh(self.tokens(ids[:, :3].flip(1)) + encoded)
+        return torch.cat([self.head(decoded), self.head(torch.tanh(self.mix(decoded)))[:, :2]], 1)
+
+
+@pytest.mark.parametrize("padding_idx", [None, 0])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("budget", [DEFAULT_MEMORY_BUDGET, 1])
+def test_embedding_tied_to_an_output_layer_by_the_rule(padding_idx, bias, budget, monkeypatch):
+    """The tied unit's sums come from its rule (the fallback would fail if called): each
+    member called once and twice, ``padding_idx``, a bias of the output layer, one sample at a
+    time (``budget``) or all at once."""
+    monkeypatch.setattr(unit_sums, "_fallback_sums", None)
+    torch.manual_seed(0)
+    model = TiedEncoderDecoder(padding_idx, bias).double()
+    x = torch.randint(0, 7, (6, 5))
+    x[0, :2] = 0  # (a padding lookup, when padding_idx is 0; repeated indices)
+    check_against_references(model, x, via_rules=False, memory_budget=budget)
+    language_model = TinyLanguageModel().double()
+    check_against_references(language_model, x, via_rules=False, memory_budget=budget)
+
+
+@pytest.mark.parametrize("method", ["exact", "empirical", "sample"])
+def test_tied_output_layer_estimators_and_a_parameter_subset(method, monkeypatch) -> None:
+    """Every estimator through ``fisher_diagonal``, and with only the tied weight selected
+    (the output layer's bias constant)."""
+    monkeypatch.setattr(unit_sums, "_fallback_sums", None)
+    torch.manual_seed(0)
+    model = TiedEncoderDecoder(padding_idx=1, bias=True).double()
+    ids = torch.randint(0, 7, (5, 5))
+    data = [{"ids": ids, "labels": torch.randint(0, 7, (5, 5))}]
+    got = fisher_diagonal(model, data, method, generator=torch.Generator().manual_seed(1))
+    want = fisher_diagonal(
+        model, data, method, backend="functorch", generator=torch.Generator().manual_seed(1)
+    )
+    assert_close_dicts(got, want, 1e-10)
+    params = {"tokens.weight": model.tokens.weight}
+    seeded = torch.Generator().manual_seed(1)
+    got = fisher_diagonal(model, data, method, params=params, generator=seeded)
+    assert set(got) == {"tokens.weight"}
+    assert_close_dicts(got, {"tokens.weight": want["tokens.weight"]}, 1e-10)
+
+
+class TiedOutputByKeyword(TinyLanguageModel):
+    """The tied output layer called with its input by keyword: the rule declines the call."""
+
+    def forward(self, ids: Tensor) -> Tensor:
+        positions = torch.arange(ids.shape[1])[None]
+        h = self.norm(torch.tanh(self.tokens(ids) + self.positions(positions)))
+        return self.head(input=h)
+
+
+def test_a_tied_unit_the_rule_declines_goes_to_the_fallback() -> None:
+    torch.manual_seed(0)
+    check_against_references(
+        TiedOutputByKeyword().double(), torch.randint(0, 7, (4, 5)), via_rules=False
+    )
+
+
+def test_bfloat16_tied_output_layer_accumulates_in_float32(monkeypatch) -> None:
+    monkeypatch.setattr(unit_sums, "_fallback_sums", None)
+    torch.manual_seed(0)
+    model = TinyLanguageModel().bfloat16().eval()
+    x = torch.randint(0, 7, (4, 5))
+    vectors = random_vectors(model, x)
+    got = engine_sums(HookEngine(), model, x, vectors)
+    assert all(s.dtype == torch.float32 for s in got.values())
+    monkeypatch.undo()
+    assert_close_dicts(got, engine_sums(FunctorchEngine(), model, x, vectors), 5e-2)

@@ -44,8 +44,8 @@ The decomposition is valid only if (checked; otherwise :class:`Unsupported` is r
 
 * every parameter in ``params`` (the selected ones: the others are constants, wherever they
   are and however they are used) is registered on a module (modules sharing one, tied weights,
-  are one unit without a rule, whose fallback sees all their calls: :func:`_tie`), and, where
-  a module's parameters get no per-sample copies, the root module does not own selected
+  are one unit, whose rule in :mod:`.tied` or fallback sees all their calls: :func:`_tie`),
+  and, where a module's parameters get no per-sample copies, the root module does not own selected
   parameters next to children owning some (the unit would be the whole model), and none lies
   inside a TorchScript module (``torch.jit.script`` or ``trace``: the hooks of the modules
   inside one do not run);
@@ -247,9 +247,9 @@ def _describe(path: str) -> str:
 def _tie(units: list[_Unit]) -> list[_Unit]:
     """``units`` with those sharing a selected parameter made one: a module registered twice
     (two paths, one module) is one unit; different modules (an embedding tied to an output
-    layer) are the members of a :class:`~.unit_sums.Tied` unit without a rule, each of whose
-    calls the per-module fallback sees, so that a sample's gradient of the shared parameter is
-    summed over all of them before squaring."""
+    layer) are the members of a :class:`~.unit_sums.Tied` unit, each of whose calls its rule
+    (:mod:`.tied`) or the per-module fallback sees, so that a sample's gradient of the shared
+    parameter is summed over all of them before squaring."""
     group_of: dict[str, int] = {}  # parameter name -> index of its group
     groups: list[list[_Unit]] = []
     for unit in units:

@@ -16,7 +16,8 @@ calls' included (backpropagation through time). Its rule takes the calls togethe
 reduction's per-sample gradients add up (:data:`.rules.REDUCTIONS`), a convolution joins its
 calls' patches (:data:`.rules.SEVERAL_CALLS`), and a rule that treats positions alike gets
 the calls joined, positions side by side (:data:`.rules.POSITIONWISE`; accumulating rules
-through :class:`_JoinedCalls`). A unit without a rule, or whose rule declines, gets the
+through :class:`_JoinedCalls`). A :class:`Tied` unit takes a rule of :mod:`.tied` (an
+embedding tied to an output layer). A unit without a rule, or whose rule declines, gets the
 functorch engine on its module alone, over all its calls (:func:`_fallback_sums`).
 """
 
@@ -44,6 +45,7 @@ from .rules import (
     Reduction,
     feature_dims,
 )
+from .tied import tied_sums
 
 if TYPE_CHECKING:
     from .hooks import _Record, _Unit
@@ -230,6 +232,11 @@ def unit_sums(
         return several(unit.module, xs, gs, unit.names.keys(), memory_budget)
     elif unit.rule not in CALL_RULES and (dims := _join_dims(unit, record)) is not None:
         return _joined_sums(unit, record.calls(), grads, dims, memory_budget)
+    elif isinstance(unit.module, Tied):
+        names = unit.names.keys()
+        sums = tied_sums(unit.module, record.calls(), grads, names, memory_budget)
+        if sums is not None:
+            return sums
     return _fallback_sums(unit, record.calls(), grads, memory_budget)
 
 
