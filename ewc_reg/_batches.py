@@ -58,6 +58,22 @@ class Batch:
         leaves = pytree.tree_leaves((self.args, self.kwargs))
         return tuple(tuple(t.shape[1:]) for t in leaves if is_per_sample(t, self.size))
 
+    def layout(self) -> str:
+        """How the batch is cut into samples, for error messages: its input tensors (by
+        position or keyword) with their shapes, those cut along their first dimension and
+        those passed whole."""
+        cut, whole = [], []
+        named = [(f"input {i}", a) for i, a in enumerate(self.args)] + list(self.kwargs.items())
+        for name, value in named:
+            for leaf in pytree.tree_leaves(value):
+                if isinstance(leaf, Tensor):
+                    shape = f"{name} {tuple(leaf.shape)}"
+                    (cut if is_per_sample(leaf, self.size) else whole).append(shape)
+        return (
+            f"cut per sample (first dimension {self.size}): {', '.join(cut) or 'none'}; "
+            f"passed whole to every sample: {', '.join(whole) or 'none'}"
+        )
+
     def to(self, device: torch.device) -> Batch:
         """Move every tensor (per-sample or not) to ``device``; tensors made in
         ``torch.inference_mode`` (which autograd cannot save) become ordinary copies, when

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -179,3 +181,30 @@ def test_errors_restore_the_model():
     with pytest.raises(RuntimeError, match="boom"):
         fisher_diagonal(broken, DATA)
     assert broken.training and broken[0].training
+
+
+class RaggedBags(nn.Module):
+    """``nn.EmbeddingBag`` on flat indices with offsets: the samples cannot be cut from the
+    batch along a first dimension."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bag = nn.EmbeddingBag(20, 4, mode="mean")
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, text: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        return self.head(self.bag(text, offsets))
+
+
+@pytest.mark.parametrize("backend", ["auto", "hooks", "functorch", "loop"])
+def test_inputs_that_cannot_be_cut_into_samples_say_so(backend):
+    """The model's own error surfaces, with a note (Python 3.11+) on how samples were cut."""
+    model = RaggedBags().double()
+    text, offsets = torch.randint(0, 20, (14,)), torch.tensor([0, 3, 8, 10])
+    data = [{"text": text, "offsets": offsets, "labels": torch.tensor([0, 1, 2, 0])}]
+    with pytest.raises(RuntimeError, match=r"offsets\[0\] has to be 0") as info:
+        fisher_diagonal(model, data, backend=backend)
+    if sys.version_info >= (3, 11):
+        (note,) = info.value.__notes__
+        assert "failed on sample 1 alone" in note and "(first dimension 4)" in note
+        assert "(14,)" in note and "pad them to (B, L)" in note

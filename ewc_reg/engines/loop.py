@@ -50,8 +50,19 @@ class LoopEngine:
         num_vectors = vectors.shape[0]
         for n in range(batch.size):
             sample = batch.samples(n, n + 1)
-            with torch.enable_grad():
-                output = output_fn(sample.call(model))
+            try:
+                with torch.enable_grad():
+                    output = output_fn(sample.call(model))
+            except Exception as error:
+                if hasattr(error, "add_note"):  # (Python 3.11+; the model's own error stays)
+                    error.add_note(
+                        f"ewc_reg: the model failed on sample {n} alone, cut from the batch "
+                        "along the first dimension of every tensor whose first dimension is the "
+                        f"batch size: {batch.layout()}. Inputs that are not per-sample that way "
+                        "(flat indices with offsets, as nn.EmbeddingBag takes them) cannot be "
+                        "cut: pad them to (B, L) instead."
+                    )
+                raise
             for k in range(num_vectors):
                 grads = torch.autograd.grad(
                     output,
