@@ -171,7 +171,7 @@ def test_per_sample_copies_and_recurrent_rule_match_cpu(kind):
 @pytest.mark.parametrize("kind", ["lstm_cell", "shared_mlp", "transformer_shared", "tied_lm"])
 def test_modules_called_more_than_once_and_tied_weights_match_cpu(kind):
     """Units called more than once (their calls joined by the rules, a cell stepped by hand,
-    a universal transformer) and tied weights (one unit through the fallback)."""
+    a universal transformer) and tied weights (an embedding tied to the output layer: its rule)."""
     from benchmarks.models import LSTMCellClassifier, SharedBlockMLP, TextTransformer
 
     from .test_hooks_engine import TinyLanguageModel
