@@ -157,3 +157,67 @@ def iter_batches(data: Iterable[Any], n_samples: int | None = None) -> Iterator[
         yield batch
         if n_samples is not None and seen >= n_samples:
             return
+
+
+#: How far two computations of the same outputs may differ (:func:`same_output`), relative to
+#: the largest entry: ``min(1000 eps, 1e-2)`` of their dtype (the same values, through kernels
+#: of other sizes that may round differently).
+OUTPUT_TOLERANCE = (1000, 1e-2)
+
+
+def same_output(a: Any, b: Any) -> bool:
+    """Whether output leaves ``a`` and ``b`` agree (tensors: to :data:`OUTPUT_TOLERANCE`)."""
+    if not isinstance(a, Tensor):
+        return True
+    if not isinstance(b, Tensor) or a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if not a.is_floating_point() or not a.numel():
+        return torch.equal(a, b)
+    factor, cap = OUTPUT_TOLERANCE
+    scale = a.abs().max().double().item()
+    gap = (a.double() - b.double()).abs().max().item()
+    return gap <= min(factor * torch.finfo(a.dtype).eps, cap) * scale
+
+
+def check_cut(
+    model: Callable[..., Any], batch: Batch, output_fn: Callable[[Any], Any], checked: set
+) -> None:
+    """Raise ``ValueError`` when cutting ``batch`` into samples changes the model's output.
+
+    Every engine takes samples (or chunks of them) from a batch by cutting each tensor whose
+    first dimension is the batch size ``B`` (:meth:`Batch.samples`). A tensor the samples
+    share whose first dimension happens to be ``B`` too (a ``(T, T)`` mixing matrix with
+    ``T == B``, say) would be cut as well, and the Fisher would be wrong without an error. So
+    where two or more input tensors are cut, the model's output on the first ``b`` samples
+    must be the first rows of its output on the first ``b + 1`` (``b = 2``, or ``B - 1`` for
+    ``B <= 3``: the whole batch then), without gradients; a shared tensor cut to two lengths
+    gives two different results. Once per set of input shapes in ``checked``."""
+    leaves = [t for t in pytree.tree_leaves((batch.args, batch.kwargs)) if isinstance(t, Tensor)]
+    if batch.size < 2 or sum(is_per_sample(t, batch.size) for t in leaves) < 2:
+        return
+    shapes = tuple(tuple(t.shape) for t in leaves)
+    if shapes in checked:
+        return
+    fewer = min(2, batch.size - 1)
+    problem = (
+        f"cutting the batch into samples changes the model's output: {batch.layout()}. A "
+        "tensor all samples share whose first dimension equals the batch size is cut as if it "
+        "were per-sample; give it a leading dimension of 1 (or keep it in the model, as a "
+        "buffer). The model must also give each sample the same output whatever the samples "
+        "beside it (in eval mode, as the Fisher is computed)"
+    )
+    try:
+        with torch.no_grad():
+            more = pytree.tree_leaves(output_fn(batch.samples(0, fewer + 1).call(model)))
+            part = pytree.tree_leaves(output_fn(batch.samples(0, fewer).call(model)))
+    except Exception as error:
+        raise ValueError(
+            f"the model failed on its first {fewer} or {fewer + 1} samples alone "
+            f"({type(error).__name__}: {error}); {problem}"
+        ) from error
+    per_sample = [
+        (a[:fewer], b) for a, b in zip(more, part) if is_per_sample(a, fewer + 1)
+    ]  # (outputs the samples share, if any, may differ)
+    if len(more) != len(part) or not all(same_output(a, b) for a, b in per_sample):
+        raise ValueError(problem)
+    checked.add(shapes)

@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ._batches import Batch, iter_batches
+from ._batches import Batch, check_cut, iter_batches
 from ._model_state import evaluating, in_own_precision, running_eagerly
 from ._validation import check_choice, check_count
 from .distributed import process_group_for, reduce_shards, shard_generator, unwrap_model
@@ -208,7 +208,9 @@ def fisher_diagonal(
             return RowWiseVectors(make_vectors)
 
         count = 0
+        checked: set = set()  # (the input shapes check_cut has passed)
         for batch in batches:
+            check_cut(model, batch, output_fn, checked)
             batch_sums = engine(
                 model, params, batch, output_fn, make_vectors_for(batch), chunk_size,
                 memory_budget or DEFAULT_MEMORY_BUDGET,

@@ -208,3 +208,37 @@ def test_inputs_that_cannot_be_cut_into_samples_say_so(backend):
         (note,) = info.value.__notes__
         assert "failed on sample 1 alone" in note and "(first dimension 4)" in note
         assert "(14,)" in note and "pad them to (B, L)" in note
+
+
+class SharedMixing(nn.Module):
+    """Takes a ``(T, T)`` mixing matrix all samples share, next to ``(B, T, 3)`` inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner, self.head = nn.Linear(3, 3), nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor, mix: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(mix @ self.inner(x)).mean(-2))
+
+
+@pytest.mark.parametrize("backend", ["auto", "hooks", "functorch", "loop"])
+def test_a_shared_input_as_long_as_the_batch_is_not_cut_silently(backend):
+    """A shared ``(T, T)`` input with ``T == B`` would be cut into samples as if per-sample:
+    an error saying so (before: a wrong Fisher from the functorch and loop engines). With a
+    leading dimension of 1 it is passed whole, and the Fisher is right."""
+    torch.manual_seed(0)
+    model = SharedMixing().double()
+    x, y = torch.randn(4, 4, 3, dtype=torch.float64), torch.tensor([0, 1, 1, 0])
+    mix = torch.randn(4, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"cutting the batch into samples changes the model"):
+        fisher_diagonal(model, [{"x": x, "mix": mix, "labels": y}], "empirical", backend=backend)
+    data = [{"x": x, "mix": mix[None], "labels": y}]
+    got = fisher_diagonal(model, data, "empirical", backend=backend)
+    names, params = zip(*model.named_parameters())
+    want = {name: torch.zeros_like(p) for name, p in zip(names, params)}
+    for n in range(4):
+        loss = torch.nn.functional.cross_entropy(model(x[n : n + 1], mix), y[n : n + 1])
+        for name, g in zip(names, torch.autograd.grad(loss, params)):
+            want[name] += g.square() / 4
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-10, atol=0)

@@ -481,6 +481,39 @@ def test_user_hooks_are_respected_and_kept() -> None:
     assert calls
 
 
+@pytest.mark.parametrize("kind", ["forward", "pre"])
+def test_hooks_registered_for_every_module_are_respected(kind) -> None:
+    """A global hook changes every layer's output: no rule assumes the plain layer then; each
+    module goes to the per-module fallback, which runs the hook. A global pre-hook runs
+    before the recorder's (which would record its changed input): the functorch engine."""
+    from torch.nn.modules import module as modules
+
+    model = nn.Sequential(nn.Linear(5, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    x = torch.randn(4, 5, dtype=torch.float64)
+    if kind == "forward":
+        handle = modules.register_module_forward_hook(
+            lambda m, args, out: 2 * out if isinstance(m, nn.Linear) else None
+        )
+    else:
+        handle = modules.register_module_forward_pre_hook(
+            lambda m, args: (args[0] + 1,) if isinstance(m, nn.Linear) else None
+        )
+    try:
+        if kind == "forward":
+            assert all(unit.rule is None for unit in plan(model, trainable(model)))
+            check_against_references(model, x, via_rules=False)
+        else:
+            with pytest.raises(ValueError, match="pre-hooks are registered for every module"):
+                fisher_diagonal(model, [x], backend="hooks")
+            assert get_engine("auto", model).name == "functorch"
+            y = torch.randint(0, 3, (4,))
+            want = brute_force_fisher(model, x, y, "exact")
+            assert_close_dicts(fisher_diagonal(model, [(x, y)]), want, 1e-10)
+    finally:
+        handle.remove()
+    assert all(unit.rule is not None for unit in plan(model, trainable(model)))
+
+
 def test_sequence_outputs() -> None:
     """Vectors of any output shape (K, B, T, V), e.g. per-token logits."""
     model = nn.Sequential(nn.Embedding(9, 4), nn.LayerNorm(4), nn.Linear(4, 6)).double()
@@ -678,6 +711,32 @@ class UsedOutsideInAList(UsedOutside):
         return out + torch.stack([bias, bias]).sum(0) + torch.cat([(bias,)][0])
 
 
+class UsedOutsideThroughAProperty(UsedOutside):
+    """The weight read through a property giving a differentiable view (``.T``, ``.mT``) in
+    the parent: an output layer as the embedding's transpose, a tied autoencoder."""
+
+    def __init__(self, view: str) -> None:
+        super().__init__()
+        self.view = view
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.fc(x))
+        return self.head(h) + h @ getattr(self.head.weight, self.view)
+
+
+class SharedTableOfBatchSize(nn.Module):
+    """Class embeddings all samples share, looked up with ``arange(5)``: with 5 samples their
+    output leads with the batch size, though not per sample."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+        self.classes = nn.Embedding(5, 3)
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, 5)
+        return torch.tanh(self.fc(x)) @ self.classes(torch.arange(5)).T
+
+
 class AttentionCalledTwice(nn.Module):
     """Self-attention applied to its own output, its weights used too; with ``apart``, then
     once more with the key apart from the query and value (pieces of another kind)."""
@@ -782,6 +841,9 @@ STATIC = {  # ruled out by the module tree: get_engine decides
 DYNAMIC = {  # found during the forward pass: the engine decides on the first batch
     "used_outside": (UsedOutside, "used outside"),
     "used_outside_in_a_list": (UsedOutsideInAList, "used outside"),
+    "used_outside_through_T": (lambda: UsedOutsideThroughAProperty("T"), "used outside"),
+    "used_outside_through_mT": (lambda: UsedOutsideThroughAProperty("mT"), "used outside"),
+    "shared_table_of_batch_size": (SharedTableOfBatchSize, "not the leading dimension"),
     "input_changed": (InputChanged, "modified in place"),
     "no_batch_dim": (NoBatchDim, "leading dimension"),
     # (its weight is no broadcast copy: per_sample_problem, then the root as one unit)
@@ -1123,8 +1185,7 @@ def test_batch_elsewhere_than_leading_goes_to_functorch(make, reason: str, caplo
 
 
 def test_batch_first_layers_with_as_many_positions_as_samples_stay_on_hooks(caplog) -> None:
-    """The extra check passes for a batch-first model, and runs only when the shapes leave the
-    layout open, once per shapes."""
+    """The extra check passes for a batch-first model, and runs once per shapes."""
     model = CountingCalls(BatchFirstLayers()).double()
     randomize_affine(model)
     data = square_batch() * 2
@@ -1136,7 +1197,7 @@ def test_batch_first_layers_with_as_many_positions_as_samples_stay_on_hooks(capl
     model.sizes.clear()
     x = torch.randn(5, 3, 4, dtype=torch.float64)
     fisher_diagonal(model, [(x, torch.randint(0, 3, (5,)))], backend="hooks")
-    assert model.sizes == [5]
+    assert model.sizes == [5, 2]  # (other shapes: checked too)
     model.sizes.clear()  # a later call on shapes already checked: no check
     fisher_diagonal(model, square_batch(), backend="hooks")
     assert model.sizes == [5]
@@ -1443,12 +1504,12 @@ def test_chunk_sizes_are_kept_per_sample_shape() -> None:
         lambda module, args: calls.append((tuple(args[0].shape), torch.is_grad_enabled()))
     )
     fisher_diagonal(model, batch(2), "empirical", backend="hooks", memory_budget=budget)
-    assert calls[1] == ((2, 2), True)
+    assert calls[1:3] == [((2, 2), False), ((2, 2), True)]  # (the layout check, a chunk)
     long = batch(16)
     expected = fisher_diagonal(model, long, "empirical", backend="functorch")
     calls.clear()
     got = fisher_diagonal(model, long, "empirical", backend="hooks", memory_budget=budget)
-    assert calls[0] == ((8, 16), False) and calls[1] == ((1, 16), True)
+    assert calls[0] == ((8, 16), False) and calls[2] == ((1, 16), True)  # (1: the check)
     assert_close_dicts(got, expected, 1e-10)
 
 

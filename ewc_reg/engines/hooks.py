@@ -74,9 +74,10 @@ The decomposition is valid only if (checked; otherwise :class:`Unsupported` is r
   leading) or shared by all samples; an input of three or more dimensions whose leading
   dimension is a multiple of the batch larger than it (a 3-d ``attn_mask`` of shape
   ``(B * heads, L, S)``) is taken for per-sample data folded into the batch dimension, which
-  the decomposition cannot split. Where a recorded shape has the batch size in a later
-  dimension too (a sequence-first ``(T, B, ...)`` layout with ``T == B`` would pass the checks
-  above), :func:`check_batch_layout` records the units again on fewer samples to tell.
+  the decomposition cannot split. Since a sequence-first ``(T, B, ...)`` layout with
+  ``T == B``, or a layer run on a shared table of ``B`` rows, would pass the checks above,
+  :func:`check_batch_layout` records the units again on fewer samples to tell (once per model
+  and recorded shapes).
 
 Memory: the forward pass over the whole batch gives the checks and the vectors (like the functorch
 engine's no-grad pass, it is bounded by the batch the data yields); when the pull-back of the whole
@@ -104,7 +105,7 @@ from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
-from .._batches import Batch
+from .._batches import Batch, same_output
 from . import base
 from .base import (
     Engine,
@@ -130,6 +131,7 @@ from .rules import (
     CallRule,
     Reducer,
     Rule,
+    global_forward_pre_hooks,
     rule_for,
 )
 from .unit_sums import (
@@ -295,6 +297,11 @@ def plan(model: nn.Module, params: dict[str, Tensor]) -> list[_Unit]:
     owners: dict[str, tuple[nn.Module, dict[str, str]]] = {}  # by path, in pre-order
     attention: tuple[str, nn.Module] | None = None  # the last nn.MultiheadAttention seen
     script: str | None = None  # the path of the last TorchScript module seen
+    if global_forward_pre_hooks():  # (they run before the recorder's: it sees their inputs)
+        raise Unsupported(
+            "forward pre-hooks are registered for every module "
+            "(torch.nn.modules.module.register_module_forward_pre_hook)"
+        )
     for path, module in model.named_modules(remove_duplicate=False):
         in_script = script is not None and (path == script or inside(path, script))
         if isinstance(module, torch.jit.ScriptModule) and not in_script:
@@ -521,15 +528,19 @@ class _Recorder(TorchFunctionMode):
         self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
     ) -> Any:
         kwargs = kwargs or {}
-        if self.problem is None and getattr(func, "__name__", None) != "__get__":
-            for leaf in _tensors((args, kwargs)):  # (reading .shape and such is no use)
+        result = func(*args, **kwargs)
+        # (a property read counts only when it gives a differentiable tensor: .T, .mT, .H,
+        # .real, not .shape or .data)
+        getter = getattr(func, "__name__", None) == "__get__"
+        if self.problem is None and (not getter or _differentiable(result)):
+            for leaf in _tensors((args, kwargs)):
                 unit, local = self.owner.get(id(leaf), (None, ""))
                 if unit is not None and unit not in self.running:
                     self._flag(
                         f"parameter {local!r} of {_describe(unit.path)} is used outside that "
                         "module's call"
                     )
-        return func(*args, **kwargs)
+        return result
 
     def check(self) -> None:
         """Raise :class:`Unsupported` for what the forward pass revealed."""
@@ -560,27 +571,21 @@ def check_batch_layout(
     output_fn: OutputFn,
     records: dict[_Unit, _Record],
 ) -> None:
-    """Raise :class:`Unsupported` if the batch is not the leading dimension of the units'
-    tensors, where their shapes leave it open.
+    """Raise :class:`Unsupported` if the batch is not the batch dimension of the units'
+    tensors.
 
-    The forward pass only checks that each unit output's leading dimension equals the batch
-    size ``B``. A sequence-first layout ``(T, B, ...)`` with ``T == B`` passes that check (and
-    the rules would then take positions for samples). So when some recorded tensor has ``B``
-    in another dimension too (than its batch dimension: the leading one, or as the rule's
-    :data:`.rules.BATCH_DIMS` say), the units are recorded again on the first ``B' < B`` samples
-    (without gradients) and every shape must change as the batch dimension does: inputs from
-    ``(B, *rest)`` to ``(B', *rest)`` or not at all (shared by the samples), outputs from
-    ``(B, *rest)`` to ``(B', *rest)``."""
+    The forward pass only checks that each unit output's batch dimension (the leading one, or
+    as the rule's :data:`.rules.BATCH_DIMS` say) equals the batch size ``B``. A
+    sequence-first layout ``(T, B, ...)`` with ``T == B`` passes that check (and the rules
+    would then take positions for samples), and so does a layer run on a table all samples
+    share that happens to have ``B`` rows (class embeddings looked up with
+    ``torch.arange(C)``, ``C == B``). So the units are recorded again on the first ``B' < B``
+    samples (without gradients) and every shape must change as the batch dimension does:
+    inputs from ``(B, *rest)`` to ``(B', *rest)`` or not at all (shared by the samples),
+    outputs from ``(B, *rest)`` to ``(B', *rest)``. (The engine does this once per model and
+    recorded shapes.)"""
     size = batch.size
-    others = []  # every recorded shape without its batch dimension
-    for unit, record in records.items():
-        inputs, outputs = batch_dims_of(unit, record)
-        for call in record.calls():
-            for shapes, dims in ((call.inputs, inputs), (call.outputs, outputs)):
-                for i, shape in enumerate(shapes):
-                    dim = nth(dims, i)
-                    others.append((*shape[:dim], *shape[dim + 1 :]))
-    if size < 2 or not any(size in shape for shape in others):
+    if size < 2:
         return
     fewer = 2 if size > 2 else 1
     try:
@@ -630,12 +635,6 @@ def check_batch_layout(
             )
 
 
-#: How far the model's output may move when shared inputs are expanded over the batch
-#: (:func:`check_expansion`), relative to its largest entry: ``min(1000 eps, 1e-2)`` of its
-#: dtype (the same values, through kernels of other sizes that may round differently).
-EXPANSION_TOLERANCE = (1000, 1e-2)
-
-
 def check_expansion(
     model: nn.Module, units: list[_Unit], batch: Batch, output_fn: OutputFn, paths: list[str]
 ) -> None:
@@ -655,25 +654,11 @@ def check_expansion(
             f"the inputs the samples share of {', '.join(map(_describe, paths))} could not be "
             f"expanded over the batch ({type(error).__name__}: {error})"
         ) from error
-    if len(plain) != len(again) or not all(map(_same_output, plain, again)):
+    if len(plain) != len(again) or not all(map(same_output, plain, again)):
         raise Unsupported(
             f"expanding the inputs the samples share of {', '.join(map(_describe, paths))} over "
             "the batch (for per-sample gradients) changes the model's output"
         )
-
-
-def _same_output(a: Any, b: Any) -> bool:
-    """Whether output leaves ``a`` and ``b`` agree (tensors: to :data:`EXPANSION_TOLERANCE`)."""
-    if not isinstance(a, Tensor):
-        return True
-    if not isinstance(b, Tensor) or a.shape != b.shape or a.dtype != b.dtype:
-        return False
-    if not a.is_floating_point() or not a.numel():
-        return torch.equal(a, b)
-    factor, cap = EXPANSION_TOLERANCE
-    scale = a.abs().max().double().item()
-    gap = (a.double() - b.double()).abs().max().item()
-    return gap <= min(factor * torch.finfo(a.dtype).eps, cap) * scale
 
 
 def bytes_per_sample(

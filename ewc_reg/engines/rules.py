@@ -33,7 +33,7 @@ Rules are looked up by the module's exact class (a subclass may override ``forwa
 name (``"transformers.pytorch_utils.Conv1D"``); :func:`rule_for` also requires that the
 module's parameters (those of the modules inside it included) are among those the rule knows
 (``weight`` and ``bias`` for most) and that nobody hooks the module or sets its ``forward``
-(either may change what it computes).
+(either may change what it computes; so may hooks registered for every module).
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules import module as modules
 
 from . import base
 from .base import accumulation_dtype
@@ -230,7 +231,7 @@ def rule_for(module: nn.Module) -> Rule | CallRule | None:
     docstring)."""
     cls = type(module)
     entry = RULES.get(cls) or RULES.get(f"{cls.__module__}.{cls.__qualname__}")
-    if entry is None or module._forward_hooks or module._forward_pre_hooks:
+    if entry is None or module._forward_hooks or module._forward_pre_hooks or _global_hooks():
         return None
     if "forward" in vars(module):  # (its own forward, set on the instance)
         return None
@@ -239,6 +240,19 @@ def rule_for(module: nn.Module) -> Rule | CallRule | None:
         return None
     names = {name for name, _ in module.named_parameters()}
     return rule if names <= set(known(module) if callable(known) else known) else None
+
+
+def _global_hooks() -> bool:
+    """Whether forward hooks registered for every module
+    (``torch.nn.modules.module.register_module_forward_hook``) are set: they may change any
+    layer's output, as a module's own hooks may (pre-hooks for every module keep a model off
+    the hook engine: :func:`.hooks.plan`)."""
+    return bool(getattr(modules, "_global_forward_hooks", None))
+
+
+def global_forward_pre_hooks() -> bool:
+    """Whether forward pre-hooks registered for every module are set."""
+    return bool(getattr(modules, "_global_forward_pre_hooks", None))
 
 
 @functools.lru_cache(maxsize=64)
