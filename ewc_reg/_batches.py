@@ -141,6 +141,12 @@ def _batched(leaf: Any) -> bool:
 
 def iter_batches(data: Iterable[Any], n_samples: int | None = None) -> Iterator[Batch]:
     """Yield parsed batches, stopping after ``n_samples`` samples (the last batch is cut)."""
+    if isinstance(data, tuple) and data and all(isinstance(t, Tensor) for t in data):
+        raise TypeError(
+            f"data is a tuple of {len(data)} tensors, which looks like one batch; pass an "
+            "iterable of batches, e.g. [(inputs, targets)] or a DataLoader (a list of tensors, "
+            "for batches of inputs only)"
+        )
     if isinstance(data, (Tensor, dict)) or not isinstance(data, Iterable):
         raise TypeError(
             f"data must be an iterable of batches (e.g. a DataLoader), got {type(data).__name__}; "

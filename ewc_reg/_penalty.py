@@ -62,7 +62,10 @@ class _Penalty(torch.autograd.Function):
         *params: Tensor,
     ) -> Tensor:
         diffs, weighted = _weighted_diffs(params, precision, center, strength)
-        dots = torch.stack([torch.dot(w.view(-1), d.view(-1)) for w, d in zip(weighted, diffs)])
+        dots = [torch.dot(w.view(-1), d.view(-1)) for w, d in zip(weighted, diffs)]
+        if any(dot.device != offset.device for dot in dots):  # (a model spanning devices)
+            dots = [dot.to(offset.device) for dot in dots]
+        dots = torch.stack(dots)
         ctx.strength, ctx.precision, ctx.center = strength, precision, center
         ctx.weighted = weighted
         ctx.save_for_backward(*params)

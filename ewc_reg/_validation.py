@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,16 +18,18 @@ def check_count(what: str, value: Any, *, allow_none: bool = False) -> int | Non
     """An integer >= 1 (or ``None`` where allowed)."""
     if value is None and allow_none:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         accepted = "an integer >= 1" + (" or None" if allow_none else "")
         raise ValueError(f"{what} must be {accepted}, got {value!r}")
-    return value
+    return int(value)  # (a NumPy integer too)
 
 
 def check_real(what: str, value: Any, low: float, high: float = float("inf")) -> float:
     """A real number in ``[low, high]``."""
     if (
-        isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)  # (a NumPy number too)
+        or not math.isfinite(value)
         or not low <= value <= high
     ):
         bounds = f">= {low}" if high == float("inf") else f"in [{low}, {high}]"

@@ -60,7 +60,8 @@ class Likelihood(ABC):
             raise ValueError(
                 f"the model output (after output_fn) must have shape (B, C) = ({batch_size}, C) "
                 f"with C >= 1 for a batch of {batch_size} samples, got {tuple(output.shape)}; "
-                "pass output_fn to select or reshape the logits"
+                "pass output_fn to select or reshape the logits (B is the first dimension of "
+                "the batch's labels, or without labels of its first input tensor)"
             )
         if not output.is_floating_point():
             raise ValueError(f"the model output must be floating point, got {output.dtype}")

@@ -19,6 +19,8 @@ Both modes keep the penalty in one compact form, with per-parameter precision ``
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -29,6 +31,7 @@ from torch import Tensor, nn
 from ._penalty import add_penalty_grad, ewc_penalty
 from ._validation import check_choice, check_count, check_real
 from .distributed import process_group_for, unwrap_model
+from .engines.base import accumulation_dtype
 from .fisher import METHODS, ParamSelection, fisher_diagonal, select_parameters
 from .likelihoods import LIKELIHOODS
 
@@ -120,12 +123,8 @@ class EWCRegularizer:
         self.n_samples = n_samples
         self.mc_samples = mc_samples
         self.likelihood = likelihood
-        if isinstance(params, Iterable) and not isinstance(params, (str, Tensor, nn.Module)):
-            params = tuple(params)  # an iterator would be used up by the first consolidate
-        if params is not None:
-            select_parameters(self.model, params)  # fail early on unknown or frozen names
         process_group_for(process_group, distributed)  # fail early on a contradiction
-        self.params = params
+        self.params = params  # (checked by __setattr__)
         self.process_group = process_group
         self.distributed = distributed
         self.num_tasks = 0
@@ -135,17 +134,32 @@ class EWCRegularizer:
 
     def __setattr__(self, name: str, value: Any) -> None:
         check = _SETTINGS.get(name)
+        if name == "params":
+            value = self._checked_params(value)
         super().__setattr__(name, value if check is None else check(value))
+
+    def _checked_params(self, params: ParamSelection) -> ParamSelection:
+        """``params`` with an iterable of names made a tuple (an iterator would be used up by
+        the first ``consolidate``), after checking that it selects parameters of the model
+        (unknown or frozen names fail here, not at the next ``consolidate``)."""
+        if isinstance(params, Iterable) and not isinstance(params, (str, Tensor, nn.Module)):
+            params = tuple(params)
+        if params is not None:
+            select_parameters(self.model, params)
+        return params
 
     @property
     def fisher(self) -> dict[str, Tensor]:
-        """The accumulated diagonal Fisher ``A`` (empty before the first ``consolidate``)."""
-        return dict(self._precision)
+        """A copy of the accumulated diagonal Fisher ``A`` (empty before the first
+        ``consolidate``); the state changes through ``consolidate`` and ``load_state_dict``
+        only."""
+        return {name: a.clone() for name, a in self._precision.items()}
 
     @property
     def anchor(self) -> dict[str, Tensor]:
-        """The centre ``μ`` of the penalty (online mode: the parameters at the last task)."""
-        return dict(self._center)
+        """A copy of the centre ``μ`` of the penalty (online mode: the parameters at the last
+        task)."""
+        return {name: mu.clone() for name, mu in self._center.items()}
 
     @torch.inference_mode(False)  # as fisher_diagonal: the state is made of ordinary tensors
     def consolidate(
@@ -166,8 +180,15 @@ class EWCRegularizer:
 
         Extra keyword arguments (``chunk_size``, ``backend``, ``memory_budget``,
         ``max_exact_vectors``) go to :func:`ewc_reg.fisher_diagonal`. If anything fails the
-        regularizer is unchanged (in a distributed run: on every rank).
+        regularizer is unchanged (in a distributed run: on every rank). The settings
+        (``n_samples``, ``method``, ...) are the regularizer's attributes, not arguments here.
         """
+        settings = sorted(set(fisher_kwargs) & {*_SETTINGS, "params"})
+        if settings:
+            raise TypeError(
+                f"consolidate() takes no {settings}: they are settings of the regularizer; "
+                f"set them before consolidating, e.g. reg.{settings[0]} = ..."
+            )
         self._check_still_protected(select_parameters(self.model, self.params), "consolidate")
         fisher = fisher_diagonal(
             self.model,
@@ -198,7 +219,8 @@ class EWCRegularizer:
             offset = torch.zeros((), dtype=first.dtype, device=first.device)
         self._precision, self._center, self._offset = precision, center, offset
         self.num_tasks += 1
-        return fisher
+        stored = {id(a) for a in precision.values()}  # (the first task's Fisher is A itself)
+        return {name: f.clone() if id(f) in stored else f for name, f in fisher.items()}
 
     def _check_still_protected(self, selected: dict[str, Tensor], where: str) -> None:
         """``ValueError`` (from ``where``) when a parameter protected by the earlier tasks is
@@ -318,42 +340,102 @@ class EWCRegularizer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a :meth:`state_dict`. Tensors move to the model's parameters' devices.
+        """Restore a :meth:`state_dict`. Tensors move to the model's parameters' devices and
+        take the dtypes ``consolidate`` would give them (the parameter's, at least float32).
+        Settings missing from ``state`` keep their current values.
 
-        Raises ``ValueError`` (leaving the regularizer unchanged) when the state is malformed
-        or names parameters the model lacks or shapes that differ.
+        Raises ``ValueError`` (leaving the regularizer unchanged) when the state is malformed:
+        unknown entries or settings, a bad setting or task count, Fisher or anchor entries
+        that are not finite floating-point tensors shaped like their parameters (or a negative
+        Fisher), parameters the model lacks or that ``params`` does not select, an offset
+        that is not one finite number.
         """
-        missing = {"settings", "num_tasks", "fisher", "anchor", "offset"} - set(state)
-        if missing:
-            raise ValueError(f"state_dict is missing entries {sorted(missing)}")
-        settings = dict(state["settings"])
-        checked = EWCRegularizer(self.model, **settings)  # validates every setting
-        params = dict(self.model.named_parameters())
+        if not isinstance(state, dict):
+            raise ValueError(f"state must be a dict from state_dict(), got {type(state).__name__}")
+        keys = {"settings", "num_tasks", "fisher", "anchor", "offset"}
+        if set(state) != keys:
+            missing, unknown = sorted(keys - set(state)), sorted(set(state) - keys)
+            raise ValueError(f"state_dict has missing entries {missing}, unknown {unknown}")
+        settings = state["settings"]
+        if not isinstance(settings, dict) or set(settings) - set(_SETTINGS):
+            raise ValueError(
+                f"state_dict 'settings' must be a dict with keys among {list(_SETTINGS)}, got "
+                f"{settings!r}"
+            )
+        checked = {key: _SETTINGS[key](settings.get(key, getattr(self, key))) for key in _SETTINGS}
+        num_tasks = state["num_tasks"]
+        if isinstance(num_tasks, bool) or not isinstance(num_tasks, numbers.Integral):
+            raise ValueError(f"state_dict 'num_tasks' must be an integer >= 0, got {num_tasks!r}")
+        if num_tasks < 0:
+            raise ValueError(f"state_dict 'num_tasks' must be an integer >= 0, got {num_tasks!r}")
         fisher, anchor = state["fisher"], state["anchor"]
+        if not isinstance(fisher, dict) or not isinstance(anchor, dict):
+            raise ValueError("state_dict 'fisher' and 'anchor' must be dicts of tensors by name")
         if set(fisher) != set(anchor):
             raise ValueError("state_dict 'fisher' and 'anchor' name different parameters")
+        params = dict(self.model.named_parameters())
         unknown = sorted(set(fisher) - set(params))
         if unknown:
             raise ValueError(
                 f"state_dict has Fisher entries for parameters the model lacks: {unknown}; "
                 f"the model's parameters are {sorted(params)}"
             )
+        unselected = sorted(set(fisher) - set(select_parameters(self.model, self.params)))
+        if unselected:
+            raise ValueError(
+                f"state_dict protects parameters {unselected} that this regularizer's params= "
+                "does not select (the next consolidate would fail); make it with params= "
+                "selecting them"
+            )
         for name in fisher:
             for what, t in (("fisher", fisher[name]), ("anchor", anchor[name])):
-                if tuple(t.shape) != tuple(params[name].shape):
-                    raise ValueError(
-                        f"state_dict {what} for {name!r} has shape {tuple(t.shape)}, but the "
-                        f"parameter has shape {tuple(params[name].shape)}"
-                    )
-        for key in _SETTINGS:
-            setattr(self, key, getattr(checked, key))
-        self.num_tasks = int(state["num_tasks"])
-        self._precision = {n: t.detach().clone() for n, t in fisher.items()}
-        self._center = {n: t.detach().clone() for n, t in anchor.items()}
+                _check_state_tensor(what, name, t, params[name])
         offset = state["offset"]
-        self._offset = None if offset is None else torch.as_tensor(offset).detach().clone()
-        self._move_to(params)
+        if fisher:
+            one = offset.numel() == 1 if isinstance(offset, Tensor) else True
+            number = isinstance(offset, (Tensor, numbers.Real)) and not isinstance(offset, bool)
+            if not (one and number):
+                raise ValueError(f"state_dict 'offset' must be one number, got {offset!r}")
+            if not math.isfinite(float(offset)):
+                raise ValueError(f"state_dict 'offset' must be finite, got {offset!r}")
+        elif offset is not None:
+            raise ValueError("state_dict 'offset' must be None when 'fisher' is empty")
+        # (all checked: from here on nothing fails)
+        for key, value in checked.items():
+            setattr(self, key, value)
+        self.num_tasks = int(num_tasks)
+
+        def own(t: Tensor, name: str) -> Tensor:
+            p = params[name]
+            return t.detach().to(p.device, accumulation_dtype(p.dtype), copy=True)
+
+        self._precision = {n: own(t, n) for n, t in fisher.items()}
+        self._center = {n: own(t, n) for n, t in anchor.items()}
+        if fisher:
+            first = next(iter(self._precision.values()))
+            self._offset = torch.as_tensor(float(offset), dtype=first.dtype, device=first.device)
+        else:
+            self._offset = None
 
     def __repr__(self) -> str:
         settings = ", ".join(f"{key}={getattr(self, key)!r}" for key in _SETTINGS)
         return f"EWCRegularizer({settings}, num_tasks={self.num_tasks})"
+
+
+def _check_state_tensor(what: str, name: str, t: Any, param: Tensor) -> None:
+    """``ValueError`` unless ``t`` (a Fisher or anchor entry of a state) is a finite
+    floating-point tensor shaped like ``param`` (a Fisher: and not negative)."""
+    if not isinstance(t, Tensor) or not t.is_floating_point():
+        kind = type(t).__name__ if not isinstance(t, Tensor) else f"a tensor of {t.dtype}"
+        raise ValueError(
+            f"state_dict {what} for {name!r} must be a floating-point tensor, got {kind}"
+        )
+    if tuple(t.shape) != tuple(param.shape):
+        raise ValueError(
+            f"state_dict {what} for {name!r} has shape {tuple(t.shape)}, but the parameter has "
+            f"shape {tuple(param.shape)}"
+        )
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"state_dict {what} for {name!r} has NaN or Inf entries")
+    if what == "fisher" and bool((t < 0).any()):
+        raise ValueError(f"state_dict fisher for {name!r} has negative entries")

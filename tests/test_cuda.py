@@ -227,3 +227,25 @@ def test_penalty_follows_the_model_moved_after_consolidate():
     got = reg.penalty()
     assert got.is_cuda and got.item() == pytest.approx(want, rel=1e-12)
     assert all(t.is_cuda for t in [*reg.fisher.values(), *reg.anchor.values()])
+
+
+def test_penalty_of_a_model_split_across_devices():
+    """A model with layers on the CPU and on the GPU: the penalty sums its parameters' terms
+    on the first one's device; its gradient and add_penalty_grad's match the CPU model's."""
+    model, data = problem("mlp")
+    reg = EWCRegularizer(model, strength=2.0)
+    reg.consolidate(data)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1)
+    reference = reg.penalty()
+    want = torch.autograd.grad(reference, list(model.parameters()))
+    model[4].cuda()
+    split = reg.penalty()
+    got = torch.autograd.grad(split, list(model.parameters()))
+    assert split.item() == pytest.approx(reference.item(), rel=1e-12)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.cpu(), w, rtol=1e-12, atol=0)
+    reg.add_penalty_grad()
+    for p, w in zip(model.parameters(), want):
+        torch.testing.assert_close(p.grad.cpu(), w, rtol=1e-12, atol=0)

@@ -242,3 +242,10 @@ def test_a_shared_input_as_long_as_the_batch_is_not_cut_silently(backend):
             want[name] += g.square() / 4
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-10, atol=0)
+
+
+def test_one_batch_passed_without_a_list_says_so():
+    """``fisher_diagonal(model, (x, y))`` would take ``x`` and ``y`` for two batches of
+    inputs (feeding the labels to the model)."""
+    with pytest.raises(TypeError, match=r"tuple of 2 tensors, which looks like one batch"):
+        fisher_diagonal(mlp(), (X, Y))

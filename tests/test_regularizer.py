@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ewc_reg import EWCRegularizer, fisher_diagonal
+from ewc_reg import MODES, EWCRegularizer, fisher_diagonal
 
 from .models import mlp
 
@@ -413,3 +413,95 @@ def test_consolidate_on_inputs_only():
     with pytest.raises(ValueError, match="needs the data's labels"):
         regs[1].consolidate(loader)
     assert regs[1].num_tasks == 1
+
+
+def _malformed(state: dict, **changes) -> dict:
+    """A copy of ``state`` with entries (``"fisher.0.weight"``: one tensor) replaced."""
+    bad = {**state, "settings": dict(state["settings"]), "fisher": dict(state["fisher"])}
+    for key, value in changes.items():
+        if key.startswith("fisher."):
+            bad["fisher"][key.removeprefix("fisher.")] = value
+        else:
+            bad[key] = value
+    return bad
+
+
+@pytest.mark.parametrize(
+    ("changes", "match"),
+    [
+        ({"num_tasks": "x"}, "num_tasks"),
+        ({"num_tasks": -1}, "num_tasks"),
+        ({"offset": None}, "offset"),
+        ({"offset": torch.zeros(3)}, "offset"),
+        ({"offset": float("nan")}, "offset"),
+        ({"fisher.0.weight": [[0.0]]}, "floating-point tensor, got list"),
+        ({"fisher.0.weight": torch.ones(8, 6, dtype=torch.long)}, "floating-point tensor"),
+        ({"fisher.0.weight": -torch.ones(8, 6, dtype=torch.float64)}, "negative"),
+        ({"fisher.0.weight": torch.full((8, 6), float("nan"))}, "NaN"),
+        ({"settings": {"strength": 1.0, "params": ["0.weight"]}}, "keys among"),
+        ({"extra": 1}, "unknown"),
+    ],
+)
+def test_load_state_dict_checks_everything_before_changing_anything(changes, match):
+    """A malformed state raises ``ValueError`` and leaves the regularizer as it was (before:
+    settings were applied before the task count was read; a missing offset, a vector offset,
+    an integer Fisher or a list loaded, and failed later)."""
+    model = mlp()
+    reg = EWCRegularizer(model, strength=2.0, method="empirical", mode="separate")
+    reg.consolidate(task_data(0))
+    before = reg.state_dict()
+    other = EWCRegularizer(model, strength=7.0)
+    with pytest.raises(ValueError, match=match):
+        reg.load_state_dict(_malformed(before, **changes))
+    with pytest.raises(ValueError, match=match):
+        other.load_state_dict(_malformed(before, **changes))
+    assert (other.strength, other.method, other.num_tasks, other.fisher) == (7.0, "exact", 0, {})
+    after = reg.state_dict()
+    assert after["settings"] == before["settings"] and after["num_tasks"] == 1
+    assert all(torch.equal(after["fisher"][n], before["fisher"][n]) for n in before["fisher"])
+
+
+def test_load_state_dict_keeps_missing_settings_casts_dtypes_and_checks_params():
+    model = mlp()
+    reg = EWCRegularizer(model, strength=3.0, params=["4.weight", "4.bias"])
+    reg.consolidate(task_data(0))
+    state = reg.state_dict()
+    del state["settings"]["likelihood"], state["settings"]["mode"]
+    receiver = EWCRegularizer(model, likelihood="gaussian", mode="separate")
+    receiver.load_state_dict(state)
+    assert (receiver.likelihood, receiver.mode, receiver.strength) == ("gaussian", "separate", 3.0)
+    wide = EWCRegularizer(model.float())  # a float64 state into a float32 model: float32
+    wide.load_state_dict(reg.state_dict())
+    assert all(a.dtype == torch.float32 for a in wide.fisher.values())
+    assert wide.penalty().dtype == torch.float32
+    with pytest.raises(ValueError, match=r"params= does not select"):
+        EWCRegularizer(model, params=["0.weight"]).load_state_dict(reg.state_dict())
+
+
+def test_consolidate_returns_a_fisher_of_its_own_and_properties_are_copies():
+    """Changing the returned Fisher, or ``reg.fisher`` / ``reg.anchor``, in place does not
+    change the penalty (before: the first task's returned Fisher was the stored one)."""
+    for mode in MODES:
+        model = mlp()
+        reg = EWCRegularizer(model, mode=mode)
+        fisher = reg.consolidate(task_data(0))
+        perturb(model, 1)
+        before = reg.penalty().item()
+        fisher["0.weight"].zero_()
+        reg.fisher["0.weight"].zero_()
+        reg.anchor["0.weight"].zero_()
+        assert reg.penalty().item() == before
+
+
+def test_settings_take_numpy_numbers_and_are_not_arguments_of_consolidate():
+    np = pytest.importorskip("numpy")
+    model = mlp()
+    reg = EWCRegularizer(model, strength=np.float32(1e5), n_samples=np.int64(5))
+    assert (reg.strength, reg.n_samples) == (1e5, 5) and type(reg.n_samples) is int
+    with pytest.raises(TypeError, match=r"settings of the regularizer.*reg.n_samples"):
+        reg.consolidate(task_data(0), n_samples=3)
+    with pytest.raises(ValueError, match="nope"):
+        reg.params = ["nope"]
+    reg.params = (name for name in ["4.weight"])  # (an iterator: kept as a tuple)
+    assert reg.params == ("4.weight",)
+    assert set(reg.consolidate(task_data(0))) == {"4.weight"}
