@@ -14,10 +14,17 @@ from torch import nn
 @contextmanager
 def evaluating(model: nn.Module) -> Iterator[None]:
     """Eval mode inside the block; afterwards every submodule's training flag and every
-    parameter's ``.grad`` and ``requires_grad`` are as before, on success and on error."""
+    parameter's ``.grad`` and ``requires_grad`` are as before, on success and on error, and
+    so are the tables of embeddings with ``max_norm`` (their forward renormalises the rows it
+    looks up in place)."""
     training = [(m, m.training) for m in model.modules()]
     params = list(model.parameters())
     saved = [(p, p.grad, p.requires_grad) for p in params]
+    tables = [
+        (m.weight, m.weight.detach().clone())
+        for m in model.modules()
+        if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.max_norm is not None
+    ]
     model.eval()
     try:
         yield
@@ -27,6 +34,9 @@ def evaluating(model: nn.Module) -> Iterator[None]:
         for p, grad, requires_grad in saved:
             p.grad = grad
             p.requires_grad_(requires_grad)
+        with torch.no_grad():
+            for weight, table in tables:
+                weight.copy_(table)
 
 
 def running_eagerly() -> AbstractContextManager[object]:

@@ -275,6 +275,23 @@ def test_model_state_restored_and_untouched():
     assert all(torch.equal(p.grad, torch.full_like(p, 3.0)) for p in model.parameters())
 
 
+@pytest.mark.parametrize("backend", ["auto", "functorch", "loop"])
+def test_tables_renormalised_by_max_norm_are_restored(backend):
+    """An embedding with ``max_norm`` renormalises the rows it looks up, in place, in every
+    forward pass: its table is as before after the Fisher."""
+    model = nn.Sequential(
+        nn.Embedding(9, 4, max_norm=0.5), nn.Flatten(), nn.Linear(12, 3)
+    ).double()
+    with torch.no_grad():
+        model[0].weight.mul_(3)
+    before = model[0].weight.detach().clone()
+    x, y = torch.randint(0, 9, (5, 3)), torch.randint(0, 3, (5,))
+    fisher_diagonal(model, [(x, y)], backend=backend)
+    assert torch.equal(model[0].weight, before)
+    model(x)  # (what the restore undoes)
+    assert not torch.equal(model[0].weight, before)
+
+
 def test_progress_bar_runs(capsys):
     model, x = problem("mlp", classes=3)
     y = torch.randint(0, 3, (N,))
