@@ -175,8 +175,11 @@ class EWCRegularizer:
 
         Parameters new since the last ``consolidate`` (a head added for this task) join with
         no Fisher from the earlier tasks, which did not depend on them: the same state as if
-        they had been there all along, unused. Those protected before must still be selected,
-        with the same shapes (else ``ValueError``, before any computation).
+        they had been there all along, unused. Those protected before and frozen since
+        (``requires_grad=False``: an old task's head, say) get no Fisher from this task, as
+        parameters the task does not depend on: their quadratic stays (decayed by ``gamma``).
+        The others protected before must still be selected, with the same shapes (else
+        ``ValueError``, before any computation).
 
         Extra keyword arguments (``chunk_size``, ``backend``, ``memory_budget``,
         ``max_exact_vectors``) go to :func:`ewc_reg.fisher_diagonal`. If anything fails the
@@ -189,7 +192,13 @@ class EWCRegularizer:
                 f"consolidate() takes no {settings}: they are settings of the regularizer; "
                 f"set them before consolidating, e.g. reg.{settings[0]} = ..."
             )
-        self._check_still_protected(select_parameters(self.model, self.params), "consolidate")
+        selected = select_parameters(self.model, self.params)
+        frozen = {
+            name: p
+            for name, p in self.model.named_parameters()
+            if name in self._precision and name not in selected and not p.requires_grad
+        }
+        self._check_still_protected({**selected, **frozen}, "consolidate")
         fisher = fisher_diagonal(
             self.model,
             data,
@@ -206,16 +215,17 @@ class EWCRegularizer:
             **fisher_kwargs,
         )
         params = dict(self.model.named_parameters())
-        theta = {name: params[name].detach().to(f.dtype) for name, f in fisher.items()}
+        merged = {**fisher, **{name: torch.zeros_like(self._precision[name]) for name in frozen}}
+        theta = {name: params[name].detach().to(f.dtype) for name, f in merged.items()}
         if self.mode == "separate" and self._precision:
-            precision, center, offset = self._merge_separate(fisher, theta)
+            precision, center, offset = self._merge_separate(merged, theta)
         else:  # online, or the first task of either mode
             precision = {
                 n: self.gamma * self._precision[n] + f if n in self._precision else f
-                for n, f in fisher.items()
+                for n, f in merged.items()
             }
             center = {n: t.clone() for n, t in theta.items()}
-            first = next(iter(fisher.values()))
+            first = next(iter(merged.values()))
             offset = torch.zeros((), dtype=first.dtype, device=first.device)
         self._precision, self._center, self._offset = precision, center, offset
         self.num_tasks += 1
@@ -227,11 +237,13 @@ class EWCRegularizer:
         no longer ``selected`` or has another shape (new parameters are welcome)."""
         gone = sorted(set(self._precision) - set(selected))
         if gone:
-            missing = "selected (frozen, or removed" if where == "consolidate" else "there (removed"
+            missing = (
+                "selected by params= (or removed" if where == "consolidate" else "there (removed"
+            )
             raise ValueError(
                 f"{where}: parameters {gone} are protected by the earlier tasks but no longer "
-                f"{missing} from the model); keep them trainable, or choose the protected "
-                "parameters with params= from the start"
+                f"{missing} from the model); keep them in params= (frozen ones may stay), or "
+                "choose the protected parameters with params= from the start"
             )
         for name, a in self._precision.items():
             if a.shape != selected[name].shape:
@@ -380,7 +392,8 @@ class EWCRegularizer:
                 f"state_dict has Fisher entries for parameters the model lacks: {unknown}; "
                 f"the model's parameters are {sorted(params)}"
             )
-        unselected = sorted(set(fisher) - set(select_parameters(self.model, self.params)))
+        selected = select_parameters(self.model, self.params)
+        unselected = sorted(n for n in fisher if n not in selected and params[n].requires_grad)
         if unselected:
             raise ValueError(
                 f"state_dict protects parameters {unselected} that this regularizer's params= "

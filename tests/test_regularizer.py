@@ -298,10 +298,10 @@ def test_consolidate_refuses_to_drop_or_reshape_a_protected_parameter_before_com
     reg.consolidate(task_data(0, classes=3), output_fn=task_head(0))
     before = reg.state_dict()
     never_read = object()  # (not data: the check comes first)
-    model.heads[0].bias.requires_grad_(False)
+    reg.params = lambda name, p: name != "heads.0.bias"  # (dropped while still trainable)
     with pytest.raises(ValueError, match=r"\['heads.0.bias'\] are protected .* no longer"):
         reg.consolidate(never_read)
-    model.heads[0].bias.requires_grad_(True)
+    reg.params = None
     model.heads[0] = torch.nn.Linear(5, 4).double()
     with pytest.raises(ValueError, match=r"'heads.0.weight' has shape \(4, 5\).* \(3, 5\)"):
         reg.consolidate(never_read)
@@ -505,3 +505,35 @@ def test_settings_take_numpy_numbers_and_are_not_arguments_of_consolidate():
     reg.params = (name for name in ["4.weight"])  # (an iterator: kept as a tuple)
     assert reg.params == ("4.weight",)
     assert set(reg.consolidate(task_data(0))) == {"4.weight"}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_frozen_old_head_keeps_its_quadratic(mode):
+    """Freezing an old task's head (multi-head continual learning) is not an error: the new
+    task's Fisher of the head is 0 (the task cannot depend on it), so its quadratic stays,
+    decayed by gamma (online: anchored at its current value; separate: at its old centre);
+    the other parameters get what they would get without the freezing."""
+    model = MultiHead(heads=2)
+    reg = EWCRegularizer(model, strength=2.0, mode=mode, gamma=0.8)
+    reg.consolidate(task_data(0, classes=3), output_fn=task_head(0))
+    first_fisher, first_anchor = reg.fisher, reg.anchor
+    perturb_named(model, 1, task=1)
+    twin_model = copy.deepcopy(model)
+    twin = EWCRegularizer(twin_model, strength=2.0, mode=mode, gamma=0.8)
+    twin.load_state_dict(reg.state_dict())
+    for p in model.heads[0].parameters():
+        p.requires_grad_(False)
+    fisher = reg.consolidate(task_data(1, classes=3), output_fn=task_head(1))
+    twin.consolidate(task_data(1, classes=3), output_fn=task_head(1))
+    assert not any(name.startswith("heads.0.") for name in fisher)  # (this task's own)
+    for name, a in reg.fisher.items():
+        if name.startswith("heads.0."):
+            torch.testing.assert_close(a, 0.8 * first_fisher[name], rtol=1e-14, atol=0)
+            centre = model.get_parameter(name) if mode == "online" else first_anchor[name]
+            torch.testing.assert_close(reg.anchor[name], centre.detach(), rtol=1e-14, atol=0)
+        else:
+            torch.testing.assert_close(a, twin.fisher[name], rtol=1e-14, atol=0)
+    perturb_named(model, 2, task=1)
+    loss = reg.penalty()
+    loss.backward()
+    assert all(p.grad is None for p in model.heads[0].parameters())
