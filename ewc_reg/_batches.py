@@ -179,10 +179,17 @@ def same_output(a: Any, b: Any) -> bool:
         return False
     if not a.is_floating_point() or not a.numel():
         return torch.equal(a, b)
+    finite = torch.isfinite(a)
+    if not torch.equal(finite, torch.isfinite(b)):
+        return False
+    if not torch.equal(a[~finite].nan_to_num(), b[~finite].nan_to_num()):  # (±inf; NaN as 0)
+        return False
+    if not bool(finite.any()):
+        return True
     factor, cap = OUTPUT_TOLERANCE
-    scale = a.abs().max().double().item()
-    gap = (a.double() - b.double()).abs().max().item()
-    return gap <= min(factor * torch.finfo(a.dtype).eps, cap) * scale
+    tolerance = min(factor * torch.finfo(a.dtype).eps, cap)
+    a, b = a[finite].double(), b[finite].double()  # (logits masked with -inf, say)
+    return (a - b).abs().max().item() <= tolerance * a.abs().max().item()
 
 
 def check_cut(
@@ -209,8 +216,8 @@ def check_cut(
         f"cutting the batch into samples changes the model's output: {batch.layout()}. A "
         "tensor all samples share whose first dimension equals the batch size is cut as if it "
         "were per-sample; give it a leading dimension of 1 (or keep it in the model, as a "
-        "buffer). The model must also give each sample the same output whatever the samples "
-        "beside it (in eval mode, as the Fisher is computed)"
+        "buffer). The model must also be deterministic in eval mode (as the Fisher is "
+        "computed) and give each sample the same output whatever the samples beside it"
     )
     try:
         with torch.no_grad():

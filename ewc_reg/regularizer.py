@@ -78,7 +78,7 @@ class EWCRegularizer:
             ``torch.compile(model)``, is looked through: ``model`` becomes the wrapped module,
             so names carry no ``module.`` or ``_orig_mod.`` prefix and a ``state_dict`` fits
             the unwrapped model too. Training may go on through the wrapper.
-        strength: :math:`\lambda >= 0`. Its useful scale depends on ``method`` by orders of
+        strength: :math:`\lambda >= 0`, finite. Its useful scale depends on ``method`` by orders of
             magnitude (see ``docs/fisher.md``).
         method: Fisher estimator, one of :data:`ewc_reg.fisher.METHODS`.
         mode: ``"online"`` (one running Fisher and the latest anchor) or ``"separate"`` (one
@@ -192,12 +192,7 @@ class EWCRegularizer:
                 f"consolidate() takes no {settings}: they are settings of the regularizer; "
                 f"set them before consolidating, e.g. reg.{settings[0]} = ..."
             )
-        selected = select_parameters(self.model, self.params)
-        frozen = {
-            name: p
-            for name, p in self.model.named_parameters()
-            if name in self._precision and name not in selected and not p.requires_grad
-        }
+        params, selected, frozen = self._selection(self._precision)
         self._check_still_protected({**selected, **frozen}, "consolidate")
         fisher = fisher_diagonal(
             self.model,
@@ -209,7 +204,7 @@ class EWCRegularizer:
             output_fn=output_fn,
             generator=generator,
             progress=progress,
-            params=self.params,
+            params=params,
             process_group=self.process_group,
             distributed=self.distributed,
             **fisher_kwargs,
@@ -231,6 +226,25 @@ class EWCRegularizer:
         self.num_tasks += 1
         stored = {id(a) for a in precision.values()}  # (the first task's Fisher is A itself)
         return {name: f.clone() if id(f) in stored else f for name, f in fisher.items()}
+
+    def _selection(
+        self, protected: Iterable[str]
+    ) -> tuple[ParamSelection, dict[str, Tensor], dict[str, Tensor]]:
+        """``params`` for :func:`~ewc_reg.fisher_diagonal` now, the parameters it selects, and
+        the ``protected`` ones frozen since (``requires_grad=False``, not selected: kept with a
+        zero Fisher). A list of names loses its frozen protected names (naming a frozen
+        parameter is an error of :func:`~ewc_reg.fisher.select_parameters`)."""
+        named = dict(self.model.named_parameters())
+        frozen_names = {n for n in protected if n in named and not named[n].requires_grad}
+        params = self.params
+        if isinstance(params, tuple):
+            params = tuple(name for name in params if name not in frozen_names)
+        if params == () or not any(p.requires_grad for p in named.values()):
+            selected = {}  # (all frozen: consolidate's fisher_diagonal says so)
+        else:
+            selected = select_parameters(self.model, params)
+        frozen = {n: named[n] for n in frozen_names if n not in selected}
+        return params, selected, frozen
 
     def _check_still_protected(self, selected: dict[str, Tensor], where: str) -> None:
         """``ValueError`` (from ``where``) when a parameter protected by the earlier tasks is
@@ -293,7 +307,8 @@ class EWCRegularizer:
         r"""Add the penalty's gradient :math:`\lambda A(\theta - \mu)` to the protected
         parameters' ``.grad`` (setting those that are ``None``): the gradient that adding
         :meth:`penalty` to the loss would give, without its graph and in two ``foreach``
-        kernels instead of about ten (the penalty's value is not computed).
+        kernels instead of the penalty node's five (see :mod:`ewc_reg._penalty`; its value is not
+        computed).
 
         Call it after ``loss.backward()`` and before ``optimizer.step()`` (with a
         ``GradScaler``, after ``scaler.unscale_(optimizer)``; with gradient accumulation, once
@@ -392,8 +407,8 @@ class EWCRegularizer:
                 f"state_dict has Fisher entries for parameters the model lacks: {unknown}; "
                 f"the model's parameters are {sorted(params)}"
             )
-        selected = select_parameters(self.model, self.params)
-        unselected = sorted(n for n in fisher if n not in selected and params[n].requires_grad)
+        _, selected, frozen = self._selection(fisher)
+        unselected = sorted(set(fisher) - set(selected) - set(frozen))
         if unselected:
             raise ValueError(
                 f"state_dict protects parameters {unselected} that this regularizer's params= "

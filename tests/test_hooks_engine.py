@@ -890,6 +890,25 @@ def test_dynamic_problems(name: str, caplog) -> None:
     log_and_compare(model, data_for(None), caplog, reason)
 
 
+class CachedView(nn.Module):
+    """A view of a parameter made once in ``__init__`` and used in the parent's forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3, dtype=torch.float64)  # (.double() would leave the view)
+        self.transposed = self.fc.weight.t()
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, 4) -> (B, 4)
+        return F.linear(torch.tanh(self.fc(x)), self.transposed)
+
+
+def test_a_view_of_a_parameter_made_beforehand_is_a_use_outside() -> None:
+    """Before, the hooks engine missed the view's part of the weight's gradient silently (0.9
+    relative). (The functorch engine misses it too: it swaps the parameters, not the view.)"""
+    with pytest.raises(ValueError, match="used outside"):
+        fisher_diagonal(CachedView(), data_for(None), backend="hooks")
+
+
 def test_sample_draws_are_not_consumed_by_a_failed_attempt() -> None:
     model = UsedOutside().double()
     data = data_for(None)

@@ -507,19 +507,25 @@ def test_settings_take_numpy_numbers_and_are_not_arguments_of_consolidate():
     assert set(reg.consolidate(task_data(0))) == {"4.weight"}
 
 
+@pytest.mark.parametrize("selection", ["all", "names", "predicate"])
 @pytest.mark.parametrize("mode", MODES)
-def test_a_frozen_old_head_keeps_its_quadratic(mode):
+def test_a_frozen_old_head_keeps_its_quadratic(mode, selection):
     """Freezing an old task's head (multi-head continual learning) is not an error: the new
     task's Fisher of the head is 0 (the task cannot depend on it), so its quadratic stays,
     decayed by gamma (online: anchored at its current value; separate: at its old centre);
     the other parameters get what they would get without the freezing."""
     model = MultiHead(heads=2)
-    reg = EWCRegularizer(model, strength=2.0, mode=mode, gamma=0.8)
+    params = {
+        "all": None,
+        "names": [name for name, _ in model.named_parameters()],
+        "predicate": lambda name, p: True,
+    }[selection]
+    reg = EWCRegularizer(model, strength=2.0, mode=mode, gamma=0.8, params=params)
     reg.consolidate(task_data(0, classes=3), output_fn=task_head(0))
     first_fisher, first_anchor = reg.fisher, reg.anchor
     perturb_named(model, 1, task=1)
     twin_model = copy.deepcopy(model)
-    twin = EWCRegularizer(twin_model, strength=2.0, mode=mode, gamma=0.8)
+    twin = EWCRegularizer(twin_model, strength=2.0, mode=mode, gamma=0.8, params=params)
     twin.load_state_dict(reg.state_dict())
     for p in model.heads[0].parameters():
         p.requires_grad_(False)
@@ -537,3 +543,21 @@ def test_a_frozen_old_head_keeps_its_quadratic(mode):
     loss = reg.penalty()
     loss.backward()
     assert all(p.grad is None for p in model.heads[0].parameters())
+    if selection == "names":  # (a new regularizer naming a frozen parameter: an error)
+        params = [name for name, p in model.named_parameters() if p.requires_grad]
+    again = EWCRegularizer(model, params=params)  # (a state with frozen entries loads)
+    again.load_state_dict(reg.state_dict())
+    assert again.penalty().item() == loss.item()
+
+
+def test_a_state_loads_into_a_model_with_every_parameter_frozen():
+    """Evaluating the penalty of a frozen copy: its entries count as frozen, not unselected."""
+    model = mlp()
+    reg = EWCRegularizer(model)
+    reg.consolidate(task_data(0))
+    frozen = copy.deepcopy(model).requires_grad_(False)
+    perturb(frozen, 1)
+    copy_reg = EWCRegularizer(frozen)
+    copy_reg.load_state_dict(reg.state_dict())
+    perturb(model, 1)
+    assert copy_reg.penalty().item() == reg.penalty().item()

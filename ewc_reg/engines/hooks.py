@@ -534,7 +534,11 @@ class _Recorder(TorchFunctionMode):
         getter = getattr(func, "__name__", None) == "__get__"
         if self.problem is None and (not getter or _differentiable(result)):
             for leaf in _tensors((args, kwargs)):
-                unit, local = self.owner.get(id(leaf), (None, ""))
+                # (a view of a parameter made beforehand, as self.wt = self.fc.weight.t() in
+                # __init__, is the parameter used too)
+                unit, local = self.owner.get(id(leaf), None) or self.owner.get(
+                    id(leaf._base), (None, "")
+                )
                 if unit is not None and unit not in self.running:
                     self._flag(
                         f"parameter {local!r} of {_describe(unit.path)} is used outside that "
@@ -631,7 +635,8 @@ def check_batch_layout(
             raise Unsupported(
                 f"the batch is not the leading dimension of {kind} of {_describe(unit.path)}: "
                 f"it has shape {tuple(full)} with {size} samples and {tuple(part)} with "
-                f"{fewer} (a sequence-first (T, B, ...) layout?)"
+                f"{fewer} (a sequence-first (T, B, ...) layout, or shapes that depend on which "
+                "samples are in the batch?)"
             )
 
 
