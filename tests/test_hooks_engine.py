@@ -902,11 +902,30 @@ class CachedView(nn.Module):
         return F.linear(torch.tanh(self.fc(x)), self.transposed)
 
 
-def test_a_view_of_a_parameter_made_beforehand_is_a_use_outside() -> None:
-    """Before, the hooks engine missed the view's part of the weight's gradient silently (0.9
-    relative). (The functorch engine misses it too: it swaps the parameters, not the view.)"""
-    with pytest.raises(ValueError, match="used outside"):
-        fisher_diagonal(CachedView(), data_for(None), backend="hooks")
+class CachedOwnView(nn.Module):
+    """A module using a view of its own weight made in ``__init__`` (no rule: the per-module
+    fallback would swap the weight, not the view)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(3, 4, dtype=torch.float64))
+        self.transposed = self.weight.t()
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, 4) -> (B, 4)
+        return torch.tanh(x @ self.transposed) @ self.weight
+
+
+@pytest.mark.parametrize("make", [CachedView, CachedOwnView])
+def test_a_view_of_a_parameter_made_beforehand_goes_to_the_loop_engine(make, caplog) -> None:
+    """Before, the hooks engine (and the functorch engine, which swaps the parameters, not the
+    view) missed the view's part of the weight's gradient silently (0.9 relative)."""
+    model, data = make(), data_for(None)
+    with pytest.raises(ValueError, match=r'made before the forward pass.*backend="loop"'):
+        fisher_diagonal(model, data, backend="hooks")
+    with caplog.at_level(logging.INFO, logger="ewc_reg"):
+        got = fisher_diagonal(model, data)  # backend="auto"
+    assert any("using the loop engine" in r.getMessage() for r in caplog.records)
+    assert_close_dicts(got, fisher_diagonal(model, data, backend="loop"), 1e-12)
 
 
 def test_sample_draws_are_not_consumed_by_a_failed_attempt() -> None:

@@ -117,6 +117,7 @@ from .base import (
     resolve_chunk_size,
     zero_sums,
 )
+from .loop import LoopEngine
 from .loose import (
     LooseParameter,
     call_with,
@@ -153,6 +154,13 @@ logger = logging.getLogger("ewc_reg")
 class Unsupported(Exception):
     """The model breaks an assumption of the layer-wise decomposition (see the module
     docstring); the message says which."""
+
+
+class _ViewOutside(Unsupported):
+    """A view of a selected parameter made before the forward pass (``self.w =
+    layer.weight.t()`` in ``__init__``) is used: the per-module fallback and the functorch
+    engine would miss its part (they swap the parameters, not views made from them), so the
+    model goes to the loop engine."""
 
 
 class _BatchingFailed(Exception):
@@ -387,6 +395,7 @@ class _Recorder(TorchFunctionMode):
             for local in unit.names
         }
         self.problem: str | None = None
+        self.view_outside = False  # (a problem of the functorch engine too: _ViewOutside)
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
         self.forwards: list[nn.Module] = []  # modules whose forward runs in pieces
 
@@ -534,12 +543,17 @@ class _Recorder(TorchFunctionMode):
         getter = getattr(func, "__name__", None) == "__get__"
         if self.problem is None and (not getter or _differentiable(result)):
             for leaf in _tensors((args, kwargs)):
-                # (a view of a parameter made beforehand, as self.wt = self.fc.weight.t() in
-                # __init__, is the parameter used too)
-                unit, local = self.owner.get(id(leaf), None) or self.owner.get(
-                    id(leaf._base), (None, "")
-                )
-                if unit is not None and unit not in self.running:
+                unit, local = self.owner.get(id(leaf), (None, ""))
+                view = unit is None and id(leaf._base) in self.owner
+                if view:  # (made beforehand: self.wt = self.fc.weight.t() in __init__)
+                    unit, local = self.owner[id(leaf._base)]
+                if view:  # (inside its module too: the fallback would swap the parameter)
+                    self._flag(
+                        f"a view of parameter {local!r} of {_describe(unit.path)} made before "
+                        "the forward pass is used (engines that swap parameters miss it)"
+                    )
+                    self.view_outside = True
+                elif unit is not None and unit not in self.running:
                     self._flag(
                         f"parameter {local!r} of {_describe(unit.path)} is used outside that "
                         "module's call"
@@ -565,7 +579,7 @@ class _Recorder(TorchFunctionMode):
                     "several outputs"
                 )
         if self.problem is not None:
-            raise Unsupported(self.problem)
+            raise (_ViewOutside if self.view_outside else Unsupported)(self.problem)
 
 
 def check_batch_layout(
@@ -835,7 +849,9 @@ class HookEngine:
 
     def __init__(self, fallback: Engine | None = None) -> None:
         self.fallback = fallback
-        self._given_up: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+        self._given_up: weakref.WeakKeyDictionary[nn.Module, Engine] = (
+            weakref.WeakKeyDictionary()
+        )  # (the engine that took each model over)
         # the layout of the per-sample copies that passed the check, per model, and the models
         # whose loose parameters' modules are units instead (see __call__)
         self._copies: weakref.WeakKeyDictionary[nn.Module, int] = weakref.WeakKeyDictionary()
@@ -856,17 +872,22 @@ class HookEngine:
         (``ValueError`` without a fallback)."""
         engine = cls(fallback)
         reason = unsupported_reason(model, params)
-        return engine if reason is None else engine._give_up(model, reason)
+        return engine if reason is None else engine._give_up(model, Unsupported(reason))
 
-    def _give_up(self, model: nn.Module, reason: str) -> Engine:
-        if self.fallback is None:
+    def _give_up(self, model: nn.Module, problem: Unsupported) -> Engine:
+        """The engine that takes the model from now on (the fallback; the loop engine for a
+        :class:`_ViewOutside`, which the functorch engine would get wrong too), logged; without
+        a fallback (``backend="hooks"``), ``ValueError``."""
+        engine = LoopEngine() if isinstance(problem, _ViewOutside) else self.fallback
+        if self.fallback is None or engine is None:
+            other = "loop" if isinstance(problem, _ViewOutside) else "functorch"
             raise ValueError(
-                f"the hooks engine cannot compute this model's Fisher: {reason}; use "
-                'backend="functorch" (or "auto")'
+                f"the hooks engine cannot compute this model's Fisher: {problem}; use "
+                f'backend="{other}" (or "auto")'
             )
-        logger.info("hooks engine: %s; using the %s engine", reason, self.fallback.name)
-        self._given_up.add(model)
-        return self.fallback
+        logger.info("hooks engine: %s; using the %s engine", problem, engine.name)
+        self._given_up[model] = engine
+        return engine
 
     def __call__(
         self,
@@ -909,7 +930,7 @@ class HookEngine:
         forward pass's graph among them, are freed first.)"""
         args = (model, params, batch, output_fn, make_vectors, chunk_size, memory_budget)
         if model in self._given_up:
-            return self.fallback(*args)
+            return self._given_up[model](*args)
         loose = {} if model in self._nested else loose_parameters(model, params)
         try:
             layout = self._copies.get(model)
@@ -921,17 +942,17 @@ class HookEngine:
                     self._copies[model] = layout
             return self._sums(*args, loose, layout or 0)
         except Unsupported as problem:
-            reason = str(problem)
+            failure = problem
         if not loose:
-            return self._give_up(model, reason)(*args)
+            return self._give_up(model, failure)(*args)
         # The loose parameters' modules become units (plan): the whole model for the root.
-        logger.debug("hooks engine: %s; the modules of %s become units", reason, list(loose))
+        logger.debug("hooks engine: %s; the modules of %s become units", failure, list(loose))
         self._nested.add(model)
         try:
             return self._sums(*args, {}, 0)
         except Unsupported as again:
-            reason = str(again)
-        return self._give_up(model, reason)(*args)
+            failure = again
+        return self._give_up(model, failure)(*args)
 
     def _sums(
         self,
