@@ -396,6 +396,8 @@ class _Recorder(TorchFunctionMode):
         }
         self.problem: str | None = None
         self.view_outside = False  # (a problem of the functorch engine too: _ViewOutside)
+        # the views of parameters made during the forward pass, by id (kept alive with it)
+        self.made: dict[int, Tensor] = {}
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
         self.forwards: list[nn.Module] = []  # modules whose forward runs in pieces
 
@@ -544,10 +546,12 @@ class _Recorder(TorchFunctionMode):
         if self.problem is None and (not getter or _differentiable(result)):
             for leaf in _tensors((args, kwargs)):
                 unit, local = self.owner.get(id(leaf), (None, ""))
-                view = unit is None and id(leaf._base) in self.owner
-                if view:  # (made beforehand: self.wt = self.fc.weight.t() in __init__)
+                # (a view of a parameter this forward pass did not make: made beforehand, as
+                # self.wt = self.fc.weight.t() in __init__; inside its module too, where the
+                # per-module fallback would swap the parameter but not the view)
+                view = unit is None and id(leaf._base) in self.owner and id(leaf) not in self.made
+                if view:
                     unit, local = self.owner[id(leaf._base)]
-                if view:  # (inside its module too: the fallback would swap the parameter)
                     self._flag(
                         f"a view of parameter {local!r} of {_describe(unit.path)} made before "
                         "the forward pass is used (engines that swap parameters miss it)"
@@ -558,6 +562,9 @@ class _Recorder(TorchFunctionMode):
                         f"parameter {local!r} of {_describe(unit.path)} is used outside that "
                         "module's call"
                     )
+        for leaf in _tensors(result):
+            if leaf._base is not None and id(leaf._base) in self.owner:
+                self.made[id(leaf)] = leaf  # (a view of a parameter made during the pass)
         return result
 
     def check(self) -> None:
@@ -942,7 +949,7 @@ class HookEngine:
                     self._copies[model] = layout
             return self._sums(*args, loose, layout or 0)
         except Unsupported as problem:
-            failure = problem
+            failure = type(problem)(str(problem))  # (not its traceback: the attempt's frames)
         if not loose:
             return self._give_up(model, failure)(*args)
         # The loose parameters' modules become units (plan): the whole model for the root.
@@ -951,7 +958,7 @@ class HookEngine:
         try:
             return self._sums(*args, {}, 0)
         except Unsupported as again:
-            failure = again
+            failure = type(again)(str(again))
         return self._give_up(model, failure)(*args)
 
     def _sums(
