@@ -928,6 +928,24 @@ def test_a_view_of_a_parameter_made_beforehand_goes_to_the_loop_engine(make, cap
     assert_close_dicts(got, fisher_diagonal(model, data, backend="loop"), 1e-12)
 
 
+def test_reading_a_property_of_a_parameter_outside_its_module_is_no_use() -> None:
+    """``weight.T.shape`` outside the module computes nothing with the weight: the model stays
+    on the hooks engine (the view ``.T`` gives counts once a function takes it)."""
+
+    class ShapeCheck(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.head = nn.Linear(4, 5), nn.Linear(5, 3)
+
+        def forward(self, x: Tensor) -> Tensor:
+            assert self.fc.weight.T.shape[0] == x.shape[-1]
+            return self.head(torch.tanh(self.fc(x)))
+
+    model, data = ShapeCheck().double(), data_for(None)
+    got = fisher_diagonal(model, data, backend="hooks")
+    assert_close_dicts(got, fisher_diagonal(model, data, backend="loop"), 1e-12)
+
+
 def test_sample_draws_are_not_consumed_by_a_failed_attempt() -> None:
     model = UsedOutside().double()
     data = data_for(None)

@@ -540,24 +540,24 @@ class _Recorder(TorchFunctionMode):
     ) -> Any:
         kwargs = kwargs or {}
         result = func(*args, **kwargs)
-        # (a property read counts only when it gives a differentiable tensor: .T, .mT, .H,
-        # .real, not .shape or .data)
-        getter = getattr(func, "__name__", None) == "__get__"
-        if self.problem is None and (not getter or _differentiable(result)):
+        # (a property read, .T or .shape, is no use by itself; the view .T gives is, where a
+        # function takes it: checked as the parameter below)
+        if self.problem is None and getattr(func, "__name__", None) != "__get__":
             for leaf in _tensors((args, kwargs)):
                 unit, local = self.owner.get(id(leaf), (None, ""))
-                # (a view of a parameter this forward pass did not make: made beforehand, as
-                # self.wt = self.fc.weight.t() in __init__; inside its module too, where the
-                # per-module fallback would swap the parameter but not the view)
-                view = unit is None and id(leaf._base) in self.owner and id(leaf) not in self.made
-                if view:
+                if unit is None and leaf._base is not None and id(leaf._base) in self.owner:
+                    # a view of the parameter; one this pass did not make was made beforehand
+                    # (self.wt = w.t() in __init__: the fallback would swap w, not the view)
                     unit, local = self.owner[id(leaf._base)]
-                    self._flag(
-                        f"a view of parameter {local!r} of {_describe(unit.path)} made before "
-                        "the forward pass is used (engines that swap parameters miss it)"
-                    )
-                    self.view_outside = True
-                elif unit is not None and unit not in self.running:
+                    if id(leaf) not in self.made:
+                        self._flag(
+                            f"a view of parameter {local!r} of {_describe(unit.path)} made "
+                            "before the forward pass is used (engines that swap parameters "
+                            "miss it)"
+                        )
+                        self.view_outside = True
+                        continue
+                if unit is not None and unit not in self.running:
                     self._flag(
                         f"parameter {local!r} of {_describe(unit.path)} is used outside that "
                         "module's call"
