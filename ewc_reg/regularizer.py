@@ -192,7 +192,7 @@ class EWCRegularizer:
                 f"consolidate() takes no {settings}: they are settings of the regularizer; "
                 f"set them before consolidating, e.g. reg.{settings[0]} = ..."
             )
-        params, selected, frozen = self._selection(self._precision)
+        selection, selected, frozen = self._selection(self._precision)
         self._check_still_protected({**selected, **frozen}, "consolidate")
         fisher = fisher_diagonal(
             self.model,
@@ -204,7 +204,7 @@ class EWCRegularizer:
             output_fn=output_fn,
             generator=generator,
             progress=progress,
-            params=params,
+            params=selection,
             process_group=self.process_group,
             distributed=self.distributed,
             **fisher_kwargs,
@@ -391,9 +391,8 @@ class EWCRegularizer:
             )
         checked = {key: _SETTINGS[key](settings.get(key, getattr(self, key))) for key in _SETTINGS}
         num_tasks = state["num_tasks"]
-        if isinstance(num_tasks, bool) or not isinstance(num_tasks, numbers.Integral):
-            raise ValueError(f"state_dict 'num_tasks' must be an integer >= 0, got {num_tasks!r}")
-        if num_tasks < 0:
+        integer = isinstance(num_tasks, numbers.Integral) and not isinstance(num_tasks, bool)
+        if not integer or num_tasks < 0:
             raise ValueError(f"state_dict 'num_tasks' must be an integer >= 0, got {num_tasks!r}")
         fisher, anchor = state["fisher"], state["anchor"]
         if not isinstance(fisher, dict) or not isinstance(anchor, dict):

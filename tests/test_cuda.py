@@ -215,13 +215,20 @@ def test_transposed_and_3d_convolutions_match_cpu(kind):
     assert_close_dicts(to_cpu(got), want, 1e-10)
 
 
-def test_penalty_follows_the_model_moved_after_consolidate():
+def consolidated_and_moved_on():
+    """The MLP on CPU with a regularizer consolidated on its data, then moved on from the
+    anchor."""
     model, data = problem("mlp")
     reg = EWCRegularizer(model, strength=2.0)
     reg.consolidate(data)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.1)
+    return model, reg
+
+
+def test_penalty_follows_the_model_moved_after_consolidate():
+    model, reg = consolidated_and_moved_on()
     want = reg.penalty().item()
     model.cuda()
     got = reg.penalty()
@@ -232,12 +239,7 @@ def test_penalty_follows_the_model_moved_after_consolidate():
 def test_penalty_of_a_model_split_across_devices():
     """A model with layers on the CPU and on the GPU: the penalty sums its parameters' terms
     on the first one's device; its gradient and add_penalty_grad's match the CPU model's."""
-    model, data = problem("mlp")
-    reg = EWCRegularizer(model, strength=2.0)
-    reg.consolidate(data)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1)
+    model, reg = consolidated_and_moved_on()
     reference = reg.penalty()
     want = torch.autograd.grad(reference, list(model.parameters()))
     model[4].cuda()

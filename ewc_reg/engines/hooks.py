@@ -379,6 +379,11 @@ def _tensors(tree: Any) -> list[Tensor]:
     return [leaf for leaf in pytree.tree_leaves(tree) if isinstance(leaf, Tensor)]
 
 
+def _of_parameter(t: Tensor, owner: dict[int, Any]) -> bool:
+    """Whether ``t`` is one of the parameters in ``owner`` (by id) or a view of one."""
+    return id(t) in owner or (t._base is not None and id(t._base) in owner)
+
+
 class _Recorder(TorchFunctionMode):
     """Hooks on the units' modules and a torch-function mode, for one forward pass."""
 
@@ -540,10 +545,13 @@ class _Recorder(TorchFunctionMode):
     ) -> Any:
         kwargs = kwargs or {}
         result = func(*args, **kwargs)
+        inputs = [t for t in _tensors((args, kwargs)) if _of_parameter(t, self.owner)]
+        if not inputs:  # (most operations: nothing to check or keep)
+            return result
         # (a property read, .T or .shape, is no use by itself; the view .T gives is, where a
         # function takes it: checked as the parameter below)
         if self.problem is None and getattr(func, "__name__", None) != "__get__":
-            for leaf in _tensors((args, kwargs)):
+            for leaf in inputs:
                 unit, local = self.owner.get(id(leaf), (None, ""))
                 if unit is None and leaf._base is not None and id(leaf._base) in self.owner:
                     # a view of the parameter; one this pass did not make was made beforehand
@@ -562,7 +570,7 @@ class _Recorder(TorchFunctionMode):
                         f"parameter {local!r} of {_describe(unit.path)} is used outside that "
                         "module's call"
                     )
-        for leaf in _tensors(result):
+        for leaf in _tensors(result):  # (views of parameters come from parameters or views)
             if leaf._base is not None and id(leaf._base) in self.owner:
                 self.made[id(leaf)] = leaf  # (a view of a parameter made during the pass)
         return result

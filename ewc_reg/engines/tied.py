@@ -37,23 +37,15 @@ def tied_sums(
     """The sums of a tied unit with modules ``members`` (its parameters' local names ``names``:
     ``"{member}.{name}"``) from its recorded ``calls`` (each with ``member``, the index of the
     module called) and the gradients of their output edges, in order, or ``None`` where no rule
-    here takes them. The only rule: :func:`embedding_and_output_layer`."""
+    here takes them. Every call was ``module(x)`` (:func:`.unit_sums._plain_calls`). The only
+    rule: :func:`embedding_and_output_layer`."""
     kinds = [rule_for(module) for module in members]
     if len(members) != 2 or sorted(map(id, kinds)) != sorted((id(embedding), id(linear))):
         return None
     table, head = (0, 1) if kinds[0] is embedding else (1, 0)
     if members[table].weight is not members[head].weight:  # (tied by the bias? no rule)
         return None
-    live = [call for call in calls if call.edges]
-    plain = all(
-        len(call.edges) == 1
-        and len(call.args) == 1
-        and isinstance(call.args[0], Tensor)
-        and not call.kwargs
-        for call in live
-    )
-    if not plain:
-        return None
+    live = [call for call in calls if call.edges]  # (one edge each: one output tensor)
     given = [(call.member, call.args[0], g) for call, g in zip(live, grads) if g is not None]
     lookups = [(x, g) for member, x, g in given if member == table]
     products = [(x, g) for member, x, g in given if member == head]

@@ -232,7 +232,7 @@ def unit_sums(
         return several(unit.module, xs, gs, unit.names.keys(), memory_budget)
     elif unit.rule not in CALL_RULES and (dims := _join_dims(unit, record)) is not None:
         return _joined_sums(unit, record.calls(), grads, dims, memory_budget)
-    elif isinstance(unit.module, Tied):
+    elif isinstance(unit.module, Tied) and _plain_calls(record):
         names = unit.names.keys()
         sums = tied_sums(unit.module, record.calls(), grads, names, memory_budget)
         if sums is not None:
