@@ -8,8 +8,9 @@
   are used only while the modules they are registered on run (a ``ValueError`` says why a
   model is not covered);
 * ``"functorch"`` (:class:`~.functorch.FunctorchEngine`): per-sample ``torch.func`` pull-backs
-  of the whole model; general, except for modules ``vmap`` cannot run (``nn.LSTM``), which it
-  hands to the loop engine;
+  of the whole model; general, except for modules ``vmap`` cannot run (``nn.LSTM``) and models
+  that reach a parameter other than through its registered name (a view of it made before the
+  forward pass), which it hands to the loop engine;
 * ``"loop"`` (:class:`~.loop.LoopEngine`): one sample and one vector at a time with plain
   autograd; slow, and as general as autograd;
 * ``"auto"``: the hook engine, which hands the model to the functorch engine (and logs why at

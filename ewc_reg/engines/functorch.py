@@ -8,9 +8,18 @@ is budgeted at ``3 K P`` numbers (:func:`bytes_per_sample`) and ``chunk_size=Non
 ``memory_budget // bytes_per_sample`` samples at a time. When one sample's ``K`` pull-backs alone
 exceed the budget (``exact`` on long sequences, ``K = T V``), samples go one at a time and each
 pulls back its vectors a few at a time, reusing one forward pass. Works for any module that
-torch.func can trace in eval mode; a model on which ``vmap`` fails (``nn.LSTM``, say) goes to
-the :class:`~.loop.LoopEngine`, one sample at a time (logged at info level to the
-``"ewc_reg"`` logger, and remembered for the module).
+torch.func can trace in eval mode. Two kinds of model go to the :class:`~.loop.LoopEngine`, one
+sample at a time (logged at info level to the ``"ewc_reg"`` logger, and remembered for the
+module):
+
+- those on which ``vmap`` fails (``nn.LSTM``, say);
+- those whose output reaches a selected parameter other than through its registered name:
+  ``torch.func.functional_call`` swaps the registered parameters, so a view made before the
+  forward pass (``self.wt = self.weight.t()`` in ``__init__``) or an ``output_fn`` reading a
+  parameter would keep the original, and its part of the gradient would be missing. The
+  forward pass that makes the vectors runs on detached parameters, buffers and inputs with
+  gradients enabled: it records no graph unless such a path exists, and its graph is searched
+  for the parameters (:func:`reaches`).
 """
 
 from __future__ import annotations
@@ -36,11 +45,36 @@ def bytes_per_sample(num_vectors: int, params: dict[str, Tensor]) -> int:
     return 3 * max(num_vectors, 1) * sum(p.numel() * p.element_size() for p in params.values())
 
 
+class _Captured(Exception):
+    """The model's output reaches a selected parameter that ``functional_call`` cannot swap
+    (see the module docstring); the message says which."""
+
+
+def reaches(output: Any, params: dict[str, Tensor]) -> list[str]:
+    """The names of ``params`` that the autograd graph of ``output``'s tensors reaches (their
+    ``AccumulateGrad`` nodes), in ``params``' order."""
+    names = {id(p): name for name, p in params.items()}
+    found: set[str] = set()
+    stack = [t.grad_fn for t in pytree.tree_leaves(output) if isinstance(t, Tensor)]
+    seen: set[Any] = set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)  # (an AccumulateGrad node's leaf)
+        if variable is not None and id(variable) in names:
+            found.add(names[id(variable)])
+        stack += [next_node for next_node, _ in node.next_functions]
+    return [name for name in params if name in found]
+
+
 class FunctorchEngine:
     """Whole-model ``torch.func`` engine (see the module docstring)."""
 
     name = "functorch"
-    #: Modules on which ``vmap`` failed: they go straight to the loop engine.
+    #: Modules on which ``vmap`` failed, or whose parameters are captured (see the module
+    #: docstring): they go straight to the loop engine.
     unvmappable: ClassVar[weakref.WeakSet[nn.Module]] = weakref.WeakSet()
 
     def __call__(
@@ -57,6 +91,9 @@ class FunctorchEngine:
         if model not in self.unvmappable:
             try:
                 return self._sums(*args)
+            except _Captured as error:
+                logger.info("functorch engine: %s; using the loop engine", error)
+                self.unvmappable.add(model)
             except (RuntimeError, NotImplementedError) as error:
                 if isinstance(error, torch.OutOfMemoryError):
                     raise
@@ -79,8 +116,6 @@ class FunctorchEngine:
         chunk_size: int | None,
         memory_budget: int,
     ) -> dict[str, Tensor]:
-        with torch.no_grad():
-            vectors = make_vectors(output_fn(batch.call(model)))  # (K, B, *S, C)
         frozen = {
             name: t.detach()
             for name, t in [*model.named_parameters(), *model.named_buffers()]
@@ -88,6 +123,21 @@ class FunctorchEngine:
         }
         trainable = {name: p.detach() for name, p in params.items()}
         leaves, spec = pytree.tree_flatten((batch.args, batch.kwargs))
+        leaves = [leaf.detach() if isinstance(leaf, Tensor) else leaf for leaf in leaves]
+        args, kwargs = pytree.tree_unflatten(leaves, spec)
+        with torch.enable_grad():  # (no graph unless a parameter is captured: module docstring)
+            output = output_fn(
+                functional_call(model, {**frozen, **trainable}, args, kwargs, strict=False)
+            )
+        captured = reaches(output, params)
+        if captured:
+            raise _Captured(
+                f"the model's output depends on parameters {captured} other than through "
+                "their registered names (a view or copy made before the forward pass, or an "
+                "output_fn that reads them), which torch.func cannot swap"
+            )
+        vectors = make_vectors(output.detach())  # (K, B, *S, C)
+        del output
         per_sample = [i for i, leaf in enumerate(leaves) if is_per_sample(leaf, batch.size)]
 
         def output_of_one(theta: dict[str, Tensor], sample_leaves: list[Tensor]) -> Tensor:

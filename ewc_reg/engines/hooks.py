@@ -117,7 +117,6 @@ from .base import (
     resolve_chunk_size,
     zero_sums,
 )
-from .loop import LoopEngine
 from .loose import (
     LooseParameter,
     call_with,
@@ -154,13 +153,6 @@ logger = logging.getLogger("ewc_reg")
 class Unsupported(Exception):
     """The model breaks an assumption of the layer-wise decomposition (see the module
     docstring); the message says which."""
-
-
-class _ViewOutside(Unsupported):
-    """A view of a selected parameter made before the forward pass (``self.w =
-    layer.weight.t()`` in ``__init__``) is used: the per-module fallback and the functorch
-    engine would miss its part (they swap the parameters, not views made from them), so the
-    model goes to the loop engine."""
 
 
 class _BatchingFailed(Exception):
@@ -400,7 +392,6 @@ class _Recorder(TorchFunctionMode):
             for local in unit.names
         }
         self.problem: str | None = None
-        self.view_outside = False  # (a problem of the functorch engine too: _ViewOutside)
         # the views of parameters made during the forward pass, by id (kept alive with it)
         self.made: dict[int, Tensor] = {}
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
@@ -563,7 +554,6 @@ class _Recorder(TorchFunctionMode):
                             "before the forward pass is used (engines that swap parameters "
                             "miss it)"
                         )
-                        self.view_outside = True
                         continue
                 if unit is not None and unit not in self.running:
                     self._flag(
@@ -594,7 +584,7 @@ class _Recorder(TorchFunctionMode):
                     "several outputs"
                 )
         if self.problem is not None:
-            raise (_ViewOutside if self.view_outside else Unsupported)(self.problem)
+            raise Unsupported(self.problem)
 
 
 def check_batch_layout(
@@ -864,9 +854,7 @@ class HookEngine:
 
     def __init__(self, fallback: Engine | None = None) -> None:
         self.fallback = fallback
-        self._given_up: weakref.WeakKeyDictionary[nn.Module, Engine] = (
-            weakref.WeakKeyDictionary()
-        )  # (the engine that took each model over)
+        self._given_up: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # (to the fallback)
         # the layout of the per-sample copies that passed the check, per model, and the models
         # whose loose parameters' modules are units instead (see __call__)
         self._copies: weakref.WeakKeyDictionary[nn.Module, int] = weakref.WeakKeyDictionary()
@@ -890,19 +878,16 @@ class HookEngine:
         return engine if reason is None else engine._give_up(model, Unsupported(reason))
 
     def _give_up(self, model: nn.Module, problem: Unsupported) -> Engine:
-        """The engine that takes the model from now on (the fallback; the loop engine for a
-        :class:`_ViewOutside`, which the functorch engine would get wrong too), logged; without
-        a fallback (``backend="hooks"``), ``ValueError``."""
-        engine = LoopEngine() if isinstance(problem, _ViewOutside) else self.fallback
-        if self.fallback is None or engine is None:
-            other = "loop" if isinstance(problem, _ViewOutside) else "functorch"
+        """The engine that takes the model from now on, the fallback (logged); without one
+        (``backend="hooks"``), ``ValueError``."""
+        if self.fallback is None:
             raise ValueError(
                 f"the hooks engine cannot compute this model's Fisher: {problem}; use "
-                f'backend="{other}" (or "auto")'
+                'backend="functorch" (or "auto")'
             )
-        logger.info("hooks engine: %s; using the %s engine", problem, engine.name)
-        self._given_up[model] = engine
-        return engine
+        logger.info("hooks engine: %s; using the %s engine", problem, self.fallback.name)
+        self._given_up.add(model)
+        return self.fallback
 
     def __call__(
         self,
@@ -944,8 +929,8 @@ class HookEngine:
         fallback runs outside the exception handler, so that the failed attempt's frames, its
         forward pass's graph among them, are freed first.)"""
         args = (model, params, batch, output_fn, make_vectors, chunk_size, memory_budget)
-        if model in self._given_up:
-            return self._given_up[model](*args)
+        if model in self._given_up and self.fallback is not None:
+            return self.fallback(*args)
         loose = {} if model in self._nested else loose_parameters(model, params)
         try:
             layout = self._copies.get(model)
