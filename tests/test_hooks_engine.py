@@ -798,16 +798,23 @@ class InputChanged(nn.Module):
         return self.head(out + h)
 
 
+class BatchMean(Scale):
+    """:class:`Scale`, then the mean over the batch: the samples mixed."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x).mean(0)
+
+
 class NoBatchDim(nn.Module):
-    """A submodule returning a weight (no batch dimension) that the parent uses."""
+    """A submodule whose output has no batch dimension, though its input has."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.bank = Scale(4)
+        self.bank = BatchMean(4)
         self.head = nn.Linear(4, 3)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.head(x * self.bank(torch.ones(4, dtype=x.dtype)))
+        return self.head(x - self.bank(x))
 
 
 def scripted(how: str) -> nn.Module:
@@ -2022,6 +2029,68 @@ def test_units_on_inputs_the_samples_share_stay_on_hooks(method, chunks, engine_
     assert not [r for r in caplog.records if r.name == "ewc_reg"]  # (hooks, no fallback)
     assert_close_dicts(got, brute_force_fisher(model, ids, y, method), 1e-10)
     assert got["pos.weight"][:6].abs().min() > 0 and got["bias.weight"].abs().min() > 0
+
+
+class PositionsWithoutBatch(nn.Module):
+    """Positions looked up as nanoGPT does, ``arange(T)`` of shape ``(T,)``, broadcast over the
+    batch; and a :class:`Scale` called on a shared ``(4,)`` tensor, its output broadcast over
+    the ``(B, 4)`` pooled features. With ``view``, the position
+    embeddings are reshaped to ``(T, 4)``, which fails once they have a batch dimension."""
+
+    def __init__(self, view: bool = False) -> None:
+        super().__init__()
+        self.tok, self.pos = nn.Embedding(9, 4), nn.Embedding(7, 4)
+        self.bank = Scale(4)
+        self.head = nn.Linear(4, 3)
+        self.view = view
+
+    def forward(self, ids: Tensor) -> Tensor:
+        length = ids.shape[1]
+        pos = self.pos(torch.arange(length, device=ids.device))  # (T, 4)
+        if self.view:
+            pos = pos.view(length, 4)
+        pooled = torch.tanh(self.tok(ids) + pos).mean(1)
+        return self.head(pooled * self.bank(torch.ones(4, dtype=pos.dtype)))
+
+
+@pytest.mark.parametrize("method", ["exact", "empirical"])
+def test_units_on_inputs_without_a_batch_dimension_stay_on_hooks(method, caplog) -> None:
+    """Inputs the samples share without a batch dimension get one in front (before, the
+    units' outputs without the batch sent the model to functorch)."""
+    torch.manual_seed(0)
+    model = PositionsWithoutBatch().double()
+    ids, y = torch.randint(0, 9, (5, 6)), torch.randint(0, 3, (5,))
+    data = [(ids, y), (ids[:1], y[:1])]  # (one sample: (T,) gets a batch dimension of 1)
+    with caplog.at_level(logging.INFO, logger="ewc_reg"):
+        got = fisher_diagonal(model, data, method)
+    assert not [r for r in caplog.records if r.name == "ewc_reg"]  # (hooks, no fallback)
+    first = brute_force_fisher(model, ids, y, method)
+    last = brute_force_fisher(model, ids[:1], y[:1], method)
+    want = {name: (5 * first[name] + last[name]) / 6 for name in first}
+    assert_close_dicts(got, want, 1e-10)
+    assert got["pos.weight"][:6].abs().min() > 0 and got["bank.t"].abs().min() > 0
+
+
+@pytest.mark.parametrize(
+    "view, length, reason",
+    [
+        (True, 6, "the model failed with the inputs the samples share of module 'pos'"),
+        (False, 2, "could not be told from per-sample ones on 2 samples, to check the batch"),
+    ],
+)
+def test_expansions_that_fail_or_cannot_be_checked_go_to_functorch(
+    view, length, reason, caplog
+) -> None:
+    """A model that fails on the expanded inputs (before, its error reached the user), and
+    positions ``(2,)`` that look per-sample on the 2 samples of the check."""
+    torch.manual_seed(0)
+    model = PositionsWithoutBatch(view).double()
+    ids, y = torch.randint(0, 9, (5, length)), torch.randint(0, 3, (5,))
+    with caplog.at_level(logging.INFO, logger="ewc_reg"):
+        got = fisher_diagonal(model, [(ids, y)])
+    messages = [r.getMessage() for r in caplog.records if r.name == "ewc_reg"]
+    assert len(messages) == 1 and reason in messages[0] and "functorch" in messages[0]
+    assert_close_dicts(got, brute_force_fisher(model, ids, y, "exact"), 1e-10)
 
 
 def test_an_expansion_that_changes_the_output_goes_to_functorch(caplog) -> None:

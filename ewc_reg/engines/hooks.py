@@ -66,12 +66,13 @@ The decomposition is valid only if (checked; otherwise :class:`Unsupported` is r
   calls in pieces it cannot join (an LSTM with a projection; attention that is
   self-attention in one call and not in another), or with a rule and several outputs;
 * module outputs have the batch as leading dimension (``nn.MultiheadAttention`` units need
-  ``batch_first=True``; a unit whose inputs all lead with 1, shared by the samples, such as a
-  position embedding on ``position_ids`` of shape ``(1, T)``, is called on them expanded over
-  the batch, once a check on two samples shows that the model's output stays the same:
-  :func:`_expand_shared`), recorded inputs are not modified in place afterwards, and no batch
-  norm uses batch statistics (it would mix the samples). Unit inputs are per-sample (the batch
-  leading) or shared by all samples; an input of three or more dimensions whose leading
+  ``batch_first=True``; a unit whose inputs all lead with 1, or all have no batch dimension,
+  shared by the samples, such as a position embedding on ``position_ids`` of shape ``(1, T)``
+  or ``(T,)``, is called on them expanded over the batch, once a check on two samples shows
+  that the model's output stays the same: :func:`_expand_shared`; a model that fails on the
+  expanded inputs is not covered), recorded inputs are not modified in place afterwards, and
+  no batch norm uses batch statistics (it would mix the samples). Unit inputs are per-sample
+  (the batch leading) or shared by all samples; an input of three or more dimensions whose leading
   dimension is a multiple of the batch larger than it (a 3-d ``attn_mask`` of shape
   ``(B * heads, L, S)``) is taken for per-sample data folded into the batch dimension, which
   the decomposition cannot split. Since a sequence-first ``(T, B, ...)`` layout with
@@ -222,22 +223,30 @@ def _differentiable(leaf: Any) -> bool:
 
 
 def _expand_shared(call: Any, tensors: list[Tensor], batch_size: int) -> Any:
-    """``call`` (a pytree of the unit's arguments, whose tensors are ``tensors``) with each
-    tensor expanded from a leading dimension of 1 to ``batch_size``, when every tensor argument
-    (but 0-d ones) has one and the batch has several samples; else ``None``.
+    """``call`` (a pytree of the unit's arguments, whose tensors are ``tensors``) with its
+    tensors (but 0-d ones) expanded over the batch when they are all shared by the samples;
+    else ``None``. Shared inputs either all lead with 1, expanded from it to ``batch_size``
+    (when the batch has several samples), or all have no batch dimension (no dimension of the
+    batch size, and no leading 1), and get one in front.
 
     A unit called on inputs the samples share, such as a position embedding looked up with
-    ``position_ids`` of shape ``(1, T)`` (Hugging Face's default), has an output the samples
-    share too, broadcast later: its gradient is then the batch's sum, and the per-sample
-    decomposition fails. On the expanded inputs the unit's output has the batch in front, and
-    the gradient that reaches it is per sample. The engine checks once per model and shapes
-    that the model's output stays the same (:func:`check_expansion`)."""
+    ``position_ids`` of shape ``(1, T)`` (Hugging Face's default) or ``(T,)`` (nanoGPT's), has
+    an output the samples share too, broadcast later: its gradient is then the batch's sum, and
+    the per-sample decomposition fails. On the expanded inputs the unit's output has the batch
+    in front, and the gradient that reaches it is per sample. The engine checks once per model
+    and shapes that the model's output stays the same (:func:`check_expansion`)."""
     tensors = [t for t in tensors if t.dim() > 0]
-    if batch_size < 2 or not tensors or any(t.shape[0] != 1 for t in tensors):
+    if not tensors:
         return None
-    return pytree.tree_map_only(
-        Tensor, lambda t: t.expand(batch_size, *t.shape[1:]) if t.dim() > 0 else t, call
-    )
+    if batch_size > 1 and all(t.shape[0] == 1 for t in tensors):
+        return pytree.tree_map_only(
+            Tensor, lambda t: t.expand(batch_size, *t.shape[1:]) if t.dim() > 0 else t, call
+        )
+    if all(batch_size not in t.shape and t.shape[0] != 1 for t in tensors):
+        return pytree.tree_map_only(
+            Tensor, lambda t: t.expand(batch_size, *t.shape) if t.dim() > 0 else t, call
+        )
+    return None
 
 
 def _describe(path: str) -> str:
@@ -379,10 +388,14 @@ def _of_parameter(t: Tensor, owner: dict[int, Any]) -> bool:
 class _Recorder(TorchFunctionMode):
     """Hooks on the units' modules and a torch-function mode, for one forward pass."""
 
-    def __init__(self, units: list[_Unit], batch_size: int) -> None:
+    def __init__(
+        self, units: list[_Unit], batch_size: int, expanding: set[str] | None = None
+    ) -> None:
         super().__init__()
         self.units = units
         self.batch_size = batch_size
+        # the paths of the units whose shared inputs may be expanded (None: any unit's)
+        self.expanding = expanding
         self.records: dict[_Unit, _Record] = {}  # (the first call's: its later ones in more)
         self.calling: dict[_Unit, _Record] = {}  # the record of each unit's latest call
         self.running: set[_Unit] = set()
@@ -470,7 +483,9 @@ class _Recorder(TorchFunctionMode):
         return its arguments with shared inputs expanded over the batch (see
         :func:`_expand_shared`), or ``None`` (the arguments as they are)."""
         tensors = _tensors((args, kwargs))
-        expanded = _expand_shared((args, kwargs), tensors, self.batch_size)
+        expanded = None
+        if self.expanding is None or unit.path in self.expanding:
+            expanded = _expand_shared((args, kwargs), tensors, self.batch_size)
         if expanded is not None:
             args, kwargs = expanded
             tensors = _tensors(expanded)
@@ -612,7 +627,9 @@ def check_batch_layout(
         return
     fewer = 2 if size > 2 else 1
     try:
-        with torch.no_grad(), _Recorder(units, fewer) as recorder:
+        # (only the units expanded on the whole batch: the others' shapes are what is checked)
+        expanding = set(_expanded(records))
+        with torch.no_grad(), _Recorder(units, fewer, expanding) as recorder:
             output_fn(batch.samples(0, fewer).call(model))
     except Exception as error:  # (the model may not take another batch size)
         raise Unsupported(
@@ -651,12 +668,26 @@ def check_batch_layout(
                         "size as leading dimension, so the per-module fallback would split it"
                     )
                 continue
+            if unit.path in expanding:  # (a shared (2, ...) input looks per-sample)
+                raise Unsupported(
+                    f"the inputs the samples share of {_describe(unit.path)} could not be told "
+                    f"from per-sample ones on {fewer} samples, to check the batch dimension"
+                )
             raise Unsupported(
                 f"the batch is not the leading dimension of {kind} of {_describe(unit.path)}: "
                 f"it has shape {tuple(full)} with {size} samples and {tuple(part)} with "
                 f"{fewer} (a sequence-first (T, B, ...) layout, or shapes that depend on which "
                 "samples are in the batch?)"
             )
+
+
+def _expanded(records: dict[_Unit, _Record]) -> list[str]:
+    """The paths of the units with a call on inputs expanded over the batch."""
+    return [
+        unit.path
+        for unit, record in records.items()
+        if any(call.expanded for call in record.calls())
+    ]
 
 
 def check_expansion(
@@ -666,12 +697,14 @@ def check_expansion(
     the batch (:func:`_expand_shared`) changes the model's output: the model on the first two
     samples, with and without the expansion, without gradients. The values the units compute
     are the same either way, but the code after them sees a batch dimension of ``B`` where it
-    saw 1 (a ``squeeze(0)`` that no longer squeezes, a mean over dimension 0)."""
+    saw 1 or none (a ``squeeze(0)`` that no longer squeezes, a mean over dimension 0). On the
+    two samples the same units' inputs are expanded, as :func:`check_batch_layout` (on as
+    many samples, or the whole batch) found."""
     few = batch.samples(0, 2)
     try:
         with torch.no_grad():
             plain = pytree.tree_leaves(output_fn(few.call(model)))
-            with _Recorder(units, few.size):
+            with _Recorder(units, few.size, set(paths)):
                 again = pytree.tree_leaves(output_fn(few.call(model)))
     except Exception as error:  # (the model may not take the expanded inputs)
         raise Unsupported(
@@ -1002,11 +1035,7 @@ class HookEngine:
         checked = self.layouts.setdefault(model, set())
         if shapes not in checked:  # (once per model and shapes: not again for every batch)
             check_batch_layout(model, units, first, output_fn, records)
-            expanded = [
-                unit.path
-                for unit, record in records.items()
-                if any(call.expanded for call in record.calls())
-            ]
+            expanded = _expanded(records)
             if expanded:
                 check_expansion(model, units, first, output_fn, expanded)
             checked.add(shapes)
@@ -1088,7 +1117,17 @@ class HookEngine:
                         f"({type(error).__name__}: {error})"
                     ) from error
             else:
-                output = output_fn(batch.call(model))
+                try:
+                    output = output_fn(batch.call(model))
+                except Exception as error:
+                    expanded = _expanded(recorder.records)
+                    if not expanded:  # (the model's own error)
+                        raise
+                    raise Unsupported(  # (the model may not take the expanded inputs)
+                        f"the model failed with the inputs the samples share of "
+                        f"{', '.join(map(_describe, expanded))} expanded over the batch "
+                        f"({type(error).__name__}: {error})"
+                    ) from error
         recorder.check()
         records = recorder.records
         for unit in copied:
