@@ -209,3 +209,46 @@ def small_vit(num_classes: int = 10, quick: bool = False) -> nn.Module:
     )
     nn.init.normal_(model.heads.head.weight, std=width**-0.5)
     return model
+
+
+class TiedLanguageModel(nn.Module):
+    """A causal Transformer language model whose output layer shares its weight with the token
+    embedding (``tie_word_embeddings``, GPT-2's default): token and learned position
+    embeddings, ``num_layers`` pre-norm ``nn.TransformerEncoderLayer`` (GELU, no dropout) with a
+    causal mask, a final ``LayerNorm`` and a bias-free head whose ``(V, D)`` weight is the
+    embedding's table (both tables drawn from N(0, 0.02²), as GPT-2's). Positions are looked up
+    as nanoGPT does, ``arange(T)`` of shape ``(T,)``. Inputs are ``(B, T)`` token ids,
+    ``T <= max_len``; the output is ``(B, T, V)`` next-token logits."""
+
+    def __init__(
+        self,
+        vocab_size: int = 5000,
+        max_len: int = 32,
+        d_model: int = 128,
+        num_heads: int = 4,
+        num_layers: int = 2,
+    ) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(vocab_size, d_model)
+        self.position = nn.Embedding(max_len, d_model)
+        self.layers = nn.ModuleList(
+            nn.TransformerEncoderLayer(
+                d_model, num_heads, 4 * d_model, dropout=0.0, activation="gelu",
+                batch_first=True, norm_first=True,
+            )
+            for _ in range(num_layers)
+        )
+        self.norm = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, vocab_size, bias=False)
+        self.head.weight = self.embedding.weight
+        for table in (self.embedding.weight, self.position.weight):  # (as GPT-2's: with
+            nn.init.normal_(table, std=0.02)  # N(0, 1), the logits' softmax underflows)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        length = tokens.shape[1]
+        positions = torch.arange(length, device=tokens.device)
+        hidden = self.embedding(tokens) + self.position(positions)
+        causal = nn.Transformer.generate_square_subsequent_mask(length, device=tokens.device)
+        for layer in self.layers:
+            hidden = layer(hidden, src_mask=causal, is_causal=True)
+        return self.head(self.norm(hidden))

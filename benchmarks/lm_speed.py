@@ -1,0 +1,333 @@
+"""Speed of the Fisher of a language model whose output layer is tied to its input embedding.
+
+Run from the repository root::
+
+    python -m benchmarks.lm_speed                  # writes benchmarks/results/lm_speed.md
+    python -m benchmarks.lm_speed --quick          # tiny sizes, a smoke test (seconds)
+    python -m benchmarks.lm_speed --vocab 5000 --batch-size 8 --seq-len 32 --repeats 5
+
+Workloads (``--models``; inputs ``(B, T)`` token ids, next-token targets ``(B, T)``):
+
+* ``toy``: :class:`benchmarks.models.TiedLanguageModel`, a 2-layer causal Transformer with
+  nanoGPT's ``(T,)`` positions and its head tied to the token embedding;
+* ``gpt2`` and ``llama``: Hugging Face's ``GPT2LMHeadModel`` and ``LlamaForCausalLM`` with
+  ``tie_word_embeddings`` (2 layers, 64 hidden units, 4 heads), when ``transformers`` is
+  installed (optional, never a dependency of ``ewc_reg``).
+
+Contenders, timed in one process round-robin, the order reversed every other round (medians):
+
+* ``plain fwd+bwd``: the mean next-token cross-entropy and its backward (the unit);
+* for ``empirical`` and ``sample`` (one label sequence drawn per sequence), on the tied model:
+  * ``hooks, tied rule``: the hooks engine with its rule for the tied pair
+    (:mod:`ewc_reg.engines.tied`);
+  * ``hooks, tied pair on torch.func``: the same with that rule declining (patched), so the
+    pair gets the per-module ``torch.func`` fallback, as before the rule existed;
+  * ``functorch engine``: the whole-model ``torch.func`` engine;
+* and the hooks engine on an untied copy (the head given its own copy of the table): the two
+  layers' own rules without the cross term, a floor for the tied rule.
+
+Every Fisher of the tied model is compared with the functorch engine's (max relative
+difference over the parameters). ``exact`` needs ``T·V`` vectors per sequence and is not timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import sys
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import date
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import ewc_reg
+from ewc_reg import fisher_diagonal
+from ewc_reg.engines import unit_sums
+
+from ._reports import keeping_threads, machine, write_report
+from ._timing import measure
+from .models import TiedLanguageModel
+
+RESULTS_PATH = Path(__file__).resolve().parent / "results" / "lm_speed.md"
+MODEL_KEYS = ("toy", "gpt2", "llama")
+METHODS = ("empirical", "sample")
+#: The contenders on the tied model: (name, backend, tied rule on).
+TIED_CONTENDERS = (
+    ("hooks, tied rule", "hooks", True),
+    ("hooks, tied pair on torch.func", "hooks", False),
+    ("functorch engine", "functorch", True),
+)
+UNTIED = "hooks, untied copy"
+
+Fisher = dict[str, Tensor]
+
+
+@dataclass(eq=False)
+class Workload:
+    """A tied language model, its untied copy, and one batch."""
+
+    key: str
+    title: str
+    model: nn.Module
+    untied: nn.Module
+    tokens: Tensor
+    targets: Tensor
+
+
+@dataclass
+class Row:
+    """The medians of one contender on one workload."""
+
+    workload: str
+    method: str
+    name: str
+    seconds: float
+    peak_bytes: int | None
+    agreement: float | None
+
+
+def untied_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` in which every parameter registered on more than one module is
+    replaced, on all but the first, by a parameter of its own with the same values."""
+    untied = copy.deepcopy(model)
+    seen: set[int] = set()
+    for module in untied.modules():
+        for name, p in list(module.named_parameters(recurse=False)):
+            if id(p) in seen:
+                setattr(module, name, nn.Parameter(p.detach().clone()))
+            seen.add(id(p))
+    return untied
+
+
+def _hugging_face(key: str, vocab: int, seq_len: int, quick: bool) -> nn.Module | None:
+    """GPT-2 or Llama with tied embeddings, or ``None`` without ``transformers``."""
+    try:
+        import transformers
+    except ImportError:
+        return None
+    width = 16 if quick else 64
+    if key == "gpt2":
+        return transformers.GPT2LMHeadModel(
+            transformers.GPT2Config(
+                n_layer=2, n_head=4, n_embd=width, vocab_size=vocab, n_positions=seq_len
+            )
+        )
+    return transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=width,
+            intermediate_size=2 * width,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            max_position_embeddings=seq_len,
+            tie_word_embeddings=True,
+        )
+    )
+
+
+def make_workloads(args: argparse.Namespace, device: torch.device) -> list[Workload]:
+    """The workloads of ``args.models`` (seeded, eval mode, on ``device``); those needing
+    ``transformers`` are left out without it."""
+    workloads = []
+    for key in args.models:
+        torch.manual_seed(0)
+        if key == "toy":
+            width = 16 if args.quick else 128
+            model: nn.Module | None = TiedLanguageModel(args.vocab, args.seq_len, width)
+            title = f"toy causal LM (D={width})"
+        else:
+            model = _hugging_face(key, args.vocab, args.seq_len, args.quick)
+            title = {"gpt2": "GPT-2", "llama": "Llama"}[key] + " (transformers)"
+        if model is None:
+            continue
+        tokens = torch.randint(0, args.vocab, (args.batch_size, args.seq_len + 1))
+        model = model.to(device).eval()
+        workloads.append(
+            Workload(
+                key,
+                title,
+                model,
+                untied_copy(model),
+                tokens[:, :-1].to(device),
+                tokens[:, 1:].to(device),
+            )
+        )
+    return workloads
+
+
+def logits_of(output: Any) -> Tensor:
+    """The logits: ``output`` itself or its ``.logits`` (Hugging Face)."""
+    return output.logits if hasattr(output, "logits") else output
+
+
+@contextmanager
+def tied_rule(enabled: bool) -> Iterator[None]:
+    """The hooks engine's rule for tied layers on, or declining every call in the block."""
+    if enabled:
+        yield
+        return
+    with mock.patch.object(unit_sums, "tied_sums", lambda *args, **kwargs: None):
+        yield
+
+
+def contenders(w: Workload, device: torch.device) -> dict[tuple[str, str], Callable[[], Any]]:
+    """Each contender's call, by (method, name); the plain step under method ``""``."""
+
+    def plain() -> None:
+        logits = logits_of(w.model(w.tokens))
+        F.cross_entropy(logits.flatten(0, 1), w.targets.flatten()).backward()
+        w.model.zero_grad(set_to_none=True)
+
+    def fisher(model: nn.Module, method: str, backend: str, rule: bool) -> Fisher:
+        generator = torch.Generator(device).manual_seed(0) if method == "sample" else None
+        with tied_rule(rule):
+            return fisher_diagonal(
+                model, [(w.tokens, w.targets)], method, backend=backend, generator=generator
+            )
+
+    calls: dict[tuple[str, str], Callable[[], Any]] = {("", "plain fwd+bwd"): plain}
+    for method in METHODS:
+        for name, backend, rule in TIED_CONTENDERS:
+            calls[method, name] = lambda m=method, b=backend, r=rule: fisher(w.model, m, b, r)
+        calls[method, UNTIED] = lambda m=method: fisher(w.untied, m, "hooks", True)
+    return calls
+
+
+def max_relative_difference(got: Fisher, reference: Fisher) -> float:
+    """``max |got - reference| / max |reference|`` over the parameters."""
+    return max(
+        float((got[n] - reference[n]).abs().max() / reference[n].abs().max().clamp_min(1e-30))
+        for n in reference
+    )
+
+
+def benchmark(w: Workload, repeats: int, device: torch.device) -> list[Row]:
+    """Medians over ``repeats`` rounds (after a warm-up round whose Fisher are compared)."""
+    calls = contenders(w, device)
+    first = {key: call() for key, call in calls.items()}
+    times: dict[tuple[str, str], list[float]] = {key: [] for key in calls}
+    peaks: dict[tuple[str, str], list[int]] = {key: [] for key in calls}
+    keys = list(calls)
+    for i in range(max(repeats, 1)):
+        for key in keys if i % 2 == 0 else keys[::-1]:
+            done = measure(calls[key], device)
+            times[key].append(done.seconds)
+            if done.peak_bytes is not None:
+                peaks[key].append(done.peak_bytes)
+    rows = []
+    for (method, name), seconds in times.items():
+        agreement = None
+        if method and name != UNTIED:
+            agreement = max_relative_difference(
+                first[method, name], first[method, "functorch engine"]
+            )
+        peak = int(statistics.median(peaks[method, name])) if peaks[method, name] else None
+        rows.append(Row(w.title, method, name, statistics.median(seconds), peak, agreement))
+    return rows
+
+
+def render(rows: list[Row], args: argparse.Namespace, command: str, device: torch.device) -> str:
+    """The markdown report: setup, then one table row per contender."""
+    try:
+        hf = f"transformers {metadata.version('transformers')}"
+    except metadata.PackageNotFoundError:
+        hf = "transformers not installed (GPT-2 and Llama left out)"
+    lines = [
+        "# Fisher of language models with tied embeddings",
+        "",
+        f"`{command}` · ewc_reg {ewc_reg.__version__} · torch {torch.__version__} · {hf} · "
+        f"{machine(device)} ({os.cpu_count()} logical CPUs), {args.threads} threads · "
+        f"{date.today()}",
+        "",
+        f"V={args.vocab}, B={args.batch_size}, T={args.seq_len}, float32; medians of "
+        f"{max(args.repeats, 1)} rounds, round-robin, the order reversed every other round. "
+        "Agreement: max relative difference from the functorch engine's Fisher.",
+        "",
+        "| model | method | contender | median ms | × fwd+bwd | peak MiB | agreement |",
+        "|---|---|---|---:|---:|---:|---:|",
+    ]
+    unit = {row.workload: row.seconds for row in rows if not row.method}
+    for row in rows:
+        peak = "–" if row.peak_bytes is None else f"{row.peak_bytes / 2**20:.0f}"
+        agreement = "–" if row.agreement is None else f"{row.agreement:.1e}"
+        lines.append(
+            f"| {row.workload} | {row.method or '–'} | {row.name} | {row.seconds * 1e3:.1f} | "
+            f"{row.seconds / unit[row.workload]:.1f} | {peak} | {agreement} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Command-line options (see ``--help``)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.lm_speed", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument(
+        "--models",
+        default=",".join(MODEL_KEYS),
+        help=f"comma-separated subset of {','.join(MODEL_KEYS)} (default all)",
+    )
+    parser.add_argument("--vocab", type=int, default=5000, help="V (default 5000)")
+    parser.add_argument("--batch-size", type=int, default=8, help="B (default 8)")
+    parser.add_argument("--seq-len", type=int, default=32, help="T (default 32)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds (default 5)")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny sizes (V=50, B=3, T=6, width 16), one round: a smoke test",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="markdown report (default benchmarks/results/lm_speed.md; none with --quick)",
+    )
+    args = parser.parse_args(argv)
+    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    if not args.models or set(args.models) - set(MODEL_KEYS):
+        parser.error(f"--models takes a comma-separated subset of {','.join(MODEL_KEYS)}")
+    if min(args.vocab, args.batch_size, args.seq_len, args.repeats, args.threads) < 1:
+        parser.error("--vocab, --batch-size, --seq-len, --repeats and --threads must be >= 1")
+    if args.quick:
+        args.vocab, args.batch_size, args.seq_len, args.repeats = 50, 3, 6, 1
+    elif args.out is None:
+        args.out = RESULTS_PATH
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> list[Row]:
+    """Run the benchmark; print the report and write it where ``--out`` says."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    rows: list[Row] = []
+    with keeping_threads(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # (torch.func's performance warnings)
+        torch.set_num_threads(args.threads)
+        for w in make_workloads(args, device):
+            print(f"{w.title}", file=sys.stderr, flush=True)
+            rows += benchmark(w, args.repeats, device)
+    markdown = render(rows, args, " ".join(["python -m benchmarks.lm_speed", *argv]), device)
+    if args.out is None:
+        print(markdown)
+    else:
+        write_report(markdown, args.out)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
