@@ -1,5 +1,6 @@
 """Putting a model in the state the Fisher is computed in (evaluation mode, compiled code run
-eagerly, in its own precision) and restoring it exactly."""
+eagerly, attention on its differentiable path, in its own precision) and restoring it
+exactly."""
 
 from __future__ import annotations
 
@@ -37,6 +38,23 @@ def evaluating(model: nn.Module) -> Iterator[None]:
         with torch.no_grad():
             for weight, table in tables:
                 weight.copy_(table)
+
+
+@contextmanager
+def differentiable_kernels() -> Iterator[None]:
+    """Inside the block, ``nn.MultiheadAttention`` and the ``nn.Transformer*`` layers take
+    their ordinary path also where no gradient is taken (``torch.backends.mha``'s fast path
+    off): in eval mode without gradients they would otherwise take a fused path, which for an
+    ``nn.TransformerEncoder`` with a padding mask returns zeros at padded positions (nested
+    tensors) where the path with gradients computes them. The engines make the vectors from
+    passes without gradients and pull them back through passes with them, so both must be one
+    function."""
+    enabled = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(enabled)
 
 
 def running_eagerly() -> AbstractContextManager[object]:

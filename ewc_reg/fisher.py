@@ -42,7 +42,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ._batches import Batch, check_cut, iter_batches
-from ._model_state import evaluating, in_own_precision, running_eagerly
+from ._model_state import differentiable_kernels, evaluating, in_own_precision, running_eagerly
 from ._validation import check_choice, check_count
 from .distributed import process_group_for, reduce_shards, shard_generator, unwrap_model
 from .engines import BACKENDS, get_engine, zero_sums
@@ -224,7 +224,12 @@ def fisher_diagonal(
 
     sums: dict[str, Tensor] = {}  # by parameter, in the order of `params`, once a batch is in
     try:
-        with evaluating(model), running_eagerly(), in_own_precision(device):
+        with (
+            evaluating(model),
+            running_eagerly(),
+            differentiable_kernels(),
+            in_own_precision(device),
+        ):
             count = accumulate(sums)
     except Exception as error:
         if group is None:

@@ -16,7 +16,7 @@ from ewc_reg.engines import attention
 from ewc_reg.engines.functorch import FunctorchEngine
 from ewc_reg.engines.hooks import HookEngine, plan
 
-from .reference import assert_close_dicts
+from .reference import assert_close_dicts, brute_force_fisher
 from .test_hooks_engine import (
     brute_force,
     check_against_references,
@@ -294,3 +294,38 @@ def test_encoder_decoder_transformer(caplog) -> None:
         got = fisher_diagonal(model, [batch])
     assert not [r for r in caplog.records if r.name == "ewc_reg"]  # no fallback
     assert_close_dicts(got, fisher_diagonal(model, [batch], backend="functorch"), 1e-10)
+
+
+class PaddedEncoder(nn.Module):
+    """Token ids (0 pads) through an ``nn.TransformerEncoder`` (nested tensors on, the default)
+    with their padding mask, mean-pooled over all positions, the padded ones included."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(7, 6)
+        layer = nn.TransformerEncoderLayer(6, 2, 12, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 1)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, ids: Tensor) -> Tensor:  # (B, T) -> (B, 3)
+        hidden = self.encoder(self.embedding(ids), src_key_padding_mask=ids == 0)
+        return self.head(hidden.mean(1))
+
+
+@pytest.mark.parametrize("backend", ["auto", "functorch", "loop"])
+def test_the_pass_without_gradients_is_the_function_differentiated(backend) -> None:
+    """In eval mode without gradients the encoder's fast path gives zeros at padded positions;
+    with gradients they are computed. The loop and functorch engines made their vectors from
+    the former and pulled them back through the latter (2e-2 relative error here); the fast path
+    is off while the Fisher is computed, and as before after it."""
+    torch.manual_seed(0)
+    model = PaddedEncoder().double().eval()
+    ids = torch.randint(1, 7, (4, 5))
+    ids[1, 3:] = ids[2, 4] = 0
+    y = torch.randint(0, 3, (4,))
+    with torch.no_grad():
+        fused = model(ids)
+    assert (fused - model(ids)).abs().max() > 1e-3  # (the two paths differ)
+    got = fisher_diagonal(model, [(ids, y)], "exact", backend=backend)
+    assert_close_dicts(got, brute_force_fisher(model, ids, y, "exact"), 1e-10)
+    assert torch.backends.mha.get_fastpath_enabled()
