@@ -608,9 +608,10 @@ def check_batch_layout(
     batch: Batch,
     output_fn: OutputFn,
     records: dict[_Unit, _Record],
+    output: Any,
 ) -> None:
     """Raise :class:`Unsupported` if the batch is not the batch dimension of the units'
-    tensors.
+    tensors, or if the samples are mixed.
 
     The forward pass only checks that each unit output's batch dimension (the leading one, or
     as the rule's :data:`.rules.BATCH_DIMS` say) equals the batch size ``B``. A
@@ -620,8 +621,11 @@ def check_batch_layout(
     ``torch.arange(C)``, ``C == B``). So the units are recorded again on the first ``B' < B``
     samples (without gradients) and every shape must change as the batch dimension does:
     inputs from ``(B, *rest)`` to ``(B', *rest)`` or not at all (shared by the samples),
-    outputs from ``(B, *rest)`` to ``(B', *rest)``. (The engine does this once per model and
-    recorded shapes.)"""
+    outputs from ``(B, *rest)`` to ``(B', *rest)``. The model's ``output`` on the whole batch
+    must be, for the first ``B'`` samples, what they give alone: batch statistics that no
+    batch-norm module computes (``F.batch_norm(..., training=True)`` in a module of the user's,
+    ``x - x.mean(0)``) mix the samples, and the decomposition would be wrong. (The engine does
+    this once per model and recorded shapes.)"""
     size = batch.size
     if size < 2:
         return
@@ -630,7 +634,7 @@ def check_batch_layout(
         # (only the units expanded on the whole batch: the others' shapes are what is checked)
         expanding = set(_expanded(records))
         with torch.no_grad(), _Recorder(units, fewer, expanding) as recorder:
-            output_fn(batch.samples(0, fewer).call(model))
+            alone = pytree.tree_leaves(output_fn(batch.samples(0, fewer).call(model)))
     except Exception as error:  # (the model may not take another batch size)
         raise Unsupported(
             f"the batch dimension could not be checked: the model failed on {fewer} samples "
@@ -679,6 +683,17 @@ def check_batch_layout(
                 f"{fewer} (a sequence-first (T, B, ...) layout, or shapes that depend on which "
                 "samples are in the batch?)"
             )
+    together = pytree.tree_leaves(output)
+    if len(together) != len(alone) or not all(
+        same_output(a, t[:fewer] if isinstance(t, Tensor) and t.dim() and len(t) == size else t)
+        for t, a in zip(together, alone)
+    ):
+        raise Unsupported(
+            f"the model's output for the first {fewer} samples differs when they are run "
+            "alone: the samples are mixed (batch statistics computed outside a batch-norm "
+            "module in eval mode?), the inputs are not per-sample along their first "
+            f"dimension ({batch.layout()}), or the model is not deterministic in eval mode"
+        )
 
 
 def _expanded(records: dict[_Unit, _Record]) -> list[str]:
@@ -1034,7 +1049,7 @@ class HookEngine:
         shapes = tuple(s for call in calls for s in (*call.inputs, *call.outputs))
         checked = self.layouts.setdefault(model, set())
         if shapes not in checked:  # (once per model and shapes: not again for every batch)
-            check_batch_layout(model, units, first, output_fn, records)
+            check_batch_layout(model, units, first, output_fn, records, output)
             expanded = _expanded(records)
             if expanded:
                 check_expansion(model, units, first, output_fn, expanded)
