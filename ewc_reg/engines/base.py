@@ -32,10 +32,11 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from .._batches import Batch
 
@@ -63,6 +64,28 @@ class RowWiseVectors:
 #: plain forward+backward, with peaks of 0.8-0.9, 1.3, 2.0 and 3.5 times its peak. Larger
 #: budgets buy nothing measurable here and 256 MiB keeps the peak well under 2x.)
 DEFAULT_MEMORY_BUDGET = 256 * 2**20
+
+
+#: Functions whose backward ``torch.func.vmap`` computes wrongly when only the cotangents are
+#: batched, as in a pull-back vmapped over the vectors: ``torch.cdist`` (torch 2.14: the
+#: gradient of ``x1`` off by about 2×; ``autograd.grad(is_grads_batched=True)`` and one vector
+#: at a time are right). Where a model calls one, the engines pull back one vector at a time.
+VMAP_WRONG = frozenset({torch.cdist})
+
+
+class CallsVmapWrong(TorchFunctionMode):
+    """Inside the block, records whether a function of :data:`VMAP_WRONG` is called
+    (:attr:`called`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.called = False
+
+    def __torch_function__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
+    ) -> Any:
+        self.called = self.called or func in VMAP_WRONG
+        return func(*args, **(kwargs or {}))
 
 
 def launch_bound(device: torch.device) -> bool:

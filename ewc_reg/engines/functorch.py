@@ -34,7 +34,7 @@ from torch.func import functional_call, vjp, vmap
 from torch.utils import _pytree as pytree
 
 from .._batches import Batch, is_per_sample
-from .base import OutputFn, VectorFn, resolve_chunk_size, zero_sums
+from .base import CallsVmapWrong, OutputFn, VectorFn, resolve_chunk_size, zero_sums
 from .loop import LoopEngine
 
 logger = logging.getLogger("ewc_reg")
@@ -125,7 +125,8 @@ class FunctorchEngine:
         leaves, spec = pytree.tree_flatten((batch.args, batch.kwargs))
         leaves = [leaf.detach() if isinstance(leaf, Tensor) else leaf for leaf in leaves]
         args, kwargs = pytree.tree_unflatten(leaves, spec)
-        with torch.enable_grad():  # (no graph unless a parameter is captured: module docstring)
+        # (no graph unless a parameter is captured: see the module docstring)
+        with torch.enable_grad(), CallsVmapWrong() as calls:
             output = output_fn(
                 functional_call(model, {**frozen, **trainable}, args, kwargs, strict=False)
             )
@@ -149,18 +150,26 @@ class FunctorchEngine:
             return output_fn(out).squeeze(0)
 
         num_vectors = vectors.shape[0]
-        vector_chunk = num_vectors
-        if chunk_size is None and bytes_per_sample(num_vectors, trainable) > memory_budget:
+        one_at_a_time = calls.called  # (vmap over the vectors would be wrong: VMAP_WRONG)
+        vector_chunk = 1 if one_at_a_time else num_vectors
+        if chunk_size is None and bytes_per_sample(vector_chunk, trainable) > memory_budget:
             vector_chunk = resolve_chunk_size(None, memory_budget, bytes_per_sample(1, trainable))
         chunk_size = resolve_chunk_size(
-            chunk_size, memory_budget, bytes_per_sample(num_vectors, trainable)
+            chunk_size,
+            memory_budget,
+            bytes_per_sample(vector_chunk if one_at_a_time else num_vectors, trainable),
         )
 
         def squared_pullbacks(sample_leaves: list[Tensor], sample_vectors: Tensor) -> dict:
             _, pull_back = vjp(lambda theta: output_of_one(theta, sample_leaves), trainable)
             squares: dict[str, Tensor] = {}
             for start in range(0, num_vectors, vector_chunk):
-                (grads,) = vmap(pull_back)(sample_vectors[start : start + vector_chunk])
+                chunk = sample_vectors[start : start + vector_chunk]
+                if one_at_a_time:
+                    (grads,) = pull_back(chunk[0])
+                    grads = {name: g.unsqueeze(0) for name, g in grads.items()}
+                else:
+                    (grads,) = vmap(pull_back)(chunk)
                 for name, g in grads.items():  # each (vector_chunk, *shape)
                     sq = g.pow(2).sum(0)
                     squares[name] = squares[name] + sq if name in squares else sq

@@ -109,6 +109,7 @@ from torch.utils import _pytree as pytree
 from .._batches import Batch, same_output
 from . import base
 from .base import (
+    VMAP_WRONG,
     Engine,
     OutputFn,
     RowWiseVectors,
@@ -405,6 +406,7 @@ class _Recorder(TorchFunctionMode):
             for local in unit.names
         }
         self.problem: str | None = None
+        self.vmap_wrong = False  # (whether a function of VMAP_WRONG was called)
         # the views of parameters made during the forward pass, by id (kept alive with it)
         self.made: dict[int, Tensor] = {}
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
@@ -551,6 +553,7 @@ class _Recorder(TorchFunctionMode):
     ) -> Any:
         kwargs = kwargs or {}
         result = func(*args, **kwargs)
+        self.vmap_wrong = self.vmap_wrong or func in VMAP_WRONG
         inputs = [t for t in _tensors((args, kwargs)) if _of_parameter(t, self.owner)]
         if not inputs:  # (most operations: nothing to check or keep)
             return result
@@ -1044,7 +1047,16 @@ class HookEngine:
         )
         first = batch.samples(0, known[1]) if row_wise else batch
         grad = whole or row_wise
-        output, records = self._forward(model, units, copied, layout, first, output_fn, grad)
+        output, records, vmap_wrong = self._forward(
+            model, units, copied, layout, first, output_fn, grad
+        )
+        if vmap_wrong and not looped:
+            logger.info(
+                "hooks engine: the model calls torch.cdist, whose backward torch.func.vmap "
+                "gets wrong for batched vectors; one backward pass per vector instead"
+            )
+            self._looped.add(model)
+            looped = True
         calls = [call for record in records.values() for call in record.calls()]
         shapes = tuple(s for call in calls for s in (*call.inputs, *call.outputs))
         checked = self.layouts.setdefault(model, set())
@@ -1095,7 +1107,9 @@ class HookEngine:
         step = steps[1]
         for start in range(done, batch.size, step):
             chunk = batch.samples(start, start + step)
-            output, records = self._forward(model, units, copied, layout, chunk, output_fn, True)
+            output, records, _ = self._forward(
+                model, units, copied, layout, chunk, output_fn, True
+            )
             if row_wise:
                 chunk_vectors = vectors_of(output, start, start + chunk.size)
             else:  # (the whole batch's, from the first pass)
@@ -1115,9 +1129,10 @@ class HookEngine:
         batch: Batch,
         output_fn: OutputFn,
         grad: bool,
-    ) -> tuple[Any, dict[_Unit, _Record]]:
-        """The recorded forward pass; the parameters of the ``copied`` units (the loose ones)
-        are replaced by their per-sample copies in ``layout``, each recorded as the unit's one
+    ) -> tuple[Any, dict[_Unit, _Record], bool]:
+        """The recorded forward pass: its output, records, and whether it called a function of
+        :data:`.base.VMAP_WRONG`; the parameters of the ``copied`` units (the loose ones) are
+        replaced by their per-sample copies in ``layout``, each recorded as the unit's one
         output."""
         with torch.set_grad_enabled(grad), _Recorder(units, batch.size) as recorder:
             if copied:
@@ -1153,7 +1168,7 @@ class HookEngine:
                 copy.edges.append(get_gradient_edge(piece))
                 copy.leaves.append(0)
                 copy.shapes.append(piece.shape)
-        return output, records
+        return output, records, recorder.vmap_wrong
 
     @staticmethod
     def _accumulate(
