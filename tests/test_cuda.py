@@ -251,3 +251,24 @@ def test_penalty_of_a_model_split_across_devices():
     reg.add_penalty_grad()
     for p, w in zip(model.parameters(), want):
         torch.testing.assert_close(p.grad.cpu(), w, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("tf32", [False, True])
+def test_a_float32_conv_net_on_cuda_stays_on_the_hooks_engine(tf32, caplog):
+    """The hooks engine compares the model's output on two samples alone with theirs in the
+    batch (mixed samples); with TF32 allowed, cuDNN may pick kernels that round differently
+    for the two batch sizes, so float32 on CUDA gets the looser tolerance of
+    ``ewc_reg._batches.OUTPUT_TOLERANCE``: the model must not leave the engine for that."""
+    import logging
+
+    model, batches = problem("cnn")
+    model = model.float().cuda()
+    batches = [(x.float().cuda(), y.cuda()) for x, y in batches]
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = tf32
+    try:
+        with caplog.at_level(logging.INFO, logger="ewc_reg"):
+            fisher_diagonal(model, batches, "exact")
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+    assert not [r for r in caplog.records if r.name == "ewc_reg"]

@@ -292,6 +292,39 @@ def test_tables_renormalised_by_max_norm_are_restored(backend):
     assert not torch.equal(model[0].weight, before)
 
 
+class TiedWithMaxNorm(nn.Module):
+    """A language model whose embedding, with ``max_norm``, is tied to its output layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(7, 6, max_norm=0.8)
+        self.hidden = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 7, bias=False)
+        self.head.weight = self.embedding.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, T, 7)
+        return self.head(torch.tanh(self.hidden(self.embedding(ids))))
+
+
+@pytest.mark.parametrize("method", ["empirical", "exact"])
+def test_a_table_with_max_norm_tied_to_the_output_layer(method):
+    """The hooks engine's checks of the batch ran the model again on two samples between its
+    pass and that pass's backward; the lookup renormalised the table in place again, and the
+    backward failed (the tied layer had saved the table: autograd's "modified by an inplace
+    operation"). The checks now look up without renormalising: the rows are renormalised
+    already."""
+    torch.manual_seed(1)
+    model = TiedWithMaxNorm().double()
+    with torch.no_grad():
+        model.embedding.weight.mul_(3)
+    ids, labels = torch.randint(0, 7, (4, 5)), torch.randint(0, 7, (4, 5))
+    before = model.embedding.weight.detach().clone()
+    got = fisher_diagonal(model, [(ids, labels)], method, backend="hooks")
+    assert torch.equal(model.embedding.weight, before)
+    want = fisher_diagonal(model, [(ids, labels)], method, backend="loop")
+    assert_close_dicts(got, want, 1e-10)
+
+
 def test_progress_bar_runs(capsys):
     model, x = problem("mlp", classes=3)
     y = torch.randint(0, 3, (N,))

@@ -246,3 +246,21 @@ def test_models_calling_cdist_pull_back_one_vector_at_a_time(learned, backend, c
     assert_close_dicts(got, brute_force_fisher(model, x, y, "exact"), 1e-10)
     looped = any("torch.cdist" in m for m in messages(caplog))
     assert looped == (backend == "auto")  # (the hooks engine's pull-back; functorch: silent)
+
+
+def test_a_model_that_squeezes_the_batch_of_one_away() -> None:
+    """``fc(h).squeeze()`` gives ``(C,)`` on one sample (common after an RNN's ``h_n``): the
+    loop engine's vector for the sample fits it (before: autograd's "Mismatch in shape")."""
+
+    class Squeezing(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.head = nn.Linear(4, 5), nn.Linear(5, 3)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.head(torch.tanh(self.fc(x))).squeeze()
+
+    model = Squeezing().double()
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
+    got = fisher_diagonal(model, [(x, y)], backend="loop")
+    assert_close_dicts(got, fisher_diagonal(model, [(x, y)], backend="hooks"), 1e-12)

@@ -95,12 +95,14 @@ materialise per-sample gradients for chunks of samples within the budget too (an
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.overrides import TorchFunctionMode
@@ -636,7 +638,7 @@ def check_batch_layout(
     try:
         # (only the units expanded on the whole batch: the others' shapes are what is checked)
         expanding = set(_expanded(records))
-        with torch.no_grad(), _Recorder(units, fewer, expanding) as recorder:
+        with torch.no_grad(), _TablesKept(), _Recorder(units, fewer, expanding) as recorder:
             alone = pytree.tree_leaves(output_fn(batch.samples(0, fewer).call(model)))
     except Exception as error:  # (the model may not take another batch size)
         raise Unsupported(
@@ -699,6 +701,27 @@ def check_batch_layout(
         )
 
 
+#: The lookups that renormalise an embedding table with ``max_norm`` (see :class:`_TablesKept`).
+_LOOKUPS = {f: inspect.signature(f) for f in (F.embedding, F.embedding_bag)}
+
+
+class _TablesKept(TorchFunctionMode):
+    """Inside the block, embeddings with ``max_norm`` do not renormalise their tables in place:
+    for the checks' passes over some of the batch's samples, whose rows the pass over the whole
+    batch renormalised already (again it would change no value, but bump the table's version,
+    which that pass's graph saved for its backward when the table is tied to an output
+    layer)."""
+
+    def __torch_function__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
+    ) -> Any:
+        if func in _LOOKUPS:  # (F.embedding, F.embedding_bag: called without max_norm)
+            bound = _LOOKUPS[func].bind(*args, **(kwargs or {}))
+            bound.arguments["max_norm"] = None
+            return func(*bound.args, **bound.kwargs)
+        return func(*args, **(kwargs or {}))
+
+
 def _expanded(records: dict[_Unit, _Record]) -> list[str]:
     """The paths of the units with a call on inputs expanded over the batch."""
     return [
@@ -720,7 +743,7 @@ def check_expansion(
     many samples, or the whole batch) found."""
     few = batch.samples(0, 2)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _TablesKept():
             plain = pytree.tree_leaves(output_fn(few.call(model)))
             with _Recorder(units, few.size, set(paths)):
                 again = pytree.tree_leaves(output_fn(few.call(model)))

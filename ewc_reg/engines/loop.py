@@ -63,11 +63,14 @@ class LoopEngine:
                         "cut: pad them to (B, L) instead."
                     )
                 raise
+            mine = vectors[:, n : n + 1]  # (K, 1, *S, C)
+            if output.shape == mine.shape[2:]:  # (the model squeezed the batch of one away)
+                mine = mine.squeeze(1)
             for k in range(num_vectors):
                 grads = torch.autograd.grad(
                     output,
                     tensors,
-                    vectors[k, n : n + 1],
+                    mine[k],
                     retain_graph=k < num_vectors - 1,
                     allow_unused=True,
                 )
