@@ -170,6 +170,8 @@ def fisher_diagonal(
     lik = get_likelihood(likelihood)
     output_fn = output_fn or _model_logits
     device = next(iter(params.values())).device
+    # (Hugging Face's encoder-decoder models: attention_mask masks the encoder's input)
+    encoder_decoder = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
     if group is not None and method == "sample" and generator is not None:
         generator = shard_generator(generator, dist.get_rank(group))
     batches = (b.to(device) for b in iter_batches(data, n_samples))
@@ -179,7 +181,9 @@ def fisher_diagonal(
         """Add this rank's sums into ``sums``; return its sample (or batch) count."""
         if method == "batched":
             sums.update(zero_sums(params))
-            return _accumulate_batched(model, params, batches, lik, output_fn, sums)
+            return _accumulate_batched(
+                model, params, batches, lik, output_fn, sums, encoder_decoder
+            )
         engine = get_engine(backend, model, params)
 
         def make_vectors_for(batch: Batch) -> VectorFn:
@@ -193,7 +197,7 @@ def fisher_diagonal(
                 else:
                     batch_rows = batch
                 output = lik.check_output(output, batch_rows.size).detach()
-                mask, targets = _positions(lik, output, batch_rows)
+                mask, targets = _positions(lik, output, batch_rows, encoder_decoder)
                 if method == "exact":
                     _check_exact_size(output, max_exact_vectors)
                     vectors = lik.exact_vectors(output)
@@ -325,15 +329,16 @@ def _accumulate_batched(
     lik: Likelihood,
     output_fn: Callable[[Any], Tensor],
     sums: dict[str, Tensor],
+    encoder_decoder: bool,
 ) -> int:
     """Add the squared gradient of each batch-mean log-likelihood into ``sums``; return the
-    number of batches."""
+    number of batches (``encoder_decoder``: see :func:`_output_mask_key`)."""
     names = list(params)
     count = 0
     for batch in batches:
         with torch.enable_grad():
             output = lik.check_output(output_fn(batch.call(model)), batch.size)
-            mask, targets = _positions(lik, output, batch)
+            mask, targets = _positions(lik, output, batch, encoder_decoder)
             targets = lik.check_targets(output, _labels(targets, "batched"))
             mean_ll = lik.log_likelihood(output, targets, mask).mean()
             grads = torch.autograd.grad(mean_ll, [params[n] for n in names], allow_unused=True)
@@ -375,25 +380,39 @@ def _labels(targets: Tensor | None, method: str) -> Tensor:
     return targets
 
 
+def _output_mask_key(batch: Batch, encoder_decoder: bool) -> str | None:
+    """The dict batch's entry that masks the output's positions: ``decoder_attention_mask`` if
+    it has one, none in any other encoder-decoder batch (Hugging Face's: a model whose
+    ``config.is_encoder_decoder``, or ``decoder_*`` entries; its ``attention_mask`` masks the
+    encoder's input), else ``attention_mask``."""
+    if "decoder_attention_mask" in batch.kwargs:
+        return "decoder_attention_mask"
+    if encoder_decoder or any(key.startswith("decoder_") for key in batch.kwargs):
+        return None
+    return "attention_mask"
+
+
 def _positions(
-    lik: Likelihood, output: Tensor, batch: Batch
+    lik: Likelihood, output: Tensor, batch: Batch, encoder_decoder: bool
 ) -> tuple[Tensor | None, Tensor | None]:
     """The positions that count and the targets, for an output ``(B, *S, C)`` with positions.
 
-    The mask ``(B, *S)`` is the dict batch's ``attention_mask`` entry (if any) and-ed with
-    ``targets != lik.ignore_index`` (``-100`` for ``categorical``, when the targets have one
-    entry per position); ignored targets are replaced by class 0 so that they validate, and
-    contribute nothing. ``(B, C)`` outputs: no mask (``None``) and the targets unchanged.
+    The mask ``(B, *S)`` is the dict batch's entry for the output's positions (if any:
+    :func:`_output_mask_key`) and-ed with ``targets != lik.ignore_index`` (``-100`` for
+    ``categorical``, when the targets have one entry per position); ignored targets are
+    replaced by class 0 so that they validate, and contribute nothing. ``(B, C)`` outputs: no
+    mask (``None``) and the targets unchanged.
     """
     targets = batch.targets
     if output.dim() == 2:
         return None, targets
     mask = None
-    attention = batch.kwargs.get("attention_mask")
+    key = _output_mask_key(batch, encoder_decoder)
+    attention = None if key is None else batch.kwargs.get(key)
     if attention is not None:
         if tuple(attention.shape) != tuple(output.shape[:-1]):
             raise ValueError(
-                f"the batch's attention_mask has shape {tuple(attention.shape)}, but the output "
+                f"the batch's {key} has shape {tuple(attention.shape)}, but the output "
                 f"(after output_fn) has positions {tuple(output.shape[:-1])}; pass a mask aligned "
                 "with the output's positions (e.g. shifted like the labels)"
             )

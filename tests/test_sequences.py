@@ -288,6 +288,70 @@ def test_misaligned_attention_mask() -> None:
         fisher_diagonal(model, [batch], output_fn=lambda out: out[:, :-1])
 
 
+class TinySeq2Seq(nn.Module):
+    """An encoder-decoder in Hugging Face's calling convention: ``attention_mask`` masks the
+    encoder's input ``(B, S)``; the logits ``(B, T, V)`` follow ``decoder_input_ids``; with
+    ``flagged``, ``config.is_encoder_decoder`` says so (then the decoder's inputs may come
+    from elsewhere: here the encoder's, shifted)."""
+
+    def __init__(self, flagged: bool = False) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(VOCAB, DIM)
+        self.encode, self.head = nn.Linear(DIM, DIM), nn.Linear(DIM, VOCAB)
+        self.config = type("Config", (), {"is_encoder_decoder": True})() if flagged else None
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        decoder_input_ids: Tensor | None = None,
+        decoder_attention_mask: Tensor | None = None,
+    ) -> Tensor:
+        if decoder_input_ids is None:
+            decoder_input_ids = input_ids.roll(1, 1)
+        weights = attention_mask.unsqueeze(-1).to(self.tok.weight.dtype)
+        memory = (torch.tanh(self.encode(self.tok(input_ids))) * weights).sum(1, keepdim=True)
+        return self.head(self.tok(decoder_input_ids) + memory)
+
+
+@pytest.mark.parametrize("flagged", [False, True])
+def test_attention_mask_of_an_encoder_decoder_masks_only_the_encoder(flagged: bool) -> None:
+    """In an encoder-decoder batch ``attention_mask`` masks the encoder's input: it was taken
+    for the output's mask, a ValueError when the lengths differ and, when they are equal,
+    decoder positions silently left out. ``decoder_attention_mask`` masks the output."""
+    torch.manual_seed(0)
+    model = TinySeq2Seq(flagged).double()
+    ids, labels = torch.randint(0, VOCAB, (3, 4)), torch.randint(0, VOCAB, (3, 4))
+    encoder_mask = torch.ones_like(ids)
+    encoder_mask[0, 2:] = 0
+    batch = {"input_ids": ids, "attention_mask": encoder_mask, "labels": labels}
+    if not flagged:
+        batch["decoder_input_ids"] = ids.roll(1, 1)
+
+    class Unmasked(nn.Module):  # (the encoder mask passed under another name: no output mask)
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = model
+
+        def forward(self, input_ids: Tensor, encoder_mask: Tensor, **rest: Tensor) -> Tensor:
+            return self.inner(input_ids, encoder_mask, **rest)
+
+    renamed = {("encoder_mask" if k == "attention_mask" else k): v for k, v in batch.items()}
+    for method in ("empirical", "exact", "batched"):
+        want = fisher_diagonal(Unmasked(), [renamed], method)
+        got = fisher_diagonal(model, [batch], method)
+        assert_fisher_close({f"inner.{k}": v for k, v in got.items()}, want)
+    decoder_mask = torch.ones_like(labels)
+    decoder_mask[1, 1:] = 0
+    masked = fisher_diagonal(model, [{**batch, "decoder_attention_mask": decoder_mask}])
+    ignored_labels = labels.masked_fill(decoder_mask == 0, -100)
+    ignored = fisher_diagonal(model, [{**batch, "labels": ignored_labels}])
+    assert_fisher_close(masked, ignored)
+    longer = {**batch, "labels": torch.randint(0, VOCAB, (3, 5))}
+    longer["decoder_input_ids"] = longer["labels"]  # (T = 5 decoder positions, S = 4)
+    fisher_diagonal(model, [longer], "empirical")
+
+
 @pytest.mark.parametrize("likelihood", ["gaussian", "bernoulli"])
 @pytest.mark.parametrize("method", ["exact", "empirical", "sample", "batched"])
 def test_elementwise_likelihoods_sum_over_positions(likelihood: str, method: str) -> None:
