@@ -2072,25 +2072,28 @@ def test_units_on_inputs_the_samples_share_stay_on_hooks(method, chunks, engine_
 
 
 class PositionsWithoutBatch(nn.Module):
-    """Positions looked up as nanoGPT does, ``arange(T)`` of shape ``(T,)``, broadcast over the
-    batch; and a :class:`Scale` called on a shared ``(4,)`` tensor, its output broadcast over
-    the ``(B, 4)`` pooled features. With ``view``, the position
-    embeddings are reshaped to ``(T, 4)``, which fails once they have a batch dimension."""
+    """Positions looked up as nanoGPT does, ``arange(T)`` of shape ``(T,)`` beside ids
+    ``(B, T)``, broadcast over the batch. With ``view``, the position embeddings are reshaped
+    to ``(T, 4)``, which fails once they have a batch dimension; with ``folded``, a Linear
+    runs on the hidden states folded to ``(B T, 4)`` (as OPT's last layers do), which are no
+    shared input."""
 
-    def __init__(self, view: bool = False) -> None:
+    def __init__(self, view: bool = False, folded: bool = False) -> None:
         super().__init__()
         self.tok, self.pos = nn.Embedding(9, 4), nn.Embedding(7, 4)
-        self.bank = Scale(4)
+        self.mix = nn.Linear(4, 4)
         self.head = nn.Linear(4, 3)
-        self.view = view
+        self.view, self.folded = view, folded
 
     def forward(self, ids: Tensor) -> Tensor:
         length = ids.shape[1]
         pos = self.pos(torch.arange(length, device=ids.device))  # (T, 4)
         if self.view:
             pos = pos.view(length, 4)
-        pooled = torch.tanh(self.tok(ids) + pos).mean(1)
-        return self.head(pooled * self.bank(torch.ones(4, dtype=pos.dtype)))
+        h = torch.tanh(self.tok(ids) + pos)
+        if self.folded:
+            h = self.mix(h.reshape(-1, 4)).view_as(h)
+        return self.head(h.mean(1))
 
 
 @pytest.mark.parametrize("method", ["exact", "empirical"])
@@ -2108,23 +2111,25 @@ def test_units_on_inputs_without_a_batch_dimension_stay_on_hooks(method, caplog)
     last = brute_force_fisher(model, ids[:1], y[:1], method)
     want = {name: (5 * first[name] + last[name]) / 6 for name in first}
     assert_close_dicts(got, want, 1e-10)
-    assert got["pos.weight"][:6].abs().min() > 0 and got["bank.t"].abs().min() > 0
+    assert got["pos.weight"][:6].abs().min() > 0
 
 
 @pytest.mark.parametrize(
-    "view, length, reason",
+    "view, folded, length, reason",
     [
-        (True, 6, "the model failed with the inputs the samples share of module 'pos'"),
-        (False, 2, "could not be told from per-sample ones on 2 samples, to check the batch"),
+        (True, False, 6, "the model failed with the inputs the samples share of module 'pos'"),
+        (False, False, 2, "could not be told from per-sample ones on 2 samples, to check"),
+        (False, True, 6, "an output of module 'mix' has shape (30, 4), without the batch"),
     ],
 )
 def test_expansions_that_fail_or_cannot_be_checked_go_to_functorch(
-    view, length, reason, caplog
+    view, folded, length, reason, caplog
 ) -> None:
-    """A model that fails on the expanded inputs (before, its error reached the user), and
-    positions ``(2,)`` that look per-sample on the 2 samples of the check."""
+    """A model that fails on the expanded inputs (before, its error reached the user),
+    positions ``(2,)`` that look per-sample on the 2 samples of the check, and hidden states
+    folded to ``(B T, D)``, not expanded (no sample has their shape)."""
     torch.manual_seed(0)
-    model = PositionsWithoutBatch(view).double()
+    model = PositionsWithoutBatch(view, folded).double()
     ids, y = torch.randint(0, 9, (5, length)), torch.randint(0, 3, (5,))
     with caplog.at_level(logging.INFO, logger="ewc_reg"):
         got = fisher_diagonal(model, [(ids, y)])

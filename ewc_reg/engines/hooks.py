@@ -66,9 +66,10 @@ The decomposition is valid only if (checked; otherwise :class:`Unsupported` is r
   calls in pieces it cannot join (an LSTM with a projection; attention that is
   self-attention in one call and not in another), or with a rule and several outputs;
 * module outputs have the batch as leading dimension (``nn.MultiheadAttention`` units need
-  ``batch_first=True``; a unit whose inputs all lead with 1, or all have no batch dimension,
-  shared by the samples, such as a position embedding on ``position_ids`` of shape ``(1, T)``
-  or ``(T,)``, is called on them expanded over the batch, once a check on two samples shows
+  ``batch_first=True``; a unit whose inputs all lead with 1, or all have one sample's shape of
+  a per-sample input without a batch dimension, shared by the samples, such as a position
+  embedding on ``position_ids`` of shape ``(1, T)`` or ``(T,)``, is called on them expanded
+  over the batch, once a check on two samples shows
   that the model's output stays the same: :func:`_expand_shared`; a model that fails on the
   expanded inputs is not covered), recorded inputs are not modified in place afterwards, and
   no batch norm uses batch statistics (it would mix the samples). Unit inputs are per-sample
@@ -225,19 +226,24 @@ def _differentiable(leaf: Any) -> bool:
     return isinstance(leaf, Tensor) and leaf.requires_grad
 
 
-def _expand_shared(call: Any, tensors: list[Tensor], batch_size: int) -> Any:
+def _expand_shared(
+    call: Any, tensors: list[Tensor], batch_size: int, sample_shapes: set[tuple[int, ...]]
+) -> Any:
     """``call`` (a pytree of the unit's arguments, whose tensors are ``tensors``) with its
     tensors (but 0-d ones) expanded over the batch when they are all shared by the samples;
     else ``None``. Shared inputs either all lead with 1, expanded from it to ``batch_size``
-    (when the batch has several samples), or all have no batch dimension (no dimension of the
-    batch size, and no leading 1), and get one in front.
+    (when the batch has several samples), or all have no batch dimension and get one in
+    front: each has the shape of one sample of a per-sample input of the batch
+    (``sample_shapes``), no dimension of the batch size and no leading 1.
 
     A unit called on inputs the samples share, such as a position embedding looked up with
-    ``position_ids`` of shape ``(1, T)`` (Hugging Face's default) or ``(T,)`` (nanoGPT's), has
-    an output the samples share too, broadcast later: its gradient is then the batch's sum, and
-    the per-sample decomposition fails. On the expanded inputs the unit's output has the batch
-    in front, and the gradient that reaches it is per sample. The engine checks once per model
-    and shapes that the model's output stays the same (:func:`check_expansion`)."""
+    ``position_ids`` of shape ``(1, T)`` (Hugging Face's default) or ``(T,)`` beside token ids
+    ``(B, T)`` (nanoGPT's), has an output the samples share too, broadcast later: its gradient
+    is then the batch's sum, and the per-sample decomposition fails. On the expanded inputs the
+    unit's output has the batch in front, and the gradient that reaches it is per sample. The
+    engine checks once per model and shapes that the model's output stays the same
+    (:func:`check_expansion`). (Per-sample data folded into the batch dimension, ``(B T, D)``,
+    has no sample's shape: expanded, it would cost ``B`` times the unit's work before failing.)"""
     tensors = [t for t in tensors if t.dim() > 0]
     if not tensors:
         return None
@@ -245,7 +251,10 @@ def _expand_shared(call: Any, tensors: list[Tensor], batch_size: int) -> Any:
         return pytree.tree_map_only(
             Tensor, lambda t: t.expand(batch_size, *t.shape[1:]) if t.dim() > 0 else t, call
         )
-    if all(batch_size not in t.shape and t.shape[0] != 1 for t in tensors):
+    if all(
+        tuple(t.shape) in sample_shapes and batch_size not in t.shape and t.shape[0] != 1
+        for t in tensors
+    ):
         return pytree.tree_map_only(
             Tensor, lambda t: t.expand(batch_size, *t.shape) if t.dim() > 0 else t, call
         )
@@ -391,12 +400,11 @@ def _of_parameter(t: Tensor, owner: dict[int, Any]) -> bool:
 class _Recorder(TorchFunctionMode):
     """Hooks on the units' modules and a torch-function mode, for one forward pass."""
 
-    def __init__(
-        self, units: list[_Unit], batch_size: int, expanding: set[str] | None = None
-    ) -> None:
+    def __init__(self, units: list[_Unit], batch: Batch, expanding: set[str] | None = None) -> None:
         super().__init__()
         self.units = units
-        self.batch_size = batch_size
+        self.batch_size = batch.size
+        self.sample_shapes = set(batch.sample_shapes())  # (what a shared input may look like)
         # the paths of the units whose shared inputs may be expanded (None: any unit's)
         self.expanding = expanding
         self.records: dict[_Unit, _Record] = {}  # (the first call's: its later ones in more)
@@ -489,7 +497,9 @@ class _Recorder(TorchFunctionMode):
         tensors = _tensors((args, kwargs))
         expanded = None
         if self.expanding is None or unit.path in self.expanding:
-            expanded = _expand_shared((args, kwargs), tensors, self.batch_size)
+            expanded = _expand_shared(
+                (args, kwargs), tensors, self.batch_size, self.sample_shapes
+            )
         if expanded is not None:
             args, kwargs = expanded
             tensors = _tensors(expanded)
@@ -638,8 +648,9 @@ def check_batch_layout(
     try:
         # (only the units expanded on the whole batch: the others' shapes are what is checked)
         expanding = set(_expanded(records))
-        with torch.no_grad(), _TablesKept(), _Recorder(units, fewer, expanding) as recorder:
-            alone = pytree.tree_leaves(output_fn(batch.samples(0, fewer).call(model)))
+        part = batch.samples(0, fewer)
+        with torch.no_grad(), _TablesKept(), _Recorder(units, part, expanding) as recorder:
+            alone = pytree.tree_leaves(output_fn(part.call(model)))
     except Exception as error:  # (the model may not take another batch size)
         raise Unsupported(
             f"the batch dimension could not be checked: the model failed on {fewer} samples "
@@ -745,7 +756,7 @@ def check_expansion(
     try:
         with torch.no_grad(), _TablesKept():
             plain = pytree.tree_leaves(output_fn(few.call(model)))
-            with _Recorder(units, few.size, set(paths)):
+            with _Recorder(units, few, set(paths)):
                 again = pytree.tree_leaves(output_fn(few.call(model)))
     except Exception as error:  # (the model may not take the expanded inputs)
         raise Unsupported(
@@ -1157,7 +1168,7 @@ class HookEngine:
         :data:`.base.VMAP_WRONG`; the parameters of the ``copied`` units (the loose ones) are
         replaced by their per-sample copies in ``layout``, each recorded as the unit's one
         output."""
-        with torch.set_grad_enabled(grad), _Recorder(units, batch.size) as recorder:
+        with torch.set_grad_enabled(grad), _Recorder(units, batch) as recorder:
             if copied:
                 parameters = {u.path: u.module.parameter for u in copied}
                 copies = per_sample_copies(parameters, batch.size, layout)
