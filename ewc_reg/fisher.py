@@ -409,17 +409,30 @@ def _positions(
     mask = None
     key = _output_mask_key(batch, encoder_decoder)
     attention = None if key is None else batch.kwargs.get(key)
-    if attention is not None:
-        if tuple(attention.shape) != tuple(output.shape[:-1]):
-            raise ValueError(
-                f"the batch's {key} has shape {tuple(attention.shape)}, but the output "
-                f"(after output_fn) has positions {tuple(output.shape[:-1])}; pass a mask aligned "
-                "with the output's positions (e.g. shifted like the labels)"
+    positional = (
+        targets is not None
+        and targets.shape == output.shape[:-1]
+        and not targets.is_floating_point()
+    )
+    if attention is not None and tuple(attention.shape) != tuple(output.shape[:-1]):
+        if not (positional and lik.ignore_index is not None):
+            remedy = (
+                "labels with one entry per output position, -100 where a position is left "
+                f"out (they leave it out for every method), and keep {key} as the model takes "
+                "it"
+                if lik.ignore_index is not None
+                else "an output whose positions are the inputs' (then the mask fits both)"
             )
+            raise ValueError(
+                f"the batch's {key} has shape {tuple(attention.shape)}, but the output (after "
+                f"output_fn) has positions {tuple(output.shape[:-1])}: it is the model's input "
+                f"mask and cannot mark the output's positions. Give {remedy}"
+            )
+        attention = None  # (the model's own; the labels' ignore_index marks the positions)
+    if attention is not None:
         mask = attention.bool()
     if targets is None:  # (inputs only: the attention mask alone)
         return mask, None
-    positional = targets.shape == output.shape[:-1] and not targets.is_floating_point()
     if lik.ignore_index is not None and positional:
         kept = targets != lik.ignore_index
         targets = targets.masked_fill(~kept, 0)

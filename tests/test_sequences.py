@@ -282,6 +282,28 @@ def test_exact_is_limited_to_small_outputs() -> None:
     fisher_diagonal(nn.Linear(3, 30).double(), flat, "exact", max_exact_vectors=1)  # (B, C)
 
 
+def test_shifted_outputs_keep_the_models_mask_and_count_the_labels() -> None:
+    """Outputs shifted by ``output_fn`` (next-token logits of a causal LM): the attention mask
+    ``(B, T)`` stays the model's, and the ``-100`` labels ``(B, T - 1)`` leave positions out
+    (before, a ValueError told users to shift the mask, and the shifted mask went to the
+    model as well: the Fisher of other logits)."""
+    model = make_model()
+    ids = torch.randint(0, VOCAB, (2, LENGTH))
+    attention = torch.ones_like(ids)
+    attention[1, 3:] = 0
+    labels = ids[:, 1:].masked_fill(attention[:, 1:] == 0, -100)
+    shifted = {"output_fn": lambda out: out[:, :-1]}
+    with_mask = [{"input_ids": ids, "attention_mask": attention, "labels": labels}]
+    without = [{"input_ids": ids, "labels": labels}]
+    for method in ("exact", "empirical", "batched"):
+        assert_fisher_close(
+            fisher_diagonal(model, with_mask, method, **shifted),
+            fisher_diagonal(model, without, method, **shifted),
+        )
+    with pytest.raises(ValueError, match=r"model's input mask.*-100 where a position is left"):
+        fisher_diagonal(model, [{"input_ids": ids, "attention_mask": attention}], **shifted)
+
+
 def test_misaligned_attention_mask() -> None:
     model, batch = make_model(), padded_batches()[0]
     with pytest.raises(ValueError, match="attention_mask has shape"):
