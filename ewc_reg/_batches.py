@@ -234,6 +234,8 @@ def check_cut(
             more = pytree.tree_leaves(output_fn(batch.samples(0, fewer + 1).call(model)))
             part = pytree.tree_leaves(output_fn(batch.samples(0, fewer).call(model)))
     except Exception as error:
+        with torch.no_grad():  # (a model failing on the whole batch too: its own error here)
+            output_fn(batch.call(model))
         raise ValueError(
             f"the model failed on its first {fewer} or {fewer + 1} samples alone "
             f"({type(error).__name__}: {error}); {problem}"

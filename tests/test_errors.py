@@ -249,6 +249,24 @@ def test_a_shared_input_as_long_as_the_batch_is_not_cut_silently(backend):
         torch.testing.assert_close(got[name], want[name], rtol=1e-10, atol=0)
 
 
+def test_a_model_that_fails_on_its_whole_batch_raises_its_own_error():
+    """The check of the cut (two per-sample inputs) ran the model on a few samples first and
+    blamed the cut for any error: a model that fails on every input (Mixtral's grouped
+    matmul in float64) got a message about cutting the batch."""
+
+    class Refusing(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(3, 2)
+
+        def forward(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+            raise NotImplementedError("grouped_mm does not take float64")
+
+    data = [{"x": torch.randn(4, 3), "scale": torch.rand(4, 1), "labels": torch.zeros(4).long()}]
+    with pytest.raises(NotImplementedError, match="grouped_mm does not take float64"):
+        fisher_diagonal(Refusing(), data)
+
+
 def test_one_batch_passed_without_a_list_says_so():
     """``fisher_diagonal(model, (x, y))`` would take ``x`` and ``y`` for two batches of
     inputs (feeding the labels to the model)."""

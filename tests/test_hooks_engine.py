@@ -116,10 +116,24 @@ class Conv1D(nn.Module):
 Conv1D.__module__ = "transformers.pytorch_utils"
 
 
+class FalconLinear(nn.Linear):
+    """A stand-in for Hugging Face's ``FalconLinear`` (an ``nn.Linear`` with a ``forward`` of
+    its own computing the same), under its qualified name."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        hidden = input @ self.weight.T
+        return hidden if self.bias is None else hidden + self.bias
+
+
+FalconLinear.__module__ = "transformers.models.falcon.modeling_falcon"
+
+
 LAYERS = {
     "linear": (lambda: nn.Linear(5, 4), (6, 5)),
     "gpt_conv1d": (lambda: Conv1D(4, 5), (6, 5)),
     "gpt_conv1d_sequence": (lambda: Conv1D(4, 5), (6, 7, 5)),
+    "falcon_linear_sequence": (lambda: FalconLinear(5, 4), (6, 7, 5)),
+    "falcon_linear_no_bias": (lambda: FalconLinear(5, 4, bias=False), (6, 5)),
     "linear_no_bias": (lambda: nn.Linear(5, 4, bias=False), (6, 5)),
     "linear_sequence": (lambda: nn.Linear(5, 4), (6, 7, 5)),
     "linear_4d": (lambda: nn.Linear(5, 4), (6, 2, 3, 5)),
@@ -217,6 +231,12 @@ def test_rule_matches_references(name: str, engine_ways: str) -> None:
     model = with_head(make().double(), x)
     randomize_affine(model)
     check_against_references(model, x)
+
+
+def test_layers_of_other_libraries_get_their_rules_by_qualified_name() -> None:
+    """(The tests above would pass on the per-module fallback too.)"""
+    assert rules.rule_for(Conv1D(4, 5)) is rules.gpt_conv1d
+    assert rules.rule_for(FalconLinear(5, 4)) is rules.linear
 
 
 CONVS = [name for name in LAYERS if name.startswith("conv")]

@@ -473,12 +473,20 @@ def _linear_sums(
     return LinearSums(args[0], module.out_features, names, acc_dtype(module), budget)
 
 
-@register(nn.Linear, accumulate=_linear_sums, positionwise=lambda module: (1, 1))
+@register(
+    nn.Linear,
+    "transformers.models.falcon.modeling_falcon.FalconLinear",
+    accumulate=_linear_sums,
+    positionwise=lambda module: (1, 1),
+)
 def linear(
     module: nn.Module, x: Tensor, grads: Tensor, names: Collection[str], budget: int
 ) -> dict[str, Tensor]:
     r""":math:`y = x W^\top + b` with ``x: (B, *S, in)`` and ``G: (K, B, *S, out)``: the
-    :class:`LinearSums` of all ``K`` vectors at once."""
+    :class:`LinearSums` of all ``K`` vectors at once. Also the rule of Hugging Face's
+    ``FalconLinear``, an ``nn.Linear`` whose own ``forward`` computes the same (matched by its
+    class's qualified name; without it Falcon's 8 projections per layer went to the per-module
+    fallback, and ``exact`` took 2.5 times as long as on Llama)."""
     return feed_all(_linear_sums(module, (x,), {}, {}, names, budget), {0: grads})
 
 
