@@ -264,3 +264,60 @@ def test_a_model_that_squeezes_the_batch_of_one_away() -> None:
     x, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
     got = fisher_diagonal(model, [(x, y)], backend="loop")
     assert_close_dicts(got, fisher_diagonal(model, [(x, y)], backend="hooks"), 1e-12)
+
+
+@pytest.mark.parametrize("budget, batched", [(2**30, True), (1, False)])
+def test_the_last_resort_pulls_a_samples_vectors_back_together(budget, batched, monkeypatch):
+    """Behind the functorch engine, the loop engine pulls back as many of a sample's vectors
+    at once as the memory budget holds (``vmap`` over the backward only); one at a time
+    within a budget of a byte. The Fisher is the same."""
+    from ewc_reg.engines import loop
+
+    calls = []
+    pull_back = loop.batched_grads
+
+    def counting(*args, **kwargs):
+        calls.append(len(args[2]))
+        return pull_back(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "batched_grads", counting)
+    model = Recurrent(nn.LSTM, batch_first=True).double()
+    x, y = torch.randn(4, 5, 4, dtype=torch.float64), torch.randint(0, 3, (4,))
+    got = fisher_diagonal(model, [(x, y)], "exact", backend="functorch", memory_budget=budget)
+    assert_close_dicts(got, brute_force_fisher(model, x, y, "exact"), 1e-10)
+    assert calls == ([2] * 4 if batched else [])  # (C - 1 = 2 vectors per sample)
+
+
+class BranchingScale(torch.autograd.Function):
+    """``x * s`` whose backward reads a value (``.item()``): ``vmap`` cannot run it."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, s: Tensor) -> Tensor:
+        ctx.save_for_backward(x, s)
+        return x * s
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor]:
+        x, s = ctx.saved_tensors
+        factor = 1.0 if grad.abs().sum().item() >= 0 else 0.0
+        return grad * s * factor, (grad * x).sum(0) * factor
+
+
+def test_a_backward_vmap_cannot_batch_goes_one_vector_at_a_time(caplog) -> None:
+    class Branching(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn = nn.LSTM(4, 5, batch_first=True)
+            self.scale = nn.Parameter(torch.rand(5) + 0.5)
+            self.head = nn.Linear(5, 3)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.head(BranchingScale.apply(self.rnn(x)[0].mean(1), self.scale))
+
+    model = Branching().double()
+    x, y = torch.randn(4, 5, 4, dtype=torch.float64), torch.randint(0, 3, (4,))
+    with caplog.at_level(logging.INFO, logger="ewc_reg"):
+        got = fisher_diagonal(model, [(x, y)] * 2, "exact", backend="functorch")
+    assert_close_dicts(got, brute_force_fisher(model, x, y, "exact"), 1e-10)
+    failed = [m for m in messages(caplog) if m.startswith("loop engine: the pull-back batched")]
+    assert len(failed) == 1  # (remembered for the model)

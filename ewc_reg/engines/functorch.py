@@ -104,7 +104,7 @@ class FunctorchEngine:
                     error,
                 )
                 self.unvmappable.add(model)
-        return LoopEngine()(*args)
+        return LoopEngine(batched_vectors=True)(*args)
 
     def _sums(
         self,

@@ -15,7 +15,7 @@ edge of) its output ``y``; ``V = make_vectors(f)`` of shape ``(K, B, *out)`` (th
 of a softmax gives ``C - 1`` vectors: see :class:`~ewc_reg.likelihoods.Categorical`; where each
 vector costs a backward pass of its own, ``V`` is first cut to the rank of each sample's
 vectors by :func:`~.base.fewer_vectors`) is pulled back to all the outputs in one backward pass
-batched over ``K`` (``torch.func.vmap`` over ``autograd.grad``: :func:`_batched_grads`), giving
+batched over ``K`` (``torch.func.vmap`` over ``autograd.grad``: :func:`.base.batched_grads`), giving
 ``G`` of shape ``(K, B, *y.shape[1:])`` per module, or, on CPU with convolutions, batch norms or
 attention (:func:`loops_pull_back`), in one pass per vector (``G`` then lies in reused
 ``(B, K, ...)`` buffers, and layers with a reduction in :data:`.rules.REDUCTIONS`, the
@@ -113,10 +113,12 @@ from .._batches import Batch, same_output
 from . import base
 from .base import (
     VMAP_WRONG,
+    BatchingFailed,
     Engine,
     OutputFn,
     RowWiseVectors,
     VectorFn,
+    batched_grads,
     fewer_vectors,
     inside,
     resolve_chunk_size,
@@ -158,12 +160,6 @@ logger = logging.getLogger("ewc_reg")
 class Unsupported(Exception):
     """The model breaks an assumption of the layer-wise decomposition (see the module
     docstring); the message says which."""
-
-
-class _BatchingFailed(Exception):
-    """The pull-back batched over the vectors failed (``vmap`` cannot run some backward: a
-    custom ``autograd.Function`` whose backward branches on a tensor's value, say); the
-    message is the original error's."""
 
 
 @dataclass(eq=False)
@@ -826,7 +822,7 @@ def _pull_back(
     reducers: dict[int, Reducer] | None = None,
 ) -> list[Tensor | None]:
     """``(K, *shape)`` gradients of ``<output, v_k>`` with respect to each edge's tensor, from
-    one backward pass batched over the ``K`` vectors (:func:`_batched_grads`), or (``looped``)
+    one backward pass batched over the ``K`` vectors (:func:`.base.batched_grads`), or (``looped``)
     one pass per vector; those of the edges in ``reducers`` (by position) are reduced by it as
     they come (one vector at a time when looped), and only the reduced gradients are kept.
 
@@ -838,7 +834,7 @@ def _pull_back(
     CPU, writing a fresh buffer costs about five times as much as writing a used one)."""
     reducers = reducers or {}
     if not looped:
-        grads = _batched_grads(output, edges, vectors)
+        grads = batched_grads(output, edges, vectors)
         with torch.no_grad():
             return [
                 reducers[i](g) if g is not None and i in reducers else g
@@ -862,36 +858,6 @@ def _pull_back(
                 grads[i] = _buffer(storage, i, g, num_vectors).transpose(0, 1)
             grads[i][k] = g
         pulled = g = None  # (free this pass's gradients before the next)
-    return grads
-
-
-def _batched_grads(
-    output: Tensor, edges: list[GradientEdge], vectors: Tensor
-) -> list[Tensor | None]:
-    """``autograd.grad(output, edges, v)`` for each of the ``K`` vectors, in one backward pass
-    under ``torch.func.vmap`` (``None`` for the edges the pass does not reach). Not
-    ``is_grads_batched=True``: its older vmap has no batching rule for the backward of
-    convolutions, batch norms or the recurrent steps and runs them once per vector (the reduced
-    ResNet-18's exact Fisher at N=8: 171 ``convolution_backward`` calls against 19 here)."""
-    if len(vectors) == 1:  # (vmap would only add views)
-        grads = torch.autograd.grad(output, edges, vectors[0], allow_unused=True)
-        return [None if g is None else g.unsqueeze(0) for g in grads]
-    reached: list[int] = []
-
-    def pull(v: Tensor) -> tuple[Tensor, ...]:
-        grads = torch.autograd.grad(output, edges, v, allow_unused=True)  # (called once)
-        reached[:] = [i for i, g in enumerate(grads) if g is not None]
-        return tuple(grads[i] for i in reached)  # (vmap returns tensors only)
-
-    try:
-        found = torch.func.vmap(pull)(vectors)
-    except RuntimeError as error:  # (the engine retries with one backward per vector)
-        if isinstance(error, torch.OutOfMemoryError):
-            raise  # (at the same budget the looped pull-back takes larger chunks: no cure)
-        raise _BatchingFailed(f"{type(error).__name__}: {error}") from error
-    grads: list[Tensor | None] = [None] * len(edges)
-    for i, g in zip(reached, found):
-        grads[i] = g
     return grads
 
 
@@ -989,7 +955,7 @@ class HookEngine:
         args = (model, params, batch, output_fn, make_vectors, chunk_size, memory_budget)
         try:
             return self._attempt(*args)
-        except _BatchingFailed as failure:
+        except BatchingFailed as failure:
             reason = str(failure)
         # (retried outside the handler: the failed attempt's frames, its graph among them, go)
         logger.info(

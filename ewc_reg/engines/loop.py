@@ -14,21 +14,49 @@ That is ``B`` forward and ``B K`` backward passes (as slow as the paper's refere
 loops the same way), as general as autograd, and in the memory of one sample. The vectors are
 made from the whole batch's output first, as in the other engines, so all of them draw the same
 labels for ``sample``.
+
+As the last resort of the functorch engine (``LoopEngine(batched_vectors=True)``), for models
+``vmap`` cannot run over samples (Hugging Face's attention-mask helpers branch on the mask's
+values; ``nn.LSTM`` on packed sequences), a sample's vectors are pulled back together instead, in
+one backward pass batched over them (:func:`.base.batched_grads`: ``vmap`` over the backward
+only), as many at a time as ``memory_budget`` holds: three gradients of all the parameters per
+vector. Where that fails, or the model calls a function of :data:`.base.VMAP_WRONG`, one at a
+time. ``backend="loop"`` keeps one backward pass per vector: plain autograd, the reference.
 """
 
 from __future__ import annotations
+
+import logging
+import weakref
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from .._batches import Batch
-from .base import OutputFn, VectorFn, zero_sums
+from .base import (
+    BatchingFailed,
+    CallsVmapWrong,
+    OutputFn,
+    VectorFn,
+    batched_grads,
+    resolve_chunk_size,
+    zero_sums,
+)
+
+logger = logging.getLogger("ewc_reg")
 
 
 class LoopEngine:
-    """Per-sample, per-vector autograd loop (see the module docstring)."""
+    """Per-sample autograd loop (see the module docstring): one backward pass per vector, or,
+    with ``batched_vectors``, per chunk of a sample's vectors."""
 
     name = "loop"
+    #: Models on which the pull-back batched over the vectors failed: one vector at a time.
+    unbatchable: ClassVar[weakref.WeakSet[nn.Module]] = weakref.WeakSet()
+
+    def __init__(self, batched_vectors: bool = False) -> None:
+        self.batched_vectors = batched_vectors
 
     def __call__(
         self,
@@ -40,18 +68,21 @@ class LoopEngine:
         chunk_size: int | None,
         memory_budget: int,
     ) -> dict[str, Tensor]:
-        """Sums of squared pull-backs; ``chunk_size`` and ``memory_budget`` are not needed (one
-        sample at a time)."""
+        """Sums of squared pull-backs, one sample at a time (``chunk_size`` is not needed;
+        ``memory_budget`` bounds the chunks of vectors pulled back together)."""
         with torch.no_grad():
             vectors = make_vectors(output_fn(batch.call(model)))  # (K, B, *S, C)
         names = list(params)
         tensors = [params[name] for name in names]
         sums = zero_sums(params)
         num_vectors = vectors.shape[0]
+        per_vector = 3 * sum(t.numel() * t.element_size() for t in tensors)
+        batched = self.batched_vectors and model not in self.unbatchable
+        step = resolve_chunk_size(None, memory_budget, per_vector) if batched else 1
         for n in range(batch.size):
             sample = batch.samples(n, n + 1)
             try:
-                with torch.enable_grad():
+                with torch.enable_grad(), CallsVmapWrong() as calls:
                     output = output_fn(sample.call(model))
             except Exception as error:
                 if hasattr(error, "add_note"):  # (Python 3.11+; the model's own error stays)
@@ -66,15 +97,33 @@ class LoopEngine:
             mine = vectors[:, n : n + 1]  # (K, 1, *S, C)
             if output.shape == mine.shape[2:]:  # (the model squeezed the batch of one away)
                 mine = mine.squeeze(1)
-            for k in range(num_vectors):
-                grads = torch.autograd.grad(
-                    output,
-                    tensors,
-                    mine[k],
-                    retain_graph=k < num_vectors - 1,
-                    allow_unused=True,
-                )
-                for name, g in zip(names, grads):
+            step = 1 if calls.called else step
+            k = 0
+            while k < num_vectors:
+                stop = min(k + step, num_vectors)
+                if stop - k > 1:
+                    try:
+                        grads = batched_grads(output, tensors, mine[k:stop], retain_graph=True)
+                    except BatchingFailed as failure:
+                        logger.info(
+                            "loop engine: the pull-back batched over the vectors failed (%s); "
+                            "one backward pass per vector instead",
+                            failure,
+                        )
+                        step = 1
+                        self.unbatchable.add(model)
+                        continue
+                else:
+                    grads = torch.autograd.grad(
+                        output,
+                        tensors,
+                        mine[k],
+                        retain_graph=stop < num_vectors,
+                        allow_unused=True,
+                    )
+                    grads = [None if g is None else g.unsqueeze(0) for g in grads]
+                for name, g in zip(names, grads):  # (each (vectors, *shape))
                     if g is not None:
-                        sums[name] += g.to(sums[name].dtype).square()
+                        sums[name] += g.to(sums[name].dtype).square().sum(0)
+                k = stop
         return sums

@@ -343,7 +343,7 @@ def _fallback_sums(
     # (a Tied unit is made anew for each batch: its first module stands for it)
     remembered = unit.module[0] if isinstance(unit.module, Tied) else unit.module
     vmappable = remembered not in FunctorchEngine.unvmappable
-    engine = FunctorchEngine() if vmappable else LoopEngine()
+    engine = FunctorchEngine() if vmappable else LoopEngine(batched_vectors=True)
     try:
         with sdpa_kernel([SDPBackend.MATH]):  # (vmap loops over the fused attention kernels)
             sums = engine(
