@@ -1495,6 +1495,23 @@ class RootOffset(nn.Module):
         return self.body(x) * self.offset.square() + self.offset
 
 
+class TokenAndScale(nn.Module):
+    """A BEiT-like block on the root: a class token ``(1, 1, D)`` (layout ``-1``) and a layer
+    scale ``(D,)`` on ``(B, T, D)`` (layout ``1``), which no single layout fits."""
+
+    def __init__(self, dim: int = 6) -> None:
+        super().__init__()
+        self.embed, self.mix, self.head = nn.Linear(5, dim), nn.Linear(dim, dim), nn.Linear(dim, 3)
+        self.token = nn.Parameter(torch.randn(1, 1, dim))
+        self.scale = nn.Parameter(torch.rand(dim) + 0.5)
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, P, 5) -> (B, 3)
+        h = self.embed(x)
+        h = torch.cat([self.token.expand(h.shape[0], -1, -1), h], dim=1)
+        h = h + self.scale * torch.tanh(self.mix(h))
+        return self.head(h[:, 0])
+
+
 COPIED = {  # model, input shape, the parameters taken through per-sample copies
     "root_offset": (RootOffset, (5, 4), ["offset"]),
     "class_token": (ClassToken, (5, 3, 5), ["token", "encoder.position"]),
@@ -1503,6 +1520,8 @@ COPIED = {  # model, input shape, the parameters taken through per-sample copies
         (5, 3, 4, 4),
         ["0.gamma", "1.gamma"],
     ),
+    # (before, its root became one unit on the per-module fallback)
+    "class_token_and_layer_scale": (TokenAndScale, (5, 3, 5), ["token", "scale"]),
 }
 
 

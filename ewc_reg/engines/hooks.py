@@ -906,9 +906,11 @@ class HookEngine:
     def __init__(self, fallback: Engine | None = None) -> None:
         self.fallback = fallback
         self._given_up: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # (to the fallback)
-        # the layout of the per-sample copies that passed the check, per model, and the models
+        # the layouts of the per-sample copies that passed the check, per model, and the models
         # whose loose parameters' modules are units instead (see __call__)
-        self._copies: weakref.WeakKeyDictionary[nn.Module, int] = weakref.WeakKeyDictionary()
+        self._copies: weakref.WeakKeyDictionary[nn.Module, dict[str, int]] = (
+            weakref.WeakKeyDictionary()
+        )
         self._nested: weakref.WeakSet[nn.Module] = weakref.WeakSet()
         # the models whose batched pull-back failed: one backward per vector for them
         self._looped: weakref.WeakSet[nn.Module] = weakref.WeakSet()
@@ -984,14 +986,14 @@ class HookEngine:
             return self.fallback(*args)
         loose = {} if model in self._nested else loose_parameters(model, params)
         try:
-            layout = self._copies.get(model)
-            if loose and layout is None:
-                layout, problem = copies_layout(model, loose, batch, output_fn)
-                if layout is None:
+            layouts = self._copies.get(model)
+            if loose and layouts is None:
+                layouts, problem = copies_layout(model, loose, batch, output_fn)
+                if layouts is None:
                     raise Unsupported(problem)
                 if batch.size > 1:  # (one sample cannot show the batch mixed up)
-                    self._copies[model] = layout
-            return self._sums(*args, loose, layout or 0)
+                    self._copies[model] = layouts
+            return self._sums(*args, loose, layouts or {})
         except Unsupported as problem:
             failure = type(problem)(str(problem))  # (not its traceback: the attempt's frames)
         if not loose:
@@ -1015,15 +1017,15 @@ class HookEngine:
         chunk_size: int | None,
         memory_budget: int,
         loose: dict[str, Tensor],
-        layout: int,
+        layouts: dict[str, int],
     ) -> dict[str, Tensor]:
         """One forward pass over the batch (checks, vectors, and the sums when its pull-back
         fits the budget), else one more per chunk of samples (see the module docstring). When
         the model's last batch at this budget (in this call or an earlier one: :attr:`steps`)
         went in chunks and the vectors are :class:`~.base.RowWiseVectors`, the first pass is
         the first chunk's instead, and each chunk makes its own vectors. The
-        ``loose`` parameters (:mod:`.loose`) are taken through per-sample copies in
-        ``layout``."""
+        ``loose`` parameters (:mod:`.loose`) are taken through per-sample copies in their
+        ``layouts``."""
         units = plan(model, {n: p for n, p in params.items() if n not in loose})
         copied = [
             _Unit(LooseParameter(p, name), name, {name: name}, loose_parameter)
@@ -1048,7 +1050,7 @@ class HookEngine:
         first = batch.samples(0, known[1]) if row_wise else batch
         grad = whole or row_wise
         output, records, vmap_wrong = self._forward(
-            model, units, copied, layout, first, output_fn, grad
+            model, units, copied, layouts, first, output_fn, grad
         )
         if vmap_wrong and not looped:
             logger.info(
@@ -1108,7 +1110,7 @@ class HookEngine:
         for start in range(done, batch.size, step):
             chunk = batch.samples(start, start + step)
             output, records, _ = self._forward(
-                model, units, copied, layout, chunk, output_fn, True
+                model, units, copied, layouts, chunk, output_fn, True
             )
             if row_wise:
                 chunk_vectors = vectors_of(output, start, start + chunk.size)
@@ -1125,19 +1127,19 @@ class HookEngine:
         model: nn.Module,
         units: list[_Unit],
         copied: list[_Unit],
-        layout: int,
+        layouts: dict[str, int],
         batch: Batch,
         output_fn: OutputFn,
         grad: bool,
     ) -> tuple[Any, dict[_Unit, _Record], bool]:
         """The recorded forward pass: its output, records, and whether it called a function of
         :data:`.base.VMAP_WRONG`; the parameters of the ``copied`` units (the loose ones) are
-        replaced by their per-sample copies in ``layout``, each recorded as the unit's one
-        output."""
+        replaced by their per-sample copies in their ``layouts``, each recorded as the unit's
+        one output."""
         with torch.set_grad_enabled(grad), _Recorder(units, batch) as recorder:
             if copied:
                 parameters = {u.path: u.module.parameter for u in copied}
-                copies = per_sample_copies(parameters, batch.size, layout)
+                copies = per_sample_copies(parameters, batch.size, layouts)
                 try:
                     output = output_fn(call_with(model, copies, batch))
                 except Exception as error:  # (a shape this batch brings; the model's own

@@ -64,12 +64,13 @@ LAYOUTS = (-1, 0, 1, 2, 3)
 
 
 def per_sample_copies(
-    loose: dict[str, Tensor], batch_size: int, layout: int
+    loose: dict[str, Tensor], batch_size: int, layouts: dict[str, int]
 ) -> dict[str, Tensor]:
-    """Each parameter expanded to its per-sample copies in ``layout`` (see :data:`LAYOUTS`; a
-    view: no memory), by name."""
+    """Each parameter expanded to its per-sample copies in its layout of ``layouts`` (see
+    :data:`LAYOUTS`; a view: no memory), by name."""
     copies = {}
     for name, p in loose.items():
+        layout = layouts[name]
         if layout < 0 and p.dim() and p.shape[0] == 1:
             copies[name] = p.expand(batch_size, *p.shape[1:])
         else:
@@ -85,34 +86,66 @@ def call_with(model: nn.Module, copies: dict[str, Tensor], batch: Batch) -> Any:
 
 def copies_layout(
     model: nn.Module, loose: dict[str, Tensor], batch: Batch, output_fn: OutputFn
-) -> tuple[int | None, str]:
-    """The first of :data:`LAYOUTS` whose per-sample copies of ``loose`` give their per-sample
-    gradients (:func:`per_sample_problem`), or ``None`` and why the first one does not."""
+) -> tuple[dict[str, int] | None, str]:
+    """Each parameter's first layout of :data:`LAYOUTS` whose per-sample copies give its
+    per-sample gradients (:func:`per_sample_problem`), by name, or ``None`` and why the first
+    trial failed. The parameters still without a layout are tried together, layout after
+    layout, and where the model cannot take their copies together, those of each shape
+    together (a ViT's ``(1, 1, D)`` class token takes ``-1`` and its layer scales ``(D,)``
+    scaling ``(B, T, D)`` take ``1``); parameters given different layouts are checked together
+    once more."""
+    layouts: dict[str, int] = {}
     first = ""
     for layout in LAYOUTS:
-        problem = per_sample_problem(model, loose, batch, output_fn, layout)
-        if problem is None:
-            return layout, ""
+        trying = {name: p for name, p in loose.items() if name not in layouts}
+        if not trying:
+            break
+        failing, problem, raised = per_sample_problem(
+            model, trying, batch, output_fn, dict.fromkeys(trying, layout)
+        )
         first = first or problem
-    return None, first
+        shapes: dict[torch.Size, dict[str, Tensor]] = {}
+        for name, p in trying.items():
+            shapes.setdefault(p.shape, {})[name] = p
+        if raised and len(shapes) > 1:
+            failing = set()
+            for alike in shapes.values():
+                failing |= per_sample_problem(
+                    model, alike, batch, output_fn, dict.fromkeys(alike, layout)
+                )[0]
+        layouts.update((name, layout) for name in trying if name not in failing)
+    if len(layouts) < len(loose):
+        return None, first
+    if len(set(layouts.values())) > 1:
+        failing, problem, _ = per_sample_problem(model, loose, batch, output_fn, layouts)
+        if failing:
+            return None, problem
+    return layouts, ""
 
 
 def per_sample_problem(
-    model: nn.Module, loose: dict[str, Tensor], batch: Batch, output_fn: OutputFn, layout: int
-) -> str | None:
-    """Why the per-sample copies of ``loose`` in ``layout`` do not give per-sample gradients,
-    or ``None``.
+    model: nn.Module,
+    loose: dict[str, Tensor],
+    batch: Batch,
+    output_fn: OutputFn,
+    layouts: dict[str, int],
+) -> tuple[set[str], str, bool]:
+    r"""The parameters of ``loose`` whose per-sample copies in ``layouts`` do not give their
+    per-sample gradients, why (the first's; ``""`` where there is none), and whether the model
+    raised an error on the copies.
 
     On the first two samples (one when the batch has one) and a fixed random weighting ``w`` of
-    the outputs, the gradients of :math:`\\langle f, w\\rangle` with respect to the copies must
+    the outputs, the gradients of :math:`\langle f, w\rangle` with respect to the copies must
     equal those of each sample alone with respect to the parameters (to 1e-3 relative, or 16
-    rounding units in low precision: the batched and single computations round differently)."""
+    rounding units in low precision: the batched and single computations round differently).
+    Copies the model cannot take (a shape or index error) fail all of them."""
     size = min(batch.size, 2)
     few = batch.samples(0, size)
     names = list(loose)
+    failing: dict[str, str] = {}
     try:
         with torch.enable_grad():
-            copies = per_sample_copies(loose, size, layout)
+            copies = per_sample_copies(loose, size, layouts)
             output = output_fn(call_with(model, copies, few))
             weights = torch.randn(
                 output.shape, generator=torch.Generator().manual_seed(0), dtype=output.dtype
@@ -134,16 +167,18 @@ def per_sample_problem(
                     scale = want.abs().max().clamp_min(torch.finfo(want.dtype).tiny).item()
                     rtol = max(1e-3, 16 * torch.finfo(want.dtype).eps)  # (bf16: 0.125)
                     if not torch.allclose(got, want, rtol=rtol, atol=1e-2 * rtol * scale):
-                        return (
+                        failing.setdefault(
+                            name,
                             f"parameter {name!r} is not used as one value broadcast over the "
-                            "samples (per-sample copies of it change its per-sample gradients)"
+                            "samples (per-sample copies of it change its per-sample gradients)",
                         )
     except Exception as error:  # (copies the model cannot take: a shape or index error)
-        return (
+        problem = (
             f"per-sample copies of parameters {names} failed in the model "
             f"({type(error).__name__}: {error})"
         )
-    return None
+        return set(names), problem, True
+    return set(failing), next(iter(failing.values()), ""), False
 
 
 class LooseParameter:
