@@ -21,8 +21,9 @@ Memory: an engine processes the batch in chunks of samples. With ``chunk_size=No
 the chunk with :func:`resolve_chunk_size` from ``memory_budget`` (bytes) and its own estimate of
 the working memory one sample adds (for the functorch engine, the ``K`` per-sample pull-backs of
 all parameters), so that the chunk's working set stays within the budget as the batch grows.
-The budget covers the per-chunk work; the one no-grad forward pass of the whole batch that
-forms ``V`` is bounded by the batch the data yields. Where the vectors are
+The budget covers the per-chunk work; the one forward pass of the whole batch that forms ``V``
+(without gradients, or, in the functorch engine, on detached parameters, which records no graph)
+is bounded by the batch the data yields. Where the vectors are
 :class:`RowWiseVectors` (every estimator's: each sample's vectors need only its own output, and
 its own draws for ``sample``), an engine may form them from each chunk's own forward pass
 instead, and save that pass.

@@ -151,13 +151,12 @@ class FunctorchEngine:
 
         num_vectors = vectors.shape[0]
         one_at_a_time = calls.called  # (vmap over the vectors would be wrong: VMAP_WRONG)
-        vector_chunk = 1 if one_at_a_time else num_vectors
-        if chunk_size is None and bytes_per_sample(vector_chunk, trainable) > memory_budget:
+        held = 1 if one_at_a_time else num_vectors  # (the vectors a sample holds at once)
+        vector_chunk = held
+        if chunk_size is None and bytes_per_sample(held, trainable) > memory_budget:
             vector_chunk = resolve_chunk_size(None, memory_budget, bytes_per_sample(1, trainable))
         chunk_size = resolve_chunk_size(
-            chunk_size,
-            memory_budget,
-            bytes_per_sample(vector_chunk if one_at_a_time else num_vectors, trainable),
+            chunk_size, memory_budget, bytes_per_sample(held, trainable)
         )
 
         def squared_pullbacks(sample_leaves: list[Tensor], sample_vectors: Tensor) -> dict:

@@ -81,13 +81,13 @@ The decomposition is valid only if (checked; otherwise :class:`Unsupported` is r
   :func:`check_batch_layout` records the units again on fewer samples to tell (once per model
   and recorded shapes).
 
-Memory: the forward pass over the whole batch gives the checks and the vectors (like the functorch
-engine's no-grad pass, it is bounded by the batch the data yields); when the pull-back of the whole
-batch (:func:`bytes_per_sample` without the forward pass: ``K`` times the recorded outputs, or,
-looped, those whose gradients are kept whole) fits in ``memory_budget`` it also gives the sums,
-else the batch is
-redone in chunks of ``resolve_chunk_size(chunk_size, memory_budget, bytes_per_sample)`` samples
-(forward pass included), each with its own forward pass; the first pass then runs without gradients
+Memory: the forward pass over the whole batch gives the checks and the vectors (like the
+functorch engine's pass that makes its vectors, it is bounded by the batch the data yields); when
+the pull-back of the whole batch (:func:`bytes_per_sample` without the forward pass: ``K`` times
+the recorded outputs, or, looped, those whose gradients are kept whole) fits in
+``memory_budget`` it also gives the sums, else the batch is redone in chunks of
+``resolve_chunk_size(chunk_size, memory_budget, bytes_per_sample)`` samples (forward pass
+included), each with its own forward pass; the first pass then runs without gradients
 when ``chunk_size`` or the previous batch already told that the batch will be split. Rules
 materialise per-sample gradients for chunks of samples within the budget too (and within
 :data:`.rules.CHUNK_BYTES` on CPU), so the peak is up to about the budget plus that.
@@ -1002,7 +1002,7 @@ class HookEngine:
         logger.debug("hooks engine: %s; the modules of %s become units", failure, list(loose))
         self._nested.add(model)
         try:
-            return self._sums(*args, {}, 0)
+            return self._sums(*args, {}, {})
         except Unsupported as again:
             failure = type(again)(str(again))
         return self._give_up(model, failure)(*args)
@@ -1153,8 +1153,8 @@ class HookEngine:
                     output = output_fn(batch.call(model))
                 except Exception as error:
                     expanded = _expanded(recorder.records)
-                    if not expanded:  # (the model's own error)
-                        raise
+                    if not expanded or isinstance(error, torch.OutOfMemoryError):
+                        raise  # (the model's own error; an expansion costs no memory)
                     raise Unsupported(  # (the model may not take the expanded inputs)
                         f"the model failed with the inputs the samples share of "
                         f"{', '.join(map(_describe, expanded))} expanded over the batch "

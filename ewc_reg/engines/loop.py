@@ -1,4 +1,5 @@
-r"""The last-resort engine: one sample at a time, one backward pass per vector, plain autograd.
+r"""The last-resort engine: one sample at a time, plain autograd, one backward pass per vector
+(or per chunk of a sample's vectors, behind the functorch engine).
 
 Some modules cannot be ``vmap``-ed by :mod:`torch.func`: ``nn.LSTM``, ``nn.GRU`` and ``nn.RNN``
 build their initial state as an ordinary tensor and their kernels write per-sample results into
@@ -19,15 +20,17 @@ As the last resort of the functorch engine (``LoopEngine(batched_vectors=True)``
 ``vmap`` cannot run over samples (Hugging Face's attention-mask helpers branch on the mask's
 values; ``nn.LSTM`` on packed sequences), a sample's vectors are pulled back together instead, in
 one backward pass batched over them (:func:`.base.batched_grads`: ``vmap`` over the backward
-only), as many at a time as ``memory_budget`` holds: three gradients of all the parameters per
-vector. Where that fails, or the model calls a function of :data:`.base.VMAP_WRONG`, one at a
-time. ``backend="loop"`` keeps one backward pass per vector: plain autograd, the reference.
+only), as many at a time as ``memory_budget`` holds: per vector, three gradients of all the
+parameters and two of the activations the first sample's forward pass saved. Where that fails,
+or the model calls a function of :data:`.base.VMAP_WRONG`, one at a time. ``backend="loop"``
+keeps one backward pass per vector: plain autograd, the reference.
 """
 
 from __future__ import annotations
 
 import logging
 import weakref
+from contextlib import AbstractContextManager, nullcontext
 from typing import ClassVar
 
 import torch
@@ -45,6 +48,20 @@ from .base import (
 )
 
 logger = logging.getLogger("ewc_reg")
+
+
+class _SavedBytes:
+    """The bytes of the tensors autograd saves for the backward inside :meth:`counting`."""
+
+    def __init__(self) -> None:
+        self.bytes = 0
+
+    def counting(self) -> AbstractContextManager[object]:
+        def pack(t: Tensor) -> Tensor:
+            self.bytes += t.numel() * t.element_size()
+            return t
+
+        return torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
 
 
 class LoopEngine:
@@ -76,13 +93,19 @@ class LoopEngine:
         tensors = [params[name] for name in names]
         sums = zero_sums(params)
         num_vectors = vectors.shape[0]
-        per_vector = 3 * sum(t.numel() * t.element_size() for t in tensors)
-        batched = self.batched_vectors and model not in self.unbatchable
-        step = resolve_chunk_size(None, memory_budget, per_vector) if batched else 1
+        params_bytes = sum(t.numel() * t.element_size() for t in tensors)
+        # (None: sized on the first sample's forward pass, by the activations it saves)
+        step: int | None = None if self.batched_vectors and model not in self.unbatchable else 1
         for n in range(batch.size):
             sample = batch.samples(n, n + 1)
+            sizing = step is None
+            calls, saved = CallsVmapWrong(), _SavedBytes()
             try:
-                with torch.enable_grad(), CallsVmapWrong() as calls:
+                with (
+                    torch.enable_grad(),
+                    calls if sizing else nullcontext(),
+                    saved.counting() if sizing else nullcontext(),
+                ):
                     output = output_fn(sample.call(model))
             except Exception as error:
                 if hasattr(error, "add_note"):  # (Python 3.11+; the model's own error stays)
@@ -94,34 +117,32 @@ class LoopEngine:
                         "cut: pad them to (B, L) instead."
                     )
                 raise
+            if step is None:  # (per vector: three gradients of the parameters, two of the
+                # activations; one at a time where vmap gets a backward wrong: VMAP_WRONG)
+                per_vector = 3 * params_bytes + 2 * saved.bytes
+                step = 1 if calls.called else resolve_chunk_size(None, memory_budget, per_vector)
             mine = vectors[:, n : n + 1]  # (K, 1, *S, C)
             if output.shape == mine.shape[2:]:  # (the model squeezed the batch of one away)
                 mine = mine.squeeze(1)
-            step = 1 if calls.called else step
             k = 0
             while k < num_vectors:
                 stop = min(k + step, num_vectors)
-                if stop - k > 1:
-                    try:
-                        grads = batched_grads(output, tensors, mine[k:stop], retain_graph=True)
-                    except BatchingFailed as failure:
-                        logger.info(
-                            "loop engine: the pull-back batched over the vectors failed (%s); "
-                            "one backward pass per vector instead",
-                            failure,
-                        )
-                        step = 1
-                        self.unbatchable.add(model)
-                        continue
-                else:
-                    grads = torch.autograd.grad(
+                try:
+                    grads = batched_grads(  # (a failed batched pass must leave the graph)
                         output,
                         tensors,
-                        mine[k],
-                        retain_graph=stop < num_vectors,
-                        allow_unused=True,
+                        mine[k:stop],
+                        retain_graph=stop - k > 1 or stop < num_vectors,
                     )
-                    grads = [None if g is None else g.unsqueeze(0) for g in grads]
+                except BatchingFailed as failure:  # (only with several vectors)
+                    logger.info(
+                        "loop engine: the pull-back batched over the vectors failed (%s); one "
+                        "backward pass per vector instead",
+                        failure,
+                    )
+                    step = 1
+                    self.unbatchable.add(model)
+                    continue
                 for name, g in zip(names, grads):  # (each (vectors, *shape))
                     if g is not None:
                         sums[name] += g.to(sums[name].dtype).square().sum(0)

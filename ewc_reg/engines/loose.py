@@ -92,10 +92,11 @@ def copies_layout(
     trial failed. The parameters still without a layout are tried together, layout after
     layout, and where the model cannot take their copies together, those of each shape
     together (a ViT's ``(1, 1, D)`` class token takes ``-1`` and its layer scales ``(D,)``
-    scaling ``(B, T, D)`` take ``1``); parameters given different layouts are checked together
-    once more."""
+    scaling ``(B, T, D)`` take ``1``); parameters given different layouts, or tried apart, are
+    checked together once more."""
     layouts: dict[str, int] = {}
     first = ""
+    regrouped = False  # (whether some parameters were tried apart from others)
     for layout in LAYOUTS:
         trying = {name: p for name, p in loose.items() if name not in layouts}
         if not trying:
@@ -108,7 +109,7 @@ def copies_layout(
         for name, p in trying.items():
             shapes.setdefault(p.shape, {})[name] = p
         if raised and len(shapes) > 1:
-            failing = set()
+            regrouped, failing = True, set()
             for alike in shapes.values():
                 failing |= per_sample_problem(
                     model, alike, batch, output_fn, dict.fromkeys(alike, layout)
@@ -116,7 +117,7 @@ def copies_layout(
         layouts.update((name, layout) for name in trying if name not in failing)
     if len(layouts) < len(loose):
         return None, first
-    if len(set(layouts.values())) > 1:
+    if regrouped or len(set(layouts.values())) > 1:
         failing, problem, _ = per_sample_problem(model, loose, batch, output_fn, layouts)
         if failing:
             return None, problem
