@@ -417,9 +417,9 @@ def _positions(
     if attention is not None and tuple(attention.shape) != tuple(output.shape[:-1]):
         if not (positional and lik.ignore_index is not None):
             remedy = (
-                "labels with one entry per output position, -100 where a position is left "
-                f"out (they leave it out for every method), and keep {key} as the model takes "
-                "it"
+                f"labels with one entry per output position, {lik.ignore_index} where a "
+                "position is left out (they leave it out for every method), and keep "
+                f"{key} as the model takes it"
                 if lik.ignore_index is not None
                 else "an output whose positions are the inputs' (then the mask fits both)"
             )

@@ -69,17 +69,16 @@ The decomposition is valid only if (checked; otherwise :class:`Unsupported` is r
   ``batch_first=True``; a unit whose inputs all lead with 1, or all have one sample's shape of
   a per-sample input without a batch dimension, shared by the samples, such as a position
   embedding on ``position_ids`` of shape ``(1, T)`` or ``(T,)``, is called on them expanded
-  over the batch, once a check on two samples shows
-  that the model's output stays the same: :func:`_expand_shared`; a model that fails on the
-  expanded inputs is not covered), recorded inputs are not modified in place afterwards, and
-  no batch norm uses batch statistics (it would mix the samples). Unit inputs are per-sample
-  (the batch leading) or shared by all samples; an input of three or more dimensions whose leading
-  dimension is a multiple of the batch larger than it (a 3-d ``attn_mask`` of shape
-  ``(B * heads, L, S)``) is taken for per-sample data folded into the batch dimension, which
-  the decomposition cannot split. Since a sequence-first ``(T, B, ...)`` layout with
-  ``T == B``, or a layer run on a shared table of ``B`` rows, would pass the checks above,
-  :func:`check_batch_layout` records the units again on fewer samples to tell (once per model
-  and recorded shapes).
+  over the batch, once a check on two samples shows that the model's output stays the same:
+  :func:`_expand_shared`; a model that fails on the expanded inputs is not covered), recorded
+  inputs are not modified in place afterwards, and no batch norm uses batch statistics (it
+  would mix the samples). Unit inputs are per-sample (the batch leading) or shared by all
+  samples; an input of three or more dimensions whose leading dimension is a multiple of the
+  batch larger than it (a 3-d ``attn_mask`` of shape ``(B * heads, L, S)``) is taken for
+  per-sample data folded into the batch dimension, which the decomposition cannot split.
+  Since a sequence-first ``(T, B, ...)`` layout with ``T == B``, or a layer run on a shared
+  table of ``B`` rows, would pass the checks above, :func:`check_batch_layout` records the
+  units again on fewer samples to tell (once per model and recorded shapes).
 
 Memory: the forward pass over the whole batch gives the checks and the vectors (like the
 functorch engine's pass that makes its vectors, it is bounded by the batch the data yields); when
@@ -109,7 +108,7 @@ from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
-from .._batches import Batch, same_output
+from .._batches import Batch, is_per_sample, same_output
 from . import base
 from .base import (
     VMAP_WRONG,
@@ -244,17 +243,17 @@ def _expand_shared(
     if not tensors:
         return None
     if batch_size > 1 and all(t.shape[0] == 1 for t in tensors):
-        return pytree.tree_map_only(
-            Tensor, lambda t: t.expand(batch_size, *t.shape[1:]) if t.dim() > 0 else t, call
-        )
-    if all(
+        kept = 1  # (the leading 1 becomes the batch)
+    elif all(
         tuple(t.shape) in sample_shapes and batch_size not in t.shape and t.shape[0] != 1
         for t in tensors
     ):
-        return pytree.tree_map_only(
-            Tensor, lambda t: t.expand(batch_size, *t.shape) if t.dim() > 0 else t, call
-        )
-    return None
+        kept = 0  # (the batch goes in front)
+    else:
+        return None
+    return pytree.tree_map_only(
+        Tensor, lambda t: t.expand(batch_size, *t.shape[kept:]) if t.dim() > 0 else t, call
+    )
 
 
 def _describe(path: str) -> str:
@@ -697,7 +696,7 @@ def check_batch_layout(
             )
     together = pytree.tree_leaves(output)
     if len(together) != len(alone) or not all(
-        same_output(a, t[:fewer] if isinstance(t, Tensor) and t.dim() and len(t) == size else t)
+        same_output(a, t[:fewer] if is_per_sample(t, size) else t)
         for t, a in zip(together, alone)
     ):
         raise Unsupported(

@@ -106,9 +106,10 @@ def copies_layout(
         )
         first = first or problem
         shapes: dict[torch.Size, dict[str, Tensor]] = {}
-        for name, p in trying.items():
-            shapes.setdefault(p.shape, {})[name] = p
-        if raised and len(shapes) > 1:
+        if raised:  # (the model raised on them together: each shape apart)
+            for name, p in trying.items():
+                shapes.setdefault(p.shape, {})[name] = p
+        if len(shapes) > 1:
             regrouped, failing = True, set()
             for alike in shapes.values():
                 failing |= per_sample_problem(
