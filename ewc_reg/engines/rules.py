@@ -486,7 +486,7 @@ def linear(
     :class:`LinearSums` of all ``K`` vectors at once. Also the rule of Hugging Face's
     ``FalconLinear``, an ``nn.Linear`` whose own ``forward`` computes the same (matched by its
     class's qualified name; without it Falcon's 8 projections per layer went to the per-module
-    fallback, and ``exact`` took 2.5 times as long as on Llama)."""
+    fallback)."""
     return feed_all(_linear_sums(module, (x,), {}, {}, names, budget), {0: grads})
 
 
