@@ -176,17 +176,21 @@ class EWCRegularizer:
         Parameters new since the last ``consolidate`` (a head added for this task) join with
         no Fisher from the earlier tasks, which did not depend on them: the same state as if
         they had been there all along, unused. Those protected before and frozen since
-        (``requires_grad=False``: an old task's head, say) get no Fisher from this task, as
-        parameters the task does not depend on: their quadratic stays (decayed by ``gamma``).
-        The others protected before must still be selected, with the same shapes (else
-        ``ValueError``, before any computation).
+        (``requires_grad=False``: an old task's head, a backbone frozen while a head is
+        fine-tuned) still get this task's Fisher, through which the task may depend on them
+        (a frozen backbone does; an old head the task's ``output_fn`` leaves out gets zeros):
+        their ``requires_grad`` is set for the computation and restored after. The others
+        protected before must still be selected, with the same shapes (else ``ValueError``,
+        before any computation).
 
         Extra keyword arguments (``chunk_size``, ``backend``, ``memory_budget``,
         ``max_exact_vectors``) go to :func:`ewc_reg.fisher_diagonal`. If anything fails the
         regularizer is unchanged (in a distributed run: on every rank). The settings
         (``n_samples``, ``method``, ...) are the regularizer's attributes, not arguments here.
         """
-        settings = sorted(set(fisher_kwargs) & {*_SETTINGS, "params"})
+        settings = sorted(
+            set(fisher_kwargs) & {*_SETTINGS, "params", "process_group", "distributed"}
+        )
         if settings:
             raise TypeError(
                 f"consolidate() takes no {settings}: they are settings of the regularizer; "
@@ -194,33 +198,40 @@ class EWCRegularizer:
             )
         selection, selected, frozen = self._selection(self._precision)
         self._check_still_protected({**selected, **frozen}, "consolidate")
-        fisher = fisher_diagonal(
-            self.model,
-            data,
-            self.method,
-            n_samples=self.n_samples,
-            mc_samples=self.mc_samples,
-            likelihood=self.likelihood,
-            output_fn=output_fn,
-            generator=generator,
-            progress=progress,
-            params=selection,
-            process_group=self.process_group,
-            distributed=self.distributed,
-            **fisher_kwargs,
-        )
+        if frozen:  # (by name, unfrozen for the computation)
+            selection = (*selected, *frozen)
+        try:
+            for p in frozen.values():
+                p.requires_grad_(True)
+            fisher = fisher_diagonal(
+                self.model,
+                data,
+                self.method,
+                n_samples=self.n_samples,
+                mc_samples=self.mc_samples,
+                likelihood=self.likelihood,
+                output_fn=output_fn,
+                generator=generator,
+                progress=progress,
+                params=selection,
+                process_group=self.process_group,
+                distributed=self.distributed,
+                **fisher_kwargs,
+            )
+        finally:
+            for p in frozen.values():
+                p.requires_grad_(False)
         params = dict(self.model.named_parameters())
-        merged = {**fisher, **{name: torch.zeros_like(self._precision[name]) for name in frozen}}
-        theta = {name: params[name].detach().to(f.dtype) for name, f in merged.items()}
+        theta = {name: params[name].detach().to(f.dtype) for name, f in fisher.items()}
         if self.mode == "separate" and self._precision:
-            precision, center, offset = self._merge_separate(merged, theta)
+            precision, center, offset = self._merge_separate(fisher, theta)
         else:  # online, or the first task of either mode
             precision = {
                 n: self.gamma * self._precision[n] + f if n in self._precision else f
-                for n, f in merged.items()
+                for n, f in fisher.items()
             }
             center = {n: t.clone() for n, t in theta.items()}
-            first = next(iter(merged.values()))
+            first = next(iter(fisher.values()))
             offset = torch.zeros((), dtype=first.dtype, device=first.device)
         self._precision, self._center, self._offset = precision, center, offset
         self.num_tasks += 1
@@ -231,9 +242,9 @@ class EWCRegularizer:
         self, protected: Iterable[str]
     ) -> tuple[ParamSelection, dict[str, Tensor], dict[str, Tensor]]:
         """``params`` for :func:`~ewc_reg.fisher_diagonal` now, the parameters it selects, and
-        the ``protected`` ones frozen since (``requires_grad=False``, not selected: kept with a
-        zero Fisher). A list of names loses its frozen protected names (naming a frozen
-        parameter is an error of :func:`~ewc_reg.fisher.select_parameters`)."""
+        the ``protected`` ones frozen since (``requires_grad=False``, not selected). A list of
+        names loses its frozen protected names (naming a frozen parameter is an error of
+        :func:`~ewc_reg.fisher.select_parameters`)."""
         named = dict(self.model.named_parameters())
         frozen_names = {n for n in protected if n in named and not named[n].requires_grad}
         params = self.params
@@ -287,8 +298,9 @@ class EWCRegularizer:
     def penalty(self) -> Tensor:
         r""":math:`\frac{\lambda}{2}\big(\sum_i A_i(\theta_i-\mu_i)^2 + c\big)`, differentiable
         in the model's current parameters; a zero tensor before the first ``consolidate``.
-        When the model has moved to another device since, ``A``, ``μ`` and ``c`` follow it
-        (once). ``ValueError`` when a protected parameter has been removed or reshaped.
+        When the model has moved to another device or dtype since, ``A``, ``μ`` and ``c``
+        follow it (once). ``ValueError`` when a protected parameter has been removed or
+        reshaped.
 
         For its gradient alone, :meth:`add_penalty_grad` after ``loss.backward()`` is faster."""
         if not self._precision:
@@ -333,28 +345,42 @@ class EWCRegularizer:
         self, where: str, use: Callable[[list[Tensor], list[Tensor], list[Tensor]], Any]
     ) -> Any:
         """``use(θ, A, μ)`` over the protected parameters, with ``A``, ``μ`` and ``c`` moved to
-        the model's devices first if it has moved since (once); a failure caused by a protected
-        parameter removed or reshaped since is reported as such (``ValueError``, from
-        ``where``), checked only then so that the training step pays nothing for it."""
+        the model's devices and dtypes first if it has changed them since (once: the dtypes
+        ``consolidate`` would give them); a protected parameter removed or reshaped since is
+        reported as such (``ValueError``, from ``where``): a reshaped one by comparing shapes
+        (broadcasting would hide a head of one unit grown in place), a removed one only on the
+        ``KeyError``, which costs the training step nothing."""
         params = dict(self.model.named_parameters())
         names = list(self._precision)
         try:
             current = [params[n] for n in names]
-            if any(p.device != self._precision[n].device for n, p in zip(names, current)):
-                self._move_to(params)  # the model moved since consolidate (once)
-            return use(
-                current, [self._precision[n] for n in names], [self._center[n] for n in names]
-            )
+            precision = [self._precision[n] for n in names]
+            if any(p.shape != a.shape for p, a in zip(current, precision)):
+                self._check_still_protected(params, where)
+            if any(
+                p.device != a.device
+                or (p.dtype != a.dtype and accumulation_dtype(p.dtype) != a.dtype)
+                for p, a in zip(current, precision)
+            ):
+                self._move_to(params)  # the model moved or changed dtype since (once)
+                precision = [self._precision[n] for n in names]
+            return use(current, precision, [self._center[n] for n in names])
         except (KeyError, RuntimeError):
             self._check_still_protected(params, where)
             raise
 
     def _move_to(self, params: dict[str, Tensor]) -> None:
-        """Put ``A`` and ``μ`` on their parameters' devices, ``c`` on the first one's."""
-        self._precision = {n: a.to(params[n].device) for n, a in self._precision.items()}
-        self._center = {n: m.to(params[n].device) for n, m in self._center.items()}
+        """Put ``A`` and ``μ`` on their parameters' devices, in the dtypes ``consolidate``
+        would give them now, and ``c`` on the first one's."""
+
+        def moved(t: Tensor, p: Tensor) -> Tensor:
+            return t.to(p.device, accumulation_dtype(p.dtype))
+
+        self._precision = {n: moved(a, params[n]) for n, a in self._precision.items()}
+        self._center = {n: moved(m, params[n]) for n, m in self._center.items()}
         if self._offset is not None and self._precision:
-            self._offset = self._offset.to(next(iter(self._precision.values())).device)
+            first = next(iter(self._precision.values()))
+            self._offset = self._offset.to(first.device, first.dtype)
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume: settings, task count, Fisher, anchors and offset."""

@@ -207,6 +207,30 @@ def test_penalty_follows_the_model_device_dtype_and_is_a_tensor():
     assert pen.dtype == torch.float32 and pen.requires_grad and pen.item() > 0
 
 
+def test_the_state_follows_the_model_to_another_dtype():
+    """After ``model.double()`` the state is float64 too, as consolidate would make it now
+    (before, the penalty of a 1e-9 step came out 2.3e-19 in float32 against 1.25e-18), and
+    after ``model.bfloat16()`` float32, the dtype sums of a bf16 model accumulate in."""
+    model = mlp().float()
+    reg = EWCRegularizer(model, strength=1.0)
+    reg.consolidate([(torch.randn(8, 6), torch.randint(0, 5, (8,)))])
+    fisher, anchor = reg.fisher, reg.anchor
+    model.double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1e-9)
+    want = 0.5 * sum(
+        (fisher[n].double() * (p.detach() - anchor[n].double()).square()).sum()
+        for n, p in model.named_parameters()
+    )
+    pen = reg.penalty()
+    assert pen.dtype == torch.float64 and set(reg.fisher.values()).pop().dtype == torch.float64
+    torch.testing.assert_close(pen, want, rtol=1e-12, atol=0)
+    model.bfloat16()
+    assert reg.penalty().dtype == torch.float32
+    assert {a.dtype for a in reg.anchor.values()} == {torch.float32}
+
+
 def test_consolidate_under_inference_mode_keeps_an_ordinary_trainable_state():
     """Consolidating from an evaluation loop: the state is made of ordinary tensors, so the
     penalty trains afterwards as usual, in both modes."""
@@ -308,6 +332,23 @@ def test_consolidate_refuses_to_drop_or_reshape_a_protected_parameter_before_com
     after = reg.state_dict()
     assert after["num_tasks"] == 1
     torch.testing.assert_close(after["fisher"], before["fisher"], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("units", [1, 3])
+def test_a_head_grown_or_shrunk_in_place_is_an_error_even_where_it_broadcasts(units):
+    """A head of one unit grown to three, or three shrunk to one: the state's shapes broadcast
+    against the new ones (before, penalty() pulled the new units to the old unit's anchor, and
+    summed three rows' gradients into one, without an error)."""
+    model = MultiHead(heads=1)
+    model.heads[0] = torch.nn.Linear(5, units).double()
+    reg = EWCRegularizer(model, strength=1.0)
+    reg.consolidate(task_data(0, classes=units), output_fn=lambda out: out)
+    model.heads[0] = torch.nn.Linear(5, 4 - units).double()
+    reshaped = rf"parameter 'heads.0.weight' has shape \({4 - units}, 5\).*\({units}, 5\)"
+    with pytest.raises(ValueError, match="^penalty: " + reshaped):
+        reg.penalty()
+    with pytest.raises(ValueError, match="^add_penalty_grad: " + reshaped):
+        reg.add_penalty_grad()
 
 
 def test_penalty_says_which_protected_parameter_changed_shape_or_went():
@@ -500,6 +541,9 @@ def test_settings_take_numpy_numbers_and_are_not_arguments_of_consolidate():
     assert (reg.strength, reg.n_samples) == (1e5, 5) and type(reg.n_samples) is int
     with pytest.raises(TypeError, match=r"settings of the regularizer.*reg.n_samples"):
         reg.consolidate(task_data(0), n_samples=3)
+    for name in ("distributed", "process_group"):
+        with pytest.raises(TypeError, match=rf"settings of the regularizer.*reg.{name}"):
+            reg.consolidate(task_data(0), **{name: None})
     with pytest.raises(ValueError, match="nope"):
         reg.params = ["nope"]
     reg.params = (name for name in ["4.weight"])  # (an iterator: kept as a tuple)
@@ -511,7 +555,7 @@ def test_settings_take_numpy_numbers_and_are_not_arguments_of_consolidate():
 @pytest.mark.parametrize("mode", MODES)
 def test_a_frozen_old_head_keeps_its_quadratic(mode, selection):
     """Freezing an old task's head (multi-head continual learning) is not an error: the new
-    task's Fisher of the head is 0 (the task cannot depend on it), so its quadratic stays,
+    task's Fisher of the head is 0 (its output_fn leaves the head out), so its quadratic stays,
     decayed by gamma (online: anchored at its current value; separate: at its old centre);
     the other parameters get what they would get without the freezing."""
     model = MultiHead(heads=2)
@@ -531,7 +575,8 @@ def test_a_frozen_old_head_keeps_its_quadratic(mode, selection):
         p.requires_grad_(False)
     fisher = reg.consolidate(task_data(1, classes=3), output_fn=task_head(1))
     twin.consolidate(task_data(1, classes=3), output_fn=task_head(1))
-    assert not any(name.startswith("heads.0.") for name in fisher)  # (this task's own)
+    assert all(not f.any() for name, f in fisher.items() if name.startswith("heads.0."))
+    assert not any(p.requires_grad for p in model.heads[0].parameters())  # (restored)
     for name, a in reg.fisher.items():
         if name.startswith("heads.0."):
             torch.testing.assert_close(a, 0.8 * first_fisher[name], rtol=1e-14, atol=0)
@@ -548,6 +593,38 @@ def test_a_frozen_old_head_keeps_its_quadratic(mode, selection):
     again = EWCRegularizer(model, params=params)  # (a state with frozen entries loads)
     again.load_state_dict(reg.state_dict())
     assert again.penalty().item() == loss.item()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_backbone_frozen_for_a_task_gets_that_tasks_fisher(mode):
+    """A trunk frozen while the next task's head is fine-tuned still shapes that task's
+    likelihood: its Fisher from the task joins (before, it got zeros, and a frozen backbone
+    later unfrozen kept 15% of its protection in the audit's example). The result equals
+    that of a twin consolidated without freezing, and the flags are restored, also when the
+    computation fails."""
+    model = MultiHead(heads=2)
+    reg = EWCRegularizer(model, strength=2.0, mode=mode, gamma=0.8)
+    reg.consolidate(task_data(0, classes=3), output_fn=task_head(0))
+    perturb_named(model, 1, task=1)
+    twin_model = copy.deepcopy(model)
+    twin = EWCRegularizer(twin_model, strength=2.0, mode=mode, gamma=0.8)
+    twin.load_state_dict(reg.state_dict())
+    model.trunk.requires_grad_(False)
+
+    def failing():
+        yield task_data(1, classes=3)[0]
+        raise RuntimeError("the loader failed")
+
+    with pytest.raises(RuntimeError, match="the loader failed"):
+        reg.consolidate(failing(), output_fn=task_head(1))
+    assert not any(p.requires_grad for p in model.trunk.parameters())
+    fisher = reg.consolidate(task_data(1, classes=3), output_fn=task_head(1))
+    want = twin.consolidate(task_data(1, classes=3), output_fn=task_head(1))
+    assert not any(p.requires_grad for p in model.trunk.parameters())
+    assert fisher["trunk.weight"].abs().min() > 0
+    torch.testing.assert_close(fisher, want, rtol=1e-14, atol=0)
+    torch.testing.assert_close(reg.fisher, twin.fisher, rtol=1e-14, atol=0)
+    torch.testing.assert_close(reg.anchor, twin.anchor, rtol=1e-14, atol=0)
 
 
 def test_a_state_loads_into_a_model_with_every_parameter_frozen():
