@@ -52,6 +52,15 @@ class Batch:
         args, kwargs, targets = pytree.tree_map(cut, (self.args, self.kwargs, self.targets))
         return Batch(args, kwargs, targets, len(range(start, min(stop, self.size))))
 
+    def reversed(self) -> Batch:
+        """The samples in reverse order."""
+
+        def flip(leaf: Any) -> Any:
+            return leaf.flip(0) if is_per_sample(leaf, self.size) else leaf
+
+        args, kwargs, targets = pytree.tree_map(flip, (self.args, self.kwargs, self.targets))
+        return Batch(args, kwargs, targets, self.size)
+
     def sample_shapes(self) -> tuple[tuple[int, ...], ...]:
         """The shapes of one sample's tensors (each per-sample tensor's without its first
         dimension), in the order of the batch's inputs."""

@@ -73,12 +73,19 @@ The decomposition is valid only if (checked; otherwise :class:`Unsupported` is r
   :func:`_expand_shared`; a model that fails on the expanded inputs is not covered), recorded
   inputs are not modified in place afterwards, and no batch norm uses batch statistics (it
   would mix the samples). Unit inputs are per-sample (the batch leading) or shared by all
-  samples; an input of three or more dimensions whose leading dimension is a multiple of the
-  batch larger than it (a 3-d ``attn_mask`` of shape ``(B * heads, L, S)``) is taken for
-  per-sample data folded into the batch dimension, which the decomposition cannot split.
+  samples; a unit whose rule treats the leading dimensions alike (:data:`.rules.FOLDABLE`:
+  linear layers, embeddings, layer and RMS norms) may also be called on per-sample data
+  folded into the batch dimension, ``x`` of shape ``(B T, ...)`` with sample ``n``'s
+  positions in rows ``nT`` to ``nT + T - 1`` (``hidden.view(-1, D)``, as OPT's layers;
+  Swin's windows): its rule gets ``x`` unfolded to ``(B, T, ...)`` and the gradients at
+  its output alike, once the checks below show the rows to be so; any other input of three
+  or more dimensions whose leading dimension is a multiple of the batch larger than it (a 3-d
+  ``attn_mask`` of shape ``(B * heads, L, S)``) is taken for folded per-sample data the
+  decomposition cannot split.
   Since a sequence-first ``(T, B, ...)`` layout with ``T == B``, or a layer run on a shared
   table of ``B`` rows, would pass the checks above, :func:`check_batch_layout` records the
-  units again on fewer samples to tell (once per model and recorded shapes).
+  units again on fewer samples to tell (once per model and recorded shapes; where calls are
+  folded, also on the batch in reverse order: :func:`_check_folds`).
 
 Memory: the forward pass over the whole batch gives the checks and the vectors (like the
 functorch engine's pass that makes its vectors, it is bounded by the batch the data yields); when
@@ -132,6 +139,7 @@ from .loose import (
     per_sample_copies,
 )
 from .rules import (
+    FOLDABLE,
     RECORDED_FORWARDS,
     Accumulator,
     CallRule,
@@ -191,6 +199,7 @@ class _Record:
     outputs: list[torch.Size] = field(default_factory=list)  # every output tensor's shape
     kept: dict[str, Tensor] = field(default_factory=dict)  # by the rule's recorded forward
     expanded: bool = False  # its inputs, all shared, were expanded over the batch
+    folded: int = 1  # the positions per sample folded into its tensors' batch dimension
     member: int | None = None  # which of a Tied unit's modules was called
     more: list[_Record] = field(default_factory=list)  # the unit's later calls
 
@@ -254,6 +263,25 @@ def _expand_shared(
     return pytree.tree_map_only(
         Tensor, lambda t: t.expand(batch_size, *t.shape[kept:]) if t.dim() > 0 else t, call
     )
+
+
+def _unfold(t: Tensor, dim: int, positions: int) -> Tensor:
+    """``t`` with its dimension ``dim`` of ``B T`` rows, sample ``n``'s positions in rows ``nT``
+    to ``nT + T - 1``, split into ``(B, T)`` (``positions`` is ``T``; 1: ``t`` as it is)."""
+    if positions == 1:
+        return t
+    return t.reshape(*t.shape[:dim], -1, positions, *t.shape[dim + 1 :])
+
+
+def _folds(unit: _Unit, args: tuple[Any, ...], kwargs: dict[str, Any], batch_size: int) -> int:
+    """How many positions per sample a call ``module(x)`` of a unit whose rule is in
+    :data:`.rules.FOLDABLE` has folded into its batch dimension: ``T`` where ``x`` has shape
+    ``(B T, ...)`` for ``T > 1``, else 1 (:func:`check_batch_layout` checks that its rows are
+    the samples' positions, one sample after another)."""
+    if unit.rule not in FOLDABLE or kwargs or len(args) != 1 or not isinstance(args[0], Tensor):
+        return 1
+    lead = args[0].shape[0] if args[0].dim() else 0
+    return lead // batch_size if lead > batch_size and lead % batch_size == 0 else 1
 
 
 def _describe(path: str) -> str:
@@ -499,12 +527,17 @@ class _Recorder(TorchFunctionMode):
             args, kwargs = expanded
             tensors = _tensors(expanded)
         versions = [(t, t._version) for t in tensors]
+        folded = 1 if expanded is not None else _folds(unit, args, kwargs, self.batch_size)
+        if folded > 1:  # (the module runs on x as it is; its rule gets x unfolded)
+            args = (_unfold(args[0], 0, folded),)
+            tensors = list(args)
         record = _Record(
             args,
             kwargs,
             versions,
             inputs=[t.shape for t in tensors],
             expanded=bool(expanded),
+            folded=folded,
             member=member,
         )
         first = self.records.setdefault(unit, record)
@@ -540,8 +573,13 @@ class _Recorder(TorchFunctionMode):
             if not isinstance(leaf, Tensor):
                 continue
             dim = nth(outputs, i)
-            record.outputs.append(leaf.shape)
-            if leaf.dim() <= dim or leaf.shape[dim] != self.batch_size:
+            # (a folded call's output, (B T, ...) as its input: its gradients are unfolded as the
+            # pull-back brings them, see _pull_back)
+            shape = leaf.shape
+            if record.folded > 1 and leaf.dim() and shape[0] == self.batch_size * record.folded:
+                shape = torch.Size((self.batch_size, record.folded, *shape[1:]))
+            record.outputs.append(shape)
+            if len(shape) <= dim or shape[dim] != self.batch_size:
                 where = "leading dimension" if dim == 0 else f"dimension {dim}"
                 self._flag(
                     f"an output of {_describe(unit.path)} has shape {tuple(leaf.shape)}, without "
@@ -552,7 +590,7 @@ class _Recorder(TorchFunctionMode):
             if leaf.requires_grad and not any(leaf is piece for piece in pulled):
                 record.edges.append(get_gradient_edge(leaf))
                 record.leaves.append(i)
-                record.shapes.append(leaf.shape)
+                record.shapes.append(shape)
         return output if separate else None
 
     def __torch_function__(
@@ -631,7 +669,11 @@ def check_batch_layout(
     ``torch.arange(C)``, ``C == B``). So the units are recorded again on the first ``B' < B``
     samples (without gradients) and every shape must change as the batch dimension does:
     inputs from ``(B, *rest)`` to ``(B', *rest)`` or not at all (shared by the samples),
-    outputs from ``(B, *rest)`` to ``(B', *rest)``. The model's ``output`` on the whole batch
+    outputs from ``(B, *rest)`` to ``(B', *rest)``; a call's input with positions folded
+    into the batch dimension (:data:`.rules.FOLDABLE`) must be, for the first ``B'``
+    samples, the first rows of the whole batch's (positions first, ``(T B, ...)``, are not),
+    and its blocks of rows must follow the samples in reverse order (:func:`_check_folds`).
+    The model's ``output`` on the whole batch
     must be, for the first ``B'`` samples, what they give alone: batch statistics that no
     batch-norm module computes (``F.batch_norm(..., training=True)`` in a module of the user's,
     ``x - x.mean(0)``) mix the samples, and the decomposition would be wrong. (The engine does
@@ -694,6 +736,11 @@ def check_batch_layout(
                 f"{fewer} (a sequence-first (T, B, ...) layout, or shapes that depend on which "
                 "samples are in the batch?)"
             )
+        for call, call_again in zip(calls, calls_again):
+            if call.folded > 1 and not same_output(call_again.args[0], call.args[0][:fewer]):
+                raise Unsupported(_not_folded(unit, call, f"the first {fewer} samples alone"))
+    if any(call.folded > 1 for record in records.values() for call in record.calls()):
+        _check_folds(model, units, batch, output_fn, records, expanding)
     together = pytree.tree_leaves(output)
     if len(together) != len(alone) or not all(
         same_output(a, t[:fewer] if is_per_sample(t, size) else t)
@@ -705,6 +752,54 @@ def check_batch_layout(
             "module in eval mode?), the inputs are not per-sample along their first "
             f"dimension ({batch.layout()}), or the model is not deterministic in eval mode"
         )
+
+
+def _not_folded(unit: _Unit, call: _Record, run: str) -> str:
+    (size, positions, *rest) = call.args[0].shape
+    return (
+        f"an input of {_describe(unit.path)} has shape {(size * positions, *rest)}, with "
+        f"{positions} rows per sample folded into the batch dimension, but its rows for "
+        f"{run} differ: they are not each sample's {positions} positions one sample after "
+        "another (positions first, (T B, ...)? or a number of rows that differs between "
+        "samples?)"
+    )
+
+
+def _check_folds(
+    model: nn.Module,
+    units: list[_Unit],
+    batch: Batch,
+    output_fn: OutputFn,
+    records: dict[_Unit, _Record],
+    expanding: set[str],
+) -> None:
+    """Raise :class:`Unsupported` unless, for every call with positions folded into its batch
+    dimension (``(B T, ...)``, :data:`.rules.FOLDABLE`), the model on the batch in reverse
+    order (without gradients) gives the call an input whose blocks of ``T`` rows are the
+    first pass's in reverse order. The check on the first samples alone
+    (:func:`check_batch_layout`) only shows that the first samples' rows come first, as many as
+    ``T`` per sample on average: rows packed one sample after another without padding, in
+    numbers that differ between samples, can pass it. Reversed, the blocks of ``T`` rows are
+    the same only where every sample has ``T`` rows (rows of distinct values)."""
+    try:
+        with torch.no_grad(), _TablesKept(), _Recorder(units, batch, expanding) as recorder:
+            output_fn(batch.reversed().call(model))
+    except Exception as error:  # (it ran on the batch in order)
+        raise Unsupported(
+            f"the batch dimension could not be checked: the model failed on the batch in "
+            f"reverse order ({type(error).__name__}: {error})"
+        ) from error
+    for unit, record in records.items():
+        again = recorder.records.get(unit)
+        calls, calls_again = record.calls(), [] if again is None else again.calls()
+        if len(calls) != len(calls_again):
+            raise Unsupported(f"{_describe(unit.path)} is called differently in another order")
+        for call, call_again in zip(calls, calls_again):
+            if call.folded > 1 and not (
+                call_again.args[0].shape == call.args[0].shape
+                and same_output(call_again.args[0].flip(0), call.args[0])
+            ):
+                raise Unsupported(_not_folded(unit, call, "the samples in reverse order"))
 
 
 #: The lookups that renormalise an embedding table with ``max_norm`` (see :class:`_TablesKept`).
@@ -819,11 +914,14 @@ def _pull_back(
     looped: bool,
     storage: dict[int, Tensor] | None = None,
     reducers: dict[int, Reducer] | None = None,
+    folds: list[int] | None = None,
 ) -> list[Tensor | None]:
     """``(K, *shape)`` gradients of ``<output, v_k>`` with respect to each edge's tensor, from
     one backward pass batched over the ``K`` vectors (:func:`.base.batched_grads`), or (``looped``)
     one pass per vector; those of the edges in ``reducers`` (by position) are reduced by it as
     they come (one vector at a time when looped), and only the reduced gradients are kept.
+    The gradients of an edge whose tensor has ``T = folds[i] > 1`` positions per sample folded
+    into its batch dimension come unfolded, ``(K, B, T, ...)`` (see :data:`.rules.FOLDABLE`).
 
     The looped gradients are views of ``(B, K, *shape[1:])`` storage (each sample's ``K``
     gradients contiguous, as the convolution rule wants them) taken from ``storage`` (by edge
@@ -832,9 +930,11 @@ def _pull_back(
     ``fisher_diagonal`` call): reusing memory spares the page faults of fresh allocations (on
     CPU, writing a fresh buffer costs about five times as much as writing a used one)."""
     reducers = reducers or {}
+    folds = folds or [1] * len(edges)
     if not looped:
         grads = batched_grads(output, edges, vectors)
         with torch.no_grad():
+            grads = [None if g is None else _unfold(g, 1, t) for g, t in zip(grads, folds)]
             return [
                 reducers[i](g) if g is not None and i in reducers else g
                 for i, g in enumerate(grads)
@@ -848,6 +948,7 @@ def _pull_back(
         for i, g in enumerate(pulled):
             if g is None:
                 continue
+            g = _unfold(g, 0, folds[i])
             if i in reducers:
                 with torch.no_grad():
                     g = reducers[i](g)
@@ -1193,6 +1294,9 @@ class HookEngine:
         if not live:
             return
         edges = [edge for _, _, unit_edges in live for edge in unit_edges]
+        folds = [
+            call.folded for _, record, _ in live for call in record.calls() for _ in call.edges
+        ]
         reducers: dict[int, Reducer] = {}
         accumulators: dict[_Unit, Accumulator] = {}
         position = 0
@@ -1216,7 +1320,7 @@ class HookEngine:
                             reducers[offset] = reduction(unit.module, call.args[0], names)
                         offset += len(call.edges)
             position += len(unit_edges)
-        grads = _pull_back(output, edges, vectors, looped, storage, reducers)
+        grads = _pull_back(output, edges, vectors, looped, storage, reducers, folds)
         del reducers
         position = 0
         totals, terms = [], []

@@ -176,6 +176,15 @@ SEVERAL_CALLS: dict[Rule, SeveralCalls] = {}
 #: :data:`CALL_RULES`, the positions are those of the pieces its recorded forward keeps.
 POSITIONWISE: dict[Rule | CallRule, Callable[[nn.Module], tuple[int, int] | None]] = {}
 
+#: Rules of layers called as ``module(x)`` that treat every index of the leading dimensions of
+#: ``x`` alike (the position-wise layers, and the layer and RMS norms, which normalise trailing
+#: dimensions), and take any number of them: a call on per-sample data folded into the batch
+#: dimension, ``x`` of shape ``(B T, *rest)`` with sample ``n`` in rows ``nT`` to ``nT + T - 1``
+#: (``hidden.view(-1, D)`` before a feed-forward block, windows of an image), is the call on
+#: ``x`` of shape ``(B, T, *rest)``, its output gradients alike (the engine unfolds both:
+#: :mod:`.hooks`).
+FOLDABLE: set[Rule] = set()
+
 
 def register(
     *types: type[nn.Module] | str,
@@ -188,6 +197,7 @@ def register(
     batch_dims: Callable[[nn.Module], tuple[tuple[int, ...], tuple[int, ...]]] | None = None,
     positionwise: Callable[[nn.Module], tuple[int, int] | None] | None = None,
     several_calls: SeveralCalls | None = None,
+    foldable: bool = False,
 ) -> Callable[[Any], Any]:
     """Decorator adding a rule to :data:`RULES` for the module classes ``types``, knowing the
     parameters ``params`` (its reduction, if any, to :data:`REDUCTIONS`; with ``whole_call``,
@@ -195,7 +205,7 @@ def register(
     :data:`RECORDED_FORWARDS` and its ``batch_dims`` to :data:`BATCH_DIMS`; its
     accumulation, if any, to :data:`ACCUMULATIONS`; its feature dimensions, if
     ``positionwise``, to :data:`POSITIONWISE`; its ``several_calls``, if any, to
-    :data:`SEVERAL_CALLS`)."""
+    :data:`SEVERAL_CALLS`; with ``foldable``, the rule to :data:`FOLDABLE`)."""
 
     def add(rule: Any) -> Any:
         for cls in types:
@@ -214,6 +224,8 @@ def register(
             POSITIONWISE[rule] = positionwise
         if several_calls is not None:
             SEVERAL_CALLS[rule] = several_calls
+        if foldable:
+            FOLDABLE.add(rule)
         return rule
 
     return add
@@ -478,6 +490,7 @@ def _linear_sums(
     "transformers.models.falcon.modeling_falcon.FalconLinear",
     accumulate=_linear_sums,
     positionwise=lambda module: (1, 1),
+    foldable=True,
 )
 def linear(
     module: nn.Module, x: Tensor, grads: Tensor, names: Collection[str], budget: int
@@ -561,6 +574,7 @@ def _gpt_conv1d_sums(
     "transformers.pytorch_utils.Conv1D",
     accumulate=_gpt_conv1d_sums,
     positionwise=lambda module: (1, 1),
+    foldable=True,
 )
 def gpt_conv1d(
     module: nn.Module, x: Tensor, grads: Tensor, names: Collection[str], budget: int
@@ -738,7 +752,7 @@ def _layer_norm_parts(module: nn.Module, x: Tensor, names: Collection[str]) -> R
     return _affine_parts(xhat, names, _per_trailing(x.dim(), len(module.normalized_shape)))
 
 
-@register(nn.LayerNorm, reduce=_layer_norm_parts)
+@register(nn.LayerNorm, reduce=_layer_norm_parts, foldable=True)
 def layer_norm(
     module: nn.Module, x: Tensor, grads: Tensor, names: Collection[str], budget: int
 ) -> dict[str, Tensor]:
@@ -761,7 +775,7 @@ def rms_norm(
 
 
 if hasattr(nn, "RMSNorm"):  # torch >= 2.4
-    register(nn.RMSNorm, reduce=_rms_norm_parts)(rms_norm)
+    register(nn.RMSNorm, reduce=_rms_norm_parts, foldable=True)(rms_norm)
 
 
 def _per_sample_total(x_dims: int) -> Callable[[Tensor], Tensor]:
@@ -794,6 +808,7 @@ def prelu(
     nn.Embedding,
     accepts=lambda module: not module.scale_grad_by_freq,
     positionwise=lambda module: (0, 1),
+    foldable=True,
 )
 def embedding(
     module: nn.Module, x: Tensor, grads: Tensor, names: Collection[str], budget: int
