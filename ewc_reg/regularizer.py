@@ -355,13 +355,14 @@ class EWCRegularizer:
         try:
             current = [params[n] for n in names]
             precision = [self._precision[n] for n in names]
-            if any(p.shape != a.shape for p, a in zip(current, precision)):
-                self._check_still_protected(params, where)
             if any(
-                p.device != a.device
+                p.shape != a.shape
+                or p.device != a.device
                 or (p.dtype != a.dtype and accumulation_dtype(p.dtype) != a.dtype)
                 for p, a in zip(current, precision)
-            ):
+            ):  # (one pass over the parameters in the common case)
+                if any(p.shape != a.shape for p, a in zip(current, precision)):
+                    self._check_still_protected(params, where)
                 self._move_to(params)  # the model moved or changed dtype since (once)
                 precision = [self._precision[n] for n in names]
             return use(current, precision, [self._center[n] for n in names])
