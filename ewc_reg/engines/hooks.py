@@ -284,6 +284,27 @@ def _folds(unit: _Unit, args: tuple[Any, ...], kwargs: dict[str, Any], batch_siz
     return lead // batch_size if lead > batch_size and lead % batch_size == 0 else 1
 
 
+def _output_edge(leaf: Tensor) -> tuple[GradientEdge, bool]:
+    """The autograd edge at which the gradient that reaches an output ``leaf`` is taken, and
+    whether it is the leaf's own. A view that reshapes a tensor autograd made (a Linear's
+    output on ``(B, T, in)`` is a view of the ``(B T, out)`` product) takes its base's: an
+    in-place operation on the view (``nn.ReLU(inplace=True)``) sends the view's later uses
+    past the view's own edge, to the base's (the Linear's Fisher was 0, or 0.84 off where the
+    output was also used before), and the base's gradient, reshaped, is the view's. Another
+    view keeps its own edge (:meth:`_Recorder.check` sees whether it was modified in place)."""
+    base = leaf._base
+    if (
+        base is not None
+        and base.grad_fn is not None
+        and base.numel() == leaf.numel()
+        and base.is_contiguous()
+        and leaf.is_contiguous()
+        and base.data_ptr() == leaf.data_ptr()
+    ):
+        return get_gradient_edge(base), False
+    return get_gradient_edge(leaf), True
+
+
 def _describe(path: str) -> str:
     if "+" in path:  # (a unit of tied modules: _tie)
         return "the tied modules " + " and ".join(map(repr, path.split("+")))
@@ -444,6 +465,8 @@ class _Recorder(TorchFunctionMode):
         self.made: dict[int, Tensor] = {}
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
         self.forwards: list[nn.Module] = []  # modules whose forward runs in pieces
+        # the output views recorded at their own edges, with their versions then
+        self.views: list[tuple[_Unit, Tensor, int]] = []
 
     def __enter__(self) -> _Recorder:
         try:
@@ -588,7 +611,10 @@ class _Recorder(TorchFunctionMode):
             if leaf.is_floating_point():
                 record.nbytes += leaf.numel() * leaf.element_size()
             if leaf.requires_grad and not any(leaf is piece for piece in pulled):
-                record.edges.append(get_gradient_edge(leaf))
+                edge, own = _output_edge(leaf)
+                if own and leaf._base is not None:  # (a view: modified in place, it is bypassed)
+                    self.views.append((unit, leaf, leaf._version))
+                record.edges.append(edge)
                 record.leaves.append(i)
                 record.shapes.append(shape)
         return output if separate else None
@@ -645,6 +671,12 @@ class _Recorder(TorchFunctionMode):
                 self._flag(
                     f"{_describe(unit.path)} is called more than once per forward pass, with "
                     "several outputs"
+                )
+        for unit, view, version in self.views:
+            if view._version != version:
+                self._flag(
+                    f"an output of {_describe(unit.path)}, a view, is modified in place after it "
+                    "(the gradient would bypass the edge where it is taken)"
                 )
         if self.problem is not None:
             raise Unsupported(self.problem)
@@ -739,7 +771,7 @@ def check_batch_layout(
         for call, call_again in zip(calls, calls_again):
             if call.folded > 1 and not same_output(call_again.args[0], call.args[0][:fewer]):
                 raise Unsupported(_not_folded(unit, call, f"the first {fewer} samples alone"))
-    if any(call.folded > 1 for record in records.values() for call in record.calls()):
+    if _folded(records):
         _check_folds(model, units, batch, output_fn, records, expanding)
     together = pytree.tree_leaves(output)
     if len(together) != len(alone) or not all(
@@ -752,6 +784,11 @@ def check_batch_layout(
             "module in eval mode?), the inputs are not per-sample along their first "
             f"dimension ({batch.layout()}), or the model is not deterministic in eval mode"
         )
+
+
+def _folded(records: dict[_Unit, _Record]) -> bool:
+    """Whether some call has positions folded into its batch dimension."""
+    return any(call.folded > 1 for record in records.values() for call in record.calls())
 
 
 def _not_folded(unit: _Unit, call: _Record, run: str) -> str:
@@ -780,7 +817,10 @@ def _check_folds(
     (:func:`check_batch_layout`) only shows that the first samples' rows come first, as many as
     ``T`` per sample on average: rows packed one sample after another without padding, in
     numbers that differ between samples, can pass it. Reversed, the blocks of ``T`` rows are
-    the same only where every sample has ``T`` rows (rows of distinct values)."""
+    the same only where every sample has ``T`` rows (rows of distinct values). How rows fold
+    depends on the data (the number of tokens each sample has), not only on the shapes, so the
+    engine runs this for every pass it pulls back through (each chunk of samples), not once
+    per shapes: one more forward pass without gradients."""
     try:
         with torch.no_grad(), _TablesKept(), _Recorder(units, batch, expanding) as recorder:
             output_fn(batch.reversed().call(model))
@@ -914,14 +954,16 @@ def _pull_back(
     looped: bool,
     storage: dict[int, Tensor] | None = None,
     reducers: dict[int, Reducer] | None = None,
-    folds: list[int] | None = None,
+    shapes: list[torch.Size] | None = None,
 ) -> list[Tensor | None]:
     """``(K, *shape)`` gradients of ``<output, v_k>`` with respect to each edge's tensor, from
     one backward pass batched over the ``K`` vectors (:func:`.base.batched_grads`), or (``looped``)
     one pass per vector; those of the edges in ``reducers`` (by position) are reduced by it as
     they come (one vector at a time when looped), and only the reduced gradients are kept.
-    The gradients of an edge whose tensor has ``T = folds[i] > 1`` positions per sample folded
-    into its batch dimension come unfolded, ``(K, B, T, ...)`` (see :data:`.rules.FOLDABLE`).
+    The gradients come shaped as ``shapes`` says (each edge's recorded shape), where it is not
+    the shape of the edge's tensor: a call's output with positions folded into its batch
+    dimension comes unfolded, ``(K, B, T, ...)`` (see :data:`.rules.FOLDABLE`), and the output
+    view whose base's edge was recorded, in the view's shape (:func:`_output_edge`).
 
     The looped gradients are views of ``(B, K, *shape[1:])`` storage (each sample's ``K``
     gradients contiguous, as the convolution rule wants them) taken from ``storage`` (by edge
@@ -930,11 +972,11 @@ def _pull_back(
     ``fisher_diagonal`` call): reusing memory spares the page faults of fresh allocations (on
     CPU, writing a fresh buffer costs about five times as much as writing a used one)."""
     reducers = reducers or {}
-    folds = folds or [1] * len(edges)
     if not looped:
         grads = batched_grads(output, edges, vectors)
         with torch.no_grad():
-            grads = [None if g is None else _unfold(g, 1, t) for g, t in zip(grads, folds)]
+            if shapes is not None:
+                grads = [None if g is None else g.reshape(-1, *s) for g, s in zip(grads, shapes)]
             return [
                 reducers[i](g) if g is not None and i in reducers else g
                 for i, g in enumerate(grads)
@@ -948,7 +990,8 @@ def _pull_back(
         for i, g in enumerate(pulled):
             if g is None:
                 continue
-            g = _unfold(g, 0, folds[i])
+            if shapes is not None:
+                g = g.reshape(shapes[i])
             if i in reducers:
                 with torch.no_grad():
                     g = reducers[i](g)
@@ -1168,6 +1211,8 @@ class HookEngine:
             if expanded:
                 check_expansion(model, units, first, output_fn, expanded)
             checked.add(shapes)
+        elif _folded(records):  # (how rows fold depends on the data: checked every pass)
+            _check_folds(model, units, first, output_fn, records, set(_expanded(records)))
 
         def vectors_of(output: Any, start: int, stop: int) -> Tensor:
             """The vectors of samples ``start`` to ``stop - 1``, from ``output``: theirs when
@@ -1212,6 +1257,8 @@ class HookEngine:
             output, records, _ = self._forward(
                 model, units, copied, layouts, chunk, output_fn, True
             )
+            if _folded(records):
+                _check_folds(model, units, chunk, output_fn, records, set(_expanded(records)))
             if row_wise:
                 chunk_vectors = vectors_of(output, start, start + chunk.size)
             else:  # (the whole batch's, from the first pass)
@@ -1294,9 +1341,7 @@ class HookEngine:
         if not live:
             return
         edges = [edge for _, _, unit_edges in live for edge in unit_edges]
-        folds = [
-            call.folded for _, record, _ in live for call in record.calls() for _ in call.edges
-        ]
+        shapes = [s for _, record, _ in live for call in record.calls() for s in call.shapes]
         reducers: dict[int, Reducer] = {}
         accumulators: dict[_Unit, Accumulator] = {}
         position = 0
@@ -1320,7 +1365,7 @@ class HookEngine:
                             reducers[offset] = reduction(unit.module, call.args[0], names)
                         offset += len(call.edges)
             position += len(unit_edges)
-        grads = _pull_back(output, edges, vectors, looped, storage, reducers, folds)
+        grads = _pull_back(output, edges, vectors, looped, storage, reducers, shapes)
         del reducers
         position = 0
         totals, terms = [], []
