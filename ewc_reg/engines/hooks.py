@@ -85,7 +85,8 @@ The decomposition is valid only if (checked; otherwise :class:`Unsupported` is r
   Since a sequence-first ``(T, B, ...)`` layout with ``T == B``, or a layer run on a shared
   table of ``B`` rows, would pass the checks above, :func:`check_batch_layout` records the
   units again on fewer samples to tell (once per model and recorded shapes; where calls are
-  folded, also on the batch in reverse order: :func:`_check_folds`).
+  folded, also on the batch in reverse order, on every pass, since how rows fold depends on
+  the data: :func:`_check_folds`).
 
 Memory: the forward pass over the whole batch gives the checks and the vectors (like the
 functorch engine's pass that makes its vectors, it is bounded by the batch the data yields); when
