@@ -687,6 +687,23 @@ def test_hooks_removed_after_success_and_error() -> None:
     assert torch._C._len_torch_function_stack() == 0
 
 
+@pytest.mark.parametrize("gram", [True, False])
+@pytest.mark.parametrize("shape", [(3, 4, 1, 5, 6), (3, 4, 5, 6, 7), (40, 2, 3, 4, 50)])
+def test_both_ways_of_the_linear_weight_sums(gram, shape, monkeypatch) -> None:
+    """The Linear rule's weight sums over positions, Σ_{n,k} (G_nkᵀ x_n)², through
+    squared_products (its Gram way or its direct one) and through the products over
+    (k, n) pairs; which one runs is a matter of speed only."""
+    num_vectors, batch, positions, out, features = shape
+    grads = torch.randn(num_vectors, batch, positions, out, dtype=torch.float64)
+    x = torch.randn(batch, positions, features, dtype=torch.float64)
+    monkeypatch.setattr(rules, "LINEAR_GRAM_COST", 0 if gram else 10**12)
+    monkeypatch.setattr(rules, "LINEAR_GRAM_READS", 0)
+    want = torch.einsum("kbso,bsi->kboi", grads, x).square().sum((0, 1))
+    torch.testing.assert_close(
+        rules._linear_weight(grads, x, DEFAULT_MEMORY_BUDGET), want, rtol=1e-12, atol=0
+    )
+
+
 # --- models the layer-wise decomposition does not cover ------------------------------------
 
 
