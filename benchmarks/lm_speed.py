@@ -10,9 +10,11 @@ Workloads (``--models``; inputs ``(B, T)`` token ids, next-token targets ``(B, T
 
 * ``toy``: :class:`benchmarks.models.TiedLanguageModel`, a 2-layer causal Transformer with
   nanoGPT's ``(T,)`` positions and its head tied to the token embedding;
-* ``gpt2`` and ``llama``: Hugging Face's ``GPT2LMHeadModel`` and ``LlamaForCausalLM`` with
-  ``tie_word_embeddings`` (2 layers, 64 hidden units, 4 heads), when ``transformers`` is
-  installed (optional, never a dependency of ``ewc_reg``).
+* ``gpt2``, ``llama`` and ``opt``: Hugging Face's ``GPT2LMHeadModel``, ``LlamaForCausalLM``
+  and ``OPTForCausalLM`` with ``tie_word_embeddings`` (2 layers, 64 hidden units, 4 heads;
+  OPT runs its feed-forward blocks on hidden states folded to ``(B T, D)``, which the hooks
+  engine takes unfolded), when ``transformers`` is installed (optional, never a dependency
+  of ``ewc_reg``).
 
 Contenders, timed in one process round-robin, the order reversed every other round (medians):
 
@@ -60,7 +62,7 @@ from ._timing import measure
 from .models import TiedLanguageModel
 
 RESULTS_PATH = Path(__file__).resolve().parent / "results" / "lm_speed.md"
-MODEL_KEYS = ("toy", "gpt2", "llama")
+MODEL_KEYS = ("toy", "gpt2", "llama", "opt")
 METHODS = ("empirical", "sample")
 #: The contenders on the tied model: (name, backend, tied rule on).
 TIED_CONTENDERS = (
@@ -111,7 +113,7 @@ def untied_copy(model: nn.Module) -> nn.Module:
 
 
 def _hugging_face(key: str, vocab: int, seq_len: int, quick: bool) -> nn.Module | None:
-    """GPT-2 or Llama with tied embeddings, or ``None`` without ``transformers``."""
+    """GPT-2, Llama or OPT with tied embeddings, or ``None`` without ``transformers``."""
     try:
         import transformers
     except ImportError:
@@ -121,6 +123,18 @@ def _hugging_face(key: str, vocab: int, seq_len: int, quick: bool) -> nn.Module 
         return transformers.GPT2LMHeadModel(
             transformers.GPT2Config(
                 n_layer=2, n_head=4, n_embd=width, vocab_size=vocab, n_positions=seq_len
+            )
+        )
+    if key == "opt":
+        return transformers.OPTForCausalLM(
+            transformers.OPTConfig(
+                vocab_size=vocab,
+                hidden_size=width,
+                word_embed_proj_dim=width,
+                ffn_dim=4 * width,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                max_position_embeddings=seq_len,
             )
         )
     return transformers.LlamaForCausalLM(
@@ -149,7 +163,7 @@ def make_workloads(args: argparse.Namespace, device: torch.device) -> list[Workl
             title = f"toy causal LM (D={width})"
         else:
             model = _hugging_face(key, args.vocab, args.seq_len, args.quick)
-            title = {"gpt2": "GPT-2", "llama": "Llama"}[key] + " (transformers)"
+            title = {"gpt2": "GPT-2", "llama": "Llama", "opt": "OPT"}[key] + " (transformers)"
         if model is None:
             continue
         tokens = torch.randint(0, args.vocab, (args.batch_size, args.seq_len + 1))
@@ -243,7 +257,7 @@ def render(rows: list[Row], args: argparse.Namespace, command: str, device: torc
     try:
         hf = f"transformers {metadata.version('transformers')}"
     except metadata.PackageNotFoundError:
-        hf = "transformers not installed (GPT-2 and Llama left out)"
+        hf = "transformers not installed (GPT-2, Llama and OPT left out)"
     lines = [
         "# Fisher of language models with tied embeddings",
         "",
