@@ -704,6 +704,34 @@ def test_both_ways_of_the_linear_weight_sums(gram, shape, monkeypatch) -> None:
     )
 
 
+def test_the_recorder_finds_the_tensors_pytree_finds() -> None:
+    """``hooks._tensors`` walks tuples, lists and dicts itself and asks ``pytree`` for anything
+    else: the same tensors in the same order as ``pytree.tree_leaves``."""
+    import collections
+    from dataclasses import dataclass
+
+    from torch.utils import _pytree as pytree
+
+    @dataclass
+    class Pair:
+        first: Tensor
+        second: Tensor
+
+    pytree.register_dataclass(Pair)
+    Point = collections.namedtuple("Point", "x y")
+    t = [torch.randn(2) for _ in range(7)]
+    tree = (
+        t[0],
+        [1, None, torch.float32, (t[1], {"a": t[2], "b": [t[3]]})],
+        collections.OrderedDict(c=Point(t[4], 2.0)),
+        Pair(t[5], t[6]),
+        "text",
+    )
+    want = [leaf for leaf in pytree.tree_leaves(tree) if isinstance(leaf, Tensor)]
+    got = hooks._tensors(tree)
+    assert len(got) == len(want) == 7 and all(a is b for a, b in zip(got, want))
+
+
 # --- models the layer-wise decomposition does not cover ------------------------------------
 
 
