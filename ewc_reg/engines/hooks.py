@@ -285,25 +285,48 @@ def _folds(unit: _Unit, args: tuple[Any, ...], kwargs: dict[str, Any], batch_siz
     return lead // batch_size if lead > batch_size and lead % batch_size == 0 else 1
 
 
+#: The autograd nodes of views that may reshape a tensor without changing its values' order
+#: (a reshape: :func:`_output_edge`).
+_RESHAPES = {
+    "ViewBackward0",
+    "UnsafeViewBackward0",
+    "ReshapeAliasBackward0",
+    "UnsqueezeBackward0",
+    "SqueezeBackward0",
+    "SqueezeBackward1",
+    "SqueezeBackward2",
+    "SliceBackward0",
+    "AliasBackward0",
+}
+
+
 def _output_edge(leaf: Tensor) -> tuple[GradientEdge, bool]:
     """The autograd edge at which the gradient that reaches an output ``leaf`` is taken, and
     whether it is the leaf's own. A view that reshapes a tensor autograd made (a Linear's
     output on ``(B, T, in)`` is a view of the ``(B T, out)`` product) takes its base's: an
     in-place operation on the view (``nn.ReLU(inplace=True)``) sends the view's later uses
     past the view's own edge, to the base's (the Linear's Fisher was 0, or 0.84 off where the
-    output was also used before), and the base's gradient, reshaped, is the view's. Another
-    view keeps its own edge (:meth:`_Recorder.check` sees whether it was modified in place)."""
+    output was also used before), and the base's gradient, reshaped, is the view's. Only where
+    the view is its base reshaped (the same numbers, in the same order) by view operations
+    alone, each passing the gradient on as it is: a custom ``autograd.Function`` returning
+    ``x.view_as(x)`` and scaling the gradient (gradient reversal) lies between them otherwise,
+    and the base's gradient would have its factor already. Another view keeps its own edge
+    (:meth:`_Recorder.check` sees whether it was modified in place)."""
     base = leaf._base
     if (
-        base is not None
-        and base.grad_fn is not None
-        and base.numel() == leaf.numel()
-        and base.is_contiguous()
-        and leaf.is_contiguous()
-        and base.data_ptr() == leaf.data_ptr()
+        base is None
+        or base.grad_fn is None
+        or base.numel() != leaf.numel()
+        or not (base.is_contiguous() and leaf.is_contiguous())
+        or base.data_ptr() != leaf.data_ptr()
     ):
-        return get_gradient_edge(base), False
-    return get_gradient_edge(leaf), True
+        return get_gradient_edge(leaf), True
+    node = leaf.grad_fn
+    while node is not base.grad_fn:  # (only reshapes between them)
+        if node is None or type(node).__name__ not in _RESHAPES:
+            return get_gradient_edge(leaf), True
+        node = node.next_functions[0][0]
+    return get_gradient_edge(base), False
 
 
 def _describe(path: str) -> str:
@@ -554,7 +577,7 @@ class _Recorder(TorchFunctionMode):
                 return piece
             record.kept[name] = piece
             if pull_back and piece.requires_grad:
-                record.edges.append(get_gradient_edge(piece))
+                record.edges.append(self._edge(unit, piece))
                 record.leaves.append(name)
                 record.shapes.append(piece.shape)
                 record.nbytes += piece.numel() * piece.element_size()
@@ -565,6 +588,14 @@ class _Recorder(TorchFunctionMode):
             return original(*args, **kwargs) if output is NotImplemented else output
 
         module.forward = in_pieces
+
+    def _edge(self, unit: _Unit, output: Tensor) -> GradientEdge:
+        """The edge at which the gradient of the unit's ``output`` (or kept piece) is taken
+        (:func:`_output_edge`); a view taken at its own edge is watched (:meth:`check`)."""
+        edge, own = _output_edge(output)
+        if own and output._base is not None:  # (a view: modified in place, it is bypassed)
+            self.views.append((unit, output, output._version))
+        return edge
 
     def _flag(self, problem: str) -> None:
         self.problem = self.problem or problem
@@ -646,10 +677,7 @@ class _Recorder(TorchFunctionMode):
             if leaf.is_floating_point():
                 record.nbytes += leaf.numel() * leaf.element_size()
             if leaf.requires_grad and not any(leaf is piece for piece in pulled):
-                edge, own = _output_edge(leaf)
-                if own and leaf._base is not None:  # (a view: modified in place, it is bypassed)
-                    self.views.append((unit, leaf, leaf._version))
-                record.edges.append(edge)
+                record.edges.append(self._edge(unit, leaf))
                 record.leaves.append(i)
                 record.shapes.append(shape)
         return output if separate else None
