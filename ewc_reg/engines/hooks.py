@@ -71,7 +71,9 @@ The decomposition is valid only if (checked; otherwise :class:`Unsupported` is r
   embedding on ``position_ids`` of shape ``(1, T)`` or ``(T,)``, is called on them expanded
   over the batch, once a check on two samples shows that the model's output stays the same:
   :func:`_expand_shared`; a model that fails on the expanded inputs is not covered), recorded
-  inputs are not modified in place afterwards, and no batch norm uses batch statistics (it
+  inputs are not modified in place afterwards, nor outputs that are views other than reshapes
+  of their bases (the gradient of a reshape is taken at its base: :func:`_output_edge`), and
+  no batch norm uses batch statistics (it
   would mix the samples). Unit inputs are per-sample (the batch leading) or shared by all
   samples; a unit whose rule treats the leading dimensions alike (:data:`.rules.FOLDABLE`:
   linear layers, embeddings, layer and RMS norms) may also be called on per-sample data
