@@ -779,20 +779,14 @@ def check_batch_layout(
     if size < 2:
         return
     fewer = 2 if size > 2 else 1
-    try:
-        # (only the units expanded on the whole batch: the others' shapes are what is checked)
-        expanding = set(_expanded(records))
-        part = batch.samples(0, fewer)
-        recording = _Recorder(units, part, expanding, watch=False)
-        with torch.no_grad(), _TablesKept(), recording as recorder:
-            alone = pytree.tree_leaves(output_fn(part.call(model)))
-    except Exception as error:  # (the model may not take another batch size)
-        raise Unsupported(
-            f"the batch dimension could not be checked: the model failed on {fewer} samples "
-            f"({type(error).__name__}: {error})"
-        ) from error
+    # (only the units expanded on the whole batch: the others' shapes are what is checked)
+    expanding = set(_expanded(records))
+    part = batch.samples(0, fewer)  # (the model may not take another batch size)
+    records_again, alone = _recorded_again(
+        model, units, part, output_fn, expanding, f"{fewer} samples"
+    )
     for unit in units:
-        record, again = records.get(unit), recorder.records.get(unit)
+        record, again = records.get(unit), records_again.get(unit)
         if record is None:
             continue
         calls, calls_again = record.calls(), [] if again is None else again.calls()
@@ -852,6 +846,30 @@ def check_batch_layout(
         )
 
 
+def _recorded_again(
+    model: nn.Module,
+    units: list[_Unit],
+    batch: Batch,
+    output_fn: OutputFn,
+    expanding: set[str],
+    run: str,
+) -> tuple[dict[_Unit, _Record], list[Any]]:
+    """The units' records and the model's output leaves on ``batch``, for a check: without
+    gradients, the embedding tables kept (:class:`_TablesKept`), only the shared inputs of the
+    units at ``expanding`` expanded, and without the recorder's mode (the records are all a
+    check reads). A model failing there raises :class:`Unsupported` (``run``: on what)."""
+    recording = _Recorder(units, batch, expanding, watch=False)
+    try:
+        with torch.no_grad(), _TablesKept(), recording:
+            output = pytree.tree_leaves(output_fn(batch.call(model)))
+    except Exception as error:
+        raise Unsupported(
+            f"the batch dimension could not be checked: the model failed on {run} "
+            f"({type(error).__name__}: {error})"
+        ) from error
+    return recording.records, output
+
+
 def _folded(records: dict[_Unit, _Record]) -> bool:
     """Whether some call has positions folded into its batch dimension."""
     return any(call.folded > 1 for record in records.values() for call in record.calls())
@@ -887,17 +905,11 @@ def _check_folds(
     depends on the data (the number of tokens each sample has), not only on the shapes, so the
     engine runs this for every pass it pulls back through (each chunk of samples), not once
     per shapes: one more forward pass without gradients."""
-    try:
-        recording = _Recorder(units, batch, expanding, watch=False)
-        with torch.no_grad(), _TablesKept(), recording as recorder:
-            output_fn(batch.reversed().call(model))
-    except Exception as error:  # (it ran on the batch in order)
-        raise Unsupported(
-            f"the batch dimension could not be checked: the model failed on the batch in "
-            f"reverse order ({type(error).__name__}: {error})"
-        ) from error
+    records_again, _ = _recorded_again(
+        model, units, batch.reversed(), output_fn, expanding, "the batch in reverse order"
+    )
     for unit, record in records.items():
-        again = recorder.records.get(unit)
+        again = records_again.get(unit)
         calls, calls_again = record.calls(), [] if again is None else again.calls()
         if len(calls) != len(calls_again):
             raise Unsupported(f"{_describe(unit.path)} is called differently in another order")
