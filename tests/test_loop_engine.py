@@ -132,6 +132,23 @@ def test_errors_of_the_model_itself_still_surface() -> None:
         fisher_diagonal(model, data, backend="functorch")
 
 
+def test_a_batch_the_model_fails_on_leaves_the_model_on_vmap(caplog) -> None:
+    """A batch the model fails on by itself (the wrong dtype) is the data's fault, not
+    ``vmap``'s: the model's own error surfaces, and later batches still go through ``vmap``
+    rather than one sample at a time."""
+    model = mlp().double()
+    good = [(torch.randn(5, 6, dtype=torch.float64), torch.randint(0, 5, (5,)))]
+    bad = [(torch.randn(5, 6), torch.randint(0, 5, (5,)))]  # (float32 into a float64 model)
+    with pytest.raises(RuntimeError, match="dtype"):
+        fisher_diagonal(model, bad, backend="functorch")
+    assert model not in FunctorchEngine.unvmappable
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="ewc_reg"):
+        got = fisher_diagonal(model, good, backend="functorch")
+    assert not messages(caplog)
+    assert_close_dicts(got, brute_force_fisher(model, *good[0], "exact"), 1e-10)
+
+
 def test_sample_draws_once_when_vmap_fails() -> None:
     """The functorch engine's failed attempt made the vectors already; the loop engine gets
     those, so ``sample`` equals the loop engine's own with the same seed."""

@@ -88,23 +88,26 @@ class FunctorchEngine:
         memory_budget: int,
     ) -> dict[str, Tensor]:
         args = (model, params, batch, output_fn, make_vectors, chunk_size, memory_budget)
-        if model not in self.unvmappable:
-            try:
-                return self._sums(*args)
-            except _Captured as error:
-                logger.info("functorch engine: %s; using the loop engine", error)
-                self.unvmappable.add(model)
-            except (RuntimeError, NotImplementedError) as error:
-                if isinstance(error, torch.OutOfMemoryError):
-                    raise
-                logger.info(
-                    "functorch engine: vmap failed on this model (%s: %s); using the loop "
-                    "engine, one sample at a time",
-                    type(error).__name__,
-                    error,
-                )
-                self.unvmappable.add(model)
-        return LoopEngine(batched_vectors=True)(*args)
+        if model in self.unvmappable:
+            return LoopEngine(batched_vectors=True)(*args)
+        try:
+            return self._sums(*args)
+        except _Captured as error:
+            logger.info("functorch engine: %s; using the loop engine", error)
+        except (RuntimeError, NotImplementedError) as error:
+            if isinstance(error, torch.OutOfMemoryError):
+                raise
+            logger.info(
+                "functorch engine: vmap failed on this model (%s: %s); using the loop "
+                "engine, one sample at a time",
+                type(error).__name__,
+                error,
+            )
+        # (remembered once the loop engine has done the batch: a model that fails on this
+        # batch without vmap too, bad data, raises its own error and keeps its engine)
+        sums = LoopEngine(batched_vectors=True)(*args)
+        self.unvmappable.add(model)
+        return sums
 
     def _sums(
         self,
