@@ -51,6 +51,15 @@ def _weighted_diffs(
     return diffs, weighted
 
 
+def _dot(w: Tensor, d: Tensor) -> Tensor:
+    r""":math:`\sum_i w_i d_i` over tensors of one shape; over their storage as it lies when
+    they are dense in another memory order than the standard one (``channels_last``)."""
+    if not (w.is_contiguous() and d.is_contiguous()):
+        order = sorted(range(w.dim()), key=w.stride, reverse=True)
+        w, d = w.permute(order), d.permute(order)  # (views; reshape copies only if still needed)
+    return torch.dot(w.reshape(-1), d.reshape(-1))
+
+
 class _Penalty(torch.autograd.Function):
     @staticmethod
     def forward(
@@ -62,7 +71,7 @@ class _Penalty(torch.autograd.Function):
         *params: Tensor,
     ) -> Tensor:
         diffs, weighted = _weighted_diffs(params, precision, center, strength)
-        dots = [torch.dot(w.view(-1), d.view(-1)) for w, d in zip(weighted, diffs)]
+        dots = [_dot(w, d) for w, d in zip(weighted, diffs)]
         if any(dot.device != offset.device for dot in dots):  # (a model spanning devices)
             dots = [dot.to(offset.device) for dot in dots]
         dots = torch.stack(dots)

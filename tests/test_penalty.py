@@ -30,6 +30,32 @@ def test_value_and_gradient_match_plain_autograd():
         torch.testing.assert_close(g_fused, g_naive, rtol=1e-14, atol=0)
 
 
+def test_parameters_in_other_memory_orders():
+    """Parameters stored ``channels_last``, or transposed, with the Fisher and the centre in
+    the standard order or the same one: the value and gradient of the standard-order case
+    (the dot products read the storage as it lies, where ``view(-1)`` cannot)."""
+    g = torch.Generator().manual_seed(3)
+    shapes = [(4, 3, 2, 5), (3, 6)]
+    base = [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
+    precision = [torch.rand(s, generator=g, dtype=torch.float64) for s in shapes]
+    center = [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
+
+    def other_order(ts):
+        return [ts[0].to(memory_format=torch.channels_last), ts[1].t().contiguous().t()]
+
+    plain = [t.clone().requires_grad_() for t in base]
+    want = ewc_penalty(plain, precision, center, 2.0, 0.5)
+    want_grads = torch.autograd.grad(want, plain)
+    for same_order in (False, True):
+        params = [t.requires_grad_() for t in other_order([t.clone() for t in base])]
+        assert not any(p.is_contiguous() for p in params)
+        a, c = (other_order(precision), other_order(center)) if same_order else (precision, center)
+        got = ewc_penalty(params, a, c, 2.0, 0.5)
+        torch.testing.assert_close(got, want, rtol=1e-14, atol=0)
+        for got_grad, want_grad in zip(torch.autograd.grad(got, params), want_grads):
+            torch.testing.assert_close(got_grad, want_grad, rtol=1e-14, atol=0)
+
+
 def test_gradcheck_and_double_backward():
     params, precision, center = tensors(1)
 
