@@ -8,8 +8,9 @@ Accepted batch forms (anything else is a ``TypeError``):
   ``model(**others)`` with every other entry;
 * without targets (for the estimators that need none, ``exact`` and ``sample``): a tensor of
   inputs, a one-element tuple or list ``(inputs,)`` (what a ``DataLoader`` over a
-  ``TensorDataset(inputs)`` yields), or a dict without ``"labels"`` (every entry goes to the
-  model).
+  ``TensorDataset(inputs)`` yields), or a dict without ``"labels"`` or with
+  ``"labels": None`` (what Hugging Face's collators give for data without labels; the other
+  entries go to the model).
 
 The batch size ``B`` is the length of the targets' first dimension (without targets: that of
 the first tensor among the inputs). Tensors whose first dimension is ``B`` are per-sample and
@@ -30,7 +31,12 @@ from torch.utils import _pytree as pytree
 ACCEPTED_FORMS = (
     "a tuple/list (inputs, targets, *rest) or a dict with a 'labels' entry "
     "(other entries are passed as model(**batch)); without targets, for 'exact' and 'sample': "
-    "a tensor of inputs, a tuple/list (inputs,) or a dict without 'labels'"
+    "a tensor of inputs, a tuple/list (inputs,) or a dict without 'labels' (or with None)"
+)
+
+#: What to pass instead of one batch.
+_ONE_BATCH = (
+    "looks like one batch; pass an iterable of batches, e.g. [(inputs, targets)] or a DataLoader"
 )
 
 
@@ -113,7 +119,8 @@ def as_batch(raw: Any) -> Batch:
     labelled = True
     if isinstance(raw, dict):
         kwargs = {k: v for k, v in raw.items() if k != "labels"}
-        labelled, targets = "labels" in raw, raw.get("labels")
+        targets = raw.get("labels")
+        labelled = targets is not None  # ("labels": None: inputs only, as without the key)
     elif isinstance(raw, (tuple, list)) and len(raw) >= 2:
         args, targets = (raw[0],), raw[1]
     elif isinstance(raw, Tensor):
@@ -143,18 +150,42 @@ def as_batch(raw: Any) -> Batch:
     return Batch(args, kwargs, targets, int(targets.shape[0]))
 
 
+def _inputs_and_targets(data: Any) -> bool:
+    """Whether ``data`` is a list of two tensors shaped as one batch's inputs and targets:
+    floating point, then integer, with the same first dimension."""
+    if not (isinstance(data, list) and len(data) == 2 and all(map(_batched, data))):
+        return False
+    inputs, targets = data
+    integer = not (targets.is_floating_point() or targets.is_complex())
+    return (
+        inputs.is_floating_point()
+        and integer
+        and targets.dtype != torch.bool
+        and inputs.shape[0] == targets.shape[0]
+    )
+
+
 def _batched(leaf: Any) -> bool:
     """Whether ``leaf`` is a tensor with a leading (batch) dimension."""
     return isinstance(leaf, Tensor) and leaf.dim() > 0
 
 
 def iter_batches(data: Iterable[Any], n_samples: int | None = None) -> Iterator[Batch]:
-    """Yield parsed batches, stopping after ``n_samples`` samples (the last batch is cut)."""
+    """Yield parsed batches, stopping after ``n_samples`` samples (the last batch is cut).
+
+    Data that looks like one batch is an error: a tuple of tensors (``TypeError``; a list of
+    tensors is batches of inputs only), or a list of two, floating-point inputs and integer
+    targets with the same first dimension (``ValueError``: taken for two batches of inputs,
+    the targets would go to the model)."""
     if isinstance(data, tuple) and data and all(isinstance(t, Tensor) for t in data):
         raise TypeError(
-            f"data is a tuple of {len(data)} tensors, which looks like one batch; pass an "
-            "iterable of batches, e.g. [(inputs, targets)] or a DataLoader (a list of tensors, "
+            f"data is a tuple of {len(data)} tensors, which {_ONE_BATCH} (a list of tensors, "
             "for batches of inputs only)"
+        )
+    if _inputs_and_targets(data):
+        raise ValueError(
+            f"data is a list of two tensors, floating-point {tuple(data[0].shape)} and integer "
+            f"{tuple(data[1].shape)}, which {_ONE_BATCH}"
         )
     if isinstance(data, (Tensor, dict)) or not isinstance(data, Iterable):
         raise TypeError(

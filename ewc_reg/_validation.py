@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 from collections.abc import Sequence
 from typing import Any
+
+import torch
 
 
 def check_choice(what: str, value: Any, choices: Sequence[str]) -> str:
@@ -25,13 +28,24 @@ def check_count(what: str, value: Any, *, allow_none: bool = False) -> int | Non
 
 
 def check_real(what: str, value: Any, low: float, high: float = float("inf")) -> float:
-    """A real number in ``[low, high]``."""
+    """A real number in ``[low, high]``, as a Python float: a Python or NumPy number, a NumPy
+    0-d array or a one-element tensor (``torch.tensor(1e5)``) of a real dtype."""
+    bounds = f">= {low}" if high == float("inf") else f"in [{low}, {high}]"
+    numpy = sys.modules.get("numpy")  # (not imported here: a NumPy array needs it loaded)
+    array = numpy is not None and isinstance(value, numpy.ndarray)
+    if (array and value.ndim == 0) or (isinstance(value, torch.Tensor) and value.numel() == 1):
+        value = value.item()  # (bool and complex dtypes give a bool or complex: refused below)
+    elif array or isinstance(value, torch.Tensor):
+        kind = "NumPy array" if array else "tensor"
+        raise ValueError(
+            f"{what} must be a number {bounds} (a one-element tensor or 0-d array is taken), "
+            f"got a {kind} of shape {tuple(value.shape)}"
+        )
     if (
         isinstance(value, bool)
         or not isinstance(value, numbers.Real)  # (a NumPy number too)
         or not math.isfinite(value)
         or not low <= value <= high
     ):
-        bounds = f">= {low}" if high == float("inf") else f"in [{low}, {high}]"
         raise ValueError(f"{what} must be a number {bounds}, got {value!r}")
     return float(value)

@@ -105,8 +105,9 @@ def fisher_diagonal(
             code (a compiled model or submodule, ``model.compile()``) runs eagerly here.
         data: an iterable of batches, ``(inputs, targets, *rest)`` or dicts with ``"labels"``;
             for ``exact`` and ``sample``, which need no labels, also inputs alone (a tensor,
-            ``(inputs,)``, or a dict without ``"labels"``). In a distributed run, this rank's
-            shard of the data (see ``process_group``).
+            ``(inputs,)``, or a dict without ``"labels"`` or with ``"labels": None``). One
+            batch passed as the data (``(x, y)`` or ``[x, y]``) is an error. In a distributed
+            run, this rank's shard of the data (see ``process_group``).
         method: one of :data:`METHODS` (see the module docstring for the formulas).
         n_samples: use only the first ``n_samples`` samples the data yields (per rank, in a
             distributed run).
@@ -281,45 +282,78 @@ def select_parameters(model: nn.Module, params: ParamSelection = None) -> dict[s
         ValueError: unknown or frozen names, or an empty selection.
         TypeError: ``params`` of another type.
     """
+    selected = selected_parameters(model, params)
+    if not selected and params is None:
+        raise ValueError("the model has no parameters with requires_grad=True")
+    if not selected:
+        trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+        raise ValueError(
+            "params selected no parameters with requires_grad=True; the trainable parameters "
+            f"are {trainable}"
+        )
+    return selected
+
+
+def selected_parameters(model: nn.Module, params: ParamSelection) -> dict[str, Tensor]:
+    """What :func:`select_parameters` selects, with its errors but one: an empty selection
+    is returned (``{}``), not an error (a predicate whose parameters are all frozen, say)."""
+    params = checked_selection(model, params)
     named = dict(model.named_parameters())
     if params is None:
-        selected = {n: p for n, p in named.items() if p.requires_grad}
-        if not selected:
-            raise ValueError("the model has no parameters with requires_grad=True")
-        return selected
+        return {n: p for n, p in named.items() if p.requires_grad}
+    if callable(params):
+        return {n: p for n, p in named.items() if p.requires_grad and params(n, p)}
+    wanted = set(params)
+    frozen = [n for n in named if n in wanted and not named[n].requires_grad]
+    if frozen:
+        raise ValueError(
+            f"params names {frozen} have requires_grad=False; set requires_grad=True to "
+            "protect them, or leave them out"
+        )
+    return {n: p for n, p in named.items() if n in wanted}
+
+
+def checked_selection(model: nn.Module, params: ParamSelection) -> ParamSelection:
+    """``params`` after checking its type and, for names, that they name parameters of
+    ``model`` (whether frozen or not); names come back as a tuple (one string: a 1-tuple, an
+    iterator read once), ``None`` and a predicate as they are.
+
+    Raises:
+        TypeError: ``params`` that is not ``None``, a predicate or names, or names that are
+            not strings (parameters instead of their names, say).
+        ValueError: names that are not parameters of ``model``.
+    """
     if isinstance(params, (Tensor, nn.Module)) or not (
-        callable(params) or isinstance(params, Iterable)
+        params is None or callable(params) or isinstance(params, Iterable)
     ):
         raise TypeError(
             "params must be None, a list of parameter names or a predicate "
             f"(name, parameter) -> bool, got {type(params).__name__}"
         )
-    if callable(params):
-        selected = {n: p for n, p in named.items() if p.requires_grad and params(n, p)}
-    else:
-        wanted = {params} if isinstance(params, str) else set(params)
-        not_str = [w for w in wanted if not isinstance(w, str)]
-        if not_str:
-            raise TypeError(f"params names must be strings, got {not_str[0]!r}")
-        unknown = sorted(wanted - set(named))
-        if unknown:
-            raise ValueError(
-                f"params names {unknown} are not parameters of the model; valid names (from "
-                f"named_parameters()) are {list(named)}"
-            )
-        frozen = [n for n in named if n in wanted and not named[n].requires_grad]
-        if frozen:
-            raise ValueError(
-                f"params names {frozen} have requires_grad=False; set requires_grad=True to "
-                "protect them, or leave them out"
-            )
-        selected = {n: p for n, p in named.items() if n in wanted}
-    if not selected:
-        raise ValueError(
-            "params selected no parameters with requires_grad=True; the trainable parameters "
-            f"are {[n for n, p in named.items() if p.requires_grad]}"
+    if params is None or callable(params):
+        return params
+    names = (params,) if isinstance(params, str) else tuple(params)
+    not_str = [name for name in names if not isinstance(name, str)]
+    if not_str:
+        first = not_str[0]
+        got = (
+            f"a {type(first).__name__} of shape {tuple(first.shape)}"
+            if isinstance(first, Tensor)  # (not its values: a weight matrix is long)
+            else f"{first!r:.80}"
         )
-    return selected
+        raise TypeError(
+            f"params names must be strings (names as in named_parameters()), got {got}; to "
+            "select parameters, pass their names, e.g. [n for n, p in model.named_parameters() "
+            "if ...], or a predicate (name, param) -> bool"
+        )
+    named = dict(model.named_parameters())
+    unknown = sorted(set(names) - set(named))
+    if unknown:
+        raise ValueError(
+            f"params names {unknown} are not parameters of the model; valid names (from "
+            f"named_parameters()) are {list(named)}"
+        )
+    return names
 
 
 def _accumulate_batched(

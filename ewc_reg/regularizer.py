@@ -32,7 +32,14 @@ from ._penalty import add_penalty_grad, ewc_penalty
 from ._validation import check_choice, check_count, check_real
 from .distributed import process_group_for, unwrap_model
 from .engines.base import accumulation_dtype
-from .fisher import METHODS, ParamSelection, fisher_diagonal, select_parameters
+from .fisher import (
+    METHODS,
+    ParamSelection,
+    checked_selection,
+    fisher_diagonal,
+    select_parameters,
+    selected_parameters,
+)
 from .likelihoods import LIKELIHOODS
 
 __all__ = ["MODES", "EWCRegularizer"]
@@ -51,6 +58,10 @@ _SETTINGS: dict[str, Callable[[Any], Any]] = {
     "mc_samples": lambda v: check_count("mc_samples", v),
     "likelihood": lambda v: check_choice("likelihood", v, tuple(LIKELIHOODS)),
 }
+
+#: What a state's settings hold as ``params`` for a predicate, which a state cannot hold
+#: (names are held as a list, so a string is never names).
+_PREDICATE = "predicate"
 
 
 class EWCRegularizer:
@@ -89,8 +100,10 @@ class EWCRegularizer:
         likelihood: ``"categorical"``, ``"gaussian"`` or ``"bernoulli"``.
         params: which parameters to protect: ``None`` (all with ``requires_grad``), a list of
             names as in ``named_parameters()``, or a predicate ``(name, parameter) -> bool``
-            (see :func:`ewc_reg.fisher.select_parameters`). Checked here; re-applied at each
-            ``consolidate``. The others are left free and cost nothing.
+            (see :func:`ewc_reg.fisher.select_parameters`; one name is kept as a 1-tuple).
+            Its type and names are checked here; re-applied at each ``consolidate``, where a
+            frozen name fails unless the earlier tasks protect it. The others are left free
+            and cost nothing.
         process_group: in a distributed run, ``consolidate`` treats each rank's data as a shard
             and every rank gets the Fisher of the union over this group (``None``: the default
             group when ``torch.distributed`` is initialised); see :mod:`ewc_reg.distributed`.
@@ -139,13 +152,15 @@ class EWCRegularizer:
         super().__setattr__(name, value if check is None else check(value))
 
     def _checked_params(self, params: ParamSelection) -> ParamSelection:
-        """``params`` with an iterable of names made a tuple (an iterator would be used up by
-        the first ``consolidate``), after checking that it selects parameters of the model
-        (unknown or frozen names fail here, not at the next ``consolidate``)."""
-        if isinstance(params, Iterable) and not isinstance(params, (str, Tensor, nn.Module)):
-            params = tuple(params)
-        if params is not None:
-            select_parameters(self.model, params)
+        """``params`` with names made a tuple (one string: a 1-tuple; an iterator would be
+        used up by the first ``consolidate``), after checking its type and that the names are
+        parameters of the model, and not none (these fail here, not at the next
+        ``consolidate``). A frozen name is accepted: the earlier tasks may protect it (a
+        backbone frozen since, a regularizer made to load their state); if they do not, the
+        next ``consolidate`` says so."""
+        params = checked_selection(self.model, params)
+        if isinstance(params, tuple) and not params:
+            select_parameters(self.model, params)  # (names of nothing: its error)
         return params
 
     @property
@@ -196,7 +211,7 @@ class EWCRegularizer:
                 f"consolidate() takes no {settings}: they are settings of the regularizer; "
                 f"set them before consolidating, e.g. reg.{settings[0]} = ..."
             )
-        selection, selected, frozen = self._selection(self._precision)
+        selection, selected, frozen = self._selection(self.params, self._precision)
         self._check_still_protected({**selected, **frozen}, "consolidate")
         if frozen:  # (by name, unfrozen for the computation)
             selection = (*selected, *frozen)
@@ -239,21 +254,19 @@ class EWCRegularizer:
         return {name: f.clone() if id(f) in stored else f for name, f in fisher.items()}
 
     def _selection(
-        self, protected: Iterable[str]
+        self, params: ParamSelection, protected: Iterable[str]
     ) -> tuple[ParamSelection, dict[str, Tensor], dict[str, Tensor]]:
-        """``params`` for :func:`~ewc_reg.fisher_diagonal` now, the parameters it selects, and
-        the ``protected`` ones frozen since (``requires_grad=False``, not selected). A list of
-        names loses its frozen protected names (naming a frozen parameter is an error of
-        :func:`~ewc_reg.fisher.select_parameters`)."""
+        """``params`` (a checked one) for :func:`~ewc_reg.fisher_diagonal` now, the parameters
+        it selects, and the ``protected`` ones frozen since (``requires_grad=False``, not
+        selected). A tuple of names loses its frozen protected names (naming a frozen
+        parameter is an error of :func:`~ewc_reg.fisher.select_parameters`, raised here for
+        the others). The selection may be empty (everything frozen: ``consolidate``'s
+        ``fisher_diagonal`` says so when nothing is frozen and protected either)."""
         named = dict(self.model.named_parameters())
         frozen_names = {n for n in protected if n in named and not named[n].requires_grad}
-        params = self.params
         if isinstance(params, tuple):
             params = tuple(name for name in params if name not in frozen_names)
-        if params == () or not any(p.requires_grad for p in named.values()):
-            selected = {}  # (all frozen: consolidate's fisher_diagonal says so)
-        else:
-            selected = select_parameters(self.model, params)
+        selected = selected_parameters(self.model, params)
         frozen = {n: named[n] for n in frozen_names if n not in selected}
         return params, selected, frozen
 
@@ -323,8 +336,9 @@ class EWCRegularizer:
         computed).
 
         Call it after ``loss.backward()`` and before ``optimizer.step()`` (with a
-        ``GradScaler``, after ``scaler.unscale_(optimizer)``; with gradient accumulation, once
-        per step)::
+        ``GradScaler``, after ``scaler.unscale_(optimizer)``), once per step: with gradient
+        accumulation, after the last micro-batch's ``backward()`` only (each call adds the
+        whole gradient; a loss divided by the number of micro-batches leaves it undivided)::
 
             loss = criterion(model(x), y)
             loss.backward()
@@ -384,9 +398,18 @@ class EWCRegularizer:
             self._offset = self._offset.to(first.device, first.dtype)
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume: settings, task count, Fisher, anchors and offset."""
+        """Everything needed to resume: settings, task count, Fisher, anchors and offset.
+
+        The settings include ``params``: ``None``, the list of names, or for a predicate the
+        string ``"predicate"`` (a function cannot be saved; the regularizer that loads the
+        state must be made with the same predicate). The state holds tensors, numbers,
+        strings, lists and dicts only: ``torch.load(..., weights_only=True)`` reads it."""
+        if self.params is None or callable(self.params):
+            params = None if self.params is None else _PREDICATE
+        else:
+            params = list(self.params)
         return {
-            "settings": {key: getattr(self, key) for key in _SETTINGS},
+            "settings": {**{key: getattr(self, key) for key in _SETTINGS}, "params": params},
             "num_tasks": self.num_tasks,
             "fisher": {n: t.clone() for n, t in self._precision.items()},
             "anchor": {n: t.clone() for n, t in self._center.items()},
@@ -396,13 +419,18 @@ class EWCRegularizer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict`. Tensors move to the model's parameters' devices and
         take the dtypes ``consolidate`` would give them (the parameter's, at least float32).
-        Settings missing from ``state`` keep their current values.
+        The state's settings replace the regularizer's, ``params`` included (names, or
+        ``None``); settings missing from ``state`` (``params`` in a state saved before it was
+        recorded) keep their current values. A state made with a predicate ``params=``
+        (``"predicate"``) keeps this regularizer's, which must be a predicate too, the same
+        one.
 
         Raises ``ValueError`` (leaving the regularizer unchanged) when the state is malformed:
         unknown entries or settings, a bad setting or task count, Fisher or anchor entries
         that are not finite floating-point tensors shaped like their parameters (or a negative
-        Fisher), parameters the model lacks or that ``params`` does not select, an offset
-        that is not one finite number.
+        Fisher), parameters the model lacks or that the restored ``params`` does not select,
+        an offset that is not one finite number; or when the state was made with a predicate
+        and this regularizer's ``params`` is not one.
         """
         if not isinstance(state, dict):
             raise ValueError(f"state must be a dict from state_dict(), got {type(state).__name__}")
@@ -411,12 +439,13 @@ class EWCRegularizer:
             missing, unknown = sorted(keys - set(state)), sorted(set(state) - keys)
             raise ValueError(f"state_dict has missing entries {missing}, unknown {unknown}")
         settings = state["settings"]
-        if not isinstance(settings, dict) or set(settings) - set(_SETTINGS):
+        if not isinstance(settings, dict) or set(settings) - {*_SETTINGS, "params"}:
             raise ValueError(
-                f"state_dict 'settings' must be a dict with keys among {list(_SETTINGS)}, got "
-                f"{settings!r}"
+                "state_dict 'settings' must be a dict with keys among "
+                f"{[*_SETTINGS, 'params']}, got {settings!r}"
             )
         checked = {key: _SETTINGS[key](settings.get(key, getattr(self, key))) for key in _SETTINGS}
+        selection = self._params_from_state(settings)
         num_tasks = state["num_tasks"]
         integer = isinstance(num_tasks, numbers.Integral) and not isinstance(num_tasks, bool)
         if not integer or num_tasks < 0:
@@ -433,13 +462,16 @@ class EWCRegularizer:
                 f"state_dict has Fisher entries for parameters the model lacks: {unknown}; "
                 f"the model's parameters are {sorted(params)}"
             )
-        _, selected, frozen = self._selection(fisher)
+        # (frozen names the state does not protect are left to the next consolidate, as
+        # when params= is set)
+        named = set(selection) if isinstance(selection, tuple) else set()
+        _, selected, frozen = self._selection(selection, {*fisher, *named})
         unselected = sorted(set(fisher) - set(selected) - set(frozen))
         if unselected:
             raise ValueError(
-                f"state_dict protects parameters {unselected} that this regularizer's params= "
-                "does not select (the next consolidate would fail); make it with params= "
-                "selecting them"
+                f"state_dict protects parameters {unselected} that its params= (or, in a state "
+                "without one, this regularizer's) does not select (the next consolidate would "
+                "fail); make it with params= selecting them"
             )
         for name in fisher:
             for what, t in (("fisher", fisher[name]), ("anchor", anchor[name])):
@@ -457,6 +489,7 @@ class EWCRegularizer:
         # (all checked: from here on nothing fails)
         for key, value in checked.items():
             setattr(self, key, value)
+        self.params = selection
         self.num_tasks = int(num_tasks)
 
         def own(t: Tensor, name: str) -> Tensor:
@@ -470,6 +503,26 @@ class EWCRegularizer:
             self._offset = torch.as_tensor(float(offset), dtype=first.dtype, device=first.device)
         else:
             self._offset = None
+
+    def _params_from_state(self, settings: dict[str, Any]) -> ParamSelection:
+        """The ``params`` that a state's ``settings`` restore, checked (``ValueError``)."""
+        if "params" not in settings:  # (a state saved before params were recorded)
+            return self.params
+        saved = settings["params"]
+        if isinstance(saved, str) and saved == _PREDICATE:
+            if not callable(self.params):
+                raise ValueError(
+                    "state_dict was made with a predicate params=, which a state cannot hold; "
+                    "make this regularizer with the same predicate (params=...) to load it"
+                )
+            return self.params
+        names = isinstance(saved, (list, tuple)) and all(isinstance(n, str) for n in saved)
+        if saved is not None and not names:
+            raise ValueError(
+                "state_dict settings 'params' must be None, a list of parameter names or "
+                f"{_PREDICATE!r}, got {saved!r:.80}"
+            )
+        return self._checked_params(saved)
 
     def __repr__(self) -> str:
         settings = ", ".join(f"{key}={getattr(self, key)!r}" for key in _SETTINGS)

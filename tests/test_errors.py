@@ -65,6 +65,23 @@ def test_regularizer_rejects_bad_settings(kwargs, match):
     assert reg.strength == 7.0 and isinstance(reg.strength, float)
 
 
+def test_settings_take_one_element_tensors_and_arrays():
+    """``strength=torch.tensor(1e5)`` (a 0-d array too) is a number, kept as a Python float
+    (before: "must be a number, got tensor(100000.)"); more elements are a clear error."""
+    np = pytest.importorskip("numpy")
+    reg = EWCRegularizer(mlp(), strength=torch.tensor(1e5), gamma=torch.tensor([0.5]))
+    assert (reg.strength, reg.gamma) == (1e5, 0.5) and type(reg.strength) is float
+    reg.strength = np.array(2e5)
+    assert reg.strength == 2e5 and type(reg.strength) is float
+    with pytest.raises(ValueError, match=r"strength must be a number >= 0.0 .*tensor of shape"):
+        reg.strength = torch.ones(3)
+    with pytest.raises(ValueError, match=r"gamma must be a number in \[0.0, 1.0\], got 2.0"):
+        reg.gamma = torch.tensor(2.0)
+    with pytest.raises(ValueError, match=r"strength must be a number >= 0.0, got True"):
+        reg.strength = torch.tensor(True)
+    assert (reg.strength, reg.gamma) == (2e5, 0.5)
+
+
 def test_regularizer_needs_a_module():
     with pytest.raises(TypeError, match=r"nn\.Module"):
         EWCRegularizer([torch.zeros(2)])
@@ -87,10 +104,26 @@ def test_data_of_unaccepted_form_is_a_type_error(data):
 
 
 @pytest.mark.parametrize("method", ["empirical", "batched"])
-@pytest.mark.parametrize("data", [[X], [(X,)], [(X[:2],), (X[2:], Y[2:])]])
+@pytest.mark.parametrize(
+    "data", [[X], [(X,)], [(X[:2],), (X[2:], Y[2:])], [{"input": X, "labels": None}]]
+)
 def test_estimators_needing_labels_say_so_for_batches_of_inputs_only(method, data):
     with pytest.raises(ValueError, match=rf"method='{method}' needs the data's labels"):
         fisher_diagonal(mlp(), data, method)
+
+
+@pytest.mark.parametrize("method", ["exact", "sample"])
+def test_labels_none_is_a_batch_of_inputs_only(method):
+    """``{"labels": None}`` (a Hugging Face collator's batch without labels) is inputs only,
+    as a dict without the key (before: a ``TypeError`` even for ``exact``)."""
+    model = mlp()
+    got = fisher_diagonal(
+        model, [{"input": X, "labels": None}], method, generator=torch.Generator().manual_seed(0)
+    )
+    want = fisher_diagonal(
+        model, [{"input": X}], method, generator=torch.Generator().manual_seed(0)
+    )
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("method", ["empirical", "batched"])
@@ -272,6 +305,21 @@ def test_one_batch_passed_without_a_list_says_so():
     inputs (feeding the labels to the model)."""
     with pytest.raises(TypeError, match=r"tuple of 2 tensors, which looks like one batch"):
         fisher_diagonal(mlp(), (X, Y))
+
+
+def test_one_batch_passed_as_a_list_says_so():
+    """``[x, y]``: floating-point inputs and integer targets of one batch size (before: the
+    model's own error on the labels, a dtype mismatch); two batches of inputs still work."""
+    model = mlp()
+    with pytest.raises(
+        ValueError,
+        match=r"list of two tensors, floating-point \(4, 6\) and integer \(4,\), which looks "
+        r"like one batch; pass .*\[\(inputs, targets",
+    ):
+        fisher_diagonal(model, [X, Y])
+    with pytest.raises(ValueError, match="looks like one batch"):
+        EWCRegularizer(model).consolidate([X, Y])
+    assert set(fisher_diagonal(model, [X[:2], X[2:]])) == {n for n, _ in model.named_parameters()}
 
 
 class MaskedLogits(nn.Module):

@@ -106,12 +106,16 @@ def test_unknown_names_list_the_valid_ones() -> None:
 
 
 def test_naming_a_frozen_parameter_is_an_error() -> None:
+    """An error of ``select_parameters`` (so of ``fisher_diagonal``); a regularizer accepts
+    the name, since the earlier tasks may protect it (its ``consolidate`` checks: see
+    ``test_regularizer.py``)."""
     model = Net()
     model.head.bias.requires_grad_(False)
     with pytest.raises(ValueError, match=r"head\.bias.*requires_grad=False"):
         select_parameters(model, ["head.weight", "head.bias"])
     with pytest.raises(ValueError, match="requires_grad=False"):
-        EWCRegularizer(model, params=["head.bias"])
+        fisher_diagonal(model, make_data(), params="head.bias")
+    assert EWCRegularizer(model, params="head.bias").params == ("head.bias",)
 
 
 def test_empty_or_malformed_selections() -> None:
@@ -125,6 +129,23 @@ def test_empty_or_malformed_selections() -> None:
     with pytest.raises(TypeError, match="strings"):
         select_parameters(model, [model.head.weight])
     assert list(select_parameters(model, "head.bias")) == ["head.bias"]
+    assert select_parameters(model, lambda name, p: name == "head.bias").keys() == {"head.bias"}
+    model.head.bias.requires_grad_(False)  # (all it selects frozen: still an error here)
+    with pytest.raises(ValueError, match="selected no parameters"):
+        select_parameters(model, lambda name, p: name == "head.bias")
+
+
+def test_parameters_instead_of_names_get_a_short_error_with_the_idiom() -> None:
+    """``params=model.head.parameters()``: the error names the type and shape and shows what
+    to pass (before: the whole weight tensor, over 1,000 characters)."""
+    model = nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 3))
+    with pytest.raises(TypeError) as error:
+        EWCRegularizer(model, params=model[2].parameters())
+    message = str(error.value)
+    assert len(message) < 300, message
+    assert "got a Parameter of shape (3, 32)" in message
+    assert "[n for n, p in model.named_parameters() if ...]" in message
+    assert "predicate (name, param) -> bool" in message
 
 
 def test_regularizer_protects_only_the_selection() -> None:

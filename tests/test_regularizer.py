@@ -479,7 +479,11 @@ def _malformed(state: dict, **changes) -> dict:
         ({"fisher.0.weight": torch.ones(8, 6, dtype=torch.long)}, "floating-point tensor"),
         ({"fisher.0.weight": -torch.ones(8, 6, dtype=torch.float64)}, "negative"),
         ({"fisher.0.weight": torch.full((8, 6), float("nan"))}, "NaN"),
-        ({"settings": {"strength": 1.0, "params": ["0.weight"]}}, "keys among"),
+        ({"settings": {"strength": 1.0, "paramz": ["0.weight"]}}, "keys among"),
+        ({"settings": {"params": ["0.weight"]}}, r"\['0\.bias', .*does not select"),
+        ({"settings": {"params": ["nope"]}}, r"\['nope'\] are not parameters"),
+        ({"settings": {"params": 3}}, "'params' must be None, a list of parameter names"),
+        ({"settings": {"params": "predicate"}}, "made with a predicate params="),
         ({"extra": 1}, "unknown"),
     ],
 )
@@ -515,8 +519,61 @@ def test_load_state_dict_keeps_missing_settings_casts_dtypes_and_checks_params()
     wide.load_state_dict(reg.state_dict())
     assert all(a.dtype == torch.float32 for a in wide.fisher.values())
     assert wide.penalty().dtype == torch.float32
-    with pytest.raises(ValueError, match=r"params= does not select"):
-        EWCRegularizer(model, params=["0.weight"]).load_state_dict(reg.state_dict())
+    older = reg.state_dict()  # (a state saved before params were recorded: the current one)
+    del older["settings"]["params"]
+    with pytest.raises(ValueError, match=r"its params= \(or, .*this regularizer's\) does not"):
+        EWCRegularizer(model, params=["0.weight"]).load_state_dict(older)
+    assert receiver.params == ("4.weight", "4.bias")  # (the state's, as the other settings)
+
+
+def test_state_dict_records_params_and_a_resumed_regularizer_protects_the_same():
+    """A head-only regularizer's state, loaded (through ``torch.load(weights_only=True)``) into
+    one made without ``params=``, protects the head only at the next task too (before:
+    ``params`` was not saved and the whole model was protected from then on)."""
+    import io
+
+    model = mlp()
+    reg = EWCRegularizer(model, strength=3.0, params=["4.weight", "4.bias"])
+    reg.consolidate(task_data(0))
+    buffer = io.BytesIO()
+    torch.save(reg.state_dict(), buffer)
+    buffer.seek(0)
+    resumed = EWCRegularizer(copy.deepcopy(model), strength=3.0)
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    assert resumed.params == ("4.weight", "4.bias")
+    perturb(model, 1)
+    perturb(resumed.model, 1)
+    reg.consolidate(task_data(1))
+    resumed.consolidate(task_data(1))
+    assert set(resumed.fisher) == {"4.weight", "4.bias"}
+    torch.testing.assert_close(resumed.fisher, reg.fisher, rtol=0, atol=0)
+    one = EWCRegularizer(model, params="4.weight")  # (one name: a 1-tuple, saved as a list)
+    assert one.params == ("4.weight",)
+    assert one.state_dict()["settings"]["params"] == ["4.weight"]
+    assert EWCRegularizer(model).state_dict()["settings"]["params"] is None
+
+
+def test_a_state_made_with_a_predicate_needs_a_predicate_to_load():
+    """A predicate cannot be saved: the state says ``"predicate"``; a regularizer with a
+    predicate keeps its own, any other refuses the state and stays as it was."""
+    model = mlp()
+
+    def head(name, p):
+        return name.startswith("4.")
+
+    reg = EWCRegularizer(model, strength=3.0, params=head)
+    reg.consolidate(task_data(0))
+    state = reg.state_dict()
+    assert state["settings"]["params"] == "predicate"
+    twin = EWCRegularizer(model, params=head)
+    twin.load_state_dict(state)
+    assert twin.params is head and twin.fisher.keys() == reg.fisher.keys()
+    for params in (None, ["4.weight", "4.bias"]):
+        other = EWCRegularizer(model, strength=7.0, params=params)
+        with pytest.raises(ValueError, match=r"made with a predicate params=.*same predicate"):
+            other.load_state_dict(state)
+        assert (other.strength, other.num_tasks, other.fisher) == (7.0, 0, {})
+        assert other.params == (params if params is None else tuple(params))
 
 
 def test_consolidate_returns_a_fisher_of_its_own_and_properties_are_copies():
@@ -588,8 +645,6 @@ def test_a_frozen_old_head_keeps_its_quadratic(mode, selection):
     loss = reg.penalty()
     loss.backward()
     assert all(p.grad is None for p in model.heads[0].parameters())
-    if selection == "names":  # (a new regularizer naming a frozen parameter: an error)
-        params = [name for name, p in model.named_parameters() if p.requires_grad]
     again = EWCRegularizer(model, params=params)  # (a state with frozen entries loads)
     again.load_state_dict(reg.state_dict())
     assert again.penalty().item() == loss.item()
@@ -625,6 +680,55 @@ def test_a_backbone_frozen_for_a_task_gets_that_tasks_fisher(mode):
     torch.testing.assert_close(fisher, want, rtol=1e-14, atol=0)
     torch.testing.assert_close(reg.fisher, twin.fisher, rtol=1e-14, atol=0)
     torch.testing.assert_close(reg.anchor, twin.anchor, rtol=1e-14, atol=0)
+
+
+@pytest.mark.parametrize("selection", ["name", "names", "predicate"])
+def test_a_backbone_frozen_for_a_task_gets_its_fisher_whatever_params_is(selection):
+    """Protecting the trunk by one name (a 1-tuple since) or by a predicate, then freezing it
+    for the next task, consolidates as ``params=None`` and a list do (before: one name was
+    refused as frozen, and the predicate selected nothing); a regularizer made to resume
+    while it is frozen may name it (before: refused as frozen), and goes on identically."""
+    params = {
+        "name": "trunk.weight",
+        "names": ["trunk.weight"],
+        "predicate": lambda name, p: name.startswith("trunk."),
+    }[selection]
+    model = MultiHead(heads=2)
+    reg = EWCRegularizer(model, strength=2.0, params=params)
+    reg.consolidate(task_data(0, classes=3), output_fn=task_head(0))
+    perturb_named(model, 1, task=1)
+    twin = EWCRegularizer(copy.deepcopy(model), strength=2.0, params=params)
+    twin.load_state_dict(reg.state_dict())
+    model.trunk.requires_grad_(False)
+    fisher = reg.consolidate(task_data(1, classes=3), output_fn=task_head(1))
+    want = twin.consolidate(task_data(1, classes=3), output_fn=task_head(1))
+    assert set(fisher) == set(want) and fisher["trunk.weight"].abs().min() > 0
+    torch.testing.assert_close(reg.fisher, twin.fisher, rtol=1e-14, atol=0)
+    assert not any(p.requires_grad for p in model.trunk.parameters())
+    resumed = EWCRegularizer(model, strength=2.0, params=params)  # (frozen names: accepted)
+    resumed.load_state_dict(reg.state_dict())
+    reg.consolidate(task_data(2, classes=3), output_fn=task_head(1))
+    resumed.consolidate(task_data(2, classes=3), output_fn=task_head(1))
+    torch.testing.assert_close(resumed.fisher, reg.fisher, rtol=0, atol=0)
+
+
+def test_a_frozen_name_the_earlier_tasks_do_not_protect_fails_at_consolidate():
+    """Naming a frozen parameter is accepted when ``params=`` is set (the earlier tasks may
+    protect it, as in a regularizer made to load their state), and is ``select_parameters``'
+    error at ``consolidate`` when they do not, before any computation."""
+    model = MultiHead(heads=1)
+    model.trunk.requires_grad_(False)
+    reg = EWCRegularizer(model, params=["trunk.weight", "heads.0.weight"])
+
+    def untouched():
+        raise AssertionError("the data was read")
+        yield
+
+    with pytest.raises(ValueError, match=r"\['trunk\.weight'\] have requires_grad=False"):
+        reg.consolidate(untouched())
+    assert reg.num_tasks == 0 and reg.fisher == {}
+    with pytest.raises(ValueError, match="selected no parameters"):  # (names of nothing)
+        EWCRegularizer(model, params=[])
 
 
 def test_a_state_loads_into_a_model_with_every_parameter_frozen():
