@@ -600,7 +600,7 @@ def test_chunks_give_the_same_sums() -> None:
 
 
 @pytest.mark.parametrize("method", ["exact", "empirical", "sample"])
-def test_chunks_make_their_own_vectors(method: str) -> None:
+def test_chunks_make_their_own_vectors(method: str, unchecked_sums) -> None:
     """8 samples in chunks of 3: each chunk's vectors come from its own forward pass (no pass
     over the whole batch first), and sample's labels are those of the whole batch drawn at
     once (the functorch engine's)."""
@@ -623,7 +623,7 @@ def test_chunks_make_their_own_vectors(method: str) -> None:
     assert passes == [(3, True), (3, True), (2, True)]
 
 
-def test_a_later_call_starts_with_the_chunks_of_the_last() -> None:
+def test_a_later_call_starts_with_the_chunks_of_the_last(unchecked_sums) -> None:
     """The first call on a model learns that 8 samples go in chunks (a first pass over all
     8, with gradients); the next call, at the same budget, starts with the first chunk."""
     model = cnn(classes=3)
@@ -1360,7 +1360,9 @@ def test_batch_elsewhere_than_leading_goes_to_functorch(make, reason: str, caplo
     )
 
 
-def test_batch_first_layers_with_as_many_positions_as_samples_stay_on_hooks(caplog) -> None:
+def test_batch_first_layers_with_as_many_positions_as_samples_stay_on_hooks(
+    caplog, unchecked_sums
+) -> None:
     """The extra check passes for a batch-first model, and runs once per shapes."""
     model = CountingCalls(BatchFirstLayers()).double()
     randomize_affine(model)
@@ -1684,7 +1686,7 @@ def test_a_late_failure_does_not_draw_the_labels_again(monkeypatch) -> None:
     assert_close_dicts(got, want, 1e-12)
 
 
-def test_chunk_sizes_are_kept_per_sample_shape() -> None:
+def test_chunk_sizes_are_kept_per_sample_shape(unchecked_sums) -> None:
     """Longer sequences than the last batch's do not start from its chunks: their first pass
     goes over the whole batch, without gradients (the shorter ones went in chunks)."""
     model = nn.Sequential(nn.Embedding(20, 16), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 5))
@@ -1798,7 +1800,7 @@ def test_looped_and_batched_pull_backs_agree(name, method, pull_back_modes, engi
         assert set(pull_back_modes) == {kind == "looped"}
 
 
-def test_the_batched_pull_back_batches_convolutions_and_batch_norms():
+def test_the_batched_pull_back_batches_convolutions_and_batch_norms(unchecked_sums):
     """One backward kernel per layer for all the vectors, not one per vector (as
     ``autograd.grad(..., is_grads_batched=True)`` runs them)."""
     calls = []
@@ -1888,7 +1890,7 @@ def test_pairs_gathered_on_a_gpu_equal_the_slices(positions, weight):
         torch.testing.assert_close(got[1], want_outer, rtol=0, atol=0)
 
 
-def test_the_failed_batched_attempt_is_freed_before_the_retry():
+def test_the_failed_batched_attempt_is_freed_before_the_retry(unchecked_sums):
     """Its graph and recorded activations (here: its model output) are gone while the looped
     retry runs, so a retry after running out of memory has the memory back."""
     outputs: list[weakref.ref] = []
@@ -2910,3 +2912,126 @@ def test_bfloat16_tied_output_layer_accumulates_in_float32(monkeypatch) -> None:
     assert all(s.dtype == torch.float32 for s in got.values())
     monkeypatch.undo()
     assert_close_dicts(got, engine_sums(FunctorchEngine(), model, x, vectors), 5e-2)
+
+
+class _PositionsOfTheFirstSample(nn.Module):
+    """A position embedding looked up with ``(1, T)`` ids (expanded over the batch by the
+    engine), of which the model then takes row 0: after the expansion, sample 0's copy, which
+    every sample's gradient reaches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tokens, self.positions = nn.Embedding(7, 6), nn.Embedding(5, 6)
+        self.head = nn.Linear(6, 3)
+        self.register_buffer("ids", torch.arange(5)[None])
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.tanh(self.tokens(x) + self.positions(self.ids)[0]).mean(1))
+
+
+class _Stashing(nn.Module):
+    """No rule (the per-module fallback): keeps its pre-activation as an attribute."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(6, 8) * 0.4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.pre = x @ self.w
+        return torch.tanh(self.pre)
+
+
+class _ReadsTheStash(nn.Module):
+    """Uses the pre-activation its block stashed: a path from ``block.w`` to the output that
+    bypasses the block's output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block, self.head = _Stashing(), nn.Linear(8, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.block(x) + 0.5 * self.block.pre)
+
+
+class _LayerInsideVmap(nn.Module):
+    """A Linear run inside ``torch.vmap`` over the tokens: its output's edge lies inside the
+    transform, out of the pull-back's reach."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner, self.head = nn.Linear(2, 8), nn.Linear(8, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.vmap(self.inner, in_dims=1, out_dims=1)(x.view(-1, 3, 2))
+        return self.head(torch.tanh(h).sum(1))
+
+
+class _Derivative(nn.Module):
+    """Outputs the derivative of a scalar network with respect to the input (a Hamiltonian
+    network's vector field): the parameters reach it through the layers' backward graph."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        with torch.enable_grad():
+            x = x.detach().requires_grad_()
+            return torch.autograd.grad(self.net(x).sum(), x, create_graph=True)[0]
+
+
+UNSEEN_BREAKS = {  # model, inputs, likelihood
+    "positions-of-the-first-sample": (_PositionsOfTheFirstSample, (4, 5), "categorical"),
+    "stashed-pre-activation": (_ReadsTheStash, (4, 6), "categorical"),
+    "layer-inside-vmap": (_LayerInsideVmap, (4, 6), "categorical"),
+    "derivative-as-output": (_Derivative, (4, 6), "gaussian"),
+}
+
+
+@pytest.mark.parametrize("name", list(UNSEEN_BREAKS))
+def test_models_breaking_the_decomposition_unseen_by_the_other_checks_go_to_functorch(
+    name: str, caplog
+) -> None:
+    """Each breaks the layer-wise decomposition in a way none of the checks of its
+    assumptions sees (the per-layer sums were 0.65-2.2 off, or 0); the check of the sums on two
+    samples against the loop engine's does: ``auto`` goes to functorch with the right Fisher,
+    ``hooks`` refuses."""
+    make, shape, likelihood = UNSEEN_BREAKS[name]
+    model = make().double()
+    if name == "positions-of-the-first-sample":
+        x, y = torch.randint(0, 7, shape), torch.randint(0, 3, (4,))
+    else:
+        x = torch.randn(*shape, dtype=torch.float64)
+        y = torch.randn(4, 6, dtype=torch.float64) if likelihood == "gaussian" else (
+            torch.randint(0, 3, (4,))
+        )
+    data = [(x, y)]
+    with caplog.at_level(logging.INFO, logger="ewc_reg"):
+        got = fisher_diagonal(model, data, likelihood=likelihood, backend="auto")
+    messages = [r.getMessage() for r in caplog.records if r.name == "ewc_reg"]
+    assert any("differ from plain autograd" in m for m in messages), messages
+    assert_close_dicts(got, fisher_diagonal(model, data, likelihood=likelihood, backend="loop"),
+                       1e-10)
+    with pytest.raises(ValueError, match="differ from plain autograd"):
+        fisher_diagonal(make().double(), data, likelihood=likelihood, backend="hooks")
+
+
+def test_the_sums_are_checked_once_per_model_and_shapes(monkeypatch) -> None:
+    """The check of the sums runs with the other checks: on a model's first batch of some
+    shapes, not on later ones."""
+    checks = []
+    check = HookEngine._check_sums
+
+    def counted(self, model, *args):
+        checks.append(model)
+        return check(self, model, *args)
+
+    monkeypatch.setattr(HookEngine, "_check_sums", counted)
+    model = mlp()
+    batch = (torch.randn(6, 6, dtype=torch.float64), torch.randint(0, 5, (6,)))
+    fisher_diagonal(model, [batch, batch], backend="hooks")
+    assert checks == [model]
+    fisher_diagonal(model, [batch], backend="hooks")
+    assert checks == [model]
+    fisher_diagonal(model, [(batch[0][:3], batch[1][:3])], backend="hooks")
+    assert checks == [model, model]

@@ -118,7 +118,7 @@ from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
-from .._batches import Batch, is_per_sample, same_output
+from .._batches import Batch, _may_round_to_tf32, is_per_sample, same_output
 from . import base
 from .base import (
     VMAP_WRONG,
@@ -133,6 +133,7 @@ from .base import (
     resolve_chunk_size,
     zero_sums,
 )
+from .loop import LoopEngine
 from .loose import (
     LooseParameter,
     call_with,
@@ -979,6 +980,14 @@ def check_expansion(
         )
 
 
+#: How far :meth:`HookEngine._check_sums` lets the sums on two samples differ from plain
+#: autograd's, relative to the largest entry, by the parameter's dtype (others, ``bfloat16`` and
+#: ``float16``: ``1e-1``; float32 that may round to TensorFloat-32 on a GPU: ``1e-2``): the same
+#: gradients through other kernels, rounded differently. What the check is for gives errors of
+#: the order of the entries.
+SUMS_TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-3}
+
+
 def bytes_per_sample(
     num_vectors: int, kept_bytes: int, recorded_bytes: int, forward: bool, looped: bool
 ) -> int:
@@ -1240,6 +1249,7 @@ class HookEngine:
         memory_budget: int,
         loose: dict[str, Tensor],
         layouts: dict[str, int],
+        checking: bool = False,
     ) -> dict[str, Tensor]:
         """One forward pass over the batch (checks, vectors, and the sums when its pull-back
         fits the budget), else one more per chunk of samples (see the module docstring). When
@@ -1247,7 +1257,8 @@ class HookEngine:
         went in chunks and the vectors are :class:`~.base.RowWiseVectors`, the first pass is
         the first chunk's instead, and each chunk makes its own vectors. The
         ``loose`` parameters (:mod:`.loose`) are taken through per-sample copies in their
-        ``layouts``."""
+        ``layouts``. ``checking``: the run of :meth:`_check_sums`, without the checks, and
+        leaving the caches of the engine's runs as they are."""
         units = plan(model, {n: p for n, p in params.items() if n not in loose})
         copied = [
             _Unit(LooseParameter(p, name), name, {name: name}, loose_parameter)
@@ -1284,11 +1295,14 @@ class HookEngine:
         calls = [call for record in records.values() for call in record.calls()]
         shapes = tuple(s for call in calls for s in (*call.inputs, *call.outputs))
         checked = self.layouts.setdefault(model, set())
-        if shapes not in checked:  # (once per model and shapes: not again for every batch)
+        if checking:  # (the checks' own run: they passed on the batch it comes from)
+            pass
+        elif shapes not in checked:  # (once per model and shapes: not again for every batch)
             check_batch_layout(model, units, first, output_fn, records, output)
             expanded = _expanded(records)
             if expanded:
                 check_expansion(model, units, first, output_fn, expanded)
+            self._check_sums(model, params, first, output_fn, memory_budget, loose, layouts)
             checked.add(shapes)
         elif _folded(records):  # (how rows fold depends on the data: checked every pass)
             _check_folds(model, units, first, output_fn, records, set(_expanded(records)))
@@ -1322,7 +1336,7 @@ class HookEngine:
         )
         if chunk_size is None:
             cached[key] = cached[like] = steps
-        storage = self._storage.setdefault(model, {})
+        storage = {} if checking else self._storage.setdefault(model, {})
         done = 0
         if grad and steps[0] >= first.size:  # the first pass's graph serves
             self._accumulate(
@@ -1347,6 +1361,80 @@ class HookEngine:
             )
         zeros = zero_sums({n: p for n, p in params.items() if n not in sums})  # (no gradient)
         return {name: sums[name] if name in sums else zeros[name] for name in params}
+
+    def _check_sums(
+        self,
+        model: nn.Module,
+        params: dict[str, Tensor],
+        batch: Batch,
+        output_fn: OutputFn,
+        memory_budget: int,
+        loose: dict[str, Tensor],
+        layouts: dict[str, int],
+    ) -> None:
+        r"""Raise :class:`Unsupported` unless this engine's sums on the first two samples of
+        ``batch``, for a random vector per sample, are the loop engine's (plain autograd, one
+        sample at a time) to :data:`SUMS_TOLERANCE`.
+
+        The other checks test the assumptions of the decomposition one by one; this one tests
+        its result, :math:`\sum_n \sum_k (J_n^\top v_{nk})^{\odot 2}`, against the
+        definition, so that a way of breaking them no check foresaw (a tensor made from a
+        unit's parameters that leaves it by an attribute rather than its output, a layer run
+        inside ``torch.vmap`` or inside a derivative the forward pass takes, an output shared
+        by the samples taken from one sample's copy after its expansion) sends the model to the
+        fallback instead of giving a wrong Fisher. Run once per model and recorded shapes, with
+        the checks; a model the loop engine cannot cut into samples is not checked."""
+        few = batch.samples(0, min(batch.size, 2))
+        drawn: list[Tensor] = []
+
+        def vectors(output: Tensor) -> Tensor:  # (the same ones for both engines)
+            if not drawn:
+                generator = torch.Generator().manual_seed(0)
+                shape = (1, *output.shape)  # (one: a plain backward pass, no vmap)
+                drawn.append(torch.randn(shape, generator=generator, dtype=output.dtype))
+            return drawn[0].to(output.device)
+
+        with _TablesKept():  # (the whole batch's graph is alive: see _TablesKept)
+            try:
+                want = LoopEngine()(model, params, few, output_fn, vectors, None, memory_budget)
+            except Exception as error:
+                if isinstance(error, torch.OutOfMemoryError):
+                    raise
+                logger.debug("hooks engine: the loop engine failed on the model (%s)", error)
+                return
+            try:
+                got = self._sums(
+                    model,
+                    params,
+                    few,
+                    output_fn,
+                    vectors,
+                    few.size,
+                    memory_budget,
+                    loose,
+                    layouts,
+                    checking=True,
+                )
+            except (Unsupported, BatchingFailed, torch.OutOfMemoryError):
+                raise
+            except Exception as error:
+                raise Unsupported(
+                    f"the model failed on its first {few.size} samples alone, in the check of "
+                    f"the sums ({type(error).__name__}: {error})"
+                ) from error
+        for name, p in params.items():
+            tolerance = SUMS_TOLERANCE.get(p.dtype, 1e-1)
+            if _may_round_to_tf32(p):
+                tolerance = max(tolerance, 1e-2)
+            error = (got[name].double() - want[name].double()).abs().max().item()
+            largest = want[name].abs().max().item()
+            if not error <= tolerance * largest:  # (NaN fails too)
+                raise Unsupported(
+                    f"on the first {few.size} samples the per-layer sums of parameter {name!r} "
+                    f"differ from plain autograd's by {error:.3g} (largest entry "
+                    f"{largest:.3g}): the model breaks the layer-wise decomposition in a way "
+                    "the other checks do not see"
+                )
 
     @staticmethod
     def _forward(
