@@ -90,6 +90,12 @@ The decomposition is valid only if (checked; otherwise :class:`Unsupported` is r
   folded, also on the batch in reverse order, on every pass, since how rows fold depends on
   the data: :func:`_check_folds`).
 
+These checks test the assumptions one by one. With them, once per model and recorded shapes,
+:meth:`HookEngine._check_sums` tests the result: the sums on two samples against the loop
+engine's, so that a way of breaking the decomposition that no check looks for (a tensor made
+from a unit's parameters leaving it by an attribute, a layer run inside ``torch.vmap`` or
+inside a derivative the forward pass takes) raises :class:`Unsupported` too.
+
 Memory: the forward pass over the whole batch gives the checks and the vectors (like the
 functorch engine's pass that makes its vectors, it is bounded by the batch the data yields); when
 the pull-back of the whole batch (:func:`bytes_per_sample` without the forward pass: ``K`` times
