@@ -3016,9 +3016,11 @@ def test_models_breaking_the_decomposition_unseen_by_the_other_checks_go_to_func
         fisher_diagonal(make().double(), data, likelihood=likelihood, backend="hooks")
 
 
-def test_the_sums_are_checked_once_per_model_and_shapes(monkeypatch) -> None:
-    """The check of the sums runs with the other checks: on a model's first batch of some
-    shapes, not on later ones."""
+def test_the_sums_are_checked_once_per_model_and_structure(monkeypatch) -> None:
+    """The check of the sums runs on a model's first batch, again where the forward pass
+    takes another way (here: a layer only sequences longer than 4 go through) or the batch
+    has one sample (cross-sample breaks need two), but not for another batch size or
+    sequence length alone."""
     checks = []
     check = HookEngine._check_sums
 
@@ -3026,15 +3028,32 @@ def test_the_sums_are_checked_once_per_model_and_shapes(monkeypatch) -> None:
         checks.append(model)
         return check(self, model, *args)
 
+    class LongOnes(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed, self.extra, self.head = nn.Embedding(9, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+
+        def forward(self, x: Tensor) -> Tensor:
+            h = self.embed(x)
+            if x.shape[1] > 4:
+                h = torch.tanh(self.extra(h))
+            return self.head(h.mean(1))
+
+    def batch(size: int, length: int):
+        return [(torch.randint(0, 9, (size, length)), torch.randint(0, 3, (size,)))]
+
     monkeypatch.setattr(HookEngine, "_check_sums", counted)
-    model = mlp()
-    batch = (torch.randn(6, 6, dtype=torch.float64), torch.randint(0, 5, (6,)))
-    fisher_diagonal(model, [batch, batch], backend="hooks")
-    assert checks == [model]
-    fisher_diagonal(model, [batch], backend="hooks")
-    assert checks == [model]
-    fisher_diagonal(model, [(batch[0][:3], batch[1][:3])], backend="hooks")
-    assert checks == [model, model]
+    model = LongOnes().double()
+    fisher_diagonal(model, batch(6, 3) * 2, backend="hooks")
+    assert len(checks) == 1
+    fisher_diagonal(model, batch(5, 4) + batch(3, 2), backend="hooks")
+    assert len(checks) == 1
+    fisher_diagonal(model, batch(6, 5), backend="hooks")
+    assert len(checks) == 2  # (extra runs)
+    fisher_diagonal(model, batch(6, 7), backend="hooks")
+    assert len(checks) == 2
+    fisher_diagonal(model, batch(1, 7), backend="hooks")
+    assert len(checks) == 3
 
 
 class _SelfAttention(nn.Module):

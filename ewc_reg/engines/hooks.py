@@ -90,7 +90,8 @@ The decomposition is valid only if (checked; otherwise :class:`Unsupported` is r
   folded, also on the batch in reverse order, on every pass, since how rows fold depends on
   the data: :func:`_check_folds`).
 
-These checks test the assumptions one by one. With them, once per model and recorded shapes,
+These checks test the assumptions one by one. With them, once per model and structure of the
+forward pass (which units ran, how, on tensors of which ranks; :func:`_structure`),
 :meth:`HookEngine._check_sums` tests the result: the sums on two samples against the loop
 engine's, so that a way of breaking the decomposition that no check looks for (a tensor made
 from a unit's parameters leaving it by an attribute, a layer run inside ``torch.vmap`` or
@@ -877,6 +878,29 @@ def _recorded_again(
     return recording.records, output
 
 
+def _structure(records: dict[_Unit, _Record]) -> tuple[Any, ...]:
+    """What the forward pass recorded but the sizes: which units ran, and each call's numbers
+    of tensors in and out and their ranks, whether it was expanded or folded, and which member
+    of a tied unit ran."""
+    return tuple(
+        (
+            unit.path,
+            tuple(
+                (
+                    tuple(len(shape) for shape in call.inputs),
+                    tuple(len(shape) for shape in call.outputs),
+                    len(call.edges),
+                    call.expanded,
+                    call.folded > 1,
+                    call.member,
+                )
+                for call in record.calls()
+            ),
+        )
+        for unit, record in records.items()
+    )
+
+
 def _folded(records: dict[_Unit, _Record]) -> bool:
     """Whether some call has positions folded into its batch dimension."""
     return any(call.folded > 1 for record in records.values() for call in record.calls())
@@ -1143,6 +1167,15 @@ class HookEngine:
         weakref.WeakKeyDictionary()
     )
 
+    #: The structures of the forward passes (:func:`_structure`, with the selected parameters'
+    #: names and whether the batch had more than one sample) whose sums
+    #: :meth:`_check_sums` has passed, per model: the check runs once per structure, not per
+    #: shapes as the other checks (an LM whose batches are padded to their longest sequence
+    #: would pay it for nearly every batch).
+    sums_checked: ClassVar[weakref.WeakKeyDictionary[nn.Module, set[tuple[Any, ...]]]] = (
+        weakref.WeakKeyDictionary()
+    )
+
     def __init__(self, fallback: Engine | None = None) -> None:
         self.fallback = fallback
         self._given_up: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # (to the fallback)
@@ -1311,7 +1344,11 @@ class HookEngine:
             expanded = _expanded(records)
             if expanded:
                 check_expansion(model, units, first, output_fn, expanded)
-            self._check_sums(model, params, first, output_fn, memory_budget, loose, layouts)
+            structure = (tuple(params), min(first.size, 2), *_structure(records))
+            passed = self.sums_checked.setdefault(model, set())
+            if structure not in passed:  # (not again for every length of a sequence)
+                self._check_sums(model, params, first, output_fn, memory_budget, loose, layouts)
+                passed.add(structure)
             checked.add(shapes)
         elif _folded(records):  # (how rows fold depends on the data: checked every pass)
             _check_folds(model, units, first, output_fn, records, set(_expanded(records)))
@@ -1391,8 +1428,9 @@ class HookEngine:
         unit's parameters that leaves it by an attribute rather than its output, a layer run
         inside ``torch.vmap`` or inside a derivative the forward pass takes, an output shared
         by the samples taken from one sample's copy after its expansion) sends the model to the
-        fallback instead of giving a wrong Fisher. Run once per model and recorded shapes, with
-        the checks; a model the loop engine cannot cut into samples is not checked."""
+        fallback instead of giving a wrong Fisher. Run with the checks, once per model and
+        structure of the forward pass (:attr:`sums_checked`); a model the loop engine cannot
+        cut into samples is not checked."""
         few = batch.samples(0, min(batch.size, 2))
         drawn: list[Tensor] = []
 
