@@ -150,18 +150,16 @@ def as_batch(raw: Any) -> Batch:
     return Batch(args, kwargs, targets, int(targets.shape[0]))
 
 
-def _inputs_and_targets(data: Any) -> bool:
-    """Whether ``data`` is a list of two tensors shaped as one batch's inputs and targets:
-    floating point, then integer, with the same first dimension."""
-    if not (isinstance(data, list) and len(data) == 2 and all(map(_batched, data))):
-        return False
-    inputs, targets = data
-    integer = not (targets.is_floating_point() or targets.is_complex())
+def _maybe_one_batch(data: Any) -> bool:
+    """Whether ``data`` is a list of two tensors with the same first dimension: one batch's
+    inputs and targets, or two batches of inputs of one size; nothing tells them apart (token
+    ids and next-token labels have the same shape and dtype; regression targets are floating
+    point as the inputs)."""
     return (
-        inputs.is_floating_point()
-        and integer
-        and targets.dtype != torch.bool
-        and inputs.shape[0] == targets.shape[0]
+        isinstance(data, list)
+        and len(data) == 2
+        and all(map(_batched, data))
+        and data[0].shape[0] == data[1].shape[0]
     )
 
 
@@ -174,18 +172,19 @@ def iter_batches(data: Iterable[Any], n_samples: int | None = None) -> Iterator[
     """Yield parsed batches, stopping after ``n_samples`` samples (the last batch is cut).
 
     Data that looks like one batch is an error: a tuple of tensors (``TypeError``; a list of
-    tensors is batches of inputs only), or a list of two, floating-point inputs and integer
-    targets with the same first dimension (``ValueError``: taken for two batches of inputs,
-    the targets would go to the model)."""
+    tensors is batches of inputs only), or a list of two tensors with the same first dimension
+    (``ValueError``: taken for two batches of inputs, the targets of one batch would go to the
+    model; two batches of inputs of one size are written ``[(x1,), (x2,)]``)."""
     if isinstance(data, tuple) and data and all(isinstance(t, Tensor) for t in data):
         raise TypeError(
             f"data is a tuple of {len(data)} tensors, which {_ONE_BATCH} (a list of tensors, "
             "for batches of inputs only)"
         )
-    if _inputs_and_targets(data):
+    if _maybe_one_batch(data):
         raise ValueError(
-            f"data is a list of two tensors, floating-point {tuple(data[0].shape)} and integer "
-            f"{tuple(data[1].shape)}, which {_ONE_BATCH}"
+            f"data is a list of two tensors of shapes {tuple(data[0].shape)} and "
+            f"{tuple(data[1].shape)}, which {_ONE_BATCH}; for two batches of inputs only, pass "
+            "[(x1,), (x2,)]"
         )
     if isinstance(data, (Tensor, dict)) or not isinstance(data, Iterable):
         raise TypeError(

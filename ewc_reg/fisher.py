@@ -147,8 +147,10 @@ def fisher_diagonal(
         parameter, in the parameter's dtype promoted to at least float32.
 
     Raises:
-        ValueError: bad arguments, empty data, labels outside the output's classes or
-            missing for ``empirical`` / ``batched``, or an output of the wrong shape.
+        ValueError: bad arguments, empty data, labels outside the output's classes (for
+            ``empirical`` and ``batched``; for every method with per-position labels, which
+            mark the positions) or missing for ``empirical`` / ``batched``, or an output of
+            the wrong shape.
         TypeError: data that is not an iterable of accepted batches.
         FloatingPointError: the Fisher contains NaN or Inf.
         RuntimeError: in a distributed run, another rank of the group failed.
@@ -434,8 +436,11 @@ def _positions(
     The mask ``(B, *S)`` is the dict batch's entry for the output's positions (if any:
     :func:`_output_mask_key`) and-ed with ``targets != lik.ignore_index`` (``-100`` for
     ``categorical``, when the targets have one entry per position); ignored targets are
-    replaced by class 0 so that they validate, and contribute nothing. ``(B, C)`` outputs: no
-    mask (``None``) and the targets unchanged.
+    replaced by class 0 so that they validate, and contribute nothing, and the others are
+    checked here, whatever the method (``exact`` and ``sample`` read them for the mask: a
+    padding label other than ``-100``, such as ``-1``, would count its position). ``(B, C)``
+    outputs: no mask (``None``) and the targets unchanged (``exact`` and ``sample`` do not
+    read them).
     """
     targets = batch.targets
     if output.dim() == 2:
@@ -469,7 +474,7 @@ def _positions(
         return mask, None
     if lik.ignore_index is not None and positional:
         kept = targets != lik.ignore_index
-        targets = targets.masked_fill(~kept, 0)
+        targets = lik.check_targets(output, targets.masked_fill(~kept, 0))
         mask = kept if mask is None else mask & kept
     return mask, targets
 

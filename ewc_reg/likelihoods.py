@@ -206,10 +206,13 @@ class Categorical(Likelihood):
         bad = (targets < 0) | (targets >= num_classes)
         if bool(bad.any()):
             label = int(targets[bad][0])
+            positions = (
+                f", or {self.ignore_index} to leave a position out" if targets.dim() > 1 else ""
+            )
             raise ValueError(
                 f"target label {label} is outside the C={num_classes} classes of the model "
-                f"output; labels must lie in [0, {num_classes}) (remap them, or use output_fn "
-                "to select the matching output units)"
+                f"output; labels must lie in [0, {num_classes}){positions} (remap them, or use "
+                "output_fn to select the matching output units)"
             )
         return targets.long()
 
