@@ -30,12 +30,13 @@ E, L, S = 8, 4, 5  # embedding, query and key positions
 
 class Attend(nn.Module):
     """``x: (B, S, E)`` to 3 outputs through one ``nn.MultiheadAttention`` called as ``mode``
-    says; masks are built from ``x`` inside ``forward`` (per sample, never a fully masked row)."""
+    says; masks are built from ``x`` inside ``forward`` (per sample, never a fully masked row).
+    With ``batch_first=False`` the attention's inputs and output are transposed around it."""
 
-    def __init__(self, mode: str, heads: int = 2, **options) -> None:
+    def __init__(self, mode: str, heads: int = 2, batch_first: bool = True, **options) -> None:
         super().__init__()
         self.mode = mode
-        self.attn = nn.MultiheadAttention(E, heads, batch_first=True, **options)
+        self.attn = nn.MultiheadAttention(E, heads, batch_first=batch_first, **options)
         self.mix = nn.Linear(E, self.attn.kdim)  # gives distinct key and value inputs
         self.head = nn.Linear(E, 3)
 
@@ -66,9 +67,14 @@ class Attend(nn.Module):
             keys = self.padding(x)[:, None, :].expand(-1, S, -1)
             kw = {"attn_mask": keys & ~torch.eye(S, dtype=torch.bool)}
         weights = mode.endswith("weights") or mode.startswith("weights")
+        first = self.attn.batch_first
+        if not first:
+            q, k, v = (t.transpose(0, 1) for t in (q, k, v))
         out, w = self.attn(
             q, k, v, need_weights=weights, average_attn_weights=mode != "weights_per_head", **kw
         )
+        if not first:
+            out, q, k, v = (t.transpose(0, 1) for t in (out, q, k, v))
         h = out.mean(1)
         if w is not None:  # the weights get gradients too
             w = w.mean(1) if w.dim() == 4 else w
@@ -96,9 +102,9 @@ CASES = {
 }
 
 
-def attend(name: str) -> Attend:
+def attend(name: str, batch_first: bool = True) -> Attend:
     mode, options = CASES[name]
-    return Attend(mode, **options).double().eval()
+    return Attend(mode, batch_first=batch_first, **options).double().eval()
 
 
 def data(batch: int = 5) -> Tensor:
@@ -108,6 +114,20 @@ def data(batch: int = 5) -> Tensor:
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_rule_matches_references(name: str, engine_ways: str) -> None:
     model = attend(name)
+    assert plan(model, trainable(model))[0].rule is attention.multihead_attention
+    check_against_references(model, data())
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["self", "distinct", "kdim_vdim", "padding_weights", "weights_per_head", "causal_padding",
+     "per_sample_mask"],
+)
+def test_sequence_first_attention(name: str, engine_ways: str) -> None:
+    """``batch_first=False`` (PyTorch's default): ``(L, B, E)`` in and out, taken batch first
+    by the recorded forward; the masks and weights lead with the batch either way. (Before,
+    the model went to the functorch engine.)"""
+    model = attend(name, batch_first=False)
     assert plan(model, trainable(model))[0].rule is attention.multihead_attention
     check_against_references(model, data())
 

@@ -1232,8 +1232,8 @@ class SequenceFirst(nn.Module):
 @pytest.mark.filterwarnings("ignore:There is a performance drop")
 def test_nested_unit_problems(caplog) -> None:
     """A nested unit's inner parameter used outside its call, a root owning parameters next to
-    parametrised children and sequence-first attention (as long as the batch) still go to the
-    functorch engine."""
+    parametrised children and a sequence-first encoder layer (as long as the batch: its
+    feed-forward block's Linear layers see (T, B, D)) still go to the functorch engine."""
     model = AttentionWeightOutside().double()
     x = torch.randint(0, 11, (5, 4))
     data = [(x, torch.randint(0, 3, (5,))), (x[:2], torch.randint(0, 3, (2,)))]
@@ -1247,11 +1247,11 @@ def test_nested_unit_problems(caplog) -> None:
         fisher_diagonal(model, data_for(lambda: x), backend="hooks")
     log_and_compare(model, data_for(lambda: x), caplog, reason)
     caplog.clear()
-    model = SequenceFirst().double()
-    reason = "batch_first=False"
-    with pytest.raises(ValueError, match=reason):
-        get_engine("hooks", model)
+    model = SequenceFirst().double()  # (its attention has a rule; its feed-forward not)
+    reason = "the batch is not the leading dimension of an input of module 'layer.linear1'"
     x = torch.randn(5, 5, 4, dtype=torch.float64)  # as many positions as samples
+    with pytest.raises(ValueError, match=reason):
+        fisher_diagonal(model, data_for(lambda: x), backend="hooks")
     log_and_compare(model, data_for(lambda: x), caplog, reason)
 
 

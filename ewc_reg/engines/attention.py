@@ -58,7 +58,14 @@ def _attention_mask(
 
 
 def _plain_attention(module: nn.Module) -> bool:
-    return module.batch_first and not module.add_zero_attn and module.bias_k is None
+    return not module.add_zero_attn and module.bias_k is None
+
+
+def _batch_dims(module: nn.Module) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """``query``, ``key`` and ``value`` (the masks lead with the batch, or are shared), then
+    the output and the weights (``(B, L, S)`` either way)."""
+    first = 0 if module.batch_first else 1
+    return (first, first, first), (first, 0)
 
 
 def attention_in_pieces(
@@ -67,9 +74,10 @@ def attention_in_pieces(
     kwargs: dict[str, Any],
     keep: Callable[[str, Tensor, bool], Tensor],
 ) -> Any:
-    r"""``module(*args, **kwargs)`` for an ``nn.MultiheadAttention`` with ``batch_first=True``
-    called on batched ``query`` ``(B, L, E)``, ``key`` ``(B, S, E_k)`` and ``value``
-    ``(B, S, E_v)`` (any masks, with or without weights), redone in pieces with ``H`` heads of
+    r"""``module(*args, **kwargs)`` for an ``nn.MultiheadAttention`` called on batched
+    ``query`` ``(B, L, E)``, ``key`` ``(B, S, E_k)`` and ``value`` ``(B, S, E_v)`` (with
+    ``batch_first=False``: ``(L, B, E)`` and so on, taken batch first here and the output
+    transposed back; any masks, with or without weights), redone in pieces with ``H`` heads of
     ``d = E/H`` dimensions; ``NotImplemented`` for unbatched inputs and dropout in training mode:
 
     .. math::
@@ -86,17 +94,21 @@ def attention_in_pieces(
     ``(B, L, 3E)`` tensor ``"qkv"`` for self-attention, else ``"q"``, ``"k"``, ``"v"``) and
     the output ``y`` (``"y"``), to which the engine pulls the vectors back, and the values the
     rule needs: the in-projection's inputs (``"x"``, else ``"xq"``, ``"xk"``, ``"xv"``) and
-    ``o`` (``"o"``). Each piece has the positions (``L`` or ``S``) as its second dimension,
-    so the engine can join the pieces of several calls (:data:`.rules.POSITIONWISE`).
+    ``o`` (``"o"``). Each piece has the batch first and the positions (``L`` or ``S``) as its
+    second dimension, so the engine can join the pieces of several calls
+    (:data:`.rules.POSITIONWISE`).
     Numerically this is PyTorch's attention up to rounding."""
     a = call_arguments(module, args, kwargs)
     query, key, value = a["query"], a["key"], a["value"]
     if query.dim() != 3 or (module.training and module.dropout > 0):
         return NotImplemented
+    self_attention = module._qkv_same_embed_dim and query is key and key is value
+    if not module.batch_first:
+        query, key, value = (t.transpose(0, 1) for t in (query, key, value))
     batch, queries, _ = query.shape
     keys, heads, head_dim = key.shape[1], module.num_heads, module.head_dim
     bias = module.in_proj_bias
-    if module._qkv_same_embed_dim and query is key and key is value:
+    if self_attention:
         keep("x", query, False)
         q, k, v = keep("qkv", F.linear(query, module.in_proj_weight, bias), True).chunk(3, -1)
     else:
@@ -120,7 +132,8 @@ def attention_in_pieces(
     else:
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     o = keep("o", o.transpose(1, 2).flatten(2), False)  # (B, L, E)
-    return keep("y", F.linear(o, module.out_proj.weight, module.out_proj.bias), True), weights
+    y = keep("y", F.linear(o, module.out_proj.weight, module.out_proj.bias), True)
+    return (y if module.batch_first else y.transpose(0, 1)), weights
 
 
 class _AttentionSums:
@@ -187,6 +200,7 @@ def _attention_sums(
     whole_call=True,
     forward=attention_in_pieces,
     accumulate=_attention_sums,
+    batch_dims=_batch_dims,
     positionwise=lambda module: (1, 1),
 )
 def multihead_attention(

@@ -65,8 +65,9 @@ The decomposition is valid only if (checked; otherwise :class:`Unsupported` is r
   per-module fallback on all its calls at once. Not covered: a unit whose rule records its
   calls in pieces it cannot join (an LSTM with a projection; attention that is
   self-attention in one call and not in another), or with a rule and several outputs;
-* module outputs have the batch as leading dimension (``nn.MultiheadAttention`` units need
-  ``batch_first=True``; a unit whose inputs all lead with 1, or all have one sample's shape of
+* module outputs have the batch as leading dimension (or where the rule's
+  :data:`.rules.BATCH_DIMS` say: a sequence-first ``nn.MultiheadAttention`` or recurrent
+  layer's ``(T, B, ...)``; a unit whose inputs all lead with 1, or all have one sample's shape of
   a per-sample input without a batch dimension, shared by the samples, such as a position
   embedding on ``position_ids`` of shape ``(1, T)`` or ``(T,)``, is called on them expanded
   over the batch, once a check on two samples shows that the model's output stays the same:
@@ -435,11 +436,6 @@ def plan(model: nn.Module, params: dict[str, Tensor]) -> list[_Unit]:
             prefix = path[len(units[-1].path) + 1 :] + "."
             units[-1].names.update({prefix + local: name for local, name in names.items()})
             continue
-        if isinstance(module, nn.MultiheadAttention) and not module.batch_first:
-            raise Unsupported(
-                f"{_describe(path)} is an nn.MultiheadAttention with batch_first=False (the "
-                "sequence, not the batch, is the leading dimension)"
-            )
         nested = i + 1 < len(paths) and inside(paths[i + 1], path)
         if nested and not path:
             inner = paths[1:4]
