@@ -2201,6 +2201,37 @@ def test_units_on_inputs_without_a_batch_dimension_stay_on_hooks(method, caplog)
     assert got["pos.weight"][:6].abs().min() > 0
 
 
+class ClassEmbedding(nn.Module):
+    """Per-sample class ids ``(B,)`` beside token ids ``(B, T)``: with ``T == B`` they have
+    one sample's shape of the ids, and are no shared input all the same."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tok, self.cls, self.head = nn.Embedding(9, 4), nn.Embedding(3, 4), nn.Linear(4, 3)
+
+    def forward(self, ids: Tensor, classes: Tensor) -> Tensor:
+        return self.head(torch.tanh(self.tok(ids) + self.cls(classes)[:, None]).mean(1))
+
+
+def test_shared_inputs_with_the_batch_size_among_their_dimensions(caplog) -> None:
+    """nanoGPT's ``arange(T)`` with as many samples as positions (``T == B == 6``) has the
+    batch size as its dimension: not expanded at first, the layout check finds its unit's
+    inputs and output unchanged on 2 samples, and the next attempt expands them (before, the
+    model went to functorch). Per-sample class ids ``(B,)`` beside ``(B, T)`` ids with
+    ``T == B`` are not taken for shared: both stay on hooks, with the right Fisher."""
+    torch.manual_seed(0)
+    model = PositionsWithoutBatch().double()
+    ids, y = torch.randint(0, 9, (6, 6)), torch.randint(0, 3, (6,))
+    with caplog.at_level(logging.INFO, logger="ewc_reg"):
+        got = fisher_diagonal(model, [(ids, y)], "exact", backend="hooks")
+        assert_close_dicts(got, brute_force_fisher(model, ids, y, "exact"), 1e-10)
+        model = ClassEmbedding().double()
+        data = [{"ids": ids, "classes": torch.randint(0, 3, (6,)), "labels": y}]
+        got = fisher_diagonal(model, data, "exact", backend="hooks")
+    assert not [r for r in caplog.records if r.name == "ewc_reg"]
+    assert_close_dicts(got, fisher_diagonal(model, data, "exact", backend="loop"), 1e-10)
+
+
 @pytest.mark.parametrize(
     "view, length, reason",
     [

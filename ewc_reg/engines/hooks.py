@@ -71,11 +71,12 @@ The decomposition is valid only if (checked; otherwise :class:`Unsupported` is r
   a per-sample input without a batch dimension, shared by the samples, such as a position
   embedding on ``position_ids`` of shape ``(1, T)`` or ``(T,)``, is called on them expanded
   over the batch, once a check on two samples shows that the model's output stays the same:
-  :func:`_expand_shared`; a model that fails on the expanded inputs is not covered), recorded
-  inputs are not modified in place afterwards, nor outputs that are views other than reshapes
-  of their bases (the gradient of a reshape is taken at its base: :func:`_output_edge`), and
-  no batch norm uses batch statistics (it
-  would mix the samples). Unit inputs are per-sample (the batch leading) or shared by all
+  :func:`_expand_shared`; ``(T,)`` with ``T == B`` once the unit's inputs and output stay the
+  same on two samples: :class:`_SharedWithBatchRows`; a model that fails on the expanded
+  inputs is not covered), recorded inputs are not modified in place afterwards, nor outputs
+  that are views other than reshapes of their bases (the gradient of a reshape is taken at
+  its base: :func:`_output_edge`), and no batch norm uses batch statistics (it would mix the
+  samples). Unit inputs are per-sample (the batch leading) or shared by all
   samples; a unit whose rule treats the leading dimensions alike (:data:`.rules.FOLDABLE`:
   linear layers, embeddings, layer and RMS norms) may also be called on per-sample data
   folded into the batch dimension, ``x`` of shape ``(B T, ...)`` with sample ``n``'s
@@ -181,6 +182,17 @@ class Unsupported(Exception):
     docstring); the message says which."""
 
 
+class _SharedWithBatchRows(Unsupported):
+    """A unit's inputs and outputs stay the same on fewer samples, but its output has the batch
+    size as a dimension where the batch should be: inputs the samples share that
+    :func:`_expand_shared` left as they are because the batch size is among their dimensions
+    (nanoGPT's ``arange(T)`` with ``T == B``), to be expanded on the next attempt."""
+
+    def __init__(self, path: str, message: str) -> None:
+        super().__init__(message)
+        self.path = path
+
+
 @dataclass(eq=False)
 class _Unit:
     """A module owning selected parameters, with those of the modules inside it when some of
@@ -192,6 +204,9 @@ class _Unit:
     path: str
     names: dict[str, str]
     rule: Rule | CallRule | None
+    # its inputs are shared by the samples even with the batch size among their dimensions
+    # (expanded by _expand_shared all the same: see _SharedWithBatchRows)
+    shared: bool = False
 
 
 @dataclass(eq=False)
@@ -243,7 +258,11 @@ def _differentiable(leaf: Any) -> bool:
 
 
 def _expand_shared(
-    call: Any, tensors: list[Tensor], batch_size: int, sample_shapes: set[tuple[int, ...]]
+    call: Any,
+    tensors: list[Tensor],
+    batch_size: int,
+    sample_shapes: set[tuple[int, ...]],
+    shared: bool = False,
 ) -> Any:
     """``call`` (a pytree of the unit's arguments, whose tensors are ``tensors``) with its
     tensors (but 0-d ones) expanded over the batch when they are all shared by the samples;
@@ -259,14 +278,19 @@ def _expand_shared(
     unit's output has the batch in front, and the gradient that reaches it is per sample. The
     engine checks once per model and shapes that the model's output stays the same
     (:func:`check_expansion`). (Per-sample data folded into the batch dimension, ``(B T, D)``,
-    has no sample's shape: expanded, it would cost ``B`` times the unit's work before failing.)"""
+    has no sample's shape: expanded, it would cost ``B`` times the unit's work before failing.)
+    An input with the batch size among its dimensions may be per-sample (``(B,)`` labels
+    beside ``(B, T)`` inputs with ``T == B``) and is expanded only for a unit known to be
+    ``shared`` (:class:`_SharedWithBatchRows`)."""
     tensors = [t for t in tensors if t.dim() > 0]
     if not tensors:
         return None
     if batch_size > 1 and all(t.shape[0] == 1 for t in tensors):
         kept = 1  # (the leading 1 becomes the batch)
     elif all(
-        tuple(t.shape) in sample_shapes and batch_size not in t.shape and t.shape[0] != 1
+        tuple(t.shape) in sample_shapes
+        and (shared or batch_size not in t.shape)
+        and t.shape[0] != 1
         for t in tensors
     ):
         kept = 0  # (the batch goes in front)
@@ -616,7 +640,7 @@ class _Recorder(TorchFunctionMode):
         expanded = None
         if self.expanding is None or unit.path in self.expanding:
             expanded = _expand_shared(
-                (args, kwargs), tensors, self.batch_size, self.sample_shapes
+                (args, kwargs), tensors, self.batch_size, self.sample_shapes, unit.shared
             )
         if expanded is not None:
             args, kwargs = expanded
@@ -799,6 +823,16 @@ def check_batch_layout(
         ]:
             raise Unsupported(f"{_describe(unit.path)} is called differently on fewer samples")
         inputs, outputs = batch_dims_of(unit, record)
+        # (tensor arguments all of one sample's shape and the same on fewer samples, as the
+        # unit gets them (an input may be recorded unfolded): shared, though the batch size is
+        # among their dimensions; see _SharedWithBatchRows)
+        samples = set(batch.sample_shapes())
+        shared = not unit.shared and all(
+            call.versions
+            and [t.shape for t, _ in call.versions] == [t.shape for t, _ in call_again.versions]
+            and all(tuple(t.shape) in samples for t, _ in call.versions)
+            for call, call_again in zip(calls, calls_again)
+        )
         pairs = []
         for call, call_again in zip(calls, calls_again):
             pairs += [
@@ -813,6 +847,12 @@ def check_batch_layout(
             kind = "an input" if may_be_shared else "an output"
             if part == (*full[:dim], fewer, *full[dim + 1 :]):
                 continue
+            if shared:
+                raise _SharedWithBatchRows(
+                    unit.path,
+                    f"the inputs of {_describe(unit.path)} are shared by the samples, with the "
+                    f"batch size ({size}) among their dimensions",
+                )
             if may_be_shared and part == full:
                 if full[0] == size and not by_rule(unit, record):
                     raise Unsupported(
@@ -1181,6 +1221,9 @@ class HookEngine:
             weakref.WeakKeyDictionary()
         )
         self._nested: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+        # the units whose shared inputs are expanded though they have the batch size among
+        # their dimensions, per model (see _sums_learning_shared)
+        self._shared: weakref.WeakKeyDictionary[nn.Module, set[str]] = weakref.WeakKeyDictionary()
         # the models whose batched pull-back failed: one backward per vector for them
         self._looped: weakref.WeakSet[nn.Module] = weakref.WeakSet()
         # the looped pull-back's gradient buffers, reused by the chunks and the next batches
@@ -1262,7 +1305,7 @@ class HookEngine:
                     raise Unsupported(problem)
                 if batch.size > 1:  # (one sample cannot show the batch mixed up)
                     self._copies[model] = layouts
-            return self._sums(*args, loose, layouts or {})
+            return self._sums_learning_shared(*args, loose, layouts or {})
         except Unsupported as problem:
             failure = type(problem)(str(problem))  # (not its traceback: the attempt's frames)
         if not loose:
@@ -1271,10 +1314,46 @@ class HookEngine:
         logger.debug("hooks engine: %s; the modules of %s become units", failure, list(loose))
         self._nested.add(model)
         try:
-            return self._sums(*args, {}, {})
+            return self._sums_learning_shared(*args, {}, {})
         except Unsupported as again:
             failure = type(again)(str(again))
         return self._give_up(model, failure)(*args)
+
+    def _sums_learning_shared(
+        self,
+        model: nn.Module,
+        params: dict[str, Tensor],
+        batch: Batch,
+        output_fn: OutputFn,
+        make_vectors: VectorFn,
+        chunk_size: int | None,
+        memory_budget: int,
+        loose: dict[str, Tensor],
+        layouts: dict[str, int],
+    ) -> dict[str, Tensor]:
+        """:meth:`_sums`, tried again for each unit the layout check finds to have shared
+        inputs with the batch size among their dimensions (:class:`_SharedWithBatchRows`),
+        which are expanded from then on (for the rest of the call; the retries run outside
+        the handler, so that the failed attempt's frames are freed first)."""
+        shared = self._shared.setdefault(model, set())
+        while True:
+            try:
+                return self._sums(
+                    model,
+                    params,
+                    batch,
+                    output_fn,
+                    make_vectors,
+                    chunk_size,
+                    memory_budget,
+                    loose,
+                    layouts,
+                )
+            except _SharedWithBatchRows as problem:
+                if problem.path in shared:
+                    raise Unsupported(str(problem)) from None
+                logger.debug("hooks engine: %s; expanded over the batch", problem)
+                shared.add(problem.path)
 
     def _sums(
         self,
@@ -1298,6 +1377,8 @@ class HookEngine:
         ``layouts``. ``checking``: the run of :meth:`_check_sums`, without the checks, and
         leaving the caches of the engine's runs as they are."""
         units = plan(model, {n: p for n, p in params.items() if n not in loose})
+        for unit in units:
+            unit.shared = unit.path in self._shared.get(model, ())
         copied = [
             _Unit(LooseParameter(p, name), name, {name: name}, loose_parameter)
             for name, p in loose.items()
