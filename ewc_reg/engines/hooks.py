@@ -810,6 +810,7 @@ def check_batch_layout(
     # (only the units expanded on the whole batch: the others' shapes are what is checked)
     expanding = set(_expanded(records))
     part = batch.samples(0, fewer)  # (the model may not take another batch size)
+    samples = set(batch.sample_shapes())
     records_again, alone = _recorded_again(
         model, units, part, output_fn, expanding, f"{fewer} samples"
     )
@@ -826,7 +827,6 @@ def check_batch_layout(
         # (tensor arguments all of one sample's shape and the same on fewer samples, as the
         # unit gets them (an input may be recorded unfolded): shared, though the batch size is
         # among their dimensions; see _SharedWithBatchRows)
-        samples = set(batch.sample_shapes())
         shared = not unit.shared and all(
             call.versions
             and [t.shape for t, _ in call.versions] == [t.shape for t, _ in call_again.versions]
@@ -1222,7 +1222,7 @@ class HookEngine:
         )
         self._nested: weakref.WeakSet[nn.Module] = weakref.WeakSet()
         # the units whose shared inputs are expanded though they have the batch size among
-        # their dimensions, per model (see _sums_learning_shared)
+        # their dimensions, per model (see _attempt)
         self._shared: weakref.WeakKeyDictionary[nn.Module, set[str]] = weakref.WeakKeyDictionary()
         # the models whose batched pull-back failed: one backward per vector for them
         self._looped: weakref.WeakSet[nn.Module] = weakref.WeakSet()
@@ -1296,6 +1296,22 @@ class HookEngine:
         args = (model, params, batch, output_fn, make_vectors, chunk_size, memory_budget)
         if model in self._given_up and self.fallback is not None:
             return self.fallback(*args)
+        shared = self._shared.setdefault(model, set())
+
+        def sums(loose: dict[str, Tensor], layouts: dict[str, int]) -> dict[str, Tensor]:
+            """:meth:`_sums`, tried again for each unit the layout check finds to have shared
+            inputs with the batch size among their dimensions (:class:`_SharedWithBatchRows`),
+            which are expanded from then on (for the rest of the call; the retries run outside
+            the handler, so that the failed attempt's frames are freed first)."""
+            while True:
+                try:
+                    return self._sums(*args, loose, layouts)
+                except _SharedWithBatchRows as problem:
+                    if problem.path in shared:
+                        raise Unsupported(str(problem)) from None
+                    logger.debug("hooks engine: %s; expanded over the batch", problem)
+                    shared.add(problem.path)
+
         loose = {} if model in self._nested else loose_parameters(model, params)
         try:
             layouts = self._copies.get(model)
@@ -1305,7 +1321,7 @@ class HookEngine:
                     raise Unsupported(problem)
                 if batch.size > 1:  # (one sample cannot show the batch mixed up)
                     self._copies[model] = layouts
-            return self._sums_learning_shared(*args, loose, layouts or {})
+            return sums(loose, layouts or {})
         except Unsupported as problem:
             failure = type(problem)(str(problem))  # (not its traceback: the attempt's frames)
         if not loose:
@@ -1314,46 +1330,10 @@ class HookEngine:
         logger.debug("hooks engine: %s; the modules of %s become units", failure, list(loose))
         self._nested.add(model)
         try:
-            return self._sums_learning_shared(*args, {}, {})
+            return sums({}, {})
         except Unsupported as again:
             failure = type(again)(str(again))
         return self._give_up(model, failure)(*args)
-
-    def _sums_learning_shared(
-        self,
-        model: nn.Module,
-        params: dict[str, Tensor],
-        batch: Batch,
-        output_fn: OutputFn,
-        make_vectors: VectorFn,
-        chunk_size: int | None,
-        memory_budget: int,
-        loose: dict[str, Tensor],
-        layouts: dict[str, int],
-    ) -> dict[str, Tensor]:
-        """:meth:`_sums`, tried again for each unit the layout check finds to have shared
-        inputs with the batch size among their dimensions (:class:`_SharedWithBatchRows`),
-        which are expanded from then on (for the rest of the call; the retries run outside
-        the handler, so that the failed attempt's frames are freed first)."""
-        shared = self._shared.setdefault(model, set())
-        while True:
-            try:
-                return self._sums(
-                    model,
-                    params,
-                    batch,
-                    output_fn,
-                    make_vectors,
-                    chunk_size,
-                    memory_budget,
-                    loose,
-                    layouts,
-                )
-            except _SharedWithBatchRows as problem:
-                if problem.path in shared:
-                    raise Unsupported(str(problem)) from None
-                logger.debug("hooks engine: %s; expanded over the batch", problem)
-                shared.add(problem.path)
 
     def _sums(
         self,
