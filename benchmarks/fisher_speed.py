@@ -75,7 +75,7 @@ MODEL_KEYS = ("mlp", "resnet", "transformer")
 #: without and with ``proj_size``, and with an ``nn.LSTMCell`` stepped by hand instead, an MLP
 #: whose hidden block is applied three times, and the Transformer with one encoder layer applied
 #: twice (the last three: modules called more than once); a stack of transposed convolutions
-#: (a DCGAN-style generator's) and a 3-d CNN.
+#: (a DCGAN-style generator's), a 3-d CNN, and the Transformer sequence-first.
 EXTRA_MODEL_KEYS = (
     "vit",
     "lstm",
@@ -85,6 +85,7 @@ EXTRA_MODEL_KEYS = (
     "transformer_shared",
     "upsampling",
     "conv3d",
+    "transformer_seq_first",
 )
 ALL_MODEL_KEYS = MODEL_KEYS + EXTRA_MODEL_KEYS
 PEERS = {"BackPACK": "backpack-for-pytorch", "nngeometry": "nngeometry"}
@@ -222,10 +223,13 @@ def make_workloads(
                 inputs = torch.randint(0, vocab, (samples or (8 if quick else n), seq))
             else:
                 sizes = dict(vocab_size=50, seq_len=8, d_model=16, d_feedforward=32)
-                shared = key == "transformer_shared"
-                model = TextTransformer(10, **(sizes if quick else {}), shared=shared)
+                shared, seq_first = key == "transformer_shared", key == "transformer_seq_first"
+                model = TextTransformer(
+                    10, **(sizes if quick else {}), shared=shared, batch_first=not seq_first
+                )
                 n, subset, head = 128, 16, "linear"
                 title = "Transformer text classifier" + (", one layer applied twice" * shared)
+                title += ", sequence-first" * seq_first
                 vocab, seq = (50, 8) if quick else (1000, 32)
                 inputs = torch.randint(0, vocab, (samples or (8 if quick else n), seq))
             targets = torch.randint(0, num_classes, (inputs.shape[0],))

@@ -71,7 +71,8 @@ class TextTransformer(nn.Module):
     """Small Transformer-encoder text classifier: token + learned position embeddings, a stack
     of ``nn.TransformerEncoderLayer`` (post-norm, ReLU, no dropout; with ``shared``, one layer
     applied ``num_layers`` times), mean pooling over the sequence and one linear layer. Inputs
-    are ``(B, seq_len)`` token ids."""
+    are ``(B, seq_len)`` token ids; without ``batch_first``, the layers run sequence-first on
+    ``(seq_len, B, ...)`` (PyTorch's default layout)."""
 
     def __init__(
         self,
@@ -83,14 +84,16 @@ class TextTransformer(nn.Module):
         num_layers: int = 2,
         d_feedforward: int = 128,
         shared: bool = False,
+        batch_first: bool = True,
     ) -> None:
         super().__init__()
+        self.batch_first = batch_first
         self.embedding = nn.Embedding(vocab_size, d_model)
         self.position = nn.Embedding(seq_len, d_model)
         self.encoder = nn.Sequential(
             *[
                 nn.TransformerEncoderLayer(
-                    d_model, num_heads, d_feedforward, dropout=0.0, batch_first=True
+                    d_model, num_heads, d_feedforward, dropout=0.0, batch_first=batch_first
                 )
                 for _ in range(1 if shared else num_layers)
             ]
@@ -100,10 +103,12 @@ class TextTransformer(nn.Module):
 
     def forward(self, tokens: Tensor) -> Tensor:
         positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+        if not self.batch_first:
+            tokens, positions = tokens.t(), positions.t()
         hidden = self.embedding(tokens) + self.position(positions)
         for _ in range(self.repeats):
             hidden = self.encoder(hidden)
-        return self.linear(hidden.mean(dim=1))
+        return self.linear(hidden.mean(dim=1 if self.batch_first else 0))
 
 
 class LSTMClassifier(nn.Module):

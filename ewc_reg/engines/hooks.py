@@ -67,10 +67,14 @@ The decomposition is valid only if (checked; otherwise :class:`Unsupported` is r
   self-attention in one call and not in another), or with a rule and several outputs;
 * module outputs have the batch as leading dimension (or where the rule's
   :data:`.rules.BATCH_DIMS` say: a sequence-first ``nn.MultiheadAttention`` or recurrent
-  layer's ``(T, B, ...)``; a unit whose inputs all lead with 1, or all have one sample's shape of
-  a per-sample input without a batch dimension, shared by the samples, such as a position
-  embedding on ``position_ids`` of shape ``(1, T)`` or ``(T,)``, is called on them expanded
-  over the batch, once a check on two samples shows that the model's output stays the same:
+  layer's ``(T, B, ...)``; a layer of :data:`.rules.FOLDABLE` (linear layers, embeddings,
+  layer and RMS norms) called sequence-first, ``module(x)`` with ``x`` of shape
+  ``(T, B, ...)``, has its rule get ``x`` transposed to ``(B, T, ...)`` and the gradients at
+  its output alike (:func:`_sequence_first`); a unit whose inputs all lead with 1, or all
+  have one sample's shape of a per-sample input without a batch dimension, shared by the
+  samples, such as a position embedding on ``position_ids`` of shape ``(1, T)`` or ``(T,)``,
+  is called on them expanded over the batch, once a check on two samples shows that the
+  model's output stays the same:
   :func:`_expand_shared`; ``(T,)`` with ``T == B`` once the unit's inputs and output stay the
   same on two samples: :class:`_SharedWithBatchRows`; a model that fails on the expanded
   inputs is not covered), recorded inputs are not modified in place afterwards, nor outputs
@@ -90,7 +94,12 @@ The decomposition is valid only if (checked; otherwise :class:`Unsupported` is r
   table of ``B`` rows, would pass the checks above, :func:`check_batch_layout` records the
   units again on fewer samples to tell (once per model and recorded shapes; where calls are
   folded, also on the batch in reverse order, on every pass, since how rows fold depends on
-  the data: :func:`_check_folds`).
+  the data: :func:`_check_folds`). A call of a :data:`.rules.FOLDABLE` layer whose layout
+  the shapes could not tell and was taken the wrong way (sequence-first with ``T == B``,
+  taken as batch-first; rows folded into the batch dimension, ``(B T, W, ...)`` with
+  ``W == B``, taken as sequence-first) is taken the other way on the next attempt
+  (:class:`_SequenceFirst`); the passes after the first, the checks' among them, take the
+  same calls as sequence-first as the first did.
 
 These checks test the assumptions one by one. With them, once per model and structure of the
 forward pass (which units ran, how, on tensors of which ranks; :func:`_structure`),
@@ -193,6 +202,18 @@ class _SharedWithBatchRows(Unsupported):
         self.path = path
 
 
+class _SequenceFirst(Unsupported):
+    """Calls whose layout the shapes could not tell were taken the wrong way (see
+    :func:`_sequence_first`): sequence-first ``(T, B, ...)`` with ``T == B``, taken as
+    batch-first, or ``(B T, W, ...)`` rows folded into the batch dimension with ``W == B``,
+    taken as sequence-first; the layout check's pass on fewer samples tells
+    (:func:`_layout_shown`). They are taken the other way on the next attempt."""
+
+    def __init__(self, calls: dict[tuple[str, int], bool], message: str) -> None:
+        super().__init__(message)
+        self.calls = calls  # (unit path, call's position among its calls): sequence-first
+
+
 @dataclass(eq=False)
 class _Unit:
     """A module owning selected parameters, with those of the modules inside it when some of
@@ -207,6 +228,12 @@ class _Unit:
     # its inputs are shared by the samples even with the batch size among their dimensions
     # (expanded by _expand_shared all the same: see _SharedWithBatchRows)
     shared: bool = False
+    # the calls (by their order in the forward pass) taken as sequence-first wherever the batch
+    # is their second dimension, those taken as batch-first whatever their shapes, and whether
+    # all but the first are (the checks' passes follow the checked one: see _sequence_first)
+    sequence_first: frozenset[int] = frozenset()
+    batch_first: frozenset[int] = frozenset()
+    decided: bool = False
 
 
 @dataclass(eq=False)
@@ -227,6 +254,8 @@ class _Record:
     kept: dict[str, Tensor] = field(default_factory=dict)  # by the rule's recorded forward
     expanded: bool = False  # its inputs, all shared, were expanded over the batch
     folded: int = 1  # the positions per sample folded into its tensors' batch dimension
+    transposed: bool = False  # sequence-first, (T, B, ...): recorded as (B, T, ...)
+    given: torch.Size | None = None  # the input's shape, for a call that may be sequence-first
     member: int | None = None  # which of a Tied unit's modules was called
     more: list[_Record] = field(default_factory=list)  # the unit's later calls
 
@@ -318,6 +347,56 @@ def _folds(unit: _Unit, args: tuple[Any, ...], kwargs: dict[str, Any], batch_siz
         return 1
     lead = args[0].shape[0] if args[0].dim() else 0
     return lead // batch_size if lead > batch_size and lead % batch_size == 0 else 1
+
+
+def _transposable(unit: _Unit, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Size | None:
+    """The shape of ``x`` for a call ``module(x)`` of a unit whose rule is in
+    :data:`.rules.FOLDABLE` with ``x`` of two dimensions more than the rule's feature
+    dimensions, which may be sequence-first, ``(T, B, *F)``; else ``None``."""
+    if unit.rule not in FOLDABLE or kwargs or len(args) != 1 or not isinstance(args[0], Tensor):
+        return None
+    x = args[0]
+    return x.shape if x.dim() >= 2 + FOLDABLE[unit.rule](unit.module) else None
+
+
+def _sequence_first(unit: _Unit, given: torch.Size | None, batch_size: int, call: int) -> bool:
+    """Whether a unit's ``call``-th call in the forward pass, on an input of shape ``given``
+    (:func:`_transposable`), is sequence-first, ``(T, B, *F)``: with ``T != B``, unless the
+    call is known to be batch-first (``(B T, W, *F)`` with ``W == B``: the unit's
+    ``batch_first``), or with any ``T`` for a call known to be sequence-first (its
+    ``sequence_first``: :class:`_SequenceFirst` found them, or they were in the pass the
+    checks' passes follow, whose shapes may not tell); a unit ``decided`` has no others. Its
+    rule gets ``x`` transposed to ``(B, T, *F)``, and the gradients at its output alike
+    (:func:`check_batch_layout` checks the layout on fewer samples)."""
+    if given is None or given[1] != batch_size or call in unit.batch_first:
+        return False
+    return call in unit.sequence_first or (not unit.decided and given[0] != batch_size)
+
+
+def _layout_shown(full: torch.Size, part: torch.Size, size: int, fewer: int) -> bool | None:
+    """Whether a call's input of shape ``full`` on ``size`` samples and ``part`` on the first
+    ``fewer`` is sequence-first, ``(T, B, ...)`` on both (``True``), or has the batch in front
+    on both, rows folded in or not, ``(k B, ...)`` (``False``); ``None`` if neither. (Both
+    cannot hold for ``fewer < size``.)"""
+    if len(full) != len(part) or full[2:] != part[2:]:
+        return None
+    if full[1] == size and part[1] == fewer and part[0] == full[0]:
+        return True
+    if full[0] % size == 0 and part[0] * size == full[0] * fewer and part[1] == full[1]:
+        return False
+    return None
+
+
+def _as_recorded(g: Tensor, shape: torch.Size, transposed: bool, vectors: bool) -> Tensor:
+    """The gradient ``g`` of an edge's tensor (with the vectors' dimension in front when
+    ``vectors``) in the edge's recorded ``shape``: a folded call's output unfolded, a view's
+    base reshaped as the view, a sequence-first call's output ``(T, B, ...)`` transposed to
+    its recorded ``(B, T, ...)`` (a view)."""
+    lead = g.shape[:1] if vectors else ()
+    if not transposed:
+        return g.reshape(*lead, *shape)
+    swapped = g.reshape(*lead, shape[1], shape[0], *shape[2:])
+    return swapped.transpose(len(lead), len(lead) + 1)
 
 
 #: The autograd nodes of views that may reshape a tensor without changing its values' order
@@ -646,7 +725,15 @@ class _Recorder(TorchFunctionMode):
             args, kwargs = expanded
             tensors = _tensors(expanded)
         versions = [(t, t._version) for t in tensors]
-        folded = 1 if expanded is not None else _folds(unit, args, kwargs, self.batch_size)
+        call = len(self.records[unit].calls()) if unit in self.records else 0
+        given = None if expanded is not None else _transposable(unit, args, kwargs)
+        transposed = _sequence_first(unit, given, self.batch_size, call)
+        if transposed:  # (the module runs on x as it is; its rule gets x transposed)
+            args = (args[0].transpose(0, 1),)
+            tensors = list(args)
+        folded = (
+            1 if expanded is not None or transposed else _folds(unit, args, kwargs, self.batch_size)
+        )
         if folded > 1:  # (the module runs on x as it is; its rule gets x unfolded)
             args = (_unfold(args[0], 0, folded),)
             tensors = list(args)
@@ -657,6 +744,8 @@ class _Recorder(TorchFunctionMode):
             inputs=[t.shape for t in tensors],
             expanded=bool(expanded),
             folded=folded,
+            transposed=transposed,
+            given=given,
             member=member,
         )
         first = self.records.setdefault(unit, record)
@@ -697,6 +786,15 @@ class _Recorder(TorchFunctionMode):
             shape = leaf.shape
             if record.folded > 1 and leaf.dim() and shape[0] == self.batch_size * record.folded:
                 shape = torch.Size((self.batch_size, record.folded, *shape[1:]))
+            elif record.transposed:  # (sequence-first as its input: recorded batch first)
+                if leaf.dim() < 2 or shape[1] != self.batch_size:
+                    self._flag(
+                        f"an output of {_describe(unit.path)} has shape {tuple(shape)}, without "
+                        f"the batch ({self.batch_size}) as dimension 1, as its sequence-first "
+                        "input has"
+                    )
+                    continue
+                shape = torch.Size((shape[1], shape[0], *shape[2:]))
             record.outputs.append(shape)
             if len(shape) <= dim or shape[dim] != self.batch_size:
                 where = "leading dimension" if dim == 0 else f"dimension {dim}"
@@ -792,7 +890,10 @@ def check_batch_layout(
     would then take positions for samples), and so does a layer run on a table all samples
     share that happens to have ``B`` rows (class embeddings looked up with
     ``torch.arange(C)``, ``C == B``). So the units are recorded again on the first ``B' < B``
-    samples (without gradients) and every shape must change as the batch dimension does:
+    samples (without gradients; a layer's calls taken as sequence-first as in the recorded
+    pass, where their shapes allow), and every shape must change as the batch dimension does
+    (a call of a :data:`.rules.FOLDABLE` layer that its input's shapes on both show to have
+    been taken the wrong way, sequence-first or not, raises :class:`_SequenceFirst` instead):
     inputs from ``(B, *rest)`` to ``(B', *rest)`` or not at all (shared by the samples),
     outputs from ``(B, *rest)`` to ``(B', *rest)``; a call's input with positions folded
     into the batch dimension (:data:`.rules.FOLDABLE`) must be, for the first ``B'``
@@ -814,6 +915,7 @@ def check_batch_layout(
     records_again, alone = _recorded_again(
         model, units, part, output_fn, expanding, f"{fewer} samples"
     )
+    untold: dict[tuple[str, int], bool] = {}  # (calls taken the wrong way: see _SequenceFirst)
     for unit in units:
         record, again = records.get(unit), records_again.get(unit)
         if record is None:
@@ -833,6 +935,19 @@ def check_batch_layout(
             and all(tuple(t.shape) in samples for t, _ in call.versions)
             for call, call_again in zip(calls, calls_again)
         )
+        shown = [
+            (c, call, _layout_shown(call.given, again.given, size, fewer))
+            for c, (call, again) in enumerate(zip(calls, calls_again))
+            if call.given is not None and again.given is not None
+        ]
+        wrong = {
+            (unit.path, c): sequence_first
+            for c, call, sequence_first in shown
+            if sequence_first is not None and sequence_first != call.transposed
+        }
+        if wrong:
+            untold.update(wrong)
+            continue
         pairs = []
         for call, call_again in zip(calls, calls_again):
             pairs += [
@@ -875,6 +990,14 @@ def check_batch_layout(
         for call, call_again in zip(calls, calls_again):
             if call.folded > 1 and not same_output(call_again.args[0], call.args[0][:fewer]):
                 raise Unsupported(_not_folded(unit, call, f"the first {fewer} samples alone"))
+    if untold:
+        paths = list(dict.fromkeys(path for path, _ in untold))
+        raise _SequenceFirst(
+            untold,
+            f"the layout of the inputs of {', '.join(map(_describe, paths))}, sequence-first "
+            f"(T, B, ...) or not, could not be told from their shapes with {size} samples, "
+            f"and {fewer} samples show it",
+        )
     if _folded(records):
         _check_folds(model, units, batch, output_fn, records, expanding)
     together = pytree.tree_leaves(output)
@@ -916,7 +1039,8 @@ def _recorded_again(
 
 def _structure(records: dict[_Unit, _Record]) -> tuple[Any, ...]:
     """What the forward pass recorded but the sizes: which units ran, and each call's numbers
-    of tensors in and out and their ranks, whether it was expanded or folded, and which member
+    of tensors in and out and their ranks, whether it was expanded, folded or transposed, and
+    which member
     of a tied unit ran."""
     return tuple(
         (
@@ -928,6 +1052,7 @@ def _structure(records: dict[_Unit, _Record]) -> tuple[Any, ...]:
                     len(call.edges),
                     call.expanded,
                     call.folded > 1,
+                    call.transposed,
                     call.member,
                 )
                 for call in record.calls()
@@ -1111,16 +1236,18 @@ def _pull_back(
     looped: bool,
     storage: dict[int, Tensor] | None = None,
     reducers: dict[int, Reducer] | None = None,
-    shapes: list[torch.Size] | None = None,
+    shapes: list[tuple[torch.Size, bool]] | None = None,
 ) -> list[Tensor | None]:
     """``(K, *shape)`` gradients of ``<output, v_k>`` with respect to each edge's tensor, from
     one backward pass batched over the ``K`` vectors (:func:`.base.batched_grads`), or (``looped``)
     one pass per vector; those of the edges in ``reducers`` (by position) are reduced by it as
     they come (one vector at a time when looped), and only the reduced gradients are kept.
-    The gradients come shaped as ``shapes`` says (each edge's recorded shape), where it is not
-    the shape of the edge's tensor: a call's output with positions folded into its batch
-    dimension comes unfolded, ``(K, B, T, ...)`` (see :data:`.rules.FOLDABLE`), and the output
-    view whose base's edge was recorded, in the view's shape (:func:`_output_edge`).
+    The gradients come shaped as ``shapes`` says (each edge's recorded shape, and whether its
+    call was sequence-first), where it is not the shape of the edge's tensor
+    (:func:`_as_recorded`): a call's output with positions folded into its batch dimension
+    comes unfolded, ``(K, B, T, ...)`` (see :data:`.rules.FOLDABLE`), a sequence-first call's
+    transposed, ``(K, B, T, ...)`` too, and the output view whose base's edge was recorded,
+    in the view's shape (:func:`_output_edge`).
 
     The looped gradients are views of ``(B, K, *shape[1:])`` storage (each sample's ``K``
     gradients contiguous, as the convolution rule wants them) taken from ``storage`` (by edge
@@ -1133,7 +1260,10 @@ def _pull_back(
         grads = batched_grads(output, edges, vectors)
         with torch.no_grad():
             if shapes is not None:
-                grads = [None if g is None else g.reshape(-1, *s) for g, s in zip(grads, shapes)]
+                grads = [
+                    None if g is None else _as_recorded(g, shape, transposed, vectors=True)
+                    for g, (shape, transposed) in zip(grads, shapes)
+                ]
             return [
                 reducers[i](g) if g is not None and i in reducers else g
                 for i, g in enumerate(grads)
@@ -1148,7 +1278,7 @@ def _pull_back(
             if g is None:
                 continue
             if shapes is not None:
-                g = g.reshape(shapes[i])
+                g = _as_recorded(g, *shapes[i], vectors=False)
             if i in reducers:
                 with torch.no_grad():
                     g = reducers[i](g)
@@ -1199,7 +1329,7 @@ class HookEngine:
     #: The recorded shapes whose batch layout :func:`check_batch_layout` has passed, per model,
     #: kept across calls too (a standard ResNet-18 at N=128 has 128 channels: without it, every
     #: call would pay a forward pass on 2 samples).
-    layouts: ClassVar[weakref.WeakKeyDictionary[nn.Module, set[tuple[torch.Size, ...]]]] = (
+    layouts: ClassVar[weakref.WeakKeyDictionary[nn.Module, set[tuple[Any, ...]]]] = (
         weakref.WeakKeyDictionary()
     )
 
@@ -1224,6 +1354,11 @@ class HookEngine:
         # the units whose shared inputs are expanded though they have the batch size among
         # their dimensions, per model (see _attempt)
         self._shared: weakref.WeakKeyDictionary[nn.Module, set[str]] = weakref.WeakKeyDictionary()
+        # the calls sequence-first with as many positions as samples, (unit path, call's
+        # position), per model (see _attempt)
+        self._sequence_first: weakref.WeakKeyDictionary[nn.Module, dict[tuple[str, int], bool]] = (
+            weakref.WeakKeyDictionary()
+        )
         # the models whose batched pull-back failed: one backward per vector for them
         self._looped: weakref.WeakSet[nn.Module] = weakref.WeakSet()
         # the looped pull-back's gradient buffers, reused by the chunks and the next batches
@@ -1297,12 +1432,15 @@ class HookEngine:
         if model in self._given_up and self.fallback is not None:
             return self.fallback(*args)
         shared = self._shared.setdefault(model, set())
+        sequence_first = self._sequence_first.setdefault(model, {})
 
         def sums(loose: dict[str, Tensor], layouts: dict[str, int]) -> dict[str, Tensor]:
             """:meth:`_sums`, tried again for each unit the layout check finds to have shared
             inputs with the batch size among their dimensions (:class:`_SharedWithBatchRows`),
-            which are expanded from then on (for the rest of the call; the retries run outside
-            the handler, so that the failed attempt's frames are freed first)."""
+            which are expanded from then on, or to be sequence-first with as many positions as
+            samples (:class:`_SequenceFirst`), transposed from then on (for the rest of the
+            call; the retries run outside the handler, so that the failed attempt's frames are
+            freed first)."""
             while True:
                 try:
                     return self._sums(*args, loose, layouts)
@@ -1311,6 +1449,11 @@ class HookEngine:
                         raise Unsupported(str(problem)) from None
                     logger.debug("hooks engine: %s; expanded over the batch", problem)
                     shared.add(problem.path)
+                except _SequenceFirst as problem:
+                    if sequence_first.keys() & problem.calls.keys():
+                        raise Unsupported(str(problem)) from None
+                    logger.debug("hooks engine: %s; taken so", problem)
+                    sequence_first.update(problem.calls)
 
         loose = {} if model in self._nested else loose_parameters(model, params)
         try:
@@ -1347,6 +1490,7 @@ class HookEngine:
         loose: dict[str, Tensor],
         layouts: dict[str, int],
         checking: bool = False,
+        sequence_first: dict[str, frozenset[int]] | None = None,
     ) -> dict[str, Tensor]:
         """One forward pass over the batch (checks, vectors, and the sums when its pull-back
         fits the budget), else one more per chunk of samples (see the module docstring). When
@@ -1355,10 +1499,18 @@ class HookEngine:
         the first chunk's instead, and each chunk makes its own vectors. The
         ``loose`` parameters (:mod:`.loose`) are taken through per-sample copies in their
         ``layouts``. ``checking``: the run of :meth:`_check_sums`, without the checks, and
-        leaving the caches of the engine's runs as they are."""
+        leaving the caches of the engine's runs as they are, with the calls of the checked pass
+        that were ``sequence-first`` (by unit) taken as such and no others."""
         units = plan(model, {n: p for n, p in params.items() if n not in loose})
         for unit in units:
             unit.shared = unit.path in self._shared.get(model, ())
+            if sequence_first is not None:  # (the checked pass's)
+                unit.sequence_first, unit.decided = sequence_first.get(unit.path, frozenset()), True
+            else:
+                found = self._sequence_first.get(model, {})
+                calls = {c: first for (path, c), first in found.items() if path == unit.path}
+                unit.sequence_first = frozenset(c for c, first in calls.items() if first)
+                unit.batch_first = frozenset(c for c, first in calls.items() if not first)
         copied = [
             _Unit(LooseParameter(p, name), name, {name: name}, loose_parameter)
             for name, p in loose.items()
@@ -1392,7 +1544,17 @@ class HookEngine:
             self._looped.add(model)
             looped = True
         calls = [call for record in records.values() for call in record.calls()]
-        shapes = tuple(s for call in calls for s in (*call.inputs, *call.outputs))
+        decided = {  # (the later passes, the checks' among them, take the same calls so)
+            unit.path: frozenset(i for i, call in enumerate(record.calls()) if call.transposed)
+            for unit, record in records.items()
+        }
+        for unit in records:
+            unit.sequence_first, unit.decided = decided[unit.path], True
+        # (with the calls taken as sequence-first: with T == B, the shapes are the same either way)
+        shapes = (
+            *(s for call in calls for s in (*call.inputs, *call.outputs)),
+            tuple(call.transposed for call in calls),
+        )
         checked = self.layouts.setdefault(model, set())
         if checking:  # (the checks' own run: they passed on the batch it comes from)
             pass
@@ -1404,7 +1566,9 @@ class HookEngine:
             structure = (tuple(params), min(first.size, 2), *_structure(records))
             passed = self.sums_checked.setdefault(model, set())
             if structure not in passed:  # (not again for every length of a sequence)
-                self._check_sums(model, params, first, output_fn, memory_budget, loose, layouts)
+                self._check_sums(
+                    model, params, first, output_fn, memory_budget, loose, layouts, decided
+                )
                 passed.add(structure)
             checked.add(shapes)
         elif _folded(records):  # (how rows fold depends on the data: checked every pass)
@@ -1474,10 +1638,12 @@ class HookEngine:
         memory_budget: int,
         loose: dict[str, Tensor],
         layouts: dict[str, int],
+        sequence_first: dict[str, frozenset[int]],
     ) -> None:
         r"""Raise :class:`Unsupported` unless this engine's sums on the first two samples of
         ``batch``, for a random vector per sample, are the loop engine's (plain autograd, one
-        sample at a time) to :data:`SUMS_TOLERANCE`.
+        sample at a time) to :data:`SUMS_TOLERANCE` (the calls of the checked pass that were
+        ``sequence-first``, by unit, taken as such, and no others).
 
         The other checks test the assumptions of the decomposition one by one; this one tests
         its result, :math:`\sum_n \sum_k (J_n^\top v_{nk})^{\odot 2}`, against the
@@ -1518,6 +1684,7 @@ class HookEngine:
                     loose,
                     layouts,
                     checking=True,
+                    sequence_first=sequence_first,
                 )
             except (Unsupported, BatchingFailed, torch.OutOfMemoryError):
                 raise
@@ -1613,7 +1780,12 @@ class HookEngine:
         if not live:
             return
         edges = [edge for _, _, unit_edges in live for edge in unit_edges]
-        shapes = [s for _, record, _ in live for call in record.calls() for s in call.shapes]
+        shapes = [
+            (s, call.transposed)
+            for _, record, _ in live
+            for call in record.calls()
+            for s in call.shapes
+        ]
         reducers: dict[int, Reducer] = {}
         accumulators: dict[_Unit, Accumulator] = {}
         position = 0

@@ -178,12 +178,15 @@ POSITIONWISE: dict[Rule | CallRule, Callable[[nn.Module], tuple[int, int] | None
 
 #: Rules of layers called as ``module(x)`` that treat every index of the leading dimensions of
 #: ``x`` alike (the position-wise layers, and the layer and RMS norms, which normalise trailing
-#: dimensions), and take any number of them: a call on per-sample data folded into the batch
-#: dimension, ``x`` of shape ``(B T, *rest)`` with sample ``n`` in rows ``nT`` to ``nT + T - 1``
+#: dimensions), and take any number of them, each with a function of the module giving the
+#: number of trailing feature dimensions of ``x`` (``Linear``: 1; an embedding: 0; a layer
+#: norm: those of its ``normalized_shape``). A call on per-sample data folded into the batch
+#: dimension, ``x`` of shape ``(B T, *F)`` with sample ``n`` in rows ``nT`` to ``nT + T - 1``
 #: (``hidden.view(-1, D)`` before a feed-forward block, windows of an image), is the call on
-#: ``x`` of shape ``(B, T, *rest)``, its output gradients alike (the engine unfolds both:
-#: :mod:`.hooks`).
-FOLDABLE: set[Rule] = set()
+#: ``x`` of shape ``(B, T, *F)``, its output gradients alike; so is a call on a
+#: sequence-first ``x`` of shape ``(T, B, *F)``, transposed (the engine unfolds or
+#: transposes both: :mod:`.hooks`).
+FOLDABLE: dict[Rule, Callable[[nn.Module], int]] = {}
 
 
 def register(
@@ -197,7 +200,7 @@ def register(
     batch_dims: Callable[[nn.Module], tuple[tuple[int, ...], tuple[int, ...]]] | None = None,
     positionwise: Callable[[nn.Module], tuple[int, int] | None] | None = None,
     several_calls: SeveralCalls | None = None,
-    foldable: bool = False,
+    foldable: Callable[[nn.Module], int] | None = None,
 ) -> Callable[[Any], Any]:
     """Decorator adding a rule to :data:`RULES` for the module classes ``types``, knowing the
     parameters ``params`` (its reduction, if any, to :data:`REDUCTIONS`; with ``whole_call``,
@@ -205,7 +208,7 @@ def register(
     :data:`RECORDED_FORWARDS` and its ``batch_dims`` to :data:`BATCH_DIMS`; its
     accumulation, if any, to :data:`ACCUMULATIONS`; its feature dimensions, if
     ``positionwise``, to :data:`POSITIONWISE`; its ``several_calls``, if any, to
-    :data:`SEVERAL_CALLS`; with ``foldable``, the rule to :data:`FOLDABLE`)."""
+    :data:`SEVERAL_CALLS`; its ``foldable`` feature dimensions, if any, to :data:`FOLDABLE`)."""
 
     def add(rule: Any) -> Any:
         for cls in types:
@@ -224,8 +227,8 @@ def register(
             POSITIONWISE[rule] = positionwise
         if several_calls is not None:
             SEVERAL_CALLS[rule] = several_calls
-        if foldable:
-            FOLDABLE.add(rule)
+        if foldable is not None:
+            FOLDABLE[rule] = foldable
         return rule
 
     return add
@@ -490,7 +493,7 @@ def _linear_sums(
     "transformers.models.falcon.modeling_falcon.FalconLinear",
     accumulate=_linear_sums,
     positionwise=lambda module: (1, 1),
-    foldable=True,
+    foldable=lambda module: 1,
 )
 def linear(
     module: nn.Module, x: Tensor, grads: Tensor, names: Collection[str], budget: int
@@ -574,7 +577,7 @@ def _gpt_conv1d_sums(
     "transformers.pytorch_utils.Conv1D",
     accumulate=_gpt_conv1d_sums,
     positionwise=lambda module: (1, 1),
-    foldable=True,
+    foldable=lambda module: 1,
 )
 def gpt_conv1d(
     module: nn.Module, x: Tensor, grads: Tensor, names: Collection[str], budget: int
@@ -761,23 +764,28 @@ def instance_norm(
     return _affine(grads, x, names, 1)
 
 
+def _normalized_dims(module: nn.Module) -> int:
+    """The number of trailing dimensions a layer or RMS norm normalises."""
+    return len(module.normalized_shape)
+
+
 def _layer_norm_parts(module: nn.Module, x: Tensor, names: Collection[str]) -> Reducer:
     xhat = F.layer_norm(x.to(acc_dtype(module)), module.normalized_shape, eps=module.eps)
-    return _affine_parts(xhat, names, _per_trailing(x.dim(), len(module.normalized_shape)))
+    return _affine_parts(xhat, names, _per_trailing(x.dim(), _normalized_dims(module)))
 
 
-@register(nn.LayerNorm, reduce=_layer_norm_parts, foldable=True)
+@register(nn.LayerNorm, reduce=_layer_norm_parts, foldable=_normalized_dims)
 def layer_norm(
     module: nn.Module, x: Tensor, grads: Tensor, names: Collection[str], budget: int
 ) -> dict[str, Tensor]:
     r"""Layer norm over the trailing ``normalized_shape`` dimensions ``D`` of ``(B, *S, *D)``:
     :math:`\partial_w = \sum_S G \odot \hat x`, :math:`\partial_b = \sum_S G`."""
-    return _affine(grads, x, names, len(module.normalized_shape))
+    return _affine(grads, x, names, _normalized_dims(module))
 
 
 def _rms_norm_parts(module: nn.Module, x: Tensor, names: Collection[str]) -> Reducer:
     xhat = F.rms_norm(x.to(acc_dtype(module)), module.normalized_shape, eps=module.eps)
-    return _affine_parts(xhat, names, _per_trailing(x.dim(), len(module.normalized_shape)))
+    return _affine_parts(xhat, names, _per_trailing(x.dim(), _normalized_dims(module)))
 
 
 def rms_norm(
@@ -785,11 +793,11 @@ def rms_norm(
 ) -> dict[str, Tensor]:
     r"""RMS norm :math:`\hat x = x / \sqrt{\mathrm{mean}_D(x^2) + \epsilon}` over the trailing
     dimensions ``D``: :math:`\partial_w = \sum_S G \odot \hat x`."""
-    return _affine(grads, x, names, len(module.normalized_shape))
+    return _affine(grads, x, names, _normalized_dims(module))
 
 
 if hasattr(nn, "RMSNorm"):  # torch >= 2.4
-    register(nn.RMSNorm, reduce=_rms_norm_parts, foldable=True)(rms_norm)
+    register(nn.RMSNorm, reduce=_rms_norm_parts, foldable=_normalized_dims)(rms_norm)
 
 
 def _per_sample_total(x_dims: int) -> Callable[[Tensor], Tensor]:
@@ -822,7 +830,7 @@ def prelu(
     nn.Embedding,
     accepts=lambda module: not module.scale_grad_by_freq,
     positionwise=lambda module: (0, 1),
-    foldable=True,
+    foldable=lambda module: 0,
 )
 def embedding(
     module: nn.Module, x: Tensor, grads: Tensor, names: Collection[str], budget: int
