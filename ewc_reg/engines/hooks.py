@@ -167,6 +167,7 @@ from .rules import (
     CallRule,
     Reducer,
     Rule,
+    class_rule,
     global_forward_pre_hooks,
     rule_for,
 )
@@ -349,14 +350,19 @@ def _folds(unit: _Unit, args: tuple[Any, ...], kwargs: dict[str, Any], batch_siz
     return lead // batch_size if lead > batch_size and lead % batch_size == 0 else 1
 
 
-def _transposable(unit: _Unit, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Size | None:
-    """The shape of ``x`` for a call ``module(x)`` of a unit whose rule is in
-    :data:`.rules.FOLDABLE` with ``x`` of two dimensions more than the rule's feature
-    dimensions, which may be sequence-first, ``(T, B, *F)``; else ``None``."""
-    if unit.rule not in FOLDABLE or kwargs or len(args) != 1 or not isinstance(args[0], Tensor):
+def _transposable(
+    unit: _Unit, args: tuple[Any, ...], kwargs: dict[str, Any], member: int | None
+) -> torch.Size | None:
+    """The shape of ``x`` for a call ``module(x)`` of a unit (of its ``member``-th module, for a
+    :class:`~.unit_sums.Tied` unit) whose rule is in :data:`.rules.FOLDABLE`, with ``x`` of
+    two dimensions more than the rule's feature dimensions, which may be sequence-first,
+    ``(T, B, *F)``; else ``None``."""
+    module = unit.module if member is None else unit.module[member]
+    rule = unit.rule if member is None else class_rule(module)  # (hooked now: no rule_for)
+    if rule not in FOLDABLE or kwargs or len(args) != 1 or not isinstance(args[0], Tensor):
         return None
     x = args[0]
-    return x.shape if x.dim() >= 2 + FOLDABLE[unit.rule](unit.module) else None
+    return x.shape if x.dim() >= 2 + FOLDABLE[rule](module) else None
 
 
 def _sequence_first(unit: _Unit, given: torch.Size | None, batch_size: int, call: int) -> bool:
@@ -726,7 +732,7 @@ class _Recorder(TorchFunctionMode):
             tensors = _tensors(expanded)
         versions = [(t, t._version) for t in tensors]
         call = len(self.records[unit].calls()) if unit in self.records else 0
-        given = None if expanded is not None else _transposable(unit, args, kwargs)
+        given = None if expanded is not None else _transposable(unit, args, kwargs, member)
         transposed = _sequence_first(unit, given, self.batch_size, call)
         if transposed:  # (the module runs on x as it is; its rule gets x transposed)
             args = (args[0].transpose(0, 1),)

@@ -241,11 +241,23 @@ def feature_dims(rule: Rule | CallRule | None, module: nn.Module) -> tuple[int, 
     return None if dims is None else dims(module)
 
 
+def _entry(module: nn.Module) -> tuple[Any, Any, Any] | None:
+    """The :data:`RULES` entry of ``module``'s class, or ``None``."""
+    cls = type(module)
+    return RULES.get(cls) or RULES.get(f"{cls.__module__}.{cls.__qualname__}")
+
+
+def class_rule(module: nn.Module) -> Rule | CallRule | None:
+    """The rule of ``module``'s class, whatever the module's settings, parameters and hooks
+    (what it computes is not checked: :func:`rule_for` is)."""
+    entry = _entry(module)
+    return None if entry is None else entry[0]
+
+
 def rule_for(module: nn.Module) -> Rule | CallRule | None:
     """The rule computing ``module``'s sums, or ``None`` when it has none (see the module
     docstring)."""
-    cls = type(module)
-    entry = RULES.get(cls) or RULES.get(f"{cls.__module__}.{cls.__qualname__}")
+    entry = _entry(module)
     if entry is None or module._forward_hooks or module._forward_pre_hooks or _global_hooks():
         return None
     if "forward" in vars(module):  # (its own forward, set on the instance)
