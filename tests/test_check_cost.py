@@ -1,0 +1,18 @@
+"""The check-cost benchmark runs and writes its table (timings are not asserted: the test
+process shares the machine)."""
+
+from __future__ import annotations
+
+from benchmarks import check_cost
+from ewc_reg.engines.hooks import HookEngine
+
+
+def test_check_cost_writes_table(tmp_path):
+    out = tmp_path / "check_cost.md"
+    check = HookEngine._check_sums
+    table = check_cost.main(["--quick", "--repeats", "1", "--out", str(out)])
+    assert out.read_text() == table
+    rows = [line for line in table.splitlines() if line.startswith("| ")]
+    assert len(rows) == 1 + 3 * len(check_cost.METHODS)  # (the header, then model × method)
+    assert "| reduced ResNet-18 | exact |" in table
+    assert HookEngine._check_sums is check  # (the run without it restores it)
