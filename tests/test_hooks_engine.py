@@ -1406,6 +1406,20 @@ class SequenceFirstTiedLM(nn.Module):
         return self.decoder(hidden).transpose(0, 1)
 
 
+class SequenceFirstRecurrent(nn.Module):
+    """An embedding, an LSTM and a Linear, all sequence-first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(11, 4)
+        self.lstm = nn.LSTM(4, 5)  # batch_first=False
+        self.proj = nn.Linear(5, 5)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.tanh(self.proj(self.lstm(self.embed(x.t()))[0])).mean(0))
+
+
 def _features(b: int, t: int) -> tuple[Tensor, Tensor]:
     return torch.randn(b, t, 4, dtype=torch.float64), torch.randint(0, 3, (b,))
 
@@ -1423,6 +1437,7 @@ SEQUENCE_FIRST = {
     "encoder": (SequenceFirstEncoder, _tokens),
     "both-layouts": (BothLayouts, _features),
     "tied-lm": (SequenceFirstTiedLM, _next_tokens),
+    "recurrent": (SequenceFirstRecurrent, _tokens),
 }
 
 
@@ -1430,17 +1445,18 @@ SEQUENCE_FIRST = {
 @pytest.mark.parametrize("name", sorted(SEQUENCE_FIRST))
 @pytest.mark.parametrize(
     "batch, positions",
-    [(5, 3), (5, 5), (5, 2), (1, 3)],
-    ids=["T!=B", "T==B", "T==fewer", "B=1"],
+    [(5, 3), (5, 5), (5, 2), (5, 1), (1, 3)],
+    ids=["T!=B", "T==B", "T==fewer", "T=1", "B=1"],
 )
 def test_sequence_first_layers_stay_on_hooks(
     name: str, batch: int, positions: int, engine_ways: str, caplog
 ) -> None:
     """Linear, LayerNorm and Embedding on ``(T, B, ...)``: their rules get the input and the
     output gradients transposed (a tied embedding and output layer: their tied rule). With
-    ``T == B`` the shapes cannot tell, and the check's pass on fewer samples does. (Before,
-    such models went to the functorch engine; with ``T == B`` and no check, the Fisher was
-    43-88% off.) A layer called in both layouts is told call by call."""
+    ``T == B`` the shapes cannot tell, and the check's pass on fewer samples does; with
+    ``T == 1`` the inputs, ``(1, B, ...)``, are not taken for shared. (Before, such models
+    went to the functorch engine; with ``T == B`` and no check, the Fisher was 43-88% off.)
+    A layer called in both layouts is told call by call."""
     make, make_data = SEQUENCE_FIRST[name]
     model = make().double()
     randomize_affine(model)
@@ -2241,6 +2257,21 @@ def test_units_on_inputs_the_samples_share_stay_on_hooks(method, chunks, engine_
     assert not [r for r in caplog.records if r.name == "ewc_reg"]  # (hooks, no fallback)
     assert_close_dicts(got, brute_force_fisher(model, ids, y, method), 1e-10)
     assert got["pos.weight"][:6].abs().min() > 0 and got["bias.weight"].abs().min() > 0
+
+
+def test_shared_position_ids_as_long_as_the_batch_stay_on_hooks(caplog) -> None:
+    """With ``T == B`` the ``(1, T)`` position ids look like a sequence-first input with one
+    position, ``(1, B)``, until the layout check's pass on 2 samples shows them shared; the
+    retry expands them."""
+    model = SharedPositions().double()
+    randomize_affine(model)
+    ids, y = torch.randint(0, 9, (5, 5)), torch.randint(0, 3, (5,))
+    with caplog.at_level(logging.DEBUG, logger="ewc_reg"):
+        got = fisher_diagonal(model, [(ids, y)], backend="auto")
+    messages = [r.getMessage() for r in caplog.records if r.name == "ewc_reg"]
+    assert not [m for m in messages if "using the functorch engine" in m]
+    assert any("the inputs of module 'pos', sequence-first" in m for m in messages)  # (retry)
+    assert_close_dicts(got, brute_force_fisher(model, ids, y, "exact"), 1e-10)
 
 
 class PositionsWithoutBatch(nn.Module):

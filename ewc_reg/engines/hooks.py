@@ -161,6 +161,7 @@ from .loose import (
     per_sample_copies,
 )
 from .rules import (
+    BATCH_DIMS,
     FOLDABLE,
     RECORDED_FORWARDS,
     Accumulator,
@@ -206,9 +207,10 @@ class _SharedWithBatchRows(Unsupported):
 class _SequenceFirst(Unsupported):
     """Calls whose layout the shapes could not tell were taken the wrong way (see
     :func:`_sequence_first`): sequence-first ``(T, B, ...)`` with ``T == B``, taken as
-    batch-first, or ``(B T, W, ...)`` rows folded into the batch dimension with ``W == B``,
-    taken as sequence-first; the layout check's pass on fewer samples tells
-    (:func:`_layout_shown`). They are taken the other way on the next attempt."""
+    batch-first, or, taken as sequence-first, ``(B T, W, ...)`` rows folded into the batch
+    dimension with ``W == B`` or a shared ``(1, T)`` input with ``T == B``; the layout check's
+    pass on fewer samples tells (:func:`_layout_shown`). They are taken the other way on the
+    next attempt."""
 
     def __init__(self, calls: dict[tuple[str, int], bool], message: str) -> None:
         super().__init__(message)
@@ -381,11 +383,14 @@ def _sequence_first(unit: _Unit, given: torch.Size | None, batch_size: int, call
 
 def _layout_shown(full: torch.Size, part: torch.Size, size: int, fewer: int) -> bool | None:
     """Whether a call's input of shape ``full`` on ``size`` samples and ``part`` on the first
-    ``fewer`` is sequence-first, ``(T, B, ...)`` on both (``True``), or has the batch in front
-    on both, rows folded in or not, ``(k B, ...)`` (``False``); ``None`` if neither. (Both
-    cannot hold for ``fewer < size``.)"""
+    ``fewer`` is sequence-first, ``(T, B, ...)`` on both (``True``), or not: the same on both,
+    shared by the samples (``(1, T)`` position ids with ``T == B``, taken for ``T == 1``
+    sequence-first), or with the batch in front on both, rows folded in or not, ``(k B, ...)``
+    (``False``); ``None`` if neither. (They exclude each other for ``fewer < size``.)"""
     if len(full) != len(part) or full[2:] != part[2:]:
         return None
+    if part == full:
+        return False
     if full[1] == size and part[1] == fewer and part[0] == full[0]:
         return True
     if full[0] % size == 0 and part[0] * size == full[0] * fewer and part[1] == full[1]:
@@ -722,18 +727,27 @@ class _Recorder(TorchFunctionMode):
         return its arguments with shared inputs expanded over the batch (see
         :func:`_expand_shared`), or ``None`` (the arguments as they are)."""
         tensors = _tensors((args, kwargs))
+        call = len(self.records[unit].calls()) if unit in self.records else 0
+        given = _transposable(unit, args, kwargs, member)
+        transposed = _sequence_first(unit, given, self.batch_size, call)
+        # (a sequence-first call with T == 1, (1, B, ...), is not taken for shared: see
+        # _layout_shown; nor that of a rule whose first input is sequence-first, attention or
+        # a recurrent layer with batch_first=False)
+        dims = BATCH_DIMS.get(unit.rule) if unit.rule is not None else None
         expanded = None
-        if self.expanding is None or unit.path in self.expanding:
+        if (
+            not transposed
+            and (dims is None or dims(unit.module)[0][:1] != (1,))
+            and (self.expanding is None or unit.path in self.expanding)
+        ):
             expanded = _expand_shared(
                 (args, kwargs), tensors, self.batch_size, self.sample_shapes, unit.shared
             )
         if expanded is not None:
             args, kwargs = expanded
             tensors = _tensors(expanded)
+            given = None
         versions = [(t, t._version) for t in tensors]
-        call = len(self.records[unit].calls()) if unit in self.records else 0
-        given = None if expanded is not None else _transposable(unit, args, kwargs, member)
-        transposed = _sequence_first(unit, given, self.batch_size, call)
         if transposed:  # (the module runs on x as it is; its rule gets x transposed)
             args = (args[0].transpose(0, 1),)
             tensors = list(args)
