@@ -1420,6 +1420,22 @@ class SequenceFirstRecurrent(nn.Module):
         return self.head(torch.tanh(self.proj(self.lstm(self.embed(x.t()))[0])).mean(0))
 
 
+class SequenceFirstPositions(nn.Module):
+    """A learned ``(T_max, 1, D)`` position embedding of the root, added to sequence-first
+    token embeddings: its per-sample copies put the batch second."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(11, 4)
+        self.position = nn.Parameter(torch.randn(8, 1, 4))
+        self.layer = nn.TransformerEncoderLayer(4, 2, 8, dropout=0.0)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        hidden = self.embed(x.t()) + self.position[: x.shape[1]]
+        return self.head(self.layer(hidden).mean(0))
+
+
 def _features(b: int, t: int) -> tuple[Tensor, Tensor]:
     return torch.randn(b, t, 4, dtype=torch.float64), torch.randint(0, 3, (b,))
 
@@ -1438,6 +1454,7 @@ SEQUENCE_FIRST = {
     "both-layouts": (BothLayouts, _features),
     "tied-lm": (SequenceFirstTiedLM, _next_tokens),
     "recurrent": (SequenceFirstRecurrent, _tokens),
+    "positions": (SequenceFirstPositions, _tokens),
 }
 
 

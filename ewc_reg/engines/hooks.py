@@ -153,6 +153,7 @@ from .base import (
 )
 from .loop import LoopEngine
 from .loose import (
+    SEQUENCE_FIRST,
     LooseParameter,
     call_with,
     copies_layout,
@@ -1775,7 +1776,10 @@ class HookEngine:
             if grad and piece.requires_grad:  # (a view made without gradients claims it too)
                 copy.edges.append(get_gradient_edge(piece))
                 copy.leaves.append(0)
-                copy.shapes.append(piece.shape)
+                shape = piece.shape
+                if layouts[unit.path] == SEQUENCE_FIRST:  # (its gradients come batch first)
+                    copy.transposed, shape = True, torch.Size((shape[1], shape[0], *shape[2:]))
+                copy.shapes.append(shape)
         return output, records, recorder.vmap_wrong
 
     @staticmethod

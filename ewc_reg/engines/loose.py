@@ -5,7 +5,8 @@ Such a parameter :math:`p` is used by its module's own ``forward`` (``expand``, 
 with no module call to record. But these uses broadcast :math:`p` over the batch, so the
 forward pass can take per-sample copies instead: :math:`p` expanded to
 :math:`P = (p, \dots, p)` with the batch in one of the :data:`LAYOUTS` (``(B, *p.shape[1:])``
-where ``p.shape[0] == 1``, ``(B, *p.shape)``, or with dimensions of size 1 after ``B``). The
+where ``p.shape[0] == 1``, ``(B, *p.shape)``, with dimensions of size 1 after ``B``, or
+``(p.shape[0], B, *p.shape[2:])`` where ``p.shape[1] == 1``, sequence-first). The
 output is unchanged, and the gradient with respect to :math:`P_n` is sample ``n``'s gradient
 with respect to :math:`p`:
 
@@ -59,19 +60,27 @@ def loose_parameters(model: nn.Module, params: dict[str, Tensor]) -> dict[str, T
 #: dimension of size 1 by the batch (a ViT's ``(1, T, D)`` position embedding; a parameter
 #: without one gets the batch in front), ``r >= 0`` puts the batch in front with ``r``
 #: dimensions of size 1 after it, so that it lines up with the batch of an operand of higher
-#: rank (``(D,)`` scaling a ``(B, T, D)`` sequence: ``r = 1``).
-LAYOUTS = (-1, 0, 1, 2, 3)
+#: rank (``(D,)`` scaling a ``(B, T, D)`` sequence: ``r = 1``), and :data:`SEQUENCE_FIRST`
+#: replaces a second dimension of size 1 by the batch (a ``(T_max, 1, D)`` position embedding
+#: added to a sequence-first ``(T, B, D)`` sequence).
+SEQUENCE_FIRST = -2
+LAYOUTS = (-1, 0, 1, 2, 3, SEQUENCE_FIRST)
 
 
 def per_sample_copies(
     loose: dict[str, Tensor], batch_size: int, layouts: dict[str, int]
 ) -> dict[str, Tensor]:
     """Each parameter expanded to its per-sample copies in its layout of ``layouts`` (see
-    :data:`LAYOUTS`; a view: no memory), by name."""
+    :data:`LAYOUTS`; a view: no memory), by name; ``ValueError`` for a parameter without a
+    second dimension of size 1 in :data:`SEQUENCE_FIRST`."""
     copies = {}
     for name, p in loose.items():
         layout = layouts[name]
-        if layout < 0 and p.dim() and p.shape[0] == 1:
+        if layout == SEQUENCE_FIRST:
+            if p.dim() < 2 or p.shape[1] != 1:
+                raise ValueError(f"{name!r} of shape {tuple(p.shape)}: no dimension 1 of size 1")
+            copies[name] = p.expand(p.shape[0], batch_size, *p.shape[2:])
+        elif layout < 0 and p.dim() and p.shape[0] == 1:
             copies[name] = p.expand(batch_size, *p.shape[1:])
         else:
             ones = (1,) * max(layout, 0)
@@ -162,9 +171,11 @@ def per_sample_problem(
                     (alone * weights[n : n + 1]).sum(), [loose[m] for m in names], allow_unused=True
                 )
                 for name, got, want in zip(names, batched, single):
-                    got = torch.zeros_like(loose[name]) if got is None else got[n].reshape(
-                        loose[name].shape
-                    )
+                    if got is None:
+                        got = torch.zeros_like(loose[name])
+                    else:  # (sample n's copy)
+                        got = got[:, n] if layouts[name] == SEQUENCE_FIRST else got[n]
+                        got = got.reshape(loose[name].shape)
                     want = torch.zeros_like(got) if want is None else want
                     scale = want.abs().max().clamp_min(torch.finfo(want.dtype).tiny).item()
                     rtol = max(1e-3, 16 * torch.finfo(want.dtype).eps)  # (bf16: 0.125)
