@@ -2291,6 +2291,18 @@ def test_shared_position_ids_as_long_as_the_batch_stay_on_hooks(caplog) -> None:
     assert_close_dicts(got, brute_force_fisher(model, ids, y, "exact"), 1e-10)
 
 
+def test_a_layout_found_by_a_retry_is_kept_for_later_calls() -> None:
+    """A later call takes the ``(1, T)`` position ids with ``T == B`` for shared at once: one
+    forward pass (before, 3: the wrong layout, the layout check's pass and the right one)."""
+    model = CountingCalls(SharedPositions()).double()
+    ids, y = torch.randint(0, 9, (5, 5)), torch.randint(0, 3, (5,))
+    fisher_diagonal(model, [(ids, y)], "empirical", backend="hooks")
+    model.sizes.clear()
+    got = fisher_diagonal(model, [(ids, y)], "empirical", backend="hooks")
+    assert model.sizes == [5]
+    assert_close_dicts(got, brute_force_fisher(model, ids, y, "empirical"), 1e-10)
+
+
 class PositionsWithoutBatch(nn.Module):
     """Positions looked up as nanoGPT does, ``arange(T)`` of shape ``(T,)`` beside ids
     ``(B, T)``, broadcast over the batch. With ``view``, the position embeddings are reshaped

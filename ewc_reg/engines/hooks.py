@@ -1362,6 +1362,18 @@ class HookEngine:
     sums_checked: ClassVar[weakref.WeakKeyDictionary[nn.Module, set[tuple[Any, ...]]]] = (
         weakref.WeakKeyDictionary()
     )
+    #: The units whose shared inputs are expanded though they have the batch size among their
+    #: dimensions (:class:`_SharedWithBatchRows`), and the calls, ``(unit path, call's
+    #: position)``, whose layout the shapes could not tell, sequence-first or not
+    #: (:class:`_SequenceFirst`), per model, as the layout check found them: kept across calls
+    #: too, so that a later call takes them so at once (without, a model with ``(1, T)``
+    #: position ids and ``T == B`` paid 2 more forward passes per call).
+    shared_inputs: ClassVar[weakref.WeakKeyDictionary[nn.Module, set[str]]] = (
+        weakref.WeakKeyDictionary()
+    )
+    layouts_found: ClassVar[weakref.WeakKeyDictionary[nn.Module, dict[tuple[str, int], bool]]] = (
+        weakref.WeakKeyDictionary()
+    )
 
     def __init__(self, fallback: Engine | None = None) -> None:
         self.fallback = fallback
@@ -1372,14 +1384,6 @@ class HookEngine:
             weakref.WeakKeyDictionary()
         )
         self._nested: weakref.WeakSet[nn.Module] = weakref.WeakSet()
-        # the units whose shared inputs are expanded though they have the batch size among
-        # their dimensions, per model (see _attempt)
-        self._shared: weakref.WeakKeyDictionary[nn.Module, set[str]] = weakref.WeakKeyDictionary()
-        # the calls sequence-first with as many positions as samples, (unit path, call's
-        # position), per model (see _attempt)
-        self._sequence_first: weakref.WeakKeyDictionary[nn.Module, dict[tuple[str, int], bool]] = (
-            weakref.WeakKeyDictionary()
-        )
         # the models whose batched pull-back failed: one backward per vector for them
         self._looped: weakref.WeakSet[nn.Module] = weakref.WeakSet()
         # the looped pull-back's gradient buffers, reused by the chunks and the next batches
@@ -1452,16 +1456,16 @@ class HookEngine:
         args = (model, params, batch, output_fn, make_vectors, chunk_size, memory_budget)
         if model in self._given_up and self.fallback is not None:
             return self.fallback(*args)
-        shared = self._shared.setdefault(model, set())
-        sequence_first = self._sequence_first.setdefault(model, {})
+        shared = self.shared_inputs.setdefault(model, set())
+        sequence_first = self.layouts_found.setdefault(model, {})
 
         def sums(loose: dict[str, Tensor], layouts: dict[str, int]) -> dict[str, Tensor]:
             """:meth:`_sums`, tried again for each unit the layout check finds to have shared
             inputs with the batch size among their dimensions (:class:`_SharedWithBatchRows`),
-            which are expanded from then on, or to be sequence-first with as many positions as
-            samples (:class:`_SequenceFirst`), transposed from then on (for the rest of the
-            call; the retries run outside the handler, so that the failed attempt's frames are
-            freed first)."""
+            which are expanded from then on, or calls taken the wrong way, sequence-first or
+            not (:class:`_SequenceFirst`), taken the other way from then on (in later calls
+            too: :attr:`shared_inputs`, :attr:`layouts_found`; the retries run outside the
+            handler, so that the failed attempt's frames are freed first)."""
             while True:
                 try:
                     return self._sums(*args, loose, layouts)
@@ -1524,11 +1528,11 @@ class HookEngine:
         that were ``sequence-first`` (by unit) taken as such and no others."""
         units = plan(model, {n: p for n, p in params.items() if n not in loose})
         for unit in units:
-            unit.shared = unit.path in self._shared.get(model, ())
+            unit.shared = unit.path in self.shared_inputs.get(model, ())
             if sequence_first is not None:  # (the checked pass's)
                 unit.sequence_first, unit.decided = sequence_first.get(unit.path, frozenset()), True
             else:
-                found = self._sequence_first.get(model, {})
+                found = self.layouts_found.get(model, {})
                 calls = {c: first for (path, c), first in found.items() if path == unit.path}
                 unit.sequence_first = frozenset(c for c, first in calls.items() if first)
                 unit.batch_first = frozenset(c for c, first in calls.items() if not first)
