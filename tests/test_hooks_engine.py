@@ -2303,6 +2303,64 @@ def test_a_layout_found_by_a_retry_is_kept_for_later_calls() -> None:
     assert_close_dicts(got, brute_force_fisher(model, ids, y, "empirical"), 1e-10)
 
 
+class LearnedPositions(nn.Embedding):
+    """Hugging Face BART's position embedding: an ``nn.Embedding`` subclass (no rule) looking
+    up shared positions, ``(1, T, D)``, from per-sample ids it reads only the shape of."""
+
+    def forward(self, ids: Tensor, positions: Tensor) -> Tensor:
+        return super().forward(positions.unsqueeze(0))
+
+
+class SharedOutput(nn.Module):
+    """Token embeddings plus a shared ``(1, T, 4)`` output, broadcast; or summed over dimension
+    0 (expanded, the model's output changes), viewed as ``(T, 4)`` (expanded, the model
+    fails), or its row 0 taken (expanded, sample 0's copy: only the sums check sees it)."""
+
+    def __init__(self, use: str = "broadcast") -> None:
+        super().__init__()
+        self.tok, self.pos = nn.Embedding(9, 4), LearnedPositions(7, 4)
+        self.head = nn.Linear(4, 3)
+        self.use = use
+
+    def forward(self, ids: Tensor) -> Tensor:
+        pos = self.pos(ids, torch.arange(ids.shape[1]))
+        if self.use == "summed":
+            pos = pos.sum(0)
+        elif self.use == "viewed":
+            pos = pos.view(ids.shape[1], 4)
+        elif self.use == "first":
+            pos = pos[0]
+        h = self.tok(ids) + pos
+        return self.head(torch.tanh(h).mean(1))
+
+
+@pytest.mark.parametrize("method", ["exact", "empirical"])
+def test_a_shared_output_is_expanded_over_the_batch(method, engine_ways, caplog) -> None:
+    """A unit without a rule whose output the samples share, ``(1, ...)``, gets it expanded
+    over the batch, so that the gradients at it are per sample (before, the model went to
+    functorch). As for shared inputs, a model whose output changes, or that fails, with the
+    expansion goes to functorch, and so does one that takes sample 0's copy (the sums check);
+    so does one whose shared input has the batch size as leading dimension (the per-module
+    fallback would split it)."""
+    model = SharedOutput().double()
+    ids, y = torch.randint(0, 9, (5, 6)), torch.randint(0, 3, (5,))
+    with caplog.at_level(logging.INFO, logger="ewc_reg"):
+        got = fisher_diagonal(model, [(ids, y)], method)
+    assert not [r.getMessage() for r in caplog.records if r.name == "ewc_reg"]
+    assert_close_dicts(got, brute_force_fisher(model, ids, y, method), 1e-10)
+    cases = [
+        ("summed", 6, "the model's output"),  # (a layout or expansion check finds it)
+        ("viewed", 6, "the model failed with the inputs (or output) the samples share"),
+        ("first", 6, "the per-layer sums of parameter 'pos.weight' differ from plain"),
+        ("broadcast", 5, "is shared by the samples (shape (5,) with 5 samples and with 2)"),
+    ]
+    for use, positions, reason in cases:
+        caplog.clear()
+        model = SharedOutput(use).double()
+        ids = torch.randint(0, 9, (5, positions))
+        log_and_compare(model, [(ids, y)], caplog, reason)
+
+
 class PositionsWithoutBatch(nn.Module):
     """Positions looked up as nanoGPT does, ``arange(T)`` of shape ``(T,)`` beside ids
     ``(B, T)``, broadcast over the batch. With ``view``, the position embeddings are reshaped
@@ -2380,7 +2438,7 @@ def test_shared_inputs_with_the_batch_size_among_their_dimensions(caplog) -> Non
 @pytest.mark.parametrize(
     "view, length, reason",
     [
-        (True, 6, "the model failed with the inputs the samples share of module 'pos'"),
+        (True, 6, "the model failed with the inputs (or output) the samples share of module 'pos'"),
         (False, 2, "could not be told from per-sample ones on 2 samples, to check"),
     ],
 )

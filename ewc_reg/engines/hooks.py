@@ -256,7 +256,8 @@ class _Record:
     inputs: list[torch.Size] = field(default_factory=list)  # every tensor argument's shape
     outputs: list[torch.Size] = field(default_factory=list)  # every output tensor's shape
     kept: dict[str, Tensor] = field(default_factory=dict)  # by the rule's recorded forward
-    expanded: bool = False  # its inputs, all shared, were expanded over the batch
+    # its inputs, all shared, were expanded over the batch (or, without a rule, its output)
+    expanded: bool = False
     folded: int = 1  # the positions per sample folded into its tensors' batch dimension
     transposed: bool = False  # sequence-first, (T, B, ...): recorded as (B, T, ...)
     given: torch.Size | None = None  # the input's shape, for a call that may be sequence-first
@@ -332,6 +333,18 @@ def _expand_shared(
     return pytree.tree_map_only(
         Tensor, lambda t: t.expand(batch_size, *t.shape[kept:]) if t.dim() > 0 else t, call
     )
+
+
+def _shared_output(output: Any, batch_size: int) -> bool:
+    """Whether every tensor of a unit's ``output`` leads with 1 on a batch of several samples:
+    an output the samples share, broadcast later (Hugging Face BART's position embeddings,
+    ``(1, T, D)``, looked up on shared positions by a subclass of ``nn.Embedding`` without a
+    rule, from per-sample ids it reads only the shape of). Expanded over the batch where it is
+    recorded, its gradients are per sample, and the per-module fallback's per-sample calls
+    give each sample's copy; :func:`check_expansion` checks that the model's output stays the
+    same."""
+    tensors = _tensors(output)
+    return batch_size > 1 and bool(tensors) and all(t.dim() and t.shape[0] == 1 for t in tensors)
 
 
 def _unfold(t: Tensor, dim: int, positions: int) -> Tensor:
@@ -780,11 +793,23 @@ class _Recorder(TorchFunctionMode):
         """Check and record the unit's output; for a unit going to the per-module fallback
         (without a rule, or whose rule's recorded forward declined the call) and with several
         differentiable output tensors, return the output with each of them cloned (see
-        :func:`_separate_leaves`), else ``None`` (the output as it is)."""
+        :func:`_separate_leaves`), and for a unit without a rule whose output the samples
+        share, with its leading 1 expanded over the batch (see :func:`_shared_output`), else
+        ``None`` (the output as it is)."""
         record = self.calling[unit]
         separate = unit.rule is None or (unit.rule in RECORDED_FORWARDS and not record.kept)
         if separate:
             output = _separate_leaves(output)  # (before the unit's call ends: see the mode)
+        if (
+            unit.rule is None
+            and not (record.expanded or record.transposed)
+            and (self.expanding is None or unit.path in self.expanding)
+            and _shared_output(output, self.batch_size)
+        ):
+            output = pytree.tree_map_only(
+                Tensor, lambda t: t.expand(self.batch_size, *t.shape[1:]), output
+            )
+            record.expanded = True
         self.running.discard(unit)
         inputs, outputs = batch_dims_of(unit, record)
         for i, shape in enumerate(record.inputs):
@@ -1168,13 +1193,15 @@ def check_expansion(
     model: nn.Module, units: list[_Unit], batch: Batch, output_fn: OutputFn, paths: list[str]
 ) -> None:
     """Raise :class:`Unsupported` if expanding the shared inputs of the units at ``paths`` over
-    the batch (:func:`_expand_shared`) changes the model's output: the model on the first two
+    the batch (:func:`_expand_shared`), or their shared output (:func:`_shared_output`),
+    changes the model's output: the model on the first two
     samples, with and without the expansion, without gradients. The values the units compute
     are the same either way, but the code after them sees a batch dimension of ``B`` where it
     saw 1 or none (a ``squeeze(0)`` that no longer squeezes, a mean over dimension 0). On the
-    two samples the same units' inputs are expanded, as :func:`check_batch_layout` (on as
-    many samples, or the whole batch) found."""
+    two samples the same units' inputs (or outputs) are expanded, as
+    :func:`check_batch_layout` (on as many samples, or the whole batch) found."""
     few = batch.samples(0, 2)
+    shared = ", ".join(map(_describe, paths))
     try:
         with torch.no_grad(), _TablesKept():
             plain = pytree.tree_leaves(output_fn(few.call(model)))
@@ -1182,13 +1209,13 @@ def check_expansion(
                 again = pytree.tree_leaves(output_fn(few.call(model)))
     except Exception as error:  # (the model may not take the expanded inputs)
         raise Unsupported(
-            f"the inputs the samples share of {', '.join(map(_describe, paths))} could not be "
-            f"expanded over the batch ({type(error).__name__}: {error})"
+            f"the inputs (or output) the samples share of {shared} could not be expanded over "
+            f"the batch ({type(error).__name__}: {error})"
         ) from error
     if len(plain) != len(again) or not all(map(same_output, plain, again)):
         raise Unsupported(
-            f"expanding the inputs the samples share of {', '.join(map(_describe, paths))} over "
-            "the batch (for per-sample gradients) changes the model's output"
+            f"expanding the inputs (or output) the samples share of {shared} over the batch "
+            "(for per-sample gradients) changes the model's output"
         )
 
 
@@ -1767,7 +1794,7 @@ class HookEngine:
                     if not expanded or isinstance(error, torch.OutOfMemoryError):
                         raise  # (the model's own error; an expansion costs no memory)
                     raise Unsupported(  # (the model may not take the expanded inputs)
-                        f"the model failed with the inputs the samples share of "
+                        f"the model failed with the inputs (or output) the samples share of "
                         f"{', '.join(map(_describe, expanded))} expanded over the batch "
                         f"({type(error).__name__}: {error})"
                     ) from error
