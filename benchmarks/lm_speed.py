@@ -14,7 +14,11 @@ Workloads (``--models``; inputs ``(B, T)`` token ids, next-token targets ``(B, T
   and ``OPTForCausalLM`` with ``tie_word_embeddings`` (2 layers, 64 hidden units, 4 heads;
   OPT runs its feed-forward blocks on hidden states folded to ``(B T, D)``, which the hooks
   engine takes unfolded), when ``transformers`` is installed (optional, never a dependency
-  of ``ewc_reg``).
+  of ``ewc_reg``);
+* ``bart``: Hugging Face's ``BartForConditionalGeneration`` (2 + 2 layers, 64 hidden units,
+  4 heads; the decoder's inputs are the tokens shifted right, its table shared by the encoder,
+  the decoder and the head; its position embeddings are shared by the samples, ``(1, T, D)``,
+  which the hooks engine expands over the batch).
 
 Contenders, timed in one process round-robin, the order reversed every other round (medians):
 
@@ -62,7 +66,7 @@ from ._timing import measure
 from .models import TiedLanguageModel
 
 RESULTS_PATH = Path(__file__).resolve().parent / "results" / "lm_speed.md"
-MODEL_KEYS = ("toy", "gpt2", "llama", "opt")
+MODEL_KEYS = ("toy", "gpt2", "llama", "opt", "bart")
 METHODS = ("empirical", "sample")
 #: The contenders on the tied model: (name, backend, tied rule on).
 TIED_CONTENDERS = (
@@ -113,7 +117,7 @@ def untied_copy(model: nn.Module) -> nn.Module:
 
 
 def _hugging_face(key: str, vocab: int, seq_len: int, quick: bool) -> nn.Module | None:
-    """GPT-2, Llama or OPT with tied embeddings, or ``None`` without ``transformers``."""
+    """GPT-2, Llama, OPT or BART with tied embeddings, or ``None`` without ``transformers``."""
     try:
         import transformers
     except ImportError:
@@ -123,6 +127,20 @@ def _hugging_face(key: str, vocab: int, seq_len: int, quick: bool) -> nn.Module 
         return transformers.GPT2LMHeadModel(
             transformers.GPT2Config(
                 n_layer=2, n_head=4, n_embd=width, vocab_size=vocab, n_positions=seq_len
+            )
+        )
+    if key == "bart":
+        return transformers.BartForConditionalGeneration(
+            transformers.BartConfig(
+                vocab_size=vocab,
+                d_model=width,
+                encoder_layers=2,
+                decoder_layers=2,
+                encoder_attention_heads=4,
+                decoder_attention_heads=4,
+                encoder_ffn_dim=4 * width,
+                decoder_ffn_dim=4 * width,
+                max_position_embeddings=seq_len,
             )
         )
     if key == "opt":
@@ -163,7 +181,8 @@ def make_workloads(args: argparse.Namespace, device: torch.device) -> list[Workl
             title = f"toy causal LM (D={width})"
         else:
             model = _hugging_face(key, args.vocab, args.seq_len, args.quick)
-            title = {"gpt2": "GPT-2", "llama": "Llama", "opt": "OPT"}[key] + " (transformers)"
+            names = {"gpt2": "GPT-2", "llama": "Llama", "opt": "OPT", "bart": "BART"}
+            title = names[key] + " (transformers)"
         if model is None:
             continue
         tokens = torch.randint(0, args.vocab, (args.batch_size, args.seq_len + 1))
