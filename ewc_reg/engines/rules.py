@@ -242,9 +242,13 @@ def feature_dims(rule: Rule | CallRule | None, module: nn.Module) -> tuple[int, 
 
 
 def _entry(module: nn.Module) -> tuple[Any, Any, Any] | None:
-    """The :data:`RULES` entry of ``module``'s class, or ``None``."""
+    """The :data:`RULES` entry of ``module``'s class (by :data:`SCALED_EMBEDDINGS` for Hugging
+    Face's scaled embeddings), or ``None``."""
     cls = type(module)
-    return RULES.get(cls) or RULES.get(f"{cls.__module__}.{cls.__qualname__}")
+    entry = RULES.get(cls) or RULES.get(f"{cls.__module__}.{cls.__qualname__}")
+    if entry is None and _scaled_embedding(module):
+        entry = RULES.get(SCALED_EMBEDDINGS)
+    return entry
 
 
 def class_rule(module: nn.Module) -> Rule | CallRule | None:
@@ -862,6 +866,45 @@ def embedding(
     if module.padding_idx is not None:
         weight[module.padding_idx] = 0
     return {"weight": weight}
+
+
+#: The key in :data:`RULES` of Hugging Face's scaled word embeddings: ``nn.Embedding``
+#: subclasses named ``*ScaledWordEmbedding`` with an ``embed_scale`` (BART, mBART, M2M100,
+#: Blenderbot, XGLM, BioGPT, Gemma and others, some 20 classes in transformers 5.24), whose
+#: ``forward`` is the lookup times ``embed_scale``. Matched by that name and attribute, not
+#: by class (``transformers`` is not imported); the hooks engine's check of its sums against
+#: plain autograd, on a model's first call, would find one that computes otherwise.
+SCALED_EMBEDDINGS = "*ScaledWordEmbedding"
+
+
+def _scaled_embedding(module: nn.Module) -> bool:
+    """Whether ``module`` is one of Hugging Face's scaled word embeddings."""
+    return (
+        isinstance(module, nn.Embedding)
+        and type(module).__name__.endswith("ScaledWordEmbedding")
+        and hasattr(module, "embed_scale")
+    )
+
+
+def embedding_scale(module: nn.Module) -> Tensor | float:
+    """The factor of an embedding's lookups: ``embed_scale`` for a scaled word embedding (a
+    float or a 0-d tensor), else 1."""
+    return module.embed_scale if _scaled_embedding(module) else 1.0
+
+
+@register(
+    SCALED_EMBEDDINGS,
+    accepts=lambda module: not module.scale_grad_by_freq,
+    positionwise=lambda module: (0, 1),
+    foldable=lambda module: 0,
+)
+def scaled_embedding(
+    module: nn.Module, x: Tensor, grads: Tensor, names: Collection[str], budget: int
+) -> dict[str, Tensor]:
+    r"""A scaled word embedding :math:`y_{ns} = c\, W_{i_{ns}}`: :func:`embedding` with ``G``
+    times :math:`c`."""
+    scale = torch.as_tensor(embedding_scale(module), dtype=grads.dtype, device=grads.device)
+    return embedding(module, x, grads * scale, names, budget)
 
 
 def _sample_row_pairs(x: Tensor, rows: int) -> tuple[Tensor, Tensor]:

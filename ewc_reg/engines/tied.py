@@ -21,7 +21,16 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from .rules import acc_dtype, chunk_budget, embedding, linear, rule_for, sample_chunks
+from .rules import (
+    acc_dtype,
+    chunk_budget,
+    embedding,
+    embedding_scale,
+    linear,
+    rule_for,
+    sample_chunks,
+    scaled_embedding,
+)
 
 if TYPE_CHECKING:
     from .hooks import _Record
@@ -38,22 +47,35 @@ def tied_sums(
     ``"{member}.{name}"``) from its recorded ``calls`` (each with ``member``, the index of the
     module called) and the gradients of their output edges, in order, or ``None`` where no rule
     here takes them. Every call was ``module(x)`` (:func:`.unit_sums._plain_calls`). The only
-    rule: :func:`embedding_and_output_layer`."""
+    rule: :func:`embedding_and_output_layer`, for one output layer and any number of
+    embeddings (plain or scaled, :func:`.rules.scaled_embedding`: BART's encoder and decoder
+    share their table with the head) with one ``padding_idx``: a scaled embedding's lookups
+    are those of the table with ``G`` times its scale."""
     kinds = [rule_for(module) for module in members]
-    if len(members) != 2 or sorted(map(id, kinds)) != sorted((id(embedding), id(linear))):
+    heads = [m for m, kind in enumerate(kinds) if kind is linear]
+    tables = [m for m, kind in enumerate(kinds) if kind in (embedding, scaled_embedding)]
+    if len(heads) != 1 or len(heads) + len(tables) != len(members):
         return None
-    table, head = (0, 1) if kinds[0] is embedding else (1, 0)
-    if members[table].weight is not members[head].weight:  # (tied by the bias? no rule)
+    head, table = heads[0], tables[0]
+    if any(members[m].weight is not members[head].weight for m in tables):  # (tied by a bias?)
+        return None
+    if len({members[m].padding_idx for m in tables}) != 1:
         return None
     live = [call for call in calls if call.edges]  # (one edge each: one output tensor)
     given = [(call.member, call.args[0], g) for call, g in zip(live, grads) if g is not None]
-    lookups = [(x, g) for member, x, g in given if member == table]
-    products = [(x, g) for member, x, g in given if member == head]
+    lookups = [
+        (x, g * torch.as_tensor(embedding_scale(members[m]), dtype=g.dtype, device=g.device))
+        if kinds[m] is scaled_embedding
+        else (x, g)
+        for m, x, g in given
+        if m != head
+    ]
+    products = [(x, g) for m, x, g in given if m == head]
     bias = f"{head}.bias" in names
     sums = embedding_and_output_layer(
         members[table], members[head], lookups, products, bias, budget
     )
-    weight = next(name for name in names if name in (f"{table}.weight", f"{head}.weight"))
+    weight = next(name for name in names if name.endswith(".weight"))
     return {weight if name == "weight" else f"{head}.bias": s for name, s in sums.items()}
 
 
