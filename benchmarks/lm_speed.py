@@ -18,7 +18,9 @@ Workloads (``--models``; inputs ``(B, T)`` token ids, next-token targets ``(B, T
 * ``bart``: Hugging Face's ``BartForConditionalGeneration`` (2 + 2 layers, 64 hidden units,
   4 heads; the decoder's inputs are the tokens shifted right, its table shared by the encoder,
   the decoder and the head; its position embeddings are shared by the samples, ``(1, T, D)``,
-  which the hooks engine expands over the batch).
+  which the hooks engine expands over the batch);
+* ``gemma``: Hugging Face's ``GemmaForCausalLM`` (2 layers, 64 hidden units, 4 heads, 1
+  key-value head), whose scaled token embedding is tied to the head.
 
 Contenders, timed in one process round-robin, the order reversed every other round (medians):
 
@@ -66,7 +68,7 @@ from ._timing import measure
 from .models import TiedLanguageModel
 
 RESULTS_PATH = Path(__file__).resolve().parent / "results" / "lm_speed.md"
-MODEL_KEYS = ("toy", "gpt2", "llama", "opt", "bart")
+MODEL_KEYS = ("toy", "gpt2", "llama", "opt", "bart", "gemma")
 METHODS = ("empirical", "sample")
 #: The contenders on the tied model: (name, backend, tied rule on).
 TIED_CONTENDERS = (
@@ -117,7 +119,8 @@ def untied_copy(model: nn.Module) -> nn.Module:
 
 
 def _hugging_face(key: str, vocab: int, seq_len: int, quick: bool) -> nn.Module | None:
-    """GPT-2, Llama, OPT or BART with tied embeddings, or ``None`` without ``transformers``."""
+    """GPT-2, Llama, OPT, BART or Gemma with tied embeddings, or ``None`` without
+    ``transformers``."""
     try:
         import transformers
     except ImportError:
@@ -127,6 +130,19 @@ def _hugging_face(key: str, vocab: int, seq_len: int, quick: bool) -> nn.Module 
         return transformers.GPT2LMHeadModel(
             transformers.GPT2Config(
                 n_layer=2, n_head=4, n_embd=width, vocab_size=vocab, n_positions=seq_len
+            )
+        )
+    if key == "gemma":
+        return transformers.GemmaForCausalLM(
+            transformers.GemmaConfig(
+                vocab_size=vocab,
+                hidden_size=width,
+                intermediate_size=2 * width,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=1,
+                head_dim=width // 4,
+                max_position_embeddings=seq_len,
             )
         )
     if key == "bart":
@@ -182,6 +198,7 @@ def make_workloads(args: argparse.Namespace, device: torch.device) -> list[Workl
         else:
             model = _hugging_face(key, args.vocab, args.seq_len, args.quick)
             names = {"gpt2": "GPT-2", "llama": "Llama", "opt": "OPT", "bart": "BART"}
+            names["gemma"] = "Gemma"
             title = names[key] + " (transformers)"
         if model is None:
             continue
