@@ -66,30 +66,30 @@ The decomposition is valid only if (checked; otherwise :class:`Unsupported` is r
   calls in pieces it cannot join (an LSTM with a projection; attention that is
   self-attention in one call and not in another), or with a rule and several outputs;
 * module outputs have the batch as leading dimension (or where the rule's
-  :data:`.rules.BATCH_DIMS` say: a sequence-first ``nn.MultiheadAttention`` or recurrent
-  layer's ``(T, B, ...)``; a layer of :data:`.rules.FOLDABLE` (linear layers, embeddings,
-  layer and RMS norms) called sequence-first, ``module(x)`` with ``x`` of shape
-  ``(T, B, ...)``, has its rule get ``x`` transposed to ``(B, T, ...)`` and the gradients at
-  its output alike (:func:`_sequence_first`); a unit whose inputs all lead with 1, or all
-  have one sample's shape of a per-sample input without a batch dimension, shared by the
-  samples, such as a position embedding on ``position_ids`` of shape ``(1, T)`` or ``(T,)``,
-  is called on them expanded over the batch, once a check on two samples shows that the
-  model's output stays the same:
+  :data:`.rules.BATCH_DIMS` say: a sequence-first ``nn.MultiheadAttention`` or recurrent layer's
+  ``(T, B, ...)``; a layer of :data:`.rules.FOLDABLE` (linear layers, embeddings, layer and RMS
+  norms) called sequence-first, ``module(x)`` with ``x`` of shape ``(T, B, ...)``, has its rule
+  get ``x`` transposed to ``(B, T, ...)`` and the gradients at its output alike
+  (:func:`_sequence_first`); a unit whose inputs all lead with 1, or all have one sample's shape
+  of a per-sample input without a batch dimension, shared by the samples, such as a position
+  embedding on ``position_ids`` of shape ``(1, T)`` or ``(T,)``, is called on them expanded over
+  the batch, once a check on two samples shows that the model's output stays the same:
   :func:`_expand_shared`; ``(T,)`` with ``T == B`` once the unit's inputs and output stay the
-  same on two samples: :class:`_SharedWithBatchRows`; a model that fails on the expanded
-  inputs is not covered), recorded inputs are not modified in place afterwards, nor outputs
-  that are views other than reshapes of their bases (the gradient of a reshape is taken at
-  its base: :func:`_output_edge`), and no batch norm uses batch statistics (it would mix the
-  samples). Unit inputs are per-sample (the batch leading) or shared by all
-  samples; a unit whose rule treats the leading dimensions alike (:data:`.rules.FOLDABLE`:
-  linear layers, embeddings, layer and RMS norms) may also be called on per-sample data
-  folded into the batch dimension, ``x`` of shape ``(B T, ...)`` with sample ``n``'s
-  positions in rows ``nT`` to ``nT + T - 1`` (``hidden.view(-1, D)``, as OPT's layers;
-  Swin's windows): its rule gets ``x`` unfolded to ``(B, T, ...)`` and the gradients at
-  its output alike, once the checks below show the rows to be so; any other input of three
-  or more dimensions whose leading dimension is a multiple of the batch larger than it (a 3-d
-  ``attn_mask`` of shape ``(B * heads, L, S)``) is taken for folded per-sample data the
-  decomposition cannot split.
+  same on two samples: :class:`_SharedWithBatchRows`; a unit without a rule whose output the
+  samples share, every tensor of it leading with 1, has it expanded over the batch where it is
+  recorded, checked alike: :func:`_shared_output`; a model that fails on the expanded inputs or
+  output is not covered), recorded inputs are not modified in place afterwards, nor outputs that
+  are views other than reshapes of their bases (the gradient of a reshape is taken at its base:
+  :func:`_output_edge`), and no batch norm uses batch statistics (it would mix the samples).
+  Unit inputs are per-sample (the batch leading) or shared by all samples; a unit whose rule
+  treats the leading dimensions alike (:data:`.rules.FOLDABLE`: linear layers, embeddings, layer
+  and RMS norms) may also be called on per-sample data folded into the batch dimension, ``x`` of
+  shape ``(B T, ...)`` with sample ``n``'s positions in rows ``nT`` to ``nT + T - 1``
+  (``hidden.view(-1, D)``, as OPT's layers; Swin's windows): its rule gets ``x`` unfolded to
+  ``(B, T, ...)`` and the gradients at its output alike, once the checks below show the rows to
+  be so; any other input of three or more dimensions whose leading dimension is a multiple of
+  the batch larger than it (a 3-d ``attn_mask`` of shape ``(B * heads, L, S)``) is taken for
+  folded per-sample data the decomposition cannot split.
   Since a sequence-first ``(T, B, ...)`` layout with ``T == B``, or a layer run on a shared
   table of ``B`` rows, would pass the checks above, :func:`check_batch_layout` records the
   units again on fewer samples to tell (once per model and recorded shapes; where calls are
