@@ -242,13 +242,9 @@ def feature_dims(rule: Rule | CallRule | None, module: nn.Module) -> tuple[int, 
 
 
 def _entry(module: nn.Module) -> tuple[Any, Any, Any] | None:
-    """The :data:`RULES` entry of ``module``'s class (by :data:`SCALED_EMBEDDINGS` for Hugging
-    Face's scaled embeddings), or ``None``."""
+    """The :data:`RULES` entry of ``module``'s class, or ``None``."""
     cls = type(module)
-    entry = RULES.get(cls) or RULES.get(f"{cls.__module__}.{cls.__qualname__}")
-    if entry is None and _scaled_embedding(module):
-        entry = RULES.get(SCALED_EMBEDDINGS)
-    return entry
+    return RULES.get(cls) or RULES.get(f"{cls.__module__}.{cls.__qualname__}")
 
 
 def class_rule(module: nn.Module) -> Rule | CallRule | None:
@@ -868,32 +864,43 @@ def embedding(
     return {"weight": weight}
 
 
-#: The key in :data:`RULES` of Hugging Face's scaled word embeddings: ``nn.Embedding``
-#: subclasses named ``*ScaledWordEmbedding`` with an ``embed_scale`` (BART, mBART, M2M100,
-#: Blenderbot, XGLM, BioGPT, Gemma and others, some 20 classes in transformers 5.24), whose
-#: ``forward`` is the lookup times ``embed_scale``. Matched by that name and attribute, not
-#: by class (``transformers`` is not imported); the hooks engine's check of its sums against
-#: plain autograd, on a model's first call, would find one that computes otherwise.
-SCALED_EMBEDDINGS = "*ScaledWordEmbedding"
-
-
-def _scaled_embedding(module: nn.Module) -> bool:
-    """Whether ``module`` is one of Hugging Face's scaled word embeddings."""
-    return (
-        isinstance(module, nn.Embedding)
-        and type(module).__name__.endswith("ScaledWordEmbedding")
-        and hasattr(module, "embed_scale")
+#: Hugging Face's scaled word embeddings whose ``forward`` is the lookup times ``embed_scale``
+#: (a float or a 0-d buffer), by qualified name (``transformers`` is not imported): the 24
+#: classes of transformers 5.24 named ``*ScaledWordEmbedding`` with that ``forward`` exactly
+#: (T5Gemma2's, which also swaps in an embedding of its own for one token, is not one).
+SCALED_EMBEDDINGS = tuple(
+    f"transformers.models.{module}.{name}ScaledWordEmbedding"
+    for module, name in (
+        ("bart.modeling_bart", "Bart"),
+        ("bigbird_pegasus.modeling_bigbird_pegasus", "BigBirdPegasus"),
+        ("biogpt.modeling_biogpt", "BioGpt"),
+        ("blenderbot.modeling_blenderbot", "Blenderbot"),
+        ("diffusion_gemma.modeling_diffusion_gemma", "DiffusionGemmaText"),
+        ("embedding_gemma2.modeling_embedding_gemma2", "EmbeddingGemma2Text"),
+        ("gemma.modeling_gemma", "GemmaText"),
+        ("gemma2.modeling_gemma2", "Gemma2Text"),
+        ("gemma3.modeling_gemma3", "Gemma3Text"),
+        ("gemma3n.modeling_gemma3n", "Gemma3nText"),
+        ("gemma4.modeling_gemma4", "Gemma4Text"),
+        ("gemma4_unified.modeling_gemma4_unified", "Gemma4UnifiedText"),
+        ("m2m_100.modeling_m2m_100", "M2M100"),
+        ("mbart.modeling_mbart", "MBart"),
+        ("minicpm3.modeling_minicpm3", "MiniCPM3"),
+        ("nllb_moe.modeling_nllb_moe", "NllbMoe"),
+        ("pegasus_x.modeling_pegasus_x", "PegasusX"),
+        ("plbart.modeling_plbart", "PLBart"),
+        ("pp_formulanet.modeling_pp_formulanet", "PPFormulaNet"),
+        ("seamless_m4t.modeling_seamless_m4t", "SeamlessM4T"),
+        ("seamless_m4t_v2.modeling_seamless_m4t_v2", "SeamlessM4Tv2"),
+        ("trocr.modeling_trocr", "TrOCR"),
+        ("vaultgemma.modeling_vaultgemma", "VaultGemmaText"),
+        ("xglm.modeling_xglm", "XGLM"),
     )
-
-
-def embedding_scale(module: nn.Module) -> Tensor | float:
-    """The factor of an embedding's lookups: ``embed_scale`` for a scaled word embedding (a
-    float or a 0-d tensor), else 1."""
-    return module.embed_scale if _scaled_embedding(module) else 1.0
+)
 
 
 @register(
-    SCALED_EMBEDDINGS,
+    *SCALED_EMBEDDINGS,
     accepts=lambda module: not module.scale_grad_by_freq,
     positionwise=lambda module: (0, 1),
     foldable=lambda module: 0,
@@ -901,10 +908,14 @@ def embedding_scale(module: nn.Module) -> Tensor | float:
 def scaled_embedding(
     module: nn.Module, x: Tensor, grads: Tensor, names: Collection[str], budget: int
 ) -> dict[str, Tensor]:
-    r"""A scaled word embedding :math:`y_{ns} = c\, W_{i_{ns}}`: :func:`embedding` with ``G``
-    times :math:`c`."""
-    scale = torch.as_tensor(embedding_scale(module), dtype=grads.dtype, device=grads.device)
-    return embedding(module, x, grads * scale, names, budget)
+    r"""A scaled word embedding :math:`y_{ns} = c\, W_{i_{ns}}` (:data:`SCALED_EMBEDDINGS`):
+    :func:`embedding` with ``G`` times :math:`c`."""
+    return embedding(module, x, grads * embedding_scale(module, grads), names, budget)
+
+
+def embedding_scale(module: nn.Module, like: Tensor) -> Tensor:
+    """A scaled word embedding's ``embed_scale``, as a tensor of ``like``'s dtype and device."""
+    return torch.as_tensor(module.embed_scale, dtype=like.dtype, device=like.device)
 
 
 def _sample_row_pairs(x: Tensor, rows: int) -> tuple[Tensor, Tensor]:

@@ -64,9 +64,7 @@ def tied_sums(
     live = [call for call in calls if call.edges]  # (one edge each: one output tensor)
     given = [(call.member, call.args[0], g) for call, g in zip(live, grads) if g is not None]
     lookups = [
-        (x, g * torch.as_tensor(embedding_scale(members[m]), dtype=g.dtype, device=g.device))
-        if kinds[m] is scaled_embedding
-        else (x, g)
+        (x, g * embedding_scale(members[m], g) if kinds[m] is scaled_embedding else g)
         for m, x, g in given
         if m != head
     ]
