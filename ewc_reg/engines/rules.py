@@ -838,12 +838,16 @@ def prelu(
     return _affine(grads, x, names, 1)
 
 
-@register(
-    nn.Embedding,
-    accepts=lambda module: not module.scale_grad_by_freq,
-    positionwise=lambda module: (0, 1),
-    foldable=lambda module: 0,
-)
+#: The settings of the embedding rules (:func:`embedding`, :func:`scaled_embedding`): one
+#: lookup per position, no feature dimensions in, one out.
+_LOOKUPS: dict[str, Any] = {
+    "accepts": lambda module: not module.scale_grad_by_freq,
+    "positionwise": lambda module: (0, 1),
+    "foldable": lambda module: 0,
+}
+
+
+@register(nn.Embedding, **_LOOKUPS)
 def embedding(
     module: nn.Module, x: Tensor, grads: Tensor, names: Collection[str], budget: int
 ) -> dict[str, Tensor]:
@@ -899,12 +903,7 @@ SCALED_EMBEDDINGS = tuple(
 )
 
 
-@register(
-    *SCALED_EMBEDDINGS,
-    accepts=lambda module: not module.scale_grad_by_freq,
-    positionwise=lambda module: (0, 1),
-    foldable=lambda module: 0,
-)
+@register(*SCALED_EMBEDDINGS, **_LOOKUPS)
 def scaled_embedding(
     module: nn.Module, x: Tensor, grads: Tensor, names: Collection[str], budget: int
 ) -> dict[str, Tensor]:
