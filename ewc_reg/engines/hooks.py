@@ -1086,8 +1086,7 @@ def _recorded_again(
 def _structure(records: dict[_Unit, _Record]) -> tuple[Any, ...]:
     """What the forward pass recorded but the sizes: which units ran, and each call's numbers
     of tensors in and out and their ranks, whether it was expanded, folded or transposed, and
-    which member
-    of a tied unit ran."""
+    which member of a tied unit ran."""
     return tuple(
         (
             unit.path,
