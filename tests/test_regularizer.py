@@ -307,7 +307,10 @@ def test_a_head_added_for_a_new_task_joins_as_if_there_all_along(mode):
     want, got = regs[upfront], regs[grown]
     assert list(got.fisher) == list(want.fisher)
     tight = {"rtol": 1e-12, "atol": 1e-15}
-    torch.testing.assert_close(got.fisher, want.fisher, rtol=0, atol=0)
+    # (to rounding, not bit for bit: with three heads, head 0's output gradient is a slice of the
+    # concatenated outputs', laid out otherwise, and a sum over it may round otherwise: its
+    # bias's Fisher was 1 ulp off on an AMD EPYC, equal on an Intel Xeon)
+    torch.testing.assert_close(got.fisher, want.fisher, **tight)
     torch.testing.assert_close(got.anchor, want.anchor, **tight)
     torch.testing.assert_close(got.state_dict()["offset"], want.state_dict()["offset"])
     for model in regs:
