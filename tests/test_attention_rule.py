@@ -14,7 +14,8 @@ from torch import Tensor, nn
 from ewc_reg import fisher_diagonal
 from ewc_reg.engines import attention
 from ewc_reg.engines.functorch import FunctorchEngine
-from ewc_reg.engines.hooks import HookEngine, plan
+from ewc_reg.engines.hooks import HookEngine
+from ewc_reg.engines.recording import plan
 
 from .reference import assert_close_dicts, brute_force_fisher
 from .test_hooks_engine import (

@@ -20,11 +20,12 @@ from benchmarks._paths import engine_ways, pull_back
 from benchmarks.models import LSTMClassifier
 from ewc_reg import fisher_diagonal
 from ewc_reg._batches import Batch
-from ewc_reg.engines import attention, get_engine, hooks, rules, unit_sums
+from ewc_reg.engines import attention, get_engine, recording, rules, unit_sums
 from ewc_reg.engines.base import DEFAULT_MEMORY_BUDGET, MAX_VECTORS_TO_REDUCE, fewer_vectors
 from ewc_reg.engines.functorch import FunctorchEngine
-from ewc_reg.engines.hooks import HookEngine, plan
+from ewc_reg.engines.hooks import HookEngine
 from ewc_reg.engines.loose import loose_parameters
+from ewc_reg.engines.recording import plan
 from ewc_reg.likelihoods import Categorical
 
 from .models import cnn, mlp, randomize_bn
@@ -706,8 +707,8 @@ def test_both_ways_of_the_linear_weight_sums(gram, shape, monkeypatch) -> None:
 
 
 def test_the_recorder_finds_the_tensors_pytree_finds() -> None:
-    """``hooks._tensors`` walks tuples, lists and dicts itself and asks ``pytree`` for anything
-    else: the same tensors in the same order as ``pytree.tree_leaves``."""
+    """``recording.tensors_in`` walks tuples, lists and dicts itself and asks ``pytree`` for
+    anything else: the same tensors in the same order as ``pytree.tree_leaves``."""
     import collections
     from dataclasses import dataclass
 
@@ -729,7 +730,7 @@ def test_the_recorder_finds_the_tensors_pytree_finds() -> None:
         "text",
     )
     want = [leaf for leaf in pytree.tree_leaves(tree) if isinstance(leaf, Tensor)]
-    got = hooks._tensors(tree)
+    got = recording.tensors_in(tree)
     assert len(got) == len(want) == 7 and all(a is b for a, b in zip(got, want))
 
 
@@ -1794,7 +1795,7 @@ def test_a_late_failure_does_not_draw_the_labels_again(monkeypatch) -> None:
 
     def late_failure(self, *args):
         real(self, *args[:7], {}, 0)  # (makes the vectors, then fails)
-        raise hooks.Unsupported("failed after the vectors")
+        raise recording.Unsupported("failed after the vectors")
 
     monkeypatch.setattr(HookEngine, "_sums", late_failure)
     got = fisher_diagonal(model, data, "sample", generator=torch.Generator().manual_seed(3))
@@ -2921,7 +2922,7 @@ def test_calls_recorded_in_pieces_of_other_kinds_go_to_functorch(caplog) -> None
 
 def test_calls_are_checked_on_fewer_samples(caplog) -> None:
     """With the batch size in a second dimension, the units are recorded again on fewer
-    samples (:func:`hooks.check_batch_layout`): call by call, and as often."""
+    samples (:func:`.batch_checks.check_batch_layout`): call by call, and as often."""
     x, y = torch.randn(4, 4, dtype=torch.float64), torch.randint(0, 3, (4,))
     twice = CalledTwice().double()
     assert_close_dicts(

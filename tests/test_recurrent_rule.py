@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from ewc_reg import fisher_diagonal
 from ewc_reg.engines import recurrent
-from ewc_reg.engines.hooks import plan
+from ewc_reg.engines.recording import plan
 from ewc_reg.likelihoods import Categorical
 
 from .reference import assert_close_dicts, brute_force_fisher

@@ -18,7 +18,7 @@ with respect to :math:`p`:
 Whether a model's uses do broadcast this way is checked on two samples, layout after layout
 (:func:`copies_layout`), before the copies are trusted; a parameter used otherwise (indexed,
 say, as a Swin window's relative position table) makes its module one unit instead
-(:func:`.hooks.plan`).
+(:func:`.recording.plan`).
 """
 
 from __future__ import annotations

@@ -273,7 +273,7 @@ def _global_hooks() -> bool:
     """Whether forward hooks registered for every module
     (``torch.nn.modules.module.register_module_forward_hook``) are set: they may change any
     layer's output, as a module's own hooks may (pre-hooks for every module keep a model off
-    the hook engine: :func:`.hooks.plan`)."""
+    the hook engine: :func:`.recording.plan`)."""
     return bool(getattr(modules, "_global_forward_hooks", None))
 
 

@@ -33,12 +33,12 @@ from .rules import (
 )
 
 if TYPE_CHECKING:
-    from .hooks import _Record
+    from .recording import Record
 
 
 def tied_sums(
     members: Sequence[nn.Module],
-    calls: list[_Record],
+    calls: list[Record],
     grads: list[Tensor | None],
     names: Collection[str],
     budget: int,

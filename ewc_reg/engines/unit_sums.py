@@ -48,7 +48,7 @@ from .rules import (
 from .tied import tied_sums
 
 if TYPE_CHECKING:
-    from .hooks import _Record, _Unit
+    from .recording import Record, Unit
 
 
 class Tied(nn.ModuleList):
@@ -64,7 +64,7 @@ def feed(accumulator: Accumulator, key: Any, grads: Tensor) -> None:
     accumulator.add(key, grads)
 
 
-def accumulation_of(unit: _Unit, record: _Record) -> Accumulation | None:
+def accumulation_of(unit: Unit, record: Record) -> Accumulation | None:
     """The accumulation the unit's rule takes for its call, or for its calls joined (see
     :data:`.rules.ACCUMULATIONS`), or ``None``."""
     if unit.rule is None:
@@ -74,7 +74,7 @@ def accumulation_of(unit: _Unit, record: _Record) -> Accumulation | None:
     return None
 
 
-def accumulator_of(unit: _Unit, record: _Record, memory_budget: int) -> Accumulator | None:
+def accumulator_of(unit: Unit, record: Record, memory_budget: int) -> Accumulator | None:
     """The accumulator of the unit's rule for its call (fed by output leaf or kept piece), or
     for its calls joined (a :class:`_JoinedCalls`, fed by ``(call, leaf)``), or ``None`` (no
     accumulation, or it declined the call)."""
@@ -113,7 +113,7 @@ class _JoinedCalls:
     :data:`.rules.CALL_RULES` is fed its kept pieces' gradients only (its output leaves' reach
     it through them)."""
 
-    def __init__(self, inner: Accumulator, calls: list[_Record], dims: int) -> None:
+    def __init__(self, inner: Accumulator, calls: list[Record], dims: int) -> None:
         self.inner, self.calls, self.dims = inner, calls, dims
         self.pending: dict[tuple[int, int | str], Tensor] = {}
 
@@ -143,12 +143,12 @@ class _JoinedCalls:
         return self.inner.sums()
 
 
-def _leaf_shape(call: _Record, leaf: int | str) -> torch.Size:
+def _leaf_shape(call: Record, leaf: int | str) -> torch.Size:
     """The shape of a call's output leaf or kept piece ``leaf``."""
     return call.kept[leaf].shape if isinstance(leaf, str) else call.shapes[call.leaves.index(leaf)]
 
 
-def batch_dims_of(unit: _Unit, record: _Record) -> tuple[tuple[int, ...], tuple[int, ...]]:
+def batch_dims_of(unit: Unit, record: Record) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """The batch dimensions of the unit's tensor inputs and output leaves (by position; those
     past the end: 0): as :data:`.rules.BATCH_DIMS` says when the rule's recorded forward ran
     (it kept pieces), else all leading (a call the rule declines goes to the per-module
@@ -162,7 +162,7 @@ def nth(dims: tuple[int, ...], position: int) -> int:
     return dims[position] if position < len(dims) else 0
 
 
-def by_rule(unit: _Unit, record: _Record) -> bool:
+def by_rule(unit: Unit, record: Record) -> bool:
     """Whether the unit's sums come from its rule: it has one and was called once, as
     ``module(x)`` or in any way for a rule that takes the whole call
     (:data:`.rules.CALL_RULES`)."""
@@ -171,7 +171,7 @@ def by_rule(unit: _Unit, record: _Record) -> bool:
     return unit.rule in CALL_RULES or (unit.rule is not None and _plain_calls(record))
 
 
-def _plain_calls(record: _Record) -> bool:
+def _plain_calls(record: Record) -> bool:
     """Whether every call of the unit was ``module(x)``, one tensor and nothing else."""
     return all(
         len(call.args) == 1 and isinstance(call.args[0], Tensor) and not call.kwargs
@@ -179,7 +179,7 @@ def _plain_calls(record: _Record) -> bool:
     )
 
 
-def takes_calls_together(unit: _Unit, record: _Record) -> bool:
+def takes_calls_together(unit: Unit, record: Record) -> bool:
     """Whether the rule of a unit called more than once takes all its calls: it reduces the
     output gradients to per-sample gradients, which add up (:data:`.rules.REDUCTIONS`), takes
     several calls (:data:`.rules.SEVERAL_CALLS`), or treats positions alike
@@ -188,7 +188,7 @@ def takes_calls_together(unit: _Unit, record: _Record) -> bool:
     return (several and _plain_calls(record)) or _join_dims(unit, record) is not None
 
 
-def reduction_of(unit: _Unit, record: _Record) -> Reduction | None:
+def reduction_of(unit: Unit, record: Record) -> Reduction | None:
     """The reduction of the unit's output gradients its rule takes (see
     :data:`.rules.REDUCTIONS`) on every call, or ``None``."""
     if unit.rule is None or unit.rule in CALL_RULES or not _plain_calls(record):
@@ -197,7 +197,7 @@ def reduction_of(unit: _Unit, record: _Record) -> Reduction | None:
 
 
 def unit_sums(
-    unit: _Unit, record: _Record, grads: list[Tensor | None], memory_budget: int
+    unit: Unit, record: Record, grads: list[Tensor | None], memory_budget: int
 ) -> dict[str, Tensor]:
     r"""One unit's sums: its rule when it has one and was called once as ``module(x)`` (a rule
     of :data:`.rules.CALL_RULES`: called once in any way, unless it declines the call); for a
@@ -240,7 +240,7 @@ def unit_sums(
     return _fallback_sums(unit, record.calls(), grads, memory_budget)
 
 
-def _join_dims(unit: _Unit, record: _Record) -> tuple[int, int] | None:
+def _join_dims(unit: Unit, record: Record) -> tuple[int, int] | None:
     """The feature dimensions (:func:`.rules.feature_dims`) with which the calls of a unit are
     joined into one call of its rule, or ``None`` where they cannot be: the rule treats
     positions alike and every call was ``module(x)`` (for a rule of
@@ -254,8 +254,8 @@ def _join_dims(unit: _Unit, record: _Record) -> tuple[int, int] | None:
 
 
 def _joined_sums(
-    unit: _Unit,
-    calls: list[_Record],
+    unit: Unit,
+    calls: list[Record],
     grads: list[Tensor | None],
     sizes: tuple[int, int],
     memory_budget: int,
@@ -294,7 +294,7 @@ class _Calls(nn.Module):
 
 
 def _fallback_sums(
-    unit: _Unit, calls: list[_Record], grads: list[Tensor | None], memory_budget: int
+    unit: Unit, calls: list[Record], grads: list[Tensor | None], memory_budget: int
 ) -> dict[str, Tensor]:
     r"""The sums of a unit without a rule (or whose rule declines), from the functorch engine
     on its module alone: the function of its parameters that maps every sample's recorded
