@@ -492,6 +492,27 @@ def test_modules_without_rules_use_the_per_module_fallback() -> None:
     check_against_references(model, torch.randn(6, 5, dtype=torch.float64), via_rules=False)
 
 
+@pytest.mark.filterwarnings("ignore:There is a performance drop")
+def test_the_per_module_fallback_is_logged_once_per_module(caplog) -> None:
+    """Where a model is slower than its rules would make it is said, once per module: not
+    again for the next chunk, batch or call, nor for the modules with rules."""
+    model = Mixed().double()
+    data = [(torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,)))] * 2
+    with caplog.at_level(logging.INFO, logger="ewc_reg"):
+        for _ in range(2):
+            fisher_diagonal(model, data, "exact", backend="hooks", chunk_size=2)
+    said = [r.getMessage() for r in caplog.records if r.name == "ewc_reg.fallback"]
+    assert sorted(said) == [
+        f"hooks engine: no rule covers the calls of module {path!r} ({kind}): its per-sample "
+        "gradients come from torch.func on the module alone (the per-module fallback)"
+        for path, kind in [("pair", "Pair"), ("scale", "Scale")]
+    ]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="ewc_reg"):
+        fisher_diagonal(Mixed().double(), data, "exact", backend="hooks")  # (a new model)
+    assert sum(r.name == "ewc_reg.fallback" for r in caplog.records) == 2
+
+
 def test_user_hooks_are_respected_and_kept() -> None:
     model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
     calls = []

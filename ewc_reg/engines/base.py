@@ -140,6 +140,14 @@ def inside(path: str, outer: str) -> bool:
     return path != outer and (not outer or path.startswith(outer + "."))
 
 
+def describe(path: str) -> str:
+    """The module at ``path`` (or the unit of tied modules, their paths joined by ``+``), in
+    words for a message."""
+    if "+" in path:
+        return "the tied modules " + " and ".join(map(repr, path.split("+")))
+    return "the root module" if not path else f"module {path!r}"
+
+
 def zero_sums(params: dict[str, Tensor]) -> dict[str, Tensor]:
     """Zeros shaped like each parameter, in its :func:`accumulation_dtype`, by name."""
     return {

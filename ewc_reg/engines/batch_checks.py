@@ -16,7 +16,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 from .._batches import Batch, is_per_sample, same_output
-from .base import OutputFn
+from .base import OutputFn, describe
 from .recording import (
     Record,
     Recorder,
@@ -24,7 +24,6 @@ from .recording import (
     SharedWithBatchRows,
     Unit,
     Unsupported,
-    describe,
 )
 from .unit_sums import batch_dims_of, by_rule, nth
 

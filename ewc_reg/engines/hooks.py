@@ -146,6 +146,7 @@ from .base import (
     RowWiseVectors,
     VectorFn,
     batched_grads,
+    describe,
     fewer_vectors,
     resolve_chunk_size,
     zero_sums,
@@ -177,7 +178,6 @@ from .recording import (
     Unit,
     Unsupported,
     as_recorded,
-    describe,
     plan,
     unsupported_reason,
 )

@@ -18,7 +18,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 from .._batches import Batch
-from .base import VMAP_WRONG, inside
+from .base import VMAP_WRONG, describe, inside
 from .loose import loose_parameters
 from .rules import (
     BATCH_DIMS,
@@ -293,12 +293,6 @@ def _output_edge(leaf: Tensor) -> tuple[GradientEdge, bool]:
             return get_gradient_edge(leaf), True
         node = node.next_functions[0][0]
     return get_gradient_edge(base), False
-
-
-def describe(path: str) -> str:
-    if "+" in path:  # (a unit of tied modules: _tie)
-        return "the tied modules " + " and ".join(map(repr, path.split("+")))
-    return "the root module" if not path else f"module {path!r}"
 
 
 def _tie(units: list[Unit]) -> list[Unit]:

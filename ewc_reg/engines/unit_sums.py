@@ -24,6 +24,8 @@ functorch engine on its module alone, over all its calls (:func:`_fallback_sums`
 from __future__ import annotations
 
 import functools
+import logging
+import weakref
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -32,6 +34,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils import _pytree as pytree
 
 from .._batches import Batch
+from .base import describe
 from .functorch import FunctorchEngine
 from .loop import LoopEngine
 from .rules import (
@@ -49,6 +52,14 @@ from .tied import tied_sums
 
 if TYPE_CHECKING:
     from .recording import Record, Unit
+
+#: Where the per-module fallback is logged: a child of the ``"ewc_reg"`` logger, whose
+#: messages say which engine computes a model, as this one says which modules of a model on the
+#: hooks engine are slower than a rule would make them.
+logger = logging.getLogger("ewc_reg.fallback")
+
+#: The modules whose per-module fallback has been logged: once each, not for every batch.
+announced: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
 
 class Tied(nn.ModuleList):
@@ -309,7 +320,9 @@ def _fallback_sums(
     ``scaled_dot_product_attention``: ``vmap`` has no batching rule for the fused ones and
     calls them once per sample and vector (about 15% slower for the attention of
     ``benchmarks.models.TextTransformer`` on CPU). A module on which ``vmap`` failed is
-    remembered and goes to the loop engine next time."""
+    remembered and goes to the loop engine next time. The first time a module comes here, it
+    is logged at info level (:data:`announced`): it is where a model is slower than its
+    rules would make it."""
     known = next(g for g in grads if g is not None)
     shapes = [shape for call in calls for shape in call.shapes]
     vectors = torch.cat(
@@ -342,6 +355,15 @@ def _fallback_sums(
     batch = Batch((calls_of,), {}, None, batch_size)
     # (a Tied unit is made anew for each batch: its first module stands for it)
     remembered = unit.module[0] if isinstance(unit.module, Tied) else unit.module
+    if remembered not in announced:
+        announced.add(remembered)
+        members = unit.module if isinstance(unit.module, Tied) else [unit.module]
+        logger.info(
+            "hooks engine: no rule covers the calls of %s (%s): its per-sample gradients come "
+            "from torch.func on the module alone (the per-module fallback)",
+            describe(unit.path),
+            ", ".join(type(m).__name__ for m in members),
+        )
     vmappable = remembered not in FunctorchEngine.unvmappable
     engine = FunctorchEngine() if vmappable else LoopEngine(batched_vectors=True)
     try:
