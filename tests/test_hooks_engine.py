@@ -130,12 +130,60 @@ class FalconLinear(nn.Linear):
 FalconLinear.__module__ = "transformers.models.falcon.modeling_falcon"
 
 
+def timm_stand_in(cls: type[nn.Module], module: str, name: str) -> type[nn.Module]:
+    """``cls`` under the qualified name ``module.name`` of a timm layer it stands in for."""
+    cls.__module__, cls.__qualname__, cls.__name__ = module, name, name
+    return cls
+
+
+class _TimmLinear(nn.Linear):  # (its forward outside TorchScript)
+    def forward(self, input: Tensor) -> Tensor:
+        return F.linear(input, self.weight, self.bias)
+
+
+class _TimmLayerNorm(nn.LayerNorm):
+    def forward(self, x: Tensor) -> Tensor:
+        return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+
+
+class _TimmLayerNorm2d(nn.LayerNorm):  # (the channels of (B, C, H, W))
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.permute(0, 2, 3, 1)
+        x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+class _TimmGroupNorm(nn.GroupNorm):  # (channels first, as timm's)
+    def __init__(self, num_channels: int, num_groups: int = 32) -> None:
+        super().__init__(num_groups, num_channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+
+
+class _TimmGroupNorm1(_TimmGroupNorm):
+    def __init__(self, num_channels: int) -> None:
+        super().__init__(num_channels, 1)
+
+
+TimmLinear = timm_stand_in(_TimmLinear, "timm.layers.linear", "Linear")
+TimmLayerNorm = timm_stand_in(_TimmLayerNorm, "timm.layers.norm", "LayerNorm")
+TimmLayerNorm2d = timm_stand_in(_TimmLayerNorm2d, "timm.layers.norm", "LayerNorm2d")
+TimmGroupNorm = timm_stand_in(_TimmGroupNorm, "timm.layers.norm", "GroupNorm")
+TimmGroupNorm1 = timm_stand_in(_TimmGroupNorm1, "timm.layers.norm", "GroupNorm1")
+
+
 LAYERS = {
     "linear": (lambda: nn.Linear(5, 4), (6, 5)),
     "gpt_conv1d": (lambda: Conv1D(4, 5), (6, 5)),
     "gpt_conv1d_sequence": (lambda: Conv1D(4, 5), (6, 7, 5)),
     "falcon_linear_sequence": (lambda: FalconLinear(5, 4), (6, 7, 5)),
     "falcon_linear_no_bias": (lambda: FalconLinear(5, 4, bias=False), (6, 5)),
+    "timm_linear": (lambda: TimmLinear(5, 4), (6, 7, 5)),
+    "timm_layer_norm": (lambda: TimmLayerNorm(5), (6, 4, 5)),
+    "timm_layer_norm_2d": (lambda: TimmLayerNorm2d(3), (6, 3, 4, 5)),
+    "timm_group_norm": (lambda: TimmGroupNorm(4, 2), (6, 4, 3, 3)),
+    "timm_group_norm1": (lambda: TimmGroupNorm1(4), (6, 4, 5)),
     "linear_no_bias": (lambda: nn.Linear(5, 4, bias=False), (6, 5)),
     "linear_sequence": (lambda: nn.Linear(5, 4), (6, 7, 5)),
     "linear_4d": (lambda: nn.Linear(5, 4), (6, 2, 3, 5)),
@@ -239,6 +287,11 @@ def test_layers_of_other_libraries_get_their_rules_by_qualified_name() -> None:
     """(The tests above would pass on the per-module fallback too.)"""
     assert rules.rule_for(Conv1D(4, 5)) is rules.gpt_conv1d
     assert rules.rule_for(FalconLinear(5, 4)) is rules.linear
+    assert rules.rule_for(TimmLinear(5, 4)) is rules.linear
+    assert rules.rule_for(TimmLayerNorm(5)) is rules.layer_norm
+    assert rules.rule_for(TimmLayerNorm2d(3)) is rules.channel_layer_norm
+    assert rules.rule_for(TimmGroupNorm(4, 2)) is rules.group_norm
+    assert rules.rule_for(TimmGroupNorm1(4)) is rules.group_norm
 
 
 CONVS = [name for name in LAYERS if name.startswith("conv")]

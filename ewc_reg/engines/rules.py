@@ -503,6 +503,7 @@ def _linear_sums(
 @register(
     nn.Linear,
     "transformers.models.falcon.modeling_falcon.FalconLinear",
+    "timm.layers.linear.Linear",
     accumulate=_linear_sums,
     positionwise=lambda module: (1, 1),
     foldable=lambda module: 1,
@@ -512,9 +513,10 @@ def linear(
 ) -> dict[str, Tensor]:
     r""":math:`y = x W^\top + b` with ``x: (B, *S, in)`` and ``G: (K, B, *S, out)``: the
     :class:`LinearSums` of all ``K`` vectors at once. Also the rule of Hugging Face's
-    ``FalconLinear``, an ``nn.Linear`` whose own ``forward`` computes the same (matched by its
-    class's qualified name; without it Falcon's 8 projections per layer went to the per-module
-    fallback)."""
+    ``FalconLinear`` and timm's ``Linear``, ``nn.Linear`` subclasses whose own ``forward``
+    computes the same (matched by their classes' qualified names; without it Falcon's 8
+    projections per layer, and the classifier of timm's MobileNets and EfficientNets, went to
+    the per-module fallback)."""
     return feed_all(_linear_sums(module, (x,), {}, {}, names, budget), {0: grads})
 
 
@@ -741,12 +743,18 @@ def _group_norm_parts(module: nn.Module, x: Tensor, names: Collection[str]) -> R
     return _affine_parts(xhat, names, _per_channel(x.dim()))
 
 
-@register(nn.GroupNorm, reduce=_group_norm_parts)
+@register(
+    nn.GroupNorm,
+    "timm.layers.norm.GroupNorm",
+    "timm.layers.norm.GroupNorm1",
+    reduce=_group_norm_parts,
+)
 def group_norm(
     module: nn.Module, x: Tensor, grads: Tensor, names: Collection[str], budget: int
 ) -> dict[str, Tensor]:
     r"""Group norm: :math:`\hat x` normalised per sample and group, affine per channel
-    (dimension 1), as for batch norm."""
+    (dimension 1), as for batch norm. Also timm's ``GroupNorm`` and ``GroupNorm1``, subclasses
+    whose own ``forward`` computes the same (by qualified name)."""
     return _affine(grads, x, names, 1)
 
 
@@ -786,13 +794,32 @@ def _layer_norm_parts(module: nn.Module, x: Tensor, names: Collection[str]) -> R
     return _affine_parts(xhat, names, _per_trailing(x.dim(), _normalized_dims(module)))
 
 
-@register(nn.LayerNorm, reduce=_layer_norm_parts, foldable=_normalized_dims)
+@register(
+    nn.LayerNorm, "timm.layers.norm.LayerNorm", reduce=_layer_norm_parts, foldable=_normalized_dims
+)
 def layer_norm(
     module: nn.Module, x: Tensor, grads: Tensor, names: Collection[str], budget: int
 ) -> dict[str, Tensor]:
     r"""Layer norm over the trailing ``normalized_shape`` dimensions ``D`` of ``(B, *S, *D)``:
-    :math:`\partial_w = \sum_S G \odot \hat x`, :math:`\partial_b = \sum_S G`."""
+    :math:`\partial_w = \sum_S G \odot \hat x`, :math:`\partial_b = \sum_S G`. Also timm's
+    ``LayerNorm``, a subclass whose own ``forward`` computes the same (by qualified name)."""
     return _affine(grads, x, names, _normalized_dims(module))
+
+
+def _channel_layer_norm_parts(module: nn.Module, x: Tensor, names: Collection[str]) -> Reducer:
+    channels_last = x.to(acc_dtype(module)).movedim(1, -1)
+    xhat = F.layer_norm(channels_last, module.normalized_shape, eps=module.eps)
+    return _affine_parts(xhat.movedim(-1, 1), names, _per_channel(x.dim()))
+
+
+@register("timm.layers.norm.LayerNorm2d", reduce=_channel_layer_norm_parts)
+def channel_layer_norm(
+    module: nn.Module, x: Tensor, grads: Tensor, names: Collection[str], budget: int
+) -> dict[str, Tensor]:
+    r"""Layer norm over the channels, dimension 1, of ``(B, C, *spatial)`` (timm's
+    ``LayerNorm2d``, which permutes the channels last and back around ``F.layer_norm``):
+    :math:`\hat x` normalised per sample and position, affine per channel, as for batch norm."""
+    return _affine(grads, x, names, 1)
 
 
 def _rms_norm_parts(module: nn.Module, x: Tensor, names: Collection[str]) -> Reducer:
