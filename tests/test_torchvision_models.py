@@ -46,6 +46,14 @@ ARCHITECTURES = {
 }
 
 
+#: The modules that go to the per-module fallback, by class (the others have rules): the
+#: attention modules with relative position tables (an indexed table, no rule).
+WITHOUT_RULES = {
+    "swin": ["ShiftedWindowAttention"] * 2,
+    "maxvit": ["RelativePositionalMultiHeadAttention"] * 4,
+}
+
+
 @pytest.mark.filterwarnings("ignore")
 @pytest.mark.parametrize("name", list(ARCHITECTURES))
 def test_architecture_matches_functorch(name: str, caplog) -> None:
@@ -59,4 +67,6 @@ def test_architecture_matches_functorch(name: str, caplog) -> None:
     with caplog.at_level(logging.INFO, logger="ewc_reg"):
         got = fisher_diagonal(model, data)
     assert not [r.getMessage() for r in caplog.records if r.name == "ewc_reg"]  # no fallback
+    fallbacks = [r.args[1] for r in caplog.records if r.name == "ewc_reg.fallback"]
+    assert fallbacks == WITHOUT_RULES.get(name, [])  # (ConvNeXt's LayerNorm2d has a rule)
     assert_close_dicts(got, fisher_diagonal(model, data, backend="functorch"), 1e-10)

@@ -812,12 +812,17 @@ def _channel_layer_norm_parts(module: nn.Module, x: Tensor, names: Collection[st
     return _affine_parts(xhat.movedim(-1, 1), names, _per_channel(x.dim()))
 
 
-@register("timm.layers.norm.LayerNorm2d", reduce=_channel_layer_norm_parts)
+@register(
+    "timm.layers.norm.LayerNorm2d",
+    "torchvision.models.convnext.LayerNorm2d",
+    reduce=_channel_layer_norm_parts,
+)
 def channel_layer_norm(
     module: nn.Module, x: Tensor, grads: Tensor, names: Collection[str], budget: int
 ) -> dict[str, Tensor]:
-    r"""Layer norm over the channels, dimension 1, of ``(B, C, *spatial)`` (timm's
-    ``LayerNorm2d``, which permutes the channels last and back around ``F.layer_norm``):
+    r"""Layer norm over the channels, dimension 1, of ``(B, C, *spatial)`` (the ``LayerNorm2d``
+    of timm and of torchvision's ConvNeXt, which permute the channels last and back around
+    ``F.layer_norm``; by qualified name):
     :math:`\hat x` normalised per sample and position, affine per channel, as for batch norm."""
     return _affine(grads, x, names, 1)
 
