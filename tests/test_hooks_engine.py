@@ -20,7 +20,7 @@ from benchmarks._paths import engine_ways, pull_back
 from benchmarks.models import LSTMClassifier
 from ewc_reg import fisher_diagonal
 from ewc_reg._batches import Batch
-from ewc_reg.engines import attention, get_engine, recording, rules, unit_sums
+from ewc_reg.engines import attention, get_engine, norm_act, recording, rules, unit_sums
 from ewc_reg.engines.base import DEFAULT_MEMORY_BUDGET, MAX_VECTORS_TO_REDUCE, fewer_vectors
 from ewc_reg.engines.functorch import FunctorchEngine
 from ewc_reg.engines.hooks import HookEngine
@@ -166,11 +166,65 @@ class _TimmGroupNorm1(_TimmGroupNorm):
         super().__init__(num_channels, 1)
 
 
+class _NormAct:  # (the activation and dropout modules timm's norm-act layers have)
+    def add_act(self, act: nn.Module) -> None:
+        self.drop, self.act = nn.Identity(), act
+
+
+class _TimmBatchNormAct2d(nn.BatchNorm2d, _NormAct):
+    def __init__(self, channels: int, act: nn.Module) -> None:
+        super().__init__(channels)
+        self.add_act(act)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.batch_norm(
+            x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.1, self.eps
+        )
+        return self.act(self.drop(x))
+
+
+class _TimmGroupNormAct(nn.GroupNorm, _NormAct):
+    def __init__(self, channels: int, act: nn.Module, groups: int = 2) -> None:
+        super().__init__(groups, channels)
+        self.add_act(act)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+        return self.act(self.drop(x))
+
+
+class _TimmGroupNorm1Act(_TimmGroupNormAct):
+    def __init__(self, channels: int, act: nn.Module) -> None:
+        super().__init__(channels, act, 1)
+
+
+class _TimmLayerNormAct(nn.LayerNorm, _NormAct):
+    def __init__(self, features: int, act: nn.Module) -> None:
+        super().__init__(features)
+        self.add_act(act)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return self.act(self.drop(x))
+
+
+class _TimmLayerNormAct2d(_TimmLayerNormAct):
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.permute(0, 2, 3, 1)
+        x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return self.act(self.drop(x.permute(0, 3, 1, 2)))
+
+
 TimmLinear = timm_stand_in(_TimmLinear, "timm.layers.linear", "Linear")
 TimmLayerNorm = timm_stand_in(_TimmLayerNorm, "timm.layers.norm", "LayerNorm")
 TimmLayerNorm2d = timm_stand_in(_TimmLayerNorm2d, "timm.layers.norm", "LayerNorm2d")
 TimmGroupNorm = timm_stand_in(_TimmGroupNorm, "timm.layers.norm", "GroupNorm")
 TimmGroupNorm1 = timm_stand_in(_TimmGroupNorm1, "timm.layers.norm", "GroupNorm1")
+TimmBatchNormAct2d = timm_stand_in(_TimmBatchNormAct2d, "timm.layers.norm_act", "BatchNormAct2d")
+TimmGroupNormAct = timm_stand_in(_TimmGroupNormAct, "timm.layers.norm_act", "GroupNormAct")
+TimmGroupNorm1Act = timm_stand_in(_TimmGroupNorm1Act, "timm.layers.norm_act", "GroupNorm1Act")
+TimmLayerNormAct = timm_stand_in(_TimmLayerNormAct, "timm.layers.norm_act", "LayerNormAct")
+TimmLayerNormAct2d = timm_stand_in(_TimmLayerNormAct2d, "timm.layers.norm_act", "LayerNormAct2d")
 
 
 LAYERS = {
@@ -184,6 +238,14 @@ LAYERS = {
     "timm_layer_norm_2d": (lambda: TimmLayerNorm2d(3), (6, 3, 4, 5)),
     "timm_group_norm": (lambda: TimmGroupNorm(4, 2), (6, 4, 3, 3)),
     "timm_group_norm1": (lambda: TimmGroupNorm1(4), (6, 4, 5)),
+    # (the activation in place, as timm's default: it modifies the piece pulled back to)
+    "timm_batch_norm_act": (lambda: TimmBatchNormAct2d(3, nn.ReLU(inplace=True)), (6, 3, 4, 5)),
+    "timm_group_norm_act": (lambda: TimmGroupNormAct(4, nn.SiLU(inplace=True)), (6, 4, 3, 3)),
+    "timm_group_norm1_act": (lambda: TimmGroupNorm1Act(4, nn.GELU()), (6, 4, 5)),
+    "timm_layer_norm_act": (lambda: TimmLayerNormAct(5, nn.ReLU(inplace=True)), (6, 4, 5)),
+    "timm_layer_norm_act_2d": (
+        lambda: TimmLayerNormAct2d(3, nn.Hardswish(inplace=True)), (6, 3, 4, 5)
+    ),
     "linear_no_bias": (lambda: nn.Linear(5, 4, bias=False), (6, 5)),
     "linear_sequence": (lambda: nn.Linear(5, 4), (6, 7, 5)),
     "linear_4d": (lambda: nn.Linear(5, 4), (6, 2, 3, 5)),
@@ -292,6 +354,9 @@ def test_layers_of_other_libraries_get_their_rules_by_qualified_name() -> None:
     assert rules.rule_for(TimmLayerNorm2d(3)) is rules.channel_layer_norm
     assert rules.rule_for(TimmGroupNorm(4, 2)) is rules.group_norm
     assert rules.rule_for(TimmGroupNorm1(4)) is rules.group_norm
+    for make in (TimmBatchNormAct2d, TimmGroupNormAct, TimmLayerNormAct, TimmLayerNormAct2d):
+        assert rules.rule_for(make(4, nn.ReLU())) is norm_act.norm_act
+        assert rules.rule_for(make(4, nn.PReLU())) is None  # (a parametrised activation)
 
 
 CONVS = [name for name in LAYERS if name.startswith("conv")]

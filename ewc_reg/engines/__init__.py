@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from . import attention, convolution, recurrent  # noqa: F401  (register their rules)
+from . import attention, convolution, norm_act, recurrent  # noqa: F401  (register their rules)
 from .base import Engine, accumulation_dtype, zero_sums
 from .functorch import FunctorchEngine
 from .hooks import HookEngine

@@ -687,7 +687,9 @@ def _affine_parts(
     return reduce
 
 
-def _affine(parts: Tensor, x: Tensor, names: Collection[str], trailing: int) -> dict[str, Tensor]:
+def affine_sums(
+    parts: Tensor, x: Tensor, names: Collection[str], trailing: int
+) -> dict[str, Tensor]:
     """The sums from :func:`_affine_parts`' ``(K, B, n, *D)`` (``len(D) = trailing``)."""
     stacked = [name for name in ("weight", "bias") if name in names]
     dim = parts.dim() - trailing - 1
@@ -717,7 +719,7 @@ def _per_trailing(x_dims: int, dims: int) -> Callable[[Tensor], Tensor]:
     return reduce
 
 
-def _batch_norm_parts(module: nn.Module, x: Tensor, names: Collection[str]) -> Reducer:
+def batch_norm_parts(module: nn.Module, x: Tensor, names: Collection[str]) -> Reducer:
     acc = acc_dtype(module)
     xhat = F.batch_norm(
         x.to(acc), module.running_mean.to(acc), module.running_var.to(acc), eps=module.eps
@@ -726,7 +728,7 @@ def _batch_norm_parts(module: nn.Module, x: Tensor, names: Collection[str]) -> R
 
 
 @register(
-    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, reduce=_batch_norm_parts
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, reduce=batch_norm_parts
 )
 def batch_norm(
     module: nn.Module, x: Tensor, grads: Tensor, names: Collection[str], budget: int
@@ -735,10 +737,10 @@ def batch_norm(
     :math:`\hat x = (x - \mu)/\sqrt{\sigma^2 + \epsilon}` per channel (dimension 1), then
     :math:`\partial_w = \sum_{\text{spatial}} G \odot \hat x`, :math:`\partial_b =
     \sum_{\text{spatial}} G` (``grads``: those, reduced by :func:`_affine_parts`)."""
-    return _affine(grads, x, names, 1)
+    return affine_sums(grads, x, names, 1)
 
 
-def _group_norm_parts(module: nn.Module, x: Tensor, names: Collection[str]) -> Reducer:
+def group_norm_parts(module: nn.Module, x: Tensor, names: Collection[str]) -> Reducer:
     xhat = F.group_norm(x.to(acc_dtype(module)), module.num_groups, eps=module.eps)
     return _affine_parts(xhat, names, _per_channel(x.dim()))
 
@@ -747,7 +749,7 @@ def _group_norm_parts(module: nn.Module, x: Tensor, names: Collection[str]) -> R
     nn.GroupNorm,
     "timm.layers.norm.GroupNorm",
     "timm.layers.norm.GroupNorm1",
-    reduce=_group_norm_parts,
+    reduce=group_norm_parts,
 )
 def group_norm(
     module: nn.Module, x: Tensor, grads: Tensor, names: Collection[str], budget: int
@@ -755,7 +757,7 @@ def group_norm(
     r"""Group norm: :math:`\hat x` normalised per sample and group, affine per channel
     (dimension 1), as for batch norm. Also timm's ``GroupNorm`` and ``GroupNorm1``, subclasses
     whose own ``forward`` computes the same (by qualified name)."""
-    return _affine(grads, x, names, 1)
+    return affine_sums(grads, x, names, 1)
 
 
 def _instance_norm_parts(module: nn.Module, x: Tensor, names: Collection[str]) -> Reducer:
@@ -781,21 +783,21 @@ def instance_norm(
 ) -> dict[str, Tensor]:
     r"""Instance norm, affine: :math:`\hat x` normalised per sample and channel (or by the
     tracked statistics in eval mode), affine per channel (dimension 1), as for batch norm."""
-    return _affine(grads, x, names, 1)
+    return affine_sums(grads, x, names, 1)
 
 
-def _normalized_dims(module: nn.Module) -> int:
+def normalized_dims(module: nn.Module) -> int:
     """The number of trailing dimensions a layer or RMS norm normalises."""
     return len(module.normalized_shape)
 
 
-def _layer_norm_parts(module: nn.Module, x: Tensor, names: Collection[str]) -> Reducer:
+def layer_norm_parts(module: nn.Module, x: Tensor, names: Collection[str]) -> Reducer:
     xhat = F.layer_norm(x.to(acc_dtype(module)), module.normalized_shape, eps=module.eps)
-    return _affine_parts(xhat, names, _per_trailing(x.dim(), _normalized_dims(module)))
+    return _affine_parts(xhat, names, _per_trailing(x.dim(), normalized_dims(module)))
 
 
 @register(
-    nn.LayerNorm, "timm.layers.norm.LayerNorm", reduce=_layer_norm_parts, foldable=_normalized_dims
+    nn.LayerNorm, "timm.layers.norm.LayerNorm", reduce=layer_norm_parts, foldable=normalized_dims
 )
 def layer_norm(
     module: nn.Module, x: Tensor, grads: Tensor, names: Collection[str], budget: int
@@ -803,10 +805,10 @@ def layer_norm(
     r"""Layer norm over the trailing ``normalized_shape`` dimensions ``D`` of ``(B, *S, *D)``:
     :math:`\partial_w = \sum_S G \odot \hat x`, :math:`\partial_b = \sum_S G`. Also timm's
     ``LayerNorm``, a subclass whose own ``forward`` computes the same (by qualified name)."""
-    return _affine(grads, x, names, _normalized_dims(module))
+    return affine_sums(grads, x, names, normalized_dims(module))
 
 
-def _channel_layer_norm_parts(module: nn.Module, x: Tensor, names: Collection[str]) -> Reducer:
+def channel_layer_norm_parts(module: nn.Module, x: Tensor, names: Collection[str]) -> Reducer:
     channels_last = x.to(acc_dtype(module)).movedim(1, -1)
     xhat = F.layer_norm(channels_last, module.normalized_shape, eps=module.eps)
     return _affine_parts(xhat.movedim(-1, 1), names, _per_channel(x.dim()))
@@ -815,7 +817,7 @@ def _channel_layer_norm_parts(module: nn.Module, x: Tensor, names: Collection[st
 @register(
     "timm.layers.norm.LayerNorm2d",
     "torchvision.models.convnext.LayerNorm2d",
-    reduce=_channel_layer_norm_parts,
+    reduce=channel_layer_norm_parts,
 )
 def channel_layer_norm(
     module: nn.Module, x: Tensor, grads: Tensor, names: Collection[str], budget: int
@@ -824,12 +826,12 @@ def channel_layer_norm(
     of timm and of torchvision's ConvNeXt, which permute the channels last and back around
     ``F.layer_norm``; by qualified name):
     :math:`\hat x` normalised per sample and position, affine per channel, as for batch norm."""
-    return _affine(grads, x, names, 1)
+    return affine_sums(grads, x, names, 1)
 
 
 def _rms_norm_parts(module: nn.Module, x: Tensor, names: Collection[str]) -> Reducer:
     xhat = F.rms_norm(x.to(acc_dtype(module)), module.normalized_shape, eps=module.eps)
-    return _affine_parts(xhat, names, _per_trailing(x.dim(), _normalized_dims(module)))
+    return _affine_parts(xhat, names, _per_trailing(x.dim(), normalized_dims(module)))
 
 
 def rms_norm(
@@ -837,11 +839,11 @@ def rms_norm(
 ) -> dict[str, Tensor]:
     r"""RMS norm :math:`\hat x = x / \sqrt{\mathrm{mean}_D(x^2) + \epsilon}` over the trailing
     dimensions ``D``: :math:`\partial_w = \sum_S G \odot \hat x`."""
-    return _affine(grads, x, names, _normalized_dims(module))
+    return affine_sums(grads, x, names, normalized_dims(module))
 
 
 if hasattr(nn, "RMSNorm"):  # torch >= 2.4
-    register(nn.RMSNorm, reduce=_rms_norm_parts, foldable=_normalized_dims)(rms_norm)
+    register(nn.RMSNorm, reduce=_rms_norm_parts, foldable=normalized_dims)(rms_norm)
 
 
 def _per_sample_total(x_dims: int) -> Callable[[Tensor], Tensor]:
@@ -867,7 +869,7 @@ def prelu(
     r"""PReLU :math:`y = \max(x, 0) + w \min(x, 0)`, one slope per channel (dimension 1) or
     one for all: :math:`\partial_w = \sum G \odot \min(x, 0)` over the dimensions ``w`` is
     broadcast over (``grads``: those, reduced by :func:`_affine_parts`)."""
-    return _affine(grads, x, names, 1)
+    return affine_sums(grads, x, names, 1)
 
 
 #: The settings of the embedding rules (:func:`embedding`, :func:`scaled_embedding`): one

@@ -1,0 +1,29 @@
+"""The timm speed benchmark: its switch of timm's rules, and (where timm is installed) a run."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks import timm_speed
+from ewc_reg.engines import rules
+
+
+def test_timm_rules_are_removed_in_the_block_only() -> None:
+    names = timm_speed.rule_names()
+    assert "timm.layers.norm_act.BatchNormAct2d" in names and "timm.layers.linear.Linear" in names
+    entries = {name: rules.RULES[name] for name in names}
+    with pytest.raises(RuntimeError, match="inside"):
+        with timm_speed.without_timm_rules():
+            assert not timm_speed.rule_names()
+            raise RuntimeError("inside")
+    assert {name: rules.RULES[name] for name in timm_speed.rule_names()} == entries
+
+
+def test_a_small_run_writes_its_table(tmp_path) -> None:
+    pytest.importorskip("timm")
+    table = timm_speed.main(
+        ["--models", "mobilenetv3_small_050", "--batch-size", "2", "--image-size", "32",
+         "--repeats", "1", "--out", str(tmp_path / "timm.md")]
+    )
+    assert (tmp_path / "timm.md").read_text() == table
+    assert table.count("| mobilenetv3_small_050 |") == 2
