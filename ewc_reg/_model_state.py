@@ -11,14 +11,38 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 import torch
 from torch import nn
 
+#: Attributes in which modules keep, in eval mode, a tensor computed from a parameter by their
+#: first call and reused by the later ones: timm's attention-bias caches (LeViT,
+#: EfficientFormer and EfficientFormerV2, EfficientViT (MSRA), TinyViT keep
+#: ``attention_biases[:, idxs]`` by device). A cache filled before the Fisher is computed (by an
+#: evaluation without gradients) gives the parameter no gradient, and one filled during it
+#: serves the next pass a tensor of a graph already used, or of per-sample copies of the
+#: parameter (:mod:`.engines.loose`; the model then failed, also after the call).
+EVAL_CACHES = ("attention_bias_cache",)
+
+
+class _Bypassed(dict):
+    """A cache (a dict by key, as :data:`EVAL_CACHES`) that holds no key for the next call:
+    each call computes the cached tensor anew from the parameter, and stores it only for its
+    own reading."""
+
+    def __contains__(self, key: object) -> bool:
+        return False
+
 
 @contextmanager
 def evaluating(model: nn.Module) -> Iterator[None]:
-    """Eval mode inside the block; afterwards every submodule's training flag and every
-    parameter's ``.grad`` and ``requires_grad`` are as before, on success and on error, and
-    so are the tables of embeddings with ``max_norm`` (their forward renormalises the rows it
-    looks up in place)."""
+    """Eval mode inside the block, with the caches of :data:`EVAL_CACHES` bypassed; afterwards
+    every submodule's training flag and caches and every parameter's ``.grad`` and
+    ``requires_grad`` are as before, on success and on error, and so are the tables of
+    embeddings with ``max_norm`` (their forward renormalises the rows it looks up in place)."""
     training = [(m, m.training) for m in model.modules()]
+    caches = [
+        (m, name, getattr(m, name))
+        for m in model.modules()
+        for name in EVAL_CACHES
+        if isinstance(getattr(m, name, None), dict)
+    ]
     params = list(model.parameters())
     saved = [(p, p.grad, p.requires_grad) for p in params]
     tables = [
@@ -27,11 +51,15 @@ def evaluating(model: nn.Module) -> Iterator[None]:
         if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.max_norm is not None
     ]
     model.eval()
+    for module, name, _ in caches:
+        setattr(module, name, _Bypassed())
     try:
         yield
     finally:
         for module, flag in training:
             module.training = flag
+        for module, name, cache in caches:
+            setattr(module, name, cache)
         for p, grad, requires_grad in saved:
             p.grad = grad
             p.requires_grad_(requires_grad)

@@ -292,6 +292,57 @@ def test_tables_renormalised_by_max_norm_are_restored(backend):
     assert not torch.equal(model[0].weight, before)
 
 
+class CachedBiases(nn.Module):
+    """A stand-in for timm's LeViT-style attention: in eval mode (``caching``), the biases
+    ``attention_biases[:, idxs]`` are computed by the first call and cached by device; the
+    module owns them next to a layer with parameters (so they are loose: :mod:`.loose`)."""
+
+    def __init__(self, caching: bool = True) -> None:
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+        self.attention_biases = nn.Parameter(torch.randn(2, 3))
+        self.register_buffer("idxs", torch.tensor([0, 2, 1, 2]))
+        self.attention_bias_cache: dict[str, torch.Tensor] = {}
+        self.caching = caching
+
+    def biases(self, device: torch.device) -> torch.Tensor:
+        if self.training or not self.caching:
+            return self.attention_biases[:, self.idxs]
+        key = str(device)
+        if key not in self.attention_bias_cache:
+            self.attention_bias_cache[key] = self.attention_biases[:, self.idxs]
+        return self.attention_bias_cache[key]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.proj(x) * self.biases(x.device)[0] + self.biases(x.device)[1])
+
+
+@pytest.mark.parametrize("backend", ["auto", "functorch", "loop"])
+@pytest.mark.parametrize("warm", [False, True])
+def test_eval_mode_caches_of_parameters_are_bypassed_and_kept(backend, warm):
+    """timm's attention modules cache a tensor made from a parameter in eval mode. Warm (an
+    evaluation without gradients filled it), it gave that parameter a Fisher of 0; filled
+    during the Fisher by the hooks engine's per-sample copies, it made the model fail then and
+    after. Bypassed, every engine matches brute force on a model without the cache, and the
+    user's cache is as before."""
+    torch.manual_seed(0)
+    model = nn.Sequential(CachedBiases(), nn.Linear(4, 3)).double().eval()
+    plain = nn.Sequential(CachedBiases(caching=False), nn.Linear(4, 3)).double()
+    plain.load_state_dict(model.state_dict())
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
+    if warm:
+        with torch.no_grad():
+            model(x)
+    cache = model[0].attention_bias_cache
+    before = dict(cache)
+    got = fisher_diagonal(model, [(x, y)], "exact", backend=backend)
+    assert_close_dicts(got, brute_force_fisher(plain, x, y, "exact"), 1e-10)
+    assert got["0.attention_biases"].abs().max() > 0
+    assert model[0].attention_bias_cache is cache and cache.keys() == before.keys()
+    assert all(cache[k] is before[k] for k in cache)
+    model(x[:2])  # (the model still runs on another batch size)
+
+
 class TiedWithMaxNorm(nn.Module):
     """A language model whose embedding, with ``max_norm``, is tied to its output layer."""
 
