@@ -610,6 +610,52 @@ def test_modules_without_rules_use_the_per_module_fallback() -> None:
     check_against_references(model, torch.randn(6, 5, dtype=torch.float64), via_rules=False)
 
 
+class HeldAdapter(nn.Module):
+    """A frozen layer and an adapter held in a parameter container, used in the module's own
+    forward (as PEFT's IA3 and embedding-LoRA layers hold theirs): a gain, and a low-rank
+    update in a list."""
+
+    def __init__(self, trainable_base: bool = False) -> None:
+        super().__init__()
+        self.base = nn.Linear(4, 3)
+        self.base.requires_grad_(trainable_base)
+        self.gain = nn.ParameterDict({"default": nn.Parameter(torch.randn(3))})
+        self.update = nn.ParameterList([nn.Parameter(torch.randn(2, 4)), torch.randn(3, 2)])
+
+    def forward(self, x: Tensor) -> Tensor:
+        low_rank = x @ self.update[0].T @ self.update[1].T
+        return (self.base(x) + low_rank) * self.gain["default"]
+
+
+@pytest.mark.parametrize("trainable_base", [False, True])
+def test_parameters_held_in_containers_belong_to_the_module_using_them(trainable_base, caplog):
+    """The parameters of an ``nn.ParameterDict`` or ``nn.ParameterList`` are its holder's: with
+    the base frozen, the holder is a unit (the per-module fallback), not a reason to leave the
+    hooks engine; with the base trainable too, they are loose parameters of the holder (its
+    Linear on its rule). They went to the functorch engine ("used outside that module's
+    call"), as 9 of PEFT's adapter types did."""
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), HeldAdapter(trainable_base)).double()
+    params = trainable(model)
+    loose = loose_parameters(model, params)
+    planned = plan(model, {name: p for name, p in params.items() if name not in loose})
+    units = {unit.path: sorted(unit.names) for unit in planned}
+    if trainable_base:
+        assert loose.keys() == {"2.gain.default", "2.update.0", "2.update.1"}
+        assert units == {"0": ["bias", "weight"], "2.base": ["bias", "weight"]}
+    else:
+        assert units == {
+            "0": ["bias", "weight"], "2": ["gain.default", "update.0", "update.1"]
+        }
+    x = torch.randn(6, 5, dtype=torch.float64)
+    with caplog.at_level(logging.INFO, logger="ewc_reg"):
+        assert get_engine("auto", model, trainable(model)).name == "hooks"
+        check_against_references(model, x, via_rules=False)
+        data = [(x, torch.randint(0, 3, (6,)))]
+        got = fisher_diagonal(model, data, "exact")
+    assert not [r.getMessage() for r in caplog.records if r.name == "ewc_reg"]
+    assert_close_dicts(got, fisher_diagonal(model, data, "exact", backend="loop"), 1e-10)
+
+
 @pytest.mark.filterwarnings("ignore:There is a performance drop")
 def test_the_per_module_fallback_is_logged_once_per_module(caplog) -> None:
     """Where a model is slower than its rules would make it is said, once per module: not

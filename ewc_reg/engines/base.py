@@ -32,7 +32,7 @@ instead, and save that pass.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -138,6 +138,24 @@ def inside(path: str, outer: str) -> bool:
     """Whether the module at ``path`` lies strictly inside the one at ``outer`` (paths as in
     ``named_modules()``; ``""`` is the root)."""
     return path != outer and (not outer or path.startswith(outer + "."))
+
+
+#: Modules that only hold parameters for the module they belong to, which uses them in its own
+#: ``forward`` (PEFT keeps its IA3, VeRA, AdaLoRA and embedding-LoRA adapters so): their
+#: parameters are that module's own (:func:`own_parameters`).
+PARAMETER_CONTAINERS = (nn.ParameterDict, nn.ParameterList)
+
+
+def own_parameters(module: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    """The parameters registered on ``module`` itself and on its children of
+    :data:`PARAMETER_CONTAINERS` (``"adapter.default"``), by name relative to it (duplicates
+    included); none for a container itself."""
+    if isinstance(module, PARAMETER_CONTAINERS):
+        return
+    yield from module.named_parameters(recurse=False, remove_duplicate=False)
+    for name, child in module.named_children():
+        if isinstance(child, PARAMETER_CONTAINERS):
+            yield from child.named_parameters(prefix=name, remove_duplicate=False)
 
 
 def describe(path: str) -> str:

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from .._batches import Batch
-from .base import OutputFn, accumulation_dtype, inside
+from .base import OutputFn, accumulation_dtype, inside, own_parameters
 from .rules import ACCUMULATIONS, CALL_RULES, feed_all
 
 
@@ -45,7 +45,7 @@ def loose_parameters(model: nn.Module, params: dict[str, Tensor]) -> dict[str, T
     for path, module in model.named_modules(remove_duplicate=False):
         if isinstance(module, nn.MultiheadAttention):
             attention.append(path)
-        for _, p in module.named_parameters(recurse=False, remove_duplicate=False):
+        for _, p in own_parameters(module):
             if id(p) in name_of:
                 owned.setdefault(path, []).append(name_of[id(p)])
     return {

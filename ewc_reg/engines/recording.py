@@ -18,7 +18,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 from .._batches import Batch
-from .base import VMAP_WRONG, describe, inside
+from .base import VMAP_WRONG, describe, inside, own_parameters
 from .loose import loose_parameters
 from .rules import (
     BATCH_DIMS,
@@ -365,7 +365,7 @@ def plan(model: nn.Module, params: dict[str, Tensor]) -> list[Unit]:
         unit_path, unit_module, prefix = path, module, ""
         if attention is not None and inside(path, attention[0]):
             (unit_path, unit_module), prefix = attention, path[len(attention[0]) + 1 :] + "."
-        for local, p in module.named_parameters(recurse=False, remove_duplicate=False):
+        for local, p in own_parameters(module):
             if id(p) not in wanted:
                 continue
             if in_script:
