@@ -215,11 +215,39 @@ class _TimmLayerNormAct2d(_TimmLayerNormAct):
         return self.act(self.drop(x.permute(0, 3, 1, 2)))
 
 
+class _TimmLayerScale(nn.Module):  # (gamma scales the last dimension)
+    def __init__(self, dim: int, inplace: bool = False, gamma_shape: tuple[int, ...] = ()) -> None:
+        super().__init__()
+        self.inplace = inplace
+        self.gamma = nn.Parameter(torch.randn(dim, *gamma_shape))
+
+    def scale(self) -> Tensor:
+        return self.gamma
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.mul_(self.scale()) if self.inplace else x * self.scale()
+
+
+class _TimmLayerScale2d(_TimmLayerScale):  # (timm.layers': (C,) viewed as (1, C, 1, 1))
+    def scale(self) -> Tensor:
+        return self.gamma.view(1, -1, 1, 1)
+
+
+class _SwiftFormerLayerScale2d(_TimmLayerScale):  # (SwiftFormer's and FastViT's: (C, 1, 1))
+    def __init__(self, dim: int, inplace: bool = False) -> None:
+        super().__init__(dim, inplace, (1, 1))
+
+
 TimmLinear = timm_stand_in(_TimmLinear, "timm.layers.linear", "Linear")
 TimmLayerNorm = timm_stand_in(_TimmLayerNorm, "timm.layers.norm", "LayerNorm")
 TimmLayerNorm2d = timm_stand_in(_TimmLayerNorm2d, "timm.layers.norm", "LayerNorm2d")
 TimmGroupNorm = timm_stand_in(_TimmGroupNorm, "timm.layers.norm", "GroupNorm")
 TimmGroupNorm1 = timm_stand_in(_TimmGroupNorm1, "timm.layers.norm", "GroupNorm1")
+TimmLayerScale = timm_stand_in(_TimmLayerScale, "timm.layers.layer_scale", "LayerScale")
+TimmLayerScale2d = timm_stand_in(_TimmLayerScale2d, "timm.layers.layer_scale", "LayerScale2d")
+SwiftFormerLayerScale2d = timm_stand_in(
+    _SwiftFormerLayerScale2d, "timm.models.swiftformer", "LayerScale2d"
+)
 TimmBatchNormAct2d = timm_stand_in(_TimmBatchNormAct2d, "timm.layers.norm_act", "BatchNormAct2d")
 TimmGroupNormAct = timm_stand_in(_TimmGroupNormAct, "timm.layers.norm_act", "GroupNormAct")
 TimmGroupNorm1Act = timm_stand_in(_TimmGroupNorm1Act, "timm.layers.norm_act", "GroupNorm1Act")
@@ -238,6 +266,10 @@ LAYERS = {
     "timm_layer_norm_2d": (lambda: TimmLayerNorm2d(3), (6, 3, 4, 5)),
     "timm_group_norm": (lambda: TimmGroupNorm(4, 2), (6, 4, 3, 3)),
     "timm_group_norm1": (lambda: TimmGroupNorm1(4), (6, 4, 5)),
+    "timm_layer_scale": (lambda: TimmLayerScale(5), (6, 4, 5)),
+    "timm_layer_scale_features": (lambda: TimmLayerScale(5), (6, 5)),
+    "timm_layer_scale_2d": (lambda: TimmLayerScale2d(3), (6, 3, 4, 5)),
+    "swiftformer_layer_scale_2d": (lambda: SwiftFormerLayerScale2d(3), (6, 3, 4, 5)),
     # (the activation in place, as timm's default: it modifies the piece pulled back to)
     "timm_batch_norm_act": (lambda: TimmBatchNormAct2d(3, nn.ReLU(inplace=True)), (6, 3, 4, 5)),
     "timm_group_norm_act": (lambda: TimmGroupNormAct(4, nn.SiLU(inplace=True)), (6, 4, 3, 3)),
@@ -354,6 +386,9 @@ def test_layers_of_other_libraries_get_their_rules_by_qualified_name() -> None:
     assert rules.rule_for(TimmLayerNorm2d(3)) is rules.channel_layer_norm
     assert rules.rule_for(TimmGroupNorm(4, 2)) is rules.group_norm
     assert rules.rule_for(TimmGroupNorm1(4)) is rules.group_norm
+    for scale in (TimmLayerScale, TimmLayerScale2d, SwiftFormerLayerScale2d):
+        assert rules.rule_for(scale(4)) is rules.layer_scale
+        assert rules.rule_for(scale(4, inplace=True)) is None  # (it overwrites its input)
     for make in (TimmBatchNormAct2d, TimmGroupNormAct, TimmLayerNormAct, TimmLayerNormAct2d):
         assert rules.rule_for(make(4, nn.ReLU())) is norm_act.norm_act
         assert rules.rule_for(make(4, nn.PReLU())) is None  # (a parametrised activation)

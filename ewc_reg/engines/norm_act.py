@@ -8,7 +8,8 @@ Such a module computes :math:`y = \mathrm{act}(\mathrm{drop}(\hat x \odot w + b)
 ``PReLU``, has no rule). The gradient at :math:`y` is not the one the normalisation's rule
 needs; so while the engine records, the module runs in pieces (:func:`norm_then_act`): the
 normalisation, kept as the piece ``"normalized"`` to which the vectors are pulled back, then
-``drop`` and ``act`` on it. The rule is then the plain normalisation's on ``G`` at that piece:
+``drop`` and ``act`` on it (the output itself is not pulled back to: :data:`.rules.PIECES_ONLY`).
+The rule is then the plain normalisation's on ``G`` at that piece:
 :math:`\partial_w = \sum G \odot \hat x`, :math:`\partial_b = \sum G` over the dimensions the
 affine parameters are broadcast over (:func:`.rules.affine_sums`)."""
 
@@ -83,7 +84,7 @@ def norm_then_act(
     return module.act(module.drop(normalized.movedim(-1, 1) if channels_last else normalized))
 
 
-@register(*_NORMS, whole_call=True, forward=norm_then_act)
+@register(*_NORMS, whole_call=True, forward=norm_then_act, pieces_only=True)
 def norm_act(
     module: nn.Module,
     args: tuple[Any, ...],

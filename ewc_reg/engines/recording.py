@@ -23,6 +23,7 @@ from .loose import loose_parameters
 from .rules import (
     BATCH_DIMS,
     FOLDABLE,
+    PIECES_ONLY,
     RECORDED_FORWARDS,
     CallRule,
     Rule,
@@ -642,8 +643,10 @@ class Recorder(TorchFunctionMode):
                     f"dimension is a multiple of the batch ({self.batch_size}), per-sample data "
                     "folded into the batch dimension (e.g. a (B * heads, L, S) attention mask)"
                 )
-        # (an output the recorded forward kept to pull back to already has its edge)
+        # (an output the recorded forward kept to pull back to already has its edge; where the
+        # kept pieces are all the rule needs, no output has one)
         pulled = [record.kept[name] for name in record.leaves if isinstance(name, str)]
+        pieces_only = unit.rule in PIECES_ONLY and bool(record.kept)
         for i, leaf in enumerate(pytree.tree_leaves(output)):
             if not isinstance(leaf, Tensor):
                 continue
@@ -671,7 +674,7 @@ class Recorder(TorchFunctionMode):
                 )
             if leaf.is_floating_point():
                 record.nbytes += leaf.numel() * leaf.element_size()
-            if leaf.requires_grad and not any(leaf is piece for piece in pulled):
+            if leaf.requires_grad and not (pieces_only or any(leaf is piece for piece in pulled)):
                 record.edges.append(self._edge(unit, leaf))
                 record.leaves.append(i)
                 record.shapes.append(shape)

@@ -110,6 +110,11 @@ CALL_RULES: set[CallRule] = set()
 #: The recorded forwards of rules of :data:`CALL_RULES` (see the module docstring).
 RECORDED_FORWARDS: dict[CallRule, RecordedForward] = {}
 
+#: The rules of :data:`RECORDED_FORWARDS` that need the gradients of the pieces their recorded
+#: forward pulls back to only: the engine pulls back to none of their module's outputs (a
+#: norm-activation layer's output, past its activation: :mod:`.norm_act`).
+PIECES_ONLY: set[CallRule] = set()
+
 
 class Accumulator(Protocol):
     """Running sums of one recorded call, fed the output gradients a few vectors at a time."""
@@ -196,6 +201,7 @@ def register(
     params: Collection[str] | Callable[[nn.Module], Collection[str]] = ("weight", "bias"),
     whole_call: bool = False,
     forward: RecordedForward | None = None,
+    pieces_only: bool = False,
     accumulate: Accumulation | None = None,
     batch_dims: Callable[[nn.Module], tuple[tuple[int, ...], tuple[int, ...]]] | None = None,
     positionwise: Callable[[nn.Module], tuple[int, int] | None] | None = None,
@@ -205,7 +211,8 @@ def register(
     """Decorator adding a rule to :data:`RULES` for the module classes ``types``, knowing the
     parameters ``params`` (its reduction, if any, to :data:`REDUCTIONS`; with ``whole_call``,
     the rule to :data:`CALL_RULES`, its recorded ``forward``, if any, to
-    :data:`RECORDED_FORWARDS` and its ``batch_dims`` to :data:`BATCH_DIMS`; its
+    :data:`RECORDED_FORWARDS` (with ``pieces_only``, the rule to :data:`PIECES_ONLY`) and its
+    ``batch_dims`` to :data:`BATCH_DIMS`; its
     accumulation, if any, to :data:`ACCUMULATIONS`; its feature dimensions, if
     ``positionwise``, to :data:`POSITIONWISE`; its ``several_calls``, if any, to
     :data:`SEVERAL_CALLS`; its ``foldable`` feature dimensions, if any, to :data:`FOLDABLE`)."""
@@ -219,6 +226,8 @@ def register(
             CALL_RULES.add(rule)
         if forward is not None:
             RECORDED_FORWARDS[rule] = forward
+        if pieces_only:
+            PIECES_ONLY.add(rule)
         if accumulate is not None:
             ACCUMULATIONS[rule] = accumulate
         if batch_dims is not None:
@@ -870,6 +879,50 @@ def prelu(
     one for all: :math:`\partial_w = \sum G \odot \min(x, 0)` over the dimensions ``w`` is
     broadcast over (``grads``: those, reduced by :func:`_affine_parts`)."""
     return affine_sums(grads, x, names, 1)
+
+
+#: timm's layer scales ``y = x * gamma`` (not in place) by qualified name, each with the shape
+#: ``gamma`` is broadcast in, aligned to the trailing dimensions of ``x``: ``LayerScale``'s
+#: ``(C,)`` scales the last dimension, ``timm.layers``' ``LayerScale2d`` views its ``(C,)`` as
+#: ``(1, C, 1, 1)``, and the ``LayerScale2d`` of SwiftFormer and FastViT hold ``(C, 1, 1)``.
+LAYER_SCALES: dict[str, Callable[[nn.Module], tuple[int, ...]]] = {
+    "timm.layers.layer_scale.LayerScale": lambda module: tuple(module.gamma.shape),
+    "timm.layers.layer_scale.LayerScale2d": lambda module: (*module.gamma.shape, 1, 1),
+    "timm.models.swiftformer.LayerScale2d": lambda module: tuple(module.gamma.shape),
+    "timm.models.fastvit.LayerScale2d": lambda module: tuple(module.gamma.shape),
+}
+
+
+def _layer_scale_parts(module: nn.Module, x: Tensor, names: Collection[str]) -> Reducer:
+    x = x.to(accumulation_dtype(module.gamma.dtype))
+    cls = type(module)
+    shape = LAYER_SCALES[f"{cls.__module__}.{cls.__qualname__}"](module)
+    lead = x.dim() - 1 - len(shape)  # (the dimensions of x after the batch before gamma's)
+    summed = [*range(1, 1 + lead), *(1 + lead + i for i, size in enumerate(shape) if size == 1)]
+
+    def reduce(grads: Tensor) -> Tensor:  # (..., B, *rest) -> (..., B, gamma.numel())
+        products = grads.to(x.dtype) * x
+        vectors = products.dim() - x.dim()
+        products = products.sum([vectors + d for d in summed]) if summed else products
+        return products.reshape(*products.shape[: vectors + 1], -1)
+
+    return reduce
+
+
+@register(
+    *LAYER_SCALES,
+    accepts=lambda module: not module.inplace,
+    reduce=_layer_scale_parts,
+    params=("gamma",),
+)
+def layer_scale(
+    module: nn.Module, x: Tensor, grads: Tensor, names: Collection[str], budget: int
+) -> dict[str, Tensor]:
+    r"""timm's layer scales :math:`y = x \odot \gamma` (:data:`LAYER_SCALES`):
+    :math:`\partial_\gamma = \sum G \odot x` over the dimensions :math:`\gamma` is broadcast
+    over (``grads``: those, reduced per sample). In place (``inplace=True``) the recorded input
+    is overwritten: no rule."""
+    return {"gamma": square_sum(grads).reshape(module.gamma.shape)}
 
 
 #: The settings of the embedding rules (:func:`embedding`, :func:`scaled_embedding`): one
