@@ -28,6 +28,7 @@ from .rules import (
     group_norm_parts,
     layer_norm_parts,
     normalized_dims,
+    qualified_name,
     register,
 )
 
@@ -64,8 +65,7 @@ _NORMS: dict[str, tuple[Callable[[nn.Module, Tensor], Tensor], Reduction, bool, 
 def _norm_of(
     module: nn.Module,
 ) -> tuple[Callable[[nn.Module, Tensor], Tensor], Reduction, bool, bool]:
-    cls = type(module)
-    return _NORMS[f"{cls.__module__}.{cls.__qualname__}"]
+    return _NORMS[qualified_name(module)]
 
 
 def norm_then_act(

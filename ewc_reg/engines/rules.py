@@ -250,10 +250,16 @@ def feature_dims(rule: Rule | CallRule | None, module: nn.Module) -> tuple[int, 
     return None if dims is None else dims(module)
 
 
+def qualified_name(module: nn.Module) -> str:
+    """The qualified name of ``module``'s class (``"timm.layers.linear.Linear"``), by which the
+    rules of other libraries' layers are registered."""
+    cls = type(module)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
 def _entry(module: nn.Module) -> tuple[Any, Any, Any] | None:
     """The :data:`RULES` entry of ``module``'s class, or ``None``."""
-    cls = type(module)
-    return RULES.get(cls) or RULES.get(f"{cls.__module__}.{cls.__qualname__}")
+    return RULES.get(type(module)) or RULES.get(qualified_name(module))
 
 
 def class_rule(module: nn.Module) -> Rule | CallRule | None:
@@ -895,8 +901,7 @@ LAYER_SCALES: dict[str, Callable[[nn.Module], tuple[int, ...]]] = {
 
 def _layer_scale_parts(module: nn.Module, x: Tensor, names: Collection[str]) -> Reducer:
     x = x.to(accumulation_dtype(module.gamma.dtype))
-    cls = type(module)
-    shape = LAYER_SCALES[f"{cls.__module__}.{cls.__qualname__}"](module)
+    shape = LAYER_SCALES[qualified_name(module)](module)
     lead = x.dim() - 1 - len(shape)  # (the dimensions of x after the batch before gamma's)
     summed = [*range(1, 1 + lead), *(1 + lead + i for i, size in enumerate(shape) if size == 1)]
 
