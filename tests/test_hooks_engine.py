@@ -238,6 +238,16 @@ class _SwiftFormerLayerScale2d(_TimmLayerScale):  # (SwiftFormer's and FastViT's
         super().__init__(dim, inplace, (1, 1))
 
 
+class _MetaFormerScale(nn.Module):  # (its parameter is scale, viewed as shape)
+    def __init__(self, dim: int, use_nchw: bool = True) -> None:
+        super().__init__()
+        self.shape = (dim, 1, 1) if use_nchw else (dim,)
+        self.scale = nn.Parameter(torch.randn(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.scale.view(self.shape)
+
+
 TimmLinear = timm_stand_in(_TimmLinear, "timm.layers.linear", "Linear")
 TimmLayerNorm = timm_stand_in(_TimmLayerNorm, "timm.layers.norm", "LayerNorm")
 TimmLayerNorm2d = timm_stand_in(_TimmLayerNorm2d, "timm.layers.norm", "LayerNorm2d")
@@ -248,6 +258,7 @@ TimmLayerScale2d = timm_stand_in(_TimmLayerScale2d, "timm.layers.layer_scale", "
 SwiftFormerLayerScale2d = timm_stand_in(
     _SwiftFormerLayerScale2d, "timm.models.swiftformer", "LayerScale2d"
 )
+MetaFormerScale = timm_stand_in(_MetaFormerScale, "timm.models.metaformer", "Scale")
 TimmBatchNormAct2d = timm_stand_in(_TimmBatchNormAct2d, "timm.layers.norm_act", "BatchNormAct2d")
 TimmGroupNormAct = timm_stand_in(_TimmGroupNormAct, "timm.layers.norm_act", "GroupNormAct")
 TimmGroupNorm1Act = timm_stand_in(_TimmGroupNorm1Act, "timm.layers.norm_act", "GroupNorm1Act")
@@ -270,6 +281,8 @@ LAYERS = {
     "timm_layer_scale_features": (lambda: TimmLayerScale(5), (6, 5)),
     "timm_layer_scale_2d": (lambda: TimmLayerScale2d(3), (6, 3, 4, 5)),
     "swiftformer_layer_scale_2d": (lambda: SwiftFormerLayerScale2d(3), (6, 3, 4, 5)),
+    "metaformer_scale_nchw": (lambda: MetaFormerScale(3), (6, 3, 4, 5)),
+    "metaformer_scale_channels_last": (lambda: MetaFormerScale(5, use_nchw=False), (6, 3, 4, 5)),
     # (the activation in place, as timm's default: it modifies the piece pulled back to)
     "timm_batch_norm_act": (lambda: TimmBatchNormAct2d(3, nn.ReLU(inplace=True)), (6, 3, 4, 5)),
     "timm_group_norm_act": (lambda: TimmGroupNormAct(4, nn.SiLU(inplace=True)), (6, 4, 3, 3)),
@@ -389,6 +402,7 @@ def test_layers_of_other_libraries_get_their_rules_by_qualified_name() -> None:
     for scale in (TimmLayerScale, TimmLayerScale2d, SwiftFormerLayerScale2d):
         assert rules.rule_for(scale(4)) is rules.layer_scale
         assert rules.rule_for(scale(4, inplace=True)) is None  # (it overwrites its input)
+    assert rules.rule_for(MetaFormerScale(4)) is rules.layer_scale
     for make in (TimmBatchNormAct2d, TimmGroupNormAct, TimmLayerNormAct, TimmLayerNormAct2d):
         assert rules.rule_for(make(4, nn.ReLU())) is norm_act.norm_act
         assert rules.rule_for(make(4, nn.PReLU())) is None  # (a parametrised activation)

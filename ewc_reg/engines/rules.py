@@ -887,21 +887,29 @@ def prelu(
     return affine_sums(grads, x, names, 1)
 
 
-#: timm's layer scales ``y = x * gamma`` (not in place) by qualified name, each with the shape
-#: ``gamma`` is broadcast in, aligned to the trailing dimensions of ``x``: ``LayerScale``'s
-#: ``(C,)`` scales the last dimension, ``timm.layers``' ``LayerScale2d`` views its ``(C,)`` as
-#: ``(1, C, 1, 1)``, and the ``LayerScale2d`` of SwiftFormer and FastViT hold ``(C, 1, 1)``.
-LAYER_SCALES: dict[str, Callable[[nn.Module], tuple[int, ...]]] = {
-    "timm.layers.layer_scale.LayerScale": lambda module: tuple(module.gamma.shape),
-    "timm.layers.layer_scale.LayerScale2d": lambda module: (*module.gamma.shape, 1, 1),
-    "timm.models.swiftformer.LayerScale2d": lambda module: tuple(module.gamma.shape),
-    "timm.models.fastvit.LayerScale2d": lambda module: tuple(module.gamma.shape),
+#: timm's layer scales ``y = x * gamma`` (not in place) by qualified name, each with the name of
+#: its parameter and the shape it is broadcast in, aligned to the trailing dimensions of ``x``:
+#: ``LayerScale``'s ``(C,)`` scales the last dimension, ``timm.layers``' ``LayerScale2d`` views
+#: its ``(C,)`` as ``(1, C, 1, 1)``, the ``LayerScale2d`` of SwiftFormer and FastViT hold
+#: ``(C, 1, 1)``, and MetaFormer's ``Scale`` (PoolFormer, ConvFormer, CAFormer) views its
+#: ``scale`` as its ``shape``, ``(C, 1, 1)`` or ``(C,)``.
+LAYER_SCALES: dict[str, tuple[str, Callable[[nn.Module], tuple[int, ...]]]] = {
+    "timm.layers.layer_scale.LayerScale": ("gamma", lambda module: tuple(module.gamma.shape)),
+    "timm.layers.layer_scale.LayerScale2d": ("gamma", lambda module: (*module.gamma.shape, 1, 1)),
+    "timm.models.swiftformer.LayerScale2d": ("gamma", lambda module: tuple(module.gamma.shape)),
+    "timm.models.fastvit.LayerScale2d": ("gamma", lambda module: tuple(module.gamma.shape)),
+    "timm.models.metaformer.Scale": ("scale", lambda module: tuple(module.shape)),
 }
 
 
+def _scale_of(module: nn.Module) -> Tensor:
+    """The parameter of a layer scale of :data:`LAYER_SCALES`."""
+    return getattr(module, LAYER_SCALES[qualified_name(module)][0])
+
+
 def _layer_scale_parts(module: nn.Module, x: Tensor, names: Collection[str]) -> Reducer:
-    x = x.to(accumulation_dtype(module.gamma.dtype))
-    shape = LAYER_SCALES[qualified_name(module)](module)
+    x = x.to(accumulation_dtype(_scale_of(module).dtype))
+    shape = LAYER_SCALES[qualified_name(module)][1](module)
     lead = x.dim() - 1 - len(shape)  # (the dimensions of x after the batch before gamma's)
     summed = [*range(1, 1 + lead), *(1 + lead + i for i, size in enumerate(shape) if size == 1)]
 
@@ -916,9 +924,9 @@ def _layer_scale_parts(module: nn.Module, x: Tensor, names: Collection[str]) -> 
 
 @register(
     *LAYER_SCALES,
-    accepts=lambda module: not module.inplace,
+    accepts=lambda module: not getattr(module, "inplace", False),
     reduce=_layer_scale_parts,
-    params=("gamma",),
+    params=lambda module: (LAYER_SCALES[qualified_name(module)][0],),
 )
 def layer_scale(
     module: nn.Module, x: Tensor, grads: Tensor, names: Collection[str], budget: int
@@ -927,7 +935,8 @@ def layer_scale(
     :math:`\partial_\gamma = \sum G \odot x` over the dimensions :math:`\gamma` is broadcast
     over (``grads``: those, reduced per sample). In place (``inplace=True``) the recorded input
     is overwritten: no rule."""
-    return {"gamma": square_sum(grads).reshape(module.gamma.shape)}
+    gamma = _scale_of(module)
+    return {LAYER_SCALES[qualified_name(module)][0]: square_sum(grads).reshape(gamma.shape)}
 
 
 #: The settings of the embedding rules (:func:`embedding`, :func:`scaled_embedding`): one
