@@ -902,13 +902,13 @@ LAYER_SCALES: dict[str, tuple[str, Callable[[nn.Module], tuple[int, ...]]]] = {
 }
 
 
-def _scale_of(module: nn.Module) -> Tensor:
-    """The parameter of a layer scale of :data:`LAYER_SCALES`."""
-    return getattr(module, LAYER_SCALES[qualified_name(module)][0])
+def _scale_name(module: nn.Module) -> str:
+    """The name of the parameter of a layer scale of :data:`LAYER_SCALES`."""
+    return LAYER_SCALES[qualified_name(module)][0]
 
 
 def _layer_scale_parts(module: nn.Module, x: Tensor, names: Collection[str]) -> Reducer:
-    x = x.to(accumulation_dtype(_scale_of(module).dtype))
+    x = x.to(accumulation_dtype(getattr(module, _scale_name(module)).dtype))
     shape = LAYER_SCALES[qualified_name(module)][1](module)
     lead = x.dim() - 1 - len(shape)  # (the dimensions of x after the batch before gamma's)
     summed = [*range(1, 1 + lead), *(1 + lead + i for i, size in enumerate(shape) if size == 1)]
@@ -926,7 +926,7 @@ def _layer_scale_parts(module: nn.Module, x: Tensor, names: Collection[str]) -> 
     *LAYER_SCALES,
     accepts=lambda module: not getattr(module, "inplace", False),
     reduce=_layer_scale_parts,
-    params=lambda module: (LAYER_SCALES[qualified_name(module)][0],),
+    params=lambda module: (_scale_name(module),),
 )
 def layer_scale(
     module: nn.Module, x: Tensor, grads: Tensor, names: Collection[str], budget: int
@@ -935,8 +935,8 @@ def layer_scale(
     :math:`\partial_\gamma = \sum G \odot x` over the dimensions :math:`\gamma` is broadcast
     over (``grads``: those, reduced per sample). In place (``inplace=True``) the recorded input
     is overwritten: no rule."""
-    gamma = _scale_of(module)
-    return {LAYER_SCALES[qualified_name(module)][0]: square_sum(grads).reshape(gamma.shape)}
+    name = _scale_name(module)
+    return {name: square_sum(grads).reshape(getattr(module, name).shape)}
 
 
 #: The settings of the embedding rules (:func:`embedding`, :func:`scaled_embedding`): one
