@@ -23,7 +23,7 @@ import statistics
 import time
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from datetime import date
 from importlib import metadata
 from pathlib import Path
@@ -63,6 +63,14 @@ def without_timm_rules() -> Iterator[None]:
         rules.RULES.update(removed)
 
 
+def fisher(
+    model: torch.nn.Module, data: list, method: str, rules_on: bool
+) -> dict[str, torch.Tensor]:
+    """The model's Fisher with timm's rules on, or off (:func:`without_timm_rules`)."""
+    with nullcontext() if rules_on else without_timm_rules():
+        return fisher_diagonal(model, data, method)
+
+
 def run(models: list[str], batch_size: int, size: int, repeats: int, threads: int) -> list[str]:
     import timm  # (optional: only this benchmark needs it)
 
@@ -76,29 +84,21 @@ def run(models: list[str], batch_size: int, size: int, repeats: int, threads: in
         data = [(x, torch.randint(0, 10, (batch_size,)))]
         for method in ("exact", "empirical"):
             times: dict[bool, list[float]] = {True: [], False: []}
-            found = {}
-            for rules_on in (True, False):  # (the first call pays the checks)
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    if rules_on:
-                        found[rules_on] = fisher_diagonal(model, data, method)
-                    else:
-                        with without_timm_rules():
-                            found[rules_on] = fisher_diagonal(model, data, method)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                # (the first call of each pays the checks)
+                found = {on: fisher(model, data, method, on) for on in (True, False)}
             for r in range(repeats):
                 for rules_on in (True, False) if r % 2 == 0 else (False, True):
                     start = time.perf_counter()
-                    if rules_on:
-                        fisher_diagonal(model, data, method)
-                    else:
-                        with without_timm_rules():
-                            fisher_diagonal(model, data, method)
+                    fisher(model, data, method, rules_on)
                     times[rules_on].append(time.perf_counter() - start)
             on, off = statistics.median(times[True]), statistics.median(times[False])
             largest = max(f.abs().max().item() for f in found[False].values())
             diff = max(
-                ((found[True][k] - found[False][k]).abs().max() / found[False][k].abs().max())
-                .item()
+                (
+                    (found[True][k] - found[False][k]).abs().max() / found[False][k].abs().max()
+                ).item()
                 for k in found[False]
                 if found[False][k].abs().max().item() >= 1e-12 * largest
             )
