@@ -42,7 +42,13 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ._batches import Batch, check_cut, iter_batches
-from ._model_state import differentiable_kernels, evaluating, in_own_precision, running_eagerly
+from ._model_state import (
+    batch_norm_backward_fixed,
+    differentiable_kernels,
+    evaluating,
+    in_own_precision,
+    running_eagerly,
+)
 from ._validation import check_choice, check_count
 from .distributed import process_group_for, reduce_shards, shard_generator, unwrap_model
 from .engines import BACKENDS, get_engine, zero_sums
@@ -236,6 +242,7 @@ def fisher_diagonal(
             running_eagerly(),
             differentiable_kernels(),
             in_own_precision(device),
+            batch_norm_backward_fixed(model),
         ):
             count = accumulate(sums)
     except Exception as error:

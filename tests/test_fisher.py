@@ -11,7 +11,7 @@ from torch import nn
 from ewc_reg import fisher_diagonal
 from ewc_reg.likelihoods import Categorical
 
-from .models import cnn, mlp
+from .models import cnn, mlp, randomize_bn
 from .reference import (
     assert_close_dicts,
     brute_force_batched,
@@ -341,6 +341,52 @@ def test_eval_mode_caches_of_parameters_are_bypassed_and_kept(backend, warm):
     assert model[0].attention_bias_cache is cache and cache.keys() == before.keys()
     assert all(cache[k] is before[k] for k in cache)
     model(x[:2])  # (the model still runs on another batch size)
+
+
+class BatchNormTokens(nn.Module):
+    """A convolution and a batch norm whose output is used as tokens,
+    ``y.flatten(2).transpose(1, 2)``, as in ViT hybrids and XCiT: with one sample, the batch
+    norm's output gradient has a batch stride no contiguous or channels-last tensor has. With
+    ``by_hand``, the eval-mode batch norm is written out (the reference, which no kernel's bug
+    reaches)."""
+
+    def __init__(self, by_hand: bool = False) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.by_hand = by_hand
+        self.register_buffer("mix", torch.randn(4, 8))
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W), HW = 4 -> (B, 5)
+        z, bn = self.conv(x), self.bn
+        if self.by_hand:
+            shape = (1, -1, 1, 1)
+            scale = (bn.running_var + bn.eps).rsqrt() * bn.weight
+            z = (z - bn.running_mean.view(shape)) * scale.view(shape) + bn.bias.view(shape)
+        else:
+            z = bn(z)
+        return self.head((z.flatten(2).transpose(1, 2) * self.mix).sum(1))
+
+
+@pytest.mark.parametrize("backend", ["auto", "hooks", "functorch", "loop"])
+@pytest.mark.parametrize("batch_size", [1, 3])
+@pytest.mark.parametrize("height", [2, 1])
+def test_batch_norm_on_a_dimension_of_size_one_with_a_token_layout(backend, batch_size, height):
+    """torch 2.14.1's CPU batch-norm backward is wrong for gradients whose dimension of size 1
+    (one sample, or feature maps of height 1) has an odd stride. The loop engine was 3.1 off
+    (relative) on this model, and the hooks engine's check of its sums, which compares with
+    that loop, rejected the model. Eval-mode batch norm on such inputs is now computed as its
+    affine map (``_model_state.batch_norm_backward_fixed``)."""
+    torch.manual_seed(0)
+    model = BatchNormTokens().double().eval()
+    randomize_bn(model)
+    by_hand = BatchNormTokens(by_hand=True).double()
+    by_hand.load_state_dict(model.state_dict())
+    x = torch.randn(3, 3, height, 4 // height, dtype=torch.float64)
+    y = torch.randint(0, 5, (3,))
+    got = fisher_diagonal(model, batches_of(x, y, batch_size), "exact", backend=backend)
+    assert_close_dicts(got, brute_force_fisher(by_hand, x, y, "exact"), 1e-10)
 
 
 class TiedWithMaxNorm(nn.Module):
