@@ -389,6 +389,17 @@ def test_batch_norm_on_a_dimension_of_size_one_with_a_token_layout(backend, batc
     assert_close_dicts(got, brute_force_fisher(by_hand, x, y, "exact"), 1e-10)
 
 
+def test_batch_norm_function_is_put_back_on_success_and_on_error():
+    """``F.batch_norm`` is replaced only while a model with a batch norm is consolidated."""
+    kernel = torch.nn.functional.batch_norm
+    model, x = problem("cnn", classes=3)
+    fisher_diagonal(model, [(x, torch.randint(0, 3, (N,)))], "exact")
+    assert torch.nn.functional.batch_norm is kernel
+    with pytest.raises(ValueError, match="label"):
+        fisher_diagonal(model, [(x, torch.full((N,), 7))], "empirical")
+    assert torch.nn.functional.batch_norm is kernel
+
+
 class TiedWithMaxNorm(nn.Module):
     """A language model whose embedding, with ``max_norm``, is tied to its output layer."""
 
