@@ -1982,15 +1982,20 @@ class IndexedTable(nn.Module):
 
 
 @pytest.mark.parametrize(
-    "inner, reason",
+    "inner, reasons",
     [
-        (ChildWeightInParent, "'weight' of module '1.lin' is used outside"),
-        (IndexedTable, "per-sample copies"),
+        (IndexedTable, ["per-sample copies"]),
+        (
+            ChildWeightInParent,
+            ["'weight' of module '1.lin' is used outside"] * 2,  # (also with lin a unit)
+        ),
     ],
 )
-def test_parents_whose_parameters_cannot_be_copied_become_units(inner, reason, caplog) -> None:
-    """The engine then takes the parent as one unit (the per-module fallback), still without
-    leaving the hooks engine, and draws the labels once."""
+def test_parents_whose_parameters_cannot_be_copied_become_units(inner, reasons, caplog) -> None:
+    """The engine then takes the parent as a unit (the per-module fallback) of its own
+    parameters, the modules inside it keeping their rules, or, where the parent uses their
+    parameters itself, as one unit of all of them, still without leaving the hooks engine, and
+    draws the labels once."""
     model = nn.Sequential(nn.Linear(4, 4), inner(), nn.Linear(4, 3)).double()
     x, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
     results = {}
@@ -2001,8 +2006,24 @@ def test_parents_whose_parameters_cannot_be_copied_become_units(inner, reason, c
                 generator=torch.Generator().manual_seed(3),
             )
     messages = [r.getMessage() for r in caplog.records if r.name == "ewc_reg"]
-    assert len(messages) == 1 and "become units" in messages[0] and reason in messages[0]
+    assert len(messages) == len(reasons)
+    assert "become units of their own parameters" in messages[0]
+    assert messages[1:] == [m for m in messages if "of all the parameters inside them" in m]
+    assert all(reason in message for reason, message in zip(reasons, messages))
     assert_close_dicts(results["auto"], results["functorch"], 1e-10)
+
+
+def test_a_parent_unit_of_its_own_parameters() -> None:
+    """With ``whole_parents=False``, the parent is a unit of its own parameters without a rule,
+    and its child keeps its own unit and rule."""
+    model = nn.Sequential(nn.Linear(4, 4), IndexedTable(), nn.Linear(4, 3)).double()
+    whole = {unit.path: unit for unit in plan(model, trainable(model))}
+    own = {unit.path: unit for unit in plan(model, trainable(model), whole_parents=False)}
+    assert whole["1"].names == {"table": "1.table", "lin.weight": "1.lin.weight",
+                                "lin.bias": "1.lin.bias"} and "1.lin" not in whole
+    assert own["1"].names == {"table": "1.table"} and own["1"].rule is None
+    assert own["1.lin"].names == {"weight": "1.lin.weight", "bias": "1.lin.bias"}
+    assert own["1.lin"].rule is not None
 
 
 @pytest.mark.filterwarnings("ignore:There is a performance drop")

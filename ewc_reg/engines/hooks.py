@@ -30,9 +30,12 @@ there are several: :func:`.recording._separate_leaves`). The parameters of a mod
 that contains modules owning selected parameters (a ViT's class token, a ConvNeXt block's
 layer scale: :mod:`.loose`) are replaced by per-sample copies during the forward pass, when
 :func:`.loose.copies_layout` finds a way of doing so that keeps the per-sample gradients, and the
-vectors are pulled back to the copies too; otherwise such a module is one unit without a rule
-for all of them, the outermost one when they nest deeper (the modules inside it are not
-hooked). An
+vectors are pulled back to the copies too; otherwise such a module is a unit without a rule
+for its own parameters, the modules inside it keeping their units and rules (its fallback
+recomputes its forward for the gradients of its own parameters alone: a ConvNeXt block's
+layer scale, reshaped to ``(1, C, 1, 1)``, which per-sample copies cannot take), and, where
+it uses the parameters of a module inside it itself, one unit without a rule for all of
+them, the outermost one when they nest deeper (the modules inside it are not hooked). An
 ``nn.MultiheadAttention`` is always one unit for its parameters and those of ``out_proj``
 (whose weight it uses without calling it), and has a rule
 (:func:`.attention.multihead_attention`, which sees the whole recorded call: query, key, value,
@@ -378,7 +381,8 @@ class HookEngine:
         self._copies: weakref.WeakKeyDictionary[nn.Module, dict[str, int]] = (
             weakref.WeakKeyDictionary()
         )
-        self._nested: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+        # (whether the parents are units of all the parameters inside them: see _attempt)
+        self._nested: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
         # the models whose batched pull-back failed: one backward per vector for them
         self._looped: weakref.WeakSet[nn.Module] = weakref.WeakSet()
         # the looped pull-back's gradient buffers, reused by the chunks and the next batches
@@ -490,9 +494,24 @@ class HookEngine:
             failure = type(problem)(str(problem))  # (not its traceback: the attempt's frames)
         if not loose:
             return self._give_up(model, failure)(*args)
-        # The loose parameters' modules become units (plan): the whole model for the root.
-        logger.debug("hooks engine: %s; the modules of %s become units", failure, list(loose))
-        self._nested.add(model)
+        # The loose parameters' modules become units without rules (plan; the root cannot): of
+        # their own parameters, the modules inside them keeping theirs, and where that fails (a
+        # parameter of a module inside used by the parent itself), of all the parameters inside.
+        logger.debug(
+            "hooks engine: %s; the modules of %s become units of their own parameters",
+            failure,
+            list(loose),
+        )
+        self._nested[model] = False
+        try:
+            return sums({}, {})
+        except Unsupported as again:
+            failure = type(again)(str(again))
+        logger.debug(
+            "hooks engine: %s; the parents become units of all the parameters inside them",
+            failure,
+        )
+        self._nested[model] = True
         try:
             return sums({}, {})
         except Unsupported as again:
@@ -522,7 +541,8 @@ class HookEngine:
         ``layouts``. ``checking``: the run of :meth:`_check_sums`, without the checks, and
         leaving the caches of the engine's runs as they are, with the calls of the checked pass
         that were ``sequence-first`` (by unit) taken as such and no others."""
-        units = plan(model, {n: p for n, p in params.items() if n not in loose})
+        selected = {n: p for n, p in params.items() if n not in loose}
+        units = plan(model, selected, self._nested.get(model, True))
         for unit in units:
             unit.shared = unit.path in self.shared_inputs.get(model, ())
             if sequence_first is not None:  # (the checked pass's)

@@ -335,13 +335,14 @@ def _tie(units: list[Unit]) -> list[Unit]:
     return tied
 
 
-def plan(model: nn.Module, params: dict[str, Tensor]) -> list[Unit]:
+def plan(model: nn.Module, params: dict[str, Tensor], whole_parents: bool = True) -> list[Unit]:
     """The units computing the sums of ``params``: each module owning some of them, except that
-    the outermost module owning some and containing modules that own some is one unit for all
-    of them, and an ``nn.MultiheadAttention`` is one unit with the parameters of the modules
-    inside it (``out_proj``) even when it owns none of ``params`` itself, and the modules
-    sharing a parameter are one unit (:func:`_tie`); raises :class:`Unsupported` for the static
-    problems :mod:`.hooks` lists."""
+    a module owning some and containing modules that own some (a parent) is a unit without a
+    rule, for all of them, the outermost one where parents nest (``whole_parents``), or for
+    its own (the modules inside it being units of theirs); an ``nn.MultiheadAttention`` is one
+    unit with the parameters of the modules inside it (``out_proj``) even when it owns none of
+    ``params`` itself, and the modules sharing a parameter are one unit (:func:`_tie`); raises
+    :class:`Unsupported` for the static problems :mod:`.hooks` lists."""
     wanted = {id(p): name for name, p in params.items()}
     owned: set[int] = set()  # (the selected parameters found on a module)
     owners: dict[str, tuple[nn.Module, dict[str, str]]] = {}  # by path, in pre-order
@@ -382,7 +383,8 @@ def plan(model: nn.Module, params: dict[str, Tensor]) -> list[Unit]:
     paths = list(owners)
     units: list[Unit] = []
     for i, (path, (module, names)) in enumerate(owners.items()):
-        if units and inside(path, units[-1].path):  # pre-order: the enclosing unit is the last
+        # (pre-order: the enclosing unit is the last)
+        if whole_parents and units and inside(path, units[-1].path):
             prefix = path[len(units[-1].path) + 1 :] + "."
             units[-1].names.update({prefix + local: name for local, name in names.items()})
             continue
