@@ -1,20 +1,24 @@
-"""Speed of the Fisher of timm models with the rules for timm's own layers, against the same
-engine with those rules removed (the per-module ``torch.func`` fallback they replace).
+"""Speed of the Fisher of timm models on the hooks engine, against the same engine without one
+of its features for such models: the rules for timm's own layers (``--baseline
+no-timm-rules``, the default: the per-module ``torch.func`` fallback they replace), or parents
+as units of their own parameters (``--baseline whole-parents``: a module whose parameters take
+no per-sample copies, as a timm ConvNeXt block's layer scale, is one unit of all the parameters
+inside it, as before).
 
 Run from the repository root (needs ``timm``, an optional import: ``pip install --no-deps timm``
 beside the pinned torch)::
 
     python -m benchmarks.timm_speed               # writes benchmarks/results/timm_speed.md
+    python -m benchmarks.timm_speed --baseline whole-parents   # results/timm_parents_speed.md
     python -m benchmarks.timm_speed --models mobilenetv3_small_050 --batch-size 8 --repeats 3
 
 For each model (``timm.create_model(name, num_classes=10)``, eval mode, float32, random
 ``(B, 3, S, S)`` images and labels) and each of ``exact`` and ``empirical``, the hooks engine
-runs with the rules for timm's layers (:func:`rule_names`: its ``Linear``, norms, layer scales
-and the norm-activation layers of :mod:`ewc_reg.engines.norm_act`) and without them, side by
-side in one process, the order reversed every other round (medians; one call of each first,
-which pays the checks). The two Fisher diagonals are compared (max relative difference over
-the parameters, of those whose largest entry is at least 1e-12 of the largest of all: a bias
-before a softmax has a Fisher of 0 but for rounding, which differs between the two)."""
+runs as it is and as the baseline, side by side in one process, the order reversed every other
+round (medians; one call of each first, which pays the checks). The two Fisher diagonals are
+compared (max relative difference over the parameters, of those whose largest entry is at
+least 1e-12 of the largest of all: a bias before a softmax has a Fisher of 0 but for rounding,
+which differs between the two)."""
 
 from __future__ import annotations
 
@@ -31,19 +35,11 @@ from pathlib import Path
 import torch
 
 from ewc_reg import fisher_diagonal
-from ewc_reg.engines import rules
+from ewc_reg.engines import hooks, rules
 
 from ._reports import keeping_threads, machine, write_report
 
-RESULTS = Path(__file__).parent / "results" / "timm_speed.md"
-MODELS = (
-    "mobilenetv3_small_050",
-    "resnetv2_18",
-    "efficientnet_b0",
-    "regnetx_002",
-    "swiftformer_xs",
-    "deit3_small_patch16_224",
-)
+RESULTS = Path(__file__).parent / "results"
 #: Models whose size of images is a setting (made for the benchmark's size).
 SIZED = ("deit3", "vit", "cait", "eva", "levit")
 
@@ -63,15 +59,57 @@ def without_timm_rules() -> Iterator[None]:
         rules.RULES.update(removed)
 
 
+@contextmanager
+def with_whole_parents() -> Iterator[None]:
+    """Inside the block, a module whose parameters take no per-sample copies is one unit of all
+    the parameters inside it (:func:`ewc_reg.engines.recording.plan`'s ``whole_parents``)."""
+    plan = hooks.plan
+    hooks.plan = lambda model, params, whole_parents=True: plan(model, params, True)
+    try:
+        yield
+    finally:
+        hooks.plan = plan
+
+
+#: Each baseline: the block it runs in, the file its table goes to, the models it is run on,
+#: and the headers of the table's title and columns.
+BASELINES = {
+    "no-timm-rules": (
+        without_timm_rules,
+        "timm_speed.md",
+        (
+            "mobilenetv3_small_050",
+            "resnetv2_18",
+            "efficientnet_b0",
+            "regnetx_002",
+            "swiftformer_xs",
+            "deit3_small_patch16_224",
+        ),
+        "timm's layers on rules, or on the per-module fallback",
+        ("rules", "fallback"),
+    ),
+    "whole-parents": (
+        with_whole_parents,
+        "timm_parents_speed.md",
+        ("convnext_atto", "convnext_nano"),
+        "parents as units of their own parameters, or of all the parameters inside them",
+        ("own", "whole"),
+    ),
+}
+
+
 def fisher(
-    model: torch.nn.Module, data: list, method: str, rules_on: bool
+    model: torch.nn.Module, data: list, method: str, baseline: str | None
 ) -> dict[str, torch.Tensor]:
-    """The model's Fisher with timm's rules on, or off (:func:`without_timm_rules`)."""
-    with nullcontext() if rules_on else without_timm_rules():
+    """The model's Fisher on the hooks engine as it is (``baseline=None``), or as the baseline
+    (:data:`BASELINES`)."""
+    with nullcontext() if baseline is None else BASELINES[baseline][0]():
         return fisher_diagonal(model, data, method)
 
 
-def run(models: list[str], batch_size: int, size: int, repeats: int, threads: int) -> list[str]:
+def run(
+    models: list[str], baseline: str, batch_size: int, size: int, repeats: int, threads: int
+) -> list[str]:
     import timm  # (optional: only this benchmark needs it)
 
     torch.set_num_threads(threads)
@@ -82,25 +120,25 @@ def run(models: list[str], batch_size: int, size: int, repeats: int, threads: in
         model = timm.create_model(name, pretrained=False, num_classes=10, **sized).eval()
         x = torch.randn(batch_size, 3, size, size)
         data = [(x, torch.randint(0, 10, (batch_size,)))]
+        ways = (None, baseline)
         for method in ("exact", "empirical"):
-            times: dict[bool, list[float]] = {True: [], False: []}
+            times: dict[str | None, list[float]] = {way: [] for way in ways}
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 # (the first call of each pays the checks)
-                found = {on: fisher(model, data, method, on) for on in (True, False)}
+                found = {way: fisher(model, data, method, way) for way in ways}
             for r in range(repeats):
-                for rules_on in (True, False) if r % 2 == 0 else (False, True):
+                for way in ways if r % 2 == 0 else ways[::-1]:
                     start = time.perf_counter()
-                    fisher(model, data, method, rules_on)
-                    times[rules_on].append(time.perf_counter() - start)
-            on, off = statistics.median(times[True]), statistics.median(times[False])
-            largest = max(f.abs().max().item() for f in found[False].values())
+                    fisher(model, data, method, way)
+                    times[way].append(time.perf_counter() - start)
+            on, off = statistics.median(times[None]), statistics.median(times[baseline])
+            got, want = found[None], found[baseline]
+            largest = max(f.abs().max().item() for f in want.values())
             diff = max(
-                (
-                    (found[True][k] - found[False][k]).abs().max() / found[False][k].abs().max()
-                ).item()
-                for k in found[False]
-                if found[False][k].abs().max().item() >= 1e-12 * largest
+                ((got[k] - want[k]).abs().max() / want[k].abs().max()).item()
+                for k in want
+                if want[k].abs().max().item() >= 1e-12 * largest
             )
             rows.append(
                 f"| {name} | `{method}` | {on:.3f} | {off:.3f} | {on / off:.2f} | {diff:.1e} |"
@@ -111,35 +149,38 @@ def run(models: list[str], batch_size: int, size: int, repeats: int, threads: in
 
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated timm names")
+    parser.add_argument("--baseline", choices=list(BASELINES), default="no-timm-rules")
+    parser.add_argument("--models", help="comma-separated timm names (default: the baseline's)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=RESULTS, help="markdown file to write")
+    parser.add_argument("--out", type=Path, help="markdown file to write (default: the baseline's)")
     args = parser.parse_args(argv)
     if min(args.batch_size, args.image_size, args.repeats, args.threads) < 1:
         parser.error("--batch-size, --image-size, --repeats and --threads must be at least 1")
+    _, file, models, title, (ours, theirs) = BASELINES[args.baseline]
+    models = args.models.split(",") if args.models else list(models)
     with keeping_threads():
         rows = run(
-            args.models.split(","), args.batch_size, args.image_size, args.repeats, args.threads
+            models, args.baseline, args.batch_size, args.image_size, args.repeats, args.threads
         )
     table = "\n".join(
         [
-            "# Fisher speed of timm models: timm's layers on rules, or on the per-module fallback",
+            f"# Fisher speed of timm models: {title}",
             "",
             f"{date.today()} · {machine(torch.device('cpu'))} · torch {torch.__version__} · "
             f"timm {metadata.version('timm')} · {args.threads} threads · float32 · C=10 · "
             f"B={args.batch_size} · {args.image_size}x{args.image_size} images · "
             f"medians of {args.repeats}",
             "",
-            "| model | method | rules (s) | fallback (s) | rules / fallback | max rel. diff |",
+            f"| model | method | {ours} (s) | {theirs} (s) | {ours} / {theirs} | max rel. diff |",
             "|---|---|---:|---:|---:|---:|",
             *rows,
             "",
         ]
     )
-    return write_report(table, args.out)
+    return write_report(table, args.out or RESULTS / file)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,13 @@
-"""The timm speed benchmark: its switch of timm's rules, and (where timm is installed) a run."""
+"""The timm speed benchmark: its baselines' switches, and (where timm is installed) a run."""
 
 from __future__ import annotations
 
 import pytest
+import torch
+from torch import nn
 
 from benchmarks import timm_speed
-from ewc_reg.engines import rules
+from ewc_reg.engines import hooks, rules
 
 
 def test_timm_rules_are_removed_in_the_block_only() -> None:
@@ -17,6 +19,33 @@ def test_timm_rules_are_removed_in_the_block_only() -> None:
             assert not timm_speed.rule_names()
             raise RuntimeError("inside")
     assert {name: rules.RULES[name] for name in timm_speed.rule_names()} == entries
+
+
+class Parent(nn.Module):
+    """Owns a parameter next to a child owning some."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(2, 2)
+        self.scale = nn.Parameter(torch.ones(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x) * self.scale
+
+
+def test_parents_are_whole_units_in_the_block_only() -> None:
+    model = nn.Sequential(Parent())
+    params = dict(model.named_parameters())
+
+    def paths() -> list[str]:
+        return [unit.path for unit in hooks.plan(model, params, whole_parents=False)]
+
+    assert paths() == ["0", "0.lin"]
+    with pytest.raises(RuntimeError, match="inside"):
+        with timm_speed.with_whole_parents():
+            assert paths() == ["0"]
+            raise RuntimeError("inside")
+    assert paths() == ["0", "0.lin"]
 
 
 def test_a_small_run_writes_its_table(tmp_path) -> None:
