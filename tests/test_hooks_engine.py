@@ -2013,6 +2013,37 @@ def test_parents_whose_parameters_cannot_be_copied_become_units(inner, reasons, 
     assert_close_dicts(results["auto"], results["functorch"], 1e-10)
 
 
+class TableAroundTable(nn.Module):
+    """A parent of parents: owns a table it indexes next to an :class:`IndexedTable`, called
+    twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = IndexedTable()
+        self.table = nn.Parameter(torch.randn(5, 4))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.inner(x) * self.table[torch.tensor([0, 2])].prod(0)
+        return self.inner(torch.tanh(h)) + self.table[4]
+
+
+def test_parents_of_parents_are_units_of_their_own_parameters(caplog) -> None:
+    model = nn.Sequential(nn.Linear(4, 4), TableAroundTable(), nn.Linear(4, 3)).double()
+    units = {unit.path: sorted(unit.names) for unit in plan(model, trainable(model), False)}
+    assert units == {
+        "0": ["bias", "weight"], "1": ["table"], "1.inner": ["table"],
+        "1.inner.lin": ["bias", "weight"], "2": ["bias", "weight"],
+    }
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
+    for method in ("exact", "empirical"):
+        with caplog.at_level(logging.DEBUG, logger="ewc_reg"):
+            got = fisher_diagonal(model, [(x, y), (x[:2], y[:2])], method)
+        assert_close_dicts(got, brute_force_fisher(model, torch.cat([x, x[:2]]),
+                                                   torch.cat([y, y[:2]]), method), 1e-10)
+    messages = [r.getMessage() for r in caplog.records if r.name == "ewc_reg"]
+    assert len(messages) == 2 and all("of their own parameters" in m for m in messages)
+
+
 def test_a_parent_unit_of_its_own_parameters() -> None:
     """With ``whole_parents=False``, the parent is a unit of its own parameters without a rule,
     and its child keeps its own unit and rule."""
