@@ -248,6 +248,62 @@ class _MetaFormerScale(nn.Module):  # (its parameter is scale, viewed as shape)
         return x * self.scale.view(self.shape)
 
 
+class _GlobalResponseNorm(nn.Module):  # (ConvNeXt-V2's; timm starts weight and bias at 0)
+    def __init__(self, dim: int, channels_last: bool = True) -> None:
+        super().__init__()
+        self.eps = 1e-6
+        self.spatial_dim, self.channel_dim = ((1, 2), -1) if channels_last else ((2, 3), 1)
+        self.wb_shape = (1, 1, 1, -1) if channels_last else (1, -1, 1, 1)
+        self.weight = nn.Parameter(torch.randn(dim))
+        self.bias = nn.Parameter(torch.randn(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x_g = x.norm(p=2, dim=self.spatial_dim, keepdim=True)
+        x_n = x_g / (x_g.mean(dim=self.channel_dim, keepdim=True) + self.eps)
+        w, b = self.weight.view(self.wb_shape), self.bias.view(self.wb_shape)
+        return x + torch.addcmul(b, w, x * x_n)
+
+
+class _StarReLU(nn.Module):  # (MetaFormer's: s * relu(x) ** 2 + b, scalars)
+    def __init__(self, inplace: bool = False, scale_learnable: bool = True) -> None:
+        super().__init__()
+        self.inplace = inplace
+        self.relu = nn.ReLU(inplace=inplace)
+        self.scale = nn.Parameter(torch.randn(1), requires_grad=scale_learnable)
+        self.bias = nn.Parameter(torch.randn(1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.scale * self.relu(x) ** 2 + self.bias
+
+
+class _LearnableAffineBlock(nn.Module):  # (HGNet's: scale * x + bias, scalars)
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.randn(1))
+        self.bias = nn.Parameter(torch.randn(1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.scale * x + self.bias
+
+
+class _GroupNorm1NoBias(_TimmGroupNorm1):  # (MetaFormer's norms without a bias)
+    def __init__(self, num_channels: int) -> None:
+        super().__init__(num_channels)
+        self.bias = None
+
+
+class _LayerNorm2dNoBias(_TimmLayerNorm2d):
+    def __init__(self, num_channels: int) -> None:
+        super().__init__(num_channels)
+        self.bias = None
+
+
+class _LayerNormNoBias(nn.LayerNorm):
+    def __init__(self, num_channels: int) -> None:
+        super().__init__(num_channels)
+        self.bias = None
+
+
 TimmLinear = timm_stand_in(_TimmLinear, "timm.layers.linear", "Linear")
 TimmLayerNorm = timm_stand_in(_TimmLayerNorm, "timm.layers.norm", "LayerNorm")
 TimmLayerNorm2d = timm_stand_in(_TimmLayerNorm2d, "timm.layers.norm", "LayerNorm2d")
@@ -259,6 +315,16 @@ SwiftFormerLayerScale2d = timm_stand_in(
     _SwiftFormerLayerScale2d, "timm.models.swiftformer", "LayerScale2d"
 )
 MetaFormerScale = timm_stand_in(_MetaFormerScale, "timm.models.metaformer", "Scale")
+GroupNorm1NoBias = timm_stand_in(_GroupNorm1NoBias, "timm.models.metaformer", "GroupNorm1NoBias")
+LayerNorm2dNoBias = timm_stand_in(
+    _LayerNorm2dNoBias, "timm.models.metaformer", "LayerNorm2dNoBias"
+)
+LayerNormNoBias = timm_stand_in(_LayerNormNoBias, "timm.models.metaformer", "LayerNormNoBias")
+GlobalResponseNorm = timm_stand_in(_GlobalResponseNorm, "timm.layers.grn", "GlobalResponseNorm")
+StarReLU = timm_stand_in(_StarReLU, "timm.models.metaformer", "StarReLU")
+LearnableAffineBlock = timm_stand_in(
+    _LearnableAffineBlock, "timm.models.hgnet", "LearnableAffineBlock"
+)
 TimmBatchNormAct2d = timm_stand_in(_TimmBatchNormAct2d, "timm.layers.norm_act", "BatchNormAct2d")
 TimmGroupNormAct = timm_stand_in(_TimmGroupNormAct, "timm.layers.norm_act", "GroupNormAct")
 TimmGroupNorm1Act = timm_stand_in(_TimmGroupNorm1Act, "timm.layers.norm_act", "GroupNorm1Act")
@@ -283,6 +349,16 @@ LAYERS = {
     "swiftformer_layer_scale_2d": (lambda: SwiftFormerLayerScale2d(3), (6, 3, 4, 5)),
     "metaformer_scale_nchw": (lambda: MetaFormerScale(3), (6, 3, 4, 5)),
     "metaformer_scale_channels_last": (lambda: MetaFormerScale(5, use_nchw=False), (6, 3, 4, 5)),
+    "group_norm1_no_bias": (lambda: GroupNorm1NoBias(3), (6, 3, 4, 5)),
+    "layer_norm2d_no_bias": (lambda: LayerNorm2dNoBias(3), (6, 3, 4, 5)),
+    "layer_norm_no_bias": (lambda: LayerNormNoBias(5), (6, 4, 5)),
+    "global_response_norm": (lambda: GlobalResponseNorm(5), (6, 3, 4, 5)),
+    "global_response_norm_nchw": (
+        lambda: GlobalResponseNorm(3, channels_last=False), (6, 3, 4, 5)
+    ),
+    "star_relu": (lambda: StarReLU(), (6, 4, 5)),
+    "star_relu_fixed_scale": (lambda: StarReLU(scale_learnable=False), (6, 3, 4, 5)),
+    "learnable_affine_block": (lambda: LearnableAffineBlock(), (6, 3, 4, 5)),
     # (the activation in place, as timm's default: it modifies the piece pulled back to)
     "timm_batch_norm_act": (lambda: TimmBatchNormAct2d(3, nn.ReLU(inplace=True)), (6, 3, 4, 5)),
     "timm_group_norm_act": (lambda: TimmGroupNormAct(4, nn.SiLU(inplace=True)), (6, 4, 3, 3)),
@@ -399,10 +475,16 @@ def test_layers_of_other_libraries_get_their_rules_by_qualified_name() -> None:
     assert rules.rule_for(TimmLayerNorm2d(3)) is rules.channel_layer_norm
     assert rules.rule_for(TimmGroupNorm(4, 2)) is rules.group_norm
     assert rules.rule_for(TimmGroupNorm1(4)) is rules.group_norm
+    assert rules.rule_for(GroupNorm1NoBias(4)) is rules.group_norm
+    assert rules.rule_for(LayerNorm2dNoBias(4)) is rules.channel_layer_norm
+    assert rules.rule_for(LayerNormNoBias(4)) is rules.layer_norm
     for scale in (TimmLayerScale, TimmLayerScale2d, SwiftFormerLayerScale2d):
         assert rules.rule_for(scale(4)) is rules.layer_scale
         assert rules.rule_for(scale(4, inplace=True)) is None  # (it overwrites its input)
     assert rules.rule_for(MetaFormerScale(4)) is rules.layer_scale
+    for layer in (GlobalResponseNorm(4), StarReLU(), LearnableAffineBlock()):
+        assert rules.rule_for(layer) is rules.affine_of_input
+    assert rules.rule_for(StarReLU(inplace=True)) is None  # (it overwrites its input)
     for make in (TimmBatchNormAct2d, TimmGroupNormAct, TimmLayerNormAct, TimmLayerNormAct2d):
         assert rules.rule_for(make(4, nn.ReLU())) is norm_act.norm_act
         assert rules.rule_for(make(4, nn.PReLU())) is None  # (a parametrised activation)

@@ -764,6 +764,7 @@ def group_norm_parts(module: nn.Module, x: Tensor, names: Collection[str]) -> Re
     nn.GroupNorm,
     "timm.layers.norm.GroupNorm",
     "timm.layers.norm.GroupNorm1",
+    "timm.models.metaformer.GroupNorm1NoBias",
     reduce=group_norm_parts,
 )
 def group_norm(
@@ -771,7 +772,8 @@ def group_norm(
 ) -> dict[str, Tensor]:
     r"""Group norm: :math:`\hat x` normalised per sample and group, affine per channel
     (dimension 1), as for batch norm. Also timm's ``GroupNorm`` and ``GroupNorm1``, subclasses
-    whose own ``forward`` computes the same (by qualified name)."""
+    whose own ``forward`` computes the same, and PoolFormerV2's ``GroupNorm1NoBias`` (by
+    qualified name)."""
     return affine_sums(grads, x, names, 1)
 
 
@@ -812,14 +814,19 @@ def layer_norm_parts(module: nn.Module, x: Tensor, names: Collection[str]) -> Re
 
 
 @register(
-    nn.LayerNorm, "timm.layers.norm.LayerNorm", reduce=layer_norm_parts, foldable=normalized_dims
+    nn.LayerNorm,
+    "timm.layers.norm.LayerNorm",
+    "timm.models.metaformer.LayerNormNoBias",
+    reduce=layer_norm_parts,
+    foldable=normalized_dims,
 )
 def layer_norm(
     module: nn.Module, x: Tensor, grads: Tensor, names: Collection[str], budget: int
 ) -> dict[str, Tensor]:
     r"""Layer norm over the trailing ``normalized_shape`` dimensions ``D`` of ``(B, *S, *D)``:
     :math:`\partial_w = \sum_S G \odot \hat x`, :math:`\partial_b = \sum_S G`. Also timm's
-    ``LayerNorm``, a subclass whose own ``forward`` computes the same (by qualified name)."""
+    ``LayerNorm``, a subclass whose own ``forward`` computes the same, and MetaFormer's
+    ``LayerNormNoBias`` (by qualified name)."""
     return affine_sums(grads, x, names, normalized_dims(module))
 
 
@@ -831,6 +838,7 @@ def channel_layer_norm_parts(module: nn.Module, x: Tensor, names: Collection[str
 
 @register(
     "timm.layers.norm.LayerNorm2d",
+    "timm.models.metaformer.LayerNorm2dNoBias",
     "torchvision.models.convnext.LayerNorm2d",
     reduce=channel_layer_norm_parts,
 )
@@ -839,7 +847,7 @@ def channel_layer_norm(
 ) -> dict[str, Tensor]:
     r"""Layer norm over the channels, dimension 1, of ``(B, C, *spatial)`` (the ``LayerNorm2d``
     of timm and of torchvision's ConvNeXt, which permute the channels last and back around
-    ``F.layer_norm``; by qualified name):
+    ``F.layer_norm``, and MetaFormer's ``LayerNorm2dNoBias``; by qualified name):
     :math:`\hat x` normalised per sample and position, affine per channel, as for batch norm."""
     return affine_sums(grads, x, names, 1)
 
@@ -937,6 +945,74 @@ def layer_scale(
     is overwritten: no rule."""
     name = _scale_name(module)
     return {name: square_sum(grads).reshape(getattr(module, name).shape)}
+
+
+def _response(module: nn.Module, x: Tensor) -> Tensor:
+    r"""timm's ``GlobalResponseNorm``'s :math:`x \odot N(x)`: :math:`N` the spatial L2 norm of
+    each channel over its mean over the channels (plus ``eps``)."""
+    norms = x.norm(p=2, dim=module.spatial_dim, keepdim=True)
+    return x * (norms / (norms.mean(dim=module.channel_dim, keepdim=True) + module.eps))
+
+
+#: timm's layers :math:`y = w \odot h(x) + b` (``+ x`` too, which holds no parameter), by
+#: qualified name: ``h``, the names of ``w`` and ``b``, and the sum of a per-sample product
+#: over the dimensions ``w`` and ``b`` are broadcast over (for inputs of ``x_dims``
+#: dimensions): ConvNeXt-V2's ``GlobalResponseNorm`` (``(C,)``, on the channels of
+#: ``(B, H, W, C)``, or of ``(B, C, H, W)`` with ``channels_last=False``), MetaFormer's
+#: ``StarReLU`` (:math:`h = \max(x, 0)^2`, scalars) and HGNet's ``LearnableAffineBlock``
+#: (:math:`h = x`, scalars).
+AFFINES_OF_INPUT: dict[
+    str,
+    tuple[
+        Callable[[nn.Module, Tensor], Tensor],
+        tuple[str, str],
+        Callable[[nn.Module, int], Callable[[Tensor], Tensor]],
+    ],
+] = {
+    "timm.layers.grn.GlobalResponseNorm": (
+        _response,
+        ("weight", "bias"),
+        lambda module, x_dims: (
+            _per_trailing(x_dims, 1) if module.channel_dim == -1 else _per_channel(x_dims)
+        ),
+    ),
+    "timm.models.metaformer.StarReLU": (
+        lambda module, x: F.relu(x).square(),
+        ("scale", "bias"),
+        lambda module, x_dims: _per_sample_total(x_dims),
+    ),
+    "timm.models.hgnet.LearnableAffineBlock": (
+        lambda module, x: x,
+        ("scale", "bias"),
+        lambda module, x_dims: _per_sample_total(x_dims),
+    ),
+}
+
+
+def _affine_of_input_parts(module: nn.Module, x: Tensor, names: Collection[str]) -> Reducer:
+    h, (w, b), per_sample = AFFINES_OF_INPUT[qualified_name(module)]
+    x = x.to(accumulation_dtype(getattr(module, w).dtype))
+    roles = {w: "weight", b: "bias"}
+    return _affine_parts(h(module, x), {roles[name] for name in names}, per_sample(module, x.dim()))
+
+
+@register(
+    *AFFINES_OF_INPUT,
+    accepts=lambda module: not getattr(module, "inplace", False),
+    reduce=_affine_of_input_parts,
+    params=lambda module: AFFINES_OF_INPUT[qualified_name(module)][1],
+)
+def affine_of_input(
+    module: nn.Module, x: Tensor, grads: Tensor, names: Collection[str], budget: int
+) -> dict[str, Tensor]:
+    r"""timm's layers :math:`y = w \odot h(x) + b` (:data:`AFFINES_OF_INPUT`):
+    :math:`\partial_w = \sum G \odot h(x)`, :math:`\partial_b = \sum G` over the dimensions
+    they are broadcast over (``grads``: those, reduced by :func:`_affine_parts`). In place
+    (``StarReLU(inplace=True)``) the recorded input is overwritten: no rule."""
+    w, b = AFFINES_OF_INPUT[qualified_name(module)][1]
+    roles = {w: "weight", b: "bias"}
+    sums = affine_sums(grads, x, {roles[name] for name in names}, 1)
+    return {name: sums[roles[name]].reshape(getattr(module, name).shape) for name in names}
 
 
 #: The settings of the embedding rules (:func:`embedding`, :func:`scaled_embedding`): one
