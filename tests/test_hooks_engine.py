@@ -3768,3 +3768,41 @@ def test_sums_that_are_zero_but_for_rounding_pass_the_check(caplog) -> None:
     scale = max(w.abs().max() for w in want.values())
     for name, w in want.items():
         torch.testing.assert_close(got[name].double(), w, rtol=1e-3, atol=1e-6 * scale)
+
+
+class DenseLayer(nn.Module):
+    """A layer without a rule taking the list of the features so far (as timm's RDNet)."""
+
+    def __init__(self, c_in: int, c_out: int) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(c_out, c_in) / c_in**0.5)
+
+    def forward(self, features: list[Tensor]) -> Tensor:
+        return torch.tanh(torch.cat(features, 1) @ self.w.T)
+
+
+class DenseStage(nn.Module):
+    """Appends each layer's output to the list the layer was given (after its call)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Linear(4, 3)
+        self.layers = nn.ModuleList([DenseLayer(3, 2), DenseLayer(5, 2)])
+        self.head = nn.Linear(7, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        features = [self.first(x)]
+        for layer in self.layers:
+            features.append(layer(features))
+        return self.head(torch.cat(features, 1))
+
+
+def test_a_list_argument_extended_after_the_call() -> None:
+    """The recorded call keeps the list as it was when the layer ran: the per-module fallback
+    ran the layers again on the list as the forward pass left it (RDNet's dense blocks
+    failed, or would have had the wrong inputs)."""
+    torch.manual_seed(0)
+    model = DenseStage().double()
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
+    got = fisher_diagonal(model, [(x, y)], "exact", backend="hooks")
+    assert_close_dicts(got, brute_force_fisher(model, x, y, "exact"), 1e-10)

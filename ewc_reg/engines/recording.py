@@ -595,6 +595,9 @@ class Recorder(TorchFunctionMode):
         if folded > 1:  # (the module runs on x as it is; its rule gets x unfolded)
             args = (_unfold(args[0], 0, folded),)
             tensors = list(args)
+        # (the lists and dicts as they are now: the caller may extend them after the call, as
+        # a dense block appends each layer's output to the list it gave the layer)
+        args, kwargs = pytree.tree_map(lambda leaf: leaf, (args, kwargs))
         record = Record(
             args,
             kwargs,
