@@ -113,7 +113,6 @@ def in_own_precision(device: torch.device) -> AbstractContextManager[object]:
     return torch.autocast(device_type=device.type, enabled=False)
 
 
-
 def batch_norm_backward_fixed(model: nn.Module) -> AbstractContextManager[object]:
     r"""Inside the block, ``F.batch_norm`` with running statistics (eval mode), on an input with a
     dimension of size 1 and with a gradient to take, is computed as the affine map it is,
