@@ -1,4 +1,4 @@
-"""Which engine each of ~120 timm architectures gets, which of its modules go to the per-module
+"""Which engine each of 113 timm architectures gets, which of its modules go to the per-module
 ``torch.func`` fallback, and whether its Fisher agrees with the loop engine's (plain autograd,
 one sample at a time).
 
@@ -6,30 +6,18 @@ Run from the repository root (needs ``timm``, an optional import: ``pip install 
 beside the pinned torch; about 45 minutes on one core)::
 
     python -m benchmarks.timm_coverage            # writes benchmarks/results/timm_coverage.md
-    python -m benchmarks.timm_coverage --models resnet18,convnext_atto --out /tmp/cover.md
+    python -m benchmarks.timm_coverage --cases resnet18,convnext_atto --out /tmp/cover.md
 
-Each architecture runs in its own process (a crash or a hang costs that row only, ``--timeout``
-seconds at most): ``timm.create_model(name, num_classes=5, **settings)`` in float64 and eval
-mode, parameters that start at zero drawn from N(0, 0.05²) (a layer scale or response norm
-at 0 would hide the layers before it), batch norms given random running statistics, and one
-batch of 3 random images with random labels. The ``exact`` Fisher is computed with
-``backend="auto"`` and with ``backend="loop"``; the engine ``auto`` ends on and the modules it
-sends to the per-module fallback are read from the library's log (loggers ``"ewc_reg"`` and
-``"ewc_reg.fallback"``). The difference is the largest over the parameters of
-``max|auto - loop| / max|loop|``, the denominator at least 1e-12 of the largest entry of the
-whole Fisher (a bias before a softmax has a Fisher of 0 but for rounding)."""
+Each architecture runs in its own process (:mod:`._coverage`; a crash or a hang costs that row
+only, ``--timeout`` seconds at most): ``timm.create_model(name, num_classes=5, **settings)``
+in float64 and eval mode, parameters that start at zero drawn from N(0, 0.05²) (a layer scale
+or response norm at 0 would hide the layers before it), batch norms given random running
+statistics, and one batch of 3 random images with random labels. The ``exact`` Fisher is
+computed with ``backend="auto"`` and with ``backend="loop"``, as :func:`._coverage.measure`
+says."""
 
 from __future__ import annotations
 
-import argparse
-import json
-import logging
-import re
-import subprocess
-import sys
-import time
-from collections import Counter
-from datetime import date
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -37,9 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ewc_reg import fisher_diagonal
-
-from ._reports import keeping_threads, machine, write_report
+from . import _coverage
 
 RESULTS = Path(__file__).parent / "results" / "timm_coverage.md"
 _VIT = {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 64, "num_heads": 2}
@@ -97,80 +83,9 @@ ARCHITECTURES: dict[str, tuple[dict[str, Any], int]] = {
 }
 
 
-class _Messages(logging.Handler):
-    """Keeps the messages of the loggers it is added to."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.messages: list[tuple[str, str]] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append((record.name, record.getMessage()))
-
-
-def engine_and_fallbacks(messages: list[tuple[str, str]]) -> tuple[str, list[str]]:
-    """The engine the messages say ``auto`` ended on (``"hooks"`` unless one says it used
-    another), and the classes of the modules they say went to the per-module fallback."""
-    engine = "hooks"
-    for _, message in messages:
-        used = re.search(r"using the (\w+) engine", message)
-        if used:
-            engine = used.group(1)
-    classes = [
-        found.group(1)
-        for name, message in messages
-        if name == "ewc_reg.fallback"
-        for found in [re.search(r"\(([\w, ]+)\): its per-sample gradients", message)]
-        if found
-    ]
-    return engine, classes
-
-
-def relative_difference(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> float:
-    """``max_p max|got_p - want_p| / max|want_p|``, each denominator at least 1e-12 of the
-    largest entry of ``want``."""
-    largest = max(t.abs().max().item() for t in want.values() if t.numel())
-    return max(
-        (got[name] - t).abs().max().item() / max(t.abs().max().item(), 1e-12 * largest)
-        for name, t in want.items()
-        if t.numel()
-    )
-
-
-def measure(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
-    """The engine ``auto`` ends on for ``model``'s ``exact`` Fisher on ``(x, y)``, the classes
-    of its modules on the per-module fallback, its difference from the loop engine's Fisher
-    (:func:`relative_difference`) and the two times."""
-    handler = _Messages()  # (on "ewc_reg", which "ewc_reg.fallback" propagates to)
-    loggers = [logging.getLogger(name) for name in ("ewc_reg", "ewc_reg.fallback")]
-    levels = [logger.level for logger in loggers]
-    loggers[0].addHandler(handler)
-    for logger in loggers:
-        logger.setLevel(logging.DEBUG)
-    try:
-        start = time.perf_counter()
-        auto = fisher_diagonal(model, [(x, y)], "exact")
-        auto_time = time.perf_counter() - start
-    finally:
-        loggers[0].removeHandler(handler)
-        for logger, level in zip(loggers, levels):
-            logger.setLevel(level)
-    start = time.perf_counter()
-    loop = fisher_diagonal(model, [(x, y)], "exact", backend="loop")
-    loop_time = time.perf_counter() - start
-    engine, fallbacks = engine_and_fallbacks(handler.messages)
-    return {
-        "engine": engine,
-        "fallbacks": fallbacks,
-        "difference": relative_difference(auto, loop),
-        "auto_s": auto_time,
-        "loop_s": loop_time,
-    }
-
-
 def measure_architecture(name: str) -> dict[str, Any]:
-    """:func:`measure` on timm's ``name`` (see the module docstring), or why it could not be
-    made or run (``"error"``)."""
+    """:func:`._coverage.measure` on timm's ``name`` (see the module docstring), or why it
+    could not be made or run (``"error"``)."""
     import timm  # (optional: only this benchmark needs it)
 
     settings, size = ARCHITECTURES.get(name, ({}, 32))
@@ -190,89 +105,22 @@ def measure_architecture(name: str) -> dict[str, Any]:
             model(x)
     except Exception as error:  # (settings this version of timm rejects)
         return {"error": f"{type(error).__name__}: {error}"[:200]}
-    return measure(model, x, torch.randint(0, 5, (3,)))
+    return _coverage.measure(model, [(x, torch.randint(0, 5, (3,)))])
 
 
-def _row(name: str, result: dict[str, Any]) -> str:
-    if "error" in result:
-        return f"| {name} | not run: {result['error'].splitlines()[0]} | | | | |"
-    fallbacks = ", ".join(
-        f"{cls} ×{count}" if count > 1 else cls
-        for cls, count in sorted(Counter(result["fallbacks"]).items())
-    )
+def _header(threads: int) -> tuple[str, str, str]:
     return (
-        f"| {name} | {result['engine']} | {fallbacks or '–'} | {result['difference']:.1e} | "
-        f"{result['auto_s']:.2f} | {result['loop_s']:.2f} |"
-    )
-
-
-def run(models: list[str], timeout: float, threads: int) -> dict[str, dict[str, Any]]:
-    """Each architecture's result (:func:`measure_architecture`), each in its own process."""
-    results = {}
-    for name in models:
-        command = [sys.executable, "-m", "benchmarks.timm_coverage", "--one", name,
-                   "--threads", str(threads)]
-        try:
-            done = subprocess.run(
-                command, capture_output=True, text=True, timeout=timeout,
-                cwd=Path(__file__).parent.parent,
-            )
-            lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-            result = (
-                json.loads(lines[-1]) if lines
-                else {"error": f"exit {done.returncode}: {done.stderr.strip()[-150:]}"}
-            )
-        except subprocess.TimeoutExpired:
-            result = {"error": f"over {timeout:g} s"}
-        results[name] = result
-        print(_row(name, result), flush=True)
-    return results
-
-
-def report(results: dict[str, dict[str, Any]], threads: int) -> str:
-    """The markdown table of ``results``, with its header and counts."""
-    ran = {name: r for name, r in results.items() if "error" not in r}
-    engines = Counter(r["engine"] for r in ran.values())
-    clean = sum(1 for r in ran.values() if r["engine"] == "hooks" and not r["fallbacks"])
-    worst = max((r["difference"] for r in ran.values()), default=float("nan"))
-    return "\n".join(
-        [
-            "# Engines of timm architectures: `exact`, `auto` against `loop`",
-            "",
-            f"{date.today()} · {machine(torch.device('cpu'))} · torch {torch.__version__} · "
-            f"timm {metadata.version('timm')} · {threads} thread(s) · float64 · C=5 · B=3",
-            "",
-            f"{len(ran)} of {len(results)} ran: "
-            + ", ".join(f"{count} on {engine}" for engine, count in engines.most_common())
-            + f"; {clean} on hooks with no module on the per-module fallback; largest "
-            f"difference from the loop engine {worst:.1e}.",
-            "",
-            "| architecture | engine | modules on the per-module fallback | difference from loop "
-            "| auto (s) | loop (s) |",
-            "|---|---|---|---:|---:|---:|",
-            *(_row(name, result) for name, result in results.items()),
-            "",
-        ]
+        "Engines of timm architectures: `exact`, `auto` against `loop`",
+        f"timm {metadata.version('timm')} · {threads} thread(s) · float64 · C=5 · B=3",
+        "architecture",
     )
 
 
 def main(argv: list[str] | None = None) -> str | None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", help="comma-separated timm names (default: ARCHITECTURES)")
-    parser.add_argument("--timeout", type=float, default=300, help="seconds per architecture")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=RESULTS, help="markdown file to write")
-    parser.add_argument("--one", help=argparse.SUPPRESS)  # (the child process's architecture)
-    args = parser.parse_args(argv)
-    if args.threads < 1 or args.timeout <= 0:
-        parser.error("--threads must be at least 1 and --timeout positive")
-    if args.one:
-        with keeping_threads():
-            torch.set_num_threads(args.threads)
-            print(json.dumps(measure_architecture(args.one)), flush=True)
-        return None
-    models = args.models.split(",") if args.models else list(ARCHITECTURES)
-    return write_report(report(run(models, args.timeout, args.threads), args.threads), args.out)
+    return _coverage.main(
+        argv, __doc__.splitlines()[0], "benchmarks.timm_coverage", list(ARCHITECTURES),
+        measure_architecture, _header, RESULTS,
+    )
 
 
 if __name__ == "__main__":

@@ -1,0 +1,197 @@
+"""What the coverage benchmarks (:mod:`.timm_coverage`, :mod:`.peft_coverage`) share: the
+engine ``auto`` ends on for a model's ``exact`` Fisher and the modules it sends to the
+per-module fallback, read from the library's log (loggers ``"ewc_reg"`` and
+``"ewc_reg.fallback"``), the difference from the loop engine's Fisher (plain autograd, one
+sample at a time), and running each case in its own process (a crash or a hang costs that row
+only)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ewc_reg import fisher_diagonal
+
+from ._reports import keeping_threads, machine, write_report
+
+
+class _Messages(logging.Handler):
+    """Keeps the messages of the loggers it is added to."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.messages: list[tuple[str, str]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append((record.name, record.getMessage()))
+
+
+def engine_and_fallbacks(messages: list[tuple[str, str]]) -> tuple[str, list[str]]:
+    """The engine the messages say ``auto`` ended on (``"hooks"`` unless one says it used
+    another), and the classes of the modules they say went to the per-module fallback."""
+    engine = "hooks"
+    for _, message in messages:
+        used = re.search(r"using the (\w+) engine", message)
+        if used:
+            engine = used.group(1)
+    classes = [
+        found.group(1)
+        for name, message in messages
+        if name == "ewc_reg.fallback"
+        for found in [re.search(r"\(([\w, ]+)\): its per-sample gradients", message)]
+        if found
+    ]
+    return engine, classes
+
+
+def relative_difference(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> float:
+    """``max_p max|got_p - want_p| / max|want_p|``, each denominator at least 1e-12 of the
+    largest entry of ``want``."""
+    largest = max(t.abs().max().item() for t in want.values() if t.numel())
+    return max(
+        (got[name] - t).abs().max().item() / max(t.abs().max().item(), 1e-12 * largest)
+        for name, t in want.items()
+        if t.numel()
+    )
+
+
+def measure(model: nn.Module, data: list[Any]) -> dict[str, Any]:
+    """The engine ``auto`` ends on for ``model``'s ``exact`` Fisher on the batches ``data``, the
+    classes of its modules on the per-module fallback, its difference from the loop engine's
+    Fisher (:func:`relative_difference`) and the two times."""
+    handler = _Messages()  # (on "ewc_reg", which "ewc_reg.fallback" propagates to)
+    loggers = [logging.getLogger(name) for name in ("ewc_reg", "ewc_reg.fallback")]
+    levels = [logger.level for logger in loggers]
+    loggers[0].addHandler(handler)
+    for logger in loggers:
+        logger.setLevel(logging.DEBUG)
+    try:
+        start = time.perf_counter()
+        auto = fisher_diagonal(model, data, "exact")
+        auto_time = time.perf_counter() - start
+    finally:
+        loggers[0].removeHandler(handler)
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+    start = time.perf_counter()
+    loop = fisher_diagonal(model, data, "exact", backend="loop")
+    loop_time = time.perf_counter() - start
+    engine, fallbacks = engine_and_fallbacks(handler.messages)
+    return {
+        "engine": engine,
+        "fallbacks": fallbacks,
+        "difference": relative_difference(auto, loop),
+        "auto_s": auto_time,
+        "loop_s": loop_time,
+    }
+
+
+def _row(name: str, result: dict[str, Any]) -> str:
+    if "error" in result:
+        return f"| {name} | not run: {result['error'].splitlines()[0]} | | | | |"
+    fallbacks = ", ".join(
+        f"{cls} ×{count}" if count > 1 else cls
+        for cls, count in sorted(Counter(result["fallbacks"]).items())
+    )
+    return (
+        f"| {name} | {result['engine']} | {fallbacks or '–'} | {result['difference']:.1e} | "
+        f"{result['auto_s']:.2f} | {result['loop_s']:.2f} |"
+    )
+
+
+def run(
+    module: str, cases: list[str], timeout: float, threads: int
+) -> dict[str, dict[str, Any]]:
+    """Each case's result, each from ``python -m module --one case`` in its own process (which
+    prints it as a line of JSON)."""
+    results = {}
+    for name in cases:
+        command = [sys.executable, "-m", module, "--one", name, "--threads", str(threads)]
+        try:
+            done = subprocess.run(
+                command, capture_output=True, text=True, timeout=timeout,
+                cwd=Path(__file__).parent.parent,
+            )
+            lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+            result = (
+                json.loads(lines[-1]) if lines
+                else {"error": f"exit {done.returncode}: {done.stderr.strip()[-150:]}"}
+            )
+        except subprocess.TimeoutExpired:
+            result = {"error": f"over {timeout:g} s"}
+        results[name] = result
+        print(_row(name, result), flush=True)
+    return results
+
+
+def report(results: dict[str, dict[str, Any]], title: str, setting: str, first: str) -> str:
+    """The markdown table of ``results`` under ``title``, with the run's ``setting`` (after the
+    date, machine and torch) and counts; ``first`` heads the cases' column."""
+    ran = {name: r for name, r in results.items() if "error" not in r}
+    engines = Counter(r["engine"] for r in ran.values())
+    clean = sum(1 for r in ran.values() if r["engine"] == "hooks" and not r["fallbacks"])
+    worst = max((r["difference"] for r in ran.values()), default=float("nan"))
+    return "\n".join(
+        [
+            f"# {title}",
+            "",
+            f"{date.today()} · {machine(torch.device('cpu'))} · torch {torch.__version__} · "
+            + setting,
+            "",
+            f"{len(ran)} of {len(results)} ran: "
+            + ", ".join(f"{count} on {engine}" for engine, count in engines.most_common())
+            + f"; {clean} on hooks with no module on the per-module fallback; largest "
+            f"difference from the loop engine {worst:.1e}.",
+            "",
+            f"| {first} | engine | modules on the per-module fallback | difference from loop "
+            "| auto (s) | loop (s) |",
+            "|---|---|---|---:|---:|---:|",
+            *(_row(name, result) for name, result in results.items()),
+            "",
+        ]
+    )
+
+
+def main(
+    argv: list[str] | None,
+    description: str,
+    module: str,
+    cases: list[str],
+    measure_case: Callable[[str], dict[str, Any]],
+    header: Callable[[int], tuple[str, str, str]],
+    out: Path,
+) -> str | None:
+    """The command line of a coverage benchmark: ``--cases`` (default: ``cases``),
+    ``--timeout`` per case, ``--threads``, ``--out`` (default: ``out``); the child process's
+    ``--one CASE`` prints ``measure_case(CASE)`` as JSON. ``header(threads)`` gives the report's
+    title, setting and first column's heading (see :func:`report`)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--cases", help="comma-separated names (default: all)")
+    parser.add_argument("--timeout", type=float, default=300, help="seconds per case")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=out, help="markdown file to write")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # (the child process's case)
+    args = parser.parse_args(argv)
+    if args.threads < 1 or args.timeout <= 0:
+        parser.error("--threads must be at least 1 and --timeout positive")
+    if args.one:
+        with keeping_threads():
+            torch.set_num_threads(args.threads)
+            print(json.dumps(measure_case(args.one)), flush=True)
+        return None
+    chosen = args.cases.split(",") if args.cases else cases
+    results = run(module, chosen, args.timeout, args.threads)
+    return write_report(report(results, *header(args.threads)), args.out)

@@ -1,0 +1,25 @@
+"""The PEFT coverage benchmark: a case that cannot be built, and (where peft is installed) a
+run."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks import peft_coverage
+
+
+def test_every_case_is_reported_even_when_it_cannot_be_built(monkeypatch) -> None:
+    def broken() -> None:
+        raise ImportError("No module named 'peft'")
+
+    monkeypatch.setitem(peft_coverage.CASES, "broken", broken)
+    assert peft_coverage.measure_case("broken") == {
+        "error": "ImportError: No module named 'peft'"
+    }
+
+
+def test_a_small_run_writes_its_table(tmp_path) -> None:
+    pytest.importorskip("peft")
+    table = peft_coverage.main(["--cases", "mlp_lora", "--out", str(tmp_path / "peft.md")])
+    assert (tmp_path / "peft.md").read_text() == table
+    assert "| mlp_lora | hooks | – |" in table and "1 of 1 ran: 1 on hooks" in table
