@@ -304,6 +304,43 @@ class _LayerNormNoBias(nn.LayerNorm):
         self.bias = None
 
 
+class _LlamaRMSNorm(nn.Module):  # (Hugging Face's, as transformers 5.25 has it)
+    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+
+class _GemmaRMSNorm(nn.Module):  # (scales by 1 + weight; Gemma's multiplies in float32 too,
+    # which in a float64 model rounds the weight's gradient to float32)
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        output = (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps))
+        return output.type_as(x) * (1.0 + self.weight)
+
+
+class _GatedRMSNorm(_LlamaRMSNorm):  # (a second input: no rule)
+    def forward(self, hidden_states: Tensor, gate: Tensor | None = None) -> Tensor:
+        return super().forward(hidden_states)
+
+
+class _EpsOutsideRMSNorm(_LlamaRMSNorm):  # (x / (rms + eps): another computation, no rule)
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        rms = hidden_states.pow(2).mean(-1, keepdim=True).sqrt()
+        return self.weight * hidden_states / (rms + self.variance_epsilon)
+
+
 TimmLinear = timm_stand_in(_TimmLinear, "timm.layers.linear", "Linear")
 TimmLayerNorm = timm_stand_in(_TimmLayerNorm, "timm.layers.norm", "LayerNorm")
 TimmLayerNorm2d = timm_stand_in(_TimmLayerNorm2d, "timm.layers.norm", "LayerNorm2d")
@@ -315,6 +352,20 @@ SwiftFormerLayerScale2d = timm_stand_in(
     _SwiftFormerLayerScale2d, "timm.models.swiftformer", "LayerScale2d"
 )
 MetaFormerScale = timm_stand_in(_MetaFormerScale, "timm.models.metaformer", "Scale")
+LlamaRMSNorm = timm_stand_in(
+    _LlamaRMSNorm, "transformers.models.llama.modeling_llama", "LlamaRMSNorm"
+)
+GemmaRMSNorm = timm_stand_in(
+    _GemmaRMSNorm, "transformers.models.gemma.modeling_gemma", "GemmaRMSNorm"
+)
+GatedRMSNorm = timm_stand_in(_GatedRMSNorm, "transformers.models.x.modeling_x", "GatedRMSNorm")
+EpsOutsideRMSNorm = timm_stand_in(
+    _EpsOutsideRMSNorm, "transformers.models.x.modeling_x", "EpsOutsideRMSNorm"
+)
+
+
+class PlainRMSNorm(LlamaRMSNorm):  # (not Hugging Face's: its module is this one)
+    pass
 GroupNorm1NoBias = timm_stand_in(_GroupNorm1NoBias, "timm.models.metaformer", "GroupNorm1NoBias")
 LayerNorm2dNoBias = timm_stand_in(
     _LayerNorm2dNoBias, "timm.models.metaformer", "LayerNorm2dNoBias"
@@ -352,6 +403,8 @@ LAYERS = {
     "group_norm1_no_bias": (lambda: GroupNorm1NoBias(3), (6, 3, 4, 5)),
     "layer_norm2d_no_bias": (lambda: LayerNorm2dNoBias(3), (6, 3, 4, 5)),
     "layer_norm_no_bias": (lambda: LayerNormNoBias(5), (6, 4, 5)),
+    "llama_rms_norm": (lambda: LlamaRMSNorm(5), (6, 4, 5)),
+    "gemma_rms_norm": (lambda: GemmaRMSNorm(5), (6, 5)),
     "global_response_norm": (lambda: GlobalResponseNorm(5), (6, 3, 4, 5)),
     "global_response_norm_nchw": (
         lambda: GlobalResponseNorm(3, channels_last=False), (6, 3, 4, 5)
@@ -485,6 +538,11 @@ def test_layers_of_other_libraries_get_their_rules_by_qualified_name() -> None:
     for layer in (GlobalResponseNorm(4), StarReLU(), LearnableAffineBlock()):
         assert rules.rule_for(layer) is rules.affine_of_input
     assert rules.rule_for(StarReLU(inplace=True)) is None  # (it overwrites its input)
+    assert rules.rule_for(LlamaRMSNorm(4)) is rules.hugging_face_rms_norm
+    assert rules.rule_for(GemmaRMSNorm(4)) is rules.hugging_face_rms_norm
+    assert rules.rule_for(GatedRMSNorm(4)) is None  # (a second input)
+    assert rules.rule_for(EpsOutsideRMSNorm(4)) is None  # (it computes something else)
+    assert rules.rule_for(PlainRMSNorm(4)) is None
     for make in (TimmBatchNormAct2d, TimmGroupNormAct, TimmLayerNormAct, TimmLayerNormAct2d):
         assert rules.rule_for(make(4, nn.ReLU())) is norm_act.norm_act
         assert rules.rule_for(make(4, nn.PReLU())) is None  # (a parametrised activation)

@@ -30,7 +30,8 @@ gradients as the looped pull-back makes them.
 
 Rules are looked up by the module's exact class (a subclass may override ``forward``) in
 :data:`RULES`, or for a class of another library, which is not imported here, by its qualified
-name (``"transformers.pytorch_utils.Conv1D"``); :func:`rule_for` also requires that the
+name (``"transformers.pytorch_utils.Conv1D"``), or, for Hugging Face's RMS norms, by what they
+compute (:func:`is_hugging_face_rms_norm`); :func:`rule_for` also requires that the
 module's parameters (those of the modules inside it included) are among those the rule knows
 (``weight`` and ``bias`` for most) and that nobody hooks the module or sets its ``forward``
 (either may change what it computes; so may hooks registered for every module).
@@ -259,7 +260,10 @@ def qualified_name(module: nn.Module) -> str:
 
 def _entry(module: nn.Module) -> tuple[Any, Any, Any] | None:
     """The :data:`RULES` entry of ``module``'s class, or ``None``."""
-    return RULES.get(type(module)) or RULES.get(qualified_name(module))
+    entry = RULES.get(type(module)) or RULES.get(qualified_name(module))
+    if entry is None and is_hugging_face_rms_norm(module):
+        entry = RULES[HUGGING_FACE_RMS_NORM]
+    return entry
 
 
 def class_rule(module: nn.Module) -> Rule | CallRule | None:
@@ -867,6 +871,95 @@ def rms_norm(
 
 if hasattr(nn, "RMSNorm"):  # torch >= 2.4
     register(nn.RMSNorm, reduce=_rms_norm_parts, foldable=normalized_dims)(rms_norm)
+
+
+#: The :data:`RULES` key of Hugging Face's RMS norms, which are recognised by what they compute
+#: (:func:`is_hugging_face_rms_norm`), not by name: transformers 5.25 has 189 classes named
+#: ``*RMSNorm``, 171 of them Llama's, copied.
+HUGGING_FACE_RMS_NORM = "transformers.*RMSNorm"
+
+
+def _rms_epsilon(module: nn.Module) -> float | None:
+    """A Hugging Face RMS norm's epsilon: ``variance_epsilon`` (Llama's and its copies) or
+    ``eps`` (Gemma's)."""
+    eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+    return eps if isinstance(eps, float) else None
+
+
+@functools.lru_cache(maxsize=64)
+def _computes_rms_norm(cls: type[nn.Module]) -> bool:
+    r"""Whether ``cls``'s ``forward`` computes :math:`w \odot \hat x` or
+    :math:`(1 + w) \odot \hat x` with :math:`\hat x = x / \sqrt{\mathrm{mean}(x^2) + \epsilon}`
+    over the last dimension, as Llama's and Gemma's RMS norms do: checked, once per class, on
+    a module of the class with a random weight, :math:`\epsilon = 1/4` (large, so that it
+    matters where it is added) and a random ``(2, 3, 8)`` input in float64, to 1e-5 (Llama's
+    computes in float32). Either form has the per-sample gradient :math:`G \odot \hat x` for
+    ``w``."""
+    try:
+        module = cls.__new__(cls)
+        nn.Module.__init__(module)
+        generator = torch.Generator().manual_seed(0)
+        module.weight = nn.Parameter(torch.randn(8, generator=generator, dtype=torch.float64))
+        for name in ("variance_epsilon", "eps"):
+            setattr(module, name, 0.25)
+        x = torch.randn(2, 3, 8, generator=generator, dtype=torch.float64)
+        with torch.no_grad():
+            y = cls.forward(module, x)
+    except Exception:  # (a forward that needs more than these attributes)
+        return False
+    xhat = x * (x.square().mean(-1, keepdim=True) + 0.25).rsqrt()
+    weight = module.weight.detach()
+    return isinstance(y, Tensor) and y.shape == x.shape and any(
+        torch.allclose(y.double(), scale * xhat, rtol=1e-5, atol=1e-5)
+        for scale in (weight, 1 + weight)
+    )
+
+
+def is_hugging_face_rms_norm(module: nn.Module) -> bool:
+    """Whether ``module`` is a Hugging Face RMS norm with a rule: a class of ``transformers``
+    named ``*RMSNorm`` with one parameter, a 1-d ``weight``, a float epsilon
+    (:func:`_rms_epsilon`), a ``forward`` of one input, and the computation
+    :func:`_computes_rms_norm` checks. (Gated and adaptive RMS norms, with a second input, and
+    those with a bias have none.)"""
+    cls = type(module)
+    if not (cls.__module__.startswith("transformers.") and cls.__name__.endswith("RMSNorm")):
+        return False
+    own = dict(module.named_parameters())
+    signature = list(_forward_signature(cls).parameters.values())[1:]  # (after self)
+    return (
+        list(own) == ["weight"]
+        and own["weight"].dim() == 1
+        and _rms_epsilon(module) is not None
+        and len(signature) == 1
+        and signature[0].kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
+        and _computes_rms_norm(cls)
+    )
+
+
+def _hugging_face_rms_norm_parts(
+    module: nn.Module, x: Tensor, names: Collection[str]
+) -> Reducer:
+    # (x̂ in float32, as Llama's and Gemma's compute it whatever the model's dtype: in a float64
+    # model, x̂ in float64 differed from the model's by 1e-8, which the sums check rejects)
+    x32 = x.float()
+    xhat = x32 * (x32.square().mean(-1, keepdim=True) + _rms_epsilon(module)).rsqrt()
+    return _affine_parts(xhat.to(acc_dtype(module)), names, _per_trailing(x.dim(), 1))
+
+
+@register(
+    HUGGING_FACE_RMS_NORM,
+    reduce=_hugging_face_rms_norm_parts,
+    params=("weight",),
+    foldable=lambda module: 1,
+)
+def hugging_face_rms_norm(
+    module: nn.Module, x: Tensor, grads: Tensor, names: Collection[str], budget: int
+) -> dict[str, Tensor]:
+    r"""Hugging Face's RMS norms (:func:`is_hugging_face_rms_norm`: Llama's, Mistral's, Qwen's,
+    Gemma's and their copies) over the last dimension: :math:`\partial_w = \sum_S G \odot
+    \hat x` (``grads``: those, reduced by :func:`_affine_parts`), for :math:`w \odot \hat x`
+    and :math:`(1 + w) \odot \hat x` alike."""
+    return affine_sums(grads, x, names, 1)
 
 
 def _per_sample_total(x_dims: int) -> Callable[[Tensor], Tensor]:
