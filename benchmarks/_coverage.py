@@ -40,13 +40,16 @@ class _Messages(logging.Handler):
 
 
 def engine_and_fallbacks(messages: list[tuple[str, str]]) -> tuple[str, list[str]]:
-    """The engine the messages say ``auto`` ended on (``"hooks"`` unless one says it used
-    another), and the classes of the modules they say went to the per-module fallback."""
+    """The engine the messages say ``auto`` ended on, and the classes of the modules they say
+    went to the per-module fallback. ``auto`` starts on the hooks engine; a message of the
+    engine it is on that says it is using another moves it there (the functorch engine's own,
+    when it runs a module of the per-module fallback and goes to the loop engine for it, does
+    not move the model)."""
     engine = "hooks"
     for _, message in messages:
-        used = re.search(r"using the (\w+) engine", message)
-        if used:
-            engine = used.group(1)
+        used = re.match(r"(\w+) engine: .*using the (\w+) engine", message)
+        if used and used.group(1) == engine:
+            engine = used.group(2)
     classes = [
         found.group(1)
         for name, message in messages

@@ -53,3 +53,15 @@ def test_relative_difference_floors_tiny_entries() -> None:
     want = {"a": torch.tensor([1.0, 2.0]), "b": torch.tensor([1e-20])}
     got = {"a": torch.tensor([1.0, 2.2]), "b": torch.tensor([3e-20])}
     assert _coverage.relative_difference(got, want) == pytest.approx(0.1)
+
+
+def test_a_module_of_the_fallback_on_the_loop_engine_does_not_move_the_model() -> None:
+    hooks_then_loop = [
+        ("ewc_reg", "functorch engine: vmap failed on this model (...); using the loop engine"),
+    ]
+    assert _coverage.engine_and_fallbacks(hooks_then_loop) == ("hooks", [])
+    functorch_then_loop = [
+        ("ewc_reg", "hooks engine: the root module owns ...; using the functorch engine"),
+        *hooks_then_loop,
+    ]
+    assert _coverage.engine_and_fallbacks(functorch_then_loop) == ("loop", [])
