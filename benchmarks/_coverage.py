@@ -62,8 +62,11 @@ def engine_and_fallbacks(messages: list[tuple[str, str]]) -> tuple[str, list[str
 
 def relative_difference(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> float:
     """``max_p max|got_p - want_p| / max|want_p|``, each denominator at least 1e-12 of the
-    largest entry of ``want``."""
+    largest entry of ``want`` (where ``want`` is 0 everywhere: 0 if ``got`` is too, else
+    infinity)."""
     largest = max(t.abs().max().item() for t in want.values() if t.numel())
+    if largest == 0:
+        return 0.0 if all(not got[name].any() for name in want) else float("inf")
     return max(
         (got[name] - t).abs().max().item() / max(t.abs().max().item(), 1e-12 * largest)
         for name, t in want.items()
@@ -97,6 +100,7 @@ def measure(model: nn.Module, data: list[Any]) -> dict[str, Any]:
         "engine": engine,
         "fallbacks": fallbacks,
         "difference": relative_difference(auto, loop),
+        "fisher_is_zero": not any(t.any() for t in loop.values()),
         "auto_s": auto_time,
         "loop_s": loop_time,
     }
@@ -109,8 +113,11 @@ def _row(name: str, result: dict[str, Any]) -> str:
         f"{cls} ×{count}" if count > 1 else cls
         for cls, count in sorted(Counter(result["fallbacks"]).items())
     )
+    difference = f"{result['difference']:.1e}"
+    if result.get("fisher_is_zero"):  # (nothing compared: a row to look into)
+        difference += " (the Fisher is 0)"
     return (
-        f"| {name} | {result['engine']} | {fallbacks or '–'} | {result['difference']:.1e} | "
+        f"| {name} | {result['engine']} | {fallbacks or '–'} | {difference} | "
         f"{result['auto_s']:.2f} | {result['loop_s']:.2f} |"
     )
 

@@ -65,3 +65,12 @@ def test_a_module_of_the_fallback_on_the_loop_engine_does_not_move_the_model() -
         *hooks_then_loop,
     ]
     assert _coverage.engine_and_fallbacks(functorch_then_loop) == ("loop", [])
+
+
+def test_a_fisher_of_zeros_is_compared_and_shown() -> None:
+    zeros = {"a": torch.zeros(2)}
+    assert _coverage.relative_difference(zeros, zeros) == 0.0
+    assert _coverage.relative_difference({"a": torch.ones(2)}, zeros) == float("inf")
+    row = _coverage._row("m", {"engine": "hooks", "fallbacks": [], "difference": 0.0,
+                               "fisher_is_zero": True, "auto_s": 1.0, "loop_s": 1.0})
+    assert "(the Fisher is 0)" in row
