@@ -886,6 +886,11 @@ def _rms_epsilon(module: nn.Module) -> float | None:
     return eps if isinstance(eps, float) else None
 
 
+def _rms_normalized(x: Tensor, eps: float) -> Tensor:
+    r""":math:`\hat x = x / \sqrt{\mathrm{mean}(x^2) + \epsilon}` over the last dimension."""
+    return x * (x.square().mean(-1, keepdim=True) + eps).rsqrt()
+
+
 @functools.lru_cache(maxsize=64)
 def _computes_rms_norm(cls: type[nn.Module]) -> bool:
     r"""Whether ``cls``'s ``forward`` computes :math:`w \odot \hat x` or
@@ -907,7 +912,7 @@ def _computes_rms_norm(cls: type[nn.Module]) -> bool:
             y = cls.forward(module, x)
     except Exception:  # (a forward that needs more than these attributes)
         return False
-    xhat = x * (x.square().mean(-1, keepdim=True) + 0.25).rsqrt()
+    xhat = _rms_normalized(x, 0.25)
     weight = module.weight.detach()
     return isinstance(y, Tensor) and y.shape == x.shape and any(
         torch.allclose(y.double(), scale * xhat, rtol=1e-5, atol=1e-5)
@@ -941,8 +946,7 @@ def _hugging_face_rms_norm_parts(
 ) -> Reducer:
     # (x̂ in float32, as Llama's and Gemma's compute it whatever the model's dtype: in a float64
     # model, x̂ in float64 differed from the model's by 1e-8, which the sums check rejects)
-    x32 = x.float()
-    xhat = x32 * (x32.square().mean(-1, keepdim=True) + _rms_epsilon(module)).rsqrt()
+    xhat = _rms_normalized(x.float(), _rms_epsilon(module))
     return _affine_parts(xhat.to(acc_dtype(module)), names, _per_trailing(x.dim(), 1))
 
 
@@ -1082,10 +1086,17 @@ AFFINES_OF_INPUT: dict[
 }
 
 
+def _roles(module: nn.Module) -> dict[str, str]:
+    """The names of the parameters of a layer of :data:`AFFINES_OF_INPUT`, each to its role in
+    :func:`_affine_parts`: ``"weight"`` (``w``) or ``"bias"`` (``b``)."""
+    w, b = AFFINES_OF_INPUT[qualified_name(module)][1]
+    return {w: "weight", b: "bias"}
+
+
 def _affine_of_input_parts(module: nn.Module, x: Tensor, names: Collection[str]) -> Reducer:
-    h, (w, b), per_sample = AFFINES_OF_INPUT[qualified_name(module)]
+    h, (w, _), per_sample = AFFINES_OF_INPUT[qualified_name(module)]
     x = x.to(accumulation_dtype(getattr(module, w).dtype))
-    roles = {w: "weight", b: "bias"}
+    roles = _roles(module)
     return _affine_parts(h(module, x), {roles[name] for name in names}, per_sample(module, x.dim()))
 
 
@@ -1102,8 +1113,7 @@ def affine_of_input(
     :math:`\partial_w = \sum G \odot h(x)`, :math:`\partial_b = \sum G` over the dimensions
     they are broadcast over (``grads``: those, reduced by :func:`_affine_parts`). In place
     (``StarReLU(inplace=True)``) the recorded input is overwritten: no rule."""
-    w, b = AFFINES_OF_INPUT[qualified_name(module)][1]
-    roles = {w: "weight", b: "bias"}
+    roles = _roles(module)
     sums = affine_sums(grads, x, {roles[name] for name in names}, 1)
     return {name: sums[roles[name]].reshape(getattr(module, name).shape) for name in names}
 
