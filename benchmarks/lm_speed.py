@@ -26,10 +26,13 @@ Contenders, timed in one process round-robin, the order reversed every other rou
 
 * ``plain fwd+bwd``: the mean next-token cross-entropy and its backward (the unit);
 * for ``empirical`` and ``sample`` (one label sequence drawn per sequence), on the tied model:
-  * ``hooks, tied rule``: the hooks engine with its rule for the tied pair
-    (:mod:`ewc_reg.engines.tied`);
+  * ``hooks, all rules``: the hooks engine with every rule, among them the one for the tied
+    pair (:mod:`ewc_reg.engines.tied`);
   * ``hooks, tied pair on torch.func``: the same with that rule declining (patched), so the
     pair gets the per-module ``torch.func`` fallback, as before the rule existed;
+  * ``hooks, RMS norms on torch.func`` (Llama and Gemma): the same with the rule for Hugging
+    Face's RMS norms declining (:func:`ewc_reg.engines.rules.is_hugging_face_rms_norm`
+    patched), so each norm gets the per-module fallback;
   * ``functorch engine``: the whole-model ``torch.func`` engine;
 * and the hooks engine on an untied copy (the head given its own copy of the table): the two
   layers' own rules without the cross term, a floor for the tied rule.
@@ -47,7 +50,7 @@ import statistics
 import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import date
 from importlib import metadata
@@ -61,7 +64,7 @@ from torch import Tensor, nn
 
 import ewc_reg
 from ewc_reg import fisher_diagonal
-from ewc_reg.engines import unit_sums
+from ewc_reg.engines import rules, unit_sums
 
 from ._reports import keeping_threads, machine, write_report
 from ._timing import measure
@@ -70,12 +73,19 @@ from .models import TiedLanguageModel
 RESULTS_PATH = Path(__file__).resolve().parent / "results" / "lm_speed.md"
 MODEL_KEYS = ("toy", "gpt2", "llama", "opt", "bart", "gemma")
 METHODS = ("empirical", "sample")
-#: The contenders on the tied model: (name, backend, tied rule on).
-TIED_CONTENDERS = (
-    ("hooks, tied rule", "hooks", True),
-    ("hooks, tied pair on torch.func", "hooks", False),
-    ("functorch engine", "functorch", True),
+#: The contenders on the tied model: (name, backend, the hooks engine's rules declined, from
+#: :data:`DECLINABLE`).
+CONTENDERS = (
+    ("hooks, all rules", "hooks", ()),
+    ("hooks, tied pair on torch.func", "hooks", ("tied",)),
+    ("hooks, RMS norms on torch.func", "hooks", ("rms",)),
+    ("functorch engine", "functorch", ()),
 )
+#: The rules a contender may decline: the module attribute patched, and what it returns then.
+DECLINABLE = {
+    "tied": (unit_sums, "tied_sums", None),
+    "rms": (rules, "is_hugging_face_rms_norm", False),
+}
 UNTIED = "hooks, untied copy"
 
 Fisher = dict[str, Tensor]
@@ -223,13 +233,21 @@ def logits_of(output: Any) -> Tensor:
 
 
 @contextmanager
-def tied_rule(enabled: bool) -> Iterator[None]:
-    """The hooks engine's rule for tied layers on, or declining every call in the block."""
-    if enabled:
+def declining(names: Sequence[str]) -> Iterator[None]:
+    """The hooks engine's rules of ``names`` (keys of :data:`DECLINABLE`) declining every
+    call in the block."""
+    with ExitStack() as stack:
+        for name in names:
+            owner, attribute, answer = DECLINABLE[name]
+            stack.enter_context(
+                mock.patch.object(owner, attribute, lambda *args, a=answer, **kwargs: a)
+            )
         yield
-        return
-    with mock.patch.object(unit_sums, "tied_sums", lambda *args, **kwargs: None):
-        yield
+
+
+def has_rms_norms(model: nn.Module) -> bool:
+    """Whether ``model`` has a module with the rule for Hugging Face's RMS norms."""
+    return any(rules.is_hugging_face_rms_norm(m) for m in model.modules())
 
 
 def contenders(w: Workload, device: torch.device) -> dict[tuple[str, str], Callable[[], Any]]:
@@ -240,18 +258,21 @@ def contenders(w: Workload, device: torch.device) -> dict[tuple[str, str], Calla
         F.cross_entropy(logits.flatten(0, 1), w.targets.flatten()).backward()
         w.model.zero_grad(set_to_none=True)
 
-    def fisher(model: nn.Module, method: str, backend: str, rule: bool) -> Fisher:
+    def fisher(model: nn.Module, method: str, backend: str, declined: Sequence[str]) -> Fisher:
         generator = torch.Generator(device).manual_seed(0) if method == "sample" else None
-        with tied_rule(rule):
+        with declining(declined):
             return fisher_diagonal(
                 model, [(w.tokens, w.targets)], method, backend=backend, generator=generator
             )
 
+    rms = has_rms_norms(w.model)
     calls: dict[tuple[str, str], Callable[[], Any]] = {("", "plain fwd+bwd"): plain}
     for method in METHODS:
-        for name, backend, rule in TIED_CONTENDERS:
-            calls[method, name] = lambda m=method, b=backend, r=rule: fisher(w.model, m, b, r)
-        calls[method, UNTIED] = lambda m=method: fisher(w.untied, m, "hooks", True)
+        for name, backend, declined in CONTENDERS:
+            if "rms" in declined and not rms:
+                continue
+            calls[method, name] = lambda m=method, b=backend, d=declined: fisher(w.model, m, b, d)
+        calls[method, UNTIED] = lambda m=method: fisher(w.untied, m, "hooks", ())
     return calls
 
 
@@ -293,7 +314,7 @@ def render(rows: list[Row], args: argparse.Namespace, command: str, device: torc
     try:
         hf = f"transformers {metadata.version('transformers')}"
     except metadata.PackageNotFoundError:
-        hf = "transformers not installed (GPT-2, Llama and OPT left out)"
+        hf = "transformers not installed (its models left out)"
     lines = [
         "# Fisher of language models with tied embeddings",
         "",

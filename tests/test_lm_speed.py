@@ -13,6 +13,8 @@ from benchmarks.models import TiedLanguageModel
 from ewc_reg import fisher_diagonal
 from ewc_reg.engines import unit_sums
 
+from .test_hooks_engine import LlamaRMSNorm
+
 
 def test_quick_run_writes_the_table_and_agrees(tmp_path) -> None:
     out = tmp_path / "lm.md"
@@ -23,23 +25,33 @@ def test_quick_run_writes_the_table_and_agrees(tmp_path) -> None:
     want = {("", "plain fwd+bwd")} | {
         (method, name)
         for method in lm_speed.METHODS
-        for name in [*(c[0] for c in lm_speed.TIED_CONTENDERS), lm_speed.UNTIED]
-    }
+        for name, _, declined in lm_speed.CONTENDERS
+        if "rms" not in declined  # (the toy model has no RMS norm)
+    } | {(method, lm_speed.UNTIED) for method in lm_speed.METHODS}
     assert names == want
     for row in rows:
         assert row.seconds > 0 and f"| {row.name} |" in table
         if row.agreement is not None:
             assert row.agreement < 1e-5, (row.method, row.name, row.agreement)
-    assert sum(row.agreement is not None for row in rows) == 2 * len(lm_speed.TIED_CONTENDERS)
+    assert sum(row.agreement is not None for row in rows) == 2 * (len(lm_speed.CONTENDERS) - 1)
 
 
-def test_the_tied_rule_can_be_declined_for_a_comparison(monkeypatch) -> None:
-    """With the rule declined the pair goes to the per-module fallback: the same Fisher."""
+@pytest.mark.parametrize(
+    ("declined", "fallback_paths"),
+    [((), []), (("tied",), ["embedding+head"]), (("rms",), ["norm"])],
+)
+def test_a_rule_can_be_declined_for_a_comparison(monkeypatch, declined, fallback_paths) -> None:
+    """With a rule declined its layers go to the per-module fallback: the same Fisher. The
+    toy model's final norm is a (stand-in for) Hugging Face's RMS norm here."""
     torch.manual_seed(0)
-    model = TiedLanguageModel(vocab_size=30, max_len=5, d_model=8, num_layers=1).double().eval()
+    model = TiedLanguageModel(vocab_size=30, max_len=5, d_model=8, num_layers=1)
+    model.norm = LlamaRMSNorm(8)
+    nn.init.uniform_(model.norm.weight, 0.5, 1.5)
+    model = model.double().eval()
+    assert lm_speed.has_rms_norms(model)
     tokens = torch.randint(0, 30, (3, 6))
     data = [(tokens[:, :-1], tokens[:, 1:])]
-    with_rule = fisher_diagonal(model, data, "empirical", backend="hooks")
+    with_rules = fisher_diagonal(model, data, "empirical", backend="hooks")
     fallback, calls = unit_sums._fallback_sums, []
 
     def counting(unit, *args, **kwargs):
@@ -47,10 +59,11 @@ def test_the_tied_rule_can_be_declined_for_a_comparison(monkeypatch) -> None:
         return fallback(unit, *args, **kwargs)
 
     monkeypatch.setattr(unit_sums, "_fallback_sums", counting)
-    with lm_speed.tied_rule(False):
+    with lm_speed.declining(declined):
         without = fisher_diagonal(model, data, "empirical", backend="hooks")
-    assert calls == ["embedding+head"]
-    assert lm_speed.max_relative_difference(without, with_rule) < 1e-12
+    assert calls == fallback_paths
+    assert lm_speed.max_relative_difference(without, with_rules) < 1e-12
+    assert not lm_speed.has_rms_norms(TiedLanguageModel(30, 5, 8, num_layers=1))
 
 
 def test_untied_copy_gives_each_module_its_own_parameter() -> None:
