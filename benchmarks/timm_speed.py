@@ -3,13 +3,17 @@ of its features for such models: the rules for timm's own layers (``--baseline
 no-timm-rules``, the default: the per-module ``torch.func`` fallback they replace), or parents
 as units of their own parameters (``--baseline whole-parents``: a module whose parameters take
 no per-sample copies, as a timm ConvNeXt block's layer scale, is one unit of all the parameters
-inside it, as before).
+inside it, as before), or against the whole-model functorch engine (``--baseline functorch``:
+ViTs with parameters of their own on their attention modules, BEiT's, EVA's and ConViT's,
+which went there before the hooks engine took per-sample copies of some loose parameters only
+and made only the parents whose children's weights they use whole units).
 
 Run from the repository root (needs ``timm``, an optional import: ``pip install --no-deps timm``
 beside the pinned torch)::
 
     python -m benchmarks.timm_speed               # writes benchmarks/results/timm_speed.md
     python -m benchmarks.timm_speed --baseline whole-parents   # results/timm_parents_speed.md
+    python -m benchmarks.timm_speed --baseline functorch  # results/timm_functorch_speed.md
     python -m benchmarks.timm_speed --models mobilenetv3_small_050 --batch-size 8 --repeats 3
 
 For each model (``timm.create_model(name, num_classes=10)``, eval mode, float32, random
@@ -41,7 +45,7 @@ from ._reports import keeping_threads, machine, write_report
 
 RESULTS = Path(__file__).parent / "results"
 #: Models whose size of images is a setting (made for the benchmark's size).
-SIZED = ("deit3", "vit", "cait", "eva", "levit")
+SIZED = ("deit3", "vit", "cait", "eva", "levit", "beit", "convit")
 
 
 def rule_names() -> list[str]:
@@ -60,11 +64,19 @@ def without_timm_rules() -> Iterator[None]:
 
 
 @contextmanager
+def on_functorch() -> Iterator[dict[str, str]]:
+    """The whole-model ``torch.func`` engine: the keywords that choose it."""
+    yield {"backend": "functorch"}
+
+
+@contextmanager
 def with_whole_parents() -> Iterator[None]:
     """Inside the block, a module whose parameters take no per-sample copies is one unit of all
     the parameters inside it (:func:`ewc_reg.engines.recording.plan`'s ``whole_parents``)."""
     plan = hooks.plan
-    hooks.plan = lambda model, params, whole_parents=True: plan(model, params, True)
+    hooks.plan = lambda model, params, whole_parents=True, whole=(): plan(
+        model, params, True, whole
+    )
     try:
         yield
     finally:
@@ -98,6 +110,18 @@ BASELINES = {
         "parents as units of their own parameters, or of all the parameters inside them",
         ("own", "whole"),
     ),
+    "functorch": (
+        on_functorch,
+        "timm_functorch_speed.md",
+        (
+            "beit_base_patch16_224",
+            "eva02_tiny_patch14_224",
+            "vit_betwixt_patch16_rope_reg4_gap_256",
+            "convit_tiny",
+        ),
+        "the hooks engine, or the whole-model functorch engine",
+        ("hooks", "functorch"),
+    ),
 }
 
 
@@ -105,9 +129,10 @@ def fisher(
     model: torch.nn.Module, data: list, method: str, baseline: str | None
 ) -> dict[str, torch.Tensor]:
     """The model's Fisher on the hooks engine as it is (``baseline=None``), or as the baseline
-    (:data:`BASELINES`)."""
-    with nullcontext() if baseline is None else BASELINES[baseline][0]():
-        return fisher_diagonal(model, data, method)
+    (:data:`BASELINES`: a block that changes the engine, or yields the keywords of
+    ``fisher_diagonal`` that choose another)."""
+    with nullcontext() if baseline is None else BASELINES[baseline][0]() as keywords:
+        return fisher_diagonal(model, data, method, **(keywords or {}))
 
 
 def run(

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from benchmarks import timm_speed
+from ewc_reg import fisher_diagonal
 from ewc_reg.engines import hooks, rules
 
 
@@ -46,6 +47,19 @@ def test_parents_are_whole_units_in_the_block_only() -> None:
             assert paths() == ["0"]
             raise RuntimeError("inside")
     assert paths() == ["0", "0.lin"]
+
+
+def test_the_functorch_baseline_is_that_engine() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3))
+    data = [(torch.randn(5, 3), torch.randint(0, 3, (5,)))]
+    want = fisher_diagonal(model, data, "exact", backend="functorch")
+    got = timm_speed.fisher(model, data, "exact", "functorch")
+    assert all(torch.equal(got[name], want[name]) for name in want)
+    hooks_engine = fisher_diagonal(model, data, "exact", backend="hooks")
+    got = timm_speed.fisher(model, data, "exact", None)
+    assert all(torch.equal(got[name], hooks_engine[name]) for name in want)
+    assert not all(torch.equal(got[name], want[name]) for name in want)  # (rounding differs)
 
 
 def test_a_small_run_writes_its_table(tmp_path) -> None:

@@ -133,6 +133,7 @@ from __future__ import annotations
 import functools
 import logging
 import weakref
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -180,6 +181,7 @@ from .recording import (
     SharedWithBatchRows,
     Unit,
     Unsupported,
+    UsedOutside,
     as_recorded,
     plan,
     unsupported_reason,
@@ -326,6 +328,37 @@ def _buffer(storage: dict[int, Tensor], key: int, like: Tensor, num_vectors: int
     return held[:batch]
 
 
+@dataclass(frozen=True)
+class Arrangement:
+    """How :class:`HookEngine` splits a model's parameters into units (:func:`.recording.plan`).
+
+    Attributes:
+        layouts: the loose parameters (:func:`.loose.loose_parameters`) taken through
+            per-sample copies, with their layouts (:data:`.loose.LAYOUTS`); the modules of the
+            others are units of their own parameters.
+        whole_parents: whether every parent (a module owning parameters next to modules
+            inside it that own some) is a unit of all the parameters inside it instead.
+        whole: the modules that are units of all the parameters inside them: the parents of
+            units whose parameters are used outside their calls (:class:`.recording.UsedOutside`:
+            a BEiT attention's ``F.linear(x, self.qkv.weight, bias)``).
+    """
+
+    layouts: dict[str, int]
+    whole_parents: bool = False
+    whole: frozenset[str] = frozenset()
+
+    @staticmethod
+    def parents_of(paths: frozenset[str]) -> frozenset[str] | None:
+        """The parent modules of the units at ``paths``, or ``None`` when one is the root
+        (which cannot be a unit: the model is no longer decomposed)."""
+        parents = frozenset(path.rpartition(".")[0] for path in paths)
+        return None if "" in parents else parents
+
+    def with_whole(self, parents: frozenset[str]) -> Arrangement:
+        """This arrangement with the modules at ``parents`` whole units as well."""
+        return Arrangement(self.layouts, self.whole_parents, self.whole | parents)
+
+
 class HookEngine:
     """Hook-based engine (see the module docstring).
 
@@ -376,13 +409,14 @@ class HookEngine:
     def __init__(self, fallback: Engine | None = None) -> None:
         self.fallback = fallback
         self._given_up: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # (to the fallback)
-        # the layouts of the per-sample copies that passed the check, per model, and the models
-        # whose loose parameters' modules are units instead (see __call__)
-        self._copies: weakref.WeakKeyDictionary[nn.Module, dict[str, int]] = (
+        # how each model's parameters are split into units (see _attempt): the one tried last,
+        # and the one that worked, per model
+        self._arranged: weakref.WeakKeyDictionary[nn.Module, Arrangement] = (
             weakref.WeakKeyDictionary()
         )
-        # (whether the parents are units of all the parameters inside them: see _attempt)
-        self._nested: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
+        self._arrangements: weakref.WeakKeyDictionary[nn.Module, Arrangement] = (
+            weakref.WeakKeyDictionary()
+        )
         # the models whose batched pull-back failed: one backward per vector for them
         self._looped: weakref.WeakSet[nn.Module] = weakref.WeakSet()
         # the looped pull-back's gradient buffers, reused by the chunks and the next batches
@@ -480,42 +514,56 @@ class HookEngine:
                     logger.debug("hooks engine: %s; taken so", problem)
                     sequence_first.update(problem.calls)
 
-        loose = {} if model in self._nested else loose_parameters(model, params)
-        try:
-            layouts = self._copies.get(model)
-            if loose and layouts is None:
-                layouts, problem = copies_layout(model, loose, batch, output_fn)
-                if layouts is None:
-                    raise Unsupported(problem)
-                if batch.size > 1:  # (one sample cannot show the batch mixed up)
-                    self._copies[model] = layouts
-            return sums(loose, layouts or {})
-        except Unsupported as problem:
-            failure = type(problem)(str(problem))  # (not its traceback: the attempt's frames)
-        if not loose:
-            return self._give_up(model, failure)(*args)
-        # The loose parameters' modules become units without rules (plan; the root cannot): of
-        # their own parameters, the modules inside them keeping theirs, and where that fails (a
-        # parameter of a module inside used by the parent itself), of all the parameters inside.
-        logger.debug(
-            "hooks engine: %s; the modules of %s become units of their own parameters",
-            failure,
-            list(loose),
-        )
-        self._nested[model] = False
-        try:
-            return sums({}, {})
-        except Unsupported as again:
-            failure = type(again)(str(again))
-        logger.debug(
-            "hooks engine: %s; the parents become units of all the parameters inside them",
-            failure,
-        )
-        self._nested[model] = True
-        try:
-            return sums({}, {})
-        except Unsupported as again:
-            failure = type(again)(str(again))
+        loose = loose_parameters(model, params)
+        known = self._arrangements.get(model)
+        if known is None:
+            layouts, problem = copies_layout(model, loose, batch, output_fn) if loose else ({}, "")
+            if problem:
+                logger.debug(
+                    "hooks engine: %s; the modules of %s become units of their own parameters",
+                    problem,
+                    [name for name in loose if name not in layouts],
+                )
+            known = Arrangement(layouts)
+        # Then, failing that, the loose parameters' modules as units of their own parameters
+        # (plan; the root cannot be one), and failing that too, each parent a unit of all the
+        # parameters inside it (the outermost where they nest).
+        stages = [known]
+        if loose and not known.whole_parents:
+            stages += [Arrangement({})] if known.layouts else []
+            stages += [Arrangement({}, whole_parents=True)]
+        failure = Unsupported("")
+        for i, arrangement in enumerate(stages):
+            if i:
+                logger.debug(
+                    "hooks engine: %s; %s",
+                    failure,
+                    "the parents become units of all the parameters inside them"
+                    if arrangement.whole_parents
+                    else f"the modules of {list(loose)} become units of their own parameters",
+                )
+            while True:
+                self._arranged[model] = arrangement
+                try:
+                    result = sums({n: params[n] for n in arrangement.layouts}, arrangement.layouts)
+                except UsedOutside as problem:
+                    failure = Unsupported(str(problem))
+                    parents = arrangement.parents_of(problem.paths)
+                    if arrangement.whole_parents or parents is None or parents <= arrangement.whole:
+                        break
+                    arrangement = arrangement.with_whole(parents)
+                    logger.debug(
+                        "hooks engine: %s; %s become units of all the parameters inside them",
+                        problem,
+                        sorted(parents),
+                    )
+                    continue
+                except Unsupported as problem:
+                    failure = type(problem)(str(problem))  # (not its traceback: the attempt's)
+                    break
+                if batch.size > 1 or not arrangement.layouts:  # (one sample cannot show the
+                    self._arrangements[model] = arrangement  # batch mixed up)
+                return result
         return self._give_up(model, failure)(*args)
 
     def _sums(
@@ -542,7 +590,8 @@ class HookEngine:
         leaving the caches of the engine's runs as they are, with the calls of the checked pass
         that were ``sequence-first`` (by unit) taken as such and no others."""
         selected = {n: p for n, p in params.items() if n not in loose}
-        units = plan(model, selected, self._nested.get(model, True))
+        arrangement = self._arranged.get(model, Arrangement({}, whole_parents=True))
+        units = plan(model, selected, arrangement.whole_parents, arrangement.whole)
         for unit in units:
             unit.shared = unit.path in self.shared_inputs.get(model, ())
             if sequence_first is not None:  # (the checked pass's)

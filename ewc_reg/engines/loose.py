@@ -95,14 +95,16 @@ def call_with(model: nn.Module, copies: dict[str, Tensor], batch: Batch) -> Any:
 
 def copies_layout(
     model: nn.Module, loose: dict[str, Tensor], batch: Batch, output_fn: OutputFn
-) -> tuple[dict[str, int] | None, str]:
+) -> tuple[dict[str, int], str]:
     """Each parameter's first layout of :data:`LAYOUTS` whose per-sample copies give its
-    per-sample gradients (:func:`per_sample_problem`), by name, or ``None`` and why the first
-    trial failed. The parameters still without a layout are tried together, layout after
-    layout, and where the model cannot take their copies together, those of each shape
-    together (a ViT's ``(1, 1, D)`` class token takes ``-1`` and its layer scales ``(D,)``
-    scaling ``(B, T, D)`` take ``1``); parameters given different layouts, or tried apart, are
-    checked together once more."""
+    per-sample gradients (:func:`per_sample_problem`), by name, for those that have one, and
+    why the first trial failed (``""`` when every parameter has a layout). The parameters still
+    without a layout are tried together, layout after layout, and where the model cannot take
+    their copies together, those of each kind together (the same shape, on modules of the same
+    class under the same name: a ViT's ``(1, 1, D)`` class token takes ``-1``, its blocks'
+    layer scales ``(D,)`` scaling ``(B, T, D)`` take ``1``, and BEiT's query biases, joined to
+    the key's ``(D,)`` zeros by ``torch.cat``, none); parameters given different layouts, or
+    tried apart, are checked together once more, and where that fails, none gets copies."""
     layouts: dict[str, int] = {}
     first = ""
     regrouped = False  # (whether some parameters were tried apart from others)
@@ -114,24 +116,30 @@ def copies_layout(
             model, trying, batch, output_fn, dict.fromkeys(trying, layout)
         )
         first = first or problem
-        shapes: dict[torch.Size, dict[str, Tensor]] = {}
-        if raised:  # (the model raised on them together: each shape apart)
+        kinds: dict[tuple[Any, ...], dict[str, Tensor]] = {}
+        if raised:  # (the model raised on them together: each kind apart)
             for name, p in trying.items():
-                shapes.setdefault(p.shape, {})[name] = p
-        if len(shapes) > 1:
+                kinds.setdefault(_kind(model, name, p), {})[name] = p
+        if len(kinds) > 1:
             regrouped, failing = True, set()
-            for alike in shapes.values():
+            for alike in kinds.values():
                 failing |= per_sample_problem(
                     model, alike, batch, output_fn, dict.fromkeys(alike, layout)
                 )[0]
         layouts.update((name, layout) for name in trying if name not in failing)
-    if len(layouts) < len(loose):
-        return None, first
-    if regrouped or len(set(layouts.values())) > 1:
-        failing, problem, _ = per_sample_problem(model, loose, batch, output_fn, layouts)
+    if layouts and (regrouped or len(set(layouts.values())) > 1):
+        copied = {name: loose[name] for name in layouts}
+        failing, problem, _ = per_sample_problem(model, copied, batch, output_fn, layouts)
         if failing:
-            return None, problem
-    return layouts, ""
+            return {}, problem
+    return layouts, first if len(layouts) < len(loose) else ""
+
+
+def _kind(model: nn.Module, name: str, p: Tensor) -> tuple[Any, ...]:
+    """What :func:`copies_layout` groups parameters by: shape, the class of the module owning
+    parameter ``name``, and the name there."""
+    path, _, local = name.rpartition(".")
+    return p.shape, type(model.get_submodule(path)), local
 
 
 def per_sample_problem(

@@ -8,6 +8,7 @@ decomposition during the pass."""
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +49,17 @@ class SharedWithBatchRows(Unsupported):
     def __init__(self, path: str, message: str) -> None:
         super().__init__(message)
         self.path = path
+
+
+class UsedOutside(Unsupported):
+    """Parameters of some units are used while their modules do not run (a parent calling
+    ``F.linear(x, self.qkv.weight, bias)`` itself): ``paths`` are those units' (tied units
+    left out), whose parent modules may be made units of all the parameters inside them
+    (:func:`plan`'s ``whole``)."""
+
+    def __init__(self, message: str, paths: frozenset[str]) -> None:
+        super().__init__(message)
+        self.paths = paths
 
 
 class SequenceFirst(Unsupported):
@@ -335,13 +347,21 @@ def _tie(units: list[Unit]) -> list[Unit]:
     return tied
 
 
-def plan(model: nn.Module, params: dict[str, Tensor], whole_parents: bool = True) -> list[Unit]:
+def plan(
+    model: nn.Module,
+    params: dict[str, Tensor],
+    whole_parents: bool = True,
+    whole: Collection[str] = (),
+) -> list[Unit]:
     """The units computing the sums of ``params``: each module owning some of them, except that
     a module owning some and containing modules that own some (a parent) is a unit without a
     rule, for all of them, the outermost one where parents nest (``whole_parents``), or for
-    its own (the modules inside it being units of theirs); an ``nn.MultiheadAttention`` is one
-    unit with the parameters of the modules inside it (``out_proj``) even when it owns none of
-    ``params`` itself, and the modules sharing a parameter are one unit (:func:`_tie`); raises
+    its own (the modules inside it being units of theirs), and that the modules at the paths
+    in ``whole`` (owning some of ``params`` or not) are units without a rule for all of them
+    inside (the outermost where they nest; :class:`UsedOutside`); an
+    ``nn.MultiheadAttention`` is one unit with the parameters of the modules inside it
+    (``out_proj``) even when it owns none of ``params`` itself, and the modules sharing a
+    parameter are one unit (:func:`_tie`); raises
     :class:`Unsupported` for the static problems :mod:`.hooks` lists."""
     wanted = {id(p): name for name, p in params.items()}
     owned: set[int] = set()  # (the selected parameters found on a module)
@@ -367,6 +387,8 @@ def plan(model: nn.Module, params: dict[str, Tensor], whole_parents: bool = True
         unit_path, unit_module, prefix = path, module, ""
         if attention is not None and inside(path, attention[0]):
             (unit_path, unit_module), prefix = attention, path[len(attention[0]) + 1 :] + "."
+        if path in whole and not (attention is not None and inside(path, attention[0])):
+            owners.setdefault(unit_path, (unit_module, {}))
         for local, p in own_parameters(module):
             if id(p) not in wanted:
                 continue
@@ -384,11 +406,16 @@ def plan(model: nn.Module, params: dict[str, Tensor], whole_parents: bool = True
     units: list[Unit] = []
     for i, (path, (module, names)) in enumerate(owners.items()):
         # (pre-order: the enclosing unit is the last)
-        if whole_parents and units and inside(path, units[-1].path):
-            prefix = path[len(units[-1].path) + 1 :] + "."
+        enclosing = units[-1].path if units else None
+        if enclosing is not None and inside(path, enclosing) and (
+            whole_parents or enclosing in whole
+        ):
+            prefix = path[len(enclosing) + 1 :] + "."
             units[-1].names.update({prefix + local: name for local, name in names.items()})
             continue
-        nested = i + 1 < len(paths) and inside(paths[i + 1], path)
+        if not names and not (i + 1 < len(paths) and inside(paths[i + 1], path)):
+            continue  # (a whole module with none of params inside it)
+        nested = path in whole or (i + 1 < len(paths) and inside(paths[i + 1], path))
         if nested and not path:
             inner = paths[1:4]
             raise Unsupported(
@@ -475,6 +502,8 @@ class Recorder(TorchFunctionMode):
             for local in unit.names
         }
         self.problem: str | None = None
+        # the paths of the units whose parameters are used outside their modules' calls
+        self.used_outside: set[str] = set()
         self.vmap_wrong = False  # (whether a function of VMAP_WRONG was called)
         # the views of parameters made during the forward pass, by id (kept alive with it)
         self.made: dict[int, Tensor] = {}
@@ -696,7 +725,8 @@ class Recorder(TorchFunctionMode):
             return result
         # (a property read, .T or .shape, is no use by itself; the view .T gives is, where a
         # function takes it: checked as the parameter below)
-        if self.problem is None and getattr(func, "__name__", None) != "__get__":
+        # (after a first problem too: every unit whose parameters are used outside is wanted)
+        if getattr(func, "__name__", None) != "__get__":
             for leaf in inputs:
                 unit, local = self.owner.get(id(leaf), (None, ""))
                 if unit is None and leaf._base is not None and id(leaf._base) in self.owner:
@@ -711,6 +741,8 @@ class Recorder(TorchFunctionMode):
                         )
                         continue
                 if unit is not None and unit not in self.running:
+                    if not isinstance(unit.module, Tied):
+                        self.used_outside.add(unit.path)
                     self._flag(
                         f"parameter {local!r} of {describe(unit.path)} is used outside that "
                         "module's call"
@@ -721,7 +753,8 @@ class Recorder(TorchFunctionMode):
         return result
 
     def check(self) -> None:
-        """Raise :class:`Unsupported` for what the forward pass revealed."""
+        """Raise :class:`Unsupported` for what the forward pass revealed (:class:`UsedOutside`
+        where parameters were used outside their units' calls, whatever the first problem)."""
         for unit, record in self.records.items():
             calls = record.calls()
             if any(t._version != v for call in calls for t, v in call.versions):
@@ -744,5 +777,7 @@ class Recorder(TorchFunctionMode):
                     f"an output of {describe(unit.path)}, a view, is modified in place after it "
                     "(the gradient would bypass the edge where it is taken)"
                 )
+        if self.used_outside:
+            raise UsedOutside(self.problem or "", frozenset(self.used_outside))
         if self.problem is not None:
             raise Unsupported(self.problem)
