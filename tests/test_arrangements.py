@@ -113,15 +113,23 @@ def test_a_beit_takes_copies_where_it_can_and_makes_only_its_attention_whole(
     assert _fallback_modules(caplog) == ["blocks.0.attn", "blocks.1.attn"]
 
 
-def test_the_arrangement_is_kept_for_later_batches(caplog) -> None:
-    """The second batch (and call on the same engine) tries nothing again."""
+def test_the_arrangement_is_kept_for_later_batches_and_calls(caplog) -> None:
+    """The second batch, and a later call with the same parameters selected, try nothing
+    again; a call with other parameters selected finds its own arrangement."""
     torch.manual_seed(0)
     model = SmallBeit().double().eval()
     x, y = torch.randn(7, 3, 5, dtype=torch.float64), torch.randint(0, 3, (7,))
+    data = [(x[:4], y[:4]), (x[4:], y[4:])]
     with caplog.at_level(logging.DEBUG, logger="ewc_reg"):
-        got = fisher_diagonal(model, [(x[:4], y[:4]), (x[4:], y[4:])], "exact", backend="hooks")
-    assert len(_engine_log(caplog)) == 2
-    assert_close_dicts(got, brute_force_fisher(model, x, y, "exact"), 1e-10)
+        got = fisher_diagonal(model, data, "exact", backend="hooks")
+        assert len(_engine_log(caplog)) == 2
+        again = fisher_diagonal(model, data, "empirical", backend="hooks")
+        assert len(_engine_log(caplog)) == 2
+        assert_close_dicts(got, brute_force_fisher(model, x, y, "exact"), 1e-10)
+        assert_close_dicts(again, brute_force_fisher(model, x, y, "empirical"), 1e-10)
+        model.cls_token.requires_grad_(False)
+        fisher_diagonal(model, data, "exact", backend="hooks")
+        assert len(_engine_log(caplog)) == 4
 
 
 def test_copies_are_tried_by_kind_when_the_model_raises() -> None:

@@ -2182,7 +2182,8 @@ def test_parents_of_parents_are_units_of_their_own_parameters(caplog) -> None:
         assert_close_dicts(got, brute_force_fisher(model, torch.cat([x, x[:2]]),
                                                    torch.cat([y, y[:2]]), method), 1e-10)
     messages = [r.getMessage() for r in caplog.records if r.name == "ewc_reg"]
-    assert len(messages) == 2 and all("of their own parameters" in m for m in messages)
+    # (once: the second call starts from the arrangement the first found)
+    assert len(messages) == 1 and "of their own parameters" in messages[0]
 
 
 def test_a_parent_unit_of_its_own_parameters() -> None:

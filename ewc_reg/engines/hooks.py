@@ -30,12 +30,15 @@ there are several: :func:`.recording._separate_leaves`). The parameters of a mod
 that contains modules owning selected parameters (a ViT's class token, a ConvNeXt block's
 layer scale: :mod:`.loose`) are replaced by per-sample copies during the forward pass, when
 :func:`.loose.copies_layout` finds a way of doing so that keeps the per-sample gradients, and the
-vectors are pulled back to the copies too; otherwise such a module is a unit without a rule
-for its own parameters, the modules inside it keeping their units and rules (its fallback
-recomputes its forward for the gradients of its own parameters alone: a ConvNeXt block's
-layer scale, reshaped to ``(1, C, 1, 1)``, which per-sample copies cannot take), and, where
-it uses the parameters of a module inside it itself, one unit without a rule for all of
-them, the outermost one when they nest deeper (the modules inside it are not hooked). An
+vectors are pulled back to the copies too; the modules of the loose parameters without such a
+way are units without a rule for their own parameters, the modules inside them keeping their
+units and rules (the fallback recomputes the forward for the gradients of its own parameters
+alone: a ConvNeXt block's layer scale, reshaped to ``(1, C, 1, 1)``, which per-sample copies
+cannot take). A module that uses the parameters of a unit inside it itself is one unit
+without a rule for all of them (the modules inside it are not hooked): the parent of each unit
+flagged :class:`.recording.UsedOutside`, then its parent where that is flagged in turn, but
+never the root (:class:`Arrangement`). Where that fails too, each parent is a unit of all the
+parameters inside it, the outermost where they nest, before the engine gives up. An
 ``nn.MultiheadAttention`` is always one unit for its parameters and those of ``out_proj``
 (whose weight it uses without calling it), and has a rule
 (:func:`.attention.multihead_attention`, which sees the whole recorded call: query, key, value,
@@ -405,16 +408,19 @@ class HookEngine:
     layouts_found: ClassVar[weakref.WeakKeyDictionary[nn.Module, dict[tuple[str, int], bool]]] = (
         weakref.WeakKeyDictionary()
     )
+    #: The :class:`Arrangement` that worked, per model and selected parameters' names, kept
+    #: across calls too: finding one (:func:`.loose.copies_layout`'s trials, a failed pass per
+    #: step up to a whole unit) took 39% of a call's time on timm's ``eva02_tiny`` (B=8,
+    #: ``empirical``); a later call whose batches it fails goes on from it to the next ways.
+    arrangements: ClassVar[
+        weakref.WeakKeyDictionary[nn.Module, dict[frozenset[str], Arrangement]]
+    ] = weakref.WeakKeyDictionary()
 
     def __init__(self, fallback: Engine | None = None) -> None:
         self.fallback = fallback
         self._given_up: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # (to the fallback)
-        # how each model's parameters are split into units (see _attempt): the one tried last,
-        # and the one that worked, per model
+        # how each model's parameters are split into units: the one being tried (see _attempt)
         self._arranged: weakref.WeakKeyDictionary[nn.Module, Arrangement] = (
-            weakref.WeakKeyDictionary()
-        )
-        self._arrangements: weakref.WeakKeyDictionary[nn.Module, Arrangement] = (
             weakref.WeakKeyDictionary()
         )
         # the models whose batched pull-back failed: one backward per vector for them
@@ -515,7 +521,8 @@ class HookEngine:
                     sequence_first.update(problem.calls)
 
         loose = loose_parameters(model, params)
-        known = self._arrangements.get(model)
+        found = self.arrangements.setdefault(model, {})
+        known = found.get(frozenset(params))
         if known is None:
             layouts, problem = copies_layout(model, loose, batch, output_fn) if loose else ({}, "")
             if problem:
@@ -562,7 +569,7 @@ class HookEngine:
                     failure = type(problem)(str(problem))  # (not its traceback: the attempt's)
                     break
                 if batch.size > 1 or not arrangement.layouts:  # (one sample cannot show the
-                    self._arrangements[model] = arrangement  # batch mixed up)
+                    found[frozenset(params)] = arrangement  # batch mixed up)
                 return result
         return self._give_up(model, failure)(*args)
 
