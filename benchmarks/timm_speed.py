@@ -13,7 +13,7 @@ beside the pinned torch)::
 
     python -m benchmarks.timm_speed               # writes benchmarks/results/timm_speed.md
     python -m benchmarks.timm_speed --baseline whole-parents   # results/timm_parents_speed.md
-    python -m benchmarks.timm_speed --baseline functorch  # results/timm_functorch_speed.md
+    python -m benchmarks.timm_speed --baseline functorch --batch-size 8  # ..._functorch_speed.md
     python -m benchmarks.timm_speed --models mobilenetv3_small_050 --batch-size 8 --repeats 3
 
 For each model (``timm.create_model(name, num_classes=10)``, eval mode, float32, random
@@ -118,6 +118,7 @@ BASELINES = {
             "eva02_tiny_patch14_224",
             "vit_betwixt_patch16_rope_reg4_gap_256",
             "convit_tiny",
+            "convnext_atto",
         ),
         "the hooks engine, or the whole-model functorch engine",
         ("hooks", "functorch"),
