@@ -57,7 +57,8 @@ The decomposition is valid only if (checked; otherwise :class:`.recording.Unsupp
   the modules inside one do not run);
 * each unit's selected parameters (those of the modules inside it included) are used only
   while its module runs (not, say, with ``F.linear(h, self.embed.weight)`` in a parent's
-  ``forward``); uses are seen by a :class:`~torch.overrides.TorchFunctionMode` during the
+  ``forward``: the parent is then made a whole unit, :class:`Arrangement`, unless it is the
+  root); uses are seen by a :class:`~torch.overrides.TorchFunctionMode` during the
   forward pass. A module may run more than once per forward pass (a layer applied to its own
   output, a siamese encoder, a recurrent cell stepped through a sequence by hand): since the
   gradient recorded at call :math:`t`'s output is all that reaches it, the later calls'
