@@ -225,3 +225,21 @@ def test_arrangement_parents() -> None:
     assert hooks.Arrangement.parents_of(frozenset({"a.b", "c"})) is None
     arrangement = hooks.Arrangement({"x": 1}).with_whole(frozenset({"a"}))
     assert arrangement == hooks.Arrangement({"x": 1}, False, frozenset({"a"}))
+
+
+def test_a_failure_is_kept_for_batches_of_the_same_shapes(caplog) -> None:
+    """A later call on batches of the shapes the engine failed on goes to the fallback at once
+    (logged as such); a batch of other shapes is tried again."""
+    torch.manual_seed(0)
+    model = RootUsesChildWeight().double()
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    want = brute_force_fisher(model, x[:4], y[:4], "exact")
+    with caplog.at_level(logging.DEBUG, logger="ewc_reg"):
+        for _ in range(2):
+            assert_close_dicts(fisher_diagonal(model, [(x[:4], y[:4])], "exact"), want, 1e-10)
+        fisher_diagonal(model, [(x, y)], "exact")
+    messages = _engine_log(caplog)
+    assert len(messages) == 3 and all("using the functorch engine" in m for m in messages)
+    assert ["found on an earlier batch" in m for m in messages] == [False, True, False]
+    with pytest.raises(ValueError, match="found on an earlier batch of these shapes"):
+        fisher_diagonal(model, [(x, y)], "exact", backend="hooks")

@@ -416,6 +416,14 @@ class HookEngine:
     arrangements: ClassVar[
         weakref.WeakKeyDictionary[nn.Module, dict[frozenset[str], Arrangement]]
     ] = weakref.WeakKeyDictionary()
+    #: Why the engine gave a model up, per model, by the selected parameters' names, the batch
+    #: size and one sample's input shapes, kept across calls too: a later call's batch of these
+    #: goes to the fallback at once (the attempts cost timm's ``eva02_tiny``, whose rotary
+    #: table ``(T, D)`` with ``T == B`` cannot be told from per-sample data, 0.06-0.7 of a
+    #: functorch call each time).
+    failures: ClassVar[weakref.WeakKeyDictionary[nn.Module, dict[tuple[Any, ...], str]]] = (
+        weakref.WeakKeyDictionary()
+    )
 
     def __init__(self, fallback: Engine | None = None) -> None:
         self.fallback = fallback
@@ -496,6 +504,11 @@ class HookEngine:
         args = (model, params, batch, output_fn, make_vectors, chunk_size, memory_budget)
         if model in self._given_up and self.fallback is not None:
             return self.fallback(*args)
+        failures = self.failures.setdefault(model, {})
+        key = (frozenset(params), batch.size, batch.sample_shapes())
+        if key in failures:
+            failure = Unsupported(f"{failures[key]} (found on an earlier batch of these shapes)")
+            return self._give_up(model, failure)(*args)
         shared = self.shared_inputs.setdefault(model, set())
         sequence_first = self.layouts_found.setdefault(model, {})
 
@@ -572,6 +585,7 @@ class HookEngine:
                 if batch.size > 1 or not arrangement.layouts:  # (one sample cannot show the
                     found[frozenset(params)] = arrangement  # batch mixed up)
                 return result
+        failures[key] = str(failure)
         return self._give_up(model, failure)(*args)
 
     def _sums(
