@@ -20,7 +20,15 @@ from benchmarks._paths import engine_ways, pull_back
 from benchmarks.models import LSTMClassifier
 from ewc_reg import fisher_diagonal
 from ewc_reg._batches import Batch
-from ewc_reg.engines import attention, get_engine, norm_act, recording, rules, unit_sums
+from ewc_reg.engines import (
+    attention,
+    convolution,
+    get_engine,
+    norm_act,
+    recording,
+    rules,
+    unit_sums,
+)
 from ewc_reg.engines.base import DEFAULT_MEMORY_BUDGET, MAX_VECTORS_TO_REDUCE, fewer_vectors
 from ewc_reg.engines.functorch import FunctorchEngine
 from ewc_reg.engines.hooks import HookEngine
@@ -134,6 +142,34 @@ def timm_stand_in(cls: type[nn.Module], module: str, name: str) -> type[nn.Modul
     """``cls`` under the qualified name ``module.name`` of a timm layer it stands in for."""
     cls.__module__, cls.__qualname__, cls.__name__ = module, name, name
     return cls
+
+
+class _TimmStdConv2d(nn.Conv2d):  # (BiT's weight-standardised convolution, as timm 1.0.31's)
+    def __init__(self, *args: Any, eps: float = 1e-6, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight = F.batch_norm(
+            self.weight.reshape(1, self.out_channels, -1), None, None, training=True,
+            momentum=0.0, eps=self.eps,
+        ).reshape_as(self.weight)
+        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class _TimmScaledStdConv2d(nn.Conv2d):  # (the NF-Nets', with a gain per output channel)
+    def __init__(self, *args: Any, gamma: float = 1.0, eps: float = 1e-6, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.scale = gamma * self.weight[0].numel() ** -0.5
+        self.eps = eps
+        self.gain = nn.Parameter(torch.rand(self.out_channels, 1, 1, 1) + 0.5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight = F.batch_norm(
+            self.weight.reshape(1, self.out_channels, -1), None, None,
+            weight=(self.gain * self.scale).view(-1), training=True, momentum=0.0, eps=self.eps,
+        ).reshape_as(self.weight)
+        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 
 class _TimmLinear(nn.Linear):  # (its forward outside TorchScript)
@@ -342,6 +378,10 @@ class _EpsOutsideRMSNorm(_LlamaRMSNorm):  # (x / (rms + eps): another computatio
 
 
 TimmLinear = timm_stand_in(_TimmLinear, "timm.layers.linear", "Linear")
+TimmStdConv2d = timm_stand_in(_TimmStdConv2d, "timm.layers.std_conv", "StdConv2d")
+TimmScaledStdConv2d = timm_stand_in(
+    _TimmScaledStdConv2d, "timm.layers.std_conv", "ScaledStdConv2d"
+)
 TimmLayerNorm = timm_stand_in(_TimmLayerNorm, "timm.layers.norm", "LayerNorm")
 TimmLayerNorm2d = timm_stand_in(_TimmLayerNorm2d, "timm.layers.norm", "LayerNorm2d")
 TimmGroupNorm = timm_stand_in(_TimmGroupNorm, "timm.layers.norm", "GroupNorm")
@@ -449,6 +489,16 @@ LAYERS = {
     "conv3d": (
         lambda: nn.Conv3d(2, 4, (2, 3, 2), (1, 2, 1), (1, 0, 1), (1, 1, 2)), (5, 2, 4, 6, 5)
     ),
+    "conv2d_timm_std": (  # (weight standardisation: the batch-norm backward on each row)
+        lambda: TimmStdConv2d(4, 6, 3, stride=2, padding=1, groups=2, bias=True), (5, 4, 7, 6)
+    ),
+    "conv2d_timm_scaled_std": (
+        lambda: TimmScaledStdConv2d(3, 4, (3, 2), padding=(1, 0), dilation=(1, 2), eps=1e-2),
+        (5, 3, 6, 7),
+    ),
+    "conv2d_timm_scaled_std_pointwise_groups": (
+        lambda: TimmScaledStdConv2d(4, 6, 1, stride=2, groups=2, bias=False), (5, 4, 5, 4)
+    ),
     "conv3d_same_replicate_groups": (
         lambda: nn.Conv3d(4, 2, 3, padding="same", groups=2, padding_mode="replicate"),
         (5, 4, 3, 4, 3),
@@ -543,6 +593,11 @@ def test_layers_of_other_libraries_get_their_rules_by_qualified_name() -> None:
     assert rules.rule_for(GatedRMSNorm(4)) is None  # (a second input)
     assert rules.rule_for(EpsOutsideRMSNorm(4)) is None  # (it computes something else)
     assert rules.rule_for(PlainRMSNorm(4)) is None
+    assert rules.rule_for(TimmStdConv2d(2, 3, 3)) is convolution.standardized_conv
+    assert rules.rule_for(TimmScaledStdConv2d(2, 3, 3)) is convolution.standardized_conv
+    # (its forward pads with zeros whatever the mode: not the convolution the rule takes)
+    assert rules.rule_for(TimmScaledStdConv2d(2, 3, 3, padding_mode="reflect")) is None
+    assert rules.rule_for(nn.Conv2d(2, 3, 3)) is convolution.conv
     for make in (TimmBatchNormAct2d, TimmGroupNormAct, TimmLayerNormAct, TimmLayerNormAct2d):
         assert rules.rule_for(make(4, nn.ReLU())) is norm_act.norm_act
         assert rules.rule_for(make(4, nn.PReLU())) is None  # (a parametrised activation)

@@ -336,3 +336,87 @@ def conv_transpose(
     :math:`\sum_t G_{nkt}`.
     """
     return conv_transpose_calls(module, [x], [grads], names, budget)
+
+
+def _standardized(module: nn.Module) -> tuple[Tensor, Tensor, Tensor]:
+    r"""``(u, s, a)``: each output channel's weight row ``w_o`` (``(C_out, P)``) standardised,
+    :math:`u_o = (w_o - \bar w_o) / s_o` with :math:`s_o = \sqrt{\operatorname{var}(w_o) +
+    \varepsilon}` (biased variance, as ``F.batch_norm`` takes it), and the scale :math:`a_o`
+    the layer multiplies :math:`u_o` by (``gain * scale`` for ``ScaledStdConv2d``, 1 for
+    ``StdConv2d``), in the accumulation dtype."""
+    acc = acc_dtype(module)
+    w = module.weight.detach().to(acc).reshape(module.out_channels, -1)
+    s = (w.var(-1, unbiased=False, keepdim=True) + module.eps).sqrt()
+    u = (w - w.mean(-1, keepdim=True)) / s
+    gain = getattr(module, "gain", None)
+    a = torch.ones_like(s) if gain is None else gain.detach().to(acc).reshape(-1, 1) * module.scale
+    return u, s, a
+
+
+def _is_standardized_conv(module: nn.Module) -> bool:
+    """Whether timm's ``StdConv2d``/``ScaledStdConv2d`` computes what :func:`standardized_conv`
+    assumes: zero padding (its ``forward`` passes ``padding`` to ``F.conv2d`` itself, so another
+    ``padding_mode`` would be ignored, not applied as ``nn.Conv2d`` does) and a float ``eps``
+    (and ``scale``)."""
+    numbers = [getattr(module, "eps", None)]
+    if hasattr(module, "gain"):
+        numbers.append(getattr(module, "scale", None))
+    return module.padding_mode == "zeros" and all(isinstance(n, float) for n in numbers)
+
+
+@register(
+    "timm.layers.std_conv.StdConv2d",
+    "timm.layers.std_conv.ScaledStdConv2d",
+    accepts=_is_standardized_conv,
+    params=("weight", "bias", "gain"),
+)
+def standardized_conv(
+    module: nn.Module, x: Tensor, grads: Tensor, names: Collection[str], budget: int
+) -> dict[str, Tensor]:
+    r"""timm's convolutions with weight standardisation (BiT's ``StdConv2d``, the NF-Nets'
+    ``ScaledStdConv2d``): the convolution of :func:`conv` with the weight
+    :math:`\hat w_o = a_o u_o` (:func:`_standardized`; :math:`a_o = \text{gain}_o \cdot
+    \text{scale}` or 1) in place of :math:`w_o`.
+
+    With :math:`D_{nko}` the per-sample gradient of output channel ``o``'s row of
+    :math:`\hat w` (``(P,)``, :math:`G_{nk} U_n^\top` as in :func:`conv`, formed a chunk of
+    samples at a time: the standardisation's Jacobian needs it, not only its square), the
+    chain rule through the standardisation (the batch-norm backward over the row's ``P``
+    entries) gives
+
+    .. math::
+
+        \frac{\partial}{\partial w_o} = \frac{a_o}{s_o}\Big(D - \overline{D}
+        - u_o\, \overline{D \odot u_o}\Big), \qquad
+        \frac{\partial}{\partial \text{gain}_o} = \text{scale} \sum_p D_p\, u_{op},
+
+    (bars: means over the ``P`` entries) and the bias gradient is :math:`\sum_l G_{nkl}`.
+    """
+    acc = acc_dtype(module)
+    pads = _conv_padding(module)
+    x = F.pad(x.to(acc), pads) if any(pads) else x.to(acc)
+    groups, out = module.groups, module.out_channels // module.groups
+    num_vectors, batch = grads.shape[:2]
+    joined = _joined([grads], num_vectors, batch, groups, out, acc)  # (K, B, g, O/g, L)
+    patch = module.weight[0].numel()
+    u, s, a = _standardized(module)
+    sums = {name: torch.zeros_like(p, dtype=acc) for name, p in module.named_parameters()}
+    per_sample = num_vectors * module.out_channels * patch * 4 * acc.itemsize
+    for chunk in sample_chunks(batch, per_sample, chunk_budget(budget, x.device)):
+        g = joined[:, chunk].transpose(0, 1)  # (b, K, g, O/g, L)
+        b = g.shape[0]
+        g = g.transpose(1, 2).reshape(b * groups, num_vectors * out, -1)
+        patches = _patches(x[chunk], module.kernel_size, module.dilation, module.stride)
+        patches = patches.view(b * groups, patch, -1)
+        d = torch.bmm(g, patches.mT).view(b, groups, num_vectors, out, patch)
+        d = d.transpose(1, 2).reshape(b, num_vectors, module.out_channels, patch)
+        projected = (d * u).mean(-1, keepdim=True)  # (b, K, C_out, 1)
+        if "gain" in names:
+            gain = projected.squeeze(-1) * (patch * module.scale)  # (b, K, C_out)
+            sums["gain"] += gain.square_().sum((0, 1)).view(sums["gain"].shape)
+        if "weight" in names:
+            dw = (d - d.mean(-1, keepdim=True) - u * projected).mul_(a / s)
+            sums["weight"] += dw.square_().sum((0, 1)).view(sums["weight"].shape)
+    if "bias" in names:
+        sums["bias"] = square_sum(sum_or_squeeze(joined, -1)).reshape(-1)
+    return {name: sums[name] for name in names}
