@@ -214,10 +214,15 @@ def _unfold(t: Tensor, dim: int, positions: int) -> Tensor:
 
 def _folds(unit: Unit, args: tuple[Any, ...], kwargs: dict[str, Any], batch_size: int) -> int:
     """How many positions per sample a call ``module(x)`` of a unit whose rule is in
-    :data:`.rules.FOLDABLE` has folded into its batch dimension: ``T`` where ``x`` has shape
-    ``(B T, ...)`` for ``T > 1``, else 1 (:func:`.batch_checks.check_batch_layout` checks that its
-    rows are the samples' positions, one sample after another)."""
-    if unit.rule not in FOLDABLE or kwargs or len(args) != 1 or not isinstance(args[0], Tensor):
+    :data:`.rules.FOLDABLE`, or a call ``module(x, ...)`` of a unit without a rule (the
+    per-module fallback: Swin's window attention on ``(B nW, N, C)`` windows), has folded into
+    its batch dimension: ``T`` where ``x`` has shape ``(B T, ...)`` for ``T > 1``, else 1
+    (:func:`.batch_checks.check_batch_layout` and :func:`.batch_checks.check_folds` check that
+    its rows are the samples' positions, one sample after another)."""
+    if not args or not isinstance(args[0], Tensor):
+        return 1
+    fallback = unit.rule is None and not isinstance(unit.module, Tied)
+    if not fallback and (unit.rule not in FOLDABLE or kwargs or len(args) != 1):
         return 1
     lead = args[0].shape[0] if args[0].dim() else 0
     return lead // batch_size if lead > batch_size and lead % batch_size == 0 else 1
@@ -622,8 +627,8 @@ class Recorder(TorchFunctionMode):
             1 if expanded is not None or transposed else _folds(unit, args, kwargs, self.batch_size)
         )
         if folded > 1:  # (the module runs on x as it is; its rule gets x unfolded)
-            args = (_unfold(args[0], 0, folded),)
-            tensors = list(args)
+            args = (_unfold(args[0], 0, folded), *args[1:])
+            tensors = tensors_in((args, kwargs))
         # (the lists and dicts as they are now: the caller may extend them after the call, as
         # a dense block appends each layer's output to the list it gave the layer)
         args, kwargs = pytree.tree_map(lambda leaf: leaf, (args, kwargs))
@@ -668,7 +673,11 @@ class Recorder(TorchFunctionMode):
             record.expanded = True
         self.running.discard(unit)
         inputs, outputs = batch_dims_of(unit, record)
-        for i, shape in enumerate(record.inputs):
+        # (a unit on the per-module fallback gets its inputs as they are, split where they have
+        # the batch as leading dimension, whole elsewhere: the layout check, on fewer samples,
+        # tells a shared (nW, N, N) mask of Swin's window attention from per-sample data)
+        fallback = unit.rule is None and not isinstance(unit.module, Tied)
+        for i, shape in enumerate([] if fallback else record.inputs):
             dim = nth(inputs, i)
             lead = shape[dim] if len(shape) >= 3 else 0  # 2-d masks (L, S) are shared
             if lead > self.batch_size and lead % self.batch_size == 0:

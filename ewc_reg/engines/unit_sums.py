@@ -294,14 +294,31 @@ def _positions(t: Tensor, lead: int, trailing: int) -> Tensor:
 
 class _Calls(nn.Module):
     """A module called once per recorded call: ``forward(calls)`` for ``calls`` a list of
-    ``(args, kwargs)``, returning the list of outputs."""
+    ``(args, kwargs)``, returning the list of outputs. A call whose first argument was recorded
+    unfolded, ``(b, T, ...)`` for rows ``(b T, ...)`` (``folds[i] = T``), gets it folded again,
+    and its outputs of ``b T`` rows come unfolded, as recorded."""
 
-    def __init__(self, module: nn.Module) -> None:
+    def __init__(self, module: nn.Module, folds: list[int]) -> None:
         super().__init__()
         self.module = module
+        self.folds = folds
 
     def forward(self, calls: list[tuple[tuple[Any, ...], dict[str, Any]]]) -> list[Any]:
-        return [self.module(*args, **kwargs) for args, kwargs in calls]
+        outputs = []
+        for (args, kwargs), folds in zip(calls, self.folds):
+            if folds == 1:
+                outputs.append(self.module(*args, **kwargs))
+                continue
+            output = self.module(args[0].flatten(0, 1), *args[1:], **kwargs)
+            outputs.append(pytree.tree_map(functools.partial(_unfolded, args[0].shape[:2]), output))
+        return outputs
+
+
+def _unfolded(rows: torch.Size, leaf: Any) -> Any:
+    """``leaf`` of ``b T`` rows as ``(b, T, ...)`` (``rows = (b, T)``); others as they are."""
+    if isinstance(leaf, Tensor) and leaf.dim() and leaf.shape[0] == rows[0] * rows[1]:
+        return leaf.unflatten(0, tuple(rows))
+    return leaf
 
 
 def _fallback_sums(
@@ -342,7 +359,7 @@ def _fallback_sums(
             flat += [leaves[i].flatten(1) for i in call.leaves]
         return torch.cat(flat, dim=1)
 
-    module = _Calls(unit.module)
+    module = _Calls(unit.module, [call.folded for call in live])
     params: dict[str, Tensor] = {}  # (a tied parameter once, by its first name)
     for local in unit.names:
         p = unit.module.get_parameter(local)
