@@ -45,7 +45,7 @@ from ._reports import keeping_threads, machine, write_report
 
 RESULTS = Path(__file__).parent / "results"
 #: Models whose size of images is a setting (made for the benchmark's size).
-SIZED = ("deit3", "vit", "cait", "eva", "levit", "beit", "convit")
+SIZED = ("deit3", "vit", "cait", "eva", "levit", "beit", "convit", "swin")
 
 
 def rule_names() -> list[str]:
