@@ -116,3 +116,31 @@ def test_per_sample_data_in_another_argument_is_refused() -> None:
         fisher_diagonal(model, [(x, y)], "exact", backend="hooks")
     got = fisher_diagonal(model, [(x, y)], "exact")
     assert_close_dicts(got, brute_force_fisher(model, x, y, "exact"), 1e-10)
+
+
+class PositionedWindows(Windowed):
+    """A position embedding on the root (per-sample copies) before the windows: the
+    reverse-order pass of the folded call's check has no module call for the copies."""
+
+    def __init__(self) -> None:
+        super().__init__(masked=False)
+        self.position = nn.Parameter(torch.randn(1, 8, 4))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.embed(x) + self.position
+        b = h.shape[0]
+        w = self.attn(h.reshape(b * self.windows, self.n, -1))
+        return self.head(w.reshape(b, self.windows * self.n, -1).mean(1))
+
+
+def test_folded_fallback_calls_beside_per_sample_copies(caplog) -> None:
+    torch.manual_seed(0)
+    model = PositionedWindows().double()
+    x, y = torch.randn(3, 8, 3, dtype=torch.float64), torch.randint(0, 5, (3,))
+    with caplog.at_level(logging.DEBUG, logger="ewc_reg"):
+        got = fisher_diagonal(model, [(x, y)], "exact", backend="hooks")
+    assert_close_dicts(got, brute_force_fisher(model, x, y, "exact"), 1e-10)
+    messages = _messages(caplog)  # (the position embedding takes copies, the table does not)
+    assert len(messages) == 1 and messages[0].endswith(
+        "the modules of ['attn.table'] become units of their own parameters"
+    )

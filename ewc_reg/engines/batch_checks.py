@@ -272,6 +272,8 @@ def check_folds(
         model, units, batch.reversed(), output_fn, expanding, "the batch in reverse order"
     )
     for unit, record in records.items():
+        if unit not in units:  # (the per-sample copies of loose parameters: no module calls)
+            continue
         again = records_again.get(unit)
         calls, calls_again = record.calls(), [] if again is None else again.calls()
         if len(calls) != len(calls_again):
