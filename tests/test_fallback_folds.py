@@ -68,6 +68,16 @@ def _messages(caplog, name: str = "ewc_reg") -> list[str]:
     return [r.getMessage() for r in caplog.records if r.name == name]
 
 
+def _refused(model: nn.Module, reason: str) -> None:
+    """``backend="hooks"`` raises, saying ``reason``; ``auto`` is right (the functorch engine)."""
+    model = model.double()
+    x, y = torch.randn(3, 8, 3, dtype=torch.float64), torch.randint(0, 5, (3,))
+    with pytest.raises(ValueError, match=reason):
+        fisher_diagonal(model, [(x, y)], "exact", backend="hooks")
+    got = fisher_diagonal(model, [(x, y)], "exact")
+    assert_close_dicts(got, brute_force_fisher(model, x, y, "exact"), 1e-10)
+
+
 @pytest.mark.parametrize("masked", [True, False])
 @pytest.mark.parametrize("method", ["exact", "empirical"])
 def test_window_attention_on_the_fallback(masked: bool, method: str, caplog) -> None:
@@ -88,12 +98,8 @@ def test_windows_positions_first_are_refused(caplog) -> None:
     """Each sample's windows are not together: the fallback would give a sample other
     samples' windows; the reverse-order pass shows it."""
     torch.manual_seed(0)
-    model = Windowed(masked=False, positions_first=True).double()  # (a mask would go by row)
-    x, y = torch.randn(3, 8, 3, dtype=torch.float64), torch.randint(0, 5, (3,))
-    with pytest.raises(ValueError, match="not each sample's 4 positions one sample after"):
-        fisher_diagonal(model, [(x, y)], "exact", backend="hooks")
-    got = fisher_diagonal(model, [(x, y)], "exact")
-    assert_close_dicts(got, brute_force_fisher(model, x, y, "exact"), 1e-10)
+    model = Windowed(masked=False, positions_first=True)  # (a mask would go by row)
+    _refused(model, "not each sample's 4 positions one sample after")
 
 
 class PerSampleMask(Windowed):
@@ -110,12 +116,7 @@ class PerSampleMask(Windowed):
 
 def test_per_sample_data_in_another_argument_is_refused() -> None:
     torch.manual_seed(0)
-    model = PerSampleMask().double()
-    x, y = torch.randn(3, 8, 3, dtype=torch.float64), torch.randint(0, 5, (3,))
-    with pytest.raises(ValueError, match="the batch is not the leading dimension of an input"):
-        fisher_diagonal(model, [(x, y)], "exact", backend="hooks")
-    got = fisher_diagonal(model, [(x, y)], "exact")
-    assert_close_dicts(got, brute_force_fisher(model, x, y, "exact"), 1e-10)
+    _refused(PerSampleMask(), "the batch is not the leading dimension of an input")
 
 
 class PositionedWindows(Windowed):
