@@ -2277,7 +2277,7 @@ def test_a_late_failure_does_not_draw_the_labels_again(monkeypatch) -> None:
     real = HookEngine._sums
 
     def late_failure(self, *args):
-        real(self, *args[:7], {}, 0)  # (makes the vectors, then fails)
+        real(self, *args)  # (makes the vectors, then fails)
         raise recording.Unsupported("failed after the vectors")
 
     monkeypatch.setattr(HookEngine, "_sums", late_failure)

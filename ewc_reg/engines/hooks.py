@@ -428,10 +428,6 @@ class HookEngine:
     def __init__(self, fallback: Engine | None = None) -> None:
         self.fallback = fallback
         self._given_up: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # (to the fallback)
-        # how each model's parameters are split into units: the one being tried (see _attempt)
-        self._arranged: weakref.WeakKeyDictionary[nn.Module, Arrangement] = (
-            weakref.WeakKeyDictionary()
-        )
         # the models whose batched pull-back failed: one backward per vector for them
         self._looped: weakref.WeakSet[nn.Module] = weakref.WeakSet()
         # the looped pull-back's gradient buffers, reused by the chunks and the next batches
@@ -512,7 +508,7 @@ class HookEngine:
         shared = self.shared_inputs.setdefault(model, set())
         sequence_first = self.layouts_found.setdefault(model, {})
 
-        def sums(loose: dict[str, Tensor], layouts: dict[str, int]) -> dict[str, Tensor]:
+        def sums(arrangement: Arrangement) -> dict[str, Tensor]:
             """:meth:`_sums`, tried again for each unit the layout check finds to have shared
             inputs with the batch size among their dimensions
             (:class:`.recording.SharedWithBatchRows`), which are expanded from then on, or calls
@@ -522,7 +518,7 @@ class HookEngine:
             frames are freed first)."""
             while True:
                 try:
-                    return self._sums(*args, loose, layouts)
+                    return self._sums(*args, arrangement)
                 except SharedWithBatchRows as problem:
                     if problem.path in shared:
                         raise Unsupported(str(problem)) from None
@@ -564,9 +560,8 @@ class HookEngine:
                     else f"the modules of {list(loose)} become units of their own parameters",
                 )
             while True:
-                self._arranged[model] = arrangement
                 try:
-                    result = sums({n: params[n] for n in arrangement.layouts}, arrangement.layouts)
+                    result = sums(arrangement)
                 except UsedOutside as problem:
                     failure = Unsupported(str(problem))
                     parents = arrangement.parents_of(problem.paths)
@@ -597,8 +592,7 @@ class HookEngine:
         make_vectors: VectorFn,
         chunk_size: int | None,
         memory_budget: int,
-        loose: dict[str, Tensor],
-        layouts: dict[str, int],
+        arrangement: Arrangement,
         checking: bool = False,
         sequence_first: dict[str, frozenset[int]] | None = None,
     ) -> dict[str, Tensor]:
@@ -606,13 +600,15 @@ class HookEngine:
         fits the budget), else one more per chunk of samples (see the module docstring). When
         the model's last batch at this budget (in this call or an earlier one: :attr:`steps`)
         went in chunks and the vectors are :class:`~.base.RowWiseVectors`, the first pass is
-        the first chunk's instead, and each chunk makes its own vectors. The
-        ``loose`` parameters (:mod:`.loose`) are taken through per-sample copies in their
-        ``layouts``. ``checking``: the run of :meth:`_check_sums`, without the checks, and
-        leaving the caches of the engine's runs as they are, with the calls of the checked pass
-        that were ``sequence-first`` (by unit) taken as such and no others."""
+        the first chunk's instead, and each chunk makes its own vectors. The parameters are
+        split into units as ``arrangement`` says (the loose ones of its ``layouts`` taken
+        through per-sample copies: :mod:`.loose`). ``checking``: the run of
+        :meth:`_check_sums`, without the checks, and leaving the caches of the engine's runs as
+        they are, with the calls of the checked pass that were ``sequence-first`` (by unit)
+        taken as such and no others."""
+        layouts = arrangement.layouts
+        loose = {n: params[n] for n in layouts}
         selected = {n: p for n, p in params.items() if n not in loose}
-        arrangement = self._arranged.get(model, Arrangement({}, whole_parents=True))
         units = plan(model, selected, arrangement.whole_parents, arrangement.whole)
         for unit in units:
             unit.shared = unit.path in self.shared_inputs.get(model, ())
@@ -679,7 +675,7 @@ class HookEngine:
             passed = self.sums_checked.setdefault(model, set())
             if structure not in passed:  # (not again for every length of a sequence)
                 self._check_sums(
-                    model, params, first, output_fn, memory_budget, loose, layouts, decided
+                    model, params, first, output_fn, memory_budget, arrangement, decided
                 )
                 passed.add(structure)
             checked.add(shapes)
@@ -748,8 +744,7 @@ class HookEngine:
         batch: Batch,
         output_fn: OutputFn,
         memory_budget: int,
-        loose: dict[str, Tensor],
-        layouts: dict[str, int],
+        arrangement: Arrangement,
         sequence_first: dict[str, frozenset[int]],
     ) -> None:
         r"""Raise :class:`.recording.Unsupported` unless this engine's sums on the first two samples
@@ -793,8 +788,7 @@ class HookEngine:
                     vectors,
                     few.size,
                     memory_budget,
-                    loose,
-                    layouts,
+                    arrangement,
                     checking=True,
                     sequence_first=sequence_first,
                 )
