@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from .rules import (
     acc_dtype,
     chunk_budget,
+    per_sample_products,
     register,
     sample_chunks,
     square_sum,
@@ -403,13 +404,9 @@ def standardized_conv(
     sums = {name: torch.zeros_like(p, dtype=acc) for name, p in module.named_parameters()}
     per_sample = num_vectors * module.out_channels * patch * 4 * acc.itemsize
     for chunk in sample_chunks(batch, per_sample, chunk_budget(budget, x.device)):
-        g = joined[:, chunk].transpose(0, 1)  # (b, K, g, O/g, L)
-        b = g.shape[0]
-        g = g.transpose(1, 2).reshape(b * groups, num_vectors * out, -1)
         patches = _patches(x[chunk], module.kernel_size, module.dilation, module.stride)
-        patches = patches.view(b * groups, patch, -1)
-        d = torch.bmm(g, patches.mT).view(b, groups, num_vectors, out, patch)
-        d = d.transpose(1, 2).reshape(b, num_vectors, module.out_channels, patch)
+        d = per_sample_products(joined, patches, chunk)  # (b, g, K, O/g, P)
+        d = d.transpose(1, 2).reshape(d.shape[0], num_vectors, module.out_channels, patch)
         projected = (d * u).mean(-1, keepdim=True)  # (b, K, C_out, 1)
         if "gain" in names:
             gain = projected.squeeze(-1) * (patch * module.scale)  # (b, K, C_out)

@@ -212,6 +212,12 @@ def _unfold(t: Tensor, dim: int, positions: int) -> Tensor:
     return t.reshape(*t.shape[:dim], -1, positions, *t.shape[dim + 1 :])
 
 
+def _on_fallback(unit: Unit) -> bool:
+    """Whether ``unit`` goes to the per-module fallback whatever its calls: no rule, and not
+    tied (a tied unit's rule is :func:`.tied.tied_sums`, tried per batch)."""
+    return unit.rule is None and not isinstance(unit.module, Tied)
+
+
 def _folds(unit: Unit, args: tuple[Any, ...], kwargs: dict[str, Any], batch_size: int) -> int:
     """How many positions per sample a call ``module(x)`` of a unit whose rule is in
     :data:`.rules.FOLDABLE`, or a call ``module(x, ...)`` of a unit without a rule (the
@@ -221,8 +227,7 @@ def _folds(unit: Unit, args: tuple[Any, ...], kwargs: dict[str, Any], batch_size
     its rows are the samples' positions, one sample after another)."""
     if not args or not isinstance(args[0], Tensor):
         return 1
-    fallback = unit.rule is None and not isinstance(unit.module, Tied)
-    if not fallback and (unit.rule not in FOLDABLE or kwargs or len(args) != 1):
+    if not _on_fallback(unit) and (unit.rule not in FOLDABLE or kwargs or len(args) != 1):
         return 1
     lead = args[0].shape[0] if args[0].dim() else 0
     return lead // batch_size if lead > batch_size and lead % batch_size == 0 else 1
@@ -676,8 +681,7 @@ class Recorder(TorchFunctionMode):
         # (a unit on the per-module fallback gets its inputs as they are, split where they have
         # the batch as leading dimension, whole elsewhere: the layout check, on fewer samples,
         # tells a shared (nW, N, N) mask of Swin's window attention from per-sample data)
-        fallback = unit.rule is None and not isinstance(unit.module, Tied)
-        for i, shape in enumerate([] if fallback else record.inputs):
+        for i, shape in enumerate([] if _on_fallback(unit) else record.inputs):
             dim = nth(inputs, i)
             lead = shape[dim] if len(shape) >= 3 else 0  # 2-d masks (L, S) are shared
             if lead > self.batch_size and lead % self.batch_size == 0:

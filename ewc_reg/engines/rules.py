@@ -409,6 +409,20 @@ def _pair_weights(positions: int, device: torch.device, weight: float) -> Tensor
     return torch.where(rows == columns, 1.0, weight)
 
 
+def per_sample_products(grads: Tensor, patches: Tensor, chunk: slice) -> Tensor:
+    r"""The per-sample, per-vector gradients :math:`D_{nkj} = G_{nkj} U_{nj}^\top` of the
+    samples of ``chunk``, ``(b, g, K, O, P)``, in one batched matmul: ``grads`` is
+    ``(K, B, g, O, L)`` (any strides) and ``patches`` the chunk's inputs, ``(b, g, P, L)`` or
+    ``(b, g P, L)``."""
+    g = grads[:, chunk].transpose(0, 1)  # (b, K, g, O, L)
+    b, num_vectors, groups, out, positions = g.shape
+    if groups > 1:
+        g = g.transpose(1, 2)  # (b, g, K, O, L)
+    u = patches.reshape(b * groups, -1, positions)
+    products = torch.bmm(g.reshape(b * groups, num_vectors * out, positions), u.mT)
+    return products.view(b, groups, num_vectors, out, -1)
+
+
 def squared_products(
     grads: Tensor, patches_of: Callable[[slice], Tensor], patch: int, budget: int
 ) -> Tensor:
@@ -441,13 +455,7 @@ def squared_products(
     if direct_cost <= gram_cost:
         per_sample = groups * (num_vectors * out * (patch + positions) + patch * positions)
         for chunk in sample_chunks(batch, per_sample * size, budget):
-            g = grads[:, chunk].transpose(0, 1)  # (b, K, g, O, L)
-            b = g.shape[0]
-            if groups > 1:
-                g = g.transpose(1, 2)  # (b, g, K, O, L)
-            u = patches_of(chunk).reshape(b * groups, patch, positions)
-            products = torch.bmm(g.reshape(b * groups, num_vectors * out, positions), u.mT)
-            products = products.view(b, groups, num_vectors, out, patch).square_()
+            products = per_sample_products(grads, patches_of(chunk), chunk).square_()
             result += products.sum((0, 2)) if groups > 1 else products.sum((0, 1, 2))[None]
         return result
     per_sample = groups * (positions * num_vectors * out + 2 * (out + patch) * pairs + patch)
