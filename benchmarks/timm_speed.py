@@ -3,7 +3,10 @@ of its features for such models: the rules for timm's own layers (``--baseline
 no-timm-rules``, the default: the per-module ``torch.func`` fallback they replace), or parents
 as units of their own parameters (``--baseline whole-parents``: a module whose parameters take
 no per-sample copies, as a timm ConvNeXt block's layer scale, is one unit of all the parameters
-inside it, as before), or against the whole-model functorch engine (``--baseline functorch``:
+inside it, as before), or loose parameters without shadowed per-sample copies (``--baseline
+unshadowed``: a ConvNeXt block's ``gamma.reshape(1, C, 1, 1)`` takes no other layout, and the
+block is a unit of its own parameters on the per-module fallback, as before), or against the
+whole-model functorch engine (``--baseline functorch``:
 ViTs with parameters of their own on their attention modules, BEiT's, EVA's and ConViT's,
 which went there before the hooks engine took per-sample copies of some loose parameters only
 and made only the parents whose children's weights they use whole units).
@@ -13,6 +16,7 @@ beside the pinned torch)::
 
     python -m benchmarks.timm_speed               # writes benchmarks/results/timm_speed.md
     python -m benchmarks.timm_speed --baseline whole-parents   # results/timm_parents_speed.md
+    python -m benchmarks.timm_speed --baseline unshadowed      # results/timm_shadows_speed.md
     python -m benchmarks.timm_speed --baseline functorch --batch-size 8  # ..._functorch_speed.md
     python -m benchmarks.timm_speed --models mobilenetv3_small_050 --batch-size 8 --repeats 3
 
@@ -30,6 +34,7 @@ import argparse
 import statistics
 import time
 import warnings
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from datetime import date
@@ -39,7 +44,7 @@ from pathlib import Path
 import torch
 
 from ewc_reg import fisher_diagonal
-from ewc_reg.engines import hooks, rules
+from ewc_reg.engines import hooks, loose, rules
 
 from ._reports import keeping_threads, machine, write_report
 
@@ -67,6 +72,25 @@ def without_timm_rules() -> Iterator[None]:
 def on_functorch() -> Iterator[dict[str, str]]:
     """The whole-model ``torch.func`` engine: the keywords that choose it."""
     yield {"backend": "functorch"}
+
+
+#: The arrangements the hooks engine finds without shadowed copies, kept apart from its own.
+_UNSHADOWED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+@contextmanager
+def without_shadows() -> Iterator[None]:
+    """Inside the block, no per-sample copies in the shadowed layout
+    (:data:`ewc_reg.engines.loose.SHADOWED`): the modules of the loose parameters no other
+    layout fits are units of their own parameters on the per-module fallback, as before; the
+    arrangements found so are kept apart, across the block's calls."""
+    layouts, kept = loose.LAYOUTS, hooks.HookEngine.arrangements
+    loose.LAYOUTS = tuple(layout for layout in layouts if layout != loose.SHADOWED)
+    hooks.HookEngine.arrangements = _UNSHADOWED
+    try:
+        yield
+    finally:
+        loose.LAYOUTS, hooks.HookEngine.arrangements = layouts, kept
 
 
 @contextmanager
@@ -109,6 +133,13 @@ BASELINES = {
         ("convnext_atto", "convnext_nano"),
         "parents as units of their own parameters, or of all the parameters inside them",
         ("own", "whole"),
+    ),
+    "unshadowed": (
+        without_shadows,
+        "timm_shadows_speed.md",
+        ("convnext_atto", "convnext_nano", "inception_next_atto"),
+        "loose parameters in shadowed copies, or their modules on the per-module fallback",
+        ("shadowed", "fallback"),
     ),
     "functorch": (
         on_functorch,

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from ewc_reg import fisher_diagonal
 from ewc_reg._batches import Batch
 from ewc_reg.engines import hooks
-from ewc_reg.engines.loose import copies_layout, loose_parameters
+from ewc_reg.engines.loose import SHADOWED, copies_layout, loose_parameters
 from ewc_reg.engines.recording import Unsupported, plan
 
 from .reference import assert_close_dicts, brute_force_fisher
@@ -24,8 +24,10 @@ from .reference import assert_close_dicts, brute_force_fisher
 
 class QkvAttention(nn.Module):
     """BEiT's attention in small: owns query and value biases, joined to zeros for the key by
-    ``torch.cat`` (no per-sample copies), and a relative bias table it indexes, and calls
-    ``F.linear`` with its ``qkv`` child's weight itself (a use outside ``qkv``'s call)."""
+    ``torch.cat`` (copies only in the shadowed layout), and a relative bias table it indexes and
+    adds to scores with the heads folded into the batch dimension (no copies: the rows where
+    it meets the batch are not the samples), and calls ``F.linear`` with its ``qkv`` child's
+    weight itself (a use outside ``qkv``'s call)."""
 
     def __init__(self, dim: int, tokens: int) -> None:
         super().__init__()
@@ -40,8 +42,11 @@ class QkvAttention(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
         q, k, v = F.linear(x, self.qkv.weight, bias).chunk(3, dim=-1)
+        b, t, d = q.shape  # (two heads, folded into the batch dimension)
+        q, k, v = (h.reshape(b, t, 2, d // 2).transpose(1, 2).flatten(0, 1) for h in (q, k, v))
         scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5 + self.table[self.index]
-        return self.proj(scores.softmax(-1) @ v)
+        heads = (scores.softmax(-1) @ v).reshape(b, 2, t, d // 2)
+        return self.proj(heads.transpose(1, 2).reshape(b, t, d))
 
 
 class Block(nn.Module):
@@ -90,10 +95,10 @@ def _fallback_modules(caplog) -> list[str]:
 def test_a_beit_takes_copies_where_it_can_and_makes_only_its_attention_whole(
     method, caplog
 ) -> None:
-    """The class token and layer scales take per-sample copies, the attention modules are
-    whole units (the per-module fallback), and every other layer keeps its rule. Before, the
-    first failed copy (the biases) made every loose parameter's module a unit, the root among
-    them, and the model went to the functorch engine."""
+    """The class token, layer scales and biases take per-sample copies, the attention modules
+    are whole units (the per-module fallback), and every other layer keeps its rule. Before
+    session 17, the first failed copy (the biases) made every loose parameter's module a unit,
+    the root among them, and the model went to the functorch engine."""
     torch.manual_seed(0)
     model = SmallBeit().double().eval()
     x, y = torch.randn(5, 3, 5, dtype=torch.float64), torch.randint(0, 3, (5,))
@@ -104,9 +109,8 @@ def test_a_beit_takes_copies_where_it_can_and_makes_only_its_attention_whole(
     assert len(messages) == 2, messages
     assert "per-sample copies of parameters ['cls_token'," in messages[0]  # (all together)
     assert messages[0].split("; ")[-1] == (
-        "the modules of ['blocks.0.attn.q_bias', 'blocks.0.attn.v_bias', 'blocks.0.attn.table', "
-        "'blocks.1.attn.q_bias', 'blocks.1.attn.v_bias', 'blocks.1.attn.table'] become units of "
-        "their own parameters"
+        "the modules of ['blocks.0.attn.table', 'blocks.1.attn.table'] become units of their own "
+        "parameters"
     )
     assert "'weight' of module 'blocks.0.attn.qkv' is used outside" in messages[1]
     assert "['blocks.0.attn', 'blocks.1.attn'] become units of all the parameters" in messages[1]
@@ -134,7 +138,8 @@ def test_the_arrangement_is_kept_for_later_batches_and_calls(caplog) -> None:
 
 def test_copies_are_tried_by_kind_when_the_model_raises() -> None:
     """The layer scales and the biases have the same shape: tried together, the biases make
-    the model raise; tried by kind (shape, owner's class, name), the scales take layout 1."""
+    the model raise; tried by kind (shape, owner's class, name), the scales take layout 1, the
+    biases only the shadowed layout, and the tables none."""
     torch.manual_seed(0)
     model = SmallBeit().double().eval()
     params = dict(model.named_parameters())
@@ -144,6 +149,7 @@ def test_copies_are_tried_by_kind_when_the_model_raises() -> None:
     assert layouts == {
         "cls_token": -1,
         **{f"blocks.{i}.gamma_{j}": 1 for i in range(2) for j in (1, 2)},
+        **{f"blocks.{i}.attn.{b}_bias": SHADOWED for i in range(2) for b in "qv"},
     }
     assert "failed in the model" in problem
 

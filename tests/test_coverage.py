@@ -21,15 +21,16 @@ class Gate(nn.Module):
 
 
 class RootParameter(nn.Module):
-    """The root owns a parameter it uses as a matrix next to a child owning some: functorch."""
+    """The root owns a parameter it uses as a matrix on rows folded into the batch dimension
+    (no per-sample copies), next to a child owning some: functorch."""
 
     def __init__(self) -> None:
         super().__init__()
         self.lin = nn.Linear(4, 4)
-        self.w = nn.Parameter(torch.randn(3, 4))
+        self.w = nn.Parameter(torch.randn(3, 2))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(self.lin(x)) @ self.w.T
+        return (torch.tanh(self.lin(x)).reshape(-1, 2) @ self.w.T).reshape(len(x), 6)
 
 
 @pytest.mark.parametrize(

@@ -22,6 +22,7 @@ from ewc_reg import fisher_diagonal
 from ewc_reg._batches import Batch
 from ewc_reg.engines import (
     attention,
+    base,
     convolution,
     get_engine,
     norm_act,
@@ -1136,7 +1137,7 @@ def test_both_ways_of_the_linear_weight_sums(gram, shape, monkeypatch) -> None:
 
 
 def test_the_recorder_finds_the_tensors_pytree_finds() -> None:
-    """``recording.tensors_in`` walks tuples, lists and dicts itself and asks ``pytree`` for
+    """``base.tensors_in`` walks tuples, lists and dicts itself and asks ``pytree`` for
     anything else: the same tensors in the same order as ``pytree.tree_leaves``."""
     import collections
     from dataclasses import dataclass
@@ -1159,7 +1160,7 @@ def test_the_recorder_finds_the_tensors_pytree_finds() -> None:
         "text",
     )
     want = [leaf for leaf in pytree.tree_leaves(tree) if isinstance(leaf, Tensor)]
-    got = recording.tensors_in(tree)
+    got = base.tensors_in(tree)
     assert len(got) == len(want) == 7 and all(a is b for a, b in zip(got, want))
 
 
@@ -1178,13 +1179,18 @@ class Tied(nn.Module):
 
 
 class RootParameter(nn.Module):
+    """A root weight applied to rows folded into the batch dimension, ``(B, 4) -> (2B, 2)``: no
+    per-sample copies in any layout (where the weight meets the batch, its rows are not the
+    samples)."""
+
     def __init__(self) -> None:
         super().__init__()
         self.fc = nn.Linear(4, 4)
-        self.w = nn.Parameter(torch.randn(3, 4))
+        self.w = nn.Parameter(torch.randn(3, 2))
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(torch.tanh(self.fc(x)), self.w)
+        rows = torch.tanh(self.fc(x)).reshape(-1, 2)
+        return F.linear(rows, self.w).reshape(len(x), 2, 3).sum(1)
 
 
 class UsedOutside(nn.Module):
@@ -1645,8 +1651,9 @@ class RootParameterWithAttention(nn.Module):
         self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
         self.w = nn.Parameter(torch.randn(3, 4))
 
-    def forward(self, x: Tensor) -> Tensor:
-        return F.linear(self.attn(x, x, x)[0].mean(1), self.w)
+    def forward(self, x: Tensor) -> Tensor:  # (w on (B T, 4) rows: no per-sample copies)
+        rows = self.attn(x, x, x)[0].flatten(0, 1)
+        return F.linear(rows, self.w).unflatten(0, (len(x), -1)).mean(1)
 
 
 @pytest.mark.filterwarnings("ignore:There is a performance drop")
@@ -1659,7 +1666,7 @@ def test_nested_unit_problems(caplog) -> None:
     assert get_engine("auto", model).name == "hooks"
     log_and_compare(model, data, caplog, "parameter 'out_proj.weight' of module 'attn' is used")
     caplog.clear()
-    model = RootParameterWithAttention().double()  # (w is no broadcast: no per-sample copies)
+    model = RootParameterWithAttention().double()
     reason = "the root module owns parameters and contains modules that own parameters"
     x = torch.randn(5, 3, 4, dtype=torch.float64)
     with pytest.raises(ValueError, match=reason):
@@ -2165,15 +2172,17 @@ class ChildWeightInParent(nn.Module):
 
 
 class IndexedTable(nn.Module):
-    """Owns a table it indexes (as Swin's relative position bias): no per-sample copies."""
+    """Owns a table it indexes and adds to rows folded into the batch dimension (as Swin's
+    relative position bias, on windows): no per-sample copies in any layout."""
 
     def __init__(self) -> None:
         super().__init__()
         self.lin = nn.Linear(4, 4)
-        self.table = nn.Parameter(torch.randn(7, 4))
+        self.table = nn.Parameter(torch.randn(7, 2))
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.lin(x) + self.table[torch.tensor([1, 3, 5])].sum(0)
+        h = self.lin(x)
+        return (h.reshape(-1, 2) + self.table[torch.tensor([1, 3, 5])].sum(0)).reshape(h.shape)
 
 
 @pytest.mark.parametrize(

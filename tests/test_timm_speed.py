@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from torch import nn
 
 from benchmarks import timm_speed
 from ewc_reg import fisher_diagonal
-from ewc_reg.engines import hooks, rules
+from ewc_reg.engines import hooks, loose, rules
 
 
 def test_timm_rules_are_removed_in_the_block_only() -> None:
@@ -47,6 +49,37 @@ def test_parents_are_whole_units_in_the_block_only() -> None:
             assert paths() == ["0"]
             raise RuntimeError("inside")
     assert paths() == ["0", "0.lin"]
+
+
+class ReshapedScale(nn.Module):
+    """Owns a scale it reshapes before it meets the batch: shadowed copies only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(2, 2)
+        self.scale = nn.Parameter(torch.rand(2) + 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x) * self.scale.reshape(1, 2)
+
+
+def test_shadowed_copies_are_off_in_the_block_only(caplog) -> None:
+    """In the block, the parent is a unit of its own parameters (the engine says so), with
+    arrangements of its own; outside, the copies are shadowed and nothing is said."""
+    model = nn.Sequential(ReshapedScale(), nn.Linear(2, 3)).double()
+    data = [(torch.randn(4, 2, dtype=torch.float64), torch.randint(0, 3, (4,)))]
+    layouts, kept = loose.LAYOUTS, hooks.HookEngine.arrangements
+    with caplog.at_level(logging.DEBUG, logger="ewc_reg"):
+        want = timm_speed.fisher(model, data, "exact", None)
+        assert not caplog.records
+        with pytest.raises(RuntimeError, match="inside"):
+            with timm_speed.without_shadows():
+                assert loose.SHADOWED not in loose.LAYOUTS
+                got = timm_speed.fisher(model, data, "exact", None)
+                raise RuntimeError("inside")
+    assert "['0.scale'] become units of their own parameters" in caplog.records[0].getMessage()
+    assert loose.LAYOUTS == layouts and hooks.HookEngine.arrangements is kept
+    assert all(torch.allclose(got[n], want[n], rtol=1e-10, atol=0) for n in want)
 
 
 def test_the_functorch_baseline_is_that_engine() -> None:

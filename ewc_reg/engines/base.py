@@ -39,6 +39,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge
 from torch.overrides import TorchFunctionMode
+from torch.utils import _pytree as pytree
 
 from .._batches import Batch
 
@@ -73,6 +74,33 @@ DEFAULT_MEMORY_BUDGET = 256 * 2**20
 #: gradient of ``x1`` off by about 2×; ``autograd.grad(is_grads_batched=True)`` and one vector
 #: at a time are right). Where a model calls one, the engines pull back one vector at a time.
 VMAP_WRONG = frozenset({torch.cdist})
+
+
+#: Leaves that hold no tensor (skipped without asking ``pytree``).
+_NOT_TENSORS = (int, float, bool, str, type(None), torch.dtype, torch.device, torch.Size)
+
+
+def tensors_in(tree: Any) -> list[Tensor]:
+    """The tensors in ``tree``, in ``pytree``'s order: tuples, lists and dicts are walked here
+    (the recorder's mode calls this on every operation's arguments: ``pytree.tree_leaves``
+    took 0.24 of 0.81 s of OPT's ``empirical`` Fisher in a profile), anything else that may
+    hold tensors (a registered container) by ``pytree``."""
+    found: list[Tensor] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, Tensor):
+            found.append(node)
+        elif isinstance(node, (tuple, list)):
+            for child in node:
+                walk(child)
+        elif isinstance(node, dict):
+            for child in node.values():
+                walk(child)
+        elif not isinstance(node, _NOT_TENSORS):
+            found.extend(leaf for leaf in pytree.tree_leaves(node) if isinstance(leaf, Tensor))
+
+    walk(tree)
+    return found
 
 
 class CallsVmapWrong(TorchFunctionMode):

@@ -833,7 +833,7 @@ class HookEngine:
                 parameters = {u.path: u.module.parameter for u in copied}
                 copies = per_sample_copies(parameters, batch.size, layouts)
                 try:
-                    output = output_fn(call_with(model, copies, batch))
+                    output = output_fn(call_with(model, copies, batch, layouts))
                 except Exception as error:  # (a shape this batch brings; the model's own
                     # errors come again without the copies)
                     raise Unsupported(

@@ -31,8 +31,9 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from .._batches import Batch
-from .base import OutputFn, accumulation_dtype, inside, own_parameters
+from .base import OutputFn, accumulation_dtype, inside, own_parameters, tensors_in
 from .rules import ACCUMULATIONS, CALL_RULES, feed_all
+from .shadows import Shadows
 
 
 def loose_parameters(model: nn.Module, params: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -62,17 +63,21 @@ def loose_parameters(model: nn.Module, params: dict[str, Tensor]) -> dict[str, T
 #: dimensions of size 1 after it, so that it lines up with the batch of an operand of higher
 #: rank (``(D,)`` scaling a ``(B, T, D)`` sequence: ``r = 1``), and :data:`SEQUENCE_FIRST`
 #: replaces a second dimension of size 1 by the batch (a ``(T_max, 1, D)`` position embedding
-#: added to a sequence-first ``(T, B, D)`` sequence).
+#: added to a sequence-first ``(T, B, D)`` sequence); last, :data:`SHADOWED` copies
+#: ``(B, *p.shape)`` that the model does not take: the operations on the parameter are
+#: shadowed on them up to where they meet the batch (:mod:`.shadows`: a ConvNeXt block's
+#: ``gamma.reshape(1, C, 1, 1)``).
 SEQUENCE_FIRST = -2
-LAYOUTS = (-1, 0, 1, 2, 3, SEQUENCE_FIRST)
+SHADOWED = -3
+LAYOUTS = (-1, 0, 1, 2, 3, SEQUENCE_FIRST, SHADOWED)
 
 
 def per_sample_copies(
     loose: dict[str, Tensor], batch_size: int, layouts: dict[str, int]
 ) -> dict[str, Tensor]:
     """Each parameter expanded to its per-sample copies in its layout of ``layouts`` (see
-    :data:`LAYOUTS`; a view: no memory), by name; ``ValueError`` for a parameter without a
-    second dimension of size 1 in :data:`SEQUENCE_FIRST`."""
+    :data:`LAYOUTS`; a view: no memory; :data:`SHADOWED` as ``0``), by name; ``ValueError``
+    for a parameter without a second dimension of size 1 in :data:`SEQUENCE_FIRST`."""
     copies = {}
     for name, p in loose.items():
         layout = layouts[name]
@@ -80,7 +85,7 @@ def per_sample_copies(
             if p.dim() < 2 or p.shape[1] != 1:
                 raise ValueError(f"{name!r} of shape {tuple(p.shape)}: no dimension 1 of size 1")
             copies[name] = p.expand(p.shape[0], batch_size, *p.shape[2:])
-        elif layout < 0 and p.dim() and p.shape[0] == 1:
+        elif layout == -1 and p.dim() and p.shape[0] == 1:
             copies[name] = p.expand(batch_size, *p.shape[1:])
         else:
             ones = (1,) * max(layout, 0)
@@ -88,9 +93,18 @@ def per_sample_copies(
     return copies
 
 
-def call_with(model: nn.Module, copies: dict[str, Tensor], batch: Batch) -> Any:
-    """``model`` called on ``batch`` with the parameters in ``copies`` replaced."""
-    return functional_call(model, copies, batch.args, batch.kwargs, strict=False)
+def call_with(
+    model: nn.Module, copies: dict[str, Tensor], batch: Batch, layouts: dict[str, int]
+) -> Any:
+    """``model`` called on ``batch`` with the parameters in ``copies`` replaced, those in the
+    :data:`SHADOWED` layout shadowed (:class:`.shadows.Shadows`)."""
+    shadowed = {name for name in copies if layouts[name] == SHADOWED}
+    replaced = {name: copy for name, copy in copies.items() if name not in shadowed}
+    if not shadowed:
+        return functional_call(model, replaced, batch.args, batch.kwargs, strict=False)
+    inputs = tensors_in((batch.args, batch.kwargs))
+    with Shadows({model.get_parameter(name): copies[name] for name in shadowed}, inputs):
+        return functional_call(model, replaced, batch.args, batch.kwargs, strict=False)
 
 
 def copies_layout(
@@ -165,7 +179,7 @@ def per_sample_problem(
     try:
         with torch.enable_grad():
             copies = per_sample_copies(loose, size, layouts)
-            output = output_fn(call_with(model, copies, few))
+            output = output_fn(call_with(model, copies, few, layouts))
             weights = torch.randn(
                 output.shape, generator=torch.Generator().manual_seed(0), dtype=output.dtype
             ).to(output.device)

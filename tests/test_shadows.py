@@ -1,0 +1,168 @@
+"""Per-sample copies in the shadowed layout (:mod:`ewc_reg.engines.shadows`): loose parameters
+that reach the batch through operations on parameters alone. The mode is checked against
+per-sample autograd, and models whose loose parameters only this layout takes against brute
+force (float64, 1e-10), with no module on the per-module fallback."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ewc_reg import fisher_diagonal
+from ewc_reg._batches import Batch
+from ewc_reg.engines.loose import SHADOWED, copies_layout, loose_parameters
+from ewc_reg.engines.recording import plan
+from ewc_reg.engines.shadows import Shadows
+
+from .reference import assert_close_dicts, brute_force_fisher
+from .test_hooks_engine import trainable
+
+
+class ReshapedScale(nn.Module):
+    """A ConvNeXt block in small: ``x + conv(x) * gamma.reshape(1, C, 1, 1)``."""
+
+    def __init__(self, channels: int = 3) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.gamma = nn.Parameter(torch.rand(channels) + 0.5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + torch.tanh(self.conv(x)).mul(self.gamma.reshape(1, -1, 1, 1))
+
+
+class JoinedBias(nn.Module):
+    """BEiT's query and value biases joined to the key's zeros by ``torch.cat`` and passed to
+    ``F.linear`` with a weight of its own, next to a child owning parameters."""
+
+    def __init__(self, dim: int = 4) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(3 * dim, dim) * 0.5)
+        self.q_bias = nn.Parameter(torch.randn(dim))
+        self.v_bias = nn.Parameter(torch.randn(dim))
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
+        q, k, v = F.linear(x, self.weight, bias).chunk(3, dim=-1)
+        return self.proj(torch.tanh(q * k) + v)
+
+
+class IndexedBias(nn.Module):
+    """A relative bias table, indexed and added to per-sample scores ``(B, T, T)``."""
+
+    def __init__(self, tokens: int = 3) -> None:
+        super().__init__()
+        self.mix = nn.Linear(4, 4)
+        self.table = nn.Parameter(torch.randn(2 * tokens - 1))
+        index = torch.arange(tokens)
+        self.register_buffer("index", index[:, None] - index[None, :] + tokens - 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.mix(x)
+        scores = h @ h.transpose(1, 2) + self.table[self.index]
+        return scores.softmax(-1) @ h
+
+
+class Head(nn.Module):
+    def __init__(self, features: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(features, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(x.flatten(1))
+
+
+SHADOWED_MODELS = {  # model, input shape, the parameters that take shadowed copies
+    "reshaped_scale": (
+        lambda: nn.Sequential(ReshapedScale(), ReshapedScale(), Head(3 * 4 * 4)),
+        (5, 3, 4, 4),
+        ["0.gamma", "1.gamma"],
+    ),
+    "joined_bias": (
+        lambda: nn.Sequential(nn.Linear(4, 4), JoinedBias(), Head(4 * 2)),
+        (5, 2, 4),
+        ["1.weight", "1.q_bias", "1.v_bias"],
+    ),
+    "indexed_bias": (lambda: nn.Sequential(IndexedBias(), Head(3 * 4)), (5, 3, 4), ["0.table"]),
+}
+
+
+@pytest.mark.parametrize("name", list(SHADOWED_MODELS))
+@pytest.mark.parametrize("method", ["exact", "empirical"])
+def test_loose_parameters_reaching_the_batch_through_operations_take_shadowed_copies(
+    name, method, caplog
+) -> None:
+    """Before, each of these parents was a unit of its own parameters on the per-module
+    fallback (which recomputes its forward for them)."""
+    make, shape, loose = SHADOWED_MODELS[name]
+    torch.manual_seed(0)
+    model = make().double().eval()
+    params = trainable(model)
+    assert list(loose_parameters(model, params)) == loose
+    x, y = torch.randn(*shape, dtype=torch.float64), torch.randint(0, 3, (shape[0],))
+    batch = Batch((x,), {}, y, len(x))
+    layouts, problem = copies_layout(model, loose_parameters(model, params), batch, lambda o: o)
+    assert layouts == dict.fromkeys(loose, SHADOWED) and not problem
+    with caplog.at_level(logging.DEBUG, logger="ewc_reg"):
+        got = fisher_diagonal(model, [(x, y), (x[:2], y[:2])], method, backend="hooks")
+    assert not [r.getMessage() for r in caplog.records if r.name.startswith("ewc_reg")]
+    rest = {n: p for n, p in params.items() if n not in loose}
+    assert all(unit.rule is not None for unit in plan(model, rest))
+    want = brute_force_fisher(model, torch.cat([x, x[:2]]), torch.cat([y, y[:2]]), method)
+    assert_close_dicts(got, want, 1e-10)
+
+
+def test_the_mode_gives_each_sample_its_gradient() -> None:
+    """Against autograd sample by sample: a chain of operations on two parameters (reshape,
+    cat, indexing, a product of both), meeting the batch twice, once through ``F.linear``."""
+    torch.manual_seed(0)
+    a = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(5, 6, dtype=torch.float64)
+
+    def f(x: Tensor, a: Tensor, b: Tensor) -> Tensor:
+        scale = torch.cat([a, b[0, :2]]).reshape(1, 6) * b.sum()
+        h = torch.tanh(x * scale)
+        return F.linear(h, b.repeat(1, 2), a[torch.tensor([0, 3])]).square().sum(1)
+
+    copies = {a: a.expand(5, 4), b: b.expand(5, 2, 3)}
+    with Shadows(copies, [x]):
+        out = f(x, a, b)
+    assert torch.allclose(out, f(x, a, b), rtol=1e-14, atol=0)
+    weights = torch.randn(5, dtype=torch.float64)
+    got = torch.autograd.grad((out * weights).sum(), list(copies.values()))
+    for n in range(5):
+        want = torch.autograd.grad(f(x[n : n + 1], a, b).sum() * weights[n], [a, b])
+        for g, w in zip(got, want):
+            assert torch.allclose(g[n], w, rtol=1e-12, atol=1e-14)
+
+
+def test_a_meeting_that_does_not_keep_the_samples_apart_raises() -> None:
+    """A ``cat`` over the batch dimension gives each sample more than its one row."""
+    a = torch.randn(1, 3, requires_grad=True)
+    x = torch.randn(4, 3)
+    with pytest.raises(ValueError, match="does not treat the samples apart"), Shadows(
+        {a: a.expand(4, 1, 3)}, [x]
+    ):
+        torch.cat([x, a.reshape(1, 3)])
+
+
+def test_constants_and_other_parameters_are_not_batch_data() -> None:
+    """Operations of the shadowed parameter with a buffer and with another parameter keep
+    shadowing (only descendants of the inputs are batch data), and the tables are emptied of
+    what the pass left behind."""
+    a = torch.randn(3, requires_grad=True)
+    w = torch.randn(3, 3, requires_grad=True)
+    buffer = torch.arange(3.0)
+    x = torch.randn(4, 3)
+    mode = Shadows({a: a.expand(4, 3)}, [x])
+    with mode:
+        derived = (a + buffer) @ w
+        assert derived in mode.shadow and mode.shadow[derived].shape == (4, 3)
+        y = x * derived
+        assert y in mode.batch and y not in mode.shadow
+    assert torch.allclose(y, x * ((a + buffer) @ w))
