@@ -1,15 +1,14 @@
-"""Speed of the Fisher of timm models on the hooks engine, against the same engine without one
-of its features for such models: the rules for timm's own layers (``--baseline
-no-timm-rules``, the default: the per-module ``torch.func`` fallback they replace), or parents
-as units of their own parameters (``--baseline whole-parents``: a module whose parameters take
-no per-sample copies, as a timm ConvNeXt block's layer scale, is one unit of all the parameters
-inside it, as before), or loose parameters without shadowed per-sample copies (``--baseline
-unshadowed``: a ConvNeXt block's ``gamma.reshape(1, C, 1, 1)`` takes no other layout, and the
-block is a unit of its own parameters on the per-module fallback, as before), or against the
-whole-model functorch engine (``--baseline functorch``:
-ViTs with parameters of their own on their attention modules, BEiT's, EVA's and ConViT's,
-which went there before the hooks engine took per-sample copies of some loose parameters only
-and made only the parents whose children's weights they use whole units).
+"""Speed of the Fisher of timm models on the hooks engine, against the same engine without one of
+its features for such models: the rules for timm's own layers (``--baseline no-timm-rules``, the
+default: the per-module ``torch.func`` fallback they replace), or parents as units of their own
+parameters (``--baseline whole-parents``: a module whose parameters take no per-sample copies, as a
+timm ConvNeXt block's layer scale before shadowed copies, is one unit of all the parameters inside
+it, as before), or loose parameters without shadowed per-sample copies (``--baseline unshadowed``: a
+ConvNeXt block's ``gamma.reshape(1, C, 1, 1)`` takes no other layout, and the block is a unit of its
+own parameters on the per-module fallback, as before), or against the whole-model functorch engine
+(``--baseline functorch``: ViTs with parameters of their own on their attention modules, BEiT's,
+EVA's and ConViT's, which went there before the hooks engine took per-sample copies of some loose
+parameters only and made only the parents whose children's weights they use whole units).
 
 Run from the repository root (needs ``timm``, an optional import: ``pip install --no-deps timm``
 beside the pinned torch)::

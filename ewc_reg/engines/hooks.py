@@ -26,25 +26,25 @@ and the rules of :mod:`.rules` turn ``(x, G)`` into
 recorded calls to its sums). A parametrised module without a rule (or whose rule declines the
 call) is handled by :class:`~.functorch.FunctorchEngine` applied to that module alone, with
 its recorded input and ``G`` as the vectors (its output tensors cloned while recording when
-there are several: :func:`.recording._separate_leaves`). The parameters of a module
-that contains modules owning selected parameters (a ViT's class token, a ConvNeXt block's
-layer scale: :mod:`.loose`) are replaced by per-sample copies during the forward pass, when
+there are several: :func:`.recording._separate_leaves`). The parameters of a module that contains
+modules owning selected parameters (a ViT's class token, a ConvNeXt block's layer scale:
+:mod:`.loose`) are replaced by per-sample copies during the forward pass, when
 :func:`.loose.copies_layout` finds a way of doing so that keeps the per-sample gradients, and the
-vectors are pulled back to the copies too; the modules of the loose parameters without such a
-way are units without a rule for their own parameters, the modules inside them keeping their
-units and rules (the fallback recomputes the forward for the gradients of its own parameters
-alone: a ConvNeXt block's layer scale, reshaped to ``(1, C, 1, 1)``, which per-sample copies
-cannot take). A module that uses the parameters of a unit inside it itself is one unit
+vectors are pulled back to the copies too (copies the model's operations cannot take, as a ConvNeXt
+block's layer scale reshaped to ``(1, C, 1, 1)``, are shadowed up to where they meet the batch:
+:mod:`.shadows`); the modules of the loose parameters without such a way (a table added to windows
+folded into the batch dimension) are units without a rule for their own parameters, the modules
+inside them keeping their units and rules (the fallback recomputes the forward for the gradients of
+its own parameters alone). A module that uses the parameters of a unit inside it itself is one unit
 without a rule for all of them (the modules inside it are not hooked): the parent of each unit
-flagged :class:`.recording.UsedOutside`, then its parent where that is flagged in turn, but
-never the root (:class:`Arrangement`). Where that fails too, each parent is a unit of all the
-parameters inside it, the outermost where they nest, before the engine gives up. An
-``nn.MultiheadAttention`` is always one unit for its parameters and those of ``out_proj``
-(whose weight it uses without calling it), and has a rule
-(:func:`.attention.multihead_attention`, which sees the whole recorded call: query, key, value,
-masks) unless it has ``add_bias_kv`` or ``add_zero_attn``; while recording, its call is redone
-in pieces (:func:`.attention.attention_in_pieces`), and the vectors are pulled back to the
-in-projection's outputs as well.
+flagged :class:`.recording.UsedOutside`, then its parent where that is flagged in turn, but never
+the root (:class:`Arrangement`). Where that fails too, each parent is a unit of all the parameters
+inside it, the outermost where they nest, before the engine gives up. An ``nn.MultiheadAttention``
+is always one unit for its parameters and those of ``out_proj`` (whose weight it uses without
+calling it), and has a rule (:func:`.attention.multihead_attention`, which sees the whole recorded
+call: query, key, value, masks) unless it has ``add_bias_kv`` or ``add_zero_attn``; while recording,
+its call is redone in pieces (:func:`.attention.attention_in_pieces`), and the vectors are pulled
+back to the in-projection's outputs as well.
 
 The decomposition is valid only if (checked; otherwise :class:`.recording.Unsupported` is raised):
 
