@@ -25,8 +25,8 @@ from .reference import assert_close_dicts, brute_force_fisher
 class QkvAttention(nn.Module):
     """BEiT's attention in small: owns query and value biases, joined to zeros for the key by
     ``torch.cat`` (copies only in the shadowed layout), and a relative bias table it indexes and
-    adds to scores with the heads folded into the batch dimension (no copies: the rows where
-    it meets the batch are not the samples), and calls ``F.linear`` with its ``qkv`` child's
+    adds to scores with the heads folded into the batch dimension heads first (no copies: a
+    sample's rows are not together), and calls ``F.linear`` with its ``qkv`` child's
     weight itself (a use outside ``qkv``'s call)."""
 
     def __init__(self, dim: int, tokens: int) -> None:
@@ -42,11 +42,11 @@ class QkvAttention(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
         q, k, v = F.linear(x, self.qkv.weight, bias).chunk(3, dim=-1)
-        b, t, d = q.shape  # (two heads, folded into the batch dimension)
-        q, k, v = (h.reshape(b, t, 2, d // 2).transpose(1, 2).flatten(0, 1) for h in (q, k, v))
+        b, t, d = q.shape  # (two heads, folded into the batch dimension heads first)
+        q, k, v = (h.reshape(b, t, 2, d // 2).permute(2, 0, 1, 3).flatten(0, 1) for h in (q, k, v))
         scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5 + self.table[self.index]
-        heads = (scores.softmax(-1) @ v).reshape(b, 2, t, d // 2)
-        return self.proj(heads.transpose(1, 2).reshape(b, t, d))
+        heads = (scores.softmax(-1) @ v).reshape(2, b, t, d // 2)
+        return self.proj(heads.permute(1, 2, 0, 3).reshape(b, t, d))
 
 
 class Block(nn.Module):

@@ -22,7 +22,7 @@ class Gate(nn.Module):
 
 class RootParameter(nn.Module):
     """The root owns a parameter it uses as a matrix on rows folded into the batch dimension
-    (no per-sample copies), next to a child owning some: functorch."""
+    positions first (no per-sample copies), next to a child owning some: functorch."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -30,7 +30,8 @@ class RootParameter(nn.Module):
         self.w = nn.Parameter(torch.randn(3, 2))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (torch.tanh(self.lin(x)).reshape(-1, 2) @ self.w.T).reshape(len(x), 6)
+        rows = torch.tanh(self.lin(x)).reshape(len(x), 2, 2).transpose(0, 1).flatten(0, 1)
+        return (rows @ self.w.T).unflatten(0, (2, len(x))).sum(0)
 
 
 @pytest.mark.parametrize(

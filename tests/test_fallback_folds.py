@@ -10,6 +10,7 @@ import logging
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ewc_reg import fisher_diagonal
@@ -18,25 +19,25 @@ from .reference import assert_close_dicts, brute_force_fisher
 
 
 class WindowAttention(nn.Module):
-    """Attention within windows of ``n`` tokens, with a relative position bias table it
-    indexes (no per-sample copies: a unit of its own parameter, on the fallback) and an
+    """Attention within windows of ``n`` tokens, its projections its own parameters (no rule:
+    a unit on the per-module fallback), with a relative position bias table it indexes and an
     optional mask per window added as Swin adds it (``(B nW, h, N, N)`` viewed by window)."""
 
     def __init__(self, dim: int, n: int) -> None:
         super().__init__()
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv = nn.Parameter(torch.randn(3 * dim, dim) / dim**0.5)
+        self.proj = nn.Parameter(torch.randn(dim, dim) / dim**0.5)
         self.table = nn.Parameter(torch.randn(2 * n - 1) * 0.3)
         index = torch.arange(n)
         self.register_buffer("index", index[:, None] - index[None, :] + n - 1)
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        q, k, v = self.qkv(x).chunk(3, -1)
+        q, k, v = F.linear(x, self.qkv).chunk(3, -1)
         scores = q @ k.transpose(-1, -2) + self.table[self.index]
         if mask is not None:
             windows = mask.shape[0]
             scores = (scores.view(-1, windows, *scores.shape[1:]) + mask).flatten(0, 1)
-        return self.proj(scores.softmax(-1) @ v)
+        return F.linear(scores.softmax(-1) @ v, self.proj)
 
 
 class Windowed(nn.Module):
@@ -141,7 +142,5 @@ def test_folded_fallback_calls_beside_per_sample_copies(caplog) -> None:
     with caplog.at_level(logging.DEBUG, logger="ewc_reg"):
         got = fisher_diagonal(model, [(x, y)], "exact", backend="hooks")
     assert_close_dicts(got, brute_force_fisher(model, x, y, "exact"), 1e-10)
-    messages = _messages(caplog)  # (the position embedding takes copies, the table does not)
-    assert len(messages) == 1 and messages[0].endswith(
-        "the modules of ['attn.table'] become units of their own parameters"
-    )
+    assert not _messages(caplog)  # (the position embedding takes copies)
+    assert [m.split("'")[1] for m in _messages(caplog, "ewc_reg.fallback")] == ["attn"]

@@ -1179,9 +1179,9 @@ class Tied(nn.Module):
 
 
 class RootParameter(nn.Module):
-    """A root weight applied to rows folded into the batch dimension, ``(B, 4) -> (2B, 2)``: no
-    per-sample copies in any layout (where the weight meets the batch, its rows are not the
-    samples)."""
+    """A root weight applied to rows folded into the batch dimension positions first, ``(B, 4)
+    -> (2B, 2)``: no per-sample copies in any layout (where the weight meets the batch, a
+    sample's rows are not together)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -1189,8 +1189,8 @@ class RootParameter(nn.Module):
         self.w = nn.Parameter(torch.randn(3, 2))
 
     def forward(self, x: Tensor) -> Tensor:
-        rows = torch.tanh(self.fc(x)).reshape(-1, 2)
-        return F.linear(rows, self.w).reshape(len(x), 2, 3).sum(1)
+        rows = torch.tanh(self.fc(x)).reshape(len(x), 2, 2).transpose(0, 1).flatten(0, 1)
+        return F.linear(rows, self.w).unflatten(0, (2, len(x))).sum(0)
 
 
 class UsedOutside(nn.Module):
@@ -1373,7 +1373,6 @@ DYNAMIC = {  # found during the forward pass: the engine decides on the first ba
     "used_outside_in_a_list": (UsedOutsideInAList, "used outside"),
     "used_outside_through_T": (lambda: UsedOutsideThroughAProperty("T"), "used outside"),
     "used_outside_through_mT": (lambda: UsedOutsideThroughAProperty("mT"), "used outside"),
-    "shared_table_of_batch_size": (SharedTableOfBatchSize, "not the leading dimension"),
     "input_changed": (InputChanged, "modified in place"),
     "no_batch_dim": (NoBatchDim, "leading dimension"),
     # (its weight is no broadcast copy: per_sample_problem, then the root as one unit)
@@ -1651,9 +1650,9 @@ class RootParameterWithAttention(nn.Module):
         self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
         self.w = nn.Parameter(torch.randn(3, 4))
 
-    def forward(self, x: Tensor) -> Tensor:  # (w on (B T, 4) rows: no per-sample copies)
-        rows = self.attn(x, x, x)[0].flatten(0, 1)
-        return F.linear(rows, self.w).unflatten(0, (len(x), -1)).mean(1)
+    def forward(self, x: Tensor) -> Tensor:  # (w on (T B, 4) rows: no per-sample copies)
+        rows = self.attn(x, x, x)[0].transpose(0, 1).flatten(0, 1)
+        return F.linear(rows, self.w).unflatten(0, (-1, len(x))).mean(0)
 
 
 @pytest.mark.filterwarnings("ignore:There is a performance drop")
@@ -2172,8 +2171,8 @@ class ChildWeightInParent(nn.Module):
 
 
 class IndexedTable(nn.Module):
-    """Owns a table it indexes and adds to rows folded into the batch dimension (as Swin's
-    relative position bias, on windows): no per-sample copies in any layout."""
+    """Owns a table it indexes and adds to rows folded into the batch dimension positions
+    first: no per-sample copies in any layout (a sample's rows are not together)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -2181,8 +2180,9 @@ class IndexedTable(nn.Module):
         self.table = nn.Parameter(torch.randn(7, 2))
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.lin(x)
-        return (h.reshape(-1, 2) + self.table[torch.tensor([1, 3, 5])].sum(0)).reshape(h.shape)
+        rows = self.lin(x).reshape(len(x), 2, 2).transpose(0, 1).flatten(0, 1)
+        rows = rows + self.table[torch.tensor([1, 3, 5])].sum(0)
+        return rows.unflatten(0, (2, len(x))).transpose(0, 1).flatten(1)
 
 
 @pytest.mark.parametrize(

@@ -18,6 +18,7 @@ from torch.utils import _pytree as pytree
 from .._batches import Batch, is_per_sample, same_output
 from .base import OutputFn, describe
 from .recording import (
+    Batchless,
     Record,
     Recorder,
     SequenceFirst,
@@ -88,6 +89,7 @@ def check_batch_layout(
         model, units, part, output_fn, expanding, f"{fewer} samples"
     )
     untold: dict[tuple[str, int], bool] = {}  # (calls taken the wrong way: see SequenceFirst)
+    batchless: dict[str, set[str]] = {}  # (the parameters of units with such outputs, by why)
     for unit in units:
         record, again = records.get(unit), records_again.get(unit)
         if record is None:
@@ -153,15 +155,21 @@ def check_batch_layout(
                     f"the inputs the samples share of {describe(unit.path)} could not be told "
                     f"from per-sample ones on {fewer} samples, to check the batch dimension"
                 )
-            raise Unsupported(
+            problem = (
                 f"the batch is not the leading dimension of {kind} of {describe(unit.path)}: "
                 f"it has shape {tuple(full)} with {size} samples and {tuple(part)} with "
                 f"{fewer} (a sequence-first (T, B, ...) layout, or shapes that depend on which "
                 "samples are in the batch?)"
             )
+            if not may_be_shared and part == full:  # (an output the samples may share)
+                batchless.setdefault(problem, set()).update(unit.names.values())
+                break
+            raise Unsupported(problem)
         for call, call_again in zip(calls, calls_again):
             if call.folded > 1 and not same_output(call_again.args[0], call.args[0][:fewer]):
                 raise Unsupported(_not_folded(unit, call, f"the first {fewer} samples alone"))
+    if batchless:
+        raise Batchless(next(iter(batchless)), frozenset().union(*batchless.values()))
     if untold:
         paths = list(dict.fromkeys(path for path, _ in untold))
         raise SequenceFirst(

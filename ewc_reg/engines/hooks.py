@@ -171,14 +171,17 @@ from .batch_checks import (
 from .loop import LoopEngine
 from .loose import (
     SEQUENCE_FIRST,
+    SHADOWED,
     LooseParameter,
     call_with,
     copies_layout,
     loose_parameter,
     loose_parameters,
     per_sample_copies,
+    per_sample_problem,
 )
 from .recording import (
+    Batchless,
     Record,
     Recorder,
     SequenceFirst,
@@ -339,7 +342,9 @@ class Arrangement:
     Attributes:
         layouts: the loose parameters (:func:`.loose.loose_parameters`) taken through
             per-sample copies, with their layouts (:data:`.loose.LAYOUTS`); the modules of the
-            others are units of their own parameters.
+            others are units of their own parameters. Also the parameters of units whose
+            outputs have no batch dimension, in :data:`.loose.SHADOWED` copies (their modules
+            then no units: :class:`.recording.Batchless`).
         whole_parents: whether every parent (a module owning parameters next to modules
             inside it that own some) is a unit of all the parameters inside it instead.
         whole: the modules that are units of all the parameters inside them: the parents of
@@ -361,6 +366,11 @@ class Arrangement:
     def with_whole(self, parents: frozenset[str]) -> Arrangement:
         """This arrangement with the modules at ``parents`` whole units as well."""
         return Arrangement(self.layouts, self.whole_parents, self.whole | parents)
+
+    def with_layouts(self, layouts: dict[str, int]) -> Arrangement:
+        """This arrangement with the parameters of ``layouts`` taken through per-sample copies
+        as well (those of units with outputs without the batch: :class:`.recording.Batchless`)."""
+        return Arrangement({**self.layouts, **layouts}, self.whole_parents, self.whole)
 
 
 class HookEngine:
@@ -572,6 +582,18 @@ class HookEngine:
                         "hooks engine: %s; %s become units of all the parameters inside them",
                         problem,
                         sorted(parents),
+                    )
+                    continue
+                except Batchless as problem:
+                    failure = Unsupported(str(problem))
+                    shadowed = sorted(problem.names - arrangement.layouts.keys())
+                    layouts = dict.fromkeys(shadowed, SHADOWED)
+                    trial = {name: params[name] for name in shadowed}
+                    if not trial or per_sample_problem(model, trial, batch, output_fn, layouts)[0]:
+                        break
+                    arrangement = arrangement.with_layouts(layouts)
+                    logger.debug(
+                        "hooks engine: %s; %s take shadowed per-sample copies", problem, shadowed
                     )
                     continue
                 except Unsupported as problem:

@@ -62,6 +62,17 @@ class UsedOutside(Unsupported):
         self.paths = paths
 
 
+class Batchless(Unsupported):
+    """Units whose outputs have no batch dimension (a relative position MLP run on a table of
+    coordinates, T5's bias table looked up with position buckets: computed from parameters and
+    constants alone): ``names`` are the selected parameters inside them, which may take
+    shadowed per-sample copies instead (:data:`.loose.SHADOWED`), their modules then no units."""
+
+    def __init__(self, message: str, names: frozenset[str]) -> None:
+        super().__init__(message)
+        self.names = names
+
+
 class SequenceFirst(Unsupported):
     """Calls whose layout the shapes could not tell were taken the wrong way (see
     :func:`_sequence_first`): sequence-first ``(T, B, ...)`` with ``T == B``, taken as
@@ -487,6 +498,8 @@ class Recorder(TorchFunctionMode):
         self.problem: str | None = None
         # the paths of the units whose parameters are used outside their modules' calls
         self.used_outside: set[str] = set()
+        # the selected parameters of the units with outputs without the batch (Batchless)
+        self.batchless: set[str] = set()
         self.vmap_wrong = False  # (whether a function of VMAP_WRONG was called)
         # the views of parameters made during the forward pass, by id (kept alive with it)
         self.made: dict[int, Tensor] = {}
@@ -688,6 +701,7 @@ class Recorder(TorchFunctionMode):
             record.outputs.append(shape)
             if len(shape) <= dim or shape[dim] != self.batch_size:
                 where = "leading dimension" if dim == 0 else f"dimension {dim}"
+                self.batchless.update(unit.names.values())
                 self._flag(
                     f"an output of {describe(unit.path)} has shape {tuple(leaf.shape)}, without "
                     f"the batch ({self.batch_size}) as {where}"
@@ -740,7 +754,8 @@ class Recorder(TorchFunctionMode):
 
     def check(self) -> None:
         """Raise :class:`Unsupported` for what the forward pass revealed (:class:`UsedOutside`
-        where parameters were used outside their units' calls, whatever the first problem)."""
+        where parameters were used outside their units' calls, whatever the first problem, else
+        :class:`Batchless` where units' outputs had no batch dimension)."""
         for unit, record in self.records.items():
             calls = record.calls()
             if any(t._version != v for call in calls for t, v in call.versions):
@@ -765,5 +780,7 @@ class Recorder(TorchFunctionMode):
                 )
         if self.used_outside:
             raise UsedOutside(self.problem or "", frozenset(self.used_outside))
+        if self.batchless:
+            raise Batchless(self.problem or "", frozenset(self.batchless))
         if self.problem is not None:
             raise Unsupported(self.problem)

@@ -30,6 +30,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 import torch.utils._pytree as pytree
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
@@ -68,13 +69,23 @@ class Shadows(TorchFunctionMode):
             result = func(*args, **kwargs)
             outputs = tensors_in(result)
             if outputs:
-                per_sample = torch.vmap(_substituted(func, leaves, spec, derived))(*shadows)
-                for output, shadow in zip(outputs, tensors_in(per_sample)):
+                call = _substituted(func, leaves, spec, derived)
+                per_sample = torch.vmap(lambda *shadows: tensors_in(call(*shadows)))(*shadows)
+                for output, shadow in zip(outputs, per_sample):
                     self.shadow[output] = shadow
             return result
         batch = [i for i, leaf in enumerate(leaves) if _in(leaf, self.batch)]
-        meet = _substituted(func, leaves, spec, derived, batch)
-        result = torch.vmap(meet)(*shadows, *(leaves[i] for i in batch))
+        rows = _rows_per_sample([leaves[i] for i in batch], shadows[0].shape[0])
+        aligned = _aligned(func, leaves, derived, shadows, batch, rows)
+        if aligned is not None:
+            result = _substituted(func, leaves, spec, derived)(*aligned)
+        else:
+            meet = _substituted(func, leaves, spec, derived, batch, rows)
+            size = shadows[0].shape[0]
+            per_sample = torch.vmap(meet)(
+                *shadows, *(leaves[i].unflatten(0, (size, rows)) for i in batch)
+            )
+            result = pytree.tree_map_only(Tensor, lambda t: t.flatten(0, 1), per_sample)
         self._mark_batch(result)
         return result
 
@@ -83,35 +94,100 @@ class Shadows(TorchFunctionMode):
             self.batch[output] = True
 
 
+#: Functions whose tensor arguments broadcast against each other (elementwise arithmetic;
+#: ``scaled_dot_product_attention``'s mask against the scores): where one meets batch data,
+#: the shadows, aligned with the batch (:func:`_aligned`), take the place of the tensors they
+#: shadow in one call, without ``vmap`` (which gets ``scaled_dot_product_attention``'s
+#: gradient for a batched mask wrong on CPU: it raises).
+BROADCASTING = frozenset(
+    {
+        torch.add, torch.sub, torch.mul, torch.div, torch.where,
+        Tensor.add, Tensor.sub, Tensor.mul, Tensor.div,
+        Tensor.__add__, Tensor.__radd__, Tensor.__sub__, Tensor.__rsub__,
+        Tensor.__mul__, Tensor.__rmul__, Tensor.__truediv__, Tensor.__rtruediv__,
+        F.scaled_dot_product_attention,
+    }
+)  # fmt: skip
+
+
+def _rows_per_sample(tensors: list[Tensor], size: int) -> int:
+    """The rows ``k`` each of ``size`` samples has in the batch data ``tensors``, all of leading
+    dimension ``k size`` (``k > 1``: positions or windows folded into the batch dimension, a
+    sample's rows one after another, which the check on two samples tests); ``ValueError`` for
+    other shapes."""
+    leading = {t.shape[0] if t.dim() else 0 for t in tensors}
+    if len(leading) != 1 or not min(leading) or min(leading) % size:
+        shapes = [tuple(t.shape) for t in tensors]
+        raise ValueError(
+            f"per-sample copies of {size} samples meet batch data of shapes {shapes}, whose "
+            "leading dimensions are not one multiple of the batch"
+        )
+    return min(leading) // size
+
+
+def _aligned(
+    func: Any,
+    leaves: list[Any],
+    derived: list[int],
+    shadows: list[Tensor],
+    batch: list[int],
+    rows: int,
+) -> list[Tensor] | None:
+    """For a meeting of a function of :data:`BROADCASTING` with batch data whose tensors all
+    have the same rank ``r`` (and ``rows`` rows per sample), each shadow ``(B, *D.shape)``
+    reshaped to broadcast as its tensor ``D`` does, sample by sample: ``(B, *D.shape[1:])``
+    where ``D`` has rank ``r`` and leads with 1, ``(B, 1, ..., 1, *D.shape)`` of rank ``r``
+    where ``D`` has a lower rank, each sample's repeated ``rows`` times; ``None`` where the
+    function is not one of them or a tensor broadcasts otherwise."""
+    if func not in BROADCASTING:
+        return None
+    size = shadows[0].shape[0]
+    ranks = {leaves[i].dim() for i in batch}
+    if len(ranks) != 1:
+        return None
+    (rank,) = ranks
+    aligned = []
+    for i, shadow in zip(derived, shadows):
+        shape = leaves[i].shape
+        if len(shape) < rank:
+            aligned.append(shadow.reshape(size, *(1,) * (rank - len(shape) - 1), *shape))
+        elif len(shape) == rank and shape[0] == 1:
+            aligned.append(shadow.reshape(size, *shape[1:]))
+        else:
+            return None
+    return [shadow.repeat_interleave(rows, 0) if rows > 1 else shadow for shadow in aligned]
+
+
 def _in(leaf: Any, table: WeakIdKeyDictionary) -> bool:
     return isinstance(leaf, Tensor) and leaf in table
 
 
 def _substituted(
-    func: Any, leaves: list[Any], spec: Any, derived: list[int], batch: list[int] = ()
+    func: Any,
+    leaves: list[Any],
+    spec: Any,
+    derived: list[int],
+    batch: list[int] = (),
+    rows: int = 1,
 ) -> Callable[..., Any]:
     """``func`` on ``leaves`` (unflattened by ``spec``) with those at positions ``derived``
     replaced by the first arguments (one sample's shadows) and, at a meeting, those at positions
-    ``batch`` by one sample's rows of the others, each with its leading dimension of 1; its
-    outputs lose that dimension again (``ValueError`` where one has another)."""
+    ``batch`` by the others (one sample's ``rows`` rows of them); each of its outputs must have
+    ``rows`` rows too (``ValueError``: the function does not treat the samples apart)."""
 
     def call(*tensors: Tensor) -> Any:
         values = list(leaves)
-        for i, tensor in zip(derived, tensors):
+        for i, tensor in zip([*derived, *batch], tensors):
             values[i] = tensor
-        for i, tensor in zip(batch, tensors[len(derived) :]):
-            values[i] = tensor.unsqueeze(0)
         args, kwargs = pytree.tree_unflatten(values, spec)
         result = func(*args, **kwargs)
-        return pytree.tree_map_only(Tensor, _one_row, result) if batch else result
+        if batch:
+            for t in tensors_in(result):
+                if t.dim() == 0 or t.shape[0] != rows:
+                    raise ValueError(
+                        f"an operation meeting per-sample copies gives a sample {tuple(t.shape)} "
+                        f"for its {rows} rows: it does not treat the samples apart"
+                    )
+        return result
 
     return call
-
-
-def _one_row(t: Tensor) -> Tensor:
-    if t.dim() == 0 or t.shape[0] != 1:
-        raise ValueError(
-            f"an operation meeting per-sample copies gives a sample's rows {tuple(t.shape)} "
-            "instead of one row: it does not treat the samples apart"
-        )
-    return t.squeeze(0)
