@@ -367,6 +367,16 @@ class _GemmaRMSNorm(nn.Module):  # (scales by 1 + weight; Gemma's multiplies in 
         return output.type_as(x) * (1.0 + self.weight)
 
 
+class _T5LayerNorm(_LlamaRMSNorm):  # (T5's, as transformers 5.25 has it: the mean square in
+    # float32, the input scaled in its own type; in float64, x̂ in float32 differs by 1e-8)
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        variance = hidden_states.to(torch.float32).pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        if self.weight.dtype in [torch.float16, torch.bfloat16]:
+            hidden_states = hidden_states.to(self.weight.dtype)
+        return self.weight * hidden_states
+
+
 class _GatedRMSNorm(_LlamaRMSNorm):  # (a second input: no rule)
     def forward(self, hidden_states: Tensor, gate: Tensor | None = None) -> Tensor:
         return super().forward(hidden_states)
@@ -399,6 +409,7 @@ LlamaRMSNorm = timm_stand_in(
 GemmaRMSNorm = timm_stand_in(
     _GemmaRMSNorm, "transformers.models.gemma.modeling_gemma", "GemmaRMSNorm"
 )
+T5LayerNorm = timm_stand_in(_T5LayerNorm, "transformers.models.t5.modeling_t5", "T5LayerNorm")
 GatedRMSNorm = timm_stand_in(_GatedRMSNorm, "transformers.models.x.modeling_x", "GatedRMSNorm")
 EpsOutsideRMSNorm = timm_stand_in(
     _EpsOutsideRMSNorm, "transformers.models.x.modeling_x", "EpsOutsideRMSNorm"
@@ -446,6 +457,7 @@ LAYERS = {
     "layer_norm_no_bias": (lambda: LayerNormNoBias(5), (6, 4, 5)),
     "llama_rms_norm": (lambda: LlamaRMSNorm(5), (6, 4, 5)),
     "gemma_rms_norm": (lambda: GemmaRMSNorm(5), (6, 5)),
+    "t5_layer_norm": (lambda: T5LayerNorm(5), (6, 4, 5)),
     "global_response_norm": (lambda: GlobalResponseNorm(5), (6, 3, 4, 5)),
     "global_response_norm_nchw": (
         lambda: GlobalResponseNorm(3, channels_last=False), (6, 3, 4, 5)
@@ -591,6 +603,7 @@ def test_layers_of_other_libraries_get_their_rules_by_qualified_name() -> None:
     assert rules.rule_for(StarReLU(inplace=True)) is None  # (it overwrites its input)
     assert rules.rule_for(LlamaRMSNorm(4)) is rules.hugging_face_rms_norm
     assert rules.rule_for(GemmaRMSNorm(4)) is rules.hugging_face_rms_norm
+    assert rules.rule_for(T5LayerNorm(4)) is rules.hugging_face_rms_norm
     assert rules.rule_for(GatedRMSNorm(4)) is None  # (a second input)
     assert rules.rule_for(EpsOutsideRMSNorm(4)) is None  # (it computes something else)
     assert rules.rule_for(PlainRMSNorm(4)) is None

@@ -900,14 +900,17 @@ def _rms_normalized(x: Tensor, eps: float) -> Tensor:
 
 
 @functools.lru_cache(maxsize=64)
-def _computes_rms_norm(cls: type[nn.Module]) -> bool:
-    r"""Whether ``cls``'s ``forward`` computes :math:`w \odot \hat x` or
-    :math:`(1 + w) \odot \hat x` with :math:`\hat x = x / \sqrt{\mathrm{mean}(x^2) + \epsilon}`
-    over the last dimension, as Llama's and Gemma's RMS norms do: checked, once per class, on
-    a module of the class with a random weight, :math:`\epsilon = 1/4` (large, so that it
-    matters where it is added) and a random ``(2, 3, 8)`` input in float64, to 1e-5 (Llama's
-    computes in float32). Either form has the per-sample gradient :math:`G \odot \hat x` for
-    ``w``."""
+def _rms_norm_precision(cls: type[nn.Module]) -> str | None:
+    r"""How ``cls``'s ``forward`` computes :math:`w \odot \hat x` or :math:`(1 + w) \odot \hat x`
+    with :math:`\hat x = x / \sqrt{\mathrm{mean}(x^2) + \epsilon}` over the last dimension, as
+    Llama's, Gemma's and T5's RMS norms do: ``"float32"`` with :math:`\hat x` in float32
+    whatever the input's type (Llama's, Gemma's), ``"input"`` with only the mean square in
+    float32 and :math:`x` scaled in its own type (T5's), ``None`` where it computes something
+    else. Checked, once per class, on a module of the class with a random weight,
+    :math:`\epsilon = 1/4` (large, so that it matters where it is added) and a random
+    ``(2, 3, 8)`` input in float64, to 1e-5 (the two ways differ by float32's rounding of
+    :math:`x`, below that). Either form has the per-sample gradient :math:`G \odot \hat x`
+    for ``w``."""
     try:
         module = cls.__new__(cls)
         nn.Module.__init__(module)
@@ -919,23 +922,34 @@ def _computes_rms_norm(cls: type[nn.Module]) -> bool:
         with torch.no_grad():
             y = cls.forward(module, x)
     except Exception:  # (a forward that needs more than these attributes)
-        return False
-    xhat = _rms_normalized(x, 0.25)
+        return None
+    if not isinstance(y, Tensor) or y.shape != x.shape:
+        return None
     weight = module.weight.detach()
-    return isinstance(y, Tensor) and y.shape == x.shape and any(
-        torch.allclose(y.double(), scale * xhat, rtol=1e-5, atol=1e-5)
-        for scale in (weight, 1 + weight)
-    )
+    for scale in (weight, 1 + weight):
+        if torch.allclose(y.double(), scale * _rms_normalized(x, 0.25), rtol=1e-5, atol=1e-5):
+            in_input = _rms_normalized_as(x, 0.25, "input")
+            return "input" if torch.allclose(y, scale * in_input, rtol=0, atol=0) else "float32"
+    return None
+
+
+def _rms_normalized_as(x: Tensor, eps: float, precision: str) -> Tensor:
+    r""":math:`\hat x` (:func:`_rms_normalized`) as a Hugging Face RMS norm of ``precision``
+    (:func:`_rms_norm_precision`) computes it, in float32 or in ``x``'s type."""
+    if precision == "float32":
+        return _rms_normalized(x.float(), eps)
+    return x * (x.float().square().mean(-1, keepdim=True) + eps).rsqrt()
 
 
 def is_hugging_face_rms_norm(module: nn.Module) -> bool:
     """Whether ``module`` is a Hugging Face RMS norm with a rule: a class of ``transformers``
-    named ``*RMSNorm`` with one parameter, a 1-d ``weight``, a float epsilon
-    (:func:`_rms_epsilon`), a ``forward`` of one input, and the computation
-    :func:`_computes_rms_norm` checks. (Gated and adaptive RMS norms, with a second input, and
-    those with a bias have none.)"""
+    named ``*RMSNorm`` (or ``*T5LayerNorm``: T5's, MT5's, LongT5's, UMT5's) with one
+    parameter, a 1-d ``weight``, a float epsilon (:func:`_rms_epsilon`), a ``forward`` of one
+    input, and the computation :func:`_rms_norm_precision` checks. (Gated and adaptive RMS
+    norms, with a second input, and those with a bias have none.)"""
     cls = type(module)
-    if not (cls.__module__.startswith("transformers.") and cls.__name__.endswith("RMSNorm")):
+    named = cls.__name__.endswith(("RMSNorm", "T5LayerNorm"))
+    if not (cls.__module__.startswith("transformers.") and named):
         return False
     own = dict(module.named_parameters())
     signature = list(_forward_signature(cls).parameters.values())[1:]  # (after self)
@@ -945,16 +959,17 @@ def is_hugging_face_rms_norm(module: nn.Module) -> bool:
         and _rms_epsilon(module) is not None
         and len(signature) == 1
         and signature[0].kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
-        and _computes_rms_norm(cls)
+        and _rms_norm_precision(cls) is not None
     )
 
 
 def _hugging_face_rms_norm_parts(
     module: nn.Module, x: Tensor, names: Collection[str]
 ) -> Reducer:
-    # (x̂ in float32, as Llama's and Gemma's compute it whatever the model's dtype: in a float64
-    # model, x̂ in float64 differed from the model's by 1e-8, which the sums check rejects)
-    xhat = _rms_normalized(x.float(), _rms_epsilon(module))
+    # (x̂ in the norm's own precision: in a float64 Llama, x̂ in float64 differed from the
+    # model's, in float32, by 1e-8, which the sums check rejects; T5's scales x in float64)
+    precision = _rms_norm_precision(type(module)) or "float32"
+    xhat = _rms_normalized_as(x, _rms_epsilon(module), precision)
     return _affine_parts(xhat.to(acc_dtype(module)), names, _per_trailing(x.dim(), 1))
 
 
@@ -968,7 +983,7 @@ def hugging_face_rms_norm(
     module: nn.Module, x: Tensor, grads: Tensor, names: Collection[str], budget: int
 ) -> dict[str, Tensor]:
     r"""Hugging Face's RMS norms (:func:`is_hugging_face_rms_norm`: Llama's, Mistral's, Qwen's,
-    Gemma's and their copies) over the last dimension: :math:`\partial_w = \sum_S G \odot
+    Gemma's, T5's and their copies) over the last dimension: :math:`\partial_w = \sum_S G \odot
     \hat x` (``grads``: those, reduced by :func:`_affine_parts`), for :math:`w \odot \hat x`
     and :math:`(1 + w) \odot \hat x` alike."""
     return affine_sums(grads, x, names, 1)
