@@ -20,7 +20,11 @@ Workloads (``--models``; inputs ``(B, T)`` token ids, next-token targets ``(B, T
   the decoder and the head; its position embeddings are shared by the samples, ``(1, T, D)``,
   which the hooks engine expands over the batch);
 * ``gemma``: Hugging Face's ``GemmaForCausalLM`` (2 layers, 64 hidden units, 4 heads, 1
-  key-value head), whose scaled token embedding is tied to the head.
+  key-value head), whose scaled token embedding is tied to the head;
+* ``t5``: Hugging Face's ``T5ForConditionalGeneration`` (2 + 2 layers, 64 hidden units, 4
+  heads) in :class:`TokensToT5`, its decoder's inputs the tokens shifted right; its relative
+  position biases are looked up in tables with position buckets, outputs without the batch
+  (shadowed per-sample copies: :mod:`ewc_reg.engines.shadows`), its layer norms are RMS norms.
 
 Contenders, timed in one process round-robin, the order reversed every other round (medians):
 
@@ -71,14 +75,14 @@ from ._timing import measure
 from .models import TiedLanguageModel
 
 RESULTS_PATH = Path(__file__).resolve().parent / "results" / "lm_speed.md"
-MODEL_KEYS = ("toy", "gpt2", "llama", "opt", "bart", "gemma")
+MODEL_KEYS = ("toy", "gpt2", "llama", "opt", "bart", "gemma", "t5")
 METHODS = ("empirical", "sample")
 #: The contenders on the tied model: (name, backend, the hooks engine's rules declined, from
 #: :data:`DECLINABLE`).
 CONTENDERS = (
     ("hooks, all rules", "hooks", ()),
     ("hooks, tied pair on torch.func", "hooks", ("tied",)),
-    ("hooks, RMS norms on torch.func", "hooks", ("rms",)),
+    ("hooks, RMS norms on torch.func", "hooks", ("rms",)),  # (Llama, Gemma, T5)
     ("functorch engine", "functorch", ()),
 )
 #: The rules a contender may decline: the module attribute patched, and what it returns then.
@@ -128,14 +132,43 @@ def untied_copy(model: nn.Module) -> nn.Module:
     return untied
 
 
+class TokensToT5(nn.Module):
+    """Hugging Face's T5 on tokens alone, as BART is: the decoder's inputs are the tokens
+    shifted right (T5's ``_shift_right``); returns the logits ``(B, T, V)``."""
+
+    def __init__(self, t5: nn.Module) -> None:
+        super().__init__()
+        self.t5 = t5
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        decoder_inputs = self.t5._shift_right(tokens)
+        return self.t5(input_ids=tokens, decoder_input_ids=decoder_inputs).logits
+
+
 def _hugging_face(key: str, vocab: int, seq_len: int, quick: bool) -> nn.Module | None:
-    """GPT-2, Llama, OPT, BART or Gemma with tied embeddings, or ``None`` without
+    """GPT-2, Llama, OPT, BART, Gemma or T5 with tied embeddings, or ``None`` without
     ``transformers``."""
     try:
         import transformers
     except ImportError:
         return None
     width = 16 if quick else 64
+    if key == "t5":
+        return TokensToT5(
+            transformers.T5ForConditionalGeneration(
+                transformers.T5Config(
+                    vocab_size=vocab,
+                    d_model=width,
+                    d_kv=width // 4,
+                    d_ff=2 * width,
+                    num_layers=2,
+                    num_decoder_layers=2,
+                    num_heads=4,
+                    decoder_start_token_id=0,
+                    pad_token_id=0,
+                )
+            )
+        )
     if key == "gpt2":
         return transformers.GPT2LMHeadModel(
             transformers.GPT2Config(
@@ -208,7 +241,7 @@ def make_workloads(args: argparse.Namespace, device: torch.device) -> list[Workl
         else:
             model = _hugging_face(key, args.vocab, args.seq_len, args.quick)
             names = {"gpt2": "GPT-2", "llama": "Llama", "opt": "OPT", "bart": "BART"}
-            names["gemma"] = "Gemma"
+            names |= {"gemma": "Gemma", "t5": "T5"}
             title = names[key] + " (transformers)"
         if model is None:
             continue

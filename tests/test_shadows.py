@@ -233,6 +233,13 @@ BATCHLESS = {  # model, input shape, the parameters that take shadowed copies
         (4, 6, 4),
         ["0.bias.weight"],
     ),
+    # (buckets (4, 4) with 2 samples: taken for 2 positions per sample folded into the batch
+    # dimension, which the shapes on 1 sample, the same (4, 4), show to be shared)
+    "bucket_table_of_twice_the_batch": (
+        lambda: nn.Sequential(PositionMlpAttention(n=4, table=True), Head(8 * 4)),
+        (2, 8, 4),
+        ["0.bias.weight"],
+    ),
 }
 
 

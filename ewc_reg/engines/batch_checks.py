@@ -29,6 +29,12 @@ from .recording import (
 from .unit_sums import batch_dims_of, by_rule, nth
 
 
+def _refolded(shape: torch.Size, folded: int) -> torch.Size:
+    """A recorded shape ``(B, T, ...)`` of a call with ``T > 1`` positions folded into its batch
+    dimension as the call had it, ``(B T, ...)``; else ``shape``."""
+    return torch.Size((shape[0] * shape[1], *shape[2:])) if folded > 1 else shape
+
+
 def _layout_shown(full: torch.Size, part: torch.Size, size: int, fewer: int) -> bool | None:
     """Whether a call's input of shape ``full`` on ``size`` samples and ``part`` on the first
     ``fewer`` is sequence-first, ``(T, B, ...)`` on both (``True``), or not: the same on both,
@@ -121,6 +127,16 @@ def check_batch_layout(
         }
         if wrong:
             untold.update(wrong)
+            continue
+        outputs_then = [_refolded(s, c.folded) for c in calls for s in c.outputs]
+        if outputs_then and outputs_then == [
+            _refolded(s, c.folded) for c in calls_again for s in c.outputs
+        ]:  # (outputs the samples may share, their rows taken for folded positions)
+            batchless.setdefault(
+                f"the outputs of {describe(unit.path)} have the same shapes, "
+                f"{[tuple(s) for s in outputs_then]}, with {size} samples and with {fewer}",
+                set(),
+            ).update(unit.names.values())
             continue
         pairs = []
         for call, call_again in zip(calls, calls_again):
