@@ -1,26 +1,33 @@
-r"""Per-sample copies of loose parameters that reach the batch through operations on parameters
-alone (a ConvNeXt block's layer scale ``gamma.reshape(1, C, 1, 1)``; BEiT's query and value
-biases joined by ``torch.cat`` into ``F.linear``'s bias), where no layout of
-:data:`.loose.LAYOUTS` fits the model's operations.
+r"""Per-sample copies of parameters that reach the batch through operations on parameters
+alone, where no layout of :data:`.loose.LAYOUTS` fits the model's operations: loose parameters
+(a ConvNeXt block's layer scale ``gamma.reshape(1, C, 1, 1)``; BEiT's query and value biases
+joined by ``torch.cat`` into ``F.linear``'s bias; an indexed relative position table), and the
+parameters of units whose outputs have no batch dimension (:class:`.recording.Batchless`: a
+relative position MLP run on fixed coordinates, T5's bias table looked up with position
+buckets), whose modules are then no units.
 
-A loose parameter :math:`p` enters the batch's computation through tensors
-:math:`D = g(p)` computed from parameters and constants alone, until an operation :math:`h`
-meets batch data :math:`X` (of shape ``(B, ...)``): :math:`Y = h(X, D)`. During the forward
-pass, the torch-function mode :class:`Shadows` keeps beside each such :math:`D` its shadow
-:math:`D^{\mathrm{b}} = (g(P_1), \dots, g(P_B))` of shape ``(B, *D.shape)``, computed from the
-per-sample copies :math:`P = (p, \dots, p)` (``torch.vmap`` of each operation over them), and
-at the meeting returns, in place of :math:`Y`,
+A parameter :math:`p` enters the batch's computation through tensors :math:`D = g(p)`
+computed from parameters and constants alone, until an operation :math:`h` meets batch data
+:math:`X` (of shape ``(k B, ...)``: ``k`` rows per sample, one sample's after another, ``k > 1``
+where windows or heads are folded into the batch dimension): :math:`Y = h(X, D)`. During the
+forward pass, the torch-function mode :class:`Shadows` keeps beside each such :math:`D` its
+shadow :math:`D^{\mathrm{b}} = (g(P_1), \dots, g(P_B))` of shape ``(B, *D.shape)``, computed
+from the per-sample copies :math:`P = (p, \dots, p)` (``torch.vmap`` of each operation over
+them), and at the meeting returns, in place of :math:`Y`,
 
 .. math::
 
-    Y'_n = h\big(X_{n:n+1}, D^{\mathrm{b}}_n\big)_0 \qquad (\text{vmap over } n).
+    Y'_{[n]} = h\big(X_{[n]}, D^{\mathrm{b}}_n\big) \qquad (\text{vmap over } n;
+    X_{[n]} = X_{nk:(n+1)k}),
 
-Every :math:`D^{\mathrm{b}}_n` equals :math:`D`, so :math:`Y' = Y` wherever :math:`h` treats the
-samples apart, and the gradient with respect to :math:`P_n` is sample ``n``'s gradient with
-respect to :math:`p`, as for the copies of the other layouts. Batch data is what the batch's
-inputs lead to (their descendants, through any operation); what :math:`h` returns must have one
-row per sample (``h(X_{n:n+1}, \cdot)`` of leading dimension 1), or the mode raises. Whether
-:math:`h` treats the samples apart is checked for each parameter on two samples
+or, for the functions of :data:`BROADCASTING`, :math:`h` once with :math:`D^{\mathrm{b}}`
+aligned to broadcast as :math:`D` does (:func:`_aligned`). Every :math:`D^{\mathrm{b}}_n`
+equals :math:`D`, so :math:`Y' = Y` wherever :math:`h` treats the samples apart, and the
+gradient with respect to :math:`P_n` is sample ``n``'s gradient with respect to :math:`p`, as
+for the copies of the other layouts. Batch data is what the batch's inputs lead to (their
+descendants, through any operation); what :math:`h` returns must have ``k`` rows per sample,
+or the mode raises. Whether :math:`h` treats the samples apart (and the rows are each
+sample's, together) is checked for each parameter on two samples
 (:func:`.loose.per_sample_problem`), as the copies of every layout are.
 """
 
