@@ -120,3 +120,15 @@ def assert_close_dicts(a: dict[str, Tensor], b: dict[str, Tensor], rtol: float) 
     for name in a:
         err = rel_err(a[name], b[name])
         assert err <= rtol and math.isfinite(err), f"{name}: relative error {err:.3g} > {rtol}"
+
+
+def positions_first(h: Tensor) -> Tensor:
+    """``(B, 2k)`` features as ``(2B, k)`` rows folded into the batch dimension positions
+    first (row ``iB + n`` is sample ``n``'s position ``i``): a parameter meeting such rows
+    takes no per-sample copies, shadowed or not (a sample's rows are not together)."""
+    return h.unflatten(1, (2, -1)).transpose(0, 1).flatten(0, 1)
+
+
+def samples_first(rows: Tensor, batch_size: int) -> Tensor:
+    """:func:`positions_first`'s rows ``(2B, m)`` back to ``(B, 2m)``."""
+    return rows.unflatten(0, (2, batch_size)).transpose(0, 1).flatten(1)

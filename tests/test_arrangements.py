@@ -19,7 +19,7 @@ from ewc_reg.engines import hooks
 from ewc_reg.engines.loose import SHADOWED, copies_layout, loose_parameters
 from ewc_reg.engines.recording import Unsupported, plan
 
-from .reference import assert_close_dicts, brute_force_fisher
+from .reference import assert_close_dicts, brute_force_fisher, positions_first, samples_first
 
 
 class QkvAttention(nn.Module):
@@ -96,9 +96,10 @@ def test_a_beit_takes_copies_where_it_can_and_makes_only_its_attention_whole(
     method, caplog
 ) -> None:
     """The class token, layer scales and biases take per-sample copies, the attention modules
-    are whole units (the per-module fallback), and every other layer keeps its rule. Before
-    session 17, the first failed copy (the biases) made every loose parameter's module a unit,
-    the root among them, and the model went to the functorch engine."""
+    are whole units (the per-module fallback: they use their ``qkv`` child's weight), and every
+    other layer keeps its rule. Before session 17, the first failed copy (the biases) made
+    every loose parameter's module a unit, the root among them, and the model went to the
+    functorch engine."""
     torch.manual_seed(0)
     model = SmallBeit().double().eval()
     x, y = torch.randn(5, 3, 5, dtype=torch.float64), torch.randint(0, 3, (5,))
@@ -155,7 +156,8 @@ def test_copies_are_tried_by_kind_when_the_model_raises() -> None:
 
 
 class Outer(nn.Module):
-    """Uses its grandchild's weight itself: the engine climbs two levels."""
+    """Uses its grandchild's weight itself, on rows folded positions first (no shadowed
+    copies): the engine climbs two levels."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -164,7 +166,8 @@ class Outer(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.mid(x)
-        return F.linear(h, self.mid[0].weight) * self.scale
+        rows = F.linear(positions_first(h), self.mid[0].weight[:2, :2])
+        return samples_first(rows, len(x)) * self.scale
 
 
 def test_whole_units_climb_to_the_module_that_uses_the_parameter(caplog) -> None:
@@ -181,12 +184,15 @@ def test_whole_units_climb_to_the_module_that_uses_the_parameter(caplog) -> None
 
 
 class RootUsesChildWeight(nn.Module):
+    """Uses its child's weight on rows folded positions first (no shadowed copies)."""
+
     def __init__(self) -> None:
         super().__init__()
-        self.lin = nn.Linear(4, 3)
+        self.lin = nn.Linear(4, 4)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(torch.tanh(self.lin(x)), self.lin.weight[:, :3])
+        rows = F.linear(positions_first(torch.tanh(self.lin(x))), self.lin.weight[:3, :2])
+        return samples_first(rows, len(x))
 
 
 def test_the_climb_stops_below_the_root() -> None:

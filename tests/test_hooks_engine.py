@@ -38,7 +38,7 @@ from ewc_reg.engines.recording import plan
 from ewc_reg.likelihoods import Categorical
 
 from .models import cnn, mlp, randomize_bn
-from .reference import assert_close_dicts, brute_force_fisher
+from .reference import assert_close_dicts, brute_force_fisher, positions_first, samples_first
 
 K = 3  # vectors per sample in the direct engine tests
 
@@ -1382,10 +1382,6 @@ STATIC = {  # ruled out by the module tree: get_engine decides
     "traced": (lambda: scripted("trace"), None, "TorchScript"),
 }
 DYNAMIC = {  # found during the forward pass: the engine decides on the first batch
-    "used_outside": (UsedOutside, "used outside"),
-    "used_outside_in_a_list": (UsedOutsideInAList, "used outside"),
-    "used_outside_through_T": (lambda: UsedOutsideThroughAProperty("T"), "used outside"),
-    "used_outside_through_mT": (lambda: UsedOutsideThroughAProperty("mT"), "used outside"),
     "input_changed": (InputChanged, "modified in place"),
     "no_batch_dim": (NoBatchDim, "leading dimension"),
     # (its weight is no broadcast copy: per_sample_problem, then the root as one unit)
@@ -1430,6 +1426,31 @@ def test_dynamic_problems(name: str, caplog) -> None:
     with pytest.raises(ValueError, match=rf'{reason}.*backend="functorch"'):
         fisher_diagonal(model, data_for(None), backend="hooks")
     log_and_compare(model, data_for(None), caplog, reason)
+
+
+USED_OUTSIDE = {  # models whose root uses a parameter of a unit, and those parameters
+    "used_outside": (UsedOutside, ["head.weight"]),
+    "used_outside_in_a_list": (UsedOutsideInAList, ["head.bias"]),
+    "used_outside_through_T": (lambda: UsedOutsideThroughAProperty("T"), ["head.weight"]),
+    "used_outside_through_mT": (lambda: UsedOutsideThroughAProperty("mT"), ["head.weight"]),
+}
+
+
+@pytest.mark.parametrize("name", list(USED_OUTSIDE))
+def test_parameters_used_outside_their_modules_take_shadowed_copies(name: str, caplog) -> None:
+    """The recorder sees the use (through a list, a property's view), and the parameter takes
+    shadowed per-sample copies, the root being no parent that can be made a whole unit;
+    before, the model went to the functorch engine."""
+    make, names = USED_OUTSIDE[name]
+    model = make().double()
+    data = data_for(None)
+    with caplog.at_level(logging.DEBUG, logger="ewc_reg"):
+        got = fisher_diagonal(model, data, backend="hooks")
+    messages = [r.getMessage() for r in caplog.records if r.name == "ewc_reg"]
+    assert len(messages) == 1 and "used outside" in messages[0]
+    assert messages[0].endswith(f"{names} take shadowed per-sample copies")
+    x, y = (torch.cat(parts) for parts in zip(*data))
+    assert_close_dicts(got, brute_force_fisher(model, x, y, "exact"), 1e-10)
 
 
 @pytest.mark.parametrize("norm", [FunctionalBatchNorm, AlwaysBatchStatistics])
@@ -2541,28 +2562,30 @@ def test_the_failed_batched_attempt_is_freed_before_the_retry(unchecked_sums):
 
 
 def test_the_failed_attempt_is_freed_before_the_fallback_runs():
-    """A problem the forward pass reveals (a parameter used outside its module's call) sends
-    the model to the functorch engine; the hooks engine's forward pass, graph and output, is
-    gone by then."""
+    """A problem the forward pass reveals (a parameter used outside its module's call, on
+    rows folded positions first: no shadowed copies either) sends the model to the functorch
+    engine; the hooks engine's forward pass, graph and output, is gone by the check of the
+    shadowed copies, and by the functorch engine's first call."""
     outputs: list[weakref.ref] = []
     alive: list[list[bool]] = []
 
     class Model(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.first, self.head = nn.Linear(5, 7), nn.Linear(7, 4)
+            self.first, self.head = nn.Linear(5, 8), nn.Linear(8, 4)
 
         def forward(self, x: Tensor) -> Tensor:
             gc.collect()
             alive.append([ref() is not None for ref in outputs])
             h = torch.tanh(self.first(x))
-            out = self.head(h) + F.linear(h, self.head.weight)  # (outside head's call)
+            rows = F.linear(positions_first(h), self.head.weight[:, :4])  # (outside head's call)
+            out = self.head(h) + samples_first(rows, len(x))[:, :4]
             outputs.append(weakref.ref(out))
             return out
 
     data = [(torch.randn(6, 5), torch.randint(0, 4, (6,)))]
     fisher_diagonal(Model(), data, "exact", backend="auto")
-    assert len(alive) >= 2 and not alive[1][0]  # (the functorch engine's first call)
+    assert len(alive) >= 3 and not alive[1][0]  # (the check's first pass)
 
 
 def test_running_out_of_memory_in_the_batched_pull_back_is_raised(monkeypatch):

@@ -560,6 +560,22 @@ class HookEngine:
             stages += [Arrangement({})] if known.layouts else []
             stages += [Arrangement({}, whole_parents=True)]
         failure = Unsupported("")
+        unshadowable: set[str] = set()  # (parameters whose shadowed copies failed the check)
+
+        def shadowing(
+            arrangement: Arrangement, problem: Unsupported, names: frozenset[str]
+        ) -> Arrangement | None:
+            """``arrangement`` with the parameters ``names`` in shadowed per-sample copies
+            (logged), or ``None`` where there are none to add or their check fails."""
+            new = sorted(names - arrangement.layouts.keys() - unshadowable)
+            layouts = dict.fromkeys(new, SHADOWED)
+            trial = {name: params[name] for name in new}
+            if not trial or per_sample_problem(model, trial, batch, output_fn, layouts)[0]:
+                unshadowable.update(new)
+                return None
+            logger.debug("hooks engine: %s; %s take shadowed per-sample copies", problem, new)
+            return arrangement.with_layouts(layouts)
+
         for i, arrangement in enumerate(stages):
             if i:
                 logger.debug(
@@ -570,38 +586,39 @@ class HookEngine:
                     else f"the modules of {list(loose)} become units of their own parameters",
                 )
             while True:
+                paths: frozenset[str] | None = None  # (the units of parameters used outside)
                 try:
                     result = sums(arrangement)
                 except UsedOutside as problem:
-                    failure = Unsupported(str(problem))
-                    parents = arrangement.parents_of(problem.paths)
-                    if arrangement.whole_parents or parents is None or parents <= arrangement.whole:
-                        break
-                    arrangement = arrangement.with_whole(parents)
-                    logger.debug(
-                        "hooks engine: %s; %s become units of all the parameters inside them",
-                        problem,
-                        sorted(parents),
-                    )
-                    continue
+                    failure, names, paths = Unsupported(str(problem)), problem.names, problem.paths
                 except Batchless as problem:
-                    failure = Unsupported(str(problem))
-                    shadowed = sorted(problem.names - arrangement.layouts.keys())
-                    layouts = dict.fromkeys(shadowed, SHADOWED)
-                    trial = {name: params[name] for name in shadowed}
-                    if not trial or per_sample_problem(model, trial, batch, output_fn, layouts)[0]:
-                        break
-                    arrangement = arrangement.with_layouts(layouts)
-                    logger.debug(
-                        "hooks engine: %s; %s take shadowed per-sample copies", problem, shadowed
-                    )
-                    continue
+                    failure, names = Unsupported(str(problem)), problem.names
                 except Unsupported as problem:
                     failure = type(problem)(str(problem))  # (not its traceback: the attempt's)
                     break
-                if batch.size > 1 or not arrangement.layouts:  # (one sample cannot show the
-                    found[frozenset(params)] = arrangement  # batch mixed up)
-                return result
+                else:
+                    if batch.size > 1 or not arrangement.layouts:  # (one sample cannot show
+                        found[frozenset(params)] = arrangement  # the batch mixed up)
+                    return result
+                # (parameters used outside their units: their parents whole units, as long as
+                # there are parents to climb to (shadowed copies of a large weight, BEiT-base's
+                # qkv, took longer than the whole attention on the fallback); else, and for
+                # units without the batch, shadowed copies, checked outside the handler: the
+                # failed attempt's frames, its forward pass's graph among them, are freed first)
+                parents = None if paths is None else arrangement.parents_of(paths)
+                climbed = arrangement.whole_parents or parents is None
+                if not (climbed or parents <= arrangement.whole):
+                    arrangement = arrangement.with_whole(parents)
+                    logger.debug(
+                        "hooks engine: %s; %s become units of all the parameters inside them",
+                        failure,
+                        sorted(parents),
+                    )
+                    continue
+                shadowed = shadowing(arrangement, failure, names)
+                if shadowed is None:
+                    break
+                arrangement = shadowed
         failures[key] = str(failure)
         return self._give_up(model, failure)(*args)
 

@@ -8,6 +8,7 @@ decomposition during the pass."""
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
@@ -53,13 +54,14 @@ class SharedWithBatchRows(Unsupported):
 
 class UsedOutside(Unsupported):
     """Parameters of some units are used while their modules do not run (a parent calling
-    ``F.linear(x, self.qkv.weight, bias)`` itself): ``paths`` are those units' (tied units
-    left out), whose parent modules may be made units of all the parameters inside them
-    (:func:`plan`'s ``whole``)."""
+    ``F.linear(x, self.qkv.weight, bias)`` itself): ``names`` are those parameters, which may
+    take shadowed per-sample copies (:data:`.loose.SHADOWED`), and ``paths`` their units'
+    (tied units left out), whose parent modules may be made units of all the parameters inside
+    them instead (:func:`plan`'s ``whole``)."""
 
-    def __init__(self, message: str, paths: frozenset[str]) -> None:
+    def __init__(self, message: str, paths: frozenset[str], names: frozenset[str]) -> None:
         super().__init__(message)
-        self.paths = paths
+        self.paths, self.names = paths, names
 
 
 class Batchless(Unsupported):
@@ -496,8 +498,8 @@ class Recorder(TorchFunctionMode):
             for local in unit.names
         }
         self.problem: str | None = None
-        # the paths of the units whose parameters are used outside their modules' calls
-        self.used_outside: set[str] = set()
+        # the names of the parameters used outside their units' calls, by unit path
+        self.used_outside: defaultdict[str, set[str]] = defaultdict(set)
         # the selected parameters of the units with outputs without the batch (Batchless)
         self.batchless: set[str] = set()
         self.vmap_wrong = False  # (whether a function of VMAP_WRONG was called)
@@ -742,7 +744,7 @@ class Recorder(TorchFunctionMode):
                         continue
                 if unit is not None and unit not in self.running:
                     if not isinstance(unit.module, Tied):
-                        self.used_outside.add(unit.path)
+                        self.used_outside[unit.path].add(unit.names[local])
                     self._flag(
                         f"parameter {local!r} of {describe(unit.path)} is used outside that "
                         "module's call"
@@ -779,7 +781,8 @@ class Recorder(TorchFunctionMode):
                     "(the gradient would bypass the edge where it is taken)"
                 )
         if self.used_outside:
-            raise UsedOutside(self.problem or "", frozenset(self.used_outside))
+            names = frozenset().union(*self.used_outside.values())
+            raise UsedOutside(self.problem or "", frozenset(self.used_outside), names)
         if self.batchless:
             raise Batchless(self.problem or "", frozenset(self.batchless))
         if self.problem is not None:
