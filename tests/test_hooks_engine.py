@@ -1239,19 +1239,6 @@ class UsedOutsideThroughAProperty(UsedOutside):
         return self.head(h) + h @ getattr(self.head.weight, self.view)
 
 
-class SharedTableOfBatchSize(nn.Module):
-    """Class embeddings all samples share, looked up with ``arange(5)``: with 5 samples their
-    output leads with the batch size, though not per sample."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.Linear(4, 3)
-        self.classes = nn.Embedding(5, 3)
-
-    def forward(self, x: Tensor) -> Tensor:  # (B, 5)
-        return torch.tanh(self.fc(x)) @ self.classes(torch.arange(5)).T
-
-
 class AttentionCalledTwice(nn.Module):
     """Self-attention applied to its own output, its weights used too; with ``apart``, then
     once more with the key apart from the query and value (pieces of another kind)."""
