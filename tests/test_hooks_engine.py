@@ -183,6 +183,13 @@ class _TimmLayerNorm(nn.LayerNorm):
         return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
 
 
+class _TimmRmsNorm(nn.RMSNorm):  # (timm 1.0.31's, without apex: its own rms_norm)
+    def forward(self, x: Tensor) -> Tensor:
+        dims = tuple(range(-1, -len(self.normalized_shape) - 1, -1))
+        x = x * torch.rsqrt(x.pow(2).mean(dim=dims, keepdim=True) + self.eps)
+        return x * self.weight
+
+
 class _TimmLayerNorm2d(nn.LayerNorm):  # (the channels of (B, C, H, W))
     def forward(self, x: Tensor) -> Tensor:
         x = x.permute(0, 2, 3, 1)
@@ -394,6 +401,7 @@ TimmScaledStdConv2d = timm_stand_in(
     _TimmScaledStdConv2d, "timm.layers.std_conv", "ScaledStdConv2d"
 )
 TimmLayerNorm = timm_stand_in(_TimmLayerNorm, "timm.layers.norm", "LayerNorm")
+TimmRmsNorm = timm_stand_in(_TimmRmsNorm, "timm.layers.norm", "RmsNorm")
 TimmLayerNorm2d = timm_stand_in(_TimmLayerNorm2d, "timm.layers.norm", "LayerNorm2d")
 TimmGroupNorm = timm_stand_in(_TimmGroupNorm, "timm.layers.norm", "GroupNorm")
 TimmGroupNorm1 = timm_stand_in(_TimmGroupNorm1, "timm.layers.norm", "GroupNorm1")
@@ -443,6 +451,7 @@ LAYERS = {
     "falcon_linear_no_bias": (lambda: FalconLinear(5, 4, bias=False), (6, 5)),
     "timm_linear": (lambda: TimmLinear(5, 4), (6, 7, 5)),
     "timm_layer_norm": (lambda: TimmLayerNorm(5), (6, 4, 5)),
+    "timm_rms_norm": (lambda: TimmRmsNorm(5, eps=1e-6), (6, 4, 5)),
     "timm_layer_norm_2d": (lambda: TimmLayerNorm2d(3), (6, 3, 4, 5)),
     "timm_group_norm": (lambda: TimmGroupNorm(4, 2), (6, 4, 3, 3)),
     "timm_group_norm1": (lambda: TimmGroupNorm1(4), (6, 4, 5)),
@@ -588,6 +597,7 @@ def test_layers_of_other_libraries_get_their_rules_by_qualified_name() -> None:
     assert rules.rule_for(FalconLinear(5, 4)) is rules.linear
     assert rules.rule_for(TimmLinear(5, 4)) is rules.linear
     assert rules.rule_for(TimmLayerNorm(5)) is rules.layer_norm
+    assert rules.rule_for(TimmRmsNorm(5)) is rules.rms_norm
     assert rules.rule_for(TimmLayerNorm2d(3)) is rules.channel_layer_norm
     assert rules.rule_for(TimmGroupNorm(4, 2)) is rules.group_norm
     assert rules.rule_for(TimmGroupNorm1(4)) is rules.group_norm

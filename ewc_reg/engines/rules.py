@@ -873,12 +873,15 @@ def rms_norm(
     module: nn.Module, x: Tensor, grads: Tensor, names: Collection[str], budget: int
 ) -> dict[str, Tensor]:
     r"""RMS norm :math:`\hat x = x / \sqrt{\mathrm{mean}_D(x^2) + \epsilon}` over the trailing
-    dimensions ``D``: :math:`\partial_w = \sum_S G \odot \hat x`."""
+    dimensions ``D``: :math:`\partial_w = \sum_S G \odot \hat x`. Also timm's ``RmsNorm``
+    (by qualified name), which computes the same with the same attributes."""
     return affine_sums(grads, x, names, normalized_dims(module))
 
 
 if hasattr(nn, "RMSNorm"):  # torch >= 2.4
-    register(nn.RMSNorm, reduce=_rms_norm_parts, foldable=normalized_dims)(rms_norm)
+    register(
+        nn.RMSNorm, "timm.layers.norm.RmsNorm", reduce=_rms_norm_parts, foldable=normalized_dims
+    )(rms_norm)
 
 
 #: The :data:`RULES` key of Hugging Face's RMS norms, which are recognised by what they compute
