@@ -21,7 +21,7 @@ from ewc_reg.engines.loose import (
     per_sample_problem,
 )
 from ewc_reg.engines.recording import plan
-from ewc_reg.engines.shadows import Shadows
+from ewc_reg.engines.shadows import ByIdentity, Shadows
 
 from .reference import assert_close_dicts, brute_force_fisher
 from .test_hooks_engine import trainable
@@ -298,3 +298,18 @@ def test_the_check_takes_a_gradient_zero_but_for_rounding_as_such() -> None:
     assert not failing and not problem and not raised
     grad = torch.autograd.grad(model(batch.args[0][:1]).sum(), params["0.bias.2.bias"])[0]
     assert grad.abs().max() < 1e-14
+
+
+def test_the_tables_hold_their_tensors_weakly() -> None:
+    """An entry goes with its tensor (a shadow is not kept past what it shadows), and a later
+    tensor is not taken for it."""
+    table = ByIdentity({})
+    a = torch.ones(3)
+    table[a] = torch.zeros(4, 3)
+    assert a in table and table[a].shape == (4, 3)
+    del a
+    assert not table._items
+    b = torch.ones(3)
+    assert b not in table
+    with pytest.raises(KeyError):
+        table[b]

@@ -33,6 +33,7 @@ sample's, together) is checked for each parameter on two samples
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -41,7 +42,6 @@ import torch.nn.functional as F
 import torch.utils._pytree as pytree
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
-from torch.utils.weak import WeakIdKeyDictionary
 
 from .base import tensors_in
 
@@ -54,8 +54,8 @@ class Shadows(TorchFunctionMode):
 
     def __init__(self, copies: dict[Tensor, Tensor], inputs: list[Tensor]) -> None:
         super().__init__()
-        self.shadow: WeakIdKeyDictionary = WeakIdKeyDictionary(copies)
-        self.batch: WeakIdKeyDictionary = WeakIdKeyDictionary(dict.fromkeys(inputs, True))
+        self.shadow = ByIdentity(copies)
+        self.batch = ByIdentity(dict.fromkeys(inputs, True))
 
     def __torch_function__(
         self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
@@ -165,7 +165,38 @@ def _aligned(
     return [shadow.repeat_interleave(rows, 0) if rows > 1 else shadow for shadow in aligned]
 
 
-def _in(leaf: Any, table: WeakIdKeyDictionary) -> bool:
+class ByIdentity:
+    """Values keyed by tensors, by identity, the tensors held weakly: an entry goes when its
+    tensor does. (``torch.utils.weak.WeakIdKeyDictionary`` makes a weak reference for every
+    lookup, and the mode looks up every operation's arguments: a T5's ``empirical`` Fisher
+    took 0.88 of its time with this table, V=5000, B=8, T=32, medians of 9.)"""
+
+    def __init__(self, items: dict[Tensor, Any]) -> None:
+        self._items: dict[int, tuple[weakref.ref, Any]] = {}
+        for key, value in items.items():
+            self[key] = value
+
+    def __setitem__(self, key: Tensor, value: Any) -> None:
+        table = weakref.ref(self)  # (no cycle through the callback: the values go with self)
+
+        def forget(ref: weakref.ref, i: int = id(key)) -> None:
+            items = getattr(table(), "_items", {})
+            if items.get(i, (None,))[0] is ref:  # (not a later tensor's, of its id)
+                del items[i]
+
+        self._items[id(key)] = (weakref.ref(key, forget), value)
+
+    def __contains__(self, key: Tensor) -> bool:
+        item = self._items.get(id(key))
+        return item is not None and item[0]() is key
+
+    def __getitem__(self, key: Tensor) -> Any:
+        if key not in self:
+            raise KeyError(f"no entry for a tensor of shape {tuple(key.shape)}")
+        return self._items[id(key)][1]
+
+
+def _in(leaf: Any, table: ByIdentity) -> bool:
     return isinstance(leaf, Tensor) and leaf in table
 
 
