@@ -95,7 +95,9 @@ def check_batch_layout(
         model, units, part, output_fn, expanding, f"{fewer} samples"
     )
     untold: dict[tuple[str, int], bool] = {}  # (calls taken the wrong way: see SequenceFirst)
-    batchless: dict[str, set[str]] = {}  # (the parameters of units with such outputs, by why)
+    # (the parameters of the units with outputs the samples may share, and the first why)
+    batchless: set[str] = set()
+    why_batchless = ""
     for unit in units:
         record, again = records.get(unit), records_again.get(unit)
         if record is None:
@@ -132,11 +134,11 @@ def check_batch_layout(
         if outputs_then and outputs_then == [
             _refolded(s, c.folded) for c in calls_again for s in c.outputs
         ]:  # (outputs the samples may share, their rows taken for folded positions)
-            batchless.setdefault(
+            why_batchless = why_batchless or (
                 f"the outputs of {describe(unit.path)} have the same shapes, "
-                f"{[tuple(s) for s in outputs_then]}, with {size} samples and with {fewer}",
-                set(),
-            ).update(unit.names.values())
+                f"{[tuple(s) for s in outputs_then]}, with {size} samples and with {fewer}"
+            )
+            batchless.update(unit.names.values())
             continue
         pairs = []
         for call, call_again in zip(calls, calls_again):
@@ -178,14 +180,15 @@ def check_batch_layout(
                 "samples are in the batch?)"
             )
             if not may_be_shared and part == full:  # (an output the samples may share)
-                batchless.setdefault(problem, set()).update(unit.names.values())
+                why_batchless = why_batchless or problem
+                batchless.update(unit.names.values())
                 break
             raise Unsupported(problem)
         for call, call_again in zip(calls, calls_again):
             if call.folded > 1 and not same_output(call_again.args[0], call.args[0][:fewer]):
                 raise Unsupported(_not_folded(unit, call, f"the first {fewer} samples alone"))
     if batchless:
-        raise Batchless(next(iter(batchless)), frozenset().union(*batchless.values()))
+        raise Batchless(why_batchless, frozenset(batchless))
     if untold:
         paths = list(dict.fromkeys(path for path, _ in untold))
         raise SequenceFirst(

@@ -342,9 +342,11 @@ class Arrangement:
     Attributes:
         layouts: the loose parameters (:func:`.loose.loose_parameters`) taken through
             per-sample copies, with their layouts (:data:`.loose.LAYOUTS`); the modules of the
-            others are units of their own parameters. Also the parameters of units whose
-            outputs have no batch dimension, in :data:`.loose.SHADOWED` copies (their modules
-            then no units: :class:`.recording.Batchless`).
+            others are units of their own parameters. Also, in :data:`.loose.SHADOWED`
+            copies, the parameters of units whose outputs have no batch dimension
+            (:class:`.recording.Batchless`) and those used outside their units where no
+            parent can be made a whole unit (:class:`.recording.UsedOutside`): their modules
+            are then no units.
         whole_parents: whether every parent (a module owning parameters next to modules
             inside it that own some) is a unit of all the parameters inside it instead.
         whole: the modules that are units of all the parameters inside them: the parents of
@@ -369,7 +371,7 @@ class Arrangement:
 
     def with_layouts(self, layouts: dict[str, int]) -> Arrangement:
         """This arrangement with the parameters of ``layouts`` taken through per-sample copies
-        as well (those of units with outputs without the batch: :class:`.recording.Batchless`)."""
+        as well (see :attr:`layouts`)."""
         return Arrangement({**self.layouts, **layouts}, self.whole_parents, self.whole)
 
 
@@ -606,8 +608,9 @@ class HookEngine:
                 # units without the batch, shadowed copies, checked outside the handler: the
                 # failed attempt's frames, its forward pass's graph among them, are freed first)
                 parents = None if paths is None else arrangement.parents_of(paths)
-                climbed = arrangement.whole_parents or parents is None
-                if not (climbed or parents <= arrangement.whole):
+                if parents is not None and not (
+                    arrangement.whole_parents or parents <= arrangement.whole
+                ):
                     arrangement = arrangement.with_whole(parents)
                     logger.debug(
                         "hooks engine: %s; %s become units of all the parameters inside them",

@@ -897,9 +897,14 @@ def _rms_epsilon(module: nn.Module) -> float | None:
     return eps if isinstance(eps, float) else None
 
 
+def _inverse_rms(x: Tensor, eps: float) -> Tensor:
+    r""":math:`1 / \sqrt{\mathrm{mean}(x^2) + \epsilon}` over the last dimension, kept as size 1."""
+    return (x.square().mean(-1, keepdim=True) + eps).rsqrt()
+
+
 def _rms_normalized(x: Tensor, eps: float) -> Tensor:
     r""":math:`\hat x = x / \sqrt{\mathrm{mean}(x^2) + \epsilon}` over the last dimension."""
-    return x * (x.square().mean(-1, keepdim=True) + eps).rsqrt()
+    return x * _inverse_rms(x, eps)
 
 
 @functools.lru_cache(maxsize=64)
@@ -941,7 +946,7 @@ def _rms_normalized_as(x: Tensor, eps: float, precision: str) -> Tensor:
     (:func:`_rms_norm_precision`) computes it, in float32 or in ``x``'s type."""
     if precision == "float32":
         return _rms_normalized(x.float(), eps)
-    return x * (x.float().square().mean(-1, keepdim=True) + eps).rsqrt()
+    return x * _inverse_rms(x.float(), eps)
 
 
 def is_hugging_face_rms_norm(module: nn.Module) -> bool:

@@ -82,13 +82,13 @@ class Shadows(TorchFunctionMode):
                     self.shadow[output] = shadow
             return result
         batch = [i for i, leaf in enumerate(leaves) if _in(leaf, self.batch)]
-        rows = _rows_per_sample([leaves[i] for i in batch], shadows[0].shape[0])
+        size = shadows[0].shape[0]
+        rows = _rows_per_sample([leaves[i] for i in batch], size)
         aligned = _aligned(func, leaves, derived, shadows, batch, rows)
         if aligned is not None:
             result = _substituted(func, leaves, spec, derived)(*aligned)
         else:
             meet = _substituted(func, leaves, spec, derived, batch, rows)
-            size = shadows[0].shape[0]
             per_sample = torch.vmap(meet)(
                 *shadows, *(leaves[i].unflatten(0, (size, rows)) for i in batch)
             )
