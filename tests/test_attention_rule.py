@@ -350,3 +350,29 @@ def test_the_pass_without_gradients_is_the_function_differentiated(backend) -> N
     got = fisher_diagonal(model, [(ids, y)], "exact", backend=backend)
     assert_close_dicts(got, brute_force_fisher(model, ids, y, "exact"), 1e-10)
     assert torch.backends.mha.get_fastpath_enabled()
+
+
+class AlongRows(nn.Module):
+    """Axial attention: ``x: (B, H, S, E)``, each sample a grid of ``H`` rows, :class:`Attend`
+    on the rows folded into the batch dimension, ``(B H, S, E)``, its outputs averaged over
+    each sample's rows."""
+
+    def __init__(self, name: str, batch_first: bool = True) -> None:
+        super().__init__()
+        self.rows = attend(name, batch_first)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.rows(x.flatten(0, 1)).unflatten(0, x.shape[:2]).mean(1)
+
+
+@pytest.mark.parametrize(
+    "name", ["self", "distinct", "cross", "weights_per_head", "padding", "causal_padding"]
+)
+@pytest.mark.parametrize("batch_first", [True, False], ids=["batch_first", "sequence_first"])
+def test_attention_on_rows_folded_into_the_batch_dimension(
+    name: str, batch_first: bool, engine_ways: str
+) -> None:
+    """Each sample's rows attend within themselves: its gradient sums over all of them (the
+    key padding mask, ``(B H, S)``, unfolded with them)."""
+    model = AlongRows(name, batch_first).double().eval()
+    check_against_references(model, torch.randn(5, 3, S, E, dtype=torch.float64))

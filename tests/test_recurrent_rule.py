@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from ewc_reg import fisher_diagonal
-from ewc_reg.engines import recurrent
+from ewc_reg.engines import recurrent, rules
 from ewc_reg.engines.recording import plan
 from ewc_reg.likelihoods import Categorical
 
@@ -331,4 +331,109 @@ def test_a_projected_lstm_called_twice_goes_to_functorch(caplog) -> None:
         got = fisher_diagonal(model, [(x, y)])
     messages = [r.getMessage() for r in caplog.records if r.name == "ewc_reg"]
     assert "called more than once" in messages[0] and "functorch" in messages[0]
+    assert_close_dicts(got, brute_force_fisher(model, x, y, "exact"), 1e-10)
+
+
+# --- rows folded into the batch dimension -----------------------------------------------------
+
+
+class RowsAndColumns(nn.Module):
+    """Sequencer's 2-d recurrence: each sample is a ``(H, W, 4)`` grid, one recurrent layer
+    runs along its rows (``(B H, W, 4)``, the rows folded into the batch dimension) and one
+    along its columns (``(B W, H, 4)``), or a cell steps along the rows by hand
+    (``cell`` a cell class)."""
+
+    def __init__(self, cell: type[nn.Module] = nn.LSTM, given: bool = False, **options) -> None:
+        super().__init__()
+        self.given = given  # the rows' layer starts from states made of each row
+        self.stepped = cell in (nn.LSTMCell, nn.GRUCell, nn.RNNCell)
+        if self.stepped:
+            self.rows = cell(4, 5)
+            width = 5
+        else:
+            options.setdefault("batch_first", True)
+            self.rows = cell(4, 5, **options)
+            self.columns = cell(4, 5, **options)
+            size = getattr(self.rows, "proj_size", 0) or 5
+            width = 2 * size * (2 if self.rows.bidirectional else 1)
+        self.head = nn.Linear(width, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, h, w, c = x.shape
+        if self.stepped:
+            rows = x.reshape(b * h, w, c)
+            state = None
+            for t in range(w):
+                state = self.rows(rows[:, t], state)
+            out = state[0] if isinstance(state, tuple) else state
+            return self.head(out.reshape(b, h, -1).mean(1))
+        states = ()
+        if self.given:  # (layers, B H, 5) from each row's mean
+            state = x.reshape(b * h, w, c).mean(1).repeat(self.rows.num_layers, 1, 2)[..., :5]
+            states = ((state, state.tanh()) if isinstance(self.rows, nn.LSTM) else state,)
+        rows, _ = self._run(self.rows, x.reshape(b * h, w, c), *states)
+        columns, _ = self._run(self.columns, x.transpose(1, 2).reshape(b * w, h, c))
+        joined = torch.cat(
+            [rows.reshape(b, h, w, -1), columns.reshape(b, w, h, -1).transpose(1, 2)], -1
+        )
+        return self.head(joined.tanh().mean((1, 2)))
+
+    @staticmethod
+    def _run(layer: nn.RNNBase, x: Tensor, *states: object) -> tuple[Tensor, object]:
+        """``layer`` on batch-first ``x``, transposed around it for a sequence-first layer."""
+        if layer.batch_first:
+            return layer(x, *states)
+        out, state = layer(x.transpose(0, 1), *states)
+        return out.transpose(0, 1), state
+
+
+FOLDED = {
+    "lstm": {},
+    "lstm_two_layers_bidirectional": {"num_layers": 2, "bidirectional": True},
+    "gru_bidirectional": {"cell": nn.GRU, "bidirectional": True},
+    "rnn": {"cell": nn.RNN},
+    "gru_sequence_first": {"cell": nn.GRU, "batch_first": False, "num_layers": 2},
+    "lstm_given_states": {"given": True, "num_layers": 2},
+    "rnn_sequence_first_given_states": {"cell": nn.RNN, "given": True, "batch_first": False},
+    "lstm_cell": {"cell": nn.LSTMCell},
+    "gru_cell": {"cell": nn.GRUCell},
+}
+
+
+@pytest.mark.parametrize("name", list(FOLDED))
+@pytest.mark.parametrize("method", ["exact", "empirical"])
+def test_rows_folded_into_the_batch_dimension(name, method, caplog, engine_ways) -> None:
+    """Each sample's rows are sequences of their own: its gradient sums over all of them."""
+    torch.manual_seed(0)
+    model = RowsAndColumns(**FOLDED[name]).double()
+    x, y = torch.randn(5, 3, 4, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
+    with caplog.at_level(logging.INFO, logger="ewc_reg"):
+        got = fisher_diagonal(model, [(x, y)], method, backend="hooks")
+    assert not [r for r in caplog.records if r.name == "ewc_reg"]  # no fallback
+    assert_close_dicts(got, brute_force_fisher(model, x, y, method), 1e-10)
+
+
+def test_a_projected_lstm_on_folded_rows_is_not_split() -> None:
+    """Its projection's sums pair each step with the next: rows cannot be joined as steps."""
+    model = RowsAndColumns(proj_size=3).double()
+    x, y = torch.randn(5, 3, 4, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
+    with pytest.raises(ValueError, match="multiple of the batch"):
+        fisher_diagonal(model, [(x, y)], backend="hooks")
+
+
+def test_a_declined_call_on_folded_rows_is_flagged(monkeypatch, caplog) -> None:
+    """A call its recorded forward declines would go to the per-module fallback with its
+    inputs unfolded: the engine gives the model up instead (here, to the loop engine)."""
+    monkeypatch.setitem(
+        rules.RECORDED_FORWARDS, recurrent.recurrent_layer, lambda *args: NotImplemented
+    )
+    torch.manual_seed(0)
+    model = RowsAndColumns().double()
+    x, y = torch.randn(5, 3, 4, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
+    with pytest.raises(ValueError, match="declined a call on rows folded"):
+        fisher_diagonal(model, [(x, y)], backend="hooks")
+    with caplog.at_level(logging.INFO, logger="ewc_reg"):
+        got = fisher_diagonal(model, [(x, y)])
+    messages = [r.getMessage() for r in caplog.records if r.name == "ewc_reg"]
+    assert any("declined a call on rows folded" in m for m in messages)
     assert_close_dicts(got, brute_force_fisher(model, x, y, "exact"), 1e-10)

@@ -25,6 +25,7 @@ from .recording import (
     SharedWithBatchRows,
     Unit,
     Unsupported,
+    first_batch_dim,
 )
 from .unit_sums import batch_dims_of, by_rule, nth
 
@@ -184,8 +185,11 @@ def check_batch_layout(
                 batchless.update(unit.names.values())
                 break
             raise Unsupported(problem)
+        first = first_batch_dim(unit)
         for call, call_again in zip(calls, calls_again):
-            if call.folded > 1 and not same_output(call_again.args[0], call.args[0][:fewer]):
+            if call.folded > 1 and not same_output(
+                call_again.args[0], call.args[0].narrow(first, 0, fewer)
+            ):
                 raise Unsupported(_not_folded(unit, call, f"the first {fewer} samples alone"))
     if batchless:
         raise Batchless(why_batchless, frozenset(batchless))
@@ -305,10 +309,11 @@ def check_folds(
         calls, calls_again = record.calls(), [] if again is None else again.calls()
         if len(calls) != len(calls_again):
             raise Unsupported(f"{describe(unit.path)} is called differently in another order")
+        first = first_batch_dim(unit)
         for call, call_again in zip(calls, calls_again):
             if call.folded > 1 and not (
                 call_again.args[0].shape == call.args[0].shape
-                and same_output(call_again.args[0].flip(0), call.args[0])
+                and same_output(call_again.args[0].flip(first), call.args[0])
             ):
                 raise Unsupported(_not_folded(unit, call, "the samples in reverse order"))
 

@@ -94,9 +94,13 @@ The decomposition is valid only if (checked; otherwise :class:`.recording.Unsupp
   dimension, ``x`` of shape ``(B T, ...)`` with sample ``n``'s positions in rows ``nT`` to
   ``nT + T - 1`` (``hidden.view(-1, D)``, as OPT's layers; Swin's windows): its rule gets ``x``
   unfolded to ``(B, T, ...)`` and the gradients at its output alike, once the checks below show the
-  rows to be so; any other input of three or more dimensions whose leading dimension is a multiple
-  of the batch larger than it (a 3-d ``attn_mask`` of shape ``(B * heads, L, S)``) is taken for
-  folded per-sample data the decomposition cannot split.
+  rows to be so; so may a unit whose rule's recorded forward keeps pieces that treat positions alike
+  (:func:`.recording._joins_rows`: recurrent layers and cells, attention, each of a sample's rows a
+  sequence, as Sequencer's LSTMs along an image's rows), its tensor inputs with ``B T`` rows at
+  their batch dimensions and its pieces unfolded alike; any other input of three or more
+  dimensions whose leading dimension is a multiple of the batch larger than it (a 3-d
+  ``attn_mask`` of shape ``(B * heads, L, S)``) is taken for folded per-sample data the
+  decomposition cannot split.
   Since a sequence-first ``(T, B, ...)`` layout with ``T == B``, or a layer run on a shared
   table of ``B`` rows, would pass the checks above, :func:`.batch_checks.check_batch_layout` records
   the units again on fewer samples to tell (once per model and recorded shapes; where calls are

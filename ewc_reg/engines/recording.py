@@ -30,6 +30,7 @@ from .rules import (
     CallRule,
     Rule,
     class_rule,
+    feature_dims,
     global_forward_pre_hooks,
     rule_for,
 )
@@ -126,6 +127,7 @@ class Record:
     inputs: list[torch.Size] = field(default_factory=list)  # every tensor argument's shape
     outputs: list[torch.Size] = field(default_factory=list)  # every output tensor's shape
     kept: dict[str, Tensor] = field(default_factory=dict)  # by the rule's recorded forward
+    pulled: list[Tensor] = field(default_factory=list)  # the kept pieces with edges, as made
     # its inputs, all shared, were expanded over the batch (or, without a rule, its output)
     expanded: bool = False
     folded: int = 1  # the positions per sample folded into its tensors' batch dimension
@@ -232,18 +234,62 @@ def _on_fallback(unit: Unit) -> bool:
 
 
 def _folds(unit: Unit, args: tuple[Any, ...], kwargs: dict[str, Any], batch_size: int) -> int:
-    """How many positions per sample a call ``module(x)`` of a unit whose rule is in
-    :data:`.rules.FOLDABLE`, or a call ``module(x, ...)`` of a unit without a rule (the
-    per-module fallback: Swin's window attention on ``(B nW, N, C)`` windows), has folded into
-    its batch dimension: ``T`` where ``x`` has shape ``(B T, ...)`` for ``T > 1``, else 1
-    (:func:`.batch_checks.check_batch_layout` and :func:`.batch_checks.check_folds` check that
-    its rows are the samples' positions, one sample after another)."""
+    """How many positions per sample a call ``module(x)`` has folded into its batch dimension,
+    for a unit whose rule is in :data:`.rules.FOLDABLE`, or whose rule's recorded forward keeps
+    pieces with the batch first and treats their positions alike (:data:`.rules.POSITIONWISE`:
+    a recurrent layer, batch first, on ``(B H, W, in)`` rows of an image, each row a
+    sequence), or of a call ``module(x, ...)`` of a unit without a rule (the per-module
+    fallback: Swin's window attention on ``(B nW, N, C)`` windows): ``T`` where ``x`` has shape
+    ``(B T, ...)`` for ``T > 1``, else 1 (:func:`.batch_checks.check_batch_layout` and
+    :func:`.batch_checks.check_folds` check that its rows are the samples' positions, one
+    sample after another)."""
     if not args or not isinstance(args[0], Tensor):
         return 1
-    if not _on_fallback(unit) and (unit.rule not in FOLDABLE or kwargs or len(args) != 1):
+    if unit.rule in FOLDABLE and (kwargs or len(args) != 1):
         return 1
-    lead = args[0].shape[0] if args[0].dim() else 0
+    if not (_on_fallback(unit) or unit.rule in FOLDABLE or _joins_rows(unit)):
+        return 1
+    dim = first_batch_dim(unit)
+    lead = args[0].shape[dim] if args[0].dim() > dim else 0
     return lead // batch_size if lead > batch_size and lead % batch_size == 0 else 1
+
+
+def first_batch_dim(unit: Unit) -> int:
+    """The batch dimension of the first input of the unit's calls as its rule takes them, ``1``
+    for a sequence-first call of a rule with a recorded forward (:data:`.rules.BATCH_DIMS`),
+    else ``0``."""
+    if unit.rule not in RECORDED_FORWARDS or unit.rule not in BATCH_DIMS:
+        return 0
+    return nth(BATCH_DIMS[unit.rule](unit.module)[0], 0)
+
+
+def _joins_rows(unit: Unit) -> bool:
+    """Whether the unit's rule has a recorded forward that keeps pieces with the batch first and
+    treats their positions alike (:data:`.rules.POSITIONWISE`): the pieces of a call on
+    ``B T`` rows, unfolded to ``(B, T, ...)``, are those of the call on each sample's ``T``
+    rows, positions side by side."""
+    return unit.rule in RECORDED_FORWARDS and feature_dims(unit.rule, unit.module) is not None
+
+
+def _unfolded_call(
+    unit: Unit, args: tuple[Any, ...], kwargs: dict[str, Any], batch_size: int, folded: int
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """A call's arguments with ``folded`` rows per sample folded into its batch dimension as its
+    rule gets them: ``x = args[0]`` unfolded, ``(B T, ...)`` to ``(B, T, ...)``; for a rule
+    with a recorded forward (:func:`_joins_rows`), every tensor argument with ``B T`` rows at
+    its batch dimension alike (a cell's state, a recurrent layer's initial states)."""
+    if not _joins_rows(unit):  # (batch first)
+        return (_unfold(args[0], 0, folded), *args[1:]), kwargs
+    dims = BATCH_DIMS[unit.rule](unit.module)[0] if unit.rule in BATCH_DIMS else ()
+    leaves, spec = pytree.tree_flatten((args, kwargs))
+    position = 0
+    for i, leaf in enumerate(leaves):
+        if isinstance(leaf, Tensor):
+            dim = nth(dims, position)
+            position += 1
+            if leaf.dim() > dim and leaf.shape[dim] == batch_size * folded:
+                leaves[i] = _unfold(leaf, dim, folded)
+    return pytree.tree_unflatten(leaves, spec)
 
 
 def _transposable(
@@ -560,11 +606,15 @@ class Recorder(TorchFunctionMode):
             record = self.calling.get(unit) if unit in self.running else None
             if record is None:  # (forward called directly, without the hooks: flagged anyway)
                 return piece
-            record.kept[name] = piece
+            # (a folded call's pieces, batch first, are kept, and their gradients come,
+            # unfolded: (B, T, ...) for (B T, ...) rows)
+            unfolded = _unfold(piece, 0, record.folded)
+            record.kept[name] = unfolded
             if pull_back and piece.requires_grad:
                 record.edges.append(self._edge(unit, piece))
+                record.pulled.append(piece)
                 record.leaves.append(name)
-                record.shapes.append(piece.shape)
+                record.shapes.append(unfolded.shape)
                 record.nbytes += piece.numel() * piece.element_size()
             return piece
 
@@ -620,7 +670,7 @@ class Recorder(TorchFunctionMode):
             1 if expanded is not None or transposed else _folds(unit, args, kwargs, self.batch_size)
         )
         if folded > 1:  # (the module runs on x as it is; its rule gets x unfolded)
-            args = (_unfold(args[0], 0, folded), *args[1:])
+            args, kwargs = _unfolded_call(unit, args, kwargs, self.batch_size, folded)
             tensors = tensors_in((args, kwargs))
         # (the lists and dicts as they are now: the caller may extend them after the call, as
         # a dense block appends each layer's output to the list it gave the layer)
@@ -652,6 +702,11 @@ class Recorder(TorchFunctionMode):
         ``None`` (the output as it is)."""
         record = self.calling[unit]
         separate = unit.rule is None or (unit.rule in RECORDED_FORWARDS and not record.kept)
+        if separate and record.folded > 1 and _joins_rows(unit):  # (all its inputs unfolded)
+            self._flag(
+                f"the rule of {describe(unit.path)} declined a call on rows folded into the "
+                "batch dimension"
+            )
         if separate:
             output = _separate_leaves(output)  # (before the unit's call ends: see the mode)
         if (
@@ -680,17 +735,17 @@ class Recorder(TorchFunctionMode):
                 )
         # (an output the recorded forward kept to pull back to already has its edge; where the
         # kept pieces are all the rule needs, no output has one)
-        pulled = [record.kept[name] for name in record.leaves if isinstance(name, str)]
         pieces_only = unit.rule in PIECES_ONLY and bool(record.kept)
         for i, leaf in enumerate(pytree.tree_leaves(output)):
             if not isinstance(leaf, Tensor):
                 continue
             dim = nth(outputs, i)
-            # (a folded call's output, (B T, ...) as its input: its gradients are unfolded as the
-            # pull-back brings them, see _pull_back)
-            shape = leaf.shape
-            if record.folded > 1 and leaf.dim() and shape[0] == self.batch_size * record.folded:
-                shape = torch.Size((self.batch_size, record.folded, *shape[1:]))
+            # (a folded call's output, (B T, ...) as its input, (L, B T, ...) for a recurrent
+            # layer's final states: its gradients are unfolded as the pull-back brings them,
+            # see _pull_back)
+            shape, rows = leaf.shape, self.batch_size * record.folded
+            if record.folded > 1 and leaf.dim() > dim and shape[dim] == rows:
+                shape = _unfold(leaf, dim, record.folded).shape
             elif record.transposed:  # (sequence-first as its input: recorded batch first)
                 if leaf.dim() < 2 or shape[1] != self.batch_size:
                     self._flag(
@@ -710,7 +765,8 @@ class Recorder(TorchFunctionMode):
                 )
             if leaf.is_floating_point():
                 record.nbytes += leaf.numel() * leaf.element_size()
-            if leaf.requires_grad and not (pieces_only or any(leaf is piece for piece in pulled)):
+            pulled = any(leaf is piece for piece in record.pulled)
+            if leaf.requires_grad and not (pieces_only or pulled):
                 record.edges.append(self._edge(unit, leaf))
                 record.leaves.append(i)
                 record.shapes.append(shape)

@@ -10,7 +10,9 @@ next), so the engine joins the calls of a module called more than once per forwa
 one call on all their steps: a cell stepped through a sequence by hand, :math:`T` calls, is
 one call on :math:`T` steps, the per-sample gradients :math:`\sum_t G_{a,t} x_t^\top` of
 backpropagation through time; so is a layer run on two sequences, or on the pieces of one,
-each from the last one's final states.
+each from the last one's final states; and a call on ``k`` sequences per sample folded into the
+batch dimension, ``(B k, T, in)`` (Sequencer's LSTMs along the rows of each image): its pieces
+unfolded, ``(B, k, T, ...)``, are one sequence of ``k T`` steps per sample.
 
 Registered in :data:`.rules.RULES` when this module is imported, which :mod:`ewc_reg.engines`
 does. (``torch.func.vmap`` cannot run these modules: without this rule such models go to the

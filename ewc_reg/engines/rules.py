@@ -179,7 +179,9 @@ SEVERAL_CALLS: dict[Rule, SeveralCalls] = {}
 #: layer are one call on their positions side by side: the engine joins the calls of a layer
 #: called more than once per forward pass (``(B, S_1 + S_2 + ..., *F)``, ``G`` alike) and the
 #: rule sums per-sample gradients over the calls before squaring. For a rule of
-#: :data:`CALL_RULES`, the positions are those of the pieces its recorded forward keeps.
+#: :data:`CALL_RULES`, the positions are those of the pieces its recorded forward keeps, batch
+#: first; so a call on ``k`` rows per sample folded into the batch dimension (``(B k, T, in)``
+#: into a recurrent layer) is the call on its pieces unfolded, ``(B, k, T, ...)``.
 POSITIONWISE: dict[Rule | CallRule, Callable[[nn.Module], tuple[int, int] | None]] = {}
 
 #: Rules of layers called as ``module(x)`` that treat every index of the leading dimensions of
