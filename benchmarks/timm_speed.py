@@ -8,7 +8,10 @@ ConvNeXt block's ``gamma.reshape(1, C, 1, 1)`` takes no other layout, and the bl
 own parameters on the per-module fallback, as before), or against the whole-model functorch engine
 (``--baseline functorch``: ViTs with parameters of their own on their attention modules, BEiT's,
 EVA's and ConViT's, which went there before the hooks engine took per-sample copies of some loose
-parameters only and made only the parents whose children's weights they use whole units).
+parameters only and made only the parents whose children's weights they use whole units), or
+against the loop engine (``--baseline loop``: Sequencer, whose LSTMs run on the rows and columns
+of each image folded into the batch dimension, which ``torch.func`` cannot run, went there before
+the recurrent rule took folded rows).
 
 Run from the repository root (needs ``timm``, an optional import: ``pip install --no-deps timm``
 beside the pinned torch)::
@@ -17,6 +20,7 @@ beside the pinned torch)::
     python -m benchmarks.timm_speed --baseline whole-parents   # results/timm_parents_speed.md
     python -m benchmarks.timm_speed --baseline unshadowed      # results/timm_shadows_speed.md
     python -m benchmarks.timm_speed --baseline functorch --batch-size 8  # ..._functorch_speed.md
+    python -m benchmarks.timm_speed --baseline loop --batch-size 8 --repeats 3  # ..._loop_speed.md
     python -m benchmarks.timm_speed --models mobilenetv3_small_050 --batch-size 8 --repeats 3
 
 For each model (``timm.create_model(name, num_classes=10)``, eval mode, float32, random
@@ -34,8 +38,8 @@ import statistics
 import time
 import warnings
 import weakref
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from datetime import date
 from importlib import metadata
 from pathlib import Path
@@ -67,10 +71,14 @@ def without_timm_rules() -> Iterator[None]:
         rules.RULES.update(removed)
 
 
-@contextmanager
-def on_functorch() -> Iterator[dict[str, str]]:
-    """The whole-model ``torch.func`` engine: the keywords that choose it."""
-    yield {"backend": "functorch"}
+def on_backend(backend: str) -> Callable[[], AbstractContextManager[dict[str, str]]]:
+    """A block yielding the keywords that choose another engine, ``backend``."""
+
+    @contextmanager
+    def block() -> Iterator[dict[str, str]]:
+        yield {"backend": backend}
+
+    return block
 
 
 #: The arrangements the hooks engine finds without shadowed copies, kept apart from its own.
@@ -141,7 +149,7 @@ BASELINES = {
         ("shadowed", "fallback"),
     ),
     "functorch": (
-        on_functorch,
+        on_backend("functorch"),
         "timm_functorch_speed.md",
         (
             "beit_base_patch16_224",
@@ -152,6 +160,13 @@ BASELINES = {
         ),
         "the hooks engine, or the whole-model functorch engine",
         ("hooks", "functorch"),
+    ),
+    "loop": (
+        on_backend("loop"),
+        "timm_loop_speed.md",
+        ("sequencer2d_s",),
+        "the hooks engine, or the loop engine (one sample at a time)",
+        ("hooks", "loop"),
     ),
 }
 

@@ -82,12 +82,13 @@ def test_shadowed_copies_are_off_in_the_block_only(caplog) -> None:
     assert all(torch.allclose(got[n], want[n], rtol=1e-10, atol=0) for n in want)
 
 
-def test_the_functorch_baseline_is_that_engine() -> None:
+@pytest.mark.parametrize("engine", ["functorch", "loop"])
+def test_the_engine_baselines_are_those_engines(engine: str) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3))
     data = [(torch.randn(5, 3), torch.randint(0, 3, (5,)))]
-    want = fisher_diagonal(model, data, "exact", backend="functorch")
-    got = timm_speed.fisher(model, data, "exact", "functorch")
+    want = fisher_diagonal(model, data, "exact", backend=engine)
+    got = timm_speed.fisher(model, data, "exact", engine)
     assert all(torch.equal(got[name], want[name]) for name in want)
     hooks_engine = fisher_diagonal(model, data, "exact", backend="hooks")
     got = timm_speed.fisher(model, data, "exact", None)
