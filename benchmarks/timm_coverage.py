@@ -1,4 +1,4 @@
-"""Which engine each of 113 timm architectures gets, which of its modules go to the per-module
+"""Which engine each of 108 timm architectures gets, which of its modules go to the per-module
 ``torch.func`` fallback, and whether its Fisher agrees with the loop engine's (plain autograd,
 one sample at a time).
 
@@ -47,6 +47,7 @@ ARCHITECTURES: dict[str, tuple[dict[str, Any], int]] = {
         "fasternet_t0", "swiftformer_xs", "sequencer2d_s", "test_vit", "test_vit2", "test_vit4",
         "test_efficientnet_ln", "test_efficientnet_gn", "test_efficientnet_evos",
         "test_byobnet", "test_convnext2", "test_convnext3", "test_mambaout",
+        "tf_mobilenetv3_small_minimal_100",  # (TensorFlow's "SAME" padding: Conv2dSame)
     )},
     **{name: ({"img_size": 64}, 64) for name in (
         "botnet26t_256", "lambda_resnet26t", "efficientvit_m0", "levit_128s", "levit_conv_128s",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 import weakref
 from typing import Any
 
@@ -171,6 +172,47 @@ class _TimmScaledStdConv2d(nn.Conv2d):  # (the NF-Nets', with a gain per output 
             weight=(self.gain * self.scale).view(-1), training=True, momentum=0.0, eps=self.eps,
         ).reshape_as(self.weight)
         return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+def _padded_as_tensorflow(x: Tensor, kernel, stride, dilation) -> Tensor:
+    """``x`` with TensorFlow's "SAME" padding: as many outputs as ``ceil(size / stride)``."""
+    pads = []
+    for size, k, s, d in zip(x.shape[2:], kernel, stride, dilation):
+        outputs = math.ceil(size / s)
+        total = max(0, (outputs - 1) * s + d * (k - 1) + 1 - size)
+        pads = [total // 2, total - total // 2, *pads]
+    return F.pad(x, pads)
+
+
+class _TimmConv2dSame(nn.Conv2d):  # (TensorFlow's "SAME" padding, as timm 1.0.31's)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, padding=0, **kwargs)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = _padded_as_tensorflow(x, self.weight.shape[2:], self.stride, self.dilation)
+        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+class _TimmStdConv2dSame(_TimmStdConv2d):  # (padding "SAME": dynamic unless it can be static)
+    def __init__(self, *args: Any, dynamic: bool = True, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.same_pad = dynamic
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.same_pad:
+            x = _padded_as_tensorflow(x, self.kernel_size, self.stride, self.dilation)
+        return super().forward(x)
+
+
+class _TimmScaledStdConv2dSame(_TimmScaledStdConv2d):
+    def __init__(self, *args: Any, dynamic: bool = True, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.same_pad = dynamic
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.same_pad:
+            x = _padded_as_tensorflow(x, self.kernel_size, self.stride, self.dilation)
+        return super().forward(x)
 
 
 class _TimmLinear(nn.Linear):  # (its forward outside TorchScript)
@@ -400,6 +442,11 @@ TimmStdConv2d = timm_stand_in(_TimmStdConv2d, "timm.layers.std_conv", "StdConv2d
 TimmScaledStdConv2d = timm_stand_in(
     _TimmScaledStdConv2d, "timm.layers.std_conv", "ScaledStdConv2d"
 )
+TimmConv2dSame = timm_stand_in(_TimmConv2dSame, "timm.layers.conv2d_same", "Conv2dSame")
+TimmStdConv2dSame = timm_stand_in(_TimmStdConv2dSame, "timm.layers.std_conv", "StdConv2dSame")
+TimmScaledStdConv2dSame = timm_stand_in(
+    _TimmScaledStdConv2dSame, "timm.layers.std_conv", "ScaledStdConv2dSame"
+)
 TimmLayerNorm = timm_stand_in(_TimmLayerNorm, "timm.layers.norm", "LayerNorm")
 TimmRmsNorm = timm_stand_in(_TimmRmsNorm, "timm.layers.norm", "RmsNorm")
 TimmLayerNorm2d = timm_stand_in(_TimmLayerNorm2d, "timm.layers.norm", "LayerNorm2d")
@@ -521,6 +568,21 @@ LAYERS = {
     "conv2d_timm_scaled_std_pointwise_groups": (
         lambda: TimmScaledStdConv2d(4, 6, 1, stride=2, groups=2, bias=False), (5, 4, 5, 4)
     ),
+    "conv2d_timm_tensorflow_same": (  # (4 pads 1 + 2 with stride 2 and 5 taps; 7 pads 2 + 2)
+        lambda: TimmConv2dSame(4, 6, (5, 3), stride=2, groups=2), (5, 4, 7, 4)
+    ),
+    "conv2d_timm_tensorflow_same_dilated": (
+        lambda: TimmConv2dSame(3, 4, 3, stride=(1, 3), dilation=(2, 1), bias=False), (5, 3, 6, 7)
+    ),
+    "conv2d_timm_std_tensorflow_same": (
+        lambda: TimmStdConv2dSame(4, 6, 4, stride=2, bias=True), (5, 4, 7, 6)
+    ),
+    "conv2d_timm_std_tensorflow_same_static": (  # (same_pad off: its static padding)
+        lambda: TimmStdConv2dSame(3, 4, 3, padding=1, dynamic=False), (5, 3, 5, 4)
+    ),
+    "conv2d_timm_scaled_std_tensorflow_same": (
+        lambda: TimmScaledStdConv2dSame(3, 4, (3, 2), stride=(2, 1), eps=1e-2), (5, 3, 6, 5)
+    ),
     "conv3d_same_replicate_groups": (
         lambda: nn.Conv3d(4, 2, 3, padding="same", groups=2, padding_mode="replicate"),
         (5, 4, 3, 4, 3),
@@ -622,6 +684,10 @@ def test_layers_of_other_libraries_get_their_rules_by_qualified_name() -> None:
     # (its forward pads with zeros whatever the mode: not the convolution the rule takes)
     assert rules.rule_for(TimmScaledStdConv2d(2, 3, 3, padding_mode="reflect")) is None
     assert rules.rule_for(nn.Conv2d(2, 3, 3)) is convolution.conv
+    assert rules.rule_for(TimmConv2dSame(2, 3, 3)) is convolution.conv_tensorflow_same
+    for make in (TimmStdConv2dSame, TimmScaledStdConv2dSame):
+        assert rules.rule_for(make(2, 3, 3)) is convolution.standardized_conv_tensorflow_same
+        assert rules.rule_for(make(2, 3, 3, padding_mode="reflect")) is None
     for make in (TimmBatchNormAct2d, TimmGroupNormAct, TimmLayerNormAct, TimmLayerNormAct2d):
         assert rules.rule_for(make(4, nn.ReLU())) is norm_act.norm_act
         assert rules.rule_for(make(4, nn.PReLU())) is None  # (a parametrised activation)

@@ -1,6 +1,8 @@
 r"""Rules of the convolutions: ``nn.Conv1d``/``2d``/``3d`` (the per-sample weight gradient
 is a product of the output gradient with the input's patches) and ``nn.ConvTranspose1d``/``2d``
-/``3d`` (the same product, taken phase by phase of the stride; see :func:`conv_transpose`).
+/``3d`` (the same product, taken phase by phase of the stride; see :func:`conv_transpose`), and
+timm's: weight-standardised (:func:`standardized_conv`) and with TensorFlow's ``"SAME"`` padding
+(:func:`tensorflow_same_pads`).
 Registered in :data:`.rules.RULES` on import, with their rules for several calls of a layer
 (:data:`.rules.SEVERAL_CALLS`)."""
 
@@ -417,3 +419,58 @@ def standardized_conv(
     if "bias" in names:
         sums["bias"] = square_sum(sum_or_squeeze(joined, -1)).reshape(-1)
     return {name: sums[name] for name in names}
+
+
+def tensorflow_same_pads(x: Tensor, module: nn.Module) -> list[int]:
+    r"""``F.pad`` amounts (last dimension first) of TensorFlow's ``"SAME"`` padding of ``x``
+    ``(B, C, *spatial)`` for the module's kernel, stride and dilation, which timm's ``*Same``
+    convolutions apply in their ``forward``: per spatial dimension of size ``i`` (kernel ``k``,
+    stride ``s``, dilation ``d``), :math:`\max((\lceil i/s \rceil - 1) s + (k - 1) d + 1 - i,
+    0)` zeros in all, the smaller half before. (``padding="same"`` of PyTorch pads
+    :math:`(k - 1) d` whatever ``i`` and ``s``, and takes stride 1 only.)"""
+    pads: list[int] = []
+    sizes = x.shape[2:]
+    for dim in reversed(range(len(module.kernel_size))):
+        size, stride = sizes[dim], module.stride[dim]
+        reach = (module.kernel_size[dim] - 1) * module.dilation[dim] + 1
+        total = max((-(-size // stride) - 1) * stride + reach - size, 0)
+        pads += [total // 2, total - total // 2]
+    return pads
+
+
+def _pads_with_zeros(module: nn.Module) -> bool:
+    """Whether a timm ``*Same`` convolution pads as its rule takes it: only zeros, by its
+    ``forward`` (it passes ``padding`` to ``F.conv2d`` itself, so another ``padding_mode``
+    would be ignored, not applied as ``nn.Conv2d`` does) and by its ``padding`` (0 where it
+    pads dynamically)."""
+    return module.padding_mode == "zeros" and not isinstance(module.padding, str)
+
+
+@register("timm.layers.conv2d_same.Conv2dSame", accepts=_pads_with_zeros)
+def conv_tensorflow_same(
+    module: nn.Module, x: Tensor, grads: Tensor, names: Collection[str], budget: int
+) -> dict[str, Tensor]:
+    """timm's ``Conv2dSame`` (the TensorFlow ports of EfficientNet and MobileNet): :func:`conv`
+    on ``x`` padded as :func:`tensorflow_same_pads` says (its ``padding`` is 0)."""
+    return conv(module, F.pad(x, tensorflow_same_pads(x, module)), grads, names, budget)
+
+
+@register(
+    "timm.layers.std_conv.StdConv2dSame",
+    "timm.layers.std_conv.ScaledStdConv2dSame",
+    accepts=lambda module: (
+        _pads_with_zeros(module)
+        and _is_standardized_conv(module)
+        and isinstance(getattr(module, "same_pad", None), bool)
+    ),
+    params=("weight", "bias", "gain"),
+)
+def standardized_conv_tensorflow_same(
+    module: nn.Module, x: Tensor, grads: Tensor, names: Collection[str], budget: int
+) -> dict[str, Tensor]:
+    """timm's ``StdConv2dSame`` and ``ScaledStdConv2dSame`` (the hybrid ViTs' stems):
+    :func:`standardized_conv` on ``x`` padded as :func:`tensorflow_same_pads` says where the
+    layer pads dynamically (its ``same_pad``; else its ``padding`` is the static one)."""
+    if module.same_pad:
+        x = F.pad(x, tensorflow_same_pads(x, module))
+    return standardized_conv(module, x, grads, names, budget)
