@@ -2930,10 +2930,11 @@ class SharedOutput(nn.Module):
 def test_a_shared_output_is_expanded_over_the_batch(method, engine_ways, caplog) -> None:
     """A unit without a rule whose output the samples share, ``(1, ...)``, gets it expanded
     over the batch, so that the gradients at it are per sample (before, the model went to
-    functorch). As for shared inputs, a model whose output changes, or that fails, with the
-    expansion goes to functorch, and so does one that takes sample 0's copy (the sums check);
-    so does one whose shared input has the batch size as leading dimension (the per-module
-    fallback would split it)."""
+    functorch). A model that sums the output over the batch dimension goes to functorch (the
+    layout check: its output on 2 samples is not theirs alone), and so does one that takes
+    sample 0's copy (the sums check); so does one whose shared input has the batch size as
+    leading dimension (the per-module fallback would split it). (One that fails on the
+    expansion: see ``test_shadows``.)"""
     model = SharedOutput().double()
     ids, y = torch.randint(0, 9, (5, 6)), torch.randint(0, 3, (5,))
     with caplog.at_level(logging.INFO, logger="ewc_reg"):
@@ -2942,7 +2943,6 @@ def test_a_shared_output_is_expanded_over_the_batch(method, engine_ways, caplog)
     assert_close_dicts(got, brute_force_fisher(model, ids, y, method), 1e-10)
     cases = [
         ("summed", 6, "the model's output"),  # (a layout or expansion check finds it)
-        ("viewed", 6, "the model failed with the inputs (or output) the samples share"),
         ("first", 6, "the per-layer sums of parameter 'pos.weight' differ from plain"),
         ("broadcast", 5, "is shared by the samples (shape (5,) with 5 samples and with 2)"),
     ]
@@ -3027,38 +3027,17 @@ def test_shared_inputs_with_the_batch_size_among_their_dimensions(caplog) -> Non
     assert_close_dicts(got, fisher_diagonal(model, data, "exact", backend="loop"), 1e-10)
 
 
-@pytest.mark.parametrize(
-    "view, length, reason",
-    [
-        (True, 6, "the model failed with the inputs (or output) the samples share of module 'pos'"),
-        (False, 2, "could not be told from per-sample ones on 2 samples, to check"),
-    ],
-)
-def test_expansions_that_fail_or_cannot_be_checked_go_to_functorch(
-    view, length, reason, caplog
-) -> None:
-    """A model that fails on the expanded inputs (before, its error reached the user), and
-    positions ``(2,)`` that look per-sample on the 2 samples of the check."""
+def test_expansions_that_cannot_be_checked_go_to_functorch(caplog) -> None:
+    """Positions ``(2,)`` look per-sample on the 2 samples of the check. (Expansions the model
+    fails on, or that change its output: see ``test_shadows``.)"""
     torch.manual_seed(0)
-    model = PositionsWithoutBatch(view).double()
-    ids, y = torch.randint(0, 9, (5, length)), torch.randint(0, 3, (5,))
+    model = PositionsWithoutBatch().double()
+    ids, y = torch.randint(0, 9, (5, 2)), torch.randint(0, 3, (5,))
     with caplog.at_level(logging.INFO, logger="ewc_reg"):
         got = fisher_diagonal(model, [(ids, y)])
     messages = [r.getMessage() for r in caplog.records if r.name == "ewc_reg"]
+    reason = "could not be told from per-sample ones on 2 samples, to check"
     assert len(messages) == 1 and reason in messages[0] and "functorch" in messages[0]
-    assert_close_dicts(got, brute_force_fisher(model, ids, y, "exact"), 1e-10)
-
-
-def test_an_expansion_that_changes_the_output_goes_to_functorch(caplog) -> None:
-    """Code after the unit that depends on the shared batch dimension of 1 (``squeeze(0)``,
-    then a mean over dimension 0) would compute something else: checked, logged, functorch."""
-    torch.manual_seed(0)
-    model = SharedPositions(squeeze=True).double()
-    ids, y = torch.randint(0, 9, (5, 6)), torch.randint(0, 3, (5,))
-    with caplog.at_level(logging.INFO, logger="ewc_reg"):
-        got = fisher_diagonal(model, [(ids, y)])
-    messages = [r.getMessage() for r in caplog.records if r.name == "ewc_reg"]
-    assert len(messages) == 1 and "changes the model's output" in messages[0]
     assert_close_dicts(got, brute_force_fisher(model, ids, y, "exact"), 1e-10)
 
 

@@ -24,7 +24,7 @@ from ewc_reg.engines.recording import plan
 from ewc_reg.engines.shadows import ByIdentity, Shadows
 
 from .reference import assert_close_dicts, brute_force_fisher
-from .test_hooks_engine import trainable
+from .test_hooks_engine import PositionsWithoutBatch, SharedOutput, SharedPositions, trainable
 
 
 class ReshapedScale(nn.Module):
@@ -186,14 +186,36 @@ class SharedTable(nn.Module):
         return torch.tanh(self.fc(x)) @ self.classes(torch.arange(5)).T
 
 
+class SharedBias(nn.Module):
+    """A bias table ``(2n - 1, heads)`` looked up with relative positions, called without
+    inputs: an output ``(1, heads, n, n)`` the samples share, as Hugging Face Swin's relative
+    position bias, a module without a rule."""
+
+    def __init__(self, n: int, heads: int) -> None:
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(2 * n - 1, heads))
+        index = torch.arange(n)
+        self.register_buffer("buckets", index[:, None] - index[None, :] + n - 1)
+
+    def forward(self) -> Tensor:
+        return self.table[self.buckets].permute(2, 0, 1).unsqueeze(0)
+
+
 class PositionMlpAttention(nn.Module):
     """Window attention (``windows`` windows of ``n`` tokens folded into the batch dimension,
     one sample's after another) whose bias is a small MLP of fixed relative coordinates, passed
     to ``scaled_dot_product_attention`` as its mask (timm's ``RelPosMlp`` in MaxViT and
-    ViT-relpos); T5's bias table looked up with position buckets with ``table``."""
+    ViT-relpos); T5's bias table looked up with position buckets with ``table``; a
+    :class:`SharedBias` with ``shared``."""
 
     def __init__(
-        self, n: int = 3, windows: int = 2, heads: int = 2, table: bool = False, bias: bool = False
+        self,
+        n: int = 3,
+        windows: int = 2,
+        heads: int = 2,
+        table: bool = False,
+        bias: bool = False,
+        shared: bool = False,
     ) -> None:
         super().__init__()
         self.n, self.windows, self.heads = n, windows, heads
@@ -202,7 +224,9 @@ class PositionMlpAttention(nn.Module):
         relative = (index[:, None] - index[None, :]).double()
         self.register_buffer("coords", torch.stack([relative, relative.abs().log1p()], -1))
         self.register_buffer("buckets", index[:, None] - index[None, :] + n - 1)
-        if table:
+        if shared:
+            self.bias = SharedBias(n, heads)
+        elif table:
             self.bias = nn.Embedding(2 * n - 1, heads)
         else:
             # (a bias last would add a constant to every score: a Fisher of 0 but for rounding)
@@ -214,8 +238,11 @@ class PositionMlpAttention(nn.Module):
         q, k, v = (
             t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in self.qkv(rows).chunk(3, -1)
         )
-        table = self.bias(self.buckets if isinstance(self.bias, nn.Embedding) else self.coords)
-        mask = table.permute(2, 0, 1).unsqueeze(0)  # (1, heads, n, n)
+        if isinstance(self.bias, SharedBias):
+            mask = self.bias()
+        else:
+            table = self.bias(self.buckets if isinstance(self.bias, nn.Embedding) else self.coords)
+            mask = table.permute(2, 0, 1).unsqueeze(0)  # (1, heads, n, n)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.proj(out.transpose(1, 2).flatten(2)).reshape(b, -1, 4)
 
@@ -259,6 +286,58 @@ def test_units_without_the_batch_take_shadowed_copies(name, method, caplog) -> N
     messages = [r.getMessage() for r in caplog.records if r.name.startswith("ewc_reg")]
     assert len(messages) == 1, messages
     assert messages[0].endswith(f"{sorted(shadowed)} take shadowed per-sample copies")
+    want = brute_force_fisher(model, torch.cat([x, x[:2]]), torch.cat([y, y[:2]]), method)
+    assert_close_dicts(got, want, 1e-10)
+
+
+FAILED_EXPANSIONS = {  # model, input, the start of the reason
+    # (before, to functorch: "the model failed with the inputs (or output) the samples share")
+    "shared_output_viewed": (
+        lambda: SharedOutput("viewed"),
+        lambda: torch.randint(0, 9, (5, 6)),
+        "the model failed with the inputs (or output) the samples share of module 'pos'",
+    ),
+    "positions_viewed": (
+        lambda: PositionsWithoutBatch(view=True),
+        lambda: torch.randint(0, 9, (5, 6)),
+        "the model failed with the inputs (or output) the samples share of module 'pos'",
+    ),
+    # (before, to functorch: "changes the model's output")
+    "positions_squeezed": (
+        lambda: SharedPositions(squeeze=True),
+        lambda: torch.randint(0, 9, (5, 6)),
+        "expanding the inputs (or output) the samples share of module 'pos', module 'bias' "
+        "over the batch (for per-sample gradients) changes the model's output",
+    ),
+    # Hugging Face Swin (before, to functorch: the bias expanded to (B, ...) meets B nW windows)
+    "windows_bias": (
+        lambda: nn.Sequential(PositionMlpAttention(shared=True), Head(6 * 4)),
+        lambda: torch.randn(4, 6, 4, dtype=torch.float64),
+        "the model failed with the inputs (or output) the samples share of module '0.bias'",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(FAILED_EXPANSIONS))
+@pytest.mark.parametrize("method", ["exact", "empirical"])
+def test_expansions_the_model_fails_on_are_left_as_they_are(name, method, caplog) -> None:
+    """Shared inputs or outputs expanded over the batch that the model fails on (a ``view`` to
+    the shared shape; Swin's bias added to the scores of ``B nW`` windows) or whose expansion
+    changes its output (a ``squeeze(0)``) are left as they are on the next attempt, and the
+    units' parameters take shadowed copies: the model stays on hooks (before, functorch), and
+    the next batch goes there at once."""
+    make, make_x, reason = FAILED_EXPANSIONS[name]
+    torch.manual_seed(0)
+    model = make().double()
+    x = make_x()
+    y = torch.randint(0, 3, (x.shape[0],))
+    with caplog.at_level(logging.DEBUG, logger="ewc_reg"):
+        got = fisher_diagonal(model, [(x, y), (x[:2], y[:2])], method)
+    messages = [r.getMessage() for r in caplog.records if r.name == "ewc_reg"]
+    assert len(messages) == 2, messages
+    assert messages[0].startswith(f"hooks engine: {reason}")
+    assert messages[0].endswith("; left as they are")
+    assert messages[1].endswith("take shadowed per-sample copies")
     want = brute_force_fisher(model, torch.cat([x, x[:2]]), torch.cat([y, y[:2]]), method)
     assert_close_dicts(got, want, 1e-10)
 

@@ -19,6 +19,7 @@ from .._batches import Batch, is_per_sample, same_output
 from .base import OutputFn, describe
 from .recording import (
     Batchless,
+    ExpansionFailed,
     Record,
     Recorder,
     SequenceFirst,
@@ -351,7 +352,7 @@ def expanded_units(records: dict[Unit, Record]) -> list[str]:
 def check_expansion(
     model: nn.Module, units: list[Unit], batch: Batch, output_fn: OutputFn, paths: list[str]
 ) -> None:
-    """Raise :class:`.recording.Unsupported` if expanding the shared inputs of the units at
+    """Raise :class:`.recording.ExpansionFailed` if expanding the shared inputs of the units at
     ``paths`` over the batch (:func:`.recording._expand_shared`), or their shared output
     (:func:`.recording._shared_output`), changes the model's output: the model on the first two
     samples, with and without the expansion, without gradients. The values the units compute
@@ -367,12 +368,14 @@ def check_expansion(
             with Recorder(units, few, set(paths), watch=False):
                 again = pytree.tree_leaves(output_fn(few.call(model)))
     except Exception as error:  # (the model may not take the expanded inputs)
-        raise Unsupported(
+        raise ExpansionFailed(
             f"the inputs (or output) the samples share of {shared} could not be expanded over "
-            f"the batch ({type(error).__name__}: {error})"
+            f"the batch ({type(error).__name__}: {error})",
+            frozenset(paths),
         ) from error
     if len(plain) != len(again) or not all(map(same_output, plain, again)):
-        raise Unsupported(
+        raise ExpansionFailed(
             f"expanding the inputs (or output) the samples share of {shared} over the batch "
-            "(for per-sample gradients) changes the model's output"
+            "(for per-sample gradients) changes the model's output",
+            frozenset(paths),
         )

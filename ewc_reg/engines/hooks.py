@@ -84,8 +84,10 @@ The decomposition is valid only if (checked; otherwise :class:`.recording.Unsupp
   :func:`.recording._expand_shared`; ``(T,)`` with ``T == B`` once the unit's inputs and output stay
   the same on two samples: :class:`.recording.SharedWithBatchRows`; a unit without a rule whose
   output the samples share, every tensor of it leading with 1, has it expanded over the batch where
-  it is recorded, checked alike: :func:`.recording._shared_output`; a model that fails on the
-  expanded inputs or output is not covered), recorded inputs are not modified in place afterwards,
+  it is recorded, checked alike: :func:`.recording._shared_output`; where the model fails on
+  the expanded inputs or output, or its output changes, they are left as they are, the units'
+  outputs then without the batch, their parameters taking shadowed per-sample copies:
+  :class:`.recording.ExpansionFailed`), recorded inputs are not modified in place afterwards,
   nor outputs that are views other than reshapes of their bases (the gradient of a reshape is taken
   at its base: :func:`.recording._output_edge`), and no batch norm uses batch statistics (it would
   mix the samples). Unit inputs are per-sample (the batch leading) or shared by all samples; a unit
@@ -186,6 +188,7 @@ from .loose import (
 )
 from .recording import (
     Batchless,
+    ExpansionFailed,
     Record,
     Recorder,
     SequenceFirst,
@@ -425,6 +428,12 @@ class HookEngine:
     layouts_found: ClassVar[weakref.WeakKeyDictionary[nn.Module, dict[tuple[str, int], bool]]] = (
         weakref.WeakKeyDictionary()
     )
+    #: The units whose shared inputs or output are left as they are, not expanded over the
+    #: batch, since the model failed on them expanded or its output changed
+    #: (:class:`.recording.ExpansionFailed`), per model, kept across calls too.
+    unexpanded: ClassVar[weakref.WeakKeyDictionary[nn.Module, set[str]]] = (
+        weakref.WeakKeyDictionary()
+    )
     #: The :class:`Arrangement` that worked, per model and selected parameters' names, kept
     #: across calls too: finding one (:func:`.loose.copies_layout`'s trials, a failed pass per
     #: step up to a whole unit) took 39% of a call's time on timm's ``eva02_tiny`` (B=8,
@@ -522,6 +531,7 @@ class HookEngine:
             failure = Unsupported(f"{failures[key]} (found on an earlier batch of these shapes)")
             return self._give_up(model, failure)(*args)
         shared = self.shared_inputs.setdefault(model, set())
+        unexpanded = self.unexpanded.setdefault(model, set())
         sequence_first = self.layouts_found.setdefault(model, {})
 
         def sums(arrangement: Arrangement) -> dict[str, Tensor]:
@@ -529,9 +539,11 @@ class HookEngine:
             inputs with the batch size among their dimensions
             (:class:`.recording.SharedWithBatchRows`), which are expanded from then on, or calls
             taken the wrong way, sequence-first or not (:class:`.recording.SequenceFirst`), taken
-            the other way from then on (in later calls too: :attr:`shared_inputs`,
-            :attr:`layouts_found`; the retries run outside the handler, so that the failed attempt's
-            frames are freed first)."""
+            the other way from then on, or units whose shared inputs or output the model failed
+            on expanded (:class:`.recording.ExpansionFailed`), left as they are from then on (in
+            later calls too: :attr:`shared_inputs`, :attr:`layouts_found`, :attr:`unexpanded`;
+            the retries run outside the handler, so that the failed attempt's frames are freed
+            first)."""
             while True:
                 try:
                     return self._sums(*args, arrangement)
@@ -545,6 +557,11 @@ class HookEngine:
                         raise Unsupported(str(problem)) from None
                     logger.debug("hooks engine: %s; taken so", problem)
                     sequence_first.update(problem.calls)
+                except ExpansionFailed as problem:
+                    if problem.paths <= unexpanded:
+                        raise Unsupported(str(problem)) from None
+                    logger.debug("hooks engine: %s; left as they are", problem)
+                    unexpanded.update(problem.paths)
 
         loose = loose_parameters(model, params)
         found = self.arrangements.setdefault(model, {})
@@ -658,6 +675,7 @@ class HookEngine:
         units = plan(model, selected, arrangement.whole_parents, arrangement.whole)
         for unit in units:
             unit.shared = unit.path in self.shared_inputs.get(model, ())
+            unit.expand = unit.path not in self.unexpanded.get(model, ())
             if sequence_first is not None:  # (the checked pass's)
                 unit.sequence_first, unit.decided = sequence_first.get(unit.path, frozenset()), True
             else:
@@ -893,10 +911,11 @@ class HookEngine:
                     expanded = expanded_units(recorder.records)
                     if not expanded or isinstance(error, torch.OutOfMemoryError):
                         raise  # (the model's own error; an expansion costs no memory)
-                    raise Unsupported(  # (the model may not take the expanded inputs)
+                    raise ExpansionFailed(  # (the model may not take the expanded inputs)
                         f"the model failed with the inputs (or output) the samples share of "
                         f"{', '.join(map(describe, expanded))} expanded over the batch "
-                        f"({type(error).__name__}: {error})"
+                        f"({type(error).__name__}: {error})",
+                        frozenset(expanded),
                     ) from error
         recorder.check()
         records = recorder.records

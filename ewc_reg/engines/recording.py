@@ -53,6 +53,18 @@ class SharedWithBatchRows(Unsupported):
         self.path = path
 
 
+class ExpansionFailed(Unsupported):
+    """The model failed on the inputs or output the samples share of the units at ``paths``
+    expanded over the batch (Hugging Face Swin's relative position bias, ``(1, heads, N, N)``,
+    expanded to ``(B, heads, N, N)``, then added to the scores of ``B nW`` windows), or its
+    output changed: those are left as they are on the next attempt (the units' outputs then
+    without the batch: :class:`Batchless`)."""
+
+    def __init__(self, message: str, paths: frozenset[str]) -> None:
+        super().__init__(message)
+        self.paths = paths
+
+
 class UsedOutside(Unsupported):
     """Parameters of some units are used while their modules do not run (a parent calling
     ``F.linear(x, self.qkv.weight, bias)`` itself): ``names`` are those parameters, which may
@@ -103,6 +115,9 @@ class Unit:
     # its inputs are shared by the samples even with the batch size among their dimensions
     # (expanded by _expand_shared all the same: see SharedWithBatchRows)
     shared: bool = False
+    # its shared inputs or output may be expanded over the batch (not once the model failed on
+    # them so: see ExpansionFailed)
+    expand: bool = True
     # the calls (by their order in the forward pass) taken as sequence-first wherever the batch
     # is their second dimension, those taken as batch-first whatever their shapes, and whether
     # all but the first are (the checks' passes follow the checked one: see _sequence_first)
@@ -652,6 +667,7 @@ class Recorder(TorchFunctionMode):
         expanded = None
         if (
             not transposed
+            and unit.expand
             and (dims is None or dims(unit.module)[0][:1] != (1,))
             and (self.expanding is None or unit.path in self.expanding)
         ):
@@ -711,6 +727,7 @@ class Recorder(TorchFunctionMode):
             output = _separate_leaves(output)  # (before the unit's call ends: see the mode)
         if (
             unit.rule is None
+            and unit.expand
             and not (record.expanded or record.transposed)
             and (self.expanding is None or unit.path in self.expanding)
             and _shared_output(output, self.batch_size)
