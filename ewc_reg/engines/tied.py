@@ -47,18 +47,19 @@ def tied_sums(
     ``"{member}.{name}"``) from its recorded ``calls`` (each with ``member``, the index of the
     module called) and the gradients of their output edges, in order, or ``None`` where no rule
     here takes them. Every call was ``module(x)`` (:func:`.unit_sums._plain_calls`). The only
-    rule: :func:`embedding_and_output_layer`, for one output layer and any number of
+    rule: :func:`embedding_and_output_layer`, for at most one output layer and one or more
     embeddings (plain or scaled, :func:`.rules.scaled_embedding`: BART's encoder and decoder
-    share their table with the head) with one ``padding_idx``: a scaled embedding's lookups
-    are those of the table with ``G`` times its scale."""
+    share their table, with the head of a language model, or without, in a classifier) with
+    one ``padding_idx``: a scaled embedding's lookups are those of the table with ``G`` times
+    its scale."""
     kinds = [rule_for(module) for module in members]
     heads = [m for m, kind in enumerate(kinds) if kind is linear]
     tables = [m for m, kind in enumerate(kinds) if kind in (embedding, scaled_embedding)]
-    if len(heads) != 1 or len(heads) + len(tables) != len(members):
+    if len(heads) > 1 or not tables or len(heads) + len(tables) != len(members):
         return None
-    head, table = heads[0], tables[0]
-    if any(members[m].weight is not members[head].weight for m in tables):  # (tied by a bias?)
-        return None
+    head, table = heads[0] if heads else None, tables[0]
+    if any(members[m].weight is not members[table].weight for m in [*heads, *tables]):
+        return None  # (tied by a bias?)
     if len({members[m].padding_idx for m in tables}) != 1:
         return None
     live = [call for call in calls if call.edges]  # (one edge each: one output tensor)
@@ -70,26 +71,26 @@ def tied_sums(
     ]
     products = [(x, g) for m, x, g in given if m == head]
     bias = f"{head}.bias" in names
-    sums = embedding_and_output_layer(
-        members[table], members[head], lookups, products, bias, budget
-    )
+    output_layer = None if head is None else members[head]
+    sums = embedding_and_output_layer(members[table], output_layer, lookups, products, bias, budget)
     weight = next(name for name in names if name.endswith(".weight"))
     return {weight if name == "weight" else f"{head}.bias": s for name, s in sums.items()}
 
 
 def embedding_and_output_layer(
     table: nn.Embedding,
-    head: nn.Linear,
+    head: nn.Linear | None,
     lookups: list[tuple[Tensor, Tensor]],
     products: list[tuple[Tensor, Tensor]],
     bias: bool,
     budget: int,
 ) -> dict[str, Tensor]:
     r"""An embedding ``table`` whose weight :math:`W` ``(V, D)`` is also the weight of an output
-    layer ``head`` (``tie_word_embeddings``), from the calls of each: ``lookups``, indices
-    ``(B, *S)`` and ``G^e: (K, B, *S, D)``; ``products``, inputs ``(B, *S', D)`` and
-    ``G^h: (K, B, *S', V)``. Calls of a member are joined, positions side by side. The sums of
-    ``"weight"``, and of the output layer's ``"bias"`` if ``bias``.
+    layer ``head`` (``tie_word_embeddings``; ``None``: of other embeddings alone, whose lookups
+    are then the table's), from the calls of each: ``lookups``, indices ``(B, *S)`` and
+    ``G^e: (K, B, *S, D)``; ``products``, inputs ``(B, *S', D)`` and ``G^h: (K, B, *S', V)``.
+    Calls of a member are joined, positions side by side. The sums of ``"weight"``, and of the
+    output layer's ``"bias"`` if ``bias``.
 
     Sample ``n``'s gradient of row ``r`` is :math:`E_{nkr} + A_{nkr}` with
     :math:`E_{nkr} = \sum_{s: i_{ns} = r} G^e_{nks}` (the embedding's) and
@@ -107,15 +108,15 @@ def embedding_and_output_layer(
     sample's indices ``(K, B, S', S)`` times its inputs, a chunk of samples at a time (the
     ``padding_idx`` lookups add nothing). It costs :math:`K B S S' D` multiply-adds, against
     the output layer's :math:`K B V S' D`."""
-    acc = acc_dtype(head)
-    rows, dim = head.weight.shape
+    acc = acc_dtype(table)
+    rows, dim = table.weight.shape
     x = _joined([x.reshape(x.shape[0], -1, dim) for x, _ in products], 1)  # (B, S', D)
     g_head = _joined([g.reshape(*g.shape[:2], -1, rows) for _, g in products], 2)
     indices = _joined([i.reshape(i.shape[0], -1) for i, _ in lookups], 1)  # (B, S)
     g_table = _joined([g.reshape(*g.shape[:2], -1, dim) for _, g in lookups], 2)
     names = ["weight", "bias"] if bias else ["weight"]
-    sums = {name: torch.zeros_like(getattr(head, name), dtype=acc) for name in names}
-    if g_head is not None:
+    sums = {name: torch.zeros_like(getattr(head or table, name), dtype=acc) for name in names}
+    if head is not None and g_head is not None:
         sums = linear(head, x, g_head, names, budget)
     if g_table is None:
         return sums
