@@ -416,6 +416,12 @@ class _GemmaRMSNorm(nn.Module):  # (scales by 1 + weight; Gemma's multiplies in 
         return output.type_as(x) * (1.0 + self.weight)
 
 
+class _Gemma2RMSNorm(_GemmaRMSNorm):  # (as transformers 5.25 has it: (1 + w) x̂ in float32)
+    def forward(self, x: Tensor) -> Tensor:
+        output = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        return (output * (1.0 + self.weight.float())).type_as(x)
+
+
 class _T5LayerNorm(_LlamaRMSNorm):  # (T5's, as transformers 5.25 has it: the mean square in
     # float32, the input scaled in its own type; in float64, x̂ in float32 differs by 1e-8)
     def forward(self, hidden_states: Tensor) -> Tensor:
@@ -463,6 +469,9 @@ LlamaRMSNorm = timm_stand_in(
 )
 GemmaRMSNorm = timm_stand_in(
     _GemmaRMSNorm, "transformers.models.gemma.modeling_gemma", "GemmaRMSNorm"
+)
+Gemma2RMSNorm = timm_stand_in(
+    _Gemma2RMSNorm, "transformers.models.gemma2.modeling_gemma2", "Gemma2RMSNorm"
 )
 T5LayerNorm = timm_stand_in(_T5LayerNorm, "transformers.models.t5.modeling_t5", "T5LayerNorm")
 GatedRMSNorm = timm_stand_in(_GatedRMSNorm, "transformers.models.x.modeling_x", "GatedRMSNorm")
@@ -628,7 +637,47 @@ LAYERS = {
     "prelu_per_channel": (lambda: nn.PReLU(3), (6, 3, 4, 5)),
     "prelu_per_feature": (lambda: nn.PReLU(4), (6, 4)),
     "prelu_shared": (lambda: nn.PReLU(), (6, 4, 5)),
+    # (subclasses that define nothing but how they are made: their bases' rules)
+    "conv2d_subclass": (lambda: DepthwiseConv2d(4, 3, stride=2), (5, 4, 5, 6)),
+    "groupnorm_subclass": (lambda: SingleGroupNorm(4), (6, 4, 3, 3)),
+    "groupnorm_subclass_of_a_subclass": (lambda: SingleGroupNormAgain(4), (6, 4, 3, 3)),
 }
+
+
+class DepthwiseConv2d(nn.Conv2d):
+    """A subclass that only sets its base's arguments (Hugging Face EfficientNet's
+    ``EfficientNetDepthwiseConv2d``): its base's rule."""
+
+    def __init__(self, channels: int, kernel_size: int, stride: int = 1) -> None:
+        super().__init__(channels, channels, kernel_size, stride, kernel_size // 2, groups=channels)
+
+
+class SingleGroupNorm(nn.GroupNorm):
+    """PoolFormer's ``GroupNorm`` (Hugging Face's and timm's): one group."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__(1, channels)
+
+    def extra_repr(self) -> str:
+        return f"channels={self.num_channels}"
+
+
+class SingleGroupNormAgain(SingleGroupNorm):
+    """A subclass of a subclass, adding nothing either."""
+
+
+class ShiftedInputConv2d(nn.Conv2d):
+    """A subclass overriding a helper its base's ``forward`` calls: no rule."""
+
+    def _conv_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return super()._conv_forward(x + 1, weight, bias)
+
+
+class CountingLinear(nn.Linear):
+    """A subclass with a method of its own (one its base never calls): no rule all the same."""
+
+    def count(self) -> int:
+        return self.weight.numel()
 
 
 def randomize_affine(model: nn.Module) -> None:
@@ -691,6 +740,23 @@ def test_layers_of_other_libraries_get_their_rules_by_qualified_name() -> None:
     for make in (TimmBatchNormAct2d, TimmGroupNormAct, TimmLayerNormAct, TimmLayerNormAct2d):
         assert rules.rule_for(make(4, nn.ReLU())) is norm_act.norm_act
         assert rules.rule_for(make(4, nn.PReLU())) is None  # (a parametrised activation)
+
+
+def test_subclasses_that_only_say_how_they_are_made_get_their_bases_rules() -> None:
+    """A subclass defining ``__init__`` or ``extra_repr`` alone computes what its base does
+    (before, its exact class had no rule: the per-module fallback); one defining anything else
+    may not, even a method its base's ``forward`` never calls, and a parametrised module's
+    class (``torch.nn.utils.parametrize``, a subclass with a property for the weight) has none.
+    (The references above would pass on the per-module fallback too.)"""
+    assert rules.rule_for(DepthwiseConv2d(4, 3)) is convolution.conv
+    assert rules.rule_for(SingleGroupNorm(4)) is rules.group_norm
+    assert rules.rule_for(SingleGroupNormAgain(4)) is rules.group_norm
+    assert rules.rule_for(ShiftedInputConv2d(2, 3, 3)) is None
+    assert rules.rule_for(CountingLinear(2, 3)) is None
+    assert rules.rule_for(AlwaysBatchStatistics(3)) is None
+    parametrized = nn.Linear(2, 3)
+    torch.nn.utils.parametrize.register_parametrization(parametrized, "weight", nn.Tanh())
+    assert rules.rule_for(parametrized) is None
 
 
 CONVS = [name for name in LAYERS if name.startswith("conv")]
@@ -2058,6 +2124,29 @@ def test_fewer_vectors_for_the_softmax_fisher(dtype: torch.dtype) -> None:
     assert torch.allclose(_gram(fewer), _gram(vectors), rtol=0, atol=tol)
 
 
+@pytest.mark.parametrize("method", ["exact", "empirical"])
+def test_parameters_cast_to_float32_are_checked_to_float32(method, caplog) -> None:
+    """Gemma's RMS norm multiplies by ``1 + w.float()`` in a float64 model: plain autograd's
+    gradient of ``w`` is a float32 product, 1.6e-7 from the rule's float64 one (relative, in
+    Hugging Face's Gemma), which the sums check took for a broken decomposition (Gemma and
+    Gemma 2 went to functorch, then the loop engine); it now checks such a parameter to
+    float32's tolerance, the others to float64's. The rule's sums are no further from float64
+    brute force than float32 rounding."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), Gemma2RMSNorm(8), nn.Tanh(), nn.Linear(8, 3)).double()
+    with torch.no_grad():
+        model[1].weight.normal_()
+    assert rules.rule_for(model[1]) is rules.hugging_face_rms_norm
+    x, y = torch.randn(5, 6, dtype=torch.float64), torch.randint(0, 3, (5,))
+    with caplog.at_level(logging.INFO, logger="ewc_reg"):
+        got = fisher_diagonal(model, [(x, y)], method)
+    assert not [r.getMessage() for r in caplog.records if r.name.startswith("ewc_reg")]
+    want = brute_force_fisher(model, x, y, method)
+    for name in got:
+        scale = want[name].abs().max()
+        assert (got[name] - want[name]).abs().max() <= 1e-5 * scale, name
+
+
 def test_fewer_vectors_keeps_full_rank_and_low_precision() -> None:
     full = torch.randn(3, 4, 2, 5, dtype=torch.float64)  # (K, B, S, C), rank 3 per sample
     assert fewer_vectors(full) is full
@@ -2801,7 +2890,11 @@ class Feeding(nn.Module):
 
 
 class UnruledLSTMCell(nn.LSTMCell):
-    """An LSTM cell without a rule (rules go by the exact class)."""
+    """An LSTM cell without a rule: a ``forward`` of its own (computing the same) takes it off
+    its base's."""
+
+    def forward(self, x: Tensor, state: tuple[Tensor, Tensor] | None = None):
+        return super().forward(x, state)
 
 
 FEEDING = {

@@ -166,6 +166,7 @@ from .base import (
     zero_sums,
 )
 from .batch_checks import (
+    Precisions,
     TablesKept,
     check_batch_layout,
     check_expansion,
@@ -813,8 +814,9 @@ class HookEngine:
     ) -> None:
         r"""Raise :class:`.recording.Unsupported` unless this engine's sums on the first two samples
         of ``batch``, for a random vector per sample, are the loop engine's (plain autograd, one
-        sample at a time) to :data:`SUMS_TOLERANCE` (the calls of the checked pass that were
-        ``sequence-first``, by unit, taken as such, and no others).
+        sample at a time) to :data:`SUMS_TOLERANCE` of the parameter's type, or of the lowest
+        precision the model casts it to (:class:`.batch_checks.Precisions`), the calls of the
+        checked pass that were ``sequence-first``, by unit, taken as such, and no others.
 
         The other checks test the assumptions of the decomposition one by one; this one tests
         its result, :math:`\sum_n \sum_k (J_n^\top v_{nk})^{\odot 2}`, against the
@@ -835,9 +837,11 @@ class HookEngine:
                 drawn.append(torch.randn(shape, generator=generator, dtype=output.dtype))
             return drawn[0].to(output.device)
 
+        precisions = Precisions(params)
         with TablesKept():  # (the whole batch's graph is alive: see TablesKept)
             try:
-                want = LoopEngine()(model, params, few, output_fn, vectors, None, memory_budget)
+                with precisions:
+                    want = LoopEngine()(model, params, few, output_fn, vectors, None, memory_budget)
             except Exception as error:
                 if isinstance(error, torch.OutOfMemoryError):
                     raise
@@ -866,7 +870,8 @@ class HookEngine:
         largest = {name: want[name].abs().max().item() for name in params}
         overall = max(largest.values(), default=0.0)
         for name, p in params.items():
-            tolerance, eps = SUMS_TOLERANCE.get(p.dtype, 1e-1), torch.finfo(p.dtype).eps
+            dtype = precisions.lowest.get(name, p.dtype)  # (cast lower: autograd's to that)
+            tolerance, eps = SUMS_TOLERANCE.get(dtype, 1e-1), torch.finfo(dtype).eps
             if _may_round_to_tf32(p):
                 tolerance, eps = max(tolerance, 1e-2), max(eps, 2**-10)
             error = (got[name].double() - want[name].double()).abs().max().item()

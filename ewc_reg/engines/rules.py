@@ -31,7 +31,9 @@ gradients as the looped pull-back makes them.
 Rules are looked up by the module's exact class (a subclass may override ``forward``) in
 :data:`RULES`, or for a class of another library, which is not imported here, by its qualified
 name (``"transformers.pytorch_utils.Conv1D"``), or, for Hugging Face's RMS norms, by what they
-compute (:func:`is_hugging_face_rms_norm`); :func:`rule_for` also requires that the
+compute (:func:`is_hugging_face_rms_norm`), or for a subclass of a ruled class that defines
+nothing but how it is made (``__init__``, ``extra_repr``: :data:`CONSTRUCTION_ONLY`), by its
+base's; :func:`rule_for` also requires that the
 module's parameters (those of the modules inside it included) are among those the rule knows
 (``weight`` and ``bias`` for most) and that nobody hooks the module or sets its ``forward``
 (either may change what it computes; so may hooks registered for every module).
@@ -41,6 +43,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import itertools
 from collections.abc import Callable, Collection, Iterator
 from typing import Any, Protocol
 
@@ -260,11 +263,50 @@ def qualified_name(module: nn.Module) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
+#: What a subclass of a ruled class may define and keep its base's rule: how it is made and
+#: printed, not what it computes (Hugging Face EfficientNet's ``EfficientNetDepthwiseConv2d``,
+#: an ``nn.Conv2d`` with an ``__init__`` of its own; PoolFormer's ``nn.GroupNorm``).
+CONSTRUCTION_ONLY = frozenset(
+    {
+        "__init__",
+        "__module__",
+        "__qualname__",
+        "__doc__",
+        "__annotations__",
+        "__firstlineno__",
+        "__static_attributes__",
+        "__dict__",
+        "__weakref__",
+        "__constants__",
+        "extra_repr",
+        "reset_parameters",
+    }
+)
+
+
+def _ruled_base(cls: type) -> Any:
+    """The :data:`RULES` key of ``cls``'s nearest ruled base class (by class or qualified
+    name), when ``cls`` and the classes between define nothing beyond
+    :data:`CONSTRUCTION_ONLY` (any other name, a helper its base's ``forward`` calls among
+    them, may change what it computes), else ``None``."""
+    for between, ruled in itertools.pairwise(cls.__mro__):
+        if set(vars(between)) - CONSTRUCTION_ONLY:
+            return None
+        for key in (ruled, f"{ruled.__module__}.{ruled.__qualname__}"):
+            if key in RULES:
+                return key
+    return None
+
+
 def _entry(module: nn.Module) -> tuple[Any, Any, Any] | None:
-    """The :data:`RULES` entry of ``module``'s class, or ``None``."""
+    """The :data:`RULES` entry of ``module``'s class, or of a base class it adds nothing to
+    but how it is made (:func:`_ruled_base`), or ``None``."""
     entry = RULES.get(type(module)) or RULES.get(qualified_name(module))
     if entry is None and is_hugging_face_rms_norm(module):
         entry = RULES[HUGGING_FACE_RMS_NORM]
+    if entry is None:
+        base = _ruled_base(type(module))
+        entry = None if base is None else RULES[base]
     return entry
 
 
