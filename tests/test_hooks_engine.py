@@ -390,6 +390,59 @@ class _LayerNormNoBias(nn.LayerNorm):
         self.bias = None
 
 
+class _ConvNextLayerNorm(nn.LayerNorm):  # (Hugging Face's, as transformers 5.25 has it)
+    def __init__(self, shape: int, *, eps: float = 1e-6, data_format: str = "channels_last"):
+        super().__init__(shape, eps=eps)
+        self.data_format = data_format
+
+    def forward(self, features: Tensor) -> Tensor:
+        if self.data_format == "channels_first":
+            features = features.permute(0, 2, 3, 1)
+            features = super().forward(features)
+            return features.permute(0, 3, 1, 2)
+        return super().forward(features)
+
+
+class _EomtLayerNorm2d(nn.LayerNorm):  # (Hugging Face EoMT's, as transformers 5.25 has it)
+    def forward(self, hidden_state: Tensor) -> Tensor:
+        hidden_state = hidden_state.permute(0, 2, 3, 1)
+        hidden_state = F.layer_norm(
+            hidden_state, self.normalized_shape, self.weight, self.bias, self.eps
+        )
+        return hidden_state.permute(0, 3, 1, 2)
+
+
+class _Dinov2LayerScale(nn.Module):  # (Hugging Face's, as transformers 5.25 has it)
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.lambda1 = nn.Parameter(torch.randn(dim))
+
+    def forward(self, hidden_state: Tensor) -> Tensor:
+        return hidden_state * self.lambda1
+
+
+class _NoNorm(nn.Module):  # (MobileBERT's, as transformers 5.25 has it)
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.bias = nn.Parameter(torch.randn(dim))
+        self.weight = nn.Parameter(torch.randn(dim))
+
+    def forward(self, input_tensor: Tensor) -> Tensor:
+        return input_tensor * self.weight + self.bias
+
+
+class _ConvNextV2GRN(nn.Module):  # (Hugging Face's, as transformers 5.25 has it)
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(1, 1, 1, dim))
+        self.bias = nn.Parameter(torch.randn(1, 1, 1, dim))
+
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        global_features = torch.linalg.vector_norm(hidden_states, ord=2, dim=(1, 2), keepdim=True)
+        norm_features = global_features / (global_features.mean(dim=-1, keepdim=True) + 1e-6)
+        return self.weight * (hidden_states * norm_features) + self.bias + hidden_states
+
+
 class _LlamaRMSNorm(nn.Module):  # (Hugging Face's, as transformers 5.25 has it)
     def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
         super().__init__()
@@ -488,6 +541,19 @@ LayerNorm2dNoBias = timm_stand_in(
 )
 LayerNormNoBias = timm_stand_in(_LayerNormNoBias, "timm.models.metaformer", "LayerNormNoBias")
 GlobalResponseNorm = timm_stand_in(_GlobalResponseNorm, "timm.layers.grn", "GlobalResponseNorm")
+ConvNextLayerNorm = timm_stand_in(
+    _ConvNextLayerNorm, "transformers.models.convnext.modeling_convnext", "ConvNextLayerNorm"
+)
+EomtLayerNorm2d = timm_stand_in(
+    _EomtLayerNorm2d, "transformers.models.eomt.modeling_eomt", "EomtLayerNorm2d"
+)
+Dinov2LayerScale = timm_stand_in(
+    _Dinov2LayerScale, "transformers.models.dinov2.modeling_dinov2", "Dinov2LayerScale"
+)
+NoNorm = timm_stand_in(_NoNorm, "transformers.models.mobilebert.modeling_mobilebert", "NoNorm")
+ConvNextV2GRN = timm_stand_in(
+    _ConvNextV2GRN, "transformers.models.convnextv2.modeling_convnextv2", "ConvNextV2GRN"
+)
 StarReLU = timm_stand_in(_StarReLU, "timm.models.metaformer", "StarReLU")
 LearnableAffineBlock = timm_stand_in(
     _LearnableAffineBlock, "timm.models.hgnet", "LearnableAffineBlock"
@@ -527,6 +593,14 @@ LAYERS = {
     "global_response_norm_nchw": (
         lambda: GlobalResponseNorm(3, channels_last=False), (6, 3, 4, 5)
     ),
+    "hf_convnext_layer_norm_channels_first": (
+        lambda: ConvNextLayerNorm(3, data_format="channels_first"), (6, 3, 4, 5)
+    ),
+    "hf_convnext_layer_norm_channels_last": (lambda: ConvNextLayerNorm(5), (6, 3, 4, 5)),
+    "hf_layer_norm_2d": (lambda: EomtLayerNorm2d(3), (6, 3, 4, 5)),
+    "hf_layer_scale": (lambda: Dinov2LayerScale(5), (6, 4, 5)),
+    "hf_no_norm": (lambda: NoNorm(5), (6, 4, 5)),
+    "hf_global_response_norm": (lambda: ConvNextV2GRN(5), (6, 3, 4, 5)),
     "star_relu": (lambda: StarReLU(), (6, 4, 5)),
     "star_relu_fixed_scale": (lambda: StarReLU(scale_learnable=False), (6, 3, 4, 5)),
     "learnable_affine_block": (lambda: LearnableAffineBlock(), (6, 3, 4, 5)),
@@ -722,6 +796,15 @@ def test_layers_of_other_libraries_get_their_rules_by_qualified_name() -> None:
     for layer in (GlobalResponseNorm(4), StarReLU(), LearnableAffineBlock()):
         assert rules.rule_for(layer) is rules.affine_of_input
     assert rules.rule_for(StarReLU(inplace=True)) is None  # (it overwrites its input)
+    for layer in (NoNorm(4), ConvNextV2GRN(4)):
+        assert rules.rule_for(layer) is rules.affine_of_input
+    assert rules.rule_for(Dinov2LayerScale(4)) is rules.layer_scale
+    assert rules.rule_for(EomtLayerNorm2d(4)) is rules.channel_layer_norm
+    for data_format in ("channels_first", "channels_last"):
+        layer = ConvNextLayerNorm(4, data_format=data_format)
+        assert rules.rule_for(layer) is rules.formatted_layer_norm
+        layer.data_format = "channels_middle"
+        assert rules.rule_for(layer) is None
     assert rules.rule_for(LlamaRMSNorm(4)) is rules.hugging_face_rms_norm
     assert rules.rule_for(GemmaRMSNorm(4)) is rules.hugging_face_rms_norm
     assert rules.rule_for(T5LayerNorm(4)) is rules.hugging_face_rms_norm

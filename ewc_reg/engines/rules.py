@@ -896,16 +896,79 @@ def channel_layer_norm_parts(module: nn.Module, x: Tensor, names: Collection[str
     "timm.layers.norm.LayerNorm2d",
     "timm.models.metaformer.LayerNorm2dNoBias",
     "torchvision.models.convnext.LayerNorm2d",
+    *(
+        f"transformers.models.{module}.{name}"
+        for module, name in (
+            ("eomt.modeling_eomt", "EomtLayerNorm2d"),
+            ("eomt_dinov3.modeling_eomt_dinov3", "EomtDinov3LayerNorm2d"),
+            ("videomt.modeling_videomt", "VideomtLayerNorm2d"),
+        )
+    ),
     reduce=channel_layer_norm_parts,
 )
 def channel_layer_norm(
     module: nn.Module, x: Tensor, grads: Tensor, names: Collection[str], budget: int
 ) -> dict[str, Tensor]:
     r"""Layer norm over the channels, dimension 1, of ``(B, C, *spatial)`` (the ``LayerNorm2d``
-    of timm and of torchvision's ConvNeXt, which permute the channels last and back around
-    ``F.layer_norm``, and MetaFormer's ``LayerNorm2dNoBias``; by qualified name):
-    :math:`\hat x` normalised per sample and position, affine per channel, as for batch norm."""
+    of timm, of torchvision's ConvNeXt and of Hugging Face's EoMT and VideoMT, which permute
+    the channels last and back around ``F.layer_norm``, and MetaFormer's
+    ``LayerNorm2dNoBias``; by qualified name): :math:`\hat x` normalised per sample and
+    position, affine per channel, as for batch norm."""
     return affine_sums(grads, x, names, 1)
+
+
+#: Hugging Face's layer norms with a ``data_format``, ConvNeXt's and the 19 copies of it in
+#: transformers 5.25 (SAM's, SegGPT's, DINOv3-ConvNeXt's, ...), by qualified name: an
+#: ``nn.LayerNorm`` subclass whose ``forward`` permutes ``"channels_first"`` inputs
+#: ``(B, C, H, W)`` channels last and back around the layer norm, and takes
+#: ``"channels_last"`` ones ``(B, H, W, C)`` as they are.
+FORMATTED_LAYER_NORMS = tuple(
+    f"transformers.models.{module}.{name}"
+    for module, name in (
+        ("convnext.modeling_convnext", "ConvNextLayerNorm"),
+        ("convnextv2.modeling_convnextv2", "ConvNextV2LayerNorm"),
+        ("deepseek_ocr2.modeling_deepseek_ocr2", "DeepseekOcr2SamLayerNorm"),
+        ("deepseek_vl_hybrid.modeling_deepseek_vl_hybrid", "DeepseekVLHybridLayerNorm"),
+        ("dinov3_convnext.modeling_dinov3_convnext", "DINOv3ConvNextLayerNorm"),
+        ("edgetam.modeling_edgetam", "EdgeTamLayerNorm"),
+        ("edgetam_video.modeling_edgetam_video", "EdgeTamVideoLayerNorm"),
+        ("got_ocr2.modeling_got_ocr2", "GotOcr2LayerNorm"),
+        ("lw_detr.modeling_lw_detr", "LwDetrLayerNorm"),
+        ("pp_formulanet.modeling_pp_formulanet", "PPFormulaNetLayerNorm"),
+        ("rf_detr.modeling_rf_detr", "RfDetrLayerNorm"),
+        ("sam.modeling_sam", "SamLayerNorm"),
+        ("sam2.modeling_sam2", "Sam2LayerNorm"),
+        ("sam2_video.modeling_sam2_video", "Sam2VideoLayerNorm"),
+        ("sam3_tracker.modeling_sam3_tracker", "Sam3TrackerLayerNorm"),
+        ("sam3_tracker_video.modeling_sam3_tracker_video", "Sam3TrackerVideoLayerNorm"),
+        ("sam_hq.modeling_sam_hq", "SamHQLayerNorm"),
+        ("seggpt.modeling_seggpt", "SegGptLayerNorm"),
+        ("slanext.modeling_slanext", "SLANeXtLayerNorm"),
+        ("unlimited_ocr.modeling_unlimited_ocr", "UnlimitedOcrSamLayerNorm"),
+    )
+)
+
+
+def _channels_first(module: nn.Module) -> bool:
+    return module.data_format == "channels_first"
+
+
+def _formatted_layer_norm_parts(module: nn.Module, x: Tensor, names: Collection[str]) -> Reducer:
+    parts = channel_layer_norm_parts if _channels_first(module) else layer_norm_parts
+    return parts(module, x, names)
+
+
+@register(
+    *FORMATTED_LAYER_NORMS,
+    accepts=lambda module: module.data_format in ("channels_first", "channels_last"),
+    reduce=_formatted_layer_norm_parts,
+)
+def formatted_layer_norm(
+    module: nn.Module, x: Tensor, grads: Tensor, names: Collection[str], budget: int
+) -> dict[str, Tensor]:
+    """A layer norm of :data:`FORMATTED_LAYER_NORMS`: :func:`channel_layer_norm` on
+    ``"channels_first"`` inputs, :func:`layer_norm` on ``"channels_last"`` ones."""
+    return affine_sums(grads, x, names, 1 if _channels_first(module) else normalized_dims(module))
 
 
 def _rms_norm_parts(module: nn.Module, x: Tensor, names: Collection[str]) -> Reducer:
@@ -1072,13 +1135,30 @@ def prelu(
 #: ``LayerScale``'s ``(C,)`` scales the last dimension, ``timm.layers``' ``LayerScale2d`` views
 #: its ``(C,)`` as ``(1, C, 1, 1)``, the ``LayerScale2d`` of SwiftFormer and FastViT hold
 #: ``(C, 1, 1)``, and MetaFormer's ``Scale`` (PoolFormer, ConvFormer, CAFormer) views its
-#: ``scale`` as its ``shape``, ``(C, 1, 1)`` or ``(C,)``.
+#: ``scale`` as its ``shape``, ``(C, 1, 1)`` or ``(C,)``; Hugging Face's DINOv2 layer scale
+#: and its 10 copies in transformers 5.25, ``hidden_state * self.lambda1`` with ``(C,)``.
 LAYER_SCALES: dict[str, tuple[str, Callable[[nn.Module], tuple[int, ...]]]] = {
     "timm.layers.layer_scale.LayerScale": ("gamma", lambda module: tuple(module.gamma.shape)),
     "timm.layers.layer_scale.LayerScale2d": ("gamma", lambda module: (*module.gamma.shape, 1, 1)),
     "timm.models.swiftformer.LayerScale2d": ("gamma", lambda module: tuple(module.gamma.shape)),
     "timm.models.fastvit.LayerScale2d": ("gamma", lambda module: tuple(module.gamma.shape)),
     "timm.models.metaformer.Scale": ("scale", lambda module: tuple(module.shape)),
+    **{
+        f"transformers.models.{path}": ("lambda1", lambda module: tuple(module.lambda1.shape))
+        for path in (
+            "dinov2.modeling_dinov2.Dinov2LayerScale",
+            "dinov2_with_registers.modeling_dinov2_with_registers.Dinov2WithRegistersLayerScale",
+            "dinov3_vit.modeling_dinov3_vit.DINOv3ViTLayerScale",
+            "eomt.modeling_eomt.EomtLayerScale",
+            "eomt_dinov3.modeling_eomt_dinov3.EomtDinov3LayerScale",
+            "radio.modeling_radio.RadioLayerScale",
+            "rf_detr.modeling_rf_detr.RfDetrDinov2LayerScale",
+            "sam3.modeling_sam3.Sam3ViTLayerScale",
+            "sapiens2.modeling_sapiens2.Sapiens2LayerScale",
+            "tipsv2.modeling_tipsv2.Tipsv2VisionLayerScale",
+            "videomt.modeling_videomt.VideomtLayerScale",
+        )
+    },
 }
 
 
@@ -1119,6 +1199,13 @@ def layer_scale(
     return {name: square_sum(grads).reshape(getattr(module, name).shape)}
 
 
+def _spatial_response(x: Tensor) -> Tensor:
+    """Hugging Face ConvNeXt-V2's ``GRN`` response of ``(B, H, W, C)``: each channel's L2 norm
+    over ``H, W``, over its mean over the channels plus ``1e-6``."""
+    norms = torch.linalg.vector_norm(x, ord=2, dim=(1, 2), keepdim=True)
+    return norms / (norms.mean(dim=-1, keepdim=True) + 1e-6)
+
+
 def _response(module: nn.Module, x: Tensor) -> Tensor:
     r"""timm's ``GlobalResponseNorm``'s :math:`x \odot N(x)`: :math:`N` the spatial L2 norm of
     each channel over its mean over the channels (plus ``eps``)."""
@@ -1126,13 +1213,15 @@ def _response(module: nn.Module, x: Tensor) -> Tensor:
     return x * (norms / (norms.mean(dim=module.channel_dim, keepdim=True) + module.eps))
 
 
-#: timm's layers :math:`y = w \odot h(x) + b` (``+ x`` too, which holds no parameter), by
-#: qualified name: ``h``, the names of ``w`` and ``b``, and the sum of a per-sample product
-#: over the dimensions ``w`` and ``b`` are broadcast over (for inputs of ``x_dims``
-#: dimensions): ConvNeXt-V2's ``GlobalResponseNorm`` (``(C,)``, on the channels of
-#: ``(B, H, W, C)``, or of ``(B, C, H, W)`` with ``channels_last=False``), MetaFormer's
-#: ``StarReLU`` (:math:`h = \max(x, 0)^2`, scalars) and HGNet's ``LearnableAffineBlock``
-#: (:math:`h = x`, scalars).
+#: timm's and Hugging Face's layers :math:`y = w \odot h(x) + b` (``+ x`` too, which holds
+#: no parameter), by qualified name: ``h``, the names of ``w`` and ``b``, and the sum of a
+#: per-sample product over the dimensions ``w`` and ``b`` are broadcast over (for inputs of
+#: ``x_dims`` dimensions): timm's ConvNeXt-V2 ``GlobalResponseNorm`` (``(C,)``, on the
+#: channels of ``(B, H, W, C)``, or of ``(B, C, H, W)`` with ``channels_last=False``) and
+#: Hugging Face's (``(1, 1, 1, C)`` on ``(B, H, W, C)``: :func:`_spatial_response`),
+#: MetaFormer's ``StarReLU`` (:math:`h = \max(x, 0)^2`, scalars), HGNet's
+#: ``LearnableAffineBlock`` (:math:`h = x`, scalars) and MobileBERT's ``NoNorm``
+#: (:math:`h = x`, ``(C,)`` on the last dimension).
 AFFINES_OF_INPUT: dict[
     str,
     tuple[
@@ -1157,6 +1246,16 @@ AFFINES_OF_INPUT: dict[
         lambda module, x: x,
         ("scale", "bias"),
         lambda module, x_dims: _per_sample_total(x_dims),
+    ),
+    "transformers.models.mobilebert.modeling_mobilebert.NoNorm": (
+        lambda module, x: x,
+        ("weight", "bias"),
+        lambda module, x_dims: _per_trailing(x_dims, 1),
+    ),
+    "transformers.models.convnextv2.modeling_convnextv2.ConvNextV2GRN": (
+        lambda module, x: x * _spatial_response(x),
+        ("weight", "bias"),
+        lambda module, x_dims: _per_trailing(x_dims, 1),
     ),
 }
 
