@@ -279,6 +279,56 @@ class _TimmGroupNormAct(nn.GroupNorm, _NormAct):
         return self.act(self.drop(x))
 
 
+class _BitGroupNormActivation(nn.GroupNorm):  # (Hugging Face BiT's, as transformers 5.25's)
+    def __init__(self, channels: int, activation: nn.Module, groups: int = 2) -> None:
+        super().__init__(groups, channels)
+        self.activation = activation
+
+    def forward(self, hidden_state: Tensor) -> Tensor:
+        hidden_state = F.group_norm(
+            hidden_state, self.num_groups, self.weight, self.bias, self.eps
+        )
+        return self.activation(hidden_state)
+
+
+class DynamicPad2d(nn.Module):  # (Hugging Face BiT's: TensorFlow's "SAME" padding, by name)
+    def __init__(self, kernel_size: int, stride: int, dilation: int, value: float = 0) -> None:
+        super().__init__()
+        self.kernel_size = (kernel_size, kernel_size)
+        self.stride = (stride, stride)
+        self.dilation = (dilation, dilation)
+        self.value = value
+
+    def forward(self, x: Tensor) -> Tensor:
+        pads = []
+        for dim in (1, 0):
+            size, stride = x.shape[2 + dim], self.stride[dim]
+            reach = (self.kernel_size[dim] - 1) * self.dilation[dim] + 1
+            total = max((math.ceil(size / stride) - 1) * stride + reach - size, 0)
+            pads += [total // 2, total - total // 2]
+        return F.pad(x, pads, value=self.value)
+
+
+class _WeightStandardizedConv2d(nn.Conv2d):  # (Hugging Face BiT's, as transformers 5.25's)
+    def __init__(
+        self, cin: int, cout: int, k: int, stride: int = 1, dynamic: bool = True, **kwargs: Any
+    ) -> None:
+        super().__init__(cin, cout, k, stride=stride, padding=0 if dynamic else k // 2, **kwargs)
+        self.pad = DynamicPad2d(k, stride, self.dilation[0]) if dynamic else None
+        self.eps = 1e-6
+
+    def forward(self, hidden_state: Tensor) -> Tensor:
+        if self.pad is not None:
+            hidden_state = self.pad(hidden_state)
+        weight = F.batch_norm(
+            self.weight.reshape(1, self.out_channels, -1), None, None, training=True,
+            momentum=0.0, eps=self.eps,
+        ).reshape_as(self.weight)
+        return F.conv2d(
+            hidden_state, weight, self.bias, self.stride, self.padding, self.dilation, self.groups
+        )
+
+
 class _TimmGroupNorm1Act(_TimmGroupNormAct):
     def __init__(self, channels: int, act: nn.Module) -> None:
         super().__init__(channels, act, 1)
@@ -535,6 +585,8 @@ EpsOutsideRMSNorm = timm_stand_in(
 
 class PlainRMSNorm(LlamaRMSNorm):  # (not Hugging Face's: its module is this one)
     pass
+
+
 GroupNorm1NoBias = timm_stand_in(_GroupNorm1NoBias, "timm.models.metaformer", "GroupNorm1NoBias")
 LayerNorm2dNoBias = timm_stand_in(
     _LayerNorm2dNoBias, "timm.models.metaformer", "LayerNorm2dNoBias"
@@ -561,6 +613,12 @@ LearnableAffineBlock = timm_stand_in(
 TimmBatchNormAct2d = timm_stand_in(_TimmBatchNormAct2d, "timm.layers.norm_act", "BatchNormAct2d")
 TimmGroupNormAct = timm_stand_in(_TimmGroupNormAct, "timm.layers.norm_act", "GroupNormAct")
 TimmGroupNorm1Act = timm_stand_in(_TimmGroupNorm1Act, "timm.layers.norm_act", "GroupNorm1Act")
+BitGroupNormActivation = timm_stand_in(
+    _BitGroupNormActivation, "transformers.models.bit.modeling_bit", "BitGroupNormActivation"
+)
+WeightStandardizedConv2d = timm_stand_in(
+    _WeightStandardizedConv2d, "transformers.models.bit.modeling_bit", "WeightStandardizedConv2d"
+)
 TimmLayerNormAct = timm_stand_in(_TimmLayerNormAct, "timm.layers.norm_act", "LayerNormAct")
 TimmLayerNormAct2d = timm_stand_in(_TimmLayerNormAct2d, "timm.layers.norm_act", "LayerNormAct2d")
 
@@ -607,6 +665,12 @@ LAYERS = {
     # (the activation in place, as timm's default: it modifies the piece pulled back to)
     "timm_batch_norm_act": (lambda: TimmBatchNormAct2d(3, nn.ReLU(inplace=True)), (6, 3, 4, 5)),
     "timm_group_norm_act": (lambda: TimmGroupNormAct(4, nn.SiLU(inplace=True)), (6, 4, 3, 3)),
+    "hf_bit_group_norm_activation": (
+        lambda: BitGroupNormActivation(4, nn.ReLU()), (6, 4, 3, 3)
+    ),
+    "hf_bit_group_norm_identity": (
+        lambda: BitGroupNormActivation(4, nn.Identity()), (6, 4, 3, 3)
+    ),
     "timm_group_norm1_act": (lambda: TimmGroupNorm1Act(4, nn.GELU()), (6, 4, 5)),
     "timm_layer_norm_act": (lambda: TimmLayerNormAct(5, nn.ReLU(inplace=True)), (6, 4, 5)),
     "timm_layer_norm_act_2d": (
@@ -665,6 +729,12 @@ LAYERS = {
     ),
     "conv2d_timm_scaled_std_tensorflow_same": (
         lambda: TimmScaledStdConv2dSame(3, 4, (3, 2), stride=(2, 1), eps=1e-2), (5, 3, 6, 5)
+    ),
+    "conv2d_hf_bit_standardized_same": (  # (7 pads 1 + 2 with stride 2 and 4 taps)
+        lambda: WeightStandardizedConv2d(4, 6, 4, stride=2, groups=2, bias=True), (5, 4, 7, 6)
+    ),
+    "conv2d_hf_bit_standardized_static": (
+        lambda: WeightStandardizedConv2d(3, 4, 3, dynamic=False), (5, 3, 5, 4)
     ),
     "conv3d_same_replicate_groups": (
         lambda: nn.Conv3d(4, 2, 3, padding="same", groups=2, padding_mode="replicate"),
@@ -820,6 +890,13 @@ def test_layers_of_other_libraries_get_their_rules_by_qualified_name() -> None:
     for make in (TimmStdConv2dSame, TimmScaledStdConv2dSame):
         assert rules.rule_for(make(2, 3, 3)) is convolution.standardized_conv_tensorflow_same
         assert rules.rule_for(make(2, 3, 3, padding_mode="reflect")) is None
+    assert rules.rule_for(WeightStandardizedConv2d(2, 3, 3)) is convolution.bit_standardized_conv
+    assert rules.rule_for(WeightStandardizedConv2d(2, 3, 3, dynamic=False)) is not None
+    padded_by_ones = WeightStandardizedConv2d(2, 3, 3)
+    padded_by_ones.pad.value = 1.0
+    assert rules.rule_for(padded_by_ones) is None
+    assert rules.rule_for(BitGroupNormActivation(4, nn.GELU())) is norm_act.norm_act
+    assert rules.rule_for(BitGroupNormActivation(4, nn.PReLU())) is None
     for make in (TimmBatchNormAct2d, TimmGroupNormAct, TimmLayerNormAct, TimmLayerNormAct2d):
         assert rules.rule_for(make(4, nn.ReLU())) is norm_act.norm_act
         assert rules.rule_for(make(4, nn.PReLU())) is None  # (a parametrised activation)

@@ -474,3 +474,35 @@ def standardized_conv_tensorflow_same(
     if module.same_pad:
         x = F.pad(x, tensorflow_same_pads(x, module))
     return standardized_conv(module, x, grads, names, budget)
+
+
+def _pads_as_tensorflow(module: nn.Module) -> bool:
+    """Whether Hugging Face BiT's ``WeightStandardizedConv2d`` computes what
+    :func:`bit_standardized_conv` assumes: :func:`_is_standardized_conv`, and no ``pad`` or a
+    ``DynamicPad2d`` of zeros for the layer's own kernel, stride and dilation."""
+    pad = getattr(module, "pad", False)
+    return _is_standardized_conv(module) and (
+        pad is None
+        or (
+            type(pad).__name__ == "DynamicPad2d"
+            and pad.value == 0
+            and (tuple(pad.kernel_size), tuple(pad.stride), tuple(pad.dilation))
+            == (module.kernel_size, module.stride, module.dilation)
+        )
+    )
+
+
+@register(
+    "transformers.models.bit.modeling_bit.WeightStandardizedConv2d",
+    accepts=_pads_as_tensorflow,
+    params=("weight", "bias"),
+)
+def bit_standardized_conv(
+    module: nn.Module, x: Tensor, grads: Tensor, names: Collection[str], budget: int
+) -> dict[str, Tensor]:
+    """Hugging Face BiT's ``WeightStandardizedConv2d`` (BiT, the DPT and ViT hybrids' stems):
+    :func:`standardized_conv` on ``x`` padded by its ``DynamicPad2d``, TensorFlow's ``"SAME"``
+    (:func:`tensorflow_same_pads`), where it has one."""
+    if module.pad is not None:
+        x = F.pad(x, tensorflow_same_pads(x, module))
+    return standardized_conv(module, x, grads, names, budget)

@@ -1,14 +1,16 @@
 r"""Rules for a normalisation followed by an activation in one module: timm's
 ``BatchNormAct2d``, ``GroupNormAct``, ``GroupNorm1Act``, ``LayerNormAct`` and
-``LayerNormAct2d`` (timm's EfficientNets, MobileNetV3, RegNets, ResNetV2 and hybrids),
-matched by qualified name (timm is not imported).
+``LayerNormAct2d`` (timm's EfficientNets, MobileNetV3, RegNets, ResNetV2 and hybrids), and
+Hugging Face BiT's ``BitGroupNormActivation``, matched by qualified name (neither library is
+imported).
 
 Such a module computes :math:`y = \mathrm{act}(\mathrm{drop}(\hat x \odot w + b))` with its own
-``act`` and ``drop`` modules (without parameters: a module with a parametrised activation,
-``PReLU``, has no rule). The gradient at :math:`y` is not the one the normalisation's rule
-needs; so while the engine records, the module runs in pieces (:func:`norm_then_act`): the
-normalisation, kept as the piece ``"normalized"`` to which the vectors are pulled back, then
-``drop`` and ``act`` on it (the output itself is not pulled back to: :data:`.rules.PIECES_ONLY`).
+``act`` and ``drop`` modules (BiT's: ``activation`` alone; without parameters: a module with a
+parametrised activation, ``PReLU``, has no rule). The gradient at :math:`y` is not the one the
+normalisation's rule needs; so while the engine records, the module runs in pieces
+(:func:`norm_then_act`): the normalisation, kept as the piece ``"normalized"`` to which the
+vectors are pulled back, then ``drop`` and ``act`` on it (the output itself is not pulled back
+to: :data:`.rules.PIECES_ONLY`).
 The rule is then the plain normalisation's on ``G`` at that piece:
 :math:`\partial_w = \sum G \odot \hat x`, :math:`\partial_b = \sum G` over the dimensions the
 affine parameters are broadcast over (:func:`.rules.affine_sums`)."""
@@ -48,23 +50,49 @@ def _layer_norm(module: nn.Module, x: Tensor) -> Tensor:
     return F.layer_norm(x, module.normalized_shape, module.weight, module.bias, module.eps)
 
 
+def _timm_act(module: nn.Module, normalized: Tensor) -> Tensor:
+    return module.act(module.drop(normalized))
+
+
+def _bit_act(module: nn.Module, normalized: Tensor) -> Tensor:
+    return module.activation(normalized)
+
+
 #: By qualified name: the normalisation, the reduction of its rule, whether the affine
-#: parameters span its trailing normalised dimensions (else one per channel, dimension 1), and
+#: parameters span its trailing normalised dimensions (else one per channel, dimension 1),
 #: whether it normalises the channels of ``(B, C, *spatial)`` moved last (``LayerNormAct2d``:
 #: the normalisation and its rule see ``x`` channels last, and the kept piece is that, not a
-#: view, which the activation may modify in place).
-_NORMS: dict[str, tuple[Callable[[nn.Module, Tensor], Tensor], Reduction, bool, bool]] = {
-    "timm.layers.norm_act.BatchNormAct2d": (_batch_norm, batch_norm_parts, False, False),
-    "timm.layers.norm_act.GroupNormAct": (_group_norm, group_norm_parts, False, False),
-    "timm.layers.norm_act.GroupNorm1Act": (_group_norm, group_norm_parts, False, False),
-    "timm.layers.norm_act.LayerNormAct": (_layer_norm, layer_norm_parts, True, False),
-    "timm.layers.norm_act.LayerNormAct2d": (_layer_norm, layer_norm_parts, True, True),
-}
+#: view, which the activation may modify in place), and what follows the normalisation.
+_NORMS: dict[
+    str,
+    tuple[
+        Callable[[nn.Module, Tensor], Tensor],
+        Reduction,
+        bool,
+        bool,
+        Callable[[nn.Module, Tensor], Tensor],
+    ],
+] = {
+    "timm.layers.norm_act.BatchNormAct2d": (_batch_norm, batch_norm_parts, False, False, _timm_act),
+    "timm.layers.norm_act.GroupNormAct": (_group_norm, group_norm_parts, False, False, _timm_act),
+    "timm.layers.norm_act.GroupNorm1Act": (_group_norm, group_norm_parts, False, False, _timm_act),
+    "timm.layers.norm_act.LayerNormAct": (_layer_norm, layer_norm_parts, True, False, _timm_act),
+    "timm.layers.norm_act.LayerNormAct2d": (_layer_norm, layer_norm_parts, True, True, _timm_act),
+    "transformers.models.bit.modeling_bit.BitGroupNormActivation": (
+        _group_norm, group_norm_parts, False, False, _bit_act
+    ),
+}  # fmt: skip
 
 
 def _norm_of(
     module: nn.Module,
-) -> tuple[Callable[[nn.Module, Tensor], Tensor], Reduction, bool, bool]:
+) -> tuple[
+    Callable[[nn.Module, Tensor], Tensor],
+    Reduction,
+    bool,
+    bool,
+    Callable[[nn.Module, Tensor], Tensor],
+]:
     return _NORMS[qualified_name(module)]
 
 
@@ -75,13 +103,14 @@ def norm_then_act(
     keep: Callable[[str, Tensor, bool], Tensor],
 ) -> Any:
     """``module(x)`` in pieces: the normalisation, kept as ``"normalized"`` (pulled back to),
-    then the module's ``drop`` and ``act``; ``NotImplemented`` for any other call."""
+    then what follows it (the module's ``drop`` and ``act``; BiT's ``activation``);
+    ``NotImplemented`` for any other call."""
     if kwargs or len(args) != 1 or not isinstance(args[0], Tensor):
         return NotImplemented
-    norm, _, _, channels_last = _norm_of(module)
+    norm, _, _, channels_last, after = _norm_of(module)
     x = args[0].movedim(1, -1) if channels_last else args[0]
     normalized = keep("normalized", norm(module, x), True)
-    return module.act(module.drop(normalized.movedim(-1, 1) if channels_last else normalized))
+    return after(module, normalized.movedim(-1, 1) if channels_last else normalized)
 
 
 @register(*_NORMS, whole_call=True, forward=norm_then_act, pieces_only=True)
@@ -99,7 +128,7 @@ def norm_act(
     fallback)."""
     if "normalized" not in grads:
         return None
-    _, parts, trailing, channels_last = _norm_of(module)
+    _, parts, trailing, channels_last, _ = _norm_of(module)
     x = args[0].movedim(1, -1) if channels_last else args[0]
     reduced = parts(module, x, names)(grads["normalized"])  # (K, B, n, *D)
     return affine_sums(reduced, x, names, normalized_dims(module) if trailing else 1)

@@ -1,0 +1,29 @@
+"""The Hugging Face transformers coverage benchmark: a case that cannot be made, and (where
+transformers is installed) a run."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from benchmarks import transformers_coverage
+
+
+def test_an_architecture_that_cannot_be_made_is_reported(monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "transformers", None)  # (as if not installed)
+    result = transformers_coverage.measure_architecture("bert")
+    assert list(result) == ["error"] and result["error"].startswith("ModuleNotFoundError")
+
+
+def test_no_architecture_is_both_text_and_images() -> None:
+    assert not transformers_coverage.TEXT.keys() & transformers_coverage.IMAGES.keys()
+
+
+def test_a_small_run_writes_its_table(tmp_path) -> None:
+    pytest.importorskip("transformers")
+    out = tmp_path / "transformers.md"
+    table = transformers_coverage.main(["--cases", "bert,swin", "--out", str(out)])
+    assert out.read_text() == table
+    assert "2 of 2 ran: 2 on hooks" in table
+    assert "| bert | hooks | – |" in table and "| swin | hooks |" in table
