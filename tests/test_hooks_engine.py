@@ -462,6 +462,23 @@ class _EomtLayerNorm2d(nn.LayerNorm):  # (Hugging Face EoMT's, as transformers 5
         return hidden_state.permute(0, 3, 1, 2)
 
 
+class _DebertaLayerNorm(nn.Module):  # (Hugging Face's, as transformers 5.25 has it)
+    def __init__(self, size: int, eps: float = 1e-12) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(size))
+        self.bias = nn.Parameter(torch.randn(size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        input_type = hidden_states.dtype
+        hidden_states = hidden_states.float()
+        mean = hidden_states.mean(-1, keepdim=True)
+        variance = (hidden_states - mean).pow(2).mean(-1, keepdim=True)
+        hidden_states = (hidden_states - mean) / torch.sqrt(variance + self.variance_epsilon)
+        hidden_states = hidden_states.to(input_type)
+        return self.weight * hidden_states + self.bias
+
+
 class _Dinov2LayerScale(nn.Module):  # (Hugging Face's, as transformers 5.25 has it)
     def __init__(self, dim: int) -> None:
         super().__init__()
@@ -602,6 +619,9 @@ EomtLayerNorm2d = timm_stand_in(
 Dinov2LayerScale = timm_stand_in(
     _Dinov2LayerScale, "transformers.models.dinov2.modeling_dinov2", "Dinov2LayerScale"
 )
+DebertaLayerNorm = timm_stand_in(
+    _DebertaLayerNorm, "transformers.models.deberta.modeling_deberta", "DebertaLayerNorm"
+)
 NoNorm = timm_stand_in(_NoNorm, "transformers.models.mobilebert.modeling_mobilebert", "NoNorm")
 ConvNextV2GRN = timm_stand_in(
     _ConvNextV2GRN, "transformers.models.convnextv2.modeling_convnextv2", "ConvNextV2GRN"
@@ -658,6 +678,8 @@ LAYERS = {
     "hf_layer_norm_2d": (lambda: EomtLayerNorm2d(3), (6, 3, 4, 5)),
     "hf_layer_scale": (lambda: Dinov2LayerScale(5), (6, 4, 5)),
     "hf_no_norm": (lambda: NoNorm(5), (6, 4, 5)),
+    # (x̂ in float32: the references' float64 autograd sees the same x̂, rounded alike)
+    "hf_deberta_layer_norm": (lambda: DebertaLayerNorm(5, eps=1e-7), (6, 4, 5)),
     "hf_global_response_norm": (lambda: ConvNextV2GRN(5), (6, 3, 4, 5)),
     "star_relu": (lambda: StarReLU(), (6, 4, 5)),
     "star_relu_fixed_scale": (lambda: StarReLU(scale_learnable=False), (6, 3, 4, 5)),
@@ -869,6 +891,7 @@ def test_layers_of_other_libraries_get_their_rules_by_qualified_name() -> None:
     for layer in (NoNorm(4), ConvNextV2GRN(4)):
         assert rules.rule_for(layer) is rules.affine_of_input
     assert rules.rule_for(Dinov2LayerScale(4)) is rules.layer_scale
+    assert rules.rule_for(DebertaLayerNorm(4)) is rules.deberta_layer_norm
     assert rules.rule_for(EomtLayerNorm2d(4)) is rules.channel_layer_norm
     for data_format in ("channels_first", "channels_last"):
         layer = ConvNextLayerNorm(4, data_format=data_format)

@@ -886,6 +886,33 @@ def layer_norm(
     return affine_sums(grads, x, names, normalized_dims(module))
 
 
+def _deberta_layer_norm_parts(module: nn.Module, x: Tensor, names: Collection[str]) -> Reducer:
+    # (x̂ as the layer computes it, in float32 and back to x's type: in a float64 model, x̂ in
+    # float64 would differ from the model's by float32's rounding, which the sums check rejects)
+    h = x.float()
+    centered = h - h.mean(-1, keepdim=True)
+    variance = centered.square().mean(-1, keepdim=True)
+    xhat = (centered / torch.sqrt(variance + module.variance_epsilon)).to(x.dtype)
+    return _affine_parts(xhat.to(acc_dtype(module)), names, _per_trailing(x.dim(), 1))
+
+
+@register(
+    "transformers.models.deberta.modeling_deberta.DebertaLayerNorm",
+    accepts=lambda module: (
+        isinstance(getattr(module, "variance_epsilon", None), float) and module.weight.dim() == 1
+    ),
+    reduce=_deberta_layer_norm_parts,
+)
+def deberta_layer_norm(
+    module: nn.Module, x: Tensor, grads: Tensor, names: Collection[str], budget: int
+) -> dict[str, Tensor]:
+    r"""Hugging Face DeBERTa's layer norm over the last dimension, :math:`\hat x` computed in
+    float32 (the epsilon inside the square root, as ``F.layer_norm``), then
+    :math:`w \odot \hat x + b` in the input's type (by qualified name):
+    :math:`\partial_w = \sum_S G \odot \hat x`, :math:`\partial_b = \sum_S G`."""
+    return affine_sums(grads, x, names, 1)
+
+
 def channel_layer_norm_parts(module: nn.Module, x: Tensor, names: Collection[str]) -> Reducer:
     channels_last = x.to(acc_dtype(module)).movedim(1, -1)
     xhat = F.layer_norm(channels_last, module.normalized_shape, eps=module.eps)
