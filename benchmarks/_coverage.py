@@ -1,4 +1,5 @@
-"""What the coverage benchmarks (:mod:`.timm_coverage`, :mod:`.peft_coverage`) share: the
+"""What the coverage benchmarks (:mod:`.timm_coverage`, :mod:`.peft_coverage`,
+:mod:`.transformers_coverage`) share: the
 engine ``auto`` ends on for a model's ``exact`` Fisher and the modules it sends to the
 per-module fallback, read from the library's log (loggers ``"ewc_reg"`` and
 ``"ewc_reg.fallback"``), the difference from the loop engine's Fisher (plain autograd, one
