@@ -247,6 +247,22 @@ class PositionMlpAttention(nn.Module):
         return self.proj(out.transpose(1, 2).flatten(2)).reshape(b, -1, 4)
 
 
+class NormOfTheUpdate(nn.Module):
+    """PEFT's DoRA in small: a low-rank pair called on the batch and on an identity matrix
+    ``(n, n)``, whose output gives the update's row norms (with ``n = 2B``, the identity looks
+    like 2 rows per sample folded into the batch dimension, and with ``B - 1`` samples, like
+    ``n / (B - 1)``)."""
+
+    def __init__(self, n: int = 6) -> None:
+        super().__init__()
+        self.base = nn.Linear(n, 3)
+        self.a, self.b = nn.Linear(n, 2, bias=False), nn.Linear(2, 3, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, n) -> (B, 3)
+        update = self.b(self.a(torch.eye(x.shape[1], dtype=x.dtype))).T  # (3, n)
+        return (self.base(x) + self.b(self.a(x))) * update.norm(dim=1)
+
+
 BATCHLESS = {  # model, input shape, the parameters that take shadowed copies
     "shared_table": (SharedTable, (4, 4), ["classes.weight"]),
     "shared_table_of_batch_size": (SharedTable, (5, 4), ["classes.weight"]),
@@ -262,6 +278,8 @@ BATCHLESS = {  # model, input shape, the parameters that take shadowed copies
     ),
     # (buckets (4, 4) with 2 samples: taken for 2 positions per sample folded into the batch
     # dimension, which the shapes on 1 sample, the same (4, 4), show to be shared)
+    # (before, to functorch: the identity's rows looked like 2 per sample, then 3 per sample)
+    "identity_of_twice_the_batch": (NormOfTheUpdate, (3, 6), ["a.weight", "b.weight"]),
     "bucket_table_of_twice_the_batch": (
         lambda: nn.Sequential(PositionMlpAttention(n=4, table=True), Head(8 * 4)),
         (2, 8, 4),

@@ -132,12 +132,21 @@ def check_batch_layout(
         if wrong:
             untold.update(wrong)
             continue
-        outputs_then = [_refolded(s, c.folded) for c in calls for s in c.outputs]
-        if outputs_then and outputs_then == [
-            _refolded(s, c.folded) for c in calls_again for s in c.outputs
-        ]:  # (outputs the samples may share, their rows taken for folded positions)
+        # (a call whose outputs the samples may share, their rows taken for folded positions:
+        # PEFT's DoRA calls lora_A on an identity matrix (6, 6), taken for 2 rows per sample
+        # with 3 samples and 3 with 2, beside its call on the batch)
+        outputs_then = next(
+            (
+                then
+                for call, call_again in zip(calls, calls_again)
+                if (then := [_refolded(s, call.folded) for s in call.outputs])
+                and then == [_refolded(s, call_again.folded) for s in call_again.outputs]
+            ),
+            None,
+        )
+        if outputs_then is not None:
             why_batchless = why_batchless or (
-                f"the outputs of {describe(unit.path)} have the same shapes, "
+                f"the outputs of a call of {describe(unit.path)} have the same shapes, "
                 f"{[tuple(s) for s in outputs_then]}, with {size} samples and with {fewer}"
             )
             batchless.update(unit.names.values())
