@@ -26,6 +26,7 @@ from .recording import (
     SharedWithBatchRows,
     Unit,
     Unsupported,
+    WholeInputs,
     first_batch_dim,
 )
 from .unit_sums import batch_dims_of, by_rule, nth
@@ -76,7 +77,10 @@ def check_batch_layout(
     (a call of a :data:`.rules.FOLDABLE` layer that its input's shapes on both show to have
     been taken the wrong way, sequence-first or not, raises :class:`.recording.SequenceFirst`
     instead): inputs from ``(B, *rest)`` to ``(B', *rest)`` or not at all (shared by the samples),
-    outputs from ``(B, *rest)`` to ``(B', *rest)``; a call's input with positions folded
+    outputs from ``(B, *rest)`` to ``(B', *rest)`` (an input of a unit on the per-module
+    fallback that stays the same though it leads with ``B`` raises
+    :class:`.recording.WholeInputs`: the fallback is to pass it whole); a call's input with
+    positions folded
     into the batch dimension (:data:`.rules.FOLDABLE`) must be, for the first ``B'``
     samples, the first rows of the whole batch's (positions first, ``(T B, ...)``, are not),
     and its blocks of rows must follow the samples in reverse order (:func:`check_folds`).
@@ -100,6 +104,9 @@ def check_batch_layout(
     # (the parameters of the units with outputs the samples may share, and the first why)
     batchless: set[str] = set()
     why_batchless = ""
+    # (the inputs the per-module fallback is to pass whole, by unit, and the first why)
+    whole: dict[str, set[tuple[int, int]]] = {}
+    why_whole = ""
     for unit in units:
         record, again = records.get(unit), records_again.get(unit)
         if record is None:
@@ -151,17 +158,18 @@ def check_batch_layout(
             )
             batchless.update(unit.names.values())
             continue
-        pairs = []
-        for call, call_again in zip(calls, calls_again):
+        pairs = []  # (an input's with its (call, tensor) position; an output's with None)
+        for c, (call, call_again) in enumerate(zip(calls, calls_again)):
             pairs += [
-                (s, t, True, nth(inputs, i))
+                (s, t, (c, i), nth(inputs, i))
                 for i, (s, t) in enumerate(zip(call.inputs, call_again.inputs))
             ]
             pairs += [
-                (s, t, False, nth(outputs, i))
+                (s, t, None, nth(outputs, i))
                 for i, (s, t) in enumerate(zip(call.outputs, call_again.outputs))
             ]
-        for full, part, may_be_shared, dim in pairs:
+        for full, part, where, dim in pairs:
+            may_be_shared = where is not None
             kind = "an input" if may_be_shared else "an output"
             if part == (*full[:dim], fewer, *full[dim + 1 :]):
                 continue
@@ -172,11 +180,12 @@ def check_batch_layout(
                     f"batch size ({size}) among their dimensions",
                 )
             if may_be_shared and part == full:
-                if full[0] == size and not by_rule(unit, record):
-                    raise Unsupported(
+                if full[0] == size and not by_rule(unit, record) and where not in unit.whole:
+                    whole.setdefault(unit.path, set()).add(where)
+                    why_whole = why_whole or (
                         f"{kind} of {describe(unit.path)} is shared by the samples (shape "
                         f"{tuple(full)} with {size} samples and with {fewer}) but has the batch "
-                        "size as leading dimension, so the per-module fallback would split it"
+                        "size as leading dimension"
                     )
                 continue
             if unit.path in expanding:  # (a shared (2, ...) input looks per-sample)
@@ -211,6 +220,9 @@ def check_batch_layout(
             f"(T, B, ...) or not, could not be told from their shapes with {size} samples, "
             f"and {fewer} samples show it",
         )
+    if whole:
+        inputs = {path: frozenset(where) for path, where in whole.items()}
+        raise WholeInputs(inputs, f"{why_whole}: the per-module fallback passes it whole")
     if has_folded_calls(records):
         check_folds(model, units, batch, output_fn, records, expanding)
     together = pytree.tree_leaves(output)

@@ -197,6 +197,7 @@ from .recording import (
     Unit,
     Unsupported,
     UsedOutside,
+    WholeInputs,
     as_recorded,
     plan,
     unsupported_reason,
@@ -429,6 +430,12 @@ class HookEngine:
     layouts_found: ClassVar[weakref.WeakKeyDictionary[nn.Module, dict[tuple[str, int], bool]]] = (
         weakref.WeakKeyDictionary()
     )
+    #: The inputs the per-module fallback passes whole, though they lead with the batch size,
+    #: by unit path, as ``(call, tensor)`` positions (:class:`.recording.WholeInputs`), per
+    #: model, kept across calls too.
+    whole_inputs: ClassVar[
+        weakref.WeakKeyDictionary[nn.Module, dict[str, set[tuple[int, int]]]]
+    ] = weakref.WeakKeyDictionary()
     #: The units whose shared inputs or output are left as they are, not expanded over the
     #: batch, since the model failed on them expanded or its output changed
     #: (:class:`.recording.ExpansionFailed`), per model, kept across calls too.
@@ -533,6 +540,7 @@ class HookEngine:
             return self._give_up(model, failure)(*args)
         shared = self.shared_inputs.setdefault(model, set())
         unexpanded = self.unexpanded.setdefault(model, set())
+        whole = self.whole_inputs.setdefault(model, {})
         sequence_first = self.layouts_found.setdefault(model, {})
 
         def sums(arrangement: Arrangement) -> dict[str, Tensor]:
@@ -541,10 +549,12 @@ class HookEngine:
             (:class:`.recording.SharedWithBatchRows`), which are expanded from then on, or calls
             taken the wrong way, sequence-first or not (:class:`.recording.SequenceFirst`), taken
             the other way from then on, or units whose shared inputs or output the model failed
-            on expanded (:class:`.recording.ExpansionFailed`), left as they are from then on (in
-            later calls too: :attr:`shared_inputs`, :attr:`layouts_found`, :attr:`unexpanded`;
-            the retries run outside the handler, so that the failed attempt's frames are freed
-            first)."""
+            on expanded (:class:`.recording.ExpansionFailed`), left as they are from then on, or
+            inputs of units on the per-module fallback that the samples share though they lead
+            with the batch size (:class:`.recording.WholeInputs`), passed whole from then on (in
+            later calls too: :attr:`shared_inputs`, :attr:`layouts_found`, :attr:`unexpanded`,
+            :attr:`whole_inputs`; the retries run outside the handler, so that the failed
+            attempt's frames are freed first)."""
             while True:
                 try:
                     return self._sums(*args, arrangement)
@@ -563,6 +573,12 @@ class HookEngine:
                         raise Unsupported(str(problem)) from None
                     logger.debug("hooks engine: %s; left as they are", problem)
                     unexpanded.update(problem.paths)
+                except WholeInputs as problem:
+                    if all(inputs <= whole.get(p, set()) for p, inputs in problem.inputs.items()):
+                        raise Unsupported(str(problem)) from None
+                    logger.debug("hooks engine: %s", problem)
+                    for path, inputs in problem.inputs.items():
+                        whole.setdefault(path, set()).update(inputs)
 
         loose = loose_parameters(model, params)
         found = self.arrangements.setdefault(model, {})
@@ -677,6 +693,7 @@ class HookEngine:
         for unit in units:
             unit.shared = unit.path in self.shared_inputs.get(model, ())
             unit.expand = unit.path not in self.unexpanded.get(model, ())
+            unit.whole = frozenset(self.whole_inputs.get(model, {}).get(unit.path, ()))
             if sequence_first is not None:  # (the checked pass's)
                 unit.sequence_first, unit.decided = sequence_first.get(unit.path, frozenset()), True
             else:

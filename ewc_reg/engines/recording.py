@@ -88,6 +88,19 @@ class Batchless(Unsupported):
         self.names = names
 
 
+class WholeInputs(Unsupported):
+    """Inputs of units on the per-module fallback that the samples share though they lead
+    with the batch size (Hugging Face BART's decoder position ids ``(T,)`` with ``T == B``,
+    beside per-sample token ids): the fallback would cut them per sample. ``inputs`` are
+    those, by unit path, as ``(call, tensor)`` positions (the call's order in the forward
+    pass, the tensor's among its arguments); the fallback passes them whole on the next
+    attempt."""
+
+    def __init__(self, inputs: dict[str, frozenset[tuple[int, int]]], message: str) -> None:
+        super().__init__(message)
+        self.inputs = inputs
+
+
 class SequenceFirst(Unsupported):
     """Calls whose layout the shapes could not tell were taken the wrong way (see
     :func:`_sequence_first`): sequence-first ``(T, B, ...)`` with ``T == B``, taken as
@@ -118,6 +131,9 @@ class Unit:
     # its shared inputs or output may be expanded over the batch (not once the model failed on
     # them so: see ExpansionFailed)
     expand: bool = True
+    # the (call, tensor) positions of inputs the per-module fallback passes whole, shared by
+    # the samples though they lead with the batch size (see WholeInputs)
+    whole: frozenset[tuple[int, int]] = frozenset()
     # the calls (by their order in the forward pass) taken as sequence-first wherever the batch
     # is their second dimension, those taken as batch-first whatever their shapes, and whether
     # all but the first are (the checks' passes follow the checked one: see _sequence_first)
@@ -149,6 +165,8 @@ class Record:
     transposed: bool = False  # sequence-first, (T, B, ...): recorded as (B, T, ...)
     given: torch.Size | None = None  # the input's shape, for a call that may be sequence-first
     member: int | None = None  # which of a Tied unit's modules was called
+    # the positions among its tensor arguments of those the fallback passes whole (WholeInputs)
+    whole: frozenset[int] = frozenset()
     more: list[Record] = field(default_factory=list)  # the unit's later calls
 
     def calls(self) -> list[Record]:
@@ -701,6 +719,7 @@ class Recorder(TorchFunctionMode):
             transposed=transposed,
             given=given,
             member=member,
+            whole=frozenset(i for c, i in unit.whole if c == call),
         )
         first = self.records.setdefault(unit, record)
         if first is not record:

@@ -292,6 +292,21 @@ def _positions(t: Tensor, lead: int, trailing: int) -> Tensor:
     return t.reshape(*t.shape[: lead + 1], -1, *t.shape[t.dim() - trailing :])
 
 
+def _whole(call: Record, given: Any, batch_size: int) -> Any:
+    """A call's ``(args, kwargs)`` for the per-module fallback, with the inputs it passes whole
+    (``call.whole``: the samples share them though they lead with the batch size) given a
+    leading dimension of ``batch_size`` over which they are repeated, so that cutting the
+    batch per sample gives every sample all of each."""
+    if not call.whole:
+        return given
+    leaves, spec = pytree.tree_flatten(given)
+    tensors = [i for i, leaf in enumerate(leaves) if isinstance(leaf, Tensor)]
+    for position in call.whole:
+        t = leaves[tensors[position]]
+        leaves[tensors[position]] = t.unsqueeze(0).expand(batch_size, *t.shape)
+    return pytree.tree_unflatten(leaves, spec)
+
+
 class _Calls(nn.Module):
     """A module called once per recorded call: ``forward(calls)`` for ``calls`` a list of
     ``(args, kwargs)``, returning the list of outputs. A call whose first argument was recorded
@@ -369,6 +384,7 @@ def _fallback_sums(
         ((call.args if call.member is None else (call.member, *call.args)), call.kwargs)
         for call in live
     ]
+    calls_of = [_whole(call, given, batch_size) for call, given in zip(live, calls_of)]
     batch = Batch((calls_of,), {}, None, batch_size)
     # (a Tied unit is made anew for each batch: its first module stands for it)
     remembered = unit.module[0] if isinstance(unit.module, Tied) else unit.module
