@@ -112,7 +112,10 @@ The decomposition is valid only if (checked; otherwise :class:`.recording.Unsupp
   taken as batch-first; rows folded into the batch dimension, ``(B T, W, ...)`` with
   ``W == B``, taken as sequence-first) is taken the other way on the next attempt
   (:class:`.recording.SequenceFirst`); the passes after the first, the checks' among them, take the
-  same calls as sequence-first as the first did.
+  same calls as sequence-first as the first did. An input of a unit on the per-module fallback
+  that the pass on fewer samples shows shared, though it leads with the batch size (BART's
+  decoder positions ``(T,)`` with ``T == B``), is passed whole to every sample by the fallback
+  from the next attempt on (:class:`.recording.WholeInputs`).
 
 These checks test the assumptions one by one. With them, once per model and structure of the
 forward pass (which units ran, how, on tensors of which ranks; :func:`.batch_checks.structure_of`),
