@@ -308,6 +308,19 @@ def test_units_without_the_batch_take_shadowed_copies(name, method, caplog) -> N
     assert_close_dicts(got, want, 1e-10)
 
 
+class GainedPositions(nn.Module):
+    """:class:`PositionsWithoutBatch` with ``view``, its output scaled by a parameter of the
+    root's own (per-sample copies, ``(B, 3)``, in the same pass as the expansion)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = PositionsWithoutBatch(view=True)
+        self.gain = nn.Parameter(torch.rand(3) + 0.5)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.inner(ids) * self.gain
+
+
 FAILED_EXPANSIONS = {  # model, input, the start of the reason
     # (before, to functorch: "the model failed with the inputs (or output) the samples share")
     "shared_output_viewed": (
@@ -319,6 +332,12 @@ FAILED_EXPANSIONS = {  # model, input, the start of the reason
         lambda: PositionsWithoutBatch(view=True),
         lambda: torch.randint(0, 9, (5, 6)),
         "the model failed with the inputs (or output) the samples share of module 'pos'",
+    ),
+    # (before, to functorch: the failure was taken for the copies')
+    "positions_viewed_beside_copies": (
+        GainedPositions,
+        lambda: torch.randint(0, 9, (5, 6)),
+        "the model failed with the inputs (or output) the samples share of module 'inner.pos'",
     ),
     # (before, to functorch: "changes the model's output")
     "positions_squeezed": (

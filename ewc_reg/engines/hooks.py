@@ -918,30 +918,32 @@ class HookEngine:
         replaced by their per-sample copies in their ``layouts``, each recorded as the unit's
         one output."""
         with torch.set_grad_enabled(grad), Recorder(units, batch) as recorder:
-            if copied:
-                parameters = {u.path: u.module.parameter for u in copied}
-                copies = per_sample_copies(parameters, batch.size, layouts)
-                try:
+            copies: dict[str, Tensor] = {}
+            try:
+                if copied:
+                    parameters = {u.path: u.module.parameter for u in copied}
+                    copies = per_sample_copies(parameters, batch.size, layouts)
                     output = output_fn(call_with(model, copies, batch, layouts))
-                except Exception as error:  # (a shape this batch brings; the model's own
-                    # errors come again without the copies)
-                    raise Unsupported(
-                        f"per-sample copies of parameters {list(copies)} failed in the model "
-                        f"({type(error).__name__}: {error})"
-                    ) from error
-            else:
-                try:
+                else:
                     output = output_fn(batch.call(model))
-                except Exception as error:
-                    expanded = expanded_units(recorder.records)
-                    if not expanded or isinstance(error, torch.OutOfMemoryError):
-                        raise  # (the model's own error; an expansion costs no memory)
-                    raise ExpansionFailed(  # (the model may not take the expanded inputs)
+            except Exception as error:
+                # (the model may not take the expanded inputs, first, or the copies, a shape
+                # this batch brings: tried again without the expansions, it shows which; its
+                # own errors come again without either; an expansion costs no memory)
+                expanded = expanded_units(recorder.records)
+                if expanded and not isinstance(error, torch.OutOfMemoryError):
+                    raise ExpansionFailed(
                         f"the model failed with the inputs (or output) the samples share of "
                         f"{', '.join(map(describe, expanded))} expanded over the batch "
                         f"({type(error).__name__}: {error})",
                         frozenset(expanded),
                     ) from error
+                if not copied:
+                    raise
+                raise Unsupported(
+                    f"per-sample copies of parameters {list(copies)} failed in the model "
+                    f"({type(error).__name__}: {error})"
+                ) from error
         recorder.check()
         records = recorder.records
         for unit in copied:
