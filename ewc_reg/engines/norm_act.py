@@ -58,21 +58,15 @@ def _bit_act(module: nn.Module, normalized: Tensor) -> Tensor:
     return module.activation(normalized)
 
 
+_Piece = Callable[[nn.Module, Tensor], Tensor]
+_Norm = tuple[_Piece, Reduction, bool, bool, _Piece]
+
 #: By qualified name: the normalisation, the reduction of its rule, whether the affine
 #: parameters span its trailing normalised dimensions (else one per channel, dimension 1),
 #: whether it normalises the channels of ``(B, C, *spatial)`` moved last (``LayerNormAct2d``:
 #: the normalisation and its rule see ``x`` channels last, and the kept piece is that, not a
 #: view, which the activation may modify in place), and what follows the normalisation.
-_NORMS: dict[
-    str,
-    tuple[
-        Callable[[nn.Module, Tensor], Tensor],
-        Reduction,
-        bool,
-        bool,
-        Callable[[nn.Module, Tensor], Tensor],
-    ],
-] = {
+_NORMS: dict[str, _Norm] = {
     "timm.layers.norm_act.BatchNormAct2d": (_batch_norm, batch_norm_parts, False, False, _timm_act),
     "timm.layers.norm_act.GroupNormAct": (_group_norm, group_norm_parts, False, False, _timm_act),
     "timm.layers.norm_act.GroupNorm1Act": (_group_norm, group_norm_parts, False, False, _timm_act),
@@ -84,15 +78,7 @@ _NORMS: dict[
 }  # fmt: skip
 
 
-def _norm_of(
-    module: nn.Module,
-) -> tuple[
-    Callable[[nn.Module, Tensor], Tensor],
-    Reduction,
-    bool,
-    bool,
-    Callable[[nn.Module, Tensor], Tensor],
-]:
+def _norm_of(module: nn.Module) -> _Norm:
     return _NORMS[qualified_name(module)]
 
 

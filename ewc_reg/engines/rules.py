@@ -259,8 +259,17 @@ def feature_dims(rule: Rule | CallRule | None, module: nn.Module) -> tuple[int, 
 def qualified_name(module: nn.Module) -> str:
     """The qualified name of ``module``'s class (``"timm.layers.linear.Linear"``), by which the
     rules of other libraries' layers are registered."""
-    cls = type(module)
+    return _class_name(type(module))
+
+
+def _class_name(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _in_transformers(*paths: str) -> tuple[str, ...]:
+    """The qualified names of Hugging Face transformers' classes at ``paths`` under
+    ``transformers.models`` (``"bart.modeling_bart.BartScaledWordEmbedding"``)."""
+    return tuple(f"transformers.models.{path}" for path in paths)
 
 
 #: What a subclass of a ruled class may define and keep its base's rule: how it is made and
@@ -292,7 +301,7 @@ def _ruled_base(cls: type) -> Any:
     for between, ruled in itertools.pairwise(cls.__mro__):
         if set(vars(between)) - CONSTRUCTION_ONLY:
             return None
-        for key in (ruled, f"{ruled.__module__}.{ruled.__qualname__}"):
+        for key in (ruled, _class_name(ruled)):
             if key in RULES:
                 return key
     return None
@@ -923,13 +932,10 @@ def channel_layer_norm_parts(module: nn.Module, x: Tensor, names: Collection[str
     "timm.layers.norm.LayerNorm2d",
     "timm.models.metaformer.LayerNorm2dNoBias",
     "torchvision.models.convnext.LayerNorm2d",
-    *(
-        f"transformers.models.{module}.{name}"
-        for module, name in (
-            ("eomt.modeling_eomt", "EomtLayerNorm2d"),
-            ("eomt_dinov3.modeling_eomt_dinov3", "EomtDinov3LayerNorm2d"),
-            ("videomt.modeling_videomt", "VideomtLayerNorm2d"),
-        )
+    *_in_transformers(
+        "eomt.modeling_eomt.EomtLayerNorm2d",
+        "eomt_dinov3.modeling_eomt_dinov3.EomtDinov3LayerNorm2d",
+        "videomt.modeling_videomt.VideomtLayerNorm2d",
     ),
     reduce=channel_layer_norm_parts,
 )
@@ -949,30 +955,27 @@ def channel_layer_norm(
 #: ``nn.LayerNorm`` subclass whose ``forward`` permutes ``"channels_first"`` inputs
 #: ``(B, C, H, W)`` channels last and back around the layer norm, and takes
 #: ``"channels_last"`` ones ``(B, H, W, C)`` as they are.
-FORMATTED_LAYER_NORMS = tuple(
-    f"transformers.models.{module}.{name}"
-    for module, name in (
-        ("convnext.modeling_convnext", "ConvNextLayerNorm"),
-        ("convnextv2.modeling_convnextv2", "ConvNextV2LayerNorm"),
-        ("deepseek_ocr2.modeling_deepseek_ocr2", "DeepseekOcr2SamLayerNorm"),
-        ("deepseek_vl_hybrid.modeling_deepseek_vl_hybrid", "DeepseekVLHybridLayerNorm"),
-        ("dinov3_convnext.modeling_dinov3_convnext", "DINOv3ConvNextLayerNorm"),
-        ("edgetam.modeling_edgetam", "EdgeTamLayerNorm"),
-        ("edgetam_video.modeling_edgetam_video", "EdgeTamVideoLayerNorm"),
-        ("got_ocr2.modeling_got_ocr2", "GotOcr2LayerNorm"),
-        ("lw_detr.modeling_lw_detr", "LwDetrLayerNorm"),
-        ("pp_formulanet.modeling_pp_formulanet", "PPFormulaNetLayerNorm"),
-        ("rf_detr.modeling_rf_detr", "RfDetrLayerNorm"),
-        ("sam.modeling_sam", "SamLayerNorm"),
-        ("sam2.modeling_sam2", "Sam2LayerNorm"),
-        ("sam2_video.modeling_sam2_video", "Sam2VideoLayerNorm"),
-        ("sam3_tracker.modeling_sam3_tracker", "Sam3TrackerLayerNorm"),
-        ("sam3_tracker_video.modeling_sam3_tracker_video", "Sam3TrackerVideoLayerNorm"),
-        ("sam_hq.modeling_sam_hq", "SamHQLayerNorm"),
-        ("seggpt.modeling_seggpt", "SegGptLayerNorm"),
-        ("slanext.modeling_slanext", "SLANeXtLayerNorm"),
-        ("unlimited_ocr.modeling_unlimited_ocr", "UnlimitedOcrSamLayerNorm"),
-    )
+FORMATTED_LAYER_NORMS = _in_transformers(
+    "convnext.modeling_convnext.ConvNextLayerNorm",
+    "convnextv2.modeling_convnextv2.ConvNextV2LayerNorm",
+    "deepseek_ocr2.modeling_deepseek_ocr2.DeepseekOcr2SamLayerNorm",
+    "deepseek_vl_hybrid.modeling_deepseek_vl_hybrid.DeepseekVLHybridLayerNorm",
+    "dinov3_convnext.modeling_dinov3_convnext.DINOv3ConvNextLayerNorm",
+    "edgetam.modeling_edgetam.EdgeTamLayerNorm",
+    "edgetam_video.modeling_edgetam_video.EdgeTamVideoLayerNorm",
+    "got_ocr2.modeling_got_ocr2.GotOcr2LayerNorm",
+    "lw_detr.modeling_lw_detr.LwDetrLayerNorm",
+    "pp_formulanet.modeling_pp_formulanet.PPFormulaNetLayerNorm",
+    "rf_detr.modeling_rf_detr.RfDetrLayerNorm",
+    "sam.modeling_sam.SamLayerNorm",
+    "sam2.modeling_sam2.Sam2LayerNorm",
+    "sam2_video.modeling_sam2_video.Sam2VideoLayerNorm",
+    "sam3_tracker.modeling_sam3_tracker.Sam3TrackerLayerNorm",
+    "sam3_tracker_video.modeling_sam3_tracker_video.Sam3TrackerVideoLayerNorm",
+    "sam_hq.modeling_sam_hq.SamHQLayerNorm",
+    "seggpt.modeling_seggpt.SegGptLayerNorm",
+    "slanext.modeling_slanext.SLANeXtLayerNorm",
+    "unlimited_ocr.modeling_unlimited_ocr.UnlimitedOcrSamLayerNorm",
 )
 
 
@@ -1171,8 +1174,8 @@ LAYER_SCALES: dict[str, tuple[str, Callable[[nn.Module], tuple[int, ...]]]] = {
     "timm.models.fastvit.LayerScale2d": ("gamma", lambda module: tuple(module.gamma.shape)),
     "timm.models.metaformer.Scale": ("scale", lambda module: tuple(module.shape)),
     **{
-        f"transformers.models.{path}": ("lambda1", lambda module: tuple(module.lambda1.shape))
-        for path in (
+        name: ("lambda1", lambda module: tuple(module.lambda1.shape))
+        for name in _in_transformers(
             "dinov2.modeling_dinov2.Dinov2LayerScale",
             "dinov2_with_registers.modeling_dinov2_with_registers.Dinov2WithRegistersLayerScale",
             "dinov3_vit.modeling_dinov3_vit.DINOv3ViTLayerScale",
@@ -1226,18 +1229,12 @@ def layer_scale(
     return {name: square_sum(grads).reshape(getattr(module, name).shape)}
 
 
-def _spatial_response(x: Tensor) -> Tensor:
-    """Hugging Face ConvNeXt-V2's ``GRN`` response of ``(B, H, W, C)``: each channel's L2 norm
-    over ``H, W``, over its mean over the channels plus ``1e-6``."""
-    norms = torch.linalg.vector_norm(x, ord=2, dim=(1, 2), keepdim=True)
-    return norms / (norms.mean(dim=-1, keepdim=True) + 1e-6)
-
-
-def _response(module: nn.Module, x: Tensor) -> Tensor:
-    r"""timm's ``GlobalResponseNorm``'s :math:`x \odot N(x)`: :math:`N` the spatial L2 norm of
-    each channel over its mean over the channels (plus ``eps``)."""
-    norms = x.norm(p=2, dim=module.spatial_dim, keepdim=True)
-    return x * (norms / (norms.mean(dim=module.channel_dim, keepdim=True) + module.eps))
+def _response(x: Tensor, spatial: tuple[int, ...], channels: int, eps: float) -> Tensor:
+    r"""ConvNeXt-V2's global response :math:`x \odot N(x)`: :math:`N` the L2 norm of each
+    channel over the ``spatial`` dimensions, over its mean over the ``channels`` one (plus
+    ``eps``)."""
+    norms = x.norm(p=2, dim=spatial, keepdim=True)
+    return x * (norms / (norms.mean(dim=channels, keepdim=True) + eps))
 
 
 #: timm's and Hugging Face's layers :math:`y = w \odot h(x) + b` (``+ x`` too, which holds
@@ -1245,7 +1242,7 @@ def _response(module: nn.Module, x: Tensor) -> Tensor:
 #: per-sample product over the dimensions ``w`` and ``b`` are broadcast over (for inputs of
 #: ``x_dims`` dimensions): timm's ConvNeXt-V2 ``GlobalResponseNorm`` (``(C,)``, on the
 #: channels of ``(B, H, W, C)``, or of ``(B, C, H, W)`` with ``channels_last=False``) and
-#: Hugging Face's (``(1, 1, 1, C)`` on ``(B, H, W, C)``: :func:`_spatial_response`),
+#: Hugging Face's (``(1, 1, 1, C)`` on ``(B, H, W, C)``, ``eps`` 1e-6): :func:`_response`,
 #: MetaFormer's ``StarReLU`` (:math:`h = \max(x, 0)^2`, scalars), HGNet's
 #: ``LearnableAffineBlock`` (:math:`h = x`, scalars) and MobileBERT's ``NoNorm``
 #: (:math:`h = x`, ``(C,)`` on the last dimension).
@@ -1258,7 +1255,7 @@ AFFINES_OF_INPUT: dict[
     ],
 ] = {
     "timm.layers.grn.GlobalResponseNorm": (
-        _response,
+        lambda module, x: _response(x, module.spatial_dim, module.channel_dim, module.eps),
         ("weight", "bias"),
         lambda module, x_dims: (
             _per_trailing(x_dims, 1) if module.channel_dim == -1 else _per_channel(x_dims)
@@ -1280,7 +1277,7 @@ AFFINES_OF_INPUT: dict[
         lambda module, x_dims: _per_trailing(x_dims, 1),
     ),
     "transformers.models.convnextv2.modeling_convnextv2.ConvNextV2GRN": (
-        lambda module, x: x * _spatial_response(x),
+        lambda module, x: _response(x, (1, 2), -1, 1e-6),
         ("weight", "bias"),
         lambda module, x_dims: _per_trailing(x_dims, 1),
     ),
@@ -1353,34 +1350,31 @@ def embedding(
 #: (a float or a 0-d buffer), by qualified name (``transformers`` is not imported): the 24
 #: classes of transformers 5.24 named ``*ScaledWordEmbedding`` with that ``forward`` exactly
 #: (T5Gemma2's, which also swaps in an embedding of its own for one token, is not one).
-SCALED_EMBEDDINGS = tuple(
-    f"transformers.models.{module}.{name}ScaledWordEmbedding"
-    for module, name in (
-        ("bart.modeling_bart", "Bart"),
-        ("bigbird_pegasus.modeling_bigbird_pegasus", "BigBirdPegasus"),
-        ("biogpt.modeling_biogpt", "BioGpt"),
-        ("blenderbot.modeling_blenderbot", "Blenderbot"),
-        ("diffusion_gemma.modeling_diffusion_gemma", "DiffusionGemmaText"),
-        ("embedding_gemma2.modeling_embedding_gemma2", "EmbeddingGemma2Text"),
-        ("gemma.modeling_gemma", "GemmaText"),
-        ("gemma2.modeling_gemma2", "Gemma2Text"),
-        ("gemma3.modeling_gemma3", "Gemma3Text"),
-        ("gemma3n.modeling_gemma3n", "Gemma3nText"),
-        ("gemma4.modeling_gemma4", "Gemma4Text"),
-        ("gemma4_unified.modeling_gemma4_unified", "Gemma4UnifiedText"),
-        ("m2m_100.modeling_m2m_100", "M2M100"),
-        ("mbart.modeling_mbart", "MBart"),
-        ("minicpm3.modeling_minicpm3", "MiniCPM3"),
-        ("nllb_moe.modeling_nllb_moe", "NllbMoe"),
-        ("pegasus_x.modeling_pegasus_x", "PegasusX"),
-        ("plbart.modeling_plbart", "PLBart"),
-        ("pp_formulanet.modeling_pp_formulanet", "PPFormulaNet"),
-        ("seamless_m4t.modeling_seamless_m4t", "SeamlessM4T"),
-        ("seamless_m4t_v2.modeling_seamless_m4t_v2", "SeamlessM4Tv2"),
-        ("trocr.modeling_trocr", "TrOCR"),
-        ("vaultgemma.modeling_vaultgemma", "VaultGemmaText"),
-        ("xglm.modeling_xglm", "XGLM"),
-    )
+SCALED_EMBEDDINGS = _in_transformers(
+    "bart.modeling_bart.BartScaledWordEmbedding",
+    "bigbird_pegasus.modeling_bigbird_pegasus.BigBirdPegasusScaledWordEmbedding",
+    "biogpt.modeling_biogpt.BioGptScaledWordEmbedding",
+    "blenderbot.modeling_blenderbot.BlenderbotScaledWordEmbedding",
+    "diffusion_gemma.modeling_diffusion_gemma.DiffusionGemmaTextScaledWordEmbedding",
+    "embedding_gemma2.modeling_embedding_gemma2.EmbeddingGemma2TextScaledWordEmbedding",
+    "gemma.modeling_gemma.GemmaTextScaledWordEmbedding",
+    "gemma2.modeling_gemma2.Gemma2TextScaledWordEmbedding",
+    "gemma3.modeling_gemma3.Gemma3TextScaledWordEmbedding",
+    "gemma3n.modeling_gemma3n.Gemma3nTextScaledWordEmbedding",
+    "gemma4.modeling_gemma4.Gemma4TextScaledWordEmbedding",
+    "gemma4_unified.modeling_gemma4_unified.Gemma4UnifiedTextScaledWordEmbedding",
+    "m2m_100.modeling_m2m_100.M2M100ScaledWordEmbedding",
+    "mbart.modeling_mbart.MBartScaledWordEmbedding",
+    "minicpm3.modeling_minicpm3.MiniCPM3ScaledWordEmbedding",
+    "nllb_moe.modeling_nllb_moe.NllbMoeScaledWordEmbedding",
+    "pegasus_x.modeling_pegasus_x.PegasusXScaledWordEmbedding",
+    "plbart.modeling_plbart.PLBartScaledWordEmbedding",
+    "pp_formulanet.modeling_pp_formulanet.PPFormulaNetScaledWordEmbedding",
+    "seamless_m4t.modeling_seamless_m4t.SeamlessM4TScaledWordEmbedding",
+    "seamless_m4t_v2.modeling_seamless_m4t_v2.SeamlessM4Tv2ScaledWordEmbedding",
+    "trocr.modeling_trocr.TrOCRScaledWordEmbedding",
+    "vaultgemma.modeling_vaultgemma.VaultGemmaTextScaledWordEmbedding",
+    "xglm.modeling_xglm.XGLMScaledWordEmbedding",
 )
 
 
