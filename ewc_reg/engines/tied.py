@@ -70,7 +70,7 @@ def tied_sums(
         if m != head
     ]
     products = [(x, g) for m, x, g in given if m == head]
-    bias = f"{head}.bias" in names
+    bias = head is not None and f"{head}.bias" in names
     output_layer = None if head is None else members[head]
     sums = embedding_and_output_layer(members[table], output_layer, lookups, products, bias, budget)
     weight = next(name for name in names if name.endswith(".weight"))
@@ -115,7 +115,8 @@ def embedding_and_output_layer(
     indices = _joined([i.reshape(i.shape[0], -1) for i, _ in lookups], 1)  # (B, S)
     g_table = _joined([g.reshape(*g.shape[:2], -1, dim) for _, g in lookups], 2)
     names = ["weight", "bias"] if bias else ["weight"]
-    sums = {name: torch.zeros_like(getattr(head or table, name), dtype=acc) for name in names}
+    owner = table if head is None else head  # (of the bias, if any)
+    sums = {name: torch.zeros_like(getattr(owner, name), dtype=acc) for name in names}
     if head is not None and g_head is not None:
         sums = linear(head, x, g_head, names, budget)
     if g_table is None:

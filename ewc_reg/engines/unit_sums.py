@@ -292,14 +292,14 @@ def _positions(t: Tensor, lead: int, trailing: int) -> Tensor:
     return t.reshape(*t.shape[: lead + 1], -1, *t.shape[t.dim() - trailing :])
 
 
-def _whole(call: Record, given: Any, batch_size: int) -> Any:
-    """A call's ``(args, kwargs)`` for the per-module fallback, with the inputs it passes whole
+def _whole(call: Record, args: tuple[Any, ...], batch_size: int) -> Any:
+    """A call's ``(args, call.kwargs)`` for the per-module fallback, with the inputs it passes whole
     (``call.whole``: the samples share them though they lead with the batch size) given a
     leading dimension of ``batch_size`` over which they are repeated, so that cutting the
     batch per sample gives every sample all of each."""
     if not call.whole:
-        return given
-    leaves, spec = pytree.tree_flatten(given)
+        return args, call.kwargs
+    leaves, spec = pytree.tree_flatten((args, call.kwargs))
     tensors = [i for i, leaf in enumerate(leaves) if isinstance(leaf, Tensor)]
     for position in call.whole:
         t = leaves[tensors[position]]
@@ -381,10 +381,9 @@ def _fallback_sums(
         if all(p is not q for q in params.values()):
             params[f"module.{local}"] = p
     calls_of = [
-        ((call.args if call.member is None else (call.member, *call.args)), call.kwargs)
+        _whole(call, (call.args if call.member is None else (call.member, *call.args)), batch_size)
         for call in live
     ]
-    calls_of = [_whole(call, given, batch_size) for call, given in zip(live, calls_of)]
     batch = Batch((calls_of,), {}, None, batch_size)
     # (a Tied unit is made anew for each batch: its first module stands for it)
     remembered = unit.module[0] if isinstance(unit.module, Tied) else unit.module
