@@ -38,6 +38,7 @@ from torch import nn
 from . import _coverage
 
 RESULTS = Path(__file__).parent / "results" / "transformers_coverage.md"
+BATCH, LENGTH = 3, 6  # samples per batch, tokens per sample
 
 #: Text classifiers (``AutoModelForSequenceClassification``), by ``model_type``, each with the
 #: settings that make it small beyond :data:`_SMALL` (those it names otherwise).
@@ -168,12 +169,13 @@ class Logits(nn.Module):
 
 
 def _inputs(model_type: str) -> dict[str, torch.Tensor]:
-    """The inputs of one batch of 3 samples (see the module docstring)."""
+    """The inputs of one batch of :data:`BATCH` samples (see the module docstring)."""
     if model_type in IMAGES:
-        return {"pixel_values": torch.randn(3, 3, 32, 32, dtype=torch.float64)}
-    ids, mask = torch.randint(3, 64, (3, 6)), torch.ones(3, 6, dtype=torch.long)
+        return {"pixel_values": torch.randn(BATCH, 3, 32, 32, dtype=torch.float64)}
+    ids = torch.randint(3, 64, (BATCH, LENGTH))
+    mask = torch.ones(BATCH, LENGTH, dtype=torch.long)
     ids[:, -1] = 2  # (BART's and T5's classifiers read the hidden state at the end token)
-    mask[0, 4:] = 0
+    mask[0, -2:] = 0
     return {"input_ids": ids, "attention_mask": mask}
 
 
@@ -199,14 +201,14 @@ def measure_architecture(model_type: str) -> dict[str, Any]:
             model(**inputs)
     except Exception as error:  # (no transformers; settings this version of it rejects)
         return {"error": f"{type(error).__name__}: {error}"[:200]}
-    return _coverage.measure(model, [{**inputs, "labels": torch.randint(0, 5, (3,))}])
+    return _coverage.measure(model, [{**inputs, "labels": torch.randint(0, 5, (BATCH,))}])
 
 
 def _header(threads: int) -> tuple[str, str, str]:
     return (
         "Engines of Hugging Face transformers classifiers: `exact`, `auto` against `loop`",
         f"transformers {metadata.version('transformers')} · {threads} thread(s) · float64 · "
-        "C=5 · B=3",
+        f"C=5 · B={BATCH}",
         "model type",
     )
 
