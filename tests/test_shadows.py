@@ -263,6 +263,49 @@ class NormOfTheUpdate(nn.Module):
         return (self.base(x) + self.b(self.a(x))) * update.norm(dim=1)
 
 
+class ExpandedBias(nn.Module):
+    """MPNet's relative attention in small: a bias table looked up with position buckets,
+    ``(n, n, heads)``, ``expand``ed to the batch size (``(rows B, heads, n, n)``: ``rows``
+    windows per sample folded into the batch dimension) and made ``contiguous`` before
+    ``scores += bias``."""
+
+    def __init__(self, n: int = 3, rows: int = 1, heads: int = 2) -> None:
+        super().__init__()
+        self.n, self.rows, self.heads = n, rows, heads
+        self.qkv, self.proj = nn.Linear(4, 12), nn.Linear(4, 4)
+        self.bias = nn.Embedding(2 * n - 1, heads)
+        index = torch.arange(n)
+        self.register_buffer("buckets", index[:, None] - index[None, :] + n - 1)
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, rows n, 4)
+        b = x.shape[0]
+        windows = x.reshape(b * self.rows, self.n, 4)
+        q, k, v = (
+            t.unflatten(-1, (self.heads, -1)).transpose(1, 2)
+            for t in self.qkv(windows).chunk(3, -1)
+        )
+        scores = q @ k.transpose(-1, -2)
+        bias = self.bias(self.buckets).permute(2, 0, 1).unsqueeze(0)
+        scores += bias.expand(b * self.rows, -1, -1, -1).contiguous()
+        out = scores.softmax(-1) @ v
+        return self.proj(out.transpose(1, 2).flatten(2)).reshape(b, -1, 4)
+
+
+class RepeatedPositions(nn.Module):
+    """XCiT's Fourier position encoding in small: a linear layer of fixed coordinates
+    ``(n, 2)``, its output ``repeat``ed over the batch, added to the batch."""
+
+    def __init__(self, n: int = 6) -> None:
+        super().__init__()
+        self.positions, self.mix = nn.Linear(2, 4), nn.Linear(4, 4)
+        coords = torch.linspace(-1, 1, n, dtype=torch.float64)
+        self.register_buffer("coords", torch.stack([coords, coords.square()], -1))
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, n, 4)
+        positions = self.positions(self.coords).unsqueeze(0)
+        return torch.tanh(self.mix(x + positions.repeat(x.shape[0], 1, 1)))
+
+
 BATCHLESS = {  # model, input shape, the parameters that take shadowed copies
     "shared_table": (SharedTable, (4, 4), ["classes.weight"]),
     "shared_table_of_batch_size": (SharedTable, (5, 4), ["classes.weight"]),
@@ -284,6 +327,20 @@ BATCHLESS = {  # model, input shape, the parameters that take shadowed copies
         lambda: nn.Sequential(PositionMlpAttention(n=4, table=True), Head(8 * 4)),
         (2, 8, 4),
         ["0.bias.weight"],
+    ),
+    # (before, to the loop engine through functorch: each sample's shadow of the expanded bias
+    # had the whole batch's rows)
+    "expanded_bias": (
+        lambda: nn.Sequential(ExpandedBias(), Head(3 * 4)), (4, 3, 4), ["0.bias.weight"]
+    ),
+    "expanded_bias_on_windows": (
+        lambda: nn.Sequential(ExpandedBias(rows=2), Head(6 * 4)), (4, 6, 4), ["0.bias.weight"]
+    ),
+    # (before, to functorch)
+    "repeated_positions": (
+        lambda: nn.Sequential(RepeatedPositions(), Head(6 * 4)),
+        (4, 6, 4),
+        ["0.positions.bias", "0.positions.weight"],
     ),
 }
 
@@ -397,6 +454,36 @@ def test_a_broadcasting_meeting_on_folded_rows_takes_the_shadows_aligned() -> No
     for n in range(2):
         want = torch.autograd.grad(f(x[2 * n : 2 * n + 2], a).sum(), a)[0]
         assert torch.allclose(got[n], want, rtol=1e-12, atol=1e-14)
+
+
+def test_a_shared_tensor_expanded_to_the_batch_meets_each_sample_with_its_rows() -> None:
+    """A tensor of parameters as long as the batch data (MPNet's bias ``expand``ed to the batch
+    size, windows folded: 2 rows per sample) added to it, in place or not: each sample's rows
+    of its shadow; made ``contiguous`` and ``repeat``ed over size-1 dimensions, its shadow
+    stays a view (no copy of the whole batch's rows per sample)."""
+    torch.manual_seed(0)
+    a = torch.randn(1, 3, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(6, 3, dtype=torch.float64)  # (3 samples x 2 rows, 3)
+
+    def f(x: Tensor, a: Tensor, in_place: bool) -> Tensor:
+        y = x.tanh()
+        expanded = a.square().expand(len(x), 3).contiguous()
+        y = y.__iadd__(expanded) if in_place else y + expanded
+        return (y * a.repeat(len(x), 1)).unflatten(0, (-1, 2)).square().sum((1, 2))
+
+    for in_place in (False, True):
+        mode = Shadows({a: a.expand(3, 1, 3)}, [x])
+        with mode:
+            out = f(x, a, in_place)
+            repeated = a.repeat(6, 1)
+            contiguous = a.expand(6, 3).contiguous()
+            assert mode.shadow[repeated].stride()[1] == 0
+            assert mode.shadow[contiguous].stride()[1] == 0
+        assert torch.allclose(out, f(x, a, in_place), rtol=1e-14, atol=0)
+        got = torch.autograd.grad(out.sum(), mode.shadow[a])[0]
+        for n in range(3):
+            want = torch.autograd.grad(f(x[2 * n : 2 * n + 2], a, in_place).sum(), a)[0]
+            assert torch.allclose(got[n], want, rtol=1e-12, atol=1e-14)
 
 
 def test_the_check_takes_a_gradient_zero_but_for_rounding_as_such() -> None:

@@ -75,7 +75,11 @@ class Shadows(TorchFunctionMode):
         if not of_batch:  # (parameters and constants alone: the shadow beside the result)
             result = func(*args, **kwargs)
             outputs = tensors_in(result)
-            if outputs:
+            if func in SAME_VALUES:  # (no copy of the shadows: they may be expanded views)
+                self.shadow[result] = shadows[0]
+            elif _repeats_as_expand(func, args, kwargs):
+                self.shadow[result] = shadows[0].expand(shadows[0].shape[0], *result.shape)
+            elif outputs:
                 call = _substituted(func, leaves, spec, derived)
                 per_sample = torch.vmap(lambda *shadows: tensors_in(call(*shadows)))(*shadows)
                 for output, shadow in zip(outputs, per_sample):
@@ -116,6 +120,21 @@ BROADCASTING = frozenset(
     }
 )  # fmt: skip
 
+#: The in-place arithmetic of :data:`BROADCASTING`, aligned like it where the tensor it writes
+#: into is batch data (MPNet's ``scores += position_bias``).
+IN_PLACE = frozenset(
+    {
+        Tensor.add_, Tensor.sub_, Tensor.mul_, Tensor.div_,
+        Tensor.__iadd__, Tensor.__isub__, Tensor.__imul__, Tensor.__itruediv__,
+    }
+)  # fmt: skip
+
+#: Functions that return their tensor's values (a copy in another memory layout): the result's
+#: shadow is its tensor's, not a copy of it (MPNet's relative position bias, ``expand``ed over
+#: the batch, is made ``contiguous`` before it meets the scores: each sample's shadow of it
+#: would be a copy of the whole batch's).
+SAME_VALUES = frozenset({Tensor.contiguous})
+
 
 def _rows_per_sample(tensors: list[Tensor], size: int) -> int:
     """The rows ``k`` each of ``size`` samples has in the batch data ``tensors``, all of leading
@@ -140,13 +159,22 @@ def _aligned(
     batch: list[int],
     rows: int,
 ) -> list[Tensor] | None:
-    """For a meeting of a function of :data:`BROADCASTING` with batch data whose tensors all
-    have the same rank ``r`` (and ``rows`` rows per sample), each shadow ``(B, *D.shape)``
-    reshaped to broadcast as its tensor ``D`` does, sample by sample: ``(B, *D.shape[1:])``
-    where ``D`` has rank ``r`` and leads with 1, ``(B, 1, ..., 1, *D.shape)`` of rank ``r``
-    where ``D`` has a lower rank, each sample's repeated ``rows`` times; ``None`` where the
-    function is not one of them or a tensor broadcasts otherwise."""
-    if func not in BROADCASTING:
+    """For a meeting of a function of :data:`BROADCASTING` (or :data:`IN_PLACE`, writing into
+    batch data) with batch data whose tensors all have the same rank ``r`` (and ``rows`` rows
+    per sample), each shadow ``(B, *D.shape)`` made to broadcast as its tensor ``D`` does,
+    sample by sample:
+
+    - ``(B, *D.shape[1:])`` where ``D`` has rank ``r`` and leads with 1, and
+      ``(B, 1, ..., 1, *D.shape)`` of rank ``r`` where ``D`` has a lower rank, each sample's
+      repeated ``rows`` times;
+    - where ``D`` has rank ``r`` and as many rows as the batch data, ``rows B`` (MPNet's
+      position bias ``expand``ed to the batch size): each sample's own rows of its shadow,
+      ``D^b_n[n k:(n + 1) k]``. The function pairs the rows of ``D`` with those of the batch
+      data whatever made ``D`` that long (were it a table whose length only equals the batch
+      size), so row ``m`` of ``D`` reaches sample ``m``'s outputs alone.
+
+    ``None`` where the function is not one of them or a tensor broadcasts otherwise."""
+    if func not in BROADCASTING and not (func in IN_PLACE and 0 in batch):
         return None
     size = shadows[0].shape[0]
     ranks = {leaves[i].dim() for i in batch}
@@ -157,12 +185,35 @@ def _aligned(
     for i, shadow in zip(derived, shadows):
         shape = leaves[i].shape
         if len(shape) < rank:
-            aligned.append(shadow.reshape(size, *(1,) * (rank - len(shape) - 1), *shape))
+            ones = (1,) * (rank - len(shape) - 1)
+            aligned.append(_repeated(shadow.reshape(size, *ones, *shape), rows))
         elif len(shape) == rank and shape[0] == 1:
-            aligned.append(shadow.reshape(size, *shape[1:]))
+            aligned.append(_repeated(shadow.reshape(size, *shape[1:]), rows))
+        elif len(shape) == rank and shape[0] == rows * size:
+            own = shadow.unflatten(1, (size, rows)).diagonal(0, 0, 1)  # (rows, ..., B)
+            aligned.append(own.movedim(-1, 0).flatten(0, 1))
         else:
             return None
-    return [shadow.repeat_interleave(rows, 0) if rows > 1 else shadow for shadow in aligned]
+    return aligned
+
+
+def _repeats_as_expand(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Whether ``func(*args, **kwargs)`` is a ``Tensor.repeat`` that repeats dimensions of size 1
+    alone, and so gives what ``expand`` does, without a copy (XCiT's Fourier position encoding
+    ``(1, C, H, W)`` repeated over the batch before it meets it)."""
+    if func is not Tensor.repeat or kwargs or len(args) < 2:
+        return False
+    tensor, *sizes = args
+    if len(sizes) == 1 and isinstance(sizes[0], (tuple, list, torch.Size)):
+        sizes = list(sizes[0])
+    return len(sizes) == tensor.dim() and all(
+        isinstance(n, int) and (n == 1 or dim == 1) for n, dim in zip(sizes, tensor.shape)
+    )
+
+
+def _repeated(shadow: Tensor, rows: int) -> Tensor:
+    """Each sample's row of ``shadow`` ``(B, ...)`` repeated ``rows`` times, ``(rows B, ...)``."""
+    return shadow.repeat_interleave(rows, 0) if rows > 1 else shadow
 
 
 class ByIdentity:
