@@ -456,34 +456,57 @@ def test_a_broadcasting_meeting_on_folded_rows_takes_the_shadows_aligned() -> No
         assert torch.allclose(got[n], want, rtol=1e-12, atol=1e-14)
 
 
-def test_a_shared_tensor_expanded_to_the_batch_meets_each_sample_with_its_rows() -> None:
-    """A tensor of parameters as long as the batch data (MPNet's bias ``expand``ed to the batch
-    size, windows folded: 2 rows per sample) added to it, in place or not: each sample's rows
-    of its shadow; made ``contiguous`` and ``repeat``ed over size-1 dimensions, its shadow
-    stays a view (no copy of the whole batch's rows per sample)."""
+def _functions_in(output: Tensor) -> set[str]:
+    """The names of the backward functions of ``output``'s graph."""
+    seen, stack = set(), [output.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is not None and node.name() not in seen:
+            seen.add(node.name())
+            stack += [next_node for next_node, _ in node.next_functions]
+    return seen
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+@pytest.mark.parametrize("long", ["expanded", "joined"])
+def test_a_shared_tensor_as_long_as_the_batch_meets_each_sample_with_its_rows(
+    long, in_place
+) -> None:
+    """A tensor of parameters as long as the batch data (windows folded: 2 rows per sample)
+    added to it, in place or not: each sample's rows of its shadow. Expanded (MPNet's bias
+    ``expand``ed to the batch size and made ``contiguous``), it repeats one row: that row's
+    shadow, without a gradient through the whole batch's rows per sample; joined (a ``cat`` of
+    rows that differ), the diagonal blocks of the shadow. A ``repeat`` of size-1 dimensions
+    and ``contiguous`` keep the shadows views (no copy of the whole batch's rows per sample)."""
     torch.manual_seed(0)
     a = torch.randn(1, 3, dtype=torch.float64, requires_grad=True)
     x = torch.randn(6, 3, dtype=torch.float64)  # (3 samples x 2 rows, 3)
 
-    def f(x: Tensor, a: Tensor, in_place: bool) -> Tensor:
+    def f(x: Tensor, a: Tensor) -> Tensor:
+        if long == "expanded":
+            rows = a.square().expand(len(x), 3).contiguous()
+        else:
+            rows = torch.cat([a * (k + 1) for k in range(len(x))])
         y = x.tanh()
-        expanded = a.square().expand(len(x), 3).contiguous()
-        y = y.__iadd__(expanded) if in_place else y + expanded
+        y = y.__iadd__(rows) if in_place else y + rows
         return (y * a.repeat(len(x), 1)).unflatten(0, (-1, 2)).square().sum((1, 2))
 
-    for in_place in (False, True):
-        mode = Shadows({a: a.expand(3, 1, 3)}, [x])
-        with mode:
-            out = f(x, a, in_place)
-            repeated = a.repeat(6, 1)
-            contiguous = a.expand(6, 3).contiguous()
-            assert mode.shadow[repeated].stride()[1] == 0
-            assert mode.shadow[contiguous].stride()[1] == 0
-        assert torch.allclose(out, f(x, a, in_place), rtol=1e-14, atol=0)
-        got = torch.autograd.grad(out.sum(), mode.shadow[a])[0]
-        for n in range(3):
-            want = torch.autograd.grad(f(x[2 * n : 2 * n + 2], a, in_place).sum(), a)[0]
-            assert torch.allclose(got[n], want, rtol=1e-12, atol=1e-14)
+    mode = Shadows({a: a.expand(3, 1, 3)}, [x])
+    with mode:
+        out = f(x, a)
+        repeated = a.repeat(6, 1)
+        contiguous = a.expand(6, 3).contiguous()
+    assert mode.shadow[repeated].stride()[1] == mode.shadow[contiguous].stride()[1] == 0
+    assert ("DiagonalBackward0" in _functions_in(out)) == (long == "joined")
+    assert torch.allclose(out, f(x, a), rtol=1e-14, atol=0)
+    got = torch.autograd.grad(out.sum(), mode.shadow[a])[0]
+    for n in range(3):
+        if long == "expanded":
+            want = torch.autograd.grad(f(x[2 * n : 2 * n + 2], a).sum(), a)[0]
+        else:  # (sample n's rows of the joined tensor: 2n + 1 and 2n + 2 times a)
+            alone = x[2 * n : 2 * n + 2].tanh() + torch.cat([a * (2 * n + 1), a * (2 * n + 2)])
+            want = torch.autograd.grad((alone * a).square().sum(), a)[0]
+        assert torch.allclose(got[n], want, rtol=1e-12, atol=1e-14)
 
 
 def test_the_check_takes_a_gradient_zero_but_for_rounding_as_such() -> None:

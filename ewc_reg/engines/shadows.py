@@ -56,6 +56,9 @@ class Shadows(TorchFunctionMode):
         super().__init__()
         self.shadow = ByIdentity(copies)
         self.batch = ByIdentity(dict.fromkeys(inputs, True))
+        # (a tensor whose rows all repeat one row, (1, ...) expanded or repeated over its leading
+        # dimension: the shadow of that row, (B, 1, ...); see _aligned)
+        self.one_row = ByIdentity({})
 
     def __torch_function__(
         self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
@@ -77,8 +80,12 @@ class Shadows(TorchFunctionMode):
             outputs = tensors_in(result)
             if func in SAME_VALUES:  # (no copy of the shadows: they may be expanded views)
                 self.shadow[result] = shadows[0]
-            elif _repeats_as_expand(func, args, kwargs):
+                if args[0] in self.one_row:
+                    self.one_row[result] = self.one_row[args[0]]
+            elif _expands(func, args, kwargs, result):
                 self.shadow[result] = shadows[0].expand(shadows[0].shape[0], *result.shape)
+                if args[0].shape[0] == 1 < result.shape[0]:
+                    self.one_row[result] = shadows[0]
             elif outputs:
                 call = _substituted(func, leaves, spec, derived)
                 per_sample = torch.vmap(lambda *shadows: tensors_in(call(*shadows)))(*shadows)
@@ -88,7 +95,8 @@ class Shadows(TorchFunctionMode):
         batch = [i for i, leaf in enumerate(leaves) if _in(leaf, self.batch)]
         size = shadows[0].shape[0]
         rows = _rows_per_sample([leaves[i] for i in batch], size)
-        aligned = _aligned(func, leaves, derived, shadows, batch, rows)
+        one_row = [self.one_row[leaves[i]] if leaves[i] in self.one_row else None for i in derived]
+        aligned = _aligned(func, leaves, derived, shadows, one_row, batch, rows)
         if aligned is not None:
             result = _substituted(func, leaves, spec, derived)(*aligned)
         else:
@@ -135,6 +143,10 @@ IN_PLACE = frozenset(
 #: would be a copy of the whole batch's).
 SAME_VALUES = frozenset({Tensor.contiguous})
 
+#: Functions that expand a tensor to a shape (of the same rank, here): the result's shadow is
+#: an expanded view of its tensor's.
+EXPANDING = frozenset({Tensor.expand, Tensor.expand_as})
+
 
 def _rows_per_sample(tensors: list[Tensor], size: int) -> int:
     """The rows ``k`` each of ``size`` samples has in the batch data ``tensors``, all of leading
@@ -156,6 +168,7 @@ def _aligned(
     leaves: list[Any],
     derived: list[int],
     shadows: list[Tensor],
+    one_row: list[Tensor | None],
     batch: list[int],
     rows: int,
 ) -> list[Tensor] | None:
@@ -171,7 +184,10 @@ def _aligned(
       position bias ``expand``ed to the batch size): each sample's own rows of its shadow,
       ``D^b_n[n k:(n + 1) k]``. The function pairs the rows of ``D`` with those of the batch
       data whatever made ``D`` that long (were it a table whose length only equals the batch
-      size), so row ``m`` of ``D`` reaches sample ``m``'s outputs alone.
+      size), so row ``m`` of ``D`` reaches sample ``m``'s outputs alone. Where ``D`` repeats
+      one row (``one_row``: the shadow of that row, ``(B, 1, ...)``), that row's shadow,
+      each sample's repeated ``k`` times, is the same, without a gradient through the whole
+      ``(B, k B, ...)`` shadow (whose other rows are zero).
 
     ``None`` where the function is not one of them or a tensor broadcasts otherwise."""
     if func not in BROADCASTING and not (func in IN_PLACE and 0 in batch):
@@ -182,13 +198,15 @@ def _aligned(
         return None
     (rank,) = ranks
     aligned = []
-    for i, shadow in zip(derived, shadows):
+    for i, shadow, row in zip(derived, shadows, one_row):
         shape = leaves[i].shape
         if len(shape) < rank:
             ones = (1,) * (rank - len(shape) - 1)
             aligned.append(_repeated(shadow.reshape(size, *ones, *shape), rows))
         elif len(shape) == rank and shape[0] == 1:
             aligned.append(_repeated(shadow.reshape(size, *shape[1:]), rows))
+        elif len(shape) == rank and shape[0] == rows * size and row is not None:
+            aligned.append(row.expand(size, rows, *shape[1:]).flatten(0, 1))
         elif len(shape) == rank and shape[0] == rows * size:
             own = shadow.unflatten(1, (size, rows)).diagonal(0, 0, 1)  # (rows, ..., B)
             aligned.append(own.movedim(-1, 0).flatten(0, 1))
@@ -197,10 +215,13 @@ def _aligned(
     return aligned
 
 
-def _repeats_as_expand(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
-    """Whether ``func(*args, **kwargs)`` is a ``Tensor.repeat`` that repeats dimensions of size 1
-    alone, and so gives what ``expand`` does, without a copy (XCiT's Fourier position encoding
+def _expands(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], result: Any) -> bool:
+    """Whether ``func(*args, **kwargs)``, giving ``result``, expands its tensor to a shape of the
+    same rank (:data:`EXPANDING`), or is a ``Tensor.repeat`` that repeats dimensions of size 1
+    alone and so gives what ``expand`` does, without a copy (XCiT's Fourier position encoding
     ``(1, C, H, W)`` repeated over the batch before it meets it)."""
+    if func in EXPANDING:
+        return isinstance(result, Tensor) and result.dim() == args[0].dim()
     if func is not Tensor.repeat or kwargs or len(args) < 2:
         return False
     tensor, *sizes = args
