@@ -124,13 +124,23 @@ def _row(name: str, result: dict[str, Any]) -> str:
 
 
 def run(
-    module: str, cases: list[str], timeout: float, threads: int
+    module: str,
+    cases: list[str],
+    timeout: float,
+    threads: int,
+    sizes: dict[str, int] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Each case's result, each from ``python -m module --one case`` in its own process (which
-    prints it as a line of JSON)."""
+    prints it as a line of JSON), with the options ``sizes`` (by name, ``batch_size`` for
+    ``--batch-size``)."""
+    options = [
+        arg for name, value in (sizes or {}).items() for arg in (_option(name), str(value))
+    ]
     results = {}
     for name in cases:
-        command = [sys.executable, "-m", module, "--one", name, "--threads", str(threads)]
+        command = [
+            sys.executable, "-m", module, "--one", name, "--threads", str(threads), *options
+        ]
         try:
             done = subprocess.run(
                 command, capture_output=True, text=True, timeout=timeout,
@@ -176,33 +186,46 @@ def report(results: dict[str, dict[str, Any]], title: str, setting: str, first: 
     )
 
 
+def _option(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
 def main(
     argv: list[str] | None,
     description: str,
     module: str,
     cases: list[str],
-    measure_case: Callable[[str], dict[str, Any]],
-    header: Callable[[int], tuple[str, str, str]],
+    measure_case: Callable[..., dict[str, Any]],
+    header: Callable[..., tuple[str, str, str]],
     out: Path,
+    sizes: dict[str, tuple[int, int, str]] | None = None,
 ) -> str | None:
     """The command line of a coverage benchmark: ``--cases`` (default: ``cases``),
-    ``--timeout`` per case, ``--threads``, ``--out`` (default: ``out``); the child process's
-    ``--one CASE`` prints ``measure_case(CASE)`` as JSON. ``header(threads)`` gives the report's
+    ``--timeout`` per case, ``--threads``, ``--out`` (default: ``out``), and an integer option
+    for each of ``sizes`` (by name, ``batch_size`` for ``--batch-size``: its default, its
+    least value and its help); the child process's ``--one CASE`` prints
+    ``measure_case(CASE, **sizes)`` as JSON. ``header(threads, **sizes)`` gives the report's
     title, setting and first column's heading (see :func:`report`)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--cases", help="comma-separated names (default: all)")
     parser.add_argument("--timeout", type=float, default=300, help="seconds per case")
     parser.add_argument("--threads", type=int, default=1)
+    for name, (default, _, text) in (sizes or {}).items():
+        parser.add_argument(_option(name), type=int, default=default, help=text)
     parser.add_argument("--out", type=Path, default=out, help="markdown file to write")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # (the child process's case)
     args = parser.parse_args(argv)
     if args.threads < 1 or args.timeout <= 0:
         parser.error("--threads must be at least 1 and --timeout positive")
+    chosen_sizes = {name: getattr(args, name) for name in sizes or {}}
+    for name, (_, least, _) in (sizes or {}).items():
+        if chosen_sizes[name] < least:
+            parser.error(f"{_option(name)} must be at least {least}")
     if args.one:
         with keeping_threads():
             torch.set_num_threads(args.threads)
-            print(json.dumps(measure_case(args.one)), flush=True)
+            print(json.dumps(measure_case(args.one, **chosen_sizes)), flush=True)
         return None
     chosen = args.cases.split(",") if args.cases else cases
-    results = run(module, chosen, args.timeout, args.threads)
-    return write_report(report(results, *header(args.threads)), args.out)
+    results = run(module, chosen, args.timeout, args.threads, chosen_sizes)
+    return write_report(report(results, *header(args.threads, **chosen_sizes)), args.out)

@@ -20,6 +20,7 @@ import ctypes.util
 import functools
 import gc
 import re
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -110,3 +111,21 @@ def measure(fn: Callable[[], Any], device: torch.device) -> Measurement:
     seconds = time.perf_counter() - start
     peak = (_status_kib("VmHWM") - before) * 1024 if cpu_peak else None
     return Measurement(seconds, peak, result)
+
+
+def side_by_side(
+    calls: dict[str, Callable[[], Any]], repeats: int
+) -> dict[str, tuple[float, Any]]:
+    """Each of ``calls`` once untimed (the first call of an engine on a model pays its checks),
+    then ``repeats`` rounds over them in one process, in reverse order every other round (so
+    that none always follows the same neighbour): by name, the median seconds and the result
+    of the untimed call."""
+    results = {name: call() for name, call in calls.items()}
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    order = list(calls)
+    for r in range(repeats):
+        for name in order if r % 2 == 0 else order[::-1]:
+            start = time.perf_counter()
+            calls[name]()
+            times[name].append(time.perf_counter() - start)
+    return {name: (statistics.median(times[name]), results[name]) for name in calls}

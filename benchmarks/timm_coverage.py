@@ -7,15 +7,16 @@ beside the pinned torch; about 45 minutes on one core)::
 
     python -m benchmarks.timm_coverage            # writes benchmarks/results/timm_coverage.md
     python -m benchmarks.timm_coverage --cases resnet18,convnext_atto --out /tmp/cover.md
+    python -m benchmarks.timm_coverage --batch-size 4 --out /tmp/cover4.md
 
 Each architecture runs in its own process (:mod:`._coverage`; a crash or a hang costs that row
 only, ``--timeout`` seconds at most): ``timm.create_model(name, num_classes=5, **settings)``
 in float64 and eval mode, parameters that start at zero drawn from N(0, 0.05²) (a layer scale
 or response norm at 0 would hide the layers before it), batch norms given the running
 statistics of 8 random images (with random statistics, deep networks' logits grew so large
-that the softmax saturated and the Fisher was 0), and one batch of 3 random images with
-random labels. The ``exact`` Fisher is computed with ``backend="auto"`` and with
-``backend="loop"``, as :func:`._coverage.measure` says."""
+that the softmax saturated and the Fisher was 0), and one batch of 3 random images
+(``--batch-size``) with random labels. The ``exact`` Fisher is computed with
+``backend="auto"`` and with ``backend="loop"``, as :func:`._coverage.measure` says."""
 
 from __future__ import annotations
 
@@ -86,9 +87,9 @@ ARCHITECTURES: dict[str, tuple[dict[str, Any], int]] = {
 }
 
 
-def measure_architecture(name: str) -> dict[str, Any]:
-    """:func:`._coverage.measure` on timm's ``name`` (see the module docstring), or why it
-    could not be made or run (``"error"``)."""
+def measure_architecture(name: str, batch_size: int = 3) -> dict[str, Any]:
+    """:func:`._coverage.measure` on timm's ``name`` with a batch of ``batch_size`` images (see
+    the module docstring), or why it could not be made or run (``"error"``)."""
     import timm  # (optional: only this benchmark needs it)
 
     settings, size = ARCHITECTURES.get(name, ({}, 32))
@@ -106,17 +107,18 @@ def measure_architecture(name: str) -> dict[str, Any]:
                     m.momentum = None  # (the running statistics: the average over the pass)
             model.train()(torch.randn(8, 3, size, size, dtype=torch.float64))
             model.eval()
-            x = torch.randn(3, 3, size, size, dtype=torch.float64)
+            x = torch.randn(batch_size, 3, size, size, dtype=torch.float64)
             model(x)
     except Exception as error:  # (settings this version of timm rejects)
         return {"error": f"{type(error).__name__}: {error}"[:200]}
-    return _coverage.measure(model, [(x, torch.randint(0, 5, (3,)))])
+    return _coverage.measure(model, [(x, torch.randint(0, 5, (batch_size,)))])
 
 
-def _header(threads: int) -> tuple[str, str, str]:
+def _header(threads: int, batch_size: int) -> tuple[str, str, str]:
     return (
         "Engines of timm architectures: `exact`, `auto` against `loop`",
-        f"timm {metadata.version('timm')} · {threads} thread(s) · float64 · C=5 · B=3",
+        f"timm {metadata.version('timm')} · {threads} thread(s) · float64 · C=5 · "
+        f"B={batch_size}",
         "architecture",
     )
 
@@ -125,6 +127,7 @@ def main(argv: list[str] | None = None) -> str | None:
     return _coverage.main(
         argv, __doc__.splitlines()[0], "benchmarks.timm_coverage", list(ARCHITECTURES),
         measure_architecture, _header, RESULTS,
+        sizes={"batch_size": (3, 1, "images per batch")},
     )
 
 

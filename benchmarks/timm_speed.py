@@ -34,13 +34,12 @@ which differs between the two)."""
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 import warnings
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from datetime import date
+from functools import partial
 from importlib import metadata
 from pathlib import Path
 
@@ -50,6 +49,7 @@ from ewc_reg import fisher_diagonal
 from ewc_reg.engines import hooks, loose, rules
 
 from ._reports import keeping_threads, machine, write_report
+from ._timing import side_by_side
 
 RESULTS = Path(__file__).parent / "results"
 #: Models whose size of images is a setting (made for the benchmark's size).
@@ -194,20 +194,17 @@ def run(
         model = timm.create_model(name, pretrained=False, num_classes=10, **sized).eval()
         x = torch.randn(batch_size, 3, size, size)
         data = [(x, torch.randint(0, 10, (batch_size,)))]
-        ways = (None, baseline)
         for method in ("exact", "empirical"):
-            times: dict[str | None, list[float]] = {way: [] for way in ways}
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                # (the first call of each pays the checks)
-                found = {way: fisher(model, data, method, way) for way in ways}
-            for r in range(repeats):
-                for way in ways if r % 2 == 0 else ways[::-1]:
-                    start = time.perf_counter()
-                    fisher(model, data, method, way)
-                    times[way].append(time.perf_counter() - start)
-            on, off = statistics.median(times[None]), statistics.median(times[baseline])
-            got, want = found[None], found[baseline]
+                timed = side_by_side(
+                    {
+                        way: partial(fisher, model, data, method, None if way == "on" else baseline)
+                        for way in ("on", "off")
+                    },
+                    repeats,
+                )
+            (on, got), (off, want) = timed["on"], timed["off"]
             largest = max(f.abs().max().item() for f in want.values())
             diff = max(
                 ((got[k] - want[k]).abs().max() / want[k].abs().max()).item()

@@ -9,17 +9,19 @@ about ten minutes on one core)::
 
     python -m benchmarks.transformers_coverage     # writes results/transformers_coverage.md
     python -m benchmarks.transformers_coverage --cases bert,llama --out /tmp/hf.md
+    python -m benchmarks.transformers_coverage --batch-size 5 --length 10 --out /tmp/hf.md
 
 Each architecture runs in its own process (:mod:`._coverage`): the model made from its
 configuration (no download), made small (:func:`small_config`: 2 layers, width 32, 2 heads, a
 vocabulary of 64 tokens, 32×32 images), with a head of 5 classes
 (``AutoModelForSequenceClassification`` or ``AutoModelForImageClassification``), in float64
 and eval mode, parameters that start at zero drawn from N(0, 0.05²) (a zero-initialised layer
-scale or output layer would hide the layers before it), and one batch of 3 samples: token ids
-``(3, 6)``, each sample's last one 2 (the end of a sequence), with an attention mask that pads
-the first sample's last 2 tokens (text), or random images. The ``exact`` Fisher of all
-parameters is computed with ``backend="auto"`` and with ``backend="loop"``, as
-:func:`._coverage.measure` says; the model's output is its ``logits``.
+scale or output layer would hide the layers before it), and one batch of ``B = 3`` samples
+(``--batch-size``): token ids ``(B, T)``, ``T = 6`` (``--length``), each sample's last one 2
+(the end of a sequence), with an attention mask that pads the first sample's last 2 tokens
+(text), or random images. The ``exact`` Fisher of all parameters is computed with
+``backend="auto"`` and with ``backend="loop"``, as :func:`._coverage.measure` says; the
+model's output is its ``logits``.
 
 Left out: Mixtral (its experts' grouped matrix product takes no float64), DeiT and LeViT (each
 has two image classifiers, with and without a distillation head, and a configuration alone
@@ -38,7 +40,11 @@ from torch import nn
 from . import _coverage
 
 RESULTS = Path(__file__).parent / "results" / "transformers_coverage.md"
-BATCH, LENGTH = 3, 6  # samples per batch, tokens per sample
+#: The options of the batch's sizes: their defaults, least values and help.
+SIZES = {
+    "batch_size": (3, 1, "samples per batch"),
+    "length": (6, 3, "tokens per text sample"),
+}
 
 #: Text classifiers (``AutoModelForSequenceClassification``), by ``model_type``, each with the
 #: settings that make it small beyond :data:`_SMALL` (those it names otherwise).
@@ -138,15 +144,16 @@ _SMALL: dict[str, Any] = {
 CASES = [*TEXT, *IMAGES]
 
 
-def small_config(model_type: str) -> Any:
-    """The configuration of ``model_type``, small (:data:`_SMALL` and the architecture's own
-    settings), with 5 classes, token 0 for padding and token 2 for the end of a sequence."""
+def small_config(model_type: str, **sizes: Any) -> Any:
+    """The configuration of ``model_type``, small (:data:`_SMALL`, with ``sizes`` in place of
+    its values, and the architecture's own settings), with 5 classes, token 0 for padding and
+    token 2 for the end of a sequence."""
     import transformers  # (optional: only this benchmark needs it)
 
     config = transformers.AutoConfig.for_model(model_type)
     mapped = getattr(config, "attribute_map", {})
     own = {**TEXT, **IMAGES}[model_type]
-    for name, value in _SMALL.items():
+    for name, value in {**_SMALL, **sizes}.items():
         if name not in own and (hasattr(config, name) or name in mapped):
             with contextlib.suppress(NotImplementedError):  # (Funnel's derived settings)
                 setattr(config, name, value)
@@ -168,47 +175,60 @@ class Logits(nn.Module):
         return self.model(**inputs).logits
 
 
-def _inputs(model_type: str) -> dict[str, torch.Tensor]:
-    """The inputs of one batch of :data:`BATCH` samples (see the module docstring)."""
+def classifier(model_type: str, dtype: torch.dtype = torch.float64, **sizes: Any) -> nn.Module:
+    """The classifier of ``model_type`` made from :func:`small_config` (``sizes`` passed on) in
+    ``dtype`` and eval mode, its parameters that start at zero drawn from N(0, 0.05²), returning
+    its ``logits`` (:class:`Logits`)."""
+    import transformers
+
+    auto = (
+        transformers.AutoModelForImageClassification
+        if model_type in IMAGES
+        else transformers.AutoModelForSequenceClassification
+    )
+    model = Logits(auto.from_config(small_config(model_type, **sizes))).to(dtype).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.numel() and not p.abs().max():
+                p.normal_(0, 0.05)
+    return model
+
+
+def inputs(
+    model_type: str, batch_size: int, length: int, dtype: torch.dtype = torch.float64
+) -> dict[str, torch.Tensor]:
+    """The inputs of one batch of ``batch_size`` samples, ``length`` tokens each where they are
+    text (see the module docstring), images in ``dtype``."""
     if model_type in IMAGES:
-        return {"pixel_values": torch.randn(BATCH, 3, 32, 32, dtype=torch.float64)}
-    ids = torch.randint(3, 64, (BATCH, LENGTH))
-    mask = torch.ones(BATCH, LENGTH, dtype=torch.long)
+        return {"pixel_values": torch.randn(batch_size, 3, 32, 32, dtype=dtype)}
+    ids = torch.randint(3, 64, (batch_size, length))
+    mask = torch.ones(batch_size, length, dtype=torch.long)
     ids[:, -1] = 2  # (BART's and T5's classifiers read the hidden state at the end token)
     mask[0, -2:] = 0
     return {"input_ids": ids, "attention_mask": mask}
 
 
-def measure_architecture(model_type: str) -> dict[str, Any]:
-    """:func:`._coverage.measure` on the classifier of ``model_type`` (see the module docstring),
-    or why it could not be made or run (``"error"``)."""
+def measure_architecture(model_type: str, batch_size: int = 3, length: int = 6) -> dict[str, Any]:
+    """:func:`._coverage.measure` on the classifier of ``model_type`` with a batch of
+    ``batch_size`` samples of ``length`` tokens (see the module docstring), or why it could not
+    be made or run (``"error"``)."""
     torch.manual_seed(0)
     try:
-        import transformers
-
-        auto = (
-            transformers.AutoModelForImageClassification
-            if model_type in IMAGES
-            else transformers.AutoModelForSequenceClassification
-        )
-        model = Logits(auto.from_config(small_config(model_type))).double().eval()
+        model = classifier(model_type)
+        batch = inputs(model_type, batch_size, length)
         with torch.no_grad():
-            for p in model.parameters():
-                if p.numel() and not p.abs().max():
-                    p.normal_(0, 0.05)
-        inputs = _inputs(model_type)
-        with torch.no_grad():
-            model(**inputs)
+            model(**batch)
     except Exception as error:  # (no transformers; settings this version of it rejects)
         return {"error": f"{type(error).__name__}: {error}"[:200]}
-    return _coverage.measure(model, [{**inputs, "labels": torch.randint(0, 5, (BATCH,))}])
+    labels = torch.randint(0, 5, (batch_size,))
+    return _coverage.measure(model, [{**batch, "labels": labels}])
 
 
-def _header(threads: int) -> tuple[str, str, str]:
+def _header(threads: int, batch_size: int, length: int) -> tuple[str, str, str]:
     return (
         "Engines of Hugging Face transformers classifiers: `exact`, `auto` against `loop`",
         f"transformers {metadata.version('transformers')} · {threads} thread(s) · float64 · "
-        f"C=5 · B={BATCH}",
+        f"C=5 · B={batch_size} · T={length} (text)",
         "model type",
     )
 
@@ -216,7 +236,7 @@ def _header(threads: int) -> tuple[str, str, str]:
 def main(argv: list[str] | None = None) -> str | None:
     return _coverage.main(
         argv, __doc__.splitlines()[0], "benchmarks.transformers_coverage", CASES,
-        measure_architecture, _header, RESULTS,
+        measure_architecture, _header, RESULTS, SIZES,
     )
 
 

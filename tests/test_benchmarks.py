@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from benchmarks import report
+from benchmarks import _timing, report
 from benchmarks.protocol import (
     LAMBDA_GRID,
     VARIANTS,
@@ -242,3 +242,12 @@ def test_host_overhead_counts_a_gpus_ways_on_the_cpu(tmp_path):
         return int(row.split(" | ")[2])
 
     assert exact_operators("launch-bound") < 0.8 * exact_operators("device")
+
+
+def test_side_by_side_calls_each_once_untimed_then_in_alternating_rounds():
+    order = []
+    calls = {"a": lambda: order.append("a") or 1, "b": lambda: order.append("b") or 2}
+    timed = _timing.side_by_side(calls, 3)
+    assert order == ["a", "b", "a", "b", "b", "a", "a", "b"]
+    assert {name: result for name, (_, result) in timed.items()} == {"a": 1, "b": 2}
+    assert all(seconds >= 0 for seconds, _ in timed.values())

@@ -1,6 +1,9 @@
-"""What the coverage benchmarks read from the library's log, on torch models."""
+"""What the coverage benchmarks read from the library's log, on torch models, and how their
+size options reach each case."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
@@ -76,3 +79,36 @@ def test_a_fisher_of_zeros_is_compared_and_shown() -> None:
     row = _coverage._row("m", {"engine": "hooks", "fallbacks": [], "difference": 0.0,
                                "fisher_is_zero": True, "auto_s": 1.0, "loop_s": 1.0})
     assert "(the Fisher is 0)" in row
+
+
+def test_the_sizes_reach_the_case_the_child_process_and_the_header(
+    monkeypatch, capsys, tmp_path
+) -> None:
+    """A benchmark's size options (``--batch-size``) go to the child process's command line,
+    from there to the case's measurement, and to the report's header; a size below its least
+    value is refused."""
+    sizes = {"batch_size": (3, 1, "samples per batch")}
+
+    def measure_case(name: str, batch_size: int) -> dict:
+        return {"engine": "hooks", "fallbacks": [], "difference": 0.0, "auto_s": batch_size,
+                "loop_s": 0.0}
+
+    def header(threads: int, batch_size: int) -> tuple[str, str, str]:
+        return "Title", f"B={batch_size}", "case"
+
+    common = ("description", "benchmarks.fake", ["a"], measure_case, header, tmp_path / "o.md")
+    assert _coverage.main(["--one", "a", "--batch-size", "5"], *common, sizes) is None
+    assert '"auto_s": 5' in capsys.readouterr().out
+    commands = []
+
+    class Done:
+        stdout = json.dumps(measure_case("a", 0))
+
+    monkeypatch.setattr(
+        _coverage.subprocess, "run", lambda command, **kwargs: commands.append(command) or Done
+    )
+    table = _coverage.main(["--batch-size", "4"], *common, sizes)
+    assert commands[0][-2:] == ["--batch-size", "4"] and "B=4" in table
+    with pytest.raises(SystemExit):
+        _coverage.main(["--batch-size", "0"], *common, sizes)
+    assert "--batch-size must be at least 1" in capsys.readouterr().err

@@ -27,3 +27,14 @@ def test_a_small_run_writes_its_table(tmp_path) -> None:
     assert out.read_text() == table
     assert "2 of 2 ran: 2 on hooks" in table
     assert "| bert | hooks | – |" in table and "| swin | hooks |" in table
+
+
+def test_the_batch_and_length_options_make_the_inputs(tmp_path) -> None:
+    pytest.importorskip("transformers")
+    out = tmp_path / "transformers.md"
+    table = transformers_coverage.main(
+        ["--cases", "bert", "--batch-size", "4", "--length", "4", "--out", str(out)]
+    )
+    assert "B=4 · T=4 (text)" in table and "| bert | hooks | – |" in table
+    inputs = transformers_coverage.inputs("bert", 5, 7)
+    assert inputs["input_ids"].shape == inputs["attention_mask"].shape == (5, 7)

@@ -1,0 +1,119 @@
+"""Speed of the Fisher of Hugging Face transformers classifiers on ``backend="auto"``, against
+the engine they went to before (``--baseline loop``, the default, or ``functorch``): MPNet,
+whose relative position bias is ``expand``ed to the batch size before it meets the attention
+scores, went to the loop engine until its shadowed per-sample copies met each sample with its
+own rows (:mod:`ewc_reg.engines.shadows`). BERT, on the hooks engine all along, is the
+reference of an encoder without them.
+
+Run from the repository root (needs ``transformers``, an optional import: ``pip install
+--no-deps transformers tokenizers huggingface_hub safetensors`` beside the pinned torch)::
+
+    python -m benchmarks.transformers_speed      # writes results/transformers_speed.md
+    python -m benchmarks.transformers_speed --models mpnet --batch-size 8 --length 32 --width 64
+
+Each model is the classifier of :mod:`.transformers_coverage` (its :func:`small_config`,
+:func:`classifier` and :func:`inputs`: 2 layers, 5 classes, eval mode, random token ids with
+the first sample's last 2 tokens padded) with ``--width`` hidden units, ``4 × width`` in the
+feed-forward layers and 4 heads, in float32. For each of ``exact`` and ``empirical``, ``auto``
+and the baseline run side by side in one process (:func:`._timing.side_by_side`: one call of
+each first, which pays the checks, then rounds in reverse order every other round; medians),
+and their Fisher diagonals are compared (:func:`._coverage.relative_difference`)."""
+
+from __future__ import annotations
+
+import argparse
+import warnings
+from datetime import date
+from functools import partial
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+from ewc_reg import fisher_diagonal
+
+from . import _coverage
+from ._reports import keeping_threads, machine, write_report
+from ._timing import side_by_side
+from .transformers_coverage import classifier, inputs
+
+RESULTS = Path(__file__).parent / "results" / "transformers_speed.md"
+BASELINES = ("loop", "functorch")
+
+
+def run(
+    models: list[str], baseline: str, batch_size: int, length: int, width: int, repeats: int
+) -> list[str]:
+    """One markdown row per model and estimator (see the module docstring)."""
+    rows = []
+    for model_type in models:
+        torch.manual_seed(0)
+        model = classifier(
+            model_type, torch.float32, hidden_size=width, intermediate_size=4 * width,
+            num_attention_heads=4, max_position_embeddings=max(64, length + 2),
+        )
+        batch = inputs(model_type, batch_size, length, torch.float32)
+        data = [{**batch, "labels": torch.randint(0, 5, (batch_size,))}]
+        for method in ("exact", "empirical"):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                timed = side_by_side(
+                    {
+                        way: partial(fisher_diagonal, model, data, method, backend=way)
+                        for way in ("auto", baseline)
+                    },
+                    repeats,
+                )
+            (ours, got), (theirs, want) = timed["auto"], timed[baseline]
+            difference = _coverage.relative_difference(got, want)
+            rows.append(
+                f"| {model_type} | `{method}` | {ours:.3f} | {theirs:.3f} | {ours / theirs:.2f} "
+                f"| {difference:.1e} |"
+            )
+            print(rows[-1], flush=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--baseline", choices=BASELINES, default="loop")
+    parser.add_argument("--models", default="mpnet,bert", help="comma-separated model types")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--length", type=int, default=128, help="tokens per sample")
+    parser.add_argument("--width", type=int, default=256, help="hidden units")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=RESULTS, help="markdown file to write")
+    args = parser.parse_args(argv)
+    if min(args.batch_size, args.repeats, args.threads) < 1 or args.length < 3:
+        parser.error("--batch-size, --repeats and --threads must be at least 1, --length 3")
+    if args.width % 4:
+        parser.error("--width must be a multiple of 4 (the heads)")
+    with keeping_threads():
+        torch.set_num_threads(args.threads)
+        rows = run(
+            args.models.split(","), args.baseline, args.batch_size, args.length, args.width,
+            args.repeats,
+        )
+    table = "\n".join(
+        [
+            f"# Fisher speed of Hugging Face classifiers: `auto` against `{args.baseline}`",
+            "",
+            f"{date.today()} · {machine(torch.device('cpu'))} · torch {torch.__version__} · "
+            f"transformers {metadata.version('transformers')} · {args.threads} threads · "
+            "float32 · C=5 · "
+            f"B={args.batch_size} · T={args.length} · width {args.width} · medians of "
+            f"{args.repeats}",
+            "",
+            f"| model type | method | auto (s) | {args.baseline} (s) | auto / {args.baseline} "
+            "| max rel. diff |",
+            "|---|---|---:|---:|---:|---:|",
+            *rows,
+            "",
+        ]
+    )
+    return write_report(table, args.out)
+
+
+if __name__ == "__main__":
+    main()
