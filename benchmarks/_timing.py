@@ -114,18 +114,22 @@ def measure(fn: Callable[[], Any], device: torch.device) -> Measurement:
 
 
 def side_by_side(
-    calls: dict[str, Callable[[], Any]], repeats: int
+    calls: dict[str, Callable[[], Any]], repeats: int, device: torch.device | None = None
 ) -> dict[str, tuple[float, Any]]:
     """Each of ``calls`` once untimed (the first call of an engine on a model pays its checks),
     then ``repeats`` rounds over them in one process, in reverse order every other round (so
-    that none always follows the same neighbour): by name, the median seconds and the result
-    of the untimed call."""
+    that none always follows the same neighbour), each call timed to the end of its work on
+    ``device`` (a CUDA device is synchronised): by name, the median seconds and the result of
+    the untimed call."""
     results = {name: call() for name, call in calls.items()}
     times: dict[str, list[float]] = {name: [] for name in calls}
     order = list(calls)
+    cuda = device is not None and device.type == "cuda"
     for r in range(repeats):
         for name in order if r % 2 == 0 else order[::-1]:
             start = time.perf_counter()
             calls[name]()
+            if cuda:
+                torch.cuda.synchronize(device)
             times[name].append(time.perf_counter() - start)
     return {name: (statistics.median(times[name]), results[name]) for name in calls}

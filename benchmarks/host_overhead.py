@@ -23,8 +23,6 @@ Run: ``python -m benchmarks.host_overhead [--models mlp,resnet,transformer,lstm]
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,6 +40,7 @@ from ewc_reg import fisher_diagonal
 
 from ._paths import WAYS, engine_ways
 from ._reports import keeping_threads, machine, write_report
+from ._timing import side_by_side
 from .models import LSTMClassifier, ReducedResNet18, TextTransformer, split_mnist_mlp
 
 RESULTS = Path(__file__).parent / "results" / "host_overhead.md"
@@ -129,21 +128,12 @@ def measure(key: str, samples: int, repeats: int, device: torch.device) -> list[
     for name, fn in contenders.items():
         fn()  # warm-up (the engine's kept chunk sizes, lazy initialisation)
         counts[name] = _count(fn)
-    times: dict[str, list[float]] = {name: [] for name in contenders}
-    names = list(contenders)
-    for i in range(repeats):
-        for name in names if i % 2 == 0 else names[::-1]:
-            start = time.perf_counter()
-            contenders[name]()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            times[name].append(time.perf_counter() - start)
+    timed = side_by_side(contenders, repeats, device)
     rows = []
     for name, counter in counts.items():
         top = ", ".join(f"{op} {n}" for op, n in counter.calls.most_common(4))
         rows.append(
-            Row(label, name, counter.total, counter.total - counter.views,
-                statistics.median(times[name]), top)
+            Row(label, name, counter.total, counter.total - counter.views, timed[name][0], top)
         )
     return rows
 
