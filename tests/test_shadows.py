@@ -509,6 +509,16 @@ def test_a_shared_tensor_as_long_as_the_batch_meets_each_sample_with_its_rows(
         assert torch.allclose(got[n], want, rtol=1e-12, atol=1e-14)
 
 
+def test_a_constant_expanded_as_a_shadowed_tensor_keeps_its_values() -> None:
+    """``expand_as`` takes its shape from a shadowed tensor, not its values: the result's shadow
+    is not an expansion of that tensor's (before, the meeting raised)."""
+    a = torch.randn(1, 3, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    with Shadows({a: a.expand(4, 1, 3)}, [x]):
+        out = x + torch.full((1, 3), 5.0, dtype=torch.float64).expand_as(a.expand(4, 3))
+    assert torch.equal(out, x + 5)
+
+
 def test_the_check_takes_a_gradient_zero_but_for_rounding_as_such() -> None:
     """The last bias of the position MLP adds one constant to every score of a softmax: its
     per-sample gradients are rounding (1e-17 against 1e-1 for the weights here) on both sides of

@@ -78,11 +78,12 @@ class Shadows(TorchFunctionMode):
         if not of_batch:  # (parameters and constants alone: the shadow beside the result)
             result = func(*args, **kwargs)
             outputs = tensors_in(result)
-            if func in SAME_VALUES:  # (no copy of the shadows: they may be expanded views)
+            own = derived[0] == 0  # (the tensor the method is called on is shadowed)
+            if own and func in SAME_VALUES:  # (no copy of the shadows: they may be views)
                 self.shadow[result] = shadows[0]
                 if args[0] in self.one_row:
                     self.one_row[result] = self.one_row[args[0]]
-            elif _expands(func, args, kwargs, result):
+            elif own and _expands(func, args, kwargs, result):
                 self.shadow[result] = shadows[0].expand(shadows[0].shape[0], *result.shape)
                 if args[0].shape[0] == 1 < result.shape[0]:
                     self.one_row[result] = shadows[0]
