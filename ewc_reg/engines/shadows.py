@@ -78,20 +78,18 @@ class Shadows(TorchFunctionMode):
         if not of_batch:  # (parameters and constants alone: the shadow beside the result)
             result = func(*args, **kwargs)
             outputs = tensors_in(result)
-            own = derived[0] == 0  # (the tensor the method is called on is shadowed)
+            own = bool(args) and _in(args[0], self.shadow)  # (its first argument, shadowed)
             if own and func in SAME_VALUES:  # (no copy of the shadows: they may be views)
                 self.shadow[result] = shadows[0]
-                if args[0] in self.one_row:
-                    self.one_row[result] = self.one_row[args[0]]
             elif own and _expands(func, args, kwargs, result):
                 self.shadow[result] = shadows[0].expand(shadows[0].shape[0], *result.shape)
-                if args[0].shape[0] == 1 < result.shape[0]:
-                    self.one_row[result] = shadows[0]
             elif outputs:
                 call = _substituted(func, leaves, spec, derived)
                 per_sample = torch.vmap(lambda *shadows: tensors_in(call(*shadows)))(*shadows)
                 for output, shadow in zip(outputs, per_sample):
                     self.shadow[output] = shadow
+            if own:
+                self._keep_one_row(func, args, kwargs, shadows[0], result)
             return result
         batch = [i for i, leaf in enumerate(leaves) if _in(leaf, self.batch)]
         size = shadows[0].shape[0]
@@ -108,6 +106,25 @@ class Shadows(TorchFunctionMode):
             result = pytree.tree_map_only(Tensor, lambda t: t.flatten(0, 1), per_sample)
         self._mark_batch(result)
         return result
+
+    def _keep_one_row(
+        self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], shadow: Tensor, result: Any
+    ) -> None:
+        """Where ``result`` (of ``func`` on ``args[0]``, whose shadow is ``shadow``) repeats one
+        row along a leading dimension longer than 1, the shadow of that row, ``(B, 1, ...)``
+        (see :func:`_aligned`): ``args[0]`` repeats one row, or leads with 1 and is expanded
+        (or repeated) over that dimension."""
+        tensor = args[0]
+        if not isinstance(result, Tensor) or result.dim() == 0 or result.shape[0] < 2:
+            return
+        if tensor in self.one_row:
+            row = _row_after(func, args, kwargs, self.one_row[tensor], result)
+        elif tensor.dim() and tensor.shape[0] == 1 and _expands(func, args, kwargs, result):
+            row = shadow
+        else:
+            return
+        if row is not None:
+            self.one_row[result] = row
 
     def _mark_batch(self, result: Any) -> None:
         for output in tensors_in(result):
@@ -181,16 +198,19 @@ def _aligned(
     - ``(B, *D.shape[1:])`` where ``D`` has rank ``r`` and leads with 1, and
       ``(B, 1, ..., 1, *D.shape)`` of rank ``r`` where ``D`` has a lower rank, each sample's
       repeated ``rows`` times;
-    - where ``D`` has rank ``r`` and as many rows as the batch data, ``rows B`` (MPNet's
-      position bias ``expand``ed to the batch size): each sample's own rows of its shadow,
-      ``D^b_n[n k:(n + 1) k]``. The function pairs the rows of ``D`` with those of the batch
-      data whatever made ``D`` that long (were it a table whose length only equals the batch
-      size), so row ``m`` of ``D`` reaches sample ``m``'s outputs alone. Where ``D`` repeats
-      one row (``one_row``: the shadow of that row, ``(B, 1, ...)``), that row's shadow,
-      each sample's repeated ``k`` times, is the same, without a gradient through the whole
-      ``(B, k B, ...)`` shadow (whose other rows are zero).
+    - where ``D`` has rank ``r``, as many rows as the batch data, ``rows B``, and repeats one
+      row (``one_row``: the shadow of that row, ``(B, 1, ...)``; MPNet's position bias
+      ``expand``ed to the batch size): that row's shadow, each sample's repeated ``rows``
+      times. The function pairs the rows of ``D`` with those of the batch data whatever made
+      ``D`` that long (were it a table whose length only equals the batch size), so row ``m``
+      of ``D`` reaches sample ``m``'s outputs alone, and each sample's rows of its shadow,
+      ``D^b_n[n k:(n + 1) k]``, are its shadow of the one row.
 
-    ``None`` where the function is not one of them or a tensor broadcasts otherwise."""
+    ``None`` where the function is not one of them or a tensor broadcasts otherwise (rows of
+    ``D`` that differ, as long as the batch data: each sample's rows of its shadow would be
+    right, but its shadow has the whole batch's rows, ``B`` times the memory, and so has its
+    gradient; ConViT's gating times its position scores, ``(B, heads, N, N)``, took 2.1 times
+    the time of its attention module on the per-module fallback, B=32)."""
     if func not in BROADCASTING and not (func in IN_PLACE and 0 in batch):
         return None
     size = shadows[0].shape[0]
@@ -208,9 +228,6 @@ def _aligned(
             aligned.append(_repeated(shadow.reshape(size, *shape[1:]), rows))
         elif len(shape) == rank and shape[0] == rows * size and row is not None:
             aligned.append(row.expand(size, rows, *shape[1:]).flatten(0, 1))
-        elif len(shape) == rank and shape[0] == rows * size:
-            own = shadow.unflatten(1, (size, rows)).diagonal(0, 0, 1)  # (rows, ..., B)
-            aligned.append(own.movedim(-1, 0).flatten(0, 1))
         else:
             return None
     return aligned
@@ -225,12 +242,51 @@ def _expands(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], result: A
         return isinstance(result, Tensor) and result.dim() == args[0].dim()
     if func is not Tensor.repeat or kwargs or len(args) < 2:
         return False
-    tensor, *sizes = args
-    if len(sizes) == 1 and isinstance(sizes[0], (tuple, list, torch.Size)):
-        sizes = list(sizes[0])
+    tensor, sizes = args[0], _flat(args[1:])
     return len(sizes) == tensor.dim() and all(
         isinstance(n, int) and (n == 1 or dim == 1) for n, dim in zip(sizes, tensor.shape)
     )
+
+
+#: Functions that reshape their tensor (any new shape, read in the same order) and that
+#: reorder its dimensions: where a tensor repeats one row and keeps its leading dimension
+#: (:func:`_row_after`), so does what they give.
+RESHAPING = frozenset({Tensor.reshape, Tensor.view, torch.reshape, Tensor.flatten, torch.flatten})
+REORDERING = frozenset({Tensor.permute, torch.permute, Tensor.transpose, torch.transpose})
+
+
+def _row_after(
+    func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], row: Tensor, result: Any
+) -> Tensor | None:
+    """The shadow ``(B, 1, ...)`` of the one row that ``result`` repeats, where ``func`` takes
+    a tensor ``D`` repeating the row shadowed by ``row`` (``(B, 1, ...)``) and keeps the rows
+    apart: :data:`SAME_VALUES`, an expansion, a reshape keeping the leading dimension's size
+    (each row of the result is that row of ``D``, reshaped), a permutation or transposition
+    keeping the leading dimension first (XCiT's position encoding, repeated over the batch,
+    then reshaped and permuted to ``(B, N, C)``); ``None`` otherwise."""
+    tensor = args[0]
+    if func in SAME_VALUES or _expands(func, args, kwargs, result):
+        return row  # (an expansion of other dimensions: the row broadcasts to them)
+    if result.dtype != tensor.dtype:
+        return None
+    full = row.expand(row.shape[0], 1, *tensor.shape[1:])
+    if func in RESHAPING and result.shape[0] == tensor.shape[0]:
+        return full.reshape(row.shape[0], 1, *result.shape[1:])
+    if func not in REORDERING or kwargs:
+        return None
+    dims = [d % tensor.dim() for d in _flat(args[1:])]
+    if func in (Tensor.permute, torch.permute) and dims[:1] == [0]:
+        return full.permute(0, 1, *(d + 1 for d in dims[1:]))
+    if len(dims) == 2 and 0 not in dims:
+        return full.transpose(dims[0] + 1, dims[1] + 1)
+    return None
+
+
+def _flat(sizes: tuple[Any, ...]) -> list[Any]:
+    """``sizes`` as given to ``repeat`` or ``permute``: one sequence, or its items as arguments."""
+    if len(sizes) == 1 and isinstance(sizes[0], (tuple, list, torch.Size)):
+        return list(sizes[0])
+    return list(sizes)
 
 
 def _repeated(shadow: Tensor, rows: int) -> Tensor:
