@@ -21,13 +21,15 @@ them), and at the meeting returns, in place of :math:`Y`,
     X_{[n]} = X_{nk:(n+1)k}),
 
 or, for the functions of :data:`BROADCASTING`, :math:`h` once with :math:`D^{\mathrm{b}}`
-aligned to broadcast as :math:`D` does (:func:`_aligned`). Every :math:`D^{\mathrm{b}}_n`
-equals :math:`D`, so :math:`Y' = Y` wherever :math:`h` treats the samples apart, and the
-gradient with respect to :math:`P_n` is sample ``n``'s gradient with respect to :math:`p`, as
-for the copies of the other layouts. Batch data is what the batch's inputs lead to (their
-descendants, through any operation); what :math:`h` returns must have ``k`` rows per sample,
-or the mode raises. Whether :math:`h` treats the samples apart (and the rows are each
-sample's, together) is checked for each parameter on two samples
+aligned to broadcast as :math:`D` does (:func:`_aligned`; where :math:`D` repeats one row
+:math:`r` as many times as :math:`X` has rows, MPNet's bias expanded to the batch size, each
+sample's rows take its shadow of :math:`r`, which the mode keeps beside :math:`D`). Every
+:math:`D^{\mathrm{b}}_n` equals :math:`D`, so :math:`Y' = Y` wherever :math:`h` treats the
+samples apart, and the gradient with respect to :math:`P_n` is sample ``n``'s gradient with
+respect to :math:`p`, as for the copies of the other layouts. Batch data is what the batch's
+inputs lead to (their descendants, through any operation); what :math:`h` returns must have
+``k`` rows per sample, or the mode raises. Whether :math:`h` treats the samples apart (and the
+rows are each sample's, together) is checked for each parameter on two samples
 (:func:`.loose.per_sample_problem`), as the copies of every layout are.
 """
 
