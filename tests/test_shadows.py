@@ -10,6 +10,8 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import Tensor, nn
 
 from ewc_reg import fisher_diagonal
@@ -547,3 +549,59 @@ def test_the_tables_hold_their_tensors_weakly() -> None:
     assert b not in table
     with pytest.raises(KeyError):
         table[b]
+
+
+ROW_KEEPING = ["contiguous", "reshape", "permute", "transpose"]
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    rows=st.integers(1, 2),
+    chain=st.lists(st.sampled_from([*ROW_KEEPING, "flip", "cumsum"]), max_size=4),
+    seed=st.integers(0, 2**16),
+)
+def test_any_chain_on_a_repeated_row_is_right_or_refused(rows, chain, seed) -> None:
+    """A row of parameters expanded as long as the batch data (``rows`` per sample for 3
+    samples), then a chain of operations (reshapes keeping the leading size, permutations and
+    transpositions keeping it first, ``contiguous``; or ``flip`` and ``cumsum`` over the rows),
+    added to the batch data: the per-sample gradients are each sample's alone, or the mode
+    refuses the meeting; it refuses only after an operation over the rows."""
+    generator = torch.Generator().manual_seed(seed)
+    a = torch.randn(1, 2, 3, dtype=torch.float64, generator=generator).requires_grad_()
+    m = 3 * rows
+
+    def long(a: Tensor) -> Tensor:
+        d = a.expand(m, 2, 3)
+        for step in chain:
+            rest = d.shape[1:]
+            if step == "contiguous":
+                d = d.contiguous()
+            elif step == "reshape":
+                d = d.reshape(m, *[(6,), (3, 2), (2, 3), (1, 6)][len(rest) % 4])
+            elif step == "permute" and len(rest) > 1:
+                d = d.permute(0, *reversed(range(1, d.dim())))
+            elif step == "transpose" and len(rest) > 1:
+                d = d.transpose(1, -1)
+            elif step == "flip":
+                d = d.flip(0)
+            elif step == "cumsum":
+                d = d.cumsum(0)
+        return d
+
+    x = torch.randn(m, *long(a).shape[1:], dtype=torch.float64, generator=generator)
+
+    def per_sample(x: Tensor, d: Tensor) -> Tensor:
+        return (x.tanh() + d).square().unflatten(0, (-1, rows)).flatten(1).sum(1)
+
+    mode = Shadows({a: a.expand(3, 1, 2, 3)}, [x])
+    try:
+        with mode:
+            out = per_sample(x, long(a))
+    except (ValueError, RuntimeError):  # (the meeting's, or a shape the batch does not take)
+        assert not set(chain) <= set(ROW_KEEPING)
+        return
+    got = torch.autograd.grad(out.sum(), mode.shadow[a])[0]
+    for n in range(3):
+        own = slice(n * rows, (n + 1) * rows)
+        want = torch.autograd.grad(per_sample(x[own], long(a)[own]).sum(), a)[0]
+        assert torch.allclose(got[n], want, rtol=1e-12, atol=1e-14)
