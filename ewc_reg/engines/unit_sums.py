@@ -296,7 +296,8 @@ def _whole(call: Record, args: tuple[Any, ...], batch_size: int) -> Any:
     """A call's ``(args, call.kwargs)`` for the per-module fallback, with the inputs it passes whole
     (``call.whole``: the samples share them though they lead with the batch size) given a
     leading dimension of ``batch_size`` over which they are repeated, so that cutting the
-    batch per sample gives every sample all of each."""
+    batch per sample gives every sample all of each (:class:`_Calls` takes the first of that
+    dimension off again)."""
     if not call.whole:
         return args, call.kwargs
     leaves, spec = pytree.tree_flatten((args, call.kwargs))
@@ -311,16 +312,27 @@ class _Calls(nn.Module):
     """A module called once per recorded call: ``forward(calls)`` for ``calls`` a list of
     ``(args, kwargs)``, returning the list of outputs. A call whose first argument was recorded
     unfolded, ``(b, T, ...)`` for rows ``(b T, ...)`` (``folds[i] = T``), gets it folded again,
-    and its outputs of ``b T`` rows come unfolded, as recorded."""
+    and its outputs of ``b T`` rows come unfolded, as recorded. The inputs it passes whole
+    (``whole[i]``, positions among the call's tensors), repeated over a leading dimension
+    (:func:`_whole`), come as the model made them: the first of that dimension, whatever
+    part of the batch the call is given (one sample of it under ``vmap`` or the loop engine,
+    all of it)."""
 
-    def __init__(self, module: nn.Module, folds: list[int]) -> None:
+    def __init__(self, module: nn.Module, folds: list[int], whole: list[frozenset[int]]) -> None:
         super().__init__()
         self.module = module
         self.folds = folds
+        self.whole = whole
 
     def forward(self, calls: list[tuple[tuple[Any, ...], dict[str, Any]]]) -> list[Any]:
         outputs = []
-        for (args, kwargs), folds in zip(calls, self.folds):
+        for (args, kwargs), folds, whole in zip(calls, self.folds, self.whole):
+            if whole:
+                leaves, spec = pytree.tree_flatten((args, kwargs))
+                tensors = [i for i, leaf in enumerate(leaves) if isinstance(leaf, Tensor)]
+                for position in whole:
+                    leaves[tensors[position]] = leaves[tensors[position]][0]
+                args, kwargs = pytree.tree_unflatten(leaves, spec)
             if folds == 1:
                 outputs.append(self.module(*args, **kwargs))
                 continue
@@ -374,7 +386,7 @@ def _fallback_sums(
             flat += [leaves[i].flatten(1) for i in call.leaves]
         return torch.cat(flat, dim=1)
 
-    module = _Calls(unit.module, [call.folded for call in live])
+    module = _Calls(unit.module, [call.folded for call in live], [call.whole for call in live])
     params: dict[str, Tensor] = {}  # (a tied parameter once, by its first name)
     for local in unit.names:
         p = unit.module.get_parameter(local)
