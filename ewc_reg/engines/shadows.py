@@ -96,8 +96,7 @@ class Shadows(TorchFunctionMode):
         batch = [i for i, leaf in enumerate(leaves) if _in(leaf, self.batch)]
         size = shadows[0].shape[0]
         rows = _rows_per_sample([leaves[i] for i in batch], size)
-        one_row = [self.one_row[leaves[i]] if leaves[i] in self.one_row else None for i in derived]
-        aligned = _aligned(func, leaves, derived, shadows, one_row, batch, rows)
+        aligned = _aligned(func, leaves, derived, shadows, self.one_row, batch, rows)
         if aligned is not None:
             result = _substituted(func, leaves, spec, derived)(*aligned)
         else:
@@ -188,7 +187,7 @@ def _aligned(
     leaves: list[Any],
     derived: list[int],
     shadows: list[Tensor],
-    one_row: list[Tensor | None],
+    one_row: ByIdentity,
     batch: list[int],
     rows: int,
 ) -> list[Tensor] | None:
@@ -201,7 +200,7 @@ def _aligned(
       ``(B, 1, ..., 1, *D.shape)`` of rank ``r`` where ``D`` has a lower rank, each sample's
       repeated ``rows`` times;
     - where ``D`` has rank ``r``, as many rows as the batch data, ``rows B``, and repeats one
-      row (``one_row``: the shadow of that row, ``(B, 1, ...)``; MPNet's position bias
+      row (in ``one_row``, with the shadow of that row, ``(B, 1, ...)``; MPNet's position bias
       ``expand``ed to the batch size): that row's shadow, each sample's repeated ``rows``
       times. The function pairs the rows of ``D`` with those of the batch data whatever made
       ``D`` that long (were it a table whose length only equals the batch size), so row ``m``
@@ -221,15 +220,15 @@ def _aligned(
         return None
     (rank,) = ranks
     aligned = []
-    for i, shadow, row in zip(derived, shadows, one_row):
+    for i, shadow in zip(derived, shadows):
         shape = leaves[i].shape
         if len(shape) < rank:
             ones = (1,) * (rank - len(shape) - 1)
             aligned.append(_repeated(shadow.reshape(size, *ones, *shape), rows))
         elif len(shape) == rank and shape[0] == 1:
             aligned.append(_repeated(shadow.reshape(size, *shape[1:]), rows))
-        elif len(shape) == rank and shape[0] == rows * size and row is not None:
-            aligned.append(row.expand(size, rows, *shape[1:]).flatten(0, 1))
+        elif len(shape) == rank and shape[0] == rows * size and leaves[i] in one_row:
+            aligned.append(one_row[leaves[i]].expand(size, rows, *shape[1:]).flatten(0, 1))
         else:
             return None
     return aligned

@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import logging
 import weakref
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -298,13 +299,25 @@ def _whole(call: Record, args: tuple[Any, ...], batch_size: int) -> Any:
     leading dimension of ``batch_size`` over which they are repeated, so that cutting the
     batch per sample gives every sample all of each (:class:`_Calls` takes the first of that
     dimension off again)."""
-    if not call.whole:
-        return args, call.kwargs
-    leaves, spec = pytree.tree_flatten((args, call.kwargs))
+    return _at_tensors(
+        args, call.kwargs, call.whole, lambda t: t.unsqueeze(0).expand(batch_size, *t.shape)
+    )
+
+
+def _at_tensors(
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    positions: frozenset[int],
+    change: Callable[[Tensor], Tensor],
+) -> Any:
+    """``(args, kwargs)`` with the tensors at ``positions`` (among their tensors, in order)
+    replaced by ``change`` of them."""
+    if not positions:
+        return args, kwargs
+    leaves, spec = pytree.tree_flatten((args, kwargs))
     tensors = [i for i, leaf in enumerate(leaves) if isinstance(leaf, Tensor)]
-    for position in call.whole:
-        t = leaves[tensors[position]]
-        leaves[tensors[position]] = t.unsqueeze(0).expand(batch_size, *t.shape)
+    for position in positions:
+        leaves[tensors[position]] = change(leaves[tensors[position]])
     return pytree.tree_unflatten(leaves, spec)
 
 
@@ -327,12 +340,7 @@ class _Calls(nn.Module):
     def forward(self, calls: list[tuple[tuple[Any, ...], dict[str, Any]]]) -> list[Any]:
         outputs = []
         for (args, kwargs), folds, whole in zip(calls, self.folds, self.whole):
-            if whole:
-                leaves, spec = pytree.tree_flatten((args, kwargs))
-                tensors = [i for i, leaf in enumerate(leaves) if isinstance(leaf, Tensor)]
-                for position in whole:
-                    leaves[tensors[position]] = leaves[tensors[position]][0]
-                args, kwargs = pytree.tree_unflatten(leaves, spec)
+            args, kwargs = _at_tensors(args, kwargs, whole, lambda t: t[0])
             if folds == 1:
                 outputs.append(self.module(*args, **kwargs))
                 continue
