@@ -35,7 +35,7 @@ from ewc_reg import fisher_diagonal
 from . import _coverage
 from ._reports import keeping_threads, machine, write_report
 from ._timing import side_by_side
-from .transformers_coverage import classifier, inputs
+from .transformers_coverage import CASES, classifier, inputs
 
 RESULTS = Path(__file__).parent / "results" / "transformers_speed.md"
 BASELINES = ("loop", "functorch")
@@ -89,6 +89,9 @@ def main(argv: list[str] | None = None) -> str:
         parser.error("--batch-size, --repeats and --threads must be at least 1, --length 3")
     if args.width % 4:
         parser.error("--width must be a multiple of 4 (the heads)")
+    unknown = sorted(set(args.models.split(",")) - set(CASES))
+    if unknown:
+        parser.error(f"--models: no classifier for {unknown}; choose among {CASES}")
     with keeping_threads():
         torch.set_num_threads(args.threads)
         rows = run(

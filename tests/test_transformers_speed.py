@@ -8,11 +8,19 @@ import pytest
 from benchmarks import transformers_speed
 
 
-@pytest.mark.parametrize("option", [["--width", "6"], ["--length", "2"], ["--repeats", "0"]])
-def test_bad_sizes_are_refused(option, capsys) -> None:
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        (["--width", "6"], "--width must be a multiple of 4"),
+        (["--length", "2"], "--length 3"),
+        (["--repeats", "0"], "--repeats and --threads must be at least 1"),
+        (["--models", "mpnet,nonesuch"], "--models: no classifier for ['nonesuch']"),
+    ],
+)
+def test_bad_options_are_refused(option, message, capsys) -> None:
     with pytest.raises(SystemExit):
         transformers_speed.main(option)
-    assert "must be" in capsys.readouterr().err
+    assert message in capsys.readouterr().err
 
 
 def test_a_small_run_writes_its_table(tmp_path) -> None:
