@@ -54,6 +54,7 @@ from .models import (
     ReducedResNet18,
     SharedBlockMLP,
     TextTransformer,
+    evaluated,
     small_vit,
     split_mnist_mlp,
     upsampling_cnn,
@@ -237,7 +238,7 @@ def make_workloads(
                 Workload(
                     model_key=key,
                     title=title,
-                    model=model.to(device).eval(),
+                    model=evaluated(model.to(device)),
                     inputs=inputs.to(device),
                     targets=targets.to(device),
                     num_classes=num_classes,

@@ -41,7 +41,13 @@ from ewc_reg import fisher_diagonal
 from ._paths import WAYS, engine_ways
 from ._reports import keeping_threads, machine, write_report
 from ._timing import side_by_side
-from .models import LSTMClassifier, ReducedResNet18, TextTransformer, split_mnist_mlp
+from .models import (
+    LSTMClassifier,
+    ReducedResNet18,
+    TextTransformer,
+    evaluated,
+    split_mnist_mlp,
+)
 
 RESULTS = Path(__file__).parent / "results" / "host_overhead.md"
 METHODS = ("exact", "empirical")
@@ -114,7 +120,7 @@ def measure(key: str, samples: int, repeats: int, device: torch.device) -> list[
     label, make = MODELS[key]
     torch.manual_seed(0)
     model, x = make(samples)
-    model, x = model.to(device).eval(), x.to(device)
+    model, x = evaluated(model.to(device)), x.to(device)
     y = torch.randint(0, 10, (samples,), device=device)
     params = [p for p in model.parameters() if p.requires_grad]
 

@@ -4,9 +4,10 @@ For each budget, ``fisher_diagonal(model, [(x, y)], "exact", backend="hooks",
 memory_budget=...)`` runs on one batch of N random 3x32x32 images with C=10 classes, timed
 round-robin with a plain forward+backward of the same batch (order reversed every other round,
 medians; the first call of each budget is an untimed warm-up, so the timed calls start from the
-chunk sizes the engine keeps). Both are reported as multiples of the plain forward+backward; the
-peak is the growth of the process's peak memory (see :mod:`benchmarks._timing`). These figures
-chose ``DEFAULT_MEMORY_BUDGET``.
+chunk sizes the engine keeps). A first row calls it without ``memory_budget``: the device's
+default (:func:`ewc_reg.engines.base.default_memory_budget`, in MiB). All are reported as
+multiples of the plain forward+backward; the peak is the growth of the process's peak memory
+(see :mod:`benchmarks._timing`). These figures chose the defaults.
 
 ``--pull-back looped`` or ``batched`` forces the hooks engine's pull-back (one backward pass per
 vector, or one batched over the vectors) where by default it takes its own choice: looped for
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 
 import ewc_reg
 from ewc_reg import fisher_diagonal
+from ewc_reg.engines.base import default_memory_budget
 
 from ._paths import PULL_BACKS, pull_back
 from ._reports import keeping_threads, machine, write_report
@@ -56,7 +58,13 @@ def run(
     def plain() -> object:
         return torch.autograd.grad(F.cross_entropy(model(x), y), params)
 
-    contenders: dict[str, Callable[[], object]] = {"plain": plain}
+    default = default_memory_budget(device) / 2**20
+    contenders: dict[str, Callable[[], object]] = {
+        "plain": plain,
+        f"default ({default:.0f})": lambda: fisher_diagonal(
+            model, [(x, y)], "exact", backend="hooks"
+        ),
+    }
     for mib in budgets_mib:
         budget = int(mib * 2**20)
         contenders[f"{mib:g}"] = lambda budget=budget: fisher_diagonal(
@@ -91,7 +99,7 @@ def report(timed: dict[str, list[Measurement]], args: argparse.Namespace) -> str
         f"{ewc_reg.__version__} · torch {torch.__version__} · {machine(device)} · "
         f"{date.today()} · medians of {args.repeats} rounds, order reversed every other round",
         "",
-        f"peak memory: {memory_method(device)}.",
+        f"{memory_method(device)}.",
         "",
         f"Plain forward+backward: {plain_time:.3f} s, peak {plain_peak / 2**20:.0f} MiB.",
         "",

@@ -12,6 +12,21 @@ import torch
 from torch import Tensor, nn
 
 
+def evaluated(model: nn.Module) -> nn.Module:
+    """``model`` in eval mode but for its recurrent layers, in training mode: with no dropout
+    (the benchmarks' have none; checked) that is the same function, and cuDNN's backward of a
+    recurrent layer needs it ("cudnn RNN backward can only be called in training mode"), so
+    the plain forward+backward and the naive loop run on a GPU too. (``fisher_diagonal``
+    itself does the same for such layers.)"""
+    model.eval()
+    for module in model.modules():
+        if isinstance(module, nn.RNNBase):
+            if module.dropout and module.num_layers > 1:
+                raise ValueError(f"{type(module).__name__} with dropout: not its eval function")
+            module.train()
+    return model
+
+
 def split_mnist_mlp(num_classes: int = 10) -> nn.Sequential:
     """MLP 784-400-400-``num_classes``; accepts ``(B, 1, 28, 28)`` or ``(B, 784)`` inputs."""
     return nn.Sequential(

@@ -22,6 +22,10 @@ from torch import Tensor, nn
 #: parameter (:mod:`.engines.loose`; the model then failed, also after the call).
 EVAL_CACHES = ("attention_bias_cache",)
 
+#: The forwards of PyTorch's recurrent layers, whose ``training`` flag only switches dropout
+#: between layers on (see :func:`evaluating`).
+_RECURRENT_FORWARDS = (nn.RNN.forward, nn.LSTM.forward, nn.GRU.forward)
+
 
 class _Bypassed(dict):
     """A cache (a dict by key, as :data:`EVAL_CACHES`) that holds no key for the next call:
@@ -37,8 +41,23 @@ def evaluating(model: nn.Module) -> Iterator[None]:
     """Eval mode inside the block, with the caches of :data:`EVAL_CACHES` bypassed; afterwards
     every submodule's training flag and caches and every parameter's ``.grad`` and
     ``requires_grad`` are as before, on success and on error, and so are the tables of
-    embeddings with ``max_norm`` (their forward renormalises the rows it looks up in place)."""
+    embeddings with ``max_norm`` (their forward renormalises the rows it looks up in place).
+
+    Recurrent layers running PyTorch's own forward (``nn.RNN``, ``nn.LSTM``, ``nn.GRU``, and
+    subclasses that keep it) compute their eval function in training mode: their ``dropout``
+    is 0 inside the block. Eval mode changes nothing else that forward computes, and cuDNN's
+    backward of a recurrent layer refuses it ("cudnn RNN backward can only be called in
+    training mode", torch 2.11 on an NVIDIA H200): the ``batched`` method and the loop and
+    functorch engines (LSTMs with ``proj_size``, packed sequences) failed on such models on a
+    GPU. (A forward of one's own may read ``training`` otherwise: such layers stay in eval.)"""
     training = [(m, m.training) for m in model.modules()]
+    recurrent = [
+        (m, m.dropout)
+        for m in model.modules()
+        if isinstance(m, nn.RNNBase)
+        and type(m).forward in _RECURRENT_FORWARDS
+        and "forward" not in vars(m)
+    ]
     caches = [
         (m, name, getattr(m, name))
         for m in model.modules()
@@ -53,6 +72,8 @@ def evaluating(model: nn.Module) -> Iterator[None]:
         if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.max_norm is not None
     ]
     model.eval()
+    for module, _ in recurrent:
+        module.dropout, module.training = 0.0, True
     for module, name, _ in caches:
         setattr(module, name, _Bypassed())
     try:
@@ -60,6 +81,8 @@ def evaluating(model: nn.Module) -> Iterator[None]:
     finally:
         for module, flag in training:
             module.training = flag
+        for module, dropout in recurrent:
+            module.dropout = dropout
         for module, name, cache in caches:
             setattr(module, name, cache)
         for p, grad, requires_grad in saved:

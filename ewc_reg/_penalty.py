@@ -37,7 +37,8 @@ def _diffs(
     params: Sequence[Tensor], precision: Sequence[Tensor], center: Sequence[Tensor]
 ) -> list[Tensor]:
     r""":math:`d = \theta - \mu`, ``params`` promoted to the dtype of ``precision``."""
-    return torch._foreach_sub([p.to(a.dtype) for p, a in zip(params, precision)], center)
+    promoted = [p if p.dtype == a.dtype else p.to(a.dtype) for p, a in zip(params, precision)]
+    return torch._foreach_sub(promoted, center)
 
 
 def _weighted_diffs(

@@ -52,7 +52,7 @@ from ._model_state import (
 from ._validation import check_choice, check_count
 from .distributed import process_group_for, reduce_shards, shard_generator, unwrap_model
 from .engines import BACKENDS, get_engine, zero_sums
-from .engines.base import DEFAULT_MEMORY_BUDGET, RowWiseVectors, VectorFn
+from .engines.base import RowWiseVectors, VectorFn, default_memory_budget
 from .likelihoods import LIKELIHOODS, Likelihood, get_likelihood
 
 __all__ = ["METHODS", "ParamSelection", "fisher_diagonal", "select_parameters"]
@@ -134,8 +134,9 @@ def fisher_diagonal(
             ``None`` means all with ``requires_grad``. Gradients are taken with respect to these
             only, so a head-only Fisher costs about as much as the head's backward pass.
         memory_budget: bytes the engine's per-chunk working memory may take when
-            ``chunk_size=None`` (default :data:`ewc_reg.engines.base.DEFAULT_MEMORY_BUDGET`,
-            256 MiB); the chunk is the largest that fits, and at least one sample.
+            ``chunk_size=None``; the chunk is the largest that fits, and at least one sample.
+            ``None``: :func:`ewc_reg.engines.base.default_memory_budget` (256 MiB on a CPU; on
+            a CUDA device a quarter of the memory available there, at least 256 MiB).
         max_exact_vectors: ``method="exact"`` on outputs with positions ``(B, *S, C)`` pulls
             back ``K = |S| C`` vectors per sample (the per-token expansion); it is allowed up to
             this ``K``, else a ``ValueError`` points to ``"sample"`` and ``"empirical"``.
@@ -222,11 +223,12 @@ def fisher_diagonal(
 
         count = 0
         checked: set = set()  # (the input shapes check_cut has passed)
+        budget = memory_budget or default_memory_budget(device)
         for batch in batches:
             check_cut(model, batch, output_fn, checked)
             batch_sums = engine(
                 model, params, batch, output_fn, make_vectors_for(batch), chunk_size,
-                memory_budget or DEFAULT_MEMORY_BUDGET,
+                budget,
             )
             if sums:
                 torch._foreach_add_(list(sums.values()), [batch_sums[name] for name in sums])

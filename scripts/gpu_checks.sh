@@ -4,22 +4,33 @@
 # (the lent machine's image does; nothing is installed). The reports (*_cuda.md) and one log
 # go to $OUT (the device tool's; it returns at most 8 files), else ./gpu_results; copy the
 # reports under benchmarks/results/ and commit them.
-#   bash scripts/gpu_checks.sh            # everything, most wanted first
-#   bash scripts/gpu_checks.sh quick      # the tests and the short benchmarks only
+# Peers for fisher_speed (BackPACK, nngeometry) are used where PYTHONPATH already reaches them.
+#   bash scripts/gpu_checks.sh                  # everything, most wanted first
+#   bash scripts/gpu_checks.sh quick            # the tests and the short benchmarks only
+#   bash scripts/gpu_checks.sh tests penalty_speed   # the steps named (names as below)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu_results}
 mkdir -p "$out"
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
 dev=${DEVICE:-cuda}  # (DEVICE=cpu: a dry run of the script itself on a machine without one)
 log="$out/log"
-step() {  # step NAME COMMAND...: run it, its output to the screen and to the log
-    local name=$1
+wanted=" $* "  # (the steps named; none: all; quick: all but fisher_speed*)
+wants() {
+    case "$wanted" in
+        "  ") true ;;
+        " quick ") [[ $1 != fisher_speed* ]] ;;
+        *) [[ $1 == gpu || $wanted == *" $1 "* ]] ;;
+    esac
+}
+step() {  # step NAME COMMAND...: if wanted, run it, its output to the screen and to the log
+    local name=$1 start=$SECONDS
     shift
+    wants "$name" || return 0
     echo "== $name: $*" | tee -a "$log"
     "$@" 2>&1 | tee -a "$log"
-    echo "== $name: exit ${PIPESTATUS[0]}" | tee -a "$log"
+    echo "== $name: exit ${PIPESTATUS[0]} after $((SECONDS - start)) s" | tee -a "$log"
 }
 : >"$log"
 step gpu nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
@@ -34,10 +45,8 @@ step memory_budget "$py" -m benchmarks.memory_budget --device "$dev" \
     --budgets-mib 256 1024 4096 16384 --out "$out/memory_budget_cuda.md"
 step memory_budget_looped "$py" -m benchmarks.memory_budget --device "$dev" --pull-back looped \
     --budgets-mib 256 1024 4096 16384 --out "$out/memory_budget_looped_cuda.md"
-if [ "${1:-}" != quick ]; then
-    step fisher_speed "$py" -m benchmarks.fisher_speed --device "$dev" \
-        --output "$out/fisher_speed_cuda.md"
-    step fisher_speed_extra "$py" -m benchmarks.fisher_speed --device "$dev" --repeats 3 \
-        --models lstm_cell,shared_mlp,transformer_shared,upsampling,conv3d \
-        --output "$out/fisher_speed_extra_cuda.md"
-fi
+step fisher_speed "$py" -m benchmarks.fisher_speed --device "$dev" \
+    --output "$out/fisher_speed_cuda.md"
+step fisher_speed_extra "$py" -m benchmarks.fisher_speed --device "$dev" --repeats 3 \
+    --models lstm,lstm_proj,lstm_cell,shared_mlp,transformer_shared,upsampling,conv3d \
+    --output "$out/fisher_speed_extra_cuda.md"

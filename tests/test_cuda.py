@@ -168,6 +168,28 @@ def test_per_sample_copies_and_recurrent_rule_match_cpu(kind):
     assert_close_dicts(to_cpu(got), want, 1e-10)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("backend", ["auto", "functorch", "loop"])
+@pytest.mark.parametrize("method", ["exact", "batched"])
+def test_recurrent_layers_run_through_cudnn_in_eval_mode(dtype, backend, method):
+    """cuDNN's backward of a recurrent layer refuses eval mode, which the Fisher is computed
+    in: the ``batched`` method and the engines that call the layer itself (a projected LSTM:
+    loop; functorch hands it to loop) failed. Against the CPU in float64 (TF32 off)."""
+    from .test_recurrent_rule import Tagger
+
+    torch.manual_seed(0)
+    model = Tagger(num_layers=2, dropout=0.5, proj_size=3).double().eval()
+    x, y = torch.randn(6, 5, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    kwargs = {} if method == "batched" else {"backend": backend}
+    want = fisher_diagonal(model, [(x, y)], method, **kwargs)
+    gpu = copy.deepcopy(model).to("cuda", dtype)
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        got = fisher_diagonal(gpu, [(x.to(dtype), y)], method, **kwargs)
+    assert not gpu.training and gpu.rnn.dropout == 0.5
+    got = {n: f.double() for n, f in to_cpu(got).items()}
+    assert_close_dicts(got, want, 1e-10 if dtype == torch.float64 else 1e-4)
+
+
 @pytest.mark.parametrize("kind", ["lstm_cell", "shared_mlp", "transformer_shared", "tied_lm"])
 def test_modules_called_more_than_once_and_tied_weights_match_cpu(kind):
     """Units called more than once (their calls joined by the rules, a cell stepped by hand,

@@ -3897,7 +3897,7 @@ class TinyLanguageModel(nn.Module):
         self.head.weight = self.tokens.weight
 
     def forward(self, ids: Tensor) -> Tensor:
-        positions = torch.arange(ids.shape[1])[None]
+        positions = torch.arange(ids.shape[1], device=ids.device)[None]
         return self.head(self.norm(torch.tanh(self.tokens(ids) + self.positions(positions))))
 
 

@@ -14,9 +14,10 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import ewc_reg.engines.functorch as functorch_engine
+import ewc_reg.fisher as fisher_module
 from ewc_reg import EWCRegularizer, fisher_diagonal
 from ewc_reg.engines import ENGINES
-from ewc_reg.engines.base import DEFAULT_MEMORY_BUDGET, resolve_chunk_size
+from ewc_reg.engines.base import DEFAULT_MEMORY_BUDGET, default_memory_budget, resolve_chunk_size
 
 D_IN, HIDDEN, CLASSES = 16, 64, 4
 PARAM_BYTES = 8 * (D_IN * HIDDEN + HIDDEN + HIDDEN * CLASSES + CLASSES)  # float64
@@ -66,6 +67,49 @@ def test_resolve_chunk_size() -> None:
     assert resolve_chunk_size(7, 10, 1000) == 7
     assert resolve_chunk_size(None, 10_000, 1000) == 10
     assert resolve_chunk_size(None, 999, 1000) == 1  # at least one sample
+
+
+@pytest.mark.parametrize(
+    ("free", "reserved", "allocated", "want"),
+    [
+        (40 * 2**30, 3 * 2**30, 2 * 2**30, 41 * 2**30 // 4),  # a quarter of free + cached
+        (2**30, 0, 0, DEFAULT_MEMORY_BUDGET),  # a quarter of 1 GiB: 256 MiB
+        (10 * 2**20, 0, 0, DEFAULT_MEMORY_BUDGET),  # never less than 256 MiB
+    ],
+)
+def test_the_default_budget_on_a_gpu_is_a_share_of_its_free_memory(
+    monkeypatch: pytest.MonkeyPatch, free: int, reserved: int, allocated: int, want: int
+) -> None:
+    asked: list[torch.device] = []
+
+    def mem_get_info(device: torch.device) -> tuple[int, int]:
+        asked.append(device)
+        return free, 80 * 2**30
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", mem_get_info)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: reserved)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: allocated)
+    assert default_memory_budget(torch.device("cuda", 1)) == want
+    assert asked == [torch.device("cuda", 1)]
+    for device in ("cpu", "meta"):
+        assert default_memory_budget(torch.device(device)) == DEFAULT_MEMORY_BUDGET
+
+
+def test_a_call_without_a_budget_takes_its_devices_default(
+    monkeypatch: pytest.MonkeyPatch, chunk_sizes: list[int]
+) -> None:
+    """Looked up once per call, for the device of the parameters."""
+    devices: list[torch.device] = []
+
+    def default(device: torch.device) -> int:
+        devices.append(device)
+        return 5 * SAMPLE_BYTES
+
+    monkeypatch.setattr(fisher_module, "default_memory_budget", default)
+    functorch_fisher(make_model(), one_batch(12) * 2)
+    assert devices == [torch.device("cpu")] and chunk_sizes == [5, 5]
+    functorch_fisher(make_model(), one_batch(12), memory_budget=2 * SAMPLE_BYTES)
+    assert len(devices) == 1 and chunk_sizes[-1] == 2
 
 
 def functorch_fisher(*args, **kwargs) -> dict[str, torch.Tensor]:

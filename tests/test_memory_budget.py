@@ -19,7 +19,7 @@ def test_memory_budget_writes_table(tmp_path):
         ["--budgets-mib", "0.5", "64", "--samples", "4", "--repeats", "1", "--out", str(out)]
     )
     assert out.read_text() == table
-    assert "| 0.5 |" in table and "| 64 |" in table
+    assert "| 0.5 |" in table and "| 64 |" in table and "| default (256) |" in table
 
 
 @pytest.mark.parametrize("kind", ["looped", "batched"])

@@ -14,7 +14,7 @@ from ewc_reg.engines import recurrent, rules
 from ewc_reg.engines.recording import plan
 from ewc_reg.likelihoods import Categorical
 
-from .reference import assert_close_dicts, brute_force_fisher
+from .reference import assert_close_dicts, brute_force_batched, brute_force_fisher
 from .test_hooks_engine import trainable
 
 
@@ -437,3 +437,29 @@ def test_a_declined_call_on_folded_rows_is_flagged(monkeypatch, caplog) -> None:
     messages = [r.getMessage() for r in caplog.records if r.name == "ewc_reg"]
     assert any("declined a call on rows folded" in m for m in messages)
     assert_close_dicts(got, brute_force_fisher(model, x, y, "exact"), 1e-10)
+
+
+# --- eval mode ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["auto", "functorch", "loop"])
+@pytest.mark.parametrize("method", ["exact", "batched"])
+def test_recurrent_layers_with_dropout_compute_their_eval_function(backend, method) -> None:
+    """Inside the Fisher a recurrent layer runs in training mode with its dropout at 0 (cuDNN's
+    backward refuses eval mode; test_cuda runs them on a GPU): what it computes is its eval
+    function, and its mode and dropout are as before afterwards, also where the model fails."""
+    torch.manual_seed(0)
+    model = Tagger(num_layers=3, dropout=0.5, proj_size=3).double().eval()
+    x, y = torch.randn(5, 6, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
+    kwargs = {} if method == "batched" else {"backend": backend}
+    got = fisher_diagonal(model, [(x, y)], method, **kwargs)
+    want = (
+        brute_force_batched(model, [(x, y)])
+        if method == "batched"
+        else brute_force_fisher(model, x, y, method)
+    )
+    assert_close_dicts(got, want, 1e-10)
+    model.train()
+    with pytest.raises(ValueError):  # (3 outputs, a label of 3)
+        fisher_diagonal(model, [(x, torch.full((5,), 3))], "empirical", **kwargs)
+    assert model.rnn.training and model.rnn.dropout == 0.5

@@ -61,12 +61,36 @@ class RowWiseVectors:
         return self._make(output, start, stop)
 
 
-#: Memory per chunk when the caller sets no ``memory_budget``: 256 MiB. (Reduced ResNet-18, exact
-#: Fisher, C=10, N=128, 2 CPU threads, three runs, the last ``python -m benchmarks.memory_budget``:
+#: Memory per chunk when the caller sets no ``memory_budget``, on a CPU: 256 MiB. (Reduced
+#: ResNet-18, exact Fisher, C=10, N=128, 2 CPU threads, three runs, the last ``python -m
+#: benchmarks.memory_budget``:
 #: budgets of 128, 256, 512 and 1024 MiB took 6.6-7.6, 6.3-7.0, 6.3-6.7 and 6.2-6.7 times a
 #: plain forward+backward, with peaks of 0.8-0.9, 1.3, 2.0 and 3.5 times its peak. Larger
 #: budgets buy nothing measurable here and 256 MiB keeps the peak well under 2x.)
 DEFAULT_MEMORY_BUDGET = 256 * 2**20
+
+#: Share of a CUDA device's available memory (free on the device, plus what PyTorch's caching
+#: allocator holds unused) that :func:`default_memory_budget` gives the engines there. On a GPU
+#: every chunk costs its own launches, so the chunks should be few: the exact Fisher of the
+#: reduced ResNet-18 (C=10, N=128, NVIDIA H200, hooks engine, ``python -m
+#: benchmarks.memory_budget --device cuda``) took 45.1, 15.8, 5.8 and 5.3 times a plain
+#: forward+backward at budgets of 256 MiB, 1, 4 and 16 GiB, with peaks of 1.1, 4.4, 8.9 and
+#: 8.9 times its peak (2.2 GB at most), and 5.6 times with this share (35 GB there). A quarter
+#: leaves room for the estimate's error and for what the caller allocates next.
+CUDA_MEMORY_SHARE = 0.25
+
+
+def default_memory_budget(device: torch.device) -> int:
+    """The memory budget of a call that sets none, for parameters on ``device``: on a CUDA
+    device, :data:`CUDA_MEMORY_SHARE` of the memory available there (``free`` of
+    ``torch.cuda.mem_get_info`` plus ``memory_reserved - memory_allocated``), and never less
+    than :data:`DEFAULT_MEMORY_BUDGET`; elsewhere :data:`DEFAULT_MEMORY_BUDGET` (on a CPU more
+    buys nothing measurable: see its comment)."""
+    if device.type != "cuda":
+        return DEFAULT_MEMORY_BUDGET
+    free, _ = torch.cuda.mem_get_info(device)
+    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return max(DEFAULT_MEMORY_BUDGET, int(CUDA_MEMORY_SHARE * (free + cached)))
 
 
 #: Functions whose backward ``torch.func.vmap`` computes wrongly when only the cotangents are
