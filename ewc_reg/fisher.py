@@ -32,9 +32,11 @@ Beyond one classifier on one machine:
 
 from __future__ import annotations
 
+import logging
 import math
 import sys
 from collections.abc import Callable, Iterable, Iterator
+from functools import partial
 from typing import Any, TypeAlias
 
 import torch
@@ -52,10 +54,17 @@ from ._model_state import (
 from ._validation import check_choice, check_count
 from .distributed import process_group_for, reduce_shards, shard_generator, unwrap_model
 from .engines import BACKENDS, get_engine, zero_sums
-from .engines.base import RowWiseVectors, VectorFn, default_memory_budget
+from .engines.base import (
+    DEFAULT_MEMORY_BUDGET,
+    RowWiseVectors,
+    VectorFn,
+    default_memory_budget,
+)
 from .likelihoods import LIKELIHOODS, Likelihood, get_likelihood
 
 __all__ = ["METHODS", "ParamSelection", "fisher_diagonal", "select_parameters"]
+
+logger = logging.getLogger("ewc_reg")
 
 #: The estimators ``fisher_diagonal`` accepts as ``method``.
 METHODS = ("exact", "sample", "empirical", "batched")
@@ -136,7 +145,8 @@ def fisher_diagonal(
         memory_budget: bytes the engine's per-chunk working memory may take when
             ``chunk_size=None``; the chunk is the largest that fits, and at least one sample.
             ``None``: :func:`ewc_reg.engines.base.default_memory_budget` (256 MiB on a CPU; on
-            a CUDA device a quarter of the memory available there, at least 256 MiB).
+            a CUDA device a quarter of the memory available there, at least 256 MiB), halved
+            and the batch run again where the device runs out of memory, down to 256 MiB.
         max_exact_vectors: ``method="exact"`` on outputs with positions ``(B, *S, C)`` pulls
             back ``K = |S| C`` vectors per sample (the per-token expansion); it is allowed up to
             this ``K``, else a ``ValueError`` points to ``"sample"`` and ``"empirical"``.
@@ -224,11 +234,14 @@ def fisher_diagonal(
         count = 0
         checked: set = set()  # (the input shapes check_cut has passed)
         budget = memory_budget or default_memory_budget(device)
+        halvable = memory_budget is None and chunk_size is None
         for batch in batches:
             check_cut(model, batch, output_fn, checked)
-            batch_sums = engine(
-                model, params, batch, output_fn, make_vectors_for(batch), chunk_size,
+            vectors = make_vectors_for(batch)
+            batch_sums, budget = _within_memory(
+                partial(engine, model, params, batch, output_fn, vectors, chunk_size),
                 budget,
+                halvable,
             )
             if sums:
                 torch._foreach_add_(list(sums.values()), [batch_sums[name] for name in sums])
@@ -392,6 +405,31 @@ def _accumulate_batched(
                 sums[name] += g.to(sums[name].dtype).pow(2)
         count += 1
     return count
+
+
+def _within_memory(
+    compute: Callable[[int], dict[str, Tensor]], budget: int, halvable: bool
+) -> tuple[dict[str, Tensor], int]:
+    """``compute(budget)`` and the budget it ran with. Where the budget is ``halvable`` (the
+    device's default: the caller set neither ``memory_budget`` nor ``chunk_size``) and the
+    device runs out of memory, ``compute`` runs again with half the budget, down to
+    :data:`~ewc_reg.engines.base.DEFAULT_MEMORY_BUDGET` (logged each time); the caller keeps
+    the budget that ran for its later batches. The engines restore the model on every path,
+    and ``sample``'s draws are kept per batch, so a retry computes what a first attempt would
+    have. (Retried after the handler: the failed attempt's frames and their tensors are freed
+    first.)"""
+    while True:
+        try:
+            return compute(budget), budget
+        except torch.OutOfMemoryError:
+            if not halvable or budget <= DEFAULT_MEMORY_BUDGET:
+                raise
+        budget = max(DEFAULT_MEMORY_BUDGET, budget // 2)
+        logger.info(
+            "fisher_diagonal: the device ran out of memory; again with a memory budget of "
+            "%d MiB",
+            budget >> 20,
+        )
 
 
 class _DrawsInOrder:

@@ -112,6 +112,59 @@ def test_a_call_without_a_budget_takes_its_devices_default(
     assert len(devices) == 1 and chunk_sizes[-1] == 2
 
 
+class RunsOutAbove:
+    """An engine that runs out of device memory at budgets above ``limit`` bytes, and
+    otherwise is ``engine``; it records the budgets it is called with."""
+
+    def __init__(self, engine, limit: int) -> None:
+        self.engine, self.limit, self.budgets = engine, limit, []
+
+    def __call__(self, *args):
+        self.budgets.append(args[-1])
+        if args[-1] > self.limit:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return self.engine(*args)
+
+
+@pytest.mark.parametrize("method", ["exact", "sample"])
+def test_the_default_budget_is_halved_when_the_device_runs_out_of_memory(
+    monkeypatch: pytest.MonkeyPatch, method: str, caplog
+) -> None:
+    """Where the budget is the device's default, an out-of-memory error makes the batch run
+    again with half of it (its ``sample`` draws kept), and the later batches start there; a
+    budget or chunk size of the caller's, or the least default, lets the error through."""
+    real_engine, b = fisher_module.get_engine, DEFAULT_MEMORY_BUDGET
+    made: list[RunsOutAbove] = []
+    limit = 3 * b
+
+    def get_engine(*args) -> RunsOutAbove:
+        made.append(RunsOutAbove(real_engine(*args), limit))
+        return made[-1]
+
+    monkeypatch.setattr(fisher_module, "get_engine", get_engine)
+    monkeypatch.setattr(fisher_module, "default_memory_budget", lambda d: 9 * b)
+    model, data = make_model(), one_batch(12) * 2
+
+    def fisher(**kwargs) -> dict[str, torch.Tensor]:
+        generator = torch.Generator().manual_seed(0)
+        return fisher_diagonal(model, data, method, generator=generator, **kwargs)
+
+    with caplog.at_level("INFO", logger="ewc_reg"):
+        got = fisher()
+    assert made[-1].budgets == [9 * b, 9 * b // 2, 9 * b // 4, 9 * b // 4]
+    assert [r.getMessage()[-8:] for r in caplog.records] == ["1152 MiB", " 576 MiB"]
+    want = fisher(memory_budget=9 * b // 4)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-12, atol=0)
+    for kwargs in ({"memory_budget": 4 * b}, {"chunk_size": 4}):
+        with pytest.raises(torch.OutOfMemoryError):
+            fisher(**kwargs)
+    limit = b - 1
+    with pytest.raises(torch.OutOfMemoryError):
+        fisher()
+    assert made[-1].budgets == [9 * b, 9 * b // 2, 9 * b // 4, 9 * b // 8, b]
+
+
 def functorch_fisher(*args, **kwargs) -> dict[str, torch.Tensor]:
     return fisher_diagonal(*args, backend="functorch", **kwargs)
 
