@@ -338,7 +338,7 @@ def backpack_contenders(w: Workload, references: dict[str, Fisher]) -> list[Cont
     from backpack import backpack, extend
     from backpack.extensions import DiagGGNExact, SumGradSquared
 
-    model = extend(_module_form(_restricted_head(w)), use_converter=True).eval()
+    model = evaluated(extend(_module_form(_restricted_head(w)), use_converter=True))
     shapes = {n: p.shape for n, p in w.model.named_parameters()}
     mean_loss = extend(nn.CrossEntropyLoss(reduction="mean"))
     sum_loss = extend(nn.CrossEntropyLoss(reduction="sum"))
