@@ -813,14 +813,17 @@ class Recorder(TorchFunctionMode):
     ) -> Any:
         kwargs = kwargs or {}
         result = func(*args, **kwargs)
+        if getattr(func, "__name__", None) == "__get__":
+            # (a property read, .T or .shape, is no use by itself; the view .T gives is, where a
+            # function takes it: checked as the parameter there. Most reads are the engine's
+            # own, of shapes and edges: 42 of an MLP's 66 operations here)
+            if isinstance(result, Tensor):
+                self._keep_view_made(result)
+            return result
         self.vmap_wrong = self.vmap_wrong or func in VMAP_WRONG
         inputs = [t for t in tensors_in((args, kwargs)) if _of_parameter(t, self.owner)]
-        if not inputs:  # (most operations: nothing to check or keep)
-            return result
-        # (a property read, .T or .shape, is no use by itself; the view .T gives is, where a
-        # function takes it: checked as the parameter below)
-        # (after a first problem too: every unit whose parameters are used outside is wanted)
-        if getattr(func, "__name__", None) != "__get__":
+        if inputs:
+            # (after a first problem too: every unit whose parameters are used outside is wanted)
             for leaf in inputs:
                 unit, local = self.owner.get(id(leaf), (None, ""))
                 if unit is None and leaf._base is not None and id(leaf._base) in self.owner:
@@ -841,10 +844,15 @@ class Recorder(TorchFunctionMode):
                         f"parameter {local!r} of {describe(unit.path)} is used outside that "
                         "module's call"
                     )
-        for leaf in tensors_in(result):  # (views of parameters come from parameters or views)
-            if leaf._base is not None and id(leaf._base) in self.owner:
-                self.made[id(leaf)] = leaf  # (a view of a parameter made during the pass)
+            self._keep_view_made(result)
         return result
+
+    def _keep_view_made(self, result: Any) -> None:
+        """Keep the views of parameters in ``result``: made during the pass (views of
+        parameters come from parameters or views, so only operations on them are looked at)."""
+        for leaf in tensors_in(result):
+            if leaf._base is not None and id(leaf._base) in self.owner:
+                self.made[id(leaf)] = leaf
 
     def check(self) -> None:
         """Raise :class:`Unsupported` for what the forward pass revealed (:class:`UsedOutside`
