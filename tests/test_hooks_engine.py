@@ -31,7 +31,12 @@ from ewc_reg.engines import (
     rules,
     unit_sums,
 )
-from ewc_reg.engines.base import DEFAULT_MEMORY_BUDGET, MAX_VECTORS_TO_REDUCE, fewer_vectors
+from ewc_reg.engines.base import (
+    DEFAULT_MEMORY_BUDGET,
+    MAX_VECTORS_TO_REDUCE,
+    fewer_vectors,
+    inside,
+)
 from ewc_reg.engines.functorch import FunctorchEngine
 from ewc_reg.engines.hooks import HookEngine
 from ewc_reg.engines.loose import loose_parameters
@@ -2481,6 +2486,37 @@ class TokenAndScale(nn.Module):
         h = torch.cat([self.token.expand(h.shape[0], -1, -1), h], dim=1)
         h = h + self.scale * torch.tanh(self.mix(h))
         return self.head(h[:, 0])
+
+
+def _tree(shape: list) -> nn.Module:
+    """A module per node of ``shape`` (a list ``[owns a parameter, children...]``)."""
+    module = nn.Module()
+    if shape[0]:
+        module.p = nn.Parameter(torch.zeros(1))
+    for i, child in enumerate(shape[1:]):
+        module.add_module(f"m{i}", _tree(child))
+    return module
+
+
+_TREES = st.recursive(
+    st.lists(st.booleans(), min_size=1, max_size=1),
+    lambda children: st.tuples(st.booleans(), st.lists(children, max_size=3)).map(
+        lambda node: [node[0], *node[1]]
+    ),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(shape=_TREES)
+def test_loose_parameters_are_those_of_owners_with_owners_inside(shape) -> None:
+    """Against the definition, pair by pair: a module's own parameters are loose where another
+    module owning parameters lies inside it."""
+    model = _tree(shape)
+    params = trainable(model)
+    owners = {name.rpartition(".")[0] for name in params}
+    want = [n for n in params if any(inside(o, n.rpartition(".")[0]) for o in owners)]
+    assert list(loose_parameters(model, params)) == want
 
 
 COPIED = {  # model, input shape, the parameters taken through per-sample copies
