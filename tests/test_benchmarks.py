@@ -251,3 +251,33 @@ def test_side_by_side_calls_each_once_untimed_then_in_alternating_rounds():
     assert order == ["a", "b", "a", "b", "b", "a", "a", "b"]
     assert {name: result for name, (_, result) in timed.items()} == {"a": 1, "b": 2}
     assert all(seconds >= 0 for seconds, _ in timed.values())
+
+
+def test_benchmark_models_keep_recurrent_layers_in_training_mode_for_the_plain_pass():
+    """(cuDNN's backward of a recurrent layer refuses eval mode.) Refused where that is not
+    the eval function: dropout between layers."""
+    from benchmarks.models import LSTMClassifier, evaluated
+
+    model = evaluated(LSTMClassifier(10, vocab_size=20, dim=4).train())
+    assert not model.training and model.lstm.training
+    with pytest.raises(ValueError, match="dropout"):
+        evaluated(nn.Sequential(nn.LSTM(4, 4, num_layers=2, dropout=0.5)))
+
+
+def test_gpu_checks_run_only_the_steps_named(tmp_path):
+    """``bash scripts/gpu_checks.sh STEP...`` runs those steps (and the GPU's line), each
+    timed in the log (Python here is ``true``: the steps' commands do nothing)."""
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "gpu_checks.sh"
+    env = {"PATH": "/usr/bin:/bin", "OUT": str(tmp_path), "DEVICE": "cpu", "PYTHON": "true"}
+
+    def steps(*names: str) -> list[str]:
+        subprocess.run(["bash", str(script), *names], env=env, check=True, timeout=60)
+        log = (tmp_path / "log").read_text()
+        assert "exit 0 after 0 s" in log
+        return [line[3:].split(":")[0] for line in log.splitlines() if "exit" in line]
+
+    assert steps("memory_budget", "fisher_speed") == ["gpu", "memory_budget", "fisher_speed"]
+    assert "fisher_speed" not in steps("quick") and "tests" in steps("quick")
+    assert steps()[-2:] == ["fisher_speed", "fisher_speed_extra"]
