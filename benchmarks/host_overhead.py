@@ -130,11 +130,8 @@ def measure(key: str, samples: int, repeats: int, device: torch.device) -> list[
     contenders: dict[str, Callable[[], object]] = {"plain fwd+bwd": plain}
     for method in METHODS:
         contenders[f"Fisher, {method}"] = lambda m=method: fisher_diagonal(model, [(x, y)], m)
-    counts = {}
-    for name, fn in contenders.items():
-        fn()  # warm-up (the engine's kept chunk sizes, lazy initialisation)
-        counts[name] = _count(fn)
-    timed = side_by_side(contenders, repeats, device)
+    timed = side_by_side(contenders, repeats, device)  # (its untimed first calls warm up)
+    counts = {name: _count(fn) for name, fn in contenders.items()}  # (after the warm-up)
     rows = []
     for name, counter in counts.items():
         top = ", ".join(f"{op} {n}" for op, n in counter.calls.most_common(4))
