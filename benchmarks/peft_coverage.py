@@ -9,12 +9,14 @@ pinned torch; a few minutes)::
 
     python -m benchmarks.peft_coverage            # writes benchmarks/results/peft_coverage.md
     python -m benchmarks.peft_coverage --cases mlp_lora,gpt2_lora --out /tmp/peft.md
+    python -m benchmarks.peft_coverage --batch-size 4 --out /tmp/peft_b4.md
 
 Each case runs in its own process (:mod:`._coverage`): the adapted model in float64 and eval
 mode, its adapter parameters (the trainable ones) moved off their initial values (LoRA's ``B``
-starts at 0, which would hide ``A``), and one batch of 3 samples (2 sequences of 6 tokens for
-the language models). The ``exact`` Fisher of the trainable parameters is computed with
-``backend="auto"`` and with ``backend="loop"``, as :func:`._coverage.measure` says."""
+starts at 0, which would hide ``A``), and one batch of ``--batch-size`` samples (default 3;
+sequences of 6 tokens for the language models, 7 for BERT). The ``exact`` Fisher of the
+trainable parameters is computed with ``backend="auto"`` and with ``backend="loop"``, as
+:func:`._coverage.measure` says."""
 
 from __future__ import annotations
 
@@ -36,24 +38,31 @@ def _mlp() -> nn.Module:
     )
 
 
-def _classes(shape: tuple[int, ...], batch: int = 3) -> list[Any]:
+def _classes(shape: tuple[int, ...], batch: int) -> list[Any]:
     return [(torch.randn(batch, *shape, dtype=torch.float64), torch.randint(0, 5, (batch,)))]
 
 
-def _lora_mlp(**settings: Any) -> tuple[nn.Module, list[Any]]:
+def _lora_mlp(batch: int, **settings: Any) -> tuple[nn.Module, list[Any]]:
     import peft
 
     config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["0", "2"], **settings)
-    return peft.get_peft_model(_mlp(), config), _classes((6,))
+    return peft.get_peft_model(_mlp(), config), _classes((6,), batch)
 
 
-def _adapter_mlp(make_config: Callable[[Any], Any]) -> tuple[nn.Module, list[Any]]:
-    import peft
+def _adapter_mlp(
+    make_config: Callable[[Any], Any],
+) -> Callable[[int], tuple[nn.Module, list[Any]]]:
+    """The case of the MLP with the adapter ``make_config(peft)`` configures."""
 
-    return peft.get_peft_model(_mlp(), make_config(peft)), _classes((6,))
+    def build(batch: int) -> tuple[nn.Module, list[Any]]:
+        import peft
+
+        return peft.get_peft_model(_mlp(), make_config(peft)), _classes((6,), batch)
+
+    return build
 
 
-def _lora_cnn(**settings: Any) -> tuple[nn.Module, list[Any]]:
+def _lora_cnn(batch: int, **settings: Any) -> tuple[nn.Module, list[Any]]:
     import peft
 
     net = nn.Sequential(
@@ -61,7 +70,7 @@ def _lora_cnn(**settings: Any) -> tuple[nn.Module, list[Any]]:
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5),
     )
     config = peft.LoraConfig(r=2, target_modules=["0", "2", "6"], **settings)
-    return peft.get_peft_model(net, config), _classes((3, 8, 8))
+    return peft.get_peft_model(net, config), _classes((3, 8, 8), batch)
 
 
 class _Bag(nn.Module):
@@ -74,14 +83,14 @@ class _Bag(nn.Module):
         return self.fc(self.emb(ids).mean(1))
 
 
-def _lora_embedding() -> tuple[nn.Module, list[Any]]:
+def _lora_embedding(batch: int) -> tuple[nn.Module, list[Any]]:
     import peft
 
     model = peft.get_peft_model(_Bag(), peft.LoraConfig(r=2, target_modules=["emb", "fc"]))
-    return model, [(torch.randint(0, 20, (3, 4)), torch.randint(0, 5, (3,)))]
+    return model, [(torch.randint(0, 20, (batch, 4)), torch.randint(0, 5, (batch,)))]
 
 
-def _lora_vit(**settings: Any) -> tuple[nn.Module, list[Any]]:
+def _lora_vit(batch: int, **settings: Any) -> tuple[nn.Module, list[Any]]:
     import peft
     import timm
 
@@ -90,10 +99,10 @@ def _lora_vit(**settings: Any) -> tuple[nn.Module, list[Any]]:
         depth=2, embed_dim=64, num_heads=2,
     )
     config = peft.LoraConfig(r=2, target_modules=["qkv", "fc1"], **settings)
-    return peft.get_peft_model(net, config), _classes((3, 32, 32))
+    return peft.get_peft_model(net, config), _classes((3, 32, 32), batch)
 
 
-def _lora_bert() -> tuple[nn.Module, list[Any]]:
+def _lora_bert(batch: int) -> tuple[nn.Module, list[Any]]:
     import peft
     import transformers
 
@@ -103,13 +112,15 @@ def _lora_bert() -> tuple[nn.Module, list[Any]]:
     )
     net = transformers.BertForSequenceClassification(config)
     lora = peft.LoraConfig(r=2, target_modules=["query", "value"], task_type="SEQ_CLS")
-    ids, mask = torch.randint(0, 50, (3, 7)), torch.ones(3, 7, dtype=torch.long)
+    ids, mask = torch.randint(0, 50, (batch, 7)), torch.ones(batch, 7, dtype=torch.long)
     mask[0, 5:] = 0
-    batch = {"input_ids": ids, "attention_mask": mask, "labels": torch.randint(0, 5, (3,))}
-    return peft.get_peft_model(net, lora), [batch]
+    labels = torch.randint(0, 5, (batch,))
+    return peft.get_peft_model(net, lora), [
+        {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    ]
 
 
-def _lora_causal_lm(family: str) -> tuple[nn.Module, list[Any]]:
+def _lora_causal_lm(batch: int, family: str) -> tuple[nn.Module, list[Any]]:
     import peft
     import transformers as hf
 
@@ -130,59 +141,61 @@ def _lora_causal_lm(family: str) -> tuple[nn.Module, list[Any]]:
         )
         net, targets = hf.OPTForCausalLM(config), ["q_proj", "v_proj", "fc1"]
     lora = peft.LoraConfig(r=2, target_modules=targets, task_type="CAUSAL_LM")
-    ids, mask = torch.randint(0, vocab, (2, 6)), torch.ones(2, 6, dtype=torch.long)
+    ids, mask = torch.randint(0, vocab, (batch, 6)), torch.ones(batch, 6, dtype=torch.long)
     mask[0, 4:] = 0
-    batch = {"input_ids": ids, "attention_mask": mask, "labels": torch.randint(0, vocab, (2, 6))}
-    return peft.get_peft_model(net, lora), [batch]
+    labels = torch.randint(0, vocab, (batch, 6))
+    return peft.get_peft_model(net, lora), [
+        {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    ]
 
 
-#: The cases, each building its adapted model and its data.
-CASES: dict[str, Callable[[], tuple[nn.Module, list[Any]]]] = {
+#: The cases, each building its adapted model and its data of a batch size.
+CASES: dict[str, Callable[[int], tuple[nn.Module, list[Any]]]] = {
     "mlp_lora": _lora_mlp,
-    "mlp_lora_rslora": lambda: _lora_mlp(use_rslora=True),
-    "mlp_lora_bias": lambda: _lora_mlp(lora_bias=True),
-    "mlp_lora_dropout": lambda: _lora_mlp(lora_dropout=0.1),
-    "mlp_lora_saved_head": lambda: _lora_mlp(modules_to_save=["4"]),
-    "mlp_dora": lambda: _lora_mlp(use_dora=True),
+    "mlp_lora_rslora": lambda b: _lora_mlp(b, use_rslora=True),
+    "mlp_lora_bias": lambda b: _lora_mlp(b, lora_bias=True),
+    "mlp_lora_dropout": lambda b: _lora_mlp(b, lora_dropout=0.1),
+    "mlp_lora_saved_head": lambda b: _lora_mlp(b, modules_to_save=["4"]),
+    "mlp_dora": lambda b: _lora_mlp(b, use_dora=True),
     "cnn_lora": _lora_cnn,
-    "cnn_dora": lambda: _lora_cnn(use_dora=True),
+    "cnn_dora": lambda b: _lora_cnn(b, use_dora=True),
     "embedding_lora": _lora_embedding,
     "vit_lora": _lora_vit,
-    "vit_dora": lambda: _lora_vit(use_dora=True),
+    "vit_dora": lambda b: _lora_vit(b, use_dora=True),
     "bert_lora": _lora_bert,
-    "gpt2_lora": lambda: _lora_causal_lm("gpt2"),
-    "llama_lora": lambda: _lora_causal_lm("llama"),
-    "opt_lora": lambda: _lora_causal_lm("opt"),
-    "mlp_ia3": lambda: _adapter_mlp(
+    "gpt2_lora": lambda b: _lora_causal_lm(b, "gpt2"),
+    "llama_lora": lambda b: _lora_causal_lm(b, "llama"),
+    "opt_lora": lambda b: _lora_causal_lm(b, "opt"),
+    "mlp_ia3": _adapter_mlp(
         lambda peft: peft.IA3Config(target_modules=["0", "2"], feedforward_modules=["2"])
     ),
-    "mlp_loha": lambda: _adapter_mlp(lambda peft: peft.LoHaConfig(r=2, target_modules=["0", "2"])),
-    "mlp_lokr": lambda: _adapter_mlp(lambda peft: peft.LoKrConfig(r=2, target_modules=["0", "2"])),
-    "mlp_vera": lambda: _adapter_mlp(lambda peft: peft.VeraConfig(r=2, target_modules=["2"])),
-    "mlp_oft": lambda: _adapter_mlp(
+    "mlp_loha": _adapter_mlp(lambda peft: peft.LoHaConfig(r=2, target_modules=["0", "2"])),
+    "mlp_lokr": _adapter_mlp(lambda peft: peft.LoKrConfig(r=2, target_modules=["0", "2"])),
+    "mlp_vera": _adapter_mlp(lambda peft: peft.VeraConfig(r=2, target_modules=["2"])),
+    "mlp_oft": _adapter_mlp(
         lambda peft: peft.OFTConfig(r=0, oft_block_size=4, target_modules=["2"])
     ),
-    "mlp_boft": lambda: _adapter_mlp(
+    "mlp_boft": _adapter_mlp(
         lambda peft: peft.BOFTConfig(boft_block_size=4, target_modules=["2"])
     ),
-    "mlp_adalora": lambda: _adapter_mlp(
+    "mlp_adalora": _adapter_mlp(
         lambda peft: peft.AdaLoraConfig(
             init_r=2, target_r=1, total_step=10, target_modules=["0", "2"]
         )
     ),
-    "mlp_fourierft": lambda: _adapter_mlp(
+    "mlp_fourierft": _adapter_mlp(
         lambda peft: peft.FourierFTConfig(n_frequency=8, target_modules=["2"])
     ),
-    "mlp_hra": lambda: _adapter_mlp(lambda peft: peft.HRAConfig(r=2, target_modules=["2"])),
+    "mlp_hra": _adapter_mlp(lambda peft: peft.HRAConfig(r=2, target_modules=["2"])),
 }
 
 
-def measure_case(name: str) -> dict[str, Any]:
-    """:func:`._coverage.measure` on the case ``name`` (see the module docstring), or why it
-    could not be built or run (``"error"``)."""
+def measure_case(name: str, batch_size: int = 3) -> dict[str, Any]:
+    """:func:`._coverage.measure` on the case ``name`` with a batch of ``batch_size`` samples
+    (see the module docstring), or why it could not be built or run (``"error"``)."""
     torch.manual_seed(0)
     try:
-        model, data = CASES[name]()
+        model, data = CASES[name](batch_size)
         model = model.double().eval()
         with torch.no_grad():
             for p in model.parameters():
@@ -200,7 +213,7 @@ def measure_case(name: str) -> dict[str, Any]:
     return _coverage.measure(model, data)
 
 
-def _header(threads: int) -> tuple[str, str, str]:
+def _header(threads: int, batch_size: int) -> tuple[str, str, str]:
     from importlib import metadata
 
     versions = " · ".join(
@@ -210,7 +223,7 @@ def _header(threads: int) -> tuple[str, str, str]:
     )
     return (
         "Engines of models with PEFT adapters: `exact`, `auto` against `loop`",
-        f"{versions} · {threads} thread(s) · float64",
+        f"{versions} · {threads} thread(s) · float64 · B={batch_size}",
         "case",
     )
 
@@ -228,7 +241,7 @@ def _installed(package: str) -> bool:
 def main(argv: list[str] | None = None) -> str | None:
     return _coverage.main(
         argv, __doc__.splitlines()[0], "benchmarks.peft_coverage", list(CASES), measure_case,
-        _header, RESULTS,
+        _header, RESULTS, sizes={"batch_size": (3, 1, "samples per batch")},
     )
 
 
