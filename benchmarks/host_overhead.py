@@ -16,8 +16,8 @@ batched over the vectors, gathers: :func:`ewc_reg.engines.base.launch_bound`) on
 that the CPU counts the operators a GPU would launch (the times stay the CPU's); ``--ways cpu``
 makes them take the CPU's, so that a GPU times both.
 
-Run: ``python -m benchmarks.host_overhead [--models mlp,resnet,transformer,lstm] [--samples 8]
-[--device cpu] [--ways device]``; writes ``benchmarks/results/host_overhead.md``.
+Run: ``python -m benchmarks.host_overhead [--models mlp,resnet,transformer,lstm,upsampling]
+[--samples 8] [--device cpu] [--ways device]``; writes ``benchmarks/results/host_overhead.md``.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ from .models import (
     TextTransformer,
     evaluated,
     split_mnist_mlp,
+    upsampling_cnn,
 )
 
 RESULTS = Path(__file__).parent / "results" / "host_overhead.md"
@@ -69,11 +70,16 @@ def _lstm(samples: int) -> tuple[nn.Module, Tensor]:
     return LSTMClassifier(), torch.randint(0, 1000, (samples, 32))
 
 
+def _upsampling(samples: int) -> tuple[nn.Module, Tensor]:
+    return upsampling_cnn(), torch.randn(samples, 16, 4, 4)
+
+
 MODELS: dict[str, tuple[str, Callable[[int], tuple[nn.Module, Tensor]]]] = {
     "mlp": ("Split MNIST MLP", _mlp),
     "resnet": ("reduced ResNet-18", _resnet),
     "transformer": ("Transformer text classifier", _transformer),
     "lstm": ("LSTM classifier", _lstm),
+    "upsampling": ("transposed convolutions (4x4 to 32x32)", _upsampling),
 }
 
 

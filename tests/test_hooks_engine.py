@@ -783,6 +783,9 @@ LAYERS = {
         lambda: nn.ConvTranspose2d(8, 8, 3, groups=2), (5, 8, 2, 2)
     ),
     "conv_transpose2d_pointwise": (lambda: nn.ConvTranspose2d(3, 2, 1, stride=2), (5, 3, 3, 4)),
+    "conv_transpose2d_dcgan": (  # every phase with 2 x 2 taps: alike, taken at once on GPUs
+        lambda: nn.ConvTranspose2d(4, 6, 4, 2, 1, groups=2), (5, 4, 3, 2)
+    ),
     "conv_transpose3d": (
         lambda: nn.ConvTranspose3d(2, 2, 2, stride=2, bias=False), (5, 2, 2, 3, 2)
     ),
@@ -1119,7 +1122,9 @@ def test_conv_transpose2d_random_shapes(
     layer = nn.ConvTranspose2d(
         2 * groups, 2 * groups, kernel, stride, padding, output_padding, groups, bias, dilation
     ).double()
-    check_against_references(with_head(layer, x), x)
+    for ways in ("cpu", "launch-bound"):  # (the phases one at a time, or alike ones at once)
+        with engine_ways(ways):
+            check_against_references(with_head(layer, x), x)
 
 
 class SizedUpsampling(nn.Module):
@@ -3679,6 +3684,20 @@ class SiameseUpsampling(nn.Module):
         return self.head(torch.cat(pooled, 1))
 
 
+class SiameseDCGAN(nn.Module):
+    """A DCGAN-style transposed convolution (kernel 4, stride 2: every phase with 2 x 2 taps)
+    applied to an image and to a smaller crop of it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.ConvTranspose2d(2, 4, 4, stride=2, padding=1)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, 2, 4, 4)
+        pooled = [torch.tanh(self.up(image)).mean((2, 3)) for image in (x, x[..., 1:, :2])]
+        return self.head(torch.cat(pooled, 1))
+
+
 class Conv1DTwice(nn.Module):
     """GPT-2's linear layer (the stand-in :class:`Conv1D`) applied to its own output."""
 
@@ -3742,6 +3761,7 @@ CALLED_TWICE = {  # the model, a sample's shape, the units that go to the per-mo
     "siamese": (Siamese, (8,), {"encoder"}),
     "siamese_cnn": (SiameseCNN, (2, 6, 6), set()),
     "siamese_upsampling": (SiameseUpsampling, (2, 4, 4), set()),
+    "siamese_dcgan": (SiameseDCGAN, (2, 4, 4), set()),
     "gpt_conv1d": (Conv1DTwice, (5, 4), set()),
     "attention": (AttentionCalledTwice, (4,), set()),
     "shared_encoder_layer": (SharedEncoderLayer, (4,), set()),
