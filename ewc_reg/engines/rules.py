@@ -500,7 +500,7 @@ def squared_products(
     """
     num_vectors, batch, groups, out, positions = grads.shape
     size = grads.element_size()
-    result = grads.new_zeros(groups, out, patch)
+    total = None  # (the first chunk's sums, the others added to them: no zeros to add to)
     pairs = positions * (positions + 1) // 2
     direct_cost = num_vectors * out * (4 * patch + patch * positions / MATMUL_SPEEDUP)
     gram_cost = pairs * (3 * (out + patch) + out * patch / MATMUL_SPEEDUP)
@@ -509,8 +509,10 @@ def squared_products(
         per_sample = groups * (num_vectors * out * (patch + positions) + patch * positions)
         for chunk in sample_chunks(batch, per_sample * size, budget):
             products = per_sample_products(grads, patches_of(chunk), chunk).square_()
-            result += products.sum((0, 2)) if groups > 1 else products.sum((0, 1, 2))[None]
-        return result
+            term = products.sum((0, 2)) if groups > 1 else products.sum((0, 1, 2))[None]
+            total = term if total is None else total.add_(term)
+        assert total is not None  # (a batch has samples)
+        return total
     per_sample = groups * (positions * num_vectors * out + 2 * (out + patch) * pairs + patch)
     for chunk in sample_chunks(batch, per_sample * size, budget):
         u = patches_of(chunk).permute(1, 2, 0, 3)  # (g, P, b, L)
@@ -522,10 +524,12 @@ def squared_products(
             g = grads[:, chunk].permute(2, 3, 1, 4, 0)  # (g, O, b, L, K)
             gram = _pairs(g @ g.mT, weight=2.0)  # (g, O, b, T); the pairs l < m count twice
             outer = _outer_pairs(u)  # (g, P, b, T)
-        result += torch.bmm(
+        term = torch.bmm(
             gram.reshape(groups, out, b * pairs), outer.reshape(groups, patch, b * pairs).mT
         )
-    return result
+        total = term if total is None else total.add_(term)
+    assert total is not None
+    return total
 
 
 class LinearSums:
