@@ -220,23 +220,36 @@ def conv_transpose_calls(
             for x, g in zip(xs, grads)
         ]
         if base.launch_bound(xs[0].device) and _alike(phases, module.stride):
-            sums["weight"] = _all_phases(module, calls, phases, weight, budget)
-            phases = {}  # (done)
-        for phase, taps in phases.items():
-            parts = [c.grads(phase).reshape(batch, num_vectors, groups, out, -1) for c in calls]
-            windows = [[c.window(m) for _, m in taps] for c in calls]
-            joined = parts[0] if len(parts) == 1 else torch.cat(parts, -1)
-            patch = inputs * len(taps)
-            sums_of_phase = squared_products(
-                joined.transpose(0, 1), _stacked_windows(windows, groups, patch), patch, budget
-            )  # (g, C_out/g, C_in/g * taps)
-            sums_of_phase = sums_of_phase.view(groups, out, inputs, len(taps))
-            weight[..., [tap for tap, _ in taps]] = sums_of_phase.transpose(1, 2)
+            _all_phases(calls, phases, weight, budget)
+        else:
+            _phase_by_phase(calls, phases, weight, budget)
         sums["weight"] = weight.reshape(module.weight.shape)
     if "bias" in names:
         joined = _joined(grads, num_vectors, batch, groups, out, acc)
         sums["bias"] = square_sum(sum_or_squeeze(joined, -1)).reshape(-1)
     return sums
+
+
+def _phase_by_phase(
+    calls: list[_PhaseGrids],
+    phases: dict[tuple[int, ...], list[_Tap]],
+    weight: Tensor,
+    budget: int,
+) -> None:
+    """The weight sums of :func:`conv_transpose_calls` into ``weight`` ``(g, C_in/g, C_out/g,
+    prod(kernel))``, one :func:`squared_products` call per phase."""
+    groups, inputs, out = weight.shape[:3]
+    batch, num_vectors = calls[0].split.shape[:2]
+    for phase, taps in phases.items():
+        parts = [c.grads(phase).reshape(batch, num_vectors, groups, out, -1) for c in calls]
+        windows = [[c.window(m) for _, m in taps] for c in calls]
+        joined = parts[0] if len(parts) == 1 else torch.cat(parts, -1)
+        patch = inputs * len(taps)
+        sums_of_phase = squared_products(
+            joined.transpose(0, 1), _stacked_windows(windows, groups, patch), patch, budget
+        )  # (g, C_out/g, C_in/g * taps)
+        sums_of_phase = sums_of_phase.view(groups, out, inputs, len(taps))
+        weight[..., [tap for tap, _ in taps]] = sums_of_phase.transpose(1, 2)
 
 
 def _alike(phases: dict[tuple[int, ...], list[_Tap]], stride: tuple[int, ...]) -> bool:
@@ -246,12 +259,11 @@ def _alike(phases: dict[tuple[int, ...], list[_Tap]], stride: tuple[int, ...]) -
 
 
 def _all_phases(
-    module: nn.Module,
     calls: list[_PhaseGrids],
     phases: dict[tuple[int, ...], list[_Tap]],
     weight: Tensor,
     budget: int,
-) -> Tensor:
+) -> None:
     r"""The weight sums of :func:`conv_transpose_calls` for phases that are :func:`_alike`, on
     a launch-bound device: each phase's product taken as a group of its own (``g * s^dims``
     groups, the phases in the order of the output grid's split), so that one
@@ -260,9 +272,9 @@ def _all_phases(
     ways): 214 -> 116 computing operators for ``exact``, 168 -> 99 for ``empirical``; its
     time on a GPU is unmeasured. On the CPU the phases one at a time are faster (side by side,
     2 threads, medians of 11: ``exact`` 11.3-12.0x a forward+backward against 13.6-13.8x,
-    ``empirical`` 2.5x against 3.4-3.5x). ``weight`` ``(g, C_in/g, C_out/g, prod(kernel))``
-    is filled and returned in the module's weight shape."""
-    groups, (inputs, out, _) = weight.shape[0], weight.shape[1:]
+    ``empirical`` 2.5x against 3.4-3.5x). Into ``weight`` ``(g, C_in/g, C_out/g,
+    prod(kernel))``."""
+    groups, inputs, out = weight.shape[:3]
     order = sorted(phases)  # (the split's order: itertools.product of the strides)
     taps = len(phases[order[0]])
     parts = [c.all_grads(groups) for c in calls]  # (B, K, g * Φ, C_out/g, L)
@@ -282,7 +294,6 @@ def _all_phases(
     sums = sums.view(groups, len(order), out, inputs, taps).permute(0, 3, 2, 1, 4)
     flat = [tap for phase in order for tap, _ in phases[phase]]
     weight[..., flat] = sums.reshape(groups, inputs, out, len(order) * taps)
-    return weight.reshape(module.weight.shape)
 
 
 def _stacked_windows(
