@@ -278,11 +278,11 @@ def fisher_diagonal(
 def _check_finite(fisher: dict[str, Tensor], device: torch.device) -> None:
     """Raise ``FloatingPointError`` naming a parameter whose Fisher has a NaN or an Inf.
 
-    One reduction over all parameters and one device sync: the sum of a tensor's absolute
+    One reduction over all parameters and one device sync: the sum of the tensors' absolute
     values is NaN or Inf when one of them is (or when it overflows: only then is each
     parameter checked on its own)."""
     totals = torch._foreach_norm(list(fisher.values()), 1)
-    if bool(torch.stack([t.to(device) for t in totals]).isfinite().all()):
+    if math.isfinite(torch.stack([t.to(device) for t in totals]).sum()):
         return
     for name, f in fisher.items():
         if not bool(torch.isfinite(f).all()):

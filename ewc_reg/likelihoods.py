@@ -203,9 +203,10 @@ class Categorical(Likelihood):
                 f"index per {'sample' if output.dim() == 2 else 'sample and position'}), got "
                 f"{tuple(targets.shape)}"
             )
-        bad = (targets < 0) | (targets >= num_classes)
-        if bool(bad.any()):
-            label = int(targets[bad][0])
+        # (the extremes in one reduction and one sync; a label outside is found only then)
+        lowest, highest = torch.stack(targets.aminmax()).tolist() if targets.numel() else (0, 0)
+        if lowest < 0 or highest >= num_classes:
+            label = int(targets[(targets < 0) | (targets >= num_classes)][0])
             positions = (
                 f", or {self.ignore_index} to leave a position out" if targets.dim() > 1 else ""
             )
@@ -221,7 +222,9 @@ class Categorical(Likelihood):
 
     def score(self, output: Tensor, targets: Tensor) -> Tensor:
         probs = torch.softmax(output, dim=-1)
-        return F.one_hot(targets, output.shape[-1]).to(output.dtype) - probs
+        # e_y - p (F.one_hot would check the labels again, with two device syncs)
+        one_hot = probs.new_zeros(*targets.shape, probs.shape[-1])
+        return one_hot.scatter_(-1, targets.unsqueeze(-1), 1.0) - probs
 
     def position_factor(self, output: Tensor) -> Tensor:
         probs = torch.softmax(output, dim=-1)  # (B, *S, C)

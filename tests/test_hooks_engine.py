@@ -2395,27 +2395,35 @@ def test_normalisations_reduced_one_vector_at_a_time() -> None:
     check_against_references(model, x)
 
 
+@pytest.mark.parametrize("names", [("weight", "bias"), ("weight",), ("bias",)])
 @pytest.mark.parametrize("shape", [(6, 5), (6, 3, 5), (6, 2, 3, 5)])
-def test_linear_sums_add_up_over_vectors_in_any_grouping(shape) -> None:
+def test_linear_sums_add_up_over_vectors_in_any_grouping(shape, names) -> None:
     """The Linear accumulator fed all vectors at once (the rule) or one at a time (the looped
-    pull-back) gives the per-sample squares summed, with extra dimensions summed first."""
+    pull-back) gives the per-sample squares summed, with extra dimensions summed first, for the
+    parameters asked; fed nothing, zeros. Its sums do not change when read twice."""
     x = torch.randn(*shape, dtype=torch.float64)
     grads = torch.randn(5, *shape[:-1], 4, dtype=torch.float64)  # K = 5 vectors, 4 outputs
 
     def fed(groups) -> dict[str, Tensor]:
-        sums = rules.LinearSums(x, 4, ["weight", "bias"], torch.float64, 2**20)
+        sums = rules.LinearSums(x, 4, names, torch.float64, 2**20)
         for g in groups:
             sums.add(0, g)
-        return sums.sums()
+        first = {name: t.clone() for name, t in sums.sums().items()}
+        assert_close_dicts(sums.sums(), first, 0)
+        return first
 
     xs, gs = x.reshape(6, -1, 5), grads.reshape(5, 6, -1, 4)
     want = {
         "weight": torch.einsum("kbso,bsi->kboi", gs, xs).square().sum((0, 1)),
         "bias": gs.sum(2).square().sum((0, 1)),
     }
+    want = {name: want[name] for name in names}
     assert_close_dicts(fed([grads]), want, 1e-12)
     assert_close_dicts(fed(list(grads)), want, 1e-12)
     assert_close_dicts(fed([grads[:2], grads[2:]]), want, 1e-12)
+    unfed = fed([])
+    assert {n: t.shape for n, t in unfed.items()} == {n: t.shape for n, t in want.items()}
+    assert_close_dicts(unfed, {name: torch.zeros_like(t) for name, t in want.items()}, 0)
 
 
 # --- parameters of a module next to parametrised submodules: per-sample copies --------------

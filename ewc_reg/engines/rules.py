@@ -372,6 +372,12 @@ def acc_dtype(module: nn.Module) -> torch.dtype:
     return accumulation_dtype(module.weight.dtype)
 
 
+def added(total: Tensor | None, term: Tensor) -> Tensor:
+    """``total + term``, added in place; ``term`` itself (not a copy) where ``total`` is
+    ``None``: the first terms are the running sums, with no zeros made to add them to."""
+    return term if total is None else total.add_(term)
+
+
 def square_sum(per_sample: Tensor) -> Tensor:
     """``(K, B, *shape) -> (*shape)``: the sum of squares over vectors and samples."""
     return per_sample.square().sum((0, 1))
@@ -500,7 +506,7 @@ def squared_products(
     """
     num_vectors, batch, groups, out, positions = grads.shape
     size = grads.element_size()
-    total = None  # (the first chunk's sums, the others added to them: no zeros to add to)
+    total = None  # (the first chunk's sums, the others added to them: see added())
     pairs = positions * (positions + 1) // 2
     direct_cost = num_vectors * out * (4 * patch + patch * positions / MATMUL_SPEEDUP)
     gram_cost = pairs * (3 * (out + patch) + out * patch / MATMUL_SPEEDUP)
@@ -510,7 +516,7 @@ def squared_products(
         for chunk in sample_chunks(batch, per_sample * size, budget):
             products = per_sample_products(grads, patches_of(chunk), chunk).square_()
             term = products.sum((0, 2)) if groups > 1 else products.sum((0, 1, 2))[None]
-            total = term if total is None else total.add_(term)
+            total = added(total, term)
         assert total is not None  # (a batch has samples)
         return total
     per_sample = groups * (positions * num_vectors * out + 2 * (out + patch) * pairs + patch)
@@ -527,7 +533,7 @@ def squared_products(
         term = torch.bmm(
             gram.reshape(groups, out, b * pairs), outer.reshape(groups, patch, b * pairs).mT
         )
-        total = term if total is None else total.add_(term)
+        total = added(total, term)
     assert total is not None
     return total
 
@@ -538,39 +544,42 @@ class LinearSums:
     ``"bias"`` to sum).
 
     Per-sample gradients :math:`\partial_W = \sum_s G_{nks} x_{ns}^\top` (summed over the
-    extra dimensions ``S`` before squaring, by :func:`_linear_weight`; for ``x: (B, in)`` the
-    squares :math:`\sum_k G_{nk}^{\odot 2}` add up and one matmul with :math:`x^{\odot 2}` ends)
-    and :math:`\partial_b = \sum_s G_{nks}`."""
+    extra dimensions ``S`` before squaring, by :func:`_linear_weight`) and :math:`\partial_b =
+    \sum_s G_{nks}`. For ``x: (B, in)`` only the squares :math:`Q = \sum_k G_{nk}^{\odot 2}`
+    ``(B, out)`` add up; at the end the bias sums are :math:`\sum_n Q_n` and the weight sums
+    one matmul :math:`Q^\top x^{\odot 2}`. The first terms fed are the sums (no zeros made to
+    add them to)."""
 
     def __init__(
         self, x: Tensor, out: int, names: Collection[str], acc: torch.dtype, budget: int
     ) -> None:
         self.x = x.to(acc).reshape(x.shape[0], -1, x.shape[-1])  # (B, S, in)
-        self.names, self.acc, self.budget = names, acc, budget
-        batch, positions, features = self.x.shape
-        self.bias = self.x.new_zeros(out)
-        # S = 1: the squares Σ_k G² (B, out), one matmul at the end; else the weight sums
-        self.squares = self.x.new_zeros(batch, out) if positions == 1 else None
-        self.weight = self.x.new_zeros(out, features) if positions > 1 else None
+        self.out, self.names, self.acc, self.budget = out, names, acc, budget
+        self.squares: Tensor | None = None  # S = 1: (B, out)
+        self.weight: Tensor | None = None  # S > 1: (out, in)
+        self.bias: Tensor | None = None  # S > 1: (out,)
 
     def add(self, key: int | str | None, grads: Tensor) -> None:
         batch, positions, _ = self.x.shape
         g = grads.to(self.acc).reshape(-1, batch, positions, grads.shape[-1])  # (K, B, S, out)
-        if "bias" in self.names:
-            self.bias += square_sum(sum_or_squeeze(g, 2))
-        if "weight" not in self.names:
+        if positions == 1:
+            self.squares = added(self.squares, sum_or_squeeze(g[:, :, 0].square(), 0))
             return
-        if self.squares is not None:
-            self.squares += g[:, :, 0].square().sum(0)
-        else:
-            self.weight += _linear_weight(g, self.x, self.budget)
+        if "bias" in self.names:
+            self.bias = added(self.bias, square_sum(sum_or_squeeze(g, 2)))
+        if "weight" in self.names:
+            self.weight = added(self.weight, _linear_weight(g, self.x, self.budget))
 
     def sums(self) -> dict[str, Tensor]:
-        weight = self.weight
+        shapes = {"weight": (self.out, self.x.shape[-1]), "bias": (self.out,)}
         if self.squares is not None:
-            weight = self.squares.mT @ self.x[:, 0].square()
-        found = {"weight": weight, "bias": self.bias}
-        return {name: found[name] for name in self.names}
+            ends = {"weight": lambda q: q.mT @ self.x[:, 0].square(), "bias": lambda q: q.sum(0)}
+            return {name: ends[name](self.squares) for name in self.names}
+        found = {"weight": self.weight, "bias": self.bias}
+        return {  # (zeros for a call never fed a gradient)
+            name: self.x.new_zeros(shapes[name]) if found[name] is None else found[name]
+            for name in self.names
+        }
 
 
 def _linear_sums(
@@ -735,7 +744,7 @@ def _linear_weight(grads: Tensor, x: Tensor, budget: int) -> Tensor:
         )[0]
     budget = chunk_budget(budget, grads.device, LINEAR_CHUNK_BYTES)
     per_sample = num_vectors * (out * patch + positions * patch) * grads.element_size()
-    result = grads.new_zeros(out, patch)
+    result = None
     samples_first = grads.stride(1) > grads.stride(0)  # (B, K, ...) storage: read as it lies
     for chunk in sample_chunks(batch, per_sample, budget):
         g = grads[:, chunk]  # (K, b, S, out)
@@ -748,7 +757,8 @@ def _linear_weight(grads: Tensor, x: Tensor, budget: int) -> Tensor:
             g.reshape(num_vectors * b, positions, out).mT,
             u.reshape(num_vectors * b, positions, patch),
         )
-        result += products.square_().sum(0)
+        result = added(result, products.square_().sum(0))
+    assert result is not None  # (a batch has samples)
     return result
 
 
@@ -774,10 +784,11 @@ def _affine_parts(
 def affine_sums(
     parts: Tensor, x: Tensor, names: Collection[str], trailing: int
 ) -> dict[str, Tensor]:
-    """The sums from :func:`_affine_parts`' ``(K, B, n, *D)`` (``len(D) = trailing``)."""
+    """The sums from :func:`_affine_parts`' ``(K, B, n, *D)`` (``len(D) = trailing``): all
+    ``n`` parts squared and summed at once, then taken apart."""
     stacked = [name for name in ("weight", "bias") if name in names]
     dim = parts.dim() - trailing - 1
-    return {name: square_sum(part) for name, part in zip(stacked, parts.unbind(dim))}
+    return dict(zip(stacked, square_sum(parts).unbind(dim - 2)))
 
 
 def _per_channel(x_dims: int) -> Callable[[Tensor], Tensor]:
