@@ -171,9 +171,9 @@ def test_non_finite_fisher_is_floating_point_error(method):
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_finite_check_names_the_parameter_and_allows_sums_that_overflow(bad):
-    """One reduction checks all parameters; a sum that overflows float32 is not an error (each
-    value is finite), and the error names the parameter at fault."""
+def test_finite_check_names_the_parameter_and_allows_sums_that_overflow(bad, engine_ways):
+    """One sum checks all parameters (a fused one on a GPU); a sum that overflows float32 is
+    not an error (each value is finite), and the error names the parameter at fault."""
     huge = torch.full((4,), 3e38)  # finite, its sum is inf in float32
     _check_finite({"a": huge, "b": torch.ones(3, dtype=torch.float64)}, torch.device("cpu"))
     b = torch.ones(3, dtype=torch.float64)
