@@ -1484,6 +1484,28 @@ def test_both_ways_of_the_linear_weight_sums(gram, shape, monkeypatch) -> None:
     )
 
 
+def test_the_recorders_own_reads_stay_outside_its_mode(monkeypatch) -> None:
+    """The recorder's hooks read sizes, versions and edges outside its torch-function mode
+    (each read in it is a call of ``__torch_function__``): ``numel``, ``element_size`` and
+    ``is_floating_point``, which only the hooks call here, never reach the mode, while the
+    model's own operations do. (With the hooks inside the mode, 43 calls reached it in this
+    model's pass, 9 without.)"""
+    seen: list[str] = []
+    watch = recording.Recorder.__torch_function__
+
+    def counted(self, func, types, args=(), kwargs=None):
+        seen.append(getattr(func, "__name__", str(func)))
+        return watch(self, func, types, args, kwargs)
+
+    monkeypatch.setattr(recording.Recorder, "__torch_function__", counted)
+    model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3)).double()
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    got = fisher_diagonal(model, [(x, y)], "empirical", backend="hooks")
+    assert seen.count("linear") >= 2 and "relu" in seen
+    assert not {"numel", "element_size", "is_floating_point"} & set(seen)
+    assert_close_dicts(got, brute_force_fisher(model, x, y, "empirical"), 1e-10)
+
+
 def test_the_recorder_finds_the_tensors_pytree_finds() -> None:
     """``base.tensors_in`` walks tuples, lists and dicts itself and asks ``pytree`` for
     anything else: the same tensors in the same order as ``pytree.tree_leaves``."""
