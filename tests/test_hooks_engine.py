@@ -1075,6 +1075,52 @@ def test_embedding_bag_with_offsets_goes_to_the_fallback() -> None:
     assert rules.embedding_bag(bag, (x,), {}, grads, {}, ["weight"], 1) is not None
 
 
+@settings(max_examples=30, deadline=None)
+@given(
+    kind=st.sampled_from(["1d", "1d-seq", "2d", "3d"]),
+    batch=st.integers(1, 3),
+    spatial=st.integers(1, 3),
+    leading=st.sampled_from([(), (1,), (3,)]),
+    names=st.sampled_from([("weight", "bias"), ("weight",), ("bias",)]),
+    channels_last=st.booleans(),
+    float32=st.booleans(),
+)
+def test_batch_norm_reducer_on_random_shapes(
+    kind, batch, spatial, leading, names, channels_last, float32
+) -> None:
+    """The eval-mode batch norm's reducer gives the per-sample, per-channel sums of ``G * x̂``
+    and ``G`` over the spatial dimensions, for one vector (the kernel's backward with the
+    samples as channels, leading dimensions of size 1 or none, as a looped pull-back gives
+    them) and for several (``x̂`` broadcast), on inputs with dimensions of size 1 and
+    channels-last gradients (the CPU kernel's backward is wrong for size-1 dimensions with
+    unusual strides)."""
+    dtype = torch.float32 if float32 else torch.float64
+    shape = {
+        "1d": (batch, 3), "1d-seq": (batch, 3, spatial), "2d": (batch, 3, spatial, 2),
+        "3d": (batch, 3, 2, spatial, 1),
+    }[kind]  # fmt: skip
+    module = {"1d": nn.BatchNorm1d, "1d-seq": nn.BatchNorm1d, "2d": nn.BatchNorm2d}.get(
+        kind, nn.BatchNorm3d
+    )(3).to(dtype).eval()
+    randomize_bn(module)
+    x = torch.randn(shape, dtype=dtype)
+    grads = torch.randn(*leading, *shape, dtype=dtype)
+    if channels_last and kind == "2d":
+        grads = grads.reshape(-1, *shape[1:]).contiguous(memory_format=torch.channels_last)
+        grads = grads.reshape(*leading, *shape)
+    got = rules.batch_norm_parts(module, x, names)(grads)
+    view = (1, 3) + (1,) * (len(shape) - 2)
+    std = (module.running_var.view(view) + module.eps).sqrt()
+    sums = {"weight": grads * (x - module.running_mean.view(view)) / std, "bias": grads}
+    lead = len(leading) + 2  # (..., B, C)
+    want = torch.stack(
+        [sums[n].reshape(*grads.shape[:lead], -1).sum(-1) for n in names], dim=lead - 1
+    )
+    assert got.shape == want.shape
+    tol = 1e-5 if float32 else 1e-12
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+
+
 @settings(max_examples=12, deadline=None)
 @given(
     groups=st.sampled_from([1, 2]),

@@ -44,6 +44,7 @@ from __future__ import annotations
 import functools
 import inspect
 import itertools
+import math
 from collections.abc import Callable, Collection, Iterator
 from typing import Any, Protocol
 
@@ -815,11 +816,54 @@ def _per_trailing(x_dims: int, dims: int) -> Callable[[Tensor], Tensor]:
 
 
 def batch_norm_parts(module: nn.Module, x: Tensor, names: Collection[str]) -> Reducer:
+    r"""The reducer of an eval-mode batch norm's output gradients (see :func:`_affine_parts`):
+    the per-sample, per-channel sums :math:`\sum_{\text{spatial}} G \odot \hat x` and
+    :math:`\sum_{\text{spatial}} G`.
+
+    One vector at a time (``empirical``, ``sample`` with one draw, and every vector of a
+    pull-back looped over them) the batch norm's own backward kernel gives both in one pass
+    over ``G`` and ``x``, with the samples taken as channels: ``(1, B C, *spatial)``, each
+    channel's running statistics repeated ``B`` times (no :math:`\hat x` is made, and its
+    sums are per sample and channel). For the reduced ResNet-18's ``empirical`` Fisher
+    (a GPU's ways, N=8) that is 405 computing operators instead of 445, with the squares and
+    sums after it 6 per layer instead of 8 (:math:`\hat x`, the batch norm's forward and
+    its ``empty``, a product, two sums and a stack before). Several vectors at once (a
+    pull-back batched over them) take :math:`\hat x` and :func:`_affine_parts`' products,
+    which broadcast ``x`` over the vectors where the kernel would need it copied for each."""
     acc = acc_dtype(module)
-    xhat = F.batch_norm(
-        x.to(acc), module.running_mean.to(acc), module.running_var.to(acc), eps=module.eps
-    )
-    return _affine_parts(xhat, names, _per_channel(x.dim()))
+    x = x.to(acc)
+    mean, var = module.running_mean.to(acc), module.running_var.to(acc)
+    wanted = ("weight" in names, "bias" in names)
+    batch, channels = x.shape[:2]
+    rows = (1, batch * channels, -1)  # (reshaped: standard strides, as the CPU kernel needs)
+    made: dict[str, Any] = {}  # (each way's constants, on first need)
+
+    def reduce(grads: Tensor) -> Tensor:
+        lead = grads.dim() - x.dim()
+        if math.prod(grads.shape[:lead]) == 1:
+            if "statistics" not in made:
+                made["statistics"] = (mean.repeat(batch), var.repeat(batch))
+            _, weight, bias = torch.ops.aten.native_batch_norm_backward(
+                grads.to(acc).reshape(rows),
+                x.reshape(rows),
+                None,
+                *made["statistics"],
+                None,
+                None,
+                False,
+                module.eps,
+                [False, *wanted],
+            )
+            parts = torch.stack([t for t in (weight, bias) if t is not None])  # (n, B C)
+            return parts.view(len(parts), batch, channels).transpose(0, 1).reshape(
+                *grads.shape[:lead], batch, len(parts), channels
+            )
+        if "several" not in made:
+            xhat = F.batch_norm(x, mean, var, eps=module.eps)
+            made["several"] = _affine_parts(xhat, names, _per_channel(x.dim()))
+        return made["several"](grads)
+
+    return reduce
 
 
 @register(
