@@ -72,24 +72,25 @@ def _step(
     b_hh: Tensor | None,
     w_hr: Tensor | None,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    r"""One step from ``a`` (the input part of the gates at this step) and the state: the new
-    ``h``, the LSTM's new ``c``, and the GRU's reset gate ``r`` or, for an LSTM with a
-    projection ``w_hr``, the projected :math:`m = \sigma(o) \odot \tanh c` (``h = m
-    W_{hr}^\top``); PyTorch's gate orders ``i, f, g, o`` and ``r, z, n``."""
-    recurrent = F.linear(h, w_hh, b_hh)
+    r"""One step from ``a`` (the input part of the gates at this step; for an LSTM or an RNN
+    given no ``b_hh``, with the recurrent bias in it already) and the state: the new ``h``, the
+    LSTM's new ``c``, and the GRU's reset gate ``r`` or, for an LSTM with a projection
+    ``w_hr``, the projected :math:`m = \sigma(o) \odot \tanh c` (``h = m W_{hr}^\top``);
+    PyTorch's gate orders ``i, f, g, o`` and ``r, z, n``."""
     kind = _KIND.get(type(module), type(module))
+    if kind is nn.GRU:
+        a_r, a_z, a_n = a.chunk(3, dim=1)
+        h_r, h_z, h_n = F.linear(h, w_hh, b_hh).chunk(3, dim=1)
+        r, z = torch.sigmoid(a_r + h_r), torch.sigmoid(a_z + h_z)
+        return (1 - z) * torch.tanh(a_n + r * h_n) + z * h, None, r
+    gates = torch.addmm(a, h, w_hh.t()) if b_hh is None else a + F.linear(h, w_hh, b_hh)
     if kind is nn.LSTM:
-        i, f, g, o = (a + recurrent).chunk(4, dim=1)
+        i, f, g, o = gates.chunk(4, dim=1)
         c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
         m = torch.sigmoid(o) * torch.tanh(c)
         return (m, c, None) if w_hr is None else (F.linear(m, w_hr), c, m)
-    if kind is nn.GRU:
-        a_r, a_z, a_n = a.chunk(3, dim=1)
-        h_r, h_z, h_n = recurrent.chunk(3, dim=1)
-        r, z = torch.sigmoid(a_r + h_r), torch.sigmoid(a_z + h_z)
-        return (1 - z) * torch.tanh(a_n + r * h_n) + z * h, None, r
     act = torch.tanh if module.nonlinearity == "tanh" else torch.relu
-    return act(a + recurrent), None, None
+    return act(gates), None, None
 
 
 def recurrence_in_pieces(
@@ -154,10 +155,13 @@ def recurrence_in_pieces(
             )
             h, c = hx[0][index], hx[-1][index]
             seen, states, extras = [zeros] * steps, [zeros] * steps, [zeros] * steps
+            step_bias = b_hh
+            if b_hh is not None and not isinstance(module, nn.GRU):  # (GRU: inside r * (...))
+                a, step_bias = a + b_hh, None  # (once for all steps: each step's gates, one addmm)
             inputs = a.unbind(1)  # (one backward node: slicing a[:, t] zero-fills a per step)
             for t in reversed(range(steps)) if reverse else range(steps):
                 seen[t] = h
-                h, c, extra = _step(module, inputs[t], h, c, w_hh, b_hh, w_hr)
+                h, c, extra = _step(module, inputs[t], h, c, w_hh, step_bias, w_hr)
                 states[t] = h
                 if extra is not None:
                     extras[t] = extra
