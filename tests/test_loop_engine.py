@@ -214,6 +214,7 @@ def test_models_that_reach_parameters_by_name_stay_on_the_functorch_engine(caplo
     with caplog.at_level(logging.INFO, logger="ewc_reg"):
         got = fisher_diagonal(model, [(x, y)], backend="functorch")
     assert not messages(caplog)
+    assert not any(f.requires_grad for f in got.values())  # (a constant, in no graph)
     assert_close_dicts(got, brute_force_fisher(model, x.detach(), y, "exact"), 1e-10)
 
 

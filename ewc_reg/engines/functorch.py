@@ -184,5 +184,7 @@ class FunctorchEngine:
             chunk_leaves = [leaves[i][start:stop] for i in per_sample]
             squares = vmap(squared_pullbacks)(chunk_leaves, per_sample_vectors[start:stop])
             for name, sq in squares.items():
-                sums[name] += sq.sum(0, dtype=sums[name].dtype)
+                # (detached: a tensor the model uses that requires gradients, not a parameter,
+                # would otherwise leave the Fisher in its graph)
+                sums[name] += sq.sum(0, dtype=sums[name].dtype).detach()
         return sums
