@@ -572,11 +572,14 @@ class LinearSums:
             self.weight = added(self.weight, _linear_weight(g, self.x, self.budget))
 
     def sums(self) -> dict[str, Tensor]:
-        shapes = {"weight": (self.out, self.x.shape[-1]), "bias": (self.out,)}
-        if self.squares is not None:
-            ends = {"weight": lambda q: q.mT @ self.x[:, 0].square(), "bias": lambda q: q.sum(0)}
-            return {name: ends[name](self.squares) for name in self.names}
+        q = self.squares
+        if q is not None:
+            return {
+                name: q.sum(0) if name == "bias" else q.mT @ self.x[:, 0].square()
+                for name in self.names
+            }
         found = {"weight": self.weight, "bias": self.bias}
+        shapes = {"weight": (self.out, self.x.shape[-1]), "bias": (self.out,)}
         return {  # (zeros for a call never fed a gradient)
             name: self.x.new_zeros(shapes[name]) if found[name] is None else found[name]
             for name in self.names
@@ -836,18 +839,24 @@ def batch_norm_parts(module: nn.Module, x: Tensor, names: Collection[str]) -> Re
     wanted = ("weight" in names, "bias" in names)
     batch, channels = x.shape[:2]
     rows = (1, batch * channels, -1)  # (reshaped: standard strides, as the CPU kernel needs)
-    made: dict[str, Any] = {}  # (each way's constants, on first need)
+
+    @functools.cache  # (once per call of the layer, on first need)
+    def statistics() -> tuple[Tensor, Tensor]:  # (B C,) each: a channel's, per sample
+        return mean.repeat(batch), var.repeat(batch)
+
+    @functools.cache
+    def several() -> Reducer:  # (x̂ broadcast over the vectors)
+        xhat = F.batch_norm(x, mean, var, eps=module.eps)
+        return _affine_parts(xhat, names, _per_channel(x.dim()))
 
     def reduce(grads: Tensor) -> Tensor:
         lead = grads.dim() - x.dim()
         if math.prod(grads.shape[:lead]) == 1:
-            if "statistics" not in made:
-                made["statistics"] = (mean.repeat(batch), var.repeat(batch))
             _, weight, bias = torch.ops.aten.native_batch_norm_backward(
                 grads.to(acc).reshape(rows),
                 x.reshape(rows),
                 None,
-                *made["statistics"],
+                *statistics(),
                 None,
                 None,
                 False,
@@ -858,10 +867,7 @@ def batch_norm_parts(module: nn.Module, x: Tensor, names: Collection[str]) -> Re
             return parts.view(len(parts), batch, channels).transpose(0, 1).reshape(
                 *grads.shape[:lead], batch, len(parts), channels
             )
-        if "several" not in made:
-            xhat = F.batch_norm(x, mean, var, eps=module.eps)
-            made["several"] = _affine_parts(xhat, names, _per_channel(x.dim()))
-        return made["several"](grads)
+        return several()(grads)
 
     return reduce
 
