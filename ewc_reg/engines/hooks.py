@@ -186,13 +186,13 @@ from .loose import (
     call_with,
     copies_layout,
     loose_parameter,
-    loose_parameters,
     per_sample_copies,
     per_sample_problem,
 )
 from .recording import (
     Batchless,
     ExpansionFailed,
+    Planner,
     Record,
     Recorder,
     SequenceFirst,
@@ -202,8 +202,6 @@ from .recording import (
     UsedOutside,
     WholeInputs,
     as_recorded,
-    plan,
-    unsupported_reason,
 )
 from .rules import Accumulator, Reducer
 from .unit_sums import accumulation_of, accumulator_of, feed, reduction_of, unit_sums
@@ -466,6 +464,8 @@ class HookEngine:
 
     def __init__(self, fallback: Engine | None = None) -> None:
         self.fallback = fallback
+        # (the module tree's analyses, worked out once per call: see Planner)
+        self.planner = Planner()
         self._given_up: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # (to the fallback)
         # the models whose batched pull-back failed: one backward per vector for them
         self._looped: weakref.WeakSet[nn.Module] = weakref.WeakSet()
@@ -482,7 +482,7 @@ class HookEngine:
         hook engine, or ``fallback`` (logged) if the module tree already rules it out
         (``ValueError`` without a fallback)."""
         engine = cls(fallback)
-        reason = unsupported_reason(model, params)
+        reason = engine.planner.unsupported_reason(model, params)
         return engine if reason is None else engine._give_up(model, Unsupported(reason))
 
     def _give_up(self, model: nn.Module, problem: Unsupported) -> Engine:
@@ -586,7 +586,7 @@ class HookEngine:
                     for path, inputs in problem.inputs.items():
                         whole.setdefault(path, set()).update(inputs)
 
-        loose = loose_parameters(model, params)
+        loose = self.planner.loose(model, params)
         found = self.arrangements.setdefault(model, {})
         known = found.get(frozenset(params))
         if known is None:
@@ -695,7 +695,7 @@ class HookEngine:
         layouts = arrangement.layouts
         loose = {n: params[n] for n in layouts}
         selected = {n: p for n, p in params.items() if n not in loose}
-        units = plan(model, selected, arrangement.whole_parents, arrangement.whole)
+        units = self.planner.plan(model, selected, arrangement.whole_parents, arrangement.whole)
         for unit in units:
             unit.shared = unit.path in self.shared_inputs.get(model, ())
             unit.expand = unit.path not in self.unexpanded.get(model, ())

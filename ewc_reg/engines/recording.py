@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Collection
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -533,14 +533,58 @@ def unsupported_reason(model: nn.Module, params: dict[str, Tensor] | None = None
     ``requires_grad``), as far as the module tree tells (the rest is checked during the forward
     pass), or ``None``. The :func:`.loose.loose_parameters` are not in the way (they get
     per-sample copies, or, failing that, their modules become units)."""
-    if params is None:
-        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    loose = loose_parameters(model, params)
-    try:
-        plan(model, {n: p for n, p in params.items() if n not in loose})
-    except Unsupported as problem:
-        return str(problem)
-    return None
+    return Planner().unsupported_reason(model, params)
+
+
+class Planner:
+    """:func:`plan`, :func:`.loose.loose_parameters` and :func:`unsupported_reason`, each worked
+    out once per model and arguments for as long as the planner lives: one Fisher call, in which
+    the module tree, the modules' training flags and the parameters stay as they are (the hooks
+    engine asked them again for every batch, two walks over the modules each: 0.11 ms per batch
+    for the Split MNIST MLP, 1.2 ms for the reduced ResNet-18, on the AMD EPYC). :meth:`plan`
+    hands out copies of its units, which the engine sets per pass; what raises is not kept."""
+
+    def __init__(self) -> None:
+        self._plans: dict[tuple[Any, ...], list[Unit]] = {}
+        self._loose: dict[tuple[Any, ...], dict[str, Tensor]] = {}
+
+    def loose(self, model: nn.Module, params: dict[str, Tensor]) -> dict[str, Tensor]:
+        """:func:`.loose.loose_parameters`."""
+        key = (id(model), *((name, id(p)) for name, p in params.items()))
+        if key not in self._loose:
+            self._loose[key] = loose_parameters(model, params)
+        return dict(self._loose[key])
+
+    def plan(
+        self,
+        model: nn.Module,
+        params: dict[str, Tensor],
+        whole_parents: bool = True,
+        whole: Collection[str] = (),
+    ) -> list[Unit]:
+        """:func:`plan`, as new units."""
+        key = (
+            id(model),
+            whole_parents,
+            frozenset(whole),
+            *((name, id(p)) for name, p in params.items()),
+        )
+        if key not in self._plans:
+            self._plans[key] = plan(model, params, whole_parents, whole)
+        return [replace(unit, names=dict(unit.names)) for unit in self._plans[key]]
+
+    def unsupported_reason(
+        self, model: nn.Module, params: dict[str, Tensor] | None = None
+    ) -> str | None:
+        """:func:`unsupported_reason`."""
+        if params is None:
+            params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        loose = self.loose(model, params)
+        try:
+            self.plan(model, {n: p for n, p in params.items() if n not in loose})
+        except Unsupported as problem:
+            return str(problem)
+        return None
 
 
 #: The recorder's own bookkeeping in its hooks runs outside its torch-function mode: the
