@@ -1530,6 +1530,26 @@ def test_both_ways_of_the_linear_weight_sums(gram, shape, monkeypatch) -> None:
     )
 
 
+@pytest.mark.parametrize("gram", [True, False])
+@pytest.mark.parametrize(
+    "shape", [(3, 5, 1, 4, 1, 6), (9, 4, 1, 5, 16, 7), (2, 3, 2, 3, 5, 4), (1, 70, 3, 2, 3, 2)]
+)
+def test_both_ways_of_squared_products(gram, shape, monkeypatch) -> None:
+    """The weight sums of a layer whose per-sample gradient is a product over positions,
+    Σ_{n,k} (G_nkj U_njᵀ)² per group j, by squared_products' Gram way and by its direct one,
+    against einsum (float64), with G in the looped pull-back's (B, K, ...) storage and the
+    patches as convolutions cut them, (b, g, P, L) not contiguous; shape is (K, B, g, O, L, P),
+    with L = 1 (the Gram way's own branch), groups, and chunks of a few samples (B = 70)."""
+    num_vectors, batch, groups, out, positions, patch = shape
+    grads = torch.randn(batch, num_vectors, groups, out, positions, dtype=torch.float64)
+    grads = grads.transpose(0, 1)  # (K, B, g, O, L)
+    patches = torch.randn(batch, groups, positions, patch, dtype=torch.float64).mT
+    monkeypatch.setattr(rules, "_gram_is_faster", lambda *args: gram)
+    want = torch.einsum("kbgol,bgpl->kbgop", grads, patches).square().sum((0, 1))
+    got = rules.squared_products(grads, lambda chunk: patches[chunk], patch, 2**12)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+
+
 def test_the_recorders_own_reads_stay_outside_its_mode(monkeypatch) -> None:
     """The recorder's hooks read sizes, versions and edges outside its torch-function mode
     (each read in it is a call of ``__torch_function__``): ``numel``, ``element_size`` and
@@ -2975,10 +2995,10 @@ def test_pairs_gathered_on_a_gpu_equal_the_slices(positions, weight):
     """The pairs ``l <= m`` of :func:`rules._pairs` and :func:`rules._outer_pairs`: one
     gather on a launch-bound device, a slice per row on CPU; both against a double loop."""
     t = torch.randn(3, 2, positions, positions, dtype=torch.float64)
-    u = torch.randn(3, 4, positions, dtype=torch.float64)
+    u = torch.randn(3, 4, positions, dtype=torch.float64).mT  # (3, L, 4), as patches come
     pairs = [(i, j) for i in range(positions) for j in range(i, positions)]
     want = torch.stack([t[..., i, j] * (1.0 if i == j else weight) for i, j in pairs], -1)
-    want_outer = torch.stack([u[..., i] * u[..., j] for i, j in pairs], -1)
+    want_outer = torch.stack([u[..., i, :] * u[..., j, :] for i, j in pairs], -2)
     sliced = rules._pairs(t, weight), rules._outer_pairs(u)
     with engine_ways("launch-bound"):
         gathered = rules._pairs(t, weight), rules._outer_pairs(u)

@@ -440,17 +440,22 @@ def _pairs(t: Tensor, weight: float = 1.0) -> Tensor:
 
 
 def _outer_pairs(u: Tensor) -> Tensor:
-    """``(..., L) -> (..., T)``: the products ``u_l u_m`` for ``l <= m``, as :func:`_pairs`
-    (on a :func:`~.base.launch_bound` device: two gathers and one product)."""
-    positions = u.shape[-1]
+    """``(..., L, P) -> (..., T, P)``: the products of rows ``u_l u_m`` for ``l <= m``, in
+    :func:`_pairs`' order. On CPU ``u`` is copied into standard strides first, so that each
+    row's products are one contiguous block (the patches come ``(..., P, L)``: reading them
+    in place and writing ``(..., P, T)`` took 2.4-3 times as long for the reduced ResNet-18's
+    last stage, 2 threads); on a :func:`~.base.launch_bound` device two gathers and one
+    product."""
+    positions = u.shape[-2]
     if base.launch_bound(u.device):
         rows, columns = _pair_indices(positions, u.device)
-        return u[..., rows] * u[..., columns]
-    out = u.new_empty(*u.shape[:-1], positions * (positions + 1) // 2)
+        return u[..., rows, :] * u[..., columns, :]
+    u = u.contiguous()
+    out = u.new_empty(*u.shape[:-2], positions * (positions + 1) // 2, u.shape[-1])
     start = 0
     for row in range(positions):
         stop = start + positions - row
-        torch.mul(u[..., row : row + 1], u[..., row:], out=out[..., start:stop])
+        torch.mul(u[..., row : row + 1, :], u[..., row:, :], out=out[..., start:stop, :])
         start = stop
     return out
 
@@ -483,6 +488,15 @@ def per_sample_products(grads: Tensor, patches: Tensor, chunk: slice) -> Tensor:
     return products.view(b, groups, num_vectors, out, -1)
 
 
+def _gram_is_faster(num_vectors: int, out: int, patch: int, positions: int) -> bool:
+    """Whether :func:`squared_products` takes its Gram way: its estimated cost (memory passes,
+    plus matmul multiply-adds divided by :data:`MATMUL_SPEEDUP`) below the direct way's."""
+    pairs = positions * (positions + 1) // 2
+    direct_cost = num_vectors * out * (4 * patch + patch * positions / MATMUL_SPEEDUP)
+    gram_cost = pairs * (3 * (out + patch) + out * patch / MATMUL_SPEEDUP)
+    return gram_cost < direct_cost
+
+
 def squared_products(
     grads: Tensor, patches_of: Callable[[slice], Tensor], patch: int, budget: int
 ) -> Tensor:
@@ -492,8 +506,8 @@ def squared_products(
     copy for ``g = 1``) and ``patches_of(chunk)`` gives the chunk's inputs ``(b, g, P, L)``
     (``P = patch``); the per-sample, per-vector gradient of group ``j`` is
     :math:`D_{nkj} = G_{nkj} U_{nj}^\top` (``(O, P)``) and the result, ``(g, O, P)``, is
-    :math:`\sum_{n,k} D_{nkj}^{\odot 2}`. Two ways, whichever is estimated faster (memory
-    passes, plus matmul multiply-adds divided by :data:`MATMUL_SPEEDUP`):
+    :math:`\sum_{n,k} D_{nkj}^{\odot 2}`. Two ways, whichever is estimated faster
+    (:func:`_gram_is_faster`):
 
     * direct: :math:`D` for a chunk of samples in one batched matmul (``K O P L``
       multiply-adds), squared and summed (about four passes over ``K O P`` numbers);
@@ -509,10 +523,8 @@ def squared_products(
     size = grads.element_size()
     total = None  # (the first chunk's sums, the others added to them: see added())
     pairs = positions * (positions + 1) // 2
-    direct_cost = num_vectors * out * (4 * patch + patch * positions / MATMUL_SPEEDUP)
-    gram_cost = pairs * (3 * (out + patch) + out * patch / MATMUL_SPEEDUP)
     budget = chunk_budget(budget, grads.device)
-    if direct_cost <= gram_cost:
+    if not _gram_is_faster(num_vectors, out, patch, positions):
         per_sample = groups * (num_vectors * out * (patch + positions) + patch * positions)
         for chunk in sample_chunks(batch, per_sample * size, budget):
             products = per_sample_products(grads, patches_of(chunk), chunk).square_()
@@ -522,17 +534,17 @@ def squared_products(
         return total
     per_sample = groups * (positions * num_vectors * out + 2 * (out + patch) * pairs + patch)
     for chunk in sample_chunks(batch, per_sample * size, budget):
-        u = patches_of(chunk).permute(1, 2, 0, 3)  # (g, P, b, L)
-        b = u.shape[2]
+        u = patches_of(chunk).permute(1, 0, 3, 2)  # (g, b, L, P)
+        b = u.shape[1]
         if positions == 1:
             gram = grads[:, chunk, ..., 0].square().sum(0).permute(1, 2, 0)  # (g, O, b)
-            outer = u[..., 0].square()  # (g, P, b)
+            outer = u[..., 0, :].square()  # (g, b, P)
         else:
             g = grads[:, chunk].permute(2, 3, 1, 4, 0)  # (g, O, b, L, K)
             gram = _pairs(g @ g.mT, weight=2.0)  # (g, O, b, T); the pairs l < m count twice
-            outer = _outer_pairs(u)  # (g, P, b, T)
+            outer = _outer_pairs(u)  # (g, b, T, P)
         term = torch.bmm(
-            gram.reshape(groups, out, b * pairs), outer.reshape(groups, patch, b * pairs).mT
+            gram.reshape(groups, out, b * pairs), outer.reshape(groups, b * pairs, patch)
         )
         total = added(total, term)
     assert total is not None
