@@ -562,7 +562,11 @@ class Planner:
         whole_parents: bool = True,
         whole: Collection[str] = (),
     ) -> list[Unit]:
-        """:func:`plan`, as new units."""
+        """:func:`plan`, as new units. Without loose parameters among ``params`` no module is a
+        parent, and ``whole_parents`` changes nothing: the plans with and without it are one
+        (:meth:`unsupported_reason`'s serves the engine's first pass)."""
+        if not whole and not self.loose(model, params):
+            whole_parents = True
         key = (
             id(model),
             whole_parents,
