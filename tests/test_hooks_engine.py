@@ -8,6 +8,7 @@ import logging
 import math
 import weakref
 from typing import Any
+from unittest import mock
 
 import pytest
 import torch
@@ -40,7 +41,7 @@ from ewc_reg.engines.base import (
 from ewc_reg.engines.functorch import FunctorchEngine
 from ewc_reg.engines.hooks import HookEngine
 from ewc_reg.engines.loose import loose_parameters
-from ewc_reg.engines.recording import plan
+from ewc_reg.engines.recording import Planner, Unsupported, plan
 from ewc_reg.likelihoods import Categorical
 
 from .models import cnn, mlp, randomize_bn
@@ -2618,6 +2619,40 @@ def test_loose_parameters_are_those_of_owners_with_owners_inside(shape) -> None:
     owners = {name.rpartition(".")[0] for name in params}
     want = [n for n in params if any(inside(o, n.rpartition(".")[0]) for o in owners)]
     assert list(loose_parameters(model, params)) == want
+
+
+@settings(max_examples=100, deadline=None)
+@given(shape=_TREES, whole_parents=st.booleans())
+def test_the_planner_plans_once_as_plan_does_and_hands_out_new_units(
+    shape, whole_parents
+) -> None:
+    """For the selected parameters without the loose ones, with or without ``whole_parents``
+    (no module is a parent then), the Planner's units are ``plan``'s, from one ``plan`` call
+    shared with ``unsupported_reason``, and each request gets new units (one set's changes
+    do not reach the next)."""
+    model = _tree(shape)
+    params = trainable(model)
+    loose = loose_parameters(model, params)
+    selected = {n: p for n, p in params.items() if n not in loose}
+    try:
+        want = plan(model, selected, whole_parents)
+    except Unsupported:
+        assume(False)
+
+    def fields(units: list) -> list:
+        return [(u.module, u.path, u.names, u.rule, u.decided) for u in units]
+
+    planner = Planner()
+    with mock.patch.object(recording, "plan", wraps=recording.plan) as planned:
+        assert planner.unsupported_reason(model, params) is None
+        first = planner.plan(model, selected, whole_parents)
+        assert fields(first) == fields(want)
+        for unit in first:
+            unit.names.clear()
+            unit.decided = True
+        again = planner.plan(model, selected, not whole_parents)
+    assert fields(again) == fields(want)
+    assert planned.call_count == 1
 
 
 COPIED = {  # model, input shape, the parameters taken through per-sample copies
