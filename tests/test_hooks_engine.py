@@ -1535,12 +1535,13 @@ def test_both_ways_of_the_linear_weight_sums(gram, shape, monkeypatch) -> None:
 @pytest.mark.parametrize(
     "shape", [(3, 5, 1, 4, 1, 6), (9, 4, 1, 5, 16, 7), (2, 3, 2, 3, 5, 4), (1, 70, 3, 2, 3, 2)]
 )
-def test_both_ways_of_squared_products(gram, shape, monkeypatch) -> None:
+def test_both_ways_of_squared_products(gram, shape, monkeypatch, engine_ways) -> None:
     """The weight sums of a layer whose per-sample gradient is a product over positions,
     Σ_{n,k} (G_nkj U_njᵀ)² per group j, by squared_products' Gram way and by its direct one,
     against einsum (float64), with G in the looped pull-back's (B, K, ...) storage and the
     patches as convolutions cut them, (b, g, P, L) not contiguous; shape is (K, B, g, O, L, P),
-    with L = 1 (the Gram way's own branch), groups, and chunks of a few samples (B = 70)."""
+    with L = 1 (the Gram way's own branch), groups, and chunks of a few samples (B = 70); with
+    the CPU's ways (pair products by slices) and a GPU's (by gathers)."""
     num_vectors, batch, groups, out, positions, patch = shape
     grads = torch.randn(batch, num_vectors, groups, out, positions, dtype=torch.float64)
     grads = grads.transpose(0, 1)  # (K, B, g, O, L)
