@@ -46,7 +46,7 @@ from pathlib import Path
 import torch
 
 from ewc_reg import fisher_diagonal
-from ewc_reg.engines import hooks, loose, rules
+from ewc_reg.engines import hooks, loose, recording, rules
 
 from ._reports import keeping_threads, machine, write_report
 from ._timing import side_by_side
@@ -104,14 +104,14 @@ def without_shadows() -> Iterator[None]:
 def with_whole_parents() -> Iterator[None]:
     """Inside the block, a module whose parameters take no per-sample copies is one unit of all
     the parameters inside it (:func:`ewc_reg.engines.recording.plan`'s ``whole_parents``)."""
-    plan = hooks.plan
-    hooks.plan = lambda model, params, whole_parents=True, whole=(): plan(
+    plan = recording.plan  # (what the hooks engine's Planner calls)
+    recording.plan = lambda model, params, whole_parents=True, whole=(): plan(
         model, params, True, whole
     )
     try:
         yield
     finally:
-        hooks.plan = plan
+        recording.plan = plan
 
 
 #: Each baseline: the block it runs in, the file its table goes to, the models it is run on,

@@ -10,7 +10,7 @@ from torch import nn
 
 from benchmarks import timm_speed
 from ewc_reg import fisher_diagonal
-from ewc_reg.engines import hooks, loose, rules
+from ewc_reg.engines import hooks, loose, recording, rules
 
 
 def test_timm_rules_are_removed_in_the_block_only() -> None:
@@ -41,7 +41,7 @@ def test_parents_are_whole_units_in_the_block_only() -> None:
     params = dict(model.named_parameters())
 
     def paths() -> list[str]:
-        return [unit.path for unit in hooks.plan(model, params, whole_parents=False)]
+        return [unit.path for unit in recording.plan(model, params, whole_parents=False)]
 
     assert paths() == ["0", "0.lin"]
     with pytest.raises(RuntimeError, match="inside"):
