@@ -719,9 +719,13 @@ def gpt_conv1d(
 LINEAR_CHUNK_BYTES = 16 * 2**20
 
 #: Time of :func:`squared_products`' Gram way per ``T (O + P)`` number over that of
-#: :func:`_linear_weight`'s direct products per ``K O P`` number (CPU, 2 threads, B=128: about
-#: 1.5 ms per thousand of the first and 0.13 ms per thousand of the second for S from 2 to 32).
-LINEAR_GRAM_COST = 11
+#: :func:`_linear_weight`'s direct products per ``K O P`` number. Fitted (with
+#: :data:`LINEAR_GRAM_READS`) to 26 shapes timed on the CPU (2 threads; K=9 with B=128 and K=944
+#: with B=8, S from 4 to 32, O and P 64 or 256): 1 to 2 picked the faster way in 25 of them,
+#: losing 0.5 ms in all. (It was 11 until the Gram way made its pair products row by row from
+#: ``x`` as it lies, instead of with strides: with 11, 6 of the 26 took the slower way, up to
+#: 3.3 times as slow, 11.3 against 3.5 ms for S=8, 64 to 256 features.)
+LINEAR_GRAM_COST = 1.5
 
 #: Time of :func:`squared_products`' Gram way per ``K O S`` gradient number (it contracts over
 #: the ``K`` vectors in ``(S, K) (K, S)`` products, one per sample and output unit) over that of
@@ -741,9 +745,10 @@ def _linear_weight(grads: Tensor, x: Tensor, budget: int) -> Tensor:
     estimated faster: ``K O (P - LINEAR_GRAM_READS * S) > LINEAR_GRAM_COST * T (O + P)``,
     ``T = S (S+1)/2``), or the
     products :math:`G_{nk}^\top x_n` (``(out, in)``) for a chunk of samples in one ``bmm`` over
-    the ``(k, n)`` pairs, squared and summed over them (``x`` repeated ``K`` times). On CPU the
-    latter took 16 ms where :func:`squared_products` took 100 ms (K=9, B=128, S=32, 192x64: it
-    picked its Gram way), 4.3 vs 7.8 ms for S=8 (64x64), 1.8 vs 3.9 ms the other way for S=4."""
+    the ``(k, n)`` pairs, squared and summed over them (``x`` repeated ``K`` times). On CPU
+    (2 threads, K=9, B=128, interleaved medians of 31) the products took 22.7 ms where the Gram
+    way took 5.8 (S=8, 64 to 256 features), 69.4 against 42.5 (S=16, 256 to 256) and 7.7
+    against 6.7 (S=32, 64 to 64, where the products are picked: see :data:`LINEAR_GRAM_COST`)."""
     num_vectors, batch, positions, out = grads.shape
     patch = x.shape[-1]
     pairs = positions * (positions + 1) // 2
