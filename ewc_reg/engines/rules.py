@@ -397,9 +397,18 @@ def sample_chunks(batch: int, bytes_per_sample: int, budget: int) -> Iterator[sl
         yield slice(start, start + step)
 
 
-#: Memory passes over one number that cost about as much time as one multiply-add in a matmul
-#: (used to choose between the two ways of :func:`squared_products`).
-MATMUL_SPEEDUP = 100
+#: Matmul multiply-adds that cost about as much time as one memory pass over one number, and the
+#: passes each way of :func:`squared_products` makes per number it writes: the direct way's
+#: ``K O P`` products, the Gram way's ``T (O + P)`` pair products (see :func:`_gram_is_faster`).
+#: Fitted to 75 convolutions timed on the CPU (2 threads, B=32; K=9 and K=3; 3x3 and 1x1
+#: kernels; 16 to 256 channels; 4 to 36 positions): these pick the faster way in 65 and lose
+#: 10 ms in all, where the constants before (100, 4 and 3, set before the Gram way made its pair
+#: products row by row) picked it in 46 and lost 255 ms, taking the Gram way up to 4.6 times
+#: as slow (K=9, 64 channels, 1x1, 25 positions: 6.5 against 1.4 ms). The reduced ResNet-18's
+#: layers keep their ways (the Gram way for its last stage).
+MATMUL_SPEEDUP = 20
+DIRECT_PASSES = 2
+GRAM_PASSES = 4
 
 #: Temporaries of one chunk of :func:`squared_products` are kept within this many bytes (or the
 #: memory budget, if smaller). Smaller chunks are slower (the convolutions of a reduced ResNet-18
@@ -490,10 +499,11 @@ def per_sample_products(grads: Tensor, patches: Tensor, chunk: slice) -> Tensor:
 
 def _gram_is_faster(num_vectors: int, out: int, patch: int, positions: int) -> bool:
     """Whether :func:`squared_products` takes its Gram way: its estimated cost (memory passes,
-    plus matmul multiply-adds divided by :data:`MATMUL_SPEEDUP`) below the direct way's."""
+    :data:`GRAM_PASSES` per pair product, plus matmul multiply-adds divided by
+    :data:`MATMUL_SPEEDUP`) below the direct way's (:data:`DIRECT_PASSES` per product)."""
     pairs = positions * (positions + 1) // 2
-    direct_cost = num_vectors * out * (4 * patch + patch * positions / MATMUL_SPEEDUP)
-    gram_cost = pairs * (3 * (out + patch) + out * patch / MATMUL_SPEEDUP)
+    direct_cost = num_vectors * out * patch * (DIRECT_PASSES + positions / MATMUL_SPEEDUP)
+    gram_cost = pairs * (GRAM_PASSES * (out + patch) + out * patch / MATMUL_SPEEDUP)
     return gram_cost < direct_cost
 
 
@@ -510,7 +520,7 @@ def squared_products(
     (:func:`_gram_is_faster`):
 
     * direct: :math:`D` for a chunk of samples in one batched matmul (``K O P L``
-      multiply-adds), squared and summed (about four passes over ``K O P`` numbers);
+      multiply-adds), squared and summed (four passes over ``K O P`` numbers, in cache);
     * Gram: expanding the square, :math:`\sum_{n,k} D_{nk}[o,p]^2 = \sum_n \sum_{l,m}
       A_n[o,l,m]\, U_n[p,l] U_n[p,m]` with :math:`A_n[o,l,m] = \sum_k G_{nk}[o,l]
       G_{nk}[o,m]`; both factors are symmetric in ``(l, m)``, so only the ``T = L (L+1)/2``
