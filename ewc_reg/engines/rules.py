@@ -542,7 +542,7 @@ def squared_products(
             total = added(total, term)
         assert total is not None  # (a batch has samples)
         return total
-    per_sample = groups * (positions * num_vectors * out + 2 * (out + patch) * pairs + patch)
+    per_sample = groups * (positions * (num_vectors * out + patch) + 2 * (out + patch) * pairs)
     for chunk in sample_chunks(batch, per_sample * size, budget):
         u = patches_of(chunk).permute(1, 0, 3, 2)  # (g, b, L, P)
         b = u.shape[1]
