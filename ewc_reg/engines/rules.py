@@ -747,26 +747,31 @@ LINEAR_GRAM_COST = 1.5
 LINEAR_GRAM_READS = 5
 
 
+def _squared_products_are_faster(num_vectors: int, out: int, patch: int, positions: int) -> bool:
+    """Whether :func:`_linear_weight` hands its sums to :func:`squared_products` (always for
+    ``S = 1``; else where ``K O (P - LINEAR_GRAM_READS * S) > LINEAR_GRAM_COST * T (O + P)``,
+    ``T = S (S+1)/2``) rather than forming its own products."""
+    pairs = positions * (positions + 1) // 2
+    gram_reads = LINEAR_GRAM_READS * positions
+    return positions == 1 or (
+        num_vectors * out * (patch - gram_reads) > LINEAR_GRAM_COST * pairs * (out + patch)
+    )
+
+
 def _linear_weight(grads: Tensor, x: Tensor, budget: int) -> Tensor:
     r"""``(K, B, S, out), (B, S, in) -> (out, in)``: :math:`\sum_{n,k} (\sum_s G_{nks}
     x_{ns}^\top)^{\odot 2}`.
 
-    Either :func:`squared_products` with ``L = S`` (for ``S = 1``, or where its Gram way is
-    estimated faster: ``K O (P - LINEAR_GRAM_READS * S) > LINEAR_GRAM_COST * T (O + P)``,
-    ``T = S (S+1)/2``), or the
-    products :math:`G_{nk}^\top x_n` (``(out, in)``) for a chunk of samples in one ``bmm`` over
-    the ``(k, n)`` pairs, squared and summed over them (``x`` repeated ``K`` times). On CPU
+    Either :func:`squared_products` with ``L = S`` (where :func:`_squared_products_are_faster`),
+    or the products :math:`G_{nk}^\top x_n` (``(out, in)``) for a chunk of samples in one
+    ``bmm`` over the ``(k, n)`` pairs, squared and summed over them (``x`` repeated ``K``
+    times). On CPU
     (2 threads, K=9, B=128, interleaved medians of 31) the products took 22.7 ms where the Gram
     way took 5.8 (S=8, 64 to 256 features), 69.4 against 42.5 (S=16, 256 to 256) and 7.7
     against 6.7 (S=32, 64 to 64, where the products are picked: see :data:`LINEAR_GRAM_COST`)."""
     num_vectors, batch, positions, out = grads.shape
     patch = x.shape[-1]
-    pairs = positions * (positions + 1) // 2
-    gram_reads = LINEAR_GRAM_READS * positions
-    if (
-        positions == 1
-        or num_vectors * out * (patch - gram_reads) > LINEAR_GRAM_COST * pairs * (out + patch)
-    ):
+    if _squared_products_are_faster(num_vectors, out, patch, positions):
         return squared_products(
             grads.mT.unsqueeze(2),  # (K, B, 1, out, S)
             lambda chunk: x[chunk].mT.unsqueeze(1),  # (b, 1, in, S)
