@@ -1,8 +1,10 @@
-"""What the benchmarks share around their measurements: the processor's (and GPU's) name for
-the reports' headers, torch's thread count kept for the caller, and writing a report."""
+"""What the benchmarks share around their measurements: their common options, the processor's
+(and GPU's) name for the reports' headers, torch's thread count kept for the caller, and writing a
+report."""
 
 from __future__ import annotations
 
+import argparse
 import platform
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -48,3 +50,21 @@ def write_report(table: str, out: Path) -> str:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(table)
     return table
+
+
+def timing_options(
+    argv: list[str] | None, description: str, repeats: int, quick: str, out: Path
+) -> argparse.Namespace:
+    """The options of a timing benchmark, parsed from ``argv``: ``--repeats`` (default
+    ``repeats``), ``--threads`` (2), ``--device`` (cpu), ``--quick`` (``quick`` says what it
+    runs) and ``--out`` (default ``out``); repeats and threads must be at least 1."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    parser.add_argument("--quick", action="store_true", help=quick)
+    parser.add_argument("--out", type=Path, default=out, help="markdown file to write")
+    args = parser.parse_args(argv)
+    if args.repeats < 1 or args.threads < 1:
+        parser.error("--repeats and --threads must be at least 1")
+    return args

@@ -37,7 +37,7 @@ import ewc_reg
 from ewc_reg import fisher_diagonal
 from ewc_reg.engines.hooks import HookEngine
 
-from ._reports import keeping_threads, machine, write_report
+from ._reports import keeping_threads, machine, timing_options, write_report
 from ._timing import measure
 from .models import ReducedResNet18, TextTransformer, split_mnist_mlp
 
@@ -145,15 +145,7 @@ def report(timed: dict[tuple[str, str], dict[str, list[float]]], args: argparse.
 
 
 def main(argv: list[str] | None = None) -> str:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    parser.add_argument("--quick", action="store_true", help="tiny models: a smoke test")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="markdown file to write")
-    args = parser.parse_args(argv)
-    if args.repeats < 1 or args.threads < 1:
-        parser.error("--repeats and --threads must be at least 1")
+    args = timing_options(argv, __doc__.splitlines()[0], 5, "tiny models: a smoke test", RESULTS)
     with keeping_threads():
         timed = run(args.repeats, args.threads, torch.device(args.device), args.quick)
         table = report(timed, args)

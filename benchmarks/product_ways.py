@@ -8,9 +8,9 @@ matmul, squared and summed) or through Gram matrices over pairs of output positi
 or hands its sums to ``squared_products`` (``_squared_products_are_faster``:
 ``LINEAR_GRAM_COST``, ``LINEAR_GRAM_READS``). This benchmark times both ways on a grid of
 shapes (random gradients and inputs; each way once untimed, then ``--repeats`` rounds in
-alternating order; medians) and reports, per shape, the faster way and the one picked, and in
-all how often the pick was the faster and how much time the other picks lose. Those constants
-were fitted to its shapes (session 23).
+alternating order; medians: ``_timing.side_by_side``) and reports, per shape, the faster way
+and the one picked, and in all how often the pick was the faster and how much time the other
+picks lose. Those constants were fitted to its shapes (session 23).
 
 Run: ``python -m benchmarks.product_ways [--repeats 7] [--threads 2] [--device cpu]
 [--quick]``; writes ``benchmarks/results/product_ways.md``.
@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import statistics
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import date
@@ -34,7 +32,8 @@ import ewc_reg
 from ewc_reg.engines import rules
 from ewc_reg.engines.convolution import _patches
 
-from ._reports import keeping_threads, machine, write_report
+from ._reports import keeping_threads, machine, timing_options, write_report
+from ._timing import side_by_side
 
 RESULTS = Path(__file__).parent / "results" / "product_ways.md"
 BUDGET = 2**28  # (bytes: the rules' own chunk cap decides on the CPU)
@@ -132,31 +131,16 @@ def _picks_second(shape: Shape) -> bool:
     return rules._gram_is_faster(*args)
 
 
-def _seconds(call: Callable[[], object], device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    call()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
-
-
 def run(repeats: int, threads: int, device: torch.device, quick: bool) -> list[Timed]:
     """Each shape's two ways timed (medians in ms) with the engine's pick."""
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     results = []
     for shape in shapes(quick):
-        ways = _ways(shape, device)
-        for way in ways:  # (warm-up)
-            way()
-        times: list[list[float]] = [[], []]
-        for round_ in range(repeats):
-            for i in (0, 1) if round_ % 2 == 0 else (1, 0):
-                times[i].append(1e3 * _seconds(ways[i], device))
-        first, second = (statistics.median(t) for t in times)
-        results.append(Timed(shape, first, second, _picks_second(shape)))
+        first, second = _ways(shape, device)
+        timed = side_by_side({"first": first, "second": second}, repeats, device)
+        ms = {name: 1e3 * seconds for name, (seconds, _) in timed.items()}
+        results.append(Timed(shape, ms["first"], ms["second"], _picks_second(shape)))
     return results
 
 
@@ -209,15 +193,8 @@ def report(results: list[Timed], args: argparse.Namespace) -> str:
 
 
 def main(argv: list[str] | None = None) -> str:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    parser.add_argument("--quick", action="store_true", help="three tiny shapes: a smoke test")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="markdown file to write")
-    args = parser.parse_args(argv)
-    if args.repeats < 1 or args.threads < 1:
-        parser.error("--repeats and --threads must be at least 1")
+    quick = "three tiny shapes: a smoke test"
+    args = timing_options(argv, __doc__.splitlines()[0], 7, quick, RESULTS)
     with keeping_threads():
         results = run(args.repeats, args.threads, torch.device(args.device), args.quick)
     return write_report(report(results, args), args.out)
