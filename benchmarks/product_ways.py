@@ -56,6 +56,8 @@ class Shape:
 
 @dataclass(frozen=True)
 class Timed:
+    """One shape's medians of its two ways and whether the engine picks the second."""
+
     shape: Shape
     first: float  # ms: the direct way (convolution) or the Linear's own products
     second: float  # ms: the Gram way (convolution) or squared_products (Linear)
@@ -91,7 +93,8 @@ def shapes(quick: bool) -> Iterator[Shape]:
 
 
 def _ways(shape: Shape, device: torch.device) -> tuple[Callable[[], object], ...]:
-    """The two ways of ``shape``'s sums, as calls, and whether the engine picks the second."""
+    """The two ways of ``shape``'s sums, as calls: the direct way and the Gram way of a
+    convolution, or a ``Linear``'s own products and ``squared_products``."""
     k, b, o, p, length = shape.vectors, shape.batch, shape.out, shape.patch, shape.positions
     if shape.family == "Linear":
         grads = torch.randn(b, k, length, o, device=device).transpose(0, 1)  # (the storage's)

@@ -765,10 +765,10 @@ def _linear_weight(grads: Tensor, x: Tensor, budget: int) -> Tensor:
     Either :func:`squared_products` with ``L = S`` (where :func:`_squared_products_are_faster`),
     or the products :math:`G_{nk}^\top x_n` (``(out, in)``) for a chunk of samples in one
     ``bmm`` over the ``(k, n)`` pairs, squared and summed over them (``x`` repeated ``K``
-    times). On CPU
-    (2 threads, K=9, B=128, interleaved medians of 31) the products took 22.7 ms where the Gram
-    way took 5.8 (S=8, 64 to 256 features), 69.4 against 42.5 (S=16, 256 to 256) and 7.7
-    against 6.7 (S=32, 64 to 64, where the products are picked: see :data:`LINEAR_GRAM_COST`)."""
+    times). On CPU (2 threads, K=9, B=128, interleaved medians of 31) the products took 22.7 ms
+    where the Gram way took 5.8 (S=8, 64 to 256 features), 69.4 against 42.5 (S=16, 256 to 256)
+    and 7.7 against 6.7 (S=32, 64 to 64, where the products are picked: see
+    :data:`LINEAR_GRAM_COST`)."""
     num_vectors, batch, positions, out = grads.shape
     patch = x.shape[-1]
     if _squared_products_are_faster(num_vectors, out, patch, positions):
