@@ -38,10 +38,21 @@ class _Bypassed(dict):
 
 @contextmanager
 def evaluating(model: nn.Module) -> Iterator[None]:
-    """Eval mode inside the block, with the caches of :data:`EVAL_CACHES` bypassed; afterwards
-    every submodule's training flag and caches and every parameter's ``.grad`` and
-    ``requires_grad`` are as before, on success and on error, and so are the tables of
-    embeddings with ``max_norm`` (their forward renormalises the rows it looks up in place).
+    """Eval mode inside the block, with the caches of :data:`EVAL_CACHES` bypassed and the
+    parameters' gradient hooks (``p.register_hook``) not called; afterwards every submodule's
+    training flag and caches and every parameter's ``.grad``, ``requires_grad`` and hooks are
+    as before, on success and on error, and so are the tables of embeddings with ``max_norm``
+    (their forward renormalises the rows it looks up in place).
+
+    A parameter's hook acts on its gradient (masking for pruning, clipping, scaling,
+    logging), not on the model's function, whose Fisher is computed: the hooks and functorch
+    engines never take a parameter's own gradient, while the loop engine and ``batched`` take
+    it with ``torch.autograd.grad``, which would run the hooks (with per-sample gradients,
+    and count a scaling hook's factor in the Fisher). So the hooks stay registered (also
+    those PyTorch keeps outside Python) and only the Python dictionary that holds a
+    parameter's hooks is emptied for the block. Modules' backward hooks
+    (``register_full_backward_hook``) stay on: they change the gradient that flows through
+    the model, and every engine applies them.
 
     Recurrent layers running PyTorch's own forward (``nn.RNN``, ``nn.LSTM``, ``nn.GRU``, and
     subclasses that keep it) compute their eval function in training mode: their ``dropout``
@@ -66,6 +77,7 @@ def evaluating(model: nn.Module) -> Iterator[None]:
     ]
     params = list(model.parameters())
     saved = [(p, p.grad, p.requires_grad) for p in params]
+    hooks = [(p._backward_hooks, dict(p._backward_hooks)) for p in params if p._backward_hooks]
     tables = [
         (m.weight, m.weight.detach().clone())
         for m in model.modules()
@@ -76,6 +88,8 @@ def evaluating(model: nn.Module) -> Iterator[None]:
         module.dropout, module.training = 0.0, True
     for module, name, _ in caches:
         setattr(module, name, _Bypassed())
+    for held, _ in hooks:
+        held.clear()
     try:
         yield
     finally:
@@ -88,6 +102,9 @@ def evaluating(model: nn.Module) -> Iterator[None]:
         for p, grad, requires_grad in saved:
             p.grad = grad
             p.requires_grad_(requires_grad)
+        for held, before in hooks:
+            held.clear()
+            held.update(before)
         with torch.no_grad():
             for weight, table in tables:
                 weight.copy_(table)

@@ -41,11 +41,13 @@ def check_real(what: str, value: Any, low: float, high: float = float("inf")) ->
             f"{what} must be a number {bounds} (a one-element tensor or 0-d array is taken), "
             f"got a {kind} of shape {tuple(value.shape)}"
         )
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, numbers.Real)  # (a NumPy number too)
-        or not math.isfinite(value)
-        or not low <= value <= high
-    ):
-        raise ValueError(f"{what} must be a number {bounds}, got {value!r}")
-    return float(value)
+    problem = ValueError(f"{what} must be a number {bounds}, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):  # (a NumPy number too)
+        raise problem
+    try:
+        number = float(value)
+    except OverflowError:  # (an int beyond float's range, 10**400)
+        raise problem from None
+    if not math.isfinite(number) or not low <= number <= high:
+        raise problem
+    return number

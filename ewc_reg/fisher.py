@@ -58,6 +58,7 @@ from .engines.base import (
     DEFAULT_MEMORY_BUDGET,
     RowWiseVectors,
     VectorFn,
+    check_differentiable,
     default_memory_budget,
 )
 from .likelihoods import LIKELIHOODS, Likelihood, get_likelihood
@@ -114,6 +115,8 @@ def fisher_diagonal(
 
     Args:
         model: any module; it is put in eval mode during the computation and restored after.
+            Hooks on its parameters' gradients (``p.register_hook``) are not called: they
+            act on training's gradients, not on the function whose Fisher this is.
             A ``DistributedDataParallel``/``DataParallel`` wrapper, or that of
             ``torch.compile(model)``, is looked through: the Fisher is keyed by the wrapped
             module's parameter names (no ``module.`` or ``_orig_mod.`` prefix). Compiled
@@ -168,10 +171,13 @@ def fisher_diagonal(
             ``empirical`` and ``batched``; for every method with per-position labels, which
             mark the positions) or missing for ``empirical`` / ``batched``, or an output of
             the wrong shape.
-        TypeError: data that is not an iterable of accepted batches.
+        TypeError: a model that is not an ``nn.Module``, or data that is not an iterable of
+            accepted batches.
         FloatingPointError: the Fisher contains NaN or Inf.
         RuntimeError: in a distributed run, another rank of the group failed.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     check_choice("method", method, METHODS)
     check_count("n_samples", n_samples, allow_none=True)
     check_count("mc_samples", mc_samples)
@@ -402,6 +408,7 @@ def _accumulate_batched(
     for batch in batches:
         with torch.enable_grad():
             output = lik.check_output(output_fn(batch.call(model)), batch.size)
+            check_differentiable(output)
             mask, targets = _positions(lik, output, batch, encoder_decoder)
             targets = lik.check_targets(output, _labels(targets, "batched"))
             mean_ll = lik.log_likelihood(output, targets, mask).mean()
@@ -547,7 +554,10 @@ def _check_exact_size(output: Tensor, max_exact_vectors: int) -> None:
 def _with_progress(batches: Iterator[Batch], data: Any, enabled: bool) -> Iterator[Batch]:
     if not enabled:
         return batches
-    total = len(data) if hasattr(data, "__len__") else None
+    try:  # (a DataLoader over an IterableDataset has __len__, which raises TypeError)
+        total = len(data)
+    except TypeError:
+        total = None
     try:
         from tqdm.auto import tqdm
     except ImportError:

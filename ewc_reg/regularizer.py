@@ -237,6 +237,7 @@ class EWCRegularizer:
             for p in frozen.values():
                 p.requires_grad_(False)
         params = dict(self.model.named_parameters())
+        self._move_to(params)  # (to the model's device and dtypes, if it moved since)
         theta = {name: params[name].detach().to(f.dtype) for name, f in fisher.items()}
         if self.mode == "separate" and self._precision:
             precision, center, offset = self._merge_separate(fisher, theta)
@@ -384,6 +385,7 @@ class EWCRegularizer:
             self._check_still_protected(params, where)
             raise
 
+    @torch.inference_mode(False)  # (the state is made of ordinary tensors, as consolidate's)
     def _move_to(self, params: dict[str, Tensor]) -> None:
         """Put ``A`` and ``μ`` on their parameters' devices, in the dtypes ``consolidate``
         would give them now, and ``c`` on the first one's."""
@@ -416,6 +418,7 @@ class EWCRegularizer:
             "offset": None if self._offset is None else self._offset.clone(),
         }
 
+    @torch.inference_mode(False)  # (the state is made of ordinary tensors, as consolidate's)
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict`. Tensors move to the model's parameters' devices and
         take the dtypes ``consolidate`` would give them (the parameter's, at least float32).

@@ -258,6 +258,22 @@ def test_penalty_follows_the_model_moved_after_consolidate():
     assert all(t.is_cuda for t in [*reg.fisher.values(), *reg.anchor.values()])
 
 
+@pytest.mark.parametrize("mode", ["online", "separate"])
+def test_consolidate_follows_the_model_moved_after_consolidate(mode):
+    """Consolidated on the CPU, moved to the GPU and consolidated again before any penalty:
+    the earlier state moves along and merges as on the CPU."""
+    model, data = problem("mlp")
+    twin = copy.deepcopy(model)
+    reg, cpu = EWCRegularizer(model, mode=mode), EWCRegularizer(twin, mode=mode)
+    reg.consolidate(data)
+    cpu.consolidate(data)
+    model.cuda()
+    reg.consolidate(data)
+    cpu.consolidate(data)
+    assert_close_dicts(to_cpu(reg.fisher), cpu.fisher, 1e-10)
+    assert_close_dicts(to_cpu(reg.anchor), cpu.anchor, 1e-10)
+
+
 def test_penalty_of_a_model_split_across_devices():
     """A model with layers on the CPU and on the GPU: the penalty sums its parameters' terms
     on the first one's device; its gradient and add_penalty_grad's match the CPU model's."""

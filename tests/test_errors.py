@@ -43,6 +43,7 @@ def test_fisher_diagonal_rejects_bad_arguments(kwargs, match):
     [
         ({"strength": -1.0}, r"strength must be a number >= 0.0, got -1.0"),
         ({"strength": float("nan")}, r"strength must be a number"),
+        ({"strength": 10**400}, r"strength must be a number >= 0.0, got 1000"),  # (overflows)
         ({"gamma": 1.5}, r"gamma must be a number in \[0.0, 1.0\], got 1.5"),
         ({"gamma": -0.1}, r"gamma must be a number in \[0.0, 1.0\]"),
         ({"mode": "offline"}, r"unknown mode 'offline'; choose one of \['online', 'separate'\]"),
@@ -82,9 +83,25 @@ def test_settings_take_one_element_tensors_and_arrays():
     assert (reg.strength, reg.gamma) == (2e5, 0.5)
 
 
-def test_regularizer_needs_a_module():
-    with pytest.raises(TypeError, match=r"nn\.Module"):
+def test_regularizer_and_fisher_need_a_module():
+    with pytest.raises(TypeError, match=r"model must be an nn\.Module, got list"):
         EWCRegularizer([torch.zeros(2)])
+    with pytest.raises(TypeError, match=r"model must be an nn\.Module, got function"):
+        fisher_diagonal(lambda x: x, DATA)
+
+
+@pytest.mark.parametrize(
+    ("backend", "method"),
+    [("auto", "exact"), ("hooks", "empirical"), ("loop", "exact"), ("auto", "batched")],
+)
+def test_an_output_without_gradient_says_so(backend, method):
+    """An ``output_fn`` that detaches the output (or a model that computes it without
+    gradients) leaves nothing to pull back: a ValueError that says so, where autograd's own
+    "element 0 of tensors does not require grad" came before. (The functorch engine's
+    pull-backs of such an output are zeros, and its Fisher is.)"""
+    model = mlp()
+    with pytest.raises(ValueError, match=r"output \(after output_fn\) does not depend on any"):
+        fisher_diagonal(model, DATA, method, backend=backend, output_fn=lambda o: o.detach())
 
 
 def test_empty_data():

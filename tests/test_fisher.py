@@ -441,6 +441,48 @@ def test_progress_bar_runs(capsys):
     assert_close_dicts(shown, plain, 0.0)
 
 
+def test_progress_bar_over_a_loader_without_length():
+    """A DataLoader over an IterableDataset has ``__len__``, which raises TypeError: the
+    progress bar runs without a total (it raised that TypeError)."""
+
+    model, x = problem("mlp", classes=3)
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            yield from zip(x, torch.arange(N) % 3)
+
+    loader = torch.utils.data.DataLoader(Stream(), batch_size=4)
+    plain = fisher_diagonal(model, loader, "empirical")
+    shown = fisher_diagonal(model, loader, "empirical", progress=True)
+    assert_close_dicts(shown, plain, 0.0)
+
+
+@pytest.mark.parametrize("backend", ["auto", "hooks", "functorch", "loop"])
+@pytest.mark.parametrize("method", ["exact", "batched"])
+def test_parameter_gradient_hooks_are_not_part_of_the_fisher(backend, method):
+    """A hook on a parameter's gradient (``p.register_hook``: masking, clipping, scaling,
+    logging) is not called during the computation, whatever the engine, and does not scale
+    the Fisher (the loop engine and ``batched`` doubled that parameter's sums before, and
+    called the hook once per sample and vector); it is still registered after, on success and
+    on error."""
+    model, x = problem("mlp", classes=3)
+    y = torch.arange(N) % 3
+    want = fisher_diagonal(model, batches_of(x, y, 4), method, backend=backend)
+    calls = []
+    weight = model[0].weight
+    handle = weight.register_hook(lambda g: calls.append(1) or 2 * g)
+    got = fisher_diagonal(model, batches_of(x, y, 4), method, backend=backend)
+    assert calls == []
+    assert_close_dicts(got, want, 0.0)
+    with pytest.raises(ValueError, match="labels"):
+        fisher_diagonal(model, [(x, y + 5)], "empirical", backend=backend)
+    model.eval()
+    (grad,) = torch.autograd.grad(model(x).sum(), weight)
+    assert calls == [1]  # (still registered, and on its own)
+    handle.remove()
+    torch.testing.assert_close(grad, 2 * torch.autograd.grad(model(x).sum(), weight)[0])
+
+
 GRAD_MODES = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode}
 
 

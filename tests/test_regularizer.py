@@ -390,6 +390,58 @@ def test_penalty_follows_the_model_to_another_device():
 
 
 @pytest.mark.parametrize("mode", ["online", "separate"])
+def test_consolidate_follows_the_model_to_another_device(mode, monkeypatch):
+    """A model moved after consolidate (to "meta" here; test_cuda.py moves one to CUDA) and
+    consolidated again before any penalty: the earlier tasks' state moves along before it is
+    merged with the new Fisher (it stayed behind and the merge failed on mixed devices). The
+    Fisher of a model on "meta" cannot be computed, so here it is ones on the parameters'
+    device."""
+    model = mlp()
+    reg = EWCRegularizer(model, strength=2.0, mode=mode)
+    reg.consolidate(task_data(0))
+    model.to("meta")
+
+    def ones(model, *args, **kwargs):
+        return {n: torch.ones_like(p) for n, p in model.named_parameters()}
+
+    monkeypatch.setattr("ewc_reg.regularizer.fisher_diagonal", ones)
+    reg.consolidate(task_data(1))
+    state = reg.state_dict()
+    tensors = [*state["fisher"].values(), *state["anchor"].values(), state["offset"]]
+    assert {t.device.type for t in tensors} == {"meta"} and reg.num_tasks == 2
+
+
+def test_a_state_rebuilt_under_inference_mode_stays_ordinary():
+    """A state loaded, or moved to the model's new dtype by the first penalty after
+    ``model.float()``, inside ``torch.inference_mode()`` (an evaluation loop) is made of
+    ordinary tensors, as consolidate's is: a double backward through the penalty works
+    afterwards (inference tensors cannot be saved for backward)."""
+    source = mlp()
+    trained = EWCRegularizer(source, strength=2.0)
+    trained.consolidate(task_data(0))
+    loaded = EWCRegularizer(mlp(), strength=2.0)
+    with torch.inference_mode():
+        loaded.load_state_dict(trained.state_dict())
+    moved_model = mlp()
+    moved = EWCRegularizer(moved_model, strength=2.0)
+    moved.consolidate(task_data(0))
+    moved_model.float()
+    with torch.inference_mode():
+        moved.penalty()
+    for reg in (loaded, moved):
+        state = reg.state_dict()
+        tensors = [*state["fisher"].values(), *state["anchor"].values(), state["offset"]]
+        assert not any(t.is_inference() for t in tensors)
+        perturb(reg.model, 3)
+        params = list(reg.model.parameters())
+        grads = torch.autograd.grad(reg.penalty(), params, create_graph=True)
+        sum(g.sum() for g in grads).backward()  # (Hessian-vector products: λ A)
+        fisher = reg.fisher
+        for name, p in reg.model.named_parameters():
+            torch.testing.assert_close(p.grad, 2.0 * fisher[name])
+
+
+@pytest.mark.parametrize("mode", ["online", "separate"])
 @pytest.mark.parametrize("with_loss", [True, False])
 def test_add_penalty_grad_gives_the_gradient_of_the_penalty_in_the_loss(mode, with_loss):
     """Across tasks, in both modes, after a loss's backward or alone (every ``.grad`` ``None``

@@ -265,6 +265,17 @@ def fewer_vectors(vectors: Tensor) -> Tensor:
     return kept.to(vectors.dtype).reshape(rank, *vectors.shape[1:])
 
 
+def check_differentiable(output: Any) -> None:
+    """``ValueError`` when ``output`` (a model's output after ``output_fn``, recorded with
+    gradients) carries none: no vector can be pulled back from it."""
+    if isinstance(output, Tensor) and not output.requires_grad:
+        raise ValueError(
+            "the output (after output_fn) does not depend on any parameter that requires grad: "
+            "output_fn or the model detaches it or computes it under torch.no_grad(), or every "
+            "parameter it depends on is frozen; the Fisher needs its gradient"
+        )
+
+
 class BatchingFailed(Exception):
     """The pull-back batched over the vectors failed (``vmap`` cannot run some backward: a
     custom ``autograd.Function`` whose backward branches on a tensor's value, say); the

@@ -163,6 +163,7 @@ from .base import (
     RowWiseVectors,
     VectorFn,
     batched_grads,
+    check_differentiable,
     describe,
     fewer_vectors,
     resolve_chunk_size,
@@ -948,6 +949,8 @@ class HookEngine:
                     f"({type(error).__name__}: {error})"
                 ) from error
         recorder.check()
+        if grad:
+            check_differentiable(output)
         records = recorder.records
         for unit in copied:
             copy = records[unit] = Record((), {}, [])

@@ -43,6 +43,7 @@ from .base import (
     OutputFn,
     VectorFn,
     batched_grads,
+    check_differentiable,
     resolve_chunk_size,
     zero_sums,
 )
@@ -121,6 +122,7 @@ class LoopEngine:
                 # activations; one at a time where vmap gets a backward wrong: VMAP_WRONG)
                 per_vector = 3 * params_bytes + 2 * saved.bytes
                 step = 1 if calls.called else resolve_chunk_size(None, memory_budget, per_vector)
+            check_differentiable(output)
             mine = vectors[:, n : n + 1]  # (K, 1, *S, C)
             if output.shape == mine.shape[2:]:  # (the model squeezed the batch of one away)
                 mine = mine.squeeze(1)
