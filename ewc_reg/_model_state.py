@@ -12,6 +12,7 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 #: Attributes in which modules keep, in eval mode, a tensor computed from a parameter by their
 #: first call and reused by the later ones: timm's attention-bias caches (LeViT,
@@ -125,6 +126,25 @@ def differentiable_kernels() -> Iterator[None]:
         yield
     finally:
         torch.backends.mha.set_fastpath_enabled(enabled)
+
+
+@contextmanager
+def parametrizations_uncached() -> Iterator[None]:
+    """Inside the block, ``torch.nn.utils.parametrize``'s cache is off: parametrized weights
+    are computed from their parameters at every call, also within a user's
+    ``with parametrize.cached():`` (its cache is kept for after the block). A cached weight
+    computed without gradients (by an evaluation pass in that block, or by the engines' own
+    passes that make the vectors or check the batch) has no graph to its parameter, whose
+    Fisher came out zero. (Private to PyTorch: where it has no such cache, nothing to do.)"""
+    enabled = getattr(parametrize, "_cache_enabled", 0)
+    if not isinstance(enabled, int) or not enabled:
+        yield
+        return
+    parametrize._cache_enabled = 0
+    try:
+        yield
+    finally:
+        parametrize._cache_enabled = enabled
 
 
 def running_eagerly() -> AbstractContextManager[object]:

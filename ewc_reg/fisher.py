@@ -49,6 +49,7 @@ from ._model_state import (
     differentiable_kernels,
     evaluating,
     in_own_precision,
+    parametrizations_uncached,
     running_eagerly,
 )
 from ._validation import check_choice, check_count
@@ -262,6 +263,7 @@ def fisher_diagonal(
             evaluating(model),
             running_eagerly(),
             differentiable_kernels(),
+            parametrizations_uncached(),
             in_own_precision(device),
             batch_norm_backward_fixed(model),
         ):

@@ -483,6 +483,29 @@ def test_parameter_gradient_hooks_are_not_part_of_the_fisher(backend, method):
     torch.testing.assert_close(grad, 2 * torch.autograd.grad(model(x).sum(), weight)[0])
 
 
+@pytest.mark.parametrize("backend", ["auto", "hooks", "functorch", "loop"])
+@pytest.mark.parametrize("filled", [False, True])
+def test_parametrized_weights_inside_parametrize_cached(backend, filled):
+    """Inside ``parametrize.cached()`` (with its cache filled by an evaluation pass without
+    gradients, or not) the Fisher of a parametrized weight's parameter is the one without it
+    (it was 0: the engines' passes without gradients, or the user's, cached a weight with no
+    graph to the parameter); the cache works again after the call."""
+    from torch.nn.utils import parametrize
+
+    model, x = problem("mlp", classes=3)
+    parametrize.register_parametrization(model[0], "weight", nn.Tanh())
+    y = torch.arange(N) % 3
+    want = fisher_diagonal(model, batches_of(x, y, 4), "exact", backend=backend)
+    with parametrize.cached():
+        if filled:
+            with torch.no_grad():
+                model.eval()(x)
+        got = fisher_diagonal(model, batches_of(x, y, 4), "exact", backend=backend)
+        assert model[0].weight is model[0].weight  # (cached again)
+    assert_close_dicts(got, want, 1e-12)
+    assert want["0.parametrizations.weight.original"].abs().max() > 0
+
+
 GRAD_MODES = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode}
 
 

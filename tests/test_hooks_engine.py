@@ -4371,6 +4371,42 @@ def test_models_breaking_the_decomposition_unseen_by_the_other_checks_go_to_func
         fisher_diagonal(make().double(), data, likelihood=likelihood, backend="hooks")
 
 
+class _FailsAlone(nn.Module):
+    """``inner`` on two samples or more; on one sample alone it fails (as a model whose
+    ``squeeze()`` takes a batch of one for no batch does), so the loop engine cannot be the
+    reference of the check of the sums."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[0] < 2:
+            raise RuntimeError("this model needs two samples or more")
+        return self.inner(x)
+
+
+@pytest.mark.parametrize("name", ["stashed-pre-activation", "derivative-as-output"])
+def test_models_that_fail_on_one_sample_alone_have_their_sums_checked_too(name: str) -> None:
+    """The check of the sums takes plain autograd on the two samples together as the
+    reference where the loop engine fails: such a model breaking the decomposition is refused
+    (its Fisher was wrong without an error, 0.3 to 1 off), and one that keeps it passes with
+    the brute-force Fisher of the model inside."""
+    make, shape, likelihood = UNSEEN_BREAKS[name]
+    x = torch.randn(*shape, dtype=torch.float64)
+    y = torch.randn(4, 6, dtype=torch.float64) if likelihood == "gaussian" else (
+        torch.randint(0, 3, (4,))
+    )
+    model = _FailsAlone(make().double())
+    with pytest.raises(ValueError, match="differ from plain autograd"):
+        fisher_diagonal(model, [(x, y)], likelihood=likelihood, backend="hooks")
+    inner = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    x, y = torch.randn(4, 6, dtype=torch.float64), torch.randint(0, 3, (4,))
+    got = fisher_diagonal(_FailsAlone(inner), [(x, y)], "exact", backend="hooks")
+    want = brute_force_fisher(inner, x, y, "exact")
+    assert_close_dicts(got, {f"inner.{n}": f for n, f in want.items()}, 1e-10)
+
+
 def test_the_sums_are_checked_once_per_model_and_structure(monkeypatch) -> None:
     """The check of the sums runs on a model's first batch, again where the forward pass
     takes another way (here: a layer only sequences longer than 4 go through) or the batch

@@ -349,6 +349,37 @@ def _buffer(storage: dict[int, Tensor], key: int, like: Tensor, num_vectors: int
     return held[:batch]
 
 
+def _sums_by_rows(
+    model: nn.Module,
+    params: dict[str, Tensor],
+    batch: Batch,
+    output_fn: OutputFn,
+    make_vectors: VectorFn,
+) -> dict[str, Tensor]:
+    r""":math:`\sum_n \sum_k (J_n^\top v_{nk})^{\odot 2}` by plain autograd on the whole
+    ``batch``: sample ``n``'s gradient is that of :math:`\langle f_n, v_{nk}\rangle`, its rows
+    of the output alone, one backward pass per sample and vector (for a model whose samples do
+    not depend on each other, as the other checks make sure; for :meth:`HookEngine._check_sums`
+    where the model cannot run one sample alone)."""
+    names = list(params)
+    with torch.enable_grad():
+        output = output_fn(batch.call(model))
+    vectors = make_vectors(output.detach())  # (K, B, *S, C)
+    sums = zero_sums(params)
+    num_vectors = vectors.shape[0]
+    for n in range(batch.size):
+        for k in range(num_vectors):
+            last = n == batch.size - 1 and k == num_vectors - 1
+            grads = torch.autograd.grad(
+                output[n], [params[name] for name in names], vectors[k, n],
+                retain_graph=not last, allow_unused=True,
+            )
+            for name, g in zip(names, grads):
+                if g is not None:
+                    sums[name] += g.to(sums[name].dtype).square()
+    return sums
+
+
 @dataclass(frozen=True)
 class Arrangement:
     """How :class:`HookEngine` splits a model's parameters into units (:func:`.recording.plan`).
@@ -849,8 +880,12 @@ class HookEngine:
         inside ``torch.vmap`` or inside a derivative the forward pass takes, an output shared
         by the samples taken from one sample's copy after its expansion) sends the model to the
         fallback instead of giving a wrong Fisher. Run with the checks, once per model and
-        structure of the forward pass (:attr:`sums_checked`); a model the loop engine cannot
-        cut into samples is not checked."""
+        structure of the forward pass (:attr:`sums_checked`). Where the model fails on one
+        sample alone (a ``squeeze()`` that takes a batch of one for no batch), the reference
+        is plain autograd on the two samples together, one backward pass per sample
+        (:func:`_sums_by_rows`); such models were not checked before, and two that break the
+        decomposition (a ``Linear`` on an input the samples share, a derivative taken in the
+        forward pass) got a wrong Fisher without an error."""
         few = batch.samples(0, min(batch.size, 2))
         drawn: list[Tensor] = []
 
@@ -870,7 +905,17 @@ class HookEngine:
                 if isinstance(error, torch.OutOfMemoryError):
                     raise
                 logger.debug("hooks engine: the loop engine failed on the model (%s)", error)
-                return
+                try:
+                    with precisions:
+                        want = _sums_by_rows(model, params, few, output_fn, vectors)
+                except Exception as failure:
+                    if isinstance(failure, torch.OutOfMemoryError):
+                        raise
+                    raise Unsupported(
+                        f"the model fails on one sample alone ({type(error).__name__}: "
+                        f"{error}), and the check of the sums by plain autograd on its first "
+                        f"{few.size} samples failed too ({type(failure).__name__}: {failure})"
+                    ) from failure
             try:
                 got = self._sums(
                     model,
