@@ -490,6 +490,13 @@ def _output_mask_key(batch: Batch, encoder_decoder: bool) -> str | None:
     return "attention_mask"
 
 
+def _per_position(targets: Tensor, output: Tensor) -> bool:
+    """Whether ``targets`` look like labels with positions, ``(B, *S')`` for an output
+    ``(B, *S, C)`` (of another shape or dtype than ``(B, *S)`` integers, for
+    :func:`_positions`' error): one dimension less than the output, the same batch size."""
+    return targets.dim() == output.dim() - 1 and targets.shape[:1] == output.shape[:1]
+
+
 def _positions(
     lik: Likelihood, output: Tensor, batch: Batch, encoder_decoder: bool
 ) -> tuple[Tensor | None, Tensor | None]:
@@ -500,9 +507,11 @@ def _positions(
     ``categorical``, when the targets have one entry per position); ignored targets are
     replaced by class 0 so that they validate, and contribute nothing, and the others are
     checked here, whatever the method (``exact`` and ``sample`` read them for the mask: a
-    padding label other than ``-100``, such as ``-1``, would count its position). ``(B, C)``
-    outputs: no mask (``None``) and the targets unchanged (``exact`` and ``sample`` do not
-    read them).
+    padding label other than ``-100``, such as ``-1``, would count its position). Targets
+    that look like labels with positions (:func:`_per_position`) but are not ``(B, *S)``
+    integers are a ``ValueError`` for every method (``exact`` and ``sample`` ignored them,
+    and their ``-100``: unshifted labels, float ones). ``(B, C)`` outputs: no mask (``None``)
+    and the targets unchanged (``exact`` and ``sample`` do not read them).
     """
     targets = batch.targets
     if output.dim() == 2:
@@ -534,8 +543,17 @@ def _positions(
         mask = attention.bool()
     if targets is None:  # (inputs only: the attention mask alone)
         return mask, None
+    if lik.ignore_index is not None and not positional and _per_position(targets, output):
+        raise ValueError(
+            f"the labels have shape {tuple(targets.shape)} and dtype {targets.dtype}, but the "
+            f"output (after output_fn) has positions {tuple(output.shape[:-1])}: labels with "
+            f"positions must be integer class indices, one per output position "
+            f"({lik.ignore_index} where a position is left out: they mark the positions for "
+            "every method); shift them as output_fn shifts the output, or give inputs alone"
+        )
     if lik.ignore_index is not None and positional:
-        kept = targets != lik.ignore_index
+        # (in int64: an unsigned dtype wraps -100, and uint8's 156 would be left out)
+        kept = targets.to(torch.int64) != lik.ignore_index
         targets = lik.check_targets(output, targets.masked_fill(~kept, 0))
         mask = kept if mask is None else mask & kept
     return mask, targets

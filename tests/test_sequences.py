@@ -267,6 +267,40 @@ def test_padding_labels_other_than_the_ignore_index_are_errors(method: str, padd
         fisher_diagonal(model, [(torch.randint(0, VOCAB, (2, LENGTH)), labels)], method)
 
 
+@pytest.mark.parametrize("method", ["exact", "sample", "empirical", "batched"])
+@pytest.mark.parametrize("labels", ["unshifted", "float"])
+def test_labels_with_positions_not_aligned_with_the_output_are_errors(
+    method: str, labels: str
+) -> None:
+    """Labels with one dimension less than the output but not integers of its positions'
+    shape (left unshifted beside a shifted output, or float) are a ValueError for every
+    method: ``exact`` and ``sample`` ignored them and their -100, and counted the padding."""
+    model = make_model()
+    ids = torch.randint(0, VOCAB, (2, LENGTH))
+    y = ids.clone()
+    y[:, 3:] = -100
+    shift = None
+    if labels == "unshifted":
+        shift = lambda out: out[:, :-1]  # noqa: E731
+    else:
+        y = y.double()
+    with pytest.raises(ValueError, match=r"labels with positions must be integer class indices"):
+        fisher_diagonal(model, [(ids, y)], method, output_fn=shift)
+
+
+@pytest.mark.parametrize("method", ["exact", "empirical", "batched"])
+def test_labels_of_an_unsigned_dtype_count_every_class(method: str) -> None:
+    """In ``uint8`` -100 is 156: class 156 of a larger vocabulary was left out as if it were
+    the ignore index. Any integer dtype gives the Fisher of the same labels in int64."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(160, 3), nn.Linear(3, 160)).double()
+    ids = torch.randint(0, 160, (2, 3))
+    y = torch.tensor([[156, 3, 156], [7, 156, 159]])
+    want = fisher_diagonal(model, [(ids, y)], method)
+    for dtype in (torch.uint8, torch.int16, torch.int32):
+        assert_fisher_close(fisher_diagonal(model, [(ids, y.to(dtype))], method), want)
+
+
 def test_ignore_index_alone_masks_tuple_batches() -> None:
     model = make_model()
     batches = padded_batches()
