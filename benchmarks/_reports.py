@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 import platform
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -52,6 +52,42 @@ def write_report(table: str, out: Path) -> str:
     return table
 
 
+def device_name(text: str) -> str:
+    """``--device``'s type for ``argparse``: ``text`` where it names a CPU or a CUDA device
+    this machine has (``cpu``, ``cuda``, ``cuda:1``), else an error of the command line."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is no device; use cpu or cuda") from None
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"{text!r}: the benchmarks run on cpu or cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: no CUDA device here (torch.cuda.is_available() is False)"
+        )
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+        )
+    return text
+
+
+def at_least(low: int) -> Callable[[str], int]:
+    """An ``argparse`` type: an integer ``>= low``, else an error of the command line."""
+
+    def integer(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is less than {low}")
+        return value
+
+    integer.__name__ = f"integer >= {low}"  # (argparse names the type in its errors)
+    return integer
+
+
 def timing_options(
     argv: list[str] | None, description: str, repeats: int, quick: str, out: Path
 ) -> argparse.Namespace:
@@ -59,12 +95,11 @@ def timing_options(
     ``repeats``), ``--threads`` (2), ``--device`` (cpu), ``--quick`` (``quick`` says what it
     runs) and ``--out`` (default ``out``); repeats and threads must be at least 1."""
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--repeats", type=int, default=repeats)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    parser.add_argument("--repeats", type=at_least(1), default=repeats)
+    parser.add_argument("--threads", type=at_least(1), default=2)
+    parser.add_argument(
+        "--device", type=device_name, default="cpu", help="cpu or cuda (default cpu)"
+    )
     parser.add_argument("--quick", action="store_true", help=quick)
     parser.add_argument("--out", type=Path, default=out, help="markdown file to write")
-    args = parser.parse_args(argv)
-    if args.repeats < 1 or args.threads < 1:
-        parser.error("--repeats and --threads must be at least 1")
-    return args
+    return parser.parse_args(argv)
