@@ -3,7 +3,8 @@
 # Run from the repository root, on a machine whose python3 holds a CUDA PyTorch and pytest
 # (the lent machine's image does; nothing is installed). The reports (*_cuda.md) and one log
 # go to $OUT (the device tool's; it returns at most 8 files), else ./gpu_results; copy the
-# reports under benchmarks/results/ and commit them.
+# reports under benchmarks/results/ and commit them. Every step runs; the exit status is 1 if
+# any failed (the log's last line names them), or at once if DEVICE=cuda finds no CUDA device.
 # Peers for fisher_speed (BackPACK, nngeometry) are used where PYTHONPATH already reaches them.
 #   bash scripts/gpu_checks.sh                  # everything, most wanted first
 #   bash scripts/gpu_checks.sh quick            # the tests and the short benchmarks only
@@ -24,15 +25,24 @@ wants() {
         *) [[ $1 == gpu || $wanted == *" $1 "* ]] ;;
     esac
 }
+failed=()  # (the steps that exited non-zero: the script's own exit is 1 if any did)
 step() {  # step NAME COMMAND...: if wanted, run it, its output to the screen and to the log
-    local name=$1 start=$SECONDS
+    local name=$1 start=$SECONDS status
     shift
     wants "$name" || return 0
     echo "== $name: $*" | tee -a "$log"
     "$@" 2>&1 | tee -a "$log"
-    echo "== $name: exit ${PIPESTATUS[0]} after $((SECONDS - start)) s" | tee -a "$log"
+    status=${PIPESTATUS[0]}
+    echo "== $name: exit $status after $((SECONDS - start)) s" | tee -a "$log"
+    [[ $status == 0 ]] || failed+=("$name")
 }
 : >"$log"
+if [[ $dev == cuda* ]] && ! "$py" -c "import torch; assert torch.cuda.is_available()" 2>>"$log"; then
+    # (without one, tests/test_cuda.py would skip and "pass", and the benchmarks fail)
+    echo "== no CUDA device for $py (torch.cuda.is_available() is False); DEVICE=cpu for a dry run" \
+        | tee -a "$log"
+    exit 1
+fi
 step gpu nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 step tests "$py" -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_compiled.py
 step host_overhead "$py" -m benchmarks.host_overhead --device "$dev" --repeats 20 \
@@ -50,3 +60,7 @@ step fisher_speed "$py" -m benchmarks.fisher_speed --device "$dev" \
 step fisher_speed_extra "$py" -m benchmarks.fisher_speed --device "$dev" --repeats 3 \
     --models lstm,lstm_proj,lstm_cell,shared_mlp,transformer_shared,upsampling,conv3d \
     --output "$out/fisher_speed_extra_cuda.md"
+if ((${#failed[@]})); then
+    echo "== failed: ${failed[*]}" | tee -a "$log"
+    exit 1
+fi

@@ -4,6 +4,7 @@ benchmarks, ``runs.jsonl`` resume and the report. No downloads."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -264,13 +265,29 @@ def test_benchmark_models_keep_recurrent_layers_in_training_mode_for_the_plain_p
         evaluated(nn.Sequential(nn.LSTM(4, 4, num_layers=2, dropout=0.5)))
 
 
+GPU_CHECKS = Path(__file__).resolve().parents[1] / "scripts" / "gpu_checks.sh"
+
+
+def _gpu_checks_env(tmp_path: Path, python: str, device: str = "cpu") -> dict[str, str]:
+    """The environment of a dry run of ``scripts/gpu_checks.sh``: its reports in ``tmp_path``,
+    ``python`` as its Python, and an ``nvidia-smi`` that succeeds."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho fake GPU\n")
+    (bin_dir / "nvidia-smi").chmod(0o755)
+    out = tmp_path / "out"
+    return {"PATH": f"{bin_dir}:/usr/bin:/bin", "OUT": str(out), "DEVICE": device,
+            "PYTHON": python}
+
+
 def test_gpu_checks_run_only_the_steps_named(tmp_path):
     """``bash scripts/gpu_checks.sh STEP...`` runs those steps (and the GPU's line), each
     timed in the log (Python here is ``true``: the steps' commands do nothing)."""
     import subprocess
 
-    script = Path(__file__).resolve().parents[1] / "scripts" / "gpu_checks.sh"
-    env = {"PATH": "/usr/bin:/bin", "OUT": str(tmp_path), "DEVICE": "cpu", "PYTHON": "true"}
+    script = GPU_CHECKS
+    env = _gpu_checks_env(tmp_path, "true")
+    tmp_path = tmp_path / "out"
 
     def steps(*names: str) -> list[str]:
         subprocess.run(["bash", str(script), *names], env=env, check=True, timeout=60)
@@ -281,3 +298,23 @@ def test_gpu_checks_run_only_the_steps_named(tmp_path):
     assert steps("memory_budget", "fisher_speed") == ["gpu", "memory_budget", "fisher_speed"]
     assert "fisher_speed" not in steps("quick") and "tests" in steps("quick")
     assert steps()[-2:] == ["fisher_speed", "fisher_speed_extra"]
+
+
+def test_gpu_checks_exit_1_when_a_step_fails_or_there_is_no_gpu(tmp_path):
+    """Every named step runs, and the script exits 1 if any failed, naming them last in the
+    log (it exited 0 whatever happened); asked for CUDA where torch has none, it stops at once
+    (tests/test_cuda.py would skip and pass)."""
+    import subprocess
+
+    env = _gpu_checks_env(tmp_path, "false")
+    done = subprocess.run(["bash", str(GPU_CHECKS), "tests", "penalty_speed"], env=env,
+                          capture_output=True, timeout=60)
+    log = (tmp_path / "out" / "log").read_text().splitlines()
+    assert done.returncode == 1 and log[-1] == "== failed: tests penalty_speed"
+    env = _gpu_checks_env(tmp_path, sys.executable, device="cuda")
+    done = subprocess.run(["bash", str(GPU_CHECKS), "tests"], env=env, capture_output=True,
+                          timeout=120)
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    log = (tmp_path / "out" / "log").read_text()
+    assert done.returncode == 1 and "no CUDA device" in log and "== tests" not in log
