@@ -2,14 +2,19 @@
 
 Every loader returns an :class:`ArrayData`: the full train and test sets as float inputs and
 int64 labels (0-9), so the training loop can index random batches directly instead of going
-through a ``DataLoader``. Real data come from torchvision (downloaded into ``root`` when missing);
-:func:`synthetic` makes learnable stand-ins of the same shapes for smoke runs and tests.
+through a ``DataLoader``. Real data come from torchvision (downloaded into ``root`` when missing;
+:class:`DataUnavailable` when that fails); :func:`synthetic` makes learnable stand-ins of the same
+shapes for smoke runs and tests.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
+from contextlib import suppress
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -42,12 +47,42 @@ def default_root() -> str:
     return os.environ.get("EWC_REG_DATA", "./data")
 
 
+class DataUnavailable(RuntimeError):
+    """A real dataset is not in its data directory and could not be downloaded (no internet)."""
+
+
+def _torchvision_split(
+    dataset: type, name: str, root: str, folder: Path, urls: Sequence[str], train: bool
+) -> Any:
+    """``dataset(root, train=train, download=True)``: torchvision downloads what is missing
+    from ``urls`` into ``folder`` under ``root``.
+
+    When that fails the directories the attempt made are removed again (those left empty), and
+    :class:`DataUnavailable` says where the data was expected and where it comes from, in one
+    line instead of torchvision's traceback of the failed download.
+    """
+    made = [path for path in (folder, *folder.parents) if not path.exists()]  # deepest first
+    try:
+        return dataset(root, train=train, download=True)
+    except (OSError, RuntimeError) as err:  # urllib's URLError is an OSError
+        for path in made:
+            with suppress(OSError):  # not empty: a partial download stays for a retry
+                path.rmdir()
+        reason = " ".join(str(err).split())
+        raise DataUnavailable(
+            f"{name} is not (complete) in {folder} (torchvision's folder under the data root "
+            f"{root}) and could not be downloaded from {' or '.join(urls)}: {reason}"
+        ) from err
+
+
 def load_mnist(root: str) -> ArrayData:
     """MNIST with pixels scaled to [0, 1] and no normalisation; downloads when missing."""
     from torchvision.datasets import MNIST
 
+    folder = Path(root).expanduser() / MNIST.__name__ / "raw"  # (torchvision's MNIST.raw_folder)
+
     def split(train: bool) -> tuple[Tensor, Tensor]:
-        ds = MNIST(root, train=train, download=True)
+        ds = _torchvision_split(MNIST, "MNIST", root, folder, MNIST.mirrors, train)
         return ds.data.float().div_(255).unsqueeze(1), ds.targets.long()
 
     return ArrayData(*split(True), *split(False))
@@ -60,8 +95,10 @@ def load_cifar10(root: str) -> ArrayData:
     mean = torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(CIFAR10_STD).view(1, 3, 1, 1)
 
+    folder = Path(root).expanduser() / CIFAR10.base_folder
+
     def split(train: bool) -> tuple[Tensor, Tensor]:
-        ds = CIFAR10(root, train=train, download=True)
+        ds = _torchvision_split(CIFAR10, "CIFAR-10", root, folder, [CIFAR10.url], train)
         x = torch.from_numpy(ds.data).permute(0, 3, 1, 2).float().div_(255)
         return (x - mean) / std, torch.tensor(ds.targets, dtype=torch.long)
 

@@ -38,7 +38,8 @@ from torch.nn import functional as F
 import ewc_reg
 from ewc_reg import EWCRegularizer
 
-from .data import ArrayData, default_root
+from ._reports import at_least, device_name
+from .data import ArrayData, DataUnavailable, default_root
 
 NUM_CLASSES = 10
 NUM_TASKS = 5
@@ -339,8 +340,28 @@ def nearest_typical_lambda(method: str) -> float:
 # ----------------------------------------------------------------------------- command line
 
 
+def strength_value(text: str) -> float:
+    """``--lambdas``' type for ``argparse``: a finite λ > 0, else an error of the command line.
+
+    The library accepts λ = 0, but a sweep does not: it orders its runs by log10 λ and the report
+    plots λ on a log axis. EWC at λ = 0 trains as the variant ``none`` does (at the cost of the
+    Fisher), so ``--methods none`` is that run."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: λ must be finite and > 0 (the sweep is log-spaced); "
+            "for training without EWC use --methods none"
+        )
+    return value
+
+
 def parse_args(bench: Benchmark, argv: list[str] | None) -> argparse.Namespace:
-    """The shared command line."""
+    """The shared command line. Every value is checked here (counts at least 1, λ > 0, a device
+    this machine has), so that a wrong option stops the command before any run rather than
+    failing after one, or recording junk runs."""
     p = argparse.ArgumentParser(
         prog=f"python -m benchmarks.{bench.name}",
         description=f"{bench.name}: EWC with each Fisher estimator (van de Ven, 2025). Each "
@@ -348,26 +369,32 @@ def parse_args(bench: Benchmark, argv: list[str] | None) -> argparse.Namespace:
                     "skipped, so an interrupted sweep resumes.",
     )
     p.add_argument("--methods", nargs="+", choices=VARIANTS, default=list(VARIANTS))
-    p.add_argument("--lambdas", nargs="+", type=float,
-                   help="λ values for every variant (default: the paper's grid 1..1e13)")
+    p.add_argument("--lambdas", nargs="+", type=strength_value,
+                   help="λ values (> 0) for every variant (default: the paper's grid 1..1e13)")
     p.add_argument("--at-best-lambda", action="store_true",
                    help="run each variant only at its best λ so far in <out>/runs.jsonl "
                         "(same data, iterations and batch size), e.g. to add seeds")
     p.add_argument("--seeds", nargs="+", type=int, help="default: 0 1 2")
-    p.add_argument("--iters", type=int, help="iterations per task (default: 2000)")
-    p.add_argument("--batch-size", type=int, default=bench.batch_size)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--iters", type=at_least(1),
+                   help=f"iterations per task (default: 2000, with --quick {QUICK_ITERS})")
+    p.add_argument("--batch-size", type=at_least(1), default=bench.batch_size)
+    p.add_argument("--device", type=device_name,
+                   default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu or cuda (default: cuda when available, else cpu)")
     p.add_argument("--data-root", default=default_root(),
                    help="torchvision data directory (default: $EWC_REG_DATA or ./data); "
                         "downloaded when missing")
-    p.add_argument("--synthetic", nargs="?", type=int, const=0, metavar="TRAIN_PER_CLASS",
+    # (const 0: the benchmark's own small size; a number given must be at least 1)
+    p.add_argument("--synthetic", nargs="?", type=at_least(1), const=0,
+                   metavar="TRAIN_PER_CLASS",
                    help="smoke run on small synthetic data of the benchmark's shape "
                         "(accuracies say nothing about the paper); with a number, that many "
                         "training images per class, e.g. 5000 to time the full protocol")
-    p.add_argument("--workers", type=int, default=1, help="runs in parallel (processes)")
-    p.add_argument("--threads", type=int,
+    p.add_argument("--workers", type=at_least(1), default=1,
+                   help="runs in parallel (processes)")
+    p.add_argument("--threads", type=at_least(1),
                    help="torch threads per worker (default: torch's own choice)")
-    p.add_argument("--fisher-chunk", type=int,
+    p.add_argument("--fisher-chunk", type=at_least(1),
                    help="chunk_size passed to consolidate (default: the library's choice)")
     p.add_argument("--out", type=Path, help="results directory (default: "
                    f"benchmarks/results/{bench.name}[_quick][_synthetic])")
@@ -375,8 +402,10 @@ def parse_args(bench: Benchmark, argv: list[str] | None) -> argparse.Namespace:
                    help=f"preset: seed {QUICK_SEEDS[0]}, {QUICK_ITERS} iterations per task, "
                         "one λ per variant (the paper's typical best)")
     args = p.parse_args(argv)
-    args.seeds = args.seeds or list(QUICK_SEEDS if args.quick else (0, 1, 2))
-    args.iters = args.iters or (QUICK_ITERS if args.quick else 2000)
+    if args.seeds is None:
+        args.seeds = list(QUICK_SEEDS if args.quick else (0, 1, 2))
+    if args.iters is None:
+        args.iters = QUICK_ITERS if args.quick else 2000
     if args.out is None:
         suffix = "_quick" * args.quick + "_synthetic" * (args.synthetic is not None)
         args.out = Path("benchmarks/results") / f"{bench.name}{suffix}"
@@ -425,7 +454,7 @@ def _load(bench: Benchmark, synthetic: int | None, root: str, device: str) -> Ar
 
 def _init_worker(bench: Benchmark, synthetic: int | None, root: str, device: str,
                  threads: int | None, fisher_chunk: int | None) -> None:
-    if threads:
+    if threads is not None:
         torch.set_num_threads(threads)
     _WORKER.update(bench=bench, data=_load(bench, synthetic, root, device), device=device,
                    fisher_chunk=fisher_chunk)
@@ -472,8 +501,18 @@ def main(bench: Benchmark, argv: list[str] | None = None) -> list[dict[str, Any]
               f"{record['fisher_seconds']:.0f}s wall, {record['fisher_cpu_seconds']:.0f}s CPU) | "
               f"ETA {_format_duration(eta)}", flush=True)
 
-    if args.workers <= 1:
-        _init_worker(*init)
+    try:
+        if args.workers == 1:
+            _init_worker(*init)
+        elif args.synthetic is None:
+            bench.load_data(args.data_root)  # downloads once, not by every worker at once
+    except DataUnavailable as err:
+        raise SystemExit(
+            f"{bench.name}: {err}. The data root is --data-root, by default the EWC_REG_DATA "
+            "environment variable, else ./data; with internet, torchvision downloads the data "
+            "there."
+        ) from err
+    if args.workers == 1:
         for spec in todo:
             report(_run_in_worker(spec))
     else:

@@ -1,0 +1,139 @@
+"""The Split MNIST / Split CIFAR-10 command line (``benchmarks.protocol``): wrong values stop it
+at parse time, and missing data is one clear error, never a download traceback."""
+
+from __future__ import annotations
+
+import socket
+import urllib.error
+import urllib.request
+
+import pytest
+
+from benchmarks import protocol
+from benchmarks.protocol import main, parse_args
+from benchmarks.split_cifar10 import BENCHMARK as CIFAR
+from benchmarks.split_mnist import BENCHMARK as MNIST
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--iters", "0"], "argument --iters: 0 is less than 1"),
+        (["--iters", "-5"], "argument --iters: -5 is less than 1"),
+        (["--batch-size", "0"], "argument --batch-size: 0 is less than 1"),
+        (["--threads", "-1"], "argument --threads: -1 is less than 1"),
+        (["--threads", "0"], "argument --threads: 0 is less than 1"),
+        (["--workers", "0"], "argument --workers: 0 is less than 1"),
+        (["--synthetic", "-3"], "argument --synthetic: -3 is less than 1"),
+        (["--synthetic", "0"], "argument --synthetic: 0 is less than 1"),
+        (["--fisher-chunk", "0"], "argument --fisher-chunk: 0 is less than 1"),
+        (["--lambdas", "0"], "argument --lambdas: '0': λ must be finite and > 0"),
+        (["--lambdas", "1e5", "-1"], "argument --lambdas: '-1': λ must be finite and > 0"),
+        (["--lambdas", "inf"], "argument --lambdas: 'inf': λ must be finite and > 0"),
+        (["--lambdas", "nan"], "argument --lambdas: 'nan': λ must be finite and > 0"),
+        (["--device", "tpu"], "argument --device: 'tpu' is no device; use cpu or cuda"),
+        (["--device", "mps"], "argument --device: 'mps': the benchmarks run on cpu or cuda"),
+        (["--device", "cuda:99"], "argument --device: 'cuda:99'"),
+    ],
+)
+def test_wrong_values_are_errors_of_the_command_line(argv, expected, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(MNIST, argv)
+    assert exit_info.value.code == 2  # argparse's error, with the usage
+    err = capsys.readouterr().err
+    assert expected in err
+    assert err.startswith("usage: python -m benchmarks.split_mnist")
+
+
+def test_lambda_zero_points_to_the_run_without_ewc(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(CIFAR, ["--lambdas", "0"])
+    assert "--methods none" in capsys.readouterr().err
+
+
+def test_iterations_not_given_take_the_default_and_zero_is_refused(capsys):
+    assert parse_args(MNIST, []).iters == 2000
+    assert parse_args(MNIST, ["--quick"]).iters == 500
+    assert parse_args(MNIST, ["--iters", "1"]).iters == 1
+    with pytest.raises(SystemExit):  # was taken for "not given": 2000 iterations
+        parse_args(MNIST, ["--quick", "--iters", "0"])
+    assert "argument --iters: 0 is less than 1" in capsys.readouterr().err
+
+
+def test_bare_synthetic_keeps_the_benchmarks_size_and_a_size_must_be_positive(capsys):
+    assert parse_args(CIFAR, ["--synthetic"]).synthetic == 0  # the benchmark's own small size
+    assert parse_args(CIFAR, ["--synthetic", "5000"]).synthetic == 5000
+    with pytest.raises(SystemExit):
+        parse_args(CIFAR, ["--synthetic", "-3"])
+    assert "argument --synthetic: -3 is less than 1" in capsys.readouterr().err
+
+
+def test_wrong_iterations_record_nothing(tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["--synthetic", "--methods", "none", "--seeds", "0", "--iters", "-5",
+            "--out", str(out)]
+    with pytest.raises(SystemExit):
+        main(MNIST, argv)
+    assert not out.exists()  # (a run of -5 iterations used to be appended to runs.jsonl)
+    assert "argument --iters" in capsys.readouterr().err
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Every connection fails as without internet, and no worker process starts (it would not
+    inherit these patches); returns the URLs asked for."""
+    asked: list[str] = []
+
+    def no_pool(*args, **kwargs):
+        raise AssertionError("workers started before the data was found")
+
+    def urlopen(request, *args, **kwargs):
+        asked.append(getattr(request, "full_url", request))
+        raise urllib.error.URLError("network unreachable (test)")
+
+    def connect(self, address):
+        raise OSError(f"no network in this test (connect to {address})")
+
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    monkeypatch.setattr(protocol, "ProcessPoolExecutor", no_pool)
+    return asked
+
+
+@pytest.mark.parametrize(
+    ("bench", "folder", "url"),
+    [
+        (MNIST, "MNIST/raw", "https://ossci-datasets.s3.amazonaws.com/mnist/"),
+        (CIFAR, "cifar-10-batches-py", "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"),
+    ],
+    ids=["mnist", "cifar10"],
+)
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_missing_data_is_one_clear_error_and_leaves_no_directories(
+    bench, folder, url, workers, tmp_path, no_network, capsys
+):
+    root, out = tmp_path / "data" / "root", tmp_path / "out"
+    argv = ["--methods", "none", "--seeds", "0", "--iters", "1", "--workers", workers,
+            "--data-root", str(root), "--out", str(out)]
+    with pytest.raises(SystemExit) as exit_info:
+        main(bench, argv)
+    message = str(exit_info.value.code)
+    assert message.startswith(f"{bench.name}: ")
+    assert f"is not (complete) in {root / folder}" in message
+    assert f"data root {root}" in message
+    assert url in message
+    assert "--data-root" in message and "EWC_REG_DATA" in message
+    assert "\n" not in message and "Traceback" not in capsys.readouterr().err
+    assert no_network and all(u.startswith(url) for u in no_network[:1])  # download was tried
+    assert not (tmp_path / "data").exists()  # the directories the attempt made are gone
+    assert not out.exists()
+
+
+def test_a_failed_download_keeps_what_was_in_the_root(tmp_path, no_network):
+    root = tmp_path / "data"
+    (root / "MNIST").mkdir(parents=True)
+    (root / "MNIST" / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit):
+        main(MNIST, ["--methods", "none", "--seeds", "0", "--iters", "1",
+                     "--data-root", str(root), "--out", str(tmp_path / "out")])
+    assert sorted(p.name for p in (root / "MNIST").iterdir()) == ["notes.txt"]
