@@ -4,11 +4,13 @@ engine ``auto`` ends on for a model's ``exact`` Fisher and the modules it sends 
 per-module fallback, read from the library's log (loggers ``"ewc_reg"`` and
 ``"ewc_reg.fallback"``), the difference from the loop engine's Fisher (plain autograd, one
 sample at a time), and running each case in its own process (a crash or a hang costs that row
-only)."""
+only); and, with the speed benchmarks built on the same packages (:mod:`.timm_speed`,
+:mod:`.transformers_speed`), the check that those optional packages import before any work."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import re
@@ -16,7 +18,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -26,7 +28,33 @@ from torch import nn
 
 from ewc_reg import fisher_diagonal
 
-from ._reports import keeping_threads, machine, write_report
+from ._reports import at_least, keeping_threads, machine, write_report
+
+#: The optional packages the benchmarks are built on, each with the command that installs it
+#: beside the pinned torch (``--no-deps``: its dependencies would replace that torch).
+INSTALL = {
+    "timm": "pip install --no-deps timm",
+    "transformers": "pip install --no-deps transformers tokenizers huggingface_hub safetensors",
+    "peft": "pip install --no-deps peft",
+}
+
+
+def require(parser: argparse.ArgumentParser, packages: Iterable[str]) -> None:
+    """An error of ``parser``'s command line (exit 2, before any work and nothing written)
+    where one of the optional ``packages`` (:data:`INSTALL`) does not import, naming the
+    command that installs it; without this check a run would fail only after its cases (each
+    a row ``not run``), or at its report's header."""
+    missing = []
+    for package in packages:
+        try:
+            importlib.import_module(package)
+        except Exception as error:  # (not installed, or installed without what it imports)
+            missing.append(
+                f"needs {package}, which does not import here ({type(error).__name__}: "
+                f"{error}); install it with: {INSTALL[package]}"
+            )
+    if missing:
+        parser.error("; ".join(missing))
 
 
 class _Messages(logging.Handler):
@@ -190,42 +218,67 @@ def _option(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def _case_names(known: list[str]) -> Callable[[str], list[str]]:
+    """``--cases``'s type for ``argparse``: comma-separated names, each one of ``known``, else an
+    error of the command line that lists them."""
+
+    def names(text: str) -> list[str]:
+        chosen = list(dict.fromkeys(name.strip() for name in text.split(",") if name.strip()))
+        unknown = [name for name in chosen if name not in known]
+        if unknown or not chosen:
+            said = f"no case {', '.join(unknown)}" if unknown else f"{text!r} names no case"
+            raise argparse.ArgumentTypeError(f"{said}; the cases are {', '.join(known)}")
+        return chosen
+
+    return names
+
+
 def main(
     argv: list[str] | None,
     description: str,
     module: str,
-    cases: list[str],
+    cases: dict[str, tuple[str, ...]],
     measure_case: Callable[..., dict[str, Any]],
     header: Callable[..., tuple[str, str, str]],
     out: Path,
     sizes: dict[str, tuple[int, int, str]] | None = None,
 ) -> str | None:
-    """The command line of a coverage benchmark: ``--cases`` (default: ``cases``),
-    ``--timeout`` per case, ``--threads``, ``--out`` (default: ``out``), and an integer option
-    for each of ``sizes`` (by name, ``batch_size`` for ``--batch-size``: its default, its
-    least value and its help); the child process's ``--one CASE`` prints
+    """The command line of a coverage benchmark, ``python -m module``: ``--cases`` (default: all
+    of ``cases``, each named with the optional packages it imports, which must import before
+    the run: :func:`require`), ``--timeout`` per case, ``--threads``, ``--out`` and an integer
+    option for each of ``sizes`` (by name, ``batch_size`` for ``--batch-size``: its default,
+    its least value and its help); the child process's ``--one CASE`` prints
     ``measure_case(CASE, **sizes)`` as JSON. ``header(threads, **sizes)`` gives the report's
-    title, setting and first column's heading (see :func:`report`)."""
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--cases", help="comma-separated names (default: all)")
+    title, setting and first column's heading (see :func:`report`). The table goes to ``--out``;
+    without it, to ``out`` only for a run of all cases at the default sizes (the committed
+    table), else it is printed only, so that a partial run never replaces the full table."""
+    parser = argparse.ArgumentParser(prog=f"python -m {module}", description=description)
+    parser.add_argument(
+        "--cases", type=_case_names(list(cases)), help="comma-separated names (default: all)"
+    )
     parser.add_argument("--timeout", type=float, default=300, help="seconds per case")
-    parser.add_argument("--threads", type=int, default=1)
-    for name, (default, _, text) in (sizes or {}).items():
-        parser.add_argument(_option(name), type=int, default=default, help=text)
-    parser.add_argument("--out", type=Path, default=out, help="markdown file to write")
+    parser.add_argument("--threads", type=at_least(1), default=1)
+    for name, (default, least, text) in (sizes or {}).items():
+        parser.add_argument(_option(name), type=at_least(least), default=default, help=text)
+    parser.add_argument(
+        "--out", type=Path,
+        help=f"markdown file to write (default: benchmarks/results/{out.name} for all cases at "
+        "the default sizes; other runs are only printed without --out)",
+    )
     parser.add_argument("--one", help=argparse.SUPPRESS)  # (the child process's case)
     args = parser.parse_args(argv)
-    if args.threads < 1 or args.timeout <= 0:
-        parser.error("--threads must be at least 1 and --timeout positive")
+    if args.timeout <= 0:
+        parser.error(f"--timeout must be positive, got {args.timeout:g}")
     chosen_sizes = {name: getattr(args, name) for name in sizes or {}}
-    for name, (_, least, _) in (sizes or {}).items():
-        if chosen_sizes[name] < least:
-            parser.error(f"{_option(name)} must be at least {least}")
     if args.one:
         with keeping_threads():
             torch.set_num_threads(args.threads)
             print(json.dumps(measure_case(args.one, **chosen_sizes)), flush=True)
         return None
-    chosen = args.cases.split(",") if args.cases else cases
+    chosen = args.cases or list(cases)
+    require(parser, dict.fromkeys(package for name in chosen for package in cases[name]))
+    defaults = {name: default for name, (default, _, _) in (sizes or {}).items()}
+    full = set(chosen) == set(cases) and chosen_sizes == defaults
     results = run(module, chosen, args.timeout, args.threads, chosen_sizes)
-    return write_report(report(results, *header(args.threads, **chosen_sizes)), args.out)
+    table = report(results, *header(args.threads, **chosen_sizes))
+    return write_report(table, out if args.out is None and full else args.out)

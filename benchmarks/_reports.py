@@ -44,12 +44,22 @@ def keeping_threads() -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def write_report(table: str, out: Path) -> str:
-    """Print the markdown ``table`` and write it to ``out`` (its folder made if missing)."""
+def write_report(table: str, out: Path | None) -> str:
+    """Print the markdown ``table`` and write it to ``out`` (its folder made if missing; with
+    ``None``, nowhere: a smoke test's or a partial run's table, which must not replace the
+    committed one)."""
     print(table)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(table)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(table)
     return table
+
+
+def command_line(module: str, doc: str) -> argparse.ArgumentParser:
+    """The command line of the benchmark ``module`` (``__spec__.name``, the same run with
+    ``python -m`` as imported): named as it is run, ``python -m benchmarks.x`` (argparse would
+    say ``x.py``), and described by the first line of its docstring ``doc``."""
+    return argparse.ArgumentParser(prog=f"python -m {module}", description=doc.splitlines()[0])
 
 
 def device_name(text: str) -> str:
@@ -89,17 +99,24 @@ def at_least(low: int) -> Callable[[str], int]:
 
 
 def timing_options(
-    argv: list[str] | None, description: str, repeats: int, quick: str, out: Path
+    argv: list[str] | None, module: str, doc: str, repeats: int, quick: str, out: Path
 ) -> argparse.Namespace:
-    """The options of a timing benchmark, parsed from ``argv``: ``--repeats`` (default
-    ``repeats``), ``--threads`` (2), ``--device`` (cpu), ``--quick`` (``quick`` says what it
-    runs) and ``--out`` (default ``out``); repeats and threads must be at least 1."""
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--repeats", type=at_least(1), default=repeats)
-    parser.add_argument("--threads", type=at_least(1), default=2)
-    parser.add_argument(
+    """The options of the timing benchmark ``module`` (see :func:`command_line`), parsed from
+    ``argv``: ``--repeats`` (default ``repeats``), ``--threads`` (2), ``--device`` (cpu),
+    ``--quick`` (``quick`` says what it runs) and ``--out`` (default ``out``, but ``None``
+    with ``--quick``: a smoke test writes only where it is told); repeats and threads must be
+    at least 1."""
+    options = command_line(module, doc)
+    options.add_argument("--repeats", type=at_least(1), default=repeats)
+    options.add_argument("--threads", type=at_least(1), default=2)
+    options.add_argument(
         "--device", type=device_name, default="cpu", help="cpu or cuda (default cpu)"
     )
-    parser.add_argument("--quick", action="store_true", help=quick)
-    parser.add_argument("--out", type=Path, default=out, help="markdown file to write")
-    return parser.parse_args(argv)
+    options.add_argument("--quick", action="store_true", help=quick)
+    options.add_argument(
+        "--out", type=Path, help=f"markdown file to write (default {out}; none with --quick)"
+    )
+    args = options.parse_args(argv)
+    if args.out is None and not args.quick:
+        args.out = out
+    return args

@@ -15,8 +15,9 @@ remembered):
 Rounds go round-robin, order reversed every other round; medians. ``first − later`` is what the
 checks cost; ``first − first, no sums check`` what the sums check costs alone.
 
-Run: ``python -m benchmarks.check_cost [--repeats 5] [--threads 2] [--device cpu]``; writes
-``benchmarks/results/check_cost.md``.
+Run: ``python -m benchmarks.check_cost [--repeats 5] [--threads 2] [--device cpu] [--quick]
+[--out FILE]``; writes ``benchmarks/results/check_cost.md``, or ``--out``; a ``--quick`` smoke
+test writes only where ``--out`` says.
 """
 
 from __future__ import annotations
@@ -145,7 +146,10 @@ def report(timed: dict[tuple[str, str], dict[str, list[float]]], args: argparse.
 
 
 def main(argv: list[str] | None = None) -> str:
-    args = timing_options(argv, __doc__.splitlines()[0], 5, "tiny models: a smoke test", RESULTS)
+    """Run the benchmark ``argv`` asks for; print its report and write it to ``--out``, else
+    (but for a ``--quick`` smoke test) to :data:`RESULTS`."""
+    quick = "tiny models: a smoke test, written only where --out says"
+    args = timing_options(argv, __spec__.name, __doc__, 5, quick, RESULTS)
     with keeping_threads():
         timed = run(args.repeats, args.threads, torch.device(args.device), args.quick)
         table = report(timed, args)

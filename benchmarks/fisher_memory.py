@@ -11,7 +11,6 @@ writes ``benchmarks/results/fisher_memory.md``. Needs torchvision (the ``bench``
 
 from __future__ import annotations
 
-import argparse
 import functools
 from datetime import date
 from pathlib import Path
@@ -20,9 +19,10 @@ import torch
 
 import ewc_reg
 from ewc_reg import fisher_diagonal
+from ewc_reg.engines import BACKENDS
 from ewc_reg.engines.base import DEFAULT_MEMORY_BUDGET
 
-from ._reports import cpu_name, keeping_threads, write_report
+from ._reports import at_least, command_line, cpu_name, keeping_threads, write_report
 from ._timing import measure, memory_method
 
 RESULTS = Path(__file__).parent / "results" / "fisher_memory.md"
@@ -48,11 +48,11 @@ def run(sizes: list[int], backends: list[str], threads: int) -> list[tuple[str, 
 
 
 def main(argv: list[str] | None = None) -> str:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[32, 128])
-    parser.add_argument("--backends", nargs="+", default=["auto", "functorch"])
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser = command_line(__spec__.name, __doc__)
+    parser.add_argument("--sizes", type=at_least(1), nargs="+", default=[32, 128], help="N")
+    parser.add_argument("--backends", choices=BACKENDS, nargs="+", default=["auto", "functorch"])
+    parser.add_argument("--threads", type=at_least(1), default=1)
+    parser.add_argument("--out", type=Path, default=RESULTS, help="markdown file to write")
     args = parser.parse_args(argv)
     with keeping_threads():
         rows = run(args.sizes, args.backends, args.threads)

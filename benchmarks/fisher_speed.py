@@ -46,7 +46,7 @@ from torch import Tensor, fx, nn
 from ewc_reg import fisher_diagonal
 from ewc_reg.engines import BACKENDS, get_engine
 
-from ._reports import cpu_name, keeping_threads
+from ._reports import at_least, command_line, cpu_name, device_name, keeping_threads
 from ._timing import Measurement, measure, memory_method
 from .models import (
     LSTMCellClassifier,
@@ -761,13 +761,15 @@ def render(
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command-line options (see ``--help``)."""
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.fisher_speed", description=__doc__.splitlines()[0]
-    )
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    parser = command_line(__spec__.name, __doc__)
     parser.add_argument(
-        "--repeats", type=int, default=5,
+        "--threads", type=at_least(1), default=2, help="torch CPU threads (default 2)"
+    )
+    parser.add_argument(
+        "--device", type=device_name, default="cpu", help="cpu or cuda (default cpu)"
+    )
+    parser.add_argument(
+        "--repeats", type=at_least(0), default=5,
         help="timed rounds (default 5; 0 reports the warm-up run, as --quick does)",
     )
     parser.add_argument(
@@ -776,7 +778,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         f"{','.join(MODEL_KEYS)})",
     )
     parser.add_argument(
-        "--samples", type=int, default=None,
+        "--samples", type=at_least(1), default=None,
         help="N for every model (default: 256 MLP, 128 ResNet-18 and Transformer)",
     )
     parser.add_argument(
@@ -785,26 +787,24 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test")
     parser.add_argument(
-        "--output", type=Path, default=None,
+        "--out", "--output", type=Path, default=None,
         help="markdown report path (default benchmarks/results/fisher_speed.md; none with "
-        "--quick)",
+        "--quick); --output is its older name",
     )
     args = parser.parse_args(argv)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = set(args.models) - set(ALL_MODEL_KEYS)
     if unknown or not args.models:
         parser.error(f"--models takes a comma-separated subset of {','.join(ALL_MODEL_KEYS)}")
-    if args.repeats < 0 or args.threads < 1:
-        parser.error("--repeats must be at least 0 and --threads at least 1")
     if args.quick:
         args.repeats = 0
-    if args.output is None and not args.quick:
-        args.output = RESULTS_PATH
+    if args.out is None and not args.quick:
+        args.out = RESULTS_PATH
     return args
 
 
 def run(args: argparse.Namespace, command: str | None = None) -> Report:
-    """Run the benchmark described by ``args``; write the report if ``args.output`` is set.
+    """Run the benchmark described by ``args``; write the report if ``args.out`` is set.
 
     torch's thread count is set to ``args.threads`` for the run and restored after it.
     On CUDA, TF32 is turned off for the run (and restored after it), so every contender computes
@@ -841,9 +841,9 @@ def _run(args: argparse.Namespace, command: str) -> Report:
             targets = evaluate_targets(rows, auto)
             status = "" if done == len(workloads) else f"partial, {done}/{len(workloads)} workloads"
             markdown = render(args, command, device, rows, targets, auto, revision, status)
-            if args.output is not None:  # after each workload, so a long run shows progress
-                args.output.parent.mkdir(parents=True, exist_ok=True)
-                args.output.write_text(markdown)
+            if args.out is not None:  # after each workload, so a long run shows progress
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                args.out.write_text(markdown)
     return Report(rows, targets, markdown, auto)
 
 

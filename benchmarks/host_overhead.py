@@ -39,7 +39,7 @@ import ewc_reg
 from ewc_reg import fisher_diagonal
 
 from ._paths import WAYS, engine_ways
-from ._reports import keeping_threads, machine, write_report
+from ._reports import at_least, command_line, device_name, keeping_threads, machine, write_report
 from ._timing import side_by_side
 from .models import (
     LSTMClassifier,
@@ -178,15 +178,17 @@ def report(rows: list[Row], args: argparse.Namespace) -> str:
 
 
 def main(argv: list[str] | None = None) -> str:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = command_line(__spec__.name, __doc__)
     parser.add_argument(
         "--models", type=lambda s: s.split(","), default=list(MODELS),
         help=f"comma-separated, from {','.join(MODELS)}",
     )
-    parser.add_argument("--samples", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--samples", type=at_least(1), default=8)
+    parser.add_argument("--repeats", type=at_least(1), default=20)
+    parser.add_argument("--threads", type=at_least(1), default=1)
+    parser.add_argument(
+        "--device", type=device_name, default="cpu", help="cpu or cuda (default cpu)"
+    )
     parser.add_argument(
         "--ways", choices=WAYS, default="device",
         help="the engines' ways for the device, a GPU's or the CPU's on any device",

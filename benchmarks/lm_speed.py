@@ -70,7 +70,7 @@ import ewc_reg
 from ewc_reg import fisher_diagonal
 from ewc_reg.engines import rules, unit_sums
 
-from ._reports import keeping_threads, machine, write_report
+from ._reports import at_least, command_line, device_name, keeping_threads, machine, write_report
 from ._timing import measure
 from .models import TiedLanguageModel
 
@@ -375,20 +375,22 @@ def render(rows: list[Row], args: argparse.Namespace, command: str, device: torc
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command-line options (see ``--help``)."""
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.lm_speed", description=__doc__.splitlines()[0]
-    )
+    parser = command_line(__spec__.name, __doc__)
     parser.add_argument(
         "--models",
         default=",".join(MODEL_KEYS),
         help=f"comma-separated subset of {','.join(MODEL_KEYS)} (default all)",
     )
-    parser.add_argument("--vocab", type=int, default=5000, help="V (default 5000)")
-    parser.add_argument("--batch-size", type=int, default=8, help="B (default 8)")
-    parser.add_argument("--seq-len", type=int, default=32, help="T (default 32)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed rounds (default 5)")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    parser.add_argument("--vocab", type=at_least(1), default=5000, help="V (default 5000)")
+    parser.add_argument("--batch-size", type=at_least(1), default=8, help="B (default 8)")
+    parser.add_argument("--seq-len", type=at_least(1), default=32, help="T (default 32)")
+    parser.add_argument("--repeats", type=at_least(1), default=5, help="timed rounds (default 5)")
+    parser.add_argument(
+        "--threads", type=at_least(1), default=2, help="torch CPU threads (default 2)"
+    )
+    parser.add_argument(
+        "--device", type=device_name, default="cpu", help="cpu or cuda (default cpu)"
+    )
     parser.add_argument(
         "--quick",
         action="store_true",
@@ -404,8 +406,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     if not args.models or set(args.models) - set(MODEL_KEYS):
         parser.error(f"--models takes a comma-separated subset of {','.join(MODEL_KEYS)}")
-    if min(args.vocab, args.batch_size, args.seq_len, args.repeats, args.threads) < 1:
-        parser.error("--vocab, --batch-size, --seq-len, --repeats and --threads must be >= 1")
     if args.quick:
         args.vocab, args.batch_size, args.seq_len, args.repeats = 50, 3, 6, 1
     elif args.out is None:
@@ -426,10 +426,7 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
             print(f"{w.title}", file=sys.stderr, flush=True)
             rows += benchmark(w, args.repeats, device)
     markdown = render(rows, args, " ".join(["python -m benchmarks.lm_speed", *argv]), device)
-    if args.out is None:
-        print(markdown)
-    else:
-        write_report(markdown, args.out)
+    write_report(markdown, args.out)
     return rows
 
 

@@ -33,7 +33,7 @@ from ewc_reg import fisher_diagonal
 from ewc_reg.engines.base import default_memory_budget
 
 from ._paths import PULL_BACKS, pull_back
-from ._reports import keeping_threads, machine, write_report
+from ._reports import at_least, command_line, device_name, keeping_threads, machine, write_report
 from ._timing import Measurement, measure, memory_method
 from .models import ReducedResNet18
 
@@ -116,17 +116,19 @@ def report(timed: dict[str, list[Measurement]], args: argparse.Namespace) -> str
 
 
 def main(argv: list[str] | None = None) -> str:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = command_line(__spec__.name, __doc__)
     parser.add_argument("--budgets-mib", type=float, nargs="+", default=[128, 256, 512, 1024])
-    parser.add_argument("--samples", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    parser.add_argument("--samples", type=at_least(1), default=128)
+    parser.add_argument("--repeats", type=at_least(1), default=3)
+    parser.add_argument("--threads", type=at_least(1), default=2)
+    parser.add_argument(
+        "--device", type=device_name, default="cpu", help="cpu or cuda (default cpu)"
+    )
     parser.add_argument("--pull-back", choices=PULL_BACKS, default="auto")
     parser.add_argument("--out", type=Path, default=RESULTS, help="markdown file to write")
     args = parser.parse_args(argv)
-    if args.repeats < 1 or args.samples < 1 or any(b <= 0 for b in args.budgets_mib):
-        parser.error("--repeats, --samples and every budget must be positive")
+    if not all(b > 0 for b in args.budgets_mib):
+        parser.error(f"--budgets-mib: every budget must be positive, got {args.budgets_mib}")
     with keeping_threads(), pull_back(args.pull_back):
         timed = run(
             args.budgets_mib, args.samples, args.repeats, args.threads, torch.device(args.device)

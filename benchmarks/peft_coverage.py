@@ -1,7 +1,9 @@
-"""Which engine models with PEFT adapters get (LoRA and its variants, IA3, LoHa, LoKr, VeRA,
-OFT, BOFT, AdaLoRA, FourierFT, HRA; on MLPs, a CNN, an embedding, a timm ViT and Hugging Face's
-BERT, GPT-2, Llama and OPT), which of their modules go to the per-module ``torch.func``
-fallback, and whether their Fisher agrees with the loop engine's.
+"""Which engine PEFT-adapted models get, and whether their Fisher agrees with the loop engine's.
+
+For models with PEFT adapters (LoRA and its variants, IA3, LoHa, LoKr, VeRA, OFT, BOFT, AdaLoRA,
+FourierFT, HRA; on MLPs, a CNN, an embedding, a timm ViT and Hugging Face's BERT, GPT-2, Llama
+and OPT): the engine ``auto`` ends on, which of their modules go to the per-module
+``torch.func`` fallback, and whether their Fisher agrees with the loop engine's.
 
 Run from the repository root (needs ``peft``, and ``transformers`` and ``timm`` for the cases
 built on them, optional imports: ``pip install --no-deps peft transformers timm`` beside the
@@ -10,6 +12,10 @@ pinned torch; a few minutes)::
     python -m benchmarks.peft_coverage            # writes benchmarks/results/peft_coverage.md
     python -m benchmarks.peft_coverage --cases mlp_lora,gpt2_lora --out /tmp/peft.md
     python -m benchmarks.peft_coverage --batch-size 4 --out /tmp/peft_b4.md
+
+The packages the cases chosen need must import before the run (the error names the command
+that installs them). Without ``--out``, only a run of all the cases at the default batch size
+writes its table; other runs print it.
 
 Each case runs in its own process (:mod:`._coverage`): the adapted model in float64 and eval
 mode, its adapter parameters (the trainable ones) moved off their initial values (LoRA's ``B``
@@ -190,6 +196,18 @@ CASES: dict[str, Callable[[int], tuple[nn.Module, list[Any]]]] = {
 }
 
 
+#: The cases built on timm's or transformers' models, by the package.
+_BUILT_ON = {
+    "timm": ("vit_lora", "vit_dora"),
+    "transformers": ("bert_lora", "gpt2_lora", "llama_lora", "opt_lora"),
+}
+#: The optional packages each case imports (:data:`._coverage.INSTALL`).
+PACKAGES = {
+    name: ("peft", *(package for package, cases in _BUILT_ON.items() if name in cases))
+    for name in CASES
+}
+
+
 def measure_case(name: str, batch_size: int = 3) -> dict[str, Any]:
     """:func:`._coverage.measure` on the case ``name`` with a batch of ``batch_size`` samples
     (see the module docstring), or why it could not be built or run (``"error"``)."""
@@ -240,7 +258,7 @@ def _installed(package: str) -> bool:
 
 def main(argv: list[str] | None = None) -> str | None:
     return _coverage.main(
-        argv, __doc__.splitlines()[0], "benchmarks.peft_coverage", list(CASES), measure_case,
+        argv, __doc__.splitlines()[0], "benchmarks.peft_coverage", PACKAGES, measure_case,
         _header, RESULTS, sizes={"batch_size": (3, 1, "samples per batch")},
     )
 

@@ -57,7 +57,7 @@ import torch.nn.functional as F
 import ewc_reg
 from ewc_reg import EWCRegularizer
 
-from ._reports import cpu_name, keeping_threads, write_report
+from ._reports import at_least, command_line, cpu_name, device_name, keeping_threads, write_report
 from .host_overhead import OperatorCount
 from .models import split_mnist_mlp
 
@@ -235,11 +235,13 @@ def report(
 
 
 def main(argv: list[str] | None = None) -> str:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=300)
-    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--device", default="cpu")
+    parser = command_line(__spec__.name, __doc__)
+    parser.add_argument("--repeats", type=at_least(1), default=300)
+    parser.add_argument("--threads", type=at_least(1), nargs="+", default=[1, 2])
+    parser.add_argument("--batch-size", type=at_least(1), default=128)
+    parser.add_argument(
+        "--device", type=device_name, default="cpu", help="cpu or cuda (default cpu)"
+    )
     parser.add_argument(
         "--compile",
         metavar="BACKEND",

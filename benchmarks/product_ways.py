@@ -13,7 +13,8 @@ and the one picked, and in all how often the pick was the faster and how much ti
 picks lose. Those constants were fitted to its shapes (session 23).
 
 Run: ``python -m benchmarks.product_ways [--repeats 7] [--threads 2] [--device cpu]
-[--quick]``; writes ``benchmarks/results/product_ways.md``.
+[--quick] [--out FILE]``; writes ``benchmarks/results/product_ways.md``, or ``--out``; a
+``--quick`` smoke test writes only where ``--out`` says (it would replace the grid's table).
 """
 
 from __future__ import annotations
@@ -196,11 +197,14 @@ def report(results: list[Timed], args: argparse.Namespace) -> str:
 
 
 def main(argv: list[str] | None = None) -> str:
-    quick = "three tiny shapes: a smoke test"
-    args = timing_options(argv, __doc__.splitlines()[0], 7, quick, RESULTS)
+    """Run the benchmark ``argv`` asks for; print its report and write it to ``--out``, else
+    (but for a ``--quick`` smoke test) to :data:`RESULTS`."""
+    quick = "three tiny shapes: a smoke test, written only where --out says"
+    args = timing_options(argv, __spec__.name, __doc__, 7, quick, RESULTS)
     with keeping_threads():
         results = run(args.repeats, args.threads, torch.device(args.device), args.quick)
-    return write_report(report(results, args), args.out)
+    table = report(results, args)
+    return write_report(table, args.out)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
-"""Which engine each of 108 timm architectures gets, which of its modules go to the per-module
-``torch.func`` fallback, and whether its Fisher agrees with the loop engine's (plain autograd,
-one sample at a time).
+"""Which engine timm architectures get, and whether their Fisher agrees with the loop engine's.
+
+For each of 108 timm architectures: the engine ``auto`` ends on, which of its modules go to the
+per-module ``torch.func`` fallback, and whether its Fisher agrees with the loop engine's (plain
+autograd, one sample at a time).
 
 Run from the repository root (needs ``timm``, an optional import: ``pip install --no-deps timm``
 beside the pinned torch; about 45 minutes on one core)::
@@ -8,6 +10,9 @@ beside the pinned torch; about 45 minutes on one core)::
     python -m benchmarks.timm_coverage            # writes benchmarks/results/timm_coverage.md
     python -m benchmarks.timm_coverage --cases resnet18,convnext_atto --out /tmp/cover.md
     python -m benchmarks.timm_coverage --batch-size 4 --out /tmp/cover4.md
+
+Without ``--out``, only a run of all the architectures at the default batch size writes its
+table (to ``benchmarks/results/timm_coverage.md``); other runs print it.
 
 Each architecture runs in its own process (:mod:`._coverage`; a crash or a hang costs that row
 only, ``--timeout`` seconds at most): ``timm.create_model(name, num_classes=5, **settings)``
@@ -92,7 +97,7 @@ def measure_architecture(name: str, batch_size: int = 3) -> dict[str, Any]:
     the module docstring), or why it could not be made or run (``"error"``)."""
     import timm  # (optional: only this benchmark needs it)
 
-    settings, size = ARCHITECTURES.get(name, ({}, 32))
+    settings, size = ARCHITECTURES[name]
     torch.manual_seed(0)
     try:
         model = timm.create_model(name, pretrained=False, num_classes=5, **settings)
@@ -125,7 +130,8 @@ def _header(threads: int, batch_size: int) -> tuple[str, str, str]:
 
 def main(argv: list[str] | None = None) -> str | None:
     return _coverage.main(
-        argv, __doc__.splitlines()[0], "benchmarks.timm_coverage", list(ARCHITECTURES),
+        argv, __doc__.splitlines()[0], "benchmarks.timm_coverage",
+        dict.fromkeys(ARCHITECTURES, ("timm",)),
         measure_architecture, _header, RESULTS,
         sizes={"batch_size": (3, 1, "images per batch")},
     )

@@ -1,16 +1,18 @@
-"""Speed of the Fisher of timm models on the hooks engine, against the same engine without one of
-its features for such models: the rules for timm's own layers (``--baseline no-timm-rules``, the
-default: the per-module ``torch.func`` fallback they replace), or parents as units of their own
-parameters (``--baseline whole-parents``: a module whose parameters take no per-sample copies, as a
-timm ConvNeXt block's layer scale before shadowed copies, is one unit of all the parameters inside
-it, as before), or loose parameters without shadowed per-sample copies (``--baseline unshadowed``: a
-ConvNeXt block's ``gamma.reshape(1, C, 1, 1)`` takes no other layout, and the block is a unit of its
-own parameters on the per-module fallback, as before), or against the whole-model functorch engine
+"""Speed of the Fisher of timm models on the hooks engine, against a baseline (``--baseline``).
+
+The baseline is the same engine without one of its features for such models: the rules for
+timm's own layers (``--baseline no-timm-rules``, the default: the per-module ``torch.func``
+fallback they replace), or parents as units of their own parameters (``--baseline
+whole-parents``: a module whose parameters take no per-sample copies, as a timm ConvNeXt block's
+layer scale before shadowed copies, is one unit of all the parameters inside it, as before), or
+loose parameters without shadowed per-sample copies (``--baseline unshadowed``: a ConvNeXt
+block's ``gamma.reshape(1, C, 1, 1)`` takes no other layout, and the block is a unit of its own
+parameters on the per-module fallback, as before); or the whole-model functorch engine
 (``--baseline functorch``: ViTs with parameters of their own on their attention modules, BEiT's,
-EVA's and ConViT's, which went there before the hooks engine took per-sample copies of some loose
-parameters only and made only the parents whose children's weights they use whole units), or
-against the loop engine (``--baseline loop``: Sequencer, whose LSTMs run on the rows and columns
-of each image folded into the batch dimension, which ``torch.func`` cannot run, went there before
+EVA's and ConViT's, which went there before the hooks engine took per-sample copies of some
+loose parameters only and made only the parents whose children's weights they use whole units);
+or the loop engine (``--baseline loop``: Sequencer, whose LSTMs run on the rows and columns of
+each image folded into the batch dimension, which ``torch.func`` cannot run, went there before
 the recurrent rule took folded rows).
 
 Run from the repository root (needs ``timm``, an optional import: ``pip install --no-deps timm``
@@ -33,7 +35,6 @@ which differs between the two)."""
 
 from __future__ import annotations
 
-import argparse
 import warnings
 import weakref
 from collections.abc import Callable, Iterator
@@ -48,7 +49,8 @@ import torch
 from ewc_reg import fisher_diagonal
 from ewc_reg.engines import hooks, loose, recording, rules
 
-from ._reports import keeping_threads, machine, write_report
+from ._coverage import require
+from ._reports import at_least, command_line, keeping_threads, machine, write_report
 from ._timing import side_by_side
 
 RESULTS = Path(__file__).parent / "results"
@@ -219,17 +221,16 @@ def run(
 
 
 def main(argv: list[str] | None = None) -> str:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = command_line(__spec__.name, __doc__)
     parser.add_argument("--baseline", choices=list(BASELINES), default="no-timm-rules")
     parser.add_argument("--models", help="comma-separated timm names (default: the baseline's)")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--image-size", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch-size", type=at_least(1), default=16)
+    parser.add_argument("--image-size", type=at_least(1), default=64)
+    parser.add_argument("--repeats", type=at_least(1), default=5)
+    parser.add_argument("--threads", type=at_least(1), default=2)
     parser.add_argument("--out", type=Path, help="markdown file to write (default: the baseline's)")
     args = parser.parse_args(argv)
-    if min(args.batch_size, args.image_size, args.repeats, args.threads) < 1:
-        parser.error("--batch-size, --image-size, --repeats and --threads must be at least 1")
+    require(parser, ["timm"])
     _, file, models, title, (ours, theirs) = BASELINES[args.baseline]
     models = args.models.split(",") if args.models else list(models)
     with keeping_threads():

@@ -1,7 +1,9 @@
-"""Which engine each of Hugging Face's transformers architectures gets (text classifiers built on
-encoders, decoders and encoder-decoders, and image classifiers), which of its modules go to the
-per-module ``torch.func`` fallback, and whether its Fisher agrees with the loop engine's (plain
-autograd, one sample at a time).
+"""Which engine Hugging Face models get, and whether their Fisher agrees with the loop engine's.
+
+For each of Hugging Face's transformers architectures (text classifiers built on encoders,
+decoders and encoder-decoders, and image classifiers): the engine ``auto`` ends on, which of its
+modules go to the per-module ``torch.func`` fallback, and whether its Fisher agrees with the
+loop engine's (plain autograd, one sample at a time).
 
 Run from the repository root (needs ``transformers``, an optional import: ``pip install
 --no-deps transformers tokenizers huggingface_hub safetensors`` beside the pinned torch;
@@ -10,6 +12,9 @@ about ten minutes on one core)::
     python -m benchmarks.transformers_coverage     # writes results/transformers_coverage.md
     python -m benchmarks.transformers_coverage --cases bert,llama --out /tmp/hf.md
     python -m benchmarks.transformers_coverage --batch-size 5 --length 10 --out /tmp/hf.md
+
+Without ``--out``, only a run of all the architectures at the default sizes writes its table;
+other runs print it.
 
 Each architecture runs in its own process (:mod:`._coverage`): the model made from its
 configuration (no download), made small (:func:`small_config`: 2 layers, width 32, 2 heads, a
@@ -235,8 +240,8 @@ def _header(threads: int, batch_size: int, length: int) -> tuple[str, str, str]:
 
 def main(argv: list[str] | None = None) -> str | None:
     return _coverage.main(
-        argv, __doc__.splitlines()[0], "benchmarks.transformers_coverage", CASES,
-        measure_architecture, _header, RESULTS, SIZES,
+        argv, __doc__.splitlines()[0], "benchmarks.transformers_coverage",
+        dict.fromkeys(CASES, ("transformers",)), measure_architecture, _header, RESULTS, SIZES,
     )
 
 

@@ -1,14 +1,16 @@
-"""Speed of the Fisher of Hugging Face transformers classifiers on ``backend="auto"``, against
-the engine they went to before (``--baseline loop``, the default, or ``functorch``): MPNet,
-whose relative position bias is ``expand``ed to the batch size before it meets the attention
-scores, went to the loop engine until its shadowed per-sample copies met each sample with its
-own rows (:mod:`ewc_reg.engines.shadows`). BERT, on the hooks engine all along, is the
-reference of an encoder without them.
+"""Speed of the Fisher of Hugging Face classifiers on ``auto``, against a baseline (``--baseline``).
+
+The baseline is the engine they went to before (``--baseline loop``, the default, or
+``functorch``): MPNet, whose relative position bias is ``expand``ed to the batch size before it
+meets the attention scores, went to the loop engine until its shadowed per-sample copies met
+each sample with its own rows (:mod:`ewc_reg.engines.shadows`). BERT, on the hooks engine all
+along, is the reference of an encoder without them.
 
 Run from the repository root (needs ``transformers``, an optional import: ``pip install
 --no-deps transformers tokenizers huggingface_hub safetensors`` beside the pinned torch)::
 
     python -m benchmarks.transformers_speed      # writes results/transformers_speed.md
+    python -m benchmarks.transformers_speed --baseline functorch  # ..._functorch_speed.md
     python -m benchmarks.transformers_speed --models mpnet --batch-size 8 --length 32 --width 64
 
 Each model is the classifier of :mod:`.transformers_coverage` (its :func:`small_config`,
@@ -21,7 +23,6 @@ and their Fisher diagonals are compared (:func:`._coverage.relative_difference`)
 
 from __future__ import annotations
 
-import argparse
 import warnings
 from datetime import date
 from functools import partial
@@ -33,12 +34,13 @@ import torch
 from ewc_reg import fisher_diagonal
 
 from . import _coverage
-from ._reports import keeping_threads, machine, write_report
+from ._reports import at_least, command_line, keeping_threads, machine, write_report
 from ._timing import side_by_side
 from .transformers_coverage import CASES, classifier, inputs
 
-RESULTS = Path(__file__).parent / "results" / "transformers_speed.md"
-BASELINES = ("loop", "functorch")
+RESULTS = Path(__file__).parent / "results"
+#: Each baseline, with the file its table goes to without ``--out``.
+BASELINES = {"loop": "transformers_speed.md", "functorch": "transformers_functorch_speed.md"}
 
 
 def run(
@@ -75,23 +77,26 @@ def run(
 
 
 def main(argv: list[str] | None = None) -> str:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--baseline", choices=BASELINES, default="loop")
+    parser = command_line(__spec__.name, __doc__)
+    parser.add_argument("--baseline", choices=list(BASELINES), default="loop")
     parser.add_argument("--models", default="mpnet,bert", help="comma-separated model types")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--length", type=int, default=128, help="tokens per sample")
-    parser.add_argument("--width", type=int, default=256, help="hidden units")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=RESULTS, help="markdown file to write")
+    parser.add_argument("--batch-size", type=at_least(1), default=16)
+    parser.add_argument("--length", type=at_least(3), default=128, help="tokens per sample")
+    parser.add_argument("--width", type=at_least(4), default=256, help="hidden units")
+    parser.add_argument("--repeats", type=at_least(1), default=5)
+    parser.add_argument("--threads", type=at_least(1), default=2)
+    parser.add_argument(
+        "--out", type=Path,
+        help="markdown file to write (default: the baseline's in benchmarks/results, "
+        f"{', '.join(f'{file} for {name}' for name, file in BASELINES.items())})",
+    )
     args = parser.parse_args(argv)
-    if min(args.batch_size, args.repeats, args.threads) < 1 or args.length < 3:
-        parser.error("--batch-size, --repeats and --threads must be at least 1, --length 3")
     if args.width % 4:
         parser.error("--width must be a multiple of 4 (the heads)")
     unknown = sorted(set(args.models.split(",")) - set(CASES))
     if unknown:
         parser.error(f"--models: no classifier for {unknown}; choose among {CASES}")
+    _coverage.require(parser, ["transformers"])
     with keeping_threads():
         torch.set_num_threads(args.threads)
         rows = run(
@@ -115,7 +120,7 @@ def main(argv: list[str] | None = None) -> str:
             "",
         ]
     )
-    return write_report(table, args.out)
+    return write_report(table, args.out or RESULTS / BASELINES[args.baseline])
 
 
 if __name__ == "__main__":

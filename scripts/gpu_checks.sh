@@ -56,10 +56,10 @@ step memory_budget "$py" -m benchmarks.memory_budget --device "$dev" \
 step memory_budget_looped "$py" -m benchmarks.memory_budget --device "$dev" --pull-back looped \
     --budgets-mib 256 1024 4096 16384 --out "$out/memory_budget_looped_cuda.md"
 step fisher_speed "$py" -m benchmarks.fisher_speed --device "$dev" \
-    --output "$out/fisher_speed_cuda.md"
+    --out "$out/fisher_speed_cuda.md"
 step fisher_speed_extra "$py" -m benchmarks.fisher_speed --device "$dev" --repeats 3 \
     --models lstm,lstm_proj,lstm_cell,shared_mlp,transformer_shared,upsampling,conv3d \
-    --output "$out/fisher_speed_extra_cuda.md"
+    --out "$out/fisher_speed_extra_cuda.md"
 if ((${#failed[@]})); then
     echo "== failed: ${failed[*]}" | tee -a "$log"
     exit 1

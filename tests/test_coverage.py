@@ -4,12 +4,13 @@ size options reach each case."""
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
 from torch import nn
 
-from benchmarks import _coverage
+from benchmarks import _coverage, peft_coverage, timm_coverage, transformers_coverage
 
 
 class Gate(nn.Module):
@@ -81,34 +82,110 @@ def test_a_fisher_of_zeros_is_compared_and_shown() -> None:
     assert "(the Fisher is 0)" in row
 
 
-def test_the_sizes_reach_the_case_the_child_process_and_the_header(
-    monkeypatch, capsys, tmp_path
-) -> None:
-    """A benchmark's size options (``--batch-size``) go to the child process's command line,
-    from there to the case's measurement, and to the report's header; a size below its least
-    value is refused."""
-    sizes = {"batch_size": (3, 1, "samples per batch")}
+def _measured(name: str, batch_size: int = 3) -> dict:
+    """A case's result as the child process prints it (``auto_s``: the batch size it got)."""
+    return {"engine": "hooks", "fallbacks": [], "difference": 0.0, "auto_s": batch_size,
+            "loop_s": 0.0}
 
-    def measure_case(name: str, batch_size: int) -> dict:
-        return {"engine": "hooks", "fallbacks": [], "difference": 0.0, "auto_s": batch_size,
-                "loop_s": 0.0}
 
-    def header(threads: int, batch_size: int) -> tuple[str, str, str]:
-        return "Title", f"B={batch_size}", "case"
+def _header(threads: int, batch_size: int) -> tuple[str, str, str]:
+    return "Title", f"B={batch_size}", "case"
 
-    common = ("description", "benchmarks.fake", ["a"], measure_case, header, tmp_path / "o.md")
-    assert _coverage.main(["--one", "a", "--batch-size", "5"], *common, sizes) is None
-    assert '"auto_s": 5' in capsys.readouterr().out
-    commands = []
+
+SIZES = {"batch_size": (3, 1, "samples per batch")}
+
+
+@pytest.fixture
+def children(monkeypatch) -> list[list[str]]:
+    """The command lines of the child processes ``_coverage.run`` starts (none is started: each
+    prints its case's result at once)."""
+    commands: list[list[str]] = []
 
     class Done:
-        stdout = json.dumps(measure_case("a", 0))
+        stdout = json.dumps(_measured("a"))
 
     monkeypatch.setattr(
         _coverage.subprocess, "run", lambda command, **kwargs: commands.append(command) or Done
     )
-    table = _coverage.main(["--batch-size", "4"], *common, sizes)
-    assert commands[0][-2:] == ["--batch-size", "4"] and "B=4" in table
+    return commands
+
+
+def _main(argv: list[str], out, cases=None) -> str | None:
+    """``_coverage.main`` of a benchmark ``benchmarks.fake`` of cases ``a`` and ``b`` (needing
+    no package) whose default report is ``out``."""
+    cases = cases or {"a": (), "b": ()}
+    return _coverage.main(argv, "Fake.", "benchmarks.fake", cases, _measured, _header, out, SIZES)
+
+
+def test_the_sizes_reach_the_case_the_child_process_and_the_header(
+    children, capsys, tmp_path
+) -> None:
+    """A benchmark's size options (``--batch-size``) go to the child process's command line,
+    from there to the case's measurement, and to the report's header; a size below its least
+    value is refused."""
+    out = tmp_path / "o.md"
+    assert _main(["--one", "a", "--batch-size", "5"], out) is None
+    assert '"auto_s": 5' in capsys.readouterr().out
+    table = _main(["--batch-size", "4"], out)
+    assert children[0][-2:] == ["--batch-size", "4"] and "B=4" in table
     with pytest.raises(SystemExit):
-        _coverage.main(["--batch-size", "0"], *common, sizes)
-    assert "--batch-size must be at least 1" in capsys.readouterr().err
+        _main(["--batch-size", "0"], out)
+    assert "argument --batch-size: 0 is less than 1" in capsys.readouterr().err
+
+
+def test_only_a_full_run_writes_the_default_report(children, tmp_path) -> None:
+    """Without ``--out``, a run of some of the cases, or at other sizes, is printed only: it
+    would replace the committed table of all the cases. ``--out`` writes any run."""
+    out = tmp_path / "default.md"
+    for argv in (["--cases", "a"], ["--batch-size", "4"]):
+        assert "| a | hooks |" in _main(argv, out)
+        assert not out.exists()
+    table = _main(["--cases", "a", "--out", str(tmp_path / "a.md")], out)
+    assert (tmp_path / "a.md").read_text() == table and not out.exists()
+    assert _main([], out) == out.read_text()
+    out.unlink()
+    assert _main(["--cases", "b,a"], out) == out.read_text()  # (all the cases, named)
+
+
+@pytest.mark.parametrize(
+    "cases, message",
+    [
+        ("a,c,d", "argument --cases: no case c, d; the cases are a, b"),
+        (",", "argument --cases: ',' names no case; the cases are a, b"),
+    ],
+)
+def test_unknown_cases_are_refused_before_any_runs(
+    children, capsys, tmp_path, cases, message
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        _main(["--cases", cases], tmp_path / "o.md")
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+    assert not children and not (tmp_path / "o.md").exists()
+
+
+def test_a_missing_package_is_refused_before_any_runs(
+    children, capsys, monkeypatch, tmp_path
+) -> None:
+    """The packages of the cases chosen must import; the error names the command that
+    installs one that does not, and nothing runs or is written."""
+    monkeypatch.setitem(sys.modules, "peft", None)  # (as if not installed)
+    out = tmp_path / "o.md"
+    assert _main(["--cases", "a"], out, {"a": (), "b": ("peft",)}) is not None  # (a needs none)
+    with pytest.raises(SystemExit) as exit_:
+        _main([], out, {"a": (), "b": ("peft",)})
+    error = capsys.readouterr().err
+    assert exit_.value.code == 2 and "needs peft, which does not import here" in error
+    assert "install it with: pip install --no-deps peft" in error
+    assert len(children) == 1 and not out.exists()
+
+
+@pytest.mark.parametrize(
+    "module", [timm_coverage, transformers_coverage, peft_coverage], ids=lambda m: m.__name__
+)
+def test_the_help_names_the_command_and_says_what_it_does(module, capsys) -> None:
+    """(Without the benchmark's package: the help needs none.)"""
+    with pytest.raises(SystemExit):
+        module.main(["--help"])
+    usage, description = capsys.readouterr().out.split("\n\n")[:2]
+    assert usage.startswith(f"usage: python -m {module.__name__} ")
+    assert description.endswith(".")  # (a whole sentence)

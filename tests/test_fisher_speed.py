@@ -8,12 +8,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+import torch
+
 from benchmarks import fisher_speed
 
 
 def test_quick_benchmark_produces_report_and_agrees(tmp_path: Path) -> None:
     output = tmp_path / "fisher_speed.md"
-    args = fisher_speed.parse_args(["--quick", "--threads", "1", "--output", str(output)])
+    args = fisher_speed.parse_args(["--quick", "--threads", "1", "--out", str(output)])
     report = fisher_speed.run(args)
 
     assert output.read_text() == report.markdown
@@ -38,13 +41,34 @@ def test_quick_benchmark_produces_report_and_agrees(tmp_path: Path) -> None:
 
 def test_quick_mode_writes_no_results_file_by_default() -> None:
     args = fisher_speed.parse_args(["--quick", "--models", "mlp"])
-    assert args.output is None and args.repeats == 0
-    assert fisher_speed.parse_args([]).output == fisher_speed.RESULTS_PATH
+    assert args.out is None and args.repeats == 0
+    assert fisher_speed.parse_args([]).out == fisher_speed.RESULTS_PATH
+
+
+def test_the_report_goes_to_out_or_to_output_its_older_name(tmp_path: Path) -> None:
+    """``--out`` as in the other benchmarks; ``--output``, in older commands, still works."""
+    for option in ("--out", "--output"):
+        assert fisher_speed.parse_args([option, str(tmp_path)]).out == tmp_path
+
+
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        (["--samples", "0"], "argument --samples: 0 is less than 1"),
+        (["--repeats", "-1"], "argument --repeats: -1 is less than 0"),
+        (["--threads", "0"], "argument --threads: 0 is less than 1"),
+        (["--device", "cuda"], "argument --device: 'cuda': no CUDA device here"),
+        (["--models", "mlp,nonesuch"], "--models takes a comma-separated subset of"),
+    ],
+)
+def test_bad_options_are_refused(monkeypatch, capsys, option, message) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # (no CUDA here)
+    with pytest.raises(SystemExit):
+        fisher_speed.parse_args(option)
+    assert message in capsys.readouterr().err
 
 
 def test_tf32_is_off_during_the_run_and_restored_after(monkeypatch) -> None:
-    import torch
-
     seen = []
     monkeypatch.setattr(
         fisher_speed, "_run",
@@ -69,7 +93,7 @@ def test_extra_models_run_on_request_and_have_no_targets(tmp_path: Path) -> None
     output = tmp_path / "more.md"
     models = ",".join(fisher_speed.EXTRA_MODEL_KEYS[1:])  # (all but the ViT)
     args = fisher_speed.parse_args(
-        ["--quick", "--models", models, "--threads", "1", "--output", str(output)]
+        ["--quick", "--models", models, "--threads", "1", "--out", str(output)]
     )
     report = fisher_speed.run(args)
     assert {row.workload.model_key for row in report.rows} == set(

@@ -1,11 +1,13 @@
-"""The PEFT coverage benchmark: a case that cannot be built, and (where peft is installed) a
-run."""
+"""The PEFT coverage benchmark: a case that cannot be built, the check for the packages its
+cases need, and (where peft is installed) a run."""
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
-from benchmarks import peft_coverage
+from benchmarks import _coverage, peft_coverage
 
 
 def test_every_case_is_reported_even_when_it_cannot_be_built(monkeypatch) -> None:
@@ -16,6 +18,31 @@ def test_every_case_is_reported_even_when_it_cannot_be_built(monkeypatch) -> Non
     assert peft_coverage.measure_case("broken") == {
         "error": "ImportError: No module named 'peft'"
     }
+
+
+@pytest.mark.parametrize(
+    "blocked, cases",
+    [("peft", "mlp_lora"), ("timm", "mlp_lora,vit_lora"), ("transformers", "gpt2_lora")],
+)
+def test_the_packages_of_the_cases_chosen_must_import(
+    monkeypatch, capsys, tmp_path, blocked, cases
+) -> None:
+    """peft for every case, and timm or transformers for those built on their models: without
+    one of them nothing runs, nothing is written, and the error says how to install it."""
+    monkeypatch.setitem(sys.modules, blocked, None)  # (as if not installed)
+    monkeypatch.setattr(_coverage, "run", lambda *args: pytest.fail("a case ran"))
+    with pytest.raises(SystemExit) as exit_:
+        peft_coverage.main(["--cases", cases, "--out", str(tmp_path / "peft.md")])
+    assert exit_.value.code == 2
+    assert f"needs {blocked}, which does not import here" in capsys.readouterr().err
+    assert not (tmp_path / "peft.md").exists()
+
+
+def test_every_case_says_the_packages_it_needs() -> None:
+    assert peft_coverage.PACKAGES.keys() == peft_coverage.CASES.keys()
+    assert peft_coverage.PACKAGES["mlp_lora"] == ("peft",)
+    assert peft_coverage.PACKAGES["vit_dora"] == ("peft", "timm")
+    assert peft_coverage.PACKAGES["llama_lora"] == ("peft", "transformers")
 
 
 def test_a_small_run_writes_its_table(tmp_path) -> None:

@@ -31,3 +31,13 @@ def test_both_ways_of_each_shape_give_the_same_sums():
         first, second = product_ways._ways(shape, product_ways.torch.device("cpu"))
         a, b = first(), second()
         assert (a - b).abs().max() <= 1e-5 * a.abs().max()
+
+
+def test_a_quick_run_writes_only_where_out_says(monkeypatch, tmp_path):
+    """A smoke test must not replace the grid's committed table; a full run writes it (nothing
+    is timed here: no shapes)."""
+    monkeypatch.setattr(product_ways, "RESULTS", tmp_path / "product_ways.md")
+    monkeypatch.setattr(product_ways, "run", lambda *args: [])
+    table = product_ways.main(["--quick"])
+    assert table.startswith("# The two ways") and not product_ways.RESULTS.exists()
+    assert product_ways.main([]) == product_ways.RESULTS.read_text()

@@ -1,5 +1,5 @@
-"""The Hugging Face transformers coverage benchmark: a case that cannot be made, and (where
-transformers is installed) a run."""
+"""The Hugging Face transformers coverage benchmark: a case that cannot be made, its check for
+transformers, and (where transformers is installed) a run."""
 
 from __future__ import annotations
 
@@ -7,13 +7,25 @@ import sys
 
 import pytest
 
-from benchmarks import transformers_coverage
+from benchmarks import _coverage, transformers_coverage
 
 
 def test_an_architecture_that_cannot_be_made_is_reported(monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "transformers", None)  # (as if not installed)
     result = transformers_coverage.measure_architecture("bert")
     assert list(result) == ["error"] and result["error"].startswith("ModuleNotFoundError")
+
+
+def test_without_transformers_nothing_runs_and_the_error_says_how_to_install_it(
+    monkeypatch, capsys, tmp_path
+) -> None:
+    monkeypatch.setitem(sys.modules, "transformers", None)  # (as if not installed)
+    monkeypatch.setattr(_coverage, "run", lambda *args: pytest.fail("a case ran"))
+    with pytest.raises(SystemExit) as exit_:
+        transformers_coverage.main(["--cases", "bert", "--out", str(tmp_path / "hf.md")])
+    assert exit_.value.code == 2
+    assert "install it with: pip install --no-deps transformers" in capsys.readouterr().err
+    assert not (tmp_path / "hf.md").exists()
 
 
 def test_no_architecture_is_both_text_and_images() -> None:

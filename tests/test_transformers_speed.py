@@ -3,6 +3,9 @@ is installed) a run."""
 
 from __future__ import annotations
 
+import sys
+from types import SimpleNamespace
+
 import pytest
 
 from benchmarks import transformers_speed
@@ -12,8 +15,11 @@ from benchmarks import transformers_speed
     "option, message",
     [
         (["--width", "6"], "--width must be a multiple of 4"),
-        (["--length", "2"], "--length 3"),
-        (["--repeats", "0"], "--repeats and --threads must be at least 1"),
+        (["--width", "0"], "argument --width: 0 is less than 4"),
+        (["--length", "2"], "argument --length: 2 is less than 3"),
+        (["--repeats", "0"], "argument --repeats: 0 is less than 1"),
+        (["--threads", "0"], "argument --threads: 0 is less than 1"),
+        (["--batch-size", "0"], "argument --batch-size: 0 is less than 1"),
         (["--models", "mpnet,nonesuch"], "--models: no classifier for ['nonesuch']"),
     ],
 )
@@ -21,6 +27,38 @@ def test_bad_options_are_refused(option, message, capsys) -> None:
     with pytest.raises(SystemExit):
         transformers_speed.main(option)
     assert message in capsys.readouterr().err
+
+
+def test_the_help_names_the_command_and_says_what_it_does(capsys) -> None:
+    with pytest.raises(SystemExit):
+        transformers_speed.main(["--help"])
+    usage, description = capsys.readouterr().out.split("\n\n")[:2]
+    assert usage.startswith("usage: python -m benchmarks.transformers_speed ")
+    assert description.endswith(".")  # (a whole sentence)
+
+
+def test_without_transformers_the_error_says_how_to_install_it(monkeypatch, capsys) -> None:
+    monkeypatch.setitem(sys.modules, "transformers", None)  # (as if not installed)
+    with pytest.raises(SystemExit) as exit_:
+        transformers_speed.main(["--out", "/nonexistent/speed.md"])
+    assert exit_.value.code == 2
+    assert "install it with: pip install --no-deps transformers" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "baseline, file",
+    [("loop", "transformers_speed.md"), ("functorch", "transformers_functorch_speed.md")],
+)
+def test_each_baseline_has_its_own_report(monkeypatch, tmp_path, baseline, file) -> None:
+    """Without ``--out`` the functorch baseline's table does not replace the loop baseline's
+    (nothing is timed here: no rows, and transformers' version stood in for)."""
+    monkeypatch.setattr(transformers_speed, "RESULTS", tmp_path)
+    monkeypatch.setattr(transformers_speed, "run", lambda *args: [])
+    monkeypatch.setattr(transformers_speed._coverage, "require", lambda parser, packages: None)
+    monkeypatch.setattr(transformers_speed, "metadata", SimpleNamespace(version=lambda name: "0"))
+    table = transformers_speed.main(["--baseline", baseline])
+    assert [path.name for path in tmp_path.iterdir()] == [file]
+    assert (tmp_path / file).read_text() == table and f"against `{baseline}`" in table
 
 
 def test_a_small_run_writes_its_table(tmp_path) -> None:
