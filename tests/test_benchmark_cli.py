@@ -3,11 +3,13 @@ at parse time, and missing data is one clear error, never a download traceback."
 
 from __future__ import annotations
 
+import importlib
 import socket
 import urllib.error
 import urllib.request
 
 import pytest
+import torch
 
 from benchmarks import protocol
 from benchmarks.protocol import main, parse_args
@@ -137,3 +139,96 @@ def test_a_failed_download_keeps_what_was_in_the_root(tmp_path, no_network):
         main(MNIST, ["--methods", "none", "--seeds", "0", "--iters", "1",
                      "--data-root", str(root), "--out", str(tmp_path / "out")])
     assert sorted(p.name for p in (root / "MNIST").iterdir()) == ["notes.txt"]
+
+
+# Every benchmark's command line: bad values stop it at parse time, with argparse's message.
+BAD_OPTIONS = {
+    "fisher_speed": [
+        (["--samples", "0"], "argument --samples: 0 is less than 1"),
+        (["--repeats", "-1"], "argument --repeats: -1 is less than 0"),
+        (["--threads", "0"], "argument --threads: 0 is less than 1"),
+        (["--device", "cuda"], "argument --device: 'cuda': no CUDA device here"),
+        (["--models", "mlp,nonesuch"], "--models takes a comma-separated subset of"),
+    ],
+    "lm_speed": [
+        (["--models", "bert"], "--models takes a comma-separated subset of"),
+        (["--models", ""], "--models takes a comma-separated subset of"),
+        (["--vocab", "0"], "argument --vocab: 0 is less than 1"),
+        (["--repeats", "0"], "argument --repeats: 0 is less than 1"),
+        (["--device", "cuda"], "argument --device: 'cuda': no CUDA device here"),
+    ],
+    "memory_budget": [
+        (["--samples", "0"], "argument --samples: 0 is less than 1"),
+        (["--repeats", "0"], "argument --repeats: 0 is less than 1"),
+        (["--threads", "0"], "argument --threads: 0 is less than 1"),
+        (["--budgets-mib", "64", "0"], "--budgets-mib: every budget must be positive"),
+        (["--device", "cuda"], "argument --device: 'cuda': no CUDA device here"),
+    ],
+    "penalty_speed": [
+        (["--repeats", "0"], "argument --repeats: 0 is less than 1"),
+        (["--threads", "1", "0"], "argument --threads: 0 is less than 1"),
+        (["--batch-size", "0"], "argument --batch-size: 0 is less than 1"),
+        (["--device", "cuda"], "argument --device: 'cuda': no CUDA device here"),
+    ],
+    "fisher_memory": [
+        (["--sizes", "32", "0"], "argument --sizes: 0 is less than 1"),
+        (["--threads", "0"], "argument --threads: 0 is less than 1"),
+        (["--backends", "auto", "fast"], "argument --backends: invalid choice: 'fast'"),
+    ],
+    "host_overhead": [
+        (["--models", "mlp", "--repeats", "0"], "argument --repeats: 0 is less than 1"),
+        (["--models", "mlp", "--samples", "0"], "argument --samples: 0 is less than 1"),
+        (["--models", "mlp", "--threads", "0"], "argument --threads: 0 is less than 1"),
+        (["--models", "mlp", "--device", "cuda"], "argument --device: 'cuda': no CUDA device"),
+    ],
+    "timm_speed": [
+        ([option, "0"], f"argument {option}: 0 is less than 1")
+        for option in ("--batch-size", "--image-size", "--repeats", "--threads")
+    ],
+    "transformers_speed": [
+        (["--width", "6"], "--width must be a multiple of 4"),
+        (["--width", "0"], "argument --width: 0 is less than 4"),
+        (["--length", "2"], "argument --length: 2 is less than 3"),
+        (["--repeats", "0"], "argument --repeats: 0 is less than 1"),
+        (["--threads", "0"], "argument --threads: 0 is less than 1"),
+        (["--batch-size", "0"], "argument --batch-size: 0 is less than 1"),
+        (["--models", "mpnet,nonesuch"], "--models: no classifier for ['nonesuch']"),
+    ],
+    "product_ways": [(["--repeats", "0"], "argument --repeats: 0 is less than 1")],
+    "check_cost": [(["--device", "gpu"], "argument --device: 'gpu' is no device")],
+}
+
+
+@pytest.mark.parametrize(
+    ("name", "argv", "message"),
+    [(name, argv, message) for name, cases in BAD_OPTIONS.items() for argv, message in cases],
+)
+def test_every_benchmark_refuses_bad_options_at_parse_time(
+    name, argv, message, monkeypatch, capsys
+):
+    """Counts below their least value and a device this machine lacks are errors of the
+    command line (before: a StatisticsError after the runs, a RuntimeError, a library error,
+    or a value silently ignored)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # (no CUDA here)
+    with pytest.raises(SystemExit) as exit_info:
+        importlib.import_module(f"benchmarks.{name}").main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+COMMANDS = [  # (split_mnist and split_cifar10: protocol's parse_args, tested above)
+    "fisher_speed", "lm_speed", "memory_budget",
+    "penalty_speed", "fisher_memory", "host_overhead", "timm_speed", "transformers_speed",
+    "product_ways", "check_cost", "timm_coverage", "transformers_coverage", "peft_coverage",
+]
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_every_benchmark_is_named_as_it_is_run_and_says_what_it_does(name, capsys):
+    """``--help`` shows ``python -m benchmarks.x`` (argparse said ``x.py``) and a whole
+    sentence (some were cut mid-sentence); it needs none of the optional packages."""
+    with pytest.raises(SystemExit):
+        importlib.import_module(f"benchmarks.{name}").main(["--help"])
+    usage, description = capsys.readouterr().out.split("\n\n")[:2]
+    assert usage.startswith(f"usage: python -m benchmarks.{name} ")
+    assert description.rstrip().endswith(".")

@@ -318,31 +318,3 @@ def test_gpu_checks_exit_1_when_a_step_fails_or_there_is_no_gpu(tmp_path):
         pytest.skip("this machine has a CUDA device")
     log = (tmp_path / "out" / "log").read_text()
     assert done.returncode == 1 and "no CUDA device" in log and "== tests" not in log
-
-
-@pytest.mark.parametrize(
-    "option, message",
-    [
-        (["--repeats", "0"], "argument --repeats: 0 is less than 1"),
-        (["--samples", "0"], "argument --samples: 0 is less than 1"),
-        (["--threads", "0"], "argument --threads: 0 is less than 1"),
-        (["--device", "cuda"], "argument --device: 'cuda': no CUDA device here"),
-    ],
-)
-def test_host_overhead_refuses_bad_options(monkeypatch, capsys, option, message):
-    """Bad counts and a missing CUDA device are errors of the command line (--repeats 0 was
-    a StatisticsError after the runs, --device cuda a traceback)."""
-    from benchmarks import host_overhead
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # (no CUDA here)
-    with pytest.raises(SystemExit):
-        host_overhead.main(["--models", "mlp", *option])
-    assert message in capsys.readouterr().err
-
-
-def test_host_overhead_help_names_the_command(capsys):
-    from benchmarks import host_overhead
-
-    with pytest.raises(SystemExit):
-        host_overhead.main(["--help"])
-    assert capsys.readouterr().out.startswith("usage: python -m benchmarks.host_overhead ")

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from benchmarks import _coverage, peft_coverage, timm_coverage, transformers_coverage
+from benchmarks import _coverage
 
 
 class Gate(nn.Module):
@@ -177,15 +177,3 @@ def test_a_missing_package_is_refused_before_any_runs(
     assert exit_.value.code == 2 and "needs peft, which does not import here" in error
     assert "install it with: pip install --no-deps peft" in error
     assert len(children) == 1 and not out.exists()
-
-
-@pytest.mark.parametrize(
-    "module", [timm_coverage, transformers_coverage, peft_coverage], ids=lambda m: m.__name__
-)
-def test_the_help_names_the_command_and_says_what_it_does(module, capsys) -> None:
-    """(Without the benchmark's package: the help needs none.)"""
-    with pytest.raises(SystemExit):
-        module.main(["--help"])
-    usage, description = capsys.readouterr().out.split("\n\n")[:2]
-    assert usage.startswith(f"usage: python -m {module.__name__} ")
-    assert description.endswith(".")  # (a whole sentence)

@@ -66,26 +66,3 @@ def test_engine_ways_hold_in_the_block_only():
     with pytest.raises(ValueError, match="ways must be one of"):
         with engine_ways("gpu"):
             pass
-
-
-@pytest.mark.parametrize(
-    "option, message",
-    [
-        (["--samples", "0"], "argument --samples: 0 is less than 1"),
-        (["--repeats", "0"], "argument --repeats: 0 is less than 1"),
-        (["--threads", "0"], "argument --threads: 0 is less than 1"),
-        (["--budgets-mib", "64", "0"], "--budgets-mib: every budget must be positive"),
-        (["--device", "cuda"], "argument --device: 'cuda': no CUDA device here"),
-    ],
-)
-def test_bad_options_are_refused(monkeypatch, capsys, option, message):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # (no CUDA here)
-    with pytest.raises(SystemExit):
-        memory_budget.main(option)
-    assert message in capsys.readouterr().err
-
-
-def test_the_help_names_the_command(capsys):
-    with pytest.raises(SystemExit):
-        memory_budget.main(["--help"])
-    assert capsys.readouterr().out.startswith("usage: python -m benchmarks.memory_budget ")

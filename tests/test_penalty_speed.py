@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
-import torch
-
 from benchmarks import penalty_speed
 
 
@@ -41,25 +38,3 @@ def test_allocator_settings_are_reported(monkeypatch):
     assert penalty_speed.allocator_settings().startswith("none set")
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "17179869184")
     assert penalty_speed.allocator_settings() == "`MALLOC_TRIM_THRESHOLD_=17179869184`"
-
-
-@pytest.mark.parametrize(
-    "option, message",
-    [
-        (["--repeats", "0"], "argument --repeats: 0 is less than 1"),
-        (["--threads", "1", "0"], "argument --threads: 0 is less than 1"),
-        (["--batch-size", "0"], "argument --batch-size: 0 is less than 1"),
-        (["--device", "cuda"], "argument --device: 'cuda': no CUDA device here"),
-    ],
-)
-def test_bad_options_are_refused(monkeypatch, capsys, option, message):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # (no CUDA here)
-    with pytest.raises(SystemExit):
-        penalty_speed.main(option)
-    assert message in capsys.readouterr().err
-
-
-def test_the_help_names_the_command(capsys):
-    with pytest.raises(SystemExit):
-        penalty_speed.main(["--help"])
-    assert capsys.readouterr().out.startswith("usage: python -m benchmarks.penalty_speed ")

@@ -11,32 +11,6 @@ import pytest
 from benchmarks import transformers_speed
 
 
-@pytest.mark.parametrize(
-    "option, message",
-    [
-        (["--width", "6"], "--width must be a multiple of 4"),
-        (["--width", "0"], "argument --width: 0 is less than 4"),
-        (["--length", "2"], "argument --length: 2 is less than 3"),
-        (["--repeats", "0"], "argument --repeats: 0 is less than 1"),
-        (["--threads", "0"], "argument --threads: 0 is less than 1"),
-        (["--batch-size", "0"], "argument --batch-size: 0 is less than 1"),
-        (["--models", "mpnet,nonesuch"], "--models: no classifier for ['nonesuch']"),
-    ],
-)
-def test_bad_options_are_refused(option, message, capsys) -> None:
-    with pytest.raises(SystemExit):
-        transformers_speed.main(option)
-    assert message in capsys.readouterr().err
-
-
-def test_the_help_names_the_command_and_says_what_it_does(capsys) -> None:
-    with pytest.raises(SystemExit):
-        transformers_speed.main(["--help"])
-    usage, description = capsys.readouterr().out.split("\n\n")[:2]
-    assert usage.startswith("usage: python -m benchmarks.transformers_speed ")
-    assert description.endswith(".")  # (a whole sentence)
-
-
 def test_without_transformers_the_error_says_how_to_install_it(monkeypatch, capsys) -> None:
     monkeypatch.setitem(sys.modules, "transformers", None)  # (as if not installed)
     with pytest.raises(SystemExit) as exit_:
