@@ -22,6 +22,9 @@ backward works.
 :func:`add_penalty_grad` gives the same gradient without autograd, added to ``.grad`` by two
 kernels (the node's forward takes four, θ − μ, λA(θ − μ) in two and the dots, and autograd
 adds its gradient to the loss's with one more per parameter).
+
+Inside ``torch.func`` transforms and forward-mode AD the penalty is plain differentiable
+operations instead (:func:`_plain_penalty`): the node has rules for neither.
 """
 
 from __future__ import annotations
@@ -157,4 +160,35 @@ def ewc_penalty(
     """
     precision = list(precision)
     offset = torch.as_tensor(offset, dtype=precision[0].dtype, device=precision[0].device)
+    if _transformed():
+        return _plain_penalty(params, precision, list(center), float(strength), offset)
     return _Penalty.apply(float(strength), offset, precision, list(center), *params)
+
+
+def _transformed() -> bool:
+    """Whether a ``torch.func`` transform (``grad``, ``vmap``, ``jacrev``, ``jvp``, ...) or
+    forward-mode AD (a ``forward_ad.dual_level``) is active: :class:`_Penalty`, a function of
+    its own backward, has no rules for them (PyTorch raised that it "must override the
+    setup_context staticmethod", or that "you must implement the jvp function"). Two reads of
+    PyTorch's state, private but there since torch 2.0 (where missing: not active)."""
+    functorch = getattr(torch._C, "_functorch", None)
+    peek = getattr(functorch, "peek_interpreter_stack", lambda: None)
+    forward_level = getattr(torch.autograd.forward_ad, "_current_level", -1)
+    return peek() is not None or forward_level >= 0
+
+
+def _plain_penalty(
+    params: Sequence[Tensor],
+    precision: list[Tensor],
+    center: list[Tensor],
+    strength: float,
+    offset: Tensor,
+) -> Tensor:
+    r""":math:`\frac{\lambda}{2}\big(\sum_i A_i(\theta_i-\mu_i)^2 + c\big)` by ordinary
+    differentiable operations, one parameter at a time, for :func:`_transformed` code (every
+    transform and forward-mode AD know them; slower than :class:`_Penalty`)."""
+    total = strength * offset
+    for p, a, c in zip(params, precision, center):
+        d = p.to(a.dtype) - c
+        total = total + strength * (a * d * d).sum().to(offset.device)
+    return 0.5 * total

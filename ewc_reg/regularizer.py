@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -309,12 +309,20 @@ class EWCRegularizer:
             precision[name], center[name] = a, mu
         return precision, center, offset
 
-    def penalty(self) -> Tensor:
+    def penalty(self, params: Mapping[str, Tensor] | None = None) -> Tensor:
         r""":math:`\frac{\lambda}{2}\big(\sum_i A_i(\theta_i-\mu_i)^2 + c\big)`, differentiable
         in the model's current parameters; a zero tensor before the first ``consolidate``.
         When the model has moved to another device or dtype since, ``A``, ``μ`` and ``c``
         follow it (once). ``ValueError`` when a protected parameter has been removed or
         reshaped.
+
+        ``params``: tensors that stand for the model's parameters, by name, in a functional
+        training loop, where the loss is not taken with the registered parameters
+        (``torch.func.functional_call(model, params, x)``, MAML's fast weights): the penalty
+        is then of these (every protected name must be there; other names are ignored).
+        Without it the penalty reads the registered parameters, and its gradient reaches
+        them, not the tensors the loss is taken with. Inside ``torch.func`` transforms
+        (``grad``, ``vmap``, ...) and forward-mode AD it is computed by plain operations.
 
         For its gradient alone, :meth:`add_penalty_grad` after ``loss.backward()`` is faster."""
         if not self._precision:
@@ -322,12 +330,40 @@ class EWCRegularizer:
             if first is None:
                 return torch.zeros(())
             return torch.zeros((), dtype=first.dtype, device=first.device)
+        if params is not None:
+            params = self._checked_stand_ins(params)
         return self._with_operands(
             "penalty",
             lambda current, precision, center: ewc_penalty(
                 current, precision, center, self.strength, self._offset
             ),
+            params,
         )
+
+    def _checked_stand_ins(self, params: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """``params`` of :meth:`penalty`, checked: a mapping from names to tensors that holds
+        every protected name, each shaped as its parameter (else ``TypeError`` or
+        ``ValueError``)."""
+        if not isinstance(params, Mapping):
+            raise TypeError(
+                f"penalty(params=...) takes a mapping from parameter names to tensors, got "
+                f"{type(params).__name__}"
+            )
+        missing = sorted(set(self._precision) - set(params))
+        if missing:
+            raise ValueError(
+                f"penalty(params=...) lacks parameters {missing}, which the earlier tasks "
+                "protect; pass every protected parameter (reg.fisher's names)"
+            )
+        for name, a in self._precision.items():
+            t = params[name]
+            if not isinstance(t, Tensor) or t.shape != a.shape:
+                got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+                raise ValueError(
+                    f"penalty(params=...): {name!r} must be a tensor of shape "
+                    f"{tuple(a.shape)}, got {got}"
+                )
+        return dict(params)
 
     def add_penalty_grad(self) -> None:
         r"""Add the penalty's gradient :math:`\lambda A(\theta - \mu)` to the protected
@@ -357,15 +393,19 @@ class EWCRegularizer:
             )
 
     def _with_operands(
-        self, where: str, use: Callable[[list[Tensor], list[Tensor], list[Tensor]], Any]
+        self,
+        where: str,
+        use: Callable[[list[Tensor], list[Tensor], list[Tensor]], Any],
+        stand_ins: dict[str, Tensor] | None = None,
     ) -> Any:
-        """``use(θ, A, μ)`` over the protected parameters, with ``A``, ``μ`` and ``c`` moved to
-        the model's devices and dtypes first if it has changed them since (once: the dtypes
-        ``consolidate`` would give them); a protected parameter removed or reshaped since is
-        reported as such (``ValueError``, from ``where``): a reshaped one by comparing shapes
-        (broadcasting would hide a head of one unit grown in place), a removed one only on the
+        """``use(θ, A, μ)`` over the protected parameters (or their ``stand_ins``, checked by
+        :meth:`_checked_stand_ins`), with ``A``, ``μ`` and ``c`` moved to their devices and
+        dtypes first if they have changed since (once: the dtypes ``consolidate`` would give
+        them); a protected parameter removed or reshaped since is reported as such
+        (``ValueError``, from ``where``): a reshaped one by comparing shapes (broadcasting
+        would hide a head of one unit grown in place), a removed one only on the
         ``KeyError``, which costs the training step nothing."""
-        params = dict(self.model.named_parameters())
+        params = dict(self.model.named_parameters()) if stand_ins is None else stand_ins
         names = list(self._precision)
         try:
             current = [params[n] for n in names]

@@ -176,3 +176,38 @@ def test_add_penalty_grad_to_a_sparse_gradient():
     expected = 2.0 * precision[0] * table.weight.detach()
     expected[[1, 4]] += 1.0
     torch.testing.assert_close(table.weight.grad.to_dense(), expected, rtol=1e-14, atol=0)
+
+
+def _naive(params, precision, center, strength, offset):
+    terms = sum((a * (p - c) ** 2).sum() for p, a, c in zip(params, precision, center))
+    return 0.5 * strength * (terms + offset)
+
+
+def test_torch_func_transforms_and_forward_mode_ad():
+    """Inside ``torch.func.grad``/``vmap``/``jvp`` and forward-mode AD the penalty is plain
+    operations with the same value and derivatives (the fused node raised PyTorch's
+    "must override the setup_context staticmethod" and "implement the jvp function")."""
+    import torch.autograd.forward_ad as fw
+
+    params, precision, center = tensors(1)
+    theta = [p.detach() for p in params]
+
+    def penalty(*ps):
+        return ewc_penalty(ps, precision, center, strength=2.5, offset=0.75)
+
+    want = torch.autograd.grad(_naive(params, precision, center, 2.5, 0.75), params)
+    got = torch.func.grad(penalty, argnums=tuple(range(3)))(*theta)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-14, atol=0)
+    batch = [torch.stack([t, t + 1]) for t in theta]  # (two parameter sets)
+    values = torch.func.vmap(penalty)(*batch)
+    for i, value in enumerate(values):
+        one = [b[i] for b in batch]
+        torch.testing.assert_close(value, _naive(one, precision, center, 2.5, 0.75))
+    tangents = [torch.ones_like(t) for t in theta]
+    _, directional = torch.func.jvp(penalty, tuple(theta), tuple(tangents))
+    torch.testing.assert_close(directional, sum((w * t).sum() for w, t in zip(want, tangents)))
+    with fw.dual_level():
+        duals = [fw.make_dual(t, u) for t, u in zip(theta, tangents)]
+        tangent = fw.unpack_dual(penalty(*duals)).tangent
+    torch.testing.assert_close(tangent, directional)

@@ -442,6 +442,55 @@ def test_a_state_rebuilt_under_inference_mode_stays_ordinary():
 
 
 @pytest.mark.parametrize("mode", ["online", "separate"])
+def test_penalty_of_stand_ins_in_a_functional_training_loop(mode):
+    """``penalty(params=...)``: the penalty of tensors that stand for the parameters (MAML's
+    fast weights, ``functional_call``), value and gradient reaching them; without it the
+    penalty read the registered parameters and the fast weights' gradient lacked it. Under
+    ``torch.func.grad`` as well."""
+    model = mlp()
+    reg = EWCRegularizer(model, strength=2.0, mode=mode)
+    reg.consolidate(task_data(0))
+    perturb(model, 1)
+    reg.consolidate(task_data(1))
+    g = torch.Generator().manual_seed(7)
+    fast = {
+        n: (p.detach() + 0.5 * torch.randn(p.shape, generator=g, dtype=p.dtype)).requires_grad_()
+        for n, p in model.named_parameters()
+    }
+    with torch.no_grad():  # (the reference: the registered parameters set to the fast weights)
+        saved = {n: p.clone() for n, p in model.named_parameters()}
+        for n, p in model.named_parameters():
+            p.copy_(fast[n])
+    want = reg.penalty()
+    want_grads = torch.autograd.grad(want, list(model.parameters()))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_(saved[n])
+    got = reg.penalty(params=fast)
+    assert got.item() == pytest.approx(want.item(), rel=1e-12)
+    for g_got, g_want in zip(torch.autograd.grad(got, list(fast.values())), want_grads):
+        torch.testing.assert_close(g_got, g_want, rtol=1e-12, atol=0)
+    detached = {n: t.detach() for n, t in fast.items()}
+    by_func = torch.func.grad(lambda ps: reg.penalty(params=ps))(detached)
+    for g_func, g_want in zip(by_func.values(), want_grads):
+        torch.testing.assert_close(g_func, g_want, rtol=1e-12, atol=0)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_penalty_stand_ins_are_checked():
+    model = mlp()
+    reg = EWCRegularizer(model, strength=2.0)
+    reg.consolidate(task_data(0))
+    named = dict(model.named_parameters())
+    with pytest.raises(TypeError, match=r"mapping from parameter names to tensors, got list"):
+        reg.penalty(params=list(named.values()))
+    with pytest.raises(ValueError, match=r"lacks parameters \['0.bias'\]"):
+        reg.penalty(params={n: p for n, p in named.items() if n != "0.bias"})
+    with pytest.raises(ValueError, match=r"'0.bias' must be a tensor of shape \(8,\), got \(3,\)"):
+        reg.penalty(params={**named, "0.bias": torch.zeros(3)})
+
+
+@pytest.mark.parametrize("mode", ["online", "separate"])
 @pytest.mark.parametrize("with_loss", [True, False])
 def test_add_penalty_grad_gives_the_gradient_of_the_penalty_in_the_loss(mode, with_loss):
     """Across tasks, in both modes, after a loss's backward or alone (every ``.grad`` ``None``
