@@ -49,6 +49,7 @@ from ._model_state import (
     differentiable_kernels,
     evaluating,
     in_own_precision,
+    observers_frozen,
     parametrizations_uncached,
     running_eagerly,
 )
@@ -264,6 +265,7 @@ def fisher_diagonal(
             running_eagerly(),
             differentiable_kernels(),
             parametrizations_uncached(),
+            observers_frozen(model),
             in_own_precision(device),
             batch_norm_backward_fixed(model),
         ):

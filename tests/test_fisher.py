@@ -571,3 +571,45 @@ def test_batches_of_inputs_only(backend, method):
                         generator=torch.Generator().manual_seed(2)),
         1e-12,
     )
+
+
+class _Quantizable(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        from torch.ao import quantization
+
+        self.quant, self.dequant = quantization.QuantStub(), quantization.DeQuantStub()
+        self.fc1, self.relu, self.fc2 = nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.dequant(self.fc2(self.relu(self.fc1(self.quant(x)))))
+
+
+@pytest.mark.filterwarnings("ignore")  # (torch.ao.quantization's deprecation warnings)
+@pytest.mark.parametrize("prepared", ["qat", "calibration"])
+def test_quantization_observers_change_nothing(prepared):
+    """A quantization-aware model's fake-quantize modules, and a calibration model's
+    observers, observe in eval mode too: each forward pass of the computation recalibrated
+    the model, its Fisher changed from call to call and the call changed its buffers. Now two
+    calls give the same Fisher, every buffer is as before, and the engines agree."""
+    from torch.ao import quantization
+
+    torch.manual_seed(0)
+    model = _Quantizable()
+    if prepared == "qat":
+        model.train().qconfig = quantization.get_default_qat_qconfig("fbgemm")
+        quantization.prepare_qat(model, inplace=True)
+    else:
+        model.eval().qconfig = quantization.get_default_qconfig("fbgemm")
+        quantization.prepare(model, inplace=True)
+    x, y = torch.randn(8, 6), torch.arange(8) % 3
+    with torch.no_grad():
+        model(x)  # (calibrated once, on other data than the Fisher's)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    first = fisher_diagonal(model, [(3 * x, y)], "exact")
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert_close_dicts(fisher_diagonal(model, [(3 * x, y)], "exact"), first, 0.0)
+    loop = fisher_diagonal(model, [(3 * x, y)], "exact", backend="loop")
+    assert_close_dicts(first, loop, 1e-5)
+    flags = [m.observer_enabled.item() for m in model.modules() if hasattr(m, "observer_enabled")]
+    assert flags == [1] * len(flags)  # (on again after the call)
