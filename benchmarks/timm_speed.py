@@ -228,7 +228,11 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--image-size", type=at_least(1), default=64)
     parser.add_argument("--repeats", type=at_least(1), default=5)
     parser.add_argument("--threads", type=at_least(1), default=2)
-    parser.add_argument("--out", type=Path, help="markdown file to write (default: the baseline's)")
+    parser.add_argument(
+        "--out", type=Path,
+        help="markdown file to write (default: the baseline's, for a run of its models at the "
+        "default sizes; another run is printed only)",
+    )
     args = parser.parse_args(argv)
     require(parser, ["timm"])
     _, file, models, title, (ours, theirs) = BASELINES[args.baseline]
@@ -252,7 +256,10 @@ def main(argv: list[str] | None = None) -> str:
             "",
         ]
     )
-    return write_report(table, args.out or RESULTS / file)
+    default_run = args.models is None and all(
+        getattr(args, name) == parser.get_default(name) for name in ("batch_size", "image_size")
+    )  # (only such a run replaces the committed table)
+    return write_report(table, args.out or (RESULTS / file if default_run else None))
 
 
 if __name__ == "__main__":

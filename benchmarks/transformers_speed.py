@@ -88,7 +88,8 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument(
         "--out", type=Path,
         help="markdown file to write (default: the baseline's in benchmarks/results, "
-        f"{', '.join(f'{file} for {name}' for name, file in BASELINES.items())})",
+        f"{', '.join(f'{file} for {name}' for name, file in BASELINES.items())}, for a run "
+        "of the default models and sizes; another run is printed only)",
     )
     args = parser.parse_args(argv)
     if args.width % 4:
@@ -120,7 +121,13 @@ def main(argv: list[str] | None = None) -> str:
             "",
         ]
     )
-    return write_report(table, args.out or RESULTS / BASELINES[args.baseline])
+    default_run = all(
+        getattr(args, name) == parser.get_default(name)
+        for name in ("models", "batch_size", "length", "width")
+    )  # (only such a run replaces the committed table)
+    return write_report(
+        table, args.out or (RESULTS / BASELINES[args.baseline] if default_run else None)
+    )
 
 
 if __name__ == "__main__":

@@ -232,3 +232,30 @@ def test_every_benchmark_is_named_as_it_is_run_and_says_what_it_does(name, capsy
     usage, description = capsys.readouterr().out.split("\n\n")[:2]
     assert usage.startswith(f"usage: python -m benchmarks.{name} ")
     assert description.rstrip().endswith(".")
+
+
+@pytest.mark.parametrize(
+    ("name", "partial"),
+    [
+        ("timm_speed", ["--models", "resnet18"]),
+        ("timm_speed", ["--batch-size", "4"]),
+        ("transformers_speed", ["--models", "bert"]),
+        ("transformers_speed", ["--length", "16"]),
+    ],
+)
+def test_speed_runs_of_some_models_or_other_sizes_write_no_committed_table(
+    name, partial, monkeypatch, tmp_path
+):
+    """Without ``--out``, only a run of the baseline's models at the default sizes writes the
+    baseline's table; another prints its own (it replaced the committed one). (The runs and
+    the packages are stood in for: the choice of file is what is tested.)"""
+    module = importlib.import_module(f"benchmarks.{name}")
+    monkeypatch.setattr(module, "RESULTS", tmp_path)
+    monkeypatch.setattr(module, "run", lambda *args: ["| row |"])
+    monkeypatch.setattr(module.metadata, "version", lambda package: "0")
+    requirer = module if hasattr(module, "require") else module._coverage
+    monkeypatch.setattr(requirer, "require", lambda parser, packages: None)
+    module.main(["--repeats", "1", *partial])
+    assert list(tmp_path.iterdir()) == []
+    module.main(["--repeats", "1"])
+    assert len(list(tmp_path.iterdir())) == 1
