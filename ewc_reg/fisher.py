@@ -319,10 +319,18 @@ def select_parameters(model: nn.Module, params: ParamSelection = None) -> dict[s
       evidently expects it to be protected.
 
     Raises:
-        ValueError: unknown or frozen names, or an empty selection.
+        ValueError: unknown or frozen names, an empty selection, or complex parameters.
         TypeError: ``params`` of another type.
     """
     selected = selected_parameters(model, params)
+    complex_ = [n for n, p in selected.items() if p.is_complex()]
+    if complex_:  # (the squared gradients would be complex squares, not |g|^2 per real part)
+        raise ValueError(
+            f"parameters {complex_} are complex, which the Fisher here does not cover; keep "
+            "such a parameter as a real tensor with a last dimension of 2 "
+            "(torch.view_as_real) and make it complex in forward (torch.view_as_complex), "
+            "or leave it out with params="
+        )
     if not selected and params is None:
         raise ValueError("the model has no parameters with requires_grad=True")
     if not selected:

@@ -104,6 +104,25 @@ def test_an_output_without_gradient_says_so(backend, method):
         fisher_diagonal(model, DATA, method, backend=backend, output_fn=lambda o: o.detach())
 
 
+def test_complex_parameters_are_refused_with_a_remedy():
+    """Complex parameters: a clear error that says how to make them real pairs (the engines
+    squared complex gradients, and the check of the sums failed with "value cannot be
+    converted to type double without overflow")."""
+
+    class Complex(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(6, 5, dtype=torch.complex128))
+
+        def forward(self, x):
+            return (x.to(torch.complex128) @ self.w).abs()
+
+    with pytest.raises(ValueError, match=r"parameters \['w'\] are complex.*view_as_real"):
+        fisher_diagonal(Complex(), DATA)
+    with pytest.raises(ValueError, match=r"are complex"):
+        EWCRegularizer(Complex()).consolidate(DATA)
+
+
 def test_empty_data():
     with pytest.raises(ValueError, match="no samples"):
         fisher_diagonal(mlp(), [])
