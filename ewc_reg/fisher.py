@@ -503,12 +503,15 @@ def _with_decoder_inputs(model: nn.Module, batch: Batch) -> Batch:
     model.prepare_decoder_input_ids_from_labels(labels)`` (the labels shifted right, ``-100``
     made padding). The labels are not passed to the model (it would compute its loss), and
     BART, without them, fed its decoder the shifted *source*: a Fisher 4.95 off (relative) in
-    a test, without an error; T5 and Marian failed. A model without that method makes its
-    decoder inputs as it does; ``ValueError`` where the method fails."""
+    a test, without an error; T5 and Marian failed. Only for a model that generates text
+    (``model.can_generate()``: not an encoder-decoder classifier, whose labels do not feed its
+    decoder) and has that method; others make their decoder inputs as they do. ``ValueError``
+    where the method fails."""
     if batch.targets is None or any(key in batch.kwargs for key in DECODER_INPUTS):
         return batch
     prepare = getattr(model, "prepare_decoder_input_ids_from_labels", None)
-    if prepare is None:
+    generates = getattr(model, "can_generate", None)
+    if prepare is None or generates is None or not generates():
         return batch
     try:
         decoder_inputs = prepare(labels=batch.targets)

@@ -428,6 +428,10 @@ class LabelledSeq2Seq(TinySeq2Seq):
     def __init__(self) -> None:
         super().__init__(flagged=True)
 
+    @classmethod
+    def can_generate(cls) -> bool:  # (a language model's head: not a classifier's)
+        return True
+
     def prepare_decoder_input_ids_from_labels(self, labels: Tensor) -> Tensor:
         shifted = labels.roll(1, 1)
         shifted[:, 0] = 1
