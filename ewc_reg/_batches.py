@@ -20,7 +20,7 @@ everything else is passed through unchanged.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -117,7 +117,7 @@ def as_batch(raw: Any) -> Batch:
     args: tuple[Any, ...] = ()
     kwargs: dict[str, Any] = {}
     labelled = True
-    if isinstance(raw, dict):
+    if isinstance(raw, Mapping):  # (a dict; Hugging Face's BatchEncoding is a UserDict)
         kwargs = {k: v for k, v in raw.items() if k != "labels"}
         targets = raw.get("labels")
         labelled = targets is not None  # ("labels": None: inputs only, as without the key)
@@ -186,7 +186,7 @@ def iter_batches(data: Iterable[Any], n_samples: int | None = None) -> Iterator[
             f"{tuple(data[1].shape)}, which {_ONE_BATCH}; for two batches of inputs only, pass "
             "[(x1,), (x2,)]"
         )
-    if isinstance(data, (Tensor, dict)) or not isinstance(data, Iterable):
+    if isinstance(data, (Tensor, Mapping)) or not isinstance(data, Iterable):
         raise TypeError(
             f"data must be an iterable of batches (e.g. a DataLoader), got {type(data).__name__}; "
             f"accepted batch forms: {ACCEPTED_FORMS}"
@@ -252,8 +252,10 @@ def check_cut(
     ``T == B``, say) would be cut as well, and the Fisher would be wrong without an error. So
     where two or more input tensors are cut, the model's output on the first ``b`` samples
     must be the first rows of its output on the first ``b + 1`` (``b = 2``, or ``B - 1`` for
-    ``B <= 3``: the whole batch then), without gradients; a shared tensor cut to two lengths
-    gives two different results. Once per set of input shapes in ``checked``."""
+    ``B <= 3``: the whole batch then), and its output on samples 1 to ``b`` the last rows,
+    without gradients; a shared tensor cut to two lengths gives two different results, and
+    cut from another start (a bank of rows of which the model reads row 0) too. Once per set
+    of input shapes in ``checked``."""
     leaves = [t for t in pytree.tree_leaves((batch.args, batch.kwargs)) if isinstance(t, Tensor)]
     if batch.size < 2 or sum(is_per_sample(t, batch.size) for t in leaves) < 2:
         return
@@ -272,6 +274,7 @@ def check_cut(
         with torch.no_grad():
             more = pytree.tree_leaves(output_fn(batch.samples(0, fewer + 1).call(model)))
             part = pytree.tree_leaves(output_fn(batch.samples(0, fewer).call(model)))
+            later = pytree.tree_leaves(output_fn(batch.samples(1, fewer + 1).call(model)))
     except Exception as error:
         with torch.no_grad():  # (a model failing on the whole batch too: its own error here)
             output_fn(batch.call(model))
@@ -280,8 +283,13 @@ def check_cut(
             f"({type(error).__name__}: {error}); {problem}"
         ) from error
     per_sample = [
-        (a[:fewer], b) for a, b in zip(more, part) if is_per_sample(a, fewer + 1)
+        pair
+        for a, b, c in zip(more, part, later)
+        if is_per_sample(a, fewer + 1)
+        for pair in ((a[:fewer], b), (a[1:], c))
     ]  # (outputs the samples share, if any, may differ)
-    if len(more) != len(part) or not all(same_output(a, b) for a, b in per_sample):
+    if len({len(more), len(part), len(later)}) > 1 or not all(
+        same_output(a, b) for a, b in per_sample
+    ):
         raise ValueError(problem)
     checked.add(shapes)

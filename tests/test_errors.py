@@ -284,6 +284,52 @@ def test_inputs_that_cannot_be_cut_into_samples_say_so(backend):
         assert "(14,)" in note and "pad them to (B, L)" in note
 
 
+class SharedBank(nn.Module):
+    """Reads row 0 of a ``(K, D)`` bank all samples share, next to ``(B, D)`` inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(3, 4)
+
+    def forward(self, x: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
+        return self.layer(torch.tanh(x + bank[0]))
+
+
+@pytest.mark.parametrize("backend", ["auto", "functorch", "loop"])
+def test_a_shared_bank_read_from_its_first_row_is_not_cut_silently(backend):
+    """A shared bank with ``K == B`` rows of which the model reads row 0: cut into samples,
+    sample ``n`` reads row ``n``. The check compared only cuts starting at sample 0, which
+    all see row 0, and the Fisher was 49% off (relative) without an error; it now also runs
+    samples 1 on, and says so."""
+    torch.manual_seed(0)
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.tensor([0, 1, 2, 3, 0])
+    bank = 3 * torch.randn(5, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"cutting the batch into samples changes the model"):
+        fisher_diagonal(SharedBank().double(), [{"x": x, "bank": bank, "labels": y}],
+                        backend=backend)
+
+
+def test_mappings_that_are_not_dicts_are_dict_batches():
+    """Hugging Face's ``BatchEncoding`` (a tokenizer's or a collator's output) is a
+    ``UserDict``, not a ``dict``: taken as a dict batch (it was a TypeError)."""
+    from collections import UserDict
+
+    model = mlp()
+
+    class Keyword(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = model
+
+        def forward(self, features: torch.Tensor) -> torch.Tensor:
+            return self.inner(features)
+
+    keyword = Keyword()
+    as_dict = fisher_diagonal(keyword, [{"features": X, "labels": Y}], "empirical")
+    as_mapping = fisher_diagonal(keyword, [UserDict(features=X, labels=Y)], "empirical")
+    assert all(torch.equal(as_dict[n], as_mapping[n]) for n in as_dict)
+
+
 class SharedMixing(nn.Module):
     """Takes a ``(T, T)`` mixing matrix all samples share, next to ``(B, T, 3)`` inputs."""
 
