@@ -309,6 +309,30 @@ def test_a_shared_bank_read_from_its_first_row_is_not_cut_silently(backend):
                         backend=backend)
 
 
+@pytest.mark.parametrize("backend", ["auto", "functorch", "loop"])
+def test_per_sample_tensors_the_batch_cannot_reach_say_so(backend):
+    """Per-sample tensors inside a dataclass are not cut (``pytree`` does not enter it): each
+    "sample" runs the whole batch. A ValueError with the batch's layout and the remedy
+    (before: autograd's bare "Mismatch in shape")."""
+    from dataclasses import dataclass
+
+    @dataclass
+    class Inputs:
+        x: torch.Tensor
+
+    class Reads(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = nn.Linear(6, 5)
+
+        def forward(self, inputs: Inputs) -> torch.Tensor:
+            return self.layer(inputs.x)
+
+    model = Reads().double()
+    with pytest.raises(ValueError, match=r"output on sample 0 alone has shape \(4, 5\).*dataclass"):
+        fisher_diagonal(model, [(Inputs(X), Y)], backend=backend)
+
+
 def test_mappings_that_are_not_dicts_are_dict_batches():
     """Hugging Face's ``BatchEncoding`` (a tokenizer's or a collator's output) is a
     ``UserDict``, not a ``dict``: taken as a dict batch (it was a TypeError)."""

@@ -126,6 +126,14 @@ class LoopEngine:
             mine = vectors[:, n : n + 1]  # (K, 1, *S, C)
             if output.shape == mine.shape[2:]:  # (the model squeezed the batch of one away)
                 mine = mine.squeeze(1)
+            if output.shape != mine.shape[1:]:
+                raise ValueError(
+                    f"the model's output on sample {n} alone has shape {tuple(output.shape)}, "
+                    f"where one sample's is {tuple(mine.shape[1:])}: the batch was not cut "
+                    f"into samples as the model reads it ({batch.layout()}). Tensors in "
+                    "containers other than tuples, lists and dicts (a dataclass, an object's "
+                    "attributes) are passed whole: pass the per-sample tensors in those"
+                )
             k = 0
             while k < num_vectors:
                 stop = min(k + step, num_vectors)
