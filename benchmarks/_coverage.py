@@ -28,7 +28,14 @@ from torch import nn
 
 from ewc_reg import fisher_diagonal
 
-from ._reports import at_least, keeping_threads, machine, write_report
+from ._reports import (
+    at_least,
+    command_line,
+    keeping_threads,
+    machine,
+    report_file,
+    write_report,
+)
 
 #: The optional packages the benchmarks are built on, each with the command that installs it
 #: beside the pinned torch (``--no-deps``: its dependencies would replace that torch).
@@ -235,7 +242,7 @@ def _case_names(known: list[str]) -> Callable[[str], list[str]]:
 
 def main(
     argv: list[str] | None,
-    description: str,
+    doc: str,
     module: str,
     cases: dict[str, tuple[str, ...]],
     measure_case: Callable[..., dict[str, Any]],
@@ -243,7 +250,8 @@ def main(
     out: Path,
     sizes: dict[str, tuple[int, int, str]] | None = None,
 ) -> str | None:
-    """The command line of a coverage benchmark, ``python -m module``: ``--cases`` (default: all
+    """The command line of a coverage benchmark, ``python -m module`` (described by the first
+    line of ``doc``: :func:`._reports.command_line`): ``--cases`` (default: all
     of ``cases``, each named with the optional packages it imports, which must import before
     the run: :func:`require`), ``--timeout`` per case, ``--threads``, ``--out`` and an integer
     option for each of ``sizes`` (by name, ``batch_size`` for ``--batch-size``: its default,
@@ -252,7 +260,7 @@ def main(
     title, setting and first column's heading (see :func:`report`). The table goes to ``--out``;
     without it, to ``out`` only for a run of all cases at the default sizes (the committed
     table), else it is printed only, so that a partial run never replaces the full table."""
-    parser = argparse.ArgumentParser(prog=f"python -m {module}", description=description)
+    parser = command_line(module, doc)
     parser.add_argument(
         "--cases", type=_case_names(list(cases)), help="comma-separated names (default: all)"
     )
@@ -277,8 +285,7 @@ def main(
         return None
     chosen = args.cases or list(cases)
     require(parser, dict.fromkeys(package for name in chosen for package in cases[name]))
-    defaults = {name: default for name, (default, _, _) in (sizes or {}).items()}
-    full = set(chosen) == set(cases) and chosen_sizes == defaults
     results = run(module, chosen, args.timeout, args.threads, chosen_sizes)
     table = report(results, *header(args.threads, **chosen_sizes))
-    return write_report(table, out if args.out is None and full else args.out)
+    every_case = set(chosen) == set(cases)  # (named one by one, too)
+    return write_report(table, report_file(parser, args, out if every_case else None, sizes or ()))

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import argparse
 import platform
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -53,6 +54,22 @@ def write_report(table: str, out: Path | None) -> str:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(table)
     return table
+
+
+def report_file(
+    parser: argparse.ArgumentParser,
+    args: argparse.Namespace,
+    out: Path | None,
+    defaults: Iterable[str],
+) -> Path | None:
+    """Where a benchmark writes its table: ``--out`` (``args.out``) if given, else ``out``, the
+    committed table, for a run with each option of ``defaults`` (by ``args``' names) at its
+    default, else nowhere (``None``: a run of some models or at other sizes prints its table,
+    which must not replace the committed one)."""
+    if args.out is not None:
+        return args.out
+    at_defaults = all(getattr(args, name) == parser.get_default(name) for name in defaults)
+    return out if at_defaults else None
 
 
 def command_line(module: str, doc: str) -> argparse.ArgumentParser:
@@ -120,3 +137,24 @@ def timing_options(
     if args.out is None and not args.quick:
         args.out = out
     return args
+
+
+def timing_main(
+    argv: list[str] | None,
+    module: str,
+    doc: str,
+    repeats: int,
+    quick: str,
+    out: Path,
+    run: Callable[[int, int, torch.device, bool], Any],
+    report: Callable[[Any, argparse.Namespace], str],
+) -> str:
+    """The ``main`` of a timing benchmark: its options (:func:`timing_options`), then
+    ``run(repeats, threads, device, quick)`` with torch's thread count kept for the caller,
+    and ``report(results, args)`` printed and written to ``--out`` (its default ``out``;
+    nowhere for a ``--quick`` smoke test without it)."""
+    args = timing_options(argv, module, doc, repeats, quick, out)
+    with keeping_threads():
+        results = run(args.repeats, args.threads, torch.device(args.device), args.quick)
+        table = report(results, args)
+    return write_report(table, args.out)

@@ -38,7 +38,7 @@ import ewc_reg
 from ewc_reg import fisher_diagonal
 from ewc_reg.engines.hooks import HookEngine
 
-from ._reports import keeping_threads, machine, timing_options, write_report
+from ._reports import machine, timing_main
 from ._timing import measure
 from .models import ReducedResNet18, TextTransformer, split_mnist_mlp
 
@@ -146,14 +146,9 @@ def report(timed: dict[tuple[str, str], dict[str, list[float]]], args: argparse.
 
 
 def main(argv: list[str] | None = None) -> str:
-    """Run the benchmark ``argv`` asks for; print its report and write it to ``--out``, else
-    (but for a ``--quick`` smoke test) to :data:`RESULTS`."""
+    """Run the benchmark ``argv`` asks for (:func:`._reports.timing_main`)."""
     quick = "tiny models: a smoke test, written only where --out says"
-    args = timing_options(argv, __spec__.name, __doc__, 5, quick, RESULTS)
-    with keeping_threads():
-        timed = run(args.repeats, args.threads, torch.device(args.device), args.quick)
-        table = report(timed, args)
-    return write_report(table, args.out)
+    return timing_main(argv, __spec__.name, __doc__, 5, quick, RESULTS, run, report)
 
 
 if __name__ == "__main__":

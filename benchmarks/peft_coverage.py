@@ -258,7 +258,7 @@ def _installed(package: str) -> bool:
 
 def main(argv: list[str] | None = None) -> str | None:
     return _coverage.main(
-        argv, __doc__.splitlines()[0], "benchmarks.peft_coverage", PACKAGES, measure_case,
+        argv, __doc__, "benchmarks.peft_coverage", PACKAGES, measure_case,
         _header, RESULTS, sizes={"batch_size": (3, 1, "samples per batch")},
     )
 

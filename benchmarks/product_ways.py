@@ -33,7 +33,7 @@ import ewc_reg
 from ewc_reg.engines import rules
 from ewc_reg.engines.convolution import _patches
 
-from ._reports import keeping_threads, machine, timing_options, write_report
+from ._reports import machine, timing_main
 from ._timing import side_by_side
 
 RESULTS = Path(__file__).parent / "results" / "product_ways.md"
@@ -197,14 +197,9 @@ def report(results: list[Timed], args: argparse.Namespace) -> str:
 
 
 def main(argv: list[str] | None = None) -> str:
-    """Run the benchmark ``argv`` asks for; print its report and write it to ``--out``, else
-    (but for a ``--quick`` smoke test) to :data:`RESULTS`."""
+    """Run the benchmark ``argv`` asks for (:func:`._reports.timing_main`)."""
     quick = "three tiny shapes: a smoke test, written only where --out says"
-    args = timing_options(argv, __spec__.name, __doc__, 7, quick, RESULTS)
-    with keeping_threads():
-        results = run(args.repeats, args.threads, torch.device(args.device), args.quick)
-    table = report(results, args)
-    return write_report(table, args.out)
+    return timing_main(argv, __spec__.name, __doc__, 7, quick, RESULTS, run, report)
 
 
 if __name__ == "__main__":

@@ -130,7 +130,7 @@ def _header(threads: int, batch_size: int) -> tuple[str, str, str]:
 
 def main(argv: list[str] | None = None) -> str | None:
     return _coverage.main(
-        argv, __doc__.splitlines()[0], "benchmarks.timm_coverage",
+        argv, __doc__, "benchmarks.timm_coverage",
         dict.fromkeys(ARCHITECTURES, ("timm",)),
         measure_architecture, _header, RESULTS,
         sizes={"batch_size": (3, 1, "images per batch")},

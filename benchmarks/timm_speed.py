@@ -50,7 +50,14 @@ from ewc_reg import fisher_diagonal
 from ewc_reg.engines import hooks, loose, recording, rules
 
 from ._coverage import require
-from ._reports import at_least, command_line, keeping_threads, machine, write_report
+from ._reports import (
+    at_least,
+    command_line,
+    keeping_threads,
+    machine,
+    report_file,
+    write_report,
+)
 from ._timing import side_by_side
 
 RESULTS = Path(__file__).parent / "results"
@@ -256,10 +263,8 @@ def main(argv: list[str] | None = None) -> str:
             "",
         ]
     )
-    default_run = args.models is None and all(
-        getattr(args, name) == parser.get_default(name) for name in ("batch_size", "image_size")
-    )  # (only such a run replaces the committed table)
-    return write_report(table, args.out or (RESULTS / file if default_run else None))
+    defaults = ("models", "batch_size", "image_size")  # (only such a run replaces the table)
+    return write_report(table, report_file(parser, args, RESULTS / file, defaults))
 
 
 if __name__ == "__main__":

@@ -240,7 +240,7 @@ def _header(threads: int, batch_size: int, length: int) -> tuple[str, str, str]:
 
 def main(argv: list[str] | None = None) -> str | None:
     return _coverage.main(
-        argv, __doc__.splitlines()[0], "benchmarks.transformers_coverage",
+        argv, __doc__, "benchmarks.transformers_coverage",
         dict.fromkeys(CASES, ("transformers",)), measure_architecture, _header, RESULTS, SIZES,
     )
 

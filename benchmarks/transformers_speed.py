@@ -34,7 +34,14 @@ import torch
 from ewc_reg import fisher_diagonal
 
 from . import _coverage
-from ._reports import at_least, command_line, keeping_threads, machine, write_report
+from ._reports import (
+    at_least,
+    command_line,
+    keeping_threads,
+    machine,
+    report_file,
+    write_report,
+)
 from ._timing import side_by_side
 from .transformers_coverage import CASES, classifier, inputs
 
@@ -121,12 +128,9 @@ def main(argv: list[str] | None = None) -> str:
             "",
         ]
     )
-    default_run = all(
-        getattr(args, name) == parser.get_default(name)
-        for name in ("models", "batch_size", "length", "width")
-    )  # (only such a run replaces the committed table)
+    defaults = ("models", "batch_size", "length", "width")  # (only such a run replaces it)
     return write_report(
-        table, args.out or (RESULTS / BASELINES[args.baseline] if default_run else None)
+        table, report_file(parser, args, RESULTS / BASELINES[args.baseline], defaults)
     )
 
 
