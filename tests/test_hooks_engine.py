@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import logging
 import math
+import warnings
 import weakref
 from typing import Any
 from unittest import mock
@@ -1806,11 +1807,17 @@ def data_for(make_x) -> list[tuple[Tensor, Tensor]]:
     return [(x, torch.randint(0, 3, (5,))), (x[:2], torch.randint(0, 3, (2,)))]
 
 
-def log_and_compare(model, data, caplog, reason: str) -> None:
-    with caplog.at_level(logging.INFO, logger="ewc_reg"):
+def log_and_compare(model, data, caplog, reason: str, mixed: bool = False) -> None:
+    """``auto`` goes to the functorch engine and logs why once (a model whose samples are
+    ``mixed`` is also warned of, once: samples alone are not the batch)."""
+    with caplog.at_level(logging.INFO, logger="ewc_reg"), warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
         got = fisher_diagonal(model, data)  # backend="auto"
     messages = [r.getMessage() for r in caplog.records if r.name == "ewc_reg"]
     assert len(messages) == 1 and reason in messages[0] and "functorch" in messages[0]
+    alone = [str(x.message) for x in w if "as a batch of one" in str(x.message)]
+    assert len(alone) == int(mixed)
+    assert all(reason in message and "functorch engine" in message for message in alone)
     assert_close_dicts(got, fisher_diagonal(model, data, backend="functorch"), 1e-12)
 
 
@@ -1878,7 +1885,7 @@ def test_samples_mixed_outside_batch_norm_modules_go_to_functorch(norm, caplog) 
     data = data_for(lambda: torch.randn(5, 4, 3, dtype=torch.float64))
     with pytest.raises(ValueError, match=r'the samples are mixed.*backend="functorch"'):
         fisher_diagonal(model, data, backend="hooks")
-    log_and_compare(model, data, caplog, "the samples are mixed")
+    log_and_compare(model, data, caplog, "the samples are mixed", mixed=True)
     assert_close_dicts(
         fisher_diagonal(model, data), fisher_diagonal(model, data, backend="loop"), 1e-12
     )

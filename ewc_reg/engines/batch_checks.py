@@ -22,6 +22,7 @@ from .recording import (
     ExpansionFailed,
     Record,
     Recorder,
+    SamplesMixed,
     SequenceFirst,
     SharedWithBatchRows,
     Unit,
@@ -95,10 +96,10 @@ def check_batch_layout(
     fewer = 2 if size > 2 else 1
     # (only the units expanded on the whole batch: the others' shapes are what is checked)
     expanding = set(expanded_units(records))
-    part = batch.samples(0, fewer)  # (the model may not take another batch size)
+    first_samples = batch.samples(0, fewer)  # (the model may not take another batch size)
     samples = set(batch.sample_shapes())
     records_again, alone = _recorded_again(
-        model, units, part, output_fn, expanding, f"{fewer} samples"
+        model, units, first_samples, output_fn, expanding, f"{fewer} samples"
     )
     untold: dict[tuple[str, int], bool] = {}  # (calls taken the wrong way: see SequenceFirst)
     # (the parameters of the units with outputs the samples may share, and the first why)
@@ -225,16 +226,32 @@ def check_batch_layout(
         raise WholeInputs(inputs, f"{why_whole}: the per-module fallback passes it whole")
     if has_folded_calls(records):
         check_folds(model, units, batch, output_fn, records, expanding)
-    together = pytree.tree_leaves(output)
-    if len(together) != len(alone) or not all(
-        same_output(a, t[:fewer] if is_per_sample(t, size) else t) for t, a in zip(together, alone)
-    ):
-        raise Unsupported(
+    if _differ(pytree.tree_leaves(output), alone, size, fewer):
+        # (the model itself, or the shared inputs expanded here? only the first is warned of)
+        mixed = not expanding or _mixes_samples(model, batch, first_samples, output_fn)
+        raise (SamplesMixed if mixed else Unsupported)(
             f"the model's output for the first {fewer} samples differs when they are run "
             "alone: the samples are mixed (batch statistics computed outside a batch-norm "
             "module in eval mode?), the inputs are not per-sample along their first "
             f"dimension ({batch.layout()}), or the model is not deterministic in eval mode"
         )
+
+
+def _differ(together: list[Any], alone: list[Any], size: int, fewer: int) -> bool:
+    """Whether the output leaves ``alone`` of the first ``fewer`` samples differ from their rows
+    of the output leaves ``together`` of all ``size`` (leaves that are not per-sample whole)."""
+    return len(together) != len(alone) or not all(
+        same_output(a, t[:fewer] if is_per_sample(t, size) else t) for t, a in zip(together, alone)
+    )
+
+
+def _mixes_samples(model: nn.Module, batch: Batch, part: Batch, output_fn: OutputFn) -> bool:
+    """Whether the model as it is (no unit's shared inputs expanded, nothing recorded) gives the
+    samples of ``part``, the first of ``batch``, another output alone than in ``batch``."""
+    with torch.no_grad(), TablesKept():
+        together = pytree.tree_leaves(output_fn(batch.call(model)))
+        alone = pytree.tree_leaves(output_fn(part.call(model)))
+    return _differ(together, alone, batch.size, part.size)
 
 
 def _recorded_again(

@@ -145,6 +145,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import warnings
 import weakref
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -196,6 +197,7 @@ from .recording import (
     Planner,
     Record,
     Recorder,
+    SamplesMixed,
     SequenceFirst,
     SharedWithBatchRows,
     Unit,
@@ -490,7 +492,11 @@ class HookEngine:
     #: goes to the fallback at once (the attempts cost timm's ``eva02_tiny``, whose rotary
     #: table ``(T, D)`` with ``T == B`` cannot be told from per-sample data, 0.7 of a
     #: functorch call each time: ``empirical``, B=16, one thread).
-    failures: ClassVar[weakref.WeakKeyDictionary[nn.Module, dict[tuple[Any, ...], str]]] = (
+    #: (Kept as a new exception of the same kind, plain or :class:`.recording.SamplesMixed`,
+    #: without the failed attempt's frames.)
+    failures: ClassVar[
+        weakref.WeakKeyDictionary[nn.Module, dict[tuple[Any, ...], Unsupported]]
+    ] = (
         weakref.WeakKeyDictionary()
     )
 
@@ -524,6 +530,15 @@ class HookEngine:
             raise ValueError(
                 f"the hooks engine cannot compute this model's Fisher: {problem}; use "
                 'backend="functorch" (or "auto")'
+            )
+        if isinstance(problem, SamplesMixed):
+            warnings.warn(
+                f"ewc_reg: {problem}. The {self.fallback.name} engine computes each sample's "
+                "Fisher with the sample run alone, as a batch of one, which is not what the "
+                "model computes on the batch; if the batch dimension of the inputs is not "
+                "their first, the result is wrong (see docs/fisher.md, 'Models that mix the "
+                "samples')",
+                stacklevel=2,
             )
         logger.info("hooks engine: %s; using the %s engine", problem, self.fallback.name)
         self._given_up.add(model)
@@ -574,7 +589,8 @@ class HookEngine:
         failures = self.failures.setdefault(model, {})
         key = (frozenset(params), batch.size, batch.sample_shapes())
         if key in failures:
-            failure = Unsupported(f"{failures[key]} (found on an earlier batch of these shapes)")
+            known = failures[key]
+            failure = type(known)(f"{known} (found on an earlier batch of these shapes)")
             return self._give_up(model, failure)(*args)
         shared = self.shared_inputs.setdefault(model, set())
         unexpanded = self.unexpanded.setdefault(model, set())
@@ -698,7 +714,9 @@ class HookEngine:
                 if shadowed is None:
                     break
                 arrangement = shadowed
-        failures[key] = str(failure)
+        failures[key] = (SamplesMixed if isinstance(failure, SamplesMixed) else Unsupported)(
+            str(failure)
+        )
         return self._give_up(model, failure)(*args)
 
     def _sums(

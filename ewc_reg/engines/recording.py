@@ -114,6 +114,13 @@ class SequenceFirst(Unsupported):
         self.calls = calls  # (unit path, call's position among its calls): sequence-first
 
 
+class SamplesMixed(Unsupported):
+    """The model's output for a few samples differs when they are run alone: it mixes the
+    samples (batch statistics), its inputs are not per-sample along their first dimension, or it
+    is not deterministic in eval mode. No engine computes the model's behaviour on the batch
+    then: the fallback computes each sample's Fisher as a batch of one (warned)."""
+
+
 @dataclass(eq=False)
 class Unit:
     """A module owning selected parameters, with those of the modules inside it when some of
