@@ -14,7 +14,7 @@ import torch
 def check_choice(what: str, value: Any, choices: Sequence[str]) -> str:
     if not isinstance(value, str) or value not in choices:
         raise ValueError(f"unknown {what} {value!r}; choose one of {list(choices)}")
-    return value
+    return str.__str__(value)  # (a str subclass's value, an enum's or NumPy's: it is saved)
 
 
 def check_count(what: str, value: Any, *, allow_none: bool = False) -> int | None:

@@ -403,7 +403,7 @@ def checked_selection(model: nn.Module, params: ParamSelection) -> ParamSelectio
             f"params names {unknown} are not parameters of the model; valid names (from "
             f"named_parameters()) are {list(named)}"
         )
-    return names
+    return tuple(map(str.__str__, names))  # (a str subclass's value: the names are saved)
 
 
 def _accumulate_batched(

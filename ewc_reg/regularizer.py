@@ -319,7 +319,8 @@ class EWCRegularizer:
         ``params``: tensors that stand for the model's parameters, by name, in a functional
         training loop, where the loss is not taken with the registered parameters
         (``torch.func.functional_call(model, params, x)``, MAML's fast weights): the penalty
-        is then of these (every protected name must be there; other names are ignored).
+        is then of these (every protected name must be there, with its parameter's shape,
+        dtype and device; other names are ignored).
         Without it the penalty reads the registered parameters, and its gradient reaches
         them, not the tensors the loss is taken with. Inside ``torch.func`` transforms
         (``grad``, ``vmap``, ...) and forward-mode AD it is computed by plain operations.
@@ -355,6 +356,7 @@ class EWCRegularizer:
                 f"penalty(params=...) lacks parameters {missing}, which the earlier tasks "
                 "protect; pass every protected parameter (reg.fisher's names)"
             )
+        registered = dict(self.model.named_parameters())
         for name, a in self._precision.items():
             t = params[name]
             if not isinstance(t, Tensor) or t.shape != a.shape:
@@ -363,8 +365,17 @@ class EWCRegularizer:
                     f"penalty(params=...): {name!r} must be a tensor of shape "
                     f"{tuple(a.shape)}, got {got}"
                 )
+            # (the state follows the model, not its stand-ins: one of another dtype or device
+            # would move it there, rounded, or destroy it on "meta")
+            p = registered.get(name, a)  # (a removed parameter: the state's own)
+            if t.dtype != p.dtype or t.device != p.device:
+                raise ValueError(
+                    f"penalty(params=...): {name!r} must have its parameter's dtype and device, "
+                    f"{p.dtype} on {p.device}, got {t.dtype} on {t.device}"
+                )
         return dict(params)
 
+    @torch.inference_mode(False)  # (.grad set here must not be an inference tensor)
     def add_penalty_grad(self) -> None:
         r"""Add the penalty's gradient :math:`\lambda A(\theta - \mu)` to the protected
         parameters' ``.grad`` (setting those that are ``None``): the gradient that adding
@@ -383,7 +394,8 @@ class EWCRegularizer:
             optimizer.step()
 
         Nothing happens before the first ``consolidate``. Parameters without ``requires_grad``
-        are left alone; errors as :meth:`penalty`'s."""
+        are left alone; errors as :meth:`penalty`'s. Under ``torch.inference_mode()`` too, the
+        gradients it sets are ordinary tensors (a later ``backward()`` accumulates into them)."""
         if self._precision:
             self._with_operands(
                 "add_penalty_grad",
@@ -469,10 +481,11 @@ class EWCRegularizer:
         one.
 
         Raises ``ValueError`` (leaving the regularizer unchanged) when the state is malformed:
-        unknown entries or settings, a bad setting or task count, Fisher or anchor entries
-        that are not finite floating-point tensors shaped like their parameters (or a negative
-        Fisher), parameters the model lacks or that the restored ``params`` does not select,
-        an offset that is not one finite number; or when the state was made with a predicate
+        unknown entries or settings, a bad setting or task count (0 with a Fisher), Fisher or
+        anchor entries that are not finite dense floating-point tensors shaped like their
+        parameters (or a negative Fisher), parameters the model lacks or that the restored
+        ``params`` does not select, an offset that is not one finite number >= 0; or when the
+        state was made with a predicate
         and this regularizer's ``params`` is not one.
         """
         if not isinstance(state, dict):
@@ -525,8 +538,13 @@ class EWCRegularizer:
             number = isinstance(offset, (Tensor, numbers.Real)) and not isinstance(offset, bool)
             if not (one and number):
                 raise ValueError(f"state_dict 'offset' must be one number, got {offset!r}")
-            if not math.isfinite(float(offset)):
-                raise ValueError(f"state_dict 'offset' must be finite, got {offset!r}")
+            if not (math.isfinite(float(offset)) and float(offset) >= 0):
+                raise ValueError(
+                    f"state_dict 'offset' must be finite and >= 0 (a sum of squares), got "
+                    f"{offset!r}"
+                )
+            if num_tasks < 1:
+                raise ValueError("state_dict 'num_tasks' must be >= 1 when 'fisher' is not empty")
         elif offset is not None:
             raise ValueError("state_dict 'offset' must be None when 'fisher' is empty")
         # (all checked: from here on nothing fails)
@@ -573,12 +591,16 @@ class EWCRegularizer:
 
 
 def _check_state_tensor(what: str, name: str, t: Any, param: Tensor) -> None:
-    """``ValueError`` unless ``t`` (a Fisher or anchor entry of a state) is a finite
-    floating-point tensor shaped like ``param`` (a Fisher: and not negative)."""
-    if not isinstance(t, Tensor) or not t.is_floating_point():
-        kind = type(t).__name__ if not isinstance(t, Tensor) else f"a tensor of {t.dtype}"
+    """``ValueError`` unless ``t`` (a Fisher or anchor entry of a state) is a finite dense
+    (strided) floating-point tensor shaped like ``param`` (a Fisher: and not negative)."""
+    if not isinstance(t, Tensor) or not t.is_floating_point() or t.layout != torch.strided:
+        kind = (
+            type(t).__name__
+            if not isinstance(t, Tensor)
+            else f"a tensor of {t.dtype}, {str(t.layout).removeprefix('torch.')}"
+        )
         raise ValueError(
-            f"state_dict {what} for {name!r} must be a floating-point tensor, got {kind}"
+            f"state_dict {what} for {name!r} must be a dense floating-point tensor, got {kind}"
         )
     if tuple(t.shape) != tuple(param.shape):
         raise ValueError(

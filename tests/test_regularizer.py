@@ -490,6 +490,34 @@ def test_penalty_stand_ins_are_checked():
         reg.penalty(params={**named, "0.bias": torch.zeros(3)})
 
 
+@pytest.mark.parametrize(
+    "stand_in",
+    [
+        lambda p: p.float(),
+        lambda p: p.to(torch.int64),
+        lambda p: p.to(torch.complex128),
+        lambda p: p.to("meta"),
+    ],
+)
+def test_penalty_stand_ins_of_another_dtype_or_device_are_refused_and_the_state_kept(stand_in):
+    """Before, a stand-in of another dtype or device moved the whole state there (the state
+    follows the model, not its stand-ins): a float32 one rounded a float64 state for good (the
+    penalty at the anchor 9e-17, not 0), a complex one dropped nothing but made it complex, a
+    "meta" one destroyed it."""
+    model = mlp()  # (float64)
+    reg = EWCRegularizer(model, strength=2.0)
+    reg.consolidate(task_data(0))
+    before = reg.state_dict()
+    named = dict(model.named_parameters())
+    with pytest.raises(ValueError, match=r"'0.weight' must have its parameter's dtype and device"):
+        reg.penalty(params={**named, "0.weight": stand_in(named["0.weight"])})
+    after = reg.state_dict()
+    for key in ("fisher", "anchor"):
+        assert all(torch.equal(after[key][n], t) for n, t in before[key].items())
+        assert all(after[key][n].dtype == torch.float64 for n in before[key])
+    assert reg.penalty().item() == 0.0  # (at the anchor, exactly)
+
+
 @pytest.mark.parametrize("mode", ["online", "separate"])
 @pytest.mark.parametrize("with_loss", [True, False])
 def test_add_penalty_grad_gives_the_gradient_of_the_penalty_in_the_loss(mode, with_loss):
@@ -521,6 +549,50 @@ def test_add_penalty_grad_gives_the_gradient_of_the_penalty_in_the_loss(mode, wi
         else:
             torch.testing.assert_close(p.grad, want[name], rtol=1e-13, atol=1e-15)
     assert want["trunk.bias"] is None and want["trunk.weight"].abs().sum() > 0
+
+
+def test_add_penalty_grad_under_inference_mode_sets_ordinary_gradients():
+    """Before, the ``.grad`` it set under ``torch.inference_mode()`` was an inference tensor,
+    and the next ``loss.backward()`` failed ("Inplace update to inference tensor")."""
+    model = mlp()
+    reg = EWCRegularizer(model, strength=2.0)
+    reg.consolidate(task_data(0))
+    perturb(model, 1)
+    want = torch.autograd.grad(reg.penalty(), list(model.parameters()))
+    with torch.inference_mode():
+        reg.add_penalty_grad()
+    x, y = task_data(1)[0]
+    model.eval()  # (no dropout: the two losses below are one)
+    loss = torch.nn.functional.cross_entropy(model(x), y)
+    plain = torch.autograd.grad(loss, list(model.parameters()))
+    loss = torch.nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    for p, w, g in zip(model.parameters(), want, plain):
+        assert not p.grad.is_inference() and p.grad.grad_fn is None
+        torch.testing.assert_close(p.grad, w + g, rtol=1e-13, atol=1e-15)
+
+
+def test_settings_given_as_str_subclasses_are_saved_as_plain_strings():
+    """An enum's or NumPy's strings are kept as plain ``str``: before, the state kept them as
+    given and ``torch.load(..., weights_only=True)`` refused it (``UnpicklingError``)."""
+    import enum
+    import io
+
+    class Mode(str, enum.Enum):  # (str() of it is 'Mode.SEPARATE', its value 'separate')
+        SEPARATE = "separate"
+
+    numpy = pytest.importorskip("numpy")
+    model = mlp()
+    names = numpy.array([n for n, _ in model.named_parameters()])
+    reg = EWCRegularizer(model, method=numpy.str_("empirical"), mode=Mode.SEPARATE, params=names)
+    reg.consolidate(task_data(0))
+    buffer = io.BytesIO()
+    torch.save(reg.state_dict(), buffer)
+    buffer.seek(0)
+    settings = torch.load(buffer, weights_only=True)["settings"]
+    assert (settings["mode"], settings["method"]) == ("separate", "empirical")
+    assert settings["params"] == list(names)
+    assert all(type(v) is str for v in (settings["mode"], settings["method"], *settings["params"]))
 
 
 def test_add_penalty_grad_before_consolidate_and_after_a_change():
@@ -579,6 +651,9 @@ def _malformed(state: dict, **changes) -> dict:
         ({"offset": None}, "offset"),
         ({"offset": torch.zeros(3)}, "offset"),
         ({"offset": float("nan")}, "offset"),
+        ({"offset": -5.0}, r"'offset' must be finite and >= 0"),
+        ({"num_tasks": 0}, r"'num_tasks' must be >= 1 when 'fisher' is not empty"),
+        ({"fisher.0.weight": torch.ones(8, 6).to_sparse()}, "dense floating-point tensor"),
         ({"fisher.0.weight": [[0.0]]}, "floating-point tensor, got list"),
         ({"fisher.0.weight": torch.ones(8, 6, dtype=torch.long)}, "floating-point tensor"),
         ({"fisher.0.weight": -torch.ones(8, 6, dtype=torch.float64)}, "negative"),
