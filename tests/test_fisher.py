@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -539,6 +541,84 @@ def test_called_under_autocast_computes_in_the_model_dtype(method):
         assert torch.mm(x.flatten(1), x.flatten(1).T).dtype == torch.bfloat16  # (on out here)
         got = fisher_diagonal(model, batches_of(x, y, 4), method)
     assert_close_dicts(got, want, 1e-6)
+
+
+class Gain(nn.Module):
+    """An elementwise gain: no per-layer rule (the hooks engine's per-module fallback)."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.g = nn.Parameter(torch.ones(n))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.g
+
+
+@pytest.mark.parametrize("backend", ["auto", "functorch"])
+@pytest.mark.parametrize("scale", [1e-4, 1e3])
+def test_float16_gradients_are_squared_in_float32(backend, scale):
+    """The same logits, per-sample gradients of the gain about ``scale`` times those of the
+    plain model: before, the functorch engine (and the per-module fallback, which runs it on
+    one module) squared them in float16, where they under- (1e-4: a Fisher of 0, relative
+    error 1.0) or overflow (1e3: ``FloatingPointError``); now as the loop engine, within
+    float16's rounding of a float64 reference."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), Gain(4))
+    with torch.no_grad():
+        model[0].weight.mul_(scale), model[0].bias.mul_(scale), model[1].g.fill_(1 / scale)
+    model, x = model.half(), torch.randn(6, 5).half()
+    want = brute_force_fisher(copy.deepcopy(model).double(), x.double(), None, "exact")
+    got = fisher_diagonal(model, [x], backend=backend)
+    assert all(f.dtype == torch.float32 for f in got.values())
+    for name, f in got.items():
+        assert rel_err(f.double(), want[name]) < 2e-2, name
+
+
+class BlockTwice(nn.Module):
+    """One block registered twice, ``ModuleList([block, block])`` (ALBERT's sharing)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        block = nn.Linear(4, 4)
+        self.blocks = nn.ModuleList([block, block])
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = torch.tanh(block(x))
+        return self.head(x)
+
+
+class ChildUnderTwoNames(nn.Module):
+    """A module using the weight of a child registered under two names itself (no rule: the
+    per-module fallback, which swaps the parameters of the module alone)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.p = self.q = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(nn.functional.linear(x, self.p.weight, self.q.bias)) + self.q(x)
+
+
+@pytest.mark.parametrize("backend", ["auto", "functorch"])
+@pytest.mark.parametrize(
+    "make", [BlockTwice, lambda: nn.Sequential(ChildUnderTwoNames(), nn.Linear(4, 3))]
+)
+def test_a_module_registered_under_two_names_keeps_its_parameters(make, backend):
+    """Before, ``torch.func.functional_call``'s weight tying left a plain tensor in place of the
+    module's parameters (the optimizer's parameter lost its gradient, a later loop Fisher was
+    0; ``functorch``), and ``auto`` failed with "`weight` is not an nn.Parameter" on the second
+    model, leaving it so."""
+    torch.manual_seed(0)
+    model = make().double()
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
+    before = dict(model.named_parameters(remove_duplicate=False))
+    got = fisher_diagonal(model, [(x, y)], backend=backend)
+    after = dict(model.named_parameters(remove_duplicate=False))
+    assert before.keys() == after.keys()
+    assert all(after[n] is p and isinstance(p, nn.Parameter) for n, p in before.items())
+    assert_close_dicts(got, brute_force_fisher(model, x, y, "exact"), 1e-10)
 
 
 @pytest.mark.parametrize("backend", ["auto", "hooks", "functorch", "loop"])

@@ -38,6 +38,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge
+from torch.func import functional_call
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
@@ -178,6 +179,30 @@ def resolve_chunk_size(chunk_size: int | None, memory_budget: int, bytes_per_sam
     if chunk_size is not None:
         return chunk_size
     return max(1, memory_budget // max(bytes_per_sample, 1))
+
+
+def swapped_call(
+    model: nn.Module, tensors: dict[str, Tensor], args: Any, kwargs: dict[str, Any]
+) -> Any:
+    """``torch.func.functional_call(model, tensors, args, kwargs, strict=False)``, with every
+    module's registered parameters and buffers put back afterwards. Its ``tie_weights=True``
+    (which swaps a parameter shared by two modules, a tied embedding and output layer, under
+    both) leaves the swapped tensor in place of the parameter of a module registered under two
+    names (``ModuleList([block, block])``, ``self.alias = self.layer``) in PyTorch 2.14
+    (pytorch/pytorch#164759): training's gradients no longer reached the parameter after a
+    Fisher, and a later ``get_parameter`` failed."""
+    registered = [
+        (kind, name, t)
+        for module in model.modules()
+        for kind in (module._parameters, module._buffers)
+        for name, t in kind.items()
+    ]
+    try:
+        return functional_call(model, tensors, args, kwargs, strict=False)
+    finally:
+        for kind, name, t in registered:  # (kind: a dict, or TorchScript's wrapper of one)
+            if name not in kind or kind[name] is not t:
+                kind[name] = t
 
 
 @functools.cache  # (called per layer and vector: a lookup instead of a dispatched op)

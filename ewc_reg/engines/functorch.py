@@ -30,11 +30,19 @@ from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, vjp, vmap
+from torch.func import vjp, vmap
 from torch.utils import _pytree as pytree
 
 from .._batches import Batch, is_per_sample
-from .base import CallsVmapWrong, OutputFn, VectorFn, resolve_chunk_size, zero_sums
+from .base import (
+    CallsVmapWrong,
+    OutputFn,
+    VectorFn,
+    accumulation_dtype,
+    resolve_chunk_size,
+    swapped_call,
+    zero_sums,
+)
 from .loop import LoopEngine
 
 logger = logging.getLogger("ewc_reg")
@@ -131,7 +139,7 @@ class FunctorchEngine:
         # (no graph unless a parameter is captured: see the module docstring)
         with torch.enable_grad(), CallsVmapWrong() as calls:
             output = output_fn(
-                functional_call(model, {**frozen, **trainable}, args, kwargs, strict=False)
+                swapped_call(model, {**frozen, **trainable}, args, kwargs)
             )
         captured = reaches(output, params)
         if captured:
@@ -149,7 +157,7 @@ class FunctorchEngine:
             for i, leaf in zip(per_sample, sample_leaves):
                 filled[i] = leaf.unsqueeze(0)
             args, kwargs = pytree.tree_unflatten(filled, spec)
-            out = functional_call(model, {**frozen, **theta}, args, kwargs, strict=False)
+            out = swapped_call(model, {**frozen, **theta}, args, kwargs)
             return output_fn(out).squeeze(0)
 
         num_vectors = vectors.shape[0]
@@ -173,7 +181,9 @@ class FunctorchEngine:
                 else:
                     (grads,) = vmap(pull_back)(chunk)
                 for name, g in grads.items():  # each (vector_chunk, *shape)
-                    sq = g.pow(2).sum(0)
+                    # (squared in the sums' dtype: a float16 gradient's square under- or
+                    # overflows in float16)
+                    sq = g.to(accumulation_dtype(g.dtype)).square().sum(0)
                     squares[name] = squares[name] + sq if name in squares else sq
             return squares
 

@@ -28,10 +28,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from .._batches import Batch
-from .base import OutputFn, accumulation_dtype, own_parameters, tensors_in
+from .base import OutputFn, accumulation_dtype, own_parameters, swapped_call, tensors_in
 from .rules import ACCUMULATIONS, CALL_RULES, feed_all
 from .shadows import Shadows
 
@@ -108,10 +107,10 @@ def call_with(
     shadowed = {name for name in copies if layouts[name] == SHADOWED}
     replaced = {name: copy for name, copy in copies.items() if name not in shadowed}
     if not shadowed:
-        return functional_call(model, replaced, batch.args, batch.kwargs, strict=False)
+        return swapped_call(model, replaced, batch.args, batch.kwargs)
     inputs = tensors_in((batch.args, batch.kwargs))
     with Shadows({model.get_parameter(name): copies[name] for name in shadowed}, inputs):
-        return functional_call(model, replaced, batch.args, batch.kwargs, strict=False)
+        return swapped_call(model, replaced, batch.args, batch.kwargs)
 
 
 def copies_layout(
