@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -92,3 +93,48 @@ def test_sampling_does_not_depend_on_batch_split():
         gen = torch.Generator().manual_seed(2)
         parts = torch.cat([lik.sample(f[:3], 3, gen), lik.sample(f[3:], 3, gen)], dim=1)
         torch.testing.assert_close(parts, whole, rtol=0, atol=0)
+
+
+def _relative(got: torch.Tensor, want: torch.Tensor) -> float:
+    """Largest entrywise relative error (entries of ``want`` that are 0 must be 0)."""
+    scale = want.abs().clamp_min(torch.finfo(torch.float64).tiny)
+    return float(((got.double() - want).abs() / scale).max())
+
+
+@pytest.mark.parametrize("margin", [20.0, 30.0, 35.0])
+def test_categorical_factor_and_score_keep_float32_precision_for_any_confident_class(margin):
+    """Float32 logits with one class ahead by ``margin`` (the smallest p ~ 1e-16 at 35), that
+    class at every place: before, the factor reflected onto the last class, and with another
+    one dominant its entries cancelled (the output-space Fisher 17% off at 30, the model's
+    Fisher 2.4e-2 to 0.14), and the score's entry at a confident label, 1 - p_y, was 0."""
+    classes = 4
+    for top in range(classes):
+        f = torch.linspace(-1.0, 1.0, classes).repeat(3, 1)
+        f[:, top] += margin
+        f[1] *= 0.5  # (another margin in the second sample)
+        p = torch.softmax(f.double(), -1)
+        # (the diagonal p_i (1 - p_i) as p_i Σ_{k≠i} p_k: in float64 too, 1 - p_i cancels)
+        rest = (p.unsqueeze(-2) * (1 - torch.eye(classes, dtype=p.dtype))).sum(-1)
+        want = torch.diag_embed(p * rest) - torch.einsum("bi,bj->bij", p, p) * (
+            1 - torch.eye(classes, dtype=p.dtype)
+        )
+        assert _relative(outer_sum(Categorical().exact_vectors(f)), want) < 1e-4
+        label = torch.full((3,), top)
+        others = p.clone()
+        others[:, top] = 0
+        want_score = -others
+        want_score[:, top] = others.sum(-1)  # (1 - p_top, in float64 without cancellation)
+        assert _relative(Categorical().score(f, label), want_score) < 1e-5
+
+
+@pytest.mark.parametrize("logit", [-30.0, -20.0, 20.0, 30.0])
+def test_bernoulli_factor_and_score_keep_float32_precision_at_saturated_logits(logit):
+    """Before, σ(1 - σ) and y - σ lost everything once σ(f) rounded to 1 in float32: the
+    Fisher of an output at logit 17 was 36% off, at 20 exactly 0."""
+    f = torch.tensor([[logit, 0.5]])
+    sig = torch.sigmoid(f.double())
+    want = torch.diag_embed(sig * torch.sigmoid(-f.double()))  # (1 - σ cancels in float64 too)
+    assert _relative(outer_sum(Bernoulli().exact_vectors(f)), want) < 1e-5
+    y = torch.tensor([[1.0, 0.0]])
+    want_score = y * torch.sigmoid(-f.double()) - (1 - y) * sig  # (y - σ, without cancellation)
+    assert _relative(Bernoulli().score(f, y), want_score) < 1e-5
