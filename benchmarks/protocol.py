@@ -217,19 +217,20 @@ class Stopwatch:
     phase boundaries so that GPU time is attributed to the right phase."""
 
     def __init__(self, device: torch.device | str) -> None:
-        self.cuda = torch.device(device).type == "cuda"
+        # (the device itself: synchronize() without one waits for the current device only)
+        self.cuda = torch.device(device) if torch.device(device).type == "cuda" else None
         self.wall: dict[str, float] = defaultdict(float)
         self.cpu: dict[str, float] = defaultdict(float)
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
         """Time the body as part of phase ``name``."""
-        if self.cuda:
-            torch.cuda.synchronize()
+        if self.cuda is not None:
+            torch.cuda.synchronize(self.cuda)
         wall, cpu = time.perf_counter(), time.process_time()
         yield
-        if self.cuda:
-            torch.cuda.synchronize()
+        if self.cuda is not None:
+            torch.cuda.synchronize(self.cuda)
         self.wall[name] += time.perf_counter() - wall
         self.cpu[name] += time.process_time() - cpu
 

@@ -135,7 +135,7 @@ def test_at_best_lambda_takes_each_variants_best_so_far(tmp_path, capsys):
 
 
 def test_best_lambda_is_chosen_on_the_seeds_common_to_every_lambda():
-    from benchmarks.report import best, group
+    from benchmarks.report import best, group, held_out_text
 
     rows = [{"benchmark": "split_mnist", "data": "real", "method": "exact", "strength": s,
              "seed": seed, "iters": 1, "batch_size": 1, "accuracy": acc}
@@ -144,6 +144,8 @@ def test_best_lambda_is_chosen_on_the_seeds_common_to_every_lambda():
     per_lambda = group(rows)[("split_mnist", "real", 1, 1)]["exact"]
     strength, stats = best(per_lambda)
     assert strength == 1e3 and stats.n == 2 and stats.mean == 70.0
+    assert held_out_text(per_lambda, per_lambda[1e4]) == "100.00 (1)"  # (seed 2 chose nothing)
+    assert held_out_text(per_lambda, stats) == "–"
     per_lambda[1e4] = type(per_lambda[1e4]).of([r for r in rows if r["seed"] == 2])
     assert best(per_lambda)[0] == 1e4  # no seed in common: the plain means decide
 
@@ -181,8 +183,9 @@ def test_report_writes_table_and_figure(tmp_path):
                          "device": "cuda" if method == "batched" else "cpu", "torch": "2.x"})
     (tmp_path / "runs.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n{torn")
     table = report.report(tmp_path).read_text()
-    assert "| EXACT | 1e5 | 99.00 ± 0.58 | 3 | 10 (4) | 9 (3) | 1e5–1e6 | 99.12 ± 0.16 |" in table
-    assert "| None | – | 86.00 ± 0.58 | 3 |" in table
+    exact = "| EXACT | 1e5 | 99.00 ± 0.58 | 3 | – | 10 (4) | 9 (3) | 1e5–1e6 | 99.12 ± 0.16 |"
+    assert exact in table
+    assert "| None | – | 86.00 ± 0.58 | 3 | – |" in table
     assert "| 1e6 | 97.00 (3) |" in table
     assert ("Devices: cpu (torch 2.x): 9 runs, median 10 s wall, 9 s CPU per run; "
             "cuda (torch 2.x): 3 runs, median 10 s wall, 9 s CPU per run.") in table
