@@ -181,11 +181,12 @@ def fisher_diagonal(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     check_choice("method", method, METHODS)
-    check_count("n_samples", n_samples, allow_none=True)
-    check_count("mc_samples", mc_samples)
-    check_count("chunk_size", chunk_size, allow_none=True)
-    check_count("memory_budget", memory_budget, allow_none=True)
-    check_count("max_exact_vectors", max_exact_vectors)
+    # (as plain ints: a NumPy integer reached torch as a NumPy bool, a TypeError)
+    n_samples = check_count("n_samples", n_samples, allow_none=True)
+    mc_samples = check_count("mc_samples", mc_samples)
+    chunk_size = check_count("chunk_size", chunk_size, allow_none=True)
+    memory_budget = check_count("memory_budget", memory_budget, allow_none=True)
+    max_exact_vectors = check_count("max_exact_vectors", max_exact_vectors)
     check_choice("likelihood", likelihood, tuple(LIKELIHOODS))
     check_choice("backend", backend, BACKENDS)
     if output_fn is not None and not callable(output_fn):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 
 import pytest
 import torch
@@ -186,11 +187,40 @@ def test_output_fn_of_wrong_shape(output_fn, method):
         fisher_diagonal(mlp(), DATA, method, output_fn=output_fn)
 
 
-def test_output_that_is_not_a_tensor():
+class LogitsAndAuxLoss(nn.Module):
+    """``(logits, aux_loss)``, the loss a batch mean, as mixture-of-experts layers return."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 5).double()
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.fc(x)
+        return logits, logits.pow(2).mean()
+
+
+@pytest.mark.parametrize("backend", ["auto", "hooks", "functorch", "loop"])
+def test_output_that_is_not_a_tensor(backend):
+    """Before, the functorch engine failed with "'tuple' object has no attribute 'detach'", and
+    ``auto`` warned that the samples are mixed (the batch-mean loss beside the logits) first."""
     with pytest.raises(ValueError, match="must be a tensor of shape"):
-        fisher_diagonal(mlp(), DATA, output_fn=lambda o: (o,))
+        fisher_diagonal(mlp(), DATA, output_fn=lambda o: (o,), backend=backend)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError, match=r"must be a tensor of shape.*pass output_fn"):
+            fisher_diagonal(LogitsAndAuxLoss(), DATA, backend=backend)
     with pytest.raises(TypeError, match="output_fn must be callable"):
-        fisher_diagonal(mlp(), DATA, output_fn="logits")
+        fisher_diagonal(mlp(), DATA, output_fn="logits", backend=backend)
+
+
+def test_numpy_integers_as_counts():
+    """Before, a NumPy ``chunk_size`` or ``memory_budget`` reached torch as a NumPy bool (the
+    hooks engine's ``set_grad_enabled``: a TypeError)."""
+    np = pytest.importorskip("numpy")
+    model = mlp()
+    want = fisher_diagonal(model, DATA, chunk_size=2, memory_budget=1 << 20)
+    got = fisher_diagonal(model, DATA, chunk_size=np.int64(2), memory_budget=np.int64(1 << 20))
+    assert all(torch.equal(got[n], want[n]) for n in want)
 
 
 def test_bad_generator():

@@ -226,7 +226,8 @@ def check_batch_layout(
         raise WholeInputs(inputs, f"{why_whole}: the per-module fallback passes it whole")
     if has_folded_calls(records):
         check_folds(model, units, batch, output_fn, records, expanding)
-    if _differ(pytree.tree_leaves(output), alone, size, fewer):
+    # (an output that is no tensor, (logits, aux_loss), is refused when the vectors are made)
+    if isinstance(output, Tensor) and _differ([output], alone, size, fewer):
         # (the model itself, or the shared inputs expanded here? only the first is warned of)
         mixed = not expanding or _mixes_samples(model, batch, first_samples, output_fn)
         raise (SamplesMixed if mixed else Unsupported)(

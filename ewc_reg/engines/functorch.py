@@ -148,7 +148,7 @@ class FunctorchEngine:
                 "their registered names (a view or copy made before the forward pass, or an "
                 "output_fn that reads them), which torch.func cannot swap"
             )
-        vectors = make_vectors(output.detach())  # (K, B, *S, C)
+        vectors = make_vectors(output)  # (K, B, *S, C); (it checks the output, then detaches)
         del output
         per_sample = [i for i, leaf in enumerate(leaves) if is_per_sample(leaf, batch.size)]
 
