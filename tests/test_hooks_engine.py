@@ -4569,3 +4569,79 @@ def test_a_shared_mask_as_long_as_the_batch_reaches_the_fallback_as_it_is(sample
     messages = [r.getMessage() for r in caplog.records if r.name == "ewc_reg"]
     assert not any("using the" in message for message in messages), messages
     assert_close_dicts(got, brute_force_fisher(model, x, y, "exact"), 1e-10)
+
+
+class CapturingNet(nn.Module):
+    """A body and a head; features that a user's forward hook stores are added to the output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh())
+        self.head = nn.Linear(8, 3)
+        self.feats: dict[str, Tensor] = {}
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.feats = {}
+        out = self.head(self.body(x))
+        return out + self.feats["skip"][:, :3] if "skip" in self.feats else out
+
+
+class Centred(nn.Module):
+    """No parameters; mixes the samples."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x - 0.5 * x.mean(0, keepdim=True)
+
+
+def _capture_and_scale(model: CapturingNet) -> None:
+    def hook(module: nn.Module, inputs: Any, out: Tensor) -> Tensor:
+        model.feats["skip"] = out  # (the raw output, read in forward: not the layer's)
+        return out * 2
+
+    model.body[2].register_forward_hook(hook)
+
+
+MUTATIONS = {  # (a change between two calls, and whether the samples are mixed after it)
+    "module_inserted": (lambda m: m.body.insert(3, Centred()), True),
+    "mixing_hook": (
+        lambda m: m.body[2].register_forward_hook(lambda mod, i, o: o - 0.5 * o.mean(0)),
+        True,
+    ),
+    "capturing_hook": (_capture_and_scale, False),
+}
+
+
+@pytest.mark.parametrize("name", list(MUTATIONS))
+def test_a_model_changed_between_calls_is_checked_again(name) -> None:
+    """A module inserted or a forward hook registered after a first call: the checks kept for the
+    model were of another function (before, they were kept, and the same object's Fisher was
+    71–83% off without a warning, at this batch size or another, where a fresh copy's checks
+    sent it to the functorch engine)."""
+    mutate, mixed = MUTATIONS[name]
+    torch.manual_seed(0)
+    model = CapturingNet().double()
+    x = torch.randn(6, 5, dtype=torch.float64)
+    fisher_diagonal(model, [x])  # (its checks pass and are kept)
+    mutate(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = fisher_diagonal(model, [x])
+    assert any("as a batch of one" in str(w.message) for w in caught) == mixed
+    assert_close_dicts(got, fisher_diagonal(model, [x], backend="loop"), 1e-10)
+    with pytest.raises(ValueError, match="hooks engine cannot compute"):
+        fisher_diagonal(model, [x[:4]], backend="hooks")
+
+
+def test_a_failure_is_forgotten_once_the_module_behind_it_is_replaced() -> None:
+    """Before, the verdict was kept per model and batch shapes: with the mixing module replaced
+    by ``nn.Identity``, ``backend="hooks"`` still refused the model ("found on an earlier
+    batch"), and ``auto`` warned again and took the functorch engine."""
+    torch.manual_seed(0)
+    model = CapturingNet().double()
+    model.body.insert(3, Centred())
+    x = torch.randn(6, 5, dtype=torch.float64)
+    with pytest.warns(UserWarning, match="as a batch of one"):
+        fisher_diagonal(model, [x])
+    model.body[3] = nn.Identity()
+    got = fisher_diagonal(model, [x], backend="hooks")
+    assert_close_dicts(got, fisher_diagonal(model, [x], backend="loop"), 1e-10)

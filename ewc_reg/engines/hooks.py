@@ -153,6 +153,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
+from torch.nn.modules import module as module_globals
 from torch.utils import _pytree as pytree
 
 from .._batches import Batch, _may_round_to_tf32
@@ -422,6 +423,39 @@ class Arrangement:
         return Arrangement({**self.layouts, **layouts}, self.whole_parents, self.whole)
 
 
+def tree_signature(model: nn.Module) -> tuple[Any, ...]:
+    """What the hooks engine's per-model caches presume unchanged: each module's path, identity
+    and class, its forward and backward hooks (their handles' ids), and whether its instance
+    has a ``forward`` of its own; and the global module hooks. (A walk over the modules once
+    per call: the Planner's first walk costs about as much.)"""
+
+    def hooks(owner: Any) -> tuple[tuple[int, ...], ...]:
+        return tuple(tuple(getattr(owner, kind, None) or ()) for kind in _HOOK_DICTS)
+
+    return (
+        tuple(
+            (path, id(module), type(module), hooks(module), "forward" in module.__dict__)
+            for path, module in model.named_modules(remove_duplicate=False)
+        ),
+        tuple(tuple(getattr(module_globals, kind, None) or ()) for kind in _GLOBAL_HOOKS),
+    )
+
+
+#: The hook dictionaries of a module (:func:`tree_signature`), and the global ones.
+_HOOK_DICTS = (
+    "_forward_hooks",
+    "_forward_pre_hooks",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+)
+_GLOBAL_HOOKS = (
+    "_global_forward_hooks",
+    "_global_forward_pre_hooks",
+    "_global_backward_hooks",
+    "_global_backward_pre_hooks",
+)
+
+
 class HookEngine:
     """Hook-based engine (see the module docstring).
 
@@ -512,6 +546,14 @@ class HookEngine:
             weakref.WeakKeyDictionary()
         )
 
+    #: Each model's :func:`tree_signature` when its entries in the caches above were made: a
+    #: call that finds another forgets them (a module inserted or replaced, a forward hook
+    #: registered, since: the checks kept for the model were of another function; a module
+    #: that mixes the samples, inserted after a first call, gave a Fisher 83% off).
+    signatures: ClassVar[weakref.WeakKeyDictionary[nn.Module, tuple[Any, ...]]] = (
+        weakref.WeakKeyDictionary()
+    )
+
     @classmethod
     def for_model(
         cls, model: nn.Module, params: dict[str, Tensor] | None, fallback: Engine | None
@@ -519,6 +561,21 @@ class HookEngine:
         """The engine for ``params`` of ``model`` (``None``: those with ``requires_grad``): a
         hook engine, or ``fallback`` (logged) if the module tree already rules it out
         (``ValueError`` without a fallback)."""
+        signature = tree_signature(model)
+        if cls.signatures.get(model) != signature:
+            for cache in (
+                cls.steps,
+                cls.layouts,
+                cls.sums_checked,
+                cls.shared_inputs,
+                cls.layouts_found,
+                cls.whole_inputs,
+                cls.unexpanded,
+                cls.arrangements,
+                cls.failures,
+            ):
+                cache.pop(model, None)
+            cls.signatures[model] = signature
         engine = cls(fallback)
         reason = engine.planner.unsupported_reason(model, params)
         return engine if reason is None else engine._give_up(model, Unsupported(reason))
