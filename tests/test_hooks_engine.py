@@ -4645,3 +4645,34 @@ def test_a_failure_is_forgotten_once_the_module_behind_it_is_replaced() -> None:
     model.body[3] = nn.Identity()
     got = fisher_diagonal(model, [x], backend="hooks")
     assert_close_dicts(got, fisher_diagonal(model, [x], backend="loop"), 1e-10)
+
+
+class RootScale(nn.Module):
+    """A ``(D,)`` scale on the root beside layers (a loose parameter: per-sample copies), on
+    ``(B, D)`` or ``(B, T, D)`` features: copies of another layout for each."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.head = nn.Linear(4, 6), nn.Linear(6, 3)
+        self.scale = nn.Parameter(torch.randn(6))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.lin(x) * self.scale)
+        return self.head(h if h.dim() == 2 else h.mean(1))
+
+
+@pytest.mark.parametrize("first_rank", [2, 3])
+def test_copies_kept_from_an_earlier_call_are_found_again_for_inputs_of_another_rank(
+    first_rank,
+) -> None:
+    """Before, the copies' layout kept from the first call's inputs failed on the second's, and
+    the model was refused ("the root module owns parameters ..."; ``auto``: the functorch
+    engine), where a fresh copy ran on the hooks engine."""
+    torch.manual_seed(0)
+    model = RootScale().double()
+    flat = torch.randn(3, 4, dtype=torch.float64)
+    sequences = torch.randn(3, 5, 4, dtype=torch.float64)
+    first, second = (flat, sequences) if first_rank == 2 else (sequences, flat)
+    fisher_diagonal(model, [first], backend="hooks")
+    got = fisher_diagonal(model, [second], backend="hooks")
+    assert_close_dicts(got, fisher_diagonal(model, [second], backend="loop"), 1e-10)

@@ -693,8 +693,9 @@ class HookEngine:
 
         loose = self.planner.loose(model, params)
         found = self.arrangements.setdefault(model, {})
-        known = found.get(frozenset(params))
-        if known is None:
+
+        def derived() -> Arrangement:
+            """The loose parameters' copies in the layouts that fit this batch."""
             layouts, problem = copies_layout(model, loose, batch, output_fn) if loose else ({}, "")
             if problem:
                 logger.debug(
@@ -702,14 +703,20 @@ class HookEngine:
                     problem,
                     [name for name in loose if name not in layouts],
                 )
-            known = Arrangement(layouts)
-        # Then, failing that, the loose parameters' modules as units of their own parameters
-        # (plan; the root cannot be one), and failing that too, each parent a unit of all the
-        # parameters inside it (the outermost where they nest).
-        stages = [known]
-        if loose and not known.whole_parents:
-            stages += [Arrangement({})] if known.layouts else []
-            stages += [Arrangement({}, whole_parents=True)]
+            return Arrangement(layouts)
+
+        # The arrangement of an earlier batch, and where it fails on this one (its copies'
+        # layouts may not fit inputs of another rank, (B, T, D) after (B, D)), one derived
+        # afresh; then, failing that, the loose parameters' modules as units of their own
+        # parameters (plan; the root cannot be one), and failing that too, each parent a unit
+        # of all the parameters inside it (the outermost where they nest).
+        known = found.get(frozenset(params))
+        stages: list[Arrangement | None] = [known] if known is not None else []
+        if known is None or (known.layouts and not known.whole_parents):
+            stages.append(None)  # (None: derived() when it is tried)
+        if loose and not (known is not None and known.whole_parents):
+            stages += [Arrangement({}), Arrangement({}, whole_parents=True)]
+        tried: list[Arrangement] = []
         failure = Unsupported("")
         unshadowable: set[str] = set()  # (parameters whose shadowed copies failed the check)
 
@@ -727,8 +734,12 @@ class HookEngine:
             logger.debug("hooks engine: %s; %s take shadowed per-sample copies", problem, new)
             return arrangement.with_layouts(layouts)
 
-        for i, arrangement in enumerate(stages):
-            if i:
+        for stage in stages:
+            arrangement = derived() if stage is None else stage
+            if arrangement in tried:  # (a derived one may be a later stage's)
+                continue
+            tried.append(arrangement)
+            if len(tried) > 1:
                 logger.debug(
                     "hooks engine: %s; %s",
                     failure,
