@@ -83,7 +83,8 @@ def test_wrong_iterations_record_nothing(tmp_path, capsys):
 @pytest.fixture
 def no_network(monkeypatch):
     """Every connection fails as without internet, and no worker process starts (it would not
-    inherit these patches); returns the URLs asked for."""
+    inherit these patches); returns the URLs asked for. (The downloads are torchvision's.)"""
+    pytest.importorskip("torchvision")
     asked: list[str] = []
 
     def no_pool(*args, **kwargs):
