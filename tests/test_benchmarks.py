@@ -3,6 +3,7 @@ benchmarks, ``runs.jsonl`` resume and the report. No downloads."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -98,7 +99,7 @@ def test_record_key_matches_spec_after_a_json_round_trip():
 
 
 def _mnist_data_args() -> list[str]:
-    if (SHARED_MNIST / "MNIST").is_dir():
+    if (SHARED_MNIST / "MNIST").is_dir() and importlib.util.find_spec("torchvision"):
         # real data: only variants whose Fisher is cheap on a whole task
         return ["--data-root", str(SHARED_MNIST), "--methods", "exact_n500", "batched", "none"]
     return ["--synthetic", "--methods", *VARIANTS]
@@ -171,6 +172,7 @@ def test_synthetic_size_is_an_option_and_part_of_the_runs_identity(tmp_path):
 
 
 def test_report_writes_table_and_figure(tmp_path):
+    pytest.importorskip("matplotlib")  # (the figure; the benchmarks' extra)
     rows = []
     for seed, offset in enumerate((0.0, 1.0, 2.0)):
         for method, strength, acc in [("exact", 1e5, 98.0), ("exact", 1e6, 96.0),
