@@ -300,6 +300,12 @@ class Gaussian(Likelihood):
     def sample_from(self, output: Tensor, uniforms: Tensor) -> Tensor:
         return output.unsqueeze(0) + _normal(uniforms, output.dtype).movedim(1, 0)
 
+    def sample_vectors(self, output: Tensor, uniforms: Tensor) -> Tensor:
+        # s(f + z) = z itself: (f + z) - f rounds z to |f|'s precision (float32 outputs of
+        # 1e6 gave a Fisher 1.8% off)
+        m = uniforms.shape[1]
+        return _normal(uniforms, output.dtype).movedim(1, 0) / math.sqrt(m)
+
 
 class Bernoulli(Likelihood):
     r"""Independent sigmoids (multi-label): :math:`y_k \sim \mathrm{Bernoulli}(\sigma(f_k))`.
