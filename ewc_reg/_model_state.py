@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
+from torch.utils import _pytree as pytree
 
 #: Attributes in which modules keep, in eval mode, a tensor computed from a parameter by their
 #: first call and reused by the later ones: timm's attention-bias caches (LeViT,
@@ -43,7 +44,8 @@ def evaluating(model: nn.Module) -> Iterator[None]:
     parameters' gradient hooks (``p.register_hook``) not called; afterwards every submodule's
     training flag and caches and every parameter's ``.grad``, ``requires_grad`` and hooks are
     as before, on success and on error, and so are the tables of embeddings with ``max_norm``
-    (their forward renormalises the rows it looks up in place).
+    (their forward renormalises the rows it looks up in place) and the modules' attributes
+    that the computation left holding a transform's tensor (:func:`_escaped`).
 
     A parameter's hook acts on its gradient (masking for pruning, clipping, scaling,
     logging), not on the model's function, whose Fisher is computed: the hooks and functorch
@@ -84,6 +86,7 @@ def evaluating(model: nn.Module) -> Iterator[None]:
         for m in model.modules()
         if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.max_norm is not None
     ]
+    attributes = {id(m): (m, dict(vars(m))) for m in model.modules()}  # (see _escaped)
     model.eval()
     for module, _ in recurrent:
         module.dropout, module.training = 0.0, True
@@ -109,6 +112,25 @@ def evaluating(model: nn.Module) -> Iterator[None]:
         with torch.no_grad():
             for weight, table in tables:
                 weight.copy_(table)
+        for module, before in attributes.values():
+            for name, value in list(vars(module).items()):
+                if (name not in before or value is not before[name]) and _escaped(value):
+                    if name in before:
+                        vars(module)[name] = before[name]
+                    else:
+                        del vars(module)[name]
+
+
+def _escaped(value: object) -> bool:
+    """Whether ``value`` (a module's attribute) holds a tensor of a ``torch.func`` transform
+    that has ended: a forward run under ``vmap`` that keeps an activation
+    (``self.last = out.detach()``), or ``spectral_norm``'s pre-hook setting ``module.weight``,
+    left one there, which no operation, ``pickle`` or ``torch.save(model)`` can use. Such an
+    attribute gets its value from before the call back (or goes, if it is new)."""
+    return any(
+        isinstance(leaf, Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(leaf)
+        for leaf in pytree.tree_leaves(value)
+    )
 
 
 @contextmanager

@@ -294,6 +294,37 @@ def test_tables_renormalised_by_max_norm_are_restored(backend):
     assert not torch.equal(model[0].weight, before)
 
 
+class KeepsItsOutput(nn.Module):
+    """No rule (the per-module fallback); keeps its last output, as modules that keep attention
+    maps or activations for inspection do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Parameter(torch.ones(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.sin(self.a * x) + x
+        self.last = out.detach()
+        return out
+
+
+@pytest.mark.parametrize("backend", ["auto", "hooks", "functorch", "loop"])
+def test_attributes_set_by_forward_do_not_keep_a_transforms_tensors(backend, tmp_path):
+    """Before, an activation kept by ``forward`` run under ``vmap`` (the functorch engine, the
+    per-module fallback), and ``spectral_norm``'s ``module.weight``, held a tensor of an ended
+    transform afterwards: any use of it, ``pickle`` and ``torch.save(model)`` failed ("Cannot
+    access storage of TensorWrapper")."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.utils.spectral_norm(nn.Linear(4, 4)), KeepsItsOutput(), nn.Linear(4, 3)
+    ).double()
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
+    model(x)
+    fisher_diagonal(model, [(x, y)], backend=backend)
+    torch.save(model, tmp_path / "model.pt")
+    model[1].last + 1, model[0].weight + 1  # (usable: before, "escaped from inside vmap")
+
+
 class CachedBiases(nn.Module):
     """A stand-in for timm's LeViT-style attention: in eval mode (``caching``), the biases
     ``attention_biases[:, idxs]`` are computed by the first call and cached by device; the
