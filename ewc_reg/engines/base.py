@@ -259,35 +259,53 @@ def fewer_vectors(vectors: Tensor) -> Tensor:
 
     The sums depend on sample ``n``'s vectors only through :math:`M_n = \sum_k v_{nk}
     v_{nk}^\top = V_n^\top V_n` (:math:`\sum_k (J^\top v_k)^{\odot 2} = \mathrm{diag}(J^\top
-    M_n J)`), whose rank can be less than ``K`` (a factor with more columns than its rank, as
-    the ``C`` columns :math:`\sqrt{p_c}(e_c - p)` of a softmax's Fisher, rank ``C - 1``, or
-    the zero vectors of positions left out). With the eigendecomposition
-    :math:`V_n V_n^\top = Q_n \Lambda_n Q_n^\top` (``K x K``, in float64), the ``r`` rows
-    :math:`W_n = Q_{n,r}^\top V_n` on the ``r`` largest eigenvalues have :math:`W_n^\top W_n =
-    M_n` up to the dropped eigenvalues, where ``r`` is the most eigenvalues above
-    :math:`\max(10 K \epsilon_{64}, K^2 \epsilon^2)\, \lambda_{\max}` in any sample
+    M_n J)`). Only what certainly adds nothing goes: each sample's zero vectors (positions left
+    out), its others moved to the front (``K'`` the most any sample has); and, where more
+    vectors than their dimension ``D`` remain (``sample``'s draws beyond the classes), all but
+    the ``r`` largest directions: with the eigendecomposition :math:`V_n V_n^\top = Q_n
+    \Lambda_n Q_n^\top` (``K x K``, in float64), the rows :math:`W_n = Q_{n,r}^\top V_n` have
+    :math:`W_n^\top W_n = M_n` up to the dropped eigenvalues, ``r <= D`` the most eigenvalues
+    above :math:`\max(10 K \epsilon_{64}, K^2 \epsilon^2)\, \lambda_{\max}` in any sample
     (:math:`\epsilon` that of ``vectors``: rounding ``V`` to it leaves an exactly dependent
-    combination about :math:`K \epsilon |V|` away from zero). Vectors of lower precision than
-    float32 (rounding hides dependence there), a single vector or more than
-    :data:`MAX_VECTORS_TO_REDUCE` (one vector less saves little), or no rank to spare are
-    returned as they are; so are vectors whose float64 eigendecomposition fails.
+    combination about :math:`K \epsilon |V|` away from zero). With no more vectors than
+    dimensions, a small direction is kept: it cannot be told from a dependent one by its
+    eigenvalue, and the exact factors of the likelihoods have none (before, a class of
+    probability 2e-16 in every sample lost its share: its head row's Fisher 2e-23 for 2.3e-16).
+    Vectors of lower precision than float32, a single vector or more than
+    :data:`MAX_VECTORS_TO_REDUCE` (one vector less saves little) are returned as they are; so are
+    vectors whose float64 eigendecomposition fails.
     """
     num_vectors, batch = vectors.shape[:2]
     eps = torch.finfo(vectors.dtype).eps
     if not 2 <= num_vectors <= MAX_VECTORS_TO_REDUCE or eps > torch.finfo(torch.float32).eps:
         return vectors
-    flat = vectors.reshape(num_vectors, batch, -1).to(torch.float64)  # (K, B, D)
-    gram = torch.einsum("kbd,jbd->bkj", flat, flat)
+    flat = vectors.reshape(num_vectors, batch, -1)  # (K, B, D)
+    nonzero = flat.ne(0).any(-1)  # (K, B)
+    kept = int(nonzero.sum(0).max())
+    if kept < num_vectors:  # (each sample's nonzero vectors first, in their order)
+        order = torch.sort(nonzero.logical_not().to(torch.int8), dim=0, stable=True).indices
+        flat = flat.gather(0, order[:kept].unsqueeze(-1).expand(kept, *flat.shape[1:]))
+    if kept > flat.shape[-1]:
+        flat = _leading_directions(flat, eps)
+    if flat.shape[0] == num_vectors:
+        return vectors
+    return flat.reshape(flat.shape[0], *vectors.shape[1:])
+
+
+def _leading_directions(flat: Tensor, eps: float) -> Tensor:
+    """:func:`fewer_vectors`' ``r`` largest directions of ``flat`` ``(K, B, D)``, ``K > D``."""
+    num_vectors = flat.shape[0]
+    wide = flat.to(torch.float64)
+    gram = torch.einsum("kbd,jbd->bkj", wide, wide)
     try:
         values, bases = torch.linalg.eigh(gram)  # ascending
     except RuntimeError:  # (did not converge)
-        return vectors
+        return flat
     tol = max(10 * num_vectors * torch.finfo(torch.float64).eps, (num_vectors * eps) ** 2)
     rank = int((values > tol * values[:, -1:]).sum(1).max().clamp(min=1))
     if rank == num_vectors:
-        return vectors
-    kept = torch.einsum("bkr,kbd->rbd", bases[..., num_vectors - rank :], flat)
-    return kept.to(vectors.dtype).reshape(rank, *vectors.shape[1:])
+        return flat
+    return torch.einsum("bkr,kbd->rbd", bases[..., num_vectors - rank :], wide).to(flat.dtype)
 
 
 def check_differentiable(output: Any) -> None:
