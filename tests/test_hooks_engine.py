@@ -2461,6 +2461,7 @@ def test_fewer_vectors_drops_only_what_certainly_adds_nothing() -> None:
     zeros[0, 1], zeros[3, 1] = 0, full[0, 1]  # (sample 1's first vector moved to the fourth)
     fewer = fewer_vectors(zeros)
     assert fewer.shape == (3, 4, 2, 5) and torch.equal(_gram(fewer), _gram(zeros))
+    assert fewer_vectors(torch.zeros(3, 4, 5)).shape == (1, 4, 5)  # (all zero: one is left)
     narrow = torch.randn(6, 4, 3, dtype=torch.float64)  # 6 vectors of dimension 3
     fewer = fewer_vectors(narrow)
     assert fewer.shape == (3, 4, 3)

@@ -281,7 +281,7 @@ def fewer_vectors(vectors: Tensor) -> Tensor:
         return vectors
     flat = vectors.reshape(num_vectors, batch, -1)  # (K, B, D)
     nonzero = flat.ne(0).any(-1)  # (K, B)
-    kept = int(nonzero.sum(0).max())
+    kept = max(int(nonzero.sum(0).max()), 1)  # (one zero vector where all are: a pass to run)
     if kept < num_vectors:  # (each sample's nonzero vectors first, in their order)
         order = torch.sort(nonzero.logical_not().to(torch.int8), dim=0, stable=True).indices
         flat = flat.gather(0, order[:kept].unsqueeze(-1).expand(kept, *flat.shape[1:]))
