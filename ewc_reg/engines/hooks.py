@@ -534,6 +534,14 @@ class HookEngine:
         weakref.WeakKeyDictionary()
     )
 
+    #: Each model's :func:`tree_signature` when its entries in the caches above were made: a
+    #: call that finds another forgets them (a module inserted or replaced, a forward hook
+    #: registered, since: the checks kept for the model were of another function; a module
+    #: that mixes the samples, inserted after a first call, gave a Fisher 83% off).
+    signatures: ClassVar[weakref.WeakKeyDictionary[nn.Module, tuple[Any, ...]]] = (
+        weakref.WeakKeyDictionary()
+    )
+
     def __init__(self, fallback: Engine | None = None) -> None:
         self.fallback = fallback
         # (the module tree's analyses, worked out once per call: see Planner)
@@ -545,14 +553,6 @@ class HookEngine:
         self._storage: weakref.WeakKeyDictionary[nn.Module, dict[int, Tensor]] = (
             weakref.WeakKeyDictionary()
         )
-
-    #: Each model's :func:`tree_signature` when its entries in the caches above were made: a
-    #: call that finds another forgets them (a module inserted or replaced, a forward hook
-    #: registered, since: the checks kept for the model were of another function; a module
-    #: that mixes the samples, inserted after a first call, gave a Fisher 83% off).
-    signatures: ClassVar[weakref.WeakKeyDictionary[nn.Module, tuple[Any, ...]]] = (
-        weakref.WeakKeyDictionary()
-    )
 
     @classmethod
     def for_model(
