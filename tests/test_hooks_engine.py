@@ -1084,6 +1084,63 @@ def test_embedding_bag_with_offsets_goes_to_the_fallback() -> None:
     assert rules.embedding_bag(bag, (x,), {}, grads, {}, ["weight"], 1) is not None
 
 
+@pytest.mark.parametrize("batch", [1, 1023, 1024, 1025, 3000])
+def test_sample_products_are_the_contraction_over_the_samples(batch: int) -> None:
+    torch.manual_seed(0)
+    a, b = torch.randn(batch, 3), torch.randn(batch, 5)
+    got = rules.sample_products(a, b)
+    torch.testing.assert_close(got.double(), a.double().mT @ b.double(), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("terms", [0, 5, 1024, 1025, 5000])
+@pytest.mark.parametrize("shape", [(), (3,), (2, 3)])
+def test_add_rows_is_index_add(terms: int, shape: tuple[int, ...]) -> None:
+    """Into a table that already holds sums, with repeated rows, in blocks or not."""
+    torch.manual_seed(0)
+    table = torch.randn(9, *shape, dtype=torch.float64)
+    index, values = torch.randint(0, 9, (terms,)), torch.randn(terms, *shape, dtype=torch.float64)
+    expected = table.clone().index_add_(0, index, values)
+    assert rules.add_rows(table, index, values) is table
+    torch.testing.assert_close(table, expected, rtol=1e-12, atol=1e-12)
+
+
+class TokensTable(nn.Module):
+    """An embedding, a bag of embeddings and a small linear layer, on ``(B, 3)`` tokens."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.table, self.bag = nn.Embedding(5, 4), nn.EmbeddingBag(5, 4, mode="mean")
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.head(torch.tanh(self.table(ids).mean(1) + self.bag(ids)))
+
+
+@pytest.mark.parametrize(
+    "model_of", [lambda: mlp(4, 6, 3).float(), TokensTable, lambda: TinyLanguageModel()]
+)
+def test_sums_over_one_large_batch_keep_float32_precision(model_of) -> None:
+    """One batch of 1e5 samples: the weights of a layer with few features in and out, and
+    embedding rows looked up in most samples (the table tied to the output layer too), each
+    sum of 1e5 terms. Added in sequence in float32 they were 2.0e-5 (the linear layer's
+    weight) and 1.3e-4 (embedding rows) off; the functorch engine's are ~1e-7."""
+    torch.manual_seed(0)
+    model = model_of()
+    batch = 100_000
+    if isinstance(model, nn.Sequential):
+        x, y = torch.randn(batch, 4), torch.randint(0, 3, (batch,))
+    else:
+        per_position = isinstance(model, TinyLanguageModel)
+        x = torch.randint(0, 5, (batch, 3))
+        y = torch.randint(0, 7 if per_position else 3, (batch, 3) if per_position else (batch,))
+    got = fisher_diagonal(model, [(x, y)], "empirical", backend="hooks")
+    x = x.double() if x.is_floating_point() else x
+    expected = fisher_diagonal(model.double(), [(x, y)], "empirical", backend="hooks")
+    for name in expected:
+        error = (got[name].double() - expected[name]).abs().max() / expected[name].abs().max()
+        assert error < 1.5e-6, (name, error.item())
+
+
 @settings(max_examples=30, deadline=None)
 @given(
     kind=st.sampled_from(["1d", "1d-seq", "2d", "3d"]),

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from .rules import (
     acc_dtype,
+    add_rows,
     chunk_budget,
     embedding,
     embedding_scale,
@@ -137,7 +138,7 @@ def embedding_and_output_layer(
         picked = g_head[:, chunk].gather(3, index[None, :, None, :].expand(shape)).to(acc)
         at_rows = picked.mT @ x[chunk]  # (K, b, S, D)
         terms = (g_table[:, chunk] * at_rows).sum(0)
-        cross.index_add_(0, index.reshape(-1), terms.reshape(-1, dim))
+        add_rows(cross, index.reshape(-1), terms.reshape(-1, dim))
     sums["weight"] += 2 * cross
     return sums
 
