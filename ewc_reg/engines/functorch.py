@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from torch.func import vjp, vmap
 from torch.utils import _pytree as pytree
 
-from .._batches import Batch, is_per_sample
+from .._batches import Batch, is_per_sample, same_output
 from .base import (
     CallsVmapWrong,
     OutputFn,
@@ -51,6 +51,15 @@ logger = logging.getLogger("ewc_reg")
 def bytes_per_sample(num_vectors: int, params: dict[str, Tensor]) -> int:
     """Working memory of one sample: its ``(K, P)`` pull-backs, their squares and slack."""
     return 3 * max(num_vectors, 1) * sum(p.numel() * p.element_size() for p in params.values())
+
+
+#: Added to the model's own error on its samples run alone.
+ALONE_NOTE = (
+    "ewc_reg: the model failed on its samples run alone, each as a batch of one (the functorch "
+    "engine's torch.func.vmap over the samples). A model that needs several samples in a batch "
+    "(batch statistics in eval mode: nn.BatchNorm with track_running_stats=False on (B, C) "
+    "features) has no Fisher of one sample: see 'Models that mix the samples' in docs/fisher.md"
+)
 
 
 class _Captured(Exception):
@@ -138,9 +147,7 @@ class FunctorchEngine:
         args, kwargs = pytree.tree_unflatten(leaves, spec)
         # (no graph unless a parameter is captured: see the module docstring)
         with torch.enable_grad(), CallsVmapWrong() as calls:
-            output = output_fn(
-                swapped_call(model, {**frozen, **trainable}, args, kwargs)
-            )
+            output = output_fn(swapped_call(model, {**frozen, **trainable}, args, kwargs))
         captured = reaches(output, params)
         if captured:
             raise _Captured(
@@ -148,8 +155,6 @@ class FunctorchEngine:
                 "their registered names (a view or copy made before the forward pass, or an "
                 "output_fn that reads them), which torch.func cannot swap"
             )
-        vectors = make_vectors(output)  # (K, B, *S, C); (it checks the output, then detaches)
-        del output
         per_sample = [i for i, leaf in enumerate(leaves) if is_per_sample(leaf, batch.size)]
 
         def output_of_one(theta: dict[str, Tensor], sample_leaves: list[Tensor]) -> Tensor:
@@ -160,6 +165,25 @@ class FunctorchEngine:
             out = swapped_call(model, {**frozen, **theta}, args, kwargs)
             return output_fn(out).squeeze(0)
 
+        def outputs_alone(stop: int) -> Tensor:
+            """The outputs of samples ``0`` to ``stop - 1``, each run alone (vmapped)."""
+            try:
+                with torch.no_grad():
+                    return vmap(lambda _, sample: output_of_one(trainable, sample))(
+                        torch.arange(stop), [leaves[i][:stop] for i in per_sample]
+                    )
+            except (ValueError, TypeError) as error:  # (the model's own: vmap's are neither)
+                error.add_note(ALONE_NOTE)
+                raise
+
+        vectors = make_vectors(output)  # (K, B, *S, C); (it checks the output, then detaches)
+        first = outputs_alone(min(2, batch.size))
+        if first.shape == output[:2].shape and not same_output(first, output[:2].detach()):
+            # (a model that mixes the samples: each sample's vectors from its own output, as
+            # its pull-back runs it, not from its row of the batch's output; outputs of
+            # another shape are samples not cut as the model reads them: raised below)
+            vectors = make_vectors(outputs_alone(batch.size))
+        del output, first
         num_vectors = vectors.shape[0]
         one_at_a_time = calls.called  # (vmap over the vectors would be wrong: VMAP_WRONG)
         held = 1 if one_at_a_time else num_vectors  # (the vectors a sample holds at once)

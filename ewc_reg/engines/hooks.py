@@ -577,8 +577,8 @@ class HookEngine:
                 cache.pop(model, None)
             cls.signatures[model] = signature
         engine = cls(fallback)
-        reason = engine.planner.unsupported_reason(model, params)
-        return engine if reason is None else engine._give_up(model, Unsupported(reason))
+        problem = engine.planner.problem(model, params)
+        return engine if problem is None else engine._give_up(model, problem)
 
     def _give_up(self, model: nn.Module, problem: Unsupported) -> Engine:
         """The engine that takes the model from now on, the fallback (logged); without one

@@ -41,6 +41,7 @@ from .base import (
     BatchingFailed,
     CallsVmapWrong,
     OutputFn,
+    RowWiseVectors,
     VectorFn,
     batched_grads,
     check_differentiable,
@@ -126,6 +127,11 @@ class LoopEngine:
             mine = vectors[:, n : n + 1]  # (K, 1, *S, C)
             if output.shape == mine.shape[2:]:  # (the model squeezed the batch of one away)
                 mine = mine.squeeze(1)
+            if output.shape == mine.shape[1:] and isinstance(make_vectors, RowWiseVectors):
+                # (from the sample's own output: the batch's row differs where the model
+                # mixes the samples)
+                alone = make_vectors(output.detach().reshape(1, *vectors.shape[2:]), n, n + 1)
+                mine = alone.reshape(mine.shape)
             if output.shape != mine.shape[1:]:
                 raise ValueError(
                     f"the model's output on sample {n} alone has shape {tuple(output.shape)}, "

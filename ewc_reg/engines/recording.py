@@ -489,7 +489,7 @@ def plan(
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and (
             module.training or module.running_mean is None
         ):
-            raise Unsupported(f"{describe(path)} normalises with batch statistics")
+            raise SamplesMixed(f"{describe(path)} normalises with batch statistics")
         if isinstance(module, nn.MultiheadAttention):
             attention = (path, module)
         # the parameters of the modules inside an attention module are its own (out_proj)
@@ -535,18 +535,10 @@ def plan(
     return _tie(units)
 
 
-def unsupported_reason(model: nn.Module, params: dict[str, Tensor] | None = None) -> str | None:
-    """Why :class:`.hooks.HookEngine` cannot handle ``params`` (default: ``model``'s parameters with
-    ``requires_grad``), as far as the module tree tells (the rest is checked during the forward
-    pass), or ``None``. The :func:`.loose.loose_parameters` are not in the way (they get
-    per-sample copies, or, failing that, their modules become units)."""
-    return Planner().unsupported_reason(model, params)
-
-
 class Planner:
-    """:func:`plan`, :func:`.loose.loose_parameters` and :func:`unsupported_reason`, each worked
-    out once per model and arguments for as long as the planner lives: one Fisher call, in which
-    the module tree, the modules' training flags and the parameters stay as they are (the hooks
+    """:func:`plan`, :func:`.loose.loose_parameters` and :meth:`problem`, each worked out once
+    per model and arguments for as long as the planner lives: one Fisher call, in which the
+    module tree, the modules' training flags and the parameters stay as they are (the hooks
     engine worked them out for the choice of engine and again for every batch, walking the
     modules twice each time: 0.05 ms for the Split MNIST MLP, 0.58 ms for the reduced
     ResNet-18, ``timeit`` on the AMD EPYC). :meth:`plan` hands out copies of its units, which
@@ -572,7 +564,7 @@ class Planner:
     ) -> list[Unit]:
         """:func:`plan`, as new units. Without loose parameters among ``params`` no module is a
         parent, and ``whole_parents`` changes nothing: the plans with and without it are one
-        (:meth:`unsupported_reason`'s serves the engine's first pass)."""
+        (:meth:`problem`'s serves the engine's first pass)."""
         if not whole and not self.loose(model, params):
             whole_parents = True
         key = (
@@ -585,17 +577,22 @@ class Planner:
             self._plans[key] = plan(model, params, whole_parents, whole)
         return [replace(unit, names=dict(unit.names)) for unit in self._plans[key]]
 
-    def unsupported_reason(
+    def problem(
         self, model: nn.Module, params: dict[str, Tensor] | None = None
-    ) -> str | None:
-        """:func:`unsupported_reason`."""
+    ) -> Unsupported | None:
+        """Why :class:`.hooks.HookEngine` cannot handle ``params`` (default: ``model``'s
+        parameters with ``requires_grad``), as far as the module tree tells (the rest is checked
+        during the forward pass), or ``None``: the exception that says it (a
+        :class:`SamplesMixed` for batch statistics). The :func:`.loose.loose_parameters` are
+        not in the way (they get per-sample copies, or, failing that, their modules become
+        units)."""
         if params is None:
             params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         loose = self.loose(model, params)
         try:
             self.plan(model, {n: p for n, p in params.items() if n not in loose})
         except Unsupported as problem:
-            return str(problem)
+            return problem
         return None
 
 
