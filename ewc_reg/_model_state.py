@@ -63,7 +63,10 @@ def evaluating(model: nn.Module) -> Iterator[None]:
     backward of a recurrent layer refuses it ("cudnn RNN backward can only be called in
     training mode", torch 2.11 on an NVIDIA H200): the ``batched`` method and the loop and
     functorch engines (LSTMs with ``proj_size``, packed sequences) failed on such models on a
-    GPU. (A forward of one's own may read ``training`` otherwise: such layers stay in eval.)"""
+    GPU. A forward of one's own, or a forward hook, may read ``training`` otherwise (the old
+    ``spectral_norm``'s power iteration, a weight drop): such layers stay in eval, and where
+    one is on a GPU, cuDNN is off inside the block (before, a weight drop made the Fisher
+    random, and ``spectral_norm`` changed its buffers and the Fisher 50%)."""
     training = [(m, m.training) for m in model.modules()]
     recurrent = [
         (m, m.dropout)
@@ -72,6 +75,9 @@ def evaluating(model: nn.Module) -> Iterator[None]:
         and type(m).forward in _RECURRENT_FORWARDS
         and "forward" not in vars(m)
     ]
+    hooked = [(m, dropout) for m, dropout in recurrent if _hooked(m)]
+    recurrent = [(m, dropout) for m, dropout in recurrent if not _hooked(m)]
+    cudnn = torch.backends.cudnn.enabled
     caches = [
         (m, name, getattr(m, name))
         for m in model.modules()
@@ -90,6 +96,8 @@ def evaluating(model: nn.Module) -> Iterator[None]:
     model.eval()
     for module, _ in recurrent:
         module.dropout, module.training = 0.0, True
+    if any(p.is_cuda for module, _ in hooked for p in module.parameters()):
+        torch.backends.cudnn.enabled = False
     for module, name, _ in caches:
         setattr(module, name, _Bypassed())
     for held, _ in hooks:
@@ -97,6 +105,7 @@ def evaluating(model: nn.Module) -> Iterator[None]:
     try:
         yield
     finally:
+        torch.backends.cudnn.enabled = cudnn
         for module, flag in training:
             module.training = flag
         for module, dropout in recurrent:
@@ -119,6 +128,17 @@ def evaluating(model: nn.Module) -> Iterator[None]:
                         vars(module)[name] = before[name]
                     else:
                         del vars(module)[name]
+
+
+def _hooked(module: nn.Module) -> bool:
+    """Whether forward hooks (the module's own or global ones) run around ``module``."""
+    modules = nn.modules.module
+    return bool(
+        module._forward_pre_hooks
+        or module._forward_hooks
+        or getattr(modules, "_global_forward_pre_hooks", None)
+        or getattr(modules, "_global_forward_hooks", None)
+    )
 
 
 def _escaped(value: object) -> bool:

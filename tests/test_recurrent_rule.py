@@ -463,3 +463,45 @@ def test_recurrent_layers_with_dropout_compute_their_eval_function(backend, meth
     with pytest.raises(ValueError):  # (3 outputs, a label of 3)
         fisher_diagonal(model, [(x, torch.full((5,), 3))], "empirical", **kwargs)
     assert model.rnn.training and model.rnn.dropout == 0.5
+
+
+class HookedGRU(nn.Module):
+    """A GRU whose forward pre-hook reads its ``training`` flag: the old ``spectral_norm``
+    (power iteration in training mode) or a weight drop (AWD-LSTM's DropConnect)."""
+
+    def __init__(self, variant: str) -> None:
+        super().__init__()
+        self.rnn, self.head = nn.GRU(3, 4, batch_first=True), nn.Linear(4, 3)
+        if variant == "spectral_norm":
+            nn.utils.spectral_norm(self.rnn, "weight_hh_l0")
+        else:
+            raw = self.rnn._parameters.pop("weight_hh_l0")
+            self.rnn.register_parameter("weight_hh_l0_raw", raw)
+            self.rnn.weight_hh_l0 = raw.detach().clone()
+
+            def drop(module: nn.Module, args: tuple) -> None:
+                raw = module.weight_hh_l0_raw  # (in eval, dropout returns it: not a copy)
+                module.weight_hh_l0 = nn.functional.dropout(raw, 0.5, module.training) * 1.0
+
+            self.rnn.register_forward_pre_hook(drop)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.rnn(x)[0][:, -1])
+
+
+@pytest.mark.parametrize("variant", ["spectral_norm", "weight_drop"])
+@pytest.mark.parametrize("backend", ["auto", "functorch", "loop"])
+def test_a_recurrent_layer_whose_hooks_read_its_mode_stays_in_eval(variant, backend) -> None:
+    """Before, such a layer ran in training mode like the others: the weight drop made the
+    Fisher random (7-15% off), ``spectral_norm`` changed its buffers and the Fisher 50%."""
+    torch.manual_seed(0)
+    model = HookedGRU(variant).double().eval()
+    x, y = torch.randn(4, 5, 3, dtype=torch.float64), torch.randint(0, 3, (4,))
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    want = brute_force_fisher(model, x, y, "empirical")
+    for _ in range(2):
+        got = fisher_diagonal(model, [(x, y)], "empirical", backend=backend)
+        assert_close_dicts(got, want, 1e-10)
+    for name, b in model.named_buffers():
+        assert torch.equal(b, buffers[name]), name
+    assert not model.rnn.training
