@@ -60,6 +60,7 @@ from .engines.base import (
     DEFAULT_MEMORY_BUDGET,
     RowWiseVectors,
     VectorFn,
+    accumulation_dtype,
     check_differentiable,
     default_memory_budget,
 )
@@ -229,13 +230,18 @@ def fisher_diagonal(
                     batch_rows = batch
                 output = lik.check_output(output, batch_rows.size).detach()
                 mask, targets = _positions(lik, output, batch_rows, encoder_decoder)
+                # (in at least float32, then in the output's dtype: a float16 softmax gives 0
+                # for a probability below 6e-8, and the exact Fisher of a sample with a logit
+                # margin of 18 came out 0 where its factor, the root, is 1e-4)
+                wide = output.to(accumulation_dtype(output.dtype))
                 if method == "exact":
                     _check_exact_size(output, max_exact_vectors)
-                    vectors = lik.exact_vectors(output)
+                    vectors = lik.exact_vectors(wide)
                 elif method == "empirical":
-                    vectors = lik.empirical_vectors(output, _labels(targets, method))
+                    vectors = lik.empirical_vectors(wide, _labels(targets, method))
                 else:
-                    vectors = lik.sample_vectors(output, draws.rows(output, start, batch_rows.size))
+                    vectors = lik.sample_vectors(wide, draws.rows(wide, start, batch_rows.size))
+                vectors = vectors.to(output.dtype)
                 if mask is None:
                     return vectors
                 return torch.where(mask.unsqueeze(-1), vectors, vectors.new_zeros(()))

@@ -605,6 +605,26 @@ def test_float16_gradients_are_squared_in_float32(backend, scale):
         assert rel_err(f.double(), want[name]) < 2e-2, name
 
 
+@pytest.mark.parametrize("likelihood", ["categorical", "bernoulli"])
+@pytest.mark.parametrize("backend", ["hooks", "functorch", "loop"])
+def test_a_confident_float16_model_has_an_exact_fisher(likelihood, backend):
+    """Logit margins of about 18 (Bernoulli logits of about 19): the probabilities of the other
+    classes (σ(f)σ(-f)), below float16's 6e-8, were 0, and so was the whole exact Fisher
+    (relative error 1.0), though its factor, their root (~1e-4), and the float32 sums hold
+    them."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    with torch.no_grad():
+        model[2].weight.mul_(0.05)
+        bias = [9.0, -9.0, -9.5] if likelihood == "categorical" else [19.0, -19.0, 19.5]
+        model[2].bias.copy_(torch.tensor(bias))
+    model, x = model.half(), torch.randn(8, 4).half()
+    want = fisher_diagonal(copy.deepcopy(model).double(), [x.double()], likelihood=likelihood)
+    got = fisher_diagonal(model, [x], likelihood=likelihood, backend=backend)
+    for name, f in got.items():
+        assert rel_err(f.double(), want[name]) < 5e-2, name  # (first layer: subnormals)
+
+
 class BlockTwice(nn.Module):
     """One block registered twice, ``ModuleList([block, block])`` (ALBERT's sharing)."""
 
