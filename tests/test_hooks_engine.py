@@ -1084,7 +1084,7 @@ def test_embedding_bag_with_offsets_goes_to_the_fallback() -> None:
     assert rules.embedding_bag(bag, (x,), {}, grads, {}, ["weight"], 1) is not None
 
 
-@pytest.mark.parametrize("batch", [1, 1023, 1024, 1025, 3000])
+@pytest.mark.parametrize("batch", [0, 1, 1023, 1024, 1025, 3000])
 def test_sample_products_are_the_contraction_over_the_samples(batch: int) -> None:
     torch.manual_seed(0)
     a, b = torch.randn(batch, 3), torch.randn(batch, 5)

@@ -391,7 +391,7 @@ SEQUENTIAL_TERMS = 1024
 def _block(terms: int) -> int:
     """The terms per block of a two-level sum of ``terms`` (all of them up to
     :data:`SEQUENTIAL_TERMS`)."""
-    return terms if terms <= SEQUENTIAL_TERMS else math.isqrt(terms - 1) + 1
+    return max(terms, 1) if terms <= SEQUENTIAL_TERMS else math.isqrt(terms - 1) + 1
 
 
 def sample_products(a: Tensor, b: Tensor) -> Tensor:
@@ -410,11 +410,10 @@ def add_rows(table: Tensor, index: Tensor, values: Tensor) -> Tensor:
     \sum_{p: i_p = r} V_p`), in two levels (:data:`SEQUENTIAL_TERMS`): the terms of each block
     summed per row, then those sums added into ``table``."""
     terms = index.numel()
-    step = _block(terms)
-    if step == terms:
+    if terms <= SEQUENTIAL_TERMS:
         return table.index_add_(0, index, values)
     rows = table.shape[0]
-    block = torch.arange(terms, device=index.device) // step
+    block = torch.arange(terms, device=index.device) // _block(terms)
     keys, where = torch.unique(block * rows + index, return_inverse=True)
     partial = values.new_zeros(keys.numel(), *values.shape[1:]).index_add_(0, where, values)
     return table.index_add_(0, keys % rows, partial)
