@@ -31,6 +31,7 @@ elsewhere, ``K = |S| K_f`` in all. Samples draw every position independently; ve
 from __future__ import annotations
 
 import math
+import warnings
 from abc import ABC, abstractmethod
 
 import torch
@@ -194,6 +195,17 @@ class Categorical(Likelihood):
 
     name = "categorical"
     ignore_index = -100
+
+    def check_output(self, output: object, batch_size: int) -> Tensor:
+        output = super().check_output(output, batch_size)
+        if output.shape[-1] == 1:
+            warnings.warn(
+                "ewc_reg: a categorical likelihood over 1 class gives p(y|x) = 1 for every "
+                "input, so the Fisher is 0 and EWC protects nothing; a binary classifier with "
+                'one logit needs likelihood="bernoulli"',
+                stacklevel=2,
+            )
+        return output
 
     def check_targets(self, output: Tensor, targets: Tensor) -> Tensor:
         num_classes = output.shape[-1]

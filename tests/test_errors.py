@@ -491,3 +491,13 @@ def test_logits_masked_with_infinities_pass_the_cut_check():
     want = fisher_diagonal(model, data, "empirical", backend="loop")
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize("method", ["exact", "empirical"])
+def test_a_categorical_likelihood_over_one_class_is_warned_of(method):
+    """One logit (a binary classifier trained with ``BCEWithLogitsLoss``) with the default
+    likelihood: a Fisher of 0 everywhere, which was given without a word."""
+    model = nn.Linear(6, 1).double()
+    with pytest.warns(UserWarning, match='likelihood="bernoulli"'):
+        fisher = fisher_diagonal(model, [(X, torch.zeros(4, dtype=torch.long))], method)
+    assert all(not f.any() for f in fisher.values())
