@@ -304,10 +304,12 @@ def read_runs(path: Path) -> list[dict[str, Any]]:
 
 
 def append_run(path: Path, record: dict[str, Any]) -> None:
-    """Append one record as a JSON line."""
+    """Append one record as a JSON line (on a line of its own after a torn last line, which
+    :func:`read_runs` skips: written onto it, the record was lost with it)."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    torn = path.exists() and path.stat().st_size > 0 and not path.read_bytes().endswith(b"\n")
     with path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
+        f.write("\n" * torn + json.dumps(record) + "\n")
 
 
 # ----------------------------------------------------------------------------- planning
@@ -370,11 +372,14 @@ def parse_args(bench: Benchmark, argv: list[str] | None) -> argparse.Namespace:
                     "skipped, so an interrupted sweep resumes.",
     )
     p.add_argument("--methods", nargs="+", choices=VARIANTS, default=list(VARIANTS))
-    p.add_argument("--lambdas", nargs="+", type=strength_value,
-                   help="λ values (> 0) for every variant (default: the paper's grid 1..1e13)")
-    p.add_argument("--at-best-lambda", action="store_true",
-                   help="run each variant only at its best λ so far in <out>/runs.jsonl "
-                        "(same data, iterations and batch size), e.g. to add seeds")
+    strengths = p.add_mutually_exclusive_group()
+    strengths.add_argument(
+        "--lambdas", nargs="+", type=strength_value,
+        help="λ values (> 0) for every variant (default: the paper's grid 1..1e13)")
+    strengths.add_argument(
+        "--at-best-lambda", action="store_true",
+        help="run each variant only at its best λ so far in <out>/runs.jsonl (same data, "
+             "iterations and batch size), e.g. to add seeds")
     p.add_argument("--seeds", nargs="+", type=int, help="default: 0 1 2")
     p.add_argument("--iters", type=at_least(1),
                    help=f"iterations per task (default: 2000, with --quick {QUICK_ITERS})")

@@ -149,6 +149,46 @@ def test_best_lambda_is_chosen_on_the_seeds_common_to_every_lambda():
     assert held_out_text(per_lambda, stats) == "–"
     per_lambda[1e4] = type(per_lambda[1e4]).of([r for r in rows if r["seed"] == 2])
     assert best(per_lambda)[0] == 1e4  # no seed in common: the plain means decide
+    # (and every seed chose: none is held out; before, seed 2 was reported as held out)
+    assert held_out_text(per_lambda, per_lambda[1e4]) == "–"
+
+
+def test_a_record_after_a_torn_line_is_kept(tmp_path):
+    """A killed write leaves a line without its newline: the next record was written onto it,
+    and both were skipped."""
+    from benchmarks.protocol import append_run
+
+    path = tmp_path / "runs.jsonl"
+    path.write_text(json.dumps({"seed": 0}) + "\n" + '{"seed": 1, "acc')
+    append_run(path, {"seed": 2})
+    append_run(path, {"seed": 3})
+    assert [r["seed"] for r in read_runs(path)] == [0, 2, 3]
+
+
+def test_lambdas_and_at_best_lambda_exclude_each_other(tmp_path, capsys):
+    """Before, ``--lambdas`` won without a word."""
+    with pytest.raises(SystemExit):
+        main(MNIST, ["--synthetic", "--iters", "1", "--methods", "exact", "--seeds", "0",
+                     "--threads", "1", "--at-best-lambda", "--lambdas", "1e3",
+                     "--out", str(tmp_path)])
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_report_of_a_directory_without_runs_says_so_without_a_traceback(tmp_path):
+    with pytest.raises(SystemExit, match="no runs in"):
+        report.main([str(tmp_path)])
+
+
+def test_paper_columns_only_beside_runs_of_the_papers_settings():
+    from benchmarks.report import group, markdown
+
+    rows = [{"benchmark": "split_mnist", "data": "real", "method": "exact", "strength": 1e5,
+             "seed": 0, "iters": iters, "batch_size": 128, "accuracy": 99.0}
+            for iters in (500, 2000)]
+    tables = {config[2]: markdown(config, summary, "f.png")
+              for config, summary in group(rows).items()}
+    assert "99.12 ± 0.16" in tables[2000] and "99.12 ± 0.16" not in tables[500]
+    assert "left out" in tables[500]
 
 
 def test_split_cifar10_synthetic_smoke(tmp_path):
