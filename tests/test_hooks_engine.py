@@ -4783,6 +4783,33 @@ def test_a_model_changed_between_calls_is_checked_again(name) -> None:
         fisher_diagonal(model, [x[:4]], backend="hooks")
 
 
+class SequenceFirstInside(nn.Module):
+    """A linear layer run sequence-first, ``(T, B, D)``, then one run batch-first, on
+    ``(B, T, D)``: with ``T == B`` their calls have the same shapes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner, self.other, self.head = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(12, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.inner(x.transpose(0, 1)).transpose(0, 1)
+        return self.head(torch.tanh(self.other(h)).flatten(1))
+
+
+@pytest.mark.parametrize("backend", ["hooks", "auto"])
+def test_the_layout_checks_of_one_selection_do_not_serve_another(backend) -> None:
+    """A first call selecting ``other`` passed the layout check of its calls; a second one
+    selecting ``inner``, whose calls have the same shapes, was taken as checked, and ``inner``
+    as batch-first: its Fisher 0.87 off without a word (the checks were kept by shapes)."""
+    torch.manual_seed(0)
+    model = SequenceFirstInside().double()
+    data = [(torch.randn(3, 3, 4, dtype=torch.float64), torch.randint(0, 2, (3,)))]
+    selected = ["inner.weight", "inner.bias"]
+    fisher_diagonal(model, data, backend=backend, params=["other.bias"])
+    got = fisher_diagonal(model, data, backend=backend, params=selected)
+    assert_close_dicts(got, fisher_diagonal(model, data, backend="loop", params=selected), 1e-10)
+
+
 def test_a_failure_is_forgotten_once_the_module_behind_it_is_replaced() -> None:
     """Before, the verdict was kept per model and batch shapes: with the mixing module replaced
     by ``nn.Identity``, ``backend="hooks"`` still refused the model ("found on an earlier

@@ -475,8 +475,9 @@ class HookEngine:
     steps: ClassVar[
         weakref.WeakKeyDictionary[nn.Module, dict[tuple[Any, ...], tuple[int, int]]]
     ] = weakref.WeakKeyDictionary()
-    #: The recorded shapes whose batch layout :func:`.batch_checks.check_batch_layout` has passed,
-    #: per model, kept across calls too (a standard ResNet-18 at N=128 has 128 channels: without it,
+    #: The recorded shapes (with the selected parameters and the units whose calls they are)
+    #: whose batch layout :func:`.batch_checks.check_batch_layout` has passed, per model, kept
+    #: across calls too (a standard ResNet-18 at N=128 has 128 channels: without it,
     #: every call would pay a forward pass on 2 samples).
     layouts: ClassVar[weakref.WeakKeyDictionary[nn.Module, set[tuple[Any, ...]]]] = (
         weakref.WeakKeyDictionary()
@@ -864,15 +865,18 @@ class HookEngine:
         }
         for unit in records:
             unit.sequence_first, unit.decided = decided[unit.path], True
-        # (with the calls taken as sequence-first: with T == B, the shapes are the same either way)
+        # (with the calls taken as sequence-first: with T == B, the shapes are the same either
+        # way; by unit and selection: the calls of other units may have the same shapes)
         shapes = (
+            tuple(params),
+            tuple((unit.path, len(record.calls())) for unit, record in records.items()),
             *(s for call in calls for s in (*call.inputs, *call.outputs)),
             tuple(call.transposed for call in calls),
         )
         checked = self.layouts.setdefault(model, set())
         if checking:  # (the checks' own run: they passed on the batch it comes from)
             pass
-        elif shapes not in checked:  # (once per model and shapes: not again for every batch)
+        elif shapes not in checked:  # (once per model, selection and shapes: not every batch)
             check_batch_layout(model, units, first, output_fn, records, output)
             expanded = expanded_units(records)
             if expanded:
