@@ -505,3 +505,41 @@ def test_a_recurrent_layer_whose_hooks_read_its_mode_stays_in_eval(variant, back
     for name, b in model.named_buffers():
         assert torch.equal(b, buffers[name]), name
     assert not model.rnn.training
+
+
+class FrozenInput(nn.Module):
+    """A recurrent layer (or a cell stepped by hand) whose input weights are frozen, with no
+    trainable input bias, on data (no gradient): ``x W_ih + b_ih`` needs none."""
+
+    def __init__(self, kind: str, bias: bool) -> None:
+        super().__init__()
+        self.kind = kind
+        options = {} if "Cell" in kind else {"batch_first": True}
+        self.rnn, self.head = getattr(nn, kind)(3, 4, bias=bias, **options), nn.Linear(4, 3)
+        for name, p in self.rnn.named_parameters():
+            if name.startswith(("weight_ih", "bias_ih")):
+                p.requires_grad_(False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if "Cell" not in self.kind:
+            return self.head(self.rnn(x)[0][:, -1])
+        state = None
+        for t in range(x.shape[1]):
+            state = self.rnn(x[:, t], state)
+        return self.head(state[0] if isinstance(state, tuple) else state)
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_frozen_input_weights_leave_the_others_their_fisher(kind, bias, monkeypatch) -> None:
+    """The gates' input part was kept for the pull-back only where it needed a gradient: here
+    it needs none, ``weight_hh`` got no gradient, and the check sent the model to the functorch
+    engine (after an earlier call with every parameter trainable, its Fisher was 0 silently)."""
+    from ewc_reg.engines import unit_sums
+
+    monkeypatch.setattr(unit_sums, "_fallback_sums", None)  # (by the rule: would fail if called)
+    torch.manual_seed(0)
+    model = FrozenInput(kind, bias).double()
+    x, y = torch.randn(4, 5, 3, dtype=torch.float64), torch.randint(0, 3, (4,))
+    got = fisher_diagonal(model, [(x, y)], backend="hooks")
+    assert_close_dicts(got, brute_force_fisher(model, x, y, "exact"), 1e-10)

@@ -706,6 +706,10 @@ class Recorder(TorchFunctionMode):
                 return piece
             # (a folded call's pieces, batch first, are kept, and their gradients come,
             # unfolded: (B, T, ...) for (B T, ...) rows)
+            if pull_back and not piece.requires_grad and torch.is_grad_enabled():
+                # (made of nothing selected, a recurrent layer's x W_ih + b_ih with both
+                # frozen: the gradients the layer's other parameters take are still there)
+                piece = piece.detach().requires_grad_()
             unfolded = _unfold(piece, 0, record.folded)
             record.kept[name] = unfolded
             with _unwatched():
