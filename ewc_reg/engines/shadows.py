@@ -342,6 +342,7 @@ def _substituted(
     replaced by the first arguments (one sample's shadows) and, at a meeting, those at positions
     ``batch`` by the others (one sample's ``rows`` rows of them); each of its outputs must have
     ``rows`` rows too (``ValueError``: the function does not treat the samples apart)."""
+    func = _EQUIVALENTS.get(func, func)
 
     def call(*tensors: Tensor) -> Any:
         values = list(leaves)
@@ -359,3 +360,28 @@ def _substituted(
         return result
 
     return call
+
+
+def _embedding(
+    input: Tensor,
+    weight: Tensor,
+    padding_idx: int | None = None,
+    max_norm: float | None = None,
+    norm_type: float = 2.0,
+    scale_grad_by_freq: bool = False,
+    sparse: bool = False,
+) -> Tensor:
+    """``F.embedding``, its ``padding_idx`` (no gradient for that row) by a lookup in the
+    detached table there: ``vmap``'s rule for a batched table gave the row a gradient in every
+    copy but the first (torch 2.14; a table tied to the output layer, whose shadows are looked
+    up in, got a padding row 5.4 times its Fisher)."""
+    looked = F.embedding(input, weight, None, max_norm, norm_type, scale_grad_by_freq, sparse)
+    if padding_idx is None:
+        return looked
+    padding = padding_idx + weight.shape[0] if padding_idx < 0 else padding_idx
+    frozen = F.embedding(input, weight.detach(), None, max_norm, norm_type, False, sparse)
+    return torch.where((input == padding).unsqueeze(-1), frozen, looked)
+
+
+#: Functions that the per-sample calls (:func:`_substituted`) run as an equivalent one.
+_EQUIVALENTS: dict[Any, Callable[..., Any]] = {F.embedding: _embedding}
