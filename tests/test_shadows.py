@@ -609,25 +609,33 @@ def test_any_chain_on_a_repeated_row_is_right_or_refused(rows, chain, seed) -> N
 
 class TiedLookups(nn.Module):
     """A table with a ``padding_idx``, read by the root too (an output layer tied to it,
-    ``h @ weight.T``): its per-sample copies are looked up in."""
+    ``h @ weight.T``): its per-sample copies are looked up in, by ``nn.Embedding`` or by
+    ``torch.embedding`` (where ``aten``, whose -1 is no padding, takes the index as it is)."""
 
-    def __init__(self, padding_idx: int) -> None:
+    def __init__(self, padding_idx: int, aten: bool) -> None:
         super().__init__()
         self.table = nn.Embedding(6, 3, padding_idx=padding_idx)
+        self.aten = aten
 
     def forward(self, ids: Tensor) -> Tensor:
-        return torch.tanh(self.table(ids)) @ self.table.weight.T  # (B, T, V)
+        if self.aten:
+            rows = torch.embedding(self.table.weight, ids, self.table.padding_idx)
+        else:
+            rows = self.table(ids)
+        return torch.tanh(rows) @ self.table.weight.T  # (B, T, V)
 
 
-@pytest.mark.parametrize("padding_idx", [0, -1])
+@pytest.mark.parametrize("padding_idx, aten", [(0, False), (-1, False), (0, True)])
 @pytest.mark.parametrize("method", ["exact", "empirical"])
 @pytest.mark.parametrize("backend", ["hooks", "auto"])
-def test_a_shadowed_table_keeps_its_padding_row_out_of_the_lookups(padding_idx, method, backend):
-    """``vmap`` of ``F.embedding`` over a table's per-sample copies gave the padding row a
-    gradient in every copy but the first: its Fisher up to 5.4 times too large, where the
-    padding token was not in the first two samples (the check's)."""
+def test_a_shadowed_table_keeps_its_padding_row_out_of_the_lookups(
+    padding_idx, aten, method, backend
+):
+    """``vmap`` of ``F.embedding`` (and ``torch.embedding``) over a table's per-sample copies
+    gave the padding row a gradient in every copy but the first: its Fisher up to 5.4 times
+    too large, where the padding token was not in the first two samples (the check's)."""
     torch.manual_seed(0)
-    model = TiedLookups(padding_idx).double()
+    model = TiedLookups(padding_idx, aten).double()
     pad = padding_idx % 6
     ids = torch.tensor([[1, 2, 3], [4, 5, 1], [2, 3, pad], [pad, 1, pad]]) % 6
     labels = torch.randint(0, 6, (4, 3))

@@ -383,5 +383,20 @@ def _embedding(
     return torch.where((input == padding).unsqueeze(-1), frozen, looked)
 
 
+def _aten_embedding(
+    weight: Tensor,
+    input: Tensor,
+    padding_idx: int = -1,
+    scale_grad_by_freq: bool = False,
+    sparse: bool = False,
+) -> Tensor:
+    """``torch.embedding`` (a negative ``padding_idx``: none) as :func:`_embedding`."""
+    padding = padding_idx if padding_idx >= 0 else None
+    return _embedding(input, weight, padding, None, 2.0, scale_grad_by_freq, sparse)
+
+
 #: Functions that the per-sample calls (:func:`_substituted`) run as an equivalent one.
-_EQUIVALENTS: dict[Any, Callable[..., Any]] = {F.embedding: _embedding}
+_EQUIVALENTS: dict[Any, Callable[..., Any]] = {
+    F.embedding: _embedding,
+    torch.embedding: _aten_embedding,
+}
