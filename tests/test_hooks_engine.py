@@ -4810,6 +4810,32 @@ def test_the_layout_checks_of_one_selection_do_not_serve_another(backend) -> Non
     assert_close_dicts(got, fisher_diagonal(model, data, backend="loop", params=selected), 1e-10)
 
 
+def _rows_first(self: nn.Module, x: Tensor) -> Tensor:
+    return self.head(torch.tanh(self.lin(x))).mean(1)
+
+
+def _positions_first(self: nn.Module, x: Tensor) -> Tensor:
+    return self.head(torch.tanh(self.lin(x.transpose(0, 1)).transpose(0, 1))).mean(1)
+
+
+def test_a_forward_of_the_instance_replaced_by_another_is_checked_again() -> None:
+    """``model.forward`` set to one function, then to another that runs the layer
+    sequence-first (``T == B``): the caches were kept (the tree only told that the instance
+    had a forward of its own), the layer taken as batch-first, its Fisher 0.73 off."""
+    import types
+
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.lin, model.head = nn.Linear(4, 4), nn.Linear(4, 3)
+    model.double()
+    data = [(torch.randn(3, 3, 4, dtype=torch.float64), torch.tensor([0, 1, 2]))]
+    for forward in (_rows_first, _positions_first):
+        model.forward = types.MethodType(forward, model)
+        got = fisher_diagonal(model, data, "empirical", backend="hooks")
+        want = fisher_diagonal(copy.deepcopy(model), data, "empirical", backend="loop")
+        assert_close_dicts(got, want, 1e-10)
+
+
 def test_a_failure_is_forgotten_once_the_module_behind_it_is_replaced() -> None:
     """Before, the verdict was kept per model and batch shapes: with the mixing module replaced
     by ``nn.Identity``, ``backend="hooks"`` still refused the model ("found on an earlier

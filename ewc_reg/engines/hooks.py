@@ -425,16 +425,21 @@ class Arrangement:
 
 def tree_signature(model: nn.Module) -> tuple[Any, ...]:
     """What the hooks engine's per-model caches presume unchanged: each module's path, identity
-    and class, its forward and backward hooks (their handles' ids), and whether its instance
-    has a ``forward`` of its own; and the global module hooks. (A walk over the modules once
-    per call: the Planner's first walk costs about as much.)"""
+    and class, its forward and backward hooks (their handles' ids), and which ``forward`` of its
+    own its instance has, if any (the function's identity: one replaced by another was taken
+    for the first, and its calls' layouts with them); and the global module hooks. (A walk over
+    the modules once per call: the Planner's first walk costs about as much.)"""
 
     def hooks(owner: Any) -> tuple[tuple[int, ...], ...]:
         return tuple(tuple(getattr(owner, kind, None) or ()) for kind in _HOOK_DICTS)
 
+    def own_forward(module: nn.Module) -> int | None:
+        forward = module.__dict__.get("forward")
+        return None if forward is None else id(getattr(forward, "__func__", forward))
+
     return (
         tuple(
-            (path, id(module), type(module), hooks(module), "forward" in module.__dict__)
+            (path, id(module), type(module), hooks(module), own_forward(module))
             for path, module in model.named_modules(remove_duplicate=False)
         ),
         tuple(tuple(getattr(module_globals, kind, None) or ()) for kind in _GLOBAL_HOOKS),
