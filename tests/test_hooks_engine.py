@@ -4810,6 +4810,38 @@ def test_the_layout_checks_of_one_selection_do_not_serve_another(backend) -> Non
     assert_close_dicts(got, fisher_diagonal(model, data, backend="loop", params=selected), 1e-10)
 
 
+class RootTemperature(nn.Module):
+    """A layer, and a temperature of the root's own that only an ``output_fn`` reads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+        self.temp = nn.Parameter(torch.tensor(0.7))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.lin(x)
+
+
+def test_an_output_fn_reading_a_parameter_after_one_that_did_not_is_checked_again() -> None:
+    """Before, the checks and the arrangement of the first call (the temperature unused: its
+    Fisher 0) served the second: the temperature's Fisher stayed 0 on ``auto`` (relative
+    error 1.0); the refusal of the first call served the third."""
+    torch.manual_seed(0)
+    model = RootTemperature().double()
+    data = [(torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,)))]
+    scaled = lambda out: out * model.temp  # noqa: E731
+    fisher_diagonal(model, data, "empirical", output_fn=lambda out: out)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = fisher_diagonal(model, data, "empirical", output_fn=scaled)
+    want = fisher_diagonal(model, data, "empirical", output_fn=scaled, backend="loop")
+    assert want["temp"] > 0
+    assert_close_dicts(got, want, 1e-10)
+    with pytest.raises(ValueError, match="hooks engine cannot compute"):
+        fisher_diagonal(model, data, "empirical", output_fn=scaled, backend="hooks")
+    fisher_diagonal(model, data, "empirical", output_fn=lambda out: out, backend="hooks")
+
+
 def _rows_first(self: nn.Module, x: Tensor) -> Tensor:
     return self.head(torch.tanh(self.lin(x))).mean(1)
 

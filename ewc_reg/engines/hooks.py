@@ -446,6 +446,15 @@ def tree_signature(model: nn.Module) -> tuple[Any, ...]:
     )
 
 
+def function_key(output_fn: OutputFn) -> Any:
+    """What the checks and arrangements kept for a model are kept by, of the ``output_fn``
+    they were made with: its code (a lambda made again at the same place, for each call or
+    each task's classes, is the same), else its type. (Kept without it, an ``output_fn``
+    reading a parameter of the root after one that did not got that parameter a Fisher of 0:
+    it was found unused and checked so.)"""
+    return getattr(output_fn, "__code__", None) or type(output_fn)
+
+
 #: The hook dictionaries of a module (:func:`tree_signature`), and the global ones.
 _HOOK_DICTS = (
     "_forward_hooks",
@@ -650,7 +659,8 @@ class HookEngine:
         if model in self._given_up and self.fallback is not None:
             return self.fallback(*args)
         failures = self.failures.setdefault(model, {})
-        key = (frozenset(params), batch.size, batch.sample_shapes())
+        selection = (frozenset(params), function_key(output_fn))
+        key = (*selection, batch.size, batch.sample_shapes())
         if key in failures:
             known = failures[key]
             failure = type(known)(f"{known} (found on an earlier batch of these shapes)")
@@ -716,7 +726,7 @@ class HookEngine:
         # afresh; then, failing that, the loose parameters' modules as units of their own
         # parameters (plan; the root cannot be one), and failing that too, each parent a unit
         # of all the parameters inside it (the outermost where they nest).
-        known = found.get(frozenset(params))
+        known = found.get(selection)
         stages: list[Arrangement | None] = [known] if known is not None else []
         if known is None or (known.layouts and not known.whole_parents):
             stages.append(None)  # (None: derived() when it is tried)
@@ -766,7 +776,7 @@ class HookEngine:
                     break
                 else:
                     if batch.size > 1 or not arrangement.layouts:  # (one sample cannot show
-                        found[frozenset(params)] = arrangement  # the batch mixed up)
+                        found[selection] = arrangement  # the batch mixed up)
                     return result
                 # (parameters used outside their units: their parents whole units, as long as
                 # there are parents to climb to (shadowed copies of a large weight, BEiT-base's
@@ -874,6 +884,7 @@ class HookEngine:
         # way; by unit and selection: the calls of other units may have the same shapes)
         shapes = (
             tuple(params),
+            function_key(output_fn),
             tuple((unit.path, len(record.calls())) for unit, record in records.items()),
             *(s for call in calls for s in (*call.inputs, *call.outputs)),
             tuple(call.transposed for call in calls),
@@ -886,7 +897,9 @@ class HookEngine:
             expanded = expanded_units(records)
             if expanded:
                 check_expansion(model, units, first, output_fn, expanded)
-            structure = (tuple(params), min(first.size, 2), *structure_of(records))
+            structure = (
+                tuple(params), function_key(output_fn), min(first.size, 2), *structure_of(records)
+            )
             passed = self.sums_checked.setdefault(model, set())
             if structure not in passed:  # (not again for every length of a sequence)
                 self._check_sums(
