@@ -406,9 +406,20 @@ def checked_selection(model: nn.Module, params: ParamSelection) -> ParamSelectio
     named = dict(model.named_parameters())
     unknown = sorted(set(names) - set(named))
     if unknown:
+        first_names = {id(p): name for name, p in named.items()}
+        aliases = {
+            name: first_names[id(p)]
+            for name, p in model.named_parameters(remove_duplicate=False)
+            if name in unknown
+        }
+        alias_text = "".join(
+            f"; {alias!r} is the tensor {first!r} (named_parameters() gives a shared tensor "
+            f"once, under its first name): select it as {first!r}"
+            for alias, first in aliases.items()
+        )
         raise ValueError(
-            f"params names {unknown} are not parameters of the model; valid names (from "
-            f"named_parameters()) are {list(named)}"
+            f"params names {unknown} are not parameters of the model{alias_text}; valid names "
+            f"(from named_parameters()) are {list(named)}"
         )
     return tuple(map(str.__str__, names))  # (a str subclass's value: the names are saved)
 

@@ -173,3 +173,14 @@ def test_regularizer_protects_only_the_selection() -> None:
     restored = EWCRegularizer(model, params=["head.weight", "head.bias"])
     restored.load_state_dict(reg.state_dict())
     torch.testing.assert_close(restored.penalty(), penalty)
+
+
+def test_a_tied_weight_selected_by_its_second_name_says_which_name_it_has():
+    """``named_parameters()`` gives a shared tensor once, under its first name: the error said
+    only that the second was no parameter of the model."""
+    model = nn.Sequential(nn.Embedding(5, 3), nn.Linear(3, 5, bias=False))
+    model[1].weight = model[0].weight
+    with pytest.raises(ValueError, match=r"'1.weight' is the tensor '0.weight'.*select it as"):
+        fisher_diagonal(model, [torch.randint(0, 5, (4,))], params=["1.weight"])
+    with pytest.raises(ValueError, match=r"'1.weight' is the tensor '0.weight'"):
+        EWCRegularizer(model, params=["1.weight"])
