@@ -607,6 +607,8 @@ def _check_state_tensor(what: str, name: str, t: Any, param: Tensor) -> None:
             f"state_dict {what} for {name!r} has shape {tuple(t.shape)}, but the parameter has "
             f"shape {tuple(param.shape)}"
         )
+    if t.is_meta:  # (no values to load: its checks below could not read any)
+        raise ValueError(f"state_dict {what} for {name!r} is on the meta device: it has no values")
     if not bool(torch.isfinite(t).all()):
         raise ValueError(f"state_dict {what} for {name!r} has NaN or Inf entries")
     if what == "fisher" and bool((t < 0).any()):

@@ -658,6 +658,7 @@ def _malformed(state: dict, **changes) -> dict:
         ({"fisher.0.weight": torch.ones(8, 6, dtype=torch.long)}, "floating-point tensor"),
         ({"fisher.0.weight": -torch.ones(8, 6, dtype=torch.float64)}, "negative"),
         ({"fisher.0.weight": torch.full((8, 6), float("nan"))}, "NaN"),
+        ({"fisher.0.weight": torch.ones(8, 6, device="meta")}, "meta device"),  # (RuntimeError)
         ({"settings": {"strength": 1.0, "paramz": ["0.weight"]}}, "keys among"),
         ({"settings": {"params": ["0.weight"]}}, r"\['0\.bias', .*does not select"),
         ({"settings": {"params": ["nope"]}}, r"\['nope'\] are not parameters"),
