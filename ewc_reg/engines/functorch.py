@@ -2,7 +2,10 @@ r"""The general engine: per-sample vector-Jacobian products with :mod:`torch.fun
 
 For each sample ``n`` (vmapped, in chunks) it builds the pull-back
 :math:`v \mapsto J_n^\top v` of :math:`\theta \mapsto f(x_n; \theta)` with ``torch.func.vjp``
-and applies it to the sample's ``K`` vectors (vmapped again), then squares and sums. A chunk
+and applies it to the sample's ``K`` vectors (vmapped again), then squares and sums. The
+vectors come from the batch's output, or, where the first two samples run alone differ from
+their rows of it (a model that mixes the samples), from each sample's output run alone, as
+its pull-back runs it. A chunk
 holds ``chunk * K * P`` pull-back numbers for ``P`` parameters, and their squares, so one sample
 is budgeted at ``3 K P`` numbers (:func:`bytes_per_sample`) and ``chunk_size=None`` takes
 ``memory_budget // bytes_per_sample`` samples at a time. When one sample's ``K`` pull-backs alone
