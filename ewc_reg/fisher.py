@@ -228,7 +228,7 @@ def fisher_diagonal(
                     batch_rows = batch.samples(start, batch.size if stop is None else stop)
                 else:
                     batch_rows = batch
-                output = lik.check_output(output, batch_rows.size).detach()
+                output = _checked_output(lik, output, batch_rows).detach()
                 mask, targets = _positions(lik, output, batch_rows, encoder_decoder)
                 # (in at least float32, then in the output's dtype: a float16 softmax gives 0
                 # for a probability below 6e-8, and the exact Fisher of a sample with a logit
@@ -439,7 +439,7 @@ def _accumulate_batched(
     count = 0
     for batch in batches:
         with torch.enable_grad():
-            output = lik.check_output(output_fn(batch.call(model)), batch.size)
+            output = _checked_output(lik, output_fn(batch.call(model)), batch)
             check_differentiable(output)
             mask, targets = _positions(lik, output, batch, encoder_decoder)
             targets = lik.check_targets(output, _labels(targets, "batched"))
@@ -495,6 +495,20 @@ class _DrawsInOrder:
             self.kept = more if self.kept is None else torch.cat([self.kept, more])
         assert self.kept is not None
         return self.kept[start : start + count]
+
+
+def _checked_output(lik: Likelihood, output: Any, batch: Batch) -> Tensor:
+    """``lik.check_output`` for ``batch``; where it fails and no input tensor has as many
+    rows as the labels, with a note saying so (the labels of another batch, say)."""
+    try:
+        return lik.check_output(output, batch.size)
+    except ValueError as error:
+        if batch.targets is not None and not batch.sample_shapes():
+            error.add_note(
+                f"ewc_reg: no input tensor has the labels' {batch.size} rows "
+                f"({batch.layout()}): do the labels belong to these inputs?"
+            )
+        raise
 
 
 def _labels(targets: Tensor | None, method: str) -> Tensor:

@@ -501,3 +501,11 @@ def test_a_categorical_likelihood_over_one_class_is_warned_of(method):
     with pytest.warns(UserWarning, match='likelihood="bernoulli"'):
         fisher = fisher_diagonal(model, [(X, torch.zeros(4, dtype=torch.long))], method)
     assert all(not f.any() for f in fisher.values())
+
+
+@pytest.mark.parametrize("method", ["exact", "empirical", "batched"])
+def test_labels_of_another_length_than_the_inputs_are_named_in_the_error(method):
+    """Six inputs, four labels: the error blamed the output's shape alone."""
+    with pytest.raises(ValueError, match=r"\(4, C\)") as caught:
+        fisher_diagonal(mlp(), [(torch.randn(6, 6, dtype=torch.float64), Y)], method)
+    assert "no input tensor has the labels' 4 rows" in "".join(caught.value.__notes__)
