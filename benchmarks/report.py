@@ -157,6 +157,13 @@ def _seconds_text(total: float, fisher: float) -> str:
     return "–" if math.isnan(total) else f"{total:.0f} ({fisher:.0f})"
 
 
+def lambda_axis(summary: Summary) -> tuple[float, float]:
+    """The figure's λ axis: the paper's grid, widened to every λ run (``--lambdas`` takes any
+    λ > 0: one outside the grid was drawn off the axis), a factor 3 beyond each end."""
+    strengths = [s for per_lambda in summary.values() for s in per_lambda if s is not None]
+    return min([*LAMBDA_GRID, *strengths]) / 3, max([*LAMBDA_GRID, *strengths]) * 3
+
+
 def slug(config: Config) -> str:
     """File-name tag of a configuration."""
     benchmark, data, iters, batch_size = config
@@ -238,7 +245,7 @@ def plot(config: Config, summary: Summary, path: Path) -> None:
         ses = [0.0 if math.isnan(per_lambda[s].se) else per_lambda[s].se for s in xs]
         ax.errorbar(xs, means, yerr=ses, marker="o", ms=4, capsize=2, label=LABELS[method])
     ax.set_xscale("log")
-    ax.set_xlim(LAMBDA_GRID[0] / 3, LAMBDA_GRID[-1] * 3)
+    ax.set_xlim(*lambda_axis(summary))
     ax.set_xlabel("λ (EWC strength)")
     ax.set_ylabel("mean test accuracy over tasks (%)")
     benchmark, data, iters, batch_size = config

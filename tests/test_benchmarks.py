@@ -363,3 +363,16 @@ def test_gpu_checks_exit_1_when_a_step_fails_or_there_is_no_gpu(tmp_path):
         pytest.skip("this machine has a CUDA device")
     log = (tmp_path / "out" / "log").read_text()
     assert done.returncode == 1 and "no CUDA device" in log and "== tests" not in log
+
+
+def test_the_lambda_axis_takes_every_lambda_run():
+    """Before, it was the paper's grid alone: λ = 1e-3 or 1e15 lay off the axis."""
+    from benchmarks.report import group, lambda_axis
+
+    rows = [{"benchmark": "split_mnist", "data": "real", "method": "exact", "strength": s,
+             "seed": 0, "iters": 1, "batch_size": 1, "accuracy": 90.0} for s in (1e-3, 1e15)]
+    low, high = lambda_axis(next(iter(group(rows).values())))
+    assert low == pytest.approx(1e-3 / 3) and high == pytest.approx(3e15)
+    rows = [{**rows[0], "strength": 1e5}]
+    grid = (LAMBDA_GRID[0] / 3, LAMBDA_GRID[-1] * 3)
+    assert lambda_axis(next(iter(group(rows).values()))) == grid
