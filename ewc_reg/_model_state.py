@@ -75,8 +75,8 @@ def evaluating(model: nn.Module) -> Iterator[None]:
         and type(m).forward in _RECURRENT_FORWARDS
         and "forward" not in vars(m)
     ]
-    hooked = [(m, dropout) for m, dropout in recurrent if _hooked(m)]
-    recurrent = [(m, dropout) for m, dropout in recurrent if not _hooked(m)]
+    hooked = [m for m, _ in recurrent if _hooked(m)]
+    recurrent = [(m, dropout) for m, dropout in recurrent if m not in hooked]
     cudnn = torch.backends.cudnn.enabled
     caches = [
         (m, name, getattr(m, name))
@@ -96,7 +96,7 @@ def evaluating(model: nn.Module) -> Iterator[None]:
     model.eval()
     for module, _ in recurrent:
         module.dropout, module.training = 0.0, True
-    if any(p.is_cuda for module, _ in hooked for p in module.parameters()):
+    if any(p.is_cuda for module in hooked for p in module.parameters()):
         torch.backends.cudnn.enabled = False
     for module, name, _ in caches:
         setattr(module, name, _Bypassed())

@@ -8,12 +8,11 @@ their rows of it (a model that mixes the samples), from each sample's output run
 its pull-back runs it. A chunk holds ``chunk * K * P`` pull-back numbers for ``P``
 parameters, and their squares, so one sample is budgeted at ``3 K P`` numbers
 (:func:`bytes_per_sample`) and ``chunk_size=None`` takes ``memory_budget // bytes_per_sample``
-samples at a time. When one sample's ``K`` pull-backs alone
-exceed the budget (``exact`` on long sequences, ``K = T V``), samples go one at a time and each
-pulls back its vectors a few at a time, reusing one forward pass. Works for any module that
-torch.func can trace in eval mode. Two kinds of model go to the :class:`~.loop.LoopEngine`, one
-sample at a time (logged at info level to the ``"ewc_reg"`` logger, and remembered for the
-module):
+samples at a time. When one sample's ``K`` pull-backs alone exceed the budget (``exact`` on
+long sequences, ``K = T V``), samples go one at a time and each pulls back its vectors a few
+at a time, reusing one forward pass. Works for any module that torch.func can trace in eval
+mode. Two kinds of model go to the :class:`~.loop.LoopEngine`, one sample at a time (logged
+at info level to the ``"ewc_reg"`` logger, and remembered for the module):
 
 - those on which ``vmap`` fails (``nn.LSTM``, say);
 - those whose output reaches a selected parameter other than through its registered name:

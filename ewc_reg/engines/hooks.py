@@ -882,9 +882,9 @@ class HookEngine:
             unit.sequence_first, unit.decided = decided[unit.path], True
         # (with the calls taken as sequence-first: with T == B, the shapes are the same either
         # way; by unit and selection: the calls of other units may have the same shapes)
+        selection = (tuple(params), function_key(output_fn))
         shapes = (
-            tuple(params),
-            function_key(output_fn),
+            *selection,
             tuple((unit.path, len(record.calls())) for unit, record in records.items()),
             *(s for call in calls for s in (*call.inputs, *call.outputs)),
             tuple(call.transposed for call in calls),
@@ -897,9 +897,7 @@ class HookEngine:
             expanded = expanded_units(records)
             if expanded:
                 check_expansion(model, units, first, output_fn, expanded)
-            structure = (
-                tuple(params), function_key(output_fn), min(first.size, 2), *structure_of(records)
-            )
+            structure = (*selection, min(first.size, 2), *structure_of(records))
             passed = self.sums_checked.setdefault(model, set())
             if structure not in passed:  # (not again for every length of a sequence)
                 self._check_sums(
