@@ -3,7 +3,7 @@
 Accepted batch forms (anything else is a ``TypeError``):
 
 * a tuple or list ``(inputs, targets, *rest)``: the model is called as ``model(inputs)``;
-  ``rest`` (task ids, indices, ...) is ignored;
+  ``rest`` (task ids, indices, ...) is ignored; ``targets`` may be ``None`` (inputs only);
 * a dict whose ``"labels"`` entry holds the targets: the model is called as
   ``model(**others)`` with every other entry;
 * without targets (for the estimators that need none, ``exact`` and ``sample``): a tensor of
@@ -15,7 +15,10 @@ Accepted batch forms (anything else is a ``TypeError``):
 The batch size ``B`` is the length of the targets' first dimension (without targets: that of
 the first tensor among the inputs). Tensors whose first dimension is ``B`` are per-sample and
 are sliced, moved to the model's device, and (by the functorch engine) vmapped over;
-everything else is passed through unchanged.
+everything else is passed through unchanged. Tensors are found in tuples, lists and dicts
+(and what else ``torch.utils._pytree`` walks); a mapping inside the batch that it does not walk
+(Hugging Face's ``BatchEncoding``, a ``UserDict``) is passed to the model as a ``dict`` of its
+entries.
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ from torch.utils import _pytree as pytree
 ACCEPTED_FORMS = (
     "a tuple/list (inputs, targets, *rest) or a dict with a 'labels' entry "
     "(other entries are passed as model(**batch)); without targets, for 'exact' and 'sample': "
-    "a tensor of inputs, a tuple/list (inputs,) or a dict without 'labels' (or with None)"
+    "a tensor of inputs, a tuple/list (inputs,) or (inputs, None), or a dict without 'labels' "
+    "(or with None)"
 )
 
 #: What to pass instead of one batch.
@@ -123,6 +127,7 @@ def as_batch(raw: Any) -> Batch:
         labelled = targets is not None  # ("labels": None: inputs only, as without the key)
     elif isinstance(raw, (tuple, list)) and len(raw) >= 2:
         args, targets = (raw[0],), raw[1]
+        labelled = targets is not None  # ((inputs, None): inputs only, as a dict's None)
     elif isinstance(raw, Tensor):
         args, labelled = (raw,), False
     elif isinstance(raw, (tuple, list)) and len(raw) == 1:
@@ -133,6 +138,7 @@ def as_batch(raw: Any) -> Batch:
             f"{' of length ' + str(len(raw)) if isinstance(raw, (tuple, list)) else ''}; "
             f"accepted batch forms: {ACCEPTED_FORMS}"
         )
+    args, kwargs = _with_plain_dicts((args, kwargs))
     if not labelled:
         first = next((t for t in pytree.tree_leaves((args, kwargs)) if _batched(t)), None)
         if first is None:
@@ -150,16 +156,35 @@ def as_batch(raw: Any) -> Batch:
     return Batch(args, kwargs, targets, int(targets.shape[0]))
 
 
+def _foreign_mapping(node: Any) -> bool:
+    """Whether ``node`` is a mapping that ``pytree`` takes for a leaf (Hugging Face's
+    ``BatchEncoding``, a ``UserDict``): its tensors would be neither cut nor moved."""
+    if not isinstance(node, Mapping):
+        return False
+    leaves = pytree.tree_leaves(node)
+    return len(leaves) == 1 and leaves[0] is node
+
+
+def _with_plain_dicts(tree: Any) -> Any:
+    """``tree`` with every :func:`_foreign_mapping` in it, at any depth, made a ``dict`` of
+    its entries, which every engine cuts into samples and moves as it does a dict's."""
+
+    def plain(node: Any) -> Any:
+        return _with_plain_dicts(dict(node)) if _foreign_mapping(node) else node
+
+    return pytree.tree_map(plain, tree, is_leaf=_foreign_mapping)
+
+
 def _maybe_one_batch(data: Any) -> bool:
-    """Whether ``data`` is a list of two tensors with the same first dimension: one batch's
-    inputs and targets, or two batches of inputs of one size; nothing tells them apart (token
-    ids and next-token labels have the same shape and dtype; regression targets are floating
-    point as the inputs)."""
+    """Whether ``data`` is a list of two or more tensors with the same first dimension: one
+    batch's ``[inputs, targets, *rest]``, or batches of inputs of one size; nothing tells them
+    apart (token ids, next-token labels and an attention mask have the same shape and dtype;
+    regression targets are floating point as the inputs)."""
     return (
         isinstance(data, list)
-        and len(data) == 2
+        and len(data) >= 2
         and all(map(_batched, data))
-        and data[0].shape[0] == data[1].shape[0]
+        and len({t.shape[0] for t in data}) == 1
     )
 
 
@@ -172,19 +197,19 @@ def iter_batches(data: Iterable[Any], n_samples: int | None = None) -> Iterator[
     """Yield parsed batches, stopping after ``n_samples`` samples (the last batch is cut).
 
     Data that looks like one batch is an error: a tuple of tensors (``TypeError``; a list of
-    tensors is batches of inputs only), or a list of two tensors with the same first dimension
-    (``ValueError``: taken for two batches of inputs, the targets of one batch would go to the
-    model; two batches of inputs of one size are written ``[(x1,), (x2,)]``)."""
+    tensors is batches of inputs only), or a list of two or more tensors with the same first
+    dimension (``ValueError``: taken for batches of inputs, the targets of one batch would go
+    to the model; batches of inputs of one size are written ``[(x1,), (x2,), ...]``)."""
     if isinstance(data, tuple) and data and all(isinstance(t, Tensor) for t in data):
         raise TypeError(
             f"data is a tuple of {len(data)} tensors, which {_ONE_BATCH} (a list of tensors, "
             "for batches of inputs only)"
         )
     if _maybe_one_batch(data):
+        shapes = ", ".join(str(tuple(t.shape)) for t in data)
         raise ValueError(
-            f"data is a list of two tensors of shapes {tuple(data[0].shape)} and "
-            f"{tuple(data[1].shape)}, which {_ONE_BATCH}; for two batches of inputs only, pass "
-            "[(x1,), (x2,)]"
+            f"data is a list of {len(data)} tensors of shapes {shapes}, which {_ONE_BATCH}; "
+            "for batches of inputs only, pass [(x1,), (x2,), ...]"
         )
     if isinstance(data, (Tensor, Mapping)) or not isinstance(data, Iterable):
         raise TypeError(
@@ -197,11 +222,24 @@ def iter_batches(data: Iterable[Any], n_samples: int | None = None) -> Iterator[
         if n_samples is not None and seen + batch.size > n_samples:
             batch = batch.samples(0, n_samples - seen)
         if batch.size == 0:
+            _check_empty(batch)
             continue
         seen += batch.size
         yield batch
         if n_samples is not None and seen >= n_samples:
             return
+
+
+def _check_empty(batch: Batch) -> None:
+    """``ValueError`` for a batch whose labels have no rows while its inputs have some and
+    none has 0 (the labels of another batch, say): skipped as empty, its samples would be
+    left out of the Fisher without an error."""
+    inputs = [t for t in pytree.tree_leaves((batch.args, batch.kwargs)) if _batched(t)]
+    if batch.targets is not None and inputs and not batch.sample_shapes():
+        raise ValueError(
+            f"a batch's labels have 0 rows but no input tensor has 0 rows ({batch.layout()}): "
+            "do the labels belong to these inputs?"
+        )
 
 
 #: How far two computations of the same outputs may differ (:func:`same_output`), relative to

@@ -12,6 +12,7 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.parameter import is_lazy
 from torch.nn.utils import parametrize
 from torch.utils import _pytree as pytree
 
@@ -84,7 +85,7 @@ def evaluating(model: nn.Module) -> Iterator[None]:
         for name in EVAL_CACHES
         if isinstance(getattr(m, name, None), dict)
     ]
-    params = list(model.parameters())
+    params = [p for p in model.parameters() if not is_lazy(p)]  # (lazy: no state to keep)
     saved = [(p, p.grad, p.requires_grad) for p in params]
     hooks = [(p._backward_hooks, dict(p._backward_hooks)) for p in params if p._backward_hooks]
     tables = [

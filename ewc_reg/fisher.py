@@ -42,6 +42,7 @@ from typing import Any, TypeAlias
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.nn.parameter import is_lazy
 
 from ._batches import Batch, check_cut, iter_batches
 from ._model_state import (
@@ -126,8 +127,9 @@ def fisher_diagonal(
             code (a compiled model or submodule, ``model.compile()``) runs eagerly here.
         data: an iterable of batches, ``(inputs, targets, *rest)`` or dicts with ``"labels"``;
             for ``exact`` and ``sample``, which need no labels, also inputs alone (a tensor,
-            ``(inputs,)``, or a dict without ``"labels"`` or with ``"labels": None``). One
-            batch passed as the data (``(x, y)`` or ``[x, y]``) is an error. In a distributed
+            ``(inputs,)`` or ``(inputs, None)``, or a dict without ``"labels"`` or with
+            ``"labels": None``). One batch passed as the data (``(x, y)`` or ``[x, y, ...]``)
+            is an error. In a distributed
             run, this rank's shard of the data (see ``process_group``).
         method: one of :data:`METHODS` (see the module docstring for the formulas).
         n_samples: use only the first ``n_samples`` samples the data yields (per rank, in a
@@ -288,7 +290,13 @@ def fisher_diagonal(
             sums.update(zero_sums(params))
         count = reduce_shards(sums, count, group, device)
     if count == 0:
-        raise ValueError("data yielded no samples; pass at least one non-empty batch")
+        spent = (
+            " (data is an iterator: one read to its end before, by a training loop say, yields "
+            "nothing; pass a list or a DataLoader, which can be read again)"
+            if isinstance(data, Iterator)
+            else ""
+        )
+        raise ValueError(f"data yielded no samples{spent}; pass at least one non-empty batch")
     torch._foreach_div_(list(sums.values()), count)
     _check_finite(sums, device)
     return sums
@@ -317,6 +325,10 @@ def _check_finite(fisher: dict[str, Tensor], device: torch.device) -> None:
             )
 
 
+#: What an uninitialized parameter is, for messages.
+LAZY_NOTE = "such as nn.LazyLinear's, which take their shape at their first forward pass"
+
+
 def select_parameters(model: nn.Module, params: ParamSelection = None) -> dict[str, Tensor]:
     """The parameters of ``model`` that ``params`` selects, in ``named_parameters()`` order.
 
@@ -326,6 +338,11 @@ def select_parameters(model: nn.Module, params: ParamSelection = None) -> dict[s
     * names (a list, or one string): exactly those parameters. Naming a frozen parameter
       (``requires_grad=False``) is an error rather than a silent skip, since the caller
       evidently expects it to be protected.
+
+    Uninitialized parameters (of lazy modules such as ``nn.LazyLinear`` that no forward pass
+    has reached yet: a head for a later task) have no values to protect: ``None`` and a
+    predicate skip them (the regularizer takes them in at the ``consolidate`` after their
+    first forward pass), and naming one is an error.
 
     Raises:
         ValueError: unknown or frozen names, an empty selection, or complex parameters.
@@ -341,7 +358,11 @@ def select_parameters(model: nn.Module, params: ParamSelection = None) -> dict[s
             "or leave it out with params="
         )
     if not selected and params is None:
-        raise ValueError("the model has no parameters with requires_grad=True")
+        lazy = any(is_lazy(p) for p in model.parameters())
+        raise ValueError(
+            "the model has no parameters with requires_grad=True"
+            + (f" but uninitialized ones ({LAZY_NOTE}): run it on a batch first" if lazy else "")
+        )
     if not selected:
         trainable = [n for n, p in model.named_parameters() if p.requires_grad]
         raise ValueError(
@@ -357,10 +378,18 @@ def selected_parameters(model: nn.Module, params: ParamSelection) -> dict[str, T
     params = checked_selection(model, params)
     named = dict(model.named_parameters())
     if params is None:
-        return {n: p for n, p in named.items() if p.requires_grad}
+        return {n: p for n, p in named.items() if p.requires_grad and not is_lazy(p)}
     if callable(params):
-        return {n: p for n, p in named.items() if p.requires_grad and params(n, p)}
+        return {
+            n: p for n, p in named.items() if p.requires_grad and not is_lazy(p) and params(n, p)
+        }
     wanted = set(params)
+    lazy = [n for n in named if n in wanted and is_lazy(named[n])]
+    if lazy:
+        raise ValueError(
+            f"params names {lazy} are uninitialized: parameters of lazy modules "
+            f"({LAZY_NOTE}); run the model on a batch first, or leave them out"
+        )
     frozen = [n for n in named if n in wanted and not named[n].requires_grad]
     if frozen:
         raise ValueError(
@@ -572,8 +601,9 @@ def _output_mask_key(batch: Batch, encoder_decoder: bool) -> str | None:
 def _per_position(targets: Tensor, output: Tensor) -> bool:
     """Whether ``targets`` look like labels with positions, ``(B, *S')`` for an output
     ``(B, *S, C)`` (of another shape or dtype than ``(B, *S)`` integers, for
-    :func:`_positions`' error): one dimension less than the output, the same batch size."""
-    return targets.dim() == output.dim() - 1 and targets.shape[:1] == output.shape[:1]
+    :func:`_positions`' error): at least as many dimensions as the positions (``(B, T, 1)``
+    labels or soft ``(B, T, C)`` ones too), the same batch size."""
+    return targets.dim() >= output.dim() - 1 and targets.shape[:1] == output.shape[:1]
 
 
 def _positions(

@@ -13,6 +13,7 @@ from ewc_reg import EWCRegularizer, fisher_diagonal
 from ewc_reg.fisher import _check_finite
 
 from .models import mlp
+from .reference import assert_close_dicts, brute_force_fisher
 
 X = torch.randn(4, 6, dtype=torch.float64)
 Y = torch.tensor([0, 1, 2, 3])
@@ -161,6 +162,33 @@ def test_labels_none_is_a_batch_of_inputs_only(method):
         model, [{"input": X}], method, generator=torch.Generator().manual_seed(0)
     )
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+    for tuple_batch in ((X, None), (X, None, torch.arange(4))):  # (it was a TypeError)
+        got = fisher_diagonal(
+            model, [tuple_batch], method, generator=torch.Generator().manual_seed(0)
+        )
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_labels_without_rows_beside_inputs_with_rows_are_an_error():
+    """A batch whose labels have 0 rows but whose inputs have some was skipped as empty: its
+    samples were left out of the Fisher without an error. An empty batch is still skipped."""
+    model = mlp()
+    with pytest.raises(ValueError, match=r"labels have 0 rows but no input tensor has 0 rows"):
+        fisher_diagonal(model, [(X, Y), (X, Y[:0])])
+    got = fisher_diagonal(model, [(X, Y), (X[:0], Y[:0])], "empirical")
+    want = fisher_diagonal(model, [(X, Y)], "empirical")
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_a_spent_iterator_says_so():
+    """An iterator read to its end (by the training loop) gives no samples: the error says
+    that an iterator is read once, which a list or a DataLoader is not."""
+    batches = iter([(X, Y)])
+    list(batches)
+    with pytest.raises(ValueError, match=r"no samples \(data is an iterator: one read"):
+        EWCRegularizer(mlp()).consolidate(batches)
+    with pytest.raises(ValueError, match=r"^data yielded no samples; pass"):
+        fisher_diagonal(mlp(), [])
 
 
 @pytest.mark.parametrize("method", ["empirical", "batched"])
@@ -384,6 +412,37 @@ def test_mappings_that_are_not_dicts_are_dict_batches():
     assert all(torch.equal(as_dict[n], as_mapping[n]) for n in as_dict)
 
 
+@pytest.mark.parametrize("backend", ["auto", "functorch", "loop"])
+def test_a_mapping_inside_a_batch_is_cut_and_moved_as_a_dict(backend):
+    """``(tokenizer(texts), labels)`` puts a ``BatchEncoding`` (a ``UserDict``) inside the
+    batch, which ``pytree`` takes for a leaf: before, its tensors were neither cut into samples
+    (``n_samples`` failed on the output's shape; the functorch and loop engines failed) nor
+    moved to the model's device. It reaches the model as a dict, like a dict inside."""
+    from collections import UserDict
+
+    from ewc_reg._batches import as_batch
+
+    model = mlp()
+
+    class Reads(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = model
+
+        def forward(self, inputs: dict) -> torch.Tensor:
+            return self.inner(inputs["features"])
+
+    reads = Reads()
+    for n_samples in (None, 3):
+        want = brute_force_fisher(model, X[:n_samples], Y[:n_samples], "empirical")
+        got = fisher_diagonal(
+            reads, [(UserDict(features=X), Y)], "empirical", backend=backend, n_samples=n_samples
+        )
+        assert_close_dicts({f"inner.{n}": f for n, f in want.items()}, got, rtol=1e-10)
+    moved = as_batch(([UserDict(features=X)], Y)).to(torch.device("meta"))
+    assert moved.args[0][0]["features"].is_meta
+
+
 class SharedMixing(nn.Module):
     """Takes a ``(T, T)`` mixing matrix all samples share, next to ``(B, T, 3)`` inputs."""
 
@@ -452,21 +511,29 @@ def test_one_batch_passed_as_a_list_says_so():
     model = mlp()
     with pytest.raises(
         ValueError,
-        match=r"list of two tensors of shapes \(4, 6\) and \(4,\), which looks like one batch; "
-        r"pass .*\[\(inputs, targets.*\[\(x1,\), \(x2,\)\]",
+        match=r"list of 2 tensors of shapes \(4, 6\), \(4,\), which looks like one batch; "
+        r"pass .*\[\(inputs, targets.*\[\(x1,\), \(x2,\), \.\.\.\]",
     ):
         fisher_diagonal(model, [X, Y])
+    ids = torch.randint(0, 5, (4, 6))
+    with pytest.raises(ValueError, match="looks like one batch"):
+        fisher_diagonal(nn.Sequential(nn.Embedding(5, 6), nn.Linear(6, 5)), [ids, ids])
+    # (inputs, targets, task ids) as a list: before, the model's dtype error; a language
+    # model's ids, labels and mask: labels and mask fed to the model, 0.94 off, no error
+    with pytest.raises(ValueError, match=r"list of 3 tensors of shapes \(4, 6\), \(4,\), \(4,\)"):
+        fisher_diagonal(model, [X, Y, torch.zeros(4).long()])
+    with pytest.raises(ValueError, match="list of 3 tensors"):
+        fisher_diagonal(nn.Sequential(nn.Embedding(5, 6), nn.Linear(6, 5)), [ids] * 3)
     with pytest.raises(ValueError, match="looks like one batch"):
         EWCRegularizer(model).consolidate([X, Y])
     regression = torch.randn(4, 5)
     with pytest.raises(ValueError, match="looks like one batch"):
         fisher_diagonal(model, [X, regression], likelihood="gaussian")
-    ids = torch.randint(0, 5, (4, 6))
-    with pytest.raises(ValueError, match="looks like one batch"):
-        fisher_diagonal(nn.Sequential(nn.Embedding(5, 6), nn.Linear(6, 5)), [ids, ids])
+
     names = {n for n, _ in model.named_parameters()}
     assert set(fisher_diagonal(model, [(X[:2],), (X[2:],)])) == names
     assert set(fisher_diagonal(model, [X[:3], X[3:]])) == names
+    assert set(fisher_diagonal(model, [X, X, X[:3]])) == names
 
 
 class MaskedLogits(nn.Module):

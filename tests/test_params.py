@@ -10,6 +10,8 @@ from ewc_reg import EWCRegularizer, fisher_diagonal
 from ewc_reg.engines import BACKENDS
 from ewc_reg.fisher import select_parameters
 
+from .reference import assert_close_dicts, brute_force_fisher
+
 METHODS = ("exact", "sample", "empirical", "batched")
 
 
@@ -184,3 +186,60 @@ def test_a_tied_weight_selected_by_its_second_name_says_which_name_it_has():
         fisher_diagonal(model, [torch.randint(0, 5, (4,))], params=["1.weight"])
     with pytest.raises(ValueError, match=r"'1.weight' is the tensor '0.weight'"):
         EWCRegularizer(model, params=["1.weight"])
+
+
+class LaterHead(nn.Module):
+    """A body, this task's head and a lazy head for a later task (``nn.LazyLinear``: no shape
+    until a forward pass reaches it), chosen by ``task``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(4, 6), nn.Tanh())
+        self.head1 = nn.Linear(6, 3)
+        self.head2 = nn.LazyLinear(3)
+        self.task = 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.head1 if self.task == 1 else self.head2)(self.body(x))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_lazy_module_no_forward_has_reached_is_left_out(backend: str) -> None:
+    """An uninitialized parameter (a later task's lazy head) has no values to protect: it is
+    left out, and the others get their Fisher. Before, every engine raised PyTorch's
+    "uninitialized parameter" error while restoring the model, which also lost the
+    parameters' gradient hooks that were set aside for the call."""
+    torch.manual_seed(0)
+    model = LaterHead().double()
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1])
+    model.head1.weight.register_hook(lambda g: g)
+    got = fisher_diagonal(model, [(x, y)], "exact", backend=backend)
+    plain = nn.Sequential(model.body, model.head1)
+    want = dict(zip(got, brute_force_fisher(plain, x, None, "exact").values()))
+    assert list(got) == ["body.0.weight", "body.0.bias", "head1.weight", "head1.bias"]
+    assert_close_dicts(got, want, rtol=1e-10)
+    assert len(model.head1.weight._backward_hooks) == 1
+    assert nn.parameter.is_lazy(model.head2.weight)
+
+
+def test_lazy_parameters_named_or_alone_are_errors_that_say_why() -> None:
+    model = LaterHead().double()
+    data = [(torch.randn(5, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1]))]
+    with pytest.raises(ValueError, match=r"\['head2.weight'\] are uninitialized.*LazyLinear"):
+        fisher_diagonal(model, data, params=["head1.weight", "head2.weight"])
+    with pytest.raises(ValueError, match=r"uninitialized ones .*: run it on a batch first"):
+        fisher_diagonal(nn.Sequential(nn.LazyLinear(3)), data)
+
+
+def test_a_lazy_head_joins_the_regularizer_after_its_first_forward_pass() -> None:
+    torch.manual_seed(0)
+    model = LaterHead().double()
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1])
+    reg = EWCRegularizer(model, strength=1.0)
+    assert "head2.weight" not in reg.consolidate([(x, y)])
+    model.task = 2
+    model(x)  # (training on task 2 reaches the head)
+    fisher = reg.consolidate([(x, y)])
+    assert set(fisher) == {n for n, _ in model.named_parameters()}
+    torch.testing.assert_close(reg.fisher["head2.weight"], fisher["head2.weight"])
+    assert reg.penalty().item() == 0.0

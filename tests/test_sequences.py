@@ -268,13 +268,14 @@ def test_padding_labels_other_than_the_ignore_index_are_errors(method: str, padd
 
 
 @pytest.mark.parametrize("method", ["exact", "sample", "empirical", "batched"])
-@pytest.mark.parametrize("labels", ["unshifted", "float"])
+@pytest.mark.parametrize("labels", ["unshifted", "float", "trailing", "soft"])
 def test_labels_with_positions_not_aligned_with_the_output_are_errors(
     method: str, labels: str
 ) -> None:
-    """Labels with one dimension less than the output but not integers of its positions'
-    shape (left unshifted beside a shifted output, or float) are a ValueError for every
-    method: ``exact`` and ``sample`` ignored them and their -100, and counted the padding."""
+    """Labels with at least the positions' dimensions but not integers of their shape (left
+    unshifted beside a shifted output, float, ``(B, T, 1)``, soft ``(B, T, C)``) are a
+    ValueError for every method: ``exact`` and ``sample`` ignored them and their -100, and
+    counted the padding (``(B, T, 1)`` labels: 0.71 off for ``exact``)."""
     model = make_model()
     ids = torch.randint(0, VOCAB, (2, LENGTH))
     y = ids.clone()
@@ -282,8 +283,12 @@ def test_labels_with_positions_not_aligned_with_the_output_are_errors(
     shift = None
     if labels == "unshifted":
         shift = lambda out: out[:, :-1]  # noqa: E731
-    else:
+    elif labels == "float":
         y = y.double()
+    elif labels == "trailing":
+        y = y[..., None]
+    else:
+        y = torch.softmax(torch.randn(2, LENGTH, VOCAB), -1)
     with pytest.raises(ValueError, match=r"labels with positions must be integer class indices"):
         fisher_diagonal(model, [(ids, y)], method, output_fn=shift)
 

@@ -33,6 +33,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 from torch.func import vjp, vmap
+from torch.nn.parameter import is_lazy
 from torch.utils import _pytree as pytree
 
 from .._batches import Batch, is_per_sample, same_output
@@ -141,7 +142,7 @@ class FunctorchEngine:
         frozen = {
             name: t.detach()
             for name, t in [*model.named_parameters(), *model.named_buffers()]
-            if name not in params
+            if name not in params and not is_lazy(t)  # (lazy: unused, left in the module)
         }
         trainable = {name: p.detach() for name, p in params.items()}
         leaves, spec = pytree.tree_flatten((batch.args, batch.kwargs))
