@@ -53,7 +53,13 @@ logger = logging.getLogger("ewc_reg")
 
 
 class _SavedBytes:
-    """The bytes of the tensors autograd saves for the backward inside :meth:`counting`."""
+    """The bytes of the tensors autograd saves for the backward inside :meth:`counting`.
+
+    The pack hook keeps a detached alias (same storage and version counter), not the tensor
+    itself: a node's saved output would hold the tensor, which holds the node, a cycle through
+    C++ that Python's garbage collector cannot see. A graph retained for a later backward
+    (the loop's last chunk of vectors) then outlived the call: a sample's whole graph per
+    batch, and its stale gradient accumulators broke a later ``resize_token_embeddings``."""
 
     def __init__(self) -> None:
         self.bytes = 0
@@ -61,7 +67,7 @@ class _SavedBytes:
     def counting(self) -> AbstractContextManager[object]:
         def pack(t: Tensor) -> Tensor:
             self.bytes += t.numel() * t.element_size()
-            return t
+            return t.detach()
 
         return torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
 
