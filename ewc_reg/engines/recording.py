@@ -32,9 +32,10 @@ from .rules import (
     class_rule,
     feature_dims,
     global_forward_pre_hooks,
+    hooks_outside,
     rule_for,
 )
-from .unit_sums import Tied, batch_dims_of, nth, takes_calls_together
+from .unit_sums import Tied, batch_dims_of, member_rule, nth, takes_calls_together
 
 
 class Unsupported(Exception):
@@ -660,18 +661,23 @@ class Recorder(TorchFunctionMode):
                 if unit.rule in RECORDED_FORWARDS:
                     self._record_in_pieces(unit)
                 tied = isinstance(unit.module, Tied)
-                for index, module in enumerate(unit.module if tied else [unit.module]):
+                members = list(unit.module) if tied else [unit.module]
+                # (the module's own hooks outside the record, or inside: see hooks_outside)
+                outside = [hooks_outside(m, member_rule(unit, i if tied else None))
+                           for i, m in enumerate(members)]
+                for index, (module, out) in enumerate(zip(members, outside)):
                     member = index if tied else None
                     self.handles += [
                         module.register_forward_pre_hook(
                             lambda module, args, kwargs, unit=unit, member=member: self._before(
                                 unit, args, kwargs, member
                             ),
-                            prepend=True,
+                            prepend=not out,
                             with_kwargs=True,
                         ),  # (the arguments it returns, if any, replace the call's)
                         module.register_forward_hook(
-                            lambda module, args, output, unit=unit: self._after(unit, output)
+                            lambda module, args, output, unit=unit: self._after(unit, output),
+                            prepend=out,
                         ),  # (the output it returns, if any, replaces the module's)
                     ]
         except BaseException:

@@ -35,8 +35,13 @@ compute (:func:`is_hugging_face_rms_norm`), or for a subclass of a ruled class t
 nothing but how it is made (``__init__``, ``extra_repr``: :data:`CONSTRUCTION_ONLY`), by its
 base's; :func:`rule_for` also requires that the
 module's parameters (those of the modules inside it included) are among those the rule knows
-(``weight`` and ``bias`` for most) and that nobody hooks the module or sets its ``forward``
-(either may change what it computes; so may hooks registered for every module).
+(``weight`` and ``bias`` for most) and that nobody sets its ``forward``, registers forward
+hooks for every module, or hooks a module whose rule is in :data:`CALL_RULES` (each may change
+what the rule takes the module to compute). The forward hooks and pre-hooks of a module with
+another rule stay outside what the rule computes: the engine records the call's arguments
+after the module's pre-hooks have run and its output before its forward hooks run
+(:func:`hooks_outside`), so that what the hooks do to the inputs and outputs is part of the
+network around the module, as the pull-back sees it.
 """
 
 from __future__ import annotations
@@ -331,15 +336,28 @@ def rule_for(module: nn.Module) -> Rule | CallRule | None:
     """The rule computing ``module``'s sums, or ``None`` when it has none (see the module
     docstring)."""
     entry = _entry(module)
-    if entry is None or module._forward_hooks or module._forward_pre_hooks or _global_hooks():
+    if entry is None or _global_hooks():
         return None
     if "forward" in vars(module):  # (its own forward, set on the instance)
         return None
     rule, accepts, known = entry
+    if rule in CALL_RULES and (module._forward_hooks or module._forward_pre_hooks):
+        return None
     if not accepts(module):
         return None
     names = {name for name, _ in module.named_parameters()}
     return rule if names <= set(known(module) if callable(known) else known) else None
+
+
+def hooks_outside(module: nn.Module, rule: Rule | CallRule | None) -> bool:
+    """Whether ``module``'s own forward pre-hooks and hooks lie outside what is recorded of its
+    calls (its rule is ``rule``): the arguments recorded after its pre-hooks, the output
+    before its hooks, and the per-module fallback running its ``forward`` alone. So for a
+    module with a rule (which :func:`rule_for` gives a hooked module only where this holds);
+    a module without one has its hooks inside, so that its fallback runs them as the model
+    did (a pre-hook making the weight from other parameters, as ``torch.nn.utils.prune``
+    does)."""
+    return rule is not None
 
 
 def _global_hooks() -> bool:

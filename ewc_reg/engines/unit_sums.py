@@ -46,8 +46,12 @@ from .rules import (
     SEVERAL_CALLS,
     Accumulation,
     Accumulator,
+    CallRule,
     Reduction,
+    Rule,
     feature_dims,
+    hooks_outside,
+    rule_for,
 )
 from .tied import tied_sums
 
@@ -69,6 +73,12 @@ class Tied(nn.ModuleList):
 
     def forward(self, member: int, *args: Any, **kwargs: Any) -> Any:
         return self[member](*args, **kwargs)
+
+
+def member_rule(unit: Unit, member: int | None) -> Rule | CallRule | None:
+    """The rule of the unit's module, or of its ``member``-th module for a :class:`Tied` unit
+    (whose members' rules :mod:`.tied` takes)."""
+    return unit.rule if member is None else rule_for(unit.module[member])
 
 
 def feed(accumulator: Accumulator, key: Any, grads: Tensor) -> None:
@@ -331,20 +341,34 @@ class _Calls(nn.Module):
     part of the batch the call is given (one sample of it under ``vmap`` or the loop engine,
     all of it)."""
 
-    def __init__(self, module: nn.Module, folds: list[int], whole: list[frozenset[int]]) -> None:
+    def __init__(
+        self,
+        module: nn.Module,
+        folds: list[int],
+        whole: list[frozenset[int]],
+        outside: list[bool],
+    ) -> None:
         super().__init__()
         self.module = module
         self.folds = folds
         self.whole = whole
+        self.outside = outside  # (per call: its module's hooks outside the record, not run)
 
     def forward(self, calls: list[tuple[tuple[Any, ...], dict[str, Any]]]) -> list[Any]:
         outputs = []
-        for (args, kwargs), folds, whole in zip(calls, self.folds, self.whole):
+        for (args, kwargs), folds, whole, outside in zip(
+            calls, self.folds, self.whole, self.outside
+        ):
             args, kwargs = _at_tensors(args, kwargs, whole, lambda t: t[0])
+            run = self.module
+            if outside:  # (its forward alone: the arguments recorded after its pre-hooks)
+                if isinstance(run, Tied):
+                    run, args = run[args[0]], args[1:]
+                run = run.forward
             if folds == 1:
-                outputs.append(self.module(*args, **kwargs))
+                outputs.append(run(*args, **kwargs))
                 continue
-            output = self.module(args[0].flatten(0, 1), *args[1:], **kwargs)
+            output = run(args[0].flatten(0, 1), *args[1:], **kwargs)
             outputs.append(pytree.tree_map(functools.partial(_unfolded, args[0].shape[:2]), output))
         return outputs
 
@@ -394,7 +418,16 @@ def _fallback_sums(
             flat += [leaves[i].flatten(1) for i in call.leaves]
         return torch.cat(flat, dim=1)
 
-    module = _Calls(unit.module, [call.folded for call in live], [call.whole for call in live])
+    outside = [
+        hooks_outside(
+            unit.module if call.member is None else unit.module[call.member],
+            member_rule(unit, call.member),
+        )
+        for call in live
+    ]
+    module = _Calls(
+        unit.module, [call.folded for call in live], [call.whole for call in live], outside
+    )
     params: dict[str, Tensor] = {}  # (a tied parameter once, by its first name)
     for local in unit.names:
         p = unit.module.get_parameter(local)
