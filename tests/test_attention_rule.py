@@ -376,3 +376,25 @@ def test_attention_on_rows_folded_into_the_batch_dimension(
     key padding mask, ``(B H, S)``, unfolded with them)."""
     model = AlongRows(name, batch_first).double().eval()
     check_against_references(model, torch.randn(5, 3, S, E, dtype=torch.float64))
+
+
+class _CausalHint(nn.Module):
+    """Attention given ``is_causal=True`` beside a mask that is not causal: PyTorch's
+    attention (without weights or a padding mask) then uses a causal mask and ignores it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.att, self.head = nn.MultiheadAttention(8, 2, batch_first=True), nn.Linear(8, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        mask = torch.zeros(x.shape[1], x.shape[1], dtype=torch.bool, device=x.device)
+        y, _ = self.att(x, x, x, attn_mask=mask, is_causal=True, need_weights=False)
+        return self.head(y[:, 0])
+
+
+def test_the_rule_takes_the_causal_hint_as_pytorch_does() -> None:
+    torch.manual_seed(0)
+    model = _CausalHint().double().eval()
+    x, y = torch.randn(6, 5, 8, dtype=torch.float64), torch.randint(0, 3, (6,))
+    got = fisher_diagonal(model, [(x, y)], "exact", backend="hooks")
+    assert_close_dicts(got, brute_force_fisher(model, x, y, "exact"), 1e-10)

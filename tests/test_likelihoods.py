@@ -148,3 +148,20 @@ def test_gaussian_sampled_scores_do_not_round_to_the_outputs_precision():
     got = Gaussian().sample_vectors(f, uniforms)
     want = Gaussian().sample_vectors(torch.zeros(3, 2, dtype=torch.float64), uniforms)
     assert _relative(got, want) < 1e-6
+
+
+@pytest.mark.parametrize("likelihood", ["gaussian", "bernoulli"])
+@pytest.mark.parametrize("method", ["empirical", "batched"])
+def test_one_output_unit_takes_targets_without_a_feature_dimension(likelihood, method) -> None:
+    """With one output unit, ``(B,)`` targets are ``(B, 1)`` ones (as the docstrings say)."""
+    from ewc_reg import fisher_diagonal
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1).double()
+    x = torch.randn(8, 3, dtype=torch.float64)
+    y = torch.randn(8, dtype=torch.float64)
+    if likelihood == "bernoulli":
+        y = (y > 0).double()
+    flat = fisher_diagonal(model, [(x, y)], method, likelihood=likelihood)
+    column = fisher_diagonal(model, [(x, y[:, None])], method, likelihood=likelihood)
+    torch.testing.assert_close(flat, column, rtol=0, atol=0)

@@ -211,3 +211,18 @@ def test_torch_func_transforms_and_forward_mode_ad():
         duals = [fw.make_dual(t, u) for t, u in zip(theta, tangents)]
         tangent = fw.unpack_dual(penalty(*duals)).tangent
     torch.testing.assert_close(tangent, directional)
+
+
+def test_a_scaled_penalty_under_create_graph_keeps_the_scale() -> None:
+    """Under ``create_graph=True`` the backward is made of plain operations; it must still
+    scale by ``grad_output`` (second-order code weighting the penalty: MAML, Hessian-vector
+    products). ``gradgradcheck`` cannot see a backward that drops the scale: the wrong first
+    derivative is consistent with its own derivative."""
+    torch.manual_seed(0)
+    p = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    a, mu = torch.rand(5, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
+    scaled = 3.0 * ewc_penalty([p], [a], [mu], strength=2.0)
+    (g,) = torch.autograd.grad(scaled, p, create_graph=True)
+    torch.testing.assert_close(g.detach(), 3.0 * 2.0 * a * (p.detach() - mu), rtol=1e-14, atol=0)
+    (hvp,) = torch.autograd.grad(g.sum(), p)
+    torch.testing.assert_close(hvp, 3.0 * 2.0 * a, rtol=1e-14, atol=0)

@@ -543,3 +543,25 @@ def test_frozen_input_weights_leave_the_others_their_fisher(kind, bias, monkeypa
     x, y = torch.randn(4, 5, 3, dtype=torch.float64), torch.randint(0, 3, (4,))
     got = fisher_diagonal(model, [(x, y)], backend="hooks")
     assert_close_dicts(got, brute_force_fisher(model, x, y, "exact"), 1e-10)
+
+
+class _BidirectionalFinalStates(nn.Module):
+    """A bidirectional LSTM with a projection whose final states ``h_n`` (the reverse
+    direction's from its first position) feed the head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(3, 6, proj_size=4, bidirectional=True, batch_first=True)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        _, (h, _) = self.lstm(x)
+        return self.head(torch.cat([h[0], h[1]], -1))
+
+
+def test_the_final_states_of_a_projected_reverse_direction() -> None:
+    torch.manual_seed(0)
+    model = _BidirectionalFinalStates().double()
+    x, y = torch.randn(5, 4, 3, dtype=torch.float64), torch.randint(0, 2, (5,))
+    got = fisher_diagonal(model, [(x, y)], "exact", backend="hooks")
+    assert_close_dicts(got, brute_force_fisher(model, x, y, "exact"), 1e-10)

@@ -922,3 +922,44 @@ def test_a_state_loads_into_a_model_with_every_parameter_frozen():
     copy_reg.load_state_dict(reg.state_dict())
     perturb(model, 1)
     assert copy_reg.penalty().item() == reg.penalty().item()
+
+
+def test_the_state_dict_holds_copies() -> None:
+    """Editing a ``state_dict()``'s tensors (to reset it, say) leaves the regularizer as it
+    is: the state changes only through ``consolidate`` and ``load_state_dict``."""
+    torch.manual_seed(0)
+    model = mlp()
+    data = [(torch.randn(8, 6, dtype=torch.float64), torch.randint(0, 4, (8,)))]
+    reg = EWCRegularizer(model, strength=1.0, mode="separate", gamma=0.5)
+    reg.consolidate(data)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1)
+    reg.consolidate(data)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1)
+    before = reg.penalty().item()
+    state = reg.state_dict()
+    for t in [*state["fisher"].values(), *state["anchor"].values(), state["offset"]]:
+        t.zero_()
+    assert reg.penalty().item() == before != 0.0
+
+
+def test_separate_mode_anchors_where_no_task_has_fisher_at_the_parameters() -> None:
+    """Where ``A = 0`` (a dead unit) ``mode="separate"``'s centre is undetermined; it is the
+    parameters at the last ``consolidate``, as in ``"online"`` mode."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)
+    ).double()
+    data = [(torch.randn(8, 3, dtype=torch.float64), torch.randint(0, 2, (8,)))]
+    with torch.no_grad():  # (unit 0 feeds nothing: its weights' Fisher is 0)
+        model[2].weight[:, 0].zero_()
+    reg = EWCRegularizer(model, strength=1.0, mode="separate", gamma=0.0)
+    reg.consolidate(data)
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    reg.consolidate(data)
+    assert torch.all(reg.fisher["0.weight"][0] == 0)
+    torch.testing.assert_close(reg.anchor["0.weight"][0], model[0].weight[0].detach())

@@ -459,6 +459,33 @@ def test_a_seq2seq_batch_with_labels_only_feeds_the_decoder_from_the_labels(meth
     assert_fisher_close(fisher_diagonal(model, [batch], method), want)
 
 
+@pytest.mark.parametrize("method", ["exact", "empirical"])
+def test_a_seq2seq_batch_with_its_own_decoder_inputs_keeps_them(method: str) -> None:
+    """Decoder inputs the batch brings are the model's, not replaced by those made from the
+    labels (the same Fisher as through a wrapper that is not taken for an encoder-decoder)."""
+    torch.manual_seed(0)
+    model = LabelledSeq2Seq().double()
+    ids, labels = torch.randint(0, VOCAB, (3, 4)), torch.randint(0, VOCAB, (3, 4))
+    batch = {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "decoder_input_ids": torch.randint(0, VOCAB, (3, 4)),
+        "labels": labels,
+    }
+
+    class Plain(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = model
+
+        def forward(self, **inputs: Tensor) -> Tensor:
+            return self.inner(**inputs)
+
+    want = fisher_diagonal(Plain(), [batch], method)
+    got = fisher_diagonal(model, [batch], method)
+    assert_fisher_close({f"inner.{k}": v for k, v in got.items()}, want)
+
+
 @pytest.mark.parametrize("likelihood", ["gaussian", "bernoulli"])
 @pytest.mark.parametrize("method", ["exact", "empirical", "sample", "batched"])
 def test_elementwise_likelihoods_sum_over_positions(likelihood: str, method: str) -> None:
