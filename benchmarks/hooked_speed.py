@@ -1,0 +1,134 @@
+"""What a user's forward hooks on a model's layers cost the Fisher.
+
+Forward hooks on layers are common (feature extraction, activation logging, a distillation
+loss reading a layer's output). A layer's own hooks keep its rule: its call is recorded after
+its pre-hooks and its output before its hooks (:func:`ewc_reg.engines.rules.hooks_outside`).
+Until then any hook sent the layer to the per-module fallback (``torch.func`` on the layer
+alone). This benchmark times, side by side in one process, ``fisher_diagonal(model, [(x, y)],
+method)`` (``backend="auto"``) on the reduced ResNet-18 of the Split CIFAR-10 benchmark
+(C=10) as it is, with a read-only forward hook on every convolution and linear layer (each
+stores its output), and with those layers on the per-module fallback, as hooked layers were
+(each given a ``forward`` of its own, which keeps a layer off its rule); and a plain
+forward+backward of the same batch (the gradient of the mean cross-entropy). Rounds go
+round-robin, order reversed every other round; medians, and ratios to the plain pass.
+
+Run: ``python -m benchmarks.hooked_speed [--repeats 3] [--threads 2] [--device cpu] [--quick]
+[--out FILE]``; writes ``benchmarks/results/hooked_speed.md``, or ``--out``; a ``--quick``
+smoke test writes only where ``--out`` says.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+from collections.abc import Callable
+from datetime import date
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import ewc_reg
+from ewc_reg import fisher_diagonal
+
+from ._reports import machine, timing_main
+from ._timing import measure
+from .models import ReducedResNet18
+
+RESULTS = Path(__file__).parent / "results" / "hooked_speed.md"
+METHODS = ("exact", "empirical")
+#: The models compared, as made from the plain one (:func:`_variants`).
+VARIANTS = ("no hooks", "hooked", "on the per-module fallback")
+
+
+def _variants(model: nn.Module) -> dict[str, nn.Module]:
+    """``model``, a copy with a read-only forward hook on every convolution and linear layer,
+    and a copy whose such layers take the per-module fallback (a ``forward`` of their own)."""
+    hooked, fallback = copy.deepcopy(model), copy.deepcopy(model)
+    stored: dict[str, torch.Tensor] = {}
+    for name, layer in hooked.named_modules():
+        if isinstance(layer, (nn.Conv2d, nn.Linear)):
+            layer.register_forward_hook(
+                lambda module, args, out, name=name: stored.__setitem__(name, out.detach())
+            )
+    for layer in fallback.modules():
+        if isinstance(layer, (nn.Conv2d, nn.Linear)):
+            layer.forward = layer.forward  # (an instance forward: no rule)
+    return dict(zip(VARIANTS, (model, hooked, fallback)))
+
+
+def _calls(
+    models: dict[str, nn.Module], x: torch.Tensor, y: torch.Tensor, method: str
+) -> dict[str, Callable[[], float]]:
+    def plain() -> float:
+        model = models["no hooks"]
+
+        def step() -> None:
+            model.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), y).backward()
+
+        return measure(step, x.device).seconds
+
+    def fisher(model: nn.Module) -> Callable[[], float]:
+        return lambda: measure(lambda: fisher_diagonal(model, [(x, y)], method), x.device).seconds
+
+    return {"plain fwd+bwd": plain, **{name: fisher(m) for name, m in models.items()}}
+
+
+def run(
+    repeats: int, threads: int, device: torch.device, quick: bool
+) -> dict[str, dict[str, list[float]]]:
+    """The timed seconds of each contender, by method."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    n = 4 if quick else 32
+    model = ReducedResNet18(10).to(device).eval()
+    x, y = torch.randn(n, 3, 32, 32, device=device), torch.randint(0, 10, (n,), device=device)
+    models = _variants(model)
+    timed: dict[str, dict[str, list[float]]] = {}
+    for method in METHODS:
+        calls = _calls(models, x, y, method)
+        for call in calls.values():  # (warm-up: the hooks engine's checks run once)
+            call()
+        names = list(calls)
+        times: dict[str, list[float]] = {name: [] for name in names}
+        for round_ in range(repeats):
+            for name in names if round_ % 2 == 0 else names[::-1]:
+                times[name].append(calls[name]())
+        timed[method] = times
+    return timed
+
+
+def report(timed: dict[str, dict[str, list[float]]], args: argparse.Namespace) -> str:
+    """Markdown: one row per method and contender, the median in ms and its ratio."""
+    device = torch.device(args.device)
+    lines = [
+        "# Forward hooks on every layer: what they cost the Fisher",
+        "",
+        f"`python -m benchmarks.hooked_speed --repeats {args.repeats} --threads {args.threads} "
+        f"--device {args.device}{' --quick' * args.quick}` · ewc_reg {ewc_reg.__version__} · "
+        f"torch {torch.__version__} · {machine(device)} · {date.today()} · reduced ResNet-18, "
+        f'float32, C=10, N={4 if args.quick else 32}, `backend="auto"` · medians of '
+        f"{args.repeats} rounds, order reversed every other round",
+        "",
+        "| method | contender | median (ms) | × plain fwd+bwd |",
+        "|---|---|---:|---:|",
+    ]
+    for method, times in timed.items():
+        base = statistics.median(times["plain fwd+bwd"])
+        for name, seconds in times.items():
+            median = statistics.median(seconds)
+            lines.append(f"| {method} | {name} | {1e3 * median:.1f} | {median / base:.2f}× |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> str:
+    """Run the benchmark ``argv`` asks for (:func:`._reports.timing_main`)."""
+    quick = "a tiny batch: a smoke test, written only where --out says"
+    return timing_main(argv, __spec__.name, __doc__, 3, quick, RESULTS, run, report)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+"""The hooked-layers benchmark runs and writes its table (timings are not asserted: the test
+process shares the machine)."""
+
+from __future__ import annotations
+
+import torch
+
+from benchmarks import hooked_speed
+from benchmarks.models import ReducedResNet18
+from ewc_reg.engines.recording import plan
+
+
+def test_hooked_speed_writes_table(tmp_path):
+    out = tmp_path / "hooked_speed.md"
+    table = hooked_speed.main(["--quick", "--repeats", "1", "--out", str(out)])
+    assert out.read_text() == table
+    rows = [line for line in table.splitlines() if line.startswith("| ")]
+    assert len(rows) == 1 + len(hooked_speed.METHODS) * (1 + len(hooked_speed.VARIANTS))
+
+
+def test_the_variants_differ_only_in_the_way_their_layers_are_computed():
+    """The hooked model keeps every rule, the fallback variant loses those of its convolution
+    and linear layers; all three give the same Fisher."""
+    models = hooked_speed._variants(ReducedResNet18(10).eval())
+    rules = {
+        name: [unit.rule is None for unit in plan(m, dict(m.named_parameters()))]
+        for name, m in models.items()
+    }
+    assert rules["no hooks"] == rules["hooked"] and not any(rules["hooked"])
+    assert sum(rules["on the per-module fallback"]) > 0
+    x, y = torch.randn(3, 3, 32, 32), torch.randint(0, 10, (3,))
+    fishers = [hooked_speed.fisher_diagonal(m, [(x, y)]) for m in models.values()]
+    for other in fishers[1:]:
+        for name, f in fishers[0].items():
+            torch.testing.assert_close(other[name], f, rtol=1e-4, atol=1e-12)
