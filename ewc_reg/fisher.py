@@ -144,7 +144,7 @@ def fisher_diagonal(
             distributed run each rank draws from a stream derived from it and its rank
             (:func:`ewc_reg.distributed.shard_generator`), so seed it alike on every rank.
         chunk_size: samples pulled back at once; ``None`` chooses from ``memory_budget``.
-        progress: show a progress bar over the data (tqdm when installed).
+        progress: show a progress bar over the batches read (tqdm when installed).
         backend: Fisher engine, one of ``"auto"`` and the names in
             :data:`ewc_reg.engines.ENGINES`.
         params: the parameters to compute the Fisher of (see :func:`select_parameters`);
@@ -209,7 +209,7 @@ def fisher_diagonal(
     batches = (b.to(device) for b in iter_batches(data, n_samples))
     if encoder_decoder:
         batches = (_with_decoder_inputs(model, b) for b in batches)
-    batches = _with_progress(batches, data, progress)
+    batches = _with_progress(batches, _batch_count(data, n_samples), progress)
 
     def accumulate(sums: dict[str, Tensor]) -> int:
         """Add this rank's sums into ``sums``; return its sample (or batch) count."""
@@ -680,13 +680,26 @@ def _check_exact_size(output: Tensor, max_exact_vectors: int) -> None:
         )
 
 
-def _with_progress(batches: Iterator[Batch], data: Any, enabled: bool) -> Iterator[Batch]:
-    if not enabled:
-        return batches
+def _batch_count(data: Any, n_samples: int | None) -> int | None:
+    """How many batches the Fisher will read from ``data``, where that is known: its length,
+    or with ``n_samples`` the batches of a ``DataLoader`` (its ``batch_size``) that hold them;
+    ``None`` where the length is unknown."""
     try:  # (a DataLoader over an IterableDataset has __len__, which raises TypeError)
         total = len(data)
     except TypeError:
-        total = None
+        return None
+    if n_samples is None:
+        return total
+    batch_size = getattr(data, "batch_size", None)
+    if not isinstance(batch_size, int) or batch_size <= 0:
+        return None
+    return min(total, math.ceil(n_samples / batch_size))
+
+
+def _with_progress(batches: Iterator[Batch], total: int | None, enabled: bool) -> Iterator[Batch]:
+    """``batches`` behind a progress bar over ``total`` batches (tqdm when installed)."""
+    if not enabled:
+        return batches
     try:
         from tqdm.auto import tqdm
     except ImportError:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import sys
 
 import pytest
 import torch
@@ -488,6 +489,23 @@ def test_progress_bar_over_a_loader_without_length():
     plain = fisher_diagonal(model, loader, "empirical")
     shown = fisher_diagonal(model, loader, "empirical", progress=True)
     assert_close_dicts(shown, plain, 0.0)
+
+
+def test_progress_bar_counts_the_batches_of_n_samples(monkeypatch, capsys):
+    """With ``n_samples``, the bar's total is the batches that hold them, not the loader's
+    length (it showed 3/10 at the end of a call that read 3 batches)."""
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)  # (the plain bar: its text is checked)
+    model, x = problem("mlp", classes=3)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(x, torch.arange(N) % 3), batch_size=2
+    )
+    fisher_diagonal(model, loader, "empirical", n_samples=5, progress=True)
+    assert capsys.readouterr().err.split("\r")[-1].strip() == "Fisher: 3/3 batches"
+    fisher_diagonal(model, loader, "empirical", progress=True)
+    total = len(loader)
+    assert capsys.readouterr().err.split("\r")[-1].strip() == f"Fisher: {total}/{total} batches"
+    fisher_diagonal(model, list(loader), "empirical", n_samples=5, progress=True)
+    assert capsys.readouterr().err.split("\r")[-1].strip() == "Fisher: 3/? batches"
 
 
 @pytest.mark.parametrize("backend", ["auto", "hooks", "functorch", "loop"])
