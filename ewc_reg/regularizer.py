@@ -19,6 +19,8 @@ Both modes keep the penalty in one compact form, with per-parameter precision ``
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import math
 import numbers
 from collections.abc import Callable, Iterable, Mapping
@@ -59,6 +61,22 @@ _SETTINGS: dict[str, Callable[[Any], Any]] = {
     "likelihood": lambda v: check_choice("likelihood", v, tuple(LIKELIHOODS)),
 }
 
+#: How ``consolidate`` computes in a distributed run: attributes checked on assignment, like
+#: the settings, but not part of a state (a process group is not saved).
+_RUN_SETTINGS: dict[str, Callable[[Any], Any]] = {
+    "process_group": lambda v: _checked_group(v),
+    "distributed": lambda v: _checked_flag("distributed", v),
+}
+
+#: The keyword arguments of :func:`~ewc_reg.fisher_diagonal` that ``consolidate`` passes on;
+#: its others are the regularizer's (its model, settings and ``params``) or ``consolidate``'s.
+_FISHER_EXTRAS = tuple(
+    name
+    for name in inspect.signature(fisher_diagonal).parameters
+    if name not in {"model", "data", "output_fn", "generator", "progress", "params"}
+    and name not in {*_SETTINGS, *_RUN_SETTINGS}
+)
+
 #: What a state's settings hold as ``params`` for a predicate, which a state cannot hold
 #: (names are held as a list, so a string is never names).
 _PREDICATE = "predicate"
@@ -80,8 +98,10 @@ class EWCRegularizer:
     Instead of adding ``reg.penalty()`` to the loss, ``reg.add_penalty_grad()`` after
     ``loss.backward()`` adds the same gradient to ``.grad``, faster (no graph, no value).
 
-    The settings from ``strength`` to ``likelihood`` are attributes that may be changed between
-    tasks (``reg.strength = 1e6``); every assignment is checked as the constructor checks.
+    The settings from ``strength`` to ``likelihood``, ``params``, ``process_group`` and
+    ``distributed`` are attributes that may be changed between tasks (``reg.strength = 1e6``);
+    every assignment is checked as the constructor checks, and a new attribute named like one
+    of them (``reg.n_sample = 100``) is an ``AttributeError``. ``num_tasks`` is read-only.
 
     Args:
         model: the module whose parameters (those with ``requires_grad``) are protected. A
@@ -101,8 +121,10 @@ class EWCRegularizer:
         params: which parameters to protect: ``None`` (all with ``requires_grad``), a list of
             names as in ``named_parameters()``, or a predicate ``(name, parameter) -> bool``
             (see :func:`ewc_reg.fisher.select_parameters`; one name is kept as a 1-tuple).
-            Its type and names are checked here; re-applied at each ``consolidate``, where a
-            frozen name fails unless the earlier tasks protect it. The others are left free
+            Its type and names are checked here (a list of no names fails here too); what it
+            selects, at each ``consolidate``, where it is re-applied: a selection of nothing
+            fails there (a model without parameters, a predicate that selects none), and a
+            frozen name unless the earlier tasks protect it. The others are left free
             and cost nothing.
         process_group: in a distributed run, ``consolidate`` treats each rank's data as a shard
             and every rank gets the Fisher of the union over this group (``None``: the default
@@ -140,16 +162,23 @@ class EWCRegularizer:
         self.params = params  # (checked by __setattr__)
         self.process_group = process_group
         self.distributed = distributed
-        self.num_tasks = 0
+        self._num_tasks = 0
         self._precision: dict[str, Tensor] = {}  # A
         self._center: dict[str, Tensor] = {}  # μ
         self._offset: Tensor | None = None  # c
 
     def __setattr__(self, name: str, value: Any) -> None:
-        check = _SETTINGS.get(name)
+        check = _SETTINGS.get(name) or _RUN_SETTINGS.get(name)
         if name == "params":
             value = self._checked_params(value)
+        elif check is None and not name.startswith("_") and not hasattr(self, name):
+            _refuse_misspelt(name)
         super().__setattr__(name, value if check is None else check(value))
+
+    @property
+    def num_tasks(self) -> int:
+        """How many tasks the state holds: ``consolidate`` calls, or a loaded state's count."""
+        return self._num_tasks
 
     def _checked_params(self, params: ParamSelection) -> ParamSelection:
         """``params`` with names made a tuple (one string: a 1-tuple; an iterator would be
@@ -198,19 +227,15 @@ class EWCRegularizer:
         protected before must still be selected, with the same shapes (else ``ValueError``,
         before any computation).
 
-        Extra keyword arguments (``chunk_size``, ``backend``, ``memory_budget``,
-        ``max_exact_vectors``) go to :func:`ewc_reg.fisher_diagonal`. If anything fails the
-        regularizer is unchanged (in a distributed run: on every rank). The settings
-        (``n_samples``, ``method``, ...) are the regularizer's attributes, not arguments here.
+        ``output_fn`` (the logits from the model's output: task classes, a sequence's
+        positions), ``generator`` (the draws of ``method="sample"``) and ``progress`` (a
+        progress bar) are as in :func:`ewc_reg.fisher_diagonal`, and so are the extra keyword
+        arguments, which go to it: ``chunk_size``, ``backend``, ``memory_budget`` and
+        ``max_exact_vectors``. The settings (``n_samples``, ``method``, ...) are the
+        regularizer's attributes, not arguments here (``TypeError``, as for unknown names).
+        If anything fails the regularizer is unchanged (in a distributed run: on every rank).
         """
-        settings = sorted(
-            set(fisher_kwargs) & {*_SETTINGS, "params", "process_group", "distributed"}
-        )
-        if settings:
-            raise TypeError(
-                f"consolidate() takes no {settings}: they are settings of the regularizer; "
-                f"set them before consolidating, e.g. reg.{settings[0]} = ..."
-            )
+        _check_fisher_kwargs(fisher_kwargs)
         selection, selected, frozen = self._selection(self.params, self._precision)
         self._check_still_protected({**selected, **frozen}, "consolidate")
         if frozen:  # (by name, unfrozen for the computation)
@@ -250,7 +275,7 @@ class EWCRegularizer:
             first = next(iter(fisher.values()))
             offset = torch.zeros((), dtype=first.dtype, device=first.device)
         self._precision, self._center, self._offset = precision, center, offset
-        self.num_tasks += 1
+        self._num_tasks += 1
         stored = {id(a) for a in precision.values()}  # (the first task's Fisher is A itself)
         return {name: f.clone() if id(f) in stored else f for name, f in fisher.items()}
 
@@ -510,7 +535,11 @@ class EWCRegularizer:
         if not isinstance(fisher, dict) or not isinstance(anchor, dict):
             raise ValueError("state_dict 'fisher' and 'anchor' must be dicts of tensors by name")
         if set(fisher) != set(anchor):
-            raise ValueError("state_dict 'fisher' and 'anchor' name different parameters")
+            raise ValueError(
+                "state_dict 'fisher' and 'anchor' name different parameters: only in 'fisher' "
+                f"{sorted(set(fisher) - set(anchor))}, only in 'anchor' "
+                f"{sorted(set(anchor) - set(fisher))}"
+            )
         params = dict(self.model.named_parameters())
         unknown = sorted(set(fisher) - set(params))
         if unknown:
@@ -551,7 +580,7 @@ class EWCRegularizer:
         for key, value in checked.items():
             setattr(self, key, value)
         self.params = selection
-        self.num_tasks = int(num_tasks)
+        self._num_tasks = int(num_tasks)
 
         def own(t: Tensor, name: str) -> Tensor:
             p = params[name]
@@ -613,3 +642,54 @@ def _check_state_tensor(what: str, name: str, t: Any, param: Tensor) -> None:
         raise ValueError(f"state_dict {what} for {name!r} has NaN or Inf entries")
     if what == "fisher" and bool((t < 0).any()):
         raise ValueError(f"state_dict fisher for {name!r} has negative entries")
+
+
+def _check_fisher_kwargs(kwargs: dict[str, Any]) -> None:
+    """``TypeError`` for a keyword argument of ``consolidate`` that is neither its own nor one
+    of :data:`_FISHER_EXTRAS` (fisher_diagonal would name itself in the error): a setting of
+    the regularizer's, or a misspelt name."""
+    settings = sorted(set(kwargs) & {*_SETTINGS, *_RUN_SETTINGS, "params"})
+    if settings:
+        raise TypeError(
+            f"consolidate() takes no {settings}: they are settings of the regularizer; "
+            f"set them before consolidating, e.g. reg.{settings[0]} = ..."
+        )
+    for name in kwargs:
+        if name not in _FISHER_EXTRAS:
+            own = ["output_fn", "generator", "progress", *_FISHER_EXTRAS]
+            close = difflib.get_close_matches(name, own, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise TypeError(
+                f"consolidate() got an unexpected keyword argument {name!r}{hint} "
+                f"(it takes {own})"
+            )
+
+
+def _refuse_misspelt(name: str) -> None:
+    """``AttributeError`` for a new attribute named like a setting (``reg.n_sample = 10``
+    would set nothing the regularizer reads); other new attributes are the caller's."""
+    known = [*_SETTINGS, *_RUN_SETTINGS, "params", "model", "num_tasks"]
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.8)
+    if close and name not in known:
+        raise AttributeError(
+            f"EWCRegularizer has no setting {name!r}; did you mean {close[0]!r}? "
+            f"Its settings: {known[:-2]}"
+        )
+
+
+def _checked_flag(what: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{what} must be True or False, got {value!r}")
+    return value
+
+
+def _checked_group(group: Any) -> dist.ProcessGroup | None:
+    """``group`` if it is ``None`` or a ``torch.distributed`` process group (else
+    ``TypeError``); whether it can be used is checked by ``consolidate``."""
+    kind = getattr(dist, "ProcessGroup", None)  # (absent where torch.distributed is)
+    if group is not None and (kind is None or not isinstance(group, kind)):
+        raise TypeError(
+            f"process_group must be a torch.distributed ProcessGroup or None, got "
+            f"{type(group).__name__}"
+        )
+    return group

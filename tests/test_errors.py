@@ -85,6 +85,44 @@ def test_settings_take_one_element_tensors_and_arrays():
     assert (reg.strength, reg.gamma) == (2e5, 0.5)
 
 
+def test_misspelt_settings_and_run_settings_are_refused_when_set():
+    """A new attribute named like a setting (``reg.n_sample = 10``) set nothing the
+    regularizer reads; ``distributed`` and ``process_group`` went unchecked until the next
+    ``consolidate``; ``num_tasks`` could be set to -5, which made the regularizer's own state
+    unloadable. Other new attributes stay the caller's."""
+    reg = EWCRegularizer(mlp(), strength=3.0)
+    for name, meant in [("n_sample", "n_samples"), ("strehgth", "strength"), ("modes", "mode")]:
+        with pytest.raises(AttributeError, match=rf"no setting '{name}'; did you mean '{meant}'"):
+            setattr(reg, name, 10)
+        assert not hasattr(reg, name)
+    with pytest.raises(ValueError, match=r"distributed must be True or False, got 'no'"):
+        reg.distributed = "no"
+    with pytest.raises(TypeError, match=r"process_group must be a torch.distributed Process"):
+        reg.process_group = object()
+    with pytest.raises(AttributeError, match="num_tasks"):
+        reg.num_tasks = -5
+    assert (reg.distributed, reg.process_group, reg.num_tasks) == (True, None, 0)
+    reg.task_names = ["a"]  # (not like a setting: the caller's own)
+    reg.distributed = False
+    EWCRegularizer(mlp()).load_state_dict(reg.state_dict())
+
+
+def test_consolidate_names_itself_for_unknown_keyword_arguments():
+    """A misspelt keyword argument of ``consolidate`` raised fisher_diagonal's TypeError
+    ("fisher_diagonal() got an unexpected keyword argument"), ``model=`` "multiple values"."""
+    reg = EWCRegularizer(mlp(), strength=3.0)
+    with pytest.raises(TypeError, match=r"consolidate\(\) got an unexpected keyword argument "
+                       r"'chunk_sise'; did you mean 'chunk_size'\?"):
+        reg.consolidate(DATA, chunk_sise=2)
+    with pytest.raises(TypeError, match=r"consolidate\(\) got an unexpected keyword argument "
+                       r"'model' \(it takes \['output_fn', 'generator', 'progress', "):
+        reg.consolidate(DATA, model=mlp())
+    assert reg.num_tasks == 0
+    reg.consolidate(DATA, chunk_size=2, backend="loop", memory_budget=2**20,
+                    max_exact_vectors=16)
+    assert reg.num_tasks == 1
+
+
 def test_regularizer_and_fisher_need_a_module():
     with pytest.raises(TypeError, match=r"model must be an nn\.Module, got list"):
         EWCRegularizer([torch.zeros(2)])

@@ -665,6 +665,7 @@ def _malformed(state: dict, **changes) -> dict:
         ({"settings": {"params": 3}}, "'params' must be None, a list of parameter names"),
         ({"settings": {"params": "predicate"}}, "made with a predicate params="),
         ({"extra": 1}, "unknown"),
+        ({"anchor": {}}, r"only in 'fisher' \['0\.bias', '0\.weight', .*only in 'anchor' \[\]"),
     ],
 )
 def test_load_state_dict_checks_everything_before_changing_anything(changes, match):
