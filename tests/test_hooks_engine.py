@@ -1515,6 +1515,50 @@ def test_a_hooked_attention_layer_goes_to_the_fallback_with_its_hooks() -> None:
     check_against_references(model, torch.randn(5, 3, 4, dtype=torch.float64), via_rules=False)
 
 
+class _SineScale(nn.Module):
+    """A module with a parameter and no rule (the per-module fallback)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(6))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.sin(x) * self.w
+
+
+@pytest.mark.parametrize("where", ["own", "global", "attention"])
+def test_backward_pre_hooks_of_fallback_modules_act_once(where) -> None:
+    """A backward pre-hook that scales a module's output gradient, on a module the fallback
+    runs with its hooks: the gradient recorded at its output has been through the hook, and
+    the fallback ran the hook again (the hooks engine refused: '1.w' 4x where 2x was right;
+    "auto" went to the loop engine)."""
+    from torch.nn.modules import module as modules
+
+    handles = []
+    if where == "attention":
+        model = _HookedAttention().double().eval()
+        model.att.register_forward_hook(lambda m, args, out: None)  # (to the fallback)
+        model.att.register_full_backward_pre_hook(lambda m, g: (3 * g[0], *g[1:]))
+        x = torch.randn(5, 3, 4, dtype=torch.float64)
+    else:
+        model = nn.Sequential(nn.Linear(5, 6), _SineScale(), nn.Linear(6, 3)).double().eval()
+        x = torch.randn(5, 5, dtype=torch.float64)
+        if where == "own":
+            model[1].register_full_backward_pre_hook(lambda m, g: (2 * g[0],))
+        else:
+            handles.append(modules.register_module_full_backward_pre_hook(
+                lambda m, g: (2 * g[0],) if isinstance(m, (_SineScale, nn.Linear)) else None
+            ))
+    y = torch.randint(0, 3, (5,))
+    try:
+        got = fisher_diagonal(model, [(x, y)], "exact", backend="hooks")
+        assert_close_dicts(got, brute_force_fisher(model, x, y, "exact"), 1e-10)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert not any("_get_backward_pre_hooks" in vars(m) for m in model.modules())
+
+
 @pytest.mark.parametrize("kind", ["forward", "pre"])
 def test_hooks_registered_for_every_module_are_respected(kind) -> None:
     """A global hook changes every layer's output: no rule assumes the plain layer then; each

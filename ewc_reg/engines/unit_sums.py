@@ -23,6 +23,7 @@ functorch engine on its module alone, over all its calls (:func:`_fallback_sums`
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import weakref
@@ -361,16 +362,34 @@ class _Calls(nn.Module):
         ):
             args, kwargs = _at_tensors(args, kwargs, whole, lambda t: t[0])
             run = self.module
+            if isinstance(run, Tied):
+                run, args = run[args[0]], args[1:]
             if outside:  # (its forward alone: the arguments recorded after its pre-hooks)
-                if isinstance(run, Tied):
-                    run, args = run[args[0]], args[1:]
                 run = run.forward
-            if folds == 1:
-                outputs.append(run(*args, **kwargs))
-                continue
-            output = run(args[0].flatten(0, 1), *args[1:], **kwargs)
+            with _without_backward_pre_hooks(run):
+                if folds == 1:
+                    outputs.append(run(*args, **kwargs))
+                    continue
+                output = run(args[0].flatten(0, 1), *args[1:], **kwargs)
             outputs.append(pytree.tree_map(functools.partial(_unfolded, args[0].shape[:2]), output))
         return outputs
+
+
+@contextlib.contextmanager
+def _without_backward_pre_hooks(run: Callable[..., Any]) -> Any:
+    """``run`` (a module, called with its hooks) without its backward pre-hooks, its own and
+    the global ones, while in the block: the gradient recorded at its output, the vectors
+    pulled back through it here, has been through them already (its forward hooks ran
+    before the record; ``Module.__call__`` wraps the output for the backward hooks after).
+    Its submodules keep theirs, which act inside."""
+    if not isinstance(run, nn.Module) or not hasattr(run, "_get_backward_pre_hooks"):
+        yield
+        return
+    run._get_backward_pre_hooks = list  # (an instance attribute over the method: no hooks)
+    try:
+        yield
+    finally:
+        del run._get_backward_pre_hooks
 
 
 def _unfolded(rows: torch.Size, leaf: Any) -> Any:
