@@ -330,9 +330,11 @@ class EWCRegularizer:
             old_mu = self._center[name]
             a = old_a + f
             mu = torch.where(a > 0, (old_a * old_mu + f * theta[name]) / a, theta[name])
-            offset = offset + (old_a * (old_mu - mu).pow(2) + f * (theta[name] - mu).pow(2)).sum()
+            term = (old_a * (old_mu - mu).pow(2) + f * (theta[name] - mu).pow(2)).sum()
+            offset = offset + term.to(offset.device, offset.dtype)
             precision[name], center[name] = a, mu
-        return precision, center, offset
+        first = next(iter(precision.values()))  # (c kept on the first's device, in its dtype)
+        return precision, center, offset.to(first.device, first.dtype)
 
     def penalty(self, params: Mapping[str, Tensor] | None = None) -> Tensor:
         r""":math:`\frac{\lambda}{2}\big(\sum_i A_i(\theta_i-\mu_i)^2 + c\big)`, differentiable

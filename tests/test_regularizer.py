@@ -8,6 +8,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch import nn
 
 from ewc_reg import MODES, EWCRegularizer, fisher_diagonal
 
@@ -229,6 +230,35 @@ def test_the_state_follows_the_model_to_another_dtype():
     model.bfloat16()
     assert reg.penalty().dtype == torch.float32
     assert {a.dtype for a in reg.anchor.values()} == {torch.float32}
+
+
+def test_separate_mode_keeps_the_offset_in_the_first_parameters_dtype():
+    """A model of float32 and float64 layers: the offset stays in the first parameter's dtype,
+    where a state loaded back puts it (the merge promoted it to float64, so a saved and
+    reloaded regularizer's state differed from the original's: 0.0678058889427643 against
+    0.06780588626861572)."""
+
+    class Mixed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.first, self.second = nn.Linear(6, 4), nn.Linear(4, 5).double()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.second(torch.tanh(self.first(x.float())).double())
+
+    model = Mixed()
+    reg = EWCRegularizer(model, strength=1.0, mode="separate")
+    for seed in (0, 1):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.3 * torch.randn_like(p))
+        reg.consolidate(task_data(seed, classes=5))
+    state = reg.state_dict()
+    assert state["offset"].dtype == torch.float32 and state["offset"] > 0
+    again = EWCRegularizer(model)
+    again.load_state_dict(state)
+    assert torch.equal(again.state_dict()["offset"], state["offset"])
+    assert torch.equal(again.penalty(), reg.penalty())
 
 
 def test_consolidate_under_inference_mode_keeps_an_ordinary_trainable_state():
