@@ -209,7 +209,8 @@ def fisher_diagonal(
     batches = (b.to(device) for b in iter_batches(data, n_samples))
     if encoder_decoder:
         batches = (_with_decoder_inputs(model, b) for b in batches)
-    batches = _with_progress(batches, _batch_count(data, n_samples), progress)
+    if progress:
+        batches = _with_progress(batches, _batch_count(data, n_samples))
 
     def accumulate(sums: dict[str, Tensor]) -> int:
         """Add this rank's sums into ``sums``; return its sample (or batch) count."""
@@ -684,9 +685,9 @@ def _batch_count(data: Any, n_samples: int | None) -> int | None:
     """How many batches the Fisher will read from ``data``, where that is known: its length,
     or with ``n_samples`` the batches of a ``DataLoader`` (its ``batch_size``) that hold them;
     ``None`` where the length is unknown."""
-    try:  # (a DataLoader over an IterableDataset has __len__, which raises TypeError)
+    try:
         total = len(data)
-    except TypeError:
+    except Exception:  # (an IterableDataset's DataLoader raises TypeError, streams other errors)
         return None
     if n_samples is None:
         return total
@@ -696,10 +697,8 @@ def _batch_count(data: Any, n_samples: int | None) -> int | None:
     return min(total, math.ceil(n_samples / batch_size))
 
 
-def _with_progress(batches: Iterator[Batch], total: int | None, enabled: bool) -> Iterator[Batch]:
+def _with_progress(batches: Iterator[Batch], total: int | None) -> Iterator[Batch]:
     """``batches`` behind a progress bar over ``total`` batches (tqdm when installed)."""
-    if not enabled:
-        return batches
     try:
         from tqdm.auto import tqdm
     except ImportError:

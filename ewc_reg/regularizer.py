@@ -77,6 +77,9 @@ _FISHER_EXTRAS = tuple(
     and name not in {*_SETTINGS, *_RUN_SETTINGS}
 )
 
+#: Every setting's name, as an attribute of the regularizer.
+_SETTING_NAMES = (*_SETTINGS, "params", *_RUN_SETTINGS)
+
 #: What a state's settings hold as ``params`` for a predicate, which a state cannot hold
 #: (names are held as a list, so a string is never names).
 _PREDICATE = "predicate"
@@ -100,8 +103,10 @@ class EWCRegularizer:
 
     The settings from ``strength`` to ``likelihood``, ``params``, ``process_group`` and
     ``distributed`` are attributes that may be changed between tasks (``reg.strength = 1e6``);
-    every assignment is checked as the constructor checks, and a new attribute named like one
-    of them (``reg.n_sample = 100``) is an ``AttributeError``. ``num_tasks`` is read-only.
+    every assignment is checked as the constructor checks (``process_group`` and
+    ``distributed`` each alone: whether they go together, at the next ``consolidate``), and
+    a new attribute named like one of them (``reg.n_sample = 100``) is an
+    ``AttributeError``. ``num_tasks`` is read-only.
 
     Args:
         model: the module whose parameters (those with ``requires_grad``) are protected. A
@@ -171,9 +176,21 @@ class EWCRegularizer:
         check = _SETTINGS.get(name) or _RUN_SETTINGS.get(name)
         if name == "params":
             value = self._checked_params(value)
-        elif check is None and not name.startswith("_") and not hasattr(self, name):
-            _refuse_misspelt(name)
+        elif check is None and not name.startswith("_"):
+            known = name in vars(self) or hasattr(type(self), name)  # (no property is run)
+            if not known and (setting := _misspelt_setting(name)):
+                raise AttributeError(
+                    f"EWCRegularizer has no setting {name!r}; did you mean {setting!r}? "
+                    f"Its settings: {_SETTING_NAMES}"
+                )
         super().__setattr__(name, value if check is None else check(value))
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Unpickle, also a regularizer pickled when ``num_tasks`` was a plain attribute."""
+        if "num_tasks" in state:
+            state = {**state, "_num_tasks": state["num_tasks"]}
+            del state["num_tasks"]
+        vars(self).update(state)
 
     @property
     def num_tasks(self) -> int:
@@ -660,23 +677,28 @@ def _check_fisher_kwargs(kwargs: dict[str, Any]) -> None:
         if name not in _FISHER_EXTRAS:
             own = ["output_fn", "generator", "progress", *_FISHER_EXTRAS]
             close = difflib.get_close_matches(name, own, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
+            setting = _misspelt_setting(name)
+            if close:
+                hint = f"; did you mean {close[0]!r}?"
+            elif setting:
+                hint = f"; did you mean the setting {setting!r} (reg.{setting} = ...)?"
+            else:
+                hint = ""
             raise TypeError(
                 f"consolidate() got an unexpected keyword argument {name!r}{hint} "
                 f"(it takes {own})"
             )
 
 
-def _refuse_misspelt(name: str) -> None:
-    """``AttributeError`` for a new attribute named like a setting (``reg.n_sample = 10``
-    would set nothing the regularizer reads); other new attributes are the caller's."""
-    known = [*_SETTINGS, *_RUN_SETTINGS, "params", "model", "num_tasks"]
-    close = difflib.get_close_matches(name, known, n=1, cutoff=0.8)
-    if close and name not in known:
-        raise AttributeError(
-            f"EWCRegularizer has no setting {name!r}; did you mean {close[0]!r}? "
-            f"Its settings: {known[:-2]}"
-        )
+def _misspelt_setting(name: str) -> str | None:
+    """The setting ``name`` looks like a misspelling of (``n_sample``, ``strehgth``), if any:
+    a new attribute so named would set nothing the regularizer reads. A setting's name with
+    more after it (``strengths``, ``modes``: a subclass's schedule) is taken for the
+    caller's own."""
+    if name in _SETTING_NAMES or name.startswith(_SETTING_NAMES):
+        return None
+    close = difflib.get_close_matches(name, _SETTING_NAMES, n=1, cutoff=0.8)
+    return close[0] if close else None
 
 
 def _checked_flag(what: str, value: Any) -> bool:

@@ -91,7 +91,8 @@ def test_misspelt_settings_and_run_settings_are_refused_when_set():
     ``consolidate``; ``num_tasks`` could be set to -5, which made the regularizer's own state
     unloadable. Other new attributes stay the caller's."""
     reg = EWCRegularizer(mlp(), strength=3.0)
-    for name, meant in [("n_sample", "n_samples"), ("strehgth", "strength"), ("modes", "mode")]:
+    misspelt = [("n_sample", "n_samples"), ("strehgth", "strength"), ("likelyhood", "likelihood")]
+    for name, meant in misspelt:
         with pytest.raises(AttributeError, match=rf"no setting '{name}'; did you mean '{meant}'"):
             setattr(reg, name, 10)
         assert not hasattr(reg, name)
@@ -103,8 +104,49 @@ def test_misspelt_settings_and_run_settings_are_refused_when_set():
         reg.num_tasks = -5
     assert (reg.distributed, reg.process_group, reg.num_tasks) == (True, None, 0)
     reg.task_names = ["a"]  # (not like a setting: the caller's own)
+    reg.strengths, reg.models = [1.0, 2.0], []  # (a setting's name with more: the caller's)
     reg.distributed = False
     EWCRegularizer(mlp()).load_state_dict(reg.state_dict())
+
+
+def test_a_subclass_keeps_its_own_attributes_and_properties():
+    """A subclass's schedule named after a setting (``strengths``) is its own, and assigning
+    to its property runs the setter only (the check ran the getter, which raised here)."""
+
+    class Scheduled(EWCRegularizer):
+        def __init__(self, model, strengths):
+            self.strengths = list(strengths)  # (before the regularizer's own attributes)
+            self._schedule: list[float] = []
+            super().__init__(model, strength=strengths[0])
+
+        @property
+        def schedule(self) -> float:
+            return self._schedule[-1]  # (IndexError while empty)
+
+        @schedule.setter
+        def schedule(self, values: list[float]) -> None:
+            self._schedule = list(values)
+
+    reg = Scheduled(mlp(), [1.0, 5.0])
+    reg.schedule = [3.0]
+    assert (reg.strengths, reg.schedule, reg.strength) == ([1.0, 5.0], 3.0, 1.0)
+
+
+def test_a_regularizer_pickled_with_num_tasks_as_an_attribute_loads():
+    """Pickled before ``num_tasks`` became a read-only property (its ``__dict__`` held
+    ``num_tasks``): it loads, counts its tasks and goes on (num_tasks, state_dict and
+    consolidate raised AttributeError on '_num_tasks')."""
+    import pickle
+
+    reg = EWCRegularizer(mlp(), strength=3.0)
+    reg.consolidate(DATA)
+    old = pickle.loads(pickle.dumps(reg))
+    vars(old)["num_tasks"] = vars(old).pop("_num_tasks")  # (as the old code kept it)
+    loaded = pickle.loads(pickle.dumps(old))
+    assert loaded.num_tasks == 1 and "num_tasks" not in vars(loaded)
+    assert torch.equal(loaded.penalty(), reg.penalty())
+    loaded.consolidate(DATA)
+    assert loaded.num_tasks == 2
 
 
 def test_consolidate_names_itself_for_unknown_keyword_arguments():
@@ -117,6 +159,9 @@ def test_consolidate_names_itself_for_unknown_keyword_arguments():
     with pytest.raises(TypeError, match=r"consolidate\(\) got an unexpected keyword argument "
                        r"'model' \(it takes \['output_fn', 'generator', 'progress', "):
         reg.consolidate(DATA, model=mlp())
+    with pytest.raises(TypeError, match=r"'n_sample'; did you mean the setting 'n_samples' "
+                       r"\(reg.n_samples = ...\)\?"):
+        reg.consolidate(DATA, n_sample=3)
     assert reg.num_tasks == 0
     reg.consolidate(DATA, chunk_size=2, backend="loop", memory_budget=2**20,
                     max_exact_vectors=16)

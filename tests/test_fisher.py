@@ -491,6 +491,29 @@ def test_progress_bar_over_a_loader_without_length():
     assert_close_dicts(shown, plain, 0.0)
 
 
+def test_the_length_of_the_data_is_asked_only_for_a_progress_bar():
+    """A stream whose ``__len__`` raises (NotImplementedError, not TypeError) is read without
+    a bar, and with one that has no total (the total was computed, and raised, either way)."""
+    model, x = problem("mlp", classes=3)
+    y = torch.arange(N) % 3
+
+    class Stream:
+        asked = 0
+
+        def __iter__(self):
+            return iter(batches_of(x, y, 4))
+
+        def __len__(self):
+            Stream.asked += 1
+            raise NotImplementedError("a stream")
+
+    plain = fisher_diagonal(model, Stream(), "empirical")
+    assert Stream.asked == 0
+    shown = fisher_diagonal(model, Stream(), "empirical", progress=True)
+    assert Stream.asked == 1
+    assert_close_dicts(shown, plain, 0.0)
+
+
 def test_progress_bar_counts_the_batches_of_n_samples(monkeypatch, capsys):
     """With ``n_samples``, the bar's total is the batches that hold them, not the loader's
     length (it showed 3/10 at the end of a call that read 3 batches)."""

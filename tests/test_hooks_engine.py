@@ -1559,6 +1559,23 @@ def test_backward_pre_hooks_of_fallback_modules_act_once(where) -> None:
     assert not any("_get_backward_pre_hooks" in vars(m) for m in model.modules())
 
 
+def test_the_fallback_sets_nothing_on_a_module_without_backward_pre_hooks() -> None:
+    """A module that forbids new attributes runs on the fallback (it failed once the fallback
+    set its backward pre-hooks aside on every module it ran), and keeps none."""
+
+    class Locked(_SineScale):
+        def __setattr__(self, name: str, value: Any) -> None:
+            if "w" in self._parameters and name not in vars(self):
+                raise AttributeError(f"Locked: cannot set {name}")
+            super().__setattr__(name, value)
+
+    model = nn.Sequential(nn.Linear(5, 6), Locked(), nn.Linear(6, 3)).double().eval()
+    x, y = torch.randn(5, 5, dtype=torch.float64), torch.randint(0, 3, (5,))
+    got = fisher_diagonal(model, [(x, y)], "exact", backend="hooks")
+    assert_close_dicts(got, brute_force_fisher(model, x, y, "exact"), 1e-10)
+    assert "_get_backward_pre_hooks" not in vars(model[1])
+
+
 @pytest.mark.parametrize("kind", ["forward", "pre"])
 def test_hooks_registered_for_every_module_are_respected(kind) -> None:
     """A global hook changes every layer's output: no rule assumes the plain layer then; each

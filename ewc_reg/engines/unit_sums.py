@@ -381,15 +381,27 @@ def _without_backward_pre_hooks(run: Callable[..., Any]) -> Any:
     the global ones, while in the block: the gradient recorded at its output, the vectors
     pulled back through it here, has been through them already (its forward hooks ran
     before the record; ``Module.__call__`` wraps the output for the backward hooks after).
-    Its submodules keep theirs, which act inside."""
-    if not isinstance(run, nn.Module) or not hasattr(run, "_get_backward_pre_hooks"):
+    Its submodules keep theirs, which act inside. Where it has none, it is left alone."""
+    hooked = isinstance(run, nn.Module) and (
+        getattr(run, "_backward_pre_hooks", None) or _global_backward_pre_hooks()
+    )
+    if not hooked:
         yield
         return
-    run._get_backward_pre_hooks = list  # (an instance attribute over the method: no hooks)
+    # (an instance attribute over the method: no hooks; past a __setattr__ of the module's)
+    object.__setattr__(run, "_get_backward_pre_hooks", list)
     try:
         yield
     finally:
-        del run._get_backward_pre_hooks
+        object.__delattr__(run, "_get_backward_pre_hooks")
+
+
+def _global_backward_pre_hooks() -> bool:
+    """Whether backward pre-hooks are registered for every module (PyTorch's own table, read
+    where it is there)."""
+    from torch.nn.modules import module as modules
+
+    return bool(getattr(modules, "_global_backward_pre_hooks", None))
 
 
 def _unfolded(rows: torch.Size, leaf: Any) -> Any:
