@@ -9,8 +9,11 @@ method)`` (``backend="auto"``) on the reduced ResNet-18 of the Split CIFAR-10 be
 (C=10) as it is, with a read-only forward hook on every convolution and linear layer (each
 stores its output), and with those layers on the per-module fallback, as hooked layers were
 (each given a ``forward`` of its own, which keeps a layer off its rule); and a plain
-forward+backward of the same batch (the gradient of the mean cross-entropy). Rounds go
-round-robin, order reversed every other round; medians, and ratios to the plain pass.
+forward+backward of the same batch (the gradient of the mean cross-entropy). Also the models
+whose convolution and linear weights are made by a pre-hook (``torch.nn.utils.prune``) or a
+parametrization (``torch.nn.utils.parametrizations.weight_norm``), which no rule covers, with
+``"auto"`` (those layers on the per-module fallback) and with ``backend="functorch"``. Rounds
+go round-robin, order reversed every other round; medians, and ratios to the plain pass.
 
 Run: ``python -m benchmarks.hooked_speed [--repeats 3] [--threads 2] [--device cpu] [--quick]
 [--out FILE]``; writes ``benchmarks/results/hooked_speed.md``, or ``--out``; a ``--quick``
@@ -28,7 +31,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import torch.nn.utils.prune as prune
 from torch import nn
+from torch.nn.utils import parametrizations
 
 import ewc_reg
 from ewc_reg import fisher_diagonal
@@ -39,31 +44,51 @@ from .models import ReducedResNet18
 
 RESULTS = Path(__file__).parent / "results" / "hooked_speed.md"
 METHODS = ("exact", "empirical")
-#: The models compared, as made from the plain one (:func:`_variants`).
-VARIANTS = ("no hooks", "hooked", "on the per-module fallback")
+#: The models compared, as made from the plain one, and the backend each is computed with
+#: (:func:`_variants`).
+VARIANTS = (
+    "no hooks",
+    "hooked",
+    "on the per-module fallback",
+    "pruned",
+    "pruned, functorch engine",
+    "weight_norm",
+    "weight_norm, functorch engine",
+)
 
 
-def _variants(model: nn.Module) -> dict[str, nn.Module]:
+def _variants(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
     """``model``, a copy with a read-only forward hook on every convolution and linear layer,
-    and a copy whose such layers take the per-module fallback (a ``forward`` of their own)."""
-    hooked, fallback = copy.deepcopy(model), copy.deepcopy(model)
+    a copy whose such layers take the per-module fallback (a ``forward`` of their own), and
+    copies whose such layers' weights are pruned (half of each) or weight-normalized, each of
+    the last two on ``"auto"`` and on the functorch engine."""
+    hooked, fallback, pruned, normed = (copy.deepcopy(model) for _ in range(4))
     stored: dict[str, torch.Tensor] = {}
     for name, layer in hooked.named_modules():
         if isinstance(layer, (nn.Conv2d, nn.Linear)):
             layer.register_forward_hook(
                 lambda module, args, out, name=name: stored.__setitem__(name, out.detach())
             )
-    for layer in fallback.modules():
-        if isinstance(layer, (nn.Conv2d, nn.Linear)):
-            layer.forward = layer.forward  # (an instance forward: no rule)
-    return dict(zip(VARIANTS, (model, hooked, fallback)))
+    layers = [
+        [m for m in copy_.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+        for copy_ in (fallback, pruned, normed)
+    ]
+    for layer in layers[0]:
+        layer.forward = layer.forward  # (an instance forward: no rule)
+    for layer in layers[1]:
+        prune.l1_unstructured(layer, "weight", amount=0.5)
+    for layer in layers[2]:
+        parametrizations.weight_norm(layer)
+    models = (model, hooked, fallback, pruned, pruned, normed, normed)
+    backends = ("auto", "auto", "auto", "auto", "functorch", "auto", "functorch")
+    return dict(zip(VARIANTS, zip(models, backends)))
 
 
 def _calls(
-    models: dict[str, nn.Module], x: torch.Tensor, y: torch.Tensor, method: str
+    models: dict[str, tuple[nn.Module, str]], x: torch.Tensor, y: torch.Tensor, method: str
 ) -> dict[str, Callable[[], float]]:
     def plain() -> float:
-        model = models["no hooks"]
+        model = models["no hooks"][0]
 
         def step() -> None:
             model.zero_grad(set_to_none=True)
@@ -71,10 +96,13 @@ def _calls(
 
         return measure(step, x.device).seconds
 
-    def fisher(model: nn.Module) -> Callable[[], float]:
-        return lambda: measure(lambda: fisher_diagonal(model, [(x, y)], method), x.device).seconds
+    def fisher(model: nn.Module, backend: str) -> Callable[[], float]:
+        def call() -> None:
+            fisher_diagonal(model, [(x, y)], method, backend=backend)
 
-    return {"plain fwd+bwd": plain, **{name: fisher(m) for name, m in models.items()}}
+        return lambda: measure(call, x.device).seconds
+
+    return {"plain fwd+bwd": plain, **{name: fisher(*m) for name, m in models.items()}}
 
 
 def run(
@@ -105,13 +133,14 @@ def report(timed: dict[str, dict[str, list[float]]], args: argparse.Namespace) -
     """Markdown: one row per method and contender, the median in ms and its ratio."""
     device = torch.device(args.device)
     lines = [
-        "# Forward hooks on every layer: what they cost the Fisher",
+        "# Forward hooks, and weights made by pre-hooks or parametrizations: what they cost the "
+        "Fisher",
         "",
         f"`python -m benchmarks.hooked_speed --repeats {args.repeats} --threads {args.threads} "
         f"--device {args.device}{' --quick' * args.quick}` · ewc_reg {ewc_reg.__version__} · "
         f"torch {torch.__version__} · {machine(device)} · {date.today()} · reduced ResNet-18, "
-        f'float32, C=10, N={4 if args.quick else 32}, `backend="auto"` · medians of '
-        f"{args.repeats} rounds, order reversed every other round",
+        f'float32, C=10, N={4 if args.quick else 32}, `backend="auto"` but where named · '
+        f"medians of {args.repeats} rounds, order reversed every other round",
         "",
         "| method | contender | median (ms) | × plain fwd+bwd |",
         "|---|---|---:|---:|",

@@ -20,16 +20,24 @@ def test_hooked_speed_writes_table(tmp_path):
 
 def test_the_variants_differ_only_in_the_way_their_layers_are_computed():
     """The hooked model keeps every rule, the fallback variant loses those of its convolution
-    and linear layers; all three give the same Fisher."""
-    models = hooked_speed._variants(ReducedResNet18(10).eval())
+    and linear layers, and so do the pruned and weight-normalized ones; the first three give
+    the same Fisher, and each of the last two the same on both its backends."""
+    variants = hooked_speed._variants(ReducedResNet18(10).eval())
     rules = {
         name: [unit.rule is None for unit in plan(m, dict(m.named_parameters()))]
-        for name, m in models.items()
+        for name, (m, _) in variants.items()
     }
     assert rules["no hooks"] == rules["hooked"] and not any(rules["hooked"])
-    assert sum(rules["on the per-module fallback"]) > 0
+    for name in ("on the per-module fallback", "pruned", "weight_norm"):
+        assert sum(rules[name]) > 0
     x, y = torch.randn(3, 3, 32, 32), torch.randint(0, 10, (3,))
-    fishers = [hooked_speed.fisher_diagonal(m, [(x, y)]) for m in models.values()]
-    for other in fishers[1:]:
-        for name, f in fishers[0].items():
-            torch.testing.assert_close(other[name], f, rtol=1e-4, atol=1e-12)
+    fishers = {
+        name: hooked_speed.fisher_diagonal(m, [(x, y)], backend=backend)
+        for name, (m, backend) in variants.items()
+    }
+    pairs = [("no hooks", "hooked"), ("no hooks", "on the per-module fallback")]
+    pairs += [(name, f"{name}, functorch engine") for name in ("pruned", "weight_norm")]
+    for first, other in pairs:
+        assert fishers[first].keys() == fishers[other].keys()
+        for name, f in fishers[first].items():
+            torch.testing.assert_close(fishers[other][name], f, rtol=1e-4, atol=1e-12)
