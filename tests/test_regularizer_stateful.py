@@ -197,6 +197,18 @@ GAMMAS = st.sampled_from([0.0, 0.5, 0.9, 1.0]) | st.floats(0, 1, allow_nan=False
 STRENGTHS = st.sampled_from([0.0, 1.0, 2.5, 1e5]) | st.floats(1e-3, 1e3)
 
 
+#: The arguments of a consolidation step (two rules take them: a second task comes often).
+CONSOLIDATE_ARGS = dict(
+    method=st.sampled_from(METHODS),
+    n_samples=st.sampled_from([None, 1, 2, 5]),
+    seed=st.integers(0, 2**16),
+    n_batches=st.integers(1, 3),
+    sizes=st.lists(st.integers(1, 4), min_size=1, max_size=3),
+    use_output_fn=st.booleans(),
+    gen_seed=st.integers(0, 2**16),
+)
+
+
 class EWCMachine(RuleBasedStateMachine):
     # ------------------------------------------------------------------ set-up
     @initialize(
@@ -299,15 +311,7 @@ class EWCMachine(RuleBasedStateMachine):
                         sigma * torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype)
                     )
 
-    @rule(
-        method=st.sampled_from(METHODS),
-        n_samples=st.sampled_from([None, 1, 2, 5]),
-        seed=st.integers(0, 2**16),
-        n_batches=st.integers(1, 3),
-        sizes=st.lists(st.integers(1, 4), min_size=1, max_size=3),
-        use_output_fn=st.booleans(),
-        gen_seed=st.integers(0, 2**16),
-    )
+    @rule(**CONSOLIDATE_ARGS)
     def consolidate(
         self, method, n_samples, seed, n_batches, sizes, use_output_fn, gen_seed, ctx=0
     ):
@@ -370,15 +374,7 @@ class EWCMachine(RuleBasedStateMachine):
             f.add_(1.0)
         assert state_equal(snap, self.reg.state_dict()), "returned Fisher aliases the state"
 
-    @rule(
-        method=st.sampled_from(METHODS),
-        n_samples=st.sampled_from([None, 1, 2, 5]),
-        seed=st.integers(0, 2**16),
-        n_batches=st.integers(1, 3),
-        sizes=st.lists(st.integers(1, 4), min_size=1, max_size=3),
-        use_output_fn=st.booleans(),
-        gen_seed=st.integers(0, 2**16),
-    )
+    @rule(**CONSOLIDATE_ARGS)
     def consolidate_again(self, **kw):
         kw["ctx"] = kw["gen_seed"] % 3
         self.consolidate(**kw)
