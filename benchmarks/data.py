@@ -43,8 +43,8 @@ class ArrayData:
 
 
 def default_root() -> str:
-    """Data directory: ``$EWC_REG_DATA`` when set, else ``./data``."""
-    return os.environ.get("EWC_REG_DATA", "./data")
+    """Data directory: ``$EWC_REG_DATA`` when set (and not empty), else ``./data``."""
+    return os.environ.get("EWC_REG_DATA") or "./data"
 
 
 class DataUnavailable(RuntimeError):

@@ -82,6 +82,9 @@ TYPICAL_LOG10_LAMBDA = {
 QUICK_SEEDS = (0,)
 QUICK_ITERS = 500
 
+#: Where results go by default (see :func:`parse_args`): this repository's, beside this file.
+RESULTS = Path(__file__).parent / "results"
+
 
 @dataclass(frozen=True)
 class Benchmark:
@@ -112,7 +115,7 @@ class RunSpec:
 
     def describe(self) -> str:
         """Short human-readable label."""
-        strength = "" if self.strength is None else f" λ={self.strength:.0e}"
+        strength = "" if self.strength is None else f" λ={self.strength:.3g}"
         return f"{self.method}{strength} seed {self.seed}"
 
 
@@ -361,6 +364,17 @@ def strength_value(text: str) -> float:
     return value
 
 
+def seed_value(text: str) -> int:
+    """A ``--seeds`` value: an integer a torch generator takes (a 64-bit one)."""
+    try:
+        seed = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if not -(2**63) <= seed < 2**63:
+        raise argparse.ArgumentTypeError(f"{seed} is not a 64-bit integer")
+    return seed
+
+
 def parse_args(bench: Benchmark, argv: list[str] | None) -> argparse.Namespace:
     """The shared command line. Every value is checked here (counts at least 1, λ > 0, a device
     this machine has), so that a wrong option stops the command before any run rather than
@@ -380,7 +394,7 @@ def parse_args(bench: Benchmark, argv: list[str] | None) -> argparse.Namespace:
         "--at-best-lambda", action="store_true",
         help="run each variant only at its best λ so far in <out>/runs.jsonl (same data, "
              "iterations and batch size), e.g. to add seeds")
-    p.add_argument("--seeds", nargs="+", type=int, help="default: 0 1 2")
+    p.add_argument("--seeds", nargs="+", type=seed_value, help="default: 0 1 2")
     p.add_argument("--iters", type=at_least(1),
                    help=f"iterations per task (default: 2000, with --quick {QUICK_ITERS})")
     p.add_argument("--batch-size", type=at_least(1), default=bench.batch_size)
@@ -403,7 +417,9 @@ def parse_args(bench: Benchmark, argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--fisher-chunk", type=at_least(1),
                    help="chunk_size passed to consolidate (default: the library's choice)")
     p.add_argument("--out", type=Path, help="results directory (default: "
-                   f"benchmarks/results/{bench.name}[_quick][_synthetic])")
+                   f"benchmarks/results/{bench.name}[_quick][_synthetic][_iters<N>][_batch<B>] "
+                   "in this repository, the last two where --iters or --batch-size are not "
+                   "the protocol's)")
     p.add_argument("--quick", action="store_true",
                    help=f"preset: seed {QUICK_SEEDS[0]}, {QUICK_ITERS} iterations per task, "
                         "one λ per variant (the paper's typical best)")
@@ -412,9 +428,13 @@ def parse_args(bench: Benchmark, argv: list[str] | None) -> argparse.Namespace:
         args.seeds = list(QUICK_SEEDS if args.quick else (0, 1, 2))
     if args.iters is None:
         args.iters = QUICK_ITERS if args.quick else 2000
-    if args.out is None:
+    if args.out is None:  # (runs of another protocol apart from the committed ones)
         suffix = "_quick" * args.quick + "_synthetic" * (args.synthetic is not None)
-        args.out = Path("benchmarks/results") / f"{bench.name}{suffix}"
+        if args.iters != (QUICK_ITERS if args.quick else 2000):
+            suffix += f"_iters{args.iters}"
+        if args.batch_size != bench.batch_size:
+            suffix += f"_batch{args.batch_size}"
+        args.out = RESULTS / f"{bench.name}{suffix}"
     return args
 
 

@@ -36,6 +36,8 @@ from benchmarks.split_mnist import BENCHMARK as MNIST
         (["--device", "tpu"], "argument --device: 'tpu' is no device; use cpu or cuda"),
         (["--device", "mps"], "argument --device: 'mps': the benchmarks run on cpu or cuda"),
         (["--device", "cuda:99"], "argument --device: 'cuda:99'"),
+        (["--seeds", "1", "99999999999999999999"], "99999999999999999999 is not a 64-bit"),
+        (["--seeds", "x"], "argument --seeds: invalid int value: 'x'"),
     ],
 )
 def test_wrong_values_are_errors_of_the_command_line(argv, expected, capsys):
@@ -60,6 +62,33 @@ def test_iterations_not_given_take_the_default_and_zero_is_refused(capsys):
     with pytest.raises(SystemExit):  # was taken for "not given": 2000 iterations
         parse_args(MNIST, ["--quick", "--iters", "0"])
     assert "argument --iters: 0 is less than 1" in capsys.readouterr().err
+
+
+def test_runs_of_other_iterations_or_batch_sizes_go_beside_the_committed_ones():
+    """Without ``--out``, runs of the protocol's iterations and batch size go to the committed
+    folder of this repository (from any working directory); others to folders named after
+    theirs (``--iters 5`` was appended to the committed runs.jsonl, and the report then
+    rewrote the committed results.md)."""
+    results = protocol.RESULTS
+    assert results.is_absolute() and (results / "split_mnist" / "runs.jsonl").exists()
+    assert parse_args(MNIST, []).out == results / "split_mnist"
+    assert parse_args(MNIST, ["--quick"]).out == results / "split_mnist_quick"
+    assert parse_args(MNIST, ["--iters", "5"]).out == results / "split_mnist_iters5"
+    assert parse_args(MNIST, ["--quick", "--iters", "2000"]).out == (
+        results / "split_mnist_quick_iters2000"
+    )
+    assert parse_args(CIFAR, ["--synthetic", "--batch-size", "8"]).out == (
+        results / "split_cifar10_synthetic_batch8"
+    )
+
+
+def test_progress_lines_tell_lambdas_apart_and_an_empty_data_variable_is_unset(monkeypatch):
+    """Two λ of one order of magnitude printed alike (``.0e``: "λ=2e+05" for 2.5e5 and
+    1.5e5); ``EWC_REG_DATA=`` (set, empty) took the working directory for the data root."""
+    spec = protocol.RunSpec("split_mnist", "real", "exact", 2.5e5, 0, 2000, 128)
+    assert "λ=2.5e+05 " in spec.describe()
+    monkeypatch.setenv("EWC_REG_DATA", "")
+    assert parse_args(MNIST, []).data_root == "./data"
 
 
 def test_bare_synthetic_keeps_the_benchmarks_size_and_a_size_must_be_positive(capsys):
