@@ -667,7 +667,7 @@ def _check_fisher_kwargs(kwargs: dict[str, Any]) -> None:
     """``TypeError`` for a keyword argument of ``consolidate`` that is neither its own nor one
     of :data:`_FISHER_EXTRAS` (fisher_diagonal would name itself in the error): a setting of
     the regularizer's, or a misspelt name."""
-    settings = sorted(set(kwargs) & {*_SETTINGS, *_RUN_SETTINGS, "params"})
+    settings = sorted(set(kwargs) & set(_SETTING_NAMES))
     if settings:
         raise TypeError(
             f"consolidate() takes no {settings}: they are settings of the regularizer; "
