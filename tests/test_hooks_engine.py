@@ -1576,6 +1576,47 @@ def test_the_fallback_sets_nothing_on_a_module_without_backward_pre_hooks() -> N
     assert "_get_backward_pre_hooks" not in vars(model[1])
 
 
+@pytest.mark.parametrize(
+    "pruning", ["l1", "structured", "custom mask", "twice", "bias too", "transposed", "1d"]
+)
+@pytest.mark.parametrize("method", ["exact", "empirical"])
+def test_pruned_layers_take_their_class_rule(pruning, method) -> None:
+    """Layers pruned by ``torch.nn.utils.prune`` (their weight ``weight_orig * weight_mask``,
+    made by a pre-hook) take their class's rule, the sums of ``weight_orig`` those of the
+    weight times the mask squared (a mask of any values too): not the per-module fallback,
+    which took 1.9x the functorch engine's time on a pruned ResNet-18."""
+    from torch.nn.utils import prune
+
+    if pruning == "transposed":
+        layers = [nn.ConvTranspose2d(3, 4, 3, stride=2), nn.Tanh(), nn.Conv2d(4, 2, 3)]
+        x = torch.randn(5, 3, 4, 4, dtype=torch.float64)
+    elif pruning == "1d":
+        layers = [nn.Conv1d(3, 4, 3, padding=1), nn.Tanh(), nn.Conv1d(4, 2, 3)]
+        x = torch.randn(5, 3, 7, dtype=torch.float64)
+    else:
+        layers = [nn.Conv2d(3, 4, 3, padding=1), nn.Tanh(), nn.Conv2d(4, 2, 3, stride=2)]
+        x = torch.randn(5, 3, 6, 6, dtype=torch.float64)
+    model = nn.Sequential(*layers, nn.Flatten(), nn.LazyLinear(3)).double()
+    model(x)
+    for layer in (model[0], model[2], model[4]):
+        if pruning == "structured":
+            prune.random_structured(layer, "weight", 0.5, dim=0)
+        elif pruning == "custom mask":
+            prune.custom_from_mask(layer, "weight", torch.rand_like(layer.weight))
+        elif pruning == "twice":  # (a PruningContainer)
+            prune.l1_unstructured(layer, "weight", 0.3)
+            prune.l1_unstructured(layer, "weight", 0.3)
+        else:
+            prune.l1_unstructured(layer, "weight", 0.5)
+        if pruning == "bias too":
+            prune.l1_unstructured(layer, "bias", 0.5)
+    model.eval()
+    y = torch.randint(0, 3, (5,))
+    with mock.patch.object(unit_sums, "_fallback_sums", side_effect=AssertionError("fallback")):
+        got = fisher_diagonal(model, [(x, y)], method, backend="hooks")
+    assert_close_dicts(got, brute_force_fisher(model, x, y, method), 1e-10)
+
+
 @pytest.mark.parametrize("kind", ["forward", "pre"])
 def test_hooks_registered_for_every_module_are_respected(kind) -> None:
     """A global hook changes every layer's output: no rule assumes the plain layer then; each

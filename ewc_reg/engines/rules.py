@@ -349,6 +349,34 @@ def rule_for(module: nn.Module) -> Rule | CallRule | None:
     return rule if names <= set(known(module) if callable(known) else known) else None
 
 
+def pruned_rule(module: nn.Module) -> tuple[Rule, dict[str, str]] | None:
+    """The rule of a module pruned by ``torch.nn.utils.prune``, and its pruned parameters'
+    names with those of the tensors made of them (``{"weight_orig": "weight"}``), or
+    ``None``. Such a module's pre-hooks make each pruned tensor ``t = t_orig * t_mask`` (its
+    buffer) before every call, so its parameters' names are not its class rule's and it has
+    no rule (:func:`rule_for`); it computes what its class's rule knows, with ``t`` for the
+    tensor of that name. So for a module with no other hooks, whose class has a rule that is
+    not a whole call's (the per-module fallback, which the pruned layers went to, took
+    1.66 s of a 2.5 s call with five of the reduced ResNet-18's convolutions pruned, against
+    0.22 s for all the others' rules)."""
+    from torch.nn.utils import prune
+
+    hooks = list(module._forward_pre_hooks.values())
+    if not hooks or module._forward_hooks or _global_hooks() or "forward" in vars(module):
+        return None
+    if not all(isinstance(hook, prune.BasePruningMethod) for hook in hooks):
+        return None
+    made = {f"{hook._tensor_name}_orig": hook._tensor_name for hook in hooks}
+    entry = _entry(module)
+    if entry is None or entry[0] in CALL_RULES or not entry[1](module):
+        return None
+    rule, _, known = entry
+    names = {made.get(name, name) for name, _ in module.named_parameters()}
+    masks = all(isinstance(getattr(module, f"{t}_mask", None), Tensor) for t in made.values())
+    known_names = set(known(module) if callable(known) else known)
+    return (rule, made) if masks and names <= known_names else None
+
+
 def hooks_outside(module: nn.Module, rule: Rule | CallRule | None) -> bool:
     """Whether ``module``'s own forward pre-hooks and hooks lie outside what is recorded of its
     calls (its rule is ``rule``): the arguments recorded after its pre-hooks, the output

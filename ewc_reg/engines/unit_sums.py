@@ -52,6 +52,7 @@ from .rules import (
     Rule,
     feature_dims,
     hooks_outside,
+    pruned_rule,
     rule_for,
 )
 from .tied import tied_sums
@@ -260,7 +261,26 @@ def unit_sums(
         sums = tied_sums(unit.module, record.calls(), grads, names, memory_budget)
         if sums is not None:
             return sums
+    elif not record.more and _plain_calls(record) and grads[0] is not None:
+        if (pruned := pruned_rule(unit.module)) is not None:
+            return _pruned_sums(unit, record.args[0], grads[0], *pruned, memory_budget)
     return _fallback_sums(unit, record.calls(), grads, memory_budget)
+
+
+def _pruned_sums(
+    unit: Unit, x: Tensor, grads: Tensor, rule: Rule, made: dict[str, str], memory_budget: int
+) -> dict[str, Tensor]:
+    r"""The sums of a pruned module (:func:`.rules.pruned_rule`) from its class's rule: for a
+    tensor made as :math:`t = t_{orig} \odot m` from its parameter :math:`t_{orig}` and mask
+    :math:`m`, each per-sample gradient is the rule's for :math:`t` times :math:`m`, so its
+    sums are the rule's times :math:`m^{\odot 2}`."""
+    sums = rule(unit.module, x, grads, [made.get(n, n) for n in unit.names], memory_budget)
+    return {
+        local: sums[local]
+        if local not in made
+        else sums[made[local]] * getattr(unit.module, f"{made[local]}_mask").square()
+        for local in unit.names
+    }
 
 
 def _join_dims(unit: Unit, record: Record) -> tuple[int, int] | None:
