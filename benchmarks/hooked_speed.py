@@ -10,10 +10,11 @@ method)`` (``backend="auto"``) on the reduced ResNet-18 of the Split CIFAR-10 be
 stores its output), and with those layers on the per-module fallback, as hooked layers were
 (each given a ``forward`` of its own, which keeps a layer off its rule); and a plain
 forward+backward of the same batch (the gradient of the mean cross-entropy). Also the models
-whose convolution and linear weights are made by a pre-hook (``torch.nn.utils.prune``) or a
-parametrization (``torch.nn.utils.parametrizations.weight_norm``), which no rule covers, with
-``"auto"`` (those layers on the per-module fallback) and with ``backend="functorch"``. Rounds
-go round-robin, order reversed every other round; medians, and ratios to the plain pass.
+whose convolution and linear weights are made by a pre-hook (``torch.nn.utils.prune``: their
+class's rule, :func:`ewc_reg.engines.rules.pruned_rule`) or a parametrization
+(``torch.nn.utils.parametrizations.weight_norm``, which no rule covers: those layers on the
+per-module fallback), with ``"auto"`` and with ``backend="functorch"``. Rounds go
+round-robin, order reversed every other round; medians, and ratios to the plain pass.
 
 Run: ``python -m benchmarks.hooked_speed [--repeats 3] [--threads 2] [--device cpu] [--quick]
 [--out FILE]``; writes ``benchmarks/results/hooked_speed.md``, or ``--out``; a ``--quick``
