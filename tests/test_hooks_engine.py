@@ -1617,6 +1617,22 @@ def test_pruned_layers_take_their_class_rule(pruning, method) -> None:
     assert_close_dicts(got, brute_force_fisher(model, x, y, method), 1e-10)
 
 
+@pytest.mark.parametrize("norm", [nn.BatchNorm1d, nn.LayerNorm])
+def test_pruned_norms_stay_on_the_fallback(norm) -> None:
+    """A norm's rule takes the gradients its reduction gives, not the output's: a pruned norm
+    goes to the per-module fallback (given the output's gradients, its sums were off by 1.2 of
+    1.23 and the hooks engine refused the model)."""
+    from torch.nn.utils import prune
+
+    model = nn.Sequential(nn.Linear(5, 6), norm(6), nn.Tanh(), nn.Linear(6, 3)).double()
+    randomize_bn(model)
+    prune.l1_unstructured(model[1], "weight", 0.5)
+    model.eval()
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
+    got = fisher_diagonal(model, [(x, y)], "exact", backend="hooks")
+    assert_close_dicts(got, brute_force_fisher(model, x, y, "exact"), 1e-10)
+
+
 @pytest.mark.parametrize("kind", ["forward", "pre"])
 def test_hooks_registered_for_every_module_are_respected(kind) -> None:
     """A global hook changes every layer's output: no rule assumes the plain layer then; each

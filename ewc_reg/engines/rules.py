@@ -355,10 +355,10 @@ def pruned_rule(module: nn.Module) -> tuple[Rule, dict[str, str]] | None:
     ``None``. Such a module's pre-hooks make each pruned tensor ``t = t_orig * t_mask`` (its
     buffer) before every call, so its parameters' names are not its class rule's and it has
     no rule (:func:`rule_for`); it computes what its class's rule knows, with ``t`` for the
-    tensor of that name. So for a module with no other hooks, whose class has a rule that is
-    not a whole call's (the per-module fallback, which the pruned layers went to, took
-    1.66 s of a 2.5 s call with five of the reduced ResNet-18's convolutions pruned, against
-    0.22 s for all the others' rules)."""
+    tensor of that name. So for a module with no other hooks whose class has a rule that is
+    neither a whole call's nor one of reduced gradients (:data:`REDUCTIONS`: a pruned norm
+    stays on the per-module fallback). On that fallback, five pruned convolutions of the
+    reduced ResNet-18 took 1.66 s of a 2.5 s call, all the others' rules 0.22 s."""
     from torch.nn.utils import prune
 
     hooks = list(module._forward_pre_hooks.values())
@@ -368,8 +368,8 @@ def pruned_rule(module: nn.Module) -> tuple[Rule, dict[str, str]] | None:
         return None
     made = {f"{hook._tensor_name}_orig": hook._tensor_name for hook in hooks}
     entry = _entry(module)
-    if entry is None or entry[0] in CALL_RULES or not entry[1](module):
-        return None
+    if entry is None or entry[0] in CALL_RULES or entry[0] in REDUCTIONS or not entry[1](module):
+        return None  # (a rule of reduced gradients takes what its reduction gives, not G)
     rule, _, known = entry
     names = {made.get(name, name) for name, _ in module.named_parameters()}
     masks = all(isinstance(getattr(module, f"{t}_mask", None), Tensor) for t in made.values())
