@@ -663,8 +663,8 @@ class Recorder(TorchFunctionMode):
                 tied = isinstance(unit.module, Tied)
                 members = list(unit.module) if tied else [unit.module]
                 # (the module's own hooks outside the record, or inside: see hooks_outside)
-                outside = [hooks_outside(m, member_rule(unit, i if tied else None))
-                           for i, m in enumerate(members)]
+                outside = [hooks_outside(member_rule(unit, i if tied else None))
+                           for i in range(len(members))]
                 for index, (module, out) in enumerate(zip(members, outside)):
                     member = index if tied else None
                     self.handles += [

@@ -346,7 +346,14 @@ def rule_for(module: nn.Module) -> Rule | CallRule | None:
     if not accepts(module):
         return None
     names = {name for name, _ in module.named_parameters()}
-    return rule if names <= set(known(module) if callable(known) else known) else None
+    return rule if names <= _known_names(module, known) else None
+
+
+def _known_names(
+    module: nn.Module, known: frozenset[str] | Callable[[nn.Module], Collection[str]]
+) -> set[str]:
+    """The names of the parameters a :data:`RULES` entry's rule knows, for ``module``."""
+    return set(known(module) if callable(known) else known)
 
 
 def pruned_rule(module: nn.Module) -> tuple[Rule, dict[str, str]] | None:
@@ -373,12 +380,11 @@ def pruned_rule(module: nn.Module) -> tuple[Rule, dict[str, str]] | None:
     rule, _, known = entry
     names = {made.get(name, name) for name, _ in module.named_parameters()}
     masks = all(isinstance(getattr(module, f"{t}_mask", None), Tensor) for t in made.values())
-    known_names = set(known(module) if callable(known) else known)
-    return (rule, made) if masks and names <= known_names else None
+    return (rule, made) if masks and names <= _known_names(module, known) else None
 
 
-def hooks_outside(module: nn.Module, rule: Rule | CallRule | None) -> bool:
-    """Whether ``module``'s own forward pre-hooks and hooks lie outside what is recorded of its
+def hooks_outside(rule: Rule | CallRule | None) -> bool:
+    """Whether a module's own forward pre-hooks and hooks lie outside what is recorded of its
     calls (its rule is ``rule``): the arguments recorded after its pre-hooks, the output
     before its hooks, and the per-module fallback running its ``forward`` alone. So for a
     module with a rule (which :func:`rule_for` gives a hooked module only where this holds);
@@ -399,6 +405,11 @@ def _global_hooks() -> bool:
 def global_forward_pre_hooks() -> bool:
     """Whether forward pre-hooks registered for every module are set."""
     return bool(getattr(modules, "_global_forward_pre_hooks", None))
+
+
+def global_backward_pre_hooks() -> bool:
+    """Whether backward pre-hooks registered for every module are set."""
+    return bool(getattr(modules, "_global_backward_pre_hooks", None))
 
 
 @functools.lru_cache(maxsize=64)

@@ -51,6 +51,7 @@ from .rules import (
     Reduction,
     Rule,
     feature_dims,
+    global_backward_pre_hooks,
     hooks_outside,
     pruned_rule,
     rule_for,
@@ -403,7 +404,7 @@ def _without_backward_pre_hooks(run: Callable[..., Any]) -> Any:
     before the record; ``Module.__call__`` wraps the output for the backward hooks after).
     Its submodules keep theirs, which act inside. Where it has none, it is left alone."""
     hooked = isinstance(run, nn.Module) and (
-        getattr(run, "_backward_pre_hooks", None) or _global_backward_pre_hooks()
+        getattr(run, "_backward_pre_hooks", None) or global_backward_pre_hooks()
     )
     if not hooked:
         yield
@@ -414,14 +415,6 @@ def _without_backward_pre_hooks(run: Callable[..., Any]) -> Any:
         yield
     finally:
         object.__delattr__(run, "_get_backward_pre_hooks")
-
-
-def _global_backward_pre_hooks() -> bool:
-    """Whether backward pre-hooks are registered for every module (PyTorch's own table, read
-    where it is there)."""
-    from torch.nn.modules import module as modules
-
-    return bool(getattr(modules, "_global_backward_pre_hooks", None))
 
 
 def _unfolded(rows: torch.Size, leaf: Any) -> Any:
@@ -469,13 +462,7 @@ def _fallback_sums(
             flat += [leaves[i].flatten(1) for i in call.leaves]
         return torch.cat(flat, dim=1)
 
-    outside = [
-        hooks_outside(
-            unit.module if call.member is None else unit.module[call.member],
-            member_rule(unit, call.member),
-        )
-        for call in live
-    ]
+    outside = [hooks_outside(member_rule(unit, call.member)) for call in live]
     module = _Calls(
         unit.module, [call.folded for call in live], [call.whole for call in live], outside
     )
