@@ -426,11 +426,12 @@ def parse_args(bench: Benchmark, argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.seeds is None:
         args.seeds = list(QUICK_SEEDS if args.quick else (0, 1, 2))
+    protocol_iters = QUICK_ITERS if args.quick else 2000
     if args.iters is None:
-        args.iters = QUICK_ITERS if args.quick else 2000
+        args.iters = protocol_iters
     if args.out is None:  # (runs of another protocol apart from the committed ones)
         suffix = "_quick" * args.quick + "_synthetic" * (args.synthetic is not None)
-        if args.iters != (QUICK_ITERS if args.quick else 2000):
+        if args.iters != protocol_iters:
             suffix += f"_iters{args.iters}"
         if args.batch_size != bench.batch_size:
             suffix += f"_batch{args.batch_size}"
