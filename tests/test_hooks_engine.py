@@ -3,6 +3,7 @@ functorch engine and a brute-force autograd loop (one sample and one vector at a
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import logging
@@ -1630,6 +1631,43 @@ def test_pruned_norms_stay_on_the_fallback(norm) -> None:
     model.eval()
     x, y = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
     got = fisher_diagonal(model, [(x, y)], "exact", backend="hooks")
+    assert_close_dicts(got, brute_force_fisher(model, x, y, "exact"), 1e-10)
+
+
+class _Frames(nn.Module):
+    """A layer on each sample's frames folded into the batch dimension: ``(B, T, ...)`` as
+    ``(B T, ...)`` rows, then a classifier of each sample's ``T`` outputs."""
+
+    def __init__(self, layer: nn.Module, features: int) -> None:
+        super().__init__()
+        self.layer, self.head = layer, nn.Linear(features, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        rows = torch.tanh(self.layer(x.flatten(0, 1)))
+        return self.head(rows.reshape(x.shape[0], -1))
+
+
+@pytest.mark.parametrize("layer", ["conv", "linear"])
+def test_pruned_layers_on_folded_rows(layer) -> None:
+    """A pruned layer called on samples' rows folded into the batch dimension: a convolution
+    goes to the per-module fallback, which folds them again (its rule took the recorded
+    ``(B, T, C, H, W)`` input for a 3-d convolution's, and the hooks engine refused the
+    model); a linear layer's rule sums each sample's gradient over its rows, so it keeps it."""
+    from torch.nn.utils import prune
+
+    if layer == "conv":
+        model = _Frames(nn.Conv2d(2, 3, 3, padding=1), 3 * 3 * 4 * 4)
+        x = torch.randn(5, 3, 2, 4, 4, dtype=torch.float64)
+    else:
+        model = _Frames(nn.Linear(4, 3), 3 * 3)
+        x = torch.randn(5, 3, 4, dtype=torch.float64)
+    model.double().eval()
+    prune.l1_unstructured(model.layer, "weight", 0.5)
+    y = torch.randint(0, 3, (5,))
+    refused = AssertionError("fallback")
+    fallback = mock.patch.object(unit_sums, "_fallback_sums", side_effect=refused)
+    with fallback if layer == "linear" else contextlib.nullcontext():
+        got = fisher_diagonal(model, [(x, y)], "exact", backend="hooks")
     assert_close_dicts(got, brute_force_fisher(model, x, y, "exact"), 1e-10)
 
 

@@ -43,6 +43,7 @@ from .rules import (
     ACCUMULATIONS,
     BATCH_DIMS,
     CALL_RULES,
+    FOLDABLE,
     REDUCTIONS,
     SEVERAL_CALLS,
     Accumulation,
@@ -204,6 +205,15 @@ def _plain_calls(record: Record) -> bool:
     )
 
 
+def _takes_rows(rule: Rule, record: Record) -> bool:
+    """Whether ``rule`` takes the call's ``x`` as recorded: rows folded into its batch
+    dimension (``(B, T, ...)`` for ``(B T, ...)`` rows: :func:`.recording._folds`) only for a
+    rule that sums a sample's gradient over its positions (:data:`.rules.FOLDABLE`); else they
+    are the per-module fallback's, which folds them again (a pruned convolution given such
+    ``x`` took it as a 3-d convolution's input, and the hooks engine refused the model)."""
+    return record.folded == 1 or rule in FOLDABLE
+
+
 def takes_calls_together(unit: Unit, record: Record) -> bool:
     """Whether the rule of a unit called more than once takes all its calls: it reduces the
     output gradients to per-sample gradients, which add up (:data:`.rules.REDUCTIONS`), takes
@@ -263,7 +273,7 @@ def unit_sums(
         if sums is not None:
             return sums
     elif not record.more and _plain_calls(record) and grads[0] is not None:
-        if (pruned := pruned_rule(unit.module)) is not None:
+        if (pruned := pruned_rule(unit.module)) is not None and _takes_rows(pruned[0], record):
             return _pruned_sums(unit, record.args[0], grads[0], *pruned, memory_budget)
     return _fallback_sums(unit, record.calls(), grads, memory_budget)
 
