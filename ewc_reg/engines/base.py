@@ -39,6 +39,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge
 from torch.func import functional_call
+from torch.nn.utils import parametrize
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
@@ -224,15 +225,21 @@ PARAMETER_CONTAINERS = (nn.ParameterDict, nn.ParameterList)
 
 
 def own_parameters(module: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
-    """The parameters registered on ``module`` itself and on its children of
-    :data:`PARAMETER_CONTAINERS` (``"adapter.default"``), by name relative to it (duplicates
-    included); none for a container itself."""
-    if isinstance(module, PARAMETER_CONTAINERS):
+    """The parameters registered on ``module`` itself, on its children of
+    :data:`PARAMETER_CONTAINERS` (``"adapter.default"``) and, for a module parametrized by
+    ``torch.nn.utils.parametrize``, on its parametrizations' lists (the tensors its weight is
+    made of, ``"parametrizations.weight.original0"``, used while it runs), by name relative to
+    it (duplicates included); none for a container or such a list itself."""
+    if isinstance(module, (*PARAMETER_CONTAINERS, parametrize.ParametrizationList)):
         return
     yield from module.named_parameters(recurse=False, remove_duplicate=False)
     for name, child in module.named_children():
         if isinstance(child, PARAMETER_CONTAINERS):
             yield from child.named_parameters(prefix=name, remove_duplicate=False)
+    if parametrize.is_parametrized(module):
+        for tensor, chain in module.parametrizations.items():
+            prefix = f"parametrizations.{tensor}"
+            yield from chain.named_parameters(prefix, recurse=False, remove_duplicate=False)
 
 
 def describe(path: str) -> str:

@@ -82,13 +82,53 @@ def conv_calls(
     if grouped and module.padding_mode == "zeros" and pads[::2] == pads[1::2]:
         padding = pads[::2][::-1]  # (no padded copy of x)
     elif any(pads):
-        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-        xs = [F.pad(x, pads, mode=mode) for x in xs]
+        xs = _padded(module, xs, pads)
+    joined, patches_of = _factors(module, xs, grads, acc)
+    sums = {}
+    if "weight" in names and grouped:
+        sums["weight"] = _grouped_products(module, xs, grads, padding, acc, budget)
+    elif "weight" in names:
+        weight = squared_products(joined, patches_of, _patch_size(module), budget)
+        sums["weight"] = weight.reshape(module.weight.shape)
+    if "bias" in names:
+        sums["bias"] = square_sum(sum_or_squeeze(joined, -1)).reshape(-1)
+    return sums
+
+
+def conv_factors(
+    module: nn.Module, xs: list[Tensor], grads: list[Tensor], acc: torch.dtype
+) -> tuple[Tensor, Callable[[slice], Tensor]]:
+    r"""The factors of the per-sample weight gradients of a convolution over its calls (inputs
+    ``xs``, output gradients ``grads``), in dtype ``acc``, for
+    :func:`.rules.per_sample_products`: ``G`` as ``(K, B, g, C_out/g, L)``, the calls'
+    positions side by side, and ``patches_of(chunk)``, the chunk's padded patches
+    ``(b, g, P, L)``."""
+    xs = [x.to(acc) for x in xs]
+    pads = _conv_padding(module)
+    return _factors(module, _padded(module, xs, pads) if any(pads) else xs, grads, acc)
+
+
+def _padded(module: nn.Module, xs: list[Tensor], pads: list[int]) -> list[Tensor]:
+    """``xs`` padded by ``pads`` (:func:`_conv_padding`) in the module's padding mode."""
+    mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+    return [F.pad(x, pads, mode=mode) for x in xs]
+
+
+def _patch_size(module: nn.Module) -> int:
+    """``P = C_in/g * prod(kernel)``: the numbers in a patch of one group (read from the
+    settings: a parametrized weight is made anew each time it is read)."""
+    return module.in_channels // module.groups * math.prod(module.kernel_size)
+
+
+def _factors(
+    module: nn.Module, xs: list[Tensor], grads: list[Tensor], acc: torch.dtype
+) -> tuple[Tensor, Callable[[slice], Tensor]]:
+    """:func:`conv_factors` of the calls' inputs ``xs``, padded already (or with the padding
+    left to a grouped convolution backward: :func:`_grouped_products`)."""
     groups = module.groups
     num_vectors, batch = grads[0].shape[:2]
-    out = module.out_channels // groups
-    joined = _joined(grads, num_vectors, batch, groups, out, acc)
-    patch = module.weight[0].numel()  # P = C_in/g * prod(kernel)
+    joined = _joined(grads, num_vectors, batch, groups, module.out_channels // groups, acc)
+    patch = _patch_size(module)
     settings = (module.kernel_size, module.dilation, module.stride)
 
     def patches_of(chunk: slice) -> Tensor:
@@ -96,15 +136,7 @@ def conv_calls(
         patches = pieces[0] if len(pieces) == 1 else torch.cat(pieces, -1)
         return patches.view(patches.shape[0], groups, patch, -1)  # (b, g, P, L)
 
-    sums = {}
-    if "weight" in names and grouped:
-        sums["weight"] = _grouped_products(module, xs, grads, padding, acc, budget)
-    elif "weight" in names:
-        weight = squared_products(joined, patches_of, patch, budget)
-        sums["weight"] = weight.reshape(module.weight.shape)
-    if "bias" in names:
-        sums["bias"] = square_sum(sum_or_squeeze(joined, -1)).reshape(-1)
-    return sums
+    return joined, patches_of
 
 
 def _grouped_products(

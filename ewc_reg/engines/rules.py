@@ -313,15 +313,22 @@ def _ruled_base(cls: type) -> Any:
     return None
 
 
+def class_entry(cls: type) -> tuple[Any, Any, Any] | None:
+    """The :data:`RULES` entry of ``cls`` (by class or qualified name), or of a base class it
+    adds nothing to but how it is made (:func:`_ruled_base`), or ``None``."""
+    entry = RULES.get(cls) or RULES.get(_class_name(cls))
+    if entry is None:
+        base = _ruled_base(cls)
+        entry = None if base is None else RULES[base]
+    return entry
+
+
 def _entry(module: nn.Module) -> tuple[Any, Any, Any] | None:
-    """The :data:`RULES` entry of ``module``'s class, or of a base class it adds nothing to
-    but how it is made (:func:`_ruled_base`), or ``None``."""
-    entry = RULES.get(type(module)) or RULES.get(qualified_name(module))
+    """The :data:`RULES` entry of ``module``'s class (:func:`class_entry`), or for a Hugging
+    Face RMS norm (:func:`is_hugging_face_rms_norm`) theirs, or ``None``."""
+    entry = class_entry(type(module))
     if entry is None and is_hugging_face_rms_norm(module):
         entry = RULES[HUGGING_FACE_RMS_NORM]
-    if entry is None:
-        base = _ruled_base(type(module))
-        entry = None if base is None else RULES[base]
     return entry
 
 
@@ -336,7 +343,7 @@ def rule_for(module: nn.Module) -> Rule | CallRule | None:
     """The rule computing ``module``'s sums, or ``None`` when it has none (see the module
     docstring)."""
     entry = _entry(module)
-    if entry is None or _global_hooks():
+    if entry is None or global_forward_hooks():
         return None
     if "forward" in vars(module):  # (its own forward, set on the instance)
         return None
@@ -369,7 +376,7 @@ def pruned_rule(module: nn.Module) -> tuple[Rule, dict[str, str]] | None:
     from torch.nn.utils import prune
 
     hooks = list(module._forward_pre_hooks.values())
-    if not hooks or module._forward_hooks or _global_hooks() or "forward" in vars(module):
+    if not hooks or module._forward_hooks or global_forward_hooks() or "forward" in vars(module):
         return None
     if not all(isinstance(hook, prune.BasePruningMethod) for hook in hooks):
         return None
@@ -394,7 +401,7 @@ def hooks_outside(rule: Rule | CallRule | None) -> bool:
     return rule is not None
 
 
-def _global_hooks() -> bool:
+def global_forward_hooks() -> bool:
     """Whether forward hooks registered for every module
     (``torch.nn.modules.module.register_module_forward_hook``) are set: they may change any
     layer's output, as a module's own hooks may (pre-hooks for every module keep a model off

@@ -39,6 +39,7 @@ from .._batches import Batch
 from .base import describe
 from .functorch import FunctorchEngine
 from .loop import LoopEngine
+from .parametrized import made_sums, made_tensors
 from .rules import (
     ACCUMULATIONS,
     BATCH_DIMS,
@@ -275,6 +276,12 @@ def unit_sums(
     elif not record.more and _plain_calls(record) and grads[0] is not None:
         if (pruned := pruned_rule(unit.module)) is not None and _takes_rows(pruned[0], record):
             return _pruned_sums(unit, record.args[0], grads[0], *pruned, memory_budget)
+        made = made_tensors(unit.module)
+        if made is not None and _takes_rows(made[0], record):
+            names = unit.names.keys()
+            args = (unit.module, *made, [record.args[0]], [grads[0]], names, memory_budget)
+            if (sums := made_sums(*args)) is not None:
+                return sums
     return _fallback_sums(unit, record.calls(), grads, memory_budget)
 
 
