@@ -12,8 +12,9 @@ stores its output), and with those layers on the per-module fallback, as hooked 
 forward+backward of the same batch (the gradient of the mean cross-entropy). Also the models
 whose convolution and linear weights are made by a pre-hook (``torch.nn.utils.prune``: their
 class's rule, :func:`ewc_reg.engines.rules.pruned_rule`) or a parametrization
-(``torch.nn.utils.parametrizations.weight_norm``, which no rule covers: those layers on the
-per-module fallback), with ``"auto"`` and with ``backend="functorch"``. Rounds go
+(``torch.nn.utils.parametrizations.weight_norm``: their class's per-sample products pulled
+back through it, :mod:`ewc_reg.engines.parametrized`), with ``"auto"`` and with
+``backend="functorch"``. Rounds go
 round-robin, order reversed every other round; medians, and ratios to the plain pass.
 
 Run: ``python -m benchmarks.hooked_speed [--repeats 3] [--threads 2] [--device cpu] [--quick]
