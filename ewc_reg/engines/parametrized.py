@@ -194,25 +194,51 @@ def _made_sums(
         values = [p.detach().to(acc) for p in m.params.values()]
         tensor, pulls[m.name] = vjp(m.make, *values)
         shapes[m.name] = tensor.shape
-    for name in {"weight", "bias"} & set(names):  # (a plain one beside a made one)
+    plain = {"weight", "bias"} & set(names)  # (a plain one beside a made one)
+    for name in plain:
         shapes[name] = getattr(module, name).shape
+
+    def pull(products: dict[str, Tensor]) -> dict[str, Tensor]:
+        grads = {name: products[name] for name in plain}
+        for m in needed:
+            grads.update(zip(m.params, vmap(pulls[m.name])(products[m.name])))
+        return {name: g for name, g in grads.items() if name in names}
+
     joined, patches_of = factors(module, xs, grads, acc)
+    return product_sums(joined, patches_of, shapes, pull, budget)
+
+
+#: ``pull(D) -> {name: gradients}``: each sample's gradients of a layer's parameters from each
+#: sample's gradients of the tensors of its product, ``D = {"weight": (n, *W.shape), "bias":
+#: (n, out)}`` (those asked for) for ``n`` pairs of a sample and a vector, by parameter name,
+#: ``(n, *p.shape)`` each.
+Pull = Callable[[dict[str, Tensor]], dict[str, Tensor]]
+
+
+def product_sums(
+    joined: Tensor,
+    patches_of: Callable[[slice], Tensor],
+    shapes: dict[str, torch.Size],
+    pull: Pull,
+    budget: int,
+) -> dict[str, Tensor]:
+    r""":math:`\sum_{n,k}` of the squares of what ``pull`` makes of the per-sample gradients
+    :math:`D_{nk}` of the product's tensors ``shapes`` (``"weight"``, ``"bias"``) from its
+    :data:`Factors` ``joined`` ``(K, B, g, O, L)`` and ``patches_of``, a chunk of samples at a
+    time within ``budget`` bytes (on CPU at most :data:`.rules.CHUNK_BYTES`)."""
     num_vectors, batch, groups, out, _ = joined.shape
     numbers = num_vectors * sum(shape.numel() for shape in shapes.values())
-    per_sample = 4 * numbers * acc.itemsize  # (D, its pull-backs and their squares)
-    sums: dict[str, Tensor | None] = dict.fromkeys(names)
+    per_sample = 4 * numbers * joined.element_size()  # (D, its pull-backs and their squares)
+    sums: dict[str, Tensor] = {}
     for chunk in sample_chunks(batch, per_sample, chunk_budget(budget, joined.device)):
+        products = {}
         for name, shape in shapes.items():
             if name == "weight":  # (b, g, K, O, P) -> (b K, *shape)
-                products = per_sample_products(joined, patches_of(chunk), chunk)
-                d = products.transpose(1, 2).reshape(-1, *shape)
+                d = per_sample_products(joined, patches_of(chunk), chunk)
+                products[name] = d.transpose(1, 2).reshape(-1, *shape)
             else:  # (K, b, g, O, L) -> (b K, g O)
-                d = joined[:, chunk].sum(-1).transpose(0, 1).reshape(-1, groups * out)
-            if name not in pulls:
-                sums[name] = added(sums[name], d.square().sum(0))
-                continue
-            m = next(m for m in needed if m.name == name)
-            for local, pulled in zip(m.params, vmap(pulls[name])(d)):
-                if local in names:
-                    sums[local] = added(sums[local], pulled.square().sum(0))
-    return {name: total for name, total in sums.items() if total is not None}
+                d = joined[:, chunk].sum(-1).transpose(0, 1)
+                products[name] = d.reshape(-1, groups * out)
+        for name, grads in pull(products).items():
+            sums[name] = added(sums.get(name), grads.square().sum(0))
+    return sums
