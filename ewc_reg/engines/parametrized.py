@@ -159,17 +159,29 @@ def made_sums(
 ) -> dict[str, Tensor] | None:
     r"""The sums of the layer's parameters ``names`` from its calls' inputs ``xs`` and output
     gradients ``grads`` (see the module docstring), or ``None`` where ``vmap`` failed on a
-    parametrization (logged at info level; the layer is remembered in :data:`unvmappable`)."""
+    parametrization (:func:`unless_vmap_fails`)."""
+    factors = PER_SAMPLE[rule]
+    return unless_vmap_fails(
+        module, lambda: _made_sums(module, factors, made, xs, grads, names, budget)
+    )
+
+
+def unless_vmap_fails(
+    module: nn.Module, sums: Callable[[], dict[str, Tensor] | None]
+) -> dict[str, Tensor] | None:
+    """``sums()``, or ``None`` where ``vmap`` failed on pulling back through what made the
+    layer's tensors, now (logged at info level) or before (the layer is remembered in
+    :data:`unvmappable`)."""
     if module in unvmappable:
         return None
     try:
-        return _made_sums(module, PER_SAMPLE[rule], made, xs, grads, names, budget)
+        return sums()
     except (RuntimeError, NotImplementedError) as error:
         if isinstance(error, torch.OutOfMemoryError):
             raise
         logger.info(
-            "hooks engine: vmap failed on the parametrization of %s (%s: %s); it goes to the "
-            "per-module fallback",
+            "hooks engine: vmap failed on what makes the tensors of %s (%s: %s); it goes to "
+            "the per-module fallback",
             type(module).__name__,
             type(error).__name__,
             error,

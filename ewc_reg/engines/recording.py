@@ -21,6 +21,7 @@ from torch.utils import _pytree as pytree
 
 from .._batches import Batch
 from .base import VMAP_WRONG, describe, inside, own_parameters, tensors_in
+from .functional import PRODUCTS, ProductCall
 from .loose import loose_parameters
 from .rules import (
     BATCH_DIMS,
@@ -175,6 +176,10 @@ class Record:
     member: int | None = None  # which of a Tied unit's modules was called
     # the positions among its tensor arguments of those the fallback passes whole (WholeInputs)
     whole: frozenset[int] = frozenset()
+    # for a unit on the per-module fallback, the product its call ended in (see
+    # .functional.ProductCall), if that was its only one, on its input; while it runs, what
+    # Recorder._note_product noted
+    product: Any = None
     more: list[Record] = field(default_factory=list)  # the unit's later calls
 
     def calls(self) -> list[Record]:
@@ -609,6 +614,10 @@ class Planner:
 _unwatched = torch._C.DisableTorchFunction
 
 
+#: Noted for a call with more than one product (:meth:`Recorder._note_product`).
+_SEVERAL = object()
+
+
 def _of_parameter(t: Tensor, owner: dict[int, Any]) -> bool:
     """Whether ``t`` is one of the parameters in ``owner`` (by id) or a view of one."""
     return id(t) in owner or (t._base is not None and id(t._base) in owner)
@@ -817,6 +826,12 @@ class Recorder(TorchFunctionMode):
         share, with its leading 1 expanded over the batch (see :func:`_shared_output`), else
         ``None`` (the output as it is)."""
         record = self.calling[unit]
+        noted, record.product = record.product, None
+        if noted is not None and noted is not _SEVERAL:  # (the output, the input as recorded)
+            call, result = noted
+            first = record.args[0] if record.args else None
+            if call is not None and result is output and call.input is first:
+                record.product = call
         separate = unit.rule is None or (unit.rule in RECORDED_FORWARDS and not record.kept)
         if separate and record.folded > 1 and _joins_rows(unit):  # (all its inputs unfolded)
             self._flag(
@@ -908,6 +923,8 @@ class Recorder(TorchFunctionMode):
                 self._keep_view_made(result)
             return result
         self.vmap_wrong = self.vmap_wrong or func in VMAP_WRONG
+        if func in PRODUCTS and self.running:
+            self._note_product(func, args, kwargs, result)
         inputs = [t for t in tensors_in((args, kwargs)) if _of_parameter(t, self.owner)]
         if inputs:
             # (after a first problem too: every unit whose parameters are used outside is wanted)
@@ -933,6 +950,18 @@ class Recorder(TorchFunctionMode):
                     )
             self._keep_view_made(result)
         return result
+
+    def _note_product(
+        self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], result: Any
+    ) -> None:
+        """Note a call of one of :data:`.functional.PRODUCTS` for each running unit on the
+        per-module fallback: the call and its result for its first, :data:`_SEVERAL` after."""
+        with _unwatched():
+            for unit in self.running:
+                if _on_fallback(unit):
+                    record = self.calling[unit]
+                    noted = (ProductCall.of(func, args, kwargs), result)
+                    record.product = noted if record.product is None else _SEVERAL
 
     def _keep_view_made(self, result: Any) -> None:
         """Keep the views of parameters in ``result``: made during the pass (views of

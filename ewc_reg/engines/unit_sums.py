@@ -37,6 +37,7 @@ from torch.utils import _pytree as pytree
 
 from .._batches import Batch
 from .base import describe
+from .functional import functional_sums
 from .functorch import FunctorchEngine
 from .loop import LoopEngine
 from .parametrized import made_sums, made_tensors
@@ -281,6 +282,11 @@ def unit_sums(
             names = unit.names.keys()
             args = (unit.module, *made, [record.args[0]], [grads[0]], names, memory_budget)
             if (sums := made_sums(*args)) is not None:
+                return sums
+        if record.product is not None:
+            names = unit.names.keys()
+            sums = functional_sums(unit.module, record.product, grads[0], names, memory_budget)
+            if sums is not None:
                 return sums
     return _fallback_sums(unit, record.calls(), grads, memory_budget)
 

@@ -1,0 +1,143 @@
+r"""Modules without a rule whose call ends in one ``F.linear`` or ``F.conv1d``/``2d``/``3d``
+on their input, with a weight (and bias) made from their parameters during the call: a layer
+that masks its weight (PackNet, Piggyback, HAT, SupSup: ``F.conv2d(x, self.weight *
+self.mask, self.bias, ...)``), adds a low-rank update to it, or calls ``F.linear`` on its own
+parameters (a ``MyLinear`` of one's own).
+
+Such a module's output is :math:`y = x W^\top + b` (or the convolution), so each sample's
+gradients of :math:`W` and :math:`b` are the class rules' products of output gradients and
+inputs (:func:`.parametrized.linear_factors`, :func:`.convolution.conv_factors`), and its
+parameters' are those pulled back through the part of the forward pass that made :math:`W`
+and :math:`b` from them, which autograd recorded: one ``torch.autograd.grad`` with
+``is_grads_batched=True`` per chunk of samples (or none, where :math:`W` is a parameter).
+
+The recorder notes the products called during a call of a unit on the per-module fallback
+(:meth:`.recording.Recorder.__torch_function__`) and keeps the call (:class:`ProductCall`)
+where it was the only one, its input was the module's input and its output the module's.
+The pull-back reaches the module's parameters only: one of another module used to make the
+weight is flagged as used outside its module (if selected), and a weight made from the batch
+mixes the samples, which the layout check finds (:mod:`.batch_checks`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .base import accumulation_dtype
+from .convolution import conv_factors
+from .parametrized import linear_factors, product_sums, unless_vmap_fails
+
+#: The products a call may end in, with their numbers of spatial dimensions (0: ``F.linear``).
+PRODUCTS: dict[Callable[..., Tensor], int] = {F.linear: 0, F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
+
+#: Their arguments after the input, weight and bias, with their defaults.
+_CONV_SETTINGS = (("stride", 1), ("padding", 0), ("dilation", 1), ("groups", 1))
+
+@dataclass(frozen=True)
+class ProductCall:
+    """A call of one of :data:`PRODUCTS`: ``input``, ``weight``, ``bias`` (``None`` without),
+    and for a convolution its settings as an ``nn.Conv*d`` keeps them (``kernel_size``,
+    ``stride``, ... as tuples)."""
+
+    spatial: int
+    input: Tensor
+    weight: Tensor
+    bias: Tensor | None
+    settings: dict[str, Any]
+
+    @staticmethod
+    def of(func: Callable[..., Tensor], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """The call ``func(*args, **kwargs)`` of one of :data:`PRODUCTS`, or ``None`` where its
+        arguments are not tensors where they should be."""
+        spatial = PRODUCTS[func]
+        settings_names = [name for name, _ in _CONV_SETTINGS] if spatial else []
+        given = dict(zip(("input", "weight", "bias", *settings_names), args), **kwargs)
+        x, weight, bias = given.get("input"), given.get("weight"), given.get("bias")
+        if not (isinstance(x, Tensor) and isinstance(weight, Tensor)):
+            return None
+        if bias is not None and not isinstance(bias, Tensor):
+            return None
+        settings: dict[str, Any] = {}
+        if spatial:
+            for name, default in _CONV_SETTINGS:
+                value = given.get(name, default)
+                if name != "groups" and not isinstance(value, str):
+                    value = tuple(value) if isinstance(value, (tuple, list)) else (value,) * spatial
+                settings[name] = value
+            settings["kernel_size"] = tuple(weight.shape[2:])
+            settings["padding_mode"] = "zeros"
+            settings["in_channels"] = weight.shape[1] * settings["groups"]
+            settings["out_channels"] = weight.shape[0]
+        return ProductCall(spatial, x, weight, bias, settings)
+
+
+class _Settings:
+    """A convolution's settings where :func:`.convolution.conv_factors` reads a module's."""
+
+    def __init__(self, settings: dict[str, Any]) -> None:
+        vars(self).update(settings)
+
+
+def functional_sums(
+    module: nn.Module,
+    call: ProductCall,
+    grads: Tensor,
+    names: Collection[str],
+    budget: int,
+) -> dict[str, Tensor] | None:
+    r"""The sums of the module's parameters ``names`` (relative to it) from its call that ended
+    in the product ``call`` and the gradients ``grads`` of its output (see the module
+    docstring), or ``None`` where neither the product's weight nor its bias is one of those
+    parameters or made from parameters, or where ``vmap`` failed on the pull-back
+    (:func:`.parametrized.unless_vmap_fails`)."""
+    params = {name: module.get_parameter(name) for name in names}
+    tensors = {"weight": call.weight, "bias": call.bias}
+    direct: dict[str, str] = {}  # (a tensor that is a parameter: its gradients are D's)
+    made: dict[str, Tensor] = {}  # (one made from parameters during the call)
+    for kind, tensor in tensors.items():
+        if tensor is None:
+            continue
+        name = next((n for n, p in params.items() if p is tensor), None)
+        if name is not None:
+            direct[kind] = name
+        elif tensor.grad_fn is not None:
+            made[kind] = tensor
+    if not (direct or made):
+        return None
+    wanted = [p for p in params.values() if p.requires_grad]
+    acc = accumulation_dtype(call.weight.dtype)
+    shapes = {kind: tensors[kind].shape for kind in (*direct, *made)}
+
+    def pull(products: dict[str, Tensor]) -> dict[str, Tensor]:
+        found = {direct[kind]: products[kind] for kind in direct}
+        if made and wanted:
+            outputs = list(made.values())
+            cotangents = [products[kind].to(t.dtype) for kind, t in made.items()]
+            pulled = torch.autograd.grad(
+                outputs,
+                wanted,
+                cotangents,
+                retain_graph=True,
+                allow_unused=True,
+                is_grads_batched=True,
+            )
+            for p, g in zip(wanted, pulled):
+                if g is not None:
+                    name = next(n for n, q in params.items() if q is p)
+                    found[name] = g.to(acc) if name not in found else found[name] + g.to(acc)
+        return found
+
+    if call.spatial:
+        joined, patches_of = conv_factors(_Settings(call.settings), [call.input], [grads], acc)
+    else:
+        joined, patches_of = linear_factors(module, [call.input], [grads], acc)
+    return unless_vmap_fails(
+        module, lambda: product_sums(joined, patches_of, shapes, pull, budget)
+    )
+
