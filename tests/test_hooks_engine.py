@@ -5225,3 +5225,30 @@ def test_the_sums_check_rejects_a_rule_off_by_a_thousandth(monkeypatch) -> None:
         fisher_diagonal(model, [(x, y)], "exact", backend="hooks")
     got = fisher_diagonal(model, [(x, y)], "exact")
     assert_close_dicts(got, brute_force_fisher(model, x, y, "exact"), 1e-10)
+
+
+class _WeightedTotal(nn.Module):
+    """One number per sample: ``(B, 4) -> (B,)``, a module without a rule."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (x * self.w).sum(1)
+
+
+class _Column(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return x.unsqueeze(1)
+
+
+def test_a_fallback_module_with_one_number_per_sample() -> None:
+    """A module on the per-module fallback whose output is ``(B,)``: its gradients ``(K, B)``
+    have no dimension to flatten (the hooks engine raised an IndexError in the check of the
+    sums and refused the model)."""
+    model = nn.Sequential(nn.Linear(4, 4), _WeightedTotal(), _Column(), nn.Linear(1, 3))
+    model.double().eval()
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    got = fisher_diagonal(model, [(x, y)], "exact", backend="hooks")
+    assert_close_dicts(got, brute_force_fisher(model, x, y, "exact"), 1e-10)

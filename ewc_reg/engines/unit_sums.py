@@ -447,6 +447,12 @@ def _unfolded(rows: torch.Size, leaf: Any) -> Any:
     return leaf
 
 
+def _flat(t: Tensor, lead: int) -> Tensor:
+    """``t`` with its dimensions after the first ``lead`` flattened into one (made where there
+    are none: an output of one number per sample, ``(B,)``, is ``(B, 1)``)."""
+    return t.reshape(*t.shape[:lead], -1)
+
+
 def _fallback_sums(
     unit: Unit, calls: list[Record], grads: list[Tensor | None], memory_budget: int
 ) -> dict[str, Tensor]:
@@ -470,7 +476,7 @@ def _fallback_sums(
     shapes = [shape for call in calls for shape in call.shapes]
     vectors = torch.cat(
         [
-            (g if g is not None else known.new_zeros(known.shape[0], *shape)).flatten(2)
+            _flat(g if g is not None else known.new_zeros(known.shape[0], *shape), 2)
             for g, shape in zip(grads, shapes)
         ],
         dim=2,
@@ -482,7 +488,7 @@ def _fallback_sums(
         flat = []
         for call, out in zip(live, outputs):
             leaves = pytree.tree_leaves(out)
-            flat += [leaves[i].flatten(1) for i in call.leaves]
+            flat += [_flat(leaves[i], 1) for i in call.leaves]
         return torch.cat(flat, dim=1)
 
     outside = [hooks_outside(member_rule(unit, call.member)) for call in live]
