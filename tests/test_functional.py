@@ -219,3 +219,31 @@ def test_float32_agrees_with_the_functorch_engine() -> None:
     with _on_products():
         got = fisher_diagonal(model, [(x, y)], "exact", backend="hooks")
     assert_close_dicts(got, fisher_diagonal(model, [(x, y)], "exact", backend="functorch"), 1e-5)
+
+
+class _VectorLinear(nn.Module):
+    """``F.linear`` with a 1-d weight: one number per sample, no output dimension."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(4))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight)
+
+
+class _Column(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return x.unsqueeze(1)
+
+
+def test_a_linear_with_a_vector_weight_stays_on_the_fallback() -> None:
+    """``F.linear(x, w)`` with ``w`` of shape ``(in,)``: not a layer's product."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), _VectorLinear(), _Column(), nn.Linear(1, 3))
+    model.double().eval()
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    with mock.patch.object(unit_sums, "functional_sums", wraps=unit_sums.functional_sums) as spy:
+        got = fisher_diagonal(model, [(x, y)], "exact", backend="hooks")
+    assert not spy.called
+    assert_close_dicts(got, brute_force_fisher(model, x, y, "exact"), 1e-10)

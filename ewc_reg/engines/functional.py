@@ -54,15 +54,18 @@ class ProductCall:
     @staticmethod
     def of(func: Callable[..., Tensor], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """The call ``func(*args, **kwargs)`` of one of :data:`PRODUCTS`, or ``None`` where its
-        arguments are not tensors where they should be."""
+        arguments are not tensors where they should be, or of other ranks than a layer's on
+        a batch (``F.linear`` with a 1-d weight, an unbatched input)."""
         spatial = PRODUCTS[func]
         settings_names = [name for name, _ in _CONV_SETTINGS] if spatial else []
         given = dict(zip(("input", "weight", "bias", *settings_names), args), **kwargs)
         x, weight, bias = given.get("input"), given.get("weight"), given.get("bias")
         if not (isinstance(x, Tensor) and isinstance(weight, Tensor)):
             return None
-        if bias is not None and not isinstance(bias, Tensor):
+        if bias is not None and not (isinstance(bias, Tensor) and bias.dim() == 1):
             return None
+        if weight.dim() != max(spatial + 2, 2) or x.dim() < max(spatial + 2, 2):
+            return None  # (a 1-d weight of F.linear, an input without the batch)
         settings: dict[str, Any] = {}
         if spatial:
             for name, default in _CONV_SETTINGS:
