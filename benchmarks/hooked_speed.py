@@ -8,13 +8,16 @@ alone). This benchmark times, side by side in one process, ``fisher_diagonal(mod
 method)`` (``backend="auto"``) on the reduced ResNet-18 of the Split CIFAR-10 benchmark
 (C=10) as it is, with a read-only forward hook on every convolution and linear layer (each
 stores its output), and with those layers on the per-module fallback, as hooked layers were
-(each given a ``forward`` of its own, which keeps a layer off its rule); and a plain
+(each given a ``forward`` of its own, which keeps a layer off its rule, and that copies its
+output, which keeps it off the products of :mod:`ewc_reg.engines.functional`); and a plain
 forward+backward of the same batch (the gradient of the mean cross-entropy). Also the models
 whose convolution and linear weights are made by a pre-hook (``torch.nn.utils.prune``: their
 class's rule, :func:`ewc_reg.engines.rules.pruned_rule`) or a parametrization
 (``torch.nn.utils.parametrizations.weight_norm``: their class's per-sample products pulled
-back through it, :mod:`ewc_reg.engines.parametrized`), with ``"auto"`` and with
-``backend="functorch"``. Rounds go
+back through it, :mod:`ewc_reg.engines.parametrized`), and those whose layers mask their
+weight in a ``forward`` of their own, ``F.conv2d(x, self.weight * self.mask, ...)``, as
+PackNet's, Piggyback's or HAT's do (the products pulled back through the masking,
+:mod:`ewc_reg.engines.functional`), with ``"auto"`` and with ``backend="functorch"``. Rounds go
 round-robin, order reversed every other round; medians, and ratios to the plain pass.
 
 Run: ``python -m benchmarks.hooked_speed [--repeats 3] [--threads 2] [--device cpu] [--quick]
@@ -56,14 +59,75 @@ VARIANTS = (
     "pruned, functorch engine",
     "weight_norm",
     "weight_norm, functorch engine",
+    "masked",
+    "masked, functorch engine",
 )
+
+
+class MaskedConv2d(nn.Conv2d):
+    """A convolution whose ``forward`` masks its weight with a fixed binary mask, as the layers
+    of PackNet, Piggyback or HAT do (no class rule: a ``forward`` of its own)."""
+
+    def __init__(self, layer: nn.Conv2d) -> None:
+        super().__init__(
+            layer.in_channels,
+            layer.out_channels,
+            layer.kernel_size,
+            layer.stride,
+            layer.padding,
+            layer.dilation,
+            layer.groups,
+            layer.bias is not None,
+            device=layer.weight.device,
+        )
+        self.load_state_dict(layer.state_dict())
+        self.register_buffer("mask", (torch.rand_like(self.weight) > 0.5).to(self.weight))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight * self.mask
+        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class MaskedLinear(nn.Linear):
+    """:class:`MaskedConv2d`'s linear twin."""
+
+    def __init__(self, layer: nn.Linear) -> None:
+        has_bias = layer.bias is not None
+        device = layer.weight.device
+        super().__init__(layer.in_features, layer.out_features, has_bias, device=device)
+        self.load_state_dict(layer.state_dict())
+        self.register_buffer("mask", (torch.rand_like(self.weight) > 0.5).to(self.weight))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight * self.mask, self.bias)
+
+
+def _copying(forward: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """``forward`` with its output copied: a module with it has no rule, and its output is not
+    that of a product it calls (:mod:`ewc_reg.engines.functional` would take it), so it goes
+    to the per-module fallback."""
+    return lambda *args: forward(*args).clone()
+
+
+def _masked(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with each convolution and linear layer a masked one."""
+    masked = copy.deepcopy(model)
+    for parent in list(masked.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Conv2d:
+                setattr(parent, name, MaskedConv2d(child))
+            elif type(child) is nn.Linear:
+                setattr(parent, name, MaskedLinear(child))
+    return masked
 
 
 def _variants(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
     """``model``, a copy with a read-only forward hook on every convolution and linear layer,
-    a copy whose such layers take the per-module fallback (a ``forward`` of their own), and
-    copies whose such layers' weights are pruned (half of each) or weight-normalized, each of
-    the last two on ``"auto"`` and on the functorch engine."""
+    a copy whose such layers take the per-module fallback (a ``forward`` of their own that
+    copies the output: :func:`_copying`), and
+    copies whose such layers' weights are pruned (half of each), weight-normalized or masked
+    by a ``forward`` of their own (:class:`MaskedConv2d`), each of the last three on
+    ``"auto"`` and on the functorch engine."""
     hooked, fallback, pruned, normed = (copy.deepcopy(model) for _ in range(4))
     stored: dict[str, torch.Tensor] = {}
     for name, layer in hooked.named_modules():
@@ -76,13 +140,15 @@ def _variants(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
         for copy_ in (fallback, pruned, normed)
     ]
     for layer in layers[0]:
-        layer.forward = layer.forward  # (an instance forward: no rule)
+        layer.forward = _copying(layer.forward)  # (an instance forward: no rule)
     for layer in layers[1]:
         prune.l1_unstructured(layer, "weight", amount=0.5)
     for layer in layers[2]:
         parametrizations.weight_norm(layer)
-    models = (model, hooked, fallback, pruned, pruned, normed, normed)
+    masked = _masked(model)
+    models = (model, hooked, fallback, pruned, pruned, normed, normed, masked, masked)
     backends = ("auto", "auto", "auto", "auto", "functorch", "auto", "functorch")
+    backends += ("auto", "functorch")
     return dict(zip(VARIANTS, zip(models, backends)))
 
 
@@ -135,8 +201,8 @@ def report(timed: dict[str, dict[str, list[float]]], args: argparse.Namespace) -
     """Markdown: one row per method and contender, the median in ms and its ratio."""
     device = torch.device(args.device)
     lines = [
-        "# Forward hooks, and weights made by pre-hooks or parametrizations: what they cost the "
-        "Fisher",
+        "# Forward hooks, and weights made by pre-hooks, parametrizations or a forward of their "
+        "own: what they cost the Fisher",
         "",
         f"`python -m benchmarks.hooked_speed --repeats {args.repeats} --threads {args.threads} "
         f"--device {args.device}{' --quick' * args.quick}` · ewc_reg {ewc_reg.__version__} · "

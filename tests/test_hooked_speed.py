@@ -20,7 +20,7 @@ def test_hooked_speed_writes_table(tmp_path):
 
 def test_the_variants_differ_only_in_the_way_their_layers_are_computed():
     """The hooked model keeps every rule, the fallback variant loses those of its convolution
-    and linear layers, and so do the pruned and weight-normalized ones; the first three give
+    and linear layers, and so do the pruned, weight-normalized and masked ones; the first three give
     the same Fisher, and each of the last two the same on both its backends."""
     variants = hooked_speed._variants(ReducedResNet18(10).eval())
     rules = {
@@ -28,7 +28,7 @@ def test_the_variants_differ_only_in_the_way_their_layers_are_computed():
         for name, (m, _) in variants.items()
     }
     assert rules["no hooks"] == rules["hooked"] and not any(rules["hooked"])
-    for name in ("on the per-module fallback", "pruned", "weight_norm"):
+    for name in ("on the per-module fallback", "pruned", "weight_norm", "masked"):
         assert sum(rules[name]) > 0
     x, y = torch.randn(3, 3, 32, 32), torch.randint(0, 10, (3,))
     fishers = {
@@ -36,7 +36,8 @@ def test_the_variants_differ_only_in_the_way_their_layers_are_computed():
         for name, (m, backend) in variants.items()
     }
     pairs = [("no hooks", "hooked"), ("no hooks", "on the per-module fallback")]
-    pairs += [(name, f"{name}, functorch engine") for name in ("pruned", "weight_norm")]
+    made = ("pruned", "weight_norm", "masked")
+    pairs += [(name, f"{name}, functorch engine") for name in made]
     for first, other in pairs:
         assert fishers[first].keys() == fishers[other].keys()
         for name, f in fishers[first].items():

@@ -17,6 +17,11 @@ where it was the only one, its input was the module's input and its output the m
 The pull-back reaches the module's parameters only: one of another module used to make the
 weight is flagged as used outside its module (if selected), and a weight made from the batch
 mixes the samples, which the layout check finds (:mod:`.batch_checks`).
+
+With every convolution and linear layer of the reduced ResNet-18 masked (C=10, N=32, one
+thread; ``benchmarks/results/hooked_speed.md``), ``exact`` takes 7.4 times a forward+backward,
+against 9.1 on the functorch engine; on the per-module fallback, where such layers went
+before, it took 3.3 times the unmasked model's time (one measurement).
 """
 
 from __future__ import annotations
