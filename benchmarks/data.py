@@ -52,14 +52,21 @@ class DataUnavailable(RuntimeError):
 
 
 def _torchvision_split(
-    dataset: type, name: str, root: str, folder: Path, urls: Sequence[str], train: bool
+    dataset: type,
+    name: str,
+    root: str,
+    folder: Path,
+    files: Sequence[str],
+    urls: Sequence[str],
+    train: bool,
 ) -> Any:
     """``dataset(root, train=train, download=True)``: torchvision downloads what is missing
-    from ``urls`` into ``folder`` under ``root``.
+    of ``files`` from ``urls`` into ``folder`` under ``root``.
 
     When that fails the directories the attempt made are removed again (those left empty), and
-    :class:`DataUnavailable` says where the data was expected and where it comes from, in one
-    line instead of torchvision's traceback of the failed download.
+    :class:`DataUnavailable` says where the data was expected, which files are missing there
+    and where they come from, in one line instead of torchvision's traceback of the failed
+    download (whose message names the first file it tried, which may be one that is there).
     """
     made = [path for path in (folder, *folder.parents) if not path.exists()]  # deepest first
     try:
@@ -69,9 +76,11 @@ def _torchvision_split(
             with suppress(OSError):  # not empty: a partial download stays for a retry
                 path.rmdir()
         reason = " ".join(str(err).split())
+        missing = [file for file in files if not (folder / file).exists()]
         raise DataUnavailable(
             f"{name} is not (complete) in {folder} (torchvision's folder under the data root "
-            f"{root}) and could not be downloaded from {' or '.join(urls)}: {reason}"
+            f"{root}; missing: {', '.join(missing) or 'none, but a file is damaged'}) and "
+            f"could not be downloaded from {' or '.join(urls)}: {reason}"
         ) from err
 
 
@@ -81,8 +90,10 @@ def load_mnist(root: str) -> ArrayData:
 
     folder = Path(root).expanduser() / MNIST.__name__ / "raw"  # (torchvision's MNIST.raw_folder)
 
+    files = [Path(url).name.removesuffix(".gz") for url, _ in MNIST.resources]
+
     def split(train: bool) -> tuple[Tensor, Tensor]:
-        ds = _torchvision_split(MNIST, "MNIST", root, folder, MNIST.mirrors, train)
+        ds = _torchvision_split(MNIST, "MNIST", root, folder, files, MNIST.mirrors, train)
         return ds.data.float().div_(255).unsqueeze(1), ds.targets.long()
 
     return ArrayData(*split(True), *split(False))
@@ -97,8 +108,11 @@ def load_cifar10(root: str) -> ArrayData:
 
     folder = Path(root).expanduser() / CIFAR10.base_folder
 
+    files = [file for file, _ in CIFAR10.train_list + CIFAR10.test_list]
+    files.append(CIFAR10.meta["filename"])
+
     def split(train: bool) -> tuple[Tensor, Tensor]:
-        ds = _torchvision_split(CIFAR10, "CIFAR-10", root, folder, [CIFAR10.url], train)
+        ds = _torchvision_split(CIFAR10, "CIFAR-10", root, folder, files, [CIFAR10.url], train)
         x = torch.from_numpy(ds.data).permute(0, 3, 1, 2).float().div_(255)
         return (x - mean) / std, torch.tensor(ds.targets, dtype=torch.long)
 

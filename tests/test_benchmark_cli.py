@@ -161,6 +161,27 @@ def test_missing_data_is_one_clear_error_and_leaves_no_directories(
     assert not out.exists()
 
 
+def test_a_partial_mnist_folder_names_the_missing_files(tmp_path, no_network) -> None:
+    """A data folder holding half of MNIST's files: the error lists the two missing ones
+    (torchvision's own message names the first file it tried to download, which is there) and
+    the folder and its files stay."""
+    root = tmp_path / "data"
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for present in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"):
+        (raw / present).write_bytes(b"")
+    argv = ["--methods", "none", "--seeds", "0", "--iters", "1", "--workers", "1",
+            "--data-root", str(root), "--out", str(tmp_path / "out")]
+    with pytest.raises(SystemExit) as exit_info:
+        main(MNIST, argv)
+    message = str(exit_info.value.code)
+    assert "missing: t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte)" in message
+    assert sorted(p.name for p in raw.iterdir()) == [
+        "train-images-idx3-ubyte",
+        "train-labels-idx1-ubyte",
+    ]
+
+
 def test_a_failed_download_keeps_what_was_in_the_root(tmp_path, no_network):
     root = tmp_path / "data"
     (root / "MNIST").mkdir(parents=True)
