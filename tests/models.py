@@ -41,3 +41,19 @@ def randomize_bn(model: nn.Module) -> None:
                 m.running_var.uniform_(0.5, 2.0)
                 m.weight.uniform_(0.5, 1.5)
                 m.bias.normal_()
+
+
+class Doubled(torch.autograd.Function):
+    """``2 X`` whose backward reads a number out of its gradient: ``vmap`` cannot run it."""
+
+    @staticmethod
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return 2 * x
+
+    @staticmethod
+    def setup_context(ctx: object, inputs: tuple[torch.Tensor], output: torch.Tensor) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx: object, grad: torch.Tensor) -> torch.Tensor:
+        return grad * (2.0 + 0.0 * grad.sum().item())

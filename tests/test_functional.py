@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from ewc_reg import fisher_diagonal
 from ewc_reg.engines import parametrized, unit_sums
 
+from .models import Doubled
 from .reference import assert_close_dicts, brute_force_fisher
 
 
@@ -177,25 +178,9 @@ def test_some_of_the_parameters() -> None:
     assert_close_dicts(got, {name: want[name] for name in names}, 1e-10)
 
 
-class _Doubled(torch.autograd.Function):
-    """``2 W`` whose backward reads a number out of its gradient: ``vmap`` cannot run it."""
-
-    @staticmethod
-    def forward(w: Tensor) -> Tensor:
-        return 2 * w
-
-    @staticmethod
-    def setup_context(ctx: object, inputs: tuple[Tensor], output: Tensor) -> None:
-        pass
-
-    @staticmethod
-    def backward(ctx: object, grad: Tensor) -> Tensor:
-        return grad * (2.0 + 0.0 * grad.sum().item())
-
-
 class _DoubledLinear(PlainLinear):
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, _Doubled.apply(self.weight), self.bias)
+        return F.linear(x, Doubled.apply(self.weight), self.bias)
 
 
 def test_a_weight_vmap_cannot_pull_back_through_goes_to_the_fallback(caplog) -> None:

@@ -19,6 +19,7 @@ from torch.nn.utils import parametrizations, parametrize
 from ewc_reg import fisher_diagonal
 from ewc_reg.engines import parametrized, unit_sums
 
+from .models import Doubled
 from .reference import assert_close_dicts, brute_force_fisher
 
 
@@ -157,25 +158,9 @@ def test_some_parameters_and_small_chunks(budget) -> None:
     assert_close_dicts(got, {name: want[name] for name in names}, 1e-10)
 
 
-class _NoBatchingRule(torch.autograd.Function):
-    """``2 X`` whose backward reads a number out of its gradient: ``vmap`` cannot run it."""
-
-    @staticmethod
-    def forward(x: Tensor) -> Tensor:
-        return 2 * x
-
-    @staticmethod
-    def setup_context(ctx: object, inputs: tuple[Tensor], output: Tensor) -> None:
-        pass
-
-    @staticmethod
-    def backward(ctx: object, grad: Tensor) -> Tensor:
-        return grad * (2.0 + 0.0 * grad.sum().item())
-
-
 class _Doubled(nn.Module):
     def forward(self, weight: Tensor) -> Tensor:
-        return _NoBatchingRule.apply(weight)
+        return Doubled.apply(weight)
 
 
 def test_a_parametrization_vmap_cannot_run_goes_to_the_fallback(caplog) -> None:
