@@ -75,6 +75,45 @@ class MergedLowRank(nn.Module):
         return F.linear(x, self.base + 0.5 * self.b @ self.a, torch.tanh(self.shift))
 
 
+class _Binarizer(torch.autograd.Function):
+    """Piggyback's threshold with a straight-through gradient (an old-style Function)."""
+
+    @staticmethod
+    def forward(ctx: object, scores: Tensor, threshold: float) -> Tensor:
+        return (scores > threshold).to(scores.dtype)
+
+    @staticmethod
+    def backward(ctx: object, grad: Tensor) -> tuple[Tensor, None]:
+        return grad, None
+
+
+class PiggybackConv(nn.Conv2d):
+    """Piggyback: a frozen weight masked by thresholded real-valued scores, which learn."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        self.scores = nn.Parameter(torch.rand_like(self.weight) * 0.02)
+        self.weight.requires_grad_(False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        mask = _Binarizer.apply(self.scores, 0.01)
+        return F.conv2d(x, self.weight * mask, self.bias, self.stride, self.padding)
+
+
+class HatLinear(nn.Linear):
+    """HAT: a task's attention mask, a sigmoid of its embedding, on the layer's outputs (its
+    weight's rows and its bias)."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        self.embedding = nn.Parameter(torch.randn(3, self.out_features))
+        self.task = 1
+
+    def forward(self, x: Tensor) -> Tensor:
+        mask = torch.sigmoid(4 * self.embedding[self.task])
+        return F.linear(x, self.weight * mask[:, None], self.bias * mask)
+
+
 def _head(features: int) -> nn.Module:
     return nn.Sequential(nn.Tanh(), nn.Flatten(), nn.Linear(features, 3))
 
@@ -89,6 +128,10 @@ MODELS = {
     "plain linear": lambda: (nn.Sequential(PlainLinear(5, 4, True), _head(4)), (6, 5)),
     "plain linear, no bias": lambda: (nn.Sequential(PlainLinear(5, 4, False), _head(4)), (6, 5)),
     "merged low rank": lambda: (nn.Sequential(MergedLowRank(5, 4), _head(4)), (6, 5)),
+    "piggyback conv, hat linear": lambda: (
+        nn.Sequential(PiggybackConv(2, 3, 3, padding=1), nn.Tanh(), nn.Flatten(), HatLinear(48, 3)),
+        (6, 2, 4, 4),
+    ),
     "conv1d": lambda: (nn.Sequential(MaskedConv(1, 2, 4, stride=2), _head(4 * 3)), (6, 2, 7)),
     "conv2d same, dilated": lambda: (
         nn.Sequential(MaskedConv(2, 2, 4, padding="same", dilation=2), _head(4 * 25)),
