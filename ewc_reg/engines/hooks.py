@@ -23,7 +23,12 @@ normalisations, keep only their per-sample reduced gradients);
 and the rules of :mod:`.rules` turn ``(x, G)`` into
 :math:`\sum_n \sum_k ((\partial y_n/\partial\theta)^\top G_{nk})^{\odot 2}`
 (for ``Linear`` without per-sample gradients at all; :mod:`.unit_sums` takes a unit's
-recorded calls to its sums). A parametrised module without a rule (or whose rule declines the
+recorded calls to its sums). A layer whose weight is made from other parameters, by pruning
+(:func:`.rules.pruned_rule`), a parametrization or the old ``weight_norm``
+(:mod:`.parametrized`), or by a ``forward`` of its own that ends in one ``F.linear`` or
+``F.conv*d`` on its input (a masked layer: :mod:`.functional`), takes its class's per-sample
+products pulled back through how the weight was made. Any other parametrised module without
+a rule (or whose rule declines the
 call) is handled by :class:`~.functorch.FunctorchEngine` applied to that module alone, with
 its recorded input and ``G`` as the vectors (its output tensors cloned while recording when
 there are several: :func:`.recording._separate_leaves`). The parameters of a module that contains
