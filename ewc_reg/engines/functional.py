@@ -44,6 +44,7 @@ PRODUCTS: dict[Callable[..., Tensor], int] = {F.linear: 0, F.conv1d: 1, F.conv2d
 #: Their arguments after the input, weight and bias, with their defaults.
 _CONV_SETTINGS = (("stride", 1), ("padding", 0), ("dilation", 1), ("groups", 1))
 
+
 @dataclass(frozen=True)
 class ProductCall:
     """A call of one of :data:`PRODUCTS`: ``input``, ``weight``, ``bias`` (``None`` without),
@@ -57,7 +58,9 @@ class ProductCall:
     settings: dict[str, Any]
 
     @staticmethod
-    def of(func: Callable[..., Tensor], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    def of(
+        func: Callable[..., Tensor], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> ProductCall | None:
         """The call ``func(*args, **kwargs)`` of one of :data:`PRODUCTS`, or ``None`` where its
         arguments are not tensors where they should be, or of other ranks than a layer's on
         a batch (``F.linear`` with a 1-d weight, an unbatched input)."""
@@ -69,7 +72,8 @@ class ProductCall:
             return None
         if bias is not None and not (isinstance(bias, Tensor) and bias.dim() == 1):
             return None
-        if weight.dim() != max(spatial + 2, 2) or x.dim() < max(spatial + 2, 2):
+        batched = x.dim() == spatial + 2 if spatial else x.dim() >= 2
+        if weight.dim() != spatial + 2 or not batched:
             return None  # (a 1-d weight of F.linear, an input without the batch)
         settings: dict[str, Any] = {}
         if spatial:
