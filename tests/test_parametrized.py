@@ -205,3 +205,21 @@ def test_float32_agrees_with_the_functorch_engine() -> None:
         got = fisher_diagonal(model, [(x, y)], "exact", backend="hooks")
     want = fisher_diagonal(model, [(x, y)], "exact", backend="functorch")
     _assert_close(got, want, 1e-5)
+
+
+def test_a_parametrization_with_a_parameter_is_part_of_its_layers_unit() -> None:
+    """The parameters of a parametrization (and the tensors it makes the weight of) are the
+    parametrized layer's: one unit, taken at once (the parametrization was a unit of its own,
+    without the batch in its output, and the layer's parameters went through per-sample
+    copies and shadowed copies before the engine found a way)."""
+    from ewc_reg.engines.recording import plan
+
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    parametrize.register_parametrization(model[0], "weight", _Scaled(4, torch.float64))
+    for whole_parents in (False, True):
+        units = plan(model, dict(model.named_parameters()), whole_parents=whole_parents)
+        assert len(units) == 2
+        assert (units[0].path, sorted(units[0].names)) == (
+            "0",
+            ["bias", "parametrizations.weight.0.s", "parametrizations.weight.original"],
+        )

@@ -227,9 +227,11 @@ PARAMETER_CONTAINERS = (nn.ParameterDict, nn.ParameterList)
 def own_parameters(module: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
     """The parameters registered on ``module`` itself, on its children of
     :data:`PARAMETER_CONTAINERS` (``"adapter.default"``) and, for a module parametrized by
-    ``torch.nn.utils.parametrize``, on its parametrizations' lists (the tensors its weight is
-    made of, ``"parametrizations.weight.original0"``, used while it runs), by name relative to
-    it (duplicates included); none for a container or such a list itself."""
+    ``torch.nn.utils.parametrize``, in its parametrizations' lists (the tensors its weight is
+    made of, ``"parametrizations.weight.original0"``, and the parameters of the
+    parametrizations, ``"parametrizations.weight.0.scale"``, used while it runs), by name
+    relative to it (duplicates included); none for a container or such a list itself, nor for
+    the modules inside such a list (:func:`in_parametrizations` tells them)."""
     if isinstance(module, (*PARAMETER_CONTAINERS, parametrize.ParametrizationList)):
         return
     yield from module.named_parameters(recurse=False, remove_duplicate=False)
@@ -239,7 +241,20 @@ def own_parameters(module: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
     if parametrize.is_parametrized(module):
         for tensor, chain in module.parametrizations.items():
             prefix = f"parametrizations.{tensor}"
-            yield from chain.named_parameters(prefix, recurse=False, remove_duplicate=False)
+            yield from chain.named_parameters(prefix, remove_duplicate=False)
+
+
+def in_parametrizations(model: nn.Module) -> set[int]:
+    """The ids of the modules inside the parametrization lists of ``model``'s parametrized
+    modules (a parametrization with parameters of its own, ``"parametrizations.weight.0"``):
+    they own none, their parameters being those of the module they make a tensor of
+    (:func:`own_parameters`)."""
+    return {
+        id(inner)
+        for chain in model.modules()
+        if isinstance(chain, parametrize.ParametrizationList)
+        for inner in chain.modules()
+    }
 
 
 def describe(path: str) -> str:

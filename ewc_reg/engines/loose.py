@@ -30,7 +30,14 @@ import torch
 from torch import Tensor, nn
 
 from .._batches import Batch
-from .base import OutputFn, accumulation_dtype, own_parameters, swapped_call, tensors_in
+from .base import (
+    OutputFn,
+    accumulation_dtype,
+    in_parametrizations,
+    own_parameters,
+    swapped_call,
+    tensors_in,
+)
 from .rules import ACCUMULATIONS, CALL_RULES, feed_all
 from .shadows import Shadows
 
@@ -42,10 +49,11 @@ def loose_parameters(model: nn.Module, params: dict[str, Tensor]) -> dict[str, T
     name_of = {id(p): name for name, p in params.items()}
     owned: dict[str, list[str]] = {}  # module path -> names of its own selected parameters
     attention: list[str] = []
+    chained = in_parametrizations(model)  # (their parameters are the parametrized module's)
     for path, module in model.named_modules(remove_duplicate=False):
         if isinstance(module, nn.MultiheadAttention):
             attention.append(path)
-        for _, p in own_parameters(module):
+        for _, p in () if id(module) in chained else own_parameters(module):
             if id(p) in name_of:
                 owned.setdefault(path, []).append(name_of[id(p)])
     # (the modules some other owner lies inside: each owner's proper ancestors, "" the root's;

@@ -20,7 +20,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 from .._batches import Batch
-from .base import VMAP_WRONG, describe, inside, own_parameters, tensors_in
+from .base import VMAP_WRONG, describe, in_parametrizations, inside, own_parameters, tensors_in
 from .functional import PRODUCTS, ProductCall
 from .loose import loose_parameters
 from .rules import (
@@ -483,6 +483,7 @@ def plan(
     owners: dict[str, tuple[nn.Module, dict[str, str]]] = {}  # by path, in pre-order
     attention: tuple[str, nn.Module] | None = None  # the last nn.MultiheadAttention seen
     script: str | None = None  # the path of the last TorchScript module seen
+    chained = in_parametrizations(model)  # (their parameters are the parametrized module's)
     if global_forward_pre_hooks():  # (they run before the recorder's: it sees their inputs)
         raise Unsupported(
             "forward pre-hooks are registered for every module "
@@ -504,7 +505,7 @@ def plan(
             (unit_path, unit_module), prefix = attention, path[len(attention[0]) + 1 :] + "."
         if path in whole and not (attention is not None and inside(path, attention[0])):
             owners.setdefault(unit_path, (unit_module, {}))
-        for local, p in own_parameters(module):
+        for local, p in () if id(module) in chained else own_parameters(module):
             if id(p) not in wanted:
                 continue
             if in_script:
