@@ -102,10 +102,10 @@ class Made:
 
 def made_tensors(module: nn.Module) -> tuple[Rule, list[Made]] | None:
     """The rule of the class of a layer whose weight or bias is made from other parameters
-    (see the module docstring), which has :data:`Factors`, and how they are made; ``None``
-    for any other module, and for one
-    with other hooks, a ``forward`` of its own, a class whose rule has no factors or declines
-    its settings, or parameters its class does not know and that make none of its tensors."""
+    (see the module docstring), a rule with :data:`Factors`, and how the tensors are made.
+    ``None`` for any other module, and for one with other hooks, a ``forward`` of its own, a
+    class whose rule has no factors or declines its settings, or parameters its class does
+    not know that make none of its tensors."""
     cls = type(module)
     made: list[Made] = []
     if parametrize.is_parametrized(module):
