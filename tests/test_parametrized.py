@@ -223,3 +223,40 @@ def test_a_parametrization_with_a_parameter_is_part_of_its_layers_unit() -> None
             "0",
             ["bias", "parametrizations.weight.0.s", "parametrizations.weight.original"],
         )
+
+
+class _Twice(nn.Module):
+    """A layer applied to its own output (a square linear layer) or to two inputs (a
+    convolution on each half of the channels, siamese), then a head."""
+
+    def __init__(self, layer: nn.Module, features: int) -> None:
+        super().__init__()
+        self.layer, self.head = layer, nn.Linear(features, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if isinstance(self.layer, nn.Linear):
+            h = self.layer(torch.tanh(self.layer(x)))
+        else:
+            left, right = x.chunk(2, dim=1)
+            h = torch.cat([self.layer(left), torch.tanh(self.layer(right))], 1)
+        return self.head(torch.tanh(h).flatten(1))
+
+
+@pytest.mark.parametrize("maker", ["weight_norm", "spectral_norm", "old weight_norm"])
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_a_made_layer_called_twice(maker, kind) -> None:
+    """Each sample's gradient of the made weight is summed over the layer's calls (their
+    products joined along positions) before it is pulled back: the per-module fallback took
+    such layers before."""
+    torch.manual_seed(0)
+    if kind == "linear":
+        model, x = _Twice(nn.Linear(4, 4), 4), torch.randn(6, 4)
+    else:
+        model, x = _Twice(nn.Conv2d(2, 3, 3, padding=1), 6 * 16), torch.randn(6, 4, 4, 4)
+    model.double()
+    MAKERS[maker](model.layer)
+    model.eval()
+    x, y = x.double(), torch.randint(0, 3, (6,))
+    with _pulled_back():
+        got = fisher_diagonal(model, [(x, y)], "exact", backend="hooks")
+    _assert_close(got, brute_force_fisher(model, x, y, "exact"), 1e-10)

@@ -259,9 +259,7 @@ def unit_sums(
     elif by_rule(unit, record):
         return unit.rule(unit.module, record.args[0], grads[0], unit.names.keys(), memory_budget)
     elif (unit.rule in REDUCTIONS or unit.rule in SEVERAL_CALLS) and _plain_calls(record):
-        calls = [call for call in record.calls() if call.edges]  # (one output each)
-        given = [(call.args[0], g) for call, g in zip(calls, grads) if g is not None]
-        xs, gs = [x for x, _ in given], [g for _, g in given]
+        xs, gs = _inputs_and_gradients(record, grads)
         if unit.rule in REDUCTIONS:  # (reduced to per-sample gradients: they add up)
             summed = functools.reduce(torch.add, gs)
             return unit.rule(unit.module, xs[0], summed, unit.names.keys(), memory_budget)
@@ -274,21 +272,32 @@ def unit_sums(
         sums = tied_sums(unit.module, record.calls(), grads, names, memory_budget)
         if sums is not None:
             return sums
-    elif not record.more and _plain_calls(record) and grads[0] is not None:
-        if (pruned := pruned_rule(unit.module)) is not None and _takes_rows(pruned[0], record):
+    elif _plain_calls(record) and any(g is not None for g in grads):
+        names = unit.names.keys()
+        pruned = None if record.more else pruned_rule(unit.module)
+        if pruned is not None and _takes_rows(pruned[0], record):
             return _pruned_sums(unit, record.args[0], grads[0], *pruned, memory_budget)
         made = made_tensors(unit.module)
-        if made is not None and _takes_rows(made[0], record):
-            names = unit.names.keys()
-            args = (unit.module, *made, [record.args[0]], [grads[0]], names, memory_budget)
-            if (sums := made_sums(*args)) is not None:
+        if made is not None and all(_takes_rows(made[0], call) for call in record.calls()):
+            xs, gs = _inputs_and_gradients(record, grads)  # (calls joined along positions)
+            if (sums := made_sums(unit.module, *made, xs, gs, names, memory_budget)) is not None:
                 return sums
-        if record.product is not None:
-            names = unit.names.keys()
+        if not record.more and record.product is not None:
             sums = functional_sums(unit.module, record.product, grads[0], names, memory_budget)
             if sums is not None:
                 return sums
     return _fallback_sums(unit, record.calls(), grads, memory_budget)
+
+
+def _inputs_and_gradients(
+    record: Record, grads: list[Tensor | None]
+) -> tuple[list[Tensor], list[Tensor]]:
+    """The inputs ``x`` of a unit's calls ``module(x)`` and the gradients of their outputs,
+    of the calls whose outputs got some (``grads``: those of the calls with an edge, one each,
+    in order)."""
+    calls = [call for call in record.calls() if call.edges]
+    given = [(call.args[0], g) for call, g in zip(calls, grads) if g is not None]
+    return [x for x, _ in given], [g for _, g in given]
 
 
 def _pruned_sums(
