@@ -275,3 +275,47 @@ def test_a_linear_with_a_vector_weight_stays_on_the_fallback() -> None:
         got = fisher_diagonal(model, [(x, y)], "exact", backend="hooks")
     assert not spy.called
     assert_close_dicts(got, brute_force_fisher(model, x, y, "exact"), 1e-10)
+
+
+class _Twice(nn.Module):
+    """A masked layer applied to its own output (linear) or to each half of the channels
+    (a siamese convolution), then a head."""
+
+    def __init__(self, layer: nn.Module, features: int) -> None:
+        super().__init__()
+        self.layer, self.head = layer, nn.Linear(features, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if isinstance(self.layer, nn.Linear):
+            h = self.layer(torch.tanh(self.layer(x)))
+        else:
+            left, right = x.chunk(2, dim=1)
+            h = torch.cat([self.layer(left), torch.tanh(self.layer(right))], 1)
+        return self.head(torch.tanh(h).flatten(1))
+
+
+class _AlternatingMask(MaskedLinear):
+    """Its mask flips at every call: each call's weight is made differently."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.mask = 1 - self.mask
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("layer", ["masked linear", "masked conv", "alternating mask"])
+@pytest.mark.parametrize("method", ["exact", "empirical"])
+def test_a_masked_layer_called_twice(layer, method) -> None:
+    """Each call's products are pulled back through the graph that made that call's weight,
+    all at once, so that each sample's gradients add up over the calls before squaring (the
+    per-module fallback took such layers before)."""
+    torch.manual_seed(0)
+    if layer == "masked conv":
+        model, x = _Twice(MaskedConv(2, 2, 3, padding=1), 6 * 16), torch.randn(6, 4, 4, 4)
+    else:
+        module = MaskedLinear if layer == "masked linear" else _AlternatingMask
+        model, x = _Twice(module(4, 4), 4), torch.randn(6, 4)
+    model.double().eval()
+    x, y = x.double(), torch.randint(0, 3, (6,))
+    with _on_products():
+        got = fisher_diagonal(model, [(x, y)], method, backend="hooks")
+    assert_close_dicts(got, brute_force_fisher(model, x, y, method), 1e-10)

@@ -26,6 +26,7 @@ before, it took 3.3 times the unmasked model's time (one measurement).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
@@ -98,39 +99,52 @@ class _Settings:
 
 def functional_sums(
     module: nn.Module,
-    call: ProductCall,
-    grads: Tensor,
+    calls: list[ProductCall],
+    grads: list[Tensor],
     names: Collection[str],
     budget: int,
 ) -> dict[str, Tensor] | None:
-    r"""The sums of the module's parameters ``names`` (relative to it) from its call that ended
-    in the product ``call`` and the gradients ``grads`` of its output (see the module
-    docstring), or ``None`` where neither the product's weight nor its bias is one of those
-    parameters or made from parameters, or where ``vmap`` failed on the pull-back
-    (:func:`.parametrized.unless_vmap_fails`)."""
+    r"""The sums of the module's parameters ``names`` (relative to it) from its calls that each
+    ended in the product of ``calls``, and the gradients ``grads`` of their outputs (see the
+    module docstring): each call's products pulled back through the graph that made that
+    call's weight and bias, all in one ``autograd.grad``, so that each sample's gradients add
+    up over the calls before they are squared. ``None`` where the calls' weights (or biases)
+    are not all one of those parameters, or all made from parameters, of one shape, or where
+    ``vmap`` failed on the pull-back (:func:`.parametrized.unless_vmap_fails`)."""
     params = {name: module.get_parameter(name) for name in names}
-    tensors = {"weight": call.weight, "bias": call.bias}
-    direct: dict[str, str] = {}  # (a tensor that is a parameter: its gradients are D's)
-    made: dict[str, Tensor] = {}  # (one made from parameters during the call)
-    for kind, tensor in tensors.items():
-        if tensor is None:
+    direct: dict[str, str] = {}  # (tensors that are a parameter: its gradients are D's)
+    made: list[str] = []  # (tensors made from parameters during the calls)
+    for kind in ("weight", "bias"):
+        tensors = [getattr(call, kind) for call in calls]
+        if all(t is None for t in tensors):
             continue
-        name = next((n for n, p in params.items() if p is tensor), None)
-        if name is not None:
-            direct[kind] = name
-        elif tensor.grad_fn is not None:
-            made[kind] = tensor
+        if any(t is None or t.shape != tensors[0].shape for t in tensors):
+            return None
+        param = next((n for n, p in params.items() if p is tensors[0]), None)
+        if param is not None and all(t is tensors[0] for t in tensors):
+            direct[kind] = param
+        elif all(t.grad_fn is not None for t in tensors):
+            made.append(kind)
+        elif any(t.grad_fn is not None or any(t is p for p in params.values()) for t in tensors):
+            return None  # (a parameter, or made, in some calls and not in others)
+        # (else a constant in every call: a buffer, a detached tensor)
     if not (direct or made):
         return None
     wanted = [p for p in params.values() if p.requires_grad]
-    acc = accumulation_dtype(call.weight.dtype)
-    shapes = {kind: tensors[kind].shape for kind in (*direct, *made)}
+    acc = accumulation_dtype(calls[0].weight.dtype)
+    shapes = {kind: getattr(calls[0], kind).shape for kind in (*direct, *made)}
 
-    def pull(products: dict[str, Tensor]) -> dict[str, Tensor]:
-        found = {direct[kind]: products[kind] for kind in direct}
+    def pull(products: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        found: dict[str, Tensor] = {}
+        for kind, name in direct.items():
+            found[name] = functools.reduce(torch.add, (d[kind] for d in products))
         if made and wanted:
-            outputs = list(made.values())
-            cotangents = [products[kind].to(t.dtype) for kind, t in made.items()]
+            outputs = [getattr(call, kind) for call in calls for kind in made]
+            cotangents = [
+                d[kind].to(getattr(call, kind).dtype)
+                for call, d in zip(calls, products)
+                for kind in made
+            ]
             pulled = torch.autograd.grad(
                 outputs,
                 wanted,
@@ -145,11 +159,11 @@ def functional_sums(
                     found[name] = g.to(acc) if name not in found else found[name] + g.to(acc)
         return found
 
-    if call.spatial:
-        joined, patches_of = conv_factors(_Settings(call.settings), [call.input], [grads], acc)
-    else:
-        joined, patches_of = linear_factors(module, [call.input], [grads], acc)
-    return unless_vmap_fails(
-        module, lambda: product_sums(joined, patches_of, shapes, pull, budget)
-    )
+    factors = [
+        conv_factors(_Settings(call.settings), [call.input], [g], acc)
+        if call.spatial
+        else linear_factors(module, [call.input], [g], acc)
+        for call, g in zip(calls, grads)
+    ]
+    return unless_vmap_fails(module, lambda: product_sums(factors, shapes, pull, budget))
 

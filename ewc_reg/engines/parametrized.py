@@ -210,47 +210,52 @@ def _made_sums(
     for name in plain:
         shapes[name] = getattr(module, name).shape
 
-    def pull(products: dict[str, Tensor]) -> dict[str, Tensor]:
-        grads = {name: products[name] for name in plain}
+    def pull(products: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        (found,) = products  # (the calls' products joined: one group)
+        grads = {name: found[name] for name in plain}
         for m in needed:
-            grads.update(zip(m.params, vmap(pulls[m.name])(products[m.name])))
+            grads.update(zip(m.params, vmap(pulls[m.name])(found[m.name])))
         return {name: g for name, g in grads.items() if name in names}
 
-    joined, patches_of = factors(module, xs, grads, acc)
-    return product_sums(joined, patches_of, shapes, pull, budget)
+    return product_sums([factors(module, xs, grads, acc)], shapes, pull, budget)
 
 
 #: ``pull(D) -> {name: gradients}``: each sample's gradients of a layer's parameters from each
-#: sample's gradients of the tensors of its product, ``D = {"weight": (n, *W.shape), "bias":
-#: (n, out)}`` (those asked for) for ``n`` pairs of a sample and a vector, by parameter name,
-#: ``(n, *p.shape)`` each.
-Pull = Callable[[dict[str, Tensor]], dict[str, Tensor]]
+#: sample's gradients of the tensors of its products, ``D``, one dict per group of factors
+#: (:func:`product_sums`), ``{"weight": (n, *W.shape), "bias": (n, out)}`` (those asked for)
+#: for ``n`` pairs of a sample and a vector; by parameter name, ``(n, *p.shape)`` each.
+Pull = Callable[[list[dict[str, Tensor]]], dict[str, Tensor]]
 
 
 def product_sums(
-    joined: Tensor,
-    patches_of: Callable[[slice], Tensor],
+    factors: list[tuple[Tensor, Callable[[slice], Tensor]]],
     shapes: dict[str, torch.Size],
     pull: Pull,
     budget: int,
 ) -> dict[str, Tensor]:
     r""":math:`\sum_{n,k}` of the squares of what ``pull`` makes of the per-sample gradients
-    :math:`D_{nk}` of the product's tensors ``shapes`` (``"weight"``, ``"bias"``) from its
-    :data:`Factors` ``joined`` ``(K, B, g, O, L)`` and ``patches_of``, a chunk of samples at a
-    time within ``budget`` bytes (on CPU at most :data:`.rules.CHUNK_BYTES`)."""
-    num_vectors, batch, groups, out, _ = joined.shape
-    numbers = num_vectors * sum(shape.numel() for shape in shapes.values())
-    per_sample = 4 * numbers * joined.element_size()  # (D, its pull-backs and their squares)
+    :math:`D_{nk}` of the products' tensors ``shapes`` (``"weight"``, ``"bias"``), one product
+    per group of :data:`Factors` ``(joined, patches_of)`` (``joined`` of shape
+    ``(K, B, g, O, L)``; one group for calls whose products are summed before the pull-back,
+    one per call where each call's tensors are pulled back on their own), a chunk of samples
+    at a time within ``budget`` bytes (on CPU at most :data:`.rules.CHUNK_BYTES`)."""
+    num_vectors, batch, groups, out, _ = factors[0][0].shape
+    numbers = len(factors) * num_vectors * sum(shape.numel() for shape in shapes.values())
+    size, device = factors[0][0].element_size(), factors[0][0].device
+    per_sample = 4 * numbers * size  # (D, its pull-backs and their squares)
     sums: dict[str, Tensor] = {}
-    for chunk in sample_chunks(batch, per_sample, chunk_budget(budget, joined.device)):
-        products = {}
-        for name, shape in shapes.items():
-            if name == "weight":  # (b, g, K, O, P) -> (b K, *shape)
-                d = per_sample_products(joined, patches_of(chunk), chunk)
-                products[name] = d.transpose(1, 2).reshape(-1, *shape)
-            else:  # (K, b, g, O, L) -> (b K, g O)
-                d = joined[:, chunk].sum(-1).transpose(0, 1)
-                products[name] = d.reshape(-1, groups * out)
+    for chunk in sample_chunks(batch, per_sample, chunk_budget(budget, device)):
+        products = []
+        for joined, patches_of in factors:
+            found = {}
+            for name, shape in shapes.items():
+                if name == "weight":  # (b, g, K, O, P) -> (b K, *shape)
+                    d = per_sample_products(joined, patches_of(chunk), chunk)
+                    found[name] = d.transpose(1, 2).reshape(-1, *shape)
+                else:  # (K, b, g, O, L) -> (b K, g O)
+                    d = joined[:, chunk].sum(-1).transpose(0, 1)
+                    found[name] = d.reshape(-1, groups * out)
+            products.append(found)
         for name, grads in pull(products).items():
             sums[name] = added(sums.get(name), grads.square().sum(0))
     return sums

@@ -282,8 +282,11 @@ def unit_sums(
             xs, gs = _inputs_and_gradients(record, grads)  # (calls joined along positions)
             if (sums := made_sums(unit.module, *made, xs, gs, names, memory_budget)) is not None:
                 return sums
-        if not record.more and record.product is not None:
-            sums = functional_sums(unit.module, record.product, grads[0], names, memory_budget)
+        live = [call for call in record.calls() if call.edges]
+        ended = [(call.product, g) for call, g in zip(live, grads) if g is not None]
+        if all(product is not None for product, _ in ended):
+            products, gs = [product for product, _ in ended], [g for _, g in ended]
+            sums = functional_sums(unit.module, products, gs, names, memory_budget)
             if sums is not None:
                 return sums
     return _fallback_sums(unit, record.calls(), grads, memory_budget)
