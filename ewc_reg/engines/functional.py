@@ -9,7 +9,14 @@ gradients of :math:`W` and :math:`b` are the class rules' products of output gra
 inputs (:func:`.parametrized.linear_factors`, :func:`.convolution.conv_factors`), and its
 parameters' are those pulled back through the part of the forward pass that made :math:`W`
 and :math:`b` from them, which autograd recorded: one ``torch.autograd.grad`` with
-``is_grads_batched=True`` per chunk of samples (or none, where :math:`W` is a parameter).
+``is_grads_batched=True`` per chunk of samples (or none, where :math:`W` is a parameter). A
+module called more than once has each call's products pulled back through the graph that
+made that call's :math:`W`, in the same ``autograd.grad``, so that each sample's gradients
+add up over the calls before they are squared,
+
+.. math::
+
+    \partial_\theta = \sum_t \big(\partial W^{(t)}/\partial\theta\big)^\top D^{(t)}_{nk}.
 
 The recorder notes the products called during a call of a unit on the per-module fallback
 (:meth:`.recording.Recorder.__torch_function__`) and keeps the call (:class:`ProductCall`)
