@@ -260,3 +260,26 @@ def test_a_made_layer_called_twice(maker, kind) -> None:
     with _pulled_back():
         got = fisher_diagonal(model, [(x, y)], "exact", backend="hooks")
     _assert_close(got, brute_force_fisher(model, x, y, "exact"), 1e-10)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_a_pruned_layer_called_twice(kind, bias) -> None:
+    """A pruned layer called more than once (its class's rule takes one call): its weight,
+    ``weight_orig * weight_mask``, pulled back like a made one over its calls joined."""
+    from torch.nn.utils import prune
+
+    torch.manual_seed(0)
+    if kind == "linear":
+        model, x = _Twice(nn.Linear(4, 4), 4), torch.randn(6, 4)
+    else:
+        model, x = _Twice(nn.Conv2d(2, 3, 3, padding=1), 6 * 16), torch.randn(6, 4, 4, 4)
+    model.double()
+    prune.l1_unstructured(model.layer, "weight", 0.5)
+    if bias:
+        prune.random_unstructured(model.layer, "bias", 0.5)
+    model.eval()
+    x, y = x.double(), torch.randint(0, 3, (6,))
+    with _pulled_back():
+        got = fisher_diagonal(model, [(x, y)], "exact", backend="hooks")
+    _assert_close(got, brute_force_fisher(model, x, y, "exact"), 1e-10)

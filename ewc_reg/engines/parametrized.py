@@ -1,7 +1,9 @@
 r"""Layers whose weight or bias is made from other parameters: by ``torch.nn.utils.parametrize``
 (``parametrizations.weight_norm``, ``spectral_norm``, ``orthogonal``, or a parametrization of
-one's own) or by the older ``torch.nn.utils.weight_norm`` (a forward pre-hook), on a layer
-whose class computes the per-sample gradients of its tensors as a product
+one's own) or by the older ``torch.nn.utils.weight_norm`` (a forward pre-hook), or pruned by
+``torch.nn.utils.prune`` and called more than once (called once, its class's rule takes it:
+:func:`.rules.pruned_rule`), on a layer whose class computes the per-sample gradients of its
+tensors as a product
 (:data:`PER_SAMPLE`: ``nn.Linear``, ``nn.Conv1d``/``2d``/``3d``).
 
 Such a layer computes what its class computes, with a tensor :math:`t = P(o_1, \dots, o_m)`
@@ -39,7 +41,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vjp, vmap
-from torch.nn.utils import parametrize
+from torch.nn.utils import parametrize, prune
 from torch.nn.utils.weight_norm import WeightNorm
 
 from .base import accumulation_dtype
@@ -117,13 +119,17 @@ def made_tensors(module: nn.Module) -> tuple[Rule, list[Made]] | None:
             inner = dict(chain.named_parameters())
             params = {f"parametrizations.{name}.{n}": p for n, p in inner.items()}
             made.append(Made(name, params, _parametrization(chain, list(inner))))
-    pre_hooks = list(module._forward_pre_hooks.values())
-    for hook in pre_hooks:
-        if not isinstance(hook, WeightNorm):
+    for hook in module._forward_pre_hooks.values():
+        if isinstance(hook, WeightNorm):
+            params = {f"{hook.name}_g": getattr(module, f"{hook.name}_g")}
+            params[f"{hook.name}_v"] = getattr(module, f"{hook.name}_v")
+            made.append(Made(hook.name, params, _old_weight_norm(hook.dim)))
+        elif isinstance(hook, prune.BasePruningMethod):  # (rules.pruned_rule takes one call)
+            name = hook._tensor_name
+            params = {f"{name}_orig": getattr(module, f"{name}_orig")}
+            made.append(Made(name, params, _masked(getattr(module, f"{name}_mask"))))
+        else:
             return None
-        params = {f"{hook.name}_g": getattr(module, f"{hook.name}_g")}
-        params[f"{hook.name}_v"] = getattr(module, f"{hook.name}_v")
-        made.append(Made(hook.name, params, _old_weight_norm(hook.dim)))
     if not made or module._forward_hooks or global_forward_hooks() or "forward" in vars(module):
         return None
     entry = class_entry(cls)
@@ -140,6 +146,11 @@ def _parametrization(chain: nn.Module, names: list[str]) -> Callable[..., Tensor
     """The tensor a ``torch.nn.utils.parametrize`` chain makes, as a function of its
     parameters ``names`` (its buffers as they are: a ``spectral_norm``'s vectors)."""
     return lambda *values: functional_call(chain, dict(zip(names, values)), ())
+
+
+def _masked(mask: Tensor) -> Callable[[Tensor], Tensor]:
+    r"""``torch.nn.utils.prune``'s :math:`t = t_{orig} \odot m`."""
+    return lambda original: original * mask
 
 
 def _old_weight_norm(dim: int) -> Callable[[Tensor, Tensor], Tensor]:
