@@ -92,24 +92,37 @@ def _assert_close(got: dict[str, Tensor], want: dict[str, Tensor], rtol: float) 
         assert error <= rtol * overall, f"{name}: error {error:.3g} of {overall:.3g}"
 
 
+#: The two ways such a layer's sums are made: each call's recorded product pulled back through
+#: the graph that made its weight (:mod:`ewc_reg.engines.functional`; tried first), or the
+#: made tensors pulled back by ``torch.func.vjp``
+#: (:func:`ewc_reg.engines.parametrized.made_sums`: where no product was recorded, as for a
+#: convolution with ``padding_mode="reflect"``, which pads its input first).
+WAYS = ("recorded", "made")
+
+
 @contextlib.contextmanager
-def _pulled_back() -> Iterator[None]:
-    """Inside, the per-module fallback fails; at the end, the made tensors' sums must have
-    been asked for (other ways, shadowed per-sample copies of the made tensors' parameters,
-    may take a layer whose weight and bias are both made)."""
+def _pulled_back(way: str) -> Iterator[None]:
+    """Inside, the per-module fallback fails, and for ``"made"`` the recorded products
+    decline; at the end, the sums of ``way`` must have been asked for."""
     refused = AssertionError("per-module fallback")
-    with (
-        mock.patch.object(unit_sums, "_fallback_sums", side_effect=refused),
-        mock.patch.object(unit_sums, "made_sums", wraps=unit_sums.made_sums) as spy,
-    ):
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(mock.patch.object(unit_sums, "_fallback_sums", side_effect=refused))
+        if way == "made":
+            stack.enter_context(mock.patch.object(unit_sums, "functional_sums", return_value=None))
+        used = "functional_sums" if way == "recorded" else "made_sums"
+        wrapped = mock.patch.object(unit_sums, used, wraps=getattr(unit_sums, used))
+        spy = stack.enter_context(wrapped)
         yield
     assert spy.called
 
 
+@pytest.mark.parametrize("way", WAYS)
 @pytest.mark.parametrize("maker", list(MAKERS))
 @pytest.mark.parametrize("kind", ["conv2d", "conv1d", "sequence"])
 @pytest.mark.parametrize("method", ["exact", "empirical"])
-def test_made_tensors_are_pulled_back_through_how_they_are_made(maker, kind, method) -> None:
+def test_made_tensors_are_pulled_back_through_how_they_are_made(
+    maker, kind, method, way
+) -> None:
     """Every layer's weight made by ``maker``: the per-sample gradients of the made tensor,
     pulled back through how it is made, match brute force (they went to the per-module
     fallback, which took 2.5 times the functorch engine's time on a ResNet-18 under
@@ -121,12 +134,13 @@ def test_made_tensors_are_pulled_back_through_how_they_are_made(maker, kind, met
             MAKERS[maker](layer)
     model.eval()
     y = torch.randint(0, 3, (x.shape[0],))
-    with _pulled_back():
+    with _pulled_back(way):
         got = fisher_diagonal(model, [(x, y)], method, backend="hooks")
     _assert_close(got, brute_force_fisher(model, x, y, method), 1e-10)
 
 
-def test_orthogonal_weights() -> None:
+@pytest.mark.parametrize("way", WAYS)
+def test_orthogonal_weights(way) -> None:
     """``parametrizations.orthogonal`` (a matrix exponential of the original) on a square
     linear layer."""
     torch.manual_seed(0)
@@ -134,13 +148,14 @@ def test_orthogonal_weights() -> None:
     parametrizations.orthogonal(model[0])
     model.eval()
     x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
-    with _pulled_back():
+    with _pulled_back(way):
         got = fisher_diagonal(model, [(x, y)], "exact", backend="hooks")
     assert_close_dicts(got, brute_force_fisher(model, x, y, "exact"), 1e-10)
 
 
+@pytest.mark.parametrize("way", WAYS)
 @pytest.mark.parametrize("budget", [1, 2**16])
-def test_some_parameters_and_small_chunks(budget) -> None:
+def test_some_parameters_and_small_chunks(budget, way) -> None:
     """A selection of some of the tensors a weight is made of (``v`` without ``g``) and the
     bias beside them, a few samples at a time (one at a time for a budget of 1 byte)."""
     torch.manual_seed(0)
@@ -150,7 +165,7 @@ def test_some_parameters_and_small_chunks(budget) -> None:
     model.eval()
     y = torch.randint(0, 3, (x.shape[0],))
     names = ["0.parametrizations.weight.original1", "0.bias", "2.parametrizations.weight.original0"]
-    with _pulled_back():
+    with _pulled_back(way):
         got = fisher_diagonal(
             model, [(x, y)], "exact", backend="hooks", params=names, memory_budget=budget
         )
@@ -192,7 +207,8 @@ def test_a_hooked_parametrized_layer_goes_to_the_fallback() -> None:
     assert_close_dicts(got, brute_force_fisher(model, x, y, "exact"), 1e-10)
 
 
-def test_float32_agrees_with_the_functorch_engine() -> None:
+@pytest.mark.parametrize("way", WAYS)
+def test_float32_agrees_with_the_functorch_engine(way) -> None:
     """In float32, within 1e-5 of the functorch engine (the issue's target)."""
     torch.manual_seed(0)
     model, x = _model("conv2d")
@@ -201,7 +217,7 @@ def test_float32_agrees_with_the_functorch_engine() -> None:
             parametrizations.weight_norm(layer)
     model.float().eval()
     x, y = x.float(), torch.randint(0, 3, (x.shape[0],))
-    with _pulled_back():
+    with _pulled_back(way):
         got = fisher_diagonal(model, [(x, y)], "exact", backend="hooks")
     want = fisher_diagonal(model, [(x, y)], "exact", backend="functorch")
     _assert_close(got, want, 1e-5)
@@ -242,9 +258,10 @@ class _Twice(nn.Module):
         return self.head(torch.tanh(h).flatten(1))
 
 
+@pytest.mark.parametrize("way", WAYS)
 @pytest.mark.parametrize("maker", ["weight_norm", "spectral_norm", "old weight_norm"])
 @pytest.mark.parametrize("kind", ["linear", "conv"])
-def test_a_made_layer_called_twice(maker, kind) -> None:
+def test_a_made_layer_called_twice(maker, kind, way) -> None:
     """Each sample's gradient of the made weight is summed over the layer's calls (their
     products joined along positions) before it is pulled back: the per-module fallback took
     such layers before."""
@@ -257,14 +274,15 @@ def test_a_made_layer_called_twice(maker, kind) -> None:
     MAKERS[maker](model.layer)
     model.eval()
     x, y = x.double(), torch.randint(0, 3, (6,))
-    with _pulled_back():
+    with _pulled_back(way):
         got = fisher_diagonal(model, [(x, y)], "exact", backend="hooks")
     _assert_close(got, brute_force_fisher(model, x, y, "exact"), 1e-10)
 
 
+@pytest.mark.parametrize("way", WAYS)
 @pytest.mark.parametrize("kind", ["linear", "conv"])
 @pytest.mark.parametrize("bias", [False, True])
-def test_a_pruned_layer_called_twice(kind, bias) -> None:
+def test_a_pruned_layer_called_twice(kind, bias, way) -> None:
     """A pruned layer called more than once (its class's rule takes one call): its weight,
     ``weight_orig * weight_mask``, pulled back like a made one over its calls joined."""
     from torch.nn.utils import prune
@@ -280,6 +298,43 @@ def test_a_pruned_layer_called_twice(kind, bias) -> None:
         prune.random_unstructured(model.layer, "bias", 0.5)
     model.eval()
     x, y = x.double(), torch.randint(0, 3, (6,))
-    with _pulled_back():
+    with _pulled_back(way):
         got = fisher_diagonal(model, [(x, y)], "exact", backend="hooks")
     _assert_close(got, brute_force_fisher(model, x, y, "exact"), 1e-10)
+
+
+class _SetScale(nn.Module):
+    """A parametrization with a state the model sets before each call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = 1.0
+
+    def forward(self, weight: Tensor) -> Tensor:
+        return weight * self.scale
+
+
+class _Rescaled(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer, self.head = nn.Linear(4, 4), nn.Linear(4, 3)
+        parametrize.register_parametrization(self.layer, "weight", _SetScale())
+
+    def forward(self, x: Tensor) -> Tensor:
+        chain = self.layer.parametrizations.weight
+        chain[0].scale = 1.0
+        h = torch.tanh(self.layer(x))
+        chain[0].scale = -2.0
+        return self.head(torch.tanh(self.layer(h)))
+
+
+def test_a_parametrization_whose_state_changes_between_calls() -> None:
+    """Each call's weight as that call made it: the recorded products are pulled back through
+    each call's own graph (the made tensors, made once again afterwards with the last call's
+    state, were wrong, and the check of the sums refused the model)."""
+    torch.manual_seed(0)
+    model = _Rescaled().double().eval()
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    with _pulled_back("recorded"):
+        got = fisher_diagonal(model, [(x, y)], "exact", backend="hooks")
+    assert_close_dicts(got, brute_force_fisher(model, x, y, "exact"), 1e-10)
