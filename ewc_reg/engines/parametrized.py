@@ -22,8 +22,12 @@ Jacobian is diagonal so that the squares of :math:`D` suffice
 divides each row by its norm), so :math:`D` is formed: a chunk of samples at a time, by the
 class's product of output gradients and inputs (:func:`.rules.per_sample_products`), then
 pulled back through :math:`P` by ``torch.func.vjp``, vmapped over the chunk's samples and
-vectors. A parametrization ``vmap`` cannot run goes, with its layer, to the per-module
-fallback (remembered: :data:`unvmappable`).
+vectors. The hooks engine takes this way where the layer's calls ended in no recorded product
+(a convolution with ``padding_mode="reflect"`` pads its input first; rows folded into the
+batch dimension); where they did, it pulls each call's product back through the graph that
+made its weight (:mod:`.functional`), which sees the parametrization as it was in that call.
+A parametrization ``vmap`` cannot run goes, with its layer, to the per-module fallback
+(remembered: :data:`unvmappable`).
 
 With every convolution and linear layer of the reduced ResNet-18 under ``weight_norm`` (C=10,
 N=32, one thread), ``exact`` takes 7.9 times a forward+backward, against 11.8 on the functorch
