@@ -26,8 +26,8 @@ weight is flagged as used outside its module (if selected), and a weight made fr
 mixes the samples, which the layout check finds (:mod:`.batch_checks`).
 
 With every convolution and linear layer of the reduced ResNet-18 masked (C=10, N=32, one
-thread; ``benchmarks/results/hooked_speed.md``), ``exact`` takes 7.4 times a forward+backward,
-against 9.1 on the functorch engine; on the per-module fallback, where such layers went
+thread; ``benchmarks/results/hooked_speed.md``), ``exact`` takes 7.6 times a forward+backward,
+against 9.3 on the functorch engine; on the per-module fallback, where such layers went
 before, it took 3.3 times the unmasked model's time (one measurement).
 """
 

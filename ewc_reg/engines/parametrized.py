@@ -30,7 +30,7 @@ A parametrization ``vmap`` cannot run goes, with its layer, to the per-module fa
 (remembered: :data:`unvmappable`).
 
 With every convolution and linear layer of the reduced ResNet-18 under ``weight_norm`` (C=10,
-N=32, one thread), ``exact`` takes 7.9 times a forward+backward, against 11.8 on the functorch
+N=32, one thread), ``exact`` takes 8.1 times a forward+backward, against 11.7 on the functorch
 engine; before, on per-sample copies of the layers' parameters and a looped pull-back, it
 took 33.1 (``benchmarks/results/hooked_speed.md``).
 """
