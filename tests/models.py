@@ -57,3 +57,20 @@ class Doubled(torch.autograd.Function):
     @staticmethod
     def backward(ctx: object, grad: torch.Tensor) -> torch.Tensor:
         return grad * (2.0 + 0.0 * grad.sum().item())
+
+
+class Twice(nn.Module):
+    """A layer applied to its own output (a square linear layer) or to each half of the
+    channels (a convolution, siamese), then a head of 3 classes."""
+
+    def __init__(self, layer: nn.Module, features: int) -> None:
+        super().__init__()
+        self.layer, self.head = layer, nn.Linear(features, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.layer, nn.Linear):
+            h = self.layer(torch.tanh(self.layer(x)))
+        else:
+            left, right = x.chunk(2, dim=1)
+            h = torch.cat([self.layer(left), torch.tanh(self.layer(right))], 1)
+        return self.head(torch.tanh(h).flatten(1))

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from ewc_reg import fisher_diagonal
 from ewc_reg.engines import parametrized, unit_sums
 
-from .models import Doubled
+from .models import Doubled, Twice
 from .reference import assert_close_dicts, brute_force_fisher
 
 
@@ -277,23 +277,6 @@ def test_a_linear_with_a_vector_weight_stays_on_the_fallback() -> None:
     assert_close_dicts(got, brute_force_fisher(model, x, y, "exact"), 1e-10)
 
 
-class _Twice(nn.Module):
-    """A masked layer applied to its own output (linear) or to each half of the channels
-    (a siamese convolution), then a head."""
-
-    def __init__(self, layer: nn.Module, features: int) -> None:
-        super().__init__()
-        self.layer, self.head = layer, nn.Linear(features, 3)
-
-    def forward(self, x: Tensor) -> Tensor:
-        if isinstance(self.layer, nn.Linear):
-            h = self.layer(torch.tanh(self.layer(x)))
-        else:
-            left, right = x.chunk(2, dim=1)
-            h = torch.cat([self.layer(left), torch.tanh(self.layer(right))], 1)
-        return self.head(torch.tanh(h).flatten(1))
-
-
 class _AlternatingMask(MaskedLinear):
     """Its mask flips at every call: each call's weight is made differently."""
 
@@ -310,10 +293,10 @@ def test_a_masked_layer_called_twice(layer, method) -> None:
     per-module fallback took such layers before)."""
     torch.manual_seed(0)
     if layer == "masked conv":
-        model, x = _Twice(MaskedConv(2, 2, 3, padding=1), 6 * 16), torch.randn(6, 4, 4, 4)
+        model, x = Twice(MaskedConv(2, 2, 3, padding=1), 6 * 16), torch.randn(6, 4, 4, 4)
     else:
         module = MaskedLinear if layer == "masked linear" else _AlternatingMask
-        model, x = _Twice(module(4, 4), 4), torch.randn(6, 4)
+        model, x = Twice(module(4, 4), 4), torch.randn(6, 4)
     model.double().eval()
     x, y = x.double(), torch.randint(0, 3, (6,))
     with _on_products():

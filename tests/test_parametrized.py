@@ -19,7 +19,7 @@ from torch.nn.utils import parametrizations, parametrize
 from ewc_reg import fisher_diagonal
 from ewc_reg.engines import parametrized, unit_sums
 
-from .models import Doubled
+from .models import Doubled, Twice
 from .reference import assert_close_dicts, brute_force_fisher
 
 
@@ -241,21 +241,14 @@ def test_a_parametrization_with_a_parameter_is_part_of_its_layers_unit() -> None
         )
 
 
-class _Twice(nn.Module):
-    """A layer applied to its own output (a square linear layer) or to two inputs (a
-    convolution on each half of the channels, siamese), then a head."""
-
-    def __init__(self, layer: nn.Module, features: int) -> None:
-        super().__init__()
-        self.layer, self.head = layer, nn.Linear(features, 3)
-
-    def forward(self, x: Tensor) -> Tensor:
-        if isinstance(self.layer, nn.Linear):
-            h = self.layer(torch.tanh(self.layer(x)))
-        else:
-            left, right = x.chunk(2, dim=1)
-            h = torch.cat([self.layer(left), torch.tanh(self.layer(right))], 1)
-        return self.head(torch.tanh(h).flatten(1))
+def _twice(kind: str) -> tuple[nn.Module, Tensor]:
+    """A float64 :class:`Twice` of a square linear layer or a convolution, and its input."""
+    torch.manual_seed(0)
+    if kind == "linear":
+        model, x = Twice(nn.Linear(4, 4), 4), torch.randn(6, 4)
+    else:
+        model, x = Twice(nn.Conv2d(2, 3, 3, padding=1), 6 * 16), torch.randn(6, 4, 4, 4)
+    return model.double(), x
 
 
 @pytest.mark.parametrize("way", WAYS)
@@ -265,12 +258,7 @@ def test_a_made_layer_called_twice(maker, kind, way) -> None:
     """Each sample's gradient of the made weight is summed over the layer's calls (their
     products joined along positions) before it is pulled back: the per-module fallback took
     such layers before."""
-    torch.manual_seed(0)
-    if kind == "linear":
-        model, x = _Twice(nn.Linear(4, 4), 4), torch.randn(6, 4)
-    else:
-        model, x = _Twice(nn.Conv2d(2, 3, 3, padding=1), 6 * 16), torch.randn(6, 4, 4, 4)
-    model.double()
+    model, x = _twice(kind)
     MAKERS[maker](model.layer)
     model.eval()
     x, y = x.double(), torch.randint(0, 3, (6,))
@@ -287,12 +275,7 @@ def test_a_pruned_layer_called_twice(kind, bias, way) -> None:
     ``weight_orig * weight_mask``, pulled back like a made one over its calls joined."""
     from torch.nn.utils import prune
 
-    torch.manual_seed(0)
-    if kind == "linear":
-        model, x = _Twice(nn.Linear(4, 4), 4), torch.randn(6, 4)
-    else:
-        model, x = _Twice(nn.Conv2d(2, 3, 3, padding=1), 6 * 16), torch.randn(6, 4, 4, 4)
-    model.double()
+    model, x = _twice(kind)
     prune.l1_unstructured(model.layer, "weight", 0.5)
     if bias:
         prune.random_unstructured(model.layer, "bias", 0.5)
