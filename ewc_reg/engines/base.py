@@ -230,8 +230,8 @@ def own_parameters(module: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
     ``torch.nn.utils.parametrize``, in its parametrizations' lists (the tensors its weight is
     made of, ``"parametrizations.weight.original0"``, and the parameters of the
     parametrizations, ``"parametrizations.weight.0.scale"``, used while it runs), by name
-    relative to it (duplicates included); none for a container or such a list itself, nor for
-    the modules inside such a list (:func:`in_parametrizations` tells them)."""
+    relative to it (duplicates included); none for a container or such a list itself (nor for
+    the modules inside such a list: :func:`modules_and_own_parameters`)."""
     if isinstance(module, (*PARAMETER_CONTAINERS, parametrize.ParametrizationList)):
         return
     yield from module.named_parameters(recurse=False, remove_duplicate=False)
@@ -244,17 +244,21 @@ def own_parameters(module: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
             yield from chain.named_parameters(prefix, remove_duplicate=False)
 
 
-def in_parametrizations(model: nn.Module) -> set[int]:
-    """The ids of the modules inside the parametrization lists of ``model``'s parametrized
-    modules (a parametrization with parameters of its own, ``"parametrizations.weight.0"``):
-    they own none, their parameters being those of the module they make a tensor of
-    (:func:`own_parameters`)."""
-    return {
+def modules_and_own_parameters(
+    model: nn.Module,
+) -> Iterator[tuple[str, nn.Module, Iterator[tuple[str, nn.Parameter]]]]:
+    """Every module of ``model`` by path (``named_modules(remove_duplicate=False)``), with its
+    :func:`own_parameters`; none for the modules inside a parametrization list (a
+    parametrization with parameters of its own, ``"parametrizations.weight.0"``), whose
+    parameters are those of the module they make a tensor of."""
+    chained = {
         id(inner)
         for chain in model.modules()
         if isinstance(chain, parametrize.ParametrizationList)
         for inner in chain.modules()
     }
+    for path, module in model.named_modules(remove_duplicate=False):
+        yield path, module, iter(()) if id(module) in chained else own_parameters(module)
 
 
 def describe(path: str) -> str:

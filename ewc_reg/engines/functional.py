@@ -137,16 +137,16 @@ def functional_sums(
         # (else a constant in every call: a buffer, a detached tensor)
     if not (direct or made):
         return None
-    wanted = [p for p in params.values() if p.requires_grad]
+    wanted = {name: p for name, p in params.items() if p.requires_grad}
     acc = accumulation_dtype(calls[0].weight.dtype)
     shapes = {kind: getattr(calls[0], kind).shape for kind in (*direct, *made)}
+    outputs = [getattr(call, kind) for call in calls for kind in made]
 
     def pull(products: list[dict[str, Tensor]]) -> dict[str, Tensor]:
         found: dict[str, Tensor] = {}
         for kind, name in direct.items():
             found[name] = functools.reduce(torch.add, (d[kind] for d in products))
         if made and wanted:
-            outputs = [getattr(call, kind) for call in calls for kind in made]
             cotangents = [
                 d[kind].to(getattr(call, kind).dtype)
                 for call, d in zip(calls, products)
@@ -154,15 +154,14 @@ def functional_sums(
             ]
             pulled = torch.autograd.grad(
                 outputs,
-                wanted,
+                list(wanted.values()),
                 cotangents,
                 retain_graph=True,
                 allow_unused=True,
                 is_grads_batched=True,
             )
-            for p, g in zip(wanted, pulled):
+            for name, g in zip(wanted, pulled):
                 if g is not None:
-                    name = next(n for n, q in params.items() if q is p)
                     found[name] = g.to(acc) if name not in found else found[name] + g.to(acc)
         return found
 

@@ -33,8 +33,7 @@ from .._batches import Batch
 from .base import (
     OutputFn,
     accumulation_dtype,
-    in_parametrizations,
-    own_parameters,
+    modules_and_own_parameters,
     swapped_call,
     tensors_in,
 )
@@ -49,11 +48,10 @@ def loose_parameters(model: nn.Module, params: dict[str, Tensor]) -> dict[str, T
     name_of = {id(p): name for name, p in params.items()}
     owned: dict[str, list[str]] = {}  # module path -> names of its own selected parameters
     attention: list[str] = []
-    chained = in_parametrizations(model)  # (their parameters are the parametrized module's)
-    for path, module in model.named_modules(remove_duplicate=False):
+    for path, module, own in modules_and_own_parameters(model):
         if isinstance(module, nn.MultiheadAttention):
             attention.append(path)
-        for _, p in () if id(module) in chained else own_parameters(module):
+        for _, p in own:
             if id(p) in name_of:
                 owned.setdefault(path, []).append(name_of[id(p)])
     # (the modules some other owner lies inside: each owner's proper ancestors, "" the root's;

@@ -20,7 +20,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 from .._batches import Batch
-from .base import VMAP_WRONG, describe, in_parametrizations, inside, own_parameters, tensors_in
+from .base import VMAP_WRONG, describe, inside, modules_and_own_parameters, tensors_in
 from .functional import PRODUCTS, ProductCall
 from .loose import loose_parameters
 from .rules import (
@@ -483,13 +483,12 @@ def plan(
     owners: dict[str, tuple[nn.Module, dict[str, str]]] = {}  # by path, in pre-order
     attention: tuple[str, nn.Module] | None = None  # the last nn.MultiheadAttention seen
     script: str | None = None  # the path of the last TorchScript module seen
-    chained = in_parametrizations(model)  # (their parameters are the parametrized module's)
     if global_forward_pre_hooks():  # (they run before the recorder's: it sees their inputs)
         raise Unsupported(
             "forward pre-hooks are registered for every module "
             "(torch.nn.modules.module.register_module_forward_pre_hook)"
         )
-    for path, module in model.named_modules(remove_duplicate=False):
+    for path, module, own in modules_and_own_parameters(model):
         in_script = script is not None and (path == script or inside(path, script))
         if isinstance(module, torch.jit.ScriptModule) and not in_script:
             script, in_script = path, True
@@ -505,7 +504,7 @@ def plan(
             (unit_path, unit_module), prefix = attention, path[len(attention[0]) + 1 :] + "."
         if path in whole and not (attention is not None and inside(path, attention[0])):
             owners.setdefault(unit_path, (unit_module, {}))
-        for local, p in () if id(module) in chained else own_parameters(module):
+        for local, p in own:
             if id(p) not in wanted:
                 continue
             if in_script:
@@ -958,11 +957,16 @@ class Recorder(TorchFunctionMode):
         """Note a call of one of :data:`.functional.PRODUCTS` for each running unit on the
         per-module fallback: the call and its result for its first, :data:`_SEVERAL` after."""
         with _unwatched():
+            noted = None  # (made once, for the first unit whose call has no product yet)
             for unit in self.running:
-                if _on_fallback(unit):
-                    record = self.calling[unit]
-                    noted = (ProductCall.of(func, args, kwargs), result)
-                    record.product = noted if record.product is None else _SEVERAL
+                if not _on_fallback(unit):
+                    continue
+                record = self.calling[unit]
+                if record.product is None:
+                    noted = noted or (ProductCall.of(func, args, kwargs), result)
+                    record.product = noted
+                else:
+                    record.product = _SEVERAL
 
     def _keep_view_made(self, result: Any) -> None:
         """Keep the views of parameters in ``result``: made during the pass (views of

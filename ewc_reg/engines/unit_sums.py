@@ -280,10 +280,9 @@ def unit_sums(
         # (the products each call ended in, pulled back through the graph that made its
         # weight: a parametrization's state as it was in that call; 0.89 of the time of the
         # made tensors' pull-back for a reduced ResNet-18 under weight_norm)
-        live = [call for call in record.calls() if call.edges]
-        ended = [(call.product, g) for call, g in zip(live, grads) if g is not None]
-        if all(product is not None for product, _ in ended):
-            products, gs = [product for product, _ in ended], [g for _, g in ended]
+        reached = _calls_with_gradients(record, grads)
+        if all(call.product is not None for call, _ in reached):
+            products, gs = [call.product for call, _ in reached], [g for _, g in reached]
             sums = functional_sums(unit.module, products, gs, names, memory_budget)
             if sums is not None:
                 return sums
@@ -295,15 +294,22 @@ def unit_sums(
     return _fallback_sums(unit, record.calls(), grads, memory_budget)
 
 
+def _calls_with_gradients(
+    record: Record, grads: list[Tensor | None]
+) -> list[tuple[Record, Tensor]]:
+    """The unit's calls whose outputs got gradients, with those (``grads``: those of the calls
+    with an edge, one each, in order)."""
+    live = [call for call in record.calls() if call.edges]
+    return [(call, g) for call, g in zip(live, grads) if g is not None]
+
+
 def _inputs_and_gradients(
     record: Record, grads: list[Tensor | None]
 ) -> tuple[list[Tensor], list[Tensor]]:
-    """The inputs ``x`` of a unit's calls ``module(x)`` and the gradients of their outputs,
-    of the calls whose outputs got some (``grads``: those of the calls with an edge, one each,
-    in order)."""
-    calls = [call for call in record.calls() if call.edges]
-    given = [(call.args[0], g) for call, g in zip(calls, grads) if g is not None]
-    return [x for x, _ in given], [g for _, g in given]
+    """The inputs ``x`` of a unit's calls ``module(x)`` whose outputs got gradients, and
+    those (:func:`_calls_with_gradients`)."""
+    reached = _calls_with_gradients(record, grads)
+    return [call.args[0] for call, _ in reached], [g for _, g in reached]
 
 
 def _pruned_sums(
