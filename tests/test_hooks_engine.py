@@ -1151,17 +1151,18 @@ def test_sums_over_one_large_batch_keep_float32_precision(model_of) -> None:
     leading=st.sampled_from([(), (1,), (3,)]),
     names=st.sampled_from([("weight", "bias"), ("weight",), ("bias",)]),
     channels_last=st.booleans(),
+    input_channels_last=st.booleans(),
     float32=st.booleans(),
 )
 def test_batch_norm_reducer_on_random_shapes(
-    kind, batch, spatial, leading, names, channels_last, float32
+    kind, batch, spatial, leading, names, channels_last, input_channels_last, float32
 ) -> None:
     """The eval-mode batch norm's reducer gives the per-sample, per-channel sums of ``G * x̂``
     and ``G`` over the spatial dimensions, for one vector (the kernel's backward with the
     samples as channels, leading dimensions of size 1 or none, as a looped pull-back gives
     them) and for several (``x̂`` broadcast), on inputs with dimensions of size 1 and
     channels-last gradients (the CPU kernel's backward is wrong for size-1 dimensions with
-    unusual strides)."""
+    unusual strides), and channels-last inputs (which take ``x̂`` for one vector too)."""
     dtype = torch.float32 if float32 else torch.float64
     shape = {
         "1d": (batch, 3), "1d-seq": (batch, 3, spatial), "2d": (batch, 3, spatial, 2),
@@ -1172,6 +1173,9 @@ def test_batch_norm_reducer_on_random_shapes(
     )(3).to(dtype).eval()
     randomize_bn(module)
     x = torch.randn(shape, dtype=dtype)
+    if input_channels_last and kind in ("2d", "3d"):
+        layout = torch.channels_last if kind == "2d" else torch.channels_last_3d
+        x = x.contiguous(memory_format=layout)
     grads = torch.randn(*leading, *shape, dtype=dtype)
     if channels_last and kind == "2d":
         grads = grads.reshape(-1, *shape[1:]).contiguous(memory_format=torch.channels_last)

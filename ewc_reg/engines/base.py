@@ -144,6 +144,17 @@ class CallsVmapWrong(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
+def channels_last(t: Tensor) -> bool:
+    """Whether ``t``, ``(B, C, *S)`` with 2 or 3 spatial dimensions, lies channels-last
+    (``torch.channels_last``/``channels_last_3d``: ``C`` innermost, as a convolutional model
+    in that memory format makes its activations and their gradients) and not also in the
+    standard order (as a tensor with ``C = 1`` or ``S`` of one position does)."""
+    if t.dim() not in (4, 5) or t.is_contiguous():
+        return False
+    layout = torch.channels_last if t.dim() == 4 else torch.channels_last_3d
+    return t.is_contiguous(memory_format=layout)
+
+
 def launch_bound(device: torch.device) -> bool:
     """Whether the engines treat ``device`` as launch-bound (any device but the CPU: a GPU).
 

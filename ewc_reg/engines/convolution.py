@@ -66,6 +66,30 @@ def _patches(
     return x.permute(order).reshape(batch, channels * math.prod(kernel), -1)
 
 
+def _patches_channels_last(
+    x: Tensor, kernel: tuple[int, ...], dilation: tuple[int, ...], stride: tuple[int, ...]
+) -> Tensor:
+    r"""``(b, C, *S) -> (b, prod(kernel) * C, L)``: :func:`_patches` of a channels-last input
+    (:func:`.base.channels_last`), the kernel positions before ``C`` (so the weight's sums
+    come ``(C_out, *kernel, C_in)``), cut in the input's order: the result is the transpose of
+    standard ``(b, L, prod(kernel) * C)`` storage, each position's patch one contiguous row
+    made of runs of ``C`` numbers, which the products read as they lie. Cutting
+    ``(b, C * prod(kernel), L)`` patches from such an input gathers single numbers: the
+    reduced ResNet-18 in ``channels_last`` (exact, C=10, N=128, 2 threads) took 0.095 s
+    cutting its patches so against 0.044 s in the standard order."""
+    batch, spatial = x.shape[0], x.dim() - 2
+    rows = x.movedim(1, -1)  # (b, *S, C), standard strides
+    if all(k == 1 for k in kernel):
+        rows = rows[(slice(None), *(slice(None, None, s) for s in stride))]
+        return rows.reshape(batch, -1, x.shape[1]).mT
+    for dim, (k, d, s) in enumerate(zip(kernel, dilation, stride)):
+        rows = rows.unfold(1 + dim, d * (k - 1) + 1, s)  # (b, *L, C, *window)
+    if any(d > 1 for d in dilation):
+        rows = rows[(..., *(slice(None, None, d) for d in dilation))]
+    order = (0, *range(1, 1 + spatial), *range(2 + spatial, 2 + 2 * spatial), 1 + spatial)
+    return rows.permute(order).reshape(batch, math.prod(rows.shape[1 : 1 + spatial]), -1).mT
+
+
 def conv_calls(
     module: nn.Module, xs: list[Tensor], grads: list[Tensor], names: Collection[str], budget: int
 ) -> dict[str, Tensor]:
@@ -83,12 +107,17 @@ def conv_calls(
         padding = pads[::2][::-1]  # (no padded copy of x)
     elif any(pads):
         xs = _padded(module, xs, pads)
-    joined, patches_of = _factors(module, xs, grads, acc)
+    # (the patches in the inputs' order: kernel positions before channels)
+    channels_last = module.groups == 1 and all(base.channels_last(x) for x in xs)
+    joined, patches_of = _factors(module, xs, grads, acc, channels_last)
     sums = {}
     if "weight" in names and grouped:
         sums["weight"] = _grouped_products(module, xs, grads, padding, acc, budget)
     elif "weight" in names:
         weight = squared_products(joined, patches_of, _patch_size(module), budget)
+        if channels_last:  # (C_out, *kernel, C_in) -> (C_out, C_in, *kernel)
+            weight = weight.reshape(module.out_channels, *module.kernel_size, -1)
+            weight = weight.movedim(-1, 1).contiguous()
         sums["weight"] = weight.reshape(module.weight.shape)
     if "bias" in names:
         sums["bias"] = square_sum(sum_or_squeeze(joined, -1)).reshape(-1)
@@ -121,18 +150,24 @@ def _patch_size(module: nn.Module) -> int:
 
 
 def _factors(
-    module: nn.Module, xs: list[Tensor], grads: list[Tensor], acc: torch.dtype
+    module: nn.Module,
+    xs: list[Tensor],
+    grads: list[Tensor],
+    acc: torch.dtype,
+    channels_last: bool = False,
 ) -> tuple[Tensor, Callable[[slice], Tensor]]:
     """:func:`conv_factors` of the calls' inputs ``xs``, padded already (or with the padding
-    left to a grouped convolution backward: :func:`_grouped_products`)."""
+    left to a grouped convolution backward: :func:`_grouped_products`); with
+    ``channels_last``, the patches of :func:`_patches_channels_last`."""
     groups = module.groups
     num_vectors, batch = grads[0].shape[:2]
     joined = _joined(grads, num_vectors, batch, groups, module.out_channels // groups, acc)
     patch = _patch_size(module)
     settings = (module.kernel_size, module.dilation, module.stride)
+    cut = _patches_channels_last if channels_last else _patches
 
     def patches_of(chunk: slice) -> Tensor:
-        pieces = [_patches(x[chunk], *settings) for x in xs]
+        pieces = [cut(x[chunk], *settings) for x in xs]
         patches = pieces[0] if len(pieces) == 1 else torch.cat(pieces, -1)
         return patches.view(patches.shape[0], groups, patch, -1)  # (b, g, P, L)
 

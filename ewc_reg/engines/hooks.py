@@ -343,8 +343,17 @@ def _pull_back(
 
 def _buffer(storage: dict[int, Tensor], key: int, like: Tensor, num_vectors: int) -> Tensor:
     """A ``(B, K, *like.shape[1:])`` tensor for ``K`` gradients shaped as ``like``, a slice of
-    ``storage[key]`` when that fits (else a new one, kept there)."""
+    ``storage[key]`` when that fits (else a new one, kept there).
+
+    Its memory follows ``like``'s: ``(B, K, C, *S)`` in the standard order, and for a
+    channels-last gradient (a convolutional model in ``torch.channels_last``, whose backward
+    gives its gradients so) ``(B, *S, K, C)``, so that copying each vector's gradient in
+    moves runs of ``C`` numbers rather than transposing them, and each sample's ``K C``
+    numbers at a position lie together, as the convolution's products read them."""
     batch, rest = like.shape[0], like.shape[1:]
+    # the order in memory of the buffer's dimensions (B, K, C, *S)
+    spatial = range(3, like.dim() + 1)
+    order = (0, *spatial, 1, 2) if base.channels_last(like) else tuple(range(like.dim() + 1))
     held = storage.get(key)
     if (
         held is None
@@ -352,9 +361,17 @@ def _buffer(storage: dict[int, Tensor], key: int, like: Tensor, num_vectors: int
         or held.shape[1:] != (num_vectors, *rest)
         or held.dtype != like.dtype
         or held.device != like.device
+        or not held.permute(order).is_contiguous()
     ):
-        held = storage[key] = like.new_empty(batch, num_vectors, *rest)
+        shape = (batch, num_vectors, *rest)
+        held = like.new_empty([shape[d] for d in order]).permute(_inverse(order))
+        storage[key] = held
     return held[:batch]
+
+
+def _inverse(order: tuple[int, ...]) -> tuple[int, ...]:
+    """The permutation that undoes ``order``."""
+    return tuple(sorted(range(len(order)), key=order.__getitem__))
 
 
 def _sums_by_rows(

@@ -968,7 +968,11 @@ def batch_norm_parts(module: nn.Module, x: Tensor, names: Collection[str]) -> Re
     sums after it 6 per layer instead of 8 (:math:`\hat x`, the batch norm's forward and
     its ``empty``, a product, two sums and a stack before). Several vectors at once (a
     pull-back batched over them) take :math:`\hat x` and :func:`_affine_parts`' products,
-    which broadcast ``x`` over the vectors where the kernel would need it copied for each."""
+    which broadcast ``x`` over the vectors where the kernel would need it copied for each;
+    so does an input in another memory order than the standard one (``channels_last``),
+    which the kernel's rows would need copied, and the gradients with it, for every vector
+    (reduced ResNet-18 in ``channels_last``, exact, C=10, N=128, 2 threads: those copies
+    took 0.22 s of 2.9)."""
     acc = acc_dtype(module)
     x = x.to(acc)
     mean, var = module.running_mean.to(acc), module.running_var.to(acc)
@@ -987,7 +991,7 @@ def batch_norm_parts(module: nn.Module, x: Tensor, names: Collection[str]) -> Re
 
     def reduce(grads: Tensor) -> Tensor:
         lead = grads.dim() - x.dim()
-        if math.prod(grads.shape[:lead]) == 1:
+        if math.prod(grads.shape[:lead]) == 1 and x.is_contiguous():
             _, weight, bias = torch.ops.aten.native_batch_norm_backward(
                 grads.to(acc).reshape(rows),
                 x.reshape(rows),
