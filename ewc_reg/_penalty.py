@@ -35,6 +35,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .engines.base import transformed
+
 
 def _diffs(
     params: Sequence[Tensor], precision: Sequence[Tensor], center: Sequence[Tensor]
@@ -160,21 +162,9 @@ def ewc_penalty(
     """
     precision = list(precision)
     offset = torch.as_tensor(offset, dtype=precision[0].dtype, device=precision[0].device)
-    if _transformed():
+    if transformed():
         return _plain_penalty(params, precision, list(center), float(strength), offset)
     return _Penalty.apply(float(strength), offset, precision, list(center), *params)
-
-
-def _transformed() -> bool:
-    """Whether a ``torch.func`` transform (``grad``, ``vmap``, ``jacrev``, ``jvp``, ...) or
-    forward-mode AD (a ``forward_ad.dual_level``) is active: :class:`_Penalty`, a function of
-    its own backward, has no rules for them (PyTorch raised that it "must override the
-    setup_context staticmethod", or that "you must implement the jvp function"). Two reads of
-    PyTorch's state, private but there since torch 2.0 (where missing: not active)."""
-    functorch = getattr(torch._C, "_functorch", None)
-    peek = getattr(functorch, "peek_interpreter_stack", lambda: None)
-    forward_level = getattr(torch.autograd.forward_ad, "_current_level", -1)
-    return peek() is not None or forward_level >= 0
 
 
 def _plain_penalty(
@@ -185,7 +175,8 @@ def _plain_penalty(
     offset: Tensor,
 ) -> Tensor:
     r""":math:`\frac{\lambda}{2}\big(\sum_i A_i(\theta_i-\mu_i)^2 + c\big)` by ordinary
-    differentiable operations, one parameter at a time, for :func:`_transformed` code (every
+    differentiable operations, one parameter at a time, for code under a transform
+    (:func:`~.engines.base.transformed`: every
     transform and forward-mode AD know them; slower than :class:`_Penalty`)."""
     total = strength * offset
     for p, a, c in zip(params, precision, center):

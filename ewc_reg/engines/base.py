@@ -155,6 +155,18 @@ def channels_last(t: Tensor) -> bool:
     return t.is_contiguous(memory_format=layout)
 
 
+def transformed() -> bool:
+    """Whether a ``torch.func`` transform (``grad``, ``vmap``, ``jacrev``, ``jvp``, ...) or
+    forward-mode AD (a ``forward_ad.dual_level``) is active: a ``torch.autograd.Function``
+    written for autograd alone has no rules for them (PyTorch raised that it "must override
+    the setup_context staticmethod", or that "you must implement the jvp function"). Two reads
+    of PyTorch's state, private but there since torch 2.0 (where missing: not active)."""
+    functorch = getattr(torch._C, "_functorch", None)
+    peek = getattr(functorch, "peek_interpreter_stack", lambda: None)
+    forward_level = getattr(torch.autograd.forward_ad, "_current_level", -1)
+    return peek() is not None or forward_level >= 0
+
+
 def launch_bound(device: torch.device) -> bool:
     """Whether the engines treat ``device`` as launch-bound (any device but the CPU: a GPU).
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.overrides import TorchFunctionMode
@@ -21,6 +22,7 @@ from torch.utils import _pytree as pytree
 
 from .._batches import Batch
 from .base import VMAP_WRONG, describe, inside, modules_and_own_parameters, tensors_in
+from .eval_norm import eval_batch_norm
 from .functional import PRODUCTS, ProductCall
 from .loose import loose_parameters
 from .rules import (
@@ -914,7 +916,10 @@ class Recorder(TorchFunctionMode):
         self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
     ) -> Any:
         kwargs = kwargs or {}
-        result = func(*args, **kwargs)
+        if func is F.batch_norm:  # (its backward as a product: see .eval_norm)
+            result = eval_batch_norm(args, kwargs, self._by_rule)
+        else:
+            result = func(*args, **kwargs)
         if getattr(func, "__name__", None) == "__get__":
             # (a property read, .T or .shape, is no use by itself; the view .T gives is, where a
             # function takes it: checked as the parameter there. Most reads are the engine's
@@ -950,6 +955,14 @@ class Recorder(TorchFunctionMode):
                     )
             self._keep_view_made(result)
         return result
+
+    def _by_rule(self, t: Tensor) -> bool:
+        """Whether autograd need not give ``t``'s gradient: ``t`` is frozen, or a parameter of
+        a running unit whose rule forms its sums from the gradients at the unit's outputs."""
+        if not t.requires_grad:
+            return True
+        unit = self.owner.get(id(t), (None, ""))[0]
+        return unit in self.running and unit.rule is not None
 
     def _note_product(
         self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], result: Any
