@@ -64,6 +64,23 @@ def test_values_and_input_gradient_are_batch_norms(dims, affine, channels_last) 
             torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_scales_in_float32(dtype) -> None:
+    """A half-precision batch norm's input gradient is the product in float32, rounded once
+    (PyTorch's kernel also computes in float32): within one rounding of PyTorch's."""
+    mean, var, weight, bias = (t.to(dtype) for t in statistics(16))
+    x = torch.randn(8, 16, 3, dtype=dtype, requires_grad=True)
+    v = torch.randn(8, 16, 3, dtype=dtype)
+    got = eval_norm.eval_batch_norm((x, mean, var, weight, bias), {}, frozen)
+    assert type(got.grad_fn).__name__ == "_EvalBatchNormBackward"
+    (grad,) = torch.autograd.grad(got, x, v)
+    scale = (var.float() + 1e-5).rsqrt() * weight.float()
+    assert grad.dtype == dtype
+    assert torch.equal(grad, (v.float() * scale.view(-1, 1)).to(dtype))
+    (want,) = torch.autograd.grad(F.batch_norm(x, mean, var, weight, bias), x, v)
+    torch.testing.assert_close(grad, want)
+
+
 def test_keyword_arguments_and_defaults() -> None:
     """Called as ``nn.BatchNorm*`` and users call it: positional or by keyword."""
     mean, var, weight, bias = statistics()

@@ -71,10 +71,14 @@ class _EvalBatchNorm(torch.autograd.Function):
         bias: Tensor | None,
         eps: float,
     ) -> Tensor:
-        scale = torch.rsqrt(var + eps)
-        ctx.scale = (scale if weight is None else scale * weight).view(-1, *[1] * (x.dim() - 2))
+        # (in float32 at least, as PyTorch's kernel computes a half-precision batch norm)
+        wide = torch.promote_types(var.dtype, torch.float32)
+        scale = torch.rsqrt(var.to(wide) + eps)
+        if weight is not None:
+            scale = scale * weight.to(wide)
+        ctx.scale = scale.view(-1, *[1] * (x.dim() - 2))
         return F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        return grad * ctx.scale, None, None, None, None, None
+        return (grad * ctx.scale).to(grad.dtype), None, None, None, None, None
