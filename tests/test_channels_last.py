@@ -160,3 +160,24 @@ def test_buffer_follows_the_gradients_layout(dims: int) -> None:
     other = hooks._buffer(storage, 0, standard, 7)
     assert other.is_contiguous() and other.data_ptr() != held.data_ptr()
     assert hooks._buffer(storage, 0, standard[:2], 7).data_ptr() == other.data_ptr()
+
+
+def test_grouped_products_of_a_channels_last_input_of_one_position() -> None:
+    """A 3-d convolution with one vector takes its per-sample weight gradients from one grouped
+    convolution backward (``convolution._weight_grads``), which gives them channels-last for an
+    input of one position with channels-last strides (a channels-last pooling's output):
+    float32, as a chunk of one sample after the check's two (a RuntimeError from ``view``
+    before)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.AdaptiveAvgPool3d(1),
+        nn.Conv3d(4, 4, (3, 1, 3), padding="same", groups=2),
+        nn.Flatten(),
+        nn.Linear(4, 3),
+    )
+    model, x = channels_last(model, torch.randn(3, 4, 3, 3, 3))
+    data = [(x, torch.zeros(3, dtype=torch.long))]
+    got = fisher_diagonal(model, data, "empirical", backend="hooks", chunk_size=2)
+    want = fisher_diagonal(model, data, "empirical", backend="functorch")
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-7)

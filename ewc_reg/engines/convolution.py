@@ -234,7 +234,9 @@ def _weight_grads(
         batch * groups,
         [False, True, False],
     )[1]
-    return per_sample.view(batch, groups, num_vectors, out, -1)
+    # (a copy where the backward gives it channels-last: an input of one position whose strides
+    # are channels-last's, as a channels-last pooling makes)
+    return per_sample.reshape(batch, groups, num_vectors, out, -1)
 
 
 def _joined(
