@@ -76,7 +76,8 @@ MODEL_KEYS = ("mlp", "resnet", "transformer")
 #: without and with ``proj_size``, and with an ``nn.LSTMCell`` stepped by hand instead, an MLP
 #: whose hidden block is applied three times, and the Transformer with one encoder layer applied
 #: twice (the last three: modules called more than once); a stack of transposed convolutions
-#: (a DCGAN-style generator's), a 3-d CNN, and the Transformer sequence-first.
+#: (a DCGAN-style generator's), a 3-d CNN, the Transformer sequence-first, and the reduced
+#: ResNet-18 in ``torch.channels_last`` memory (model and inputs).
 EXTRA_MODEL_KEYS = (
     "vit",
     "lstm",
@@ -87,6 +88,7 @@ EXTRA_MODEL_KEYS = (
     "upsampling",
     "conv3d",
     "transformer_seq_first",
+    "resnet_channels_last",
 )
 ALL_MODEL_KEYS = MODEL_KEYS + EXTRA_MODEL_KEYS
 PEERS = {"BackPACK": "backpack-for-pytorch", "nngeometry": "nngeometry"}
@@ -190,10 +192,14 @@ def make_workloads(
                 model: nn.Module = split_mnist_mlp(10)
                 n, subset, head, title = 256, 16, "5", "Split MNIST MLP"
                 inputs = torch.randn(samples or (8 if quick else n), 1, 28, 28)
-            elif key == "resnet":
+            elif key in ("resnet", "resnet_channels_last"):
                 model = ReducedResNet18(10, widths=(4, 4, 4, 4) if quick else (20, 40, 80, 160))
                 n, subset, head, title = 128, 8, "linear", "reduced ResNet-18"
                 inputs = torch.randn(samples or (4 if quick else n), 3, 32, 32)
+                if key == "resnet_channels_last":
+                    model = model.to(memory_format=torch.channels_last)
+                    inputs = inputs.contiguous(memory_format=torch.channels_last)
+                    title += " in channels_last"
             elif key == "vit":
                 model = small_vit(10, quick)
                 n, subset, head, title = 128, 8, "heads.head", "ViT (torchvision)"

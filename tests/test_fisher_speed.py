@@ -87,5 +87,6 @@ def test_extra_models_run_on_request_and_have_no_targets(tmp_path: Path) -> None
     assert "one layer applied twice" in report.markdown
     assert "transposed convolutions" in report.markdown
     assert "3-d CNN" in report.markdown
+    assert "reduced ResNet-18 in channels_last" in report.markdown
     assert "exact ≤ 6× fwd+bwd (LSTM" not in report.markdown
     assert report.agreement_ok
