@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
+from benchmarks._paths import engine_ways
 from benchmarks.models import ReducedResNet18
 from ewc_reg import fisher_diagonal
 from ewc_reg.engines import convolution, hooks
@@ -85,8 +86,11 @@ def test_channels_last_convolutions(
         convolution, "_patches_channels_last", wraps=convolution._patches_channels_last
     ) as spy:
         check_against_references(model, x)
+    with engine_ways("launch-bound"):  # (the pull-back batched over the vectors, as on a GPU)
+        check_against_references(model, x)
     # (float64 3-d convolutions on the CPU give their outputs in the standard order, and so
-    # do 3-d circular and reflecting pads)
+    # do some circular and reflecting pads: the second convolution's input, padded by zeros,
+    # is channels-last for a 2-d model whatever the first's padding)
     plainly_padded = padding == 0 or padding_mode == "zeros"
     assert spy.call_count >= (2 if not volume else int(plainly_padded))
 
@@ -142,6 +146,10 @@ def test_reduced_resnet_in_channels_last_memory(cut_channels_last) -> None:
         assert got[name].is_contiguous()
     assert kept and all(kept)
     assert cut_channels_last.call_count > 0
+    with engine_ways("launch-bound"):  # (the pull-back batched over the vectors, as on a GPU)
+        got = fisher_diagonal(model, [(x, y)], backend="hooks")
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-10, atol=0)
 
 
 @pytest.mark.parametrize("dims", [4, 5])
