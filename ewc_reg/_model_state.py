@@ -293,6 +293,15 @@ def _replaced(owner: object, name: str, value: object) -> Iterator[None]:
         setattr(owner, name, before)
 
 
+def eval_batch_norm_scale(
+    running_var: Tensor, weight: Tensor | None, eps: float, dtype: torch.dtype
+) -> Tensor:
+    r"""An eval-mode batch norm's per-channel scale :math:`w / \sqrt{\sigma^2 + \epsilon}`
+    (:math:`1 / \sqrt{\sigma^2 + \epsilon}` without a weight), ``(C,)`` in ``dtype``."""
+    scale = (running_var.to(dtype) + eps).rsqrt()
+    return scale if weight is None else scale * weight.to(dtype)
+
+
 def _as_affine_in_eval(kernel: Callable[..., Tensor]) -> Callable[..., Tensor]:
     """``F.batch_norm`` (``kernel``), computed as an affine map where
     :func:`batch_norm_backward_fixed` says."""
@@ -317,9 +326,7 @@ def _as_affine_in_eval(kernel: Callable[..., Tensor]) -> Callable[..., Tensor]:
             return kernel(input, running_mean, running_var, weight, bias, training, momentum, eps)
         dtype = torch.promote_types(input.dtype, torch.float32)
         shape = (1, -1) + (1,) * (input.dim() - 2)
-        scale = (running_var.to(dtype) + eps).rsqrt()
-        if weight is not None:
-            scale = scale * weight.to(dtype)
+        scale = eval_batch_norm_scale(running_var, weight, eps, dtype)
         y = (input.to(dtype) - running_mean.to(dtype).view(shape)) * scale.view(shape)
         if bias is not None:
             y = y + bias.to(dtype).view(shape)

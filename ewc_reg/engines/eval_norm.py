@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .._model_state import eval_batch_norm_scale
 from . import base
 
 _SIGNATURE = inspect.signature(F.batch_norm)
@@ -73,9 +74,7 @@ class _EvalBatchNorm(torch.autograd.Function):
     ) -> Tensor:
         # (in float32 at least, as PyTorch's kernel computes a half-precision batch norm)
         wide = torch.promote_types(var.dtype, torch.float32)
-        scale = torch.rsqrt(var.to(wide) + eps)
-        if weight is not None:
-            scale = scale * weight.to(wide)
+        scale = eval_batch_norm_scale(var, weight, eps, wide)
         ctx.scale = scale.view(-1, *[1] * (x.dim() - 2))
         return F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
 
