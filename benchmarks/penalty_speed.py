@@ -32,12 +32,23 @@ the CPU), three more contenders show what fusing the penalty's kernels gains:
 * ``step + compiled add_penalty_grad``: ``step + add_penalty_grad`` with
   ``torch.compile(reg.add_penalty_grad)``.
 
+With ``--fused-floor`` (CPU only), two more contenders time a penalty fused by hand in C++
+(:mod:`benchmarks.fused_penalty`, built on first use; it needs a C++ compiler and ``ninja``):
+the least any implementation of the penalty can add to a step, since each reads θ, μ and A once:
+
+* ``step + fused penalty (C++)``: ``step + penalty`` with the penalty node's forward as one
+  loop that writes λA(θ − μ) and the value;
+* ``step + fused add_penalty_grad (C++)``: ``step + add_penalty_grad`` as one loop that adds
+  λA(θ − μ) to ``.grad``.
+
+Their value and gradients are checked against ``reg.penalty()``'s before timing.
+
 The ``operators`` column counts the ATen operators one call dispatches, views apart
 (:class:`benchmarks.host_overhead.OperatorCount`): on a GPU, where a step of this small model is
 launch-bound, that count rather than the memory traffic decides the penalty's share.
 
 Run: ``python -m benchmarks.penalty_speed [--repeats 300] [--threads 1 2] [--device cpu]
-[--compile inductor]``;
+[--compile inductor] [--fused-floor]``;
 writes ``benchmarks/results/penalty_speed.md``.
 """
 
@@ -57,6 +68,7 @@ import torch.nn.functional as F
 import ewc_reg
 from ewc_reg import EWCRegularizer
 
+from . import fused_penalty
 from ._reports import at_least, command_line, cpu_name, device_name, keeping_threads, write_report
 from .host_overhead import OperatorCount
 from .models import split_mnist_mlp
@@ -95,11 +107,16 @@ def _timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
 
 
 def measure(
-    repeats: int, batch_size: int, device: torch.device, compile_backend: str | None = None
+    repeats: int,
+    batch_size: int,
+    device: torch.device,
+    compile_backend: str | None = None,
+    fused_floor: bool = False,
 ) -> dict[str, tuple[float, float, int | None]]:
     """Median seconds, median minor page faults and computing operators (of one call after a
     warm-up call; ``None`` for compiled code, which runs its own fused kernels) of each
-    contender (see the module docstring); the compiled ones with ``compile_backend``."""
+    contender (see the module docstring); the compiled ones with ``compile_backend``, the
+    C++ ones with ``fused_floor``."""
     torch.manual_seed(0)
     model = split_mnist_mlp().to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -156,6 +173,8 @@ def measure(
         with OperatorCount() as counter:
             fn()
         operators[name] = counter.total - counter.views
+    if fused_floor:  # (their kernel's work is no ATen operator: not counted either)
+        compiled.update(_fused_contenders(model, reg, step, x, y))
     for name, fn in compiled.items():
         fn()  # compiles
         operators[name] = None
@@ -179,11 +198,59 @@ def measure(
     }
 
 
+def _fused_contenders(
+    model: torch.nn.Module,
+    reg: EWCRegularizer,
+    step: Callable[..., None],
+    x: torch.Tensor,
+    y: torch.Tensor,
+) -> dict[str, Callable[[], None]]:
+    """The ``--fused-floor`` contenders (module docstring), after checking that the fused
+    penalty gives ``reg.penalty()``'s value and gradients."""
+    names = [name for name, _ in model.named_parameters()]
+    params = [p for _, p in model.named_parameters()]
+    state = reg.state_dict()
+    precision = [state["fisher"][name].contiguous() for name in names]
+    center = [state["anchor"][name].contiguous() for name in names]
+    offset = float(state["offset"])
+
+    def fused_value() -> torch.Tensor:
+        return fused_penalty.FusedPenalty.apply(reg.strength, offset, precision, center, *params)
+
+    def task_loss(with_penalty: bool) -> torch.Tensor:
+        loss = F.cross_entropy(model(x)[:, :2], y)
+        return loss + fused_value() if with_penalty else loss
+
+    def check() -> None:
+        expected_value = reg.penalty()
+        expected = torch.autograd.grad(expected_value, params)
+        value = fused_value()
+        got = torch.autograd.grad(value, params)
+        torch.testing.assert_close(value, expected_value, rtol=1e-5, atol=0)
+        for g, e in zip(got, expected):
+            torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6 * e.abs().max().item())
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        add_grad()
+        for p, e in zip(params, expected):
+            torch.testing.assert_close(p.grad, e, rtol=1e-5, atol=1e-6 * e.abs().max().item())
+
+    def add_grad() -> None:
+        fused_penalty.add_grad(params, precision, center, reg.strength)
+
+    check()
+    return {
+        "step + fused penalty (C++)": lambda: step("in the loss", loss_fn=task_loss),
+        "step + fused add_penalty_grad (C++)": lambda: step("gradient", add_grad=add_grad),
+    }
+
+
 def report(
     results: dict[int, dict[str, tuple[float, float, int | None]]], args: argparse.Namespace
 ) -> str:
     """Markdown: one table per thread count, with the overhead and the verdict."""
     compile_flag = f" --compile {args.compile}" if args.compile else ""
+    compile_flag += " --fused-floor" if args.fused_floor else ""
     lines = [
         "# Penalty cost in an Adam step (Split MNIST MLP)",
         "",
@@ -231,6 +298,15 @@ def report(
                 f"{fused:.1%} to the compiled step; the compiled `add_penalty_grad()` added "
                 f"{fused_gradient:.1%} to the step ({'≤' if fused_gradient <= 0.10 else '>'} 10%).",
             ]
+        if "step + fused penalty (C++)" in medians:
+            node = medians["step + fused penalty (C++)"][0] / step - 1
+            by_hand = medians["step + fused add_penalty_grad (C++)"][0] / step - 1
+            lines += [
+                "",
+                f"Fused by hand in C++ (one pass over θ, μ and A): the penalty in the loss added "
+                f"{node:.1%} to the step ({'≤' if node <= 0.10 else '>'} 10%), "
+                f"`add_penalty_grad` {by_hand:.1%} ({'≤' if by_hand <= 0.10 else '>'} 10%).",
+            ]
     return "\n".join(lines) + "\n"
 
 
@@ -248,14 +324,31 @@ def main(argv: list[str] | None = None) -> str:
         help="also time the step and add_penalty_grad compiled by torch.compile with this "
         "backend (inductor fuses kernels)",
     )
+    parser.add_argument(
+        "--fused-floor",
+        action="store_true",
+        help="also time the penalty fused by hand in C++ (CPU; built on first use, needs a C++ "
+        "compiler and ninja)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS, help="markdown file to write")
     args = parser.parse_args(argv)
+    if args.fused_floor:
+        if args.device != "cpu":
+            parser.error("argument --fused-floor: the C++ kernel runs on the CPU only")
+        try:
+            fused_penalty.kernel()
+        except fused_penalty.BuildError as error:
+            parser.error(f"argument --fused-floor: {error}")
     results = {}
     with keeping_threads():
         for threads in args.threads:
             torch.set_num_threads(threads)
             results[threads] = measure(
-                args.repeats, args.batch_size, torch.device(args.device), args.compile
+                args.repeats,
+                args.batch_size,
+                torch.device(args.device),
+                args.compile,
+                args.fused_floor,
             )
     return write_report(report(results, args), args.out)
 
