@@ -13,7 +13,11 @@ EVA's and ConViT's, which went there before the hooks engine took per-sample cop
 loose parameters only and made only the parents whose children's weights they use whole units);
 or the loop engine (``--baseline loop``: Sequencer, whose LSTMs run on the rows and columns of
 each image folded into the batch dimension, which ``torch.func`` cannot run, went there before
-the recurrent rule took folded rows).
+the recurrent rule took folded rows); or the pull-back looped over the vectors in every pass
+(``--baseline looped``: on the CPU the engine loops for models with convolutions, batch norms or
+attention only where each pass takes at least ``hooks.LOOPED_MIN_SAMPLES`` samples, and
+batches the vectors in smaller passes, as models with many layers or large images get within
+the memory budget).
 
 Run from the repository root (needs ``timm``, an optional import: ``pip install --no-deps timm``
 beside the pinned torch)::
@@ -23,6 +27,7 @@ beside the pinned torch)::
     python -m benchmarks.timm_speed --baseline unshadowed      # results/timm_shadows_speed.md
     python -m benchmarks.timm_speed --baseline functorch --batch-size 8  # ..._functorch_speed.md
     python -m benchmarks.timm_speed --baseline loop --batch-size 8 --repeats 3  # ..._loop_speed.md
+    python -m benchmarks.timm_speed --baseline looped --batch-size 32 --repeats 3
     python -m benchmarks.timm_speed --models mobilenetv3_small_050 --batch-size 8 --repeats 3
 
 For each model (``timm.create_model(name, num_classes=10)``, eval mode, float32, random
@@ -50,6 +55,7 @@ from ewc_reg import fisher_diagonal
 from ewc_reg.engines import hooks, loose, recording, rules
 
 from ._coverage import require
+from ._paths import pull_back
 from ._reports import (
     at_least,
     command_line,
@@ -169,6 +175,23 @@ BASELINES = {
         ),
         "the hooks engine, or the whole-model functorch engine",
         ("hooks", "functorch"),
+    ),
+    "looped": (
+        lambda: pull_back("looped"),
+        "timm_pull_back_speed.md",
+        (
+            "efficientnet_b0",
+            "mobilenetv3_small_050",
+            "regnetx_002",
+            "repvgg_a0",
+            "ghostnet_100",
+            "densenet121",
+            "resnet18",
+            "convnext_atto",
+        ),
+        "the pull-back batched in passes of fewer than 16 samples, or looped over the vectors "
+        "in every pass (as before)",
+        ("auto", "looped"),
     ),
     "loop": (
         on_backend("loop"),

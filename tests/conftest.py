@@ -11,6 +11,32 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _looped_at_any_batch(request: pytest.FixtureRequest) -> Iterator[None]:
+    """The hooks engine's looped pull-back on the CPU for passes of any size: the suite's
+    batches are small, and would otherwise take the batched one (``hooks.LOOPED_MIN_SAMPLES``),
+    which the launch-bound ways (``engine_ways``) and ``pull_back("batched")`` test; so the
+    CPU's looped way keeps its tests. Tests of that threshold itself use ``looped_min_samples``."""
+    if "looped_min_samples" in request.fixturenames:
+        yield
+        return
+    from ewc_reg.engines import hooks
+
+    kept, hooks.LOOPED_MIN_SAMPLES = hooks.LOOPED_MIN_SAMPLES, 1
+    try:
+        yield
+    finally:
+        hooks.LOOPED_MIN_SAMPLES = kept
+
+
+@pytest.fixture
+def looped_min_samples() -> int:
+    """The hooks engine's own ``LOOPED_MIN_SAMPLES`` in the test (not the suite's 1)."""
+    from ewc_reg.engines import hooks
+
+    return hooks.LOOPED_MIN_SAMPLES
+
+
 @pytest.fixture(params=["cpu", "launch-bound"])
 def engine_ways(request: pytest.FixtureRequest) -> Iterator[str]:
     """Runs a test twice: with the engines' ways for the CPU, and with those of a launch-bound

@@ -98,6 +98,18 @@ def test_the_engine_baselines_are_those_engines(engine: str) -> None:
     assert not all(torch.equal(got[name], want[name]) for name in want)  # (rounding differs)
 
 
+def test_the_looped_baseline_loops_in_small_passes(looped_min_samples, pull_back_modes) -> None:
+    """``--baseline looped``: the pull-back loops over the vectors where the engine, on passes
+    of fewer than ``LOOPED_MIN_SAMPLES`` samples, batches them."""
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Flatten(), nn.Linear(12, 3)).double()
+    data = [(torch.randn(4, 2, 4, 4, dtype=torch.float64), torch.randint(0, 3, (4,)))]
+    want = timm_speed.fisher(model, data, "exact", None)
+    assert pull_back_modes == [False]
+    got = timm_speed.fisher(model, data, "exact", "looped")
+    assert pull_back_modes == [False, True]
+    assert all(torch.allclose(got[n], want[n], rtol=1e-12, atol=0) for n in want)
+
+
 def test_without_timm_the_error_says_how_to_install_it(monkeypatch, capsys, tmp_path) -> None:
     monkeypatch.setitem(sys.modules, "timm", None)  # (as if not installed)
     with pytest.raises(SystemExit) as exit_:
