@@ -26,7 +26,7 @@ def pull_back(kind: str) -> Iterator[None]:
         yield
         return
 
-    def forced(model: nn.Module, device: torch.device, samples: int | None = None) -> bool:
+    def forced(model: nn.Module, device: torch.device, output_bytes: int | None = None) -> bool:
         return kind == "looped"
 
     with mock.patch.object(hooks, "loops_pull_back", forced):

@@ -12,29 +12,30 @@ def _seed():
 
 
 @pytest.fixture(autouse=True)
-def _looped_at_any_batch(request: pytest.FixtureRequest) -> Iterator[None]:
+def _looped_at_any_size(request: pytest.FixtureRequest) -> Iterator[None]:
     """The hooks engine's looped pull-back on the CPU for passes of any size: the suite's
-    batches are small, and would otherwise take the batched one (``hooks.LOOPED_MIN_SAMPLES``),
-    which the launch-bound ways (``engine_ways``) and ``pull_back("batched")`` test; so the
-    CPU's looped way keeps its tests. Tests of that threshold itself use ``looped_min_samples``."""
-    if "looped_min_samples" in request.fixturenames:
+    models and batches are small, and would otherwise take the batched one
+    (``hooks.LOOPED_MIN_BYTES``), which the launch-bound ways (``engine_ways``) and
+    ``pull_back("batched")`` test; so the CPU's looped way keeps its tests. Tests of that
+    threshold itself use ``looped_min_bytes``."""
+    if "looped_min_bytes" in request.fixturenames:
         yield
         return
     from ewc_reg.engines import hooks
 
-    kept, hooks.LOOPED_MIN_SAMPLES = hooks.LOOPED_MIN_SAMPLES, 1
+    kept, hooks.LOOPED_MIN_BYTES = hooks.LOOPED_MIN_BYTES, 0
     try:
         yield
     finally:
-        hooks.LOOPED_MIN_SAMPLES = kept
+        hooks.LOOPED_MIN_BYTES = kept
 
 
 @pytest.fixture
-def looped_min_samples() -> int:
-    """The hooks engine's own ``LOOPED_MIN_SAMPLES`` in the test (not the suite's 1)."""
+def looped_min_bytes() -> int:
+    """The hooks engine's own ``LOOPED_MIN_BYTES`` in the test (not the suite's 0)."""
     from ewc_reg.engines import hooks
 
-    return hooks.LOOPED_MIN_SAMPLES
+    return hooks.LOOPED_MIN_BYTES
 
 
 @pytest.fixture(params=["cpu", "launch-bound"])

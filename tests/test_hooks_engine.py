@@ -3394,44 +3394,49 @@ def test_looped_and_batched_pull_backs_agree(name, method, pull_back_modes, engi
         assert set(pull_back_modes) == {kind == "looped"}
 
 
-def test_the_pull_back_loops_only_in_passes_of_enough_samples(looped_min_samples):
+def test_the_pull_back_loops_only_in_large_passes(looped_min_bytes):
     """On the CPU a model with convolutions, batch norms or attention loops over the vectors
-    only when each pass takes ``LOOPED_MIN_SAMPLES`` samples or more; on a launch-bound device
-    never; other models never."""
+    only in passes whose recorded outputs take ``LOOPED_MIN_BYTES`` or more on average; on a
+    launch-bound device never; other models never."""
     cpu, conv = torch.device("cpu"), nn.Conv2d(1, 2, 3)
-    assert looped_min_samples == 16  # (the measured crossover, hooks.LOOPED_MIN_SAMPLES)
+    assert looped_min_bytes == 512 * 2**10  # (the measured crossover, hooks.LOOPED_MIN_BYTES)
     assert hooks.loops_pull_back(conv, cpu)  # (passes not known yet)
-    assert hooks.loops_pull_back(conv, cpu, looped_min_samples)
-    assert not hooks.loops_pull_back(conv, cpu, looped_min_samples - 1)
-    assert not hooks.loops_pull_back(nn.Linear(2, 2), cpu, 10 * looped_min_samples)
+    assert hooks.loops_pull_back(conv, cpu, looped_min_bytes)
+    assert not hooks.loops_pull_back(conv, cpu, looped_min_bytes - 1)
+    assert not hooks.loops_pull_back(nn.Linear(2, 2), cpu, 10 * looped_min_bytes)
     with engine_ways("launch-bound"):
-        assert not hooks.loops_pull_back(conv, cpu, 10 * looped_min_samples)
+        assert not hooks.loops_pull_back(conv, cpu, 10 * looped_min_bytes)
 
 
 @pytest.mark.parametrize(
     ("samples", "budget", "looped"),
     [
-        (15, None, False),  # a small batch
-        (16, None, True),
-        (40, None, True),  # (in one pass)
-        (40, 16 * 2**10, False),  # chunks of fewer samples within a small budget
+        (2, None, False),  # the recorded outputs: 341 KiB on average
+        (3, None, True),  # 512 KiB
+        (6, 3 * 2**20, False),  # chunks of fewer samples within a small budget
     ],
 )
 def test_small_passes_take_the_batched_pull_back(
-    looped_min_samples, pull_back_modes, samples, budget, looped
+    looped_min_bytes, pull_back_modes, samples, budget, looped
 ):
-    """The engine's choice by the samples each pass takes (its chunk, or the whole batch), with
-    the same sums either way (float64, against the pull-back forced to loop)."""
-    model = cnn().eval()
-    x = torch.randn(samples, 2, 6, 6, dtype=torch.float64)
-    data = [(x, torch.randint(0, 4, (samples,)))]
+    """The engine's choice by the mean size of the recorded outputs of a pass (its chunk, or
+    the whole batch), with the same sums either way (float64, against the pull-back forced to
+    loop). The model records three outputs per sample: 256, 256 KiB and 24 bytes."""
+    model = nn.Sequential(
+        nn.Conv2d(1, 32, 3, padding=1), nn.BatchNorm2d(32), nn.Flatten(), nn.Linear(32 * 32**2, 3)
+    )
+    model = model.double().eval()
+    randomize_bn(model)
+    x = torch.randn(samples, 1, 32, 32, dtype=torch.float64)
+    data = [(x, torch.randint(0, 3, (samples,)))]
     kwargs = {} if budget is None else {"memory_budget": budget}
     got = fisher_diagonal(model, data, "exact", backend="hooks", **kwargs)
     assert pull_back_modes and set(pull_back_modes) == {looped}
     if budget is not None:
         assert len(pull_back_modes) > 1  # (chunks)
     with pull_back("looped"):
-        assert_close_dicts(got, fisher_diagonal(model, data, "exact", backend="hooks"), 1e-12)
+        want = fisher_diagonal(model, data, "exact", backend="hooks", **kwargs)
+    assert_close_dicts(got, want, 1e-12)
 
 
 def test_the_batched_pull_back_batches_convolutions_and_batch_norms(unchecked_sums):

@@ -270,31 +270,34 @@ _LOOPED_ON_CPU = (
     nn.MultiheadAttention,
 )
 
-#: The fewest samples a looped pass takes (those of its chunk, or of the whole batch when it is
-#: smaller); with fewer the pull-back is batched, also for the modules of
-#: :data:`_LOOPED_ON_CPU`. Each kernel of a looped pass then works on a few samples and its
-#: fixed costs, and the engine's per-vector work on each layer's gradients, dominate; the
-#: batched pass runs each kernel once on ``K`` times the samples. Small passes come from small
-#: batches, or from models whose gradients at every layer fill the memory budget with a few
-#: samples (many layers, large images). Exact Fisher, C=10 (K=9), 2 threads, float32, looped
-#: against batched, medians of 5 side by side (samples per looped pass in brackets):
-#: timm models at 64x64, N=32: efficientnet_b0 (3) 3.35 against 1.76 s, repvgg_a0 (5) 2.85
-#: against 1.93 s, regnetx_002 (10) 0.786 against 0.488 s, densenet121 (1) 12.2 against 5.0 s;
-#: resnet18 at 224x224, N=8 (1): 5.18 against 4.69 s; and the other way: resnet18 (22) 1.361
-#: against 1.416 s, convnext_atto (16) 0.998 against 1.121 s. The reduced ResNet-18 crosses over
-#: at about 16 samples: 0.249 against 0.220 s at N=8, 0.327 against 0.292 s at N=12, 0.401 against
-#: 0.401 s at N=16, 0.558 against 0.561 s at N=20, 2.960 against 3.045 s at N=128 (chunks of
-#: 23); ``benchmarks.models.TextTransformer`` later: 0.063 against 0.052 s at N=24, 0.246
-#: against 0.279 s at N=128 (``benchmarks/results/timm_pull_back_speed.md`` for the timm
-#: models).
-LOOPED_MIN_SAMPLES = 16
+#: The least mean size, in bytes, of the recorded outputs of one pass (each recorded call's
+#: output, for the samples the pass takes: its chunk, or the whole batch when smaller) with which
+#: the pull-back loops over the vectors; below it the pull-back is batched, also for the
+#: modules of :data:`_LOOPED_ON_CPU`. Each kernel of a looped pass then works on little data
+#: and its fixed costs, and the engine's per-vector work on each layer's gradients, dominate;
+#: the batched pass runs each kernel once on ``K`` times the samples. Small passes come from
+#: small batches, from thin layers, or from models whose gradients at every layer fill the
+#: memory budget with a few samples (many layers, large images). Exact Fisher, C=10 (K=9),
+#: 2 threads, float32, looped against batched, medians of 5 side by side (that mean size per
+#: pass in brackets, KiB): timm models at 64x64, N=32: efficientnet_b0 (152) 3.35 against
+#: 1.76 s, mobilenetv3_small_050 (241) 0.407 against 0.227 s, regnetx_002 (233) 0.786 against
+#: 0.488 s, repvgg_a0 (188) 2.85 against 1.93 s, resnet18 at 224x224, N=8 (473): 5.18 against
+#: 4.69 s; the reduced ResNet-18 at N=12 (439) 0.327 against 0.292 s, at N=16 (585) 0.401
+#: against 0.401 s; and the other way: the reduced ResNet-18 at N=128 (841, chunks of 23) 2.960
+#: against 3.045 s, timm's resnet18 at 64x64, N=32 (850) 1.361 against 1.416 s,
+#: ``benchmarks.models.TextTransformer`` at N=128 (1733) 0.246 against 0.279 s (at N=24, 325:
+#: 0.063 against 0.052 s). One model measured is on the wrong side: convnext_atto (348), looped
+#: 0.998 against 1.121 s (``benchmarks/results/timm_pull_back_speed.md`` for the timm models).
+LOOPED_MIN_BYTES = 512 * 2**10
 
 
-def loops_pull_back(model: nn.Module, device: torch.device, samples: int | None = None) -> bool:
+def loops_pull_back(
+    model: nn.Module, device: torch.device, output_bytes: int | None = None
+) -> bool:
     """Whether the engine pulls the vectors back to ``model`` on ``device`` one at a time, in
-    passes of ``samples`` samples (``None``: not known yet, taken as many; see
-    :data:`_LOOPED_ON_CPU` and :data:`LOOPED_MIN_SAMPLES`)."""
-    if base.launch_bound(device) or (samples is not None and samples < LOOPED_MIN_SAMPLES):
+    passes whose recorded outputs take ``output_bytes`` on average (``None``: not known yet,
+    taken as large; see :data:`_LOOPED_ON_CPU` and :data:`LOOPED_MIN_BYTES`)."""
+    if base.launch_bound(device) or (output_bytes is not None and output_bytes < LOOPED_MIN_BYTES):
         return False
     return any(isinstance(m, _LOOPED_ON_CPU) for m in model.modules())
 
@@ -888,7 +891,7 @@ class HookEngine:
             for name, p in loose.items()
         ]
         device = next(iter(params.values())).device
-        # (until the chunks are known: a pull-back in small passes is batched, see below)
+        # (until the passes' sizes are known: a pull-back in small passes is batched, see below)
         looped = model in self._looped or loops_pull_back(model, device)
         cached = self.steps.setdefault(model, {})
         like = (memory_budget, tuple(params))  # (the last batch's steps, of any shapes)
@@ -963,6 +966,7 @@ class HookEngine:
         vectors = vectors_of(output, 0, first.size)
         sums: dict[str, Tensor] = {}  # (each parameter's first terms, adopted: no zeros to add)
         recorded = sum(call.nbytes for call in calls) // first.size
+        output_bytes = recorded // max(len(calls), 1)  # (a recorded output's, per sample)
         kept = sum(
             call.nbytes
             for unit, record in records.items()
@@ -984,9 +988,9 @@ class HookEngine:
             )
 
         steps = chunk_steps(looped)
-        samples = min(batch.size, steps[1])
-        if looped and model not in self._looped and not loops_pull_back(model, device, samples):
-            looped = False  # (passes of few samples: batched, see LOOPED_MIN_SAMPLES)
+        per_pass = min(batch.size, steps[1]) * output_bytes
+        if looped and model not in self._looped and not loops_pull_back(model, device, per_pass):
+            looped = False  # (small passes: batched, see LOOPED_MIN_BYTES)
             steps = chunk_steps(looped)
         if chunk_size is None:
             cached[key] = cached[like] = steps
