@@ -17,9 +17,9 @@ vector costs a backward pass of its own, ``V`` is first cut to the rank of each 
 vectors by :func:`~.base.fewer_vectors`) is pulled back to all the outputs in one backward pass
 batched over ``K`` (``torch.func.vmap`` over ``autograd.grad``: :func:`.base.batched_grads`), giving
 ``G`` of shape ``(K, B, *y.shape[1:])`` per module, or, on CPU with convolutions, batch norms or
-attention (:func:`loops_pull_back`), in one pass per vector (``G`` then lies in reused
-``(B, K, ...)`` buffers, and layers with a reduction in :data:`.rules.REDUCTIONS`, the
-normalisations, keep only their per-sample reduced gradients);
+attention in passes large enough (:func:`loops_pull_back`), in one pass per vector (``G``
+then lies in reused ``(B, K, ...)`` buffers, and layers with a reduction in
+:data:`.rules.REDUCTIONS`, the normalisations, keep only their per-sample reduced gradients);
 and the rules of :mod:`.rules` turn ``(x, G)`` into
 :math:`\sum_n \sum_k ((\partial y_n/\partial\theta)^\top G_{nk})^{\odot 2}`
 (for ``Linear`` without per-sample gradients at all; :mod:`.unit_sums` takes a unit's
