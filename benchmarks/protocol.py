@@ -38,7 +38,7 @@ from torch.nn import functional as F
 import ewc_reg
 from ewc_reg import EWCRegularizer
 
-from ._reports import at_least, device_name
+from ._reports import at_least, device_name, keeping_threads
 from .data import ArrayData, DataUnavailable, default_root
 
 NUM_CLASSES = 10
@@ -528,27 +528,28 @@ def main(bench: Benchmark, argv: list[str] | None = None) -> list[dict[str, Any]
               f"{record['fisher_seconds']:.0f}s wall, {record['fisher_cpu_seconds']:.0f}s CPU) | "
               f"ETA {_format_duration(eta)}", flush=True)
 
-    try:
+    with keeping_threads():  # (one worker runs here: the caller's thread count after)
+        try:
+            if args.workers == 1:
+                _init_worker(*init)
+            elif args.synthetic is None:
+                bench.load_data(args.data_root)  # downloads once, not by every worker at once
+        except DataUnavailable as err:
+            raise SystemExit(
+                f"{bench.name}: {err}. The data root is --data-root, by default the EWC_REG_DATA "
+                "environment variable, else ./data; with internet, torchvision downloads the data "
+                "there."
+            ) from err
         if args.workers == 1:
-            _init_worker(*init)
-        elif args.synthetic is None:
-            bench.load_data(args.data_root)  # downloads once, not by every worker at once
-    except DataUnavailable as err:
-        raise SystemExit(
-            f"{bench.name}: {err}. The data root is --data-root, by default the EWC_REG_DATA "
-            "environment variable, else ./data; with internet, torchvision downloads the data "
-            "there."
-        ) from err
-    if args.workers == 1:
-        for spec in todo:
-            report(_run_in_worker(spec))
-    else:
-        ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(args.workers, mp_context=ctx, initializer=_init_worker,
-                                 initargs=init) as pool:
-            futures = [pool.submit(_run_in_worker, spec) for spec in todo]
-            for future in as_completed(futures):
-                report(future.result())
+            for spec in todo:
+                report(_run_in_worker(spec))
+        else:
+            ctx = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(args.workers, mp_context=ctx, initializer=_init_worker,
+                                     initargs=init) as pool:
+                futures = [pool.submit(_run_in_worker, spec) for spec in todo]
+                for future in as_completed(futures):
+                    report(future.result())
     print(f"done in {_format_duration(time.perf_counter() - start)}; results in {runs_path}; "
           f"table and figure: python -m benchmarks.report {args.out}", file=sys.stderr,
           flush=True)

@@ -108,7 +108,9 @@ def _mnist_data_args() -> list[str]:
 def test_split_mnist_end_to_end_and_resume(tmp_path, capsys):
     args = [*_mnist_data_args(), "--iters", "5", "--seeds", "0", "--lambdas", "1e3",
             "--threads", "1", "--out", str(tmp_path)]
+    threads = torch.get_num_threads()
     finished = main(MNIST, args)
+    assert torch.get_num_threads() == threads  # (--threads 1 held for the runs only)
     records = read_runs(tmp_path / "runs.jsonl")
     methods = args[args.index("--methods") + 1:args.index("--iters")]
     assert len(finished) == len(records) == len(methods)
