@@ -15,7 +15,7 @@ or the loop engine (``--baseline loop``: Sequencer, whose LSTMs run on the rows 
 each image folded into the batch dimension, which ``torch.func`` cannot run, went there before
 the recurrent rule took folded rows); or the pull-back looped over the vectors in every pass
 (``--baseline looped``: on the CPU the engine loops for models with convolutions, batch norms or
-attention only where the recorded outputs of each pass take ``hooks.LOOPED_MIN_BYTES`` on
+attention only where the recorded outputs of each pass take ``hooks.looped_min_bytes()`` on
 average, and batches the vectors in smaller passes: thin layers, small batches, or chunks of a
 few samples, as models with many layers or large images get within the memory budget).
 
@@ -189,8 +189,8 @@ BASELINES = {
             "resnet18",
             "convnext_atto",
         ),
-        "the pull-back batched in small passes (recorded outputs under 512 KiB on average), or "
-        "looped over the vectors in every pass (as before)",
+        "the pull-back batched in small passes (recorded outputs under 256 KiB a thread on "
+        "average), or looped over the vectors in every pass (as before)",
         ("auto", "looped"),
     ),
     "loop": (

@@ -15,7 +15,7 @@ def _seed():
 def _looped_at_any_size(request: pytest.FixtureRequest) -> Iterator[None]:
     """The hooks engine's looped pull-back on the CPU for passes of any size: the suite's
     models and batches are small, and would otherwise take the batched one
-    (``hooks.LOOPED_MIN_BYTES``), which the launch-bound ways (``engine_ways``) and
+    (``hooks.looped_min_bytes``), which the launch-bound ways (``engine_ways``) and
     ``pull_back("batched")`` test; so the CPU's looped way keeps its tests. Tests of that
     threshold itself use ``looped_min_bytes``."""
     if "looped_min_bytes" in request.fixturenames:
@@ -23,19 +23,25 @@ def _looped_at_any_size(request: pytest.FixtureRequest) -> Iterator[None]:
         return
     from ewc_reg.engines import hooks
 
-    kept, hooks.LOOPED_MIN_BYTES = hooks.LOOPED_MIN_BYTES, 0
+    kept, hooks.LOOPED_MIN_BYTES_PER_THREAD = hooks.LOOPED_MIN_BYTES_PER_THREAD, 0
     try:
         yield
     finally:
-        hooks.LOOPED_MIN_BYTES = kept
+        hooks.LOOPED_MIN_BYTES_PER_THREAD = kept
 
 
 @pytest.fixture
-def looped_min_bytes() -> int:
-    """The hooks engine's own ``LOOPED_MIN_BYTES`` in the test (not the suite's 0)."""
+def looped_min_bytes() -> Iterator[int]:
+    """The hooks engine's own threshold in the test (``hooks.looped_min_bytes()``, not the
+    suite's 0), with torch on the suite's 2 threads (it depends on the thread count)."""
     from ewc_reg.engines import hooks
 
-    return hooks.LOOPED_MIN_BYTES
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        yield hooks.looped_min_bytes()
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(params=["cpu", "launch-bound"])

@@ -3396,16 +3396,29 @@ def test_looped_and_batched_pull_backs_agree(name, method, pull_back_modes, engi
 
 def test_the_pull_back_loops_only_in_large_passes(looped_min_bytes):
     """On the CPU a model with convolutions, batch norms or attention loops over the vectors
-    only in passes whose recorded outputs take ``LOOPED_MIN_BYTES`` or more on average; on a
-    launch-bound device never; other models never."""
+    only in passes whose recorded outputs take ``hooks.looped_min_bytes()`` or more on average;
+    on a launch-bound device never; other models never."""
     cpu, conv = torch.device("cpu"), nn.Conv2d(1, 2, 3)
-    assert looped_min_bytes == 512 * 2**10  # (the measured crossover, hooks.LOOPED_MIN_BYTES)
+    assert looped_min_bytes == 512 * 2**10  # (the measured crossover at the suite's 2 threads)
     assert hooks.loops_pull_back(conv, cpu)  # (passes not known yet)
     assert hooks.loops_pull_back(conv, cpu, looped_min_bytes)
     assert not hooks.loops_pull_back(conv, cpu, looped_min_bytes - 1)
     assert not hooks.loops_pull_back(nn.Linear(2, 2), cpu, 10 * looped_min_bytes)
     with engine_ways("launch-bound"):
         assert not hooks.loops_pull_back(conv, cpu, 10 * looped_min_bytes)
+
+
+def test_the_looped_pull_backs_threshold_grows_with_threads_measured(looped_min_bytes):
+    """256 KiB a thread, up to the 2 threads measured (``LOOPED_MIN_BYTES_PER_THREAD``)."""
+    threads = torch.get_num_threads()
+    try:
+        for count, expected in ((1, 256 * 2**10), (2, 512 * 2**10), (4, 512 * 2**10)):
+            torch.set_num_threads(count)
+            assert hooks.looped_min_bytes() == expected
+            conv = nn.Conv2d(1, 2, 3)
+            assert hooks.loops_pull_back(conv, torch.device("cpu"), 300 * 2**10) == (count == 1)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize(

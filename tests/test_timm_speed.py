@@ -100,7 +100,7 @@ def test_the_engine_baselines_are_those_engines(engine: str) -> None:
 
 def test_the_looped_baseline_loops_in_small_passes(looped_min_bytes, pull_back_modes) -> None:
     """``--baseline looped``: the pull-back loops over the vectors where the engine, on passes
-    whose recorded outputs are smaller than ``LOOPED_MIN_BYTES``, batches them."""
+    whose recorded outputs are smaller than ``hooks.looped_min_bytes()``, batches them."""
     model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Flatten(), nn.Linear(12, 3)).double()
     data = [(torch.randn(4, 2, 4, 4, dtype=torch.float64), torch.randint(0, 3, (4,)))]
     want = timm_speed.fisher(model, data, "exact", None)

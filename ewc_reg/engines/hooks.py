@@ -270,25 +270,45 @@ _LOOPED_ON_CPU = (
     nn.MultiheadAttention,
 )
 
-#: The least mean size, in bytes, of the recorded outputs of one pass (each recorded call's
-#: output, for the samples the pass takes: its chunk, or the whole batch when smaller) with which
-#: the pull-back loops over the vectors; below it the pull-back is batched, also for the
-#: modules of :data:`_LOOPED_ON_CPU`. Each kernel of a looped pass then works on little data
-#: and its fixed costs, and the engine's per-vector work on each layer's gradients, dominate;
-#: the batched pass runs each kernel once on ``K`` times the samples. Small passes come from
-#: small batches, from thin layers, or from models whose gradients at every layer fill the
-#: memory budget with a few samples (many layers, large images). Exact Fisher, C=10 (K=9),
-#: 2 threads, float32, looped against batched, medians of 5 side by side (that mean size per
-#: pass in brackets, KiB): timm models at 64x64, N=32: efficientnet_b0 (152) 3.35 against
-#: 1.76 s, mobilenetv3_small_050 (241) 0.407 against 0.227 s, regnetx_002 (233) 0.786 against
-#: 0.488 s, repvgg_a0 (188) 2.85 against 1.93 s, resnet18 at 224x224, N=8 (473): 5.18 against
-#: 4.69 s; the reduced ResNet-18 at N=12 (439) 0.327 against 0.292 s, at N=16 (585) 0.401
-#: against 0.401 s; and the other way: the reduced ResNet-18 at N=128 (841, chunks of 23) 2.960
-#: against 3.045 s, timm's resnet18 at 64x64, N=32 (850) 1.361 against 1.416 s,
-#: ``benchmarks.models.TextTransformer`` at N=128 (1733) 0.246 against 0.279 s (at N=24, 325:
-#: 0.063 against 0.052 s). One model measured is on the wrong side: convnext_atto (348), looped
-#: 0.998 against 1.121 s (``benchmarks/results/timm_pull_back_speed.md`` for the timm models).
-LOOPED_MIN_BYTES = 512 * 2**10
+#: Per thread of torch's (:func:`torch.get_num_threads`), the least mean size in bytes of the
+#: recorded outputs of one pass (each recorded call's output, for the samples the pass takes: its
+#: chunk, or the whole batch when smaller) with which the pull-back loops over the vectors
+#: (:func:`looped_min_bytes`); below it the pull-back is batched, also for the modules of
+#: :data:`_LOOPED_ON_CPU`. Each kernel of a looped pass then works on little data and its fixed
+#: costs, and the engine's per-vector work on each layer's gradients, dominate; the batched pass
+#: runs each kernel once on ``K`` times the samples. Small passes come from small batches, from
+#: thin layers, or from models whose gradients at every layer fill the memory budget with a few
+#: samples (many layers, large images). With more threads each kernel is faster and its fixed
+#: costs weigh more, so the crossover grows with them. Exact Fisher, C=10 (K=9), float32, looped
+#: against batched, medians of 5 side by side (the mean size per pass in brackets, KiB):
+#:
+#: * 2 threads, timm models at 64x64, N=32: efficientnet_b0 (152) 3.35 against 1.76 s,
+#:   mobilenetv3_small_050 (241) 0.407 against 0.227 s, regnetx_002 (233) 0.786 against
+#:   0.488 s, repvgg_a0 (188) 2.85 against 1.93 s; resnet18 at 224x224, N=8 (473) 5.18 against
+#:   4.69 s; the reduced ResNet-18 at N=12 (439) 0.327 against 0.292 s, at N=16 (585) 0.401
+#:   against 0.401 s; the other way: the reduced ResNet-18 at N=128 (841, chunks of 23) 2.960
+#:   against 3.045 s, timm's resnet18 at N=32 (850) 1.361 against 1.416 s,
+#:   ``benchmarks.models.TextTransformer`` at N=128 (1733) 0.246 against 0.279 s (at N=24, 325:
+#:   0.063 against 0.052 s). On the wrong side of 512 KiB: convnext_atto (348), looped 0.998
+#:   against 1.121 s (``benchmarks/results/timm_pull_back_speed.md`` for the timm models).
+#: * 1 thread: efficientnet_b0 (152) 3.98 against 2.62 s, mobilenetv3_small_050 (241) 0.439
+#:   against 0.295 s, regnetx_002 (233) 1.589 against 0.865 s, repvgg_a0 (188) 3.22 against
+#:   2.65 s, the Transformer at N=16 (216) 0.047 against 0.047 s; the other way: the reduced
+#:   ResNet-18 at N=8 (293) 0.334 against 0.342 s, at N=12 (439) 0.504 against 0.524 s,
+#:   convnext_atto (348) 1.629 against 2.055 s, the Transformer at N=24 (325) 0.066 against
+#:   0.083 s.
+LOOPED_MIN_BYTES_PER_THREAD = 256 * 2**10
+
+#: The thread count up to which :func:`looped_min_bytes` grows: more threads were not measured.
+LOOPED_THREADS_MEASURED = 2
+
+
+def looped_min_bytes() -> int:
+    """The least mean size of a pass's recorded outputs for a looped pull-back on the CPU, for
+    torch's thread count now (see :data:`LOOPED_MIN_BYTES_PER_THREAD`): 256 KiB with 1 thread,
+    512 KiB with 2 or more."""
+    threads = min(torch.get_num_threads(), LOOPED_THREADS_MEASURED)
+    return LOOPED_MIN_BYTES_PER_THREAD * threads
 
 
 def loops_pull_back(
@@ -296,8 +316,10 @@ def loops_pull_back(
 ) -> bool:
     """Whether the engine pulls the vectors back to ``model`` on ``device`` one at a time, in
     passes whose recorded outputs take ``output_bytes`` on average (``None``: not known yet,
-    taken as large; see :data:`_LOOPED_ON_CPU` and :data:`LOOPED_MIN_BYTES`)."""
-    if base.launch_bound(device) or (output_bytes is not None and output_bytes < LOOPED_MIN_BYTES):
+    taken as large; see :data:`_LOOPED_ON_CPU` and :func:`looped_min_bytes`)."""
+    if base.launch_bound(device) or (
+        output_bytes is not None and output_bytes < looped_min_bytes()
+    ):
         return False
     return any(isinstance(m, _LOOPED_ON_CPU) for m in model.modules())
 
@@ -990,7 +1012,7 @@ class HookEngine:
         steps = chunk_steps(looped)
         per_pass = min(batch.size, steps[1]) * output_bytes
         if looped and model not in self._looped and not loops_pull_back(model, device, per_pass):
-            looped = False  # (small passes: batched, see LOOPED_MIN_BYTES)
+            looped = False  # (small passes: batched, see looped_min_bytes)
             steps = chunk_steps(looped)
         if chunk_size is None:
             cached[key] = cached[like] = steps
