@@ -207,8 +207,7 @@ def _fused_contenders(
 ) -> dict[str, Callable[[], None]]:
     """The ``--fused-floor`` contenders (module docstring), after checking that the fused
     penalty gives ``reg.penalty()``'s value and gradients."""
-    names = [name for name, _ in model.named_parameters()]
-    params = [p for _, p in model.named_parameters()]
+    names, params = map(list, zip(*model.named_parameters()))
     state = reg.state_dict()
     precision = [state["fisher"][name].contiguous() for name in names]
     center = [state["anchor"][name].contiguous() for name in names]
@@ -220,6 +219,9 @@ def _fused_contenders(
     def task_loss(with_penalty: bool) -> torch.Tensor:
         loss = F.cross_entropy(model(x)[:, :2], y)
         return loss + fused_value() if with_penalty else loss
+
+    def add_grad() -> None:
+        fused_penalty.add_grad(params, precision, center, reg.strength)
 
     def check() -> None:
         expected_value = reg.penalty()
@@ -234,9 +236,6 @@ def _fused_contenders(
         add_grad()
         for p, e in zip(params, expected):
             torch.testing.assert_close(p.grad, e, rtol=1e-5, atol=1e-6 * e.abs().max().item())
-
-    def add_grad() -> None:
-        fused_penalty.add_grad(params, precision, center, reg.strength)
 
     check()
     return {

@@ -12,22 +12,16 @@ def _seed():
 
 
 @pytest.fixture(autouse=True)
-def _looped_at_any_size(request: pytest.FixtureRequest) -> Iterator[None]:
+def _looped_at_any_size(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
     """The hooks engine's looped pull-back on the CPU for passes of any size: the suite's
     models and batches are small, and would otherwise take the batched one
     (``hooks.looped_min_bytes``), which the launch-bound ways (``engine_ways``) and
     ``pull_back("batched")`` test; so the CPU's looped way keeps its tests. Tests of that
     threshold itself use ``looped_min_bytes``."""
-    if "looped_min_bytes" in request.fixturenames:
-        yield
-        return
-    from ewc_reg.engines import hooks
+    if "looped_min_bytes" not in request.fixturenames:
+        from ewc_reg.engines import hooks
 
-    kept, hooks.LOOPED_MIN_BYTES_PER_THREAD = hooks.LOOPED_MIN_BYTES_PER_THREAD, 0
-    try:
-        yield
-    finally:
-        hooks.LOOPED_MIN_BYTES_PER_THREAD = kept
+        monkeypatch.setattr(hooks, "LOOPED_MIN_BYTES_PER_THREAD", 0)
 
 
 @pytest.fixture

@@ -3409,16 +3409,13 @@ def test_the_pull_back_loops_only_in_large_passes(looped_min_bytes):
 
 
 def test_the_looped_pull_backs_threshold_grows_with_threads_measured(looped_min_bytes):
-    """256 KiB a thread, up to the 2 threads measured (``LOOPED_MIN_BYTES_PER_THREAD``)."""
-    threads = torch.get_num_threads()
-    try:
-        for count, expected in ((1, 256 * 2**10), (2, 512 * 2**10), (4, 512 * 2**10)):
-            torch.set_num_threads(count)
-            assert hooks.looped_min_bytes() == expected
-            conv = nn.Conv2d(1, 2, 3)
-            assert hooks.loops_pull_back(conv, torch.device("cpu"), 300 * 2**10) == (count == 1)
-    finally:
-        torch.set_num_threads(threads)
+    """256 KiB a thread, up to the 2 threads measured (``LOOPED_MIN_BYTES_PER_THREAD``; the
+    fixture puts torch's thread count back after the test)."""
+    conv = nn.Conv2d(1, 2, 3)
+    for count, expected in ((1, 256 * 2**10), (2, 512 * 2**10), (4, 512 * 2**10)):
+        torch.set_num_threads(count)
+        assert hooks.looped_min_bytes() == expected
+        assert hooks.loops_pull_back(conv, torch.device("cpu"), 300 * 2**10) == (count == 1)
 
 
 @pytest.mark.parametrize(

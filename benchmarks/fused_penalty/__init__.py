@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ewc_reg._penalty import _must_scale
+
 SOURCE = Path(__file__).with_name("kernel.cpp")
 
 
@@ -80,6 +82,6 @@ class FusedPenalty(torch.autograd.Function):
         weighted, ctx.weighted = ctx.weighted, None
         if weighted is None:
             raise RuntimeError("FusedPenalty: a second backward is not supported")
-        if grad_output.item() != 1.0:
+        if _must_scale(grad_output):  # (as the library's node)
             torch._foreach_mul_(weighted, grad_output)
         return (None, None, None, None, *weighted)
